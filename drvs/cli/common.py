@@ -1,0 +1,49 @@
+"""What every DRVS command shares: error handling, output formats."""
+
+import json
+import os
+import sys
+from typing import Callable
+
+from ..errors import DrvsError
+
+
+def guarded(prog: str, body: Callable[[], int]) -> int:
+    """Run a command body: user errors become one line on stderr and their
+    exit code; no traceback unless DRVS_DEBUG is set."""
+    try:
+        return body()
+    except DrvsError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 141
+    except Exception as e:  # a bug: still one line, with a way to see more
+        if os.environ.get("DRVS_DEBUG"):
+            raise
+        print(f"{prog}: internal error: {type(e).__name__}: {e} (set DRVS_DEBUG=1 for details)",
+              file=sys.stderr)
+        return 70
+
+
+def emit(data, fmt: str, table: Callable[[], None]) -> None:
+    """Print data as JSON for scripts, or as the command's table for people."""
+    if fmt == "json":
+        json.dump(data, sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+    else:
+        table()
+
+
+def print_table(columns: list[str], rows: list[list], title: str | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title, box=None, header_style="bold", pad_edge=False)
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*[str(x) for x in r])
+    Console(soft_wrap=True).print(t)

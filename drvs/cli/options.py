@@ -1,0 +1,124 @@
+"""Command-line options shared by drvs-run and `drvs exec`, container style."""
+
+import argparse
+import grp
+import os
+import pwd
+
+from ..errors import UsageError
+from ..ns import rootfs
+from ..ns.jail import DEFAULT_CAPS, RunOptions
+from ..units import parse_cpus, parse_cpuset, parse_size
+from ..vm.model import Limits, check_name
+
+
+def _typed(fn):
+    """argparse reports type errors with usage and exit 2; ours are UsageErrors."""
+    def convert(text):
+        try:
+            return fn(text)
+        except UsageError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = fn.__name__
+    return convert
+
+
+def _pids(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise UsageError(f"invalid pids limit {text!r}: expected a positive number")
+    return int(text)
+
+
+def add_limit_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cpus", type=_typed(parse_cpus), help="CPU time, in CPUs (e.g. 0.5)")
+    p.add_argument("--cpuset-cpus", type=_typed(parse_cpuset), metavar="LIST", help="CPUs to run on (e.g. 0-1)")
+    p.add_argument("--memory", "-m", type=_typed(lambda t: parse_size(t, what="memory size")),
+                   metavar="SIZE", help="memory limit (e.g. 512M); no swap beyond it")
+    p.add_argument("--pids-limit", type=_typed(_pids), metavar="N", help="most processes and threads")
+
+
+def limits_from(args) -> Limits:
+    return Limits(cpus=args.cpus, cpuset=args.cpuset_cpus, memory=args.memory, pids=args.pids_limit)
+
+
+def add_run_options(p: argparse.ArgumentParser, *, with_vm: bool = True) -> None:
+    if with_vm:
+        p.add_argument("--vm", default=os.environ.get("DRVS_VM", "default"), type=_typed(check_name),
+                       help="the DRVM to run in (default: $DRVS_VM or 'default')")
+    p.add_argument("-v", "--volume", action="append", default=[], type=_typed(rootfs.parse_volume),
+                   metavar="SRC:DST[:ro]", help="bind a host path into the jail")
+    p.add_argument("-e", "--env", action="append", default=[], metavar="K=V",
+                   help="set an environment variable (K alone: take it from here)")
+    p.add_argument("-w", "--workdir", default=None, metavar="DIR", help="working directory (default /data)")
+    p.add_argument("-i", "--interactive", action="store_true", help="keep stdin open to the program's terminal")
+    p.add_argument("-t", "--tty", action="store_true", help="give the program a terminal (inside the jail)")
+    p.add_argument("-u", "--user", metavar="USER[:GROUP]", help="run as this user (name or uid)")
+    p.add_argument("--net", choices=("none", "host"), default="none",
+                   help="none: loopback only (default); host: this node's network")
+    p.add_argument("--cap-add", action="append", default=[], metavar="CAP")
+    p.add_argument("--cap-drop", action="append", default=[], metavar="CAP", help="or ALL")
+    p.add_argument("-d", "--detach", action="store_true", help="run in the background; print the run's id")
+    add_limit_options(p)
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="CMD [ARGS...]")
+
+
+def _env(items: list[str]) -> dict[str, str]:
+    env = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not key or "\0" in item:
+            raise UsageError(f"invalid environment variable {item!r}: expected K=V")
+        if not sep:
+            if key not in os.environ:
+                continue
+            value = os.environ[key]
+        env[key] = value
+    return env
+
+
+def _user(spec: str | None) -> tuple[int, int, list[int]]:
+    if not spec:
+        return 0, 0, []
+    name, _, group = spec.partition(":")
+    try:
+        if name.isdigit():
+            uid, gid, groups = int(name), int(name), []
+        else:
+            pw = pwd.getpwnam(name)
+            uid, gid = pw.pw_uid, pw.pw_gid
+            groups = os.getgrouplist(name, gid)
+        if group:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise UsageError(f"unknown user or group in {spec!r}") from None
+    return uid, gid, groups
+
+
+def _caps(add: list[str], drop: list[str]) -> tuple[str, ...]:
+    import prctl
+
+    known = set(prctl.ALL_CAP_NAMES)
+    norm = lambda c: c.lower().removeprefix("cap_")  # noqa: E731
+    for c in add + drop:
+        if norm(c) not in known and norm(c) != "all":
+            raise UsageError(f"unknown capability {c!r}")
+    caps = set(DEFAULT_CAPS)
+    if any(norm(c) == "all" for c in drop):
+        caps = set()
+    caps -= {norm(c) for c in drop}
+    caps |= known if any(norm(c) == "all" for c in add) else {norm(c) for c in add}
+    return tuple(sorted(caps))
+
+
+def run_options(args, *, login: bool = False) -> RunOptions:
+    argv = list(args.command)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise UsageError("no command given: put it after the options, e.g. drvs-run -- /bin/sh")
+    uid, gid, groups = _user(args.user)
+    return RunOptions(
+        argv=argv, env=_env(args.env), cwd=args.workdir or ("/root" if login else "/data"),
+        binds=args.volume, tty=args.tty, interactive=args.interactive or login,
+        limits=limits_from(args), net_host=args.net == "host", uid=uid, gid=gid, groups=groups,
+        caps=_caps(args.cap_add, args.cap_drop), detached=args.detach)

@@ -1,0 +1,99 @@
+"""drvs-run: run an unmodified program in a DRVM's jail on this node.
+
+Exit status: the program's own (128+N when killed by signal N); 2 bad usage,
+3 unknown VM, 77 not root, 125 the jail could not be set up, 126 the command
+is not executable, 127 the command was not found; 137 with an "out of memory"
+line when the cell's memory limit killed it.
+"""
+
+import argparse
+import os
+import sys
+
+from .. import config
+from ..errors import DrvsError
+from ..ns import jail
+from ..store import open_store
+from ..vm.registry import VmRegistry
+from .common import guarded
+from .options import add_run_options, run_options
+
+
+def parser(prog: str = "drvs-run") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, description="Run a program in a DRVM jail on this node.",
+        epilog="Exit status: the program's, or 125 setup failed, 126 not executable, "
+               "127 not found, 2 usage, 3 unknown VM.")
+    add_run_options(p)
+    return p
+
+
+def execute(vm_name: str, opts: jail.RunOptions, prog: str) -> int:
+    cfg = config.load()
+    vm = VmRegistry(open_store()).get(vm_name)
+    if opts.detached:
+        return _detach(cfg, vm, opts)
+    result = jail.run(cfg, vm, opts)
+    note = jail.explain(result)
+    if note:
+        print(f"{prog}: {note}", file=sys.stderr)
+    return result.exit_code
+
+
+def _detach(cfg, vm, opts: jail.RunOptions) -> int:
+    """Start the run in a background monitor; print its id once it has started.
+
+    The monitor (a forked copy of this process in its own session) keeps the
+    run's cleanup duties; the program's output goes to the run's log."""
+    r = jail.Run(cfg, vm, opts)
+    cfg.runs_dir.mkdir(parents=True, exist_ok=True)
+    log = cfg.runs_dir / f"{r.id}.log"
+    rd, wr = os.pipe()
+    if os.fork() != 0:
+        os.close(wr)
+        reply = os.read(rd, 4096).decode()
+        os.close(rd)
+        status, _, rest = reply.partition(" ")
+        if status == "ok":
+            print(r.id)
+            return 0
+        code, _, message = rest.partition(" ")
+        if not code:
+            raise DrvsError("the background monitor died before the run started")
+        err = DrvsError(message)
+        err.exit_code = int(code)
+        raise err
+    os.close(rd)
+    os.setsid()
+    if os.fork() != 0:
+        os._exit(0)  # the monitor is reparented and outlives nobody's terminal
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    try:
+        r.start()
+    except DrvsError as e:
+        os.write(wr, f"err {e.exit_code} {e}".encode())
+        os._exit(e.exit_code)
+    except BaseException as e:  # noqa: BLE001 - the parent must hear of it
+        os.write(wr, f"err 70 internal error: {e}".encode())
+        os._exit(70)
+    os.write(wr, b"ok")
+    os.close(wr)
+    try:
+        result = r.wait()
+    finally:
+        os._exit(0)
+    return result.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    return guarded("drvs-run", lambda: execute(args.vm, run_options(args), "drvs-run"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

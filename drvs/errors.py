@@ -1,0 +1,56 @@
+"""Errors a user sees: one line each, with a documented exit code.
+
+The CLI prints `str(error)` and exits with `error.exit_code`; nothing else
+reaches the user, never a traceback.  The table is in README.md.
+"""
+
+import errno as _errno
+import os
+
+
+class DrvsError(Exception):
+    """Base of every error meant for the user."""
+
+    exit_code = 1
+
+
+class UsageError(DrvsError):
+    """Bad flag, bad value (a size, a name, a mount spec)."""
+
+    exit_code = 2
+
+
+class NotFound(DrvsError):
+    """An unknown VM, run or node."""
+
+    exit_code = 3
+
+
+class Conflict(DrvsError):
+    """The thing exists already, or is in use."""
+
+    exit_code = 4
+
+
+class PermissionDenied(DrvsError):
+    """DRVS needs root (namespaces, cgroups, mounts) and did not have it."""
+
+    exit_code = 77
+
+
+class StoreError(DrvsError):
+    """The store of VM definitions is unreadable or corrupt."""
+
+    exit_code = 5
+
+
+class SetupError(DrvsError):
+    """A step of building the jail failed; the program did not start."""
+
+    exit_code = 125
+
+
+def os_error(what: str, err: OSError | int) -> str:
+    """`what: strerror` for a kernel error, the way coreutils words it."""
+    code = err if isinstance(err, int) else (err.errno or _errno.EIO)
+    return f"{what}: {os.strerror(code)}"

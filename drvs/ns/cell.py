@@ -1,0 +1,224 @@
+"""A cell: one VM's share of this node.
+
+The cell is a cgroup (the VM's limits on this node) and a set of namespaces
+(pid, ipc, uts, net, cgroup) held by a small init, pid 1 of the cell.  Runs
+join the cell; each has its own child cgroup `run-ID` and its own mount
+namespace.  A cell exists while runs use it: the last run to leave tears it
+down, and the init leaves by itself if it finds the cell empty (the safety net
+when runs were killed without a chance to clean up).
+
+All changes happen under the cell's flock, held from "find or create the
+cell" until the run's program has been exec'd inside it, so the init never
+leaves under a run that is still joining.
+"""
+
+import errno
+import fcntl
+import json
+import os
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import Config
+from ..errors import SetupError, os_error
+from ..vm.model import VmSpec
+from . import launcher
+from .cgroup import Cgroup
+
+
+@dataclass
+class ActiveCell:
+    vm: str
+    cgroup: Cgroup
+    init_pid: int
+    init_pidfd: int
+
+    def close(self) -> None:
+        os.close(self.init_pidfd)
+
+
+class CellLock:
+    """The flock of one VM's cell on this node."""
+
+    def __init__(self, cfg: Config, vm: str):
+        self.cfg = cfg
+        self.vm = vm
+        self.path = cfg.cells_dir / f"{vm}.lock"
+        self.record_path = cfg.cells_dir / f"{vm}.json"
+        self.fd = -1
+
+    def __enter__(self) -> "CellLock":
+        self.cfg.cells_dir.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # -- the record: where the cell's cgroup is --------------------------
+
+    def read_record(self) -> dict | None:
+        try:
+            return json.loads(self.record_path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return None  # unreadable: treated as no cell; its cgroups are found again below
+
+    def write_record(self, record: dict) -> None:
+        tmp = self.record_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        os.rename(tmp, self.record_path)
+
+    def drop_record(self) -> None:
+        self.record_path.unlink(missing_ok=True)
+
+
+def find(lock: CellLock) -> ActiveCell | None:
+    """The live cell, or None (a dead one's leftovers are removed)."""
+    record = lock.read_record()
+    if not record:
+        return None
+    cg = Cgroup.from_record(record["cgroup"])
+    pids = cg.child("init").pids()
+    if len(pids) == 1:
+        try:
+            pidfd = os.pidfd_open(pids[0])
+        except ProcessLookupError:
+            pidfd = -1
+        # Re-read after opening: the pid cannot have been reused meanwhile.
+        if pidfd >= 0 and cg.child("init").pids() == pids:
+            return ActiveCell(lock.vm, cg, pids[0], pidfd)
+        if pidfd >= 0:
+            os.close(pidfd)
+    _remove_cell_cgroups(cg)
+    lock.drop_record()
+    return None
+
+
+def ensure(lock: CellLock, vm: VmSpec, idle_check_ms: int) -> ActiveCell:
+    """The VM's cell on this node, created if needed, with the VM's current limits."""
+    cell = find(lock)
+    if cell is not None:
+        cell.cgroup.set_limits(vm.limits)  # a resized VM takes effect here
+        return cell
+    return _create(lock, vm, idle_check_ms)
+
+
+def _create(lock: CellLock, vm: VmSpec, idle_check_ms: int) -> ActiveCell:
+    cg = Cgroup.under_caller("drvs", vm.name)
+    init = cg.child("init")
+    fds: list[int] = []
+    lock_fd = -1
+    try:
+        cg.create()
+        cg.set_limits(vm.limits)
+        init.create()
+        cell_fds = cg.open_procs()
+        fds += cell_fds
+        init_fds = init.open_procs()
+        fds += init_fds
+        # The init's own open file description: its flock must contend with ours.
+        lock_fd = os.open(lock.path, os.O_RDWR | os.O_CLOEXEC)
+        pid = launcher.spawn_cell(launcher.CellSpec(
+            hostname=vm.name, cell_procs_fds=cell_fds, init_procs_fds=init_fds,
+            lock_fd=lock_fd, new_net=1, idle_check_ms=idle_check_ms))
+    except BaseException:
+        _remove_cell_cgroups(cg)
+        raise
+    finally:
+        for fd in fds:
+            os.close(fd)
+        if lock_fd >= 0:
+            os.close(lock_fd)
+    lock.write_record({"vm": vm.name, "cgroup": cg.record(), "created": time.time()})
+    return ActiveCell(vm.name, cg, pid, os.pidfd_open(pid))
+
+
+def runs(cg: Cgroup) -> list[str]:
+    return [name for name in cg.children() if name.startswith("run-")]
+
+
+def release(lock: CellLock) -> bool:
+    """Tear the cell down if no run uses it any more.  True if it is gone."""
+    cell = find(lock)
+    if cell is None:
+        return True
+    try:
+        busy = False
+        for name in runs(cell.cgroup):
+            run_cg = cell.cgroup.child(name)
+            if run_cg.pids():
+                busy = True
+            else:
+                run_cg.remove()  # left by a run that was killed
+        if busy:
+            return False
+        _stop_init(cell)
+    finally:
+        cell.close()
+    _remove_cell_cgroups(cell.cgroup)
+    lock.drop_record()
+    return True
+
+
+def _stop_init(cell: ActiveCell, timeout: float = 5.0) -> None:
+    """SIGKILL the init (the kernel then ends all of the cell) and wait for it."""
+    try:
+        signal.pidfd_send_signal(cell.init_pidfd, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while cell.cgroup.child("init").pids():
+        if time.monotonic() > deadline:
+            raise SetupError(f"cell {cell.vm}: init {cell.init_pid} does not exit")
+        time.sleep(0.001)
+    reap_if_child(cell.init_pid)
+
+
+def reap_if_child(pid: int) -> None:
+    """Collect a cell init that was reparented to us (we are a subreaper)."""
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass  # another process's child: its parent (or init) reaps it
+
+
+def _remove_cell_cgroups(cg: Cgroup) -> None:
+    """Remove a cell's cgroups, killing what is left in them."""
+    for name in runs(cg) + ["init"]:
+        child = cg.child(name)
+        child.kill_all()
+        child.remove()
+    cg.kill_all()
+    cg.remove()
+    # The shared parent `drvs` goes too when no other cell is in it.
+    for d in cg.dirs.values():
+        try:
+            d.parent.rmdir()
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EBUSY, errno.ENOENT):
+                raise SetupError(os_error(f"remove cgroup {d.parent}", e)) from None
+
+
+@contextmanager
+def locked(cfg: Config, vm: str):
+    lock = CellLock(cfg, vm)
+    with lock:
+        yield lock
+
+
+def cells(cfg: Config) -> list[str]:
+    try:
+        return sorted(p.stem for p in Path(cfg.cells_dir).glob("*.json"))
+    except OSError:
+        return []

@@ -1,0 +1,338 @@
+"""Control groups behind one interface, for cgroup v1 and v2 alike.
+
+A `Cgroup` is one logical group spread over the hierarchies that host the
+controllers DRVS uses (cpu, cpuacct, cpuset, memory, pids).  On a v1 host each
+controller may sit in its own hierarchy; on a v2 host there is one.  Groups
+nest under the caller's own cgroup in each hierarchy, so DRVS works from a
+shell that already sits in a nested (delegated) cgroup.
+"""
+
+import errno
+import os
+import signal
+import time
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from ..errors import SetupError, UsageError, os_error
+from ..units import format_size
+
+CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids")
+CPU_PERIOD_US = 100_000
+
+
+@dataclass(frozen=True)
+class Hierarchy:
+    mountpoint: Path
+    version: int                 # 1 or 2
+    controllers: frozenset[str]
+    caller: Path                 # the caller's cgroup, as a directory here
+
+    def has(self, controller: str) -> bool:
+        return controller in self.controllers
+
+
+@cache
+def hierarchies() -> tuple[Hierarchy, ...]:
+    """The hierarchies holding DRVS's controllers (v1 preferred per controller)."""
+    own = _own_cgroups()
+    v1: list[Hierarchy] = []
+    v2: Hierarchy | None = None
+    for mountpoint, root, fstype, opts in _cgroup_mounts():
+        if fstype == "cgroup2":
+            rel = own.get("")
+            if rel is None:
+                continue
+            try:
+                ctrls = (Path(mountpoint) / "cgroup.controllers").read_text().split()
+            except OSError:
+                ctrls = []
+            v2 = Hierarchy(Path(mountpoint), 2, frozenset(ctrls), _under(mountpoint, root, rel))
+        else:
+            ctrls = frozenset(o for o in opts if o in CONTROLLERS)
+            key = ",".join(sorted(o for o in opts if o in _ALL_V1))
+            if not ctrls or key not in own:
+                continue
+            v1.append(Hierarchy(Path(mountpoint), 1, ctrls, _under(mountpoint, root, own[key])))
+    chosen = list(v1)
+    covered = set().union(*(h.controllers for h in v1)) if v1 else set()
+    if v2 is not None:
+        wanted = (v2.controllers & set(CONTROLLERS)) - covered
+        if wanted or not chosen:
+            # cpu.stat is always there in v2: it stands in for cpuacct.
+            extra = {"cpuacct"} if "cpuacct" not in covered else set()
+            chosen.append(Hierarchy(v2.mountpoint, 2, frozenset(wanted | extra), v2.caller))
+    if not chosen:
+        raise SetupError("no cgroup hierarchy is mounted under /sys/fs/cgroup")
+    return tuple(chosen)
+
+
+_ALL_V1 = {"cpu", "cpuacct", "cpuset", "memory", "pids", "devices", "freezer", "blkio",
+           "net_cls", "net_prio", "perf_event", "hugetlb", "rdma", "misc"}
+
+
+def _own_cgroups() -> dict[str, str]:
+    """Controller list (sorted, comma-joined; "" for v2) -> our cgroup path."""
+    out = {}
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        hid, ctrls, path = line.split(":", 2)
+        if hid == "0" and not ctrls:
+            out[""] = path
+            continue
+        key = ",".join(sorted(c for c in ctrls.split(",") if c in _ALL_V1))
+        if key:
+            out[key] = path
+    return out
+
+
+def _cgroup_mounts():
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, right = line.split(" - ", 1)
+        fields = left.split()
+        fstype, _source, superopts = right.split()[:3]
+        if fstype in ("cgroup", "cgroup2"):
+            yield fields[4], fields[3], fstype, superopts.split(",")
+
+
+def _under(mountpoint: str, mount_root: str, path: str) -> Path:
+    rel = os.path.relpath(path, mount_root) if path.startswith(mount_root) else path
+    rel = "" if rel == "." else rel.lstrip("/")
+    return Path(mountpoint) / rel
+
+
+def require(controller: str, what: str) -> None:
+    if not any(h.has(controller) for h in hierarchies()):
+        raise UsageError(f"{what} needs the {controller} cgroup controller, which this node lacks")
+
+
+class Cgroup:
+    """One logical cgroup: a directory in each hierarchy."""
+
+    def __init__(self, dirs: dict[Path, Path]):
+        self.dirs = dirs  # hierarchy mountpoint -> this group's directory
+
+    @classmethod
+    def under_caller(cls, *parts: str) -> "Cgroup":
+        return cls({h.mountpoint: h.caller.joinpath(*parts) for h in hierarchies()})
+
+    @classmethod
+    def from_record(cls, record: dict[str, str]) -> "Cgroup":
+        return cls({Path(k): Path(v) for k, v in record.items()})
+
+    def record(self) -> dict[str, str]:
+        return {str(k): str(v) for k, v in self.dirs.items()}
+
+    def child(self, name: str) -> "Cgroup":
+        return Cgroup({k: v / name for k, v in self.dirs.items()})
+
+    def _hierarchy(self, mountpoint: Path) -> Hierarchy:
+        return next(h for h in hierarchies() if h.mountpoint == mountpoint)
+
+    def _dir_for(self, controller: str) -> tuple[Hierarchy, Path] | None:
+        for mp, d in self.dirs.items():
+            h = self._hierarchy(mp)
+            if h.has(controller):
+                return h, d
+        return None
+
+    # -- life cycle ------------------------------------------------------
+
+    def exists(self) -> bool:
+        return all(d.is_dir() for d in self.dirs.values())
+
+    def create(self) -> None:
+        for mp, d in self.dirs.items():
+            h = self._hierarchy(mp)
+            # One level at a time: a new v1 cpuset must be filled before its children.
+            missing = [p for p in [d, *d.parents] if p.is_relative_to(h.caller) and not p.is_dir()]
+            for level in reversed(missing):
+                try:
+                    level.mkdir(exist_ok=True)
+                except OSError as e:
+                    raise SetupError(os_error(f"create cgroup {level}", e)) from None
+                if h.version == 1 and h.has("cpuset"):
+                    _inherit_cpuset(h, level)
+            if h.version == 2:
+                self._enable_v2(h, d)
+
+    @staticmethod
+    def _enable_v2(h: Hierarchy, d: Path) -> None:
+        """Give d the controllers: enable them in each ancestor below the caller."""
+        want = " ".join(f"+{c}" for c in sorted(h.controllers - {"cpuacct"}))
+        if not want:
+            return
+        for parent in reversed([p for p in d.parents if p.is_relative_to(h.caller)]):
+            try:
+                (parent / "cgroup.subtree_control").write_text(want)
+            except OSError as e:
+                raise SetupError(os_error(f"enable controllers in {parent}/cgroup.subtree_control", e)) from None
+
+    def remove(self, timeout: float = 2.0) -> None:
+        """rmdir in every hierarchy; a group just emptied may be busy briefly."""
+        deadline = time.monotonic() + timeout
+        for d in self.dirs.values():
+            while True:
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EBUSY, errno.ENOTEMPTY) or time.monotonic() > deadline:
+                        raise SetupError(os_error(f"remove cgroup {d}", e)) from None
+                    time.sleep(0.005)
+
+    def children(self) -> list[str]:
+        d = next(iter(self.dirs.values()))
+        try:
+            return sorted(p.name for p in d.iterdir() if p.is_dir())
+        except FileNotFoundError:
+            return []
+
+    # -- membership ------------------------------------------------------
+
+    def open_procs(self) -> list[int]:
+        """cgroup.procs of each hierarchy, open for the launcher to join by fd."""
+        fds = []
+        try:
+            for d in self.dirs.values():
+                fds.append(os.open(d / "cgroup.procs", os.O_RDWR | os.O_CLOEXEC))
+        except OSError as e:
+            for fd in fds:
+                os.close(fd)
+            raise SetupError(os_error(f"open {d}/cgroup.procs", e)) from None
+        return fds
+
+    def pids(self) -> list[int]:
+        d = next(iter(self.dirs.values()))
+        try:
+            return [int(x) for x in (d / "cgroup.procs").read_text().split()]
+        except FileNotFoundError:
+            return []
+
+    def kill_all(self, timeout: float = 5.0) -> None:
+        """SIGKILL every member until none is left (members may fork meanwhile)."""
+        deadline = time.monotonic() + timeout
+        while pids := self.pids():
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if time.monotonic() > deadline:
+                raise SetupError(f"cgroup {next(iter(self.dirs.values()))}: processes survive SIGKILL")
+            time.sleep(0.002)
+
+    # -- limits ----------------------------------------------------------
+
+    def set_limits(self, limits) -> None:
+        """Apply a `drvs.vm.model.Limits`; None resets a limit."""
+        self._set_cpus(limits.cpus)
+        if limits.cpuset is not None:
+            found = self._dir_for("cpuset")
+            if not found:
+                require("cpuset", "a CPU list")
+            self._write(found[1] / "cpuset.cpus", limits.cpuset, f"CPU list {limits.cpuset}")
+        self._set_memory(limits.memory)
+        found = self._dir_for("pids")
+        if found:
+            self._write(found[1] / "pids.max", str(limits.pids) if limits.pids else "max", "pids limit")
+        elif limits.pids:
+            require("pids", "a pids limit")
+
+    def _set_cpus(self, cpus: float | None) -> None:
+        found = self._dir_for("cpu")
+        if not found:
+            if cpus is not None:
+                require("cpu", "a CPU quota")
+            return
+        h, d = found
+        quota = int(cpus * CPU_PERIOD_US) if cpus else None
+        if h.version == 1:
+            self._write(d / "cpu.cfs_period_us", str(CPU_PERIOD_US), "CPU period")
+            self._write(d / "cpu.cfs_quota_us", str(quota or -1), f"CPU quota {cpus}")
+        else:
+            self._write(d / "cpu.max", f"{quota or 'max'} {CPU_PERIOD_US}", f"CPU quota {cpus}")
+
+    def _set_memory(self, memory: int | None) -> None:
+        found = self._dir_for("memory")
+        if not found:
+            if memory is not None:
+                require("memory", "a memory limit")
+            return
+        h, d = found
+        what = f"memory limit {format_size(memory)}"
+        if h.version == 1:
+            # memsw (memory + swap) must stay >= the limit: open it, set, close it.
+            memsw = d / "memory.memsw.limit_in_bytes"
+            has_memsw = memsw.exists()
+            if has_memsw:
+                self._write(memsw, "-1", what)
+            self._write(d / "memory.limit_in_bytes", str(memory or -1), what)
+            if has_memsw and memory:
+                self._write(memsw, str(memory), what)
+        else:
+            self._write(d / "memory.max", str(memory or "max"), what)
+            if (d / "memory.swap.max").exists():
+                self._write(d / "memory.swap.max", "0" if memory else "max", what)
+
+    @staticmethod
+    def _write(path: Path, value: str, what: str) -> None:
+        try:
+            path.write_text(value)
+        except OSError as e:
+            if e.errno in (errno.EINVAL, errno.EBUSY, errno.EPERM, errno.EACCES):
+                raise UsageError(os_error(f"cannot apply {what} ({path.name} = {value})", e)) from None
+            raise SetupError(os_error(f"write {path}", e)) from None
+
+    # -- figures ---------------------------------------------------------
+
+    def oom_kills(self) -> int:
+        found = self._dir_for("memory")
+        if not found:
+            return 0
+        h, d = found
+        name = "memory.oom_control" if h.version == 1 else "memory.events"
+        try:
+            for line in (d / name).read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+        except (OSError, ValueError):
+            pass
+        return 0
+
+    def cpu_usage_ns(self) -> int | None:
+        found = self._dir_for("cpuacct")
+        if not found:
+            return None
+        h, d = found
+        try:
+            if h.version == 1:
+                return int((d / "cpuacct.usage").read_text())
+            for line in (d / "cpu.stat").read_text().splitlines():
+                if line.startswith("usage_usec "):
+                    return int(line.split()[1]) * 1000
+        except (OSError, ValueError):
+            pass
+        return None
+
+    def memory_current(self) -> int | None:
+        found = self._dir_for("memory")
+        if not found:
+            return None
+        h, d = found
+        try:
+            return int((d / ("memory.usage_in_bytes" if h.version == 1 else "memory.current")).read_text())
+        except (OSError, ValueError):
+            return None
+
+
+def _inherit_cpuset(h: Hierarchy, d: Path) -> None:
+    """A new v1 cpuset is empty and refuses tasks: start from the parent's."""
+    for name in ("cpuset.cpus", "cpuset.mems"):
+        try:
+            (d / name).write_text((d.parent / name).read_text().strip() or "0")
+        except OSError as e:
+            raise SetupError(os_error(f"initialise {d / name}", e)) from None

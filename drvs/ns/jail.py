@@ -1,0 +1,335 @@
+"""Run a program in a VM's cell on this node: the mechanism behind drvs-run,
+`drvs exec` and `drvs login`.
+
+This path avoids trio on purpose: importing it costs ~80 ms, ten times the
+jail itself, and a run needs only a small poll loop over pollable fds (the
+keeper's pidfd, a signal wake-up fd, the pty master) — see docs/architecture.md.
+"""
+
+import json
+import os
+import secrets
+import selectors
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import Config
+from ..errors import DrvsError, PermissionDenied, SetupError
+from ..units import format_size
+from ..vm.model import Limits, VmSpec
+from . import cell as cells
+from . import launcher, rootfs, terminal
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
+                     signal.SIGUSR1, signal.SIGUSR2)
+
+# Docker's default set, less MKNOD: root in the jail can own files and
+# switch users, not mount, trace, load modules or make devices.
+DEFAULT_CAPS = ("chown", "dac_override", "fowner", "fsetid", "kill", "setgid", "setuid",
+                "setpcap", "net_bind_service", "sys_chroot", "audit_write", "setfcap")
+
+
+class ProgramError(DrvsError):
+    """The program could not be started (not found, not executable)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class RunOptions:
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str = "/data"
+    binds: list[rootfs.Bind] = field(default_factory=list)
+    tty: bool = False
+    interactive: bool = False
+    limits: Limits = field(default_factory=Limits)
+    net_host: bool = False
+    uid: int = 0
+    gid: int = 0
+    groups: list[int] = field(default_factory=list)
+    caps: tuple[str, ...] = DEFAULT_CAPS
+    detached: bool = False
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    oom_killed: bool = False
+    memory_limit: int | None = None
+
+
+def capability_mask(names) -> int:
+    import prctl  # python-prctl knows this kernel's capability names
+
+    mask = 0
+    for name in names:
+        value = getattr(prctl, "CAP_" + name.upper(), None)
+        if value is None:
+            raise DrvsError(f"unknown capability {name!r}")
+        mask |= 1 << value
+    return mask
+
+
+def cap_last() -> int:
+    return int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+
+
+def environment(vm: VmSpec, opts: RunOptions) -> dict[str, str]:
+    env = {"PATH": DEFAULT_PATH, "HOME": "/root" if opts.uid == 0 else "/", "HOSTNAME": vm.name,
+           "container": "drvs", "DRVS_VM": vm.name}
+    if opts.tty:
+        env["TERM"] = os.environ.get("TERM", "xterm")
+    env.update(opts.env)
+    return env
+
+
+def data_dir(cfg: Config, vm: str) -> Path:
+    d = cfg.vms_dir / vm / "data"
+    (d / "root").mkdir(parents=True, exist_ok=True)
+    os.chmod(d / "root", 0o700)
+    return d
+
+
+class Run:
+    """One program in a cell: start() under the cell lock, then wait()."""
+
+    def __init__(self, cfg: Config, vm: VmSpec, opts: RunOptions):
+        self.cfg, self.vm, self.opts = cfg, vm, opts
+        self.id = secrets.token_hex(6)
+        self.cgroup = None
+        self.proc: launcher.Launched | None = None
+        self.tty_master = -1
+        self.oom_before = 0
+        self.record_path = cfg.runs_dir / f"{self.id}.json"
+
+    # -- start -----------------------------------------------------------
+
+    def start(self) -> None:
+        if os.geteuid() != 0:
+            raise PermissionDenied("drvs-run needs root: it creates namespaces, mounts and cgroups")
+        # A cell init we create is orphaned at once (double fork); as a
+        # subreaper we become its parent and can reap it at teardown.
+        import prctl
+
+        prctl.set_child_subreaper(True)
+        self.cfg.rootdir.mkdir(parents=True, exist_ok=True)
+        data = data_dir(self.cfg, self.vm.name)
+        steps = rootfs.build_root(rootdir=str(self.cfg.rootdir), hostname=self.vm.name, data_dir=data,
+                                  binds=self.opts.binds, net_host=self.opts.net_host)
+        with cells.locked(self.cfg, self.vm.name) as lock:
+            cell = cells.ensure(lock, self.vm, self.cfg.idle_check_ms)
+            try:
+                self._launch(cell, steps)
+            except BaseException:
+                self._cleanup_locked(lock)
+                raise
+            finally:
+                cell.close()
+
+    def _launch(self, cell: cells.ActiveCell, steps) -> None:
+        self.oom_before = cell.cgroup.oom_kills()
+        self.cgroup = cell.cgroup.child(f"run-{self.id}")
+        self.cgroup.create()
+        self.cgroup.set_limits(self.opts.limits)
+        procs = self.cgroup.open_procs()
+        ns = launcher.CELL_NAMESPACES | (0 if self.opts.net_host else launcher.NEWNET)
+        rows, cols = terminal.window_size(0) if self.opts.tty else (0, 0)
+        env = environment(self.vm, self.opts)
+        spec = launcher.RunSpec(
+            cell_pidfd=cell.init_pidfd, ns_flags=ns, procs_fds=procs, rootdir=str(self.cfg.rootdir),
+            steps=steps, argv=self.opts.argv, envp=[f"{k}={v}" for k, v in env.items()],
+            path=env.get("PATH", DEFAULT_PATH), cwd=self.opts.cwd,
+            caps_keep=capability_mask(self.opts.caps) if self.opts.uid == 0 else 0, cap_last=cap_last(),
+            uid=self.opts.uid, gid=self.opts.gid, groups=self.opts.groups, tty=int(self.opts.tty),
+            rows=rows, cols=cols)
+        try:
+            self.proc = launcher.spawn_run(spec)
+        finally:
+            for fd in procs:
+                os.close(fd)
+        self._write_record()
+        failure = launcher.read_failure(self.proc.err_r)
+        os.close(self.proc.err_r)
+        if failure:
+            code = self._reap()
+            message = launcher.describe(*failure)
+            if failure[0] in (launcher.EXIT_NOEXEC, launcher.EXIT_NOTFOUND) and failure[1] == "exec":
+                raise ProgramError(message, failure[0])
+            raise SetupError(message) if code == launcher.EXIT_SETUP else ProgramError(message, code)
+        if self.proc.tty_r is not None:
+            self.tty_master = launcher.receive_tty(self.proc.tty_r)
+            self.proc.tty_r.close()
+            self.proc.tty_r = None
+
+    def _write_record(self) -> None:
+        self.cfg.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.record_path.write_text(json.dumps({
+            "id": self.id, "vm": self.vm.name, "argv": self.opts.argv, "keeper": self.proc.pid,
+            "monitor": os.getpid(), "started": time.time(), "detached": self.opts.detached}))
+
+    # -- wait ------------------------------------------------------------
+
+    def wait(self) -> RunResult:
+        """Forward signals, relay the terminal, and return the program's status."""
+        try:
+            self._loop()
+            code = self._reap()
+            return self._result(code)
+        finally:
+            self.cleanup()
+
+    def _loop(self) -> None:
+        sel = selectors.DefaultSelector()
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        old_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        try:
+            sel.register(self.proc.pidfd, selectors.EVENT_READ, "exit")
+            sel.register(wake_r, selectors.EVENT_READ, "signal")
+            relay = _Relay(self.tty_master, self.opts.interactive, sel) if self.tty_master >= 0 else None
+            while True:
+                for key, _ in sel.select():
+                    if key.data == "exit":
+                        if relay:
+                            relay.drain()
+                        return
+                    if key.data == "signal":
+                        self._forward(wake_r.recv(256), relay)
+                    elif relay:
+                        relay.on_ready(key.data)
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            sel.close()
+            wake_r.close()
+            wake_w.close()
+
+    def _forward(self, signums: bytes, relay) -> None:
+        for signum in signums:
+            if signum == signal.SIGWINCH:
+                if relay:
+                    terminal.copy_window_size(0, self.tty_master)
+                continue
+            try:
+                signal.pidfd_send_signal(self.proc.pidfd, signum)
+            except ProcessLookupError:
+                pass
+
+    def _reap(self) -> int:
+        _, status = os.waitpid(self.proc.pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        return 128 - code if code < 0 else code
+
+    def _result(self, code: int) -> RunResult:
+        limits = self.opts.limits.memory or self.vm.limits.memory
+        oom = False
+        if code == 128 + signal.SIGKILL and self.cgroup is not None:
+            oom = self.cgroup.oom_kills() > 0 or self._cell_oom_kills() > self.oom_before
+        return RunResult(code, oom, limits)
+
+    def _cell_oom_kills(self) -> int:
+        parent = {k: v.parent for k, v in self.cgroup.dirs.items()}
+        from .cgroup import Cgroup
+
+        return Cgroup(parent).oom_kills()
+
+    # -- cleanup ---------------------------------------------------------
+
+    def cleanup(self) -> None:
+        """Nothing of the run outlives it: its processes, cgroup, record, and
+        the cell too when this was its last run."""
+        if self.proc is not None and self.proc.pidfd >= 0:
+            os.close(self.proc.pidfd)
+            self.proc.pidfd = -1
+        if self.tty_master >= 0:
+            os.close(self.tty_master)
+            self.tty_master = -1
+        with cells.locked(self.cfg, self.vm.name) as lock:
+            self._cleanup_locked(lock)
+
+    def _cleanup_locked(self, lock) -> None:
+        try:
+            if self.proc is not None:
+                self._kill_keeper()
+            if self.cgroup is not None:
+                self.cgroup.kill_all()
+                self.cgroup.remove()
+                self.cgroup = None
+        finally:
+            self.record_path.unlink(missing_ok=True)
+            cells.release(lock)
+
+    def _kill_keeper(self) -> None:
+        try:
+            pid, _ = os.waitpid(self.proc.pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            os.waitpid(self.proc.pid, 0)
+
+
+class _Relay:
+    """Copies between the caller's stdio and the jail's pty master."""
+
+    def __init__(self, master: int, interactive: bool, sel: selectors.BaseSelector):
+        self.master = master
+        os.set_blocking(master, False)
+        sel.register(master, selectors.EVENT_READ, "master")
+        self.sel = sel
+        self.stdin_open = interactive
+        if interactive:
+            sel.register(0, selectors.EVENT_READ, "stdin")
+
+    def on_ready(self, what: str) -> None:
+        if what == "master":
+            data = terminal.read_some(self.master)
+            if data:
+                terminal.write_all(1, data)
+            elif data == b"":
+                self.sel.unregister(self.master)
+        elif what == "stdin":
+            data = terminal.read_some(0)
+            if data:
+                terminal.write_all(self.master, data)
+            elif data == b"":
+                self.sel.unregister(0)
+                self.stdin_open = False
+
+    def drain(self) -> None:
+        while data := terminal.read_some(self.master):
+            terminal.write_all(1, data)
+
+
+def run(cfg: Config, vm: VmSpec, opts: RunOptions) -> RunResult:
+    """Start, wait, clean up; the terminal is raw for the run's length with -t."""
+    r = Run(cfg, vm, opts)
+    handlers = {s: signal.signal(s, _note_signal) for s in FORWARDED_SIGNALS + (signal.SIGWINCH,)}
+    try:
+        r.start()
+        if opts.tty and opts.interactive:
+            with terminal.raw_mode(0):
+                return r.wait()
+        return r.wait()
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def _note_signal(signum, frame) -> None:
+    """Signals only wake the loop (through the wake-up fd), which forwards them."""
+
+
+def explain(result: RunResult) -> str | None:
+    if result.oom_killed:
+        limit = f" (limit {format_size(result.memory_limit)})" if result.memory_limit else ""
+        return f"out of memory{limit}: the program was killed inside its cell"
+    return None
+

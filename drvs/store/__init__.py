@@ -1,0 +1,43 @@
+"""Cluster state: a key-value store with revisions and compare-and-swap.
+
+A single node keeps it in an embedded file (`EmbeddedStore`); a cluster keeps
+it in etcd behind the same interface.  Keys are `/`-separated paths; values
+are UTF-8 JSON documents.
+"""
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    value: str
+    create_revision: int
+    mod_revision: int
+
+
+class Store(Protocol):
+    def get(self, key: str) -> Entry | None: ...
+
+    def range(self, prefix: str) -> list[Entry]: ...
+
+    def put(self, key: str, value: str, *, expect_revision: int | None = None) -> int:
+        """Store value; with expect_revision, only if the key's mod revision
+        is that (0: the key must not exist).  Returns the new revision or
+        raises `CompareFailed`."""
+        ...
+
+    def delete(self, key: str, *, expect_revision: int | None = None) -> bool: ...
+
+
+class CompareFailed(Exception):
+    """A compare-and-swap found another revision than expected."""
+
+
+def open_store():
+    """The store this node uses (embedded on a single node)."""
+    from .. import config
+    from .embedded import EmbeddedStore
+
+    return EmbeddedStore(config.load().store_path)

@@ -1,0 +1,120 @@
+"""The single-node store: one JSON file, changed under flock, replaced atomically.
+
+Each change writes a new file beside the old one, fsyncs it and renames it
+over the old, then fsyncs the directory: a crash leaves either the old or the
+new state, never a torn one.
+"""
+
+import fcntl
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..errors import StoreError
+from . import CompareFailed, Entry
+
+_FORMAT = 1
+
+
+class EmbeddedStore:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    # -- reading ---------------------------------------------------------
+
+    def get(self, key: str) -> Entry | None:
+        with self._locked(fcntl.LOCK_SH) as state:
+            return _entry(state, key)
+
+    def range(self, prefix: str) -> list[Entry]:
+        with self._locked(fcntl.LOCK_SH) as state:
+            return [_entry(state, k) for k in sorted(state["kv"]) if k.startswith(prefix)]
+
+    # -- writing ---------------------------------------------------------
+
+    def put(self, key: str, value: str, *, expect_revision: int | None = None) -> int:
+        with self._locked(fcntl.LOCK_EX) as state:
+            old = state["kv"].get(key)
+            _check(key, old, expect_revision)
+            rev = state["revision"] + 1
+            state["revision"] = rev
+            state["kv"][key] = [value, old[1] if old else rev, rev]
+            self._write(state)
+            return rev
+
+    def delete(self, key: str, *, expect_revision: int | None = None) -> bool:
+        with self._locked(fcntl.LOCK_EX) as state:
+            old = state["kv"].get(key)
+            _check(key, old, expect_revision)
+            if old is None:
+                return False
+            state["revision"] += 1
+            del state["kv"][key]
+            self._write(state)
+            return True
+
+    # -- file handling ---------------------------------------------------
+
+    @contextmanager
+    def _locked(self, mode: int):
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            lock = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise StoreError(f"store {self.path}: {e.strerror}") from None
+        try:
+            fcntl.flock(lock, mode)
+            yield self._read()
+        finally:
+            os.close(lock)
+
+    def _read(self) -> dict:
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return {"format": _FORMAT, "revision": 0, "kv": {}}
+        except OSError as e:
+            raise StoreError(f"store {self.path}: {e.strerror}") from None
+        try:
+            state = json.loads(raw)
+            if state.get("format") != _FORMAT or not isinstance(state.get("kv"), dict):
+                raise ValueError("unknown layout")
+            return state
+        except ValueError as e:
+            raise StoreError(f"store {self.path} is corrupt ({e}); move it away to start afresh") from None
+
+    def _write(self, state: dict) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        data = json.dumps(state, separators=(",", ":")).encode()
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, self.path)
+            dirfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dirfd)
+            finally:
+                os.close(dirfd)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise StoreError(f"store {self.path}: cannot write: {e.strerror}") from None
+
+
+def _entry(state: dict, key: str) -> Entry | None:
+    item = state["kv"].get(key)
+    return Entry(key, item[0], item[1], item[2]) if item else None
+
+
+def _check(key: str, old: list | None, expect: int | None) -> None:
+    if expect is None:
+        return
+    current = old[2] if old else 0
+    if current != expect:
+        raise CompareFailed(f"{key}: revision {current}, expected {expect}")

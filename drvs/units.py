@@ -1,0 +1,50 @@
+"""Sizes and CPU amounts as users write them (`512M`, `1.5g`, `0.5`)."""
+
+import re
+
+from .errors import UsageError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
+_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
+
+
+def parse_size(text: str, *, what: str = "size") -> int:
+    """Bytes from `100`, `64k`, `512M`, `1.5GiB` (binary multiples, as docker)."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise UsageError(f"invalid {what} {text!r}: expected a number with an optional k, m, g or t suffix")
+    value = float(m.group(1)) * 1024 ** _POWERS[m.group(2).lower()]
+    if value < 1:
+        raise UsageError(f"invalid {what} {text!r}: must be at least 1 byte")
+    return int(value)
+
+
+def format_size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("", "K", "M", "G", "T"):
+        if n < 1024 or unit == "T":
+            return f"{n:g}{unit}" if unit == "" else f"{n:.4g}{unit}"
+        n /= 1024
+    return str(n)
+
+
+def parse_cpus(text: str) -> float:
+    """A CPU amount: `2`, `0.5`; at least 0.01 (one percent of a CPU)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"invalid CPU amount {text!r}: expected a number such as 0.5 or 2") from None
+    if not 0.01 <= value <= 4096:
+        raise UsageError(f"invalid CPU amount {text!r}: must be between 0.01 and 4096")
+    return value
+
+
+_CPUSET = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
+
+
+def parse_cpuset(text: str) -> str:
+    """A CPU list as the kernel writes it: `0`, `0-3`, `0,2-3`."""
+    if not _CPUSET.match(text):
+        raise UsageError(f"invalid CPU list {text!r}: expected e.g. 0, 0-3 or 0,2-3")
+    return text

@@ -1,0 +1,1 @@
+"""DRVM: a distributed VM, its definition and (later) its policies."""

@@ -1,0 +1,41 @@
+"""VM definitions in the store: create, read, list, remove."""
+
+from ..errors import Conflict, NotFound
+from ..store import CompareFailed, Store
+from .model import DEFAULT_PIDS, DEFAULT_VM, Limits, VmSpec, check_name
+
+_PREFIX = "/vms/"
+
+
+class VmRegistry:
+    def __init__(self, store: Store):
+        self.store = store
+
+    def create(self, spec: VmSpec) -> VmSpec:
+        check_name(spec.name)
+        try:
+            self.store.put(_PREFIX + spec.name, spec.to_json(), expect_revision=0)
+        except CompareFailed:
+            raise Conflict(f"VM {spec.name!r} already exists") from None
+        return spec
+
+    def get(self, name: str) -> VmSpec:
+        """The VM's definition; the default VM comes into being on first use."""
+        check_name(name)
+        entry = self.store.get(_PREFIX + name)
+        if entry is not None:
+            return VmSpec.from_json(entry.value)
+        if name == DEFAULT_VM:
+            try:
+                return self.create(VmSpec(DEFAULT_VM, Limits(pids=DEFAULT_PIDS)))
+            except Conflict:
+                return self.get(name)
+        raise NotFound(f"no such VM: {name!r} (see `drvs vm ls`)")
+
+    def list(self) -> list[VmSpec]:
+        return [VmSpec.from_json(e.value) for e in self.store.range(_PREFIX)]
+
+    def remove(self, name: str) -> None:
+        check_name(name)
+        if not self.store.delete(_PREFIX + name):
+            raise NotFound(f"no such VM: {name!r}")

@@ -1,0 +1,730 @@
+/* The kernel steps of a DRVS cell and of a run inside it.
+ *
+ * Process shape (host pids on the left):
+ *
+ *   drvs-run (Python) ── keeper ───────── program (pid N in the cell)
+ *                         joins cgroup,    own mount ns, builds the root,
+ *                         setns() cell,    pivot_root, pty, drops caps,
+ *                         forwards signals no_new_privs, exec
+ *
+ *   cell init (pid 1 of the cell, nobody's child here): holds the cell's
+ *   pid/ipc/uts/net/cgroup namespaces, reaps orphans, leaves once the cell
+ *   is empty.
+ *
+ * Everything after fork() uses raw system calls and stack buffers only. */
+#define _GNU_SOURCE
+#include "jail.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <linux/capability.h>
+#include <linux/mount.h>
+#include <net/if.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <termios.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef TIOCGPTPEER
+#define TIOCGPTPEER _IO('T', 0x41)
+#endif
+#ifndef CLOSE_RANGE_CLOEXEC
+#define CLOSE_RANGE_CLOEXEC (1U << 2)
+#endif
+
+/* ---- failure records ------------------------------------------------- */
+
+/* "code US step US detail US errno": parsed by drvs/ns/launcher.py. */
+static void report(int fd, int code, const char *step, const char *detail, int err)
+{
+    char buf[PATH_MAX + 128];
+    int n = snprintf(buf, sizeof buf, "%d\x1f%s\x1f%s\x1f%d", code, step,
+                     detail ? detail : "", err);
+    if (fd >= 0 && n > 0)
+        (void)!write(fd, buf, (size_t)n < sizeof buf ? (size_t)n : sizeof buf - 1);
+}
+
+static _Noreturn void die(int fd, int code, const char *step, const char *detail)
+{
+    report(fd, code, step, detail, errno);
+    _exit(code);
+}
+
+/* ---- small path helpers (no allocation) ------------------------------ */
+
+static int join_path(char *out, const char *root, const char *rel)
+{
+    while (*rel == '/')
+        rel++;
+    int n = snprintf(out, PATH_MAX, "%s/%s", root, rel);
+    if (n < 0 || n >= PATH_MAX) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    return 0;
+}
+
+static int mkdir_p(const char *path, mode_t mode)
+{
+    char buf[PATH_MAX];
+    size_t len = strlen(path);
+    if (len >= sizeof buf) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    memcpy(buf, path, len + 1);
+    for (char *p = buf + 1; *p; p++) {
+        if (*p != '/')
+            continue;
+        *p = '\0';
+        if (mkdir(buf, 0755) < 0 && errno != EEXIST)
+            return -1;
+        *p = '/';
+    }
+    if (mkdir(buf, mode) < 0 && errno != EEXIST)
+        return -1;
+    return 0;
+}
+
+static int mkdir_parent(const char *path)
+{
+    char buf[PATH_MAX];
+    size_t len = strlen(path);
+    if (len >= sizeof buf) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    memcpy(buf, path, len + 1);
+    char *slash = strrchr(buf, '/');
+    if (!slash || slash == buf)
+        return 0;
+    *slash = '\0';
+    return mkdir_p(buf, 0755);
+}
+
+static int write_all(int fd, const char *data, size_t len)
+{
+    while (len > 0) {
+        ssize_t n = write(fd, data, len);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        data += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+/* ---- cgroups ---------------------------------------------------------- */
+
+static int join_cgroups(const int *fds, int n)
+{
+    for (int i = 0; i < n; i++)
+        if (pwrite(fds[i], "0", 1, 0) < 0)
+            return -1;
+    return 0;
+}
+
+/* End every process of the run's cgroup but the keeper itself; loop because
+ * a process may fork while we read. */
+static void kill_cgroup_members(int procs_fd)
+{
+    char buf[16384];
+    pid_t self = getpid();
+    for (int round = 0; round < 1000; round++) {
+        ssize_t n = pread(procs_fd, buf, sizeof buf - 1, 0);
+        if (n <= 0)
+            return;
+        buf[n] = '\0';
+        int others = 0;
+        for (char *p = buf; *p;) {
+            char *end;
+            long pid = strtol(p, &end, 10);
+            if (end == p)
+                break;
+            if (pid > 0 && pid != self) {
+                kill((pid_t)pid, SIGKILL);
+                others++;
+            }
+            p = end;
+            while (*p == '\n')
+                p++;
+        }
+        if (!others)
+            return;
+        struct timespec ts = {0, 1000000};
+        nanosleep(&ts, NULL);
+    }
+}
+
+/* ---- signals ---------------------------------------------------------- */
+
+static void reset_signals(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = SIG_DFL;
+    for (int sig = 1; sig < NSIG; sig++)
+        sigaction(sig, &sa, NULL); /* fails harmlessly for KILL/STOP and gaps */
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+}
+
+static void noop_handler(int sig) { (void)sig; }
+
+/* ---- the root file system --------------------------------------------- */
+
+static int set_mount_attr(const char *path, int recursive, uint64_t set)
+{
+    struct mount_attr attr;
+    memset(&attr, 0, sizeof attr);
+    attr.attr_set = set;
+    if (syscall(SYS_mount_setattr, AT_FDCWD, path, recursive ? AT_RECURSIVE : 0,
+                &attr, sizeof attr) == 0)
+        return 0;
+    if (errno != ENOSYS)
+        return -1;
+    /* Kernels before 5.12: one mount at a time. */
+    unsigned long flags = MS_REMOUNT | MS_BIND;
+    if (set & MOUNT_ATTR_RDONLY)
+        flags |= MS_RDONLY;
+    if (set & MOUNT_ATTR_NOSUID)
+        flags |= MS_NOSUID;
+    if (set & MOUNT_ATTR_NODEV)
+        flags |= MS_NODEV;
+    return mount(NULL, path, NULL, flags, NULL);
+}
+
+static void step_bind(const struct run_config *cfg, const struct step *s, const char *dst)
+{
+    struct stat st;
+    if (stat(s->src, &st) < 0) {
+        if (errno == ENOENT && (s->flags & BIND_TRY))
+            return;
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "bind-source", s->src);
+    }
+    if (S_ISDIR(st.st_mode)) {
+        if (mkdir_p(dst, 0755) < 0)
+            die(cfg->err_fd, JAIL_EXIT_SETUP, "bind-target", s->dst);
+    } else {
+        if (mkdir_parent(dst) < 0)
+            die(cfg->err_fd, JAIL_EXIT_SETUP, "bind-target", s->dst);
+        int fd = open(dst, O_WRONLY | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644);
+        if (fd < 0 && errno != EEXIST && errno != EISDIR)
+            die(cfg->err_fd, JAIL_EXIT_SETUP, "bind-target", s->dst);
+        if (fd >= 0)
+            close(fd);
+    }
+    if (mount(s->src, dst, NULL, MS_BIND | MS_REC, NULL) < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "bind", s->src);
+    uint64_t attrs = MOUNT_ATTR_NOSUID;
+    if (!(s->flags & BIND_DEV))
+        attrs |= MOUNT_ATTR_NODEV;
+    if (s->flags & BIND_RO)
+        attrs |= MOUNT_ATTR_RDONLY;
+    if (set_mount_attr(dst, 1, attrs) < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "bind-attributes", s->dst);
+}
+
+static void step_fs(const struct run_config *cfg, const struct step *s, const char *dst,
+                    const char *type, unsigned long flags, const char *name)
+{
+    if (mkdir_p(dst, 0755) < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, name, s->dst);
+    if (mount(type, dst, type, flags, s->data) < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, name, s->dst);
+}
+
+static void step_file(const struct run_config *cfg, const struct step *s, const char *dst)
+{
+    if (mkdir_parent(dst) < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "file", s->dst);
+    int fd = open(dst, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, s->mode);
+    if (fd < 0 || write_all(fd, s->data, s->datalen) < 0 || fchmod(fd, s->mode) < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "file", s->dst);
+    close(fd);
+}
+
+static void run_step(const struct run_config *cfg, const struct step *s)
+{
+    char dst[PATH_MAX];
+    if (join_path(dst, cfg->rootdir, s->dst) < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "path", s->dst);
+    const unsigned long safe = MS_NOSUID | MS_NODEV;
+    switch (s->op) {
+    case STEP_TMPFS:
+        step_fs(cfg, s, dst, "tmpfs", safe, "tmpfs");
+        break;
+    case STEP_BIND:
+        step_bind(cfg, s, dst);
+        break;
+    case STEP_MKDIR:
+        if (mkdir_p(dst, s->mode) < 0 || chmod(dst, s->mode) < 0)
+            die(cfg->err_fd, JAIL_EXIT_SETUP, "mkdir", s->dst);
+        break;
+    case STEP_SYMLINK:
+        if (mkdir_parent(dst) < 0 || (symlink(s->data, dst) < 0 && errno != EEXIST))
+            die(cfg->err_fd, JAIL_EXIT_SETUP, "symlink", s->dst);
+        break;
+    case STEP_FILE:
+        step_file(cfg, s, dst);
+        break;
+    case STEP_PROC:
+        step_fs(cfg, s, dst, "proc", safe | MS_NOEXEC, "proc");
+        break;
+    case STEP_DEVPTS:
+        step_fs(cfg, s, dst, "devpts", MS_NOSUID | MS_NOEXEC, "devpts");
+        break;
+    case STEP_MQUEUE:
+        step_fs(cfg, s, dst, "mqueue", safe | MS_NOEXEC, "mqueue");
+        break;
+    case STEP_REMOUNT_RO:
+        if (set_mount_attr(dst, s->flags & 1, MOUNT_ATTR_RDONLY) < 0)
+            die(cfg->err_fd, JAIL_EXIT_SETUP, "remount-ro", s->dst);
+        break;
+    default:
+        errno = EINVAL;
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "unknown-step", s->dst);
+    }
+}
+
+static void make_mounts_private(const struct run_config *cfg)
+{
+    if (unshare(CLONE_NEWNS) < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "unshare-mount-namespace", NULL);
+    /* Nothing we mount may propagate back to the host. */
+    if (mount(NULL, "/", NULL, MS_REC | MS_SLAVE, NULL) < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "make-rslave", "/");
+}
+
+static void mount_root(const struct run_config *cfg)
+{
+    if (mount("tmpfs", cfg->rootdir, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=16m") < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "root-tmpfs", cfg->rootdir);
+    for (int i = 0; i < cfg->nsteps; i++)
+        run_step(cfg, &cfg->steps[i]);
+}
+
+static void switch_root(const struct run_config *cfg)
+{
+    /* pivot_root(".", ".") stacks the old root over the new one; detaching
+     * it leaves only the jail's tree. */
+    if (chdir(cfg->rootdir) < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "pivot-root", cfg->rootdir);
+    if (syscall(SYS_pivot_root, ".", ".") < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "pivot-root", cfg->rootdir);
+    if (umount2(".", MNT_DETACH) < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "detach-old-root", "/");
+    if (chdir("/") < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "pivot-root", "/");
+}
+
+/* ---- terminal --------------------------------------------------------- */
+
+static int send_fd(int sock, int fd)
+{
+    char byte = 'T';
+    struct iovec iov = {&byte, 1};
+    union {
+        struct cmsghdr hdr;
+        char buf[CMSG_SPACE(sizeof(int))];
+    } ctl;
+    memset(&ctl, 0, sizeof ctl);
+    struct msghdr msg = {0};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = ctl.buf;
+    msg.msg_controllen = sizeof ctl.buf;
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &fd, sizeof fd);
+    return sendmsg(sock, &msg, MSG_NOSIGNAL) < 0 ? -1 : 0;
+}
+
+/* The pty comes from the jail's own devpts, so `tty` and ttyname() work
+ * inside; the master goes back to the caller, which relays it. */
+static void setup_pty(const struct run_config *cfg)
+{
+    int master = open("/dev/pts/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC);
+    if (master < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "pty-open", "/dev/pts/ptmx");
+    int unlock = 0;
+    if (ioctl(master, TIOCSPTLCK, &unlock) < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "pty-unlock", NULL);
+    int slave = ioctl(master, TIOCGPTPEER, O_RDWR | O_NOCTTY);
+    if (slave < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "pty-peer", NULL);
+    if (cfg->rows && cfg->cols) {
+        struct winsize ws = {.ws_row = cfg->rows, .ws_col = cfg->cols};
+        ioctl(slave, TIOCSWINSZ, &ws);
+    }
+    if (send_fd(cfg->tty_sock, master) < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "pty-send", NULL);
+    close(master);
+    close(cfg->tty_sock);
+    if (setsid() < 0 || ioctl(slave, TIOCSCTTY, 0) < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "pty-controlling-terminal", NULL);
+    for (int fd = 0; fd < 3; fd++)
+        if (dup2(slave, fd) < 0)
+            die(cfg->err_fd, JAIL_EXIT_SETUP, "pty-stdio", NULL);
+    if (slave > 2)
+        close(slave);
+}
+
+/* ---- identity and privileges ----------------------------------------- */
+
+static void drop_privileges(const struct run_config *cfg)
+{
+    for (int cap = 0; cap <= cfg->cap_last; cap++)
+        if (!(cfg->caps_keep & (1ULL << cap)) && prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0)
+            die(cfg->err_fd, JAIL_EXIT_SETUP, "drop-bounding-set", NULL);
+    if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0 && errno != EINVAL)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "clear-ambient-caps", NULL);
+    if (cfg->ngroups >= 0 && syscall(SYS_setgroups, cfg->ngroups, cfg->groups) < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "setgroups", NULL);
+    if (setresgid(cfg->gid, cfg->gid, cfg->gid) < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "setgid", NULL);
+    if (setresuid(cfg->uid, cfg->uid, cfg->uid) < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "setuid", NULL);
+    if (cfg->uid == 0) {
+        struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
+        struct __user_cap_data_struct data[2];
+        memset(data, 0, sizeof data);
+        for (int i = 0; i < 2; i++) {
+            uint32_t word = (uint32_t)(cfg->caps_keep >> (32 * i));
+            data[i].effective = data[i].permitted = data[i].inheritable = word;
+        }
+        if (syscall(SYS_capset, &hdr, data) < 0)
+            die(cfg->err_fd, JAIL_EXIT_SETUP, "capset", NULL);
+    }
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "no-new-privs", NULL);
+}
+
+/* ---- exec ------------------------------------------------------------- */
+
+static _Noreturn void exec_program(const struct run_config *cfg)
+{
+    const char *name = cfg->argv[0];
+    if (strchr(name, '/')) {
+        execve(name, cfg->argv, cfg->envp);
+        int code = (errno == ENOENT || errno == ENOTDIR) ? JAIL_EXIT_NOTFOUND : JAIL_EXIT_NOEXEC;
+        die(cfg->err_fd, code, "exec", name);
+    }
+    /* Search the jail's PATH, not ours, the way execvp would. */
+    int saw_eacces = 0;
+    const char *p = cfg->path;
+    char buf[PATH_MAX];
+    while (p && *p) {
+        const char *colon = strchr(p, ':');
+        size_t dirlen = colon ? (size_t)(colon - p) : strlen(p);
+        int n = snprintf(buf, sizeof buf, "%.*s/%s", (int)dirlen, dirlen ? p : ".", name);
+        if (n > 0 && n < (int)sizeof buf) {
+            execve(buf, cfg->argv, cfg->envp);
+            if (errno == EACCES)
+                saw_eacces = 1;
+            else if (errno != ENOENT && errno != ENOTDIR && errno != ELOOP)
+                die(cfg->err_fd, JAIL_EXIT_NOEXEC, "exec", name);
+        }
+        p = colon ? colon + 1 : NULL;
+    }
+    errno = saw_eacces ? EACCES : ENOENT;
+    die(cfg->err_fd, saw_eacces ? JAIL_EXIT_NOEXEC : JAIL_EXIT_NOTFOUND, "exec", name);
+}
+
+static _Noreturn void program_main(const struct run_config *cfg)
+{
+    reset_signals();
+    prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+    make_mounts_private(cfg);
+    mount_root(cfg);
+    switch_root(cfg);
+    if (chdir(cfg->cwd) < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "workdir", cfg->cwd);
+    if (cfg->tty)
+        setup_pty(cfg);
+    else if (setsid() < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "setsid", NULL);
+    drop_privileges(cfg);
+    /* Only stdio crosses into the program; the failure pipe is CLOEXEC. */
+    if (syscall(SYS_close_range, 3, ~0U, CLOSE_RANGE_CLOEXEC) < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "close-fds", NULL);
+    exec_program(cfg);
+}
+
+/* ---- the keeper -------------------------------------------------------- */
+
+static int wait_status_code(int status)
+{
+    if (WIFEXITED(status))
+        return WEXITSTATUS(status);
+    if (WIFSIGNALED(status))
+        return 128 + WTERMSIG(status);
+    return JAIL_EXIT_SETUP;
+}
+
+static _Noreturn void keeper_main(const struct run_config *cfg, pid_t parent)
+{
+    if (prctl(PR_SET_PDEATHSIG, JAIL_PARENT_DIED_SIGNAL, 0, 0, 0) < 0 || getppid() != parent)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "parent-death-signal", NULL);
+    /* Out of the caller's foreground process group: terminal signals reach
+     * the program once, through the caller. */
+    setpgid(0, 0);
+    sigset_t all;
+    sigfillset(&all);
+    sigprocmask(SIG_SETMASK, &all, NULL);
+    if (join_cgroups(cfg->procs_fds, cfg->n_procs) < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "cgroup-join", NULL);
+    if (setns(cfg->cell_pidfd, cfg->ns_flags) < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "setns-cell", NULL);
+    pid_t child = fork();
+    if (child < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "fork-program", NULL);
+    if (child == 0)
+        program_main(cfg);
+    close(cfg->err_fd);
+    if (cfg->tty_sock >= 0)
+        close(cfg->tty_sock);
+
+    int status = 0, parent_gone = 0;
+    for (;;) {
+        siginfo_t si;
+        int sig = sigwaitinfo(&all, &si);
+        if (sig < 0)
+            continue;
+        if (sig == SIGCHLD) {
+            if (waitpid(child, &status, WNOHANG) == child)
+                break;
+        } else if (sig == JAIL_PARENT_DIED_SIGNAL) {
+            parent_gone = 1;
+            kill(child, SIGKILL);
+        } else {
+            kill(child, sig);
+        }
+    }
+    if ((cfg->kill_leftovers || parent_gone) && cfg->n_procs > 0)
+        kill_cgroup_members(cfg->procs_fds[0]);
+    _exit(wait_status_code(status));
+}
+
+pid_t jail_spawn_run(const struct run_config *cfg)
+{
+    pid_t parent = getpid();
+    pid_t pid = fork();
+    if (pid == 0)
+        keeper_main(cfg, parent);
+    return pid;
+}
+
+/* ---- the cell init ----------------------------------------------------- */
+
+static int loopback_up(void)
+{
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s < 0)
+        return -1;
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    strcpy(ifr.ifr_name, "lo");
+    int rc = ioctl(s, SIOCGIFFLAGS, &ifr);
+    if (rc == 0) {
+        ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+        rc = ioctl(s, SIOCSIFFLAGS, &ifr);
+    }
+    close(s);
+    return rc;
+}
+
+static void keep_only_fds(int a, int b)
+{
+    int lo = a < b ? a : b, hi = a < b ? b : a;
+    if (lo > 3)
+        syscall(SYS_close_range, 3, lo - 1, 0);
+    if (hi > lo + 1)
+        syscall(SYS_close_range, lo + 1, hi - 1, 0);
+    syscall(SYS_close_range, hi + 1, ~0U, 0);
+    int null = open("/dev/null", O_RDWR);
+    if (null >= 0) {
+        for (int fd = 0; fd < 3; fd++)
+            dup2(null, fd);
+        if (null > 2 && null != lo && null != hi)
+            close(null);
+    }
+}
+
+/* Show "drvs-cell VM" in ps instead of the forked caller's command line:
+ * overwrite our (copy-on-write) argv area, found in /proc/self/stat fields
+ * 48-49, as setproctitle does; PR_SET_MM would need CAP_SYS_RESOURCE. */
+static void name_process(const char *vm)
+{
+    prctl(PR_SET_NAME, "drvs-cell", 0, 0, 0);
+    char stat[4096];
+    int fd = open("/proc/self/stat", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return;
+    ssize_t n = read(fd, stat, sizeof stat - 1);
+    close(fd);
+    if (n <= 0)
+        return;
+    stat[n] = '\0';
+    char *p = strrchr(stat, ')');
+    if (!p || !p[1] || !p[2] || !p[3])
+        return;
+    p += 4; /* past ") S ": field 4 on are numbers */
+    unsigned long field[52] = {0};
+    for (int i = 4; i < 52 && *p; i++) {
+        field[i] = strtoul(p, &p, 10);
+        while (*p == ' ')
+            p++;
+    }
+    unsigned long start = field[48], end = field[49];
+    if (!start || end <= start || end - start > 65536)
+        return;
+    char *area = (char *)start;
+    size_t len = end - start;
+    memset(area, 0, len);
+    snprintf(area, len, "drvs-cell %s", vm);
+}
+
+static _Noreturn void cell_init_main(const struct cell_config *cfg, int ready_fd)
+{
+    name_process(cfg->hostname);
+    if (join_cgroups(cfg->cell_procs_fds, cfg->n_cell_procs) < 0)
+        die(ready_fd, JAIL_EXIT_SETUP, "cgroup-join", NULL);
+    /* The cell's cgroup becomes "/" for everything inside it. */
+    if (unshare(CLONE_NEWCGROUP) < 0)
+        die(ready_fd, JAIL_EXIT_SETUP, "unshare-cgroup-namespace", NULL);
+    if (join_cgroups(cfg->init_procs_fds, cfg->n_init_procs) < 0)
+        die(ready_fd, JAIL_EXIT_SETUP, "cgroup-join-init", NULL);
+    if (sethostname(cfg->hostname, strlen(cfg->hostname)) < 0)
+        die(ready_fd, JAIL_EXIT_SETUP, "sethostname", cfg->hostname);
+    if (cfg->new_net && loopback_up() < 0)
+        die(ready_fd, JAIL_EXIT_SETUP, "loopback-up", "lo");
+    setsid();
+    if (chdir("/") < 0)
+        die(ready_fd, JAIL_EXIT_SETUP, "chdir", "/");
+
+    /* pid 1 only receives signals it handles: give the ones it waits for a
+     * handler, then block them so sigtimedwait() takes them. */
+    static const int wanted[] = {SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGUSR1};
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = noop_handler;
+    sigset_t set;
+    sigemptyset(&set);
+    for (size_t i = 0; i < sizeof wanted / sizeof *wanted; i++) {
+        sigaction(wanted[i], &sa, NULL);
+        sigaddset(&set, wanted[i]);
+    }
+    sigprocmask(SIG_BLOCK, &set, NULL);
+    keep_only_fds(cfg->lock_fd, ready_fd);
+    close(ready_fd); /* EOF without a record: the cell is ready */
+
+    for (;;) {
+        struct timespec ts = {cfg->idle_check_ms / 1000, (cfg->idle_check_ms % 1000) * 1000000L};
+        int sig = sigtimedwait(&set, NULL, &ts);
+        while (waitpid(-1, NULL, WNOHANG) > 0)
+            ;
+        if (sig == SIGTERM || sig == SIGINT || sig == SIGHUP)
+            _exit(0);
+        if (sig == SIGCHLD)
+            continue;
+        /* Idle check (timeout or SIGUSR1).  The lock keeps out a run that
+         * has joined our namespaces but not yet forked its program. */
+        if (flock(cfg->lock_fd, LOCK_EX) == 0) {
+            if (kill(-1, 0) < 0 && errno == ESRCH)
+                _exit(0);
+            flock(cfg->lock_fd, LOCK_UN);
+        }
+    }
+}
+
+static ssize_t read_all(int fd, char *buf, size_t len)
+{
+    size_t got = 0;
+    while (got < len) {
+        ssize_t n = read(fd, buf + got, len - got);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        got += (size_t)n;
+    }
+    return (ssize_t)got;
+}
+
+pid_t jail_spawn_cell(const struct cell_config *cfg, char *err, size_t errlen)
+{
+    /* Two pipes: the helper tells the init's pid, the init tells its setup
+     * result (EOF alone means ready); they may write in any order. */
+    int pid_pipe[2], ready_pipe[2];
+    err[0] = '\0';
+    if (pipe2(pid_pipe, O_CLOEXEC) < 0)
+        goto pipe_failed;
+    if (pipe2(ready_pipe, O_CLOEXEC) < 0) {
+        close(pid_pipe[0]);
+        close(pid_pipe[1]);
+        goto pipe_failed;
+    }
+    pid_t helper = fork();
+    if (helper == 0) {
+        close(pid_pipe[0]);
+        close(ready_pipe[0]);
+        reset_signals();
+        int flags = CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC | SIGCHLD;
+        if (cfg->new_net)
+            flags |= CLONE_NEWNET;
+        pid_t init = (pid_t)syscall(SYS_clone, flags, NULL, NULL, NULL, 0);
+        if (init == 0) {
+            close(pid_pipe[1]);
+            cell_init_main(cfg, ready_pipe[1]);
+        }
+        if (init < 0)
+            die(ready_pipe[1], JAIL_EXIT_SETUP, "clone-namespaces", NULL);
+        (void)!write(pid_pipe[1], &init, sizeof init);
+        _exit(0);
+    }
+    close(pid_pipe[1]);
+    close(ready_pipe[1]);
+    pid_t init = -1;
+    if (helper < 0) {
+        snprintf(err, errlen, "%d\x1f" "fork-cell\x1f\x1f%d", JAIL_EXIT_SETUP, errno);
+    } else {
+        int status;
+        while (waitpid(helper, &status, 0) < 0 && errno == EINTR)
+            ;
+        if (read_all(pid_pipe[0], (char *)&init, sizeof init) != sizeof init)
+            init = -1;
+        ssize_t n = read_all(ready_pipe[0], err, errlen - 1);
+        err[n > 0 ? n : 0] = '\0';
+        if (n > 0)
+            init = -1;
+        else if (init < 0)
+            snprintf(err, errlen, "%d\x1f" "spawn-cell\x1f\x1f%d", JAIL_EXIT_SETUP, EIO);
+    }
+    close(pid_pipe[0]);
+    close(ready_pipe[0]);
+    return init;
+
+pipe_failed:
+    snprintf(err, errlen, "%d\x1fpipe\x1f\x1f%d", JAIL_EXIT_SETUP, errno);
+    return -1;
+}
