@@ -1,9 +1,10 @@
 """What every DRVS command shares: error handling, output formats."""
 
+from __future__ import annotations
+
 import json
 import os
 import sys
-from typing import Callable
 
 from ..errors import DrvsError
 

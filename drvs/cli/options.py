@@ -12,7 +12,7 @@ from ..units import parse_cpus, parse_cpuset, parse_size
 from ..vm.model import Limits, check_name
 
 
-def _typed(fn):
+def typed(fn):
     """argparse reports type errors with usage and exit 2; ours are UsageErrors."""
     def convert(text):
         try:
@@ -30,11 +30,11 @@ def _pids(text: str) -> int:
 
 
 def add_limit_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cpus", type=_typed(parse_cpus), help="CPU time, in CPUs (e.g. 0.5)")
-    p.add_argument("--cpuset-cpus", type=_typed(parse_cpuset), metavar="LIST", help="CPUs to run on (e.g. 0-1)")
-    p.add_argument("--memory", "-m", type=_typed(lambda t: parse_size(t, what="memory size")),
+    p.add_argument("--cpus", type=typed(parse_cpus), help="CPU time, in CPUs (e.g. 0.5)")
+    p.add_argument("--cpuset-cpus", type=typed(parse_cpuset), metavar="LIST", help="CPUs to run on (e.g. 0-1)")
+    p.add_argument("--memory", "-m", type=typed(lambda t: parse_size(t, what="memory size")),
                    metavar="SIZE", help="memory limit (e.g. 512M); no swap beyond it")
-    p.add_argument("--pids-limit", type=_typed(_pids), metavar="N", help="most processes and threads")
+    p.add_argument("--pids-limit", type=typed(_pids), metavar="N", help="most processes and threads")
 
 
 def limits_from(args) -> Limits:
@@ -43,9 +43,9 @@ def limits_from(args) -> Limits:
 
 def add_run_options(p: argparse.ArgumentParser, *, with_vm: bool = True) -> None:
     if with_vm:
-        p.add_argument("--vm", default=os.environ.get("DRVS_VM", "default"), type=_typed(check_name),
+        p.add_argument("--vm", default=os.environ.get("DRVS_VM", "default"), type=typed(check_name),
                        help="the DRVM to run in (default: $DRVS_VM or 'default')")
-    p.add_argument("-v", "--volume", action="append", default=[], type=_typed(rootfs.parse_volume),
+    p.add_argument("-v", "--volume", action="append", default=[], type=typed(rootfs.parse_volume),
                    metavar="SRC:DST[:ro]", help="bind a host path into the jail")
     p.add_argument("-e", "--env", action="append", default=[], metavar="K=V",
                    help="set an environment variable (K alone: take it from here)")

@@ -8,7 +8,6 @@ keeper's pidfd, a signal wake-up fd, the pty master) — see docs/architecture.m
 
 import json
 import os
-import secrets
 import selectors
 import signal
 import socket
@@ -102,7 +101,7 @@ class Run:
 
     def __init__(self, cfg: Config, vm: VmSpec, opts: RunOptions):
         self.cfg, self.vm, self.opts = cfg, vm, opts
-        self.id = secrets.token_hex(6)
+        self.id = os.urandom(6).hex()
         self.cgroup = None
         self.proc: launcher.Launched | None = None
         self.tty_master = -1

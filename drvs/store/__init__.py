@@ -6,7 +6,6 @@ are UTF-8 JSON documents.
 """
 
 from dataclasses import dataclass
-from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -17,18 +16,24 @@ class Entry:
     mod_revision: int
 
 
-class Store(Protocol):
-    def get(self, key: str) -> Entry | None: ...
+class Store:
+    """The interface every store implements (no typing import: drvs-run's
+    start-up time counts)."""
 
-    def range(self, prefix: str) -> list[Entry]: ...
+    def get(self, key: str) -> Entry | None:
+        raise NotImplementedError
+
+    def range(self, prefix: str) -> list[Entry]:
+        raise NotImplementedError
 
     def put(self, key: str, value: str, *, expect_revision: int | None = None) -> int:
         """Store value; with expect_revision, only if the key's mod revision
         is that (0: the key must not exist).  Returns the new revision or
         raises `CompareFailed`."""
-        ...
+        raise NotImplementedError
 
-    def delete(self, key: str, *, expect_revision: int | None = None) -> bool: ...
+    def delete(self, key: str, *, expect_revision: int | None = None) -> bool:
+        raise NotImplementedError
 
 
 class CompareFailed(Exception):

@@ -12,12 +12,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import StoreError
-from . import CompareFailed, Entry
+from . import CompareFailed, Entry, Store
 
 _FORMAT = 1
 
 
-class EmbeddedStore:
+class EmbeddedStore(Store):
     def __init__(self, path: Path):
         self.path = Path(path)
 

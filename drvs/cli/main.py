@@ -1,0 +1,109 @@
+"""drvs: manage DRVS on this node: VMs, programs in them, shells.
+
+    drvs vm create|ls|show|rm ...
+    drvs exec [OPTIONS] VM -- CMD [ARGS...]
+    drvs login VM
+    drvs logs RUN / drvs kill RUN
+"""
+
+import argparse
+import json
+import os
+import signal
+import sys
+
+from .. import __version__, config
+from ..errors import NotFound, UsageError
+from ..ns import jail
+from ..vm.model import check_name
+from . import vm as vm_cli
+from .common import guarded
+from .options import add_run_options, run_options, typed
+from .run import execute
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="drvs", description="Distributed Resources Virtualization System.")
+    p.add_argument("--version", action="version", version=f"drvs {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    vm_cli.add_parser(sub)
+
+    e = sub.add_parser("exec", help="run a command in a VM (non-login)")
+    e.add_argument("vm", type=typed(check_name), metavar="VM")
+    add_run_options(e, with_vm=False)
+    e.set_defaults(func=exec_)
+
+    lg = sub.add_parser("login", help="an interactive login shell in a VM")
+    lg.add_argument("vm", type=typed(check_name), metavar="VM")
+    lg.add_argument("--shell", default=None, help="shell to start (default: bash, else sh)")
+    lg.add_argument("-u", "--user", default=None, metavar="USER[:GROUP]")
+    lg.set_defaults(func=login)
+
+    lo = sub.add_parser("logs", help="output of a detached run")
+    lo.add_argument("run", metavar="RUN")
+    lo.set_defaults(func=logs)
+
+    k = sub.add_parser("kill", help="send a signal to a run")
+    k.add_argument("run", metavar="RUN")
+    k.add_argument("-s", "--signal", default="TERM")
+    k.set_defaults(func=kill)
+    return p
+
+
+def exec_(args) -> int:
+    return execute(args.vm, run_options(args), "drvs exec")
+
+
+def login(args) -> int:
+    if not os.isatty(0):
+        raise UsageError("drvs login needs a terminal on stdin; for scripts use: drvs exec VM -- CMD")
+    shell = args.shell or ("/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh")
+    ns = argparse.Namespace(command=["--", shell, "-l"], user=args.user, env=[], workdir=None, volume=[],
+                            tty=True, interactive=True, cpus=None, cpuset_cpus=None, memory=None,
+                            pids_limit=None, net="none", cap_add=[], cap_drop=[], detach=False)
+    return execute(args.vm, run_options(ns, login=True), "drvs login")
+
+
+def _run_record(run_id: str) -> dict:
+    path = config.load().runs_dir / f"{run_id}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise NotFound(f"no such run: {run_id!r}") from None
+
+
+def logs(args) -> int:
+    path = config.load().runs_dir / f"{args.run}.log"
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(65536):
+                sys.stdout.buffer.write(chunk)
+    except FileNotFoundError:
+        raise NotFound(f"no log for run {args.run!r} (only detached runs have one)") from None
+    return 0
+
+
+def kill(args) -> int:
+    name = args.signal.upper().removeprefix("SIG")
+    try:
+        signum = int(name) if name.isdigit() else signal.Signals["SIG" + name].value
+    except KeyError:
+        raise UsageError(f"unknown signal {args.signal!r}") from None
+    rec = _run_record(args.run)
+    try:
+        os.kill(rec["keeper"], signum)
+    except ProcessLookupError:
+        raise NotFound(f"run {args.run!r} has ended") from None
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return guarded("drvs", lambda: args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["main", "jail"]

@@ -1,0 +1,160 @@
+"""`drvs vm ...`: create, list, show and remove DRVMs."""
+
+import json
+import os
+import shutil
+import time
+
+from .. import config
+from ..errors import Conflict
+from ..ns import cell as cells
+from ..store import open_store
+from ..units import format_size
+from ..vm.model import VmSpec, check_name
+from ..vm.registry import VmRegistry
+from .common import emit, print_table
+from .options import add_limit_options, limits_from, typed
+
+
+def add_parser(sub) -> None:
+    vm = sub.add_parser("vm", help="manage DRVMs")
+    verbs = vm.add_subparsers(dest="verb", required=True, metavar="VERB")
+    p = verbs.add_parser("create", help="define a VM")
+    p.add_argument("name", type=typed(check_name))
+    add_limit_options(p)
+    p.set_defaults(func=create)
+    p = verbs.add_parser("ls", help="list VMs")
+    _format(p)
+    p.set_defaults(func=ls)
+    p = verbs.add_parser("show", help="a VM's definition, cell and runs")
+    p.add_argument("name", type=typed(check_name))
+    _format(p)
+    p.set_defaults(func=show)
+    p = verbs.add_parser("rm", help="remove a VM and its data")
+    p.add_argument("name", type=typed(check_name))
+    p.add_argument("-f", "--force", action="store_true", help="end its running programs first")
+    p.set_defaults(func=rm)
+
+
+def _format(p) -> None:
+    p.add_argument("--format", choices=("table", "json"), default="table")
+
+
+def create(args) -> int:
+    spec = VmRegistry(open_store()).create(VmSpec(args.name, limits_from(args)))
+    print(spec.name)
+    return 0
+
+
+def _limits_text(spec: VmSpec) -> dict[str, str]:
+    l = spec.limits
+    return {"CPUS": f"{l.cpus:g}" if l.cpus else "-", "CPUSET": l.cpuset or "-",
+            "MEMORY": format_size(l.memory), "PIDS": str(l.pids or "-")}
+
+
+def _age(ts: float) -> str:
+    s = int(time.time() - ts)
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= n:
+            return f"{s // n}{unit}"
+    return f"{s}s"
+
+
+def runs_of(cfg, vm: str) -> list[dict]:
+    """Live run records of a VM on this node (stale ones are dropped)."""
+    out = []
+    for path in sorted(cfg.runs_dir.glob("*.json")) if cfg.runs_dir.is_dir() else []:
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if rec.get("vm") != vm:
+            continue
+        try:
+            os.kill(rec["keeper"], 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+            continue
+        out.append(rec)
+    return out
+
+
+def _state(cfg, name: str) -> dict:
+    with cells.locked(cfg, name) as lock:
+        cell = cells.find(lock)
+        if cell is None:
+            return {"active": False}
+        try:
+            cg = cell.cgroup
+            return {"active": True, "init_pid": cell.init_pid, "cpu_seconds": (cg.cpu_usage_ns() or 0) / 1e9,
+                    "memory_bytes": cg.memory_current()}
+        finally:
+            cell.close()
+
+
+def ls(args) -> int:
+    cfg = config.load()
+    specs = VmRegistry(open_store()).list()
+    data = [{"name": s.name, "limits": vars(s.limits), "created": s.created,
+             "active": (cfg.cells_dir / f"{s.name}.json").exists(),
+             "runs": len(runs_of(cfg, s.name))} for s in specs]
+
+    def table():
+        print_table(["NAME", "CPUS", "CPUSET", "MEMORY", "PIDS", "RUNS", "AGE"],
+                    [[s.name, *_limits_text(s).values(), d["runs"], _age(s.created)] for s, d in zip(specs, data)])
+
+    emit(data, args.format, table)
+    return 0
+
+
+def show(args) -> int:
+    cfg = config.load()
+    spec = VmRegistry(open_store()).get(args.name)
+    state = _state(cfg, spec.name)
+    runs = runs_of(cfg, spec.name)
+    data = {"name": spec.name, "limits": vars(spec.limits), "created": spec.created,
+            "data_dir": str(cfg.vms_dir / spec.name / "data"), "cell": state, "runs": runs}
+
+    def table():
+        print_table(["FIELD", "VALUE"], [
+            ["name", spec.name], *[[k.lower(), v] for k, v in _limits_text(spec).items()],
+            ["age", _age(spec.created)], ["data", data["data_dir"]],
+            ["cell", f"active (init {state['init_pid']}, cpu {state['cpu_seconds']:.2f}s, "
+                     f"memory {format_size(state['memory_bytes'])})" if state["active"] else "inactive"],
+        ])
+        if runs:
+            print()
+            print_table(["RUN", "COMMAND", "AGE", "DETACHED"],
+                        [[r["id"], " ".join(r["argv"]), _age(r["started"]), "yes" if r["detached"] else "no"]
+                         for r in runs])
+
+    emit(data, args.format, table)
+    return 0
+
+
+def rm(args) -> int:
+    cfg = config.load()
+    reg = VmRegistry(open_store())
+    reg.get(args.name) if args.name != "default" else None
+    with cells.locked(cfg, args.name) as lock:
+        cell = cells.find(lock)
+        if cell is not None:
+            try:
+                busy = [r for r in cells.runs(cell.cgroup) if cell.cgroup.child(r).pids()]
+                if busy and not args.force:
+                    raise Conflict(f"VM {args.name!r} has {len(busy)} running program(s): "
+                                   "end them or use --force")
+                for r in busy:
+                    cell.cgroup.child(r).kill_all()
+            finally:
+                cell.close()
+            cells.release(lock)
+        try:
+            reg.remove(args.name)
+        except Exception:
+            if args.name != "default":
+                raise
+        shutil.rmtree(cfg.vms_dir / args.name, ignore_errors=True)
+        lock.drop_record()
+    print(args.name)
+    return 0

@@ -1,0 +1,76 @@
+"""The embedded store: what VM definitions rely on across restarts."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from drvs.errors import StoreError
+from drvs.store import CompareFailed
+from drvs.store.embedded import EmbeddedStore
+
+
+def test_put_get_range_delete(tmp_path):
+    s = EmbeddedStore(tmp_path / "store.json")
+    r1 = s.put("/vms/a", '{"n": 1}')
+    r2 = s.put("/vms/b", '{"n": 2}')
+    s.put("/other", "x")
+    assert r2 == r1 + 1
+    assert s.get("/vms/a").value == '{"n": 1}'
+    assert [e.key for e in s.range("/vms/")] == ["/vms/a", "/vms/b"]
+    assert s.delete("/vms/a") is True
+    assert s.delete("/vms/a") is False
+    assert s.get("/vms/a") is None
+
+
+def test_compare_and_swap(tmp_path):
+    s = EmbeddedStore(tmp_path / "store.json")
+    rev = s.put("/k", "1", expect_revision=0)
+    with pytest.raises(CompareFailed):
+        s.put("/k", "2", expect_revision=0)
+    s.put("/k", "2", expect_revision=rev)
+    assert s.get("/k").value == "2"
+    assert s.get("/k").create_revision == rev
+
+
+def test_survives_a_new_process(tmp_path):
+    path = tmp_path / "store.json"
+    EmbeddedStore(path).put("/k", "v")
+    out = subprocess.run([sys.executable, "-c",
+                          f"from drvs.store.embedded import EmbeddedStore as S; print(S({str(path)!r}).get('/k').value)"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "v"
+
+
+def test_concurrent_writers_lose_nothing(tmp_path):
+    path = tmp_path / "store.json"
+    code = f"""
+from drvs.store.embedded import EmbeddedStore as S
+import sys
+s = S({str(path)!r})
+for i in range(30):
+    s.put(f"/w{{sys.argv[1]}}/{{i}}", "x")
+"""
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(n)]) for n in range(4)]
+    assert all(p.wait() == 0 for p in procs)
+    assert len(EmbeddedStore(path).range("/w")) == 120
+
+
+def test_corrupt_store_is_reported_not_overwritten(tmp_path):
+    path = tmp_path / "store.json"
+    path.write_text('{"format": 1, "revision": 3, "kv": {"/a": ["x", 1, 1]')  # torn
+    s = EmbeddedStore(path)
+    with pytest.raises(StoreError, match="corrupt"):
+        s.get("/a")
+    with pytest.raises(StoreError):
+        s.put("/b", "y")
+    assert path.read_text().endswith('1, 1]')  # untouched
+
+
+def test_file_is_complete_json_after_each_write(tmp_path):
+    path = tmp_path / "store.json"
+    s = EmbeddedStore(path)
+    for i in range(5):
+        s.put(f"/k{i}", str(i))
+        assert len(json.loads(path.read_text())["kv"]) == i + 1

@@ -1,0 +1,32 @@
+import pytest
+
+from drvs.errors import UsageError
+from drvs.units import format_size, parse_cpus, parse_cpuset, parse_size
+
+
+@pytest.mark.parametrize("text,value", [
+    ("100", 100), ("64k", 65536), ("512M", 512 << 20), ("1.5g", 3 << 29), ("2GiB", 2 << 30), ("1t", 1 << 40)])
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "12Q", "-5M", "M", "0", "1..2G"])
+def test_parse_size_rejects(text):
+    with pytest.raises(UsageError, match="invalid size"):
+        parse_size(text)
+
+
+def test_format_size_round_trips_common_limits():
+    assert format_size(512 << 20) == "512M"
+    assert format_size(None) == "-"
+
+
+def test_cpus_and_cpusets():
+    assert parse_cpus("0.5") == 0.5
+    with pytest.raises(UsageError):
+        parse_cpus("zero")
+    with pytest.raises(UsageError):
+        parse_cpus("0")
+    assert parse_cpuset("0,2-3") == "0,2-3"
+    with pytest.raises(UsageError):
+        parse_cpuset("0-")
