@@ -22,6 +22,8 @@ class Config:
     # How often an idle cell's init checks whether it may leave (crash net;
     # the normal teardown is done by the last run, at once).
     idle_check_ms: int = 5000
+    # See drvs.ns.cgroup.ensure_fast_migrations.
+    favordynmods: bool = True
 
     @property
     def store_path(self) -> Path:
@@ -61,4 +63,5 @@ def load() -> Config:
     return Config(
         state_dir=Path(state),
         idle_check_ms=int(data.get("idle_check_ms", 5000)),
+        favordynmods=bool(data.get("favordynmods", True)),
     )

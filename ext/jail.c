@@ -3,9 +3,11 @@
  * Process shape (host pids on the left):
  *
  *   drvs-run (Python) ── keeper ───────── program (pid N in the cell)
- *                         joins cgroup,    own mount ns, builds the root,
- *                         setns() cell,    pivot_root, pty, drops caps,
- *                         forwards signals no_new_privs, exec
+ *                         setns() the      joins the run cgroup and the
+ *                         cell's pid ns,   cell's other namespaces, own
+ *                         forwards         mount ns, builds the root,
+ *                         signals, ends    pivot_root, pty, drops caps,
+ *                         leftovers        no_new_privs, exec
  *
  *   cell init (pid 1 of the cell, nobody's child here): holds the cell's
  *   pid/ipc/uts/net/cgroup namespaces, reaps orphans, leaves once the cell
@@ -140,8 +142,8 @@ static int join_cgroups(const int *fds, int n)
     return 0;
 }
 
-/* End every process of the run's cgroup but the keeper itself; loop because
- * a process may fork while we read. */
+/* End every process left in the run's cgroup; loop because a process may
+ * fork while we read. */
 static void kill_cgroup_members(int procs_fd)
 {
     char buf[16384];
@@ -454,6 +456,11 @@ static _Noreturn void program_main(const struct run_config *cfg)
 {
     reset_signals();
     prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+    if (join_cgroups(cfg->procs_fds, cfg->n_procs) < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "cgroup-join", NULL);
+    int rest = cfg->ns_flags & ~CLONE_NEWPID;
+    if (rest && setns(cfg->cell_pidfd, rest) < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "setns-cell", NULL);
     make_mounts_private(cfg);
     mount_root(cfg);
     switch_root(cfg);
@@ -481,6 +488,17 @@ static int wait_status_code(int status)
     return JAIL_EXIT_SETUP;
 }
 
+static void close_fds_except(int keep)
+{
+    if (keep < 3) {
+        syscall(SYS_close_range, 3, ~0U, 0);
+        return;
+    }
+    if (keep > 3)
+        syscall(SYS_close_range, 3, keep - 1, 0);
+    syscall(SYS_close_range, keep + 1, ~0U, 0);
+}
+
 static _Noreturn void keeper_main(const struct run_config *cfg, pid_t parent)
 {
     if (prctl(PR_SET_PDEATHSIG, JAIL_PARENT_DIED_SIGNAL, 0, 0, 0) < 0 || getppid() != parent)
@@ -491,18 +509,20 @@ static _Noreturn void keeper_main(const struct run_config *cfg, pid_t parent)
     sigset_t all;
     sigfillset(&all);
     sigprocmask(SIG_SETMASK, &all, NULL);
-    if (join_cgroups(cfg->procs_fds, cfg->n_procs) < 0)
-        die(cfg->err_fd, JAIL_EXIT_SETUP, "cgroup-join", NULL);
-    if (setns(cfg->cell_pidfd, cfg->ns_flags) < 0)
-        die(cfg->err_fd, JAIL_EXIT_SETUP, "setns-cell", NULL);
+    /* Only the pid namespace here: our children are born into it.  The
+     * program joins the rest itself, after its cgroup, so the keeper stays
+     * out of the run's cgroup and its limits (a pids limit counts the
+     * program's processes only). */
+    if (setns(cfg->cell_pidfd, CLONE_NEWPID) < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "setns-cell-pid", NULL);
     pid_t child = fork();
     if (child < 0)
         die(cfg->err_fd, JAIL_EXIT_SETUP, "fork-program", NULL);
     if (child == 0)
         program_main(cfg);
-    close(cfg->err_fd);
-    if (cfg->tty_sock >= 0)
-        close(cfg->tty_sock);
+    /* Keep nothing of the caller's: an inherited descriptor would hold its
+     * locks (the cell's flock) and pipes open for as long as the run lasts. */
+    close_fds_except(cfg->n_procs > 0 ? cfg->procs_fds[0] : -1);
 
     int status = 0, parent_gone = 0;
     for (;;) {

@@ -26,7 +26,7 @@ from ..config import Config
 from ..errors import SetupError, os_error
 from ..vm.model import VmSpec
 from . import launcher
-from .cgroup import Cgroup
+from .cgroup import Cgroup, ensure_fast_migrations
 
 
 @dataclass
@@ -105,13 +105,15 @@ def find(lock: CellLock) -> ActiveCell | None:
     return None
 
 
-def ensure(lock: CellLock, vm: VmSpec, idle_check_ms: int) -> ActiveCell:
+def ensure(lock: CellLock, vm: VmSpec) -> ActiveCell:
     """The VM's cell on this node, created if needed, with the VM's current limits."""
     cell = find(lock)
     if cell is not None:
         cell.cgroup.set_limits(vm.limits)  # a resized VM takes effect here
         return cell
-    return _create(lock, vm, idle_check_ms)
+    if lock.cfg.favordynmods:
+        ensure_fast_migrations()
+    return _create(lock, vm, lock.cfg.idle_check_ms)
 
 
 def _create(lock: CellLock, vm: VmSpec, idle_check_ms: int) -> ActiveCell:

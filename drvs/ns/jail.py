@@ -123,7 +123,7 @@ class Run:
         steps = rootfs.build_root(rootdir=str(self.cfg.rootdir), hostname=self.vm.name, data_dir=data,
                                   binds=self.opts.binds, net_host=self.opts.net_host)
         with cells.locked(self.cfg, self.vm.name) as lock:
-            cell = cells.ensure(lock, self.vm, self.cfg.idle_check_ms)
+            cell = cells.ensure(lock, self.vm)
             try:
                 self._launch(cell, steps)
             except BaseException:

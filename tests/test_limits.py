@@ -1,0 +1,96 @@
+"""A cell's limits hold, measured from inside and outside the jail."""
+
+import subprocess
+
+HOG = "b = []\nwhile True: b.append(bytearray(16 << 20))"
+
+
+def test_memory_hog_is_oom_killed_in_the_cell(drvs):
+    drvs.drvs("vm", "create", "small", "--memory", "64M", check=True)
+    p = drvs.run("--vm", "small", "--", "python3", "-c", HOG, timeout=120)
+    assert p.returncode == 137
+    assert p.stderr.strip() == "drvs-run: out of memory (limit 64M): the program was killed inside its cell"
+    # The host and the VM go on.
+    assert drvs.run("--vm", "small", "--", "echo", "alive").stdout == "alive\n"
+
+
+def test_per_run_memory_limit(drvs):
+    p = drvs.run("--memory", "48M", "--", "python3", "-c", HOG, timeout=120)
+    assert p.returncode == 137
+    assert "out of memory (limit 48M)" in p.stderr
+    ok = drvs.run("--memory", "48M", "--", "python3", "-c", "x = bytearray(8 << 20); print(len(x))")
+    assert ok.stdout == f"{8 << 20}\n"
+
+
+BUSY = """
+import time
+t0, c0 = time.monotonic(), time.process_time()
+while time.monotonic() - t0 < 1.5: pass
+print((time.process_time() - c0) / (time.monotonic() - t0))
+"""
+
+
+def test_cpu_quota_holds(drvs):
+    limited = float(drvs.run("--cpus", "0.25", "--", "python3", "-c", BUSY).stdout)
+    assert 0.1 < limited < 0.4, limited
+    drvs.drvs("vm", "create", "half", "--cpus", "0.5", check=True)
+    vm_limited = float(drvs.run("--vm", "half", "--", "python3", "-c", BUSY).stdout)
+    assert 0.3 < vm_limited < 0.65, vm_limited
+
+
+FORKS = """
+import os, time
+made, error = 0, None
+for _ in range(20):
+    try:
+        if os.fork() == 0:
+            time.sleep(2); os._exit(0)
+        made += 1
+    except OSError as e:
+        error = e.strerror
+        break
+print(made, error)
+"""
+
+
+def test_pids_limit_holds(drvs):
+    p = drvs.run("--pids-limit", "8", "--", "python3", "-c", FORKS)
+    made, error = p.stdout.split(" ", 1)
+    assert int(made) == 7  # python itself is the eighth
+    assert error.strip() == "Resource temporarily unavailable"
+
+
+def test_cpuset_pins_the_run(drvs):
+    p = drvs.run("--cpuset-cpus", "0", "--", "sh", "-c", "grep Cpus_allowed_list /proc/self/status")
+    assert p.stdout.split() == ["Cpus_allowed_list:", "0"]
+
+
+def test_impossible_limit_is_a_clear_error(drvs):
+    p = drvs.run("--cpuset-cpus", "4000", "--", "true")
+    assert p.returncode == 2
+    assert p.stderr.startswith("drvs-run: cannot apply CPU list 4000")
+    assert "Traceback" not in p.stderr
+
+
+def test_limits_are_applied_to_the_cell_cgroup(drvs):
+    """Seen from the host: the cell's memory cgroup carries the VM's limit."""
+    from drvs.ns.cgroup import hierarchies
+
+    drvs.drvs("vm", "create", "capped", "--memory", "96M", "--pids-limit", "50", check=True)
+    proc = drvs.popen("--vm", "capped", "--", "sleep", "30", stdout=subprocess.DEVNULL)
+    try:
+        mem = next(h for h in hierarchies() if h.has("memory"))
+        limit_file = mem.caller / "drvs" / "capped" / ("memory.limit_in_bytes" if mem.version == 1 else "memory.max")
+        import time, os
+        t0 = time.monotonic()
+        for _ in range(200):
+            if limit_file.exists():
+                break
+            if _ % 20 == 0:
+                print(time.monotonic() - t0, proc.poll()); os.system(f"ps -o pid,stat,wchan:20,args --ppid {proc.pid} -p {proc.pid}")
+            subprocess.run(["sleep", "0.05"])
+        import os; os.system(f"ps -eo pid,ppid,stat,wchan:25,args | grep -E 'drvs|sleep 30' | grep -v grep; ls {limit_file.parent.parent}")
+        assert int(limit_file.read_text()) == 96 << 20
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
