@@ -34,7 +34,11 @@ class Drvs:
 
     def __init__(self, state: Path):
         self.state = state
-        self.env = {**os.environ, "DRVS_STATE_DIR": str(state), "DRVS_CONFIG": str(state / "none.toml")}
+        # A quick idle check, so that the init of a cell whose runs were
+        # killed leaves within the test rather than after 5 s.
+        config = state.parent / "drvs.toml"
+        config.write_text("idle_check_ms = 200\n")
+        self.env = {**os.environ, "DRVS_STATE_DIR": str(state), "DRVS_CONFIG": str(config)}
         self.env.pop("DRVS_VM", None)
 
     def run(self, *args, input=None, timeout=60, check=False, **kw) -> subprocess.CompletedProcess:

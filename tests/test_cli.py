@@ -1,0 +1,104 @@
+"""drvs vm ..., exec, logs, kill: the management commands as scripts use them."""
+
+import json
+import re
+import subprocess
+import time
+
+
+def test_vm_lifecycle_and_json(drvs):
+    assert drvs.drvs("vm", "create", "web", "--cpus", "1.5", "--memory", "512M", "--pids-limit", "100").stdout == "web\n"
+    listed = json.loads(drvs.drvs("vm", "ls", "--format", "json", check=True).stdout)
+    web = next(v for v in listed if v["name"] == "web")
+    assert web["limits"] == {"cpus": 1.5, "cpuset": None, "memory": 512 << 20, "pids": 100}
+    table = drvs.drvs("vm", "ls", check=True).stdout
+    assert re.search(r"web\s+1\.5\s+-\s+512M\s+100", table)
+    shown = json.loads(drvs.drvs("vm", "show", "web", "--format", "json", check=True).stdout)
+    assert shown["cell"] == {"active": False} and shown["runs"] == []
+    assert drvs.drvs("vm", "rm", "web").returncode == 0
+    assert "web" not in [v["name"] for v in json.loads(drvs.drvs("vm", "ls", "--format", "json").stdout)]
+
+
+def test_vm_errors_have_distinct_codes(drvs):
+    drvs.drvs("vm", "create", "web", check=True)
+    dup = drvs.drvs("vm", "create", "web")
+    assert (dup.returncode, dup.stderr) == (4, "drvs: VM 'web' already exists\n")
+    missing = drvs.drvs("vm", "show", "nope")
+    assert (missing.returncode, missing.stderr) == (3, "drvs: no such VM: 'nope' (see `drvs vm ls`)\n")
+    bad = drvs.drvs("vm", "create", "Not_Valid")
+    assert bad.returncode == 2 and "invalid VM name" in bad.stderr
+    size = drvs.drvs("vm", "create", "x", "--memory", "lots")
+    assert size.returncode == 2 and "invalid memory size" in size.stderr
+    for p in (dup, missing, bad, size):
+        assert "Traceback" not in p.stderr
+
+
+def test_definitions_persist_in_the_store(drvs):
+    drvs.drvs("vm", "create", "keep", "--memory", "1G", check=True)
+    store = json.loads((drvs.state / "store.json").read_text())
+    value, _created, _modified = store["kv"]["/vms/keep"]
+    assert json.loads(value)["limits"]["memory"] == 1 << 30
+    # A new process (a restart) sees it.
+    assert drvs.drvs("vm", "show", "keep", check=True).returncode == 0
+
+
+def test_corrupt_store_is_a_clear_error(drvs):
+    drvs.drvs("vm", "create", "web", check=True)
+    (drvs.state / "store.json").write_text("{not json")
+    p = drvs.drvs("vm", "ls")
+    assert p.returncode == 5
+    assert p.stderr.startswith("drvs: store ") and "corrupt" in p.stderr
+    assert (drvs.state / "store.json").read_text() == "{not json"
+
+
+def test_exec_runs_in_the_named_vm(drvs):
+    drvs.drvs("vm", "create", "db", check=True)
+    p = drvs.drvs("exec", "db", "--", "sh", "-c", "hostname; exit 4")
+    assert (p.returncode, p.stdout) == (4, "db\n")
+
+
+def test_vm_rm_refuses_a_busy_vm_unless_forced(drvs):
+    drvs.drvs("vm", "create", "busy", check=True)
+    proc = drvs.popen("--vm", "busy", "--", "sh", "-c", "echo up; exec sleep 300", stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == "up\n"
+        shown = json.loads(drvs.drvs("vm", "show", "busy", "--format", "json", check=True).stdout)
+        assert shown["cell"]["active"] is True
+        assert [r["argv"] for r in shown["runs"]] == [["sh", "-c", "echo up; exec sleep 300"]]
+        refused = drvs.drvs("vm", "rm", "busy")
+        assert refused.returncode == 4 and "running program" in refused.stderr
+        assert drvs.drvs("vm", "rm", "--force", "busy").returncode == 0
+        assert proc.wait(timeout=20) == 137
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_detached_run_logs_and_kill(drvs):
+    p = drvs.run("-d", "--", "sh", "-c", "echo started; trap 'echo bye; exit 0' TERM; while :; do sleep 0.05; done")
+    assert p.returncode == 0
+    run_id = p.stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{12}", run_id)
+    deadline = time.monotonic() + 10
+    while "started" not in drvs.drvs("logs", run_id).stdout and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "started" in drvs.drvs("logs", run_id).stdout
+    runs = json.loads(drvs.drvs("vm", "show", "default", "--format", "json").stdout)["runs"]
+    assert [r["id"] for r in runs] == [run_id] and runs[0]["detached"] is True
+    assert drvs.drvs("kill", run_id).returncode == 0
+    while drvs.drvs("vm", "show", "default", "--format", "json").stdout.count(run_id) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "bye" in drvs.drvs("logs", run_id).stdout
+    assert json.loads(drvs.drvs("vm", "show", "default", "--format", "json").stdout)["cell"] == {"active": False}
+
+
+def test_detached_setup_failure_is_reported(drvs):
+    p = drvs.run("-d", "--", "no-such-command")
+    assert (p.returncode, p.stderr) == (127, "drvs-run: no-such-command: command not found\n")
+
+
+def test_unknown_run(drvs):
+    assert drvs.drvs("logs", "feedfacecafe").returncode == 3
+    assert drvs.drvs("kill", "feedfacecafe").returncode == 3
+    assert drvs.drvs("kill", "-s", "NOPE", "feedfacecafe").returncode == 2
