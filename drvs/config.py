@@ -6,7 +6,6 @@ locks, run records and the VMs' data directories.
 """
 
 import os
-from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -16,14 +15,19 @@ DEFAULT_STATE_DIR = "/var/lib/drvs"
 DEFAULT_CONFIG = "/etc/drvs/config.toml"
 
 
-@dataclass(frozen=True)
 class Config:
-    state_dir: Path
-    # How often an idle cell's init checks whether it may leave (crash net;
-    # the normal teardown is done by the last run, at once).
-    idle_check_ms: int = 5000
-    # See drvs.ns.cgroup.ensure_fast_migrations.
-    favordynmods: bool = True
+    """This node's settings.
+
+    idle_check_ms: how often an idle cell's init checks whether it may leave
+    (the safety net; the last run tears its cell down at once).
+    favordynmods: see drvs.ns.cgroup.ensure_fast_migrations."""
+
+    __slots__ = ("state_dir", "idle_check_ms", "favordynmods")
+
+    def __init__(self, state_dir: Path, idle_check_ms: int = 5000, favordynmods: bool = True):
+        self.state_dir = Path(state_dir)
+        self.idle_check_ms = idle_check_ms
+        self.favordynmods = favordynmods
 
     @property
     def store_path(self) -> Path:

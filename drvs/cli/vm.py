@@ -95,7 +95,7 @@ def _state(cfg, name: str) -> dict:
 def ls(args) -> int:
     cfg = config.load()
     specs = VmRegistry(open_store()).list()
-    data = [{"name": s.name, "limits": vars(s.limits), "created": s.created,
+    data = [{"name": s.name, "limits": s.limits._asdict(), "created": s.created,
              "active": (cfg.cells_dir / f"{s.name}.json").exists(),
              "runs": len(runs_of(cfg, s.name))} for s in specs]
 
@@ -112,7 +112,7 @@ def show(args) -> int:
     spec = VmRegistry(open_store()).get(args.name)
     state = _state(cfg, spec.name)
     runs = runs_of(cfg, spec.name)
-    data = {"name": spec.name, "limits": vars(spec.limits), "created": spec.created,
+    data = {"name": spec.name, "limits": spec.limits._asdict(), "created": spec.created,
             "data_dir": str(cfg.vms_dir / spec.name / "data"), "cell": state, "runs": runs}
 
     def table():

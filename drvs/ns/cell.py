@@ -19,7 +19,7 @@ import os
 import signal
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from collections import namedtuple
 from pathlib import Path
 
 from ..config import Config
@@ -29,12 +29,10 @@ from . import launcher
 from .cgroup import Cgroup, ensure_fast_migrations
 
 
-@dataclass
-class ActiveCell:
-    vm: str
-    cgroup: Cgroup
-    init_pid: int
-    init_pidfd: int
+class ActiveCell(namedtuple("ActiveCell", "vm cgroup init_pid init_pidfd")):
+    """A live cell, with a pidfd on its init (for setns and signals)."""
+
+    __slots__ = ()
 
     def close(self) -> None:
         os.close(self.init_pidfd)

@@ -11,7 +11,7 @@ import errno
 import os
 import signal
 import time
-from dataclasses import dataclass
+from collections import namedtuple
 from functools import cache
 from pathlib import Path
 
@@ -22,12 +22,11 @@ CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids")
 CPU_PERIOD_US = 100_000
 
 
-@dataclass(frozen=True)
-class Hierarchy:
-    mountpoint: Path
-    version: int                 # 1 or 2
-    controllers: frozenset[str]
-    caller: Path                 # the caller's cgroup, as a directory here
+class Hierarchy(namedtuple("Hierarchy", "mountpoint version controllers caller")):
+    """A mounted hierarchy: version 1 or 2, the DRVS controllers it holds,
+    and the caller's own cgroup there, as a directory."""
+
+    __slots__ = ()
 
     def has(self, controller: str) -> bool:
         return controller in self.controllers

@@ -8,11 +8,10 @@ keeper's pidfd, a signal wake-up fd, the pty master) — see docs/architecture.m
 
 import json
 import os
-import selectors
+import select
 import signal
-import socket
 import time
-from dataclasses import dataclass, field
+from collections import namedtuple
 from pathlib import Path
 
 from ..config import Config
@@ -40,28 +39,15 @@ class ProgramError(DrvsError):
         self.exit_code = exit_code
 
 
-@dataclass
-class RunOptions:
-    argv: list[str]
-    env: dict[str, str] = field(default_factory=dict)
-    cwd: str = "/data"
-    binds: list[rootfs.Bind] = field(default_factory=list)
-    tty: bool = False
-    interactive: bool = False
-    limits: Limits = field(default_factory=Limits)
-    net_host: bool = False
-    uid: int = 0
-    gid: int = 0
-    groups: list[int] = field(default_factory=list)
-    caps: tuple[str, ...] = DEFAULT_CAPS
-    detached: bool = False
+class RunOptions(namedtuple(
+        "RunOptions", "argv env cwd binds tty interactive limits net_host uid gid groups caps detached",
+        defaults=({}, "/data", (), False, False, Limits(), False, 0, 0, (), DEFAULT_CAPS, False))):
+    """What a user asked of one run (the drvs-run options)."""
+
+    __slots__ = ()
 
 
-@dataclass
-class RunResult:
-    exit_code: int
-    oom_killed: bool = False
-    memory_limit: int | None = None
+RunResult = namedtuple("RunResult", "exit_code oom_killed memory_limit", defaults=(False, None))
 
 
 def capability_mask(names) -> int:
@@ -185,30 +171,27 @@ class Run:
             self.cleanup()
 
     def _loop(self) -> None:
-        sel = selectors.DefaultSelector()
-        wake_r, wake_w = socket.socketpair()
-        wake_r.setblocking(False)
-        wake_w.setblocking(False)
-        old_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        poller = select.poll()
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         try:
-            sel.register(self.proc.pidfd, selectors.EVENT_READ, "exit")
-            sel.register(wake_r, selectors.EVENT_READ, "signal")
-            relay = _Relay(self.tty_master, self.opts.interactive, sel) if self.tty_master >= 0 else None
+            poller.register(self.proc.pidfd, select.POLLIN)
+            poller.register(wake_r, select.POLLIN)
+            relay = _Relay(self.tty_master, self.opts.interactive, poller) if self.tty_master >= 0 else None
             while True:
-                for key, _ in sel.select():
-                    if key.data == "exit":
+                for fd, _ in poller.poll():
+                    if fd == self.proc.pidfd:
                         if relay:
                             relay.drain()
                         return
-                    if key.data == "signal":
-                        self._forward(wake_r.recv(256), relay)
+                    if fd == wake_r:
+                        self._forward(os.read(wake_r, 256), relay)
                     elif relay:
-                        relay.on_ready(key.data)
+                        relay.on_ready(fd)
         finally:
             signal.set_wakeup_fd(old_wakeup)
-            sel.close()
-            wake_r.close()
-            wake_w.close()
+            os.close(wake_r)
+            os.close(wake_w)
 
     def _forward(self, signums: bytes, relay) -> None:
         for signum in signums:
@@ -278,29 +261,27 @@ class Run:
 class _Relay:
     """Copies between the caller's stdio and the jail's pty master."""
 
-    def __init__(self, master: int, interactive: bool, sel: selectors.BaseSelector):
+    def __init__(self, master: int, interactive: bool, poller):
         self.master = master
         os.set_blocking(master, False)
-        sel.register(master, selectors.EVENT_READ, "master")
-        self.sel = sel
-        self.stdin_open = interactive
+        poller.register(master, select.POLLIN)
+        self.poller = poller
         if interactive:
-            sel.register(0, selectors.EVENT_READ, "stdin")
+            poller.register(0, select.POLLIN)
 
-    def on_ready(self, what: str) -> None:
-        if what == "master":
+    def on_ready(self, fd: int) -> None:
+        if fd == self.master:
             data = terminal.read_some(self.master)
             if data:
                 terminal.write_all(1, data)
             elif data == b"":
-                self.sel.unregister(self.master)
-        elif what == "stdin":
+                self.poller.unregister(self.master)
+        elif fd == 0:
             data = terminal.read_some(0)
             if data:
                 terminal.write_all(self.master, data)
             elif data == b"":
-                self.sel.unregister(0)
-                self.stdin_open = False
+                self.poller.unregister(0)
 
     def drain(self) -> None:
         while data := terminal.read_some(self.master):

@@ -6,8 +6,7 @@ launcher's failure records into the one-line messages users see.
 
 import errno
 import os
-import socket
-from dataclasses import dataclass, field
+from collections import namedtuple
 
 from .. import _jail as J
 from ..errors import SetupError
@@ -18,38 +17,16 @@ CELL_NAMESPACES = J.CLONE_NEWPID | J.CLONE_NEWIPC | J.CLONE_NEWUTS | J.CLONE_NEW
 NEWNET = J.CLONE_NEWNET
 
 
-@dataclass
-class CellSpec:
-    hostname: str
-    cell_procs_fds: list[int]
-    init_procs_fds: list[int]
-    lock_fd: int
-    new_net: int = 1
-    idle_check_ms: int = 5000
+# What ext/module.c reads, by attribute name (see struct cell_config).
+CellSpec = namedtuple("CellSpec", "hostname cell_procs_fds init_procs_fds lock_fd new_net idle_check_ms",
+                      defaults=(1, 5000))
 
-
-@dataclass
-class RunSpec:
-    cell_pidfd: int
-    ns_flags: int
-    procs_fds: list[int]
-    rootdir: str
-    steps: list
-    argv: list[str]
-    envp: list[str]
-    path: str
-    cwd: str
-    caps_keep: int
-    cap_last: int
-    uid: int = 0
-    gid: int = 0
-    groups: list[int] = field(default_factory=list)
-    tty: int = 0
-    rows: int = 0
-    cols: int = 0
-    tty_sock: int = -1
-    err_fd: int = -1
-    kill_leftovers: int = 1
+# See struct run_config; tty_sock and err_fd are filled in by spawn_run().
+RunSpec = namedtuple(
+    "RunSpec",
+    "cell_pidfd ns_flags procs_fds rootdir steps argv envp path cwd caps_keep cap_last "
+    "uid gid groups tty rows cols tty_sock err_fd kill_leftovers",
+    defaults=(0, 0, (), 0, 0, 0, -1, -1, 1))
 
 
 def describe(code: int, step: str, detail: str, err: int) -> str:
@@ -74,12 +51,15 @@ def spawn_cell(spec: CellSpec) -> int:
         raise SetupError("cannot create cell: " + describe(*e.args)) from None
 
 
-@dataclass
 class Launched:
-    pid: int          # the keeper, our child
-    pidfd: int
-    err_r: int        # failure records; EOF once the program has exec'd
-    tty_r: socket.socket | None
+    """The keeper (our child), a pidfd on it, the read end of the failure
+    pipe (EOF once the program has exec'd), and with -t the socket the pty
+    master arrives on."""
+
+    __slots__ = ("pid", "pidfd", "err_r", "tty_r")
+
+    def __init__(self, pid: int, pidfd: int, err_r: int, tty_r):
+        self.pid, self.pidfd, self.err_r, self.tty_r = pid, pidfd, err_r, tty_r
 
 
 def spawn_run(spec: RunSpec) -> Launched:
@@ -87,9 +67,11 @@ def spawn_run(spec: RunSpec) -> Launched:
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     tty_parent = tty_child = None
     if spec.tty:
+        import socket
+
         tty_parent, tty_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        spec.tty_sock = tty_child.fileno()
-    spec.err_fd = err_w
+        spec = spec._replace(tty_sock=tty_child.fileno())
+    spec = spec._replace(err_fd=err_w)
     try:
         pid = J.spawn_run(spec)
     except OSError as e:
@@ -121,8 +103,10 @@ def read_failure(fd: int) -> tuple[int, str, str, int] | None:
     return int(code), step, detail, int(err or errno.EIO)
 
 
-def receive_tty(sock: socket.socket) -> int:
+def receive_tty(sock) -> int:
     """The pty master that the jail sent over its socket."""
+    import socket
+
     msg, ancdata, _flags, _addr = sock.recvmsg(1, socket.CMSG_SPACE(4))
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:

@@ -6,7 +6,7 @@ are inside the new root, except bind sources, which are host paths.
 """
 
 import os
-from dataclasses import dataclass
+from collections import namedtuple
 from pathlib import Path
 
 from .. import _jail as J
@@ -31,13 +31,8 @@ MASKED_PROC_FILES = ("kcore", "keys", "timer_list", "sched_debug", "latency_stat
 READONLY_PROC_DIRS = ("sys", "sysrq-trigger", "irq", "bus", "fs")
 
 
-@dataclass(frozen=True)
-class Bind:
-    """`-v SRC:DST[:ro]`."""
-
-    src: str
-    dst: str
-    readonly: bool = False
+# `-v SRC:DST[:ro]`
+Bind = namedtuple("Bind", "src dst readonly", defaults=(False,))
 
 
 def parse_volume(text: str) -> Bind:

@@ -5,15 +5,12 @@ it in etcd behind the same interface.  Keys are `/`-separated paths; values
 are UTF-8 JSON documents.
 """
 
-from dataclasses import dataclass
+from collections import namedtuple
 
 
-@dataclass(frozen=True)
-class Entry:
-    key: str
-    value: str
-    create_revision: int
-    mod_revision: int
+# Records on drvs-run's start-up path are namedtuples, not dataclasses:
+# importing dataclasses (and inspect) costs 7 ms of a 4 ms jail.
+Entry = namedtuple("Entry", "key value create_revision mod_revision")
 
 
 class Store:

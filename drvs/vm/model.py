@@ -3,7 +3,7 @@
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from collections import namedtuple
 
 from ..errors import UsageError
 
@@ -23,26 +23,29 @@ def check_name(name: str) -> str:
     return name
 
 
-@dataclass
-class Limits:
-    """A share of one node; None means no limit beyond the node's own."""
+class Limits(namedtuple("Limits", "cpus cpuset memory pids", defaults=(None, None, None, None))):
+    """A share of one node; None means no limit beyond the node's own.
 
-    cpus: float | None = None      # CPU time, in CPUs (quota / period)
-    cpuset: str | None = None      # which CPUs, as the kernel lists them
-    memory: int | None = None      # bytes, no swap beyond it
-    pids: int | None = None        # processes and threads
+    cpus: CPU time in CPUs (quota / period); cpuset: which CPUs, as the
+    kernel lists them; memory: bytes, no swap beyond; pids: processes and
+    threads."""
+
+    __slots__ = ()
 
 
-@dataclass
 class VmSpec:
-    name: str
-    limits: Limits = field(default_factory=Limits)
-    created: float = field(default_factory=time.time)
+    __slots__ = ("name", "limits", "created")
+
+    def __init__(self, name: str, limits: Limits | None = None, created: float | None = None):
+        self.name = name
+        self.limits = limits if limits is not None else Limits()
+        self.created = time.time() if created is None else created
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        return json.dumps({"name": self.name, "limits": self.limits._asdict(), "created": self.created},
+                          sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "VmSpec":
         data = json.loads(text)
-        return cls(name=data["name"], limits=Limits(**data.get("limits", {})), created=data.get("created", 0.0))
+        return cls(data["name"], Limits(**data.get("limits", {})), data.get("created", 0.0))
