@@ -7,7 +7,6 @@ locks, run records and the VMs' data directories.
 
 import os
 from functools import cache
-from pathlib import Path
 
 from .errors import UsageError
 
@@ -24,48 +23,48 @@ class Config:
 
     __slots__ = ("state_dir", "idle_check_ms", "favordynmods")
 
-    def __init__(self, state_dir: Path, idle_check_ms: int = 5000, favordynmods: bool = True):
-        self.state_dir = Path(state_dir)
+    def __init__(self, state_dir: str, idle_check_ms: int = 5000, favordynmods: bool = True):
+        self.state_dir = str(state_dir)
         self.idle_check_ms = idle_check_ms
         self.favordynmods = favordynmods
 
     @property
-    def store_path(self) -> Path:
-        return self.state_dir / "store.json"
+    def store_path(self) -> str:
+        return f"{self.state_dir}/store.json"
 
     @property
-    def cells_dir(self) -> Path:
-        return self.state_dir / "cells"
+    def cells_dir(self) -> str:
+        return f"{self.state_dir}/cells"
 
     @property
-    def runs_dir(self) -> Path:
-        return self.state_dir / "runs"
+    def runs_dir(self) -> str:
+        return f"{self.state_dir}/runs"
 
     @property
-    def vms_dir(self) -> Path:
-        return self.state_dir / "vms"
+    def vms_dir(self) -> str:
+        return f"{self.state_dir}/vms"
 
     @property
-    def rootdir(self) -> Path:
+    def rootdir(self) -> str:
         """Empty directory on which each run mounts its private root."""
-        return self.state_dir / "root"
+        return f"{self.state_dir}/root"
 
 
 @cache
 def load() -> Config:
-    path = Path(os.environ.get("DRVS_CONFIG", DEFAULT_CONFIG))
+    path = os.environ.get("DRVS_CONFIG", DEFAULT_CONFIG)
     data: dict = {}
-    if path.exists():  # tomllib costs 5 ms to import: only when there is a file
+    if os.path.exists(path):  # tomllib costs 5 ms to import: only when there is a file
         import tomllib
 
         try:
-            with path.open("rb") as f:
+            with open(path, "rb") as f:
                 data = tomllib.load(f)
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise UsageError(f"config {path}: {e}") from None
     state = os.environ.get("DRVS_STATE_DIR") or data.get("state_dir") or DEFAULT_STATE_DIR
     return Config(
-        state_dir=Path(state),
+        state_dir=state,
         idle_check_ms=int(data.get("idle_check_ms", 5000)),
         favordynmods=bool(data.get("favordynmods", True)),
     )

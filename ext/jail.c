@@ -10,8 +10,8 @@
  *                         leftovers        no_new_privs, exec
  *
  *   cell init (pid 1 of the cell, nobody's child here): holds the cell's
- *   pid/ipc/uts/net/cgroup namespaces, reaps orphans, leaves once the cell
- *   is empty.
+ *   pid/ipc/uts/net namespaces, reaps orphans, leaves once the cell is
+ *   empty.  Each program has a cgroup namespace rooted at its run's cgroup.
  *
  * Everything after fork() uses raw system calls and stack buffers only. */
 #define _GNU_SOURCE
@@ -461,6 +461,9 @@ static _Noreturn void program_main(const struct run_config *cfg)
     int rest = cfg->ns_flags & ~CLONE_NEWPID;
     if (rest && setns(cfg->cell_pidfd, rest) < 0)
         die(cfg->err_fd, JAIL_EXIT_SETUP, "setns-cell", NULL);
+    /* The run's own cgroup becomes "/" inside it. */
+    if (unshare(CLONE_NEWCGROUP) < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "unshare-cgroup-namespace", NULL);
     make_mounts_private(cfg);
     mount_root(cfg);
     switch_root(cfg);
@@ -627,11 +630,6 @@ static void name_process(const char *vm)
 static _Noreturn void cell_init_main(const struct cell_config *cfg, int ready_fd)
 {
     name_process(cfg->hostname);
-    if (join_cgroups(cfg->cell_procs_fds, cfg->n_cell_procs) < 0)
-        die(ready_fd, JAIL_EXIT_SETUP, "cgroup-join", NULL);
-    /* The cell's cgroup becomes "/" for everything inside it. */
-    if (unshare(CLONE_NEWCGROUP) < 0)
-        die(ready_fd, JAIL_EXIT_SETUP, "unshare-cgroup-namespace", NULL);
     if (join_cgroups(cfg->init_procs_fds, cfg->n_init_procs) < 0)
         die(ready_fd, JAIL_EXIT_SETUP, "cgroup-join-init", NULL);
     if (sethostname(cfg->hostname, strlen(cfg->hostname)) < 0)

@@ -52,9 +52,7 @@ enum {
 
 struct cell_config {
     const char *hostname;
-    const int *cell_procs_fds;   /* cgroup.procs of the cell, per hierarchy */
-    int n_cell_procs;
-    const int *init_procs_fds;   /* cgroup.procs of cell/init */
+    const int *init_procs_fds;   /* cgroup.procs of cell/init, per hierarchy */
     int n_init_procs;
     int lock_fd;                 /* own open file description of the cell lock */
     int new_net;                 /* 0: keep the host network */

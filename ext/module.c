@@ -197,16 +197,14 @@ static PyObject *py_spawn_cell(PyObject *self, PyObject *spec)
     struct cell_config cfg;
     memset(&cfg, 0, sizeof cfg);
     PyObject *result = NULL;
-    int *cell_fds = NULL, *init_fds = NULL;
+    int *init_fds = NULL;
     if (!a.keep)
         return NULL;
     if (!(cfg.hostname = get_cstr(&a, spec, "hostname")) ||
-        get_fds(&a, spec, "cell_procs_fds", &cell_fds, &cfg.n_cell_procs) < 0 ||
         get_fds(&a, spec, "init_procs_fds", &init_fds, &cfg.n_init_procs) < 0 ||
         get_int(spec, "lock_fd", &cfg.lock_fd) < 0 || get_int(spec, "new_net", &cfg.new_net) < 0 ||
         get_int(spec, "idle_check_ms", &cfg.idle_check_ms) < 0)
         goto out;
-    cfg.cell_procs_fds = cell_fds;
     cfg.init_procs_fds = init_fds;
     char err[PATH_MAX + 128];
     pid_t pid;

@@ -79,7 +79,7 @@ def cell_inits(state: Path) -> list[int]:
 def drvs_cgroups() -> list[Path]:
     from drvs.ns.cgroup import hierarchies
 
-    return [h.caller / "drvs" for h in hierarchies() if (h.caller / "drvs").exists()]
+    return [Path(h.caller, "drvs") for h in hierarchies() if Path(h.caller, "drvs").exists()]
 
 
 def drvs_mounts(state: Path) -> list[str]:

@@ -65,15 +65,16 @@ def login(args) -> int:
 
 
 def _run_record(run_id: str) -> dict:
-    path = config.load().runs_dir / f"{run_id}.json"
+    path = f"{config.load().runs_dir}/{run_id}.json"
     try:
-        return json.loads(path.read_text())
+        with open(path) as f:
+            return json.load(f)
     except (OSError, ValueError):
         raise NotFound(f"no such run: {run_id!r}") from None
 
 
 def logs(args) -> int:
-    path = config.load().runs_dir / f"{args.run}.log"
+    path = f"{config.load().runs_dir}/{args.run}.log"
     try:
         with open(path, "rb") as f:
             while chunk := f.read(65536):

@@ -1,5 +1,6 @@
 """`drvs vm ...`: create, list, show and remove DRVMs."""
 
+import glob
 import json
 import os
 import shutil
@@ -63,9 +64,10 @@ def _age(ts: float) -> str:
 def runs_of(cfg, vm: str) -> list[dict]:
     """Live run records of a VM on this node (stale ones are dropped)."""
     out = []
-    for path in sorted(cfg.runs_dir.glob("*.json")) if cfg.runs_dir.is_dir() else []:
+    for path in sorted(glob.glob(f"{cfg.runs_dir}/*.json")):
         try:
-            rec = json.loads(path.read_text())
+            with open(path) as f:
+                rec = json.load(f)
         except (OSError, ValueError):
             continue
         if rec.get("vm") != vm:
@@ -73,7 +75,7 @@ def runs_of(cfg, vm: str) -> list[dict]:
         try:
             os.kill(rec["keeper"], 0)
         except ProcessLookupError:
-            path.unlink(missing_ok=True)
+            cells._unlink(path)
             continue
         out.append(rec)
     return out
@@ -96,7 +98,7 @@ def ls(args) -> int:
     cfg = config.load()
     specs = VmRegistry(open_store()).list()
     data = [{"name": s.name, "limits": s.limits._asdict(), "created": s.created,
-             "active": (cfg.cells_dir / f"{s.name}.json").exists(),
+             "active": os.path.exists(f"{cfg.cells_dir}/{s.name}.json"),
              "runs": len(runs_of(cfg, s.name))} for s in specs]
 
     def table():
@@ -113,7 +115,7 @@ def show(args) -> int:
     state = _state(cfg, spec.name)
     runs = runs_of(cfg, spec.name)
     data = {"name": spec.name, "limits": spec.limits._asdict(), "created": spec.created,
-            "data_dir": str(cfg.vms_dir / spec.name / "data"), "cell": state, "runs": runs}
+            "data_dir": f"{cfg.vms_dir}/{spec.name}/data", "cell": state, "runs": runs}
 
     def table():
         print_table(["FIELD", "VALUE"], [
@@ -154,7 +156,7 @@ def rm(args) -> int:
         except Exception:
             if args.name != "default":
                 raise
-        shutil.rmtree(cfg.vms_dir / args.name, ignore_errors=True)
+        shutil.rmtree(f"{cfg.vms_dir}/{args.name}", ignore_errors=True)
         lock.drop_record()
     print(args.name)
     return 0

@@ -9,6 +9,7 @@ membership, placement) grows here.
 """
 
 import argparse
+import glob
 import json
 import logging
 import os
@@ -30,13 +31,13 @@ def tidy_once(cfg: config.Config) -> dict:
         with cells.locked(cfg, vm) as lock:
             if cells.release(lock):
                 removed["cells"].append(vm)
-    for path in sorted(cfg.runs_dir.glob("*.json")) if cfg.runs_dir.is_dir() else []:
+    for path in sorted(glob.glob(f"{cfg.runs_dir}/*.json")):
         try:
-            rec = json.loads(path.read_text())
-            os.kill(rec["monitor"], 0)
+            with open(path) as f:
+                os.kill(json.load(f)["monitor"], 0)
         except (OSError, ValueError, KeyError):
-            path.unlink(missing_ok=True)
-            removed["runs"].append(path.stem)
+            cells._unlink(path)
+            removed["runs"].append(os.path.basename(path)[:-5])
     return removed
 
 

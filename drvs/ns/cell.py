@@ -16,11 +16,10 @@ import errno
 import fcntl
 import json
 import os
+import select
 import signal
 import time
-from contextlib import contextmanager
 from collections import namedtuple
-from pathlib import Path
 
 from ..config import Config
 from ..errors import SetupError, os_error
@@ -44,12 +43,12 @@ class CellLock:
     def __init__(self, cfg: Config, vm: str):
         self.cfg = cfg
         self.vm = vm
-        self.path = cfg.cells_dir / f"{vm}.lock"
-        self.record_path = cfg.cells_dir / f"{vm}.json"
+        self.path = f"{cfg.cells_dir}/{vm}.lock"
+        self.record_path = f"{cfg.cells_dir}/{vm}.json"
         self.fd = -1
 
     def __enter__(self) -> "CellLock":
-        self.cfg.cells_dir.mkdir(parents=True, exist_ok=True)
+        os.makedirs(self.cfg.cells_dir, exist_ok=True)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self
@@ -66,19 +65,21 @@ class CellLock:
 
     def read_record(self) -> dict | None:
         try:
-            return json.loads(self.record_path.read_text())
+            with open(self.record_path) as f:
+                return json.load(f)
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
             return None  # unreadable: treated as no cell; its cgroups are found again below
 
     def write_record(self, record: dict) -> None:
-        tmp = self.record_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record))
+        tmp = self.record_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(record, f)
         os.rename(tmp, self.record_path)
 
     def drop_record(self) -> None:
-        self.record_path.unlink(missing_ok=True)
+        _unlink(self.record_path)
 
 
 def find(lock: CellLock) -> ActiveCell | None:
@@ -121,17 +122,13 @@ def _create(lock: CellLock, vm: VmSpec, idle_check_ms: int) -> ActiveCell:
     lock_fd = -1
     try:
         cg.create()
-        cg.set_limits(vm.limits)
+        cg.set_limits(vm.limits, fresh=True)
         init.create()
-        cell_fds = cg.open_procs()
-        fds += cell_fds
-        init_fds = init.open_procs()
-        fds += init_fds
+        fds = init.open_procs()
         # The init's own open file description: its flock must contend with ours.
         lock_fd = os.open(lock.path, os.O_RDWR | os.O_CLOEXEC)
         pid = launcher.spawn_cell(launcher.CellSpec(
-            hostname=vm.name, cell_procs_fds=cell_fds, init_procs_fds=init_fds,
-            lock_fd=lock_fd, new_net=1, idle_check_ms=idle_check_ms))
+            hostname=vm.name, init_procs_fds=fds, lock_fd=lock_fd, new_net=1, idle_check_ms=idle_check_ms))
     except BaseException:
         _remove_cell_cgroups(cg)
         raise
@@ -177,11 +174,11 @@ def _stop_init(cell: ActiveCell, timeout: float = 5.0) -> None:
         signal.pidfd_send_signal(cell.init_pidfd, signal.SIGKILL)
     except ProcessLookupError:
         return
-    deadline = time.monotonic() + timeout
-    while cell.cgroup.child("init").pids():
-        if time.monotonic() > deadline:
-            raise SetupError(f"cell {cell.vm}: init {cell.init_pid} does not exit")
-        time.sleep(0.001)
+    # A pidfd polls readable once its process has exited (and left its cgroup).
+    poller = select.poll()
+    poller.register(cell.init_pidfd, select.POLLIN)
+    if not poller.poll(int(timeout * 1000)):
+        raise SetupError(f"cell {cell.vm}: init {cell.init_pid} does not exit")
     reap_if_child(cell.init_pid)
 
 
@@ -202,23 +199,28 @@ def _remove_cell_cgroups(cg: Cgroup) -> None:
     cg.kill_all()
     cg.remove()
     # The shared parent `drvs` goes too when no other cell is in it.
-    for d in cg.dirs.values():
+    for d in cg.parent().dirs:
         try:
-            d.parent.rmdir()
+            os.rmdir(d)
         except OSError as e:
             if e.errno not in (errno.ENOTEMPTY, errno.EBUSY, errno.ENOENT):
-                raise SetupError(os_error(f"remove cgroup {d.parent}", e)) from None
+                raise SetupError(os_error(f"remove cgroup {d}", e)) from None
 
 
-@contextmanager
-def locked(cfg: Config, vm: str):
-    lock = CellLock(cfg, vm)
-    with lock:
-        yield lock
+def locked(cfg: Config, vm: str) -> CellLock:
+    """`with locked(cfg, vm) as lock:` holds the cell's flock."""
+    return CellLock(cfg, vm)
 
 
 def cells(cfg: Config) -> list[str]:
     try:
-        return sorted(p.stem for p in Path(cfg.cells_dir).glob("*.json"))
+        return sorted(n[:-5] for n in os.listdir(cfg.cells_dir) if n.endswith(".json"))
     except OSError:
         return []
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -13,7 +13,6 @@ import signal
 import time
 from collections import namedtuple
 from functools import cache
-from pathlib import Path
 
 from ..errors import SetupError, UsageError, os_error
 from ..units import format_size
@@ -44,16 +43,17 @@ def hierarchies() -> tuple[Hierarchy, ...]:
             if rel is None:
                 continue
             try:
-                ctrls = (Path(mountpoint) / "cgroup.controllers").read_text().split()
+                with open(f"{mountpoint}/cgroup.controllers") as f:
+                    ctrls = f.read().split()
             except OSError:
                 ctrls = []
-            v2 = Hierarchy(Path(mountpoint), 2, frozenset(ctrls), _under(mountpoint, root, rel))
+            v2 = Hierarchy(mountpoint, 2, frozenset(ctrls), _under(mountpoint, root, rel))
         else:
             ctrls = frozenset(o for o in opts if o in CONTROLLERS)
             key = ",".join(sorted(o for o in opts if o in _ALL_V1))
             if not ctrls or key not in own:
                 continue
-            v1.append(Hierarchy(Path(mountpoint), 1, ctrls, _under(mountpoint, root, own[key])))
+            v1.append(Hierarchy(mountpoint, 1, ctrls, _under(mountpoint, root, own[key])))
     chosen = list(v1)
     covered = set().union(*(h.controllers for h in v1)) if v1 else set()
     if v2 is not None:
@@ -74,7 +74,9 @@ _ALL_V1 = {"cpu", "cpuacct", "cpuset", "memory", "pids", "devices", "freezer", "
 def _own_cgroups() -> dict[str, str]:
     """Controller list (sorted, comma-joined; "" for v2) -> our cgroup path."""
     out = {}
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
+    with open("/proc/self/cgroup") as f:
+        lines = f.read().splitlines()
+    for line in lines:
         hid, ctrls, path = line.split(":", 2)
         if hid == "0" and not ctrls:
             out[""] = path
@@ -86,7 +88,9 @@ def _own_cgroups() -> dict[str, str]:
 
 
 def _cgroup_mounts():
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+    with open("/proc/self/mountinfo") as f:
+        lines = f.read().splitlines()
+    for line in lines:
         left, right = line.split(" - ", 1)
         fields = left.split()
         fstype, _source, superopts = right.split()[:3]
@@ -94,10 +98,10 @@ def _cgroup_mounts():
             yield fields[4], fields[3], fstype, superopts.split(",")
 
 
-def _under(mountpoint: str, mount_root: str, path: str) -> Path:
+def _under(mountpoint: str, mount_root: str, path: str) -> str:
     rel = os.path.relpath(path, mount_root) if path.startswith(mount_root) else path
     rel = "" if rel == "." else rel.lstrip("/")
-    return Path(mountpoint) / rel
+    return os.path.join(mountpoint, rel) if rel else mountpoint
 
 
 def ensure_fast_migrations() -> None:
@@ -134,31 +138,38 @@ def require(controller: str, what: str) -> None:
 
 
 class Cgroup:
-    """One logical cgroup: a directory in each hierarchy."""
+    """One logical cgroup: a directory in each hierarchy.
 
-    def __init__(self, dirs: dict[Path, Path]):
-        self.dirs = dirs  # hierarchy mountpoint -> this group's directory
+    Paths are plain strings: this runs on every drvs-run, and pathlib's
+    object churn cost more than the cgroup operations themselves."""
+
+    def __init__(self, parts: list[tuple[Hierarchy, str]]):
+        self.parts = parts  # (hierarchy, this group's directory there)
 
     @classmethod
-    def under_caller(cls, *parts: str) -> "Cgroup":
-        return cls({h.mountpoint: h.caller.joinpath(*parts) for h in hierarchies()})
+    def under_caller(cls, *names: str) -> "Cgroup":
+        return cls([(h, os.path.join(h.caller, *names)) for h in hierarchies()])
 
     @classmethod
     def from_record(cls, record: dict[str, str]) -> "Cgroup":
-        return cls({Path(k): Path(v) for k, v in record.items()})
+        by_mount = {h.mountpoint: h for h in hierarchies()}
+        return cls([(by_mount[mp], d) for mp, d in record.items() if mp in by_mount])
 
     def record(self) -> dict[str, str]:
-        return {str(k): str(v) for k, v in self.dirs.items()}
+        return {h.mountpoint: d for h, d in self.parts}
+
+    @property
+    def dirs(self) -> list[str]:
+        return [d for _, d in self.parts]
 
     def child(self, name: str) -> "Cgroup":
-        return Cgroup({k: v / name for k, v in self.dirs.items()})
+        return Cgroup([(h, f"{d}/{name}") for h, d in self.parts])
 
-    def _hierarchy(self, mountpoint: Path) -> Hierarchy:
-        return next(h for h in hierarchies() if h.mountpoint == mountpoint)
+    def parent(self) -> "Cgroup":
+        return Cgroup([(h, os.path.dirname(d)) for h, d in self.parts])
 
-    def _dir_for(self, controller: str) -> tuple[Hierarchy, Path] | None:
-        for mp, d in self.dirs.items():
-            h = self._hierarchy(mp)
+    def _dir_for(self, controller: str) -> tuple[Hierarchy, str] | None:
+        for h, d in self.parts:
             if h.has(controller):
                 return h, d
         return None
@@ -166,42 +177,35 @@ class Cgroup:
     # -- life cycle ------------------------------------------------------
 
     def exists(self) -> bool:
-        return all(d.is_dir() for d in self.dirs.values())
+        return all(os.path.isdir(d) for d in self.dirs)
 
     def create(self) -> None:
-        for mp, d in self.dirs.items():
-            h = self._hierarchy(mp)
-            # One level at a time: a new v1 cpuset must be filled before its children.
-            missing = [p for p in [d, *d.parents] if p.is_relative_to(h.caller) and not p.is_dir()]
-            for level in reversed(missing):
-                try:
-                    level.mkdir(exist_ok=True)
-                except OSError as e:
-                    raise SetupError(os_error(f"create cgroup {level}", e)) from None
-                if h.version == 1 and h.has("cpuset"):
-                    _inherit_cpuset(h, level)
+        for h, d in self.parts:
+            _mkdir(h, d)
             if h.version == 2:
                 self._enable_v2(h, d)
 
     @staticmethod
-    def _enable_v2(h: Hierarchy, d: Path) -> None:
+    def _enable_v2(h: Hierarchy, d: str) -> None:
         """Give d the controllers: enable them in each ancestor below the caller."""
         want = " ".join(f"+{c}" for c in sorted(h.controllers - {"cpuacct"}))
         if not want:
             return
-        for parent in reversed([p for p in d.parents if p.is_relative_to(h.caller)]):
+        rel = os.path.relpath(d, h.caller).split("/")
+        for i in range(len(rel)):
+            parent = os.path.join(h.caller, *rel[:i])
             try:
-                (parent / "cgroup.subtree_control").write_text(want)
+                _write(f"{parent}/cgroup.subtree_control", want)
             except OSError as e:
                 raise SetupError(os_error(f"enable controllers in {parent}/cgroup.subtree_control", e)) from None
 
     def remove(self, timeout: float = 2.0) -> None:
         """rmdir in every hierarchy; a group just emptied may be busy briefly."""
         deadline = time.monotonic() + timeout
-        for d in self.dirs.values():
+        for d in self.dirs:
             while True:
                 try:
-                    d.rmdir()
+                    os.rmdir(d)
                     break
                 except FileNotFoundError:
                     break
@@ -211,9 +215,8 @@ class Cgroup:
                     time.sleep(0.005)
 
     def children(self) -> list[str]:
-        d = next(iter(self.dirs.values()))
         try:
-            return sorted(p.name for p in d.iterdir() if p.is_dir())
+            return sorted(e.name for e in os.scandir(self.dirs[0]) if e.is_dir())
         except FileNotFoundError:
             return []
 
@@ -222,19 +225,19 @@ class Cgroup:
     def open_procs(self) -> list[int]:
         """cgroup.procs of each hierarchy, open for the launcher to join by fd."""
         fds = []
-        try:
-            for d in self.dirs.values():
-                fds.append(os.open(d / "cgroup.procs", os.O_RDWR | os.O_CLOEXEC))
-        except OSError as e:
-            for fd in fds:
-                os.close(fd)
-            raise SetupError(os_error(f"open {d}/cgroup.procs", e)) from None
+        for d in self.dirs:
+            try:
+                fds.append(os.open(f"{d}/cgroup.procs", os.O_RDWR | os.O_CLOEXEC))
+            except OSError as e:
+                for fd in fds:
+                    os.close(fd)
+                raise SetupError(os_error(f"open {d}/cgroup.procs", e)) from None
         return fds
 
     def pids(self) -> list[int]:
-        d = next(iter(self.dirs.values()))
         try:
-            return [int(x) for x in (d / "cgroup.procs").read_text().split()]
+            with open(f"{self.dirs[0]}/cgroup.procs") as f:
+                return [int(x) for x in f.read().split()]
         except FileNotFoundError:
             return []
 
@@ -248,39 +251,46 @@ class Cgroup:
                 except ProcessLookupError:
                     pass
             if time.monotonic() > deadline:
-                raise SetupError(f"cgroup {next(iter(self.dirs.values()))}: processes survive SIGKILL")
+                raise SetupError(f"cgroup {self.dirs[0]}: processes survive SIGKILL")
             time.sleep(0.002)
 
     # -- limits ----------------------------------------------------------
 
-    def set_limits(self, limits) -> None:
-        """Apply a `drvs.vm.model.Limits`; None resets a limit."""
-        self._set_cpus(limits.cpus)
+    def set_limits(self, limits, fresh: bool = False) -> None:
+        """Apply a `drvs.vm.model.Limits`; None resets a limit.  A fresh group
+        has no limits yet, so only the set ones are written."""
+        if fresh and not any(limits):
+            return
+        self._set_cpus(limits.cpus, fresh)
         if limits.cpuset is not None:
             found = self._dir_for("cpuset")
             if not found:
                 require("cpuset", "a CPU list")
-            self._write(found[1] / "cpuset.cpus", limits.cpuset, f"CPU list {limits.cpuset}")
-        self._set_memory(limits.memory)
+            self._set(f"{found[1]}/cpuset.cpus", limits.cpuset, f"CPU list {limits.cpuset}")
+        if limits.memory or not fresh:
+            self._set_memory(limits.memory)
         found = self._dir_for("pids")
-        if found:
-            self._write(found[1] / "pids.max", str(limits.pids) if limits.pids else "max", "pids limit")
+        if found and (limits.pids or not fresh):
+            self._set(f"{found[1]}/pids.max", str(limits.pids) if limits.pids else "max", "pids limit")
         elif limits.pids:
             require("pids", "a pids limit")
 
-    def _set_cpus(self, cpus: float | None) -> None:
+    def _set_cpus(self, cpus: float | None, fresh: bool) -> None:
         found = self._dir_for("cpu")
         if not found:
             if cpus is not None:
                 require("cpu", "a CPU quota")
             return
+        if fresh and cpus is None:
+            return
         h, d = found
         quota = int(cpus * CPU_PERIOD_US) if cpus else None
         if h.version == 1:
-            self._write(d / "cpu.cfs_period_us", str(CPU_PERIOD_US), "CPU period")
-            self._write(d / "cpu.cfs_quota_us", str(quota or -1), f"CPU quota {cpus}")
+            if not fresh:  # the kernel's default period is ours
+                self._set(f"{d}/cpu.cfs_period_us", str(CPU_PERIOD_US), "CPU period")
+            self._set(f"{d}/cpu.cfs_quota_us", str(quota or -1), f"CPU quota {cpus}")
         else:
-            self._write(d / "cpu.max", f"{quota or 'max'} {CPU_PERIOD_US}", f"CPU quota {cpus}")
+            self._set(f"{d}/cpu.max", f"{quota or 'max'} {CPU_PERIOD_US}", f"CPU quota {cpus}")
 
     def _set_memory(self, memory: int | None) -> None:
         found = self._dir_for("memory")
@@ -292,74 +302,97 @@ class Cgroup:
         what = f"memory limit {format_size(memory)}"
         if h.version == 1:
             # memsw (memory + swap) must stay >= the limit: open it, set, close it.
-            memsw = d / "memory.memsw.limit_in_bytes"
-            has_memsw = memsw.exists()
+            memsw = f"{d}/memory.memsw.limit_in_bytes"
+            has_memsw = os.path.exists(memsw)
             if has_memsw:
-                self._write(memsw, "-1", what)
-            self._write(d / "memory.limit_in_bytes", str(memory or -1), what)
+                self._set(memsw, "-1", what)
+            self._set(f"{d}/memory.limit_in_bytes", str(memory or -1), what)
             if has_memsw and memory:
-                self._write(memsw, str(memory), what)
+                self._set(memsw, str(memory), what)
         else:
-            self._write(d / "memory.max", str(memory or "max"), what)
-            if (d / "memory.swap.max").exists():
-                self._write(d / "memory.swap.max", "0" if memory else "max", what)
+            self._set(f"{d}/memory.max", str(memory or "max"), what)
+            if os.path.exists(f"{d}/memory.swap.max"):
+                self._set(f"{d}/memory.swap.max", "0" if memory else "max", what)
 
     @staticmethod
-    def _write(path: Path, value: str, what: str) -> None:
+    def _set(path: str, value: str, what: str) -> None:
         try:
-            path.write_text(value)
+            _write(path, value)
         except OSError as e:
             if e.errno in (errno.EINVAL, errno.ERANGE, errno.EBUSY, errno.EPERM, errno.EACCES):
-                raise UsageError(os_error(f"cannot apply {what} ({path.name} = {value})", e)) from None
+                raise UsageError(os_error(f"cannot apply {what} ({os.path.basename(path)} = {value})", e)) from None
             raise SetupError(os_error(f"write {path}", e)) from None
 
     # -- figures ---------------------------------------------------------
 
-    def oom_kills(self) -> int:
-        found = self._dir_for("memory")
+    def _read(self, controller: str, v1_name: str, v2_name: str) -> str | None:
+        found = self._dir_for(controller)
         if not found:
-            return 0
+            return None
         h, d = found
-        name = "memory.oom_control" if h.version == 1 else "memory.events"
         try:
-            for line in (d / name).read_text().splitlines():
-                key, _, value = line.partition(" ")
-                if key == "oom_kill":
-                    return int(value)
-        except (OSError, ValueError):
-            pass
+            with open(f"{d}/{v1_name if h.version == 1 else v2_name}") as f:
+                return f.read()
+        except OSError:
+            return None
+
+    def oom_kills(self) -> int:
+        text = self._read("memory", "memory.oom_control", "memory.events") or ""
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
         return 0
 
     def cpu_usage_ns(self) -> int | None:
         found = self._dir_for("cpuacct")
-        if not found:
+        text = self._read("cpuacct", "cpuacct.usage", "cpu.stat")
+        if text is None:
             return None
-        h, d = found
-        try:
-            if h.version == 1:
-                return int((d / "cpuacct.usage").read_text())
-            for line in (d / "cpu.stat").read_text().splitlines():
-                if line.startswith("usage_usec "):
-                    return int(line.split()[1]) * 1000
-        except (OSError, ValueError):
-            pass
+        if found[0].version == 1:
+            return int(text)
+        for line in text.splitlines():
+            if line.startswith("usage_usec "):
+                return int(line.split()[1]) * 1000
         return None
 
     def memory_current(self) -> int | None:
-        found = self._dir_for("memory")
-        if not found:
-            return None
-        h, d = found
-        try:
-            return int((d / ("memory.usage_in_bytes" if h.version == 1 else "memory.current")).read_text())
-        except (OSError, ValueError):
-            return None
+        text = self._read("memory", "memory.usage_in_bytes", "memory.current")
+        return int(text) if text else None
 
 
-def _inherit_cpuset(h: Hierarchy, d: Path) -> None:
+def _write(path: str, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def _mkdir(h: Hierarchy, d: str) -> None:
+    """mkdir -p, one level at a time down from the caller's cgroup, because a
+    new v1 cpuset must be filled before it can have children or members."""
+    try:
+        os.mkdir(d)
+    except FileExistsError:
+        return
+    except FileNotFoundError:
+        if d == h.caller or not d.startswith(h.caller):
+            raise SetupError(f"create cgroup {d}: the caller's cgroup {h.caller} is gone") from None
+        _mkdir(h, os.path.dirname(d))
+        return _mkdir(h, d)
+    except OSError as e:
+        raise SetupError(os_error(f"create cgroup {d}", e)) from None
+    if h.version == 1 and h.has("cpuset"):
+        _inherit_cpuset(d)
+
+
+def _inherit_cpuset(d: str) -> None:
     """A new v1 cpuset is empty and refuses tasks: start from the parent's."""
+    parent = os.path.dirname(d)
     for name in ("cpuset.cpus", "cpuset.mems"):
         try:
-            (d / name).write_text((d.parent / name).read_text().strip() or "0")
+            with open(f"{parent}/{name}") as f:
+                _write(f"{d}/{name}", f.read().strip() or "0")
         except OSError as e:
-            raise SetupError(os_error(f"initialise {d / name}", e)) from None
+            raise SetupError(os_error(f"initialise {d}/{name}", e)) from None

@@ -12,14 +12,13 @@ import select
 import signal
 import time
 from collections import namedtuple
-from pathlib import Path
 
 from ..config import Config
 from ..errors import DrvsError, PermissionDenied, SetupError
 from ..units import format_size
 from ..vm.model import Limits, VmSpec
 from . import cell as cells
-from . import launcher, rootfs, terminal
+from . import launcher, rootfs
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
@@ -63,7 +62,8 @@ def capability_mask(names) -> int:
 
 
 def cap_last() -> int:
-    return int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        return int(f.read())
 
 
 def environment(vm: VmSpec, opts: RunOptions) -> dict[str, str]:
@@ -75,10 +75,9 @@ def environment(vm: VmSpec, opts: RunOptions) -> dict[str, str]:
     return env
 
 
-def data_dir(cfg: Config, vm: str) -> Path:
-    d = cfg.vms_dir / vm / "data"
-    (d / "root").mkdir(parents=True, exist_ok=True)
-    os.chmod(d / "root", 0o700)
+def data_dir(cfg: Config, vm: str) -> str:
+    d = f"{cfg.vms_dir}/{vm}/data"
+    os.makedirs(f"{d}/root", mode=0o700, exist_ok=True)
     return d
 
 
@@ -92,7 +91,7 @@ class Run:
         self.proc: launcher.Launched | None = None
         self.tty_master = -1
         self.oom_before = 0
-        self.record_path = cfg.runs_dir / f"{self.id}.json"
+        self.record_path = f"{cfg.runs_dir}/{self.id}.json"
 
     # -- start -----------------------------------------------------------
 
@@ -104,9 +103,9 @@ class Run:
         import prctl
 
         prctl.set_child_subreaper(True)
-        self.cfg.rootdir.mkdir(parents=True, exist_ok=True)
+        os.makedirs(self.cfg.rootdir, exist_ok=True)
         data = data_dir(self.cfg, self.vm.name)
-        steps = rootfs.build_root(rootdir=str(self.cfg.rootdir), hostname=self.vm.name, data_dir=data,
+        steps = rootfs.build_root(rootdir=self.cfg.rootdir, hostname=self.vm.name, data_dir=data,
                                   binds=self.opts.binds, net_host=self.opts.net_host)
         with cells.locked(self.cfg, self.vm.name) as lock:
             cell = cells.ensure(lock, self.vm)
@@ -122,13 +121,17 @@ class Run:
         self.oom_before = cell.cgroup.oom_kills()
         self.cgroup = cell.cgroup.child(f"run-{self.id}")
         self.cgroup.create()
-        self.cgroup.set_limits(self.opts.limits)
+        self.cgroup.set_limits(self.opts.limits, fresh=True)
         procs = self.cgroup.open_procs()
         ns = launcher.CELL_NAMESPACES | (0 if self.opts.net_host else launcher.NEWNET)
-        rows, cols = terminal.window_size(0) if self.opts.tty else (0, 0)
+        rows, cols = 0, 0
+        if self.opts.tty:
+            from . import terminal  # termios: only for -t
+
+            rows, cols = terminal.window_size(0)
         env = environment(self.vm, self.opts)
         spec = launcher.RunSpec(
-            cell_pidfd=cell.init_pidfd, ns_flags=ns, procs_fds=procs, rootdir=str(self.cfg.rootdir),
+            cell_pidfd=cell.init_pidfd, ns_flags=ns, procs_fds=procs, rootdir=self.cfg.rootdir,
             steps=steps, argv=self.opts.argv, envp=[f"{k}={v}" for k, v in env.items()],
             path=env.get("PATH", DEFAULT_PATH), cwd=self.opts.cwd,
             caps_keep=capability_mask(self.opts.caps) if self.opts.uid == 0 else 0, cap_last=cap_last(),
@@ -154,10 +157,11 @@ class Run:
             self.proc.tty_r = None
 
     def _write_record(self) -> None:
-        self.cfg.runs_dir.mkdir(parents=True, exist_ok=True)
-        self.record_path.write_text(json.dumps({
+        os.makedirs(self.cfg.runs_dir, exist_ok=True)
+        with open(self.record_path, "w") as f:
+            json.dump({
             "id": self.id, "vm": self.vm.name, "argv": self.opts.argv, "keeper": self.proc.pid,
-            "monitor": os.getpid(), "started": time.time(), "detached": self.opts.detached}))
+            "monitor": os.getpid(), "started": time.time(), "detached": self.opts.detached}, f)
 
     # -- wait ------------------------------------------------------------
 
@@ -197,7 +201,7 @@ class Run:
         for signum in signums:
             if signum == signal.SIGWINCH:
                 if relay:
-                    terminal.copy_window_size(0, self.tty_master)
+                    relay.resize()
                 continue
             try:
                 signal.pidfd_send_signal(self.proc.pidfd, signum)
@@ -217,10 +221,7 @@ class Run:
         return RunResult(code, oom, limits)
 
     def _cell_oom_kills(self) -> int:
-        parent = {k: v.parent for k, v in self.cgroup.dirs.items()}
-        from .cgroup import Cgroup
-
-        return Cgroup(parent).oom_kills()
+        return self.cgroup.parent().oom_kills()
 
     # -- cleanup ---------------------------------------------------------
 
@@ -245,7 +246,7 @@ class Run:
                 self.cgroup.remove()
                 self.cgroup = None
         finally:
-            self.record_path.unlink(missing_ok=True)
+            cells._unlink(self.record_path)
             cells.release(lock)
 
     def _kill_keeper(self) -> None:
@@ -262,6 +263,9 @@ class _Relay:
     """Copies between the caller's stdio and the jail's pty master."""
 
     def __init__(self, master: int, interactive: bool, poller):
+        from . import terminal
+
+        self.terminal = terminal
         self.master = master
         os.set_blocking(master, False)
         poller.register(master, select.POLLIN)
@@ -269,7 +273,11 @@ class _Relay:
         if interactive:
             poller.register(0, select.POLLIN)
 
+    def resize(self) -> None:
+        self.terminal.copy_window_size(0, self.master)
+
     def on_ready(self, fd: int) -> None:
+        terminal = self.terminal
         if fd == self.master:
             data = terminal.read_some(self.master)
             if data:
@@ -284,8 +292,8 @@ class _Relay:
                 self.poller.unregister(0)
 
     def drain(self) -> None:
-        while data := terminal.read_some(self.master):
-            terminal.write_all(1, data)
+        while data := self.terminal.read_some(self.master):
+            self.terminal.write_all(1, data)
 
 
 def run(cfg: Config, vm: VmSpec, opts: RunOptions) -> RunResult:
@@ -295,6 +303,8 @@ def run(cfg: Config, vm: VmSpec, opts: RunOptions) -> RunResult:
     try:
         r.start()
         if opts.tty and opts.interactive:
+            from . import terminal
+
             with terminal.raw_mode(0):
                 return r.wait()
         return r.wait()

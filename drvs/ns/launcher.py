@@ -13,12 +13,12 @@ from ..errors import SetupError
 
 JailError = J.JailError
 EXIT_SETUP, EXIT_NOEXEC, EXIT_NOTFOUND = J.EXIT_SETUP, J.EXIT_NOEXEC, J.EXIT_NOTFOUND
-CELL_NAMESPACES = J.CLONE_NEWPID | J.CLONE_NEWIPC | J.CLONE_NEWUTS | J.CLONE_NEWCGROUP
+CELL_NAMESPACES = J.CLONE_NEWPID | J.CLONE_NEWIPC | J.CLONE_NEWUTS
 NEWNET = J.CLONE_NEWNET
 
 
 # What ext/module.c reads, by attribute name (see struct cell_config).
-CellSpec = namedtuple("CellSpec", "hostname cell_procs_fds init_procs_fds lock_fd new_net idle_check_ms",
+CellSpec = namedtuple("CellSpec", "hostname init_procs_fds lock_fd new_net idle_check_ms",
                       defaults=(1, 5000))
 
 # See struct run_config; tty_sock and err_fd are filled in by spawn_run().

@@ -7,7 +7,6 @@ are inside the new root, except bind sources, which are host paths.
 
 import os
 from collections import namedtuple
-from pathlib import Path
 
 from .. import _jail as J
 from ..errors import UsageError
@@ -45,7 +44,7 @@ def parse_volume(text: str) -> Bind:
         raise UsageError(f"invalid volume {text!r}: expected SRC:DST or SRC:DST:ro")
     if mode not in ("ro", "rw"):
         raise UsageError(f"invalid volume {text!r}: mode must be ro or rw, not {mode!r}")
-    if not os.path.isabs(dst) or ".." in Path(dst).parts or dst == "/":
+    if not os.path.isabs(dst) or ".." in dst.split("/") or os.path.normpath(dst) == "/":
         raise UsageError(f"invalid volume {text!r}: destination must be an absolute path below /")
     src = os.path.abspath(src)
     if not os.path.exists(src):
@@ -126,12 +125,12 @@ def scratch_steps() -> list[Step]:
     ]
 
 
-def data_steps(data_dir: Path) -> list[Step]:
+def data_steps(data_dir: str) -> list[Step]:
     """The VM's own writable data: /data, and root's home inside it."""
-    return [_bind(str(data_dir), "/data"), _bind(str(data_dir / "root"), "/root")]
+    return [_bind(data_dir, "/data"), _bind(f"{data_dir}/root", "/root")]
 
 
-def build_root(*, rootdir: str, hostname: str, data_dir: Path, binds: list[Bind], net_host: bool) -> list[Step]:
+def build_root(*, rootdir: str, hostname: str, data_dir: str, binds: list[Bind], net_host: bool) -> list[Step]:
     steps = system_steps() + etc_steps(hostname, net_host) + proc_steps(rootdir)
     steps += dev_steps() + scratch_steps() + data_steps(data_dir)
     steps += [_bind(b.src, b.dst, J.BIND_RO if b.readonly else 0) for b in binds]

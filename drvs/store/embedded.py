@@ -9,7 +9,6 @@ import fcntl
 import json
 import os
 from contextlib import contextmanager
-from pathlib import Path
 
 from ..errors import StoreError
 from . import CompareFailed, Entry, Store
@@ -18,8 +17,8 @@ _FORMAT = 1
 
 
 class EmbeddedStore(Store):
-    def __init__(self, path: Path):
-        self.path = Path(path)
+    def __init__(self, path):
+        self.path = str(path)
 
     # -- reading ---------------------------------------------------------
 
@@ -59,7 +58,7 @@ class EmbeddedStore(Store):
     @contextmanager
     def _locked(self, mode: int):
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
             lock = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as e:
             raise StoreError(f"store {self.path}: {e.strerror}") from None
@@ -71,7 +70,8 @@ class EmbeddedStore(Store):
 
     def _read(self) -> dict:
         try:
-            raw = self.path.read_bytes()
+            with open(self.path, "rb") as f:
+                raw = f.read()
         except FileNotFoundError:
             return {"format": _FORMAT, "revision": 0, "kv": {}}
         except OSError as e:
@@ -85,7 +85,8 @@ class EmbeddedStore(Store):
             raise StoreError(f"store {self.path} is corrupt ({e}); move it away to start afresh") from None
 
     def _write(self, state: dict) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        head, name = os.path.split(self.path)
+        tmp = os.path.join(head, f".{name}.{os.getpid()}.tmp")
         data = json.dumps(state, separators=(",", ":")).encode()
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -97,13 +98,16 @@ class EmbeddedStore(Store):
             finally:
                 os.close(fd)
             os.rename(tmp, self.path)
-            dirfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            dirfd = os.open(head, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
                 os.fsync(dirfd)
             finally:
                 os.close(dirfd)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
             raise StoreError(f"store {self.path}: cannot write: {e.strerror}") from None
 
 
