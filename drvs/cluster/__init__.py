@@ -1,0 +1,1 @@
+"""Cluster coordination (DRVMM): etcd, node membership, locks and election."""

@@ -1,0 +1,105 @@
+"""The etcd client against a real etcd server."""
+
+import pytest
+import trio
+
+from drvs.cluster.etcd import Etcd, EtcdUnavailable
+from drvs.store import CompareFailed
+from etcd_server import EtcdServer, free_port
+
+
+@pytest.fixture(scope="module")
+def etcd_url():
+    server = EtcdServer().start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def etcd(etcd_url, request):
+    async with Etcd([etcd_url]) as client:
+        prefix = f"/t/{request.node.name}/"
+        await client.delete_prefix(prefix)
+        client.prefix = prefix
+        yield client
+
+
+async def test_kv_and_compare_and_swap(etcd):
+    p = etcd.prefix
+    rev = await etcd.put(p + "a", "1", expect_revision=0)
+    with pytest.raises(CompareFailed):
+        await etcd.put(p + "a", "2", expect_revision=0)
+    await etcd.put(p + "a", "2", expect_revision=rev)
+    await etcd.put(p + "b", "x")
+    assert (await etcd.get(p + "a")).value == "2"
+    assert [e.key for e in await etcd.range(p)] == [p + "a", p + "b"]
+    assert await etcd.delete(p + "a") is True
+    assert await etcd.get(p + "a") is None
+
+
+async def test_lease_expiry_removes_keys(etcd):
+    lease = await etcd.grant(1)
+    await etcd.put(etcd.prefix + "alive", "yes", lease=lease)
+    assert await etcd.get(etcd.prefix + "alive")
+    with trio.fail_after(10):
+        while await etcd.get(etcd.prefix + "alive"):
+            await trio.sleep(0.2)
+
+
+async def test_watch_sees_puts_and_deletes(etcd):
+    seen = []
+
+    async def watcher(task_status=trio.TASK_STATUS_IGNORED):
+        task_status.started()
+        async for ev, entry in etcd.watch(etcd.prefix):
+            seen.append((ev, entry.key, entry.value))
+            if len(seen) == 2:
+                return
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            await n.start(watcher)
+            await trio.sleep(0.3)
+            await etcd.put(etcd.prefix + "w", "v")
+            await etcd.delete(etcd.prefix + "w")
+    assert seen == [("put", etcd.prefix + "w", "v"), ("delete", etcd.prefix + "w", "")]
+
+
+async def test_lock_is_exclusive_and_released_with_the_lease(etcd):
+    holder = await etcd.grant(30)
+    other = await etcd.grant(30)
+    await etcd.lock(etcd.prefix + "L", holder)
+    with pytest.raises(trio.TooSlowError):
+        await etcd.lock(etcd.prefix + "L", other, timeout=0.5)
+    await etcd.revoke(holder)  # the holder "dies"
+    with trio.fail_after(5):
+        key = await etcd.lock(etcd.prefix + "L", other, timeout=5)
+    await etcd.unlock(key)
+
+
+async def test_election_moves_when_the_leader_goes(etcd):
+    a, b = await etcd.grant(30), await etcd.grant(30)
+    await etcd.campaign(etcd.prefix + "E", "node-a", a)
+    assert await etcd.leader(etcd.prefix + "E") == "node-a"
+    async with trio.open_nursery() as n:
+        won = trio.Event()
+
+        async def campaign_b():
+            await etcd.campaign(etcd.prefix + "E", "node-b", b)
+            won.set()
+
+        n.start_soon(campaign_b)
+        await trio.sleep(0.3)
+        assert not won.is_set()
+        await etcd.revoke(a)
+        with trio.fail_after(5):
+            await won.wait()
+    assert await etcd.leader(etcd.prefix + "E") == "node-b"
+
+
+async def test_unreachable_etcd_fails_fast():
+    async with Etcd([f"http://127.0.0.1:{free_port()}"], timeout=1) as dead:
+        with trio.fail_after(5), pytest.raises(EtcdUnavailable, match="etcd unreachable"):
+            await dead.get("/x")
