@@ -29,6 +29,17 @@ class Config:
         self.favordynmods = favordynmods
 
     @property
+    def cgroup_root(self) -> str:
+        """Name of the cgroup that holds this state directory's cells, under
+        the caller's own: two DRVS installs on one machine (another state
+        directory) must not share cells."""
+        if self.state_dir == DEFAULT_STATE_DIR:
+            return "drvs"
+        import hashlib
+
+        return "drvs-" + hashlib.sha256(self.state_dir.encode()).hexdigest()[:8]
+
+    @property
     def store_path(self) -> str:
         return f"{self.state_dir}/store.json"
 

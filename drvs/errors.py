@@ -50,6 +50,18 @@ class SetupError(DrvsError):
     exit_code = 125
 
 
+def user_error(exc: BaseException) -> "DrvsError | None":
+    """The DrvsError inside exc, also when trio wrapped it in an ExceptionGroup."""
+    if isinstance(exc, DrvsError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = user_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
 def os_error(what: str, err: OSError | int) -> str:
     """`what: strerror` for a kernel error, the way coreutils words it."""
     code = err if isinstance(err, int) else (err.errno or _errno.EIO)

@@ -59,8 +59,15 @@ class Drvs:
         return subprocess.Popen([DRVS_RUN, *args], env=self.env, text=True, **kw)
 
 
+def _cgroup_root(state: Path) -> str:
+    from drvs.config import Config
+
+    return Config(str(state)).cgroup_root
+
+
 def cell_inits(state: Path) -> list[int]:
-    """Live (not zombie) cell init processes of this state directory's cells."""
+    """Live (not zombie) cell inits of this state directory's cells."""
+    root = f"/{_cgroup_root(state)}/"
     out = []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -70,16 +77,19 @@ def cell_inits(state: Path) -> list[int]:
                 continue
             if (d / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
                 continue
+            if root not in (d / "cgroup").read_text():
+                continue
         except OSError:
             continue
         out.append(int(d.name))
     return out
 
 
-def drvs_cgroups() -> list[Path]:
+def drvs_cgroups(state: Path) -> list[Path]:
     from drvs.ns.cgroup import hierarchies
 
-    return [Path(h.caller, "drvs") for h in hierarchies() if Path(h.caller, "drvs").exists()]
+    name = _cgroup_root(state)
+    return [Path(h.caller, name) for h in hierarchies() if Path(h.caller, name).exists()]
 
 
 def drvs_mounts(state: Path) -> list[str]:
@@ -105,7 +115,7 @@ def force_cleanup(state: Path) -> None:
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + 5
-    for root in drvs_cgroups():
+    for root in drvs_cgroups(state):
         for d in sorted(root.rglob("*"), key=lambda p: -len(p.parts)) + [root]:
             if not d.is_dir():
                 continue
@@ -129,7 +139,7 @@ def drvs(tmp_path):
     yield d
     time.sleep(0)  # let nothing be pending in this process
     _reap_children()
-    left = {"cell inits": cell_inits(state), "cgroups": drvs_cgroups(), "mounts": drvs_mounts(state)}
+    left = {"cell inits": cell_inits(state), "cgroups": drvs_cgroups(state), "mounts": drvs_mounts(state)}
     force_cleanup(state)
     _reap_children()
     assert not any(left.values()), f"left behind after the test: {left}"

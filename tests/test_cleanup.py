@@ -10,7 +10,7 @@ from conftest import DRVMMD, cell_inits, drvs_cgroups, drvs_mounts
 
 
 def nothing_left(drvs) -> dict:
-    return {"cell inits": cell_inits(drvs.state), "cgroups": drvs_cgroups(), "mounts": drvs_mounts(drvs.state)}
+    return {"cell inits": cell_inits(drvs.state), "cgroups": drvs_cgroups(drvs.state), "mounts": drvs_mounts(drvs.state)}
 
 
 def wait_until(predicate, timeout=10.0):

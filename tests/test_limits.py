@@ -81,7 +81,9 @@ def test_limits_are_applied_to_the_cell_cgroup(drvs):
     proc = drvs.popen("--vm", "capped", "--", "sleep", "30", stdout=subprocess.DEVNULL)
     try:
         mem = next(h for h in hierarchies() if h.has("memory"))
-        limit_file = Path(mem.caller, "drvs", "capped", "memory.limit_in_bytes" if mem.version == 1 else "memory.max")
+        from drvs.config import Config
+
+        limit_file = Path(mem.caller, Config(str(drvs.state)).cgroup_root, "capped", "memory.limit_in_bytes" if mem.version == 1 else "memory.max")
         for _ in range(200):
             if limit_file.exists():
                 break

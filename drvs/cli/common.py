@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from ..errors import DrvsError
+from ..errors import user_error
 
 
 def guarded(prog: str, body: Callable[[], int]) -> int:
@@ -14,17 +14,20 @@ def guarded(prog: str, body: Callable[[], int]) -> int:
     exit code; no traceback unless DRVS_DEBUG is set."""
     try:
         return body()
-    except DrvsError as e:
-        print(f"{prog}: {e}", file=sys.stderr)
-        return e.exit_code
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         return 141
-    except Exception as e:  # a bug: still one line, with a way to see more
+    except BaseException as exc:  # noqa: BLE001 - the one place errors meet the user
+        if isinstance(exc, SystemExit):
+            raise
+        e = user_error(exc)
+        if e is not None:
+            print(f"{prog}: {e}", file=sys.stderr)
+            return e.exit_code
         if os.environ.get("DRVS_DEBUG"):
             raise
-        print(f"{prog}: internal error: {type(e).__name__}: {e} (set DRVS_DEBUG=1 for details)",
+        print(f"{prog}: internal error: {type(exc).__name__}: {exc} (set DRVS_DEBUG=1 for details)",
               file=sys.stderr)
         return 70
 

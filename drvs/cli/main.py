@@ -16,6 +16,7 @@ from .. import __version__, config
 from ..errors import NotFound, UsageError
 from ..ns import jail
 from ..vm.model import check_name
+from . import node as node_cli
 from . import vm as vm_cli
 from .common import guarded
 from .options import add_run_options, run_options, typed
@@ -25,8 +26,11 @@ from .run import execute
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="drvs", description="Distributed Resources Virtualization System.")
     p.add_argument("--version", action="version", version=f"drvs {__version__}")
+    p.add_argument("--node", default=os.environ.get("DRVS_NODE"), metavar="NAME",
+                   help="act as node NAME of the local dev cluster (or $DRVS_NODE)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     vm_cli.add_parser(sub)
+    node_cli.add_parsers(sub)
 
     e = sub.add_parser("exec", help="run a command in a VM (non-login)")
     e.add_argument("vm", type=typed(check_name), metavar="VM")
@@ -100,7 +104,15 @@ def kill(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    return guarded("drvs", lambda: args.func(args))
+
+    def body():
+        if args.node and args.command != "dev":
+            from ..cluster.context import enter_node
+
+            enter_node(args.node)
+        return args.func(args)
+
+    return guarded("drvs", body)
 
 
 if __name__ == "__main__":

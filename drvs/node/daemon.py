@@ -13,12 +13,16 @@ import glob
 import json
 import logging
 import os
+import signal
 import sys
 
 import trio
 
 from .. import config
-from ..errors import DrvsError
+from ..cluster.context import cluster_info
+from ..cluster.etcd import Etcd
+from ..cluster.membership import Member
+from ..errors import DrvsError, user_error
 from ..ns import cell as cells
 
 log = logging.getLogger("drvmmd")
@@ -42,13 +46,52 @@ def tidy_once(cfg: config.Config) -> dict:
 
 
 async def serve(cfg: config.Config, interval: float) -> None:
-    with trio.open_signal_receiver(2, 15) as signals:  # SIGINT, SIGTERM
+    """Single node: housekeeping only."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_tidy_loop, cfg, interval)
+        await _until_signalled()
+        nursery.cancel_scope.cancel()
+
+
+async def serve_node(cfg: config.Config, info: dict, interval: float) -> None:
+    """A cluster node: membership in etcd, housekeeping."""
+    async with Etcd(info["etcd"]) as etcd:
+        member = Member(etcd, info["node"], info["address"], node_uid(cfg))
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+            await member.join_with_backoff()
+            log.info("node %s joined cluster %s at %s", info["node"], info["cluster"], info["address"])
+            nursery.start_soon(member.run)
             nursery.start_soon(_tidy_loop, cfg, interval)
-            async for _ in signals:
-                log.info("stopping")
-                nursery.cancel_scope.cancel()
-                break
+        # Leave at once (NotReady now, not after the lease's TTL).
+        with trio.move_on_after(2):
+            await member.leave()
+
+
+async def _until_signalled() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("stopping on signal %d", signum)
+            return
+
+
+async def _stop_on_signal(scope: trio.CancelScope) -> None:
+    await _until_signalled()
+    scope.cancel()
+
+
+def node_uid(cfg: config.Config) -> str:
+    """This node's identity across restarts (a random id kept in its state)."""
+    path = f"{cfg.state_dir}/node-uid"
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        os.makedirs(cfg.state_dir, exist_ok=True)
+        uid = os.urandom(8).hex()
+        with open(path, "w") as f:
+            f.write(uid)
+        return uid
 
 
 async def _tidy_loop(cfg: config.Config, interval: float) -> None:
@@ -73,8 +116,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.once:
             print(json.dumps(tidy_once(cfg)))
             return 0
-        trio.run(serve, cfg, args.interval)
-    except DrvsError as e:
+        info = cluster_info(cfg)
+        if info:
+            trio.run(serve_node, cfg, info, args.interval)
+        else:
+            trio.run(serve, cfg, args.interval)
+    except (DrvsError, BaseExceptionGroup) as exc:
+        e = user_error(exc)
+        if e is None:
+            raise
         print(f"drvmmd: {e}", file=sys.stderr)
         return e.exit_code
     return 0

@@ -116,7 +116,7 @@ def ensure(lock: CellLock, vm: VmSpec) -> ActiveCell:
 
 
 def _create(lock: CellLock, vm: VmSpec, idle_check_ms: int) -> ActiveCell:
-    cg = Cgroup.under_caller("drvs", vm.name)
+    cg = Cgroup.under_caller(lock.cfg.cgroup_root, vm.name)
     init = cg.child("init")
     fds: list[int] = []
     lock_fd = -1
@@ -198,7 +198,7 @@ def _remove_cell_cgroups(cg: Cgroup) -> None:
         child.remove()
     cg.kill_all()
     cg.remove()
-    # The shared parent `drvs` goes too when no other cell is in it.
+    # The shared parent (config.cgroup_root) goes too when no other cell is in it.
     for d in cg.parent().dirs:
         try:
             os.rmdir(d)

@@ -90,12 +90,23 @@ class Run:
         self.cgroup = None
         self.proc: launcher.Launched | None = None
         self.tty_master = -1
+        self.signals: _SignalPipe | None = None
         self.oom_before = 0
         self.record_path = f"{cfg.runs_dir}/{self.id}.json"
 
     # -- start -----------------------------------------------------------
 
     def start(self) -> None:
+        # Catch the signals to forward before anything exists to forward them
+        # to: one that arrives while the jail is being built waits in the pipe.
+        self.signals = _SignalPipe()
+        try:
+            self._start()
+        except BaseException:
+            self.signals.close()
+            raise
+
+    def _start(self) -> None:
         if os.geteuid() != 0:
             raise PermissionDenied("drvs-run needs root: it creates namespaces, mounts and cgroups")
         # A cell init we create is orphaned at once (double fork); as a
@@ -176,26 +187,20 @@ class Run:
 
     def _loop(self) -> None:
         poller = select.poll()
-        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-        try:
-            poller.register(self.proc.pidfd, select.POLLIN)
-            poller.register(wake_r, select.POLLIN)
-            relay = _Relay(self.tty_master, self.opts.interactive, poller) if self.tty_master >= 0 else None
-            while True:
-                for fd, _ in poller.poll():
-                    if fd == self.proc.pidfd:
-                        if relay:
-                            relay.drain()
-                        return
-                    if fd == wake_r:
-                        self._forward(os.read(wake_r, 256), relay)
-                    elif relay:
-                        relay.on_ready(fd)
-        finally:
-            signal.set_wakeup_fd(old_wakeup)
-            os.close(wake_r)
-            os.close(wake_w)
+        wake_r = self.signals.fd
+        poller.register(self.proc.pidfd, select.POLLIN)
+        poller.register(wake_r, select.POLLIN)
+        relay = _Relay(self.tty_master, self.opts.interactive, poller) if self.tty_master >= 0 else None
+        while True:
+            for fd, _ in poller.poll():
+                if fd == self.proc.pidfd:
+                    if relay:
+                        relay.drain()
+                    return
+                if fd == wake_r:
+                    self._forward(os.read(wake_r, 256), relay)
+                elif relay:
+                    relay.on_ready(fd)
 
     def _forward(self, signums: bytes, relay) -> None:
         for signum in signums:
@@ -234,8 +239,12 @@ class Run:
         if self.tty_master >= 0:
             os.close(self.tty_master)
             self.tty_master = -1
-        with cells.locked(self.cfg, self.vm.name) as lock:
-            self._cleanup_locked(lock)
+        try:
+            with cells.locked(self.cfg, self.vm.name) as lock:
+                self._cleanup_locked(lock)
+        finally:
+            if self.signals is not None:
+                self.signals.close()
 
     def _cleanup_locked(self, lock) -> None:
         try:
@@ -299,18 +308,33 @@ class _Relay:
 def run(cfg: Config, vm: VmSpec, opts: RunOptions) -> RunResult:
     """Start, wait, clean up; the terminal is raw for the run's length with -t."""
     r = Run(cfg, vm, opts)
-    handlers = {s: signal.signal(s, _note_signal) for s in FORWARDED_SIGNALS + (signal.SIGWINCH,)}
-    try:
-        r.start()
-        if opts.tty and opts.interactive:
-            from . import terminal
+    r.start()
+    if opts.tty and opts.interactive:
+        from . import terminal
 
-            with terminal.raw_mode(0):
-                return r.wait()
-        return r.wait()
-    finally:
-        for s, h in handlers.items():
+        with terminal.raw_mode(0):
+            return r.wait()
+    return r.wait()
+
+
+class _SignalPipe:
+    """The signals a run forwards, caught into a pipe (signal.set_wakeup_fd)
+    for the poll loop to read; the previous handlers come back on close()."""
+
+    def __init__(self):
+        self.fd, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._old_wakeup = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
+        self._handlers = {s: signal.signal(s, _note_signal) for s in FORWARDED_SIGNALS + (signal.SIGWINCH,)}
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        for s, h in self._handlers.items():
             signal.signal(s, h)
+        signal.set_wakeup_fd(self._old_wakeup)
+        os.close(self.fd)
+        os.close(self._w)
+        self.fd = -1
 
 
 def _note_signal(signum, frame) -> None:

@@ -1,0 +1,136 @@
+"""`drvs node ls|show` and `drvs dev cluster up|down|status`."""
+
+import os
+import time
+
+from .. import config
+from ..cluster.context import cluster_info, dev_cluster_file, read_json
+from ..errors import NotFound, SetupError
+from ..units import format_size
+from .common import emit, print_table
+
+
+def add_parsers(sub) -> None:
+    node = sub.add_parser("node", help="the cluster's nodes")
+    verbs = node.add_subparsers(dest="verb", required=True, metavar="VERB")
+    p = verbs.add_parser("ls", help="list nodes")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(func=ls)
+    p = verbs.add_parser("show", help="one node")
+    p.add_argument("name")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(func=show)
+
+    dev = sub.add_parser("dev", help="developer tools")
+    dverbs = dev.add_subparsers(dest="dev_verb", required=True, metavar="VERB")
+    cl = dverbs.add_parser("cluster", help="a cluster of real nodes on this machine")
+    cverbs = cl.add_subparsers(dest="cluster_verb", required=True, metavar="VERB")
+    p = cverbs.add_parser("up", help="start N nodes (network namespaces), etcd and a drvmmd per node")
+    p.add_argument("--nodes", type=int, default=2)
+    p.add_argument("--cpus-per-node", type=int, default=None, metavar="K", help="pin each node to its own K CPUs")
+    p.add_argument("--name", default="dev", help="cluster name (namespaces are drvs-NAME-*)")
+    p.set_defaults(func=dev_up)
+    p = cverbs.add_parser("down", help="stop and remove the dev cluster")
+    p.set_defaults(func=dev_down)
+    p = cverbs.add_parser("status", help="the dev cluster's nodes and processes")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(func=dev_status)
+
+
+def _nodes() -> list[dict]:
+    import trio
+
+    from ..cluster.etcd import Etcd
+    from ..cluster.membership import list_nodes
+
+    info = cluster_info(config.load())
+    if info is None:
+        raise NotFound("this node is in no cluster (single node); see `drvs dev cluster up` or `drvs cluster init`")
+
+    async def fetch():
+        async with Etcd(info["etcd"], timeout=3) as etcd:
+            return await list_nodes(etcd)
+
+    return trio.run(fetch)
+
+
+def _age(ts: float) -> str:
+    s = int(time.time() - ts)
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= n:
+            return f"{s // n}{unit}"
+    return f"{s}s"
+
+
+def _load(n: dict) -> str:
+    load = n.get("load")
+    return f"{load['cpu_percent']:.0f}% cpu, {load['memory_percent']:.0f}% mem" if load else "-"
+
+
+def ls(args) -> int:
+    nodes = _nodes()
+
+    def table():
+        print_table(["NAME", "STATUS", "ADDRESS", "CPUS", "MEMORY", "LOAD", "SERVERS", "AGE", "VERSION"],
+                    [[n["name"], n["status"], n["address"], n["cpus"], format_size(n["memory"]), _load(n),
+                      ",".join((n.get("load") or {}).get("servers") or []) or "-", _age(n["joined"]), n["version"]]
+                     for n in nodes])
+
+    emit(nodes, args.format, table)
+    return 0
+
+
+def show(args) -> int:
+    node = next((n for n in _nodes() if n["name"] == args.name), None)
+    if node is None:
+        raise NotFound(f"no such node: {args.name!r}")
+
+    def table():
+        print_table(["FIELD", "VALUE"], [[k, v] for k, v in node.items() if k != "load"] +
+                    [["load", _load(node)]])
+
+    emit(node, args.format, table)
+    return 0
+
+
+def dev_up(args) -> int:
+    from ..dev import cluster
+
+    if os.geteuid() != 0:
+        raise SetupError("drvs dev cluster needs root (network namespaces, cgroups)")
+    info = cluster.up(config.load().state_dir, args.nodes, args.cpus_per_node, args.name)
+    print(f"dev cluster {info['name']}: {len(info['nodes'])} nodes on {info['subnet']}, etcd {info['etcd']['url']}")
+    for n in info["nodes"]:
+        pin = f", CPUs {n['cpuset']}" if n["cpuset"] else ""
+        print(f"  {n['name']}  {n['address']}{pin}   drvs --node {n['name']} ...   (or DRVS_NODE={n['name']})")
+    return 0
+
+
+def dev_down(args) -> int:
+    from ..dev import cluster
+
+    gone = cluster.down(config.load().state_dir)
+    print(f"dev cluster {gone['name']} removed ({len(gone['namespaces'])} network namespaces)")
+    return 0
+
+
+def dev_status(args) -> int:
+    info = read_json(dev_cluster_file(config.load().state_dir))
+    if info is None:
+        raise NotFound("no dev cluster is up")
+
+    def alive(pid):
+        try:
+            os.kill(pid, 0)
+            return "running"
+        except ProcessLookupError:
+            return "dead"
+
+    def table():
+        print_table(["HOST", "ADDRESS", "NETNS", "PID", "STATE"],
+                    [["etcd", info["etcd"]["url"], info["etcd"]["netns"], info["etcd"]["pid"], alive(info["etcd"]["pid"])]] +
+                    [[n["name"], n["address"], n["netns"], n["pid"], alive(n["pid"])] for n in info["nodes"]])
+
+    emit(info, args.format, table)
+    return 0
+

@@ -1,0 +1,61 @@
+"""Which cluster and node a command acts for.
+
+A node's state directory holds `cluster.json` (the cluster's name, its etcd
+endpoints, this node's name and address); without it the node is a single
+node on the embedded store.  `drvs --node NAME` (or $DRVS_NODE) acts as node
+NAME of the local dev cluster: it enters that node's network namespace and
+uses its state directory, as if run on that node."""
+
+import ctypes
+import json
+import os
+
+from .. import config
+from ..errors import NotFound, SetupError
+
+CLONE_NEWNET = 0x40000000
+
+
+def read_json(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise SetupError(f"{path}: unreadable ({e})") from None
+
+
+def cluster_info(cfg: config.Config) -> dict | None:
+    """This node's cluster.json, or None on a single node."""
+    return read_json(f"{cfg.state_dir}/cluster.json")
+
+
+def dev_cluster_file(state_dir: str) -> str:
+    return f"{state_dir}/dev-cluster.json"
+
+
+def enter_node(name: str) -> None:
+    """Become node `name` of the local dev cluster (network and state)."""
+    cfg = config.load()
+    dev = read_json(dev_cluster_file(cfg.state_dir))
+    if dev is None:
+        raise NotFound(f"no dev cluster here ({dev_cluster_file(cfg.state_dir)}); `drvs dev cluster up` makes one")
+    node = next((n for n in dev["nodes"] if n["name"] == name), None)
+    if node is None:
+        raise NotFound(f"no node {name!r} in dev cluster {dev['name']!r} "
+                       f"(nodes: {', '.join(n['name'] for n in dev['nodes'])})")
+    setns_net(f"/run/netns/{node['netns']}")
+    os.environ["DRVS_STATE_DIR"] = node["state_dir"]
+    config.load.cache_clear()
+
+
+def setns_net(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise SetupError(f"setns {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)

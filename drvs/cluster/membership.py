@@ -1,0 +1,123 @@
+"""Node membership in etcd: who is in the cluster, who is alive, their load.
+
+    /drvs/nodes/NAME/spec    what the node is (address, CPUs, memory, version,
+                             when it joined, whether it is cordoned); stays
+    /drvs/nodes/NAME/status  alive and how loaded; attached to the node's
+                             lease, so it vanishes within the TTL of a death
+
+A node is Ready while its status key exists, NotReady when it has gone, and
+SchedulingDisabled when cordoned.
+"""
+
+import json
+import logging
+import os
+import time
+
+import psutil
+import trio
+
+from .. import __version__
+from ..errors import Conflict
+from .etcd import Etcd, EtcdUnavailable
+
+log = logging.getLogger("drvmmd")
+
+ROOT = "/drvs/nodes/"
+LEASE_TTL = 3          # seconds: a dead node is NotReady within this (plus a beat)
+STATUS_EVERY = 1.0     # seconds between status refreshes (and keep-alives)
+
+
+def spec_key(name: str) -> str:
+    return f"{ROOT}{name}/spec"
+
+
+def status_key(name: str) -> str:
+    return f"{ROOT}{name}/status"
+
+
+def node_resources() -> tuple[int, int]:
+    """CPUs this node may use (its affinity) and its memory in bytes."""
+    return len(os.sched_getaffinity(0)), psutil.virtual_memory().total
+
+
+def sample_load(proc_cpus: int) -> dict:
+    return {"cpu_percent": psutil.cpu_percent(interval=None),
+            "memory_percent": psutil.virtual_memory().percent,
+            "load1": os.getloadavg()[0] / max(proc_cpus, 1)}
+
+
+class Member:
+    """This node's presence in the cluster, kept alive by a lease."""
+
+    def __init__(self, etcd: Etcd, name: str, address: str, uid: str, servers=()):
+        self.etcd, self.name, self.address, self.uid = etcd, name, address, uid
+        self.servers = list(servers)
+        self.lease = 0
+        self.cpus, self.memory = node_resources()
+
+    async def join(self) -> None:
+        """Register, refusing a name held by another live node."""
+        status = await self.etcd.get(status_key(self.name))
+        if status is not None:
+            held = json.loads(status.value)
+            if held.get("uid") != self.uid:
+                raise Conflict(f"node name {self.name!r} is in use by a live node at {held.get('address')}")
+        spec = await self.etcd.get(spec_key(self.name))
+        joined = json.loads(spec.value)["joined"] if spec else time.time()
+        cordoned = json.loads(spec.value).get("cordoned", False) if spec else False
+        await self.etcd.put(spec_key(self.name), json.dumps({
+            "name": self.name, "address": self.address, "uid": self.uid, "cpus": self.cpus,
+            "memory": self.memory, "version": __version__, "joined": joined, "cordoned": cordoned}))
+        self.lease = await self.etcd.grant(LEASE_TTL)
+        await self.publish()
+
+    async def publish(self) -> None:
+        await self.etcd.put(status_key(self.name), json.dumps({
+            "uid": self.uid, "address": self.address, "pid": os.getpid(), "updated": time.time(),
+            "servers": self.servers, **sample_load(self.cpus)}), lease=self.lease)
+
+    async def run(self) -> None:
+        """Keep the lease and the status fresh; re-join if the lease was lost
+        (etcd was away longer than the TTL); ride out etcd outages."""
+        backoff = STATUS_EVERY
+        while True:
+            await trio.sleep(backoff)
+            try:
+                if await self.etcd.keepalive_once(self.lease) <= 0:
+                    self.lease = await self.etcd.grant(LEASE_TTL)
+                await self.publish()
+                backoff = STATUS_EVERY
+            except EtcdUnavailable as e:
+                log.warning("%s; retrying", e)
+                backoff = min(backoff * 2, 8.0)
+
+    async def join_with_backoff(self) -> None:
+        """join(), waiting out an unreachable etcd (a name clash is final)."""
+        backoff = 0.25
+        while True:
+            try:
+                return await self.join()
+            except EtcdUnavailable as e:
+                log.warning("%s; retrying in %.1f s", e, backoff)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 8.0)
+
+    async def leave(self) -> None:
+        if self.lease:
+            await self.etcd.revoke(self.lease)
+
+
+async def list_nodes(etcd: Etcd) -> list[dict]:
+    """Every node with its STATUS worked out from spec and status keys."""
+    entries = await etcd.range(ROOT)
+    specs, statuses = {}, {}
+    for e in entries:
+        name, _, kind = e.key[len(ROOT):].partition("/")
+        (specs if kind == "spec" else statuses)[name] = json.loads(e.value)
+    nodes = []
+    for name, spec in sorted(specs.items()):
+        status = statuses.get(name)
+        state = "NotReady" if status is None else "SchedulingDisabled" if spec.get("cordoned") else "Ready"
+        nodes.append({**spec, "status": state, "load": status})
+    return nodes

@@ -1,0 +1,1 @@
+"""Developer tools: a cluster of real nodes on one machine."""

@@ -1,0 +1,226 @@
+"""`drvs dev cluster up|down`: N real nodes on this machine.
+
+Each node is a network namespace on a bridge with its own address, its own
+state directory, its own cgroup (optionally pinned to its own CPUs, so that
+N nodes have N times the compute) and its own drvmmd; etcd runs in a
+namespace of its own on the same bridge.  `down` removes all of it, also
+after a partial `up`."""
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+from ..errors import Conflict, SetupError
+from ..ns.cgroup import Cgroup
+from ..cluster.context import dev_cluster_file, read_json, setns_net
+from . import netns
+
+ETCD_PORT = 2379
+
+
+def _bin(name: str) -> str:
+    return os.path.join(os.path.dirname(sys.executable), name)
+
+
+def up(state_dir: str, nodes: int, cpus_per_node: int | None = None, name: str = "dev",
+       timeout: float = 30.0) -> dict:
+    path = dev_cluster_file(state_dir)
+    if os.path.exists(path):
+        raise Conflict(f"a dev cluster is up already ({path}); `drvs dev cluster down` first")
+    if not 1 <= nodes <= 64:
+        raise SetupError("a dev cluster has 1 to 64 nodes")
+    cpus = sorted(os.sched_getaffinity(0))
+    if cpus_per_node and cpus_per_node * nodes > len(cpus):
+        raise SetupError(f"{nodes} nodes x {cpus_per_node} CPUs need {nodes * cpus_per_node} CPUs; "
+                         f"this machine has {len(cpus)}")
+    net = netns.subnet_for(name)
+    root = f"{state_dir}/dev/{name}"
+    info = {"name": name, "subnet": f"{net}.0/24", "root": root,
+            "etcd": {"netns": netns.ns_name(name, "etcd"), "url": f"http://{net}.2:{ETCD_PORT}", "pid": 0},
+            "nodes": []}
+    os.makedirs(root, exist_ok=True)
+    _write(path, info)  # first, so that `down` finds whatever gets made
+    try:
+        netns.create_switch(name)
+        netns.add_host(name, "etcd", f"{net}.2")
+        info["etcd"]["pid"] = _start_etcd(info, root, f"{net}.2")
+        _write(path, info)
+        for i in range(nodes):
+            node = f"n{i + 1}"
+            pinned = ",".join(map(str, cpus[i * cpus_per_node:(i + 1) * cpus_per_node])) if cpus_per_node else None
+            info["nodes"].append(_start_node(info, node, f"{net}.{11 + i}", pinned))
+            _write(path, info)
+        _wait_ready(info, timeout)
+    except BaseException:
+        down(state_dir)
+        raise
+    return info
+
+
+def _write(path: str, info: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(info, f, indent=1)
+    os.rename(tmp, path)
+
+
+def _in_netns(ns: str):
+    return lambda: setns_net(f"/run/netns/{ns}")
+
+
+def _start_etcd(info: dict, root: str, address: str) -> int:
+    data = f"{root}/etcd"
+    os.makedirs(data, exist_ok=True)
+    url, peer = f"http://{address}:{ETCD_PORT}", f"http://{address}:2380"
+    log = open(f"{data}/etcd.log", "ab")
+    proc = subprocess.Popen(
+        ["etcd", "--name", "etcd", "--data-dir", f"{data}/data", "--listen-client-urls", url,
+         "--advertise-client-urls", url, "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+         "--initial-cluster", f"etcd={peer}", "--log-level", "error"],
+        stdout=log, stderr=subprocess.STDOUT, preexec_fn=_in_netns(info["etcd"]["netns"]), start_new_session=True)
+    log.close()
+    return proc.pid
+
+
+def _start_node(info: dict, node: str, address: str, pinned: str | None) -> dict:
+    netns.add_host(info["name"], node, address)
+    state = f"{info['root']}/{node}"
+    os.makedirs(state, exist_ok=True)
+    _write(f"{state}/cluster.json", {"cluster": info["name"], "etcd": [info["etcd"]["url"]],
+                                     "node": node, "address": address})
+    cg = Cgroup.under_caller(f"drvs-dev-{info['name']}-{node}")
+    cg.create()
+    if pinned:
+        from ..vm.model import Limits
+
+        cg.set_limits(Limits(cpuset=pinned), fresh=True)
+    procs = cg.open_procs()
+    ns = netns.ns_name(info["name"], node)
+
+    def enter():
+        for fd in procs:
+            os.write(fd, b"0")
+        setns_net(f"/run/netns/{ns}")
+
+    log = open(f"{state}/drvmmd.log", "ab")
+    try:
+        proc = subprocess.Popen([_bin("drvmmd")], env={**os.environ, "DRVS_STATE_DIR": state, "DRVS_CONFIG": "/dev/null"},
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                preexec_fn=enter, start_new_session=True)
+    finally:
+        log.close()
+        for fd in procs:
+            os.close(fd)
+    return {"name": node, "netns": ns, "address": address, "state_dir": state, "pid": proc.pid,
+            "cpuset": pinned, "cgroup": cg.record()}
+
+
+def _wait_ready(info: dict, timeout: float) -> None:
+    """Until etcd lists every node as alive (asked from inside the etcd namespace)."""
+    want = {n["name"] for n in info["nodes"]}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for n in info["nodes"]:
+            if not _alive(n["pid"]):
+                log = open(f"{n['state_dir']}/drvmmd.log").read()[-1500:]
+                raise SetupError(f"drvmmd of {n['name']} exited:\n{log}")
+        if _query_alive(info) >= want:
+            return
+        time.sleep(0.1)
+    raise SetupError(f"dev cluster: nodes not Ready after {timeout:.0f} s")
+
+
+def _query_alive(info: dict) -> set[str]:
+    """Node names with a status key, read by a child inside the etcd netns."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            setns_net(f"/run/netns/{info['etcd']['netns']}")
+            import base64
+
+            key = base64.b64encode(b"/drvs/nodes/").decode()
+            end = base64.b64encode(b"/drvs/nodes0").decode()
+            req = urllib.request.Request(info["etcd"]["url"] + "/v3/kv/range", method="POST",
+                                         data=json.dumps({"key": key, "range_end": end, "keys_only": True}).encode())
+            with urllib.request.urlopen(req, timeout=1) as resp:
+                kvs = json.load(resp).get("kvs") or []
+            names = [base64.b64decode(kv["key"]).decode().split("/")[3] for kv in kvs
+                     if base64.b64decode(kv["key"]).decode().endswith("/status")]
+            os.write(w, json.dumps(names).encode())
+        except BaseException:
+            pass
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        out = f.read()
+    os.waitpid(pid, 0)
+    return set(json.loads(out)) if out else set()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return os.waitpid(pid, os.WNOHANG) == (0, 0)
+    except ChildProcessError:
+        return True
+
+
+def _stop(pid: int, grace: float = 5.0) -> None:
+    """SIGTERM the process group, SIGKILL what is left after the grace."""
+    if not pid:
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.02)
+        if not _alive(pid):
+            break
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def down(state_dir: str) -> dict:
+    """Stop and remove everything of the dev cluster; safe to repeat."""
+    path = dev_cluster_file(state_dir)
+    info = read_json(path)
+    if info is None:
+        raise SetupError(f"no dev cluster here ({path})")
+    for n in info["nodes"]:
+        _stop(n["pid"])
+        cg = Cgroup.under_caller(f"drvs-dev-{info['name']}-{n['name']}")
+        _remove_tree(cg)
+    _stop(info["etcd"]["pid"])
+    gone = netns.remove_all(info["name"])
+    shutil.rmtree(info["root"], ignore_errors=True)
+    os.unlink(path)
+    return {"name": info["name"], "namespaces": gone}
+
+
+def _remove_tree(cg: Cgroup) -> None:
+    """A node's cgroup with every cell in it, deepest first."""
+    for child in cg.children():
+        _remove_tree(cg.child(child))
+    cg.kill_all()
+    cg.remove()
+
+
+def new_name() -> str:
+    return "t" + secrets.token_hex(3)

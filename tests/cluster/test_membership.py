@@ -1,0 +1,72 @@
+"""Membership on a real cluster: Ready, NotReady after SIGKILL, rejoin, clashes."""
+
+import os
+import signal
+import subprocess
+import time
+
+from drvs.cluster.context import setns_net
+
+
+def test_nodes_are_ready_with_their_resources(cluster_factory):
+    c = cluster_factory(nodes=3)
+    nodes = c.nodes()
+    assert sorted(nodes) == ["n1", "n2", "n3"]
+    for name, n in nodes.items():
+        assert n["status"] == "Ready"
+        assert n["address"] == c.node(name)["address"]
+        assert n["cpus"] >= 1 and n["memory"] > 0
+        assert 0 <= n["load"]["cpu_percent"] <= 100
+    # Every node sees the same membership.
+    assert {k: v["status"] for k, v in c.nodes(via="n3").items()} == {k: "Ready" for k in nodes}
+    table = c.drvs("node", "ls", node="n2", check=True).stdout
+    assert "NAME" in table and "n3" in table and "Ready" in table
+
+
+def test_killed_node_is_not_ready_within_5_seconds(cluster_factory):
+    c = cluster_factory(nodes=2)
+    os.kill(c.node("n2")["pid"], signal.SIGKILL)
+    took = c.wait_status("n2", "NotReady", timeout=8)
+    assert took < 5.0, took
+    assert c.nodes()["n1"]["status"] == "Ready"
+
+
+def test_stopped_node_leaves_at_once_and_a_restart_rejoins(cluster_factory):
+    c = cluster_factory(nodes=2)
+    n2 = c.node("n2")
+    os.killpg(n2["pid"], signal.SIGTERM)
+    assert c.wait_status("n2", "NotReady", timeout=3) < 2.0
+    proc = _start_drvmmd(c, n2)
+    try:
+        c.wait_status("n2", "Ready", timeout=10)
+        assert len(c.nodes()) == 2
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_name_clash_is_refused(cluster_factory, tmp_path):
+    c = cluster_factory(nodes=1)
+    n1 = c.node("n1")
+    other = tmp_path / "impostor"
+    other.mkdir()
+    (other / "cluster.json").write_text((open(f"{n1['state_dir']}/cluster.json").read()))
+    proc = _start_drvmmd(c, {**n1, "state_dir": str(other)})
+    out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 4
+    assert "node name 'n1' is in use by a live node at " + n1["address"] in out
+
+
+def test_cpus_per_node_pins_each_node(cluster_factory):
+    c = cluster_factory(nodes=2, cpus_per_node=1)
+    nodes = c.nodes()
+    assert nodes["n1"]["cpus"] == nodes["n2"]["cpus"] == 1
+    assert c.node("n1")["cpuset"] != c.node("n2")["cpuset"]
+
+
+def _start_drvmmd(c, node: dict) -> subprocess.Popen:
+    from tests.cluster.conftest import BIN
+
+    return subprocess.Popen([str(BIN / "drvmmd")], env={**c.env, "DRVS_STATE_DIR": node["state_dir"]},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: setns_net(f"/run/netns/{node['netns']}"))
