@@ -16,6 +16,11 @@ def add_parsers(sub) -> None:
     p = verbs.add_parser("ls", help="list nodes")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.set_defaults(func=ls)
+    for verb, text in (("cordon", "mark a node unschedulable: no new programs go there"),
+                       ("uncordon", "mark a node schedulable again")):
+        p = verbs.add_parser(verb, help=text)
+        p.add_argument("name")
+        p.set_defaults(func=cordon, cordoned=verb == "cordon")
     p = verbs.add_parser("show", help="one node")
     p.add_argument("name")
     p.add_argument("--format", choices=("table", "json"), default="table")
@@ -37,21 +42,36 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=dev_status)
 
 
-def _nodes() -> list[dict]:
+def _with_etcd(fn):
+    """Run `await fn(etcd)` against this node's cluster store."""
     import trio
 
     from ..cluster.etcd import Etcd
-    from ..cluster.membership import list_nodes
 
     info = cluster_info(config.load())
     if info is None:
-        raise NotFound("this node is in no cluster (single node); see `drvs dev cluster up` or `drvs cluster init`")
+        raise NotFound("this node is in no cluster (single node); see `drvs dev cluster up`")
 
-    async def fetch():
+    async def go():
         async with Etcd(info["etcd"], timeout=3) as etcd:
-            return await list_nodes(etcd)
+            return await fn(etcd)
 
-    return trio.run(fetch)
+    return trio.run(go)
+
+
+def _nodes() -> list[dict]:
+    from ..cluster.membership import list_nodes
+
+    return _with_etcd(list_nodes)
+
+
+def cordon(args) -> int:
+    from ..cluster.membership import set_cordoned
+
+    if not _with_etcd(lambda etcd: set_cordoned(etcd, args.name, args.cordoned)):
+        raise NotFound(f"no such node: {args.name!r}")
+    print(f"node/{args.name} {'cordoned' if args.cordoned else 'uncordoned'}")
+    return 0
 
 
 def _age(ts: float) -> str:

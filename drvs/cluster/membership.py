@@ -19,6 +19,7 @@ import trio
 
 from .. import __version__
 from ..errors import Conflict
+from ..store import CompareFailed
 from .etcd import Etcd, EtcdUnavailable
 
 log = logging.getLogger("drvmmd")
@@ -106,6 +107,22 @@ class Member:
     async def leave(self) -> None:
         if self.lease:
             await self.etcd.revoke(self.lease)
+
+
+async def set_cordoned(etcd: Etcd, name: str, cordoned: bool) -> bool:
+    """Mark a node (un)schedulable; compare-and-swap so that a concurrent
+    re-registration is not overwritten.  False if there is no such node."""
+    while True:
+        entry = await etcd.get(spec_key(name))
+        if entry is None:
+            return False
+        spec = json.loads(entry.value)
+        spec["cordoned"] = cordoned
+        try:
+            await etcd.put(spec_key(name), json.dumps(spec), expect_revision=entry.mod_revision)
+            return True
+        except CompareFailed:
+            continue
 
 
 async def list_nodes(etcd: Etcd) -> list[dict]:

@@ -70,3 +70,21 @@ def _start_drvmmd(c, node: dict) -> subprocess.Popen:
     return subprocess.Popen([str(BIN / "drvmmd")], env={**c.env, "DRVS_STATE_DIR": node["state_dir"]},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=lambda: setns_net(f"/run/netns/{node['netns']}"))
+
+
+def test_cordon_and_uncordon(cluster_factory):
+    c = cluster_factory(nodes=2)
+    assert c.drvs("node", "cordon", "n2", node="n1", check=True).stdout == "node/n2 cordoned\n"
+    assert c.nodes()["n2"]["status"] == "SchedulingDisabled"
+    c.drvs("node", "uncordon", "n2", node="n1", check=True)
+    assert c.nodes()["n2"]["status"] == "Ready"
+    missing = c.drvs("node", "cordon", "n9", node="n1")
+    assert (missing.returncode, missing.stderr) == (3, "drvs: no such node: 'n9'\n")
+
+
+def test_node_commands_outside_a_cluster_are_clear_errors(cluster_factory, tmp_path):
+    c = cluster_factory(nodes=1)
+    p = c.drvs("node", "ls")  # the host itself is no node of the dev cluster
+    assert p.returncode == 3 and "in no cluster" in p.stderr
+    p = c.drvs("node", "ls", node="n7")
+    assert p.returncode == 3 and "no node 'n7'" in p.stderr
