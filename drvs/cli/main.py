@@ -16,6 +16,7 @@ from .. import __version__, config
 from ..errors import NotFound, UsageError
 from ..ns import jail
 from ..vm.model import check_name
+from . import ipc as ipc_cli
 from . import node as node_cli
 from . import vm as vm_cli
 from .common import guarded
@@ -31,6 +32,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     vm_cli.add_parser(sub)
     node_cli.add_parsers(sub)
+    ipc_cli.add_parsers(sub)
 
     e = sub.add_parser("exec", help="run a command in a VM (non-login)")
     e.add_argument("vm", type=typed(check_name), metavar="VM")

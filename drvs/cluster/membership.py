@@ -55,6 +55,7 @@ class Member:
         self.etcd, self.name, self.address, self.uid = etcd, name, address, uid
         self.servers = list(servers)
         self.lease = 0
+        self.on_new_lease = None  # async callback: re-attach what the old lease held
         self.cpus, self.memory = node_resources()
 
     async def join(self) -> None:
@@ -87,6 +88,8 @@ class Member:
             try:
                 if await self.etcd.keepalive_once(self.lease) <= 0:
                     self.lease = await self.etcd.grant(LEASE_TTL)
+                    if self.on_new_lease is not None:
+                        await self.on_new_lease()
                 await self.publish()
                 backoff = STATUS_EVERY
             except EtcdUnavailable as e:

@@ -54,18 +54,34 @@ async def serve(cfg: config.Config, interval: float) -> None:
 
 
 async def serve_node(cfg: config.Config, info: dict, interval: float) -> None:
-    """A cluster node: membership in etcd, housekeeping."""
+    """A cluster node: membership in etcd, the fabric, DRVMM services,
+    housekeeping.  Runs as trio guest on capnp's asyncio loop."""
+    from ..ipc import client
+    from ..ipc.fabric import FABRIC_PORT, Fabric, Tls
+    from ..ipc.services import DrvmmService
+
+    tls = Tls(**info["tls"]) if info.get("tls") else None
     async with Etcd(info["etcd"]) as etcd:
         member = Member(etcd, info["node"], info["address"], node_uid(cfg))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
-            await member.join_with_backoff()
-            log.info("node %s joined cluster %s at %s", info["node"], info["cluster"], info["address"])
-            nursery.start_soon(member.run)
-            nursery.start_soon(_tidy_loop, cfg, interval)
-        # Leave at once (NotReady now, not after the lease's TTL).
-        with trio.move_on_after(2):
-            await member.leave()
+        fabric = Fabric(etcd, member, info.get("port", FABRIC_PORT), tls)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+                await member.join_with_backoff()
+                await fabric.listen(info["address"], client.socket_path(cfg.state_dir))
+                service = f"drvmm@{info['node']}"
+                await fabric.register(service, DrvmmService(etcd, member).handle)
+                member.servers = sorted(fabric.handlers)
+                await member.publish()
+                member.on_new_lease = fabric.reregister
+                log.info("node %s joined cluster %s at %s", info["node"], info["cluster"], info["address"])
+                nursery.start_soon(member.run)
+                nursery.start_soon(_tidy_loop, cfg, interval)
+        finally:
+            fabric.close()
+            # Leave at once (NotReady now, not after the lease's TTL).
+            with trio.move_on_after(2, shield=True):
+                await member.leave()
 
 
 async def _until_signalled() -> None:
@@ -108,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interval", type=float, default=5.0, help="seconds between passes")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="drvmmd: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     if os.geteuid() != 0:
         print("drvmmd: needs root (cells are cgroups and namespaces)", file=sys.stderr)
         return 77
@@ -118,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         info = cluster_info(cfg)
         if info:
-            trio.run(serve_node, cfg, info, args.interval)
+            from ..ipc import bridge
+
+            bridge.run(serve_node, cfg, info, args.interval)
         else:
             trio.run(serve, cfg, args.interval)
     except (DrvsError, BaseExceptionGroup) as exc:

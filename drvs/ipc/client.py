@@ -1,0 +1,46 @@
+"""A local client of this node's drvmmd, over its root-only unix socket.
+
+Commands are short-lived and not trio programs: they use pycapnp on a plain
+asyncio loop, one connection per command."""
+
+import asyncio
+import errno
+import os
+
+from .message import IpcError, Msg
+
+
+def socket_path(state_dir: str) -> str:
+    return f"{state_dir}/run/drvmmd.sock"
+
+
+def sendrec(state_dir: str, target: str, msg: Msg, timeout: float = 5.0) -> Msg:
+    """Deliver msg to endpoint target through the local drvmmd; its reply."""
+    return asyncio.run(_call(socket_path(state_dir), target, msg, timeout))
+
+
+async def _call(path: str, target: str, msg: Msg, timeout: float) -> Msg:
+    import capnp
+
+    from .schema import fabric
+
+    if not os.path.exists(path):
+        raise IpcError(f"drvmmd is not running on this node (no {path})", errno.ENOENT)
+    async with capnp.kj_loop():
+        try:
+            stream = await capnp.AsyncIoStream.create_unix_connection(path)
+        except OSError as e:
+            raise IpcError(f"drvmmd at {path}: {e.strerror}", e.errno or errno.EIO) from None
+        client = capnp.TwoPartyClient(stream)
+        node = client.bootstrap().cast_as(fabric.Node)
+        req = node.sendrec_request()
+        req.target = target
+        msg.fill(req.init("msg"))
+        req.timeoutMs = min(int(timeout * 1000), 0xFFFFFFFF)
+        try:
+            result = await asyncio.wait_for(req.send(), timeout + 2)
+        except asyncio.TimeoutError:
+            raise IpcError(f"{target}: no reply within {timeout:g} s", errno.ETIMEDOUT) from None
+        except capnp.KjException as e:
+            raise IpcError(f"drvmmd: {e.description}", errno.EIO) from None
+        return Msg.from_capnp(result.reply)

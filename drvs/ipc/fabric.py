@@ -1,0 +1,244 @@
+"""The DRVMM fabric: Minix-style message passing between endpoints that may
+live on any node.
+
+An endpoint is a name, "SERVICE@VM" (node services use the node's name:
+"drvmm@n1"), served by a handler `async def handle(Msg) -> Msg` on one node.
+The registry in etcd maps names to nodes; entries carry the serving node's
+lease, so they vanish with the node.  `sendrec` to a local endpoint calls
+the handler directly; to a remote one it goes over Cap'n Proto RPC (TLS,
+cluster CA) to that node's drvmmd.  Every call is bounded in time; a dead or
+unreachable node gives IpcError, never a hang.
+"""
+
+import errno
+import json
+import logging
+import os
+import ssl
+
+import capnp
+import trio
+
+from .bridge import aio, capnp_await, current_guest
+from .message import IpcError, Msg, failure
+from .schema import fabric as schema
+
+log = logging.getLogger("drvmmd")
+
+REGISTRY = "/drvs/endpoints/"
+FABRIC_PORT = 7700
+DEFAULT_TIMEOUT = 5.0
+CONNECT_TIMEOUT = 3.0
+
+
+def check_name(name: str) -> str:
+    service, at, vm = name.partition("@")
+    if not (service and at and vm) or len(name) > 200 or "/" in name:
+        raise IpcError(f"invalid endpoint name {name!r}: expected SERVICE@VM", errno.EINVAL)
+    return name
+
+
+class Location:
+    __slots__ = ("node", "address", "port")
+
+    def __init__(self, node: str, address: str, port: int):
+        self.node, self.address, self.port = node, address, port
+
+
+class Peer:
+    """One RPC connection to another node's drvmmd."""
+
+    def __init__(self, client, node_cap):
+        self.client, self.node = client, node_cap
+
+
+class Fabric:
+    def __init__(self, etcd, member, port: int = FABRIC_PORT, tls: "Tls | None" = None):
+        self.etcd, self.member, self.port, self.tls = etcd, member, port, tls
+        self.name = member.name
+        self.handlers: dict[str, object] = {}
+        self.peers: dict[str, Peer] = {}
+        self.servers = []
+
+    # -- serving -----------------------------------------------------------
+
+    async def listen(self, host: str, unix_path: str | None) -> None:
+        """Serve nodes over TCP (TLS when configured) and local clients on a
+        unix socket in a root-only directory."""
+        guest = current_guest()
+
+        async def remote(stream):
+            await _serve_connection(stream, NodeServer(self, guest, local=False))
+
+        async def local(stream):
+            await _serve_connection(stream, NodeServer(self, guest, local=True))
+
+        ctx = self.tls.server_context() if self.tls else None
+        self.servers.append(await aio(capnp.AsyncIoStream.create_server(remote, host, self.port, ssl=ctx)))
+        if unix_path:
+            os.makedirs(os.path.dirname(unix_path), mode=0o700, exist_ok=True)
+            os.chmod(os.path.dirname(unix_path), 0o700)
+            if os.path.exists(unix_path):
+                os.unlink(unix_path)
+            self.servers.append(await aio(capnp.AsyncIoStream.create_unix_server(local, unix_path)))
+            os.chmod(unix_path, 0o600)
+
+    def close(self) -> None:
+        for s in self.servers:
+            s.close()
+        self.servers.clear()
+
+    async def register(self, name: str, handler) -> None:
+        """Serve endpoint `name` here and tell the cluster where it is."""
+        check_name(name)
+        self.handlers[name] = handler
+        await self.etcd.put(REGISTRY + name, json.dumps(
+            {"node": self.name, "address": self.member.address, "port": self.port}), lease=self.member.lease)
+
+    async def reregister(self) -> None:
+        """After the node's lease was renewed under a new id (etcd outage)."""
+        for name, handler in list(self.handlers.items()):
+            await self.register(name, handler)
+
+    # -- calling -------------------------------------------------------------
+
+    async def resolve(self, name: str) -> Location:
+        entry = await self.etcd.get(REGISTRY + check_name(name))
+        if entry is None:
+            raise IpcError(f"no endpoint {name!r} (not registered, or its node is gone)", errno.ENOENT)
+        loc = json.loads(entry.value)
+        return Location(loc["node"], loc["address"], loc["port"])
+
+    async def sendrec(self, target: str, msg: Msg, timeout: float | None = None, idempotent: bool = False) -> Msg:
+        """Send msg to target and wait for the reply, at most `timeout` seconds.
+        An idempotent call is retried once, re-resolved, if its node vanished."""
+        timeout = timeout or DEFAULT_TIMEOUT
+        deadline = trio.current_time() + timeout
+        for attempt in (1, 2):
+            loc = await self.resolve(target)
+            if loc.node == self.name:
+                return await self.deliver(target, msg)
+            try:
+                with trio.fail_after(max(deadline - trio.current_time(), 0.001)):
+                    return await self._remote(loc, target, msg, timeout)
+            except trio.TooSlowError:
+                raise IpcError(f"{target}: no reply from node {loc.node} within {timeout:g} s", errno.ETIMEDOUT)
+            except IpcError as e:
+                if e.errno != errno.ECONNRESET or not idempotent or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _remote(self, loc: Location, target: str, msg: Msg, timeout: float) -> Msg:
+        peer = await self.peer(loc)
+        req = peer.node.sendrec_request()
+        req.target = target
+        msg.fill(req.init("msg"))
+        req.timeoutMs = min(int(timeout * 1000), 0xFFFFFFFF)
+        try:
+            result = await capnp_await(req.send())
+        except capnp.KjException as e:
+            self.peers.pop(loc.node, None)
+            if e.type == "DISCONNECTED":
+                raise IpcError(f"{target}: connection to node {loc.node} lost", errno.ECONNRESET) from None
+            raise IpcError(f"{target}: {e.description}", errno.EIO) from None
+        return Msg.from_capnp(result.reply)
+
+    async def peer(self, loc: Location) -> Peer:
+        peer = self.peers.get(loc.node)
+        if peer is not None:
+            return peer
+        ctx = self.tls.client_context() if self.tls else None
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT):
+                stream = await aio(capnp.AsyncIoStream.create_connection(
+                    loc.address, loc.port, ssl=ctx, server_hostname=loc.node if ctx else None))
+        except (OSError, trio.TooSlowError) as e:
+            raise IpcError(f"node {loc.node} at {loc.address}:{loc.port} unreachable: {e}", errno.ECONNRESET) from None
+        client = capnp.TwoPartyClient(stream)
+        peer = Peer(client, client.bootstrap().cast_as(schema.Node))
+        self.peers[loc.node] = peer
+        return peer
+
+    async def deliver(self, target: str, msg: Msg) -> Msg:
+        """Hand msg to the local server of target; its failures become replies."""
+        handler = self.handlers.get(target)
+        if handler is None:
+            return failure(errno.ENOENT, f"no endpoint {target!r} on node {self.name}")
+        try:
+            return await handler(msg)
+        except IpcError as e:
+            return failure(e.errno, str(e))
+        except Exception as e:  # noqa: BLE001 - a server bug must not take the daemon down
+            log.exception("endpoint %s failed on message type %d", target, msg.type)
+            return failure(errno.EIO, f"{target}: server error: {type(e).__name__}: {e}")
+
+
+async def _serve_connection(stream, bootstrap) -> None:
+    try:
+        await capnp.TwoPartyServer(stream, bootstrap=bootstrap).on_disconnect()
+    except Exception as e:  # noqa: BLE001 - a broken peer ends its connection only
+        log.info("connection closed: %s", e)
+
+
+class NodeServer(schema.Node.Server):
+    """The Node interface of drvmmd (asyncio side; the work runs in trio)."""
+
+    def __init__(self, fabric: Fabric, guest, local: bool):
+        self.fabric, self.guest, self.local = fabric, guest, local
+
+    async def info(self, _context, **kwargs):
+        f = self.fabric
+        info = _context.results.init("info")
+        info.name, info.address = f.name, f.member.address
+        info.version = __import__("drvs").__version__
+        info.cluster = getattr(f.member, "cluster", "")
+        eps = info.init("endpoints", len(f.handlers))
+        for i, name in enumerate(sorted(f.handlers)):
+            eps[i] = name
+
+    async def sendrec(self, target, msg, timeoutMs, _context, **kwargs):
+        m = Msg.from_capnp(msg)
+        timeout = timeoutMs / 1000 if timeoutMs else None
+        if self.local:  # a local client: route anywhere in the cluster
+            reply = await self.guest.call_trio(self._route, target, m, timeout)
+        else:           # another node: only what is served here
+            reply = await self.guest.call_trio(self.fabric.deliver, target, m)
+        reply.fill(_context.results.init("reply"))
+
+    async def _route(self, target, m, timeout):
+        try:
+            return await self.fabric.sendrec(target, m, timeout)
+        except IpcError as e:
+            return failure(e.errno, str(e))
+
+    async def send(self, target, msg, _context, **kwargs):
+        await self.sendrec(target, msg, 0, _context)
+
+    async def notify(self, target, source, _context, **kwargs):
+        await self.guest.call_trio(self.fabric.deliver, target, Msg(0xFFFF, source=source))
+
+    async def echo(self, data, _context, **kwargs):
+        return data
+
+
+class Tls:
+    """Mutual TLS between nodes: every node presents a certificate signed by
+    the cluster CA and accepts only peers that do."""
+
+    def __init__(self, ca: str, cert: str, key: str):
+        self.ca, self.cert, self.key = ca, cert, key
+
+    def server_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=self.ca)
+        ctx.load_cert_chain(self.cert, self.key)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    def client_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca)
+        ctx.load_cert_chain(self.cert, self.key)
+        ctx.check_hostname = True  # the peer's certificate names the node we meant
+        return ctx
+
+
+__all__ = ["Fabric", "Tls", "Msg", "IpcError"]

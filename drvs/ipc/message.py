@@ -1,0 +1,45 @@
+"""Minix-style messages and their errors, independent of the wire."""
+
+import errno as _errno
+import os
+
+from ..errors import DrvsError
+
+
+class Msg:
+    """type selects the handler; payload is a packed struct of the target's
+    schema; replies carry status (0 or -errno) and a human error."""
+
+    __slots__ = ("type", "source", "payload", "status", "error")
+
+    def __init__(self, type: int, payload: bytes = b"", source: str = "", status: int = 0, error: str = ""):
+        self.type, self.payload, self.source, self.status, self.error = type, payload, source, status, error
+
+    @classmethod
+    def from_capnp(cls, m) -> "Msg":
+        return cls(m.type, bytes(m.payload), m.source, m.status, m.error)
+
+    def fill(self, m) -> None:
+        m.type, m.payload, m.source, m.status, m.error = self.type, self.payload, self.source, self.status, self.error
+
+
+class IpcError(DrvsError):
+    """A message could not be delivered, or its server failed it."""
+
+    exit_code = 7
+
+    def __init__(self, message: str, errno: int = _errno.EIO):
+        super().__init__(message)
+        self.errno = errno
+
+
+def failure(err: int, text: str = "") -> Msg:
+    """A reply that reports -err."""
+    return Msg(0, status=-err, error=text or os.strerror(err))
+
+
+def check(reply: Msg, target: str) -> Msg:
+    """The reply, or IpcError with the server's errno and words."""
+    if reply.status < 0:
+        raise IpcError(f"{target}: {reply.error or os.strerror(-reply.status)}", -reply.status)
+    return reply

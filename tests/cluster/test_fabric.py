@@ -1,0 +1,89 @@
+"""The fabric on a real cluster: sendrec between nodes, locks and elections
+through the DRVMM service, and what a dead node does to each."""
+
+import os
+import re
+import signal
+import subprocess
+import time
+
+from tests.cluster.conftest import BIN
+
+
+def test_sendrec_same_and_other_node(cluster_factory):
+    c = cluster_factory(nodes=2)
+    for target in ("drvmm@n1", "drvmm@n2"):
+        p = c.drvs("ipc", "ping", "-c", "3", target, node="n1", check=True)
+        lines = p.stdout.splitlines()
+        assert len(lines) == 3
+        assert all(re.fullmatch(rf"reply from {target}: seq=\d time=[\d.]+ ms ok", line) for line in lines), lines
+
+
+def test_unknown_endpoint_is_a_clear_error(cluster_factory):
+    c = cluster_factory(nodes=1)
+    p = c.drvs("ipc", "ping", "drvmm@n9", node="n1")
+    assert p.returncode == 7
+    assert p.stderr == "drvs: drvmm@n9: no endpoint 'drvmm@n9' (not registered, or its node is gone)\n"
+    bad = c.drvs("ipc", "ping", "no-at-sign", node="n1")
+    assert bad.returncode == 7 and "invalid endpoint name" in bad.stderr
+
+
+def test_dead_nodes_endpoint_errors_within_the_bound(cluster_factory):
+    c = cluster_factory(nodes=2)
+    os.kill(c.node("n2")["pid"], signal.SIGSTOP)  # alive but silent: the worst case
+    try:
+        t0 = time.monotonic()
+        p = c.drvs("ipc", "ping", "--timeout", "2", "drvmm@n2", node="n1")
+        took = time.monotonic() - t0
+        assert p.returncode == 7
+        assert "no reply" in p.stderr or "unreachable" in p.stderr or "no endpoint" in p.stderr, p.stderr
+        assert took < 6, took
+    finally:
+        os.kill(c.node("n2")["pid"], signal.SIGCONT)
+
+
+def test_lock_of_a_killed_node_is_taken_by_another(cluster_factory):
+    c = cluster_factory(nodes=2)
+    key = c.drvs("lock", "acquire", "db", node="n1", check=True).stdout.strip()
+    assert key.startswith("/drvs/locks/db/")
+    busy = c.drvs("lock", "acquire", "db", "--timeout", "1", node="n2")
+    assert busy.returncode == 7 and "not obtained within 1 s" in busy.stderr
+    waiter = subprocess.Popen([str(BIN / "drvs"), "--node", "n2", "lock", "acquire", "db", "--timeout", "20"],
+                              env=c.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    os.kill(c.node("n1")["pid"], signal.SIGKILL)
+    out, err = waiter.communicate(timeout=30)
+    assert waiter.returncode == 0, err
+    assert out.strip().startswith("/drvs/locks/db/") and out.strip() != key
+    assert time.monotonic() - t0 < 6
+
+
+def test_released_lock_passes_on_at_once(cluster_factory):
+    c = cluster_factory(nodes=2)
+    key = c.drvs("lock", "acquire", "q", node="n1", check=True).stdout.strip()
+    c.drvs("lock", "release", key, node="n1", check=True)
+    assert c.drvs("lock", "acquire", "q", "--timeout", "2", node="n2").returncode == 0
+
+
+def test_leader_is_re_elected_when_the_leader_dies(cluster_factory):
+    c = cluster_factory(nodes=3)
+    c.drvs("election", "campaign", "pm-web", node="n1", check=True)
+    assert c.drvs("election", "leader", "pm-web", node="n3", check=True).stdout == "n1\n"
+    standby = subprocess.Popen([str(BIN / "drvs"), "--node", "n2", "election", "campaign", "pm-web",
+                                "--timeout", "20"], env=c.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    assert standby.poll() is None  # n1 still leads
+    os.kill(c.node("n1")["pid"], signal.SIGKILL)
+    standby.communicate(timeout=30)
+    assert standby.returncode == 0
+    assert c.drvs("election", "leader", "pm-web", node="n3", check=True).stdout == "n2\n"
+
+
+def test_resign_hands_over(cluster_factory):
+    c = cluster_factory(nodes=2)
+    key = c.drvs("election", "campaign", "e", node="n1", check=True).stdout.strip()
+    c.drvs("election", "resign", key, node="n1", check=True)
+    assert c.drvs("election", "leader", "e", node="n2").returncode == 3
+    c.drvs("election", "campaign", "e", "--timeout", "2", node="n2", check=True)
+    assert c.drvs("election", "leader", "e", node="n1", check=True).stdout == "n2\n"
