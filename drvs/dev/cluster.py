@@ -19,6 +19,7 @@ import urllib.request
 from ..errors import Conflict, SetupError
 from ..ns.cgroup import Cgroup
 from ..cluster.context import dev_cluster_file, read_json, setns_net
+from ..cluster import pki
 from . import netns
 
 ETCD_PORT = 2379
@@ -47,6 +48,7 @@ def up(state_dir: str, nodes: int, cpus_per_node: int | None = None, name: str =
     os.makedirs(root, exist_ok=True)
     _write(path, info)  # first, so that `down` finds whatever gets made
     try:
+        info["ca"], info["ca_key"] = pki.make_ca(f"{root}/ca", name)
         netns.create_switch(name)
         netns.add_host(name, "etcd", f"{net}.2")
         info["etcd"]["pid"] = _start_etcd(info, root, f"{net}.2")
@@ -92,8 +94,9 @@ def _start_node(info: dict, node: str, address: str, pinned: str | None) -> dict
     netns.add_host(info["name"], node, address)
     state = f"{info['root']}/{node}"
     os.makedirs(state, exist_ok=True)
+    tls = pki.issue(info["ca"], info["ca_key"], node, address, f"{state}/tls")
     _write(f"{state}/cluster.json", {"cluster": info["name"], "etcd": [info["etcd"]["url"]],
-                                     "node": node, "address": address})
+                                     "node": node, "address": address, "tls": tls})
     cg = Cgroup.under_caller(f"drvs-dev-{info['name']}-{node}")
     cg.create()
     if pinned:

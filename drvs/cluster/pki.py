@@ -1,0 +1,77 @@
+"""The cluster's certificate authority and node certificates (mutual TLS).
+
+`make_ca` once per cluster (at init, or by the dev harness); `issue` a key
+and certificate per node, naming the node (DNS) and its address (IP), valid
+for both ends of a connection.  Keys are written 0600."""
+
+import datetime
+import ipaddress
+import os
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+VALIDITY = datetime.timedelta(days=3650)
+
+
+def _write(path: str, data: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _key_pem(key) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def make_ca(directory: str, cluster: str) -> tuple[str, str]:
+    """ca.pem and ca.key in directory; returns their paths."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"drvs cluster {cluster} CA")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False,
+                                         encipher_only=False, decipher_only=False), critical=True)
+            .sign(key, hashes.SHA256()))
+    ca, ca_key = f"{directory}/ca.pem", f"{directory}/ca.key"
+    _write(ca, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    _write(ca_key, _key_pem(key), 0o600)
+    return ca, ca_key
+
+
+def issue(ca: str, ca_key: str, node: str, address: str, directory: str) -> dict:
+    """A key and certificate for node, signed by the CA; returns the paths as
+    the `tls` entry of cluster.json ({ca, cert, key})."""
+    with open(ca, "rb") as f:
+        ca_cert = x509.load_pem_x509_certificate(f.read())
+    with open(ca_key, "rb") as f:
+        signer = serialization.load_pem_private_key(f.read(), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node)]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + VALIDITY)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(node),
+                                                        x509.IPAddress(ipaddress.ip_address(address))]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(signer, hashes.SHA256()))
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    paths = {"ca": f"{directory}/ca.pem", "cert": f"{directory}/node.pem", "key": f"{directory}/node.key"}
+    with open(ca, "rb") as f:
+        _write(paths["ca"], f.read(), 0o644)
+    _write(paths["cert"], cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    _write(paths["key"], _key_pem(key), 0o600)
+    return paths

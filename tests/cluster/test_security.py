@@ -1,0 +1,128 @@
+"""Only cluster members talk to a node: peers without the cluster's
+credentials are refused, and garbage does not take drvmmd down."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+from drvs.cluster import pki
+from drvs.cluster.context import setns_net
+
+PROBE = textwrap.dedent("""
+    import asyncio, json, os, random, socket, ssl, sys
+    import capnp
+    from drvs.ipc.schema import fabric
+
+    host, port, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    tls = json.loads(sys.argv[4]) if len(sys.argv) > 4 else None
+
+    def context(cert=True):
+        ctx = ssl.create_default_context(cafile=tls["ca"])
+        ctx.check_hostname = False
+        if cert:
+            ctx.load_cert_chain(tls["cert"], tls["key"])
+        return ctx
+
+    async def capnp_call(ctx):
+        async with capnp.kj_loop():
+            stream = await capnp.AsyncIoStream.create_connection(host, port, ssl=ctx)
+            node = capnp.TwoPartyClient(stream).bootstrap().cast_as(fabric.Node)
+            return (await asyncio.wait_for(node.echo(b"hi"), 5)).data
+
+    def raw(data, ctx=None):
+        s = socket.create_connection((host, port), timeout=5)
+        if ctx:
+            s = ctx.wrap_socket(s)
+        s.sendall(data)
+        s.settimeout(0.05)
+        try:
+            s.recv(100)
+        except OSError:
+            pass
+        s.close()
+
+    try:
+        if mode == "echo":
+            print("OK", asyncio.run(capnp_call(context())))
+        elif mode == "no-cert":
+            print("OK", asyncio.run(capnp_call(context(cert=False))))
+        elif mode == "plain":
+            print("OK", asyncio.run(capnp_call(None)))
+        elif mode == "fuzz":
+            rnd = random.Random(7)
+            for i in range(80):
+                n = rnd.choice([1, 8, 64, 4096])
+                raw(bytes(rnd.randrange(256) for _ in range(n)), context())
+            # a frame header announcing 2^32-1 segments, then one of 4 GiB
+            raw(b"\\xff\\xff\\xff\\xff" + b"\\xff\\xff\\xff\\x7f" * 2, context())
+            print("SENT")
+    except Exception as e:
+        print("REFUSED", type(e).__name__, e)
+""")
+
+
+def probe(c, node: str, target: dict, mode: str, tls: dict | None = None) -> str:
+    argv = [sys.executable, "-c", PROBE, target["address"], "7700", mode] + ([json.dumps(tls)] if tls else [])
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=120,
+                       preexec_fn=lambda: setns_net(f"/run/netns/{c.node(node)['netns']}"))
+    return p.stdout.strip() or p.stderr.strip()
+
+
+def tls_of(c, node: str) -> dict:
+    return json.loads(open(f"{c.node(node)['state_dir']}/cluster.json").read())["tls"]
+
+
+def test_member_with_cluster_certificate_is_served(cluster_factory):
+    c = cluster_factory(nodes=2)
+    assert probe(c, "n1", c.node("n2"), "echo", tls_of(c, "n1")) == "OK b'hi'"
+
+
+def test_peer_without_certificate_is_refused(cluster_factory):
+    c = cluster_factory(nodes=2)
+    assert probe(c, "n1", c.node("n2"), "no-cert", tls_of(c, "n1")).startswith("REFUSED")
+    assert probe(c, "n1", c.node("n2"), "plain").startswith("REFUSED")
+
+
+def test_certificate_of_another_cluster_is_refused(cluster_factory, tmp_path):
+    c = cluster_factory(nodes=2)
+    ca, ca_key = pki.make_ca(str(tmp_path / "evil-ca"), "evil")
+    evil = pki.issue(ca, ca_key, "n1", c.node("n1")["address"], str(tmp_path / "evil"))
+    # It trusts the real CA (to see the server) but presents its own certificate.
+    evil["ca"] = tls_of(c, "n1")["ca"]
+    assert probe(c, "n1", c.node("n2"), "echo", evil).startswith("REFUSED")
+
+
+def test_garbage_does_not_take_the_daemon_down(cluster_factory):
+    c = cluster_factory(nodes=2)
+    assert probe(c, "n1", c.node("n2"), "fuzz", tls_of(c, "n1")) == "SENT"
+    # n2 still serves, and its drvmmd is the same process.
+    assert c.drvs("ipc", "ping", "drvmm@n2", node="n1").returncode == 0
+    assert c.nodes()["n2"]["status"] == "Ready"
+    assert subprocess.run(["kill", "-0", str(c.node("n2")["pid"])]).returncode == 0
+
+
+def test_malformed_messages_get_error_replies(cluster_factory):
+    """Unknown message types and undecodable payloads to a real endpoint."""
+    c = cluster_factory(nodes=2)
+    script = textwrap.dedent("""
+        import random, sys
+        from drvs.ipc import client
+        from drvs.ipc.message import Msg
+        rnd = random.Random(3)
+        codes = set()
+        for i in range(60):
+            m = Msg(rnd.randrange(0, 70000) % 65536, bytes(rnd.randrange(256) for _ in range(rnd.choice([0, 3, 40]))))
+            if m.type in (1, 3):  # lock and campaign would block on a valid name
+                m.type = 9
+            r = client.sendrec(sys.argv[1], "drvmm@n2", m, timeout=5)
+            codes.add(r.status)
+        print(sorted(codes))
+    """)
+    node = c.node("n1")
+    p = subprocess.run([sys.executable, "-c", script, node["state_dir"]], capture_output=True, text=True, timeout=120,
+                       preexec_fn=lambda: setns_net(f"/run/netns/{node['netns']}"))
+    assert p.returncode == 0, p.stderr
+    statuses = json.loads(p.stdout)
+    assert all(s <= 0 for s in statuses) and any(s < 0 for s in statuses)
+    assert c.drvs("ipc", "ping", "drvmm@n2", node="n1").returncode == 0
