@@ -469,6 +469,10 @@ static _Noreturn void program_main(const struct run_config *cfg)
     switch_root(cfg);
     if (chdir(cfg->cwd) < 0)
         die(cfg->err_fd, JAIL_EXIT_SETUP, "workdir", cfg->cwd);
+    if (cfg->n_stdio == 3)
+        for (int fd = 0; fd < 3; fd++)
+            if (dup2(cfg->stdio_fds[fd], fd) < 0)
+                die(cfg->err_fd, JAIL_EXIT_SETUP, "stdio", NULL);
     if (cfg->tty)
         setup_pty(cfg);
     else if (setsid() < 0)

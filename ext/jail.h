@@ -81,6 +81,8 @@ struct run_config {
     unsigned short rows, cols;
     int tty_sock;                /* where to send the pty master */
     int err_fd;                  /* CLOEXEC pipe: failure records, EOF on exec */
+    const int *stdio_fds;        /* 3 fds to become the program's 0, 1, 2 (or none) */
+    int n_stdio;
     int kill_leftovers;          /* when the program ends, end its descendants */
 };
 

@@ -227,7 +227,7 @@ static PyObject *py_spawn_run(PyObject *self, PyObject *spec)
     struct run_config cfg;
     memset(&cfg, 0, sizeof cfg);
     PyObject *result = NULL;
-    int *procs = NULL, *groups = NULL;
+    int *procs = NULL, *groups = NULL, *stdio = NULL;
     int ngroups = 0;
     long long caps, uid, gid, rows, cols;
     if (!a.keep)
@@ -244,8 +244,10 @@ static PyObject *py_spawn_run(PyObject *self, PyObject *spec)
         get_fds(&a, spec, "groups", &groups, &ngroups) < 0 || get_int(spec, "tty", &cfg.tty) < 0 ||
         get_long(spec, "rows", &rows) < 0 || get_long(spec, "cols", &cols) < 0 ||
         get_int(spec, "tty_sock", &cfg.tty_sock) < 0 || get_int(spec, "err_fd", &cfg.err_fd) < 0 ||
-        get_int(spec, "kill_leftovers", &cfg.kill_leftovers) < 0)
+        get_int(spec, "kill_leftovers", &cfg.kill_leftovers) < 0 ||
+        get_fds(&a, spec, "stdio", &stdio, &cfg.n_stdio) < 0)
         goto out;
+    cfg.stdio_fds = stdio;
     if (!cfg.argv[0]) {
         PyErr_SetString(PyExc_ValueError, "argv is empty");
         goto out;

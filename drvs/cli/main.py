@@ -57,7 +57,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def exec_(args) -> int:
-    return execute(args.vm, run_options(args), "drvs exec")
+    return execute(args.vm, run_options(args), "drvs exec", node=args.run_node)
 
 
 def login(args) -> int:
@@ -66,7 +66,7 @@ def login(args) -> int:
     shell = args.shell or ("/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh")
     ns = argparse.Namespace(command=["--", shell, "-l"], user=args.user, env=[], workdir=None, volume=[],
                             tty=True, interactive=True, cpus=None, cpuset_cpus=None, memory=None,
-                            pids_limit=None, net="none", cap_add=[], cap_drop=[], detach=False)
+                            pids_limit=None, net="none", cap_add=[], cap_drop=[], detach=False, run_node=None)
     return execute(args.vm, run_options(ns, login=True), "drvs login")
 
 

@@ -58,6 +58,8 @@ def add_run_options(p: argparse.ArgumentParser, *, with_vm: bool = True) -> None
     p.add_argument("--cap-add", action="append", default=[], metavar="CAP")
     p.add_argument("--cap-drop", action="append", default=[], metavar="CAP", help="or ALL")
     p.add_argument("-d", "--detach", action="store_true", help="run in the background; print the run's id")
+    p.add_argument("--node", dest="run_node", default=None, metavar="NAME",
+                   help="run on node NAME of this node's cluster")
     add_limit_options(p)
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="CMD [ARGS...]")
 

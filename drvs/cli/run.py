@@ -28,8 +28,10 @@ def parser(prog: str = "drvs-run") -> argparse.ArgumentParser:
     return p
 
 
-def execute(vm_name: str, opts: jail.RunOptions, prog: str) -> int:
+def execute(vm_name: str, opts: jail.RunOptions, prog: str, node: str | None = None) -> int:
     cfg = config.load()
+    if node:
+        return _remote(cfg, node, vm_name, opts, prog)
     vm = VmRegistry(open_store()).get(vm_name)
     if opts.detached:
         return _detach(cfg, vm, opts)
@@ -38,6 +40,17 @@ def execute(vm_name: str, opts: jail.RunOptions, prog: str) -> int:
     if note:
         print(f"{prog}: {note}", file=sys.stderr)
     return result.exit_code
+
+
+def _remote(cfg, node: str, vm_name: str, opts: jail.RunOptions, prog: str) -> int:
+    from ..ipc import remote
+
+    if opts.detached:
+        raise DrvsError("-d with --node is not supported yet: run drvs-run -d on that node")
+    code, message = remote.run(cfg.state_dir, node, vm_name, opts)
+    if message:
+        print(f"{prog}: {message}", file=sys.stderr)
+    return code
 
 
 def _detach(cfg, vm, opts: jail.RunOptions) -> int:
@@ -92,7 +105,15 @@ def _detach(cfg, vm, opts: jail.RunOptions) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
-    code = guarded("drvs-run", lambda: execute(args.vm, run_options(args), "drvs-run"))
+
+    def body():
+        if os.environ.get("DRVS_NODE"):  # act as that node of the local dev cluster
+            from ..cluster.context import enter_node
+
+            enter_node(os.environ["DRVS_NODE"])
+        return execute(args.vm, run_options(args), "drvs-run", node=args.run_node)
+
+    code = guarded("drvs-run", body)
     # Everything is released by now (the run cleaned up in `finally`); skip
     # the interpreter's teardown, a few ms of every drvs-run.
     try:

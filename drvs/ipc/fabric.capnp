@@ -34,4 +34,40 @@ interface Node {
   # A one-way wake-up with no payload, as MINIX's notify.
   echo @4 (data :Data) -> (data :Data);
   # The fabric's own round trip, for health checks and benchmarks.
+  run @5 (request :RunRequest, stdout :ByteStream, stderr :ByteStream) -> (process :Process);
+  # Start a program in a VM's cell on request.node (here when empty).  Its
+  # output goes to the caller's streams; setup failures (unknown VM, command
+  # not found) are reported by Process.wait, as exit code and message.
+}
+
+interface ByteStream {
+  # Bytes in one direction, with flow control (a writer waits on `stream`).
+  write @0 (data :Data) -> stream;
+  done @1 ();   # end of file
+}
+
+struct RunRequest {
+  vm @0 :Text;
+  argv @1 :List(Text);
+  env @2 :List(Text);          # K=V, on top of the jail's defaults
+  workdir @3 :Text;            # empty: the jail's default
+  tty @4 :Bool;
+  interactive @5 :Bool;
+  rows @6 :UInt16;
+  cols @7 :UInt16;
+  cpus @8 :Float64;            # 0: no limit
+  memory @9 :UInt64;           # bytes; 0: no limit
+  pidsLimit @10 :UInt32;       # 0: no limit
+  netHost @11 :Bool;
+  node @12 :Text;              # the node to run on; empty: the serving node
+}
+
+interface Process {
+  # A program started by Node.run.
+  stdin @0 () -> (stream :ByteStream);
+  signal @1 (signal :Int32);
+  wait @2 () -> (exitCode :Int32, message :Text);
+  # Its exit status (128+N for signal N), and a line for the user when the
+  # jail could not start it or the memory limit killed it.
+  resize @3 (rows :UInt16, cols :UInt16);
 }

@@ -59,6 +59,7 @@ class Fabric:
         self.handlers: dict[str, object] = {}
         self.peers: dict[str, Peer] = {}
         self.servers = []
+        self.nursery: trio.Nursery | None = None  # where programs started here live
 
     # -- serving -----------------------------------------------------------
 
@@ -159,6 +160,45 @@ class Fabric:
         self.peers[loc.node] = peer
         return peer
 
+    # -- programs ------------------------------------------------------------
+
+    async def start_run(self, rr) -> None:
+        """Start a RemoteRun in the fabric's nursery; returns once it started
+        (or failed to: the failure is its exit status)."""
+        await self.nursery.start(rr.serve)
+
+    async def forward_run(self, req: dict, stdout, stderr):
+        loc = await self.node_location(req["node"])
+        peer = await self.peer(loc)
+        call = peer.node.run_request()
+        r = call.init("request")
+        for key, value in req.items():
+            if key in ("argv", "env"):
+                items = r.init(key, len(value))
+                for i, v in enumerate(value):
+                    items[i] = v
+            else:
+                setattr(r, key, value)
+        call.stdout, call.stderr = stdout, stderr
+        try:
+            with trio.fail_after(DEFAULT_TIMEOUT):
+                result = await capnp_await(call.send())
+        except trio.TooSlowError:
+            raise IpcError(f"node {loc.node}: no answer within {DEFAULT_TIMEOUT:g} s", errno.ETIMEDOUT) from None
+        except capnp.KjException as e:
+            self.peers.pop(loc.node, None)
+            raise IpcError(f"node {loc.node}: {e.description}", errno.ECONNRESET) from None
+        return result.process
+
+    async def node_location(self, node: str) -> Location:
+        from ..cluster.membership import spec_key, status_key
+
+        if await self.etcd.get(status_key(node)) is None:
+            known = await self.etcd.get(spec_key(node))
+            raise IpcError(f"node {node!r} is {'NotReady' if known else 'not in the cluster'}", errno.EHOSTUNREACH)
+        spec = json.loads((await self.etcd.get(spec_key(node))).value)
+        return Location(node, spec["address"], spec.get("port", FABRIC_PORT))
+
     async def deliver(self, target: str, msg: Msg) -> Msg:
         """Hand msg to the local server of target; its failures become replies."""
         handler = self.handlers.get(target)
@@ -219,6 +259,80 @@ class NodeServer(schema.Node.Server):
 
     async def echo(self, data, _context, **kwargs):
         return data
+
+    async def run(self, request, stdout, stderr, _context, **kwargs):
+        from ..node.runner import RemoteRun, request_dict
+
+        req = request_dict(request)
+        fabric = self.fabric
+        if self.local and req["node"] and req["node"] != fabric.name:
+            # Hand the call on: the caller's streams travel with it, and the
+            # other node's Process comes back (capnp proxies both through us).
+            try:
+                _context.results.process = await self.guest.call_trio(fabric.forward_run, req, stdout, stderr)
+            except IpcError as e:
+                _context.results.process = FailedProcess(e.exit_code, str(e))
+            return
+        rr = RemoteRun(req, stdout, stderr)
+        await self.guest.call_trio(fabric.start_run, rr)
+        _context.results.process = ProcessServer(rr, self.guest)
+
+
+class ProcessServer(schema.Process.Server):
+    def __init__(self, rr, guest):
+        self.rr, self.guest = rr, guest
+
+    async def stdin(self, _context, **kwargs):
+        _context.results.stream = StdinServer(self.rr, self.guest)
+
+    async def signal(self, signal, **kwargs):
+        self.rr.signal(signal)
+
+    async def wait(self, _context, **kwargs):
+        await self.guest.call_trio(self.rr.done.wait)
+        _context.results.exitCode = self.rr.exit_code
+        _context.results.message = self.rr.message
+
+    async def resize(self, rows, cols, **kwargs):
+        self.rr.resize(rows, cols)
+
+
+class FailedProcess(schema.Process.Server):
+    """A program that could not be started anywhere: wait() says why."""
+
+    def __init__(self, code: int, message: str):
+        self.code, self.message = code, message
+
+    async def stdin(self, _context, **kwargs):
+        _context.results.stream = NullStream()
+
+    async def signal(self, signal, **kwargs):
+        pass
+
+    async def wait(self, _context, **kwargs):
+        _context.results.exitCode, _context.results.message = self.code, self.message
+
+    async def resize(self, rows, cols, **kwargs):
+        pass
+
+
+class NullStream(schema.ByteStream.Server):
+    async def write(self, data, **kwargs):
+        pass
+
+    async def done(self, **kwargs):
+        pass
+
+
+class StdinServer(schema.ByteStream.Server):
+    def __init__(self, rr, guest):
+        self.rr, self.guest = rr, guest
+
+    async def write(self, data, **kwargs):
+        await self.guest.call_trio(self.rr.write_stdin, bytes(data))
+
+    async def done(self, **kwargs):
+        await self.guest.call_trio(self.rr.close_stdin)
 
 
 class Tls:

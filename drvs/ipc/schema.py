@@ -8,5 +8,8 @@ import capnp
 _HERE = os.path.dirname(__file__)
 capnp.remove_import_hook()
 
-fabric = capnp.load(os.path.join(_HERE, "fabric.capnp"))
-drvmm = capnp.load(os.path.join(_HERE, "drvmm.capnp"))
+# pycapnp ships the standard schemas (/capnp/stream.capnp) in its package.
+_IMPORTS = [os.path.dirname(os.path.dirname(capnp.__file__))]
+
+fabric = capnp.load(os.path.join(_HERE, "fabric.capnp"), imports=_IMPORTS)
+drvmm = capnp.load(os.path.join(_HERE, "drvmm.capnp"), imports=_IMPORTS)

@@ -67,6 +67,7 @@ async def serve_node(cfg: config.Config, info: dict, interval: float) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+                fabric.nursery = nursery
                 await member.join_with_backoff()
                 await fabric.listen(info["address"], client.socket_path(cfg.state_dir))
                 service = f"drvmm@{info['node']}"

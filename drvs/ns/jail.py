@@ -39,9 +39,12 @@ class ProgramError(DrvsError):
 
 
 class RunOptions(namedtuple(
-        "RunOptions", "argv env cwd binds tty interactive limits net_host uid gid groups caps detached",
-        defaults=({}, "/data", (), False, False, Limits(), False, 0, 0, (), DEFAULT_CAPS, False))):
-    """What a user asked of one run (the drvs-run options)."""
+        "RunOptions", "argv env cwd binds tty interactive limits net_host uid gid groups caps detached stdio "
+        "rows cols",
+        defaults=({}, "/data", (), False, False, Limits(), False, 0, 0, (), DEFAULT_CAPS, False, (), 0, 0))):
+    """What a user asked of one run (the drvs-run options).  stdio: three fds
+    for the program's 0, 1, 2 (default: the caller's own); rows and cols:
+    the terminal's size with -t when the caller's stdin is not it."""
 
     __slots__ = ()
 
@@ -96,14 +99,17 @@ class Run:
 
     # -- start -----------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, forward_signals: bool = True) -> None:
+        """Build the jail and exec the program.  forward_signals: catch this
+        process's signals for the program (a daemon passes them on itself)."""
         # Catch the signals to forward before anything exists to forward them
         # to: one that arrives while the jail is being built waits in the pipe.
-        self.signals = _SignalPipe()
+        self.signals = _SignalPipe() if forward_signals else None
         try:
             self._start()
         except BaseException:
-            self.signals.close()
+            if self.signals is not None:
+                self.signals.close()
             raise
 
     def _start(self) -> None:
@@ -135,8 +141,8 @@ class Run:
         self.cgroup.set_limits(self.opts.limits, fresh=True)
         procs = self.cgroup.open_procs()
         ns = launcher.CELL_NAMESPACES | (0 if self.opts.net_host else launcher.NEWNET)
-        rows, cols = 0, 0
-        if self.opts.tty:
+        rows, cols = self.opts.rows, self.opts.cols
+        if self.opts.tty and not rows:
             from . import terminal  # termios: only for -t
 
             rows, cols = terminal.window_size(0)
@@ -147,7 +153,7 @@ class Run:
             path=env.get("PATH", DEFAULT_PATH), cwd=self.opts.cwd,
             caps_keep=capability_mask(self.opts.caps) if self.opts.uid == 0 else 0, cap_last=cap_last(),
             uid=self.opts.uid, gid=self.opts.gid, groups=self.opts.groups, tty=int(self.opts.tty),
-            rows=rows, cols=cols)
+            rows=rows, cols=cols, stdio=self.opts.stdio)
         try:
             self.proc = launcher.spawn_run(spec)
         finally:
@@ -212,6 +218,10 @@ class Run:
                 signal.pidfd_send_signal(self.proc.pidfd, signum)
             except ProcessLookupError:
                 pass
+
+    def reap(self) -> RunResult:
+        """The program's result once its keeper has exited (pidfd readable)."""
+        return self._result(self._reap())
 
     def _reap(self) -> int:
         _, status = os.waitpid(self.proc.pid, 0)

@@ -25,8 +25,8 @@ CellSpec = namedtuple("CellSpec", "hostname init_procs_fds lock_fd new_net idle_
 RunSpec = namedtuple(
     "RunSpec",
     "cell_pidfd ns_flags procs_fds rootdir steps argv envp path cwd caps_keep cap_last "
-    "uid gid groups tty rows cols tty_sock err_fd kill_leftovers",
-    defaults=(0, 0, (), 0, 0, 0, -1, -1, 1))
+    "uid gid groups tty rows cols tty_sock err_fd kill_leftovers stdio",
+    defaults=(0, 0, (), 0, 0, 0, -1, -1, 1, ()))
 
 
 def describe(code: int, step: str, detail: str, err: int) -> str:

@@ -1,0 +1,148 @@
+"""drvs-run --node: a program on another node, its stdio carried by the fabric.
+
+The command talks to this node's drvmmd (unix socket), which hands the call
+to the target node; output arrives through ByteStream capabilities served
+here, input goes out through the Process's stdin stream, signals through
+Process.signal, and the exit status through Process.wait."""
+
+import asyncio
+import errno
+import os
+import signal
+
+from .message import IpcError
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def run(state_dir: str, node: str, vm: str, opts) -> tuple[int, str]:
+    """(exit code, message) of opts.argv run on node."""
+    from . import client
+
+    path = client.socket_path(state_dir)
+    if not os.path.exists(path):
+        raise IpcError(f"drvmmd is not running on this node (no {path})", errno.ENOENT)
+    return asyncio.run(_run(path, node, vm, opts))
+
+
+async def _run(path: str, node: str, vm: str, opts):
+    import capnp
+
+    from .schema import fabric
+
+    class Sink(fabric.ByteStream.Server):
+        def __init__(self, fd: int):
+            self.fd = fd
+
+        async def write(self, data, **kwargs):
+            view = memoryview(bytes(data))
+            while view:
+                view = view[os.write(self.fd, view):]
+
+        async def done(self, **kwargs):
+            pass
+
+    async with capnp.kj_loop():
+        try:
+            stream = await capnp.AsyncIoStream.create_unix_connection(path)
+        except OSError as e:
+            raise IpcError(f"drvmmd at {path}: {e.strerror}", e.errno or errno.EIO) from None
+        client = capnp.TwoPartyClient(stream)
+        node_cap = client.bootstrap().cast_as(fabric.Node)
+        call = node_cap.run_request()
+        r = call.init("request")
+        r.vm, r.node, r.workdir = vm, node, opts.cwd
+        argv = r.init("argv", len(opts.argv))
+        for i, a in enumerate(opts.argv):
+            argv[i] = a
+        env = r.init("env", len(opts.env))
+        for i, (k, v) in enumerate(opts.env.items()):
+            env[i] = f"{k}={v}"
+        r.tty, r.interactive, r.netHost = opts.tty, opts.interactive, opts.net_host
+        r.cpus = opts.limits.cpus or 0.0
+        r.memory = opts.limits.memory or 0
+        r.pidsLimit = opts.limits.pids or 0
+        if opts.tty:
+            from ..ns import terminal
+
+            r.rows, r.cols = terminal.window_size(0)
+        call.stdout, call.stderr = Sink(1), Sink(2)
+        # Signals are caught from now on; those that come before the program
+        # exists wait for it (its output may arrive before the call's reply).
+        loop = asyncio.get_running_loop()
+        pending: list[int] = []
+        target = {}
+
+        def on_signal(sig):
+            if "process" in target:
+                asyncio.ensure_future(target["process"].signal(int(sig)))
+            else:
+                pending.append(int(sig))
+
+        for sig in FORWARDED:
+            loop.add_signal_handler(sig, on_signal, sig)
+        try:
+            process = (await call.send()).process
+        except capnp.KjException as e:
+            raise IpcError(f"node {node}: {e.description}", errno.EIO) from None
+        target["process"] = process
+        for sig in pending:
+            asyncio.ensure_future(process.signal(sig))
+        if opts.tty:
+            loop.add_signal_handler(signal.SIGWINCH, lambda: asyncio.ensure_future(_resize(process)))
+        pump = None
+        if not opts.tty or opts.interactive:
+            pump = asyncio.ensure_future(_pump_stdin(loop, process))
+        try:
+            if opts.tty and opts.interactive and os.isatty(0):
+                from ..ns import terminal
+
+                with terminal.raw_mode(0):
+                    result = await process.wait()
+            else:
+                result = await process.wait()
+        except capnp.KjException as e:
+            raise IpcError(f"node {node}: lost the program: {e.description}", errno.ECONNRESET) from None
+        finally:
+            if pump is not None:
+                pump.cancel()
+        return result.exitCode, result.message
+
+
+async def _resize(process) -> None:
+    from ..ns import terminal
+
+    rows, cols = terminal.window_size(0)
+    if rows:
+        await process.resize(rows, cols)
+
+
+async def _pump_stdin(loop, process) -> None:
+    """Our stdin to the program, with flow control; EOF closes its stdin.
+    A daemon thread reads, so that files, pipes and terminals all work and
+    a read still blocked at the end holds nothing up."""
+    import threading
+
+    stream = (await process.stdin()).stream
+    queue: asyncio.Queue = asyncio.Queue(maxsize=4)
+    wanted = threading.Semaphore(4)
+
+    def reader():
+        while True:
+            wanted.acquire()
+            try:
+                data = os.read(0, 65536)
+            except OSError:
+                data = b""
+            loop.call_soon_threadsafe(queue.put_nowait, data)
+            if not data:
+                return
+
+    threading.Thread(target=reader, name="stdin", daemon=True).start()
+    while True:
+        data = await queue.get()
+        wanted.release()
+        if not data:
+            await stream.done()
+            return
+        await stream.write(data)

@@ -1,0 +1,108 @@
+"""drvs-run --node: a program on another node, stdio, status and signals
+carried over the fabric."""
+
+import hashlib
+import os
+import signal
+import subprocess
+import time
+
+import pexpect
+
+from tests.cluster.conftest import BIN
+
+
+def run_on(c, via: str, *args, input=None, timeout=60, text=True):
+    env = {**c.env, "DRVS_NODE": via}
+    return subprocess.run([str(BIN / "drvs-run"), *args], env=env, input=input, capture_output=True,
+                          text=text, timeout=timeout)
+
+
+def test_stdin_stdout_stderr_and_exit_status(cluster_factory):
+    c = cluster_factory(nodes=2)
+    p = run_on(c, "n1", "--node", "n2", "--", "sh", "-c",
+               'read line; echo "n2 got: $line"; cat /etc/hostname; echo oops >&2; exit 5', input="hello\n")
+    assert (p.returncode, p.stdout, p.stderr) == (5, "n2 got: hello\ndefault\n", "oops\n")
+
+
+def test_program_really_runs_on_the_other_node(cluster_factory):
+    """Its cell is on n2: n2's cgroup holds it, n1's does not."""
+    c = cluster_factory(nodes=2)
+    proc = subprocess.Popen([str(BIN / "drvs-run"), "--node", "n2", "--", "sleep", "30"],
+                            env={**c.env, "DRVS_NODE": "n1"})
+    try:
+        def cells_of(node):
+            """Non-empty run cgroups of cells under that node's cgroup."""
+            out = subprocess.run(["find", "/sys/fs/cgroup/pids", "-path",
+                                  f"*drvs-dev-{c.info['name']}-{node}/drvs*/run-*/cgroup.procs"],
+                                 capture_output=True, text=True).stdout.split()
+            return [f for f in out if open(f).read().strip()]
+        deadline = time.monotonic() + 15
+        while not cells_of("n2") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert cells_of("n2") and not cells_of("n1")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 128 + signal.SIGTERM
+
+
+def test_binary_data_streams_both_ways(cluster_factory):
+    c = cluster_factory(nodes=2)
+    data = os.urandom(8 << 20)
+    p = run_on(c, "n1", "--node", "n2", "--", "sh", "-c", "cat; cat /dev/null", input=data, text=False, timeout=120)
+    assert p.returncode == 0
+    assert hashlib.sha256(p.stdout).hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def test_signals_reach_the_remote_program(cluster_factory):
+    c = cluster_factory(nodes=2)
+    proc = subprocess.Popen([str(BIN / "drvs-run"), "--node", "n2", "--", "sh", "-c",
+                             'trap "echo got INT; exit 42" INT; echo ready; while :; do sleep 0.05; done'],
+                            env={**c.env, "DRVS_NODE": "n1"}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=20)
+        assert "got INT" in out and proc.returncode == 42
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_setup_failures_come_back_as_on_one_node(cluster_factory):
+    c = cluster_factory(nodes=2)
+    p = run_on(c, "n1", "--node", "n2", "--", "no-such-command")
+    assert (p.returncode, p.stderr) == (127, "drvs-run: no-such-command: command not found\n")
+    p = run_on(c, "n1", "--node", "n9", "--", "true")
+    assert (p.returncode, p.stderr) == (7, "drvs-run: node 'n9' is not in the cluster\n")
+
+
+def test_dead_target_node_is_reported_within_the_bound(cluster_factory):
+    c = cluster_factory(nodes=2)
+    os.kill(c.node("n2")["pid"], signal.SIGKILL)
+    c.wait_status("n2", "NotReady", timeout=8)
+    t0 = time.monotonic()
+    p = run_on(c, "n1", "--node", "n2", "--", "true")
+    assert p.returncode == 7 and "node 'n2' is NotReady" in p.stderr
+    assert time.monotonic() - t0 < 10
+
+
+def test_tty_across_nodes(cluster_factory):
+    c = cluster_factory(nodes=2)
+    child = pexpect.spawn(str(BIN / "drvs-run"), ["--node", "n2", "-it", "--", "bash", "--norc", "-i"],
+                          env={**c.env, "DRVS_NODE": "n1"}, encoding="utf-8", timeout=20, dimensions=(31, 97))
+    try:
+        child.expect(r"[#$] ")
+        child.sendline("PS1='P''> '")
+        child.expect_exact("P> ")
+        child.sendline("tty; stty size")
+        child.expect(r"(/dev/pts/\d+)\r\n(\d+ \d+)\r\n")
+        assert child.match.group(2) == "31 97"
+        child.sendline("exit 6")
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 6
+    finally:
+        if child.isalive():
+            child.kill(signal.SIGKILL)
