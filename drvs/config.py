@@ -61,6 +61,12 @@ class Config:
         return f"{self.state_dir}/root"
 
 
+def _idle_check(value, path: str) -> int:
+    if not isinstance(value, int) or not 50 <= value <= 3_600_000:
+        raise UsageError(f"config {path}: idle_check_ms must be a whole number of ms from 50 to 3600000")
+    return value
+
+
 @cache
 def load() -> Config:
     path = os.environ.get("DRVS_CONFIG", DEFAULT_CONFIG)
@@ -76,6 +82,6 @@ def load() -> Config:
     state = os.environ.get("DRVS_STATE_DIR") or data.get("state_dir") or DEFAULT_STATE_DIR
     return Config(
         state_dir=state,
-        idle_check_ms=int(data.get("idle_check_ms", 5000)),
+        idle_check_ms=_idle_check(data.get("idle_check_ms", 5000), path),
         favordynmods=bool(data.get("favordynmods", True)),
     )

@@ -22,6 +22,7 @@
 #include <limits.h>
 #include <linux/capability.h>
 #include <linux/mount.h>
+#include <linux/openat2.h>
 #include <net/if.h>
 #include <sched.h>
 #include <signal.h>
@@ -53,7 +54,8 @@
 static void report(int fd, int code, const char *step, const char *detail, int err)
 {
     char buf[PATH_MAX + 128];
-    int n = snprintf(buf, sizeof buf, "%d\x1f%s\x1f%s\x1f%d", code, step,
+    /* The detail is capped so that the errno after it always fits. */
+    int n = snprintf(buf, sizeof buf, "%d\x1f%s\x1f%.*s\x1f%d", code, step, PATH_MAX,
                      detail ? detail : "", err);
     if (fd >= 0 && n > 0)
         (void)!write(fd, buf, (size_t)n < sizeof buf ? (size_t)n : sizeof buf - 1);
@@ -213,6 +215,89 @@ static int set_mount_attr(const char *path, int recursive, uint64_t set)
     return mount(NULL, path, NULL, flags, NULL);
 }
 
+/* Open the target of a bind inside the new root, creating what is missing,
+ * without ever following a symlink: the VM's writable data may hold links
+ * planted by an earlier run, and a bind must not follow one out of the
+ * root.  Returns an O_PATH fd, or -1 with errno. */
+static int open_beneath(const char *rootdir, const char *rel, int want_dir)
+{
+    char buf[PATH_MAX];
+    while (*rel == '/')
+        rel++;
+    if (strlen(rel) >= sizeof buf) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    strcpy(buf, rel);
+    int cur = open(rootdir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (cur < 0)
+        return -1;
+    char *save = NULL;
+    for (char *c = strtok_r(buf, "/", &save); c; c = strtok_r(NULL, "/", &save)) {
+        int last = save == NULL || *save == '\0';
+        if (strcmp(c, ".") == 0)
+            continue;
+        if (strcmp(c, "..") == 0) {
+            close(cur);
+            errno = EINVAL;
+            return -1;
+        }
+        struct open_how how = {
+            .flags = O_PATH | O_CLOEXEC | O_NOFOLLOW | (last && !want_dir ? 0 : O_DIRECTORY),
+            .resolve = RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS,
+        };
+        int next = (int)syscall(SYS_openat2, cur, c, &how, sizeof how);
+        if (next < 0 && errno == ENOENT) {
+            if (!last || want_dir) {
+                if (mkdirat(cur, c, 0755) < 0 && errno != EEXIST)
+                    goto fail;
+            } else {
+                int f = openat(cur, c, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+                if (f < 0 && errno != EEXIST)
+                    goto fail;
+                if (f >= 0)
+                    close(f);
+            }
+            next = (int)syscall(SYS_openat2, cur, c, &how, sizeof how);
+        }
+        if (next < 0) {
+            struct stat st;
+            if ((errno == ENOTDIR || errno == ELOOP || errno == EXDEV) &&
+                fstatat(cur, c, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISLNK(st.st_mode))
+                errno = ELOOP; /* said as "a symbolic link is in the way" */
+            goto fail;
+        }
+        close(cur);
+        cur = next;
+    }
+    return cur;
+fail:;
+    int err = errno;
+    close(cur);
+    errno = err;
+    return -1;
+}
+
+/* Bind src onto the fd's place with the new mount API: the tree is made
+ * read-only/nosuid/nodev while still detached, then attached by fd, so no
+ * path is looked up twice. */
+static int bind_by_fd(const char *src, int target, uint64_t attrs)
+{
+    int tree = (int)syscall(SYS_open_tree, AT_FDCWD, src, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE);
+    if (tree < 0)
+        return -1;
+    struct mount_attr attr;
+    memset(&attr, 0, sizeof attr);
+    attr.attr_set = attrs;
+    int rc = (int)syscall(SYS_mount_setattr, tree, "", AT_EMPTY_PATH | AT_RECURSIVE, &attr, sizeof attr);
+    if (rc == 0)
+        rc = (int)syscall(SYS_move_mount, tree, "", target, "", MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH);
+    int err = errno;
+    close(tree);
+    errno = err;
+    return rc;
+}
+
 static void step_bind(const struct run_config *cfg, const struct step *s, const char *dst)
 {
     struct stat st;
@@ -221,6 +306,23 @@ static void step_bind(const struct run_config *cfg, const struct step *s, const 
             return;
         die(cfg->err_fd, JAIL_EXIT_SETUP, "bind-source", s->src);
     }
+    uint64_t attrs = MOUNT_ATTR_NOSUID;
+    if (!(s->flags & BIND_DEV))
+        attrs |= MOUNT_ATTR_NODEV;
+    if (s->flags & BIND_RO)
+        attrs |= MOUNT_ATTR_RDONLY;
+    int target = open_beneath(cfg->rootdir, s->dst, S_ISDIR(st.st_mode));
+    if (target < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "bind-target", s->dst);
+    int rc = bind_by_fd(s->src, target, attrs);
+    int err = errno;
+    close(target);
+    if (rc == 0)
+        return;
+    errno = err;
+    if (errno != ENOSYS)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "bind", s->src);
+    /* Kernels before 5.12: by path. */
     if (S_ISDIR(st.st_mode)) {
         if (mkdir_p(dst, 0755) < 0)
             die(cfg->err_fd, JAIL_EXIT_SETUP, "bind-target", s->dst);
@@ -235,11 +337,6 @@ static void step_bind(const struct run_config *cfg, const struct step *s, const 
     }
     if (mount(s->src, dst, NULL, MS_BIND | MS_REC, NULL) < 0)
         die(cfg->err_fd, JAIL_EXIT_SETUP, "bind", s->src);
-    uint64_t attrs = MOUNT_ATTR_NOSUID;
-    if (!(s->flags & BIND_DEV))
-        attrs |= MOUNT_ATTR_NODEV;
-    if (s->flags & BIND_RO)
-        attrs |= MOUNT_ATTR_RDONLY;
     if (set_mount_attr(dst, 1, attrs) < 0)
         die(cfg->err_fd, JAIL_EXIT_SETUP, "bind-attributes", s->dst);
 }
@@ -378,6 +475,8 @@ static void setup_pty(const struct run_config *cfg)
         struct winsize ws = {.ws_row = cfg->rows, .ws_col = cfg->cols};
         ioctl(slave, TIOCSWINSZ, &ws);
     }
+    if (cfg->uid != 0 && fchown(slave, cfg->uid, (gid_t)-1) < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "pty-owner", NULL);
     if (send_fd(cfg->tty_sock, master) < 0)
         die(cfg->err_fd, JAIL_EXIT_SETUP, "pty-send", NULL);
     close(master);
@@ -419,6 +518,9 @@ static void drop_privileges(const struct run_config *cfg)
     }
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
         die(cfg->err_fd, JAIL_EXIT_SETUP, "no-new-privs", NULL);
+    /* Changing uid cleared the parent-death signal: set it again. */
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "parent-death-signal", NULL);
 }
 
 /* ---- exec ------------------------------------------------------------- */
@@ -426,6 +528,10 @@ static void drop_privileges(const struct run_config *cfg)
 static _Noreturn void exec_program(const struct run_config *cfg)
 {
     const char *name = cfg->argv[0];
+    if (!*name) {
+        errno = ENOENT;
+        die(cfg->err_fd, JAIL_EXIT_NOTFOUND, "exec", name);
+    }
     if (strchr(name, '/')) {
         execve(name, cfg->argv, cfg->envp);
         int code = (errno == ENOENT || errno == ENOTDIR) ? JAIL_EXIT_NOTFOUND : JAIL_EXIT_NOEXEC;
@@ -443,7 +549,8 @@ static _Noreturn void exec_program(const struct run_config *cfg)
             execve(buf, cfg->argv, cfg->envp);
             if (errno == EACCES)
                 saw_eacces = 1;
-            else if (errno != ENOENT && errno != ENOTDIR && errno != ELOOP)
+            else if (errno != ENOENT && errno != ENOTDIR && errno != ESTALE && errno != ENODEV &&
+                     errno != ETIMEDOUT)
                 die(cfg->err_fd, JAIL_EXIT_NOEXEC, "exec", name);
         }
         p = colon ? colon + 1 : NULL;
@@ -513,6 +620,9 @@ static _Noreturn void keeper_main(const struct run_config *cfg, pid_t parent)
     /* Out of the caller's foreground process group: terminal signals reach
      * the program once, through the caller. */
     setpgid(0, 0);
+    /* SIGCHLD may come in ignored (children then reap themselves and the
+     * wait below never ends): restore it before blocking everything. */
+    signal(SIGCHLD, SIG_DFL);
     sigset_t all;
     sigfillset(&all);
     sigprocmask(SIG_SETMASK, &all, NULL);
@@ -616,12 +726,16 @@ static void name_process(const char *vm)
     if (!p || !p[1] || !p[2] || !p[3])
         return;
     p += 4; /* past ") S ": field 4 on are numbers */
-    unsigned long field[52] = {0};
-    for (int i = 4; i < 52 && *p; i++) {
+    unsigned long field[53] = {0};
+    for (int i = 4; i < 53 && *p; i++) {
         field[i] = strtoul(p, &p, 10);
         while (*p == ' ')
             p++;
     }
+    /* The environment (fields 50-51) is the caller's: no business of the cell. */
+    unsigned long env_start = field[50], env_end = field[51];
+    if (env_start && env_end > env_start && env_end - env_start <= 1 << 20)
+        memset((char *)env_start, 0, env_end - env_start);
     unsigned long start = field[48], end = field[49];
     if (!start || end <= start || end - start > 65536)
         return;
@@ -629,6 +743,37 @@ static void name_process(const char *vm)
     size_t len = end - start;
     memset(area, 0, len);
     snprintf(area, len, "drvs-cell %s", vm);
+    /* A non-NUL last byte tells the kernel the area holds a title: it then
+     * shows it up to its first NUL, without the padding. */
+    if (len > strlen(area) + 1)
+        area[len - 1] = ' ';
+}
+
+/* The init needs nothing of the host's files: give it an empty root of its
+ * own (then no host mount stays pinned by the cell, and a program that may
+ * ptrace cannot reach the host through /proc/1/root), and make it not
+ * dumpable (its memory is the forked caller's). */
+static void isolate_init(const struct cell_config *cfg, int ready_fd)
+{
+    if (unshare(CLONE_NEWNS) < 0)
+        die(ready_fd, JAIL_EXIT_SETUP, "init-unshare-mount-namespace", NULL);
+    if (mount(NULL, "/", NULL, MS_REC | MS_SLAVE, NULL) < 0)
+        die(ready_fd, JAIL_EXIT_SETUP, "init-make-rslave", "/");
+    if (mount("tmpfs", cfg->rootdir, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, "size=4k,mode=0555") < 0)
+        die(ready_fd, JAIL_EXIT_SETUP, "init-root", cfg->rootdir);
+    if (chdir(cfg->rootdir) < 0 || syscall(SYS_pivot_root, ".", ".") < 0 || umount2(".", MNT_DETACH) < 0 ||
+        chdir("/") < 0)
+        die(ready_fd, JAIL_EXIT_SETUP, "init-pivot-root", cfg->rootdir);
+    if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0)
+        die(ready_fd, JAIL_EXIT_SETUP, "init-not-dumpable", NULL);
+}
+
+/* Tell whoever takes the cell lock next that this init is on its way out:
+ * the kernel drops our flock before the process is fully gone. */
+static _Noreturn void init_exit(int lock_fd)
+{
+    (void)!pwrite(lock_fd, "dead", 4, 0);
+    _exit(0);
 }
 
 static _Noreturn void cell_init_main(const struct cell_config *cfg, int ready_fd)
@@ -641,8 +786,7 @@ static _Noreturn void cell_init_main(const struct cell_config *cfg, int ready_fd
     if (cfg->new_net && loopback_up() < 0)
         die(ready_fd, JAIL_EXIT_SETUP, "loopback-up", "lo");
     setsid();
-    if (chdir("/") < 0)
-        die(ready_fd, JAIL_EXIT_SETUP, "chdir", "/");
+    isolate_init(cfg, ready_fd);
 
     /* pid 1 only receives signals it handles: give the ones it waits for a
      * handler, then block them so sigtimedwait() takes them. */
@@ -662,18 +806,19 @@ static _Noreturn void cell_init_main(const struct cell_config *cfg, int ready_fd
 
     for (;;) {
         struct timespec ts = {cfg->idle_check_ms / 1000, (cfg->idle_check_ms % 1000) * 1000000L};
-        int sig = sigtimedwait(&set, NULL, &ts);
+        /* 0: a pinned cell, removed by its owner only; no idle check. */
+        int sig = cfg->idle_check_ms > 0 ? sigtimedwait(&set, NULL, &ts) : sigwaitinfo(&set, NULL);
         while (waitpid(-1, NULL, WNOHANG) > 0)
             ;
         if (sig == SIGTERM || sig == SIGINT || sig == SIGHUP)
-            _exit(0);
+            init_exit(cfg->lock_fd);
         if (sig == SIGCHLD)
             continue;
         /* Idle check (timeout or SIGUSR1).  The lock keeps out a run that
          * has joined our namespaces but not yet forked its program. */
         if (flock(cfg->lock_fd, LOCK_EX) == 0) {
             if (kill(-1, 0) < 0 && errno == ESRCH)
-                _exit(0);
+                init_exit(cfg->lock_fd);
             flock(cfg->lock_fd, LOCK_UN);
         }
     }

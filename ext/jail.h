@@ -56,7 +56,8 @@ struct cell_config {
     int n_init_procs;
     int lock_fd;                 /* own open file description of the cell lock */
     int new_net;                 /* 0: keep the host network */
-    int idle_check_ms;           /* how often the init looks for an empty cell */
+    int idle_check_ms;           /* how often the init looks for an empty cell; 0: never */
+    const char *rootdir;         /* an empty directory the init mounts its own root on */
 };
 
 struct run_config {

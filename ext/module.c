@@ -200,7 +200,7 @@ static PyObject *py_spawn_cell(PyObject *self, PyObject *spec)
     int *init_fds = NULL;
     if (!a.keep)
         return NULL;
-    if (!(cfg.hostname = get_cstr(&a, spec, "hostname")) ||
+    if (!(cfg.hostname = get_cstr(&a, spec, "hostname")) || !(cfg.rootdir = get_cstr(&a, spec, "rootdir")) ||
         get_fds(&a, spec, "init_procs_fds", &init_fds, &cfg.n_init_procs) < 0 ||
         get_int(spec, "lock_fd", &cfg.lock_fd) < 0 || get_int(spec, "new_net", &cfg.new_net) < 0 ||
         get_int(spec, "idle_check_ms", &cfg.idle_check_ms) < 0)

@@ -36,7 +36,7 @@ def test_vm_errors_have_distinct_codes(drvs):
 def test_definitions_persist_in_the_store(drvs):
     drvs.drvs("vm", "create", "keep", "--memory", "1G", check=True)
     store = json.loads((drvs.state / "store.json").read_text())
-    value, _created, _modified = store["kv"]["/vms/keep"]
+    value, _created, _modified = store["kv"]["/drvs/vms/keep"]
     assert json.loads(value)["limits"]["memory"] == 1 << 30
     # A new process (a restart) sees it.
     assert drvs.drvs("vm", "show", "keep", check=True).returncode == 0

@@ -97,6 +97,10 @@ def kill(args) -> int:
     except KeyError:
         raise UsageError(f"unknown signal {args.signal!r}") from None
     rec = _run_record(args.run)
+    if signum == signal.SIGKILL:
+        # The keeper cannot pass SIGKILL on; its own "end the run" signal
+        # kills the program and whatever it left.
+        signum = jail.END_RUN_SIGNAL
     try:
         os.kill(rec["keeper"], signum)
     except ProcessLookupError:
@@ -120,5 +124,3 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-__all__ = ["main", "jail"]

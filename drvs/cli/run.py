@@ -8,6 +8,7 @@ line when the cell's memory limit killed it.
 
 import argparse
 import os
+import signal
 import sys
 
 from .. import config
@@ -32,7 +33,15 @@ def execute(vm_name: str, opts: jail.RunOptions, prog: str, node: str | None = N
     cfg = config.load()
     if node:
         return _remote(cfg, node, vm_name, opts, prog)
-    vm = VmRegistry(open_store()).get(vm_name)
+    store = open_store()
+    vm = VmRegistry(store).get(vm_name)
+    if vm.shares:
+        from ..cluster.context import local_node
+        from ..vm.placement import choose_node
+
+        there = choose_node(store, vm, local_node(cfg))
+        if there is not None:
+            return _remote(cfg, there, vm_name, opts, prog)
     if opts.detached:
         return _detach(cfg, vm, opts)
     result = jail.run(cfg, vm, opts)
@@ -78,6 +87,7 @@ def _detach(cfg, vm, opts: jail.RunOptions) -> int:
         raise err
     os.close(rd)
     os.setsid()
+    os.chdir("/")
     if os.fork() != 0:
         os._exit(0)  # the monitor is reparented and outlives nobody's terminal
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
@@ -95,14 +105,39 @@ def _detach(cfg, vm, opts: jail.RunOptions) -> int:
         os._exit(70)
     os.write(wr, b"ok")
     os.close(wr)
+    code = 70
     try:
         result = r.wait()
+        code = result.exit_code
+        note = jail.explain(result)
+        if note:
+            os.write(2, f"drvs-run: {note}\n".encode())
+        os.write(2, f"drvs-run: exited with status {code}\n".encode())
     finally:
-        os._exit(0)
-    return result.exit_code
+        os._exit(code)
+
+
+def _stdio_present() -> None:
+    """Give closed fds 0-2 /dev/null, so that nothing else (a lock, a pipe)
+    lands on them and is handed to the program as its stdio."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", closefd=False)
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", closefd=False)
 
 
 def main(argv: list[str] | None = None) -> int:
+    _stdio_present()
+    # An inherited "ignore SIGCHLD" would reap the keeper before we can.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     p = parser()
     args = p.parse_args(argv)
 

@@ -7,11 +7,12 @@ import shutil
 import time
 
 from .. import config
-from ..errors import Conflict
+from ..cluster.context import cluster_info
+from ..errors import Conflict, NotFound, UsageError
 from ..ns import cell as cells
 from ..store import open_store
 from ..units import format_size
-from ..vm.model import VmSpec, check_name
+from ..vm.model import VmSpec, check_name, parse_share
 from ..vm.registry import VmRegistry
 from .common import emit, print_table
 from .options import add_limit_options, limits_from, typed
@@ -23,6 +24,8 @@ def add_parser(sub) -> None:
     p = verbs.add_parser("create", help="define a VM")
     p.add_argument("name", type=typed(check_name))
     add_limit_options(p)
+    p.add_argument("--node", dest="shares", action="append", default=[], type=typed(parse_share),
+                   metavar="NODE[:cpus=N,memory=SIZE,pids=N]", help="give the VM a share of NODE (repeatable)")
     p.set_defaults(func=create)
     p = verbs.add_parser("ls", help="list VMs")
     _format(p)
@@ -42,9 +45,33 @@ def _format(p) -> None:
 
 
 def create(args) -> int:
-    spec = VmRegistry(open_store()).create(VmSpec(args.name, limits_from(args)))
+    store = open_store()
+    shares = dict(args.shares)
+    if len(shares) != len(args.shares):
+        raise UsageError("a node is given twice in --node")
+    if shares:
+        check_shares(store, shares)
+    spec = VmRegistry(store).create(VmSpec(args.name, limits_from(args), shares=shares))
     print(spec.name)
     return 0
+
+
+def check_shares(store, shares: dict) -> None:
+    """Every share is of a known node and fits in it."""
+    from ..cluster.membership import spec_key
+
+    if not cluster_info(config.load()):
+        raise UsageError("--node shares need a cluster (this node is a single node)")
+    for node, limits in shares.items():
+        entry = store.get(spec_key(node))
+        if entry is None:
+            raise NotFound(f"no such node: {node!r} (see `drvs node ls`)")
+        spec = json.loads(entry.value)
+        if limits.cpus and limits.cpus > spec["cpus"]:
+            raise UsageError(f"share of {node} asks for {limits.cpus:g} CPUs; {node} has {spec['cpus']}")
+        if limits.memory and limits.memory > spec["memory"]:
+            raise UsageError(f"share of {node} asks for {format_size(limits.memory)} of memory; "
+                             f"{node} has {format_size(spec['memory'])}")
 
 
 def _limits_text(spec: VmSpec) -> dict[str, str]:
@@ -98,12 +125,14 @@ def ls(args) -> int:
     cfg = config.load()
     specs = VmRegistry(open_store()).list()
     data = [{"name": s.name, "limits": s.limits._asdict(), "created": s.created,
+             "shares": {n: l._asdict() for n, l in s.shares.items()},
              "active": os.path.exists(f"{cfg.cells_dir}/{s.name}.json"),
              "runs": len(runs_of(cfg, s.name))} for s in specs]
 
     def table():
-        print_table(["NAME", "CPUS", "CPUSET", "MEMORY", "PIDS", "RUNS", "AGE"],
-                    [[s.name, *_limits_text(s).values(), d["runs"], _age(s.created)] for s, d in zip(specs, data)])
+        print_table(["NAME", "CPUS", "CPUSET", "MEMORY", "PIDS", "NODES", "RUNS", "AGE"],
+                    [[s.name, *_limits_text(s).values(), ",".join(sorted(s.shares)) or "any", d["runs"],
+                      _age(s.created)] for s, d in zip(specs, data)])
 
     emit(data, args.format, table)
     return 0
@@ -115,12 +144,16 @@ def show(args) -> int:
     state = _state(cfg, spec.name)
     runs = runs_of(cfg, spec.name)
     data = {"name": spec.name, "limits": spec.limits._asdict(), "created": spec.created,
+            "shares": {n: l._asdict() for n, l in spec.shares.items()},
             "data_dir": f"{cfg.vms_dir}/{spec.name}/data", "cell": state, "runs": runs}
 
     def table():
         print_table(["FIELD", "VALUE"], [
             ["name", spec.name], *[[k.lower(), v] for k, v in _limits_text(spec).items()],
             ["age", _age(spec.created)], ["data", data["data_dir"]],
+            *[[f"share {n}", ", ".join(f"{k}={format_size(v) if k == 'memory' else v}"
+                                       for k, v in l._asdict().items() if v) or "whole node"]
+              for n, l in sorted(spec.shares.items())],
             ["cell", f"active (init {state['init_pid']}, cpu {state['cpu_seconds']:.2f}s, "
                      f"memory {format_size(state['memory_bytes'])})" if state["active"] else "inactive"],
         ])

@@ -6,7 +6,6 @@ node on the embedded store.  `drvs --node NAME` (or $DRVS_NODE) acts as node
 NAME of the local dev cluster: it enters that node's network namespace and
 uses its state directory, as if run on that node."""
 
-import ctypes
 import json
 import os
 
@@ -31,6 +30,12 @@ def cluster_info(cfg: config.Config) -> dict | None:
     return read_json(f"{cfg.state_dir}/cluster.json")
 
 
+def local_node(cfg: config.Config) -> str | None:
+    """This node's name in its cluster, or None on a single node."""
+    info = cluster_info(cfg) if os.path.exists(f"{cfg.state_dir}/cluster.json") else None
+    return info["node"] if info else None
+
+
 def dev_cluster_file(state_dir: str) -> str:
     return f"{state_dir}/dev-cluster.json"
 
@@ -51,6 +56,8 @@ def enter_node(name: str) -> None:
 
 
 def setns_net(path: str) -> None:
+    import ctypes
+
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         libc = ctypes.CDLL(None, use_errno=True)

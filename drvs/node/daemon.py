@@ -59,6 +59,7 @@ async def serve_node(cfg: config.Config, info: dict, interval: float) -> None:
     from ..ipc import client
     from ..ipc.fabric import FABRIC_PORT, Fabric, Tls
     from ..ipc.services import DrvmmService
+    from . import reconcile
 
     tls = Tls(**info["tls"]) if info.get("tls") else None
     async with Etcd(info["etcd"]) as etcd:
@@ -78,6 +79,7 @@ async def serve_node(cfg: config.Config, info: dict, interval: float) -> None:
                 log.info("node %s joined cluster %s at %s", info["node"], info["cluster"], info["address"])
                 nursery.start_soon(member.run)
                 nursery.start_soon(_tidy_loop, cfg, interval)
+                nursery.start_soon(reconcile.run, cfg, etcd, info["node"])
         finally:
             fabric.close()
             # Leave at once (NotReady now, not after the lease's TTL).

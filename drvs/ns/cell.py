@@ -78,6 +78,14 @@ class CellLock:
             json.dump(record, f)
         os.rename(tmp, self.record_path)
 
+    def init_is_leaving(self) -> bool:
+        """The init marks the lock file before it exits (it holds the flock
+        until then, but its exit finishes after the flock is free)."""
+        return os.pread(self.fd, 4, 0) == b"dead"
+
+    def clear_marks(self) -> None:
+        os.ftruncate(self.fd, 0)
+
     def drop_record(self) -> None:
         _unlink(self.record_path)
 
@@ -88,6 +96,8 @@ def find(lock: CellLock) -> ActiveCell | None:
     if not record:
         return None
     cg = Cgroup.from_record(record["cgroup"])
+    if lock.init_is_leaving():
+        _wait_gone(cg.child("init"))
     pids = cg.child("init").pids()
     if len(pids) == 1:
         try:
@@ -104,31 +114,40 @@ def find(lock: CellLock) -> ActiveCell | None:
     return None
 
 
-def ensure(lock: CellLock, vm: VmSpec) -> ActiveCell:
-    """The VM's cell on this node, created if needed, with the VM's current limits."""
+def ensure(lock: CellLock, vm: VmSpec, limits=None, pin: bool = False) -> ActiveCell:
+    """The VM's cell on this node, created if needed, with its current limits
+    (the VM's own, or its share of this node).  A pinned cell (the node
+    daemon's, for a VM with a share here) stays when its last run leaves."""
+    limits = vm.limits if limits is None else limits
     cell = find(lock)
     if cell is not None:
-        cell.cgroup.set_limits(vm.limits)  # a resized VM takes effect here
+        cell.cgroup.set_limits(limits)  # a resized VM takes effect here
+        if pin and not lock.read_record().get("pinned"):
+            lock.write_record({**lock.read_record(), "pinned": True})
         return cell
     if lock.cfg.favordynmods:
         ensure_fast_migrations()
-    return _create(lock, vm, lock.cfg.idle_check_ms)
+    return _create(lock, vm, limits, lock.cfg.idle_check_ms, pin)
 
 
-def _create(lock: CellLock, vm: VmSpec, idle_check_ms: int) -> ActiveCell:
+def _create(lock: CellLock, vm: VmSpec, limits, idle_check_ms: int, pin: bool) -> ActiveCell:
     cg = Cgroup.under_caller(lock.cfg.cgroup_root, vm.name)
     init = cg.child("init")
     fds: list[int] = []
     lock_fd = -1
+    os.makedirs(lock.cfg.rootdir, exist_ok=True)
+    lock.clear_marks()
     try:
         cg.create()
-        cg.set_limits(vm.limits, fresh=True)
+        cg.set_limits(limits, fresh=True)
         init.create()
         fds = init.open_procs()
         # The init's own open file description: its flock must contend with ours.
         lock_fd = os.open(lock.path, os.O_RDWR | os.O_CLOEXEC)
         pid = launcher.spawn_cell(launcher.CellSpec(
-            hostname=vm.name, init_procs_fds=fds, lock_fd=lock_fd, new_net=1, idle_check_ms=idle_check_ms))
+            hostname=vm.name, init_procs_fds=fds, lock_fd=lock_fd, rootdir=lock.cfg.rootdir, new_net=1,
+            # A pinned cell is the daemon's to remove: no idle exit.
+            idle_check_ms=0 if pin else idle_check_ms))
     except BaseException:
         _remove_cell_cgroups(cg)
         raise
@@ -137,19 +156,32 @@ def _create(lock: CellLock, vm: VmSpec, idle_check_ms: int) -> ActiveCell:
             os.close(fd)
         if lock_fd >= 0:
             os.close(lock_fd)
-    lock.write_record({"vm": vm.name, "cgroup": cg.record(), "created": time.time()})
+    lock.write_record({"vm": vm.name, "cgroup": cg.record(), "created": time.time(), "pinned": pin})
     return ActiveCell(vm.name, cg, pid, os.pidfd_open(pid))
+
+
+def _wait_gone(cg: Cgroup, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while cg.pids() and time.monotonic() < deadline:
+        time.sleep(0.001)
 
 
 def runs(cg: Cgroup) -> list[str]:
     return [name for name in cg.children() if name.startswith("run-")]
 
 
-def release(lock: CellLock) -> bool:
-    """Tear the cell down if no run uses it any more.  True if it is gone."""
+def release(lock: CellLock, force: bool = False) -> bool:
+    """Tear the cell down if no run uses it any more (a pinned cell stays
+    unless forced; forced, its runs are ended first).  True if it is gone."""
     cell = find(lock)
     if cell is None:
         return True
+    if force:
+        for name in runs(cell.cgroup):
+            cell.cgroup.child(name).kill_all()
+    elif (lock.read_record() or {}).get("pinned"):
+        cell.close()
+        return False
     try:
         busy = False
         for name in runs(cell.cgroup):

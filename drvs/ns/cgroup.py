@@ -115,8 +115,11 @@ def ensure_fast_migrations() -> None:
     `favordynmods = false`."""
     for mountpoint, _root, fstype, opts in _cgroup_mounts():
         if fstype == "cgroup2" and "favordynmods" not in opts:
+            # A remount sets the whole flag list: keep the ones there are
+            # (nsdelegate, memory_recursiveprot, ...).
+            keep = [o for o in opts if o not in ("rw", "ro")]
             try:
-                _remount(mountpoint, "favordynmods")
+                _remount(mountpoint, ",".join(keep + ["favordynmods"]))
             except OSError:
                 pass  # an older kernel: slower, still correct
             return
@@ -215,10 +218,14 @@ class Cgroup:
                     time.sleep(0.005)
 
     def children(self) -> list[str]:
-        try:
-            return sorted(e.name for e in os.scandir(self.dirs[0]) if e.is_dir())
-        except FileNotFoundError:
-            return []
+        """Child groups in any hierarchy (a half-removed one may be in one only)."""
+        names = set()
+        for d in self.dirs:
+            try:
+                names.update(e.name for e in os.scandir(d) if e.is_dir())
+            except FileNotFoundError:
+                pass
+        return sorted(names)
 
     # -- membership ------------------------------------------------------
 

@@ -21,6 +21,8 @@ from . import cell as cells
 from . import launcher, rootfs
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# The keeper's "end the run" signal (it is also its parent-death signal).
+END_RUN_SIGNAL = signal.SIGRTMAX
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
                      signal.SIGUSR1, signal.SIGUSR2)
 
@@ -28,6 +30,12 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUI
 # switch users, not mount, trace, load modules or make devices.
 DEFAULT_CAPS = ("chown", "dac_override", "fowner", "fsetid", "kill", "setgid", "setuid",
                 "setpcap", "net_bind_service", "sys_chroot", "audit_write", "setfcap")
+
+
+class Interrupted(DrvsError):
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class ProgramError(DrvsError):
@@ -78,10 +86,18 @@ def environment(vm: VmSpec, opts: RunOptions) -> dict[str, str]:
     return env
 
 
-def data_dir(cfg: Config, vm: str) -> str:
-    d = f"{cfg.vms_dir}/{vm}/data"
-    os.makedirs(f"{d}/root", mode=0o700, exist_ok=True)
-    return d
+def data_dirs(cfg: Config, vm: str) -> tuple[str, str]:
+    """The VM's data (/data) and root's home (/root), side by side: neither
+    inside the other, where a jailed program could swap the inner one for a
+    symlink.  Host users cannot reach them (the state directory is 0700), so
+    a setuid file made inside is no way up for them."""
+    state = cfg.state_dir
+    os.makedirs(state, mode=0o700, exist_ok=True)
+    os.chmod(state, 0o700)
+    vm_dir = f"{cfg.vms_dir}/{vm}"
+    os.makedirs(f"{vm_dir}/data", mode=0o755, exist_ok=True)
+    os.makedirs(f"{vm_dir}/home", mode=0o700, exist_ok=True)
+    return f"{vm_dir}/data", f"{vm_dir}/home"
 
 
 class Run:
@@ -121,15 +137,20 @@ class Run:
 
         prctl.set_child_subreaper(True)
         os.makedirs(self.cfg.rootdir, exist_ok=True)
-        data = data_dir(self.cfg, self.vm.name)
-        steps = rootfs.build_root(rootdir=self.cfg.rootdir, hostname=self.vm.name, data_dir=data,
+        data, home = data_dirs(self.cfg, self.vm.name)
+        steps = rootfs.build_root(rootdir=self.cfg.rootdir, hostname=self.vm.name, data_dir=data, home_dir=home,
                                   binds=self.opts.binds, net_host=self.opts.net_host)
         with cells.locked(self.cfg, self.vm.name) as lock:
-            cell = cells.ensure(lock, self.vm)
+            from ..cluster.context import local_node
+
+            cell = cells.ensure(lock, self.vm, self.vm.limits_on(local_node(self.cfg)))
             try:
                 self._launch(cell, steps)
             except BaseException:
-                self._cleanup_locked(lock)
+                try:
+                    self._cleanup_locked(lock)
+                except Exception:  # noqa: BLE001 - the launch failure is the one to report
+                    pass
                 raise
             finally:
                 cell.close()
@@ -139,6 +160,8 @@ class Run:
         self.cgroup = cell.cgroup.child(f"run-{self.id}")
         self.cgroup.create()
         self.cgroup.set_limits(self.opts.limits, fresh=True)
+        if self.signals is not None:
+            self.signals.abort_if_stopped()
         procs = self.cgroup.open_procs()
         ns = launcher.CELL_NAMESPACES | (0 if self.opts.net_host else launcher.NEWNET)
         rows, cols = self.opts.rows, self.opts.cols
@@ -269,13 +292,29 @@ class Run:
             cells.release(lock)
 
     def _kill_keeper(self) -> None:
+        """Have the keeper end the program and what it left, then reap it.
+        (SIGKILL on the keeper would orphan the program to us, outside the
+        cell, where no one reaps it and the cell cannot end.)"""
         try:
             pid, _ = os.waitpid(self.proc.pid, os.WNOHANG)
         except ChildProcessError:
             return
         if pid == 0:
-            os.kill(self.proc.pid, signal.SIGKILL)
+            os.kill(self.proc.pid, END_RUN_SIGNAL)
             os.waitpid(self.proc.pid, 0)
+        _reap_orphans()
+
+
+def _reap_orphans() -> None:
+    """Collect zombies reparented to us (we are a subreaper) so that no
+    cell's pid namespace waits on them."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
 
 
 class _Relay:
@@ -309,6 +348,7 @@ class _Relay:
                 terminal.write_all(self.master, data)
             elif data == b"":
                 self.poller.unregister(0)
+                terminal.write_all(self.master, b"\x04")  # end of input, as a terminal says it
 
     def drain(self) -> None:
         while data := self.terminal.read_some(self.master):
@@ -335,6 +375,20 @@ class _SignalPipe:
         self.fd, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._old_wakeup = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
         self._handlers = {s: signal.signal(s, _note_signal) for s in FORWARDED_SIGNALS + (signal.SIGWINCH,)}
+
+    def abort_if_stopped(self) -> None:
+        """Raise if the user asked to stop before the program started; the
+        other signals stay queued for it."""
+        try:
+            data = os.read(self.fd, 256)
+        except BlockingIOError:
+            return
+        stops = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+        hit = [s for s in data if s in stops]
+        if hit:
+            raise Interrupted(f"interrupted by {signal.Signals(hit[0]).name} before the program started",
+                              128 + hit[0])
+        os.write(self._w, data)  # not ours: put them back for the program
 
     def close(self) -> None:
         if self.fd < 0:

@@ -18,7 +18,7 @@ NEWNET = J.CLONE_NEWNET
 
 
 # What ext/module.c reads, by attribute name (see struct cell_config).
-CellSpec = namedtuple("CellSpec", "hostname init_procs_fds lock_fd new_net idle_check_ms",
+CellSpec = namedtuple("CellSpec", "hostname init_procs_fds lock_fd rootdir new_net idle_check_ms",
                       defaults=(1, 5000))
 
 # See struct run_config; tty_sock and err_fd are filled in by spawn_run().
@@ -38,6 +38,8 @@ def describe(code: int, step: str, detail: str, err: int) -> str:
         return f"{detail}: {reason}"
     if step == "bind-source":
         return f"bind source {detail}: {reason}"
+    if step == "bind-target" and err == errno.ELOOP:
+        return f"bind target {detail}: a symbolic link is in the way (binds never follow links inside the jail)"
     if step == "workdir":
         return f"working directory {detail}: {reason}"
     where = f" ({detail})" if detail else ""
@@ -99,8 +101,13 @@ def read_failure(fd: int) -> tuple[int, str, str, int] | None:
         chunks.append(data)
     if not chunks:
         return None
-    code, step, detail, err = b"".join(chunks).decode(errors="replace").split("\x1f", 3)
-    return int(code), step, detail, int(err or errno.EIO)
+    record = b"".join(chunks).decode(errors="replace")
+    code, step, rest = (record.split("\x1f", 2) + ["", ""])[:3]
+    detail, _, err = rest.rpartition("\x1f")  # the detail may hold anything; errno is last
+    try:
+        return int(code), step, detail, int(err or errno.EIO)
+    except ValueError:
+        return EXIT_SETUP, step or "launcher", detail, errno.EIO
 
 
 def receive_tty(sock) -> int:

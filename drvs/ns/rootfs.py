@@ -26,8 +26,8 @@ ETC_ENTRIES = (
     "shells", "terminfo", "python3", "python3.11", "gitconfig", "magic", "magic.mime",
 )
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
-MASKED_PROC_FILES = ("kcore", "keys", "timer_list", "sched_debug", "latency_stats")
-READONLY_PROC_DIRS = ("sys", "sysrq-trigger", "irq", "bus", "fs")
+MASKED_PROC_FILES = ("kcore", "keys", "timer_list", "timer_stats", "sched_debug", "latency_stats")
+READONLY_PROC_DIRS = ("sys", "sysrq-trigger", "irq", "bus", "fs", "acpi", "scsi")
 
 
 # `-v SRC:DST[:ro]`
@@ -125,14 +125,14 @@ def scratch_steps() -> list[Step]:
     ]
 
 
-def data_steps(data_dir: str) -> list[Step]:
-    """The VM's own writable data: /data, and root's home inside it."""
-    return [_bind(data_dir, "/data"), _bind(f"{data_dir}/root", "/root")]
+def data_steps(data_dir: str, home_dir: str) -> list[Step]:
+    """The VM's own writable data (/data) and root's home (/root)."""
+    return [_bind(data_dir, "/data"), _bind(home_dir, "/root")]
 
 
-def build_root(*, rootdir: str, hostname: str, data_dir: str, binds: list[Bind], net_host: bool) -> list[Step]:
+def build_root(*, rootdir: str, hostname: str, data_dir: str, home_dir: str, binds: list[Bind], net_host: bool) -> list[Step]:
     steps = system_steps() + etc_steps(hostname, net_host) + proc_steps(rootdir)
-    steps += dev_steps() + scratch_steps() + data_steps(data_dir)
+    steps += dev_steps() + scratch_steps() + data_steps(data_dir, home_dir)
     steps += [_bind(b.src, b.dst, J.BIND_RO if b.readonly else 0) for b in binds]
     # Last: the skeleton itself becomes read-only (its mounts keep their own mode).
     steps.append((J.STEP_REMOUNT_RO, 0, 0, None, "/", None))

@@ -38,8 +38,21 @@ class CompareFailed(Exception):
 
 
 def open_store():
-    """The store this node uses (embedded on a single node)."""
+    """The store this node uses: the cluster's etcd, or on a single node the
+    embedded file."""
+    import os
+
     from .. import config
+
+    cfg = config.load()
+    cluster = f"{cfg.state_dir}/cluster.json"
+    if os.path.exists(cluster):
+        import json
+
+        from .etcd import EtcdStore
+
+        with open(cluster) as f:
+            return EtcdStore(json.load(f)["etcd"])
     from .embedded import EmbeddedStore
 
-    return EmbeddedStore(config.load().store_path)
+    return EmbeddedStore(cfg.store_path)

@@ -34,18 +34,56 @@ class Limits(namedtuple("Limits", "cpus cpuset memory pids", defaults=(None, Non
 
 
 class VmSpec:
-    __slots__ = ("name", "limits", "created")
+    """A DRVM: its name (the hostname inside), its limits on a single node,
+    and in a cluster its share of each chosen node (`shares`: node -> Limits).
+    A VM without shares may run on any node, with `limits`."""
 
-    def __init__(self, name: str, limits: Limits | None = None, created: float | None = None):
+    __slots__ = ("name", "limits", "created", "shares")
+
+    def __init__(self, name: str, limits: Limits | None = None, created: float | None = None,
+                 shares: dict[str, Limits] | None = None):
         self.name = name
         self.limits = limits if limits is not None else Limits()
         self.created = time.time() if created is None else created
+        self.shares = dict(shares or {})
+
+    def limits_on(self, node: str | None) -> Limits:
+        """The limits of this VM's cell on node."""
+        return self.shares.get(node, self.limits) if node else self.limits
 
     def to_json(self) -> str:
-        return json.dumps({"name": self.name, "limits": self.limits._asdict(), "created": self.created},
-                          sort_keys=True)
+        return json.dumps({"name": self.name, "limits": self.limits._asdict(), "created": self.created,
+                           "shares": {n: l._asdict() for n, l in self.shares.items()}}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "VmSpec":
         data = json.loads(text)
-        return cls(data["name"], Limits(**data.get("limits", {})), data.get("created", 0.0))
+        shares = {n: Limits(**l) for n, l in (data.get("shares") or {}).items()}
+        return cls(data["name"], Limits(**data.get("limits", {})), data.get("created", 0.0), shares)
+
+
+_SHARE_KEYS = {"cpus", "memory", "pids", "cpuset"}
+
+
+def parse_share(text: str) -> tuple[str, Limits]:
+    """`NODE[:cpus=1,memory=512M,pids=100,cpuset=0-1]`, the --node of vm create."""
+    from ..units import parse_cpus, parse_cpuset, parse_size
+
+    node, _, spec = text.partition(":")
+    check_name(node)
+    values = {}
+    for item in filter(None, spec.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or key not in _SHARE_KEYS:
+            raise UsageError(f"invalid share {text!r}: expected NODE:cpus=N,memory=SIZE,pids=N,cpuset=LIST")
+        if key == "cpus":
+            values[key] = parse_cpus(value)
+        elif key == "memory":
+            values[key] = parse_size(value, what="memory size")
+        elif key == "cpuset":
+            values[key] = parse_cpuset(value)
+        else:
+            if not value.isdigit() or int(value) < 1:
+                raise UsageError(f"invalid share {text!r}: pids must be a positive number")
+            values[key] = int(value)
+    return node, Limits(**values)

@@ -4,7 +4,7 @@ from ..errors import Conflict, NotFound
 from ..store import CompareFailed, Store
 from .model import DEFAULT_PIDS, DEFAULT_VM, Limits, VmSpec, check_name
 
-_PREFIX = "/vms/"
+_PREFIX = "/drvs/vms/"
 
 
 class VmRegistry:

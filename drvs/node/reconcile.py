@@ -1,0 +1,72 @@
+"""The kubelet of a node: make this node's cells what the VM definitions say.
+
+For every VM with a share of this node: a pinned cell with the share's
+limits (created, or resized in place).  For every pinned cell whose VM is
+gone or has no share here any more: its programs are ended and the cell
+removed.  Runs on start (a restarted daemon adopts the cells it finds, it
+does not duplicate them), on every change under /drvs/vms/, and every few
+seconds as a safety net."""
+
+import logging
+
+import trio
+
+from ..cluster.etcd import EtcdUnavailable
+from ..errors import DrvsError
+from ..ns import cell as cells
+from ..vm.model import VmSpec
+
+log = logging.getLogger("drvmmd")
+VMS = "/drvs/vms/"
+RESYNC = 5.0
+
+
+def reconcile_once(cfg, node: str, vms: list[VmSpec]) -> dict:
+    """One pass; returns what changed."""
+    changed = {"created_or_resized": [], "removed": []}
+    desired = {vm.name: vm for vm in vms if node in vm.shares}
+    for name, vm in desired.items():
+        with cells.locked(cfg, name) as lock:
+            had = cells.find(lock)
+            if had is not None:
+                had.close()
+            cell = cells.ensure(lock, vm, vm.shares[node], pin=True)
+            cell.close()
+            if had is None:
+                changed["created_or_resized"].append(name)
+    for name in cells.cells(cfg):
+        if name in desired:
+            continue
+        with cells.locked(cfg, name) as lock:
+            if (lock.read_record() or {}).get("pinned"):
+                cells.release(lock, force=True)
+                changed["removed"].append(name)
+    return changed
+
+
+async def run(cfg, etcd, node: str) -> None:
+    wake = trio.Event()
+
+    async def watch():
+        nonlocal wake
+        while True:
+            try:
+                async for _ in etcd.watch(VMS):
+                    wake.set()
+            except EtcdUnavailable as e:
+                log.warning("%s; watching again soon", e)
+            await trio.sleep(1)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        while True:
+            try:
+                vms = [VmSpec.from_json(e.value) for e in await etcd.range(VMS)]
+                changed = reconcile_once(cfg, node, vms)
+                if changed["created_or_resized"] or changed["removed"]:
+                    log.info("cells: %s", changed)
+            except (DrvsError, EtcdUnavailable) as e:
+                log.warning("reconcile: %s", e)
+            with trio.move_on_after(RESYNC):
+                await wake.wait()
+            wake = trio.Event()

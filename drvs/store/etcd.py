@@ -1,0 +1,71 @@
+"""The cluster store for short-lived commands: etcd's JSON gateway over
+urllib, synchronously (commands are not trio programs; the daemon uses
+drvs.cluster.etcd).  Same interface as the embedded store."""
+
+import base64
+import json
+import urllib.error
+import urllib.request
+
+from ..errors import StoreError
+from . import CompareFailed, Entry, Store
+
+
+def _b64(s: str) -> str:
+    return base64.b64encode(s.encode()).decode()
+
+
+def _entry(kv: dict) -> Entry:
+    dec = lambda s: base64.b64decode(s or "").decode()  # noqa: E731
+    return Entry(dec(kv["key"]), dec(kv.get("value")), int(kv.get("create_revision", 0)),
+                 int(kv.get("mod_revision", 0)))
+
+
+class EtcdStore(Store):
+    def __init__(self, endpoints: list[str], timeout: float = 5.0):
+        self.endpoints, self.timeout = list(endpoints), timeout
+
+    def _call(self, path: str, body: dict) -> dict:
+        last = None
+        for url in self.endpoints:
+            req = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                    return json.load(r)
+            except urllib.error.HTTPError as e:
+                raise StoreError(f"etcd {path}: {e.read().decode(errors='replace')[:200]}") from None
+            except (OSError, ValueError) as e:
+                last = e
+        raise StoreError(f"etcd unreachable at {', '.join(self.endpoints)}: {last}")
+
+    def get(self, key: str) -> Entry | None:
+        kvs = self._call("/v3/kv/range", {"key": _b64(key)}).get("kvs") or []
+        return _entry(kvs[0]) if kvs else None
+
+    def range(self, prefix: str) -> list[Entry]:
+        from ..cluster.etcd import prefix_end
+
+        data = self._call("/v3/kv/range", {"key": _b64(prefix), "range_end": prefix_end(prefix)})
+        return [_entry(kv) for kv in data.get("kvs") or []]
+
+    def put(self, key: str, value: str, *, expect_revision: int | None = None) -> int:
+        put = {"key": _b64(key), "value": _b64(value)}
+        if expect_revision is None:
+            return int(self._call("/v3/kv/put", put)["header"]["revision"])
+        data = self._txn(key, expect_revision, {"request_put": put})
+        return int(data["header"]["revision"])
+
+    def delete(self, key: str, *, expect_revision: int | None = None) -> bool:
+        req = {"key": _b64(key)}
+        if expect_revision is None:
+            return int(self._call("/v3/kv/deleterange", req).get("deleted", 0)) > 0
+        data = self._txn(key, expect_revision, {"request_delete_range": req})
+        return int(data["responses"][0].get("response_delete_range", {}).get("deleted", 0)) > 0
+
+    def _txn(self, key: str, expect_revision: int, op: dict) -> dict:
+        compare = {"key": _b64(key), "target": "MOD", "result": "EQUAL", "mod_revision": str(expect_revision)}
+        data = self._call("/v3/kv/txn", {"compare": [compare], "success": [op]})
+        if not data.get("succeeded"):
+            raise CompareFailed(f"{key}: not at revision {expect_revision}")
+        return data
