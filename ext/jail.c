@@ -699,12 +699,16 @@ static void keep_only_fds(int a, int b)
         syscall(SYS_close_range, lo + 1, hi - 1, 0);
     syscall(SYS_close_range, hi + 1, ~0U, 0);
     int null = open("/dev/null", O_RDWR);
-    if (null >= 0) {
-        for (int fd = 0; fd < 3; fd++)
+    for (int fd = 0; fd < 3; fd++) {
+        if (fd == lo || fd == hi)
+            continue;
+        if (null >= 0)
             dup2(null, fd);
-        if (null > 2 && null != lo && null != hi)
-            close(null);
+        else
+            close(fd);
     }
+    if (null > 2 && null != lo && null != hi)
+        close(null);
 }
 
 /* Show "drvs-cell VM" in ps instead of the forked caller's command line:
@@ -786,6 +790,9 @@ static _Noreturn void cell_init_main(const struct cell_config *cfg, int ready_fd
     if (cfg->new_net && loopback_up() < 0)
         die(ready_fd, JAIL_EXIT_SETUP, "loopback-up", "lo");
     setsid();
+    /* Nothing of the caller's may stay open here (its stdout pipe would
+     * never see EOF): stdio to /dev/null while there still is one. */
+    keep_only_fds(cfg->lock_fd, ready_fd);
     isolate_init(cfg, ready_fd);
 
     /* pid 1 only receives signals it handles: give the ones it waits for a
@@ -801,7 +808,6 @@ static _Noreturn void cell_init_main(const struct cell_config *cfg, int ready_fd
         sigaddset(&set, wanted[i]);
     }
     sigprocmask(SIG_BLOCK, &set, NULL);
-    keep_only_fds(cfg->lock_fd, ready_fd);
     close(ready_fd); /* EOF without a record: the cell is ready */
 
     for (;;) {

@@ -82,3 +82,19 @@ def test_host_mount_table_is_untouched(drvs):
     before = open("/proc/self/mountinfo").read().count("\n")
     drvs.run("-v", f"{os.getcwd()}:/src:ro", "--", "ls", "/src", check=True)
     assert open("/proc/self/mountinfo").read().count("\n") == before
+
+
+def test_the_cell_keeps_none_of_its_creators_pipes(drvs):
+    """The run that created the cell ends, another keeps the cell alive: the
+    creator's caller still sees EOF on its pipes at once."""
+    creator = drvs.popen("--", "sh", "-c", "echo made; sleep 0.5", stdout=subprocess.PIPE)
+    assert creator.stdout.readline() == "made\n"
+    keeper = drvs.popen("--", "sleep", "30", stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)
+        out, _ = creator.communicate(timeout=10)  # EOF although the cell (and its init) live on
+        assert creator.returncode == 0
+        assert cell_inits(drvs.state)
+    finally:
+        keeper.terminate()
+        keeper.wait(timeout=20)
