@@ -318,7 +318,14 @@ def _reap_orphans() -> None:
 
 
 class _Relay:
-    """Copies between the caller's stdio and the jail's pty master."""
+    """Copies between the caller's stdio and the jail's pty master.
+
+    Input for the program is buffered and written only as the master takes
+    it (POLLOUT), so a program busy writing output while we hold input for it
+    cannot deadlock the two of us; reading stdin pauses while the buffer is
+    full."""
+
+    LIMIT = 256 * 1024
 
     def __init__(self, master: int, interactive: bool, poller):
         from . import terminal
@@ -326,10 +333,25 @@ class _Relay:
         self.terminal = terminal
         self.master = master
         os.set_blocking(master, False)
-        poller.register(master, select.POLLIN)
         self.poller = poller
-        if interactive:
-            poller.register(0, select.POLLIN)
+        self.pending = bytearray()   # for the program, not yet taken by the master
+        self.stdin_open = interactive
+        self.stdin_polled = False
+        self.master_open = True
+        self._update()
+
+    def _update(self) -> None:
+        """(Re)register the fds for what we wait for now."""
+        if self.master_open:
+            events = select.POLLIN | (select.POLLOUT if self.pending else 0)
+            self.poller.register(self.master, events)  # register() also modifies
+        want_stdin = self.stdin_open and len(self.pending) < self.LIMIT
+        if want_stdin != self.stdin_polled:
+            if want_stdin:
+                self.poller.register(0, select.POLLIN)
+            else:
+                self.poller.unregister(0)
+            self.stdin_polled = want_stdin
 
     def resize(self) -> None:
         self.terminal.copy_window_size(0, self.master)
@@ -337,18 +359,33 @@ class _Relay:
     def on_ready(self, fd: int) -> None:
         terminal = self.terminal
         if fd == self.master:
+            self._flush()
             data = terminal.read_some(self.master)
             if data:
                 terminal.write_all(1, data)
             elif data == b"":
                 self.poller.unregister(self.master)
+                self.master_open = False
         elif fd == 0:
             data = terminal.read_some(0)
             if data:
-                terminal.write_all(self.master, data)
+                self.pending += data
             elif data == b"":
-                self.poller.unregister(0)
-                terminal.write_all(self.master, b"\x04")  # end of input, as a terminal says it
+                self.stdin_open = False
+                self.pending += b"\x04"  # end of input, as a terminal says it
+            self._flush()
+        self._update()
+
+    def _flush(self) -> None:
+        while self.pending and self.master_open:
+            try:
+                n = os.write(self.master, self.pending)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.pending.clear()  # the program is gone
+                return
+            del self.pending[:n]
 
     def drain(self) -> None:
         while data := self.terminal.read_some(self.master):

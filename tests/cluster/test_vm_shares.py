@@ -49,8 +49,9 @@ def test_removed_vm_loses_its_cells(cluster_factory):
     c.drvs("vm", "create", "tmp", "--node", "n2", node="n1", check=True)
     assert wait_for(lambda: cell_inits(c, "n2", "tmp"))
     c.drvs("vm", "rm", "tmp", node="n1", check=True)
-    assert wait_for(lambda: not cell_inits(c, "n2", "tmp"))
-    assert not glob.glob(f"/sys/fs/cgroup/pids/drvs-dev-{c.info['name']}-n2/drvs*/tmp")
+    # The init goes first, then its cgroups.
+    assert wait_for(lambda: not cell_inits(c, "n2", "tmp")
+                    and not glob.glob(f"/sys/fs/cgroup/pids/drvs-dev-{c.info['name']}-n2/drvs*/tmp"))
 
 
 def test_run_goes_to_a_node_with_a_share(cluster_factory):
