@@ -101,10 +101,15 @@ def kill(args) -> int:
         # The keeper cannot pass SIGKILL on; its own "end the run" signal
         # kills the program and whatever it left.
         signum = jail.END_RUN_SIGNAL
+    pidfd = jail.open_run_keeper(rec)
+    if pidfd is None:
+        raise NotFound(f"run {args.run!r} has ended")
     try:
-        os.kill(rec["keeper"], signum)
+        signal.pidfd_send_signal(pidfd, signum)
     except ProcessLookupError:
         raise NotFound(f"run {args.run!r} has ended") from None
+    finally:
+        os.close(pidfd)
     return 0
 
 

@@ -10,6 +10,7 @@ from .. import config
 from ..cluster.context import cluster_info
 from ..errors import Conflict, NotFound, UsageError
 from ..ns import cell as cells
+from ..ns import jail
 from ..store import open_store
 from ..units import format_size
 from ..vm.model import VmSpec, check_name, parse_share
@@ -99,11 +100,11 @@ def runs_of(cfg, vm: str) -> list[dict]:
             continue
         if rec.get("vm") != vm:
             continue
-        try:
-            os.kill(rec["keeper"], 0)
-        except ProcessLookupError:
+        pidfd = jail.open_run_keeper(rec)
+        if pidfd is None:
             cells._unlink(path)
             continue
+        os.close(pidfd)
         out.append(rec)
     return out
 

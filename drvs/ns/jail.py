@@ -201,6 +201,7 @@ class Run:
         with open(self.record_path, "w") as f:
             json.dump({
             "id": self.id, "vm": self.vm.name, "argv": self.opts.argv, "keeper": self.proc.pid,
+            "keeper_start": process_start(self.proc.pid),
             "monitor": os.getpid(), "started": time.time(), "detached": self.opts.detached}, f)
 
     # -- wait ------------------------------------------------------------
@@ -303,6 +304,29 @@ class Run:
             os.kill(self.proc.pid, END_RUN_SIGNAL)
             os.waitpid(self.proc.pid, 0)
         _reap_orphans()
+
+
+def process_start(pid: int) -> int | None:
+    """A process's start time (clock ticks after boot): with the pid, it names
+    the process even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def open_run_keeper(record: dict) -> int | None:
+    """A pidfd on the run's keeper, or None when that run has ended (its pid
+    may belong to another process by now)."""
+    try:
+        pidfd = os.pidfd_open(record["keeper"])
+    except (ProcessLookupError, KeyError):
+        return None
+    if process_start(record["keeper"]) != record.get("keeper_start"):
+        os.close(pidfd)
+        return None
+    return pidfd
 
 
 def _reap_orphans() -> None:
