@@ -21,10 +21,27 @@ def add_parsers(sub) -> None:
         p = verbs.add_parser(verb, help=text)
         p.add_argument("name")
         p.set_defaults(func=cordon, cordoned=verb == "cordon")
+    p = verbs.add_parser("join", help="join this node to the cluster whose first node is at ADDRESS")
+    p.add_argument("server", metavar="ADDRESS", help="the first node's address")
+    p.add_argument("--token", required=True, help="as printed by `drvs cluster init`")
+    p.add_argument("--address", required=True, help="this node's address, as the others reach it")
+    p.add_argument("--node-name", default=None, help="this node's name (default: the host name)")
+    p.add_argument("--port", type=int, default=7700, help="the cluster's fabric port")
+    p.set_defaults(func=join)
     p = verbs.add_parser("show", help="one node")
     p.add_argument("name")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.set_defaults(func=show)
+
+    cl = sub.add_parser("cluster", help="make a cluster")
+    cverbs = cl.add_subparsers(dest="cluster_verb", required=True, metavar="VERB")
+    p = cverbs.add_parser("init", help="make this node the first of a new cluster")
+    p.add_argument("--address", required=True, help="this node's address, as the others reach it")
+    p.add_argument("--name", default="drvs", help="the cluster's name")
+    p.add_argument("--node-name", default=None, help="this node's name (default: the host name)")
+    p.add_argument("--etcd", action="append", default=[], metavar="URL",
+                   help="use this etcd (default: start one here, data in the state directory)")
+    p.set_defaults(func=cluster_init)
 
     dev = sub.add_parser("dev", help="developer tools")
     dverbs = dev.add_subparsers(dest="dev_verb", required=True, metavar="VERB")
@@ -110,6 +127,36 @@ def show(args) -> int:
                     [["load", _load(node)]])
 
     emit(node, args.format, table)
+    return 0
+
+
+def _node_name(given: str | None) -> str:
+    import socket
+
+    return given or socket.gethostname().split(".")[0].lower()
+
+
+def cluster_init(args) -> int:
+    from ..cluster import bootstrap
+
+    if os.geteuid() != 0:
+        raise SetupError("drvs cluster init needs root")
+    node = _node_name(args.node_name)
+    token = bootstrap.init(config.load().state_dir, args.address, args.name, node, args.etcd or None)
+    print(f"cluster {args.name} made; this node is {node} at {args.address}.")
+    print("Start drvmmd on this node, then on each other node run:")
+    print(f"  drvs node join {args.address} --token {token} --address THAT_NODE_ADDRESS")
+    return 0
+
+
+def join(args) -> int:
+    from ..cluster import bootstrap
+
+    if os.geteuid() != 0:
+        raise SetupError("drvs node join needs root")
+    node = _node_name(args.node_name)
+    info = bootstrap.join(config.load().state_dir, args.server, args.token, args.address, node, args.port)
+    print(f"node {node} joined cluster {info['cluster']}; start drvmmd on it")
     return 0
 
 

@@ -48,18 +48,37 @@ def make_ca(directory: str, cluster: str) -> tuple[str, str]:
     return ca, ca_key
 
 
-def issue(ca: str, ca_key: str, node: str, address: str, directory: str) -> dict:
-    """A key and certificate for node, signed by the CA; returns the paths as
-    the `tls` entry of cluster.json ({ca, cert, key})."""
+def fingerprint(ca_pem: bytes) -> str:
+    """sha256 of the CA certificate (DER), hex: what a join token pins."""
+    cert = x509.load_pem_x509_certificate(ca_pem)
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def new_key_and_csr(node: str) -> tuple[bytes, bytes]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node)])).sign(key, hashes.SHA256()))
+    return _key_pem(key), csr.public_bytes(serialization.Encoding.PEM)
+
+
+def sign_csr(ca: str, ca_key: str, csr_pem: bytes, node: str, address: str) -> bytes:
+    """A node certificate for the CSR's key; names and uses are ours to set,
+    not the requester's."""
+    csr = x509.load_pem_x509_csr(csr_pem)
+    if not csr.is_signature_valid:
+        raise ValueError("the certificate request's signature is invalid")
+    return _node_cert(ca, ca_key, csr.public_key(), node, address).public_bytes(serialization.Encoding.PEM)
+
+
+def _node_cert(ca: str, ca_key: str, public_key, node: str, address: str):
     with open(ca, "rb") as f:
         ca_cert = x509.load_pem_x509_certificate(f.read())
     with open(ca_key, "rb") as f:
         signer = serialization.load_pem_private_key(f.read(), None)
-    key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder()
+    return (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node)]))
-            .issuer_name(ca_cert.subject).public_key(key.public_key())
+            .issuer_name(ca_cert.subject).public_key(public_key)
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + VALIDITY)
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(node),
@@ -68,10 +87,23 @@ def issue(ca: str, ca_key: str, node: str, address: str, directory: str) -> dict
                            critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .sign(signer, hashes.SHA256()))
+
+
+def write_node_files(directory: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> dict:
+    """The `tls` entry of cluster.json, written out."""
     os.makedirs(directory, mode=0o700, exist_ok=True)
     paths = {"ca": f"{directory}/ca.pem", "cert": f"{directory}/node.pem", "key": f"{directory}/node.key"}
-    with open(ca, "rb") as f:
-        _write(paths["ca"], f.read(), 0o644)
-    _write(paths["cert"], cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    _write(paths["key"], _key_pem(key), 0o600)
+    _write(paths["ca"], ca_pem, 0o644)
+    _write(paths["cert"], cert_pem, 0o644)
+    _write(paths["key"], key_pem, 0o600)
     return paths
+
+
+def issue(ca: str, ca_key: str, node: str, address: str, directory: str) -> dict:
+    """A key and certificate for node, signed by the CA; returns the paths as
+    the `tls` entry of cluster.json ({ca, cert, key})."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _node_cert(ca, ca_key, key.public_key(), node, address)
+    with open(ca, "rb") as f:
+        ca_pem = f.read()
+    return write_node_files(directory, ca_pem, cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))

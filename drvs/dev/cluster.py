@@ -19,10 +19,10 @@ import urllib.request
 from ..errors import Conflict, SetupError
 from ..ns.cgroup import Cgroup
 from ..cluster.context import dev_cluster_file, read_json, setns_net
-from ..cluster import pki
+from ..cluster import etcd_process, pki
 from . import netns
 
-ETCD_PORT = 2379
+ETCD_PORT = etcd_process.CLIENT_PORT
 
 
 def _bin(name: str) -> str:
@@ -77,17 +77,7 @@ def _in_netns(ns: str):
 
 
 def _start_etcd(info: dict, root: str, address: str) -> int:
-    data = f"{root}/etcd"
-    os.makedirs(data, exist_ok=True)
-    url, peer = f"http://{address}:{ETCD_PORT}", f"http://{address}:2380"
-    log = open(f"{data}/etcd.log", "ab")
-    proc = subprocess.Popen(
-        ["etcd", "--name", "etcd", "--data-dir", f"{data}/data", "--listen-client-urls", url,
-         "--advertise-client-urls", url, "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-         "--initial-cluster", f"etcd={peer}", "--log-level", "error"],
-        stdout=log, stderr=subprocess.STDOUT, preexec_fn=_in_netns(info["etcd"]["netns"]), start_new_session=True)
-    log.close()
-    return proc.pid
+    return etcd_process.start(f"{root}/etcd", address, preexec=_in_netns(info["etcd"]["netns"]))
 
 
 def _start_node(info: dict, node: str, address: str, pinned: str | None) -> dict:

@@ -71,3 +71,14 @@ interface Process {
   # jail could not start it or the memory limit killed it.
   resize @3 (rows :UInt16, cols :UInt16);
 }
+
+interface Bootstrap {
+  # The join service of the node that holds the cluster CA (fabric port + 1,
+  # TLS without client certificates: a newcomer has none yet; it checks the
+  # CA against the fingerprint in its join token instead).
+  ca @0 () -> (pem :Text);
+  join @1 (token :Text, name :Text, address :Text, csr :Text)
+      -> (cert :Text, ca :Text, etcd :List(Text), cluster :Text, error :Text);
+  # A certificate for node `name` at `address`, signed by the cluster CA,
+  # if the token's secret is right and the name is free; else `error`.
+}

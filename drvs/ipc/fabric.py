@@ -84,6 +84,18 @@ class Fabric:
             self.servers.append(await aio(capnp.AsyncIoStream.create_unix_server(local, unix_path)))
             os.chmod(unix_path, 0o600)
 
+    async def listen_bootstrap(self, host: str, server) -> None:
+        """The join service: TLS with this node's certificate, no client
+        certificate asked (newcomers have none)."""
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self.tls.cert, self.tls.key)
+        ctx.verify_mode = ssl.CERT_NONE
+
+        async def serve(stream):
+            await _serve_connection(stream, server)
+
+        self.servers.append(await aio(capnp.AsyncIoStream.create_server(serve, host, self.port + 1, ssl=ctx)))
+
     def close(self) -> None:
         for s in self.servers:
             s.close()

@@ -58,6 +58,7 @@ async def serve_node(cfg: config.Config, info: dict, interval: float) -> None:
     housekeeping.  Runs as trio guest on capnp's asyncio loop."""
     from ..ipc import client
     from ..ipc.fabric import FABRIC_PORT, Fabric, Tls
+    from ..cluster import bootstrap
     from ..ipc.services import DrvmmService
     from . import reconcile
 
@@ -71,6 +72,11 @@ async def serve_node(cfg: config.Config, info: dict, interval: float) -> None:
                 fabric.nursery = nursery
                 await member.join_with_backoff()
                 await fabric.listen(info["address"], client.socket_path(cfg.state_dir))
+                if tls and bootstrap.serving_ca(cfg.state_dir):
+                    from ..ipc.bridge import current_guest
+
+                    join_service = bootstrap.server_class()(cfg.state_dir, info, etcd, current_guest())
+                    await fabric.listen_bootstrap(info["address"], join_service)
                 service = f"drvmm@{info['node']}"
                 await fabric.register(service, DrvmmService(etcd, member).handle)
                 member.servers = sorted(fabric.handlers)

@@ -1,0 +1,124 @@
+"""`drvs cluster init` on one machine and `drvs node join` on another, as an
+administrator would do it (each node a network namespace of its own)."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from drvs.cluster.context import setns_net
+from drvs.dev import cluster as dev
+from drvs.dev import netns
+from tests.cluster.conftest import BIN
+
+
+class Machines:
+    def __init__(self, tmp_path, count):
+        self.name = dev.new_name()
+        self.net = netns.subnet_for(self.name)
+        netns.create_switch(self.name)
+        self.hosts = {}
+        for i in range(1, count + 1):
+            host = f"m{i}"
+            netns.add_host(self.name, host, f"{self.net}.{10 + i}")
+            self.hosts[host] = {"ns": netns.ns_name(self.name, host), "address": f"{self.net}.{10 + i}",
+                                "state": str(tmp_path / host)}
+        self.daemons = []
+
+    def drvs(self, host, *args):
+        h = self.hosts[host]
+        return subprocess.run([str(BIN / "drvs"), *args], env={**os.environ, "DRVS_STATE_DIR": h["state"]},
+                              capture_output=True, text=True, timeout=60,
+                              preexec_fn=lambda: setns_net(f"/run/netns/{h['ns']}"))
+
+    def start_drvmmd(self, host):
+        h = self.hosts[host]
+        proc = subprocess.Popen([str(BIN / "drvmmd")], env={**os.environ, "DRVS_STATE_DIR": h["state"]},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=lambda: setns_net(f"/run/netns/{h['ns']}"))
+        self.daemons.append(proc)
+        return proc
+
+    def close(self):
+        for proc in self.daemons:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        for h in self.hosts.values():
+            pidfile = f"{h['state']}/etcd/etcd.pid"
+            if os.path.exists(pidfile):
+                pid = int(open(pidfile).read())
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        netns.remove_all(self.name)
+
+
+@pytest.fixture
+def machines(tmp_path):
+    made = []
+
+    def make(count=2):
+        m = Machines(tmp_path, count)
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        m.close()
+
+
+def wait_ready(m, host, names, timeout=15):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        p = m.drvs(host, "node", "ls", "--format", "json")
+        if p.returncode == 0 and {n["name"]: n["status"] for n in json.loads(p.stdout)} == {n: "Ready" for n in names}:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"not all Ready: {m.drvs(host, 'node', 'ls').stdout}")
+
+
+def test_init_then_join(machines):
+    m = machines(3)
+    m1, m2 = m.hosts["m1"], m.hosts["m2"]
+    init = m.drvs("m1", "cluster", "init", "--address", m1["address"], "--name", "lab", "--node-name", "n1")
+    assert init.returncode == 0, init.stderr
+    token = re.search(r"--token (\S+)", init.stdout).group(1)
+    m.start_drvmmd("m1")
+    wait_ready(m, "m1", {"n1"})
+
+    # A wrong secret, a token pinning another CA, a host that is not there.
+    secret, fp = token.split(".")
+    bad = m.drvs("m2", "node", "join", m1["address"], "--token", f"{'0' * len(secret)}.{fp}",
+                 "--address", m2["address"], "--node-name", "n2")
+    assert (bad.returncode, bad.stderr) == (8, "drvs: join refused: wrong token\n")
+    other = m.drvs("m2", "node", "join", m1["address"], "--token", f"{secret}.{'ab' * 32}",
+                   "--address", m2["address"], "--node-name", "n2")
+    assert other.returncode == 8 and "another CA than the token names" in other.stderr
+    nowhere = m.drvs("m2", "node", "join", f"{m.net}.99", "--token", token, "--address", m2["address"],
+                     "--node-name", "n2")
+    assert nowhere.returncode == 7 and "unreachable" in nowhere.stderr
+    assert not os.path.exists(f"{m2['state']}/cluster.json")
+
+    ok = m.drvs("m2", "node", "join", m1["address"], "--token", token, "--address", m2["address"], "--node-name", "n2")
+    assert ok.returncode == 0, ok.stderr
+    m.start_drvmmd("m2")
+    wait_ready(m, "m2", {"n1", "n2"})
+    ping = m.drvs("m1", "ipc", "ping", "drvmm@n2")
+    assert ping.returncode == 0 and "reply from drvmm@n2" in ping.stdout
+
+    clash = m.drvs("m3", "node", "join", m1["address"], "--token", token, "--address", m.hosts["m3"]["address"],
+                   "--node-name", "n2")
+    assert clash.returncode == 4 and "node name 'n2' is in use" in clash.stderr
+    again = m.drvs("m1", "cluster", "init", "--address", m1["address"])
+    assert again.returncode == 4 and "in a cluster already" in again.stderr
