@@ -88,3 +88,29 @@ def test_node_commands_outside_a_cluster_are_clear_errors(cluster_factory, tmp_p
     assert p.returncode == 3 and "in no cluster" in p.stderr
     p = c.drvs("node", "ls", node="n7")
     assert p.returncode == 3 and "no node 'n7'" in p.stderr
+
+
+def test_etcd_outage_is_reported_and_ridden_out(cluster_factory):
+    from drvs.cluster import etcd_process
+    from drvs.dev.cluster import _in_netns
+
+    c = cluster_factory(nodes=2)
+    etcd = c.info["etcd"]
+    os.killpg(etcd["pid"], signal.SIGKILL)
+    t0 = time.monotonic()
+    p = c.drvs("node", "ls", node="n1")
+    assert p.returncode == 6 and "etcd unreachable" in p.stderr and "Traceback" not in p.stderr
+    assert time.monotonic() - t0 < 15
+    time.sleep(2)
+    for n in ("n1", "n2"):  # the daemons wait it out, they do not die
+        assert subprocess.run(["kill", "-0", str(c.node(n)["pid"])]).returncode == 0
+    pid = etcd_process.start(f"{c.info['root']}/etcd", etcd["url"].split("//")[1].split(":")[0],
+                             preexec=_in_netns(etcd["netns"]))
+    c.info["etcd"]["pid"] = pid
+    import json as _json
+    from drvs.cluster.context import dev_cluster_file
+
+    with open(dev_cluster_file(str(c.state)), "w") as f:
+        _json.dump(c.info, f)
+    c.wait_status("n1", "Ready", timeout=20)
+    c.wait_status("n2", "Ready", timeout=20)
