@@ -98,13 +98,9 @@ def drvs_mounts(state: Path) -> list[str]:
 
 
 def _reap_children() -> None:
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
+    from drvs.ns.jail import reap_orphans
+
+    reap_orphans()
 
 
 def force_cleanup(state: Path) -> None:

@@ -9,7 +9,7 @@ import sys
 from ..errors import user_error
 
 
-def guarded(prog: str, body: Callable[[], int]) -> int:
+def guarded(prog: str, body) -> int:
     """Run a command body: user errors become one line on stderr and their
     exit code; no traceback unless DRVS_DEBUG is set."""
     try:
@@ -32,7 +32,7 @@ def guarded(prog: str, body: Callable[[], int]) -> int:
         return 70
 
 
-def emit(data, fmt: str, table: Callable[[], None]) -> None:
+def emit(data, fmt: str, table) -> None:
     """Print data as JSON for scripts, or as the command's table for people."""
     if fmt == "json":
         json.dump(data, sys.stdout, indent=2, sort_keys=True)
@@ -51,3 +51,14 @@ def print_table(columns: list[str], rows: list[list], title: str | None = None) 
     for r in rows:
         t.add_row(*[str(x) for x in r])
     Console(soft_wrap=True).print(t)
+
+
+def age(ts: float) -> str:
+    """How long ago, as kubectl prints it (5s, 3m, 2h, 4d)."""
+    import time
+
+    s = int(time.time() - ts)
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= n:
+            return f"{s // n}{unit}"
+    return f"{s}s"

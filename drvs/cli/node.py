@@ -1,13 +1,12 @@
 """`drvs node ls|show` and `drvs dev cluster up|down|status`."""
 
 import os
-import time
 
 from .. import config
 from ..cluster.context import cluster_info, dev_cluster_file, read_json
 from ..errors import NotFound, SetupError
 from ..units import format_size
-from .common import emit, print_table
+from .common import age, emit, print_table
 
 
 def add_parsers(sub) -> None:
@@ -91,14 +90,6 @@ def cordon(args) -> int:
     return 0
 
 
-def _age(ts: float) -> str:
-    s = int(time.time() - ts)
-    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
-        if s >= n:
-            return f"{s // n}{unit}"
-    return f"{s}s"
-
-
 def _load(n: dict) -> str:
     load = n.get("load")
     return f"{load['cpu_percent']:.0f}% cpu, {load['memory_percent']:.0f}% mem" if load else "-"
@@ -110,7 +101,7 @@ def ls(args) -> int:
     def table():
         print_table(["NAME", "STATUS", "ADDRESS", "CPUS", "MEMORY", "LOAD", "SERVERS", "AGE", "VERSION"],
                     [[n["name"], n["status"], n["address"], n["cpus"], format_size(n["memory"]), _load(n),
-                      ",".join((n.get("load") or {}).get("servers") or []) or "-", _age(n["joined"]), n["version"]]
+                      ",".join((n.get("load") or {}).get("servers") or []) or "-", age(n["joined"]), n["version"]]
                      for n in nodes])
 
     emit(nodes, args.format, table)

@@ -4,7 +4,6 @@ import glob
 import json
 import os
 import shutil
-import time
 
 from .. import config
 from ..cluster.context import cluster_info
@@ -15,7 +14,7 @@ from ..store import open_store
 from ..units import format_size
 from ..vm.model import VmSpec, check_name, parse_share
 from ..vm.registry import VmRegistry
-from .common import emit, print_table
+from .common import age, emit, print_table
 from .options import add_limit_options, limits_from, typed
 
 
@@ -81,14 +80,6 @@ def _limits_text(spec: VmSpec) -> dict[str, str]:
             "MEMORY": format_size(l.memory), "PIDS": str(l.pids or "-")}
 
 
-def _age(ts: float) -> str:
-    s = int(time.time() - ts)
-    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
-        if s >= n:
-            return f"{s // n}{unit}"
-    return f"{s}s"
-
-
 def runs_of(cfg, vm: str) -> list[dict]:
     """Live run records of a VM on this node (stale ones are dropped)."""
     out = []
@@ -133,7 +124,7 @@ def ls(args) -> int:
     def table():
         print_table(["NAME", "CPUS", "CPUSET", "MEMORY", "PIDS", "NODES", "RUNS", "AGE"],
                     [[s.name, *_limits_text(s).values(), ",".join(sorted(s.shares)) or "any", d["runs"],
-                      _age(s.created)] for s, d in zip(specs, data)])
+                      age(s.created)] for s, d in zip(specs, data)])
 
     emit(data, args.format, table)
     return 0
@@ -151,7 +142,7 @@ def show(args) -> int:
     def table():
         print_table(["FIELD", "VALUE"], [
             ["name", spec.name], *[[k.lower(), v] for k, v in _limits_text(spec).items()],
-            ["age", _age(spec.created)], ["data", data["data_dir"]],
+            ["age", age(spec.created)], ["data", data["data_dir"]],
             *[[f"share {n}", ", ".join(f"{k}={format_size(v) if k == 'memory' else v}"
                                        for k, v in l._asdict().items() if v) or "whole node"]
               for n, l in sorted(spec.shares.items())],
@@ -161,7 +152,7 @@ def show(args) -> int:
         if runs:
             print()
             print_table(["RUN", "COMMAND", "AGE", "DETACHED"],
-                        [[r["id"], " ".join(r["argv"]), _age(r["started"]), "yes" if r["detached"] else "no"]
+                        [[r["id"], " ".join(r["argv"]), age(r["started"]), "yes" if r["detached"] else "no"]
                          for r in runs])
 
     emit(data, args.format, table)

@@ -19,20 +19,28 @@ def sendrec(state_dir: str, target: str, msg: Msg, timeout: float = 5.0) -> Msg:
     return asyncio.run(_call(socket_path(state_dir), target, msg, timeout))
 
 
-async def _call(path: str, target: str, msg: Msg, timeout: float) -> Msg:
+async def connect(path: str):
+    """(client, Node capability) of the drvmmd listening at path; call inside
+    capnp.kj_loop(), and keep the client referenced while using the Node."""
     import capnp
 
     from .schema import fabric
 
     if not os.path.exists(path):
         raise IpcError(f"drvmmd is not running on this node (no {path})", errno.ENOENT)
+    try:
+        stream = await capnp.AsyncIoStream.create_unix_connection(path)
+    except OSError as e:
+        raise IpcError(f"drvmmd at {path}: {e.strerror}", e.errno or errno.EIO) from None
+    client = capnp.TwoPartyClient(stream)
+    return client, client.bootstrap().cast_as(fabric.Node)
+
+
+async def _call(path: str, target: str, msg: Msg, timeout: float) -> Msg:
+    import capnp
+
     async with capnp.kj_loop():
-        try:
-            stream = await capnp.AsyncIoStream.create_unix_connection(path)
-        except OSError as e:
-            raise IpcError(f"drvmmd at {path}: {e.strerror}", e.errno or errno.EIO) from None
-        client = capnp.TwoPartyClient(stream)
-        node = client.bootstrap().cast_as(fabric.Node)
+        client, node = await connect(path)
         req = node.sendrec_request()
         req.target = target
         msg.fill(req.init("msg"))

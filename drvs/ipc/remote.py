@@ -19,10 +19,7 @@ def run(state_dir: str, node: str, vm: str, opts) -> tuple[int, str]:
     """(exit code, message) of opts.argv run on node."""
     from . import client
 
-    path = client.socket_path(state_dir)
-    if not os.path.exists(path):
-        raise IpcError(f"drvmmd is not running on this node (no {path})", errno.ENOENT)
-    return asyncio.run(_run(path, node, vm, opts))
+    return asyncio.run(_run(client.socket_path(state_dir), node, vm, opts))
 
 
 async def _run(path: str, node: str, vm: str, opts):
@@ -42,13 +39,10 @@ async def _run(path: str, node: str, vm: str, opts):
         async def done(self, **kwargs):
             pass
 
+    from .client import connect
+
     async with capnp.kj_loop():
-        try:
-            stream = await capnp.AsyncIoStream.create_unix_connection(path)
-        except OSError as e:
-            raise IpcError(f"drvmmd at {path}: {e.strerror}", e.errno or errno.EIO) from None
-        client = capnp.TwoPartyClient(stream)
-        node_cap = client.bootstrap().cast_as(fabric.Node)
+        client, node_cap = await connect(path)
         call = node_cap.run_request()
         r = call.init("request")
         r.vm, r.node, r.workdir = vm, node, opts.cwd

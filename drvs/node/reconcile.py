@@ -48,7 +48,6 @@ async def run(cfg, etcd, node: str) -> None:
     wake = trio.Event()
 
     async def watch():
-        nonlocal wake
         while True:
             try:
                 async for _ in etcd.watch(VMS):

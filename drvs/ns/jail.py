@@ -303,7 +303,7 @@ class Run:
         if pid == 0:
             os.kill(self.proc.pid, END_RUN_SIGNAL)
             os.waitpid(self.proc.pid, 0)
-        _reap_orphans()
+        reap_orphans()
 
 
 def process_start(pid: int) -> int | None:
@@ -329,7 +329,7 @@ def open_run_keeper(record: dict) -> int | None:
     return pidfd
 
 
-def _reap_orphans() -> None:
+def reap_orphans() -> None:
     """Collect zombies reparented to us (we are a subreaper) so that no
     cell's pid namespace waits on them."""
     while True:
