@@ -81,3 +81,26 @@ def test_init_reaps_orphans(drvs):
     p = drvs.run("--", "sh", "-c", "(sleep 0.2 &); sleep 0.6; ps -eo stat,args --no-headers")
     states = [line.split()[0] for line in p.stdout.splitlines()]
     assert not any(s.startswith("Z") for s in states), p.stdout
+
+
+def test_v2_nests_at_the_root_under_a_populated_cgroup():
+    h = v2_hierarchy()
+    if h is None:
+        pytest.skip("no cgroup2 hierarchy mounted")
+    d = os.path.join(h.mountpoint, f"drvs-test-scope-{os.getpid()}")
+    os.mkdir(d)
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        assert cgroup._v2_base(h.mountpoint, d) == d  # empty: delegated, use it
+        with open(f"{d}/cgroup.procs", "w") as f:
+            f.write(str(proc.pid))
+        assert cgroup._v2_base(h.mountpoint, d) == h.mountpoint  # a session's scope: nest at the root
+    finally:
+        proc.kill()
+        proc.wait()
+        for _ in range(100):
+            try:
+                os.rmdir(d)
+                break
+            except OSError:
+                time.sleep(0.01)

@@ -23,7 +23,8 @@ CPU_PERIOD_US = 100_000
 
 class Hierarchy(namedtuple("Hierarchy", "mountpoint version controllers caller")):
     """A mounted hierarchy: version 1 or 2, the DRVS controllers it holds,
-    and the caller's own cgroup there, as a directory."""
+    and the directory DRVS nests its groups under: the caller's own cgroup
+    (on v2, the root when the caller's cgroup holds processes)."""
 
     __slots__ = ()
 
@@ -47,7 +48,7 @@ def hierarchies() -> tuple[Hierarchy, ...]:
                     ctrls = f.read().split()
             except OSError:
                 ctrls = []
-            v2 = Hierarchy(mountpoint, 2, frozenset(ctrls), _under(mountpoint, root, rel))
+            v2 = Hierarchy(mountpoint, 2, frozenset(ctrls), _v2_base(mountpoint, _under(mountpoint, root, rel)))
         else:
             ctrls = frozenset(o for o in opts if o in CONTROLLERS)
             key = ",".join(sorted(o for o in opts if o in _ALL_V1))
@@ -96,6 +97,22 @@ def _cgroup_mounts():
         fstype, _source, superopts = right.split()[:3]
         if fstype in ("cgroup", "cgroup2"):
             yield fields[4], fields[3], fstype, superopts.split(",")
+
+
+def _v2_base(mountpoint: str, caller: str) -> str:
+    """Where to nest on v2.  A v2 cgroup that holds processes cannot hand
+    controllers to children (no internal processes), so under a populated
+    caller's cgroup (a login session's scope, say) DRVS nests at the
+    hierarchy's root instead, which is exempt; an empty (delegated) caller's
+    cgroup is used as it is."""
+    if caller == mountpoint:
+        return caller
+    try:
+        with open(f"{caller}/cgroup.procs") as f:
+            populated = bool(f.read().strip())
+    except OSError:
+        populated = True
+    return mountpoint if populated else caller
 
 
 def _under(mountpoint: str, mount_root: str, path: str) -> str:
