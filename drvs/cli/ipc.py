@@ -40,6 +40,27 @@ def add_parsers(sub) -> None:
     p = verbs.add_parser("resign", help="give up a leadership by its key")
     p.add_argument("key")
     p.set_defaults(func=resign)
+    p = verbs.add_parser("observe", help="print NAME's leader now and at each change")
+    p.add_argument("name")
+    p.add_argument("-n", "--count", type=int, default=0, help="stop after this many (default: never)")
+    p.set_defaults(func=observe)
+
+    gr = sub.add_parser("group", help="groups of endpoints: membership and broadcast")
+    verbs = gr.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for verb, text in (("join", "add ENDPOINT (default: this node's drvmm) to GROUP, for this node's lifetime"),
+                       ("leave", "remove ENDPOINT from GROUP")):
+        p = verbs.add_parser(verb, help=text)
+        p.add_argument("group")
+        p.add_argument("endpoint", nargs="?")
+        p.set_defaults(func=group_change, call=verb)
+    p = verbs.add_parser("members", help="the endpoints in GROUP")
+    p.add_argument("group")
+    p.set_defaults(func=group_members)
+    p = verbs.add_parser("broadcast", help="send a ping to every member of GROUP")
+    p.add_argument("group")
+    p.add_argument("--data", default="broadcast")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.set_defaults(func=broadcast)
 
 
 def _local() -> tuple[str, str]:
@@ -134,3 +155,62 @@ def resign(args) -> int:
 
     _call(drvmm.DrvmmCall.resign, _key(args.key), 10)
     return 0
+
+
+def observe(args) -> int:
+    import sys
+
+    import trio
+
+    from ..cluster.etcd import Etcd
+    from ..ipc.services import ELECTIONS
+
+    info = cluster_info(config.load())
+    if info is None:
+        raise NotFound("this node is in no cluster (single node)")
+
+    async def go():
+        seen = 0
+        async with Etcd(info["etcd"]) as etcd:
+            async for leader in etcd.observe(ELECTIONS + args.name):
+                print(leader, flush=True)
+                seen += 1
+                if args.count and seen >= args.count:
+                    return
+
+    try:
+        trio.run(go)
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+    return 0
+
+
+def group_change(args) -> int:
+    from ..ipc.schema import drvmm
+
+    _, local = _local()
+    call = drvmm.DrvmmCall.groupJoin if args.call == "join" else drvmm.DrvmmCall.groupLeave
+    _call(call, _name_request(args.group, args.endpoint or local), 10)
+    return 0
+
+
+def group_members(args) -> int:
+    from ..ipc.schema import drvmm
+
+    reply = _call(drvmm.DrvmmCall.members, _name_request(args.group), 10)
+    for endpoint in drvmm.Members.from_bytes_packed(reply.payload).endpoints:
+        print(endpoint)
+    return 0
+
+
+def broadcast(args) -> int:
+    from ..ipc.schema import drvmm
+
+    req = drvmm.Broadcast.new_message(group=args.group, type=drvmm.DrvmmCall.ping, payload=args.data.encode(),
+                                      timeoutMs=int(args.timeout * 1000))
+    reply = _call(drvmm.DrvmmCall.broadcast, req.to_bytes_packed(), args.timeout + 5)
+    out = drvmm.Delivery.from_bytes_packed(reply.payload)
+    print(f"delivered to {out.delivered}")
+    for failure in out.failed:
+        print(f"failed: {failure}")
+    return 0 if not len(out.failed) else 7

@@ -209,5 +209,21 @@ class Etcd:
             raise
         return _unb64(data["kv"]["value"])
 
+    async def observe(self, election: str):
+        """The election's leader value each time it changes, forever."""
+        req = json.dumps({"name": _b64(election)})
+        for url in self.endpoints:
+            try:
+                async with self._client.stream("POST", url + "/v3/election/observe", content=req,
+                                                timeout=httpx.Timeout(self.timeout, read=None)) as r:
+                    async for line in r.aiter_lines():
+                        kv = (json.loads(line).get("result") or {}).get("kv") if line.strip() else None
+                        if kv:
+                            yield _unb64(kv.get("value"))
+                return
+            except httpx.TransportError:
+                continue
+        raise EtcdUnavailable(f"etcd observe: unreachable at {', '.join(self.endpoints)}")
+
     async def resign(self, leader: dict) -> None:
         await self.call("/v3/election/resign", {"leader": leader})

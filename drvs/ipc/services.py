@@ -16,6 +16,7 @@ from .schema import drvmm
 Call = drvmm.DrvmmCall
 LOCKS = "/drvs/locks/"
 ELECTIONS = "/drvs/elections/"
+GROUPS = "/drvs/groups/"
 
 
 def request(msg: Msg):
@@ -30,8 +31,8 @@ def key_reply(key: str = "", value: str = "") -> Msg:
 
 
 class DrvmmService:
-    def __init__(self, etcd, member):
-        self.etcd, self.member = etcd, member
+    def __init__(self, etcd, member, fabric=None):
+        self.etcd, self.member, self.fabric = etcd, member, fabric
         self.table = {
             Call.ping: self.ping,
             Call.lock: self.lock,
@@ -39,6 +40,10 @@ class DrvmmService:
             Call.campaign: self.campaign,
             Call.resign: self.resign,
             Call.leader: self.leader,
+            Call.groupJoin: self.group_join,
+            Call.groupLeave: self.group_leave,
+            Call.members: self.members,
+            Call.broadcast: self.broadcast,
         }
 
     async def handle(self, msg: Msg) -> Msg:
@@ -84,6 +89,68 @@ class DrvmmService:
     async def leader(self, msg: Msg) -> Msg:
         req = request(msg)
         return key_reply("", await self.etcd.leader(ELECTIONS + req.name) or "")
+
+
+    # -- groups: membership held by the member's node lease, and broadcast --
+
+    @staticmethod
+    def _member_key(req) -> str:
+        from .fabric import check_name
+
+        if not req.name or "/" in req.name:
+            raise IpcError(f"invalid group name {req.name!r}", errno.EINVAL)
+        return f"{GROUPS}{req.name}/{check_name(req.value)}"
+
+    async def group_join(self, msg: Msg) -> Msg:
+        req = request(msg)
+        await self.etcd.put(self._member_key(req), self.member.name, lease=self.member.lease)
+        return key_reply()
+
+    async def group_leave(self, msg: Msg) -> Msg:
+        await self.etcd.delete(self._member_key(request(msg)))
+        return key_reply()
+
+    async def _members(self, group: str) -> list[str]:
+        prefix = f"{GROUPS}{group}/"
+        return [e.key[len(prefix):] for e in await self.etcd.range(prefix)]
+
+    async def members(self, msg: Msg) -> Msg:
+        names = await self._members(request(msg).name)
+        reply = drvmm.Members.new_message()
+        eps = reply.init("endpoints", len(names))
+        for i, n in enumerate(names):
+            eps[i] = n
+        return Msg(0, reply.to_bytes_packed())
+
+    async def broadcast(self, msg: Msg) -> Msg:
+        try:
+            req = drvmm.Broadcast.from_bytes_packed(msg.payload)
+        except Exception:  # noqa: BLE001
+            raise IpcError("malformed request", errno.EBADMSG) from None
+        group, mtype, payload = req.group, req.type, bytes(req.payload)
+        timeout = req.timeoutMs / 1000 if req.timeoutMs else None
+        failed: list[str] = []
+        delivered = 0
+
+        async def one(endpoint):
+            nonlocal delivered
+            try:
+                reply = await self.fabric.sendrec(endpoint, Msg(mtype, payload, source=msg.source), timeout)
+                if reply.status < 0:
+                    failed.append(f"{endpoint}: {reply.error}")
+                else:
+                    delivered += 1
+            except IpcError as e:
+                failed.append(f"{endpoint}: {e}")
+
+        async with trio.open_nursery() as nursery:
+            for endpoint in await self._members(group):
+                nursery.start_soon(one, endpoint)
+        out = drvmm.Delivery.new_message(delivered=delivered)
+        fl = out.init("failed", len(failed))
+        for i, f in enumerate(sorted(failed)):
+            fl[i] = f
+        return Msg(0, out.to_bytes_packed())
 
 
 def _key(msg: Msg) -> str:

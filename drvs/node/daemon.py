@@ -78,7 +78,7 @@ async def serve_node(cfg: config.Config, info: dict, interval: float) -> None:
                     join_service = bootstrap.server_class()(cfg.state_dir, info, etcd, current_guest())
                     await fabric.listen_bootstrap(info["address"], join_service)
                 service = f"drvmm@{info['node']}"
-                await fabric.register(service, DrvmmService(etcd, member).handle)
+                await fabric.register(service, DrvmmService(etcd, member, fabric).handle)
                 member.servers = sorted(fabric.handlers)
                 await member.publish()
                 member.on_new_lease = fabric.reregister

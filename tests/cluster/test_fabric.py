@@ -87,3 +87,41 @@ def test_resign_hands_over(cluster_factory):
     assert c.drvs("election", "leader", "e", node="n2").returncode == 3
     c.drvs("election", "campaign", "e", "--timeout", "2", node="n2", check=True)
     assert c.drvs("election", "leader", "e", node="n1", check=True).stdout == "n2\n"
+
+
+def test_group_membership_follows_node_lives_and_broadcast_reaches_members(cluster_factory):
+    c = cluster_factory(nodes=3)
+    for n in ("n1", "n2", "n3"):
+        c.drvs("group", "join", "vm-web", node=n, check=True)
+    members = c.drvs("group", "members", "vm-web", node="n1", check=True).stdout.split()
+    assert members == ["drvmm@n1", "drvmm@n2", "drvmm@n3"]
+    assert c.drvs("group", "broadcast", "vm-web", node="n2", check=True).stdout == "delivered to 3\n"
+    os.kill(c.node("n3")["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while "drvmm@n3" in c.drvs("group", "members", "vm-web", node="n1").stdout:
+        assert time.monotonic() < deadline, "a dead node's membership outlived its lease"
+        time.sleep(0.2)
+    assert c.drvs("group", "broadcast", "vm-web", node="n1", check=True).stdout == "delivered to 2\n"
+    c.drvs("group", "leave", "vm-web", node="n2", check=True)
+    assert c.drvs("group", "members", "vm-web", node="n1", check=True).stdout.split() == ["drvmm@n1"]
+
+
+def test_election_observe_reports_each_new_leader(cluster_factory):
+    c = cluster_factory(nodes=2)
+    c.drvs("election", "campaign", "ob", node="n1", check=True)
+    watcher = subprocess.Popen([str(BIN / "drvs"), "--node", "n2", "election", "observe", "ob", "-n", "2"],
+                               env=c.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.7)
+        standby = subprocess.Popen([str(BIN / "drvs"), "--node", "n2", "election", "campaign", "ob",
+                                    "--timeout", "20"], env=c.env, stdout=subprocess.DEVNULL)
+        time.sleep(0.3)
+        os.kill(c.node("n1")["pid"], signal.SIGKILL)
+        out, err = watcher.communicate(timeout=30)
+        assert out.split() == ["n1", "n2"], err
+        assert standby.wait(timeout=20) == 0
+    finally:
+        for p in (watcher,):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
