@@ -20,7 +20,7 @@ import trio
 from .. import __version__
 from ..errors import Conflict
 from ..store import CompareFailed
-from .etcd import Etcd, EtcdUnavailable
+from .etcd import Etcd, EtcdError, EtcdUnavailable
 
 log = logging.getLogger("drvmmd")
 
@@ -83,18 +83,22 @@ class Member:
         """Keep the lease and the status fresh; re-join if the lease was lost
         (etcd was away longer than the TTL); ride out etcd outages."""
         backoff = STATUS_EVERY
+        reattach = False
         while True:
             await trio.sleep(backoff)
             try:
                 if await self.etcd.keepalive_once(self.lease) <= 0:
                     self.lease = await self.etcd.grant(LEASE_TTL)
-                    if self.on_new_lease is not None:
-                        await self.on_new_lease()
+                    reattach = True
+                if reattach and self.on_new_lease is not None:
+                    await self.on_new_lease()
+                reattach = False
                 await self.publish()
                 backoff = STATUS_EVERY
-            except EtcdUnavailable as e:
-                log.warning("%s; retrying", e)
-                backoff = min(backoff * 2, 8.0)
+            except (EtcdUnavailable, EtcdError, ValueError, KeyError) as e:
+                log.warning("membership: %s; retrying", e)
+                # Retry well within the lease's TTL, or the node drops out.
+                backoff = min(backoff * 2, LEASE_TTL / 3)
 
     async def join_with_backoff(self) -> None:
         """join(), waiting out an unreachable etcd (a name clash is final)."""

@@ -18,6 +18,7 @@ VALIDITY = datetime.timedelta(days=3650)
 
 def _write(path: str, data: bytes, mode: int) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    os.fchmod(fd, mode)  # an existing file keeps its mode otherwise
     with os.fdopen(fd, "wb") as f:
         f.write(data)
 
@@ -30,6 +31,7 @@ def _key_pem(key) -> bytes:
 def make_ca(directory: str, cluster: str) -> tuple[str, str]:
     """ca.pem and ca.key in directory; returns their paths."""
     os.makedirs(directory, mode=0o700, exist_ok=True)
+    os.chmod(directory, 0o700)
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"drvs cluster {cluster} CA")])
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -92,6 +94,7 @@ def _node_cert(ca: str, ca_key: str, public_key, node: str, address: str):
 def write_node_files(directory: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> dict:
     """The `tls` entry of cluster.json, written out."""
     os.makedirs(directory, mode=0o700, exist_ok=True)
+    os.chmod(directory, 0o700)
     paths = {"ca": f"{directory}/ca.pem", "cert": f"{directory}/node.pem", "key": f"{directory}/node.key"}
     _write(paths["ca"], ca_pem, 0o644)
     _write(paths["cert"], cert_pem, 0o644)

@@ -40,6 +40,10 @@ def up(state_dir: str, nodes: int, cpus_per_node: int | None = None, name: str =
     if cpus_per_node and cpus_per_node * nodes > len(cpus):
         raise SetupError(f"{nodes} nodes x {cpus_per_node} CPUs need {nodes * cpus_per_node} CPUs; "
                          f"this machine has {len(cpus)}")
+    taken = [n for n in netns.existing(name)]
+    if taken:
+        raise Conflict(f"network namespaces of a cluster named {name!r} exist already ({', '.join(taken)}): "
+                       "pick another --name, or take that cluster down")
     net = netns.subnet_for(name)
     root = f"{state_dir}/dev/{name}"
     info = {"name": name, "subnet": f"{net}.0/24", "root": root,

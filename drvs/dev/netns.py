@@ -69,17 +69,20 @@ def set_link(cluster: str, host: str, up: bool) -> None:
             sw.link("set", index=idx[0], state="up" if up else "down")
 
 
+def existing(cluster: str) -> list[str]:
+    prefix = f"drvs-{cluster}-"
+    return sorted(n for n in netns.listnetns() if n.startswith(prefix) and "-" not in n[len(prefix):])
+
+
 def remove_all(cluster: str) -> list[str]:
     """Delete every namespace of the cluster (their veths go with them)."""
-    prefix = f"drvs-{cluster}-"
     gone = []
-    for name in netns.listnetns():
-        if name.startswith(prefix):
-            try:
-                netns.remove(name)
-                gone.append(name)
-            except OSError:
-                pass
+    for name in existing(cluster):
+        try:
+            netns.remove(name)
+            gone.append(name)
+        except OSError:
+            pass
     return gone
 
 

@@ -20,7 +20,7 @@ import capnp
 import trio
 
 from .bridge import aio, capnp_await, current_guest
-from .message import IpcError, Msg, failure
+from .message import NOTIFY, IpcError, Msg, failure
 from .schema import fabric as schema
 
 log = logging.getLogger("drvmmd")
@@ -176,8 +176,18 @@ class Fabric:
 
     async def start_run(self, rr) -> None:
         """Start a RemoteRun in the fabric's nursery; returns once it started
-        (or failed to: the failure is its exit status)."""
-        await self.nursery.start(rr.serve)
+        (or failed to: the failure is its exit status).  Whatever goes wrong
+        with one program is logged, never the daemon's end."""
+
+        async def guarded(task_status=trio.TASK_STATUS_IGNORED):
+            try:
+                await rr.serve(task_status=task_status)
+            except Exception:  # noqa: BLE001
+                log.exception("program %s failed in its server", rr.req.get("argv", [])[:1])
+                rr.caller_gone()
+                rr.done.set()
+
+        await self.nursery.start(guarded)
 
     async def forward_run(self, req: dict, stdout, stderr):
         loc = await self.node_location(req["node"])
@@ -263,11 +273,19 @@ class NodeServer(schema.Node.Server):
         except IpcError as e:
             return failure(e.errno, str(e))
 
-    async def send(self, target, msg, _context, **kwargs):
-        await self.sendrec(target, msg, 0, _context)
-
     async def notify(self, target, source, _context, **kwargs):
-        await self.guest.call_trio(self.fabric.deliver, target, Msg(0xFFFF, source=source))
+        m = Msg(NOTIFY, source=source)
+        if self.local:
+            await self.guest.call_trio(self._route, target, m, None)
+        else:
+            await self.guest.call_trio(self.fabric.deliver, target, m)
+
+    async def send(self, target, msg, _context, **kwargs):
+        m = Msg.from_capnp(msg)
+        if self.local:
+            await self.guest.call_trio(self._route, target, m, None)
+        else:
+            await self.guest.call_trio(self.fabric.deliver, target, m)
 
     async def echo(self, data, _context, **kwargs):
         return data

@@ -6,6 +6,11 @@ import os
 from ..errors import DrvsError
 
 
+# The type of MINIX's notify: a wake-up with no payload, which every server
+# accepts (a server that has nothing to do on it just acknowledges).
+NOTIFY = 0xFFFF
+
+
 class Msg:
     """type selects the handler; payload is a packed struct of the target's
     schema; replies carry status (0 or -errno) and a human error."""

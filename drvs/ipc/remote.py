@@ -85,8 +85,11 @@ async def _run(path: str, node: str, vm: str, opts):
         if opts.tty:
             loop.add_signal_handler(signal.SIGWINCH, lambda: asyncio.ensure_future(_resize(process)))
         pump = None
-        if not opts.tty or opts.interactive:
+        # Input goes to the program with -i, or when it is a pipe or a file
+        # (as with a local run); a terminal's stays with the user otherwise.
+        if opts.interactive or not os.isatty(0):
             pump = asyncio.ensure_future(_pump_stdin(loop, process))
+            pump.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
             if opts.tty and opts.interactive and os.isatty(0):
                 from ..ns import terminal

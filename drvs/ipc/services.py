@@ -10,7 +10,8 @@ import json
 
 import trio
 
-from .message import IpcError, Msg
+from ..errors import DrvsError
+from .message import NOTIFY, IpcError, Msg
 from .schema import drvmm
 
 Call = drvmm.DrvmmCall
@@ -47,6 +48,8 @@ class DrvmmService:
         }
 
     async def handle(self, msg: Msg) -> Msg:
+        if msg.type == NOTIFY:
+            return Msg(0)
         handler = self.table.get(msg.type)
         if handler is None:
             raise IpcError(f"drvmm: unknown message type {msg.type}", errno.ENOSYS)
@@ -140,7 +143,7 @@ class DrvmmService:
                     failed.append(f"{endpoint}: {reply.error}")
                 else:
                     delivered += 1
-            except IpcError as e:
+            except DrvsError as e:  # IpcError, an etcd outage while resolving, ...
                 failed.append(f"{endpoint}: {e}")
 
         async with trio.open_nursery() as nursery:

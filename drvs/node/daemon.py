@@ -121,9 +121,12 @@ def node_uid(cfg: config.Config) -> str:
 
 async def _tidy_loop(cfg: config.Config, interval: float) -> None:
     while True:
-        removed = await trio.to_thread.run_sync(tidy_once, cfg)
-        if removed["cells"] or removed["runs"]:
-            log.info("removed %s", removed)
+        try:
+            removed = await trio.to_thread.run_sync(tidy_once, cfg)
+            if removed["cells"] or removed["runs"]:
+                log.info("removed %s", removed)
+        except Exception:  # noqa: BLE001 - housekeeping must not take the node down
+            log.exception("housekeeping failed; trying again in %.0f s", interval)
         await trio.sleep(interval)
 
 

@@ -14,6 +14,7 @@ import signal
 import struct
 import termios
 
+import capnp
 import trio
 
 from .. import config
@@ -26,6 +27,7 @@ from ..vm.registry import VmRegistry
 
 log = logging.getLogger("drvmmd")
 CHUNK = 64 * 1024
+CALLER_SILENT_LIMIT = 300.0  # seconds a caller may leave output unread
 
 
 class RemoteRun:
@@ -59,6 +61,7 @@ class RemoteRun:
                 stdio = ()
             else:
                 in_r, self.stdin_w = os.pipe2(os.O_CLOEXEC)
+                os.set_blocking(self.stdin_w, False)  # writes wait in trio, never in the kernel
                 out_r, out_w = os.pipe2(os.O_CLOEXEC)
                 err_r, err_w = os.pipe2(os.O_CLOEXEC)
                 child_fds, ours = [in_r, out_w, err_w], [out_r, err_r]
@@ -67,8 +70,9 @@ class RemoteRun:
             vm = VmRegistry(open_store()).get(self.req["vm"] or "default")
             self.run = jail.Run(cfg, vm, self.options(stdio))
             self.run.start(forward_signals=False)
-        except DrvsError as e:
-            self.exit_code, self.message = e.exit_code, str(e)
+        except Exception as e:  # noqa: BLE001 - a failed start is this run's result, not the daemon's end
+            self.exit_code, self.message = (e.exit_code, str(e)) if isinstance(e, DrvsError) else \
+                (125, f"cannot start the program: {type(e).__name__}: {e}")
             for fd in ours:
                 os.close(fd)
             if self.stdin_w >= 0:
@@ -97,8 +101,12 @@ class RemoteRun:
             self.message = jail.explain(result) or ""
         finally:
             with trio.CancelScope(shield=True):
+                if self.master >= 0:
+                    trio.lowlevel.notify_closing(self.master)
+                    self.master = -1  # Run.cleanup closes it
                 self.run.cleanup()
                 if self.stdin_w >= 0:
+                    trio.lowlevel.notify_closing(self.stdin_w)
                     os.close(self.stdin_w)
                     self.stdin_w = -1
                 await self._finish_streams()
@@ -124,7 +132,15 @@ class RemoteRun:
                         data = b""
                 if not data:
                     return
-                await capnp_await(sink.write(data))
+                try:
+                    with trio.fail_after(CALLER_SILENT_LIMIT):
+                        await capnp_await(sink.write(data))
+                except (capnp.KjException, trio.TooSlowError, trio.BrokenResourceError):
+                    # The caller is gone (or stopped reading for minutes):
+                    # nobody can see or signal the program any more.
+                    log.info("caller of %s went away; ending it", self.req["argv"][:1])
+                    self.caller_gone()
+                    return
         finally:
             if stream is not None:
                 await stream.aclose()
@@ -135,6 +151,14 @@ class RemoteRun:
                 with trio.move_on_after(5):
                     await capnp_await(sink.done())
             except Exception:  # noqa: BLE001 - the caller went away
+                pass
+
+    def caller_gone(self) -> None:
+        """End the program: its caller cannot see or signal it any more."""
+        if self.run is not None and self.run.proc is not None and not self.done.is_set():
+            try:
+                signal.pidfd_send_signal(self.run.proc.pidfd, jail.END_RUN_SIGNAL)
+            except (ProcessLookupError, OSError):
                 pass
 
     # -- Process methods (called from the capnp server, in trio) -------------
@@ -152,11 +176,15 @@ class RemoteRun:
                 continue
             except OSError:
                 return  # the program closed its stdin
+            fd = self.master if self.master >= 0 else self.stdin_w
+            if fd < 0:
+                return
 
     async def close_stdin(self) -> None:
         if self.master >= 0:
             await self.write_stdin(b"\x04")  # ^D on the terminal
         elif self.stdin_w >= 0:
+            trio.lowlevel.notify_closing(self.stdin_w)
             os.close(self.stdin_w)
             self.stdin_w = -1
 

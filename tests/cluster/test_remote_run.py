@@ -106,3 +106,44 @@ def test_tty_across_nodes(cluster_factory):
     finally:
         if child.isalive():
             child.kill(signal.SIGKILL)
+
+
+def test_a_vanished_caller_ends_the_program_not_the_daemon(cluster_factory):
+    c = cluster_factory(nodes=2)
+    caller = subprocess.Popen([str(BIN / "drvs-run"), "--node", "n2", "--", "sh", "-c",
+                               "while :; do echo tick; sleep 0.01; done"],
+                              env={**c.env, "DRVS_NODE": "n1"}, stdout=subprocess.PIPE)
+    assert caller.stdout.readline() == b"tick\n"
+    caller.kill()
+    caller.wait()
+    # n2's drvmmd lives on, and the program it ran for the caller is gone.
+    time.sleep(1.5)
+    assert subprocess.run(["kill", "-0", str(c.node("n2")["pid"])]).returncode == 0
+    assert c.nodes()["n2"]["status"] == "Ready"
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert "while :; do echo tick" not in ps
+    assert run_on(c, "n1", "--node", "n2", "--", "true").returncode == 0
+
+
+def test_slow_reader_of_stdin_does_not_stall_the_node(cluster_factory):
+    """The program takes a little of a large input, then sleeps: the node's
+    daemon must not sit in a blocked write meanwhile (it would miss its
+    heartbeats and turn NotReady)."""
+    c = cluster_factory(nodes=2)
+    proc = subprocess.Popen([str(BIN / "drvs-run"), "--node", "n2", "--", "sh", "-c",
+                             "head -c 10000 > /dev/null; sleep 7; echo done"],
+                            env={**c.env, "DRVS_NODE": "n1"}, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        try:
+            proc.stdin.write(b"x" * (1 << 20))
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        time.sleep(5.5)  # past the lease's TTL
+        assert c.nodes()["n2"]["status"] == "Ready"
+        out, _ = proc.communicate(timeout=30)
+        assert out == b"done\n"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
