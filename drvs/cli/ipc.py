@@ -162,7 +162,7 @@ def observe(args) -> int:
 
     import trio
 
-    from ..cluster.etcd import Etcd
+    from ..cluster.context import etcd_client
     from ..ipc.services import ELECTIONS
 
     info = cluster_info(config.load())
@@ -171,7 +171,7 @@ def observe(args) -> int:
 
     async def go():
         seen = 0
-        async with Etcd(info["etcd"]) as etcd:
+        async with etcd_client(info) as etcd:
             async for leader in etcd.observe(ELECTIONS + args.name):
                 print(leader, flush=True)
                 seen += 1

@@ -62,14 +62,14 @@ def _with_etcd(fn):
     """Run `await fn(etcd)` against this node's cluster store."""
     import trio
 
-    from ..cluster.etcd import Etcd
+    from ..cluster.context import etcd_client
 
     info = cluster_info(config.load())
     if info is None:
         raise NotFound("this node is in no cluster (single node); see `drvs dev cluster up`")
 
     async def go():
-        async with Etcd(info["etcd"], timeout=3) as etcd:
+        async with etcd_client(info, timeout=3) as etcd:
             return await fn(etcd)
 
     return trio.run(go)

@@ -50,13 +50,12 @@ def init(state_dir: str, address: str, cluster: str, node: str, etcd: list[str] 
     ca, ca_key = pki.make_ca(ca_dir(state_dir), cluster)
     secret = secrets.token_hex(16)
     _write_private(f"{ca_dir(state_dir)}/join-secret", secret)
+    tls = pki.issue(ca, ca_key, node, address, f"{state_dir}/tls")
     if not etcd:
         data = f"{state_dir}/etcd"
-        pid = etcd_process.start(data, address)
-        url = f"http://{address}:{etcd_process.CLIENT_PORT}"
-        etcd_process.wait_healthy(url, pid, f"{data}/etcd.log")
-        etcd = [url]
-    tls = pki.issue(ca, ca_key, node, address, f"{state_dir}/tls")
+        pid = etcd_process.start(data, address, ca, ca_key)
+        etcd = [etcd_process.url(address)]
+        etcd_process.wait_healthy(etcd[0], pid, f"{data}/etcd.log", tls)
     _write_json(f"{state_dir}/cluster.json",
                 {"cluster": cluster, "etcd": etcd, "node": node, "address": address, "tls": tls})
     with open(ca, "rb") as f:

@@ -30,6 +30,18 @@ def cluster_info(cfg: config.Config) -> dict | None:
     return read_json(f"{cfg.state_dir}/cluster.json")
 
 
+def etcd_client(info: dict, timeout: float = 5.0):
+    """The async etcd client for this node's cluster (TLS with its certificate)."""
+    from .etcd import Etcd
+
+    tls = info.get("tls")
+    if tls:
+        from .etcd_process import client_context
+
+        return Etcd(info["etcd"], timeout=timeout, verify=client_context(tls))
+    return Etcd(info["etcd"], timeout=timeout)
+
+
 def local_node(cfg: config.Config) -> str | None:
     """This node's name in its cluster, or None on a single node."""
     info = cluster_info(cfg) if os.path.exists(f"{cfg.state_dir}/cluster.json") else None

@@ -12,16 +12,28 @@ from ..errors import SetupError
 CLIENT_PORT, PEER_PORT = 2379, 2380
 
 
-def start(data_dir: str, address: str, preexec=None) -> int:
-    """Start etcd detached (its own session); returns its pid."""
+def url(address: str) -> str:
+    return f"https://{address}:{CLIENT_PORT}"
+
+
+def start(data_dir: str, address: str, ca: str, ca_key: str, preexec=None) -> int:
+    """Start etcd detached (its own session); returns its pid.  It serves TLS
+    with a certificate of the cluster CA and admits only clients presenting
+    one (every node's certificate is one), on both its ports."""
+    from . import pki
+
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
-    url, peer = f"http://{address}:{CLIENT_PORT}", f"http://{address}:{PEER_PORT}"
+    tls = pki.issue(ca, ca_key, "etcd", address, f"{data_dir}/tls")
+    client, peer = url(address), f"https://{address}:{PEER_PORT}"
+    certs = ["--cert-file", tls["cert"], "--key-file", tls["key"], "--trusted-ca-file", tls["ca"],
+             "--client-cert-auth", "--peer-cert-file", tls["cert"], "--peer-key-file", tls["key"],
+             "--peer-trusted-ca-file", tls["ca"], "--peer-client-cert-auth"]
     with open(f"{data_dir}/etcd.log", "ab") as log:
         try:
             proc = subprocess.Popen(
-                ["etcd", "--name", "etcd", "--data-dir", f"{data_dir}/data", "--listen-client-urls", url,
-                 "--advertise-client-urls", url, "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                 "--initial-cluster", f"etcd={peer}", "--log-level", "error"],
+                ["etcd", "--name", "etcd", "--data-dir", f"{data_dir}/data", "--listen-client-urls", client,
+                 "--advertise-client-urls", client, "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                 "--initial-cluster", f"etcd={peer}", "--log-level", "error", *certs],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=preexec,
                 start_new_session=True)
         except FileNotFoundError:
@@ -31,8 +43,18 @@ def start(data_dir: str, address: str, preexec=None) -> int:
     return proc.pid
 
 
-def wait_healthy(url: str, pid: int, log: str, timeout: float = 20) -> None:
+def client_context(tls: dict):
+    """TLS for talking to the cluster's etcd with a node's certificate."""
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=tls["ca"])
+    ctx.load_cert_chain(tls["cert"], tls["key"])
+    return ctx
+
+
+def wait_healthy(endpoint: str, pid: int, log: str, tls: dict, timeout: float = 20) -> None:
     """Until etcd answers (checked from this process's network namespace)."""
+    ctx = client_context(tls)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -40,7 +62,7 @@ def wait_healthy(url: str, pid: int, log: str, timeout: float = 20) -> None:
         except ProcessLookupError:
             raise SetupError(f"etcd exited: {open(log).read()[-800:]}") from None
         try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+            with urllib.request.urlopen(endpoint + "/health", timeout=1, context=ctx) as r:
                 if json.load(r).get("health") == "true":
                     return
         except (OSError, ValueError):

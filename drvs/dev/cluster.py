@@ -22,7 +22,6 @@ from ..cluster.context import dev_cluster_file, read_json, setns_net
 from ..cluster import etcd_process, pki
 from . import netns
 
-ETCD_PORT = etcd_process.CLIENT_PORT
 
 
 def _bin(name: str) -> str:
@@ -47,7 +46,7 @@ def up(state_dir: str, nodes: int, cpus_per_node: int | None = None, name: str =
     net = netns.subnet_for(name)
     root = f"{state_dir}/dev/{name}"
     info = {"name": name, "subnet": f"{net}.0/24", "root": root,
-            "etcd": {"netns": netns.ns_name(name, "etcd"), "url": f"http://{net}.2:{ETCD_PORT}", "pid": 0},
+            "etcd": {"netns": netns.ns_name(name, "etcd"), "url": etcd_process.url(f"{net}.2"), "pid": 0},
             "nodes": []}
     os.makedirs(root, exist_ok=True)
     _write(path, info)  # first, so that `down` finds whatever gets made
@@ -81,7 +80,8 @@ def _in_netns(ns: str):
 
 
 def _start_etcd(info: dict, root: str, address: str) -> int:
-    return etcd_process.start(f"{root}/etcd", address, preexec=_in_netns(info["etcd"]["netns"]))
+    return etcd_process.start(f"{root}/etcd", address, info["ca"], info["ca_key"],
+                              preexec=_in_netns(info["etcd"]["netns"]))
 
 
 def _start_node(info: dict, node: str, address: str, pinned: str | None) -> dict:
@@ -147,7 +147,8 @@ def _query_alive(info: dict) -> set[str]:
             end = base64.b64encode(b"/drvs/nodes0").decode()
             req = urllib.request.Request(info["etcd"]["url"] + "/v3/kv/range", method="POST",
                                          data=json.dumps({"key": key, "range_end": end, "keys_only": True}).encode())
-            with urllib.request.urlopen(req, timeout=1) as resp:
+            tls = read_json(f"{info['nodes'][0]['state_dir']}/cluster.json")["tls"]
+            with urllib.request.urlopen(req, timeout=1, context=etcd_process.client_context(tls)) as resp:
                 kvs = json.load(resp).get("kvs") or []
             names = [base64.b64decode(kv["key"]).decode().split("/")[3] for kv in kvs
                      if base64.b64decode(kv["key"]).decode().endswith("/status")]

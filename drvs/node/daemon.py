@@ -19,8 +19,7 @@ import sys
 import trio
 
 from .. import config
-from ..cluster.context import cluster_info
-from ..cluster.etcd import Etcd
+from ..cluster.context import cluster_info, etcd_client
 from ..cluster.membership import Member
 from ..errors import DrvsError, user_error
 from ..ns import cell as cells
@@ -63,7 +62,7 @@ async def serve_node(cfg: config.Config, info: dict, interval: float) -> None:
     from . import reconcile
 
     tls = Tls(**info["tls"]) if info.get("tls") else None
-    async with Etcd(info["etcd"]) as etcd:
+    async with etcd_client(info) as etcd:
         member = Member(etcd, info["node"], info["address"], node_uid(cfg))
         fabric = Fabric(etcd, member, info.get("port", FABRIC_PORT), tls)
         try:

@@ -52,7 +52,8 @@ def open_store():
         from .etcd import EtcdStore
 
         with open(cluster) as f:
-            return EtcdStore(json.load(f)["etcd"])
+            info = json.load(f)
+        return EtcdStore(info["etcd"], tls=info.get("tls"))
     from .embedded import EmbeddedStore
 
     return EmbeddedStore(cfg.store_path)

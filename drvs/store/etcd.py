@@ -22,8 +22,13 @@ def _entry(kv: dict) -> Entry:
 
 
 class EtcdStore(Store):
-    def __init__(self, endpoints: list[str], timeout: float = 5.0):
+    def __init__(self, endpoints: list[str], timeout: float = 5.0, tls: dict | None = None):
         self.endpoints, self.timeout = list(endpoints), timeout
+        self.context = None
+        if tls:
+            from ..cluster.etcd_process import client_context
+
+            self.context = client_context(tls)
 
     def _call(self, path: str, body: dict) -> dict:
         last = None
@@ -31,7 +36,7 @@ class EtcdStore(Store):
             req = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST",
                                          headers={"Content-Type": "application/json"})
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                with urllib.request.urlopen(req, timeout=self.timeout, context=self.context) as r:
                     return json.load(r)
             except urllib.error.HTTPError as e:
                 raise StoreError(f"etcd {path}: {e.read().decode(errors='replace')[:200]}") from None

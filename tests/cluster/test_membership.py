@@ -105,7 +105,7 @@ def test_etcd_outage_is_reported_and_ridden_out(cluster_factory):
     for n in ("n1", "n2"):  # the daemons wait it out, they do not die
         assert subprocess.run(["kill", "-0", str(c.node(n)["pid"])]).returncode == 0
     pid = etcd_process.start(f"{c.info['root']}/etcd", etcd["url"].split("//")[1].split(":")[0],
-                             preexec=_in_netns(etcd["netns"]))
+                             c.info["ca"], c.info["ca_key"], preexec=_in_netns(etcd["netns"]))
     c.info["etcd"]["pid"] = pid
     import json as _json
     from drvs.cluster.context import dev_cluster_file

@@ -126,3 +126,27 @@ def test_malformed_messages_get_error_replies(cluster_factory):
     statuses = json.loads(p.stdout)
     assert all(s <= 0 for s in statuses) and any(s < 0 for s in statuses)
     assert c.drvs("ipc", "ping", "drvmm@n2", node="n1").returncode == 0
+
+
+def test_etcd_admits_only_cluster_members(cluster_factory):
+    c = cluster_factory(nodes=1)
+    script = textwrap.dedent("""
+        import json, ssl, sys, urllib.request
+        url, ca, cert, key = sys.argv[1:5]
+        def get(ctx):
+            req = urllib.request.Request(url + "/v3/kv/range", data=b'{"key": "Lw=="}', method="POST")
+            try:
+                with urllib.request.urlopen(req, timeout=5, context=ctx) as r:
+                    return "OK"
+            except Exception as e:
+                return "REFUSED"
+        anonymous = ssl.create_default_context(cafile=ca)
+        member = ssl.create_default_context(cafile=ca)
+        member.load_cert_chain(cert, key)
+        print(get(anonymous), get(member))
+    """)
+    tls = tls_of(c, "n1")
+    p = subprocess.run([sys.executable, "-c", script, c.info["etcd"]["url"], tls["ca"], tls["cert"], tls["key"]],
+                       capture_output=True, text=True, timeout=60,
+                       preexec_fn=lambda: setns_net(f"/run/netns/{c.node('n1')['netns']}"))
+    assert p.stdout.split() == ["REFUSED", "OK"], p.stderr
