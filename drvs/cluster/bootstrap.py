@@ -142,8 +142,8 @@ def server_class():
 
                 check_name(name)
                 _check_ip(address)
-                if await self.guest.call_trio(self._name_taken, name):
-                    res.error = f"join refused: node name {name!r} is in use by a live node"
+                if not await self.guest.call_trio(self._reserve, name, address):
+                    res.error = f"join refused: node name {name!r} is in use (a node of that name has joined)"
                     return
                 cert = pki.sign_csr(f"{self.dir}/ca.pem", f"{self.dir}/ca.key", csr.encode(), name, address)
             except (DrvsError, ValueError) as e:
@@ -156,10 +156,22 @@ def server_class():
             for i, url in enumerate(self.info["etcd"]):
                 etcd[i] = url
 
-        async def _name_taken(self, name: str) -> bool:
-            from .membership import status_key
+        async def _reserve(self, name: str, address: str) -> bool:
+            """Claim the name for the newcomer (compare-and-swap): a name that
+            ever joined stays its node's, so a token holder cannot get a
+            certificate that passes for an existing node."""
+            import time
 
-            return await self.etcd.get(status_key(name)) is not None
+            from ..store import CompareFailed
+            from .membership import spec_key
+
+            spec = {"name": name, "address": address, "uid": "", "cpus": 0, "memory": 0,
+                    "version": "", "joined": time.time(), "cordoned": False}
+            try:
+                await self.etcd.put(spec_key(name), json.dumps(spec), expect_revision=0)
+            except CompareFailed:
+                return False
+            return True
 
     return BootstrapServer
 

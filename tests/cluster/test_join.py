@@ -119,5 +119,11 @@ def test_init_then_join(machines):
     clash = m.drvs("m3", "node", "join", m1["address"], "--token", token, "--address", m.hosts["m3"]["address"],
                    "--node-name", "n2")
     assert clash.returncode == 4 and "node name 'n2' is in use" in clash.stderr
+    # Also while n2 is down: the name stays n2's.
+    os.killpg(m.daemons[-1].pid, signal.SIGTERM)
+    m.daemons[-1].wait(timeout=10)
+    clash = m.drvs("m3", "node", "join", m1["address"], "--token", token, "--address", m.hosts["m3"]["address"],
+                   "--node-name", "n2")
+    assert clash.returncode == 4
     again = m.drvs("m1", "cluster", "init", "--address", m1["address"])
     assert again.returncode == 4 and "in a cluster already" in again.stderr
