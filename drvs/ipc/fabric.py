@@ -130,7 +130,7 @@ class Fabric:
         for attempt in (1, 2):
             loc = await self.resolve(target)
             if loc.node == self.name:
-                return await self.deliver(target, msg)
+                return await self.deliver(target, msg, timeout)
             try:
                 with trio.fail_after(max(deadline - trio.current_time(), 0.001)):
                     return await self._remote(loc, target, msg, timeout)
@@ -221,13 +221,16 @@ class Fabric:
         spec = json.loads((await self.etcd.get(spec_key(node))).value)
         return Location(node, spec["address"], spec.get("port", FABRIC_PORT))
 
-    async def deliver(self, target: str, msg: Msg) -> Msg:
-        """Hand msg to the local server of target; its failures become replies."""
+    async def deliver(self, target: str, msg: Msg, timeout: float | None = None) -> Msg:
+        """Hand msg to the local server of target, for at most timeout
+        seconds (the caller's bound); its failures become replies."""
         handler = self.handlers.get(target)
         if handler is None:
             return failure(errno.ENOENT, f"no endpoint {target!r} on node {self.name}")
         try:
-            return await handler(msg)
+            with trio.move_on_after(timeout or DEFAULT_TIMEOUT * 12):
+                return await handler(msg)
+            return failure(errno.ETIMEDOUT, f"{target}: no reply within {timeout or DEFAULT_TIMEOUT * 12:g} s")
         except IpcError as e:
             return failure(e.errno, str(e))
         except Exception as e:  # noqa: BLE001 - a server bug must not take the daemon down
@@ -263,8 +266,8 @@ class NodeServer(schema.Node.Server):
         timeout = timeoutMs / 1000 if timeoutMs else None
         if self.local:  # a local client: route anywhere in the cluster
             reply = await self.guest.call_trio(self._route, target, m, timeout)
-        else:           # another node: only what is served here
-            reply = await self.guest.call_trio(self.fabric.deliver, target, m)
+        else:           # another node: only what is served here, within its caller's bound
+            reply = await self.guest.call_trio(self.fabric.deliver, target, m, timeout)
         reply.fill(_context.results.init("reply"))
 
     async def _route(self, target, m, timeout):

@@ -46,19 +46,22 @@ class Cluster:
 def cluster_factory(tmp_path):
     from drvs.dev import cluster as dev
 
+    from drvs.dev import netns
+
     made = []
 
     def make(nodes=2, cpus_per_node=None):
         state = tmp_path / f"state{len(made)}"
         state.mkdir()
         name = dev.new_name()
-        made.append(state)
+        made.append((state, name))
         info = dev.up(str(state), nodes, cpus_per_node, name)
         return Cluster(state, info)
 
     yield make
-    for state in made:
+    for state, _ in made:
         if (state / "dev-cluster.json").exists():
             dev.down(str(state))
-    leftover = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert not any(line.startswith("drvs-t") for line in leftover.splitlines()), leftover
+    # Only our own clusters' namespaces: another test run may share the machine.
+    leftover = [ns for _, name in made for ns in netns.existing(name)]
+    assert not leftover, leftover
