@@ -10,10 +10,12 @@ cluster CA) to that node's drvmmd.  Every call is bounded in time; a dead or
 unreachable node gives IpcError, never a hang.
 """
 
+import asyncio
 import errno
 import json
 import logging
 import os
+import socket
 import ssl
 
 import capnp
@@ -36,6 +38,20 @@ def check_name(name: str) -> str:
     if not (service and at and vm) or len(name) > 200 or "/" in name:
         raise IpcError(f"invalid endpoint name {name!r}: expected SERVICE@VM", errno.EINVAL)
     return name
+
+
+def live_socket() -> socket.socket:
+    """A TCP socket that notices a dead or cut-off peer within seconds, even
+    while idle with a call pending: keepalive probes after 2 s idle, and
+    unacknowledged data gives up after 6 s (TCP_USER_TIMEOUT)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setblocking(False)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 2)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 6000)
+    return s
 
 
 class Location:
@@ -75,7 +91,10 @@ class Fabric:
             await _serve_connection(stream, NodeServer(self, guest, local=True))
 
         ctx = self.tls.server_context() if self.tls else None
-        self.servers.append(await aio(capnp.AsyncIoStream.create_server(remote, host, self.port, ssl=ctx)))
+        listener = live_socket()  # accepted connections inherit its keepalive settings
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, self.port))
+        self.servers.append(await aio(capnp.AsyncIoStream.create_server(remote, sock=listener, ssl=ctx)))
         if unix_path:
             os.makedirs(os.path.dirname(unix_path), mode=0o700, exist_ok=True)
             os.chmod(os.path.dirname(unix_path), 0o700)
@@ -135,6 +154,7 @@ class Fabric:
                 with trio.fail_after(max(deadline - trio.current_time(), 0.001)):
                     return await self._remote(loc, target, msg, timeout)
             except trio.TooSlowError:
+                self.peers.pop(loc.node, None)  # a silent connection is not used again
                 raise IpcError(f"{target}: no reply from node {loc.node} within {timeout:g} s", errno.ETIMEDOUT)
             except IpcError as e:
                 if e.errno != errno.ECONNRESET or not idempotent or attempt == 2:
@@ -161,11 +181,14 @@ class Fabric:
         if peer is not None:
             return peer
         ctx = self.tls.client_context() if self.tls else None
+        sock = live_socket()
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
+                await aio(asyncio.get_running_loop().sock_connect(sock, (loc.address, loc.port)))
                 stream = await aio(capnp.AsyncIoStream.create_connection(
-                    loc.address, loc.port, ssl=ctx, server_hostname=loc.node if ctx else None))
+                    sock=sock, ssl=ctx, server_hostname=loc.node if ctx else None))
         except (OSError, trio.TooSlowError) as e:
+            sock.close()
             raise IpcError(f"node {loc.node} at {loc.address}:{loc.port} unreachable: {e}", errno.ECONNRESET) from None
         client = capnp.TwoPartyClient(stream)
         peer = Peer(client, client.bootstrap().cast_as(schema.Node))

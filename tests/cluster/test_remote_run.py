@@ -147,3 +147,26 @@ def test_slow_reader_of_stdin_does_not_stall_the_node(cluster_factory):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_cut_cable_ends_a_waiting_caller_within_a_bound(cluster_factory):
+    """n2 silently drops off the network while a program runs there for n1's
+    caller: the caller is told, it does not wait forever."""
+    from drvs.dev import netns
+
+    c = cluster_factory(nodes=2)
+    caller = subprocess.Popen([str(BIN / "drvs-run"), "--node", "n2", "--", "sh", "-c", "echo up; exec sleep 120"],
+                              env={**c.env, "DRVS_NODE": "n1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        assert caller.stdout.readline() == "up\n"
+        netns.set_link(c.info["name"], "n2", up=False)
+        t0 = time.monotonic()
+        _, err = caller.communicate(timeout=40)
+        assert caller.returncode == 7 and "lost the program" in err, err
+        assert time.monotonic() - t0 < 30
+    finally:
+        netns.set_link(c.info["name"], "n2", up=True)
+        if caller.poll() is None:
+            caller.kill()
+            caller.wait()
