@@ -125,20 +125,18 @@ def test_a_vanished_caller_ends_the_program_not_the_daemon(cluster_factory):
     assert run_on(c, "n1", "--node", "n2", "--", "true").returncode == 0
 
 
-def test_slow_reader_of_stdin_does_not_stall_the_node(cluster_factory):
+def test_slow_reader_of_stdin_does_not_stall_the_node(cluster_factory, tmp_path):
     """The program takes a little of a large input, then sleeps: the node's
     daemon must not sit in a blocked write meanwhile (it would miss its
     heartbeats and turn NotReady)."""
     c = cluster_factory(nodes=2)
-    proc = subprocess.Popen([str(BIN / "drvs-run"), "--node", "n2", "--", "sh", "-c",
-                             "head -c 10000 > /dev/null; sleep 7; echo done"],
-                            env={**c.env, "DRVS_NODE": "n1"}, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    big = tmp_path / "input"
+    big.write_bytes(b"x" * (1 << 20))
+    with open(big, "rb") as stdin:  # a file: the test itself never blocks on it
+        proc = subprocess.Popen([str(BIN / "drvs-run"), "--node", "n2", "--", "sh", "-c",
+                                 "head -c 10000 > /dev/null; sleep 7; echo done"],
+                                env={**c.env, "DRVS_NODE": "n1"}, stdin=stdin, stdout=subprocess.PIPE)
     try:
-        try:
-            proc.stdin.write(b"x" * (1 << 20))
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass
         time.sleep(5.5)  # past the lease's TTL
         assert c.nodes()["n2"]["status"] == "Ready"
         out, _ = proc.communicate(timeout=30)
