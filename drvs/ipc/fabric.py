@@ -329,7 +329,7 @@ class NodeServer(schema.Node.Server):
             except IpcError as e:
                 _context.results.process = FailedProcess(e.exit_code, str(e))
             return
-        rr = RemoteRun(req, stdout, stderr)
+        rr = RemoteRun(req, stdout, stderr, fabric.etcd)
         await self.guest.call_trio(fabric.start_run, rr)
         _context.results.process = ProcessServer(rr, self.guest)
 

@@ -21,7 +21,6 @@ from .. import config
 from ..errors import DrvsError
 from ..ipc.bridge import capnp_await
 from ..ns import jail
-from ..store import open_store
 from ..vm.model import Limits
 from ..vm.registry import VmRegistry
 
@@ -33,8 +32,8 @@ CALLER_SILENT_LIMIT = 300.0  # seconds a caller may leave output unread
 class RemoteRun:
     """One program started for a remote (or local) caller."""
 
-    def __init__(self, request, stdout, stderr):
-        self.req = request
+    def __init__(self, request, stdout, stderr, etcd):
+        self.req, self.etcd = request, etcd
         self.stdout, self.stderr = stdout, stderr
         self.done = trio.Event()
         self.exit_code, self.message = 0, ""
@@ -67,7 +66,7 @@ class RemoteRun:
                 child_fds, ours = [in_r, out_w, err_w], [out_r, err_r]
                 stdio = (in_r, out_w, err_w)
             cfg = config.load()
-            vm = VmRegistry(open_store()).get(self.req["vm"] or "default")
+            vm = await VmRegistry.get_async(self.etcd, self.req["vm"] or "default")
             self.run = jail.Run(cfg, vm, self.options(stdio))
             self.run.start(forward_signals=False)
         except Exception as e:  # noqa: BLE001 - a failed start is this run's result, not the daemon's end

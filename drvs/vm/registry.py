@@ -32,6 +32,23 @@ class VmRegistry:
                 return self.get(name)
         raise NotFound(f"no such VM: {name!r} (see `drvs vm ls`)")
 
+    @staticmethod
+    async def get_async(etcd, name: str) -> VmSpec:
+        """get() on the daemon's async etcd client (the daemon's loop must
+        not wait on a synchronous store)."""
+        check_name(name)
+        entry = await etcd.get(_PREFIX + name)
+        if entry is not None:
+            return VmSpec.from_json(entry.value)
+        if name == DEFAULT_VM:
+            spec = VmSpec(DEFAULT_VM, Limits(pids=DEFAULT_PIDS))
+            try:
+                await etcd.put(_PREFIX + name, spec.to_json(), expect_revision=0)
+                return spec
+            except CompareFailed:
+                return await VmRegistry.get_async(etcd, name)
+        raise NotFound(f"no such VM: {name!r} (see `drvs vm ls`)")
+
     def list(self) -> list[VmSpec]:
         return [VmSpec.from_json(e.value) for e in self.store.range(_PREFIX)]
 
