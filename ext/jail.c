@@ -499,7 +499,7 @@ static void drop_privileges(const struct run_config *cfg)
             die(cfg->err_fd, JAIL_EXIT_SETUP, "drop-bounding-set", NULL);
     if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0 && errno != EINVAL)
         die(cfg->err_fd, JAIL_EXIT_SETUP, "clear-ambient-caps", NULL);
-    if (cfg->ngroups >= 0 && syscall(SYS_setgroups, cfg->ngroups, cfg->groups) < 0)
+    if (syscall(SYS_setgroups, cfg->ngroups, cfg->groups) < 0)
         die(cfg->err_fd, JAIL_EXIT_SETUP, "setgroups", NULL);
     if (setresgid(cfg->gid, cfg->gid, cfg->gid) < 0)
         die(cfg->err_fd, JAIL_EXIT_SETUP, "setgid", NULL);

@@ -162,7 +162,8 @@ def show(args) -> int:
 def rm(args) -> int:
     cfg = config.load()
     reg = VmRegistry(open_store())
-    reg.get(args.name) if args.name != "default" else None
+    if args.name != "default":
+        reg.get(args.name)  # NotFound for an unknown VM (the default VM always "exists")
     with cells.locked(cfg, args.name) as lock:
         cell = cells.find(lock)
         if cell is not None:
