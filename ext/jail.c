@@ -16,6 +16,7 @@
  * Everything after fork() uses raw system calls and stack buffers only. */
 #define _GNU_SOURCE
 #include "jail.h"
+#include "seccomp.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -523,6 +524,22 @@ static void drop_privileges(const struct run_config *cfg)
         die(cfg->err_fd, JAIL_EXIT_SETUP, "parent-death-signal", NULL);
 }
 
+/* ---- system-call filter --------------------------------------------- */
+
+/* After no_new_privs (an unprivileged filter needs it) and as late as
+ * possible: the supervisor answers from the next call on.  The listener
+ * goes to the caller, which hands it to the node's supervisor. */
+static void install_filter(const struct run_config *cfg)
+{
+    int listener = seccomp_install_notify(cfg->notify_calls, cfg->n_notify_calls, cfg->pid_base, cfg->pid_top);
+    if (listener < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "seccomp-filter", NULL);
+    if (send_fd(cfg->notify_sock, listener) < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "seccomp-listener-send", NULL);
+    close(listener);
+    close(cfg->notify_sock);
+}
+
 /* ---- exec ------------------------------------------------------------- */
 
 static _Noreturn void exec_program(const struct run_config *cfg)
@@ -585,6 +602,8 @@ static _Noreturn void program_main(const struct run_config *cfg)
     else if (setsid() < 0)
         die(cfg->err_fd, JAIL_EXIT_SETUP, "setsid", NULL);
     drop_privileges(cfg);
+    if (cfg->notify_sock >= 0)
+        install_filter(cfg);
     /* Only stdio crosses into the program; the failure pipe is CLOEXEC. */
     if (syscall(SYS_close_range, 3, ~0U, CLOSE_RANGE_CLOEXEC) < 0)
         die(cfg->err_fd, JAIL_EXIT_SETUP, "close-fds", NULL);
@@ -690,25 +709,78 @@ static int loopback_up(void)
     return rc;
 }
 
-static void keep_only_fds(int a, int b)
+/* Close every fd but the given ones (-1: none); stdio goes to /dev/null. */
+static void keep_only_fds3(int a, int b, int c)
 {
-    int lo = a < b ? a : b, hi = a < b ? b : a;
-    if (lo > 3)
-        syscall(SYS_close_range, 3, lo - 1, 0);
-    if (hi > lo + 1)
-        syscall(SYS_close_range, lo + 1, hi - 1, 0);
-    syscall(SYS_close_range, hi + 1, ~0U, 0);
+    int keep[3] = {a, b, c};
+    for (int i = 0; i < 3; i++) /* sort: at most three */
+        for (int j = i + 1; j < 3; j++)
+            if (keep[j] < keep[i]) {
+                int t = keep[i];
+                keep[i] = keep[j];
+                keep[j] = t;
+            }
+    int from = 3;
+    for (int i = 0; i < 3; i++) {
+        if (keep[i] < from)
+            continue;
+        if (keep[i] > from)
+            syscall(SYS_close_range, from, keep[i] - 1, 0);
+        from = keep[i] + 1;
+    }
+    syscall(SYS_close_range, from, ~0U, 0);
     int null = open("/dev/null", O_RDWR);
     for (int fd = 0; fd < 3; fd++) {
-        if (fd == lo || fd == hi)
+        if (fd == a || fd == b || fd == c)
             continue;
         if (null >= 0)
             dup2(null, fd);
         else
             close(fd);
     }
-    if (null > 2 && null != lo && null != hi)
+    if (null > 2 && null != a && null != b && null != c)
         close(null);
+}
+
+/* ---- the cell's pid range ---------------------------------------------- */
+
+/* A VM's pids are unique across its nodes because each node's cell
+ * allocates from its own range: pid_max (per pid namespace since Linux
+ * 6.14) caps it, ns_last_pid starts it.  Both sysctls act on the writer's
+ * pid namespace, so the init writes them (and keeps ns_last_pid open to
+ * bring allocation back to the start before it runs into the cap). */
+static int set_pid_range(const struct cell_config *cfg, int ready_fd)
+{
+    if (!cfg->pid_top)
+        return -1;
+    char buf[32];
+    int fd = open("/proc/sys/kernel/pid_max", O_WRONLY | O_CLOEXEC);
+    int n = snprintf(buf, sizeof buf, "%u", cfg->pid_top);
+    if (fd < 0 || write(fd, buf, (size_t)n) != n)
+        die(ready_fd, JAIL_EXIT_SETUP, "pid-range-max", "/proc/sys/kernel/pid_max");
+    close(fd);
+    fd = open("/proc/sys/kernel/ns_last_pid", O_RDWR | O_CLOEXEC);
+    n = snprintf(buf, sizeof buf, "%u", cfg->pid_base);
+    if (fd < 0 || write(fd, buf, (size_t)n) != n)
+        die(ready_fd, JAIL_EXIT_SETUP, "pid-range-start", "/proc/sys/kernel/ns_last_pid");
+    return fd;
+}
+
+/* Past three quarters of the range, start again from its base: the kernel
+ * skips pids still in use, and never has to wrap to the low pids (which
+ * would leave the range). */
+static void keep_pid_range(const struct cell_config *cfg, int fd)
+{
+    char buf[32];
+    ssize_t n = pread(fd, buf, sizeof buf - 1, 0);
+    if (n <= 0)
+        return;
+    buf[n] = '\0';
+    unsigned long last = strtoul(buf, NULL, 10);
+    if (last >= cfg->pid_base + (cfg->pid_top - cfg->pid_base) / 4 * 3) {
+        int len = snprintf(buf, sizeof buf, "%u", cfg->pid_base);
+        (void)!pwrite(fd, buf, (size_t)len, 0);
+    }
 }
 
 /* Show "drvs-cell VM" in ps instead of the forked caller's command line:
@@ -772,6 +844,19 @@ static void isolate_init(const struct cell_config *cfg, int ready_fd)
         die(ready_fd, JAIL_EXIT_SETUP, "init-not-dumpable", NULL);
 }
 
+/* Whether the idle check's period has passed since the last one. */
+static int idle_check_due(struct timespec *next, int period_ms)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    if (now.tv_sec < next->tv_sec || (now.tv_sec == next->tv_sec && now.tv_nsec < next->tv_nsec))
+        return 0;
+    long long ns = (long long)now.tv_nsec + (long long)period_ms * 1000000LL;
+    next->tv_sec = now.tv_sec + ns / 1000000000LL;
+    next->tv_nsec = ns % 1000000000LL;
+    return 1;
+}
+
 /* Tell whoever takes the cell lock next that this init is on its way out:
  * the kernel drops our flock before the process is fully gone. */
 static _Noreturn void init_exit(int lock_fd)
@@ -790,9 +875,10 @@ static _Noreturn void cell_init_main(const struct cell_config *cfg, int ready_fd
     if (cfg->new_net && loopback_up() < 0)
         die(ready_fd, JAIL_EXIT_SETUP, "loopback-up", "lo");
     setsid();
+    int last_pid_fd = set_pid_range(cfg, ready_fd);
     /* Nothing of the caller's may stay open here (its stdout pipe would
      * never see EOF): stdio to /dev/null while there still is one. */
-    keep_only_fds(cfg->lock_fd, ready_fd);
+    keep_only_fds3(cfg->lock_fd, ready_fd, last_pid_fd);
     isolate_init(cfg, ready_fd);
 
     /* pid 1 only receives signals it handles: give the ones it waits for a
@@ -810,15 +896,27 @@ static _Noreturn void cell_init_main(const struct cell_config *cfg, int ready_fd
     sigprocmask(SIG_BLOCK, &set, NULL);
     close(ready_fd); /* EOF without a record: the cell is ready */
 
+    /* A ranged cell looks at its pids every RANGE_CHECK_MS; idle checks
+     * come every idle_check_ms (0: a pinned cell, removed by its owner
+     * only, has none). */
+    enum { RANGE_CHECK_MS = 50 };
+    int tick = cfg->idle_check_ms;
+    if (last_pid_fd >= 0 && (tick == 0 || tick > RANGE_CHECK_MS))
+        tick = RANGE_CHECK_MS;
+    struct timespec next_idle = {0, 0};
+    idle_check_due(&next_idle, cfg->idle_check_ms); /* the first one period from now */
     for (;;) {
-        struct timespec ts = {cfg->idle_check_ms / 1000, (cfg->idle_check_ms % 1000) * 1000000L};
-        /* 0: a pinned cell, removed by its owner only; no idle check. */
-        int sig = cfg->idle_check_ms > 0 ? sigtimedwait(&set, NULL, &ts) : sigwaitinfo(&set, NULL);
+        struct timespec ts = {tick / 1000, (tick % 1000) * 1000000L};
+        int sig = tick > 0 ? sigtimedwait(&set, NULL, &ts) : sigwaitinfo(&set, NULL);
         while (waitpid(-1, NULL, WNOHANG) > 0)
             ;
         if (sig == SIGTERM || sig == SIGINT || sig == SIGHUP)
             init_exit(cfg->lock_fd);
-        if (sig == SIGCHLD)
+        if (last_pid_fd >= 0)
+            keep_pid_range(cfg, last_pid_fd);
+        if (sig == SIGCHLD || cfg->idle_check_ms == 0)
+            continue;
+        if (sig < 0 && tick != cfg->idle_check_ms && !idle_check_due(&next_idle, cfg->idle_check_ms))
             continue;
         /* Idle check (timeout or SIGUSR1).  The lock keeps out a run that
          * has joined our namespaces but not yet forked its program. */

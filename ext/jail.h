@@ -58,6 +58,7 @@ struct cell_config {
     int new_net;                 /* 0: keep the host network */
     int idle_check_ms;           /* how often the init looks for an empty cell; 0: never */
     const char *rootdir;         /* an empty directory the init mounts its own root on */
+    unsigned pid_base, pid_top;  /* the cell's pid range (the VM's pids of this node); 0, 0: none */
 };
 
 struct run_config {
@@ -85,6 +86,10 @@ struct run_config {
     const int *stdio_fds;        /* 3 fds to become the program's 0, 1, 2 (or none) */
     int n_stdio;
     int kill_leftovers;          /* when the program ends, end its descendants */
+    int notify_sock;             /* >= 0: install the DVOS filter, send its listener here */
+    const int *notify_calls;     /* the calls it sends to the supervisor (argument 0: a pid) */
+    int n_notify_calls;
+    unsigned pid_base, pid_top;  /* the cell's pid range: signals inside it stay in the kernel */
 };
 
 /* Fork a helper that clones the cell init into new namespaces and exits, so

@@ -78,6 +78,19 @@ static int get_int(PyObject *spec, const char *name, int *out)
     return 0;
 }
 
+static int get_uint(PyObject *spec, const char *name, unsigned *out)
+{
+    long long v;
+    if (get_long(spec, name, &v) < 0)
+        return -1;
+    if (v < 0 || v > 0x7fffffffLL) {
+        PyErr_Format(PyExc_ValueError, "%s out of range", name);
+        return -1;
+    }
+    *out = (unsigned)v;
+    return 0;
+}
+
 static const char *get_cstr(struct arena *a, PyObject *spec, const char *name)
 {
     PyObject *v = PyObject_GetAttrString(spec, name);
@@ -203,7 +216,8 @@ static PyObject *py_spawn_cell(PyObject *self, PyObject *spec)
     if (!(cfg.hostname = get_cstr(&a, spec, "hostname")) || !(cfg.rootdir = get_cstr(&a, spec, "rootdir")) ||
         get_fds(&a, spec, "init_procs_fds", &init_fds, &cfg.n_init_procs) < 0 ||
         get_int(spec, "lock_fd", &cfg.lock_fd) < 0 || get_int(spec, "new_net", &cfg.new_net) < 0 ||
-        get_int(spec, "idle_check_ms", &cfg.idle_check_ms) < 0)
+        get_int(spec, "idle_check_ms", &cfg.idle_check_ms) < 0 ||
+        get_uint(spec, "pid_base", &cfg.pid_base) < 0 || get_uint(spec, "pid_top", &cfg.pid_top) < 0)
         goto out;
     cfg.init_procs_fds = init_fds;
     char err[PATH_MAX + 128];
@@ -227,7 +241,7 @@ static PyObject *py_spawn_run(PyObject *self, PyObject *spec)
     struct run_config cfg;
     memset(&cfg, 0, sizeof cfg);
     PyObject *result = NULL;
-    int *procs = NULL, *groups = NULL, *stdio = NULL;
+    int *procs = NULL, *groups = NULL, *stdio = NULL, *notify_calls = NULL;
     int ngroups = 0;
     long long caps, uid, gid, rows, cols;
     if (!a.keep)
@@ -245,9 +259,13 @@ static PyObject *py_spawn_run(PyObject *self, PyObject *spec)
         get_long(spec, "rows", &rows) < 0 || get_long(spec, "cols", &cols) < 0 ||
         get_int(spec, "tty_sock", &cfg.tty_sock) < 0 || get_int(spec, "err_fd", &cfg.err_fd) < 0 ||
         get_int(spec, "kill_leftovers", &cfg.kill_leftovers) < 0 ||
-        get_fds(&a, spec, "stdio", &stdio, &cfg.n_stdio) < 0)
+        get_fds(&a, spec, "stdio", &stdio, &cfg.n_stdio) < 0 ||
+        get_int(spec, "notify_sock", &cfg.notify_sock) < 0 ||
+        get_fds(&a, spec, "notify_calls", &notify_calls, &cfg.n_notify_calls) < 0 ||
+        get_uint(spec, "pid_base", &cfg.pid_base) < 0 || get_uint(spec, "pid_top", &cfg.pid_top) < 0)
         goto out;
     cfg.stdio_fds = stdio;
+    cfg.notify_calls = notify_calls;
     if (!cfg.argv[0]) {
         PyErr_SetString(PyExc_ValueError, "argv is empty");
         goto out;

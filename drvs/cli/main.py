@@ -18,6 +18,7 @@ from ..ns import jail
 from ..vm.model import check_name
 from . import ipc as ipc_cli
 from . import node as node_cli
+from . import proc as proc_cli
 from . import vm as vm_cli
 from .common import guarded
 from .options import add_run_options, run_options, typed
@@ -33,6 +34,7 @@ def parser() -> argparse.ArgumentParser:
     vm_cli.add_parser(sub)
     node_cli.add_parsers(sub)
     ipc_cli.add_parsers(sub)
+    proc_cli.add_parsers(sub)
 
     e = sub.add_parser("exec", help="run a command in a VM (non-login)")
     e.add_argument("vm", type=typed(check_name), metavar="VM")

@@ -25,6 +25,7 @@ from .etcd import Etcd, EtcdError, EtcdUnavailable
 log = logging.getLogger("drvmmd")
 
 ROOT = "/drvs/nodes/"
+PID_RANGES = "/drvs/pidranges/"  # INDEX -> node name: who owns which VM pid range
 LEASE_TTL = 3          # seconds: a dead node is NotReady within this (plus a beat)
 STATUS_EVERY = 1.0     # seconds between status refreshes (and keep-alives)
 
@@ -48,6 +49,26 @@ def sample_load(proc_cpus: int) -> dict:
             "load1": os.getloadavg()[0] / max(proc_cpus, 1)}
 
 
+async def claim_pid_range(etcd: Etcd, name: str) -> int:
+    """This node's pid range index: the one it holds, or the lowest free one,
+    claimed by compare-and-swap (two nodes joining at once never share)."""
+    from ..dvos.pidrange import MAX_INDEX
+
+    while True:
+        held = {int(e.key[len(PID_RANGES):]): e.value for e in await etcd.range(PID_RANGES)}
+        for index, owner in held.items():
+            if owner == name:
+                return index
+        free = next((i for i in range(1, MAX_INDEX + 1) if i not in held), None)
+        if free is None:
+            raise Conflict(f"no free pid range for node {name!r}: the cluster has {MAX_INDEX} nodes")
+        try:
+            await etcd.put(f"{PID_RANGES}{free}", name, expect_revision=0)
+            return free
+        except CompareFailed:
+            continue  # another node took it first: look again
+
+
 class Member:
     """This node's presence in the cluster, kept alive by a lease."""
 
@@ -57,6 +78,7 @@ class Member:
         self.lease = 0
         self.on_new_lease = None  # async callback: re-attach what the old lease held
         self.cpus, self.memory = node_resources()
+        self.pid_index = 0
 
     async def join(self) -> None:
         """Register, refusing a name held by another live node."""
@@ -68,9 +90,11 @@ class Member:
         spec = await self.etcd.get(spec_key(self.name))
         joined = json.loads(spec.value)["joined"] if spec else time.time()
         cordoned = json.loads(spec.value).get("cordoned", False) if spec else False
+        self.pid_index = await claim_pid_range(self.etcd, self.name)
         await self.etcd.put(spec_key(self.name), json.dumps({
             "name": self.name, "address": self.address, "uid": self.uid, "cpus": self.cpus,
-            "memory": self.memory, "version": __version__, "joined": joined, "cordoned": cordoned}))
+            "memory": self.memory, "version": __version__, "joined": joined, "cordoned": cordoned,
+            "pid_index": self.pid_index}))
         self.lease = await self.etcd.grant(LEASE_TTL)
         await self.publish()
 

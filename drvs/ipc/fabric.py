@@ -76,6 +76,7 @@ class Fabric:
         self.peers: dict[str, Peer] = {}
         self.servers = []
         self.nursery: trio.Nursery | None = None  # where programs started here live
+        self.supervise = None  # (cfg, vm, listener): who serves the system calls of programs started here
 
     # -- serving -----------------------------------------------------------
 
@@ -126,6 +127,10 @@ class Fabric:
         self.handlers[name] = handler
         await self.etcd.put(REGISTRY + name, json.dumps(
             {"node": self.name, "address": self.member.address, "port": self.port}), lease=self.member.lease)
+
+    async def unregister(self, name: str) -> None:
+        if self.handlers.pop(name, None) is not None:
+            await self.etcd.delete(REGISTRY + name)
 
     async def reregister(self) -> None:
         """After the node's lease was renewed under a new id (etcd outage)."""
@@ -329,7 +334,7 @@ class NodeServer(schema.Node.Server):
             except IpcError as e:
                 _context.results.process = FailedProcess(e.exit_code, str(e))
             return
-        rr = RemoteRun(req, stdout, stderr, fabric.etcd)
+        rr = RemoteRun(req, stdout, stderr, fabric.etcd, supervise=fabric.supervise)
         await self.guest.call_trio(fabric.start_run, rr)
         _context.results.process = ProcessServer(rr, self.guest)
 

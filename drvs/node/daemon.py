@@ -21,7 +21,7 @@ import trio
 from .. import config
 from ..cluster.context import cluster_info, etcd_client
 from ..cluster.membership import Member
-from ..errors import DrvsError, user_error
+from ..errors import DrvsError, SetupError, user_error
 from ..ns import cell as cells
 
 log = logging.getLogger("drvmmd")
@@ -78,18 +78,47 @@ async def serve_node(cfg: config.Config, info: dict, interval: float) -> None:
                     await fabric.listen_bootstrap(info["address"], join_service)
                 service = f"drvmm@{info['node']}"
                 await fabric.register(service, DrvmmService(etcd, member, fabric).handle)
+                pid_range = await _start_dvos(cfg, info, etcd, fabric, member, nursery)
                 member.servers = sorted(fabric.handlers)
                 await member.publish()
                 member.on_new_lease = fabric.reregister
                 log.info("node %s joined cluster %s at %s", info["node"], info["cluster"], info["address"])
                 nursery.start_soon(member.run)
                 nursery.start_soon(_tidy_loop, cfg, interval)
-                nursery.start_soon(reconcile.run, cfg, etcd, info["node"])
+                nursery.start_soon(reconcile.run, cfg, etcd, info["node"], pid_range)
         finally:
             fabric.close()
             # Leave at once (NotReady now, not after the lease's TTL).
             with trio.move_on_after(2, shield=True):
                 await member.leave()
+
+
+async def _start_dvos(cfg, info, etcd, fabric, member, nursery) -> tuple[int, int]:
+    """The node's part of each DVOS: its pid range, the system-call
+    supervisor, the process manager's per-node half and the VMs' PMs."""
+    from .. import _sys
+    from ..cluster.bootstrap import _write_json
+    from ..dvos import pidrange
+    from ..dvos.pm import server as pm_server
+    from ..dvos.pm.procs import NodeProcs
+    from ..dvos.supervisor import Supervisor
+
+    try:
+        _sys.probe()
+    except OSError as e:
+        raise SetupError(f"this kernel cannot serve DVOS system calls ({e.filename}: {e.strerror}): "
+                         "seccomp user notification is needed (Linux 5.0 or later)") from None
+    if info.get("pid_index") != member.pid_index:
+        # drvs-run reads it from here when it creates a cell itself.
+        info["pid_index"] = member.pid_index
+        _write_json(f"{cfg.state_dir}/cluster.json", info)
+    procs = NodeProcs(cfg, info["node"])
+    await fabric.register(f"procs@{info['node']}", procs.handle)
+    supervisor = Supervisor(cfg, info["node"], fabric, etcd, procs, member.pid_index)
+    await nursery.start(supervisor.serve)
+    fabric.supervise = lambda _cfg, vm, fd: supervisor.adopt(vm, fd)
+    nursery.start_soon(pm_server.run, etcd, fabric, member, procs)
+    return pidrange.bounds(member.pid_index)
 
 
 async def _until_signalled() -> None:

@@ -21,7 +21,7 @@ VMS = "/drvs/vms/"
 RESYNC = 5.0
 
 
-def reconcile_once(cfg, node: str, vms: list[VmSpec]) -> dict:
+def reconcile_once(cfg, node: str, vms: list[VmSpec], pid_range=(0, 0)) -> dict:
     """One pass; returns what changed."""
     changed = {"created_or_resized": [], "removed": []}
     desired = {vm.name: vm for vm in vms if node in vm.shares}
@@ -30,7 +30,7 @@ def reconcile_once(cfg, node: str, vms: list[VmSpec]) -> dict:
             had = cells.find(lock)
             if had is not None:
                 had.close()
-            cell = cells.ensure(lock, vm, vm.shares[node], pin=True)
+            cell = cells.ensure(lock, vm, vm.shares[node], pin=True, pid_range=pid_range)
             cell.close()
             if had is None:
                 changed["created_or_resized"].append(name)
@@ -44,7 +44,7 @@ def reconcile_once(cfg, node: str, vms: list[VmSpec]) -> dict:
     return changed
 
 
-async def run(cfg, etcd, node: str) -> None:
+async def run(cfg, etcd, node: str, pid_range=(0, 0)) -> None:
     wake = trio.Event()
 
     async def watch():
@@ -61,7 +61,7 @@ async def run(cfg, etcd, node: str) -> None:
         while True:
             try:
                 vms = [VmSpec.from_json(e.value) for e in await etcd.range(VMS)]
-                changed = reconcile_once(cfg, node, vms)
+                changed = reconcile_once(cfg, node, vms, pid_range)
                 if changed["created_or_resized"] or changed["removed"]:
                     log.info("cells: %s", changed)
             except (DrvsError, EtcdUnavailable) as e:

@@ -32,8 +32,8 @@ CALLER_SILENT_LIMIT = 300.0  # seconds a caller may leave output unread
 class RemoteRun:
     """One program started for a remote (or local) caller."""
 
-    def __init__(self, request, stdout, stderr, etcd):
-        self.req, self.etcd = request, etcd
+    def __init__(self, request, stdout, stderr, etcd, supervise=None):
+        self.req, self.etcd, self.supervise = request, etcd, supervise
         self.stdout, self.stderr = stdout, stderr
         self.done = trio.Event()
         self.exit_code, self.message = 0, ""
@@ -67,7 +67,7 @@ class RemoteRun:
                 stdio = (in_r, out_w, err_w)
             cfg = config.load()
             vm = await VmRegistry.get_async(self.etcd, self.req["vm"] or "default")
-            self.run = jail.Run(cfg, vm, self.options(stdio))
+            self.run = jail.Run(cfg, vm, self.options(stdio), supervise=self.supervise)
             self.run.start(forward_signals=False)
         except Exception as e:  # noqa: BLE001 - a failed start is this run's result, not the daemon's end
             self.exit_code, self.message = (e.exit_code, str(e)) if isinstance(e, DrvsError) else \

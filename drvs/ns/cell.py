@@ -114,7 +114,7 @@ def find(lock: CellLock) -> ActiveCell | None:
     return None
 
 
-def ensure(lock: CellLock, vm: VmSpec, limits=None, pin: bool = False) -> ActiveCell:
+def ensure(lock: CellLock, vm: VmSpec, limits=None, pin: bool = False, pid_range=(0, 0)) -> ActiveCell:
     """The VM's cell on this node, created if needed, with its current limits
     (the VM's own, or its share of this node).  A pinned cell (the node
     daemon's, for a VM with a share here) stays when its last run leaves."""
@@ -127,10 +127,10 @@ def ensure(lock: CellLock, vm: VmSpec, limits=None, pin: bool = False) -> Active
         return cell
     if lock.cfg.favordynmods:
         ensure_fast_migrations()
-    return _create(lock, vm, limits, lock.cfg.idle_check_ms, pin)
+    return _create(lock, vm, limits, lock.cfg.idle_check_ms, pin, pid_range)
 
 
-def _create(lock: CellLock, vm: VmSpec, limits, idle_check_ms: int, pin: bool) -> ActiveCell:
+def _create(lock: CellLock, vm: VmSpec, limits, idle_check_ms: int, pin: bool, pid_range) -> ActiveCell:
     cg = Cgroup.under_caller(lock.cfg.cgroup_root, vm.name)
     init = cg.child("init")
     fds: list[int] = []
@@ -147,7 +147,7 @@ def _create(lock: CellLock, vm: VmSpec, limits, idle_check_ms: int, pin: bool) -
         pid = launcher.spawn_cell(launcher.CellSpec(
             hostname=vm.name, init_procs_fds=fds, lock_fd=lock_fd, rootdir=lock.cfg.rootdir, new_net=1,
             # A pinned cell is the daemon's to remove: no idle exit.
-            idle_check_ms=0 if pin else idle_check_ms))
+            idle_check_ms=0 if pin else idle_check_ms, pid_base=pid_range[0], pid_top=pid_range[1]))
     except BaseException:
         _remove_cell_cgroups(cg)
         raise

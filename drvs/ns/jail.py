@@ -103,8 +103,13 @@ def data_dirs(cfg: Config, vm: str) -> tuple[str, str]:
 class Run:
     """One program in a cell: start() under the cell lock, then wait()."""
 
-    def __init__(self, cfg: Config, vm: VmSpec, opts: RunOptions):
+    def __init__(self, cfg: Config, vm: VmSpec, opts: RunOptions, supervise=None):
+        """supervise(vm, listener_fd): who serves the run's intercepted
+        system calls on a cluster node (default: the node's drvmmd, over
+        its supervisor socket); it owns the fd from then on."""
         self.cfg, self.vm, self.opts = cfg, vm, opts
+        self.supervise = supervise
+        self.pid_range = (0, 0)
         self.id = os.urandom(6).hex()
         self.cgroup = None
         self.proc: launcher.Launched | None = None
@@ -140,10 +145,16 @@ class Run:
         data, home = data_dirs(self.cfg, self.vm.name)
         steps = rootfs.build_root(rootdir=self.cfg.rootdir, hostname=self.vm.name, data_dir=data, home_dir=home,
                                   binds=self.opts.binds, net_host=self.opts.net_host)
-        with cells.locked(self.cfg, self.vm.name) as lock:
-            from ..cluster.context import local_node
+        from ..cluster.context import cluster_info
 
-            cell = cells.ensure(lock, self.vm, self.vm.limits_on(local_node(self.cfg)))
+        info = cluster_info(self.cfg)
+        node = info["node"] if info else None
+        if info and info.get("pid_index"):
+            from ..dvos.pidrange import bounds
+
+            self.pid_range = bounds(info["pid_index"])
+        with cells.locked(self.cfg, self.vm.name) as lock:
+            cell = cells.ensure(lock, self.vm, self.vm.limits_on(node), pid_range=self.pid_range)
             try:
                 self._launch(cell, steps)
             except BaseException:
@@ -176,9 +187,15 @@ class Run:
             path=env.get("PATH", DEFAULT_PATH), cwd=self.opts.cwd,
             caps_keep=capability_mask(self.opts.caps) if self.opts.uid == 0 else 0, cap_last=cap_last(),
             uid=self.opts.uid, gid=self.opts.gid, groups=self.opts.groups, tty=int(self.opts.tty),
-            rows=rows, cols=cols, stdio=self.opts.stdio)
+            rows=rows, cols=cols, stdio=self.opts.stdio, pid_base=self.pid_range[0], pid_top=self.pid_range[1])
+        if self.pid_range[1]:
+            from ..dvos.syscalls import NOTIFIED
+
+            spec = spec._replace(notify_calls=NOTIFIED)
         try:
-            self.proc = launcher.spawn_run(spec)
+            # A cluster node's runs have VM-wide pids and reach the other
+            # nodes' processes through the supervisor.
+            self.proc = launcher.spawn_run(spec, notify=bool(self.pid_range[1]))
         finally:
             for fd in procs:
                 os.close(fd)
@@ -192,9 +209,16 @@ class Run:
                 raise ProgramError(message, failure[0])
             raise SetupError(message) if code == launcher.EXIT_SETUP else ProgramError(message, code)
         if self.proc.tty_r is not None:
-            self.tty_master = launcher.receive_tty(self.proc.tty_r)
+            self.tty_master = launcher.receive_fd(self.proc.tty_r, "terminal")
             self.proc.tty_r.close()
             self.proc.tty_r = None
+        if self.proc.notify_r is not None:
+            listener = launcher.receive_fd(self.proc.notify_r, "seccomp listener")
+            self.proc.notify_r.close()
+            self.proc.notify_r = None
+            from ..dvos import supervisor
+
+            (self.supervise or supervisor.hand_over)(self.cfg, self.vm.name, listener)
 
     def _write_record(self) -> None:
         os.makedirs(self.cfg.runs_dir, exist_ok=True)

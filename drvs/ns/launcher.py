@@ -18,15 +18,15 @@ NEWNET = J.CLONE_NEWNET
 
 
 # What ext/module.c reads, by attribute name (see struct cell_config).
-CellSpec = namedtuple("CellSpec", "hostname init_procs_fds lock_fd rootdir new_net idle_check_ms",
-                      defaults=(1, 5000))
+CellSpec = namedtuple("CellSpec", "hostname init_procs_fds lock_fd rootdir new_net idle_check_ms pid_base pid_top",
+                      defaults=(1, 5000, 0, 0))
 
 # See struct run_config; tty_sock and err_fd are filled in by spawn_run().
 RunSpec = namedtuple(
     "RunSpec",
     "cell_pidfd ns_flags procs_fds rootdir steps argv envp path cwd caps_keep cap_last "
-    "uid gid groups tty rows cols tty_sock err_fd kill_leftovers stdio",
-    defaults=(0, 0, (), 0, 0, 0, -1, -1, 1, ()))
+    "uid gid groups tty rows cols tty_sock err_fd kill_leftovers stdio notify_sock notify_calls pid_base pid_top",
+    defaults=(0, 0, (), 0, 0, 0, -1, -1, 1, (), -1, (), 0, 0))
 
 
 def describe(code: int, step: str, detail: str, err: int) -> str:
@@ -58,34 +58,44 @@ class Launched:
     pipe (EOF once the program has exec'd), and with -t the socket the pty
     master arrives on."""
 
-    __slots__ = ("pid", "pidfd", "err_r", "tty_r")
+    __slots__ = ("pid", "pidfd", "err_r", "tty_r", "notify_r")
 
     def __init__(self, pid: int, pidfd: int, err_r: int, tty_r):
         self.pid, self.pidfd, self.err_r, self.tty_r = pid, pidfd, err_r, tty_r
+        self.notify_r = None
 
 
-def spawn_run(spec: RunSpec) -> Launched:
-    """Start the keeper; the caller then waits on `err_r` for exec or failure."""
+def spawn_run(spec: RunSpec, notify: bool = False) -> Launched:
+    """Start the keeper; the caller then waits on `err_r` for exec or failure.
+    notify: install the DVOS system-call filter; its listener arrives on
+    `notify_r` before the program execs."""
+    import socket
+
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
-    tty_parent = tty_child = None
-    if spec.tty:
-        import socket
-
-        tty_parent, tty_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        spec = spec._replace(tty_sock=tty_child.fileno())
-    spec = spec._replace(err_fd=err_w)
+    ends = []  # (ours, the jail's) socket pairs
     try:
-        pid = J.spawn_run(spec)
+        tty_parent = notify_parent = None
+        if spec.tty:
+            tty_parent, tty_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            ends.append((tty_parent, tty_child))
+            spec = spec._replace(tty_sock=tty_child.fileno())
+        if notify:
+            notify_parent, notify_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            ends.append((notify_parent, notify_child))
+            spec = spec._replace(notify_sock=notify_child.fileno())
+        pid = J.spawn_run(spec._replace(err_fd=err_w))
     except OSError as e:
         os.close(err_r)
-        if tty_parent:
-            tty_parent.close()
+        for ours, _ in ends:
+            ours.close()
         raise SetupError(f"cannot fork the run's keeper: {e.strerror}") from None
     finally:
         os.close(err_w)
-        if tty_child:
-            tty_child.close()
-    return Launched(pid, os.pidfd_open(pid), err_r, tty_parent)
+        for _, theirs in ends:
+            theirs.close()
+    launched = Launched(pid, os.pidfd_open(pid), err_r, tty_parent)
+    launched.notify_r = notify_parent
+    return launched
 
 
 def read_failure(fd: int) -> tuple[int, str, str, int] | None:
@@ -110,12 +120,13 @@ def read_failure(fd: int) -> tuple[int, str, str, int] | None:
         return EXIT_SETUP, step or "launcher", detail, errno.EIO
 
 
-def receive_tty(sock) -> int:
-    """The pty master that the jail sent over its socket."""
+def receive_fd(sock, what: str) -> int:
+    """The descriptor the jail sent over its socket (a pty master, a
+    seccomp listener)."""
     import socket
 
-    msg, ancdata, _flags, _addr = sock.recvmsg(1, socket.CMSG_SPACE(4))
+    msg, ancdata, _flags, _addr = sock.recvmsg(1, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC)
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             return int.from_bytes(data[:4], "little")
-    raise SetupError("the jail sent no terminal")
+    raise SetupError(f"the jail sent no {what}")

@@ -1,0 +1,116 @@
+"""`drvs ps` (every process of a VM, on all its nodes) and `drvs syscalls`
+(the DVOS system-call table)."""
+
+import errno
+import sys
+import time
+
+from .. import config
+from ..cluster.context import cluster_info
+from ..errors import DrvsError
+from ..store import open_store
+from ..vm.model import check_name
+from ..vm.registry import VmRegistry
+from .common import emit, print_table
+from .options import typed
+
+COLUMNS = ["PID", "NODE", "PPID", "USER", "STATE", "%CPU", "RSS", "START", "COMMAND"]
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("ps", help="the processes of a VM (default: of every VM), on all its nodes")
+    p.add_argument("vm", nargs="?", type=typed(check_name), metavar="VM")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(func=ps)
+    p = sub.add_parser("syscalls", help="which system calls DVOS serves, and how")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(func=syscalls)
+
+
+def ps(args) -> int:
+    cfg = config.load()
+    registry = VmRegistry(open_store())
+    names = [registry.get(args.vm).name] if args.vm else [s.name for s in registry.list()]
+    info = cluster_info(cfg)
+    rows, failed = [], []
+    for vm in names:
+        got, bad = _cluster_ps(cfg, info, vm) if info else (_local_ps(cfg, vm), [])
+        rows += [{**r, "vm": vm} for r in got]
+        failed += bad
+
+    def table():
+        cols = COLUMNS if args.vm else ["VM"] + COLUMNS
+        print_table(cols, [([] if args.vm else [r["vm"]]) + _row(r) for r in rows])
+
+    emit(rows, args.format, table)
+    for f in failed:
+        print(f"drvs ps: node {f} (its processes are missing above)", file=sys.stderr)
+    return 0
+
+
+def _local_ps(cfg, vm: str) -> list[dict]:
+    from ..dvos.pm.procs import NodeProcs
+
+    procs = NodeProcs(cfg, "-")
+    try:
+        return procs.processes(vm)
+    finally:
+        procs.close()
+
+
+def _cluster_ps(cfg, info, vm: str) -> tuple[list[dict], list[str]]:
+    """Ask the VM's PM; without one (a VM with no shares), this node's half."""
+    from ..ipc import client
+    from ..ipc.message import IpcError, Msg, check
+    from ..ipc.schema import pm
+
+    payload = pm.ListRequest.new_message(vm=vm).to_bytes_packed()
+    for target in (f"pm@{vm}", f"procs@{info['node']}"):
+        try:
+            reply = check(client.sendrec(cfg.state_dir, target, Msg(pm.PmCall.list, payload)), target)
+        except IpcError as e:
+            if e.errno == errno.ENOENT and target.startswith("pm@"):
+                continue
+            raise
+        table = pm.ProcessTable.from_bytes_packed(reply.payload)
+        return [p.to_dict() for p in table.processes], list(table.failed)
+    raise DrvsError("unreachable")
+
+
+def _row(r: dict) -> list:
+    elapsed = max(time.time() - r.get("started", 0), 1e-3)
+    return [r["pid"], r.get("node", "-"), r.get("ppid", 0), _user(r.get("uid", 0)), r.get("state", "?"),
+            f"{100 * r.get('cpuSeconds', 0) / elapsed:.1f}", _size(r.get("rss", 0)),
+            time.strftime("%H:%M:%S", time.localtime(r.get("started", 0))), r.get("command", "")]
+
+
+def _user(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _size(n: int) -> str:
+    for unit in ("", "K", "M", "G"):
+        if n < 1024:
+            return f"{n}{unit}"
+        n //= 1024
+    return f"{n}T"
+
+
+def syscalls(args) -> int:
+    from ..dvos.syscalls import TABLE
+
+    data = [{"name": s.name, "nr": s.nr, "level": s.level, "server": s.server, "args": s.args, "note": s.note}
+            for s in TABLE]
+
+    def table():
+        print_table(["SYSCALL", "NR", "HOW", "SERVER", "NOTE"],
+                    [[d["name"], d["nr"] if d["nr"] is not None else "-", d["level"], d["server"], d["note"]]
+                     for d in data])
+
+    emit(data, args.format, table)
+    return 0

@@ -1,0 +1,177 @@
+"""The VM's process manager, endpoint "pm@VM": VM-wide process operations.
+
+Every node with a share of a VM campaigns for its PM (an etcd election held
+by the node's lease); the leader serves pm@VM.  When its node dies, the
+lease goes, another node is elected within the lease's TTL and registers
+pm@VM again.  The PM keeps no table of its own to lose: each node is the
+authority for the processes in its pid range, so the VM's table is the
+union of the nodes' (rebuilt on each request)."""
+
+import errno
+import logging
+
+import trio
+
+from ...cluster.etcd import EtcdUnavailable
+from ...errors import DrvsError
+from ...ipc.message import IpcError, Msg
+from ...ipc.schema import pm
+from .procs import decode
+
+log = logging.getLogger("drvmmd")
+Call = pm.PmCall
+ELECTION = "/drvs/elections/pm/"
+VMS = "/drvs/vms/"
+RESYNC = 5.0
+NODE_TIMEOUT = 2.0  # per node: a dead one costs the caller this much, once
+
+
+async def vm_nodes(etcd, vm: str, here: str) -> list[str]:
+    """The nodes that may hold vm's processes: its shares, and this node."""
+    from ...vm.registry import VmRegistry
+
+    try:
+        spec = await VmRegistry.get_async(etcd, vm)
+    except DrvsError:
+        spec = None
+    return sorted(set(spec.shares if spec else ()) | {here})
+
+
+async def signal_nodes(fabric, procs, nodes, req) -> tuple[int, int, list[str]]:
+    """Signal on each node (this one directly); (delivered, denied, failed)."""
+    totals, failed = [0, 0], []
+    payload = req.to_bytes_packed()
+
+    async def one(node):
+        if node == procs.node:
+            d, n = procs.deliver(req)
+        else:
+            try:
+                reply = await fabric.sendrec(f"procs@{node}", Msg(Call.signal, payload), timeout=NODE_TIMEOUT)
+                if reply.status < 0:
+                    raise IpcError(reply.error, -reply.status)
+            except IpcError as e:
+                failed.append(f"{node}: {e}")
+                return
+            r = pm.SignalReply.from_bytes_packed(reply.payload)
+            d, n = r.delivered, r.denied
+        totals[0] += d
+        totals[1] += n
+
+    async with trio.open_nursery() as nursery:
+        for node in nodes:
+            nursery.start_soon(one, node)
+    return totals[0], totals[1], sorted(failed)
+
+
+async def list_nodes(fabric, procs, nodes, vm: str) -> tuple[list[dict], list[str]]:
+    rows, failed = [], []
+    payload = pm.ListRequest.new_message(vm=vm).to_bytes_packed()
+
+    async def one(node):
+        if node == procs.node:
+            rows.extend(procs.processes(vm))
+            return
+        try:
+            reply = await fabric.sendrec(f"procs@{node}", Msg(Call.list, payload), timeout=NODE_TIMEOUT)
+            if reply.status < 0:
+                raise IpcError(reply.error, -reply.status)
+        except IpcError as e:
+            failed.append(f"{node}: {e}")
+            return
+        rows.extend(p.to_dict() for p in pm.ProcessTable.from_bytes_packed(reply.payload).processes)
+
+    async with trio.open_nursery() as nursery:
+        for node in nodes:
+            nursery.start_soon(one, node)
+    rows.sort(key=lambda r: r["pid"])
+    return rows, sorted(failed)
+
+
+def table_message(rows: list[dict], failed: list[str]) -> Msg:
+    table = pm.ProcessTable.new_message()
+    out = table.init("processes", len(rows))
+    for i, row in enumerate(rows):
+        for k, v in row.items():
+            setattr(out[i], k, v)
+    fl = table.init("failed", len(failed))
+    for i, f in enumerate(failed):
+        fl[i] = f
+    return Msg(0, table.to_bytes_packed())
+
+
+class PmServer:
+    """pm@VM: one message table."""
+
+    def __init__(self, vm: str, etcd, fabric, procs):
+        self.vm, self.etcd, self.fabric, self.procs = vm, etcd, fabric, procs
+        self.table = {Call.signal: self.signal, Call.list: self.listing}
+
+    async def handle(self, msg: Msg) -> Msg:
+        handler = self.table.get(msg.type)
+        if handler is None:
+            raise IpcError(f"pm@{self.vm}: unknown message type {msg.type}", errno.ENOSYS)
+        return await handler(msg)
+
+    async def _nodes(self) -> list[str]:
+        return await vm_nodes(self.etcd, self.vm, self.procs.node)
+
+    async def signal(self, msg: Msg) -> Msg:
+        req = decode(pm.Signal, msg)
+        if req.vm != self.vm:
+            raise IpcError(f"pm@{self.vm}: request for VM {req.vm!r}", errno.EINVAL)
+        delivered, denied, failed = await signal_nodes(self.fabric, self.procs, await self._nodes(), req)
+        out = pm.SignalReply.new_message(delivered=delivered, denied=denied)
+        fl = out.init("failed", len(failed))
+        for i, f in enumerate(failed):
+            fl[i] = f
+        return Msg(0, out.to_bytes_packed())
+
+    async def listing(self, msg: Msg) -> Msg:
+        rows, failed = await list_nodes(self.fabric, self.procs, await self._nodes(), self.vm)
+        return table_message(rows, failed)
+
+
+async def run(etcd, fabric, member, procs) -> None:
+    """Campaign for the PM of every VM with a share of this node."""
+    from ...vm.model import VmSpec
+
+    campaigns: dict[str, trio.CancelScope] = {}
+    async with trio.open_nursery() as nursery:
+        while True:
+            try:
+                vms = [VmSpec.from_json(e.value) for e in await etcd.range(VMS)]
+            except (EtcdUnavailable, DrvsError) as e:
+                log.warning("process managers: %s", e)
+                vms = None
+            if vms is not None:
+                wanted = {vm.name for vm in vms if member.name in vm.shares}
+                for name in wanted - campaigns.keys():
+                    campaigns[name] = await nursery.start(_serve_pm, name, etcd, fabric, member, procs)
+                for name in campaigns.keys() - wanted:
+                    campaigns.pop(name).cancel()
+            await trio.sleep(RESYNC)
+
+
+async def _serve_pm(vm, etcd, fabric, member, procs, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    scope = trio.CancelScope()
+    task_status.started(scope)
+    with scope:
+        while True:
+            try:
+                leadership = await etcd.campaign(ELECTION + vm, member.name, member.lease)
+            except (EtcdUnavailable, DrvsError) as e:
+                log.warning("pm@%s: campaign: %s", vm, e)
+                await trio.sleep(1)
+                continue
+            try:
+                await fabric.register(f"pm@{vm}", PmServer(vm, etcd, fabric, procs).handle)
+                log.info("serving pm@%s", vm)
+                await trio.sleep_forever()
+            finally:
+                with trio.move_on_after(2, shield=True):
+                    try:
+                        await fabric.unregister(f"pm@{vm}")
+                        await etcd.resign(leadership)
+                    except (EtcdUnavailable, DrvsError):
+                        pass

@@ -1,0 +1,53 @@
+/* The DVOS seccomp filter; see seccomp.h. */
+#define _GNU_SOURCE
+#include "seccomp.h"
+
+#include <errno.h>
+#include <linux/audit.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stddef.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#if defined(__x86_64__)
+#define NATIVE_ARCH AUDIT_ARCH_X86_64
+#elif defined(__aarch64__)
+#define NATIVE_ARCH AUDIT_ARCH_AARCH64
+#else
+#error "DRVS knows the system-call numbers of x86_64 and aarch64 only"
+#endif
+
+#define ARG0_LOW (offsetof(struct seccomp_data, args[0]) + (__BYTE_ORDER__ == __ORDER_BIG_ENDIAN__ ? 4 : 0))
+
+int seccomp_install_notify(const int *nrs, int count, uint32_t pid_base, uint32_t pid_top)
+{
+    if (count < 0 || count > SECCOMP_MAX_NOTIFIED) {
+        errno = E2BIG;
+        return -1;
+    }
+    /* Layout: arch check; one jeq per notified call, all jumping to the
+     * pid test; allow. The pid test: base <= (u32)arg0 < top -> allow
+     * (negative pids are large unsigned and so notify). */
+    struct sock_filter prog[16 + SECCOMP_MAX_NOTIFIED];
+    int n = 0, k;
+    prog[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch));
+    /* Another ABI (i386 on x86_64): the kernel's own semantics, which stay
+     * inside the cell's pid namespace. */
+    prog[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, NATIVE_ARCH, 1, 0);
+    prog[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
+    prog[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr));
+    for (k = 0; k < count; k++) {
+        /* jump to the pid test, which follows the "allow" after the list */
+        int to_test = count - k;
+        prog[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (uint32_t)nrs[k], (uint8_t)to_test, 0);
+    }
+    prog[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
+    prog[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, ARG0_LOW);
+    prog[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JGE | BPF_K, pid_base, 0, 2);
+    prog[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JGE | BPF_K, pid_top, 1, 0);
+    prog[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
+    prog[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_USER_NOTIF);
+    struct sock_fprog fprog = {.len = (unsigned short)n, .filter = prog};
+    return (int)syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER, &fprog);
+}

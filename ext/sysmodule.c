@@ -1,0 +1,280 @@
+/* drvs._sys: the kernel interfaces of the DVOS system-call path that Python
+ * lacks: the seccomp user-notification listener (receive, respond, id
+ * valid), reads of a caller's memory, signals with a siginfo through a
+ * pidfd, and a detached procfs of another pid namespace.
+ *
+ * Each function is one kernel step and raises OSError naming it. */
+#define PY_SSIZE_T_CLEAN
+#define _GNU_SOURCE
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/mount.h>
+#include <linux/seccomp.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+
+#ifndef SECCOMP_IOCTL_NOTIF_SET_FLAGS
+#define SECCOMP_IOCTL_NOTIF_SET_FLAGS SECCOMP_IOW(4, __u64)
+#endif
+#ifndef SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP
+#define SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP (1UL << 0)
+#endif
+#ifndef PIDFD_SIGNAL_THREAD
+#define PIDFD_SIGNAL_THREAD (1UL << 0)
+#endif
+
+static PyObject *os_error(const char *step)
+{
+    int err = errno;
+    PyObject *args = Py_BuildValue("(iss)", err, strerror(err), step);
+    if (args) {
+        PyErr_SetObject(PyExc_OSError, args);
+        Py_DECREF(args);
+    }
+    return NULL;
+}
+
+/* recv(fd) -> (id, pid, nr, arch, (a0..a5)); the pid is in the listener's
+ * (the supervisor's) pid namespace. */
+static PyObject *py_recv(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    int fd = (int)PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    struct seccomp_notif req;
+    memset(&req, 0, sizeof req);
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = ioctl(fd, SECCOMP_IOCTL_NOTIF_RECV, &req);
+    Py_END_ALLOW_THREADS
+    if (rc < 0)
+        return os_error("seccomp-notif-recv");
+    const __u64 *a = req.data.args;
+    return Py_BuildValue("(KIiI(KKKKKK))", (unsigned long long)req.id, req.pid, req.data.nr, req.data.arch,
+                         (unsigned long long)a[0], (unsigned long long)a[1], (unsigned long long)a[2],
+                         (unsigned long long)a[3], (unsigned long long)a[4], (unsigned long long)a[5]);
+}
+
+/* respond(fd, id, val, error, cont): error is a positive errno or 0; cont
+ * lets the kernel run the call itself (only for calls whose arguments are
+ * plain values: nothing the caller could change after our check). */
+static PyObject *py_respond(PyObject *self, PyObject *args)
+{
+    (void)self;
+    int fd, error, cont;
+    unsigned long long id;
+    long long val;
+    if (!PyArg_ParseTuple(args, "iKLip", &fd, &id, &val, &error, &cont))
+        return NULL;
+    struct seccomp_notif_resp resp = {.id = id, .val = val, .error = error ? -error : 0,
+                                      .flags = cont ? SECCOMP_USER_NOTIF_FLAG_CONTINUE : 0};
+    if (cont)
+        resp.val = resp.error = 0;
+    if (ioctl(fd, SECCOMP_IOCTL_NOTIF_SEND, &resp) < 0) {
+        if (errno == ENOENT) /* the caller is gone (killed mid-call): nothing to answer */
+            Py_RETURN_FALSE;
+        return os_error("seccomp-notif-send");
+    }
+    Py_RETURN_TRUE;
+}
+
+static PyObject *py_id_valid(PyObject *self, PyObject *args)
+{
+    (void)self;
+    int fd;
+    unsigned long long id;
+    if (!PyArg_ParseTuple(args, "iK", &fd, &id))
+        return NULL;
+    __u64 v = id;
+    if (ioctl(fd, SECCOMP_IOCTL_NOTIF_ID_VALID, &v) == 0)
+        Py_RETURN_TRUE;
+    if (errno == ENOENT)
+        Py_RETURN_FALSE;
+    return os_error("seccomp-notif-id-valid");
+}
+
+/* Wake the caller on our CPU when we answer (kernel 6.6+); False where the
+ * kernel lacks the flag. */
+static PyObject *py_set_sync_wakeup(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    int fd = (int)PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    if (ioctl(fd, SECCOMP_IOCTL_NOTIF_SET_FLAGS, SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP) == 0)
+        Py_RETURN_TRUE;
+    if (errno == EINVAL || errno == ENOTTY)
+        Py_RETURN_FALSE;
+    return os_error("seccomp-notif-set-flags");
+}
+
+/* probe() -> None, or raise: is user notification available here? */
+static PyObject *py_probe(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    __u32 action = SECCOMP_RET_USER_NOTIF;
+    if (syscall(SYS_seccomp, SECCOMP_GET_ACTION_AVAIL, 0, &action) < 0)
+        return os_error("seccomp-user-notif-available");
+    struct seccomp_notif_sizes sizes;
+    if (syscall(SYS_seccomp, SECCOMP_GET_NOTIF_SIZES, 0, &sizes) < 0)
+        return os_error("seccomp-notif-sizes");
+    if (sizes.seccomp_notif < sizeof(struct seccomp_notif) || sizes.seccomp_data < sizeof(struct seccomp_data)) {
+        errno = ENOSYS;
+        return os_error("seccomp-notif-sizes");
+    }
+    Py_RETURN_NONE;
+}
+
+/* read_mem(pid, addr, size) -> bytes: the caller's memory, without
+ * attaching to it; EFAULT for a bad pointer. */
+static PyObject *py_read_mem(PyObject *self, PyObject *args)
+{
+    (void)self;
+    int pid;
+    unsigned long long addr;
+    Py_ssize_t size;
+    if (!PyArg_ParseTuple(args, "iKn", &pid, &addr, &size))
+        return NULL;
+    if (size < 0 || size > (1 << 20)) {
+        PyErr_SetString(PyExc_ValueError, "read_mem: size out of range");
+        return NULL;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, size);
+    if (!out)
+        return NULL;
+    struct iovec local = {PyBytes_AS_STRING(out), (size_t)size};
+    struct iovec remote = {(void *)(uintptr_t)addr, (size_t)size};
+    ssize_t n = process_vm_readv(pid, &local, 1, &remote, 1, 0);
+    if (n != size) {
+        Py_DECREF(out);
+        if (n >= 0)
+            errno = EFAULT;
+        return os_error("process-vm-readv");
+    }
+    return out;
+}
+
+/* pidfd_signal(pidfd, sig, info: bytes|None, thread: bool) */
+static PyObject *py_pidfd_signal(PyObject *self, PyObject *args)
+{
+    (void)self;
+    int fd, sig, thread;
+    Py_buffer info = {0};
+    if (!PyArg_ParseTuple(args, "iiz*p", &fd, &sig, &info, &thread))
+        return NULL;
+    siginfo_t si;
+    siginfo_t *sip = NULL;
+    if (info.buf) {
+        memset(&si, 0, sizeof si);
+        memcpy(&si, info.buf, (size_t)info.len < sizeof si ? (size_t)info.len : sizeof si);
+        sip = &si;
+    }
+    PyBuffer_Release(&info);
+    if (syscall(SYS_pidfd_send_signal, fd, sig, sip, thread ? PIDFD_SIGNAL_THREAD : 0) < 0)
+        return os_error("pidfd-send-signal");
+    Py_RETURN_NONE;
+}
+
+/* open_procfs(pidns_fd) -> fd of a detached procfs of that pid namespace
+ * (no mount-table entry: it goes when the fd is closed). */
+static PyObject *py_open_procfs(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    int ns = (int)PyLong_AsLong(arg);
+    if (ns == -1 && PyErr_Occurred())
+        return NULL;
+    int fs = (int)syscall(SYS_fsopen, "proc", FSOPEN_CLOEXEC);
+    if (fs < 0)
+        return os_error("fsopen-proc");
+    const char *step = NULL;
+    if (syscall(SYS_fsconfig, fs, FSCONFIG_SET_FD, "pidns", NULL, ns) < 0)
+        step = "fsconfig-pidns";
+    else if (syscall(SYS_fsconfig, fs, FSCONFIG_CMD_CREATE, NULL, NULL, 0) < 0)
+        step = "fsconfig-create-proc";
+    int mnt = -1;
+    if (!step) {
+        mnt = (int)syscall(SYS_fsmount, fs, FSMOUNT_CLOEXEC,
+                           MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC | MOUNT_ATTR_RDONLY);
+        if (mnt < 0)
+            step = "fsmount-proc";
+    }
+    int err = errno;
+    close(fs);
+    if (step) {
+        errno = err;
+        return os_error(step);
+    }
+    /* The mount fd is a path handle: open its root as a directory to read. */
+    int dir = openat(mnt, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    err = errno;
+    close(mnt);
+    if (dir < 0) {
+        errno = err;
+        return os_error("open-procfs-root");
+    }
+    return PyLong_FromLong(dir);
+}
+
+/* The numbers of the calls drvs/dvos/syscalls.py names, from this
+ * machine's headers (the table itself stays in Python). */
+#define NR(name) {#name, SYS_##name}
+static const struct {
+    const char *name;
+    long nr;
+} syscall_numbers[] = {
+    NR(kill), NR(tkill), NR(tgkill), NR(rt_sigqueueinfo), NR(rt_tgsigqueueinfo), NR(pidfd_open),
+    NR(pidfd_send_signal), NR(getpid), NR(getppid), NR(gettid), NR(getpgid), NR(setpgid),
+    NR(getsid), NR(setsid), NR(clone), NR(clone3), NR(wait4), NR(waitid),
+#ifdef SYS_fork /* not on aarch64 */
+    NR(fork), NR(vfork), NR(getpgrp),
+#endif
+    NR(execve), NR(exit_group), NR(ptrace), NR(process_vm_readv), NR(process_vm_writev),
+    NR(sched_setaffinity), NR(getpriority), NR(setpriority), NR(prlimit64),
+};
+#undef NR
+
+static PyMethodDef methods[] = {
+    {"recv", py_recv, METH_O, "Receive one seccomp notification."},
+    {"respond", py_respond, METH_VARARGS, "Answer a notification (value, errno, or continue)."},
+    {"id_valid", py_id_valid, METH_VARARGS, "Is the notification still pending (caller alive, same call)?"},
+    {"set_sync_wakeup", py_set_sync_wakeup, METH_O, "Ask for synchronous wake-ups on this listener."},
+    {"probe", py_probe, METH_NOARGS, "Check that seccomp user notification is available."},
+    {"read_mem", py_read_mem, METH_VARARGS, "Read another process's memory."},
+    {"pidfd_signal", py_pidfd_signal, METH_VARARGS, "Signal through a pidfd, with an optional siginfo."},
+    {"open_procfs", py_open_procfs, METH_O, "A detached procfs of the given pid namespace."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "drvs._sys", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__sys(void)
+{
+    PyObject *m = PyModule_Create(&moduledef);
+    if (!m)
+        return NULL;
+    PyObject *nrs = PyDict_New();
+    if (!nrs || PyModule_AddObject(m, "NR", nrs) < 0) {
+        Py_XDECREF(nrs);
+        Py_DECREF(m);
+        return NULL;
+    }
+    for (size_t i = 0; i < sizeof syscall_numbers / sizeof *syscall_numbers; i++) {
+        PyObject *v = PyLong_FromLong(syscall_numbers[i].nr);
+        if (!v || PyDict_SetItemString(nrs, syscall_numbers[i].name, v) < 0) {
+            Py_XDECREF(v);
+            Py_DECREF(m);
+            return NULL;
+        }
+        Py_DECREF(v);
+    }
+    return m;
+}

@@ -1,0 +1,242 @@
+"""VM-wide processes: pids unique across nodes, signals between nodes with
+the kernel's semantics, `drvs ps` of the whole VM."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from drvs.dvos.pidrange import SPAN
+from tests.cluster.conftest import BIN
+
+PROGS = Path(__file__).parent / "progs"
+
+
+@pytest.fixture
+def vm_cluster(cluster_factory):
+    """Two nodes, VM `web` with a share of each, sigtool in each node's /data."""
+    c = cluster_factory(nodes=2)
+    c.drvs("vm", "create", "web", "--node", "n1:cpus=1", "--node", "n2:cpus=1", node="n1", check=True)
+    for n in c.info["nodes"]:
+        data = Path(n["state_dir"]) / "vms" / "web" / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["gcc", "-O2", "-o", str(data / "sigtool"), str(PROGS / "sigtool.c")], check=True)
+    return c
+
+
+def run(c, via, *args, node=None, timeout=30, opts=()):
+    argv = [str(BIN / "drvs-run"), "--vm", "web", *opts] + (["--node", node] if node else []) + ["--", *args]
+    return subprocess.run(argv, env={**c.env, "DRVS_NODE": via}, capture_output=True, text=True, timeout=timeout)
+
+
+def start(c, via, *args, node=None):
+    argv = [str(BIN / "drvs-run"), "--vm", "web"] + (["--node", node] if node else []) + ["--", *args]
+    return subprocess.Popen(argv, env={**c.env, "DRVS_NODE": via}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def pid_index(c, node):
+    return json.loads((Path(c.node(node)["state_dir"]) / "cluster.json").read_text())["pid_index"]
+
+
+def wait_pid_file(c, node, name, timeout=20):
+    path = Path(c.node(node)["state_dir"]) / "vms" / "web" / "data" / name
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().endswith("\n"):
+            return int(path.read_text())
+        time.sleep(0.05)
+    raise AssertionError(f"{path} never written")
+
+
+def stop(*procs):
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def test_pids_are_unique_across_nodes_and_tell_their_node(vm_cluster):
+    c = vm_cluster
+    seen = {}
+    for node in ("n1", "n2"):
+        p = run(c, "n1", "sh", "-c", 'echo $$; sh -c "echo \\$PPID \\$\\$"', node=node)
+        assert p.returncode == 0, p.stderr
+        shell, (ppid, child) = int(p.stdout.split()[0]), map(int, p.stdout.split()[1:3])
+        assert ppid == shell  # getppid agrees with the parent's getpid: no translation needed
+        assert shell // SPAN == child // SPAN == pid_index(c, node)
+        seen[node] = {shell, child}
+    assert not seen["n1"] & seen["n2"]
+    assert pid_index(c, "n1") != pid_index(c, "n2")
+
+
+def test_wait_for_local_children_still_works(vm_cluster):
+    p = run(vm_cluster, "n1", "sh", "-c", "sh -c 'exit 7' & wait $!; echo $?", node="n2")
+    assert (p.returncode, p.stdout) == (0, "7\n")
+
+
+def test_c_program_on_n1_signals_a_process_on_n2(vm_cluster):
+    c = vm_cluster
+    waiter = start(c, "n1", "/data/sigtool", "wait", "/data/pid", node="n2")
+    try:
+        target = wait_pid_file(c, "n2", "pid")
+        assert target // SPAN == pid_index(c, "n2")
+        p = run(c, "n1", "sh", "-c", f"/data/sigtool kill {target} 0 && /data/sigtool kill {target} {signal.SIGUSR2}"
+                                     f" && /data/sigtool kill {target} {signal.SIGUSR1}; echo sender=$$")
+        assert p.stdout.splitlines()[:3] == ["ok", "ok", "ok"], p.stdout + p.stderr
+        out, err = waiter.communicate(timeout=20)
+        assert waiter.returncode == 0, err
+        lines = out.splitlines()
+        assert [line.split()[0] for line in lines] == [f"sig={signal.SIGUSR2}", f"sig={signal.SIGUSR1}"]
+        # A kill(2), as the kernel delivers one from outside the receiver's
+        # pid namespace: SI_USER, sender pid 0.
+        assert lines[1].split()[1:3] == ["from=0", "code=0"]
+    finally:
+        stop(waiter)
+
+
+def test_errors_are_the_kernels(vm_cluster):
+    """ESRCH for a pid nobody has, EPERM for another user's process, EINVAL
+    for a bad signal number: the same answers as on one node."""
+    c = vm_cluster
+    waiter = start(c, "n1", "/data/sigtool", "wait", "/data/pid2", node="n2")
+    try:
+        target = wait_pid_file(c, "n2", "pid2")
+        gone = pid_index(c, "n2") * SPAN + SPAN - 2  # in n2's range, never allocated
+        unknown_node = 40 * SPAN + 5                 # a range no node holds
+        p = run(c, "n1", "sh", "-c", f"/data/sigtool kill {gone} 0; /data/sigtool kill {unknown_node} 0; "
+                                     f"/data/sigtool kill {target} 99")
+        assert p.stdout.split() == ["ESRCH", "ESRCH", "EINVAL"], p.stdout + p.stderr
+        p = run(c, "n1", "/data/sigtool", "kill", str(target), "15", opts=("-u", "1000"))
+        assert (p.returncode, p.stdout) == (1, "EPERM\n")
+        assert waiter.poll() is None  # nothing reached it
+    finally:
+        stop(waiter)
+
+
+def test_sigqueue_value_and_tgkill_cross_nodes(vm_cluster):
+    c = vm_cluster
+    waiter = start(c, "n1", "/data/sigtool", "wait", "/data/pid3", node="n2")
+    try:
+        target = wait_pid_file(c, "n2", "pid3")
+        p = run(c, "n1", "sh", "-c", f"/data/sigtool queue {target} {signal.SIGUSR2} 4242; "
+                                     f"/data/sigtool tgkill {target + 1} {target} 10; "
+                                     f"/data/sigtool tgkill {target} {target} {signal.SIGUSR1}")
+        assert p.stdout.split() == ["ok", "ESRCH", "ok"], p.stdout + p.stderr
+        out, _ = waiter.communicate(timeout=20)
+        assert out.splitlines()[0].endswith("code=-1 value=4242")  # SI_QUEUE with the sender's value
+    finally:
+        stop(waiter)
+
+
+def test_kill_minus_one_reaches_every_node_but_spares_the_caller(vm_cluster):
+    c = vm_cluster
+    a = start(c, "n1", "sleep", "60", node="n2")
+    b = start(c, "n1", "sleep", "60")
+    try:
+        deadline = time.monotonic() + 20
+        while len(ps(c, "n1")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        p = run(c, "n2", "sh", "-c", "kill -TERM -1; echo survived")
+        assert (p.returncode, p.stdout) == (0, "survived\n")
+        assert a.wait(timeout=20) == 128 + signal.SIGTERM
+        assert b.wait(timeout=20) == 128 + signal.SIGTERM
+    finally:
+        stop(a, b)
+
+
+def test_kill_of_a_process_group_on_another_node(vm_cluster):
+    c = vm_cluster
+    group = start(c, "n1", "sh", "-c", "sleep 60 & sleep 60 & echo $$ > /data/pgid; wait", node="n2")
+    try:
+        pgid = wait_pid_file(c, "n2", "pgid")
+        p = run(c, "n1", "/data/sigtool", "kill", str(-pgid), "15")
+        assert p.stdout == "ok\n", p.stderr
+        group.wait(timeout=20)
+        assert not [r for r in ps(c, "n1") if r["pgid"] == pgid]
+    finally:
+        stop(group)
+
+
+def ps(c, via):
+    out = c.drvs("ps", "web", "--format", "json", node=via, check=True).stdout
+    return json.loads(out)
+
+
+def test_drvs_ps_lists_the_whole_vm_from_any_node(vm_cluster):
+    c = vm_cluster
+    a = start(c, "n1", "sleep", "61", node="n2")
+    b = start(c, "n2", "sleep", "62", node="n1")
+    try:
+        deadline = time.monotonic() + 20
+        while len(ps(c, "n2")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for via in ("n1", "n2"):
+            rows = {r["command"]: r for r in ps(c, via)}
+            assert rows["sleep 61"]["node"] == "n2" and rows["sleep 62"]["node"] == "n1"
+            assert rows["sleep 61"]["pid"] // SPAN == pid_index(c, "n2")
+        table = c.drvs("ps", "web", node="n1", check=True).stdout
+        assert table.split("\n")[0].split() == ["PID", "NODE", "PPID", "USER", "STATE", "%CPU", "RSS", "START",
+                                                "COMMAND"]
+        assert "sleep 61" in table and "sleep 62" in table
+    finally:
+        stop(a, b)
+
+
+def test_supervisor_survives_fuzzed_calls(vm_cluster):
+    """Random pids, signals and pointers through every served call; then a
+    plain cross-node signal still works."""
+    c = vm_cluster
+    fuzz = r'''
+import ctypes, random
+libc = ctypes.CDLL(None, use_errno=True)
+random.seed(7)
+nrs = [62, 200, 234, 129, 297]  # kill tkill tgkill rt_sigqueueinfo rt_tgsigqueueinfo (x86_64)
+span = %d
+for i in range(400):
+    nr = random.choice(nrs)
+    pid = random.choice([random.randrange(-2**31, 2**31), 40 * span + random.randrange(span),
+                         %d * span + span - 1 - random.randrange(50), 0, -1, -2**31])
+    if pid in (0, -1):
+        pid = 40 * span  # never ourselves or every process: the point is the supervisor
+    sig = random.choice([0, random.randrange(-5, 100)])
+    ptr = random.choice([0, 1, 2**63, random.randrange(2**64)])
+    libc.syscall(nr, ctypes.c_long(pid), ctypes.c_long(pid if nr in (234, 297) else sig),
+                 ctypes.c_long(sig if nr in (234, 297) else ptr), ctypes.c_long(ptr))
+print("done")
+''' % (SPAN, pid_index(c, "n2"))
+    if not shutil.which("python3"):
+        pytest.skip("python3 needed in the jail")
+    p = run(c, "n1", "python3", "-c", fuzz, timeout=120)
+    assert (p.returncode, p.stdout) == (0, "done\n"), p.stderr
+    waiter = start(c, "n1", "/data/sigtool", "wait", "/data/pid4", node="n2")
+    try:
+        target = wait_pid_file(c, "n2", "pid4")
+        assert run(c, "n1", "/data/sigtool", "kill", str(target), "10").stdout == "ok\n"
+        waiter.wait(timeout=20)
+    finally:
+        stop(waiter)
+
+
+def test_bad_pointer_gives_efault(vm_cluster):
+    c = vm_cluster
+    waiter = start(c, "n1", "/data/sigtool", "wait", "/data/pid5", node="n2")
+    try:
+        target = wait_pid_file(c, "n2", "pid5")
+        code = ("import ctypes, os; libc = ctypes.CDLL(None, use_errno=True); "
+                f"r = libc.syscall(129, {target}, 10, ctypes.c_void_p(8)); "
+                "print(r, os.strerror(ctypes.get_errno()))")
+        p = run(c, "n1", "python3", "-c", code)
+        assert p.stdout == "-1 Bad address\n", p.stderr
+        assert waiter.poll() is None
+    finally:
+        stop(waiter)
