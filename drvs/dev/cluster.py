@@ -201,8 +201,11 @@ def down(state_dir: str) -> dict:
     info = read_json(path)
     if info is None:
         raise SetupError(f"no dev cluster here ({path})")
+    from ..ns import mounts
+
     for n in info["nodes"]:
         _stop(n["pid"])
+        mounts.detach(f"{n['state_dir']}/procview")  # left mounted by a node killed with SIGKILL
         cg = Cgroup.under_caller(f"drvs-dev-{info['name']}-{n['name']}")
         _remove_tree(cg)
     _stop(info["etcd"]["pid"])

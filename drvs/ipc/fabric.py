@@ -77,6 +77,7 @@ class Fabric:
         self.servers = []
         self.nursery: trio.Nursery | None = None  # where programs started here live
         self.supervise = None  # (cfg, vm, listener): who serves the system calls of programs started here
+        self.spawner = None    # drvs.node.spawner.Spawner: where their jails are started
 
     # -- serving -----------------------------------------------------------
 
@@ -334,7 +335,8 @@ class NodeServer(schema.Node.Server):
             except IpcError as e:
                 _context.results.process = FailedProcess(e.exit_code, str(e))
             return
-        rr = RemoteRun(req, stdout, stderr, fabric.etcd, supervise=fabric.supervise)
+        rr = RemoteRun(req, stdout, stderr, fabric.etcd, supervise=fabric.supervise,
+                       spawner=fabric.spawner)
         await self.guest.call_trio(fabric.start_run, rr)
         _context.results.process = ProcessServer(rr, self.guest)
 

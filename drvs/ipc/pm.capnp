@@ -8,6 +8,7 @@
 enum PmCall {
   signal @0;   # Signal -> SignalReply
   list @1;     # ListRequest -> ProcessTable
+  read @2;     # ReadRequest -> FileData: a file of /proc/PID of a VM pid on that node
 }
 
 struct Caller {
@@ -56,4 +57,14 @@ struct Process {
 struct ProcessTable {
   processes @0 :List(Process);
   failed @1 :List(Text);  # nodes that could not be asked: "node: why"
+}
+
+struct ReadRequest {
+  vm @0 :Text;
+  pid @1 :Int32;
+  name @2 :Text;   # one of the files procs@NODE shares (stat, status, cmdline, ...)
+}
+
+struct FileData {
+  data @0 :Data;
 }

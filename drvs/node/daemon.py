@@ -60,11 +60,13 @@ async def serve_node(cfg: config.Config, info: dict, interval: float) -> None:
     from ..cluster import bootstrap
     from ..ipc.services import DrvmmService
     from . import reconcile
+    from .spawner import Spawner
 
     tls = Tls(**info["tls"]) if info.get("tls") else None
     async with etcd_client(info) as etcd:
         member = Member(etcd, info["node"], info["address"], node_uid(cfg))
         fabric = Fabric(etcd, member, info.get("port", FABRIC_PORT), tls)
+        fabric.spawner = Spawner()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
@@ -85,9 +87,10 @@ async def serve_node(cfg: config.Config, info: dict, interval: float) -> None:
                 log.info("node %s joined cluster %s at %s", info["node"], info["cluster"], info["address"])
                 nursery.start_soon(member.run)
                 nursery.start_soon(_tidy_loop, cfg, interval)
-                nursery.start_soon(reconcile.run, cfg, etcd, info["node"], pid_range)
+                nursery.start_soon(reconcile.run, cfg, etcd, info["node"], pid_range, fabric.spawner)
         finally:
             fabric.close()
+            fabric.spawner.close()
             # Leave at once (NotReady now, not after the lease's TTL).
             with trio.move_on_after(2, shield=True):
                 await member.leave()
@@ -98,7 +101,7 @@ async def _start_dvos(cfg, info, etcd, fabric, member, nursery) -> tuple[int, in
     supervisor, the process manager's per-node half and the VMs' PMs."""
     from .. import _sys
     from ..cluster.bootstrap import _write_json
-    from ..dvos import pidrange
+    from ..dvos import pidrange, procview
     from ..dvos.pm import server as pm_server
     from ..dvos.pm.procs import NodeProcs
     from ..dvos.supervisor import Supervisor
@@ -116,8 +119,11 @@ async def _start_dvos(cfg, info, etcd, fabric, member, nursery) -> tuple[int, in
     await fabric.register(f"procs@{info['node']}", procs.handle)
     supervisor = Supervisor(cfg, info["node"], fabric, etcd, procs, member.pid_index)
     await nursery.start(supervisor.serve)
-    fabric.supervise = lambda _cfg, vm, fd: supervisor.adopt(vm, fd)
+    # Called in the spawner thread: hand the listener over to the loop.
+    token = trio.lowlevel.current_trio_token()
+    fabric.supervise = lambda _cfg, vm, fd: token.run_sync_soon(supervisor.adopt, vm, fd)
     nursery.start_soon(pm_server.run, etcd, fabric, member, procs)
+    await nursery.start(procview.serve, cfg, fabric, procs, etcd)
     return pidrange.bounds(member.pid_index)
 
 

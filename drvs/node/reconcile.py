@@ -44,7 +44,9 @@ def reconcile_once(cfg, node: str, vms: list[VmSpec], pid_range=(0, 0)) -> dict:
     return changed
 
 
-async def run(cfg, etcd, node: str, pid_range=(0, 0)) -> None:
+async def run(cfg, etcd, node: str, pid_range=(0, 0), spawner=None) -> None:
+    """spawner: the daemon's kernel-work thread (cells are made there, off
+    the loop, which may be needed meanwhile by a jail's FUSE mounts)."""
     wake = trio.Event()
 
     async def watch():
@@ -61,7 +63,10 @@ async def run(cfg, etcd, node: str, pid_range=(0, 0)) -> None:
         while True:
             try:
                 vms = [VmSpec.from_json(e.value) for e in await etcd.range(VMS)]
-                changed = reconcile_once(cfg, node, vms, pid_range)
+                if spawner is not None:
+                    changed = await spawner.call(reconcile_once, cfg, node, vms, pid_range)
+                else:
+                    changed = reconcile_once(cfg, node, vms, pid_range)
                 if changed["created_or_resized"] or changed["removed"]:
                     log.info("cells: %s", changed)
             except (DrvsError, EtcdUnavailable) as e:

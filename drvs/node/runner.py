@@ -32,8 +32,8 @@ CALLER_SILENT_LIMIT = 300.0  # seconds a caller may leave output unread
 class RemoteRun:
     """One program started for a remote (or local) caller."""
 
-    def __init__(self, request, stdout, stderr, etcd, supervise=None):
-        self.req, self.etcd, self.supervise = request, etcd, supervise
+    def __init__(self, request, stdout, stderr, etcd, supervise=None, spawner=None):
+        self.req, self.etcd, self.supervise, self.spawner = request, etcd, supervise, spawner
         self.stdout, self.stderr = stdout, stderr
         self.done = trio.Event()
         self.exit_code, self.message = 0, ""
@@ -68,7 +68,7 @@ class RemoteRun:
             cfg = config.load()
             vm = await VmRegistry.get_async(self.etcd, self.req["vm"] or "default")
             self.run = jail.Run(cfg, vm, self.options(stdio), supervise=self.supervise)
-            self.run.start(forward_signals=False)
+            await self._kernel(self.run.start, False)
         except Exception as e:  # noqa: BLE001 - a failed start is this run's result, not the daemon's end
             self.exit_code, self.message = (e.exit_code, str(e)) if isinstance(e, DrvsError) else \
                 (125, f"cannot start the program: {type(e).__name__}: {e}")
@@ -103,13 +103,19 @@ class RemoteRun:
                 if self.master >= 0:
                     trio.lowlevel.notify_closing(self.master)
                     self.master = -1  # Run.cleanup closes it
-                self.run.cleanup()
+                await self._kernel(self.run.cleanup)
                 if self.stdin_w >= 0:
                     trio.lowlevel.notify_closing(self.stdin_w)
                     os.close(self.stdin_w)
                     self.stdin_w = -1
                 await self._finish_streams()
                 self.done.set()
+
+    async def _kernel(self, fn, *args):
+        """Jail work goes to the daemon's spawner thread (drvs/node/spawner.py)."""
+        if self.spawner is None:
+            return fn(*args)
+        return await self.spawner.call(fn, *args)
 
     async def _pump_out(self, fd: int, sink, is_pty: bool) -> None:
         stream = trio.lowlevel.FdStream(os.dup(fd)) if not is_pty else None

@@ -114,6 +114,28 @@ def find(lock: CellLock) -> ActiveCell | None:
     return None
 
 
+def peek(cfg: Config, vm: str) -> ActiveCell | None:
+    """The live cell, looked at without its lock (for readers that must not
+    wait on a run being started, such as the daemon's FUSE servers): None
+    when it is absent or being replaced; changes nothing."""
+    record = CellLock(cfg, vm).read_record()
+    if not record:
+        return None
+    cg = Cgroup.from_record(record["cgroup"])
+    init = cg.child("init")
+    pids = init.pids()
+    if len(pids) != 1:
+        return None
+    try:
+        pidfd = os.pidfd_open(pids[0])
+    except OSError:
+        return None
+    if init.pids() != pids:  # re-read after opening: the pid cannot have been reused meanwhile
+        os.close(pidfd)
+        return None
+    return ActiveCell(vm, cg, pids[0], pidfd)
+
+
 def ensure(lock: CellLock, vm: VmSpec, limits=None, pin: bool = False, pid_range=(0, 0)) -> ActiveCell:
     """The VM's cell on this node, created if needed, with its current limits
     (the VM's own, or its share of this node).  A pinned cell (the node

@@ -143,16 +143,18 @@ class Run:
         prctl.set_child_subreaper(True)
         os.makedirs(self.cfg.rootdir, exist_ok=True)
         data, home = data_dirs(self.cfg, self.vm.name)
-        steps = rootfs.build_root(rootdir=self.cfg.rootdir, hostname=self.vm.name, data_dir=data, home_dir=home,
-                                  binds=self.opts.binds, net_host=self.opts.net_host)
         from ..cluster.context import cluster_info
 
         info = cluster_info(self.cfg)
         node = info["node"] if info else None
+        view = None
         if info and info.get("pid_index"):
             from ..dvos.pidrange import bounds
 
             self.pid_range = bounds(info["pid_index"])
+            view = _proc_view(self.cfg, self.vm.name)
+        steps = rootfs.build_root(rootdir=self.cfg.rootdir, hostname=self.vm.name, data_dir=data, home_dir=home,
+                                  binds=self.opts.binds, net_host=self.opts.net_host, proc_view=view)
         with cells.locked(self.cfg, self.vm.name) as lock:
             cell = cells.ensure(lock, self.vm, self.vm.limits_on(node), pid_range=self.pid_range)
             try:
@@ -328,6 +330,12 @@ class Run:
             os.kill(self.proc.pid, END_RUN_SIGNAL)
             os.waitpid(self.proc.pid, 0)
         reap_orphans()
+
+
+def _proc_view(cfg: Config, vm: str) -> str | None:
+    """The VM's /proc view that this node's drvmmd serves, if it does."""
+    base = f"{cfg.state_dir}/procview"
+    return f"{base}/{vm}" if os.path.ismount(base) else None
 
 
 def process_start(pid: int) -> int | None:

@@ -91,15 +91,24 @@ def etc_steps(hostname: str, net_host: bool) -> list[Step]:
     return steps
 
 
-def proc_steps(rootdir: str) -> list[Step]:
-    """A proc of the cell's pid namespace, with the host's knobs read-only."""
-    steps = [(J.STEP_PROC, 0, 0, None, "/proc", None)]
+# Where the cell's own proc goes when /proc is the VM's view (drvs/dvos/procview.py).
+REAL_PROC = "/.drvs/proc"
+
+
+def proc_steps(rootdir: str, view: str | None = None) -> list[Step]:
+    """A proc of the cell's pid namespace, with the host's knobs read-only.
+    view: the host path of the VM's /proc view (a VM on several nodes); the
+    cell's proc then sits at REAL_PROC, where the view's links point."""
+    real = REAL_PROC if view else "/proc"
+    steps = [(J.STEP_PROC, 0, 0, None, real, None)]
     for d in READONLY_PROC_DIRS:
-        steps.append(_bind(f"{rootdir}/proc/{d}", f"/proc/{d}", J.BIND_RO | J.BIND_TRY))
+        steps.append(_bind(f"{rootdir}{real}/{d}", f"{real}/{d}", J.BIND_RO | J.BIND_TRY))
     # proc has the same entries in every instance: mask those this kernel has.
     for f in MASKED_PROC_FILES:
         if os.path.exists(f"/proc/{f}"):
-            steps.append(_bind("/dev/null", f"/proc/{f}", J.BIND_RO | J.BIND_DEV))
+            steps.append(_bind("/dev/null", f"{real}/{f}", J.BIND_RO | J.BIND_DEV))
+    if view:
+        steps.append(_bind(view, "/proc", J.BIND_RO))
     return steps
 
 
@@ -130,8 +139,9 @@ def data_steps(data_dir: str, home_dir: str) -> list[Step]:
     return [_bind(data_dir, "/data"), _bind(home_dir, "/root")]
 
 
-def build_root(*, rootdir: str, hostname: str, data_dir: str, home_dir: str, binds: list[Bind], net_host: bool) -> list[Step]:
-    steps = system_steps() + etc_steps(hostname, net_host) + proc_steps(rootdir)
+def build_root(*, rootdir: str, hostname: str, data_dir: str, home_dir: str, binds: list[Bind], net_host: bool,
+               proc_view: str | None = None) -> list[Step]:
+    steps = system_steps() + etc_steps(hostname, net_host) + proc_steps(rootdir, proc_view)
     steps += dev_steps() + scratch_steps() + data_steps(data_dir, home_dir)
     steps += [_bind(b.src, b.dst, J.BIND_RO if b.readonly else 0) for b in binds]
     # Last: the skeleton itself becomes read-only (its mounts keep their own mode).

@@ -65,3 +65,6 @@ def cluster_factory(tmp_path):
     # Only our own clusters' namespaces: another test run may share the machine.
     leftover = [ns for _, name in made for ns in netns.existing(name)]
     assert not leftover, leftover
+    with open("/proc/self/mounts") as f:
+        mounts = [line.split()[1] for line in f if any(line.split()[1].startswith(f"{state}/") for state, _ in made)]
+    assert not mounts, mounts

@@ -240,3 +240,27 @@ def test_bad_pointer_gives_efault(vm_cluster):
         assert waiter.poll() is None
     finally:
         stop(waiter)
+
+
+def test_procps_in_the_jail_sees_and_ends_processes_of_other_nodes(vm_cluster):
+    """ps, pgrep and pkill, unmodified, inside a jail on n1: the VM's /proc
+    shows n2's processes with the pids `drvs ps` reports."""
+    c = vm_cluster
+    if not shutil.which("pkill"):
+        pytest.skip("procps needed")
+    far = start(c, "n1", "sleep", "63", node="n2")
+    try:
+        deadline = time.monotonic() + 20
+        while not [r for r in ps(c, "n1") if r["command"] == "sleep 63"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        pid = next(r["pid"] for r in ps(c, "n1") if r["command"] == "sleep 63")
+        p = run(c, "n1", "sh", "-c", "ps -eo pid,comm,args; echo ---; pgrep -a sleep; pkill -USR1 -x sleep; echo $?")
+        listing, after = p.stdout.split("---\n")
+        assert any(line.split()[:2] == [str(pid), "sleep"] for line in listing.splitlines()), p.stdout + p.stderr
+        assert after.splitlines() == [f"{pid} sleep 63", "0"]
+        assert far.wait(timeout=20) == 128 + signal.SIGUSR1
+        # The node's own entries are the kernel's: /proc/self and friends work.
+        p = run(c, "n1", "sh", "-c", "readlink /proc/self/exe; head -1 /proc/meminfo | cut -d: -f1; ls /dev/fd/")
+        assert p.stdout.splitlines()[:2] == ["/usr/bin/readlink", "MemTotal"], p.stdout + p.stderr
+    finally:
+        stop(far)

@@ -55,7 +55,7 @@ class NodeProcs:
         self.cfg, self.node = cfg, node
         self.cells: dict[str, CellProc] = {}
         self.boot = _boot_time()
-        self.table = {Call.signal: self.signal, Call.list: self.listing}
+        self.table = {Call.signal: self.signal, Call.list: self.listing, Call.read: self.read}
 
     async def handle(self, msg: Msg) -> Msg:
         handler = self.table.get(msg.type)
@@ -78,8 +78,7 @@ class NodeProcs:
         if known is not None:
             known.close()
             del self.cells[vm]
-        with cells.locked(self.cfg, vm) as lock:
-            cell = cells.find(lock)
+        cell = cells.peek(self.cfg, vm)  # never waits on a run being started
         if cell is None:
             return None
         try:
@@ -177,6 +176,22 @@ class NodeProcs:
             rows.append({**st, "pid": pid, "node": self.node, "started": started,
                          "command": _cmdline(cp.fd, pid) or f"[{comm}]"})
         return rows
+
+
+    async def read(self, msg: Msg) -> Msg:
+        req = decode(pm.ReadRequest, msg)
+        if req.name not in SHARED_FILES or req.pid <= 1:
+            raise IpcError(f"procs: /proc/{req.pid}/{req.name} is not shared", errno.EACCES)
+        cp = self.proc(req.vm)
+        data = _read(cp.fd, f"{req.pid}/{req.name}") if cp is not None else None
+        if data is None:
+            raise IpcError(f"no process {req.pid} on {self.node}", errno.ENOENT)
+        return Msg(0, pm.FileData.new_message(data=data).to_bytes_packed())
+
+
+# What another node's view of the VM's /proc may read of a process here
+# (what ps, top, pgrep and pkill read); environ stays with its node.
+SHARED_FILES = ("stat", "status", "cmdline", "comm", "statm", "io", "wchan")
 
 
 # -- reading a procfs ----------------------------------------------------------

@@ -1,0 +1,237 @@
+"""The VM's /proc inside its jails: the node's own processes and those of
+the VM's other nodes, in one directory, so that ps, top, pgrep and pkill
+see (and act on) the whole VM.
+
+One FUSE file system per node (pyfuse3 serves one mount per process),
+mounted by drvmmd at STATE/procview; its directory VM is bound on /proc in
+that VM's jails, where the cell's real proc sits at /.drvs/proc:
+
+    /proc/NAME      a symlink to /.drvs/proc/NAME for everything of this
+                    node (its pids, self, meminfo, sys, ...): the kernel's
+                    own files, magic links and all
+    /proc/PID       for a pid of another node: a directory whose files
+                    (SHARED_FILES: stat, status, cmdline, ...) are read from
+                    that node's procs@NODE when opened
+
+Remote listings are cached for LIST_TTL; a node that cannot be reached
+drops out of the listing (its processes reappear with it)."""
+
+import errno
+import logging
+import os
+import stat
+import time
+
+import pyfuse3
+import trio
+
+from ..ipc.message import IpcError, Msg
+from ..ns import mounts
+from ..ipc.schema import pm
+from ..vm.model import check_name
+from .pm import server
+from .pm.procs import SHARED_FILES
+
+log = logging.getLogger("drvmmd")
+LIST_TTL = 0.5
+TIMEOUT = 1.0   # entries and attributes, in the kernel's caches
+REAL_PROC = "/.drvs/proc"
+
+
+def mountpoint(cfg) -> str:
+    return f"{cfg.state_dir}/procview"
+
+
+class Node:
+    """An inode: the root, a VM's /proc, a remote pid's directory, a file
+    of it, or a symlink into the real proc."""
+
+    __slots__ = ("ino", "kind", "vm", "pid", "name")
+
+    def __init__(self, ino, kind, vm=None, pid=0, name=b""):
+        self.ino, self.kind, self.vm, self.pid, self.name = ino, kind, vm, pid, name
+
+
+class ProcView(pyfuse3.Operations):
+    enable_writeback_cache = False
+
+    def __init__(self, cfg, fabric, procs, etcd):
+        super().__init__()
+        self.cfg, self.fabric, self.procs, self.etcd = cfg, fabric, procs, etcd
+        self.nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: Node(pyfuse3.ROOT_INODE, "root")}
+        self.by_key: dict[tuple, int] = {}
+        self.remote: dict[str, tuple[float, dict[int, str]]] = {}  # vm -> (when, pid -> node)
+        self.files: dict[int, bytes] = {}
+        self.next_fh = 1
+
+    # -- inodes ---------------------------------------------------------------
+
+    def _node(self, kind, vm=None, pid=0, name=b"") -> Node:
+        key = (kind, vm, pid, name)
+        ino = self.by_key.get(key)
+        if ino is None:
+            ino = self.by_key[key] = len(self.nodes) + pyfuse3.ROOT_INODE
+            self.nodes[ino] = Node(ino, kind, vm, pid, name)
+        return self.nodes[ino]
+
+    def _get(self, ino) -> Node:
+        node = self.nodes.get(ino)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.ino
+        a.generation = 0
+        a.entry_timeout = a.attr_timeout = TIMEOUT
+        if node.kind in ("root", "vm", "pid"):
+            a.st_mode, a.st_nlink = stat.S_IFDIR | 0o555, 2
+        elif node.kind == "link":
+            a.st_mode, a.st_nlink, a.st_size = stat.S_IFLNK | 0o777, 1, len(self._target(node))
+        else:
+            a.st_mode, a.st_nlink = stat.S_IFREG | 0o444, 1
+        now = time.time_ns()
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = now
+        a.st_uid = a.st_gid = 0
+        a.st_blksize = 4096
+        return a
+
+    @staticmethod
+    def _target(node: Node) -> bytes:
+        return f"{REAL_PROC}/".encode() + node.name
+
+    # -- what is where --------------------------------------------------------
+
+    def _local(self, vm: str) -> list[bytes]:
+        try:
+            cp = self.procs.proc(vm)
+        except IpcError:
+            return []
+        return [] if cp is None else [os.fsencode(n) for n in os.listdir(cp.fd)]
+
+    async def _remote(self, vm: str, fresh: bool = False) -> dict[int, str]:
+        when, pids = self.remote.get(vm, (0.0, {}))
+        if fresh or time.monotonic() - when > LIST_TTL:
+            nodes = [n for n in await server.vm_nodes(self.etcd, vm, self.procs.node) if n != self.procs.node]
+            rows = []
+            if nodes:
+                rows, _failed = await server.list_nodes(self.fabric, self.procs, nodes, vm)
+            pids = {r["pid"]: r["node"] for r in rows}
+            self.remote[vm] = (time.monotonic(), pids)
+        return pids
+
+    # -- operations -------------------------------------------------------------
+
+    async def getattr(self, inode, ctx=None):
+        return self._attr(self._get(inode))
+
+    async def lookup(self, parent_inode, name, ctx=None):
+        parent = self._get(parent_inode)
+        if parent.kind == "root":
+            try:
+                vm = check_name(os.fsdecode(name))
+            except Exception:  # noqa: BLE001 - a name that is no VM's
+                raise pyfuse3.FUSEError(errno.ENOENT) from None
+            return self._attr(self._node("vm", vm))
+        if parent.kind == "vm":
+            if name in self._local(parent.vm):
+                return self._attr(self._node("link", parent.vm, 0, name))
+            if name.isdigit():
+                pid = int(name)
+                remote = await self._remote(parent.vm)
+                if pid not in remote:
+                    remote = await self._remote(parent.vm, fresh=True)
+                if pid in remote:
+                    return self._attr(self._node("pid", parent.vm, pid))
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if parent.kind == "pid" and os.fsdecode(name) in SHARED_FILES:
+            return self._attr(self._node("file", parent.vm, parent.pid, name))
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
+    async def readlink(self, inode, ctx):
+        node = self._get(inode)
+        if node.kind != "link":
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return self._target(node)
+
+    async def opendir(self, inode, ctx):
+        node = self._get(inode)
+        if node.kind not in ("root", "vm", "pid"):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh, start_id, token):
+        node = self._get(fh)
+        if node.kind == "root":
+            entries = [(os.fsencode(vm), self._node("vm", vm)) for vm in sorted(self.procs.cells)]
+        elif node.kind == "vm":
+            entries = [(n, self._node("link", node.vm, 0, n)) for n in sorted(self._local(node.vm))]
+            entries += [(str(p).encode(), self._node("pid", node.vm, p))
+                        for p in sorted(await self._remote(node.vm))]
+        else:
+            entries = [(f.encode(), self._node("file", node.vm, node.pid, f.encode())) for f in SHARED_FILES]
+        for i, (name, child) in enumerate(entries[start_id:], start_id):
+            if not pyfuse3.readdir_reply(token, name, self._attr(child), i + 1):
+                break
+
+    async def releasedir(self, fh):
+        pass
+
+    async def open(self, inode, flags, ctx):
+        node = self._get(inode)
+        if node.kind != "file":
+            raise pyfuse3.FUSEError(errno.EISDIR if node.kind != "link" else errno.ELOOP)
+        if flags & (os.O_WRONLY | os.O_RDWR):
+            raise pyfuse3.FUSEError(errno.EACCES)
+        self.files[self.next_fh] = await self._fetch(node)
+        self.next_fh += 1
+        # direct_io: the size is not known before reading (as in /proc).
+        return pyfuse3.FileInfo(fh=self.next_fh - 1, direct_io=True, keep_cache=False)
+
+    async def _fetch(self, node: Node) -> bytes:
+        remote = await self._remote(node.vm)
+        where = remote.get(node.pid)
+        if where is None:
+            raise pyfuse3.FUSEError(errno.ESRCH)
+        req = pm.ReadRequest.new_message(vm=node.vm, pid=node.pid, name=node.name.decode())
+        try:
+            reply = await self.fabric.sendrec(f"procs@{where}", Msg(pm.PmCall.read, req.to_bytes_packed()),
+                                              timeout=2)
+        except IpcError as e:
+            log.info("/proc/%d/%s of %s on %s: %s", node.pid, node.name, node.vm, where, e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        if reply.status < 0:
+            raise pyfuse3.FUSEError(errno.ESRCH if -reply.status == errno.ENOENT else -reply.status)
+        return bytes(pm.FileData.from_bytes_packed(reply.payload).data)
+
+    async def read(self, fh, off, size):
+        return self.files.get(fh, b"")[off:off + size]
+
+    async def release(self, fh):
+        self.files.pop(fh, None)
+
+    async def statfs(self, ctx):
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_namemax = 255
+        return s
+
+
+async def serve(cfg, fabric, procs, etcd, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Mount the view and serve it until cancelled; unmount on every path."""
+    path = mountpoint(cfg)
+    problem = mounts.detach(path)  # a previous daemon's, dead with it
+    if problem:
+        log.warning("%s", problem)
+    os.makedirs(path, mode=0o755, exist_ok=True)
+    ops = ProcView(cfg, fabric, procs, etcd)
+    options = set(pyfuse3.default_options) | {"fsname=drvs-proc", "subtype=drvs", "allow_other", "ro"}
+    options.discard("default_permissions")
+    options.add("default_permissions")
+    pyfuse3.init(ops, path, options)
+    try:
+        task_status.started()
+        await pyfuse3.main()
+    finally:
+        pyfuse3.close(unmount=True)
