@@ -13,7 +13,9 @@ setup(
         ),
         Extension(
             "drvs._sys",
-            sources=["ext/sysmodule.c"],
+            sources=["ext/sysmodule.c", "ext/fastpath.c"],
+            depends=["ext/fastpath.h"],
+            libraries=["pthread"],
             extra_compile_args=CFLAGS,
         ),
     ]

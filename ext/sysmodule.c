@@ -19,6 +19,8 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include "fastpath.h"
+
 
 #ifndef SECCOMP_IOCTL_NOTIF_SET_FLAGS
 #define SECCOMP_IOCTL_NOTIF_SET_FLAGS SECCOMP_IOW(4, __u64)
@@ -224,6 +226,102 @@ static PyObject *py_open_procfs(PyObject *self, PyObject *arg)
     return PyLong_FromLong(dir);
 }
 
+/* ---- the C fast path (fastpath.c), as a capsule ------------------------ */
+
+struct fp_box {
+    struct fastpath *fp;
+};
+
+static void fp_destroy(PyObject *cap)
+{
+    struct fp_box *box = PyCapsule_GetPointer(cap, "drvs.fastpath");
+    if (box && box->fp)
+        fastpath_stop(box->fp);
+    PyMem_Free(box);
+}
+
+static struct fastpath *fp_get(PyObject *cap)
+{
+    struct fp_box *box = PyCapsule_GetPointer(cap, "drvs.fastpath");
+    if (!box)
+        return NULL;
+    if (!box->fp)
+        PyErr_SetString(PyExc_ValueError, "fast path stopped");
+    return box->fp;
+}
+
+/* fastpath_start(listener, span, own_index) -> handle */
+static PyObject *py_fastpath_start(PyObject *self, PyObject *args)
+{
+    (void)self;
+    int listener;
+    unsigned span, own;
+    if (!PyArg_ParseTuple(args, "iII", &listener, &span, &own))
+        return NULL;
+    struct fp_box *box = PyMem_Calloc(1, sizeof *box);
+    if (!box)
+        return PyErr_NoMemory();
+    box->fp = fastpath_start(listener, span, own);
+    if (!box->fp) {
+        PyMem_Free(box);
+        return os_error("supervisor-thread");
+    }
+    PyObject *cap = PyCapsule_New(box, "drvs.fastpath", fp_destroy);
+    if (!cap) {
+        fastpath_stop(box->fp);
+        PyMem_Free(box);
+    }
+    return cap;
+}
+
+static PyObject *py_fastpath_fd(PyObject *self, PyObject *cap)
+{
+    (void)self;
+    struct fastpath *fp = fp_get(cap);
+    return fp ? PyLong_FromLong(fastpath_wake_fd(fp)) : NULL;
+}
+
+/* fastpath_take(handle) -> ([(id, pid, nr, arch, args), ...], done) */
+static PyObject *py_fastpath_take(PyObject *self, PyObject *cap)
+{
+    (void)self;
+    struct fastpath *fp = fp_get(cap);
+    if (!fp)
+        return NULL;
+    struct seccomp_notif batch[64];
+    int done = 0;
+    size_t n = fastpath_take(fp, batch, 64, &done);
+    PyObject *list = PyList_New((Py_ssize_t)n);
+    for (size_t i = 0; list && i < n; i++) {
+        const __u64 *a = batch[i].data.args;
+        PyObject *t = Py_BuildValue("(KIiI(KKKKKK))", (unsigned long long)batch[i].id, batch[i].pid,
+                                    batch[i].data.nr, batch[i].data.arch, (unsigned long long)a[0],
+                                    (unsigned long long)a[1], (unsigned long long)a[2], (unsigned long long)a[3],
+                                    (unsigned long long)a[4], (unsigned long long)a[5]);
+        if (!t) {
+            Py_CLEAR(list);
+            break;
+        }
+        PyList_SET_ITEM(list, (Py_ssize_t)i, t);
+    }
+    return list ? Py_BuildValue("(Ni)", list, done) : NULL;
+}
+
+static PyObject *py_fastpath_stop(PyObject *self, PyObject *cap)
+{
+    (void)self;
+    struct fp_box *box = PyCapsule_GetPointer(cap, "drvs.fastpath");
+    if (!box)
+        return NULL;
+    if (box->fp) {
+        Py_BEGIN_ALLOW_THREADS
+        fastpath_stop(box->fp);
+        Py_END_ALLOW_THREADS
+        box->fp = NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 /* The numbers of the calls drvs/dvos/syscalls.py names, from this
  * machine's headers (the table itself stays in Python). */
 #define NR(name) {#name, SYS_##name}
@@ -251,6 +349,10 @@ static PyMethodDef methods[] = {
     {"read_mem", py_read_mem, METH_VARARGS, "Read another process's memory."},
     {"pidfd_signal", py_pidfd_signal, METH_VARARGS, "Signal through a pidfd, with an optional siginfo."},
     {"open_procfs", py_open_procfs, METH_O, "A detached procfs of the given pid namespace."},
+    {"fastpath_start", py_fastpath_start, METH_VARARGS, "Serve a listener's simple calls in a C thread."},
+    {"fastpath_fd", py_fastpath_fd, METH_O, "The fd that is readable when calls wait for Python."},
+    {"fastpath_take", py_fastpath_take, METH_O, "The calls waiting for Python, and whether it is over."},
+    {"fastpath_stop", py_fastpath_stop, METH_O, "Stop the C thread (the listener stays open)."},
     {NULL, NULL, 0, NULL},
 };
 

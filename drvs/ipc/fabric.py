@@ -31,6 +31,7 @@ REGISTRY = "/drvs/endpoints/"
 FABRIC_PORT = 7700
 DEFAULT_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 3.0
+RESOLVE_TTL = 1.0  # seconds an endpoint's location is trusted without asking etcd
 
 
 def check_name(name: str) -> str:
@@ -51,6 +52,9 @@ def live_socket() -> socket.socket:
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 6000)
+    # Small messages go out at once: with Nagle, a reply waits for the
+    # peer's delayed ACK (40 ms here), and pycapnp does not set it for us.
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return s
 
 
@@ -64,8 +68,8 @@ class Location:
 class Peer:
     """One RPC connection to another node's drvmmd."""
 
-    def __init__(self, client, node_cap):
-        self.client, self.node = client, node_cap
+    def __init__(self, client, node_cap, address: tuple[str, int]):
+        self.client, self.node, self.address = client, node_cap, address
 
 
 class Fabric:
@@ -74,6 +78,8 @@ class Fabric:
         self.name = member.name
         self.handlers: dict[str, object] = {}
         self.peers: dict[str, Peer] = {}
+        self.locations: dict[str, tuple[float, Location]] = {}  # endpoint -> (when resolved, where)
+        self.fast: dict[str, object] = {}  # endpoint -> its fast path (see register)
         self.servers = []
         self.nursery: trio.Nursery | None = None  # where programs started here live
         self.supervise = None  # (cfg, vm, listener): who serves the system calls of programs started here
@@ -122,14 +128,21 @@ class Fabric:
             s.close()
         self.servers.clear()
 
-    async def register(self, name: str, handler) -> None:
-        """Serve endpoint `name` here and tell the cluster where it is."""
+    async def register(self, name: str, handler, fast=None) -> None:
+        """Serve endpoint `name` here and tell the cluster where it is.
+        fast: an optional plain function Msg -> Msg | None for the messages
+        that can be answered at once without waiting on anything; it runs
+        on the asyncio side, as capnp delivers the call (no trio hop, ~130
+        µs less per call here); None hands the message on to `handler`."""
         check_name(name)
         self.handlers[name] = handler
+        if fast is not None:
+            self.fast[name] = fast
         await self.etcd.put(REGISTRY + name, json.dumps(
             {"node": self.name, "address": self.member.address, "port": self.port}), lease=self.member.lease)
 
     async def unregister(self, name: str) -> None:
+        self.fast.pop(name, None)
         if self.handlers.pop(name, None) is not None:
             await self.etcd.delete(REGISTRY + name)
 
@@ -140,12 +153,22 @@ class Fabric:
 
     # -- calling -------------------------------------------------------------
 
-    async def resolve(self, name: str) -> Location:
+    async def resolve(self, name: str, fresh: bool = False) -> Location:
+        """Where endpoint name is served.  Answers are kept RESOLVE_TTL: an
+        endpoint that moved meanwhile is found again at once, because the
+        node it left answers EREMCHG and sendrec then asks etcd afresh."""
+        now = trio.current_time()
+        cached = self.locations.get(name)
+        if cached is not None and not fresh and now - cached[0] < RESOLVE_TTL:
+            return cached[1]
         entry = await self.etcd.get(REGISTRY + check_name(name))
         if entry is None:
+            self.locations.pop(name, None)
             raise IpcError(f"no endpoint {name!r} (not registered, or its node is gone)", errno.ENOENT)
         loc = json.loads(entry.value)
-        return Location(loc["node"], loc["address"], loc["port"])
+        loc = Location(loc["node"], loc["address"], loc["port"])
+        self.locations[name] = (now, loc)
+        return loc
 
     async def sendrec(self, target: str, msg: Msg, timeout: float | None = None, idempotent: bool = False) -> Msg:
         """Send msg to target and wait for the reply, at most `timeout` seconds.
@@ -153,16 +176,21 @@ class Fabric:
         timeout = timeout or DEFAULT_TIMEOUT
         deadline = trio.current_time() + timeout
         for attempt in (1, 2):
-            loc = await self.resolve(target)
-            if loc.node == self.name:
+            loc = await self.resolve(target, fresh=attempt == 2)
+            if loc.node == self.name and target in self.handlers:
                 return await self.deliver(target, msg, timeout)
             try:
                 with trio.fail_after(max(deadline - trio.current_time(), 0.001)):
-                    return await self._remote(loc, target, msg, timeout)
+                    reply = await self._remote(loc, target, msg, timeout) if loc.node != self.name else \
+                        await self.deliver(target, msg, timeout)
+                if reply.status == -errno.EREMCHG and attempt == 1:
+                    continue  # it moved (the node did not take the message): ask etcd, send again
+                return reply
             except trio.TooSlowError:
                 self.peers.pop(loc.node, None)  # a silent connection is not used again
                 raise IpcError(f"{target}: no reply from node {loc.node} within {timeout:g} s", errno.ETIMEDOUT)
             except IpcError as e:
+                self.locations.pop(target, None)
                 if e.errno != errno.ECONNRESET or not idempotent or attempt == 2:
                     raise
         raise AssertionError("unreachable")
@@ -184,8 +212,9 @@ class Fabric:
 
     async def peer(self, loc: Location) -> Peer:
         peer = self.peers.get(loc.node)
-        if peer is not None:
+        if peer is not None and peer.address == (loc.address, loc.port):
             return peer
+        self.peers.pop(loc.node, None)  # none yet, or the node moved to another address
         ctx = self.tls.client_context() if self.tls else None
         sock = live_socket()
         try:
@@ -197,7 +226,7 @@ class Fabric:
             sock.close()
             raise IpcError(f"node {loc.node} at {loc.address}:{loc.port} unreachable: {e}", errno.ECONNRESET) from None
         client = capnp.TwoPartyClient(stream)
-        peer = Peer(client, client.bootstrap().cast_as(schema.Node))
+        peer = Peer(client, client.bootstrap().cast_as(schema.Node), (loc.address, loc.port))
         self.peers[loc.node] = peer
         return peer
 
@@ -254,8 +283,15 @@ class Fabric:
         """Hand msg to the local server of target, for at most timeout
         seconds (the caller's bound); its failures become replies."""
         handler = self.handlers.get(target)
+        fast = self.fast.get(target)
+        if fast is not None:
+            reply = run_fast(fast, target, msg)
+            if reply is not None:
+                return reply
         if handler is None:
-            return failure(errno.ENOENT, f"no endpoint {target!r} on node {self.name}")
+            # EREMCHG, not ENOENT: the sender's idea of where target is was
+            # stale, and the message was not taken (sendrec re-resolves).
+            return failure(errno.EREMCHG, f"no endpoint {target!r} on node {self.name}")
         try:
             with trio.move_on_after(timeout or DEFAULT_TIMEOUT * 12):
                 return await handler(msg)
@@ -265,6 +301,18 @@ class Fabric:
         except Exception as e:  # noqa: BLE001 - a server bug must not take the daemon down
             log.exception("endpoint %s failed on message type %d", target, msg.type)
             return failure(errno.EIO, f"{target}: server error: {type(e).__name__}: {e}")
+
+
+def run_fast(fast, target: str, msg: Msg) -> Msg | None:
+    """An endpoint's fast path, with deliver()'s guarantees: failures are
+    replies, a server bug is logged, never the daemon's end."""
+    try:
+        return fast(msg)
+    except IpcError as e:
+        return failure(e.errno, str(e))
+    except Exception as e:  # noqa: BLE001
+        log.exception("endpoint %s failed on message type %d", target, msg.type)
+        return failure(errno.EIO, f"{target}: server error: {type(e).__name__}: {e}")
 
 
 async def _serve_connection(stream, bootstrap) -> None:
@@ -292,6 +340,12 @@ class NodeServer(schema.Node.Server):
 
     async def sendrec(self, target, msg, timeoutMs, _context, **kwargs):
         m = Msg.from_capnp(msg)
+        fast = self.fabric.fast.get(target)
+        if fast is not None:  # served here, at once, without a trip through trio
+            reply = run_fast(fast, target, m)
+            if reply is not None:
+                reply.fill(_context.results.init("reply"))
+                return
         timeout = timeoutMs / 1000 if timeoutMs else None
         if self.local:  # a local client: route anywhere in the cluster
             reply = await self.guest.call_trio(self._route, target, m, timeout)

@@ -79,7 +79,8 @@ async def serve_node(cfg: config.Config, info: dict, interval: float) -> None:
                     join_service = bootstrap.server_class()(cfg.state_dir, info, etcd, current_guest())
                     await fabric.listen_bootstrap(info["address"], join_service)
                 service = f"drvmm@{info['node']}"
-                await fabric.register(service, DrvmmService(etcd, member, fabric).handle)
+                drvmm_service = DrvmmService(etcd, member, fabric)
+                await fabric.register(service, drvmm_service.handle, drvmm_service.fast)
                 pid_range = await _start_dvos(cfg, info, etcd, fabric, member, nursery)
                 member.servers = sorted(fabric.handlers)
                 await member.publish()
@@ -116,7 +117,7 @@ async def _start_dvos(cfg, info, etcd, fabric, member, nursery) -> tuple[int, in
         info["pid_index"] = member.pid_index
         _write_json(f"{cfg.state_dir}/cluster.json", info)
     procs = NodeProcs(cfg, info["node"])
-    await fabric.register(f"procs@{info['node']}", procs.handle)
+    await fabric.register(f"procs@{info['node']}", procs.handle, procs.fast)
     supervisor = Supervisor(cfg, info["node"], fabric, etcd, procs, member.pid_index)
     await nursery.start(supervisor.serve)
     # Called in the spawner thread: hand the listener over to the loop.

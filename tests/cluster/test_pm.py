@@ -264,3 +264,41 @@ def test_procps_in_the_jail_sees_and_ends_processes_of_other_nodes(vm_cluster):
         assert p.stdout.splitlines()[:2] == ["/usr/bin/readlink", "MemTotal"], p.stdout + p.stderr
     finally:
         stop(far)
+
+
+def test_pm_moves_when_its_node_dies(vm_cluster):
+    """pm@web lives on one node; SIGKILL that node's drvmmd: within a bound
+    the other node serves pm@web and `drvs ps` works again (without the
+    dead node's processes, which it reports)."""
+    c = vm_cluster
+    deadline = time.monotonic() + 20
+    leader = ""
+    while not leader and time.monotonic() < deadline:
+        leader = c.drvs("election", "leader", "pm/web", node="n1").stdout.strip()
+        time.sleep(0.2)
+    assert leader in ("n1", "n2")
+    survivor = "n2" if leader == "n1" else "n1"
+    mine = start(c, survivor, "sleep", "64", node=survivor)
+    try:
+        os.kill(c.node(leader)["pid"], signal.SIGKILL)
+        t0 = time.monotonic()
+        while True:
+            p = c.drvs("ps", "web", "--format", "json", node=survivor, timeout=30)
+            if p.returncode == 0 and c.drvs("election", "leader", "pm/web", node=survivor).stdout.strip() == survivor:
+                break
+            assert time.monotonic() - t0 < 15, p.stderr
+            time.sleep(0.2)
+        rows = json.loads(p.stdout)
+        assert [r["command"] for r in rows if r["command"] == "sleep 64"] == ["sleep 64"]
+    finally:
+        stop(mine)
+
+
+def test_a_cluster_run_needs_its_drvmmd(vm_cluster):
+    """Without the node's supervisor, cross-node calls could not be served:
+    the run is refused with one clear line, and nothing is left behind."""
+    c = vm_cluster
+    os.kill(c.node("n1")["pid"], signal.SIGKILL)
+    p = run(c, "n1", "true")
+    assert p.returncode != 0
+    assert p.stderr.count("\n") == 1 and "drvmmd" in p.stderr, p.stderr

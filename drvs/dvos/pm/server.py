@@ -9,6 +9,7 @@ union of the nodes' (rebuilt on each request)."""
 
 import errno
 import logging
+import time
 
 import trio
 
@@ -26,15 +27,30 @@ RESYNC = 5.0
 NODE_TIMEOUT = 2.0  # per node: a dead one costs the caller this much, once
 
 
+NODES_TTL = 1.0  # seconds a VM's node list is trusted (shares change rarely; a new one shows within this)
+_nodes_cache: dict[str, tuple[float, list[str]]] = {}
+
+
 async def vm_nodes(etcd, vm: str, here: str) -> list[str]:
     """The nodes that may hold vm's processes: its shares, and this node."""
     from ...vm.registry import VmRegistry
 
+    cached = fresh_nodes(vm)
+    if cached is not None:
+        return cached
     try:
         spec = await VmRegistry.get_async(etcd, vm)
     except DrvsError:
         spec = None
-    return sorted(set(spec.shares if spec else ()) | {here})
+    nodes = sorted(set(spec.shares if spec else ()) | {here})
+    _nodes_cache[vm] = (time.monotonic(), nodes)
+    return nodes
+
+
+def fresh_nodes(vm: str) -> list[str] | None:
+    """vm's node list if known for less than NODES_TTL (usable outside trio)."""
+    cached = _nodes_cache.get(vm)
+    return cached[1] if cached is not None and time.monotonic() - cached[0] < NODES_TTL else None
 
 
 async def signal_nodes(fabric, procs, nodes, req) -> tuple[int, int, list[str]]:
@@ -116,20 +132,37 @@ class PmServer:
     async def _nodes(self) -> list[str]:
         return await vm_nodes(self.etcd, self.vm, self.procs.node)
 
-    async def signal(self, msg: Msg) -> Msg:
+    def fast(self, msg: Msg) -> Msg | None:
+        """A signal for a VM that lives on this node only (as its node list
+        is known now) is served at once, on the fabric's fast path."""
+        if msg.type != Call.signal or fresh_nodes(self.vm) != [self.procs.node]:
+            return None
+        req = self._request(msg)
+        delivered, denied = self.procs.deliver(req)
+        return _signal_reply(delivered, denied, [])
+
+    def _request(self, msg: Msg):
         req = decode(pm.Signal, msg)
         if req.vm != self.vm:
             raise IpcError(f"pm@{self.vm}: request for VM {req.vm!r}", errno.EINVAL)
+        return req
+
+    async def signal(self, msg: Msg) -> Msg:
+        req = self._request(msg)
         delivered, denied, failed = await signal_nodes(self.fabric, self.procs, await self._nodes(), req)
-        out = pm.SignalReply.new_message(delivered=delivered, denied=denied)
-        fl = out.init("failed", len(failed))
-        for i, f in enumerate(failed):
-            fl[i] = f
-        return Msg(0, out.to_bytes_packed())
+        return _signal_reply(delivered, denied, failed)
 
     async def listing(self, msg: Msg) -> Msg:
         rows, failed = await list_nodes(self.fabric, self.procs, await self._nodes(), self.vm)
         return table_message(rows, failed)
+
+
+def _signal_reply(delivered: int, denied: int, failed: list[str]) -> Msg:
+    out = pm.SignalReply.new_message(delivered=delivered, denied=denied)
+    fl = out.init("failed", len(failed))
+    for i, f in enumerate(failed):
+        fl[i] = f
+    return Msg(0, out.to_bytes_packed())
 
 
 async def run(etcd, fabric, member, procs) -> None:
@@ -165,7 +198,8 @@ async def _serve_pm(vm, etcd, fabric, member, procs, task_status=trio.TASK_STATU
                 await trio.sleep(1)
                 continue
             try:
-                await fabric.register(f"pm@{vm}", PmServer(vm, etcd, fabric, procs).handle)
+                server = PmServer(vm, etcd, fabric, procs)
+                await fabric.register(f"pm@{vm}", server.handle, server.fast)
                 log.info("serving pm@%s", vm)
                 await trio.sleep_forever()
             finally:
