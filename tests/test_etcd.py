@@ -67,6 +67,32 @@ async def test_watch_sees_puts_and_deletes(etcd):
     assert seen == [("put", etcd.prefix + "w", "v"), ("delete", etcd.prefix + "w", "")]
 
 
+async def test_watch_reopens_a_silent_stream_without_losing_or_repeating_events(etcd, monkeypatch):
+    """A stream that says nothing for WATCH_SILENCE is opened again from the
+    revision after the last event seen: events put while it was being
+    reopened still arrive, each once, in order."""
+    import drvs.cluster.etcd as etcd_module
+
+    monkeypatch.setattr(etcd_module, "WATCH_SILENCE", 0.3)
+    seen = []
+
+    async def watcher(task_status=trio.TASK_STATUS_IGNORED):
+        task_status.started()
+        async for ev, entry in etcd.watch(etcd.prefix):
+            seen.append(entry.value)
+            if len(seen) == 6:
+                return
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as n:
+            await n.start(watcher)
+            await trio.sleep(0.2)
+            for i in range(6):
+                await etcd.put(etcd.prefix + "k", str(i))
+                await trio.sleep(0.25 * (i % 3))  # some land while the stream is being reopened
+    assert seen == [str(i) for i in range(6)]
+
+
 async def test_lock_is_exclusive_and_released_with_the_lease(etcd):
     holder = await etcd.grant(30)
     other = await etcd.grant(30)

@@ -17,6 +17,9 @@ import httpx
 import trio
 
 from ..errors import DrvsError
+
+PROGRESS_EVERY = 2.0   # seconds: etcd's progress notifications (etcd_process.py starts it so)
+WATCH_SILENCE = 10.0   # seconds without a word after which a stream is opened again
 from ..store import CompareFailed, Entry
 
 
@@ -162,25 +165,52 @@ class Etcd:
     # -- watch ---------------------------------------------------------------
 
     async def watch(self, prefix: str, start_revision: int = 0):
-        """Events under prefix as ("put"|"delete", Entry), forever."""
-        req = {"create_request": {"key": _b64(prefix), "range_end": prefix_end(prefix)}}
-        if start_revision:
-            req["create_request"]["start_revision"] = str(start_revision)
-        last: Exception | None = None
-        for url in self.endpoints:
-            try:
-                async with self._client.stream("POST", url + "/v3/watch", content=json.dumps(req),
-                                                timeout=httpx.Timeout(self.timeout, read=None)) as r:
-                    async for line in r.aiter_lines():
-                        if not line.strip():
-                            continue
-                        result = json.loads(line).get("result", {})
-                        for ev in result.get("events") or []:
-                            yield ("delete" if ev.get("type") == "DELETE" else "put"), _entry(ev["kv"])
-                return
-            except httpx.TransportError as e:
-                last = e
-        raise EtcdUnavailable(f"etcd watch: unreachable at {', '.join(self.endpoints)}: {last}")
+        """Events under prefix as ("put"|"delete", Entry), forever.
+
+        A stream that falls silent for WATCH_SILENCE (etcd sends progress
+        notifications every PROGRESS_EVERY, see etcd_process.py) or breaks
+        is opened again from the revision after the last one seen, so no
+        event is lost or repeated.  When etcd has compacted that revision
+        away, ("reset", None) says: read the whole state again.  Raises
+        EtcdUnavailable when no endpoint answers (the caller retries)."""
+        next_rev = start_revision
+        while True:
+            last: Exception | None = None
+            for url in self.endpoints:
+                req = {"create_request": {"key": _b64(prefix), "range_end": prefix_end(prefix),
+                                          "progress_notify": True}}
+                if next_rev:
+                    req["create_request"]["start_revision"] = str(next_rev)
+                try:
+                    async with self._client.stream("POST", url + "/v3/watch", content=json.dumps(req),
+                                                    timeout=httpx.Timeout(self.timeout, read=WATCH_SILENCE)) as r:
+                        async for line in r.aiter_lines():
+                            if not line.strip():
+                                continue
+                            result = json.loads(line).get("result", {})
+                            if int(result.get("compact_revision") or 0):
+                                next_rev = 0
+                                yield "reset", None
+                                break
+                            for ev in result.get("events") or []:
+                                entry = _entry(ev["kv"])
+                                next_rev = max(next_rev, entry.mod_revision + 1)
+                                yield ("delete" if ev.get("type") == "DELETE" else "put"), entry
+                            revision = int((result.get("header") or {}).get("revision") or 0)
+                            if revision and not result.get("events") and next_rev:
+                                # created or a progress notification: all up to here was seen
+                                next_rev = max(next_rev, revision + 1)
+                            elif revision and not next_rev:
+                                next_rev = revision + 1
+                    last = None
+                    break  # the stream ended (or was reset): open it again
+                except httpx.ReadTimeout:
+                    last = None
+                    break  # silent too long: a dead connection, or an etcd without progress notifications
+                except httpx.TransportError as e:
+                    last = e
+            if last is not None:
+                raise EtcdUnavailable(f"etcd watch: unreachable at {', '.join(self.endpoints)}: {last}")
 
     # -- locks and election (etcd's v3lock and v3election services) ---------
 
@@ -210,20 +240,33 @@ class Etcd:
         return _unb64(data["kv"]["value"])
 
     async def observe(self, election: str):
-        """The election's leader value each time it changes, forever."""
+        """The election's leader value each time the leadership changes,
+        forever.  The stream is opened again after WATCH_SILENCE without
+        news (etcd sends none while the leader stays): a dead connection is
+        noticed; the current leader it then reports is passed on only if it
+        is a new leadership (another key or revision)."""
         req = json.dumps({"name": _b64(election)})
-        for url in self.endpoints:
-            try:
-                async with self._client.stream("POST", url + "/v3/election/observe", content=req,
-                                                timeout=httpx.Timeout(self.timeout, read=None)) as r:
-                    async for line in r.aiter_lines():
-                        kv = (json.loads(line).get("result") or {}).get("kv") if line.strip() else None
-                        if kv:
-                            yield _unb64(kv.get("value"))
-                return
-            except httpx.TransportError:
-                continue
-        raise EtcdUnavailable(f"etcd observe: unreachable at {', '.join(self.endpoints)}")
+        seen = None
+        while True:
+            last: Exception | None = None
+            for url in self.endpoints:
+                try:
+                    async with self._client.stream("POST", url + "/v3/election/observe", content=req,
+                                                    timeout=httpx.Timeout(self.timeout, read=WATCH_SILENCE)) as r:
+                        async for line in r.aiter_lines():
+                            kv = (json.loads(line).get("result") or {}).get("kv") if line.strip() else None
+                            if kv and (kv.get("key"), kv.get("create_revision")) != seen:
+                                seen = (kv.get("key"), kv.get("create_revision"))
+                                yield _unb64(kv.get("value"))
+                    last = None
+                    break
+                except httpx.ReadTimeout:
+                    last = None
+                    break
+                except httpx.TransportError as e:
+                    last = e
+            if last is not None:
+                raise EtcdUnavailable(f"etcd observe: unreachable at {', '.join(self.endpoints)}: {last}")
 
     async def resign(self, leader: dict) -> None:
         await self.call("/v3/election/resign", {"leader": leader})

@@ -33,7 +33,9 @@ def start(data_dir: str, address: str, ca: str, ca_key: str, preexec=None) -> in
             proc = subprocess.Popen(
                 ["etcd", "--name", "etcd", "--data-dir", f"{data_dir}/data", "--listen-client-urls", client,
                  "--advertise-client-urls", client, "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                 "--initial-cluster", f"etcd={peer}", "--log-level", "error", *certs],
+                 "--initial-cluster", f"etcd={peer}", "--log-level", "error",
+                 # watchers learn every 2 s that their stream is alive (drvs/cluster/etcd.py)
+                 "--experimental-watch-progress-notify-interval", "2s", *certs],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=preexec,
                 start_new_session=True)
         except FileNotFoundError:

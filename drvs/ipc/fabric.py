@@ -11,12 +11,14 @@ unreachable node gives IpcError, never a hang.
 """
 
 import asyncio
+import contextvars
 import errno
 import json
 import logging
 import os
 import socket
 import ssl
+import time
 
 import capnp
 import trio
@@ -32,6 +34,11 @@ FABRIC_PORT = 7700
 DEFAULT_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 3.0
 RESOLVE_TTL = 1.0  # seconds an endpoint's location is trusted without asking etcd
+
+
+def trio_free_now() -> float:
+    """A clock usable on both sides of the bridge (trio's is trio-only)."""
+    return time.monotonic()
 
 
 def check_name(name: str) -> str:
@@ -93,7 +100,7 @@ class Fabric:
         guest = current_guest()
 
         async def remote(stream):
-            await _serve_connection(stream, NodeServer(self, guest, local=False))
+            await _serve_connection(stream, NodeServer(self, guest, local=False, peer=_PEER.get()))
 
         async def local(stream):
             await _serve_connection(stream, NodeServer(self, guest, local=True))
@@ -102,7 +109,9 @@ class Fabric:
         listener = live_socket()  # accepted connections inherit its keepalive settings
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((host, self.port))
-        self.servers.append(await aio(capnp.AsyncIoStream.create_server(remote, sock=listener, ssl=ctx)))
+        loop = asyncio.get_running_loop()
+        self.servers.append(await aio(loop.create_server(
+            lambda: _PeerProtocol(capnp.AsyncIoStream._connect(remote)), sock=listener, ssl=ctx)))
         if unix_path:
             os.makedirs(os.path.dirname(unix_path), mode=0o700, exist_ok=True)
             os.chmod(os.path.dirname(unix_path), 0o700)
@@ -157,7 +166,7 @@ class Fabric:
         """Where endpoint name is served.  Answers are kept RESOLVE_TTL: an
         endpoint that moved meanwhile is found again at once, because the
         node it left answers EREMCHG and sendrec then asks etcd afresh."""
-        now = trio.current_time()
+        now = trio_free_now()
         cached = self.locations.get(name)
         if cached is not None and not fresh and now - cached[0] < RESOLVE_TTL:
             return cached[1]
@@ -169,6 +178,16 @@ class Fabric:
         loc = Location(loc["node"], loc["address"], loc["port"])
         self.locations[name] = (now, loc)
         return loc
+
+    def source_ok(self, msg: Msg) -> bool | None:
+        """Whether msg's claimed source endpoint is served by the node it
+        came from: True, False, or None when that is not known here now."""
+        if not msg.node or not msg.source or msg.node == self.name:
+            return True
+        cached = self.locations.get(msg.source)
+        if cached is None or trio_free_now() - cached[0] >= RESOLVE_TTL:
+            return None
+        return cached[1].node == msg.node
 
     async def sendrec(self, target: str, msg: Msg, timeout: float | None = None, idempotent: bool = False) -> Msg:
         """Send msg to target and wait for the reply, at most `timeout` seconds.
@@ -282,6 +301,14 @@ class Fabric:
     async def deliver(self, target: str, msg: Msg, timeout: float | None = None) -> Msg:
         """Hand msg to the local server of target, for at most timeout
         seconds (the caller's bound); its failures become replies."""
+        if msg.node and msg.source and msg.node != self.name:
+            if self.source_ok(msg) is None:
+                try:
+                    await self.resolve(msg.source)
+                except IpcError:
+                    pass
+            if self.source_ok(msg) is not True:
+                return failure(errno.EPERM, f"{target}: node {msg.node} may not speak for {msg.source!r}")
         handler = self.handlers.get(target)
         fast = self.fast.get(target)
         if fast is not None:
@@ -301,6 +328,53 @@ class Fabric:
         except Exception as e:  # noqa: BLE001 - a server bug must not take the daemon down
             log.exception("endpoint %s failed on message type %d", target, msg.type)
             return failure(errno.EIO, f"{target}: server error: {type(e).__name__}: {e}")
+
+
+# The node at the other end of the connection being set up (from its TLS
+# certificate), for the callback that makes its NodeServer.
+_PEER: contextvars.ContextVar[str] = contextvars.ContextVar("drvs_fabric_peer", default="?")
+
+
+class _PeerProtocol(asyncio.BufferedProtocol):
+    """pycapnp's stream protocol, seen through: notes which node the TLS
+    peer is (pycapnp keeps its transport to itself) before capnp starts
+    serving the connection."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def connection_made(self, transport):
+        token = _PEER.set(peer_name(transport.get_extra_info("peercert")))
+        try:
+            self.inner.connection_made(transport)  # the serving task is made here, in this context
+        finally:
+            _PEER.reset(token)
+
+    def get_buffer(self, sizehint):
+        return self.inner.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes):
+        return self.inner.buffer_updated(nbytes)
+
+    def eof_received(self):
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc):
+        return self.inner.connection_lost(exc)
+
+    def pause_writing(self):
+        return self.inner.pause_writing()
+
+    def resume_writing(self):
+        return self.inner.resume_writing()
+
+
+def peer_name(cert: dict | None) -> str:
+    """The node a certificate of the cluster CA names (its DNS name)."""
+    for kind, value in (cert or {}).get("subjectAltName", ()):
+        if kind == "DNS":
+            return value
+    return "?"
 
 
 def run_fast(fast, target: str, msg: Msg) -> Msg | None:
@@ -323,10 +397,18 @@ async def _serve_connection(stream, bootstrap) -> None:
 
 
 class NodeServer(schema.Node.Server):
-    """The Node interface of drvmmd (asyncio side; the work runs in trio)."""
+    """The Node interface of drvmmd (asyncio side; the work runs in trio).
+    local: a client on this node's unix socket; else `peer` is the node at
+    the other end, as its certificate says: messages from it carry it in
+    Msg.node, and one claiming a source endpoint of another node is refused."""
 
-    def __init__(self, fabric: Fabric, guest, local: bool):
-        self.fabric, self.guest, self.local = fabric, guest, local
+    def __init__(self, fabric: Fabric, guest, local: bool, peer: str = ""):
+        self.fabric, self.guest, self.local, self.peer = fabric, guest, local, peer
+
+    def _incoming(self, msg) -> Msg:
+        m = Msg.from_capnp(msg)
+        m.node = "" if self.local else self.peer
+        return m
 
     async def info(self, _context, **kwargs):
         f = self.fabric
@@ -339,9 +421,9 @@ class NodeServer(schema.Node.Server):
             eps[i] = name
 
     async def sendrec(self, target, msg, timeoutMs, _context, **kwargs):
-        m = Msg.from_capnp(msg)
+        m = self._incoming(msg)
         fast = self.fabric.fast.get(target)
-        if fast is not None:  # served here, at once, without a trip through trio
+        if fast is not None and self.fabric.source_ok(m) is True:  # served here, at once, without trio
             reply = run_fast(fast, target, m)
             if reply is not None:
                 reply.fill(_context.results.init("reply"))
@@ -361,13 +443,14 @@ class NodeServer(schema.Node.Server):
 
     async def notify(self, target, source, _context, **kwargs):
         m = Msg(NOTIFY, source=source)
+        m.node = "" if self.local else self.peer
         if self.local:
             await self.guest.call_trio(self._route, target, m, None)
         else:
             await self.guest.call_trio(self.fabric.deliver, target, m)
 
     async def send(self, target, msg, _context, **kwargs):
-        m = Msg.from_capnp(msg)
+        m = self._incoming(msg)
         if self.local:
             await self.guest.call_trio(self._route, target, m, None)
         else:

@@ -15,10 +15,13 @@ class Msg:
     """type selects the handler; payload is a packed struct of the target's
     schema; replies carry status (0 or -errno) and a human error."""
 
-    __slots__ = ("type", "source", "payload", "status", "error")
+    __slots__ = ("type", "source", "payload", "status", "error", "node")
 
     def __init__(self, type: int, payload: bytes = b"", source: str = "", status: int = 0, error: str = ""):
         self.type, self.payload, self.source, self.status, self.error = type, payload, source, status, error
+        # Not on the wire: the node the message came from, as its TLS
+        # certificate says ("" for this node's own clients and servers).
+        self.node = ""
 
     @classmethod
     def from_capnp(cls, m) -> "Msg":

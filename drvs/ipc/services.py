@@ -47,12 +47,20 @@ class DrvmmService:
             Call.broadcast: self.broadcast,
         }
 
+    # What only this node's own servers and clients may ask: these act with
+    # the node's lease, so another node (even a member) may not take,
+    # release or resign them here.
+    OWN_NODE_ONLY = {Call.lock, Call.unlock, Call.campaign, Call.resign, Call.groupJoin, Call.groupLeave}
+
     async def handle(self, msg: Msg) -> Msg:
         if msg.type == NOTIFY:
             return Msg(0)
         handler = self.table.get(msg.type)
         if handler is None:
             raise IpcError(f"drvmm: unknown message type {msg.type}", errno.ENOSYS)
+        if msg.type in self.OWN_NODE_ONLY and msg.node not in ("", self.member.name):
+            raise IpcError(f"drvmm@{self.member.name}: node {msg.node} may not use this node's lease "
+                           "(ask its own drvmm)", errno.EPERM)
         return await handler(msg)
 
     def fast(self, msg: Msg) -> Msg | None:

@@ -1,6 +1,7 @@
 """Only cluster members talk to a node: peers without the cluster's
 credentials are refused, and garbage does not take drvmmd down."""
 
+import errno
 import json
 import subprocess
 import sys
@@ -49,6 +50,24 @@ PROBE = textwrap.dedent("""
             print("OK", asyncio.run(capnp_call(context(cert=False))))
         elif mode == "plain":
             print("OK", asyncio.run(capnp_call(None)))
+        elif mode == "impersonate":
+            from drvs.ipc.schema import drvmm
+            async def calls():
+                async with capnp.kj_loop():
+                    stream = await capnp.AsyncIoStream.create_connection(host, port, ssl=context())
+                    node = capnp.TwoPartyClient(stream).bootstrap().cast_as(fabric.Node)
+                    out = []
+                    for mtype, payload, source in (
+                            (drvmm.DrvmmCall.ping, b"p", ""),
+                            (drvmm.DrvmmCall.unlock, drvmm.KeyReply.new_message(key="/drvs/locks/x/1").to_bytes_packed(), ""),
+                            (drvmm.DrvmmCall.ping, b"p", sys.argv[5])):
+                        req = node.sendrec_request()
+                        req.target = sys.argv[5]
+                        m = req.init("msg")
+                        m.type, m.payload, m.source = mtype, payload, source
+                        out.append((await asyncio.wait_for(req.send(), 10)).reply.status)
+                    return out
+            print("OK", asyncio.run(calls()))
         elif mode == "fuzz":
             rnd = random.Random(7)
             for i in range(80):
@@ -62,8 +81,9 @@ PROBE = textwrap.dedent("""
 """)
 
 
-def probe(c, node: str, target: dict, mode: str, tls: dict | None = None) -> str:
+def probe(c, node: str, target: dict, mode: str, tls: dict | None = None, *extra) -> str:
     argv = [sys.executable, "-c", PROBE, target["address"], "7700", mode] + ([json.dumps(tls)] if tls else [])
+    argv += list(extra)
     p = subprocess.run(argv, capture_output=True, text=True, timeout=120,
                        preexec_fn=lambda: setns_net(f"/run/netns/{c.node(node)['netns']}"))
     return p.stdout.strip() or p.stderr.strip()
@@ -91,6 +111,15 @@ def test_certificate_of_another_cluster_is_refused(cluster_factory, tmp_path):
     # It trusts the real CA (to see the server) but presents its own certificate.
     evil["ca"] = tls_of(c, "n1")["ca"]
     assert probe(c, "n1", c.node("n2"), "echo", evil).startswith("REFUSED")
+
+
+def test_a_member_may_not_act_with_another_nodes_lease_or_name(cluster_factory):
+    """n1, a member with a valid certificate, calls n2's drvmm: a ping is
+    served, but releasing a lock held with n2's lease is refused, and so is
+    a message claiming to come from one of n2's endpoints."""
+    c = cluster_factory(nodes=2)
+    out = probe(c, "n1", c.node("n2"), "impersonate", tls_of(c, "n1"), "drvmm@n2")
+    assert out == f"OK [0, {-errno.EPERM}, {-errno.EPERM}]", out
 
 
 def test_garbage_does_not_take_the_daemon_down(cluster_factory):
