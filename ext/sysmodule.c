@@ -1,7 +1,8 @@
 /* drvs._sys: the kernel interfaces of the DVOS system-call path that Python
  * lacks: the seccomp user-notification listener (receive, respond, id
  * valid), reads of a caller's memory, signals with a siginfo through a
- * pidfd, and a detached procfs of another pid namespace.
+ * pidfd, a detached procfs of another pid namespace, and the C thread that
+ * receives a listener's notifications (fastpath.c).
  *
  * Each function is one kernel step and raises OSError naming it. */
 #define PY_SSIZE_T_CLEAN
@@ -22,12 +23,6 @@
 #include "fastpath.h"
 
 
-#ifndef SECCOMP_IOCTL_NOTIF_SET_FLAGS
-#define SECCOMP_IOCTL_NOTIF_SET_FLAGS SECCOMP_IOW(4, __u64)
-#endif
-#ifndef SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP
-#define SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP (1UL << 0)
-#endif
 #ifndef PIDFD_SIGNAL_THREAD
 #define PIDFD_SIGNAL_THREAD (1UL << 0)
 #endif
@@ -41,28 +36,6 @@ static PyObject *os_error(const char *step)
         Py_DECREF(args);
     }
     return NULL;
-}
-
-/* recv(fd) -> (id, pid, nr, arch, (a0..a5)); the pid is in the listener's
- * (the supervisor's) pid namespace. */
-static PyObject *py_recv(PyObject *self, PyObject *arg)
-{
-    (void)self;
-    int fd = (int)PyLong_AsLong(arg);
-    if (fd == -1 && PyErr_Occurred())
-        return NULL;
-    struct seccomp_notif req;
-    memset(&req, 0, sizeof req);
-    int rc;
-    Py_BEGIN_ALLOW_THREADS
-    rc = ioctl(fd, SECCOMP_IOCTL_NOTIF_RECV, &req);
-    Py_END_ALLOW_THREADS
-    if (rc < 0)
-        return os_error("seccomp-notif-recv");
-    const __u64 *a = req.data.args;
-    return Py_BuildValue("(KIiI(KKKKKK))", (unsigned long long)req.id, req.pid, req.data.nr, req.data.arch,
-                         (unsigned long long)a[0], (unsigned long long)a[1], (unsigned long long)a[2],
-                         (unsigned long long)a[3], (unsigned long long)a[4], (unsigned long long)a[5]);
 }
 
 /* respond(fd, id, val, error, cont): error is a positive errno or 0; cont
@@ -101,21 +74,6 @@ static PyObject *py_id_valid(PyObject *self, PyObject *args)
     if (errno == ENOENT)
         Py_RETURN_FALSE;
     return os_error("seccomp-notif-id-valid");
-}
-
-/* Wake the caller on our CPU when we answer (kernel 6.6+); False where the
- * kernel lacks the flag. */
-static PyObject *py_set_sync_wakeup(PyObject *self, PyObject *arg)
-{
-    (void)self;
-    int fd = (int)PyLong_AsLong(arg);
-    if (fd == -1 && PyErr_Occurred())
-        return NULL;
-    if (ioctl(fd, SECCOMP_IOCTL_NOTIF_SET_FLAGS, SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP) == 0)
-        Py_RETURN_TRUE;
-    if (errno == EINVAL || errno == ENOTTY)
-        Py_RETURN_FALSE;
-    return os_error("seccomp-notif-set-flags");
 }
 
 /* probe() -> None, or raise: is user notification available here? */
@@ -341,10 +299,8 @@ static const struct {
 #undef NR
 
 static PyMethodDef methods[] = {
-    {"recv", py_recv, METH_O, "Receive one seccomp notification."},
     {"respond", py_respond, METH_VARARGS, "Answer a notification (value, errno, or continue)."},
     {"id_valid", py_id_valid, METH_VARARGS, "Is the notification still pending (caller alive, same call)?"},
-    {"set_sync_wakeup", py_set_sync_wakeup, METH_O, "Ask for synchronous wake-ups on this listener."},
     {"probe", py_probe, METH_NOARGS, "Check that seccomp user notification is available."},
     {"read_mem", py_read_mem, METH_VARARGS, "Read another process's memory."},
     {"pidfd_signal", py_pidfd_signal, METH_VARARGS, "Signal through a pidfd, with an optional siginfo."},

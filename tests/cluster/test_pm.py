@@ -302,3 +302,32 @@ def test_a_cluster_run_needs_its_drvmmd(vm_cluster):
     p = run(c, "n1", "true")
     assert p.returncode != 0
     assert p.stderr.count("\n") == 1 and "drvmmd" in p.stderr, p.stderr
+
+
+def test_a_caller_killed_mid_call_leaves_the_supervisor_serving(vm_cluster):
+    """n2's drvmmd is stopped (SIGSTOP), so a signal to n2 waits on the
+    fabric; its caller is killed meanwhile.  Nothing hangs: the call's
+    answer has nobody to go to, the caller's run ends, and once n2 answers
+    again the next signal goes through."""
+    c = vm_cluster
+    waiter = start(c, "n1", "/data/sigtool", "wait", "/data/pid6", node="n2")
+    try:
+        target = wait_pid_file(c, "n2", "pid6")
+        assert run(c, "n1", "/data/sigtool", "kill", str(target), "0").stdout == "ok\n"  # the connection is open
+        daemon = c.node("n2")["pid"]
+        os.kill(daemon, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            p = run(c, "n1", "sh", "-c", f"/data/sigtool kill {target} 0 & sleep 0.5; kill -9 $!; wait $!; echo $?")
+            assert p.stdout == "137\n", p.stdout + p.stderr
+            assert time.monotonic() - t0 < 10
+        finally:
+            os.kill(daemon, signal.SIGCONT)
+        deadline = time.monotonic() + 20
+        while run(c, "n1", "/data/sigtool", "kill", str(target), "0").stdout != "ok\n":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert run(c, "n1", "/data/sigtool", "kill", str(target), str(signal.SIGUSR1)).stdout == "ok\n"
+        assert waiter.wait(timeout=20) == 0
+    finally:
+        stop(waiter)

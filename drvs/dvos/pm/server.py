@@ -53,55 +53,57 @@ def fresh_nodes(vm: str) -> list[str] | None:
     return cached[1] if cached is not None and time.monotonic() - cached[0] < NODES_TTL else None
 
 
-async def signal_nodes(fabric, procs, nodes, req) -> tuple[int, int, list[str]]:
-    """Signal on each node (this one directly); (delivered, denied, failed)."""
-    totals, failed = [0, 0], []
-    payload = req.to_bytes_packed()
+async def _each_node(fabric, procs, nodes, mtype, payload: bytes, here, there) -> list[str]:
+    """Ask every node at once: this one by calling here(), the others'
+    procs@NODE over the fabric, their replies to there(reply).  Returns the
+    nodes that could not be asked, as "node: why"."""
+    failed = []
 
     async def one(node):
         if node == procs.node:
-            d, n = procs.deliver(req)
-        else:
-            try:
-                reply = await fabric.sendrec(f"procs@{node}", Msg(Call.signal, payload), timeout=NODE_TIMEOUT)
-                if reply.status < 0:
-                    raise IpcError(reply.error, -reply.status)
-            except IpcError as e:
-                failed.append(f"{node}: {e}")
-                return
-            r = pm.SignalReply.from_bytes_packed(reply.payload)
-            d, n = r.delivered, r.denied
-        totals[0] += d
-        totals[1] += n
-
-    async with trio.open_nursery() as nursery:
-        for node in nodes:
-            nursery.start_soon(one, node)
-    return totals[0], totals[1], sorted(failed)
-
-
-async def list_nodes(fabric, procs, nodes, vm: str) -> tuple[list[dict], list[str]]:
-    rows, failed = [], []
-    payload = pm.ListRequest.new_message(vm=vm).to_bytes_packed()
-
-    async def one(node):
-        if node == procs.node:
-            rows.extend(procs.processes(vm))
+            here()
             return
         try:
-            reply = await fabric.sendrec(f"procs@{node}", Msg(Call.list, payload), timeout=NODE_TIMEOUT)
+            reply = await fabric.sendrec(f"procs@{node}", Msg(mtype, payload), timeout=NODE_TIMEOUT)
             if reply.status < 0:
                 raise IpcError(reply.error, -reply.status)
         except IpcError as e:
             failed.append(f"{node}: {e}")
             return
-        rows.extend(p.to_dict() for p in pm.ProcessTable.from_bytes_packed(reply.payload).processes)
+        there(reply)
 
     async with trio.open_nursery() as nursery:
         for node in nodes:
             nursery.start_soon(one, node)
+    return sorted(failed)
+
+
+async def signal_nodes(fabric, procs, nodes, req) -> tuple[int, int, list[str]]:
+    """Signal on each node; (delivered, denied, failed)."""
+    totals = [0, 0]
+
+    def add(delivered, denied):
+        totals[0] += delivered
+        totals[1] += denied
+
+    def there(reply):
+        r = pm.SignalReply.from_bytes_packed(reply.payload)
+        add(r.delivered, r.denied)
+
+    failed = await _each_node(fabric, procs, nodes, Call.signal, req.to_bytes_packed(),
+                              lambda: add(*procs.deliver(req)), there)
+    return totals[0], totals[1], failed
+
+
+async def list_nodes(fabric, procs, nodes, vm: str) -> tuple[list[dict], list[str]]:
+    """Every node's processes of vm, by pid; and the nodes that failed."""
+    rows = []
+    failed = await _each_node(
+        fabric, procs, nodes, Call.list, pm.ListRequest.new_message(vm=vm).to_bytes_packed(),
+        lambda: rows.extend(procs.processes(vm)),
+        lambda reply: rows.extend(p.to_dict() for p in pm.ProcessTable.from_bytes_packed(reply.payload).processes))
     rows.sort(key=lambda r: r["pid"])
-    return rows, sorted(failed)
+    return rows, failed
 
 
 def table_message(rows: list[dict], failed: list[str]) -> Msg:
