@@ -203,7 +203,8 @@ class Etcd:
                             elif revision and not next_rev:
                                 next_rev = revision + 1
                     last = None
-                    break  # the stream ended (or was reset): open it again
+                    await trio.sleep(0.2)  # ended (or reset) by etcd: open it again, without spinning
+                    break
                 except httpx.ReadTimeout:
                     last = None
                     break  # silent too long: a dead connection, or an etcd without progress notifications
@@ -259,6 +260,7 @@ class Etcd:
                                 seen = (kv.get("key"), kv.get("create_revision"))
                                 yield _unb64(kv.get("value"))
                     last = None
+                    await trio.sleep(0.2)
                     break
                 except httpx.ReadTimeout:
                     last = None

@@ -161,18 +161,34 @@ class Supervisor:
         connection is open, is sent from the asyncio side as the
         notification arrives (`_forward`, no trio hop); the rest (groups,
         -1, sigqueue, first contacts) is served by trio tasks."""
-        handle = _sys.fastpath_start(fd, pidrange.SPAN, self.pid_index)
+        try:
+            handle = _sys.fastpath_start(fd, pidrange.SPAN, self.pid_index)
+        except OSError as e:
+            log.warning("supervisor of a %s program: %s", vm, e)
+            os.close(fd)  # its calls now fail with ENOSYS: reported, not hung
+            return
         wake = _sys.fastpath_fd(handle)
         loop = asyncio.get_running_loop()  # the host loop trio runs as a guest of
         token = trio.lowlevel.current_trio_token()
         ended = trio.Event()
+        open_ = True  # the trio lane still takes calls
+
+        def to_trio(calls, notif):
+            if open_:
+                calls.start_soon(self.serve_one, vm, fd, notif)
+            else:  # shutting down: the call fails rather than waits
+                try:
+                    _sys.respond(fd, notif[0], 0, errno.ENOSYS, False)
+                except OSError:
+                    pass
+
         try:
             async with trio.open_nursery() as calls:
                 def on_wake():
                     batch, done = _sys.fastpath_take(handle)
                     for notif in batch:
                         if not self._forward(vm, fd, notif):
-                            token.run_sync_soon(calls.start_soon, self.serve_one, vm, fd, notif)
+                            token.run_sync_soon(to_trio, calls, notif)
                     if done:
                         loop.remove_reader(wake)
                         token.run_sync_soon(ended.set)
@@ -182,6 +198,7 @@ class Supervisor:
                     await ended.wait()
                 finally:
                     loop.remove_reader(wake)
+                    open_ = False
         finally:
             _sys.fastpath_stop(handle)
             # In-flight forwards answer on fd: it closes after the last.
@@ -192,7 +209,15 @@ class Supervisor:
     def _forward(self, vm: str, fd: int, notif) -> bool:
         """Send a signal for one pid of another node straight from the
         asyncio side, if its node's connection is open; False: not this
-        lane's (the trio lane serves it)."""
+        lane's (the trio lane serves it).  Never raises: an exception here
+        would leave the call unanswered."""
+        try:
+            return self._try_forward(vm, fd, notif)
+        except Exception:  # noqa: BLE001 - the trio lane serves it, and says what is wrong
+            log.exception("fast lane, %s", vm)
+            return False
+
+    def _try_forward(self, vm: str, fd: int, notif) -> bool:
         nid, host_pid, nr, _arch, raw = notif
         call = syscalls.BY_NR.get(nr)
         if call is None or call.name not in ("kill", "tkill", "tgkill"):
