@@ -102,3 +102,29 @@ def test_unknown_run(drvs):
     assert drvs.drvs("logs", "feedfacecafe").returncode == 3
     assert drvs.drvs("kill", "feedfacecafe").returncode == 3
     assert drvs.drvs("kill", "-s", "NOPE", "feedfacecafe").returncode == 2
+
+
+def test_ps_on_a_single_node_lists_the_vms_processes(drvs):
+    """No cluster: drvs ps reads the cell's own procfs; pids are the jail's."""
+    p = drvs.run("-d", "--", "sh", "-c", "echo $$ > /data/me; exec sleep 30")
+    assert p.returncode == 0, p.stderr
+    run_id = p.stdout.strip()
+    try:
+        deadline = time.monotonic() + 10
+        rows = []
+        while not [r for r in rows if r["command"] == "sleep 30"] and time.monotonic() < deadline:
+            rows = json.loads(drvs.drvs("ps", "default", "--format", "json", check=True).stdout)
+            time.sleep(0.05)
+        row = next(r for r in rows if r["command"] == "sleep 30")
+        me = int((drvs.state / "vms" / "default" / "data" / "me").read_text())
+        assert row["pid"] == me and row["uid"] == 0
+        assert row["node"] == "-" and row["state"] in ("R", "S")
+        assert all(r["pid"] != 1 for r in rows)  # the cell's init is DRVS's, not the VM's
+        assert "sleep 30" in drvs.drvs("ps", check=True).stdout
+        assert drvs.drvs("ps", "nosuchvm").returncode == 3
+    finally:
+        drvs.drvs("kill", run_id)
+        deadline = time.monotonic() + 10
+        while drvs.drvs("vm", "show", "default", "--format", "json").stdout.count(run_id) and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
