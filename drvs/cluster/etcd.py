@@ -184,6 +184,8 @@ class Etcd:
                 try:
                     async with self._client.stream("POST", url + "/v3/watch", content=json.dumps(req),
                                                     timeout=httpx.Timeout(self.timeout, read=WATCH_SILENCE)) as r:
+                        if r.status_code != 200:
+                            raise EtcdError(f"etcd watch on {prefix}: HTTP {r.status_code}")
                         async for line in r.aiter_lines():
                             if not line.strip():
                                 continue
@@ -196,12 +198,16 @@ class Etcd:
                                 entry = _entry(ev["kv"])
                                 next_rev = max(next_rev, entry.mod_revision + 1)
                                 yield ("delete" if ev.get("type") == "DELETE" else "put"), entry
+                            if result.get("canceled"):
+                                raise EtcdError(f"etcd canceled the watch on {prefix}: "
+                                                f"{result.get('cancel_reason', '')}")
                             revision = int((result.get("header") or {}).get("revision") or 0)
-                            if revision and not result.get("events") and next_rev:
-                                # created or a progress notification: all up to here was seen
+                            if revision and not next_rev:
+                                next_rev = revision + 1  # a watch from now: created at this revision
+                            elif revision and not result.get("events") and not result.get("created"):
+                                # a progress notification: all up to here was seen.  (Not
+                                # "created": a resumed watch catches up after that.)
                                 next_rev = max(next_rev, revision + 1)
-                            elif revision and not next_rev:
-                                next_rev = revision + 1
                     last = None
                     await trio.sleep(0.2)  # ended (or reset) by etcd: open it again, without spinning
                     break

@@ -23,3 +23,12 @@ def bounds(index: int) -> tuple[int, int]:
 def index_of(pid: int) -> int:
     """The index of the node that owns pid (0: nobody's; pid 1 and friends)."""
     return pid // SPAN if 0 < pid < PID_LIMIT else 0
+
+
+def kernel_has_pid_max_per_namespace(release: str | None = None) -> bool:
+    """Linux 6.14 made pid_max a per-pid-namespace value."""
+    import os
+    import re
+
+    m = re.match(r"(\d+)\.(\d+)", release or os.uname().release)
+    return bool(m) and (int(m.group(1)), int(m.group(2))) >= (6, 14)

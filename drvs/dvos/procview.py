@@ -52,6 +52,25 @@ class Node:
         self.ino, self.kind, self.vm, self.pid, self.name = ino, kind, vm, pid, name
 
 
+def _errno_only(op):
+    """A FUSE operation that answers with an errno whatever happens:
+    pyfuse3 ends the whole file system (and here drvmmd) on any other
+    exception, an etcd outage during a `ps` included."""
+    import functools
+
+    @functools.wraps(op)
+    async def guarded(self, *args):
+        try:
+            return await op(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:  # noqa: BLE001
+            log.exception("/proc view: %s", op.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return guarded
+
+
 class ProcView(pyfuse3.Operations):
     enable_writeback_cache = False
 
@@ -61,7 +80,8 @@ class ProcView(pyfuse3.Operations):
         self.nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: Node(pyfuse3.ROOT_INODE, "root")}
         self.by_key: dict[tuple, int] = {}
         self.remote: dict[str, tuple[float, dict[int, str]]] = {}  # vm -> (when, pid -> node)
-        self.files: dict[int, bytes] = {}
+        self.files: dict[int, bytes] = {}                  # open file -> its content
+        self.listings: dict[int, tuple[Node, list | None]] = {}  # open directory -> its entries
         self.next_fh = 1
 
     # -- inodes ---------------------------------------------------------------
@@ -110,6 +130,18 @@ class ProcView(pyfuse3.Operations):
             return []
         return [] if cp is None else [os.fsencode(n) for n in os.listdir(cp.fd)]
 
+    def _local_has(self, vm: str, name: bytes) -> bool:
+        """Whether the cell's own proc has name (also a thread's id, which
+        its listing leaves out)."""
+        try:
+            cp = self.procs.proc(vm)
+            if cp is None:
+                return False
+            os.stat(name, dir_fd=cp.fd, follow_symlinks=False)
+            return True
+        except (OSError, IpcError):
+            return False
+
     async def _remote(self, vm: str, fresh: bool = False) -> dict[int, str]:
         when, pids = self.remote.get(vm, (0.0, {}))
         if fresh or time.monotonic() - when > LIST_TTL:
@@ -123,9 +155,11 @@ class ProcView(pyfuse3.Operations):
 
     # -- operations -------------------------------------------------------------
 
+    @_errno_only
     async def getattr(self, inode, ctx=None):
         return self._attr(self._get(inode))
 
+    @_errno_only
     async def lookup(self, parent_inode, name, ctx=None):
         parent = self._get(parent_inode)
         if parent.kind == "root":
@@ -135,9 +169,9 @@ class ProcView(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOENT) from None
             return self._attr(self._node("vm", vm))
         if parent.kind == "vm":
-            if name in self._local(parent.vm):
+            if self._local_has(parent.vm, name):
                 return self._attr(self._node("link", parent.vm, 0, name))
-            if name.isdigit():
+            if name.isdigit() and name[:1] != b"0":
                 pid = int(name)
                 remote = await self._remote(parent.vm)
                 if pid not in remote:
@@ -149,20 +183,38 @@ class ProcView(pyfuse3.Operations):
             return self._attr(self._node("file", parent.vm, parent.pid, name))
         raise pyfuse3.FUSEError(errno.ENOENT)
 
+    @_errno_only
     async def readlink(self, inode, ctx):
         node = self._get(inode)
         if node.kind != "link":
             raise pyfuse3.FUSEError(errno.EINVAL)
         return self._target(node)
 
+    @_errno_only
     async def opendir(self, inode, ctx):
         node = self._get(inode)
         if node.kind not in ("root", "vm", "pid"):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return inode
+        fh = self.next_fh
+        self.next_fh += 1
+        self.listings[fh] = (node, None)
+        return fh
 
+    @_errno_only
     async def readdir(self, fh, start_id, token):
-        node = self._get(fh)
+        node, entries = self.listings.get(fh, (None, None))
+        if node is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        if entries is None or start_id == 0:
+            # One snapshot per open directory: getdents in chunks then sees
+            # each entry once, while processes come and go.
+            entries = await self._entries(node)
+            self.listings[fh] = (node, entries)
+        for i, (name, child) in enumerate(entries[start_id:], start_id):
+            if not pyfuse3.readdir_reply(token, name, self._attr(child), i + 1):
+                break
+
+    async def _entries(self, node: Node) -> list:
         if node.kind == "root":
             entries = [(os.fsencode(vm), self._node("vm", vm)) for vm in sorted(self.procs.cells)]
         elif node.kind == "vm":
@@ -171,13 +223,12 @@ class ProcView(pyfuse3.Operations):
                         for p in sorted(await self._remote(node.vm))]
         else:
             entries = [(f.encode(), self._node("file", node.vm, node.pid, f.encode())) for f in SHARED_FILES]
-        for i, (name, child) in enumerate(entries[start_id:], start_id):
-            if not pyfuse3.readdir_reply(token, name, self._attr(child), i + 1):
-                break
+        return entries
 
     async def releasedir(self, fh):
-        pass
+        self.listings.pop(fh, None)
 
+    @_errno_only
     async def open(self, inode, flags, ctx):
         node = self._get(inode)
         if node.kind != "file":
@@ -205,6 +256,7 @@ class ProcView(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ESRCH if -reply.status == errno.ENOENT else -reply.status)
         return bytes(pm.FileData.from_bytes_packed(reply.payload).data)
 
+    @_errno_only
     async def read(self, fh, off, size):
         return self.files.get(fh, b"")[off:off + size]
 

@@ -184,11 +184,14 @@ class Supervisor:
 
         try:
             async with trio.open_nursery() as calls:
+                def retry(notif):  # the trio lane (from the asyncio side)
+                    token.run_sync_soon(to_trio, calls, notif)
+
                 def on_wake():
                     batch, done = _sys.fastpath_take(handle)
                     for notif in batch:
-                        if not self._forward(vm, fd, notif):
-                            token.run_sync_soon(to_trio, calls, notif)
+                        if not self._forward(vm, fd, notif, retry):
+                            retry(notif)
                     if done:
                         loop.remove_reader(wake)
                         token.run_sync_soon(ended.set)
@@ -206,18 +209,18 @@ class Supervisor:
 
     # -- the asyncio lane ------------------------------------------------------
 
-    def _forward(self, vm: str, fd: int, notif) -> bool:
+    def _forward(self, vm: str, fd: int, notif, retry) -> bool:
         """Send a signal for one pid of another node straight from the
         asyncio side, if its node's connection is open; False: not this
         lane's (the trio lane serves it).  Never raises: an exception here
         would leave the call unanswered."""
         try:
-            return self._try_forward(vm, fd, notif)
+            return self._try_forward(vm, fd, notif, retry)
         except Exception:  # noqa: BLE001 - the trio lane serves it, and says what is wrong
             log.exception("fast lane, %s", vm)
             return False
 
-    def _try_forward(self, vm: str, fd: int, notif) -> bool:
+    def _try_forward(self, vm: str, fd: int, notif, retry) -> bool:
         nid, host_pid, nr, _arch, raw = notif
         call = syscalls.BY_NR.get(nr)
         if call is None or call.name not in ("kill", "tkill", "tgkill"):
@@ -240,8 +243,9 @@ class Supervisor:
         rpc.target = f"procs@{node}"
         Msg(pm.PmCall.signal, req.to_bytes_packed()).fill(rpc.init("msg"))
         rpc.timeoutMs = int(FORWARD_TIMEOUT * 1000)
+        promise = rpc.send()
         self._inflight[fd] = self._inflight.get(fd, 0) + 1
-        asyncio.ensure_future(self._forwarded(fd, nid, node, rpc.send()))
+        asyncio.ensure_future(self._forwarded(fd, nid, node, peer, promise, lambda: retry(notif)))
         return True
 
     def _group_here(self, vm: str, fd: int, nid: int, host_pid: int, a: dict) -> bool:
@@ -262,19 +266,29 @@ class Supervisor:
         _sys.respond(fd, nid, 0, error, False)
         return True
 
-    async def _forwarded(self, fd: int, nid: int, node: str, promise) -> None:
+    async def _forwarded(self, fd: int, nid: int, node: str, peer, promise, retry) -> None:
+        """Answer a forwarded call.  A connection found broken (its node's
+        drvmmd restarted, say) is dropped and the call goes to the trio
+        lane, which connects again: the target is most likely alive."""
         error = errno.ESRCH
+        answer = True
         try:
             result = await asyncio.wait_for(promise, FORWARD_TIMEOUT + 1)
             error = reply_errno(Msg.from_capnp(result.reply))
-        except Exception as e:  # noqa: BLE001 - the node or its connection is gone
-            log.info("signal to node %s: %s", node, e)
-            self.fabric.peers.pop(node, None)
+        except asyncio.TimeoutError:
+            log.info("signal to node %s: no answer within %g s", node, FORWARD_TIMEOUT)
+        except Exception as e:  # noqa: BLE001 - the connection broke
+            log.info("signal to node %s: %s; connecting again", node, e)
+            if self.fabric.peers.get(node) is peer:
+                self.fabric.peers.pop(node)
+            answer = False
+            retry()
         finally:
-            try:
-                _sys.respond(fd, nid, 0, error, False)
-            except OSError:
-                pass
+            if answer:
+                try:
+                    _sys.respond(fd, nid, 0, error, False)
+                except OSError:
+                    pass
             self._inflight[fd] -= 1
             if self._inflight[fd] == 0 and fd in self._closing:
                 self._closing.discard(fd)
@@ -292,7 +306,10 @@ class Supervisor:
         nid, host_pid, nr, _arch, raw = notif
         call = syscalls.BY_NR.get(nr)
         caller = Caller.read(host_pid)
-        if caller is None or not _sys.id_valid(fd, nid):
+        if not _sys.id_valid(fd, nid):
+            return  # the caller is gone
+        if caller is None:  # alive but unreadable (no fds left here?): fail, never leave it waiting
+            _sys.respond(fd, nid, 0, errno.EIO, False)
             return
         caller.still_valid = lambda: _sys.id_valid(fd, nid)
         try:
@@ -341,23 +358,27 @@ class Supervisor:
             delivered, denied, _ = await server.signal_nodes(self.fabric, self.procs, [node], req)
         else:
             delivered, denied = await self._signal_vm(vm, req)
-        if delivered:
-            return Reply()
+        if delivered or (target == -1 and denied):
+            return Reply()  # kill(-1) fails only when there is nobody at all (the kernel's rule)
         return Reply(error=errno.EPERM if denied else errno.ESRCH)
 
     async def _signal_vm(self, vm: str, req) -> tuple[int, int]:
         """A group or every process: the VM's PM fans it out; without one
         (a VM with no shares, or between two PMs) this node does."""
+        payload = req.to_bytes_packed()  # once: a builder written twice leaks in capnp
         try:
-            reply = await self.fabric.sendrec(f"pm@{vm}", Msg(pm.PmCall.signal, req.to_bytes_packed()))
+            reply = await self.fabric.sendrec(f"pm@{vm}", Msg(pm.PmCall.signal, payload))
             if reply.status == 0:
                 r = pm.SignalReply.from_bytes_packed(reply.payload)
                 return r.delivered, r.denied
+            if reply.status != -errno.EREMCHG:
+                return 0, 0  # the PM failed it (and may have signalled some): never twice
         except IpcError as e:
-            if e.errno != errno.ENOENT:
-                log.info("pm@%s: %s; signalling from here", vm, e)
+            if e.errno not in (errno.ENOENT, errno.EREMCHG):
+                log.info("pm@%s: %s", vm, e)
+                return 0, 0
         nodes = await server.vm_nodes(self.etcd, vm, self.node)
-        delivered, denied, _ = await server.signal_nodes(self.fabric, self.procs, nodes, req)
+        delivered, denied, _ = await server.signal_nodes(self.fabric, self.procs, nodes, req, payload)
         return delivered, denied
 
     # -- the served calls (syscalls.TABLE) ------------------------------------------
@@ -409,16 +430,20 @@ class Supervisor:
         return info if caller.still_valid() else None
 
 
+KILL_ERRNOS = (errno.EINVAL, errno.EPERM, errno.ESRCH)  # all kill(2) may say
+
+
 def reply_errno(reply: Msg) -> int:
     """A SignalReply as kill(2)'s result: 0 when one process got it, EPERM
-    when some were found but none was the caller's to signal, else ESRCH."""
+    when some were found but none was the caller's to signal, else ESRCH
+    (also for a node that could not say: its processes are out of reach)."""
     if reply.status == 0:
         r = pm.SignalReply.from_bytes_packed(reply.payload)
         return 0 if r.delivered else errno.EPERM if r.denied else errno.ESRCH
-    return errno.ESRCH if reply.status == -errno.EREMCHG else -reply.status
+    return -reply.status if -reply.status in KILL_ERRNOS else errno.ESRCH
 
 
 def _call_errno(e: IpcError) -> int:
-    # Fabric failures (node gone, timeout) reach the program as EAGAIN-free
-    # errors it already knows from kill(2): the process is not reachable.
-    return errno.ESRCH if e.errno in (errno.ENOENT, errno.EHOSTUNREACH, errno.ECONNRESET) else e.errno or errno.EIO
+    # Fabric failures (node gone, timeout) reach the program as an error it
+    # knows from kill(2): the process is out of reach.
+    return e.errno if e.errno in KILL_ERRNOS else errno.ESRCH

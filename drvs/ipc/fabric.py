@@ -302,9 +302,9 @@ class Fabric:
         """Hand msg to the local server of target, for at most timeout
         seconds (the caller's bound); its failures become replies."""
         if msg.node and msg.source and msg.node != self.name:
-            if self.source_ok(msg) is None:
+            if self.source_ok(msg) is not True:  # unknown, or maybe moved since: ask etcd
                 try:
-                    await self.resolve(msg.source)
+                    await self.resolve(msg.source, fresh=True)
                 except IpcError:
                     pass
             if self.source_ok(msg) is not True:

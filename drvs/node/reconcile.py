@@ -54,7 +54,7 @@ async def run(cfg, etcd, node: str, pid_range=(0, 0), spawner=None) -> None:
             try:
                 async for _ in etcd.watch(VMS):
                     wake.set()
-            except EtcdUnavailable as e:
+            except DrvsError as e:  # etcd away, or the watch refused
                 log.warning("%s; watching again soon", e)
             await trio.sleep(1)
 

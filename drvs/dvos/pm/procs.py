@@ -37,11 +37,11 @@ class CellProc:
         self.init_pid, self.init_pidfd, self.fd = init_pid, init_pidfd, fd
 
     def alive(self) -> bool:
-        try:
-            _sys.pidfd_signal(self.init_pidfd, 0, None, False)
-            return True
-        except OSError:
-            return False
+        """The init still runs (a pidfd polls readable once it exits, even
+        while it waits, a zombie, for its reaper)."""
+        import select
+
+        return not select.select([self.init_pidfd], [], [], 0)[0]
 
     def close(self) -> None:
         os.close(self.fd)
@@ -145,8 +145,13 @@ class NodeProcs:
             # A kill goes as the kernel's SI_USER.  Its si_pid reads 0, as for
             # any signal from outside the receiver's pid namespace (the
             # kernel clears it: we send from the host's).
+            info = None
+            if req.info:  # rt_sigqueueinfo's own siginfo; its signal is the call's, as the kernel has it
+                info = bytearray(bytes(req.info))
+                info[0:4] = req.sig.to_bytes(4, "little", signed=True)
+                info = bytes(info)
             try:
-                _sys.pidfd_signal(fd, req.sig, bytes(req.info) or None, req.thread)
+                _sys.pidfd_signal(fd, req.sig, info, req.thread)
             except OSError as e:
                 return e.errno if e.errno in (errno.EPERM, errno.ESRCH) else errno.ESRCH
             return 0

@@ -53,7 +53,7 @@ def fresh_nodes(vm: str) -> list[str] | None:
     return cached[1] if cached is not None and time.monotonic() - cached[0] < NODES_TTL else None
 
 
-async def _each_node(fabric, procs, nodes, mtype, payload: bytes, here, there) -> list[str]:
+async def _each_node(fabric, procs, nodes, mtype, payload: bytes, here, there, idempotent=True) -> list[str]:
     """Ask every node at once: this one by calling here(), the others'
     procs@NODE over the fabric, their replies to there(reply).  Returns the
     nodes that could not be asked, as "node: why"."""
@@ -64,10 +64,14 @@ async def _each_node(fabric, procs, nodes, mtype, payload: bytes, here, there) -
             here()
             return
         try:
-            reply = await fabric.sendrec(f"procs@{node}", Msg(mtype, payload), timeout=NODE_TIMEOUT)
+            # idempotent: a connection found broken is made again and the
+            # message resent once (a signal then may come twice, as
+            # ordinary signals may; none is lost to a restarted drvmmd).
+            reply = await fabric.sendrec(f"procs@{node}", Msg(mtype, payload), timeout=NODE_TIMEOUT,
+                                         idempotent=idempotent)
             if reply.status < 0:
                 raise IpcError(reply.error, -reply.status)
-        except IpcError as e:
+        except DrvsError as e:  # IpcError, or etcd away while resolving
             failed.append(f"{node}: {e}")
             return
         there(reply)
@@ -78,8 +82,9 @@ async def _each_node(fabric, procs, nodes, mtype, payload: bytes, here, there) -
     return sorted(failed)
 
 
-async def signal_nodes(fabric, procs, nodes, req) -> tuple[int, int, list[str]]:
-    """Signal on each node; (delivered, denied, failed)."""
+async def signal_nodes(fabric, procs, nodes, req, payload: bytes | None = None) -> tuple[int, int, list[str]]:
+    """Signal on each node; (delivered, denied, failed).  req: a Signal
+    (reader or builder); payload: its packed bytes, when already at hand."""
     totals = [0, 0]
 
     def add(delivered, denied):
@@ -90,7 +95,7 @@ async def signal_nodes(fabric, procs, nodes, req) -> tuple[int, int, list[str]]:
         r = pm.SignalReply.from_bytes_packed(reply.payload)
         add(r.delivered, r.denied)
 
-    failed = await _each_node(fabric, procs, nodes, Call.signal, req.to_bytes_packed(),
+    failed = await _each_node(fabric, procs, nodes, Call.signal, payload or req.to_bytes_packed(),
                               lambda: add(*procs.deliver(req)), there)
     return totals[0], totals[1], failed
 
@@ -151,7 +156,7 @@ class PmServer:
 
     async def signal(self, msg: Msg) -> Msg:
         req = self._request(msg)
-        delivered, denied, failed = await signal_nodes(self.fabric, self.procs, await self._nodes(), req)
+        delivered, denied, failed = await signal_nodes(self.fabric, self.procs, await self._nodes(), req, msg.payload)
         return _signal_reply(delivered, denied, failed)
 
     async def listing(self, msg: Msg) -> Msg:
@@ -201,7 +206,12 @@ async def _serve_pm(vm, etcd, fabric, member, procs, task_status=trio.TASK_STATU
                 continue
             try:
                 server = PmServer(vm, etcd, fabric, procs)
-                await fabric.register(f"pm@{vm}", server.handle, server.fast)
+                try:
+                    await fabric.register(f"pm@{vm}", server.handle, server.fast)
+                except (EtcdUnavailable, DrvsError) as e:
+                    log.warning("pm@%s: cannot register (%s); campaigning again", vm, e)
+                    await trio.sleep(1)
+                    continue  # (finally resigns)
                 log.info("serving pm@%s", vm)
                 await trio.sleep_forever()
             finally:
