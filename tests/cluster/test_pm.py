@@ -331,3 +331,30 @@ def test_a_caller_killed_mid_call_leaves_the_supervisor_serving(vm_cluster):
         assert waiter.wait(timeout=20) == 0
     finally:
         stop(waiter)
+
+
+def test_a_remote_signal_is_sent_once_even_when_the_caller_is_interrupted(vm_cluster):
+    """While a kill waits on another node, its caller keeps getting a
+    SA_RESTART signal.  The call must not be restarted (and the signal sent
+    again): the target counts exactly one queued SIGRTMIN."""
+    c = vm_cluster
+    counter = start(c, "n1", "/data/sigtool", "count", "/data/pid7", node="n2")
+    try:
+        target = wait_pid_file(c, "n2", "pid7")
+        assert run(c, "n1", "/data/sigtool", "kill", str(target), "0").stdout == "ok\n"  # connection open
+        rtmin = signal.SIGRTMIN
+        daemon = c.node("n2")["pid"]
+        os.kill(daemon, signal.SIGSTOP)  # the call now waits on n2
+        try:
+            busy = start(c, "n1", "/data/sigtool", "busy-kill", str(target), str(int(rtmin)))
+            time.sleep(1.0)
+        finally:
+            os.kill(daemon, signal.SIGCONT)
+        out, err = busy.communicate(timeout=30)
+        assert busy.returncode == 0 and out == "ok\n", out + err
+        assert int(err.split()[1]) >= 1  # signals came in (they wait until the call returns)
+        assert run(c, "n1", "/data/sigtool", "kill", str(target), str(signal.SIGUSR1)).stdout == "ok\n"
+        out, _ = counter.communicate(timeout=20)
+        assert out == "count=1\n"
+    finally:
+        stop(counter)

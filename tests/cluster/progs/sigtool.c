@@ -4,7 +4,11 @@
  *                            (with sender pid and code), exit on SIGUSR1
  *   sigtool kill PID SIG     kill(2); prints "ok" or the error name
  *   sigtool queue PID SIG V  sigqueue(3) with value V
- *   sigtool tgkill TGID TID SIG */
+ *   sigtool tgkill TGID TID SIG
+ *   sigtool count FILE       write our pid to FILE, count SIGRTMIN (queued:
+ *                            each one counts), print the count on SIGUSR1
+ *   sigtool busy-kill PID SIG  kill(2) while a child keeps interrupting us
+ *                            with a SA_RESTART signal handler */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <signal.h>
@@ -14,7 +18,19 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-static volatile sig_atomic_t got, from, code, value;
+static volatile sig_atomic_t got, from, code, value, rt_count, interrupts;
+
+static void on_rt(int sig)
+{
+    (void)sig;
+    rt_count++;
+}
+
+static void on_interrupt(int sig)
+{
+    (void)sig;
+    interrupts++;
+}
 
 static void on_signal(int sig, siginfo_t *si, void *uc)
 {
@@ -49,6 +65,39 @@ int main(int argc, char **argv)
             if (got == SIGUSR1)
                 return 0;
         }
+    }
+    if (argc == 3 && !strcmp(argv[1], "count")) {
+        signal(SIGRTMIN, on_rt);
+        sigset_t usr1;
+        sigemptyset(&usr1);
+        sigaddset(&usr1, SIGUSR1);
+        sigprocmask(SIG_BLOCK, &usr1, NULL);
+        FILE *f = fopen(argv[2], "w");
+        if (!f)
+            return 2;
+        fprintf(f, "%d\n", getpid());
+        fclose(f);
+        int sig;
+        sigwait(&usr1, &sig);
+        printf("count=%d\n", (int)rt_count);
+        return 0;
+    }
+    if (argc == 4 && !strcmp(argv[1], "busy-kill")) {
+        struct sigaction sa = {.sa_handler = on_interrupt, .sa_flags = SA_RESTART};
+        sigaction(SIGUSR2, &sa, NULL);
+        pid_t me = getpid(), child = fork();
+        if (child == 0) {
+            for (;;) { /* interrupt the parent every millisecond */
+                kill(me, SIGUSR2);
+                usleep(1000);
+            }
+        }
+        int rc = kill(atoi(argv[2]), atoi(argv[3]));
+        int err = errno;
+        kill(child, SIGKILL);
+        errno = err;
+        fprintf(stderr, "interrupted %d times\n", (int)interrupts);
+        return report(rc);
     }
     if (argc == 4 && !strcmp(argv[1], "kill"))
         return report(kill(atoi(argv[2]), atoi(argv[3])));
