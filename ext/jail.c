@@ -777,7 +777,9 @@ static void keep_pid_range(const struct cell_config *cfg, int fd)
         return;
     buf[n] = '\0';
     unsigned long last = strtoul(buf, NULL, 10);
-    if (last >= cfg->pid_base + (cfg->pid_top - cfg->pid_base) / 4 * 3) {
+    /* Below the base: a burst of forks outran us and the kernel wrapped to
+     * the low pids; the next ones are in range again. */
+    if (last < cfg->pid_base || last >= cfg->pid_base + (cfg->pid_top - cfg->pid_base) / 4 * 3) {
         int len = snprintf(buf, sizeof buf, "%u", cfg->pid_base);
         (void)!pwrite(fd, buf, (size_t)len, 0);
     }
