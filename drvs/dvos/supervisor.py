@@ -323,7 +323,10 @@ class Supervisor:
         except Exception:  # noqa: BLE001 - the program gets EIO, the daemon stays up
             log.exception("serving %s for %s pid %d", call.name if call else nr, vm, caller.pid)
             reply = Reply(error=errno.EIO)
-        _sys.respond(fd, nid, reply.value, reply.error, reply.cont)
+        try:
+            _sys.respond(fd, nid, reply.value, reply.error, reply.cont)
+        except OSError as e:  # never the end of the listener's other calls
+            log.warning("answering %s for %s pid %d: %s", call.name if call else nr, vm, caller.pid, e)
 
     # -- routing -----------------------------------------------------------------
 
