@@ -46,10 +46,11 @@ class Node:
     """An inode: the root, a VM's /proc, a remote pid's directory, a file
     of it, or a symlink into the real proc."""
 
-    __slots__ = ("ino", "kind", "vm", "pid", "name")
+    __slots__ = ("ino", "kind", "vm", "pid", "name", "lookups")
 
     def __init__(self, ino, kind, vm=None, pid=0, name=b""):
         self.ino, self.kind, self.vm, self.pid, self.name = ino, kind, vm, pid, name
+        self.lookups = 0  # the kernel's references (lookup, readdirplus); forget() drops them
 
 
 def _errno_only(op):
@@ -79,6 +80,7 @@ class ProcView(pyfuse3.Operations):
         self.cfg, self.fabric, self.procs, self.etcd = cfg, fabric, procs, etcd
         self.nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: Node(pyfuse3.ROOT_INODE, "root")}
         self.by_key: dict[tuple, int] = {}
+        self.next_ino = pyfuse3.ROOT_INODE + 1
         self.remote: dict[str, tuple[float, dict[int, str]]] = {}  # vm -> (when, pid -> node)
         self.files: dict[int, bytes] = {}                  # open file -> its content
         self.listings: dict[int, tuple[Node, list | None]] = {}  # open directory -> its entries
@@ -90,9 +92,26 @@ class ProcView(pyfuse3.Operations):
         key = (kind, vm, pid, name)
         ino = self.by_key.get(key)
         if ino is None:
-            ino = self.by_key[key] = len(self.nodes) + pyfuse3.ROOT_INODE
+            ino = self.by_key[key] = self.next_ino
+            self.next_ino += 1
             self.nodes[ino] = Node(ino, kind, vm, pid, name)
         return self.nodes[ino]
+
+    def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        """node's attributes, handed to the kernel, which now holds it."""
+        node.lookups += 1
+        return self._attr(node)
+
+    async def forget(self, inode_list):
+        """The kernel let go of these: pids come and go, so must their inodes."""
+        for ino, n in inode_list:
+            node = self.nodes.get(ino)
+            if node is None or ino == pyfuse3.ROOT_INODE:
+                continue
+            node.lookups -= n
+            if node.lookups <= 0:
+                del self.nodes[ino]
+                self.by_key.pop((node.kind, node.vm, node.pid, node.name), None)
 
     def _get(self, ino) -> Node:
         node = self.nodes.get(ino)
@@ -167,20 +186,20 @@ class ProcView(pyfuse3.Operations):
                 vm = check_name(os.fsdecode(name))
             except Exception:  # noqa: BLE001 - a name that is no VM's
                 raise pyfuse3.FUSEError(errno.ENOENT) from None
-            return self._attr(self._node("vm", vm))
+            return self._entry(self._node("vm", vm))
         if parent.kind == "vm":
             if self._local_has(parent.vm, name):
-                return self._attr(self._node("link", parent.vm, 0, name))
+                return self._entry(self._node("link", parent.vm, 0, name))
             if name.isdigit() and name[:1] != b"0":
                 pid = int(name)
                 remote = await self._remote(parent.vm)
                 if pid not in remote:
                     remote = await self._remote(parent.vm, fresh=True)
                 if pid in remote:
-                    return self._attr(self._node("pid", parent.vm, pid))
+                    return self._entry(self._node("pid", parent.vm, pid))
             raise pyfuse3.FUSEError(errno.ENOENT)
         if parent.kind == "pid" and os.fsdecode(name) in SHARED_FILES:
-            return self._attr(self._node("file", parent.vm, parent.pid, name))
+            return self._entry(self._node("file", parent.vm, parent.pid, name))
         raise pyfuse3.FUSEError(errno.ENOENT)
 
     @_errno_only
@@ -213,6 +232,7 @@ class ProcView(pyfuse3.Operations):
         for i, (name, child) in enumerate(entries[start_id:], start_id):
             if not pyfuse3.readdir_reply(token, name, self._attr(child), i + 1):
                 break
+            child.lookups += 1  # readdirplus: the kernel holds the entries it took
 
     async def _entries(self, node: Node) -> list:
         if node.kind == "root":

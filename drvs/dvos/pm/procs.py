@@ -200,8 +200,10 @@ class NodeProcs:
 
 
 # What another node's view of the VM's /proc may read of a process here
-# (what ps, top, pgrep and pkill read); environ stays with its node.
-SHARED_FILES = ("stat", "status", "cmdline", "comm", "statm", "io", "wchan")
+# (what ps, top, pgrep and pkill read): files any user may read in a
+# local /proc.  environ and io stay with their node (the kernel lets only
+# the owner or a tracer read them).
+SHARED_FILES = ("stat", "status", "cmdline", "comm", "statm", "wchan")
 
 
 # -- reading a procfs ----------------------------------------------------------
