@@ -1,6 +1,7 @@
 """VM-wide processes: pids unique across nodes, signals between nodes with
 the kernel's semantics, `drvs ps` of the whole VM."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -54,6 +55,16 @@ def wait_pid_file(c, node, name, timeout=20):
     raise AssertionError(f"{path} never written")
 
 
+@contextlib.contextmanager
+def on_n2(c, mode: str, pidfile: str):
+    """sigtool MODE on n2 (started from n1), and its VM pid once it wrote it."""
+    proc = start(c, "n1", "/data/sigtool", mode, f"/data/{pidfile}", node="n2")
+    try:
+        yield proc, wait_pid_file(c, "n2", pidfile)
+    finally:
+        stop(proc)
+
+
 def stop(*procs):
     for p in procs:
         if p.poll() is None:
@@ -86,9 +97,7 @@ def test_wait_for_local_children_still_works(vm_cluster):
 
 def test_c_program_on_n1_signals_a_process_on_n2(vm_cluster):
     c = vm_cluster
-    waiter = start(c, "n1", "/data/sigtool", "wait", "/data/pid", node="n2")
-    try:
-        target = wait_pid_file(c, "n2", "pid")
+    with on_n2(c, "wait", "pid") as (waiter, target):
         assert target // SPAN == pid_index(c, "n2")
         p = run(c, "n1", "sh", "-c", f"/data/sigtool kill {target} 0 && /data/sigtool kill {target} {signal.SIGUSR2}"
                                      f" && /data/sigtool kill {target} {signal.SIGUSR1}; echo sender=$$")
@@ -100,17 +109,13 @@ def test_c_program_on_n1_signals_a_process_on_n2(vm_cluster):
         # A kill(2), as the kernel delivers one from outside the receiver's
         # pid namespace: SI_USER, sender pid 0.
         assert lines[1].split()[1:3] == ["from=0", "code=0"]
-    finally:
-        stop(waiter)
 
 
 def test_errors_are_the_kernels(vm_cluster):
     """ESRCH for a pid nobody has, EPERM for another user's process, EINVAL
     for a bad signal number: the same answers as on one node."""
     c = vm_cluster
-    waiter = start(c, "n1", "/data/sigtool", "wait", "/data/pid2", node="n2")
-    try:
-        target = wait_pid_file(c, "n2", "pid2")
+    with on_n2(c, "wait", "pid2") as (waiter, target):
         gone = pid_index(c, "n2") * SPAN + SPAN - 2  # in n2's range, never allocated
         unknown_node = 40 * SPAN + 5                 # a range no node holds
         p = run(c, "n1", "sh", "-c", f"/data/sigtool kill {gone} 0; /data/sigtool kill {unknown_node} 0; "
@@ -119,23 +124,17 @@ def test_errors_are_the_kernels(vm_cluster):
         p = run(c, "n1", "/data/sigtool", "kill", str(target), "15", opts=("-u", "1000"))
         assert (p.returncode, p.stdout) == (1, "EPERM\n")
         assert waiter.poll() is None  # nothing reached it
-    finally:
-        stop(waiter)
 
 
 def test_sigqueue_value_and_tgkill_cross_nodes(vm_cluster):
     c = vm_cluster
-    waiter = start(c, "n1", "/data/sigtool", "wait", "/data/pid3", node="n2")
-    try:
-        target = wait_pid_file(c, "n2", "pid3")
+    with on_n2(c, "wait", "pid3") as (waiter, target):
         p = run(c, "n1", "sh", "-c", f"/data/sigtool queue {target} {signal.SIGUSR2} 4242; "
                                      f"/data/sigtool tgkill {target + 1} {target} 10; "
                                      f"/data/sigtool tgkill {target} {target} {signal.SIGUSR1}")
         assert p.stdout.split() == ["ok", "ESRCH", "ok"], p.stdout + p.stderr
         out, _ = waiter.communicate(timeout=20)
         assert out.splitlines()[0].endswith("code=-1 value=4242")  # SI_QUEUE with the sender's value
-    finally:
-        stop(waiter)
 
 
 def test_kill_minus_one_reaches_every_node_but_spares_the_caller(vm_cluster):
@@ -218,28 +217,20 @@ print("done")
         pytest.skip("python3 needed in the jail")
     p = run(c, "n1", "python3", "-c", fuzz, timeout=120)
     assert (p.returncode, p.stdout) == (0, "done\n"), p.stderr
-    waiter = start(c, "n1", "/data/sigtool", "wait", "/data/pid4", node="n2")
-    try:
-        target = wait_pid_file(c, "n2", "pid4")
+    with on_n2(c, "wait", "pid4") as (waiter, target):
         assert run(c, "n1", "/data/sigtool", "kill", str(target), "10").stdout == "ok\n"
         waiter.wait(timeout=20)
-    finally:
-        stop(waiter)
 
 
 def test_bad_pointer_gives_efault(vm_cluster):
     c = vm_cluster
-    waiter = start(c, "n1", "/data/sigtool", "wait", "/data/pid5", node="n2")
-    try:
-        target = wait_pid_file(c, "n2", "pid5")
+    with on_n2(c, "wait", "pid5") as (waiter, target):
         code = ("import ctypes, os; libc = ctypes.CDLL(None, use_errno=True); "
                 f"r = libc.syscall(129, {target}, 10, ctypes.c_void_p(8)); "
                 "print(r, os.strerror(ctypes.get_errno()))")
         p = run(c, "n1", "python3", "-c", code)
         assert p.stdout == "-1 Bad address\n", p.stderr
         assert waiter.poll() is None
-    finally:
-        stop(waiter)
 
 
 def test_procps_in_the_jail_sees_and_ends_processes_of_other_nodes(vm_cluster):
@@ -310,9 +301,7 @@ def test_a_caller_killed_mid_call_leaves_the_supervisor_serving(vm_cluster):
     answer has nobody to go to, the caller's run ends, and once n2 answers
     again the next signal goes through."""
     c = vm_cluster
-    waiter = start(c, "n1", "/data/sigtool", "wait", "/data/pid6", node="n2")
-    try:
-        target = wait_pid_file(c, "n2", "pid6")
+    with on_n2(c, "wait", "pid6") as (waiter, target):
         assert run(c, "n1", "/data/sigtool", "kill", str(target), "0").stdout == "ok\n"  # the connection is open
         daemon = c.node("n2")["pid"]
         os.kill(daemon, signal.SIGSTOP)
@@ -329,8 +318,6 @@ def test_a_caller_killed_mid_call_leaves_the_supervisor_serving(vm_cluster):
             time.sleep(0.2)
         assert run(c, "n1", "/data/sigtool", "kill", str(target), str(signal.SIGUSR1)).stdout == "ok\n"
         assert waiter.wait(timeout=20) == 0
-    finally:
-        stop(waiter)
 
 
 def test_a_remote_signal_is_sent_once_even_when_the_caller_is_interrupted(vm_cluster):
@@ -338,9 +325,7 @@ def test_a_remote_signal_is_sent_once_even_when_the_caller_is_interrupted(vm_clu
     SA_RESTART signal.  The call must not be restarted (and the signal sent
     again): the target counts exactly one queued SIGRTMIN."""
     c = vm_cluster
-    counter = start(c, "n1", "/data/sigtool", "count", "/data/pid7", node="n2")
-    try:
-        target = wait_pid_file(c, "n2", "pid7")
+    with on_n2(c, "count", "pid7") as (counter, target):
         assert run(c, "n1", "/data/sigtool", "kill", str(target), "0").stdout == "ok\n"  # connection open
         rtmin = signal.SIGRTMIN
         daemon = c.node("n2")["pid"]
@@ -356,5 +341,3 @@ def test_a_remote_signal_is_sent_once_even_when_the_caller_is_interrupted(vm_clu
         assert run(c, "n1", "/data/sigtool", "kill", str(target), str(signal.SIGUSR1)).stdout == "ok\n"
         out, _ = counter.communicate(timeout=20)
         assert out == "count=1\n"
-    finally:
-        stop(counter)
