@@ -24,6 +24,7 @@
 #include <linux/capability.h>
 #include <linux/mount.h>
 #include <linux/openat2.h>
+#include <linux/sched.h>
 #include <net/if.h>
 #include <sched.h>
 #include <signal.h>
@@ -599,7 +600,7 @@ static _Noreturn void program_main(const struct run_config *cfg)
                 die(cfg->err_fd, JAIL_EXIT_SETUP, "stdio", NULL);
     if (cfg->tty)
         setup_pty(cfg);
-    else if (setsid() < 0)
+    else if (cfg->pgid <= 0 && setsid() < 0) /* in a group: stay in the anchor's session and group */
         die(cfg->err_fd, JAIL_EXIT_SETUP, "setsid", NULL);
     drop_privileges(cfg);
     if (cfg->notify_sock >= 0)
@@ -608,6 +609,92 @@ static _Noreturn void program_main(const struct run_config *cfg)
     if (syscall(SYS_close_range, 3, ~0U, CLOSE_RANGE_CLOEXEC) < 0)
         die(cfg->err_fd, JAIL_EXIT_SETUP, "close-fds", NULL);
     exec_program(cfg);
+}
+
+/* ---- an empty root (the cell init, a group anchor) --------------------- */
+
+/* A process of the cell that needs nothing of the host's files gets an
+ * empty read-only root in a mount namespace of its own, and is made not
+ * dumpable: a jailed program that may ptrace cannot reach the host through
+ * its /proc/PID/root, and no host mount stays pinned.  NULL, or the step
+ * that failed. */
+static const char *enter_empty_root(const char *rootdir)
+{
+    if (unshare(CLONE_NEWNS) < 0)
+        return "init-unshare-mount-namespace";
+    if (mount(NULL, "/", NULL, MS_REC | MS_SLAVE, NULL) < 0)
+        return "init-make-rslave";
+    if (mount("tmpfs", rootdir, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, "size=4k,mode=0555") < 0)
+        return "init-root";
+    if (chdir(rootdir) < 0 || syscall(SYS_pivot_root, ".", ".") < 0 || umount2(".", MNT_DETACH) < 0 ||
+        chdir("/") < 0)
+        return "init-pivot-root";
+    if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0)
+        return "init-not-dumpable";
+    return NULL;
+}
+
+/* ---- a process group of another node ----------------------------------- */
+
+/* A run may join a process group whose leader is on another node: the
+ * group's id is that leader's VM pid, from the other node's range, so it
+ * is free here.  The keeper forks an *anchor* with exactly that pid
+ * (clone3 set_tid): it starts a session and group with it, forks the
+ * program into them, and waits.  kill(-pgid) from any node then reaches
+ * the program too.  The anchor ignores the group's signals (its program
+ * gets its own copy); signals the keeper forwards carry a mark. */
+#define ANCHOR_FORWARD 0x64727673 /* "drvs" */
+
+static pid_t fork_with_pid(pid_t pid)
+{
+    pid_t tid[1] = {pid};
+    struct clone_args args;
+    memset(&args, 0, sizeof args);
+    args.exit_signal = SIGCHLD;
+    args.set_tid = (uintptr_t)tid;
+    args.set_tid_size = 1;
+    return (pid_t)syscall(SYS_clone3, &args, sizeof args);
+}
+
+static _Noreturn void program_main(const struct run_config *cfg);
+static int wait_status_code(int status);
+
+static _Noreturn void anchor_main(const struct run_config *cfg)
+{
+    reset_signals();
+    prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+    if (setsid() < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "group-anchor-session", NULL);
+    pid_t prog = fork();
+    if (prog < 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, "fork-program", NULL);
+    if (prog == 0)
+        program_main(cfg);
+    prctl(PR_SET_NAME, "drvs-group", 0, 0, 0);
+    /* Nothing of the caller's stays open here: the failure pipe must see
+     * EOF when the program execs. */
+    sigset_t all;
+    sigfillset(&all);
+    sigprocmask(SIG_SETMASK, &all, NULL);
+    syscall(SYS_close_range, 3, ~0U, 0);
+    int null = open("/dev/null", O_RDWR | O_CLOEXEC);
+    for (int fd = 0; fd < 3 && null >= 0; fd++)
+        dup2(null, fd);
+    if (enter_empty_root(cfg->rootdir)) {
+        kill(prog, SIGKILL);
+        _exit(JAIL_EXIT_SETUP);
+    }
+    for (;;) {
+        siginfo_t si;
+        int sig = sigwaitinfo(&all, &si);
+        if (sig == SIGCHLD) {
+            int status;
+            if (waitpid(prog, &status, WNOHANG) == prog)
+                _exit(wait_status_code(status));
+        } else if (sig > 0 && si.si_code == SI_QUEUE && si.si_value.sival_int == ANCHOR_FORWARD) {
+            kill(prog, sig);
+        }
+    }
 }
 
 /* ---- the keeper -------------------------------------------------------- */
@@ -651,11 +738,14 @@ static _Noreturn void keeper_main(const struct run_config *cfg, pid_t parent)
      * program's processes only). */
     if (setns(cfg->cell_pidfd, CLONE_NEWPID) < 0)
         die(cfg->err_fd, JAIL_EXIT_SETUP, "setns-cell-pid", NULL);
-    pid_t child = fork();
+    pid_t child = cfg->pgid > 0 ? fork_with_pid(cfg->pgid) : fork();
     if (child < 0)
-        die(cfg->err_fd, JAIL_EXIT_SETUP, "fork-program", NULL);
-    if (child == 0)
+        die(cfg->err_fd, JAIL_EXIT_SETUP, cfg->pgid > 0 ? "group-anchor" : "fork-program", NULL);
+    if (child == 0) {
+        if (cfg->pgid > 0)
+            anchor_main(cfg);
         program_main(cfg);
+    }
     /* Keep nothing of the caller's: an inherited descriptor would hold its
      * locks (the cell's flock) and pipes open for as long as the run lasts. */
     close_fds_except(cfg->n_procs > 0 ? cfg->procs_fds[0] : -1);
@@ -673,7 +763,10 @@ static _Noreturn void keeper_main(const struct run_config *cfg, pid_t parent)
             parent_gone = 1;
             kill(child, SIGKILL);
         } else {
-            kill(child, sig);
+            if (cfg->pgid > 0)
+                sigqueue(child, sig, (union sigval){.sival_int = ANCHOR_FORWARD});
+            else
+                kill(child, sig);
         }
     }
     if ((cfg->kill_leftovers || parent_gone) && cfg->n_procs > 0)
@@ -745,30 +838,27 @@ static void keep_only_fds3(int a, int b, int c)
 /* ---- the cell's pid range ---------------------------------------------- */
 
 /* A VM's pids are unique across its nodes because each node's cell
- * allocates from its own range: pid_max (per pid namespace since Linux
- * 6.14) caps it, ns_last_pid starts it.  Both sysctls act on the writer's
- * pid namespace, so the init writes them (and keeps ns_last_pid open to
- * bring allocation back to the start before it runs into the cap). */
+ * allocates from its own range: ns_last_pid starts it there (the sysctl
+ * acts on the writer's pid namespace, so the init writes it, and keeps it
+ * open to bring allocation back to the start in time).  pid_max is left at
+ * the namespace's own, the largest (Linux 6.14+): a cell may hold pids of
+ * other ranges too, the anchors of other nodes' process groups. */
 static int set_pid_range(const struct cell_config *cfg, int ready_fd)
 {
     if (!cfg->pid_top)
         return -1;
     char buf[32];
-    int fd = open("/proc/sys/kernel/pid_max", O_WRONLY | O_CLOEXEC);
-    int n = snprintf(buf, sizeof buf, "%u", cfg->pid_top);
-    if (fd < 0 || write(fd, buf, (size_t)n) != n)
-        die(ready_fd, JAIL_EXIT_SETUP, "pid-range-max", "/proc/sys/kernel/pid_max");
-    close(fd);
-    fd = open("/proc/sys/kernel/ns_last_pid", O_RDWR | O_CLOEXEC);
-    n = snprintf(buf, sizeof buf, "%u", cfg->pid_base);
+    int fd = open("/proc/sys/kernel/ns_last_pid", O_RDWR | O_CLOEXEC);
+    int n = snprintf(buf, sizeof buf, "%u", cfg->pid_base);
     if (fd < 0 || write(fd, buf, (size_t)n) != n)
         die(ready_fd, JAIL_EXIT_SETUP, "pid-range-start", "/proc/sys/kernel/ns_last_pid");
     return fd;
 }
 
 /* Past three quarters of the range, start again from its base: the kernel
- * skips pids still in use, and never has to wrap to the low pids (which
- * would leave the range). */
+ * skips pids still in use, and a quarter of the range (16384 pids, far more
+ * than a node forks in RANGE_CHECK_MS) stays between allocation and the
+ * next node's range. */
 static void keep_pid_range(const struct cell_config *cfg, int fd)
 {
     char buf[32];
@@ -833,17 +923,9 @@ static void name_process(const char *vm)
  * dumpable (its memory is the forked caller's). */
 static void isolate_init(const struct cell_config *cfg, int ready_fd)
 {
-    if (unshare(CLONE_NEWNS) < 0)
-        die(ready_fd, JAIL_EXIT_SETUP, "init-unshare-mount-namespace", NULL);
-    if (mount(NULL, "/", NULL, MS_REC | MS_SLAVE, NULL) < 0)
-        die(ready_fd, JAIL_EXIT_SETUP, "init-make-rslave", "/");
-    if (mount("tmpfs", cfg->rootdir, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, "size=4k,mode=0555") < 0)
-        die(ready_fd, JAIL_EXIT_SETUP, "init-root", cfg->rootdir);
-    if (chdir(cfg->rootdir) < 0 || syscall(SYS_pivot_root, ".", ".") < 0 || umount2(".", MNT_DETACH) < 0 ||
-        chdir("/") < 0)
-        die(ready_fd, JAIL_EXIT_SETUP, "init-pivot-root", cfg->rootdir);
-    if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0)
-        die(ready_fd, JAIL_EXIT_SETUP, "init-not-dumpable", NULL);
+    const char *failed = enter_empty_root(cfg->rootdir);
+    if (failed)
+        die(ready_fd, JAIL_EXIT_SETUP, failed, cfg->rootdir);
 }
 
 /* Whether the idle check's period has passed since the last one. */

@@ -90,6 +90,7 @@ struct run_config {
     const int *notify_calls;     /* the calls it sends to the supervisor (argument 0: a pid) */
     int n_notify_calls;
     unsigned pid_base, pid_top;  /* the cell's pid range: signals inside it stay in the kernel */
+    int pgid;                    /* > 0: join this process group of another node (an anchor holds it) */
 };
 
 /* Fork a helper that clones the cell init into new namespaces and exits, so

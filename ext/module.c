@@ -262,7 +262,8 @@ static PyObject *py_spawn_run(PyObject *self, PyObject *spec)
         get_fds(&a, spec, "stdio", &stdio, &cfg.n_stdio) < 0 ||
         get_int(spec, "notify_sock", &cfg.notify_sock) < 0 ||
         get_fds(&a, spec, "notify_calls", &notify_calls, &cfg.n_notify_calls) < 0 ||
-        get_uint(spec, "pid_base", &cfg.pid_base) < 0 || get_uint(spec, "pid_top", &cfg.pid_top) < 0)
+        get_uint(spec, "pid_base", &cfg.pid_base) < 0 || get_uint(spec, "pid_top", &cfg.pid_top) < 0 ||
+        get_int(spec, "pgid", &cfg.pgid) < 0)
         goto out;
     cfg.stdio_fds = stdio;
     cfg.notify_calls = notify_calls;

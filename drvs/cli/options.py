@@ -23,6 +23,12 @@ def typed(fn):
     return convert
 
 
+def _pgid(text: str) -> int:
+    if not text.isdigit() or not 1 < int(text) < 1 << 22:
+        raise UsageError(f"invalid process group {text!r}: expected a VM pid (see drvs ps)")
+    return int(text)
+
+
 def _pids(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise UsageError(f"invalid pids limit {text!r}: expected a positive number")
@@ -60,6 +66,8 @@ def add_run_options(p: argparse.ArgumentParser, *, with_vm: bool = True) -> None
     p.add_argument("-d", "--detach", action="store_true", help="run in the background; print the run's id")
     p.add_argument("--node", dest="run_node", default=None, metavar="NAME",
                    help="run on node NAME of this node's cluster")
+    p.add_argument("--pgid", type=typed(_pgid), default=0, metavar="PGID",
+                   help="run in process group PGID of another node of the VM (kill -PGID then reaches it)")
     add_limit_options(p)
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="CMD [ARGS...]")
 
@@ -123,4 +131,4 @@ def run_options(args, *, login: bool = False) -> RunOptions:
         argv=argv, env=_env(args.env), cwd=args.workdir or ("/root" if login else "/data"),
         binds=args.volume, tty=args.tty, interactive=args.interactive or login,
         limits=limits_from(args), net_host=args.net == "host", uid=uid, gid=gid, groups=groups,
-        caps=_caps(args.cap_add, args.cap_drop), detached=args.detach)
+        caps=_caps(args.cap_add, args.cap_drop), detached=args.detach, pgid=getattr(args, "pgid", 0))

@@ -147,14 +147,20 @@ class ProcView(pyfuse3.Operations):
             cp = self.procs.proc(vm)
         except IpcError:
             return []
-        return [] if cp is None else [os.fsencode(n) for n in os.listdir(cp.fd)]
+        return [] if cp is None else [os.fsencode(n) for n in os.listdir(cp.fd) if self._mine(n)]
+
+    def _mine(self, name) -> bool:
+        """Not a pid, or one of this node's (a group anchor's pid is its
+        leader's, on another node)."""
+        name = os.fsdecode(name)
+        return not name.isdigit() or self.procs.owns(int(name)) or name == "1"
 
     def _local_has(self, vm: str, name: bytes) -> bool:
         """Whether the cell's own proc has name (also a thread's id, which
         its listing leaves out)."""
         try:
             cp = self.procs.proc(vm)
-            if cp is None:
+            if cp is None or not self._mine(name):
                 return False
             os.stat(name, dir_fd=cp.fd, follow_symlinks=False)
             return True

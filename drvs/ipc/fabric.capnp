@@ -60,6 +60,7 @@ struct RunRequest {
   pidsLimit @10 :UInt32;       # 0: no limit
   netHost @11 :Bool;
   node @12 :Text;              # the node to run on; empty: the serving node
+  pgid @13 :Int32;             # > 0: join this process group of another node (drvs-run --pgid)
 }
 
 interface Process {

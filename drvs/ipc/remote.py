@@ -53,6 +53,7 @@ async def _run(path: str, node: str, vm: str, opts):
         for i, (k, v) in enumerate(opts.env.items()):
             env[i] = f"{k}={v}"
         r.tty, r.interactive, r.netHost = opts.tty, opts.interactive, opts.net_host
+        r.pgid = opts.pgid
         r.cpus = opts.limits.cpus or 0.0
         r.memory = opts.limits.memory or 0
         r.pidsLimit = opts.limits.pids or 0

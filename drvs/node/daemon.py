@@ -113,15 +113,15 @@ async def _start_dvos(cfg, info, etcd, fabric, member, nursery) -> tuple[int, in
         raise SetupError(f"this kernel cannot serve DVOS system calls ({e.filename}: {e.strerror}): "
                          "seccomp user notification is needed (Linux 5.0 or later)") from None
     if not pidrange.kernel_has_pid_max_per_namespace():
-        # Before 6.14 pid_max is one host-wide value: a cell would change the
-        # whole host's, and the ranges would not hold.
+        # Before 6.14 pid_max is one host-wide value, often too small for
+        # the ranges (since 6.14 a new pid namespace may use every pid).
         raise SetupError(f"VM-wide pids need Linux 6.14 or later (pid_max per pid namespace); "
                          f"this is {os.uname().release}")
     if info.get("pid_index") != member.pid_index:
         # drvs-run reads it from here when it creates a cell itself.
         info["pid_index"] = member.pid_index
         _write_json(f"{cfg.state_dir}/cluster.json", info)
-    procs = NodeProcs(cfg, info["node"])
+    procs = NodeProcs(cfg, info["node"], member.pid_index)
     await fabric.register(f"procs@{info['node']}", procs.handle, procs.fast)
     supervisor = Supervisor(cfg, info["node"], fabric, etcd, procs, member.pid_index)
     await nursery.start(supervisor.serve)

@@ -50,7 +50,7 @@ class RemoteRun:
         limits = Limits(cpus=r["cpus"] or None, memory=r["memory"] or None, pids=r["pidsLimit"] or None)
         return jail.RunOptions(argv=list(r["argv"]), env=env, cwd=r["workdir"] or "/data", tty=r["tty"],
                                interactive=r["interactive"], limits=limits, net_host=r["netHost"],
-                               stdio=stdio, rows=r["rows"], cols=r["cols"])
+                               stdio=stdio, rows=r["rows"], cols=r["cols"], pgid=r["pgid"])
 
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Start the program, pump its output, wait for its end."""
@@ -209,4 +209,4 @@ def request_dict(r) -> dict:
     """A RunRequest reader, copied out (readers die with their message)."""
     return {"vm": r.vm, "argv": list(r.argv), "env": list(r.env), "workdir": r.workdir, "tty": r.tty,
             "interactive": r.interactive, "rows": r.rows, "cols": r.cols, "cpus": r.cpus, "memory": r.memory,
-            "pidsLimit": r.pidsLimit, "netHost": r.netHost, "node": r.node}
+            "pidsLimit": r.pidsLimit, "netHost": r.netHost, "node": r.node, "pgid": r.pgid}

@@ -14,7 +14,7 @@ import time
 from collections import namedtuple
 
 from ..config import Config
-from ..errors import DrvsError, PermissionDenied, SetupError
+from ..errors import DrvsError, PermissionDenied, SetupError, UsageError
 from ..units import format_size
 from ..vm.model import Limits, VmSpec
 from . import cell as cells
@@ -48,11 +48,12 @@ class ProgramError(DrvsError):
 
 class RunOptions(namedtuple(
         "RunOptions", "argv env cwd binds tty interactive limits net_host uid gid groups caps detached stdio "
-        "rows cols",
-        defaults=({}, "/data", (), False, False, Limits(), False, 0, 0, (), DEFAULT_CAPS, False, (), 0, 0))):
+        "rows cols pgid",
+        defaults=({}, "/data", (), False, False, Limits(), False, 0, 0, (), DEFAULT_CAPS, False, (), 0, 0, 0))):
     """What a user asked of one run (the drvs-run options).  stdio: three fds
     for the program's 0, 1, 2 (default: the caller's own); rows and cols:
-    the terminal's size with -t when the caller's stdin is not it."""
+    the terminal's size with -t when the caller's stdin is not it; pgid: a
+    process group of another node of the VM to run in."""
 
     __slots__ = ()
 
@@ -193,7 +194,9 @@ class Run:
         if self.pid_range[1]:
             from ..dvos.syscalls import NOTIFIED
 
-            spec = spec._replace(notify_calls=NOTIFIED)
+            spec = spec._replace(notify_calls=NOTIFIED, pgid=self._group())
+        elif self.opts.pgid:
+            raise UsageError("--pgid: this node is in no cluster (process groups of other nodes need one)")
         try:
             # A cluster node's runs have VM-wide pids and reach the other
             # nodes' processes through the supervisor.
@@ -221,6 +224,21 @@ class Run:
             from ..dvos import supervisor
 
             (self.supervise or supervisor.hand_over)(self.cfg, self.vm.name, listener)
+
+    def _group(self) -> int:
+        """The --pgid to join, checked: only another node's group can be
+        (this node's own are the kernel's, joined from inside the VM)."""
+        pgid = self.opts.pgid
+        if not pgid:
+            return 0
+        from ..dvos import pidrange
+
+        index = pidrange.index_of(pgid)
+        if index == 0 or pidrange.bounds(index) == self.pid_range:
+            raise UsageError(f"--pgid {pgid}: not a process group of another node of the VM")
+        if self.opts.tty:
+            raise UsageError("--pgid and -t do not go together (a terminal needs its own session)")
+        return pgid
 
     def _write_record(self) -> None:
         os.makedirs(self.cfg.runs_dir, exist_ok=True)

@@ -25,8 +25,8 @@ CellSpec = namedtuple("CellSpec", "hostname init_procs_fds lock_fd rootdir new_n
 RunSpec = namedtuple(
     "RunSpec",
     "cell_pidfd ns_flags procs_fds rootdir steps argv envp path cwd caps_keep cap_last "
-    "uid gid groups tty rows cols tty_sock err_fd kill_leftovers stdio notify_sock notify_calls pid_base pid_top",
-    defaults=(0, 0, (), 0, 0, 0, -1, -1, 1, (), -1, (), 0, 0))
+    "uid gid groups tty rows cols tty_sock err_fd kill_leftovers stdio notify_sock notify_calls pid_base pid_top pgid",
+    defaults=(0, 0, (), 0, 0, 0, -1, -1, 1, (), -1, (), 0, 0, 0))
 
 
 def describe(code: int, step: str, detail: str, err: int) -> str:

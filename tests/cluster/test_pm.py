@@ -35,8 +35,8 @@ def run(c, via, *args, node=None, timeout=30, opts=()):
     return subprocess.run(argv, env={**c.env, "DRVS_NODE": via}, capture_output=True, text=True, timeout=timeout)
 
 
-def start(c, via, *args, node=None):
-    argv = [str(BIN / "drvs-run"), "--vm", "web"] + (["--node", node] if node else []) + ["--", *args]
+def start(c, via, *args, node=None, opts=()):
+    argv = [str(BIN / "drvs-run"), "--vm", "web", *opts] + (["--node", node] if node else []) + ["--", *args]
     return subprocess.Popen(argv, env={**c.env, "DRVS_NODE": via}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -341,3 +341,40 @@ def test_a_remote_signal_is_sent_once_even_when_the_caller_is_interrupted(vm_clu
         assert run(c, "n1", "/data/sigtool", "kill", str(target), str(signal.SIGUSR1)).stdout == "ok\n"
         out, _ = counter.communicate(timeout=20)
         assert out == "count=1\n"
+
+
+@pytest.mark.parametrize("lead, join", [("n1", "n2"), ("n2", "n1")])
+def test_a_process_group_spanning_both_nodes(vm_cluster, lead, join):
+    """A group led on one node; `drvs-run --node OTHER --pgid G` puts a
+    program of the other node in it.  ps shows both in group G, and kill(-G)
+    from a jail ends both (whichever node's range G is in)."""
+    c = vm_cluster
+    leader = start(c, "n1", "sh", "-c", "echo $$ > /data/pg; exec sleep 60", node=lead)
+    try:
+        pgid = wait_pid_file(c, lead, "pg")
+        member = start(c, "n1", "sleep", "61", node=join, opts=("--pgid", str(pgid)))
+        try:
+            deadline = time.monotonic() + 20
+            while len([r for r in ps(c, "n1") if r["pgid"] == pgid]) < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            rows = {r["command"]: r for r in ps(c, "n1") if r["pgid"] == pgid}
+            assert rows["sleep 60"]["node"] == lead and rows["sleep 61"]["node"] == join, rows
+            assert rows["sleep 61"]["pid"] // SPAN == pid_index(c, join)  # its own pid stays its node's
+            p = run(c, "n1", "sh", "-c", "ps -eo pgid=,comm= | sort")
+            assert sorted(line.split()[1] for line in p.stdout.splitlines()
+                          if line.split()[0] == str(pgid)) == ["sleep", "sleep"], p.stdout
+            assert run(c, "n1", "/data/sigtool", "kill", str(-pgid), "15").stdout == "ok\n"
+            assert leader.wait(timeout=20) == 128 + signal.SIGTERM
+            assert member.wait(timeout=20) == 128 + signal.SIGTERM
+        finally:
+            stop(member)
+    finally:
+        stop(leader)
+
+
+def test_pgid_must_be_another_nodes_group(vm_cluster):
+    c = vm_cluster
+    own = pid_index(c, "n1") * SPAN + 5
+    for bad, why in ((str(own), "not a process group of another node"), ("1", "invalid process group")):
+        p = run(c, "n1", "true", node="n1", opts=("--pgid", bad))
+        assert p.returncode == 2 and why in p.stderr, p.stderr

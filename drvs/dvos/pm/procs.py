@@ -12,6 +12,7 @@ import os
 import time
 
 from ... import _sys
+from .. import pidrange
 from ...ipc.message import IpcError, Msg
 from ...ipc.schema import pm
 from ...ns import cell as cells
@@ -51,8 +52,9 @@ class CellProc:
 class NodeProcs:
     """Endpoint procs@NODE: one message table over this node's cells."""
 
-    def __init__(self, cfg, node: str):
-        self.cfg, self.node = cfg, node
+    def __init__(self, cfg, node: str, pid_index: int = 0):
+        """pid_index: this node's pid range (0: none, a single node)."""
+        self.cfg, self.node, self.pid_index = cfg, node, pid_index
         self.cells: dict[str, CellProc] = {}
         self.boot = _boot_time()
         # Everything here is a few reads of procfs: all of it is served on
@@ -98,6 +100,13 @@ class NodeProcs:
         self.cells[vm] = CellProc(cell.init_pid, cell.init_pidfd, fd)
         return self.cells[vm]
 
+    def owns(self, pid: int) -> bool:
+        """Whether pid is one of this node's VM pids (not pid 1, nor the
+        anchor of another node's process group, whose pid is that group's)."""
+        if pid == 1:
+            return False
+        return not self.pid_index or pidrange.index_of(pid) == self.pid_index
+
     # -- signal ---------------------------------------------------------------
 
     def signal(self, msg: Msg) -> Msg:
@@ -114,7 +123,7 @@ class NodeProcs:
         if req.pid > 0:
             targets = [req.pid]
         else:
-            targets = [p for p in _pids(cp.fd) if p != 1]
+            targets = [p for p in _pids(cp.fd) if self.owns(p)]  # not the init, nor group anchors
             if req.pid < -1:
                 targets = [p for p in targets if _pgid(cp.fd, p) == -req.pid]
             elif req.caller.node == self.node:
@@ -176,8 +185,8 @@ class NodeProcs:
             return []
         rows = []
         for pid in _pids(cp.fd):
-            if pid == 1:
-                continue  # the cell's init is DRVS's, not the VM's
+            if not self.owns(pid):
+                continue  # the cell's init, a group's anchor: DRVS's, not the VM's
             st = _stat(cp.fd, pid)
             if st is None:
                 continue
