@@ -13,8 +13,8 @@ setup(
         ),
         Extension(
             "drvs._sys",
-            sources=["ext/sysmodule.c", "ext/fastpath.c"],
-            depends=["ext/fastpath.h"],
+            sources=["ext/sysmodule.c", "ext/fastpath.c", "ext/seccomp.c"],
+            depends=["ext/fastpath.h", "ext/seccomp.h"],
             libraries=["pthread"],
             extra_compile_args=CFLAGS,
         ),

@@ -2,7 +2,9 @@
  * lacks: the seccomp user-notification listener (receive, respond, id
  * valid), reads of a caller's memory, signals with a siginfo through a
  * pidfd, a detached procfs of another pid namespace, and the C thread that
- * receives a listener's notifications (fastpath.c).
+ * receives a listener's notifications (fastpath.c); for supervisors of
+ * their own (and tests): a filter in this thread, blocking receive, addfd,
+ * writes to the caller's memory.
  *
  * Each function is one kernel step and raises OSError naming it. */
 #define PY_SSIZE_T_CLEAN
@@ -16,11 +18,17 @@
 #include <signal.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
 #include "fastpath.h"
+#include "seccomp.h"
+
+#ifndef SECCOMP_ADDFD_FLAG_SEND
+#define SECCOMP_ADDFD_FLAG_SEND (1UL << 1)
+#endif
 
 
 #ifndef PIDFD_SIGNAL_THREAD
@@ -121,6 +129,101 @@ static PyObject *py_read_mem(PyObject *self, PyObject *args)
         return os_error("process-vm-readv");
     }
     return out;
+}
+
+/* write_mem(pid, addr, data): into the caller's memory (a served call's
+ * results); EFAULT for a bad pointer.  Check the notification is still
+ * valid first: the pid may have been reused. */
+static PyObject *py_write_mem(PyObject *self, PyObject *args)
+{
+    (void)self;
+    int pid;
+    unsigned long long addr;
+    Py_buffer data;
+    if (!PyArg_ParseTuple(args, "iKy*", &pid, &addr, &data))
+        return NULL;
+    struct iovec local = {data.buf, (size_t)data.len};
+    struct iovec remote = {(void *)(uintptr_t)addr, (size_t)data.len};
+    ssize_t n = process_vm_writev(pid, &local, 1, &remote, 1, 0);
+    Py_ssize_t want = data.len;
+    PyBuffer_Release(&data);
+    if (n != want) {
+        if (n >= 0)
+            errno = EFAULT;
+        return os_error("process-vm-writev");
+    }
+    Py_RETURN_NONE;
+}
+
+/* recv(fd) -> (id, pid, nr, arch, (a0..a5)): one notification, blocking
+ * (a supervisor of its own; drvmmd's go through fastpath_*). */
+static PyObject *py_recv(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    int fd = (int)PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    struct seccomp_notif req;
+    memset(&req, 0, sizeof req);
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = ioctl(fd, SECCOMP_IOCTL_NOTIF_RECV, &req);
+    Py_END_ALLOW_THREADS
+    if (rc < 0)
+        return os_error("seccomp-notif-recv");
+    const __u64 *a = req.data.args;
+    return Py_BuildValue("(KIiI(KKKKKK))", (unsigned long long)req.id, req.pid, req.data.nr, req.data.arch,
+                         (unsigned long long)a[0], (unsigned long long)a[1], (unsigned long long)a[2],
+                         (unsigned long long)a[3], (unsigned long long)a[4], (unsigned long long)a[5]);
+}
+
+/* addfd(fd, id, srcfd, send) -> the fd number in the caller.  send: that
+ * number is also the call's result (answered atomically, Linux 5.14+). */
+static PyObject *py_addfd(PyObject *self, PyObject *args)
+{
+    (void)self;
+    int fd, srcfd, send;
+    unsigned long long id;
+    if (!PyArg_ParseTuple(args, "iKip", &fd, &id, &srcfd, &send))
+        return NULL;
+    struct seccomp_notif_addfd add;
+    memset(&add, 0, sizeof add);
+    add.id = id;
+    add.srcfd = (__u32)srcfd;
+    add.newfd_flags = O_CLOEXEC;
+    add.flags = send ? SECCOMP_ADDFD_FLAG_SEND : 0;
+    int rc = ioctl(fd, SECCOMP_IOCTL_NOTIF_ADDFD, &add);
+    if (rc < 0)
+        return os_error("seccomp-notif-addfd");
+    return PyLong_FromLong(rc);
+}
+
+/* listen(nrs) -> listener: install a filter sending these calls (all of
+ * them) to a supervisor, in the calling thread; sets no_new_privs. */
+static PyObject *py_listen(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    int nrs[SECCOMP_MAX_NOTIFIED];
+    PyObject *seq = PySequence_Fast(arg, "listen: a sequence of system-call numbers");
+    if (!seq)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n > SECCOMP_MAX_NOTIFIED) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "listen: too many calls");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        nrs[i] = (int)PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+    Py_DECREF(seq);
+    if (PyErr_Occurred())
+        return NULL;
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+        return os_error("no-new-privs");
+    int fd = seccomp_install_notify(nrs, (int)n, 0, 0); /* an empty range: every pid is notified */
+    if (fd < 0)
+        return os_error("seccomp-filter");
+    return PyLong_FromLong(fd);
 }
 
 /* pidfd_signal(pidfd, sig, info: bytes|None, thread: bool) */
@@ -280,8 +383,8 @@ static PyObject *py_fastpath_stop(PyObject *self, PyObject *cap)
     Py_RETURN_NONE;
 }
 
-/* The numbers of the calls drvs/dvos/syscalls.py names, from this
- * machine's headers (the table itself stays in Python). */
+/* The numbers of the calls drvs/dvos/syscalls.py names (and a few tests
+ * use), from this machine's headers (the table itself stays in Python). */
 #define NR(name) {#name, SYS_##name}
 static const struct {
     const char *name;
@@ -294,7 +397,7 @@ static const struct {
     NR(fork), NR(vfork), NR(getpgrp),
 #endif
     NR(execve), NR(exit_group), NR(ptrace), NR(process_vm_readv), NR(process_vm_writev),
-    NR(sched_setaffinity), NR(getpriority), NR(setpriority), NR(prlimit64),
+    NR(sched_setaffinity), NR(getpriority), NR(setpriority), NR(prlimit64), NR(uname),
 };
 #undef NR
 
@@ -303,6 +406,10 @@ static PyMethodDef methods[] = {
     {"id_valid", py_id_valid, METH_VARARGS, "Is the notification still pending (caller alive, same call)?"},
     {"probe", py_probe, METH_NOARGS, "Check that seccomp user notification is available."},
     {"read_mem", py_read_mem, METH_VARARGS, "Read another process's memory."},
+    {"write_mem", py_write_mem, METH_VARARGS, "Write another process's memory."},
+    {"recv", py_recv, METH_O, "Receive one notification (blocking)."},
+    {"addfd", py_addfd, METH_VARARGS, "Put a descriptor into the caller (optionally as the call's result)."},
+    {"listen", py_listen, METH_O, "Install a notifying filter in this thread; returns the listener."},
     {"pidfd_signal", py_pidfd_signal, METH_VARARGS, "Signal through a pidfd, with an optional siginfo."},
     {"open_procfs", py_open_procfs, METH_O, "A detached procfs of the given pid namespace."},
     {"fastpath_start", py_fastpath_start, METH_VARARGS, "Serve a listener's simple calls in a C thread."},
