@@ -21,11 +21,13 @@ import trio
 
 from .. import _sys
 from ..errors import SetupError
+from ..ipc.bridge import future_of
 from ..ipc.fabric import run_fast
 from ..ipc.message import IpcError, Msg
 from ..ipc.schema import pm
 from . import pidrange, syscalls
 from .pm import server
+from .pm.procs import status_field
 
 log = logging.getLogger("drvmmd")
 CAP_KILL = 5
@@ -58,22 +60,22 @@ class Caller:
     @classmethod
     def read(cls, host_pid: int) -> "Caller | None":
         try:
-            with open(f"/proc/{host_pid}/status", "rb") as f:
-                raw = f.read()
+            fd = os.open(f"/proc/{host_pid}/status", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                raw = os.read(fd, 8192)
+            finally:
+                os.close(fd)
         except OSError:
             return None
-        fields = {}
-        for line in raw.decode(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            fields[key] = value.split()
         c = cls()
         c.host_pid = host_pid
         try:
-            c.pid = int(fields["NStgid"][-1])  # the innermost pid namespace: the cell's, the VM pid
-            c.pgid = int(fields["NSpgid"][-1])
-            c.uid, c.euid = int(fields["Uid"][0]), int(fields["Uid"][1])
-            c.cap_kill = bool(int(fields["CapEff"][0], 16) >> CAP_KILL & 1)
-        except (KeyError, IndexError, ValueError):
+            c.pid = int(status_field(raw, b"NStgid").split()[-1])  # the innermost pid namespace: the VM pid
+            c.pgid = int(status_field(raw, b"NSpgid").split()[-1])
+            uids = status_field(raw, b"Uid").split()
+            c.uid, c.euid = int(uids[0]), int(uids[1])
+            c.cap_kill = bool(int(status_field(raw, b"CapEff"), 16) >> CAP_KILL & 1)
+        except (IndexError, ValueError):
             return None
         return c
 
@@ -243,9 +245,16 @@ class Supervisor:
         rpc.target = f"procs@{node}"
         Msg(pm.PmCall.signal, req.to_bytes_packed()).fill(rpc.init("msg"))
         rpc.timeoutMs = int(FORWARD_TIMEOUT * 1000)
-        promise = rpc.send()
+        fut, value = future_of(rpc.send())
         self._inflight[fd] = self._inflight.get(fd, 0) + 1
-        asyncio.ensure_future(self._forwarded(fd, nid, node, peer, promise, lambda: retry(notif)))
+        again = lambda: retry(notif)  # noqa: E731
+        if fut is None:  # answered already
+            self._forwarded(fd, nid, node, peer, again, value, None)
+            return True
+        # The reply is awaited with a callback and a timer, not a task: on
+        # this path every microsecond is the program's.
+        timer = asyncio.get_running_loop().call_later(FORWARD_TIMEOUT + 1, fut.cancel)
+        fut.add_done_callback(lambda f: (timer.cancel(), self._forwarded(fd, nid, node, peer, again, None, f)))
         return True
 
     def _group_here(self, vm: str, fd: int, nid: int, host_pid: int, a: dict) -> bool:
@@ -266,17 +275,21 @@ class Supervisor:
         _sys.respond(fd, nid, 0, error, False)
         return True
 
-    async def _forwarded(self, fd: int, nid: int, node: str, peer, promise, retry) -> None:
-        """Answer a forwarded call.  A connection found broken (its node's
-        drvmmd restarted, say) is dropped and the call goes to the trio
-        lane, which connects again: the target is most likely alive."""
+    def _forwarded(self, fd: int, nid: int, node: str, peer, retry, result, fut) -> None:
+        """Answer a forwarded call from its reply (result, or the future
+        that carries it).  A connection found broken (its node's drvmmd
+        restarted, say) is dropped and the call goes to the trio lane, which
+        connects again: the target is most likely alive."""
         error = errno.ESRCH
         answer = True
         try:
-            result = await asyncio.wait_for(promise, FORWARD_TIMEOUT + 1)
-            error = reply_errno(Msg.from_capnp(result.reply))
-        except asyncio.TimeoutError:
-            log.info("signal to node %s: no answer within %g s", node, FORWARD_TIMEOUT)
+            if fut is not None and fut.cancelled():
+                log.info("signal to node %s: no answer within %g s", node, FORWARD_TIMEOUT)
+            else:
+                if fut is not None and fut.exception() is not None:
+                    raise fut.exception()
+                reply = (result if fut is None else fut.result()).reply
+                error = reply_errno(Msg.from_capnp(reply))
         except Exception as e:  # noqa: BLE001 - the connection broke
             log.info("signal to node %s: %s; connecting again", node, e)
             if self.fabric.peers.get(node) is peer:

@@ -57,7 +57,7 @@ async def aio_future(fut: asyncio.Future):
     return await trio.lowlevel.wait_task_rescheduled(abort)
 
 
-def _future_of(awaitable):
+def future_of(awaitable):
     """The asyncio future a pycapnp promise would wait on, without a Task.
     Relies on pycapnp promises awaiting a plain asyncio future."""
     gen = awaitable.__await__()
@@ -71,7 +71,7 @@ def _future_of(awaitable):
 
 async def capnp_await(promise):
     """trio: wait for a pycapnp call (RemotePromise) and return its result."""
-    fut, value = _future_of(promise)
+    fut, value = future_of(promise)
     if fut is None:
         await trio.lowlevel.checkpoint()
         return value
