@@ -3,7 +3,7 @@
 servers of drvs/dvos/syscalls.py's table.
 
 A run's listener reaches the node's drvmmd over a root-only unix socket
-(`hand_over`, from drvs-run) or directly (runs the daemon starts).  Each
+(handover.py, from drvs-run) or directly (runs the daemon starts).  Each
 listener is served in three lanes (see `Supervisor.supervise`); no call
 waits behind another: one that waits on another node holds up nothing.
 
@@ -20,12 +20,12 @@ import socket
 import trio
 
 from .. import _sys
-from ..errors import SetupError
 from ..ipc.bridge import future_of
 from ..ipc.fabric import run_fast
 from ..ipc.message import IpcError, Msg
 from ..ipc.schema import pm
 from . import pidrange, syscalls
+from .handover import socket_path
 from .pm import server
 from .pm.procs import status_field
 
@@ -33,23 +33,6 @@ log = logging.getLogger("drvmmd")
 CAP_KILL = 5
 MAX_SIG = 64
 FORWARD_TIMEOUT = 2.0  # seconds a signal waits for another node before failing with ESRCH
-
-
-def socket_path(cfg) -> str:
-    return f"{cfg.state_dir}/supervisor.sock"
-
-
-def hand_over(cfg, vm: str, listener: int) -> None:
-    """Give a run's listener to this node's drvmmd (drvs-run's side)."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:
-            s.connect(socket_path(cfg))
-            s.sendmsg([vm.encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, listener.to_bytes(4, "little"))])
-    except OSError as e:
-        raise SetupError(f"drvmmd does not answer on {socket_path(cfg)} ({e.strerror}): on a cluster node, "
-                         "programs need it to reach the VM's other nodes") from None
-    finally:
-        os.close(listener)
 
 
 class Caller:

@@ -221,9 +221,9 @@ class Run:
             listener = launcher.receive_fd(self.proc.notify_r, "seccomp listener")
             self.proc.notify_r.close()
             self.proc.notify_r = None
-            from ..dvos import supervisor
+            from ..dvos import handover
 
-            (self.supervise or supervisor.hand_over)(self.cfg, self.vm.name, listener)
+            (self.supervise or handover.hand_over)(self.cfg, self.vm.name, listener)
 
     def _group(self) -> int:
         """The --pgid to join, checked: only another node's group can be

@@ -1,0 +1,25 @@
+"""drvs-run's side of the supervisor socket: a run's seccomp listener goes
+to the node's drvmmd.  Kept apart from supervisor.py, which imports trio and
+capnp: drvs-run must not pay for them (~120 ms) on every start."""
+
+import os
+import socket
+
+from ..errors import SetupError
+
+
+def socket_path(cfg) -> str:
+    return f"{cfg.state_dir}/supervisor.sock"
+
+
+def hand_over(cfg, vm: str, listener: int) -> None:
+    """Give a run's listener (ours no more, whatever happens) to drvmmd."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:
+            s.connect(socket_path(cfg))
+            s.sendmsg([vm.encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, listener.to_bytes(4, "little"))])
+    except OSError as e:
+        raise SetupError(f"drvmmd does not answer on {socket_path(cfg)} ({e.strerror}): on a cluster node, "
+                         "programs need it to reach the VM's other nodes") from None
+    finally:
+        os.close(listener)
