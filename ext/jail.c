@@ -665,6 +665,11 @@ static _Noreturn void anchor_main(const struct run_config *cfg)
     prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
     if (setsid() < 0)
         die(cfg->err_fd, JAIL_EXIT_SETUP, "group-anchor-session", NULL);
+    /* Block everything before the fork: a program that ends at once must
+     * not have its SIGCHLD discarded (the program unblocks its own). */
+    sigset_t all;
+    sigfillset(&all);
+    sigprocmask(SIG_SETMASK, &all, NULL);
     pid_t prog = fork();
     if (prog < 0)
         die(cfg->err_fd, JAIL_EXIT_SETUP, "fork-program", NULL);
@@ -673,9 +678,6 @@ static _Noreturn void anchor_main(const struct run_config *cfg)
     prctl(PR_SET_NAME, "drvs-group", 0, 0, 0);
     /* Nothing of the caller's stays open here: the failure pipe must see
      * EOF when the program execs. */
-    sigset_t all;
-    sigfillset(&all);
-    sigprocmask(SIG_SETMASK, &all, NULL);
     syscall(SYS_close_range, 3, ~0U, 0);
     int null = open("/dev/null", O_RDWR | O_CLOEXEC);
     for (int fd = 0; fd < 3 && null >= 0; fd++)

@@ -40,6 +40,8 @@ def describe(code: int, step: str, detail: str, err: int) -> str:
         return f"bind source {detail}: {reason}"
     if step == "bind-target" and err == errno.ELOOP:
         return f"bind target {detail}: a symbolic link is in the way (binds never follow links inside the jail)"
+    if step == "group-anchor" and err == errno.EEXIST:
+        return "that process group already has a run on this node (one --pgid run per group and node)"
     if step == "workdir":
         return f"working directory {detail}: {reason}"
     where = f" ({detail})" if detail else ""

@@ -352,6 +352,9 @@ def test_a_process_group_spanning_both_nodes(vm_cluster, lead, join):
     leader = start(c, "n1", "sh", "-c", "echo $$ > /data/pg; exec sleep 60", node=lead)
     try:
         pgid = wait_pid_file(c, lead, "pg")
+        # A program that fails at once in the group ends its run at once.
+        p = run(c, "n1", "no-such-command", node=join, opts=("--pgid", str(pgid)), timeout=30)
+        assert p.returncode == 127, p.stderr
         member = start(c, "n1", "sleep", "61", node=join, opts=("--pgid", str(pgid)))
         try:
             deadline = time.monotonic() + 20
@@ -363,6 +366,9 @@ def test_a_process_group_spanning_both_nodes(vm_cluster, lead, join):
             p = run(c, "n1", "sh", "-c", "ps -eo pgid=,comm= | sort")
             assert sorted(line.split()[1] for line in p.stdout.splitlines()
                           if line.split()[0] == str(pgid)) == ["sleep", "sleep"], p.stdout
+            # One run per group and node (its anchor holds the group's pid there).
+            p = run(c, "n1", "true", node=join, opts=("--pgid", str(pgid)), timeout=30)
+            assert p.returncode == 125 and "already has a run on this node" in p.stderr, p.stderr
             assert run(c, "n1", "/data/sigtool", "kill", str(-pgid), "15").stdout == "ok\n"
             assert leader.wait(timeout=20) == 128 + signal.SIGTERM
             assert member.wait(timeout=20) == 128 + signal.SIGTERM
