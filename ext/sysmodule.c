@@ -131,6 +131,16 @@ static PyObject *py_read_mem(PyObject *self, PyObject *args)
     return out;
 }
 
+/* A notification as Python sees it: (id, pid, nr, arch, (a0..a5)); the pid
+ * is in the listener's (the supervisor's) pid namespace. */
+static PyObject *notif_tuple(const struct seccomp_notif *n)
+{
+    const __u64 *a = n->data.args;
+    return Py_BuildValue("(KIiI(KKKKKK))", (unsigned long long)n->id, n->pid, n->data.nr, n->data.arch,
+                         (unsigned long long)a[0], (unsigned long long)a[1], (unsigned long long)a[2],
+                         (unsigned long long)a[3], (unsigned long long)a[4], (unsigned long long)a[5]);
+}
+
 /* write_mem(pid, addr, data): into the caller's memory (a served call's
  * results); EFAULT for a bad pointer.  Check the notification is still
  * valid first: the pid may have been reused. */
@@ -171,10 +181,7 @@ static PyObject *py_recv(PyObject *self, PyObject *arg)
     Py_END_ALLOW_THREADS
     if (rc < 0)
         return os_error("seccomp-notif-recv");
-    const __u64 *a = req.data.args;
-    return Py_BuildValue("(KIiI(KKKKKK))", (unsigned long long)req.id, req.pid, req.data.nr, req.data.arch,
-                         (unsigned long long)a[0], (unsigned long long)a[1], (unsigned long long)a[2],
-                         (unsigned long long)a[3], (unsigned long long)a[4], (unsigned long long)a[5]);
+    return notif_tuple(&req);
 }
 
 /* addfd(fd, id, srcfd, send) -> the fd number in the caller.  send: that
@@ -354,11 +361,7 @@ static PyObject *py_fastpath_take(PyObject *self, PyObject *cap)
     size_t n = fastpath_take(fp, batch, 64, &done);
     PyObject *list = PyList_New((Py_ssize_t)n);
     for (size_t i = 0; list && i < n; i++) {
-        const __u64 *a = batch[i].data.args;
-        PyObject *t = Py_BuildValue("(KIiI(KKKKKK))", (unsigned long long)batch[i].id, batch[i].pid,
-                                    batch[i].data.nr, batch[i].data.arch, (unsigned long long)a[0],
-                                    (unsigned long long)a[1], (unsigned long long)a[2], (unsigned long long)a[3],
-                                    (unsigned long long)a[4], (unsigned long long)a[5]);
+        PyObject *t = notif_tuple(&batch[i]);
         if (!t) {
             Py_CLEAR(list);
             break;

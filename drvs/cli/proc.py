@@ -7,7 +7,6 @@ import time
 
 from .. import config
 from ..cluster.context import cluster_info
-from ..errors import DrvsError
 from ..store import open_store
 from ..vm.model import check_name
 from ..vm.registry import VmRegistry
@@ -65,16 +64,16 @@ def _cluster_ps(cfg, info, vm: str) -> tuple[list[dict], list[str]]:
     from ..ipc.schema import pm
 
     payload = pm.ListRequest.new_message(vm=vm).to_bytes_packed()
-    for target in (f"pm@{vm}", f"procs@{info['node']}"):
-        try:
-            reply = check(client.sendrec(cfg.state_dir, target, Msg(pm.PmCall.list, payload)), target)
-        except IpcError as e:
-            if e.errno == errno.ENOENT and target.startswith("pm@"):
-                continue
+    target = f"pm@{vm}"
+    try:
+        reply = check(client.sendrec(cfg.state_dir, target, Msg(pm.PmCall.list, payload)), target)
+    except IpcError as e:
+        if e.errno != errno.ENOENT:
             raise
-        table = pm.ProcessTable.from_bytes_packed(reply.payload)
-        return [p.to_dict() for p in table.processes], list(table.failed)
-    raise DrvsError("unreachable")
+        target = f"procs@{info['node']}"
+        reply = check(client.sendrec(cfg.state_dir, target, Msg(pm.PmCall.list, payload)), target)
+    table = pm.ProcessTable.from_bytes_packed(reply.payload)
+    return [p.to_dict() for p in table.processes], list(table.failed)
 
 
 def _row(r: dict) -> list:

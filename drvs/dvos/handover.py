@@ -17,7 +17,7 @@ def hand_over(cfg, vm: str, listener: int) -> None:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:
             s.connect(socket_path(cfg))
-            s.sendmsg([vm.encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, listener.to_bytes(4, "little"))])
+            socket.send_fds(s, [vm.encode()], [listener])
     except OSError as e:
         raise SetupError(f"drvmmd does not answer on {socket_path(cfg)} ({e.strerror}): on a cluster node, "
                          "programs need it to reach the VM's other nodes") from None

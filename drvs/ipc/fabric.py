@@ -36,11 +36,6 @@ CONNECT_TIMEOUT = 3.0
 RESOLVE_TTL = 1.0  # seconds an endpoint's location is trusted without asking etcd
 
 
-def trio_free_now() -> float:
-    """A clock usable on both sides of the bridge (trio's is trio-only)."""
-    return time.monotonic()
-
-
 def check_name(name: str) -> str:
     service, at, vm = name.partition("@")
     if not (service and at and vm) or len(name) > 200 or "/" in name:
@@ -166,7 +161,7 @@ class Fabric:
         """Where endpoint name is served.  Answers are kept RESOLVE_TTL: an
         endpoint that moved meanwhile is found again at once, because the
         node it left answers EREMCHG and sendrec then asks etcd afresh."""
-        now = trio_free_now()
+        now = time.monotonic()  # (not trio's clock: the asyncio side reads this cache too)
         cached = self.locations.get(name)
         if cached is not None and not fresh and now - cached[0] < RESOLVE_TTL:
             return cached[1]
@@ -185,7 +180,7 @@ class Fabric:
         if not msg.node or not msg.source or msg.node == self.name:
             return True
         cached = self.locations.get(msg.source)
-        if cached is None or trio_free_now() - cached[0] >= RESOLVE_TTL:
+        if cached is None or time.monotonic() - cached[0] >= RESOLVE_TTL:
             return None
         return cached[1].node == msg.node
 

@@ -9,6 +9,7 @@ that was checked, never a later one with a reused pid."""
 import errno
 import logging
 import os
+import select
 import time
 
 from ... import _sys
@@ -31,6 +32,18 @@ def decode(kind, msg: Msg):
         raise IpcError("malformed request", errno.EBADMSG) from None
 
 
+def table_message(rows: list[dict], failed: list[str]) -> Msg:
+    table = pm.ProcessTable.new_message()
+    out = table.init("processes", len(rows))
+    for i, row in enumerate(rows):
+        for k, v in row.items():
+            setattr(out[i], k, v)
+    fl = table.init("failed", len(failed))
+    for i, f in enumerate(failed):
+        fl[i] = f
+    return Msg(0, table.to_bytes_packed())
+
+
 class CellProc:
     """The procfs of one cell, valid while that cell's init lives."""
 
@@ -40,8 +53,6 @@ class CellProc:
     def alive(self) -> bool:
         """The init still runs (a pidfd polls readable once it exits, even
         while it waits, a zombie, for its reaper)."""
-        import select
-
         return not select.select([self.init_pidfd], [], [], 0)[0]
 
     def close(self) -> None:
@@ -170,14 +181,7 @@ class NodeProcs:
     # -- list -------------------------------------------------------------------
 
     def listing(self, msg: Msg) -> Msg:
-        req = decode(pm.ListRequest, msg)
-        rows = self.processes(req.vm)
-        table = pm.ProcessTable.new_message()
-        out = table.init("processes", len(rows))
-        for i, row in enumerate(rows):
-            for k, v in row.items():
-                setattr(out[i], k, v)
-        return Msg(0, table.to_bytes_packed())
+        return table_message(self.processes(decode(pm.ListRequest, msg).vm), [])
 
     def processes(self, vm: str) -> list[dict]:
         cp = self.proc(vm)
@@ -253,9 +257,10 @@ def status_field(raw: bytes, key: bytes) -> bytes:
     return raw[start:end if end >= 0 else len(raw)].strip()
 
 
-def _status(pid_dirfd: int) -> dict | None:
-    """The fields of /proc/PID/status that signalling and listing need."""
-    raw = _read(pid_dirfd, "status")
+def _status(dirfd: int, path: str = "status") -> dict | None:
+    """The fields of a status file (path under dirfd: a /proc/PID directory,
+    or a procfs root with "PID/status") that signalling and listing need."""
+    raw = _read(dirfd, path)
     if raw is None:
         return None
     return {key: status_field(raw, key.encode()).decode() for key in ("Uid", "Tgid")}
@@ -269,22 +274,11 @@ def _stat(procfd: int, pid: int) -> dict | None:
     comm = text[text.index("(") + 1:text.rindex(")")]
     f = text[text.rindex(")") + 2:].split()
     # f[0] is field 3 of proc(5): state
-    status = _status_of(procfd, pid) or {}
+    status = _status(procfd, f"{pid}/status") or {}
     return {"state": f[0], "ppid": int(f[1]), "pgid": int(f[2]), "sid": int(f[3]),
             "cpuSeconds": (int(f[11]) + int(f[12])) / CLK_TCK, "start_ticks": int(f[19]),
             "rss": int(f[21]) * PAGE, "threads": int(f[17]), "comm": comm,
             "uid": int((status.get("Uid") or "0").split()[0])}
-
-
-def _status_of(procfd: int, pid: int) -> dict | None:
-    try:
-        fd = os.open(str(pid), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=procfd)
-    except OSError:
-        return None
-    try:
-        return _status(fd)
-    finally:
-        os.close(fd)
 
 
 def _cmdline(procfd: int, pid: int) -> str:

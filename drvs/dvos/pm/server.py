@@ -17,7 +17,7 @@ from ...cluster.etcd import EtcdUnavailable
 from ...errors import DrvsError
 from ...ipc.message import IpcError, Msg
 from ...ipc.schema import pm
-from .procs import decode
+from .procs import decode, table_message
 
 log = logging.getLogger("drvmmd")
 Call = pm.PmCall
@@ -109,18 +109,6 @@ async def list_nodes(fabric, procs, nodes, vm: str) -> tuple[list[dict], list[st
         lambda reply: rows.extend(p.to_dict() for p in pm.ProcessTable.from_bytes_packed(reply.payload).processes))
     rows.sort(key=lambda r: r["pid"])
     return rows, failed
-
-
-def table_message(rows: list[dict], failed: list[str]) -> Msg:
-    table = pm.ProcessTable.new_message()
-    out = table.init("processes", len(rows))
-    for i, row in enumerate(rows):
-        for k, v in row.items():
-            setattr(out[i], k, v)
-    fl = table.init("failed", len(failed))
-    for i, f in enumerate(failed):
-        fl[i] = f
-    return Msg(0, table.to_bytes_packed())
 
 
 class PmServer:
