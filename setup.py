@@ -18,5 +18,6 @@ setup(
             libraries=["pthread"],
             extra_compile_args=CFLAGS,
         ),
+        Extension("drvs._fs", sources=["ext/fsmodule.c"], extra_compile_args=CFLAGS),
     ]
 )

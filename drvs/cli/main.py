@@ -16,6 +16,7 @@ from .. import __version__, config
 from ..errors import NotFound, UsageError
 from ..ns import jail
 from ..vm.model import check_name
+from . import fs as fs_cli
 from . import ipc as ipc_cli
 from . import node as node_cli
 from . import proc as proc_cli
@@ -35,6 +36,7 @@ def parser() -> argparse.ArgumentParser:
     node_cli.add_parsers(sub)
     ipc_cli.add_parsers(sub)
     proc_cli.add_parsers(sub)
+    fs_cli.add_parsers(sub)
 
     e = sub.add_parser("exec", help="run a command in a VM (non-login)")
     e.add_argument("vm", type=typed(check_name), metavar="VM")

@@ -26,6 +26,9 @@ def add_parser(sub) -> None:
     add_limit_options(p)
     p.add_argument("--node", dest="shares", action="append", default=[], type=typed(parse_share),
                    metavar="NODE[:cpus=N,memory=SIZE,pids=N]", help="give the VM a share of NODE (repeatable)")
+    p.add_argument("--fs-replicas", type=int, default=None, metavar="N",
+                   help="keep the VM's file system on N of its nodes, the first --node ones "
+                        "(default: 2 with two nodes or more)")
     p.set_defaults(func=create)
     p = verbs.add_parser("ls", help="list VMs")
     _format(p)
@@ -51,9 +54,22 @@ def create(args) -> int:
         raise UsageError("a node is given twice in --node")
     if shares:
         check_shares(store, shares)
-    spec = VmRegistry(store).create(VmSpec(args.name, limits_from(args), shares=shares))
+    fs_nodes = fs_replica_nodes([n for n, _ in args.shares], args.fs_replicas)
+    spec = VmRegistry(store).create(VmSpec(args.name, limits_from(args), shares=shares, fs_nodes=fs_nodes))
     print(spec.name)
     return 0
+
+
+def fs_replica_nodes(nodes: list[str], replicas: int | None) -> list[str]:
+    """The nodes that keep the VM's file system: the first `replicas` of
+    its shares, in the order given (the first serves it)."""
+    if replicas is None:
+        return nodes[:2]
+    if not nodes:
+        raise UsageError("--fs-replicas needs --node shares (a single node keeps its files in its data directory)")
+    if not 1 <= replicas <= len(nodes):
+        raise UsageError(f"--fs-replicas {replicas}: must be between 1 and the VM's {len(nodes)} nodes")
+    return nodes[:replicas]
 
 
 def check_shares(store, shares: dict) -> None:
@@ -136,8 +152,9 @@ def show(args) -> int:
     state = _state(cfg, spec.name)
     runs = runs_of(cfg, spec.name)
     data = {"name": spec.name, "limits": spec.limits._asdict(), "created": spec.created,
-            "shares": {n: l._asdict() for n, l in spec.shares.items()},
-            "data_dir": f"{cfg.vms_dir}/{spec.name}/data", "cell": state, "runs": runs}
+            "shares": {n: l._asdict() for n, l in spec.shares.items()}, "fs_nodes": spec.fs_nodes,
+            "data_dir": f"{cfg.vms_dir}/{spec.name}/data" if not spec.fs_nodes else f"fs@{spec.name}",
+            "cell": state, "runs": runs}
 
     def table():
         print_table(["FIELD", "VALUE"], [

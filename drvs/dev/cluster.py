@@ -205,7 +205,7 @@ def down(state_dir: str) -> dict:
 
     for n in info["nodes"]:
         _stop(n["pid"])
-        mounts.detach(f"{n['state_dir']}/procview")  # left mounted by a node killed with SIGKILL
+        mounts.detach(f"{n['state_dir']}/dvos")  # left mounted by a node killed with SIGKILL
         cg = Cgroup.under_caller(f"drvs-dev-{info['name']}-{n['name']}")
         _remove_tree(cg)
     _stop(info["etcd"]["pid"])

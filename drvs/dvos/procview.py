@@ -2,9 +2,9 @@
 the VM's other nodes, in one directory, so that ps, top, pgrep and pkill
 see (and act on) the whole VM.
 
-One FUSE file system per node (pyfuse3 serves one mount per process),
-mounted by drvmmd at STATE/procview; its directory VM is bound on /proc in
-that VM's jails, where the cell's real proc sits at /.drvs/proc:
+Part of the node's DVOS view (drvs/dvos/view.py): STATE/dvos/proc/VM is
+bound on /proc in that VM's jails, where the cell's real proc sits at
+/.drvs/proc:
 
     /proc/NAME      a symlink to /.drvs/proc/NAME for everything of this
                     node (its pids, self, meminfo, sys, ...): the kernel's
@@ -23,10 +23,8 @@ import stat
 import time
 
 import pyfuse3
-import trio
 
 from ..ipc.message import IpcError, Msg
-from ..ns import mounts
 from ..ipc.schema import pm
 from ..vm.model import check_name
 from .pm import server
@@ -36,10 +34,7 @@ log = logging.getLogger("drvmmd")
 LIST_TTL = 0.5
 TIMEOUT = 1.0   # entries and attributes, in the kernel's caches
 REAL_PROC = "/.drvs/proc"
-
-
-def mountpoint(cfg) -> str:
-    return f"{cfg.state_dir}/procview"
+ROOT = 2  # STATE/dvos/proc (1 is the view's root: drvs/dvos/view.py)
 
 
 class Node:
@@ -53,34 +48,12 @@ class Node:
         self.lookups = 0  # the kernel's references (lookup, readdirplus); forget() drops them
 
 
-def _errno_only(op):
-    """A FUSE operation that answers with an errno whatever happens:
-    pyfuse3 ends the whole file system (and here drvmmd) on any other
-    exception, an etcd outage during a `ps` included."""
-    import functools
-
-    @functools.wraps(op)
-    async def guarded(self, *args):
-        try:
-            return await op(self, *args)
-        except pyfuse3.FUSEError:
-            raise
-        except Exception:  # noqa: BLE001
-            log.exception("/proc view: %s", op.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-
-    return guarded
-
-
-class ProcView(pyfuse3.Operations):
-    enable_writeback_cache = False
-
+class ProcView:
     def __init__(self, cfg, fabric, procs, etcd):
-        super().__init__()
         self.cfg, self.fabric, self.procs, self.etcd = cfg, fabric, procs, etcd
-        self.nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: Node(pyfuse3.ROOT_INODE, "root")}
+        self.nodes: dict[int, Node] = {ROOT: Node(ROOT, "root")}
         self.by_key: dict[tuple, int] = {}
-        self.next_ino = pyfuse3.ROOT_INODE + 1
+        self.next_ino = ROOT + 1
         self.remote: dict[str, tuple[float, dict[int, str]]] = {}  # vm -> (when, pid -> node)
         self.files: dict[int, bytes] = {}                  # open file -> its content
         self.listings: dict[int, tuple[Node, list | None]] = {}  # open directory -> its entries
@@ -106,7 +79,7 @@ class ProcView(pyfuse3.Operations):
         """The kernel let go of these: pids come and go, so must their inodes."""
         for ino, n in inode_list:
             node = self.nodes.get(ino)
-            if node is None or ino == pyfuse3.ROOT_INODE:
+            if node is None or ino == ROOT:
                 continue
             node.lookups -= n
             if node.lookups <= 0:
@@ -180,11 +153,9 @@ class ProcView(pyfuse3.Operations):
 
     # -- operations -------------------------------------------------------------
 
-    @_errno_only
     async def getattr(self, inode, ctx=None):
         return self._attr(self._get(inode))
 
-    @_errno_only
     async def lookup(self, parent_inode, name, ctx=None):
         parent = self._get(parent_inode)
         if parent.kind == "root":
@@ -208,14 +179,12 @@ class ProcView(pyfuse3.Operations):
             return self._entry(self._node("file", parent.vm, parent.pid, name))
         raise pyfuse3.FUSEError(errno.ENOENT)
 
-    @_errno_only
     async def readlink(self, inode, ctx):
         node = self._get(inode)
         if node.kind != "link":
             raise pyfuse3.FUSEError(errno.EINVAL)
         return self._target(node)
 
-    @_errno_only
     async def opendir(self, inode, ctx):
         node = self._get(inode)
         if node.kind not in ("root", "vm", "pid"):
@@ -225,7 +194,6 @@ class ProcView(pyfuse3.Operations):
         self.listings[fh] = (node, None)
         return fh
 
-    @_errno_only
     async def readdir(self, fh, start_id, token):
         node, entries = self.listings.get(fh, (None, None))
         if node is None:
@@ -254,7 +222,6 @@ class ProcView(pyfuse3.Operations):
     async def releasedir(self, fh):
         self.listings.pop(fh, None)
 
-    @_errno_only
     async def open(self, inode, flags, ctx):
         node = self._get(inode)
         if node.kind != "file":
@@ -282,7 +249,6 @@ class ProcView(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ESRCH if -reply.status == errno.ENOENT else -reply.status)
         return bytes(pm.FileData.from_bytes_packed(reply.payload).data)
 
-    @_errno_only
     async def read(self, fh, off, size):
         return self.files.get(fh, b"")[off:off + size]
 
@@ -294,22 +260,3 @@ class ProcView(pyfuse3.Operations):
         s.f_bsize = s.f_frsize = 4096
         s.f_namemax = 255
         return s
-
-
-async def serve(cfg, fabric, procs, etcd, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Mount the view and serve it until cancelled; unmount on every path."""
-    path = mountpoint(cfg)
-    problem = mounts.detach(path)  # a previous daemon's, dead with it
-    if problem:
-        log.warning("%s", problem)
-    os.makedirs(path, mode=0o755, exist_ok=True)
-    ops = ProcView(cfg, fabric, procs, etcd)
-    options = set(pyfuse3.default_options) | {"fsname=drvs-proc", "subtype=drvs", "allow_other", "ro"}
-    options.discard("default_permissions")
-    options.add("default_permissions")
-    pyfuse3.init(ops, path, options)
-    try:
-        task_status.started()
-        await pyfuse3.main()
-    finally:
-        pyfuse3.close(unmount=True)

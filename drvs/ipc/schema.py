@@ -14,3 +14,4 @@ _IMPORTS = [os.path.dirname(os.path.dirname(capnp.__file__))]
 fabric = capnp.load(os.path.join(_HERE, "fabric.capnp"), imports=_IMPORTS)
 drvmm = capnp.load(os.path.join(_HERE, "drvmm.capnp"), imports=_IMPORTS)
 pm = capnp.load(os.path.join(_HERE, "pm.capnp"), imports=_IMPORTS)
+fs = capnp.load(os.path.join(_HERE, "fs.capnp"), imports=_IMPORTS)

@@ -99,10 +99,12 @@ async def serve_node(cfg: config.Config, info: dict, interval: float) -> None:
 
 async def _start_dvos(cfg, info, etcd, fabric, member, nursery) -> tuple[int, int]:
     """The node's part of each DVOS: its pid range, the system-call
-    supervisor, the process manager's per-node half and the VMs' PMs."""
+    supervisor, the process manager's per-node half, the VMs' PMs and file
+    servers, and the view (/proc and file systems) its jails bind."""
     from .. import _sys
     from ..cluster.bootstrap import _write_json
-    from ..dvos import pidrange, procview
+    from ..dvos import pidrange, view
+    from ..fs import service as fs_service
     from ..dvos.pm import server as pm_server
     from ..dvos.pm.procs import NodeProcs
     from ..dvos.supervisor import Supervisor
@@ -129,7 +131,8 @@ async def _start_dvos(cfg, info, etcd, fabric, member, nursery) -> tuple[int, in
     token = trio.lowlevel.current_trio_token()
     fabric.supervise = lambda _cfg, vm, fd: token.run_sync_soon(supervisor.adopt, vm, fd)
     nursery.start_soon(pm_server.run, etcd, fabric, member, procs)
-    await nursery.start(procview.serve, cfg, fabric, procs, etcd)
+    nursery.start_soon(fs_service.run, cfg, etcd, fabric, member)
+    await nursery.start(view.serve, cfg, fabric, procs, etcd)
     return pidrange.bounds(member.pid_index)
 
 

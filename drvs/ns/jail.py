@@ -154,6 +154,7 @@ class Run:
 
             self.pid_range = bounds(info["pid_index"])
             view = _proc_view(self.cfg, self.vm.name)
+            data = _vm_file_system(self.cfg, self.vm) or data
         steps = rootfs.build_root(rootdir=self.cfg.rootdir, hostname=self.vm.name, data_dir=data, home_dir=home,
                                   binds=self.opts.binds, net_host=self.opts.net_host, proc_view=view)
         with cells.locked(self.cfg, self.vm.name) as lock:
@@ -352,8 +353,22 @@ class Run:
 
 def _proc_view(cfg: Config, vm: str) -> str | None:
     """The VM's /proc view that this node's drvmmd serves, if it does."""
-    base = f"{cfg.state_dir}/procview"
-    return f"{base}/{vm}" if os.path.ismount(base) else None
+    base = f"{cfg.state_dir}/dvos"
+    return f"{base}/proc/{vm}" if os.path.ismount(base) else None
+
+
+def _vm_file_system(cfg: Config, vm: VmSpec) -> str | None:
+    """Where this node's drvmmd shows the VM's file system (a cluster VM's
+    /data), or None for a VM that keeps its data on each node."""
+    if not vm.fs_nodes:
+        return None
+    path = f"{cfg.state_dir}/dvos/fs/{vm.name}"
+    try:
+        os.stat(path)
+    except OSError as e:
+        raise SetupError(f"the file system of VM {vm.name!r} is not available on this node "
+                         f"({e.strerror}): is drvmmd running, and fs@{vm.name} served?") from None
+    return path
 
 
 def process_start(pid: int) -> int | None:

@@ -36,16 +36,19 @@ class Limits(namedtuple("Limits", "cpus cpuset memory pids", defaults=(None, Non
 class VmSpec:
     """A DRVM: its name (the hostname inside), its limits on a single node,
     and in a cluster its share of each chosen node (`shares`: node -> Limits).
-    A VM without shares may run on any node, with `limits`."""
+    A VM without shares may run on any node, with `limits`.  `fs_nodes`:
+    the nodes that keep a replica of its file system (the first serves it
+    while it lives), a cluster VM's only."""
 
-    __slots__ = ("name", "limits", "created", "shares")
+    __slots__ = ("name", "limits", "created", "shares", "fs_nodes")
 
     def __init__(self, name: str, limits: Limits | None = None, created: float | None = None,
-                 shares: dict[str, Limits] | None = None):
+                 shares: dict[str, Limits] | None = None, fs_nodes: list[str] | None = None):
         self.name = name
         self.limits = limits if limits is not None else Limits()
         self.created = time.time() if created is None else created
         self.shares = dict(shares or {})
+        self.fs_nodes = list(fs_nodes or [])
 
     def limits_on(self, node: str | None) -> Limits:
         """The limits of this VM's cell on node."""
@@ -53,13 +56,15 @@ class VmSpec:
 
     def to_json(self) -> str:
         return json.dumps({"name": self.name, "limits": self.limits._asdict(), "created": self.created,
-                           "shares": {n: l._asdict() for n, l in self.shares.items()}}, sort_keys=True)
+                           "shares": {n: l._asdict() for n, l in self.shares.items()},
+                           "fs_nodes": self.fs_nodes}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "VmSpec":
         data = json.loads(text)
         shares = {n: Limits(**l) for n, l in (data.get("shares") or {}).items()}
-        return cls(data["name"], Limits(**data.get("limits", {})), data.get("created", 0.0), shares)
+        return cls(data["name"], Limits(**data.get("limits", {})), data.get("created", 0.0), shares,
+                   data.get("fs_nodes"))
 
 
 _SHARE_KEYS = {"cpus", "memory", "pids", "cpuset"}

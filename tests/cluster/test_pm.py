@@ -20,14 +20,22 @@ PROGS = Path(__file__).parent / "progs"
 
 @pytest.fixture
 def vm_cluster(cluster_factory):
-    """Two nodes, VM `web` with a share of each, sigtool in each node's /data."""
+    """Two nodes, VM `web` with a share of each, sigtool in the VM's /data."""
     c = cluster_factory(nodes=2)
     c.drvs("vm", "create", "web", "--node", "n1:cpus=1", "--node", "n2:cpus=1", node="n1", check=True)
-    for n in c.info["nodes"]:
-        data = Path(n["state_dir"]) / "vms" / "web" / "data"
-        data.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["gcc", "-O2", "-o", str(data / "sigtool"), str(PROGS / "sigtool.c")], check=True)
+    data = vm_data(c, "n1")
+    subprocess.run(["gcc", "-O2", "-o", str(data / "sigtool"), str(PROGS / "sigtool.c")], check=True)
     return c
+
+
+def vm_data(c, node, timeout=20) -> Path:
+    """The VM's file system (its /data), as node's drvmmd shows it on the host."""
+    path = Path(c.node(node)["state_dir"]) / "dvos" / "fs" / "web"
+    deadline = time.monotonic() + timeout
+    while not path.is_dir():
+        assert time.monotonic() < deadline, f"{path}: fs@web not served"
+        time.sleep(0.1)
+    return path
 
 
 def run(c, via, *args, node=None, timeout=30, opts=()):
@@ -46,7 +54,7 @@ def pid_index(c, node):
 
 
 def wait_pid_file(c, node, name, timeout=20):
-    path = Path(c.node(node)["state_dir"]) / "vms" / "web" / "data" / name
+    path = vm_data(c, node) / name
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if path.exists() and path.read_text().endswith("\n"):

@@ -1,9 +1,7 @@
 """The VM's process manager, endpoint "pm@VM": VM-wide process operations.
 
-Every node with a share of a VM campaigns for its PM (an etcd election held
-by the node's lease); the leader serves pm@VM.  When its node dies, the
-lease goes, another node is elected within the lease's TTL and registers
-pm@VM again.  The PM keeps no table of its own to lose: each node is the
+Every node with a share of a VM campaigns for its PM (drvs/dvos/elected.py);
+the leader serves pm@VM.  The PM keeps no table of its own to lose: each node is the
 authority for the processes in its pid range, so the VM's table is the
 union of the nodes' (rebuilt on each request)."""
 
@@ -13,7 +11,6 @@ import time
 
 import trio
 
-from ...cluster.etcd import EtcdUnavailable
 from ...errors import DrvsError
 from ...ipc.message import IpcError, Msg
 from ...ipc.schema import pm
@@ -21,9 +18,6 @@ from .procs import decode, table_message
 
 log = logging.getLogger("drvmmd")
 Call = pm.PmCall
-ELECTION = "/drvs/elections/pm/"
-VMS = "/drvs/vms/"
-RESYNC = 5.0
 NODE_TIMEOUT = 2.0  # per node: a dead one costs the caller this much, once
 
 
@@ -162,50 +156,7 @@ def _signal_reply(delivered: int, denied: int, failed: list[str]) -> Msg:
 
 async def run(etcd, fabric, member, procs) -> None:
     """Campaign for the PM of every VM with a share of this node."""
-    from ...vm.model import VmSpec
+    from .. import elected
 
-    campaigns: dict[str, trio.CancelScope] = {}
-    async with trio.open_nursery() as nursery:
-        while True:
-            try:
-                vms = [VmSpec.from_json(e.value) for e in await etcd.range(VMS)]
-            except (EtcdUnavailable, DrvsError) as e:
-                log.warning("process managers: %s", e)
-                vms = None
-            if vms is not None:
-                wanted = {vm.name for vm in vms if member.name in vm.shares}
-                for name in wanted - campaigns.keys():
-                    campaigns[name] = await nursery.start(_serve_pm, name, etcd, fabric, member, procs)
-                for name in campaigns.keys() - wanted:
-                    campaigns.pop(name).cancel()
-            await trio.sleep(RESYNC)
-
-
-async def _serve_pm(vm, etcd, fabric, member, procs, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    scope = trio.CancelScope()
-    task_status.started(scope)
-    with scope:
-        while True:
-            try:
-                leadership = await etcd.campaign(ELECTION + vm, member.name, member.lease)
-            except (EtcdUnavailable, DrvsError) as e:
-                log.warning("pm@%s: campaign: %s", vm, e)
-                await trio.sleep(1)
-                continue
-            try:
-                server = PmServer(vm, etcd, fabric, procs)
-                try:
-                    await fabric.register(f"pm@{vm}", server.handle, server.fast)
-                except (EtcdUnavailable, DrvsError) as e:
-                    log.warning("pm@%s: cannot register (%s); campaigning again", vm, e)
-                    await trio.sleep(1)
-                    continue  # (finally resigns)
-                log.info("serving pm@%s", vm)
-                await trio.sleep_forever()
-            finally:
-                with trio.move_on_after(2, shield=True):
-                    try:
-                        await fabric.unregister(f"pm@{vm}")
-                        await etcd.resign(leadership)
-                    except (EtcdUnavailable, DrvsError):
-                        pass
+    await elected.run(etcd, fabric, member, "pm", lambda vm: member.name in vm.shares,
+                      lambda vm: PmServer(vm, etcd, fabric, procs))

@@ -1,0 +1,157 @@
+"""`drvs mount`, `drvs umount` and `drvs df`: a VM's file system on the host,
+for an administrator, and where its bytes are."""
+
+import ctypes
+import errno
+import os
+import sys
+
+from .. import config
+from ..cluster.context import cluster_info
+from ..errors import DrvsError, NotFound, SetupError, UsageError
+from ..store import open_store
+from ..units import format_size
+from ..vm.model import check_name
+from ..vm.registry import VmRegistry
+from .common import emit, print_table
+from .options import typed
+
+MS_BIND = 4096
+FSTYPE = "fuse.drvs"
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("mount", help="mount a VM's file system on this node (a cluster VM's)")
+    p.add_argument("vm", type=typed(check_name), metavar="VM")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--node", dest="on_node", default=None, metavar="NODE",
+                   help="the node whose view serves it (as drvs --node)")
+    p.set_defaults(func=mount)
+    p = sub.add_parser("umount", help="unmount what drvs mount mounted")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.set_defaults(func=umount)
+    p = sub.add_parser("df", help="size, use and replicas of VM file systems")
+    p.add_argument("vm", nargs="?", type=typed(check_name), metavar="VM")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(func=df)
+
+
+def _view(cfg, vm: str) -> str:
+    """This node's view of vm's file system, checked."""
+    base = f"{cfg.state_dir}/dvos"
+    if not cluster_info(cfg) or not os.path.ismount(base):
+        raise SetupError("no DVOS view on this node: drvs mount needs a cluster node with drvmmd running")
+    spec = VmRegistry(open_store()).get(vm)
+    if not spec.fs_nodes:
+        raise UsageError(f"VM {vm!r} has no cluster file system (it was made without --node shares)")
+    path = f"{base}/fs/{vm}"
+    try:
+        os.stat(path)
+    except OSError as e:
+        raise SetupError(f"the file system of VM {vm!r} is not available ({e.strerror}): "
+                         f"is fs@{vm} served? (drvs df {vm})") from None
+    return path
+
+
+def mount(args) -> int:
+    if args.on_node:
+        from ..cluster.context import enter_node
+
+        enter_node(args.on_node)
+    cfg = config.load()
+    target = os.path.abspath(args.mountpoint)
+    if not os.path.isdir(target):
+        raise NotFound(f"mount point {args.mountpoint}: no such directory")
+    if _drvs_mount_at(target):
+        raise UsageError(f"{target}: a drvs file system is already mounted here")
+    source = _view(cfg, args.vm)
+    _bind(source, target)
+    print(f"{args.vm} mounted on {target}")
+    return 0
+
+
+def _bind(source: str, target: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(source.encode(), target.encode(), None, MS_BIND, None) != 0:
+        err = ctypes.get_errno()
+        raise SetupError(f"mount {target}: bind of {source} failed: {os.strerror(err)}")
+
+
+def umount(args) -> int:
+    target = os.path.abspath(args.mountpoint)
+    if not _drvs_mount_at(target):
+        raise UsageError(f"{target}: no drvs file system is mounted here")
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(target.encode(), 0) != 0:
+        err = ctypes.get_errno()
+        hint = " (files are open there; close them, or use umount -l)" if err == errno.EBUSY else ""
+        raise SetupError(f"umount {target}: {os.strerror(err)}{hint}")
+    return 0
+
+
+def _drvs_mount_at(target: str) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            if _unescape(fields[4]) == target and fields[sep + 1] == FSTYPE:
+                return True
+    return False
+
+
+def _unescape(path: str) -> str:
+    return path.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+def df(args) -> int:
+    cfg = config.load()
+    if not cluster_info(cfg):
+        raise UsageError("drvs df needs a cluster (a single node's VMs keep their data in STATE/vms/VM/data)")
+    registry = VmRegistry(open_store())
+    specs = [registry.get(args.vm)] if args.vm else [s for s in registry.list() if s.fs_nodes]
+    rows = [_usage(cfg, s) for s in specs]
+
+    def table():
+        print_table(["VM", "SIZE", "USED", "AVAIL", "USE%", "REPLICAS", "SERVER", "NODES"],
+                    [[r["vm"], format_size(r["size"]), format_size(r["used"]), format_size(r["avail"]),
+                      f"{100 * r['used'] // r['size']}%" if r["size"] else "-", r["replicas"], r["server"] or "-",
+                      ",".join(r["nodes"])] for r in rows])
+
+    emit(rows, args.format, table)
+    for r in rows:
+        if r["error"]:
+            print(f"drvs df: {r['vm']}: {r['error']}", file=sys.stderr)
+    return 0
+
+
+def _usage(cfg, spec) -> dict:
+    from ..ipc import client
+    from ..ipc.message import IpcError, Msg, check
+    from ..ipc.schema import fs
+
+    row = {"vm": spec.name, "size": 0, "used": 0, "avail": 0, "replicas": len(spec.fs_nodes),
+           "nodes": spec.fs_nodes, "server": None, "error": None}
+    if not spec.fs_nodes:
+        row["error"] = "no cluster file system"
+        return row
+    target = f"fs@{spec.name}"
+    try:
+        reply = check(client.sendrec(cfg.state_dir, target,
+                                     Msg(fs.FsCall.usage, fs.FsRequest.new_message(vm=spec.name).to_bytes_packed())),
+                      target)
+    except (IpcError, DrvsError) as e:
+        row["error"] = str(e)
+        return row
+    r = fs.FsReply.from_bytes_packed(reply.payload)
+    row.update(size=r.statfs.blocks * r.statfs.bsize, avail=r.statfs.bavail * r.statfs.bsize, used=int(r.data))
+    row["server"] = _server_of(target)
+    return row
+
+
+def _server_of(endpoint: str) -> str | None:
+    import json
+
+    from ..ipc.fabric import REGISTRY
+
+    entry = open_store().get(REGISTRY + endpoint)
+    return json.loads(entry.value)["node"] if entry is not None else None

@@ -1,0 +1,76 @@
+"""DVOS servers that run on one node of their VM at a time: pm@VM, fs@VM.
+
+Every node that may serve SERVICE@VM campaigns in an etcd election held by
+its lease; the leader makes the server and registers the endpoint.  When
+its node dies the lease goes, another candidate is elected within the
+lease's TTL and registers the endpoint again; callers re-resolve."""
+
+import logging
+
+import trio
+
+from ..cluster.etcd import EtcdUnavailable
+from ..errors import DrvsError
+
+log = logging.getLogger("drvmmd")
+ELECTIONS = "/drvs/elections/"
+VMS = "/drvs/vms/"
+RESYNC = 1.0  # seconds between looks at the VM list (a new VM is served within this)
+
+
+async def run(etcd, fabric, member, service: str, candidate, make) -> None:
+    """Campaign for service@VM for every VM whose spec candidate(spec)
+    accepts, as VMs come and go.  make(vm) -> a server with handle(msg),
+    fast(msg) (or None) and close(); it may raise DrvsError (logged; the
+    node then stands down and tries again later)."""
+    from ..vm.model import VmSpec
+
+    campaigns: dict[str, trio.CancelScope] = {}
+    async with trio.open_nursery() as nursery:
+        while True:
+            try:
+                vms = [VmSpec.from_json(e.value) for e in await etcd.range(VMS)]
+            except (EtcdUnavailable, DrvsError) as e:
+                log.warning("%s servers: %s", service, e)
+                vms = None
+            if vms is not None:
+                wanted = {vm.name for vm in vms if candidate(vm)}
+                for name in wanted - campaigns.keys():
+                    campaigns[name] = await nursery.start(_serve, service, name, etcd, fabric, member, make)
+                for name in campaigns.keys() - wanted:
+                    campaigns.pop(name).cancel()
+            await trio.sleep(RESYNC)
+
+
+async def _serve(service, vm, etcd, fabric, member, make, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    endpoint = f"{service}@{vm}"
+    scope = trio.CancelScope()
+    task_status.started(scope)
+    with scope:
+        while True:
+            try:
+                leadership = await etcd.campaign(f"{ELECTIONS}{service}/{vm}", member.name, member.lease)
+            except (EtcdUnavailable, DrvsError) as e:
+                log.warning("%s: campaign: %s", endpoint, e)
+                await trio.sleep(1)
+                continue
+            server = None
+            try:
+                try:
+                    server = make(vm)
+                    await fabric.register(endpoint, server.handle, getattr(server, "fast", None))
+                except (EtcdUnavailable, DrvsError) as e:
+                    log.warning("%s: cannot serve (%s); standing down", endpoint, e)
+                    await trio.sleep(RESYNC)
+                    continue  # (finally resigns)
+                log.info("serving %s", endpoint)
+                await trio.sleep_forever()
+            finally:
+                with trio.move_on_after(2, shield=True):
+                    try:
+                        await fabric.unregister(endpoint)
+                        await etcd.resign(leadership)
+                    except (EtcdUnavailable, DrvsError):
+                        pass
+                if server is not None and hasattr(server, "close"):
+                    server.close()

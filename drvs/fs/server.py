@@ -1,0 +1,478 @@
+"""The VM's file server, endpoint "fs@VM": a DVOS server, elected among the
+nodes that hold the VM's store (drvs/fs/service.py), that serves the VM's
+files to the FUSE client of every node (drvs/fs/client.py).
+
+One message table.  Calls that only read, or change nothing another node
+has cached, are answered on the fabric's fast path (as the message
+arrives, no trio hop); calls that change what other nodes may cache wait
+until those nodes dropped it (callback breaks, as AFS calls them): the
+server remembers which node looked at which directory and inode, and tells
+exactly those nodes, through their "fsc@NODE", before it replies.  So a
+create, rename, unlink or chmod on n1 is seen on n2 at once, and a file
+closed on n1 is read afresh by an open on n2 after it (close-to-open).
+
+Open files are descriptors of the store held here, so an unlinked file
+stays readable through its open handles until they are released."""
+
+import errno
+import inspect
+import logging
+import os
+import stat
+
+import trio
+
+from .. import _fs
+from ..ipc.message import IpcError, Msg, failure
+from ..ipc.schema import fs
+from .store import XATTR_PREFIXES, Store, check_path
+
+log = logging.getLogger("drvmmd")
+Call = fs.FsCall
+INVALIDATE_TIMEOUT = 1.0  # a node that does not confirm within this is dropped from every cache list
+READDIR_BATCH = 512
+OPEN_FLAGS = os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC | os.O_NOATIME
+SET_MODE, SET_UID, SET_GID, SET_SIZE, SET_ATIME, SET_MTIME = 1, 2, 4, 8, 16, 32
+
+
+def fill_attr(a, st: os.stat_result) -> None:
+    a.ino, a.mode, a.nlink, a.uid, a.gid = st.st_ino, st.st_mode, st.st_nlink, st.st_uid, st.st_gid
+    a.rdev, a.size, a.blocks = st.st_rdev, st.st_size, st.st_blocks
+    a.atimeNs, a.mtimeNs, a.ctimeNs = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
+
+
+class OpenFile:
+    __slots__ = ("fd", "ino", "node", "wrote")
+
+    def __init__(self, fd: int, ino: int, node: str):
+        self.fd, self.ino, self.node, self.wrote = fd, ino, node, False
+
+
+class FsServer:
+    def __init__(self, vm: str, store: Store, fabric, here: str):
+        self.vm, self.store, self.fabric, self.here = vm, store, fabric, here
+        self.files: dict[int, OpenFile] = {}
+        self.next_fh = 1
+        self.interest: dict[int, set[str]] = {}  # inode -> nodes that may cache it (or its entries)
+        # The message table: plain functions are answered at once (also on
+        # the fast path); coroutines may wait for other nodes or the disk.
+        self.table = {
+            Call.lookup: self.lookup, Call.getattr: self.getattr, Call.readlink: self.readlink,
+            Call.open: self.open, Call.read: self.read, Call.write: self.write,
+            Call.readdir: self.readdir, Call.statfs: self.statfs, Call.getxattr: self.getxattr,
+            Call.listxattr: self.listxattr,
+            Call.setattr: self.setattr, Call.mknod: self.mknod, Call.mkdir: self.mkdir,
+            Call.symlink: self.symlink, Call.unlink: self.unlink, Call.rmdir: self.rmdir,
+            Call.rename: self.rename, Call.link: self.link, Call.create: self.create,
+            Call.release: self.release, Call.fsync: self.fsync, Call.flush: self.flush,
+            Call.setxattr: self.setxattr, Call.removexattr: self.removexattr, Call.usage: self.usage,
+        }
+        self.at_once = {t for t, h in self.table.items() if not inspect.iscoroutinefunction(h)}
+
+    def close(self) -> None:
+        for f in self.files.values():
+            os.close(f.fd)
+        self.files.clear()
+        self.store.close()
+
+    # -- dispatch --------------------------------------------------------------
+
+    def _decode(self, msg: Msg):
+        try:
+            req = fs.FsRequest.from_bytes_packed(msg.payload)
+            vm, path = req.vm, bytes(req.path)
+        except Exception:  # noqa: BLE001 - malformed input from the wire
+            raise IpcError("malformed request", errno.EBADMSG) from None
+        if vm != self.vm:
+            raise IpcError(f"fs@{self.vm}: request for VM {vm!r}", errno.EINVAL)
+        return req, path
+
+    def fast(self, msg: Msg) -> Msg | None:
+        if msg.type not in self.at_once:
+            return None
+        req, path = self._decode(msg)
+        if msg.type == Call.open and req.flags & os.O_TRUNC:
+            return None  # other nodes must drop the data first: handle()
+        return self._run(self.table[msg.type], req, path, msg.node or self.here)
+
+    async def handle(self, msg: Msg) -> Msg:
+        handler = self.table.get(msg.type)
+        if handler is None:
+            raise IpcError(f"fs@{self.vm}: unknown message type {msg.type}", errno.ENOSYS)
+        req, path = self._decode(msg)
+        origin = msg.node or self.here
+        if msg.type in self.at_once:
+            reply = self._run(handler, req, path, origin)
+            if msg.type == Call.open and reply.status == 0 and req.flags & os.O_TRUNC:
+                await self._tell(origin, inodes=[fs.FsReply.from_bytes_packed(reply.payload).attr.ino], data=True)
+            return reply
+        out = fs.FsReply.new_message()
+        try:
+            await handler(req, path, out, origin)
+        except OSError as e:
+            return _os_failure(e, path)
+        return Msg(0, out.to_bytes_packed())
+
+    def _run(self, handler, req, path, origin) -> Msg:
+        out = fs.FsReply.new_message()
+        try:
+            handler(req, path, out, origin)
+        except OSError as e:
+            return _os_failure(e, path)
+        return Msg(0, out.to_bytes_packed())
+
+    # -- who caches what ---------------------------------------------------------
+
+    def _seen(self, node: str, *inodes: int) -> None:
+        for ino in inodes:
+            nodes = self.interest.get(ino)
+            if nodes is None:
+                self.interest[ino] = {node}
+            else:
+                nodes.add(node)
+
+    async def _tell(self, origin: str, entries=(), inodes=(), data=False) -> None:
+        """Make every node but origin that may cache these drop them, and
+        wait until they did (or INVALIDATE_TIMEOUT passed: such a node is
+        forgotten, and its kernel's own timeouts bound what it shows)."""
+        targets: dict[str, tuple[list, set]] = {}
+        for dino, name in entries:
+            for node in self.interest.get(dino, ()):
+                if node != origin:
+                    targets.setdefault(node, ([], set()))[0].append((dino, name))
+        for ino in inodes:
+            for node in self.interest.get(ino, ()):
+                if node != origin:
+                    targets.setdefault(node, ([], set()))[1].add(ino)
+        if targets:
+            async with trio.open_nursery() as nursery:
+                for node, (ents, inos) in targets.items():
+                    nursery.start_soon(self._send, node, ents, inos, data)
+
+    async def _send(self, node: str, entries, inodes, data: bool) -> None:
+        m = fs.Invalidations.new_message(vm=self.vm, data=data)
+        es = m.init("entries", len(entries))
+        for i, (dino, name) in enumerate(entries):
+            es[i].name, es[i].attr.ino = name, dino
+        ins = m.init("inodes", len(inodes))
+        for i, ino in enumerate(inodes):
+            ins[i] = ino
+        try:
+            reply = await self.fabric.sendrec(f"fsc@{node}", Msg(Call.invalidate, m.to_bytes_packed()),
+                                              timeout=INVALIDATE_TIMEOUT)
+            if reply.status < 0:
+                raise IpcError(reply.error, -reply.status)
+        except IpcError as e:
+            log.info("fs@%s: node %s did not drop its caches (%s); forgetting what it cached", self.vm, node, e)
+            for nodes in self.interest.values():
+                nodes.discard(node)
+
+    # -- calls that read ---------------------------------------------------------------
+
+    def lookup(self, req, path, out, origin) -> None:
+        check_path(path)
+        if not path:
+            st = os.stat(self.store.root)
+        else:
+            with self.store.at(path) as (dfd, name):
+                self._seen(origin, os.stat(dfd).st_ino)  # also when name is absent: the node caches that
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        self._seen(origin, st.st_ino)
+        fill_attr(out.attr, st)
+
+    def getattr(self, req, path, out, origin) -> None:
+        if req.fh:
+            st = os.stat(self._file(req.fh).fd)
+        else:
+            st = self.store.lstat(check_path(path)) if path else os.stat(self.store.root)
+        self._seen(origin, st.st_ino)
+        fill_attr(out.attr, st)
+
+    def readlink(self, req, path, out, origin) -> None:
+        with self.store.at(check_path(path)) as (dfd, name):
+            out.data = os.readlink(name, dir_fd=dfd)
+
+    def open(self, req, path, out, origin) -> None:
+        fd = self.store.open(check_path(path), (req.flags & OPEN_FLAGS) | os.O_NOFOLLOW)
+        self._opened(fd, origin, out)
+
+    def _opened(self, fd: int, origin: str, out) -> None:
+        try:
+            st = os.stat(fd)
+        except OSError:
+            os.close(fd)
+            raise
+        fh = self.next_fh
+        self.next_fh += 1
+        self.files[fh] = OpenFile(fd, st.st_ino, origin)
+        self._seen(origin, st.st_ino)
+        out.fh = fh
+        fill_attr(out.attr, st)
+
+    def _file(self, fh: int) -> OpenFile:
+        f = self.files.get(fh)
+        if f is None:
+            raise OSError(errno.EBADF, "no such open file (the file server restarted?)")
+        return f
+
+    def read(self, req, path, out, origin) -> None:
+        out.data = os.pread(self._file(req.fh).fd, req.size, req.offset)
+
+    def write(self, req, path, out, origin) -> None:
+        f = self._file(req.fh)
+        out.size = os.pwrite(f.fd, req.data, req.offset)
+        f.wrote = True
+
+    def readdir(self, req, path, out, origin) -> None:
+        fd = self.store.open(check_path(path), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            dino = os.stat(fd).st_ino
+            after = bytes(req.data)
+            with os.scandir(fd) as it:
+                found = sorted((e for e in it if os.fsencode(e.name) > after), key=lambda e: e.name)
+            batch = found[:READDIR_BATCH]
+            ents = out.init("entries", len(batch))
+            for i, e in enumerate(batch):
+                st = e.stat(follow_symlinks=False)
+                ents[i].name = os.fsencode(e.name)
+                fill_attr(ents[i].attr, st)
+                self._seen(origin, st.st_ino)
+            out.more = len(found) > len(batch)
+            self._seen(origin, dino)
+        finally:
+            os.close(fd)
+
+    def statfs(self, req, path, out, origin) -> None:
+        _fill_statfs(out.statfs, self.store.statvfs())
+
+    def getxattr(self, req, path, out, origin) -> None:
+        name = _xattr_name(req)
+        with _Object(self.store, path) as proc_path:
+            out.data = os.getxattr(proc_path, name)
+
+    def listxattr(self, req, path, out, origin) -> None:
+        with _Object(self.store, path) as proc_path:
+            names = [os.fsencode(n) for n in os.listxattr(proc_path)]
+        out.data = b"".join(n + b"\0" for n in names if n.startswith(XATTR_PREFIXES))
+
+    # -- calls that change what others may cache -----------------------------------------
+
+    async def setattr(self, req, path, out, origin) -> None:
+        mask = req.setMask
+        if req.fh:
+            st = self._setattr_fd(self._file(req.fh).fd, req, mask)
+        else:
+            with self.store.at(check_path(path)) as (dfd, name):
+                st = self._setattr_at(dfd, name, req, mask)
+        fill_attr(out.attr, st)
+        await self._tell(origin, inodes=[st.st_ino], data=bool(mask & SET_SIZE))
+
+    @staticmethod
+    def _setattr_fd(fd: int, req, mask: int) -> os.stat_result:
+        if mask & SET_SIZE:
+            os.ftruncate(fd, req.size)
+        if mask & (SET_UID | SET_GID):
+            os.chown(fd, req.uid if mask & SET_UID else -1, req.gid if mask & SET_GID else -1)
+        if mask & SET_MODE:
+            os.chmod(fd, stat.S_IMODE(req.mode))
+        if mask & (SET_ATIME | SET_MTIME):
+            st = os.stat(fd)
+            os.utime(fd, ns=_times(st, req, mask))
+        return os.stat(fd)
+
+    def _setattr_at(self, dfd: int, name: bytes, req, mask: int) -> os.stat_result:
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        link = stat.S_ISLNK(st.st_mode)
+        if mask & SET_SIZE:
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EINVAL, "not a regular file")
+            fd = _fs.openat2(dfd, name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0, 0)
+            try:
+                os.ftruncate(fd, req.size)
+            finally:
+                os.close(fd)
+        if mask & (SET_UID | SET_GID):
+            os.chown(name, req.uid if mask & SET_UID else -1, req.gid if mask & SET_GID else -1,
+                     dir_fd=dfd, follow_symlinks=False)
+        if mask & SET_MODE:
+            if link:
+                raise OSError(errno.EOPNOTSUPP, "the mode of a symbolic link cannot change")
+            os.chmod(name, stat.S_IMODE(req.mode), dir_fd=dfd)  # not a link, as checked above
+        if mask & (SET_ATIME | SET_MTIME):
+            os.utime(name, ns=_times(st, req, mask), dir_fd=dfd, follow_symlinks=False)
+        return os.stat(name, dir_fd=dfd, follow_symlinks=False)
+
+    async def mknod(self, req, path, out, origin) -> None:
+        await self._make(path, out, origin, req, lambda dfd, name: os.mknod(name, req.mode, req.rdev, dir_fd=dfd))
+
+    async def mkdir(self, req, path, out, origin) -> None:
+        await self._make(path, out, origin, req, lambda dfd, name: os.mkdir(name, 0o700, dir_fd=dfd))
+
+    async def symlink(self, req, path, out, origin) -> None:
+        target = bytes(req.data)
+        await self._make(path, out, origin, req, lambda dfd, name: os.symlink(target, name, dir_fd=dfd))
+
+    async def _make(self, path, out, origin, req, make) -> None:
+        with self.store.at(check_path(path)) as (dfd, name):
+            make(dfd, name)
+            st = _own(dfd, name, req)
+            dino = os.stat(dfd).st_ino
+        self._seen(origin, st.st_ino, dino)
+        fill_attr(out.attr, st)
+        await self._tell(origin, entries=[(dino, name)], inodes=[dino])
+
+    async def create(self, req, path, out, origin) -> None:
+        flags = (req.flags & OPEN_FLAGS) | os.O_NOFOLLOW
+        with self.store.at(check_path(path)) as (dfd, name):
+            try:
+                fd = _fs.openat2(dfd, name, flags | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, 0)
+                made = True
+            except FileExistsError:
+                if req.flags & os.O_EXCL:
+                    raise
+                fd = _fs.openat2(dfd, name, flags | os.O_CLOEXEC, 0, 0)  # another node made it meanwhile
+                made = False
+            try:
+                if made:
+                    _own(dfd, name, req)
+                dino = os.stat(dfd).st_ino
+            except OSError:
+                os.close(fd)
+                raise
+        self._opened(fd, origin, out)
+        self._seen(origin, dino)
+        await self._tell(origin, entries=[(dino, name)], inodes=[dino, out.attr.ino], data=not made)
+
+    async def unlink(self, req, path, out, origin) -> None:
+        await self._remove(path, origin, lambda dfd, name: os.unlink(name, dir_fd=dfd))
+
+    async def rmdir(self, req, path, out, origin) -> None:
+        await self._remove(path, origin, lambda dfd, name: os.rmdir(name, dir_fd=dfd))
+
+    async def _remove(self, path, origin, remove) -> None:
+        with self.store.at(check_path(path)) as (dfd, name):
+            ino = os.stat(name, dir_fd=dfd, follow_symlinks=False).st_ino
+            remove(dfd, name)
+            dino = os.stat(dfd).st_ino
+        await self._tell(origin, entries=[(dino, name)], inodes=[ino, dino])
+
+    async def rename(self, req, path, out, origin) -> None:
+        path2 = check_path(bytes(req.path2))
+        with self.store.at(check_path(path)) as (d1, n1), self.store.at(path2) as (d2, n2):
+            moved = os.stat(n1, dir_fd=d1, follow_symlinks=False).st_ino
+            try:
+                replaced = os.stat(n2, dir_fd=d2, follow_symlinks=False).st_ino
+            except FileNotFoundError:
+                replaced = None
+            _fs.renameat2(d1, n1, d2, n2, req.flags)
+            i1, i2 = os.stat(d1).st_ino, os.stat(d2).st_ino
+        inodes = [moved, i1, i2] + ([replaced] if replaced is not None else [])
+        await self._tell(origin, entries=[(i1, n1), (i2, n2)], inodes=inodes)
+
+    async def link(self, req, path, out, origin) -> None:
+        path2 = check_path(bytes(req.path2))
+        with self.store.at(check_path(path)) as (d1, n1), self.store.at(path2) as (d2, n2):
+            os.link(n1, n2, src_dir_fd=d1, dst_dir_fd=d2, follow_symlinks=False)
+            st = os.stat(n2, dir_fd=d2, follow_symlinks=False)
+            dino = os.stat(d2).st_ino
+        self._seen(origin, st.st_ino)
+        fill_attr(out.attr, st)
+        await self._tell(origin, entries=[(dino, n2)], inodes=[st.st_ino, dino])
+
+    async def flush(self, req, path, out, origin) -> None:
+        f = self._file(req.fh)
+        if f.wrote:
+            f.wrote = False
+            await self._tell(origin, inodes=[f.ino], data=True)
+
+    async def release(self, req, path, out, origin) -> None:
+        f = self.files.pop(req.fh, None)
+        if f is None:
+            return
+        os.close(f.fd)
+        if f.wrote:
+            await self._tell(origin, inodes=[f.ino], data=True)
+
+    async def fsync(self, req, path, out, origin) -> None:
+        f = self._file(req.fh)
+        sync = os.fdatasync if req.flags & 1 else os.fsync
+        await trio.to_thread.run_sync(sync, f.fd)  # the disk may take long; the loop serves others meanwhile
+        if f.wrote:
+            f.wrote = False
+            await self._tell(origin, inodes=[f.ino], data=True)
+
+    async def setxattr(self, req, path, out, origin) -> None:
+        name = _xattr_name(req)
+        with _Object(self.store, path) as proc_path:
+            os.setxattr(proc_path, name, bytes(req.data), req.flags)
+            ino = os.stat(proc_path).st_ino
+        await self._tell(origin, inodes=[ino])
+
+    async def removexattr(self, req, path, out, origin) -> None:
+        name = _xattr_name(req)
+        with _Object(self.store, path) as proc_path:
+            os.removexattr(proc_path, name)
+            ino = os.stat(proc_path).st_ino
+        await self._tell(origin, inodes=[ino])
+
+    async def usage(self, req, path, out, origin) -> None:
+        _fill_statfs(out.statfs, self.store.statvfs())
+        out.data = str(await trio.to_thread.run_sync(self.store.used_bytes)).encode()
+
+
+def _os_failure(e: OSError, path: bytes) -> Msg:
+    err = e.errno or errno.EIO
+    return failure(err, f"{os.strerror(err)}: {os.fsdecode(path) or '/'}")
+
+
+def _times(st: os.stat_result, req, mask: int) -> tuple[int, int]:
+    return (req.atimeNs if mask & SET_ATIME else st.st_atime_ns,
+            req.mtimeNs if mask & SET_MTIME else st.st_mtime_ns)
+
+
+def _own(dfd: int, name: bytes, req) -> os.stat_result:
+    """Give a new entry to its creator, as a local file system would: the
+    caller's uid, the caller's gid or the directory's if it is setgid, and
+    the mode asked for (the kernel of the caller applied its umask).  chown
+    first: it clears setuid and setgid bits."""
+    c = req.caller
+    dir_st = os.stat(dfd)
+    gid = dir_st.st_gid if dir_st.st_mode & stat.S_ISGID else c.gid
+    os.chown(name, c.uid, gid, dir_fd=dfd, follow_symlinks=False)
+    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    if not stat.S_ISLNK(st.st_mode):
+        mode = stat.S_IMODE(req.mode)
+        if stat.S_ISDIR(st.st_mode) and dir_st.st_mode & stat.S_ISGID:
+            mode |= stat.S_ISGID  # directories inherit setgid
+        os.chmod(name, mode, dir_fd=dfd)
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    return st
+
+
+def _xattr_name(req) -> bytes:
+    name = bytes(req.name)
+    if not name.startswith(XATTR_PREFIXES):
+        raise OSError(errno.EOPNOTSUPP, "only user.* extended attributes")
+    return name
+
+
+class _Object:
+    """An object of the store as a path that os.*xattr take (they have no
+    dir_fd): /proc/self/fd/N of an O_PATH descriptor of it."""
+
+    __slots__ = ("store", "path", "fd")
+
+    def __init__(self, store: Store, path: bytes):
+        self.store, self.path, self.fd = store, check_path(path), -1
+
+    def __enter__(self) -> str:
+        self.fd = self.store.open(self.path, os.O_PATH | os.O_NOFOLLOW)
+        return f"/proc/self/fd/{self.fd}"
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)
+
+
+def _fill_statfs(s, v: os.statvfs_result) -> None:
+    s.bsize, s.blocks, s.bfree, s.bavail = v.f_frsize, v.f_blocks, v.f_bfree, v.f_bavail
+    s.files, s.ffree, s.namemax = v.f_files, v.f_ffree, min(v.f_namemax, 255)

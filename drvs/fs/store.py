@@ -1,0 +1,156 @@
+"""A VM file server's store: the VM's files kept as an ordinary directory
+tree on the server node's local disk, so that the node's own file system
+gives crash consistency (its journal), sparse files, hard links, xattrs and
+fsync, and a crash never leaves a torn format of ours to repair.
+
+    STATE/vms/VM/fs/STORE    what this is: {"format": 1, "vm": VM}
+    STATE/vms/VM/fs/root/    the tree
+
+Every path comes from a client node and is resolved under root/ in one
+openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS) step: a symbolic link a
+program of the VM made is never followed here (its node's kernel follows
+links, in the jail's own view), and nothing outside root/ can be reached.
+
+Errors are OSError, as the kernel gave them."""
+
+import json
+import os
+import stat
+
+from .. import _fs
+from ..errors import SetupError
+
+FORMAT = 1
+RESOLVE = _fs.RESOLVE_BENEATH | _fs.RESOLVE_NO_SYMLINKS | _fs.RESOLVE_NO_MAGICLINKS | _fs.RESOLVE_NO_XDEV
+NAME_MAX = 255
+PATH_MAX = 4096
+# Extended attributes a VM's programs may use; the others belong to this
+# node (trusted.*, security.* would act on the server itself).
+XATTR_PREFIXES = (b"user.",)
+
+
+def check_path(path: bytes) -> bytes:
+    """A client's path, as this store takes it, or OSError."""
+    import errno
+
+    if len(path) > PATH_MAX:
+        raise OSError(errno.ENAMETOOLONG, "path too long")
+    if path:
+        for part in path.split(b"/"):
+            if part in (b"", b".", b"..") or b"\0" in part:
+                raise OSError(errno.EINVAL, "invalid path")
+            if len(part) > NAME_MAX:
+                raise OSError(errno.ENAMETOOLONG, "name too long")
+    return path
+
+
+def join(parent: bytes, name: bytes) -> bytes:
+    return parent + b"/" + name if parent else name
+
+
+class Store:
+    def __init__(self, base: str, vm: str):
+        self.base, self.vm = base, vm
+        self.root = open_store(base, vm)
+
+    def close(self) -> None:
+        if self.root >= 0:
+            os.close(self.root)
+            self.root = -1
+
+    def open(self, path: bytes, flags: int, mode: int = 0) -> int:
+        return _fs.openat2(self.root, path or b".", flags | os.O_CLOEXEC, mode, RESOLVE)
+
+    def parent(self, path: bytes) -> tuple[int, bytes]:
+        """An fd of path's directory (the caller closes it), and the name."""
+        import errno
+
+        if not path:
+            raise OSError(errno.EBUSY, "the root has no parent")
+        head, _, name = path.rpartition(b"/")
+        return self.open(head, os.O_PATH | os.O_DIRECTORY), name
+
+    def lstat(self, path: bytes) -> os.stat_result:
+        fd = self.open(path, os.O_PATH | os.O_NOFOLLOW)
+        try:
+            return os.stat(fd)
+        finally:
+            os.close(fd)
+
+    def at(self, path: bytes):
+        """with store.at(path) as (dirfd, name): ..."""
+        return _At(self, path)
+
+    def statvfs(self) -> os.statvfs_result:
+        return os.fstatvfs(self.root)
+
+    def used_bytes(self) -> int:
+        """Bytes of disk the tree takes (du), hard links counted once."""
+        seen, total = set(), 0
+        for top, dirs, files in os.walk(f"{self.base}/root"):
+            for name in dirs + files:
+                try:
+                    st = os.lstat(os.path.join(top, name))
+                except OSError:
+                    continue
+                if (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    total += st.st_blocks * 512
+        return total
+
+
+class _At:
+    __slots__ = ("store", "path", "fd")
+
+    def __init__(self, store: Store, path: bytes):
+        self.store, self.path, self.fd = store, path, -1
+
+    def __enter__(self) -> tuple[int, bytes]:
+        self.fd, name = self.store.parent(self.path)
+        return self.fd, name
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)
+
+
+def open_store(base: str, vm: str) -> int:
+    """The root of vm's store under base, made if new; SetupError if what is
+    there is not a store of vm (a foreign, torn or half-made directory is
+    never written into)."""
+    marker, root = f"{base}/STORE", f"{base}/root"
+    if not os.path.exists(marker):
+        if os.path.exists(root) and os.listdir(root):
+            raise SetupError(f"file store {base}: files without a STORE marker; "
+                             f"not a DRVS store (move it away to start afresh)")
+        os.makedirs(root, mode=0o755, exist_ok=True)
+        tmp = f"{marker}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"format": FORMAT, "vm": vm}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, marker)
+        _fsync_dir(base)
+    try:
+        with open(marker) as f:
+            info = json.load(f)
+        ok = info.get("format") == FORMAT and info.get("vm") == vm
+    except (OSError, ValueError, AttributeError) as e:
+        raise SetupError(f"file store {base}: unreadable STORE marker ({e}); the store is damaged") from None
+    if not ok:
+        raise SetupError(f"file store {base}: STORE marker says {info!r}, expected format {FORMAT} of VM {vm!r}")
+    try:
+        fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise SetupError(f"file store {base}: its root is missing ({e.strerror}); the store is damaged") from None
+    if not stat.S_ISDIR(os.stat(fd).st_mode):
+        os.close(fd)
+        raise SetupError(f"file store {base}: root is not a directory")
+    return fd
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,114 @@
+@0xeaa43d729bbe616c;
+# The DRVM file system.  Endpoint "fs@VM" is the VM's file server; the
+# drvmmd of every node is a client (its FUSE view) and serves "fsc@NODE",
+# where the server sends invalidations of what that node's kernel caches.
+#
+# Like a Minix message, one request and one reply layout serve every call;
+# each call below says which fields it reads and fills.  Paths are bytes,
+# relative to the file system's root ("" is the root, "a/b" a file), with
+# no "." or ".." components; the kernel of the client node resolves links.
+# Errors are the reply's status (a negative errno), as the kernel gives it.
+
+enum FsCall {
+  lookup @0;       # path -> attr (caches: the node may cache path and its directory)
+  getattr @1;      # path or fh -> attr
+  setattr @2;      # path or fh, setMask + mode/uid/gid/size/atimeNs/mtimeNs -> attr
+  readlink @3;     # path -> data
+  mknod @4;        # path, mode, rdev, caller -> attr
+  mkdir @5;        # path, mode, caller -> attr
+  symlink @6;      # path, data (the target), caller -> attr
+  unlink @7;       # path
+  rmdir @8;        # path
+  rename @9;       # path -> path2, flags (RENAME_NOREPLACE, RENAME_EXCHANGE)
+  link @10;        # path (existing) -> path2 (new) -> attr of path2
+  open @11;        # path, flags -> fh, attr
+  create @12;      # path, flags, mode, caller -> fh, attr
+  read @13;        # fh, offset, size -> data
+  write @14;       # fh, offset, data -> size (bytes written), attr
+  release @15;     # fh
+  fsync @16;       # fh, flags (1: data only)
+  readdir @17;     # path, data (resume after this name, "" from the start) -> entries, more
+  statfs @18;      # -> statfs
+  getxattr @19;    # path, name -> data
+  setxattr @20;    # path, name, data, flags
+  listxattr @21;   # path -> data (names, each NUL-terminated)
+  removexattr @22; # path, name
+  flush @23;       # fh: a close(2) of it; what it wrote is now seen by every node
+  invalidate @24;  # server -> fsc@NODE: Invalidations
+  usage @25;       # -> statfs, data (the store's bytes in use, as decimal text)
+}
+
+struct Caller {
+  uid @0 :UInt32;
+  gid @1 :UInt32;
+  umask @2 :UInt32;
+}
+
+struct FsRequest {
+  vm @0 :Text;
+  path @1 :Data;
+  path2 @2 :Data;
+  fh @3 :UInt64;
+  offset @4 :UInt64;
+  size @5 :UInt64;
+  data @6 :Data;
+  flags @7 :UInt32;
+  mode @8 :UInt32;
+  rdev @9 :UInt64;
+  caller @10 :Caller;
+  name @11 :Data;
+  setMask @12 :UInt32;   # bits: 1 mode, 2 uid, 4 gid, 8 size, 16 atime, 32 mtime
+  uid @13 :UInt32;
+  gid @14 :UInt32;
+  atimeNs @15 :Int64;
+  mtimeNs @16 :Int64;
+}
+
+struct Attr {
+  ino @0 :UInt64;
+  mode @1 :UInt32;
+  nlink @2 :UInt32;
+  uid @3 :UInt32;
+  gid @4 :UInt32;
+  rdev @5 :UInt64;
+  size @6 :UInt64;
+  blocks @7 :UInt64;
+  atimeNs @8 :Int64;
+  mtimeNs @9 :Int64;
+  ctimeNs @10 :Int64;
+}
+
+struct Entry {
+  name @0 :Data;
+  attr @1 :Attr;
+}
+
+struct StatFs {
+  bsize @0 :UInt64;
+  blocks @1 :UInt64;
+  bfree @2 :UInt64;
+  bavail @3 :UInt64;
+  files @4 :UInt64;
+  ffree @5 :UInt64;
+  namemax @6 :UInt32;
+}
+
+struct FsReply {
+  attr @0 :Attr;
+  fh @1 :UInt64;
+  data @2 :Data;
+  size @3 :UInt64;
+  entries @4 :List(Entry);
+  more @5 :Bool;
+  statfs @6 :StatFs;
+}
+
+# What a node's kernel must forget: directory entries (the inode of the
+# directory, by the server's inode number, and the name), and inodes whose
+# attributes or data changed.
+struct Invalidations {
+  vm @0 :Text;
+  entries @1 :List(Entry);   # attr.ino: the directory; name: the entry
+  inodes @2 :List(UInt64);
+  data @3 :Bool;             # inodes' cached data too, not only attributes
+}

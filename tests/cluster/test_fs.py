@@ -1,0 +1,276 @@
+"""The DRVM file system: one POSIX file system per VM, the same on every
+node, seen by jails at /data and by administrators through drvs mount."""
+
+import errno
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.cluster.conftest import BIN, Cluster
+
+PY = sys.executable
+
+
+@pytest.fixture(scope="module")
+def fsc(tmp_path_factory):
+    """One 2-node cluster for the module's tests, VM `web` on both (its
+    file system kept on both: the default)."""
+    from drvs.dev import cluster as dev
+    from drvs.dev import netns
+
+    state = tmp_path_factory.mktemp("fs")
+    name = dev.new_name()
+    info = dev.up(str(state), 2, None, name)
+    try:
+        c = Cluster(state, info)
+        c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", node="n1", check=True)
+        view(c, "n1"), view(c, "n2")
+        yield c
+    finally:
+        if (state / "dev-cluster.json").exists():
+            dev.down(str(state))
+        assert not netns.existing(name)
+        with open("/proc/self/mounts") as f:
+            assert not [line for line in f if f" {state}/" in line]
+
+
+def view(c, node, vm="web", timeout=20) -> Path:
+    """The VM's file system as node's drvmmd shows it on the host."""
+    path = Path(c.node(node)["state_dir"]) / "dvos" / "fs" / vm
+    deadline = time.monotonic() + timeout
+    while not path.is_dir():
+        assert time.monotonic() < deadline, f"{path}: fs@{vm} not served"
+        time.sleep(0.1)
+    return path
+
+
+def jail(c, node, script, user=None, timeout=60, vm="web"):
+    argv = [str(BIN / "drvs-run"), "--vm", vm] + (["-u", user] if user else []) + ["--", "sh", "-c", script]
+    return subprocess.run(argv, env={**c.env, "DRVS_NODE": node}, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def d(fsc, request):
+    """A fresh directory of the VM's file system for one test: (name, n1's view of it, n2's)."""
+    name = request.node.name.replace("[", "-").replace("]", "")
+    (view(fsc, "n1") / name).mkdir()
+    return name, view(fsc, "n1") / name, view(fsc, "n2") / name
+
+
+def test_written_in_a_jail_on_n1_is_read_in_a_jail_on_n2(fsc, d):
+    name, _, _ = d
+    w = jail(fsc, "n1", f"echo 'from n1' > /data/{name}/note && mkdir /data/{name}/sub && "
+                        f"seq 1 10000 > /data/{name}/sub/numbers")
+    assert w.returncode == 0, w.stderr
+    r = jail(fsc, "n2", f"cat /data/{name}/note; wc -l < /data/{name}/sub/numbers; df -P /data | tail -1")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[:2] == ["from n1", "10000"]
+    assert lines[2].split()[0].startswith("drvs:") and lines[2].split()[-1] == "/data"
+    assert int(lines[2].split()[1]) > 0  # the server's real size, not zero
+
+
+def test_a_200_mb_file_written_on_n1_reads_the_same_on_n2(fsc, d, tmp_path):
+    _, a, b = d
+    src = tmp_path / "big"
+    with open(src, "wb") as f:
+        for _ in range(200):
+            f.write(os.urandom(1 << 20))
+    subprocess.run(["cp", str(src), str(a / "big")], check=True)
+    want = hashlib.sha256(src.read_bytes()).hexdigest()
+    got = subprocess.run(["sha256sum", str(b / "big")], capture_output=True, text=True, check=True).stdout.split()[0]
+    assert got == want
+    assert (b / "big").stat().st_size == 200 << 20
+
+
+def test_changes_on_one_node_are_seen_at_once_on_the_other(fsc, d):
+    _, a, b = d
+    (a / "f").write_text("v1")
+    assert (b / "f").read_text() == "v1"          # n2 now caches f, its attributes and the directory
+    assert sorted(os.listdir(b)) == ["f"]
+    (a / "f").write_text("version two")           # close on n1 ...
+    assert (b / "f").read_text() == "version two"  # ... then open on n2: the new data
+    (a / "g").write_text("new")
+    assert sorted(os.listdir(b)) == ["f", "g"]     # metadata at once, not after a timeout
+    os.rename(a / "g", a / "h")
+    assert not (b / "g").exists() and (b / "h").read_text() == "new"
+    os.chmod(a / "h", 0o600)
+    assert (b / "h").stat().st_mode & 0o777 == 0o600
+    os.unlink(a / "h")
+    assert not (b / "h").exists()
+    with open(a / "f", "a") as f:
+        f.write("+more")
+    assert (b / "f").stat().st_size == len("version two+more")
+
+
+def test_posix_semantics(fsc, d):
+    _, a, b = d
+    # rename replaces its target atomically, also across directories
+    (a / "x").mkdir()
+    (a / "old").write_text("old")
+    (a / "x" / "new").write_text("new")
+    os.rename(a / "x" / "new", a / "old")
+    assert (b / "old").read_text() == "new" and not (b / "x" / "new").exists()
+    # O_EXCL
+    with pytest.raises(FileExistsError):
+        os.open(b / "old", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    # O_APPEND from both nodes
+    for v, text in ((a, "1"), (b, "2"), (a, "3")):
+        fd = os.open(v / "log", os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o644)
+        os.write(fd, text.encode())
+        os.close(fd)
+    assert (b / "log").read_text() == "123"
+    # truncate, sparse files
+    with open(a / "sparse", "wb") as f:
+        f.seek(100 << 20)
+        f.write(b"end")
+    st = (b / "sparse").stat()
+    assert st.st_size == (100 << 20) + 3 and st.st_blocks * 512 < (1 << 20)
+    os.truncate(b / "sparse", 10)
+    assert (a / "sparse").read_bytes() == b"\0" * 10
+    # hard links: one inode, two names
+    os.link(a / "log", a / "log2")
+    s1, s2 = (b / "log").stat(), (b / "log2").stat()
+    assert s1.st_ino == s2.st_ino and s1.st_nlink == 2
+    # symbolic links are not followed by the server; the kernel follows them here
+    os.symlink("log", a / "ln")
+    assert os.readlink(b / "ln") == "log" and (b / "ln").read_text() == "123"
+    # extended attributes (user.*)
+    os.setxattr(a / "log", "user.color", b"blue")
+    assert os.getxattr(b / "log", "user.color") == b"blue"
+    assert "user.color" in os.listxattr(b / "log")
+    os.removexattr(b / "log", "user.color")
+    with pytest.raises(OSError) as e:
+        os.getxattr(a / "log", "user.color")
+    assert e.value.errno == errno.ENODATA
+    # utimens, fsync, statfs
+    os.utime(a / "log", ns=(1_000_000_000, 2_000_000_000))
+    assert (b / "log").stat().st_mtime_ns == 2_000_000_000
+    fd = os.open(a / "log", os.O_RDWR)
+    os.fsync(fd)
+    os.fdatasync(fd)
+    os.close(fd)
+    assert os.statvfs(a).f_blocks > 0
+    # names too long, directories not empty
+    with pytest.raises(OSError) as e:
+        (a / ("n" * 256)).write_text("x")
+    assert e.value.errno == errno.ENAMETOOLONG
+    (b / "x" / "f").write_text("x")
+    with pytest.raises(OSError) as e:
+        os.rmdir(a / "x")
+    assert e.value.errno == errno.ENOTEMPTY
+
+
+def test_an_unlinked_open_file_keeps_its_data_until_closed(fsc, d):
+    _, a, b = d
+    (a / "f").write_text("still here")
+    with open(b / "f") as reader:
+        os.unlink(a / "f")
+        assert not (b / "f").exists()
+        assert reader.read() == "still here"
+        assert os.fstat(reader.fileno()).st_nlink == 0
+
+
+def test_permissions_are_checked_for_users_other_than_root(fsc, d):
+    name, a, b = d
+    (a / "root-only").write_text("secret")
+    os.chmod(a / "root-only", 0o600)
+    os.chmod(a, 0o777)
+    r = jail(fsc, "n2", f"cd /data/{name}; cat root-only; echo x > root-only; chmod 777 root-only; "
+                        f"echo mine > mine; stat -c '%u %g %a' mine; chown 0 mine; touch -d @0 root-only; true",
+             user="1000:1000")
+    assert r.returncode == 0, r.stderr
+    assert "cat: root-only: Permission denied" in r.stderr
+    assert "root-only: Permission denied" in r.stderr.replace("can't create ", "")
+    assert "chmod: root-only: Operation not permitted" in r.stderr or "Operation not permitted" in r.stderr
+    assert r.stdout.split() == ["1000", "1000", "644"]
+    assert (a / "root-only").read_text() == "secret" and (a / "mine").stat().st_uid == 1000
+    assert (a / "root-only").stat().st_mode & 0o777 == 0o600
+
+
+def test_real_tools_over_the_file_system(fsc, d, tmp_path):
+    name, a, b = d
+    src = Path(__file__).resolve().parents[2] / "drvs"
+    subprocess.run(f"tar -C {src.parent} -cf - --exclude=__pycache__ drvs | tar -C {a} -xf -", shell=True, check=True)
+    subprocess.run(f"tar -C {b} -cf {tmp_path}/back.tar drvs && mkdir {tmp_path}/x && tar -C {tmp_path}/x -xf "
+                   f"{tmp_path}/back.tar && diff -r -x __pycache__ {src} {tmp_path}/x/drvs", shell=True, check=True)
+    git = ["git", "-c", "user.email=t@example.invalid", "-c", "user.name=t", "-c", "safe.directory=*"]
+    subprocess.run(git + ["init", "-q", str(a / "drvs")], check=True)
+    subprocess.run(git + ["-C", str(a / "drvs"), "add", "-A"], check=True)
+    subprocess.run(git + ["-C", str(a / "drvs"), "commit", "-qm", "import"], check=True)
+    log = subprocess.run(git + ["-C", str(b / "drvs"), "log", "--oneline"], capture_output=True, text=True, check=True)
+    assert log.stdout.strip().endswith("import")
+    status = subprocess.run(git + ["-C", str(b / "drvs"), "status", "--porcelain"], capture_output=True, text=True)
+    assert status.returncode == 0 and status.stdout == ""
+    subprocess.run([PY, "-m", "compileall", "-q", str(b / "drvs")], check=True)
+    assert list((a / "drvs" / "__pycache__").glob("*.pyc"))
+    db = "CREATE TABLE t(x); INSERT INTO t VALUES (1), (2);"
+    subprocess.run(["sqlite3", str(a / "db"), db], check=True)
+    subprocess.run(["sqlite3", str(b / "db"), "INSERT INTO t VALUES (3);"], check=True)
+    total = subprocess.run(["sqlite3", str(a / "db"), "SELECT sum(x) FROM t; PRAGMA integrity_check;"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert total == ["6", "ok"]
+
+
+def test_renames_and_unlinks_racing_from_two_nodes(fsc, d):
+    _, a, b = d
+    for i in range(20):
+        (a / f"f{i}").write_text(str(i))
+    errors = []
+
+    def churn(v, tag):
+        try:
+            for _ in range(5):
+                for i in range(20):
+                    try:
+                        os.rename(v / f"f{i}", v / f"{tag}{i}")
+                        os.rename(v / f"{tag}{i}", v / f"f{i}")
+                    except FileNotFoundError:
+                        pass  # the other node has it under its name now
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    t = [threading.Thread(target=churn, args=(a, "a")), threading.Thread(target=churn, args=(b, "b"))]
+    for x in t:
+        x.start()
+    for x in t:
+        x.join()
+    assert not errors
+    names_a, names_b = sorted(os.listdir(a)), sorted(os.listdir(b))
+    assert names_a == names_b and len(names_a) == 20
+    assert sorted(int((a / n).read_text()) for n in names_a) == list(range(20))
+
+
+def test_drvs_mount_umount_and_df(fsc, d, tmp_path):
+    name, a, _ = d
+    (a / "hello").write_text("hi")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    m = fsc.drvs("mount", "web", str(mnt), node="n2")
+    assert m.returncode == 0, m.stderr
+    try:
+        assert (mnt / name / "hello").read_text() == "hi"
+        fm = subprocess.run(["findmnt", "-n", "-o", "SOURCE,FSTYPE", str(mnt)], capture_output=True, text=True)
+        assert fm.stdout.split() == ["drvs:n2[/fs/web]", "fuse.drvs"]
+        again = fsc.drvs("mount", "web", str(mnt), node="n2")
+        assert again.returncode == 2 and "already mounted" in again.stderr
+    finally:
+        u = fsc.drvs("umount", str(mnt))
+    assert u.returncode == 0, u.stderr
+    assert not os.path.ismount(mnt)
+    u = fsc.drvs("umount", str(mnt))
+    assert u.returncode == 2 and "no drvs file system is mounted" in u.stderr
+    bad = fsc.drvs("mount", "nosuch", str(mnt), node="n1")
+    assert bad.returncode != 0 and "no such VM" in bad.stderr and "Traceback" not in bad.stderr
+    df = fsc.drvs("df", "web", "--format", "json", node="n1")
+    assert df.returncode == 0, df.stderr
+    row, = json.loads(df.stdout)
+    assert row["vm"] == "web" and row["nodes"] == ["n1", "n2"] and row["replicas"] == 2
+    assert row["server"] in ("n1", "n2") and row["used"] > 0 and row["size"] > row["used"]
