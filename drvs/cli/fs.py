@@ -112,10 +112,10 @@ def df(args) -> int:
     rows = [_usage(cfg, s) for s in specs]
 
     def table():
-        print_table(["VM", "SIZE", "USED", "AVAIL", "USE%", "REPLICAS", "SERVER", "NODES"],
+        print_table(["VM", "SIZE", "USED", "AVAIL", "USE%", "REPLICAS", "SERVER", "IN SYNC", "NODES"],
                     [[r["vm"], format_size(r["size"]), format_size(r["used"]), format_size(r["avail"]),
                       f"{100 * r['used'] // r['size']}%" if r["size"] else "-", r["replicas"], r["server"] or "-",
-                      ",".join(r["nodes"])] for r in rows])
+                      ",".join(r["in_sync"]) or "-", ",".join(r["nodes"])] for r in rows])
 
     emit(rows, args.format, table)
     for r in rows:
@@ -130,7 +130,7 @@ def _usage(cfg, spec) -> dict:
     from ..ipc.schema import fs
 
     row = {"vm": spec.name, "size": 0, "used": 0, "avail": 0, "replicas": len(spec.fs_nodes),
-           "nodes": spec.fs_nodes, "server": None, "error": None}
+           "nodes": spec.fs_nodes, "server": None, "in_sync": _in_sync(spec.name), "error": None}
     if not spec.fs_nodes:
         row["error"] = "no cluster file system"
         return row
@@ -146,6 +146,16 @@ def _usage(cfg, spec) -> dict:
     row.update(size=r.statfs.blocks * r.statfs.bsize, avail=r.statfs.bavail * r.statfs.bsize, used=int(r.data))
     row["server"] = _server_of(target)
     return row
+
+
+def _in_sync(vm: str) -> list[str]:
+    """The replicas that hold every change (drvs/fs/replica.py keeps this)."""
+    import json
+
+    from ..fs.replica import STATE
+
+    entry = open_store().get(STATE + vm)
+    return json.loads(entry.value)["in_sync"] if entry is not None else []
 
 
 def _server_of(endpoint: str) -> str | None:

@@ -20,8 +20,9 @@ RESYNC = 1.0  # seconds between looks at the VM list (a new VM is served within 
 
 async def run(etcd, fabric, member, service: str, candidate, make) -> None:
     """Campaign for service@VM for every VM whose spec candidate(spec)
-    accepts, as VMs come and go.  make(vm) -> a server with handle(msg),
-    fast(msg) (or None) and close(); it may raise DrvsError (logged; the
+    accepts, as VMs come and go.  make(vm) (a coroutine function) -> a
+    server with handle(msg), and optionally fast(msg), run() (what it does
+    while it serves) and close(); make may raise DrvsError (logged; the
     node then stands down and tries again later)."""
     from ..vm.model import VmSpec
 
@@ -46,6 +47,7 @@ async def _serve(service, vm, etcd, fabric, member, make, task_status=trio.TASK_
     endpoint = f"{service}@{vm}"
     scope = trio.CancelScope()
     task_status.started(scope)
+    last_refusal = ""
     with scope:
         while True:
             try:
@@ -57,14 +59,17 @@ async def _serve(service, vm, etcd, fabric, member, make, task_status=trio.TASK_
             server = None
             try:
                 try:
-                    server = make(vm)
+                    server = await make(vm)
                     await fabric.register(endpoint, server.handle, getattr(server, "fast", None))
                 except (EtcdUnavailable, DrvsError) as e:
-                    log.warning("%s: cannot serve (%s); standing down", endpoint, e)
+                    if str(e) != last_refusal:
+                        log.warning("%s: cannot serve (%s); standing down", endpoint, e)
+                        last_refusal = str(e)
                     await trio.sleep(RESYNC)
                     continue  # (finally resigns)
+                last_refusal = ""
                 log.info("serving %s", endpoint)
-                await trio.sleep_forever()
+                await (server.run() if hasattr(server, "run") else trio.sleep_forever())
             finally:
                 with trio.move_on_after(2, shield=True):
                     try:
@@ -74,3 +79,4 @@ async def _serve(service, vm, etcd, fabric, member, make, task_status=trio.TASK_
                         pass
                 if server is not None and hasattr(server, "close"):
                     server.close()
+                    server = None

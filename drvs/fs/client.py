@@ -5,7 +5,12 @@ The protocol is by path (as sshfs and NFSv2's successors learnt to keep
 one): this node knows each inode's place in the tree (its directory and
 name, from the lookups that gave it) and sends the path; the server owns
 the tree.  Inode numbers are the server's, tagged with the VM's slot in
-this node's mount.  The kernel caches entries, attributes and pages for
+this node's mount and with the server's term: after a fail-over the new
+server's numbers are other numbers (a replica's inodes are its own), so
+they are kept apart, and every cache of the old term is dropped.  Calls
+that find no server (a fail-over under way) are sent again until
+CALL_TIMEOUT; a call whose answer was lost with its server may so be made
+twice (a create then says EEXIST), as with NFS.  The kernel caches entries, attributes and pages for
 TIMEOUT; the server tells this node (fsc@NODE, drvs/dvos/view.py) to drop
 what another node changed, so the timeout only bounds a lost message."""
 
@@ -26,20 +31,22 @@ TIMEOUT = 10.0        # seconds the kernel trusts entries and attributes without
 CALL_TIMEOUT = 10.0   # a call the server does not answer within this fails (EIO, ETIMEDOUT)
 TAG_SHIFT = 48
 MASK = (1 << TAG_SHIFT) - 1
+GEN_SHIFT = 40        # below the VM's tag: the server's term, as this node counts them
+RETRY_ERRNOS = {errno.ENOENT, errno.ECONNRESET, errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.EREMCHG}
 
 
 class Inode:
-    __slots__ = ("sino", "parent", "name", "lookups", "handles")
+    __slots__ = ("cino", "parent", "name", "lookups", "handles")
 
-    def __init__(self, sino: int):
-        self.sino, self.parent, self.name, self.lookups, self.handles = sino, None, b"", 0, 0
+    def __init__(self, cino: int):
+        self.cino, self.parent, self.name, self.lookups, self.handles = cino, None, b"", 0, 0
 
 
 class Handle:
-    __slots__ = ("sfh", "sino", "wrote")
+    __slots__ = ("sfh", "cino", "wrote")
 
-    def __init__(self, sfh: int, sino: int):
-        self.sfh, self.sino, self.wrote = sfh, sino, False
+    def __init__(self, sfh: int, cino: int):
+        self.sfh, self.cino, self.wrote = sfh, cino, False
 
 
 def caller(ctx) -> dict:
@@ -51,71 +58,116 @@ class VmFs:
         self.vm, self.fabric, self.target = vm, fabric, f"fs@{vm}"
         self.tag = slot << TAG_SHIFT
         self.inodes: dict[int, Inode] = {}
-        self.entries: dict[tuple[int, bytes], int] = {}  # (directory, name) -> inode, server numbers
+        self.entries: dict[tuple[int, bytes], int] = {}  # (directory, name) -> inode, this node's numbers
         self.handles: dict[int, Handle] = {}
         self.listings: dict[int, tuple[int, list | None]] = {}
         self.next_fh = 1
-        self.root = 0
+        self.root = 0          # the root's inode here (the same in every term)
+        self.server_root = 0   # the root's inode on the server of this term
+        self.epoch = 0         # the server's term
+        self.gen = 0           # terms seen here
+        self.big: dict[int, int] = {}  # server inodes too large for GEN_SHIFT bits -> small ones
 
     # -- calls to the server ---------------------------------------------------------
 
     async def call(self, ctype, idempotent: bool = False, **fields):
-        req = fs.FsRequest.new_message(vm=self.vm, **fields)
-        try:
-            reply = await self.fabric.sendrec(self.target, Msg(ctype, req.to_bytes_packed()),
-                                              timeout=CALL_TIMEOUT, idempotent=idempotent)
-        except IpcError as e:
-            log.info("%s: %s", self.target, e)
-            raise pyfuse3.FUSEError(errno.ETIMEDOUT if e.errno == errno.ETIMEDOUT else errno.EIO) from None
+        payload = fs.FsRequest.new_message(vm=self.vm, **fields).to_bytes_packed()
+        deadline = trio.current_time() + CALL_TIMEOUT
+        while True:
+            left = deadline - trio.current_time()
+            try:
+                reply = await self.fabric.sendrec(self.target, Msg(ctype, payload), timeout=max(left, 0.1),
+                                                  idempotent=idempotent)
+                if reply.status != -errno.EREMCHG:
+                    break
+                err = IpcError(reply.error, errno.EREMCHG)
+            except IpcError as e:
+                err = e
+            if err.errno not in RETRY_ERRNOS or left < 0.3:
+                log.info("%s: %s", self.target, err)
+                raise pyfuse3.FUSEError(errno.ETIMEDOUT if err.errno in (errno.ETIMEDOUT, errno.ENOENT)
+                                        else errno.EIO)
+            await trio.sleep(0.2)  # no server now (a fail-over): ask again
         if reply.status < 0:
             raise pyfuse3.FUSEError(-reply.status)
-        return fs.FsReply.from_bytes_packed(reply.payload)
+        r = fs.FsReply.from_bytes_packed(reply.payload)
+        if r.epoch != self.epoch:
+            await self._new_term(r.epoch)
+        return r
 
     async def start(self) -> pyfuse3.EntryAttributes:
         """The root's attributes (and the server's answer that it serves)."""
         r = await self.call(Call.getattr, idempotent=True, path=b"")
-        self.root = r.attr.ino
+        if not self.root:
+            self.server_root, self.root = r.attr.ino, r.attr.ino & ((1 << GEN_SHIFT) - 1)
         node = self._inode(self.root)
         node.parent = None
         node.lookups += 1
         return self._attr(r.attr)
 
+    async def _new_term(self, epoch: int) -> None:
+        """The server changed: what the kernel caches came from the old one.
+        Inodes known keep their place in the tree (their paths still serve)."""
+        first = not self.epoch
+        self.epoch = epoch
+        if first:
+            return
+        self.gen = (self.gen + 1) % (1 << (TAG_SHIFT - GEN_SHIFT))
+        self.big.clear()
+        log.info("%s: a new server (term %d); dropping this node's caches", self.target, epoch)
+        r = await self.call(Call.getattr, idempotent=True, path=b"")
+        self.server_root = r.attr.ino
+        for dino, name in list(self.entries):
+            pyfuse3.invalidate_entry_async(self.tag | dino, name, ignore_enoent=True)
+        self.entries.clear()
+        for cino in list(self.inodes):
+            await trio.to_thread.run_sync(_invalidate_inode, self.tag | cino, False)
+
+    def _c(self, sino: int) -> int:
+        """This node's number for the server's inode sino, in this term."""
+        if sino == self.server_root:
+            return self.root
+        if sino >= 1 << GEN_SHIFT:
+            sino = self.big.setdefault(sino, len(self.big) + 1 + (1 << (GEN_SHIFT - 1)))
+        return (self.gen << GEN_SHIFT) | sino
+
     # -- this node's picture of the tree ----------------------------------------------
 
-    def _inode(self, sino: int) -> Inode:
-        node = self.inodes.get(sino)
+    def _inode(self, cino: int) -> Inode:
+        node = self.inodes.get(cino)
         if node is None:
-            node = self.inodes[sino] = Inode(sino)
+            node = self.inodes[cino] = Inode(cino)
         return node
 
     def _learn(self, dino: int, name: bytes, attr) -> Inode:
-        node = self._inode(attr.ino)
+        cino = self._c(attr.ino)
+        node = self._inode(cino)
         if node.parent is not None and (node.parent, node.name) != (dino, name):
             self.entries.pop((node.parent, node.name), None)  # a hard link's latest name serves
         node.parent, node.name = dino, name
-        self.entries[(dino, name)] = attr.ino
+        self.entries[(dino, name)] = cino
         return node
 
     def _forget_entry(self, dino: int, name: bytes) -> None:
-        sino = self.entries.pop((dino, name), None)
-        node = self.inodes.get(sino) if sino is not None else None
+        cino = self.entries.pop((dino, name), None)
+        node = self.inodes.get(cino) if cino is not None else None
         if node is not None and (node.parent, node.name) == (dino, name):
             node.parent = None
 
     def path(self, ino: int) -> bytes:
-        sino = ino & MASK
+        cino = ino & MASK
         parts = []
-        while sino != self.root:
-            node = self.inodes.get(sino)
+        while cino != self.root:
+            node = self.inodes.get(cino)
             if node is None or node.parent is None:
                 raise pyfuse3.FUSEError(errno.ESTALE)
             parts.append(node.name)
-            sino = node.parent
+            cino = node.parent
         return b"/".join(reversed(parts))
 
     def _attr(self, a) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
-        e.st_ino = self.tag | a.ino
+        e.st_ino = self.tag | self._c(a.ino)
         e.st_mode, e.st_nlink, e.st_uid, e.st_gid, e.st_rdev = a.mode, a.nlink, a.uid, a.gid, a.rdev
         e.st_size, e.st_blocks, e.st_blksize = a.size, a.blocks, 4096
         e.st_atime_ns, e.st_mtime_ns, e.st_ctime_ns = a.atimeNs, a.mtimeNs, a.ctimeNs
@@ -136,7 +188,7 @@ class VmFs:
             node = self.inodes.get(dino)
             up = node.parent if node is not None and node.parent is not None else self.root
             r = await self.call(Call.getattr, idempotent=True, path=self.path(self.tag | up))
-            self._inode(r.attr.ino).lookups += 1
+            self._inode(self._c(r.attr.ino)).lookups += 1
             return self._attr(r.attr)
         try:
             r = await self.call(Call.lookup, idempotent=True, path=join(self.path(parent), name))
@@ -160,7 +212,7 @@ class VmFs:
 
     def _handle_of(self, node: Inode) -> Handle | None:
         for h in self.handles.values():
-            if h.sino == node.sino:
+            if h.cino == node.cino:
                 return h
         return None
 
@@ -218,11 +270,11 @@ class VmFs:
         if moved is not None:
             self._place(moved, d2, new_name)
 
-    def _place(self, sino: int, dino: int, name: bytes) -> None:
-        node = self.inodes.get(sino)
+    def _place(self, cino: int, dino: int, name: bytes) -> None:
+        node = self.inodes.get(cino)
         if node is not None:
             node.parent, node.name = dino, name
-            self.entries[(dino, name)] = sino
+            self.entries[(dino, name)] = cino
 
     async def open(self, inode, flags, ctx):
         r = await self.call(Call.open, path=self.path(inode), flags=flags)
@@ -231,8 +283,9 @@ class VmFs:
     def _opened(self, r) -> pyfuse3.FileInfo:
         fh = self.tag | self.next_fh
         self.next_fh += 1
-        self.handles[fh] = Handle(r.fh, r.attr.ino)
-        self._inode(r.attr.ino).handles += 1
+        cino = self._c(r.attr.ino)
+        self.handles[fh] = Handle(r.fh, cino)
+        self._inode(cino).handles += 1
         # Pages cached here stay valid until the server says another node
         # wrote (close-to-open, without rereading every file on open).
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
@@ -267,7 +320,7 @@ class VmFs:
         h = self.handles.pop(fh, None)
         if h is None:
             return
-        node = self.inodes.get(h.sino)
+        node = self.inodes.get(h.cino)
         if node is not None:
             node.handles -= 1
             self._maybe_drop(node)
@@ -330,28 +383,29 @@ class VmFs:
     async def removexattr(self, inode, name, ctx):
         await self.call(Call.removexattr, path=self.path(inode), name=name)
 
-    def forget(self, sino: int, n: int) -> None:
-        node = self.inodes.get(sino)
+    def forget(self, cino: int, n: int) -> None:
+        node = self.inodes.get(cino)
         if node is not None:
             node.lookups -= n
             self._maybe_drop(node)
 
     def _maybe_drop(self, node: Inode) -> None:
-        if node.lookups <= 0 and node.handles <= 0 and node.sino != self.root:
-            del self.inodes[node.sino]
-            if node.parent is not None and self.entries.get((node.parent, node.name)) == node.sino:
+        if node.lookups <= 0 and node.handles <= 0 and node.cino != self.root:
+            del self.inodes[node.cino]
+            if node.parent is not None and self.entries.get((node.parent, node.name)) == node.cino:
                 del self.entries[(node.parent, node.name)]
 
     # -- what the server says another node changed -----------------------------------------
 
     async def invalidate(self, inv) -> None:
         for e in inv.entries:
-            name = bytes(e.name)
-            self._forget_entry(e.attr.ino, name)
-            pyfuse3.invalidate_entry_async(self.tag | e.attr.ino, name, ignore_enoent=True)
+            name, dino = bytes(e.name), self._c(e.attr.ino)
+            self._forget_entry(dino, name)
+            pyfuse3.invalidate_entry_async(self.tag | dino, name, ignore_enoent=True)
         for sino in inv.inodes:
-            if sino in self.inodes:
-                await trio.to_thread.run_sync(_invalidate_inode, self.tag | sino, not inv.data)
+            cino = self._c(sino)
+            if cino in self.inodes:
+                await trio.to_thread.run_sync(_invalidate_inode, self.tag | cino, not inv.data)
 
 
 def _invalidate_inode(ino: int, attr_only: bool) -> None:

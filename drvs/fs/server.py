@@ -12,10 +12,14 @@ create, rename, unlink or chmod on n1 is seen on n2 at once, and a file
 closed on n1 is read afresh by an open on n2 after it (close-to-open).
 
 Open files are descriptors of the store held here, so an unlinked file
-stays readable through its open handles until they are released."""
+stays readable through its open handles until they are released.
 
+Every change is also sent to the other replicas (drvs/fs/replica.py), in
+the order it was made here; a node that holds a replica runs this same
+class as a mirror ("fsr@NODE"), and becomes the server in a fail-over."""
+
+import contextlib
 import errno
-import inspect
 import logging
 import os
 import stat
@@ -25,6 +29,8 @@ import trio
 from .. import _fs
 from ..ipc.message import IpcError, Msg, failure
 from ..ipc.schema import fs
+from . import replica
+from .replica import MIRRORED, PUT_CALLS, Builder, Mirror
 from .store import XATTR_PREFIXES, Store, check_path
 
 log = logging.getLogger("drvmmd")
@@ -42,20 +48,36 @@ def fill_attr(a, st: os.stat_result) -> None:
 
 
 class OpenFile:
-    __slots__ = ("fd", "ino", "node", "wrote")
+    __slots__ = ("fd", "ino", "node", "wrote", "flags")
 
-    def __init__(self, fd: int, ino: int, node: str):
-        self.fd, self.ino, self.node, self.wrote = fd, ino, node, False
+    def __init__(self, fd: int, ino: int, node: str, flags: int):
+        self.fd, self.ino, self.node, self.wrote, self.flags = fd, ino, node, False, flags
+
+
+class Changed:
+    """What a call changed that other nodes may cache (their kernels must
+    drop it before the call is answered)."""
+
+    __slots__ = ("entries", "inodes", "data")
+
+    def __init__(self, entries=(), inodes=(), data=False):
+        self.entries, self.inodes, self.data = entries, inodes, data
 
 
 class FsServer:
-    def __init__(self, vm: str, store: Store, fabric, here: str):
-        self.vm, self.store, self.fabric, self.here = vm, store, fabric, here
+    def __init__(self, vm: str, store: Store, fabric, here: str, etcd=None):
+        self.vm, self.store, self.fabric, self.here, self.etcd = vm, store, fabric, here, etcd
         self.files: dict[int, OpenFile] = {}
         self.next_fh = 1
         self.interest: dict[int, set[str]] = {}  # inode -> nodes that may cache it (or its entries)
-        # The message table: plain functions are answered at once (also on
-        # the fast path); coroutines may wait for other nodes or the disk.
+        self.epoch = 0                          # the term; 0: a replica, not serving
+        self.mirrors: dict[str, Mirror] = {}    # the other replicas, while serving
+        self.held: trio.Event | None = None     # set while changes wait (a replica's copy ends)
+        self.others: list[str] = []              # the other replica nodes, while serving
+        self.builder = Builder(store.base)
+        # The message table.  Calls in at_once are answered as they arrive
+        # (also on the fabric's fast path); the others may make other nodes
+        # drop caches, or wait for the disk, and run in trio.
         self.table = {
             Call.lookup: self.lookup, Call.getattr: self.getattr, Call.readlink: self.readlink,
             Call.open: self.open, Call.read: self.read, Call.write: self.write,
@@ -67,7 +89,12 @@ class FsServer:
             Call.release: self.release, Call.fsync: self.fsync, Call.flush: self.flush,
             Call.setxattr: self.setxattr, Call.removexattr: self.removexattr, Call.usage: self.usage,
         }
-        self.at_once = {t for t, h in self.table.items() if not inspect.iscoroutinefunction(h)}
+        self.at_once = {Call.lookup, Call.getattr, Call.readlink, Call.open, Call.read, Call.write,
+                        Call.readdir, Call.statfs, Call.getxattr, Call.listxattr}
+        self.puts = {Call.putBegin: self._put_begin, Call.putDir: self.builder.put_dir,
+                     Call.putFile: self.builder.put_file, Call.putLink: self.builder.put_link,
+                     Call.putHardlink: self.builder.put_hardlink, Call.putRemove: self.builder.put_remove,
+                     Call.putCommit: self._put_commit}
 
     def close(self) -> None:
         for f in self.files.values():
@@ -88,38 +115,151 @@ class FsServer:
         return req, path
 
     def fast(self, msg: Msg) -> Msg | None:
-        if msg.type not in self.at_once:
+        if msg.type not in self.at_once or not self.epoch:
             return None
+        if msg.type in MIRRORED and (self.held is not None or any(m.full() for m in self.mirrors.values())):
+            return None  # handle() waits
         req, path = self._decode(msg)
         if msg.type == Call.open and req.flags & os.O_TRUNC:
             return None  # other nodes must drop the data first: handle()
-        return self._run(self.table[msg.type], req, path, msg.node or self.here)
+        out = fs.FsReply.new_message(epoch=self.epoch)
+        try:
+            self.table[msg.type](req, path, out, msg.node or self.here)
+        except OSError as e:
+            return _os_failure(e, path)
+        if msg.type in MIRRORED:
+            self._mirror(msg.type, req, msg.payload, out)
+        return Msg(0, out.to_bytes_packed())
 
     async def handle(self, msg: Msg) -> Msg:
         handler = self.table.get(msg.type)
-        if handler is None:
+        if handler is None or msg.type in PUT_CALLS:
             raise IpcError(f"fs@{self.vm}: unknown message type {msg.type}", errno.ENOSYS)
+        if not self.epoch:
+            raise IpcError(f"fs@{self.vm}: this node is not serving", errno.EREMCHG)
         req, path = self._decode(msg)
-        origin = msg.node or self.here
-        if msg.type in self.at_once:
-            reply = self._run(handler, req, path, origin)
-            if msg.type == Call.open and reply.status == 0 and req.flags & os.O_TRUNC:
-                await self._tell(origin, inodes=[fs.FsReply.from_bytes_packed(reply.payload).attr.ino], data=True)
-            return reply
-        out = fs.FsReply.new_message()
+        if msg.type in MIRRORED:
+            await self._room()
+        out = fs.FsReply.new_message(epoch=self.epoch)
         try:
-            await handler(req, path, out, origin)
+            if msg.type == Call.fsync:
+                changed = await self.fsync(req, path, out, msg.node or self.here)
+            elif msg.type == Call.usage:
+                await self.usage(req, path, out)
+                changed = None
+            else:
+                changed = handler(req, path, out, msg.node or self.here)
         except OSError as e:
             return _os_failure(e, path)
+        if msg.type == Call.open and req.flags & os.O_TRUNC:
+            changed = Changed(inodes=[out.attr.ino], data=True)
+        waits = self._mirror(msg.type, req, msg.payload, out) if msg.type in MIRRORED else {}
+        if changed is not None:
+            await self._tell(msg.node or self.here, changed)
+        if msg.type == Call.fsync:  # durable on every replica in sync, not only here
+            for mirror, seq in waits.items():
+                await mirror.wait(seq)
         return Msg(0, out.to_bytes_packed())
 
-    def _run(self, handler, req, path, origin) -> Msg:
-        out = fs.FsReply.new_message()
+    async def _room(self) -> None:
+        """Wait while changes are held, or while a replica is far behind."""
+        while True:
+            if self.held is not None:
+                await self.held.wait()
+                continue
+            behind = next((m for m in self.mirrors.values() if m.full()), None)
+            if behind is None:
+                return
+            await behind.wait(behind.pushed - replica.BATCH_CALLS)
+
+    def _mirror(self, ctype: int, req, payload: bytes, out) -> dict:
+        """Queue a change made here for every replica in sync; {mirror: its
+        sequence number}."""
+        if not self.mirrors:
+            return {}
+        if ctype in (Call.open, Call.create):  # the replica's handle is the one given here
+            b = req.as_builder()
+            b.fh = out.fh
+            payload = b.to_bytes_packed()
+        waits = {}
+        for m in self.mirrors.values():
+            seq = m.push(ctype, payload)
+            if seq:
+                waits[m] = seq
+        return waits
+
+    @contextlib.asynccontextmanager
+    async def holding_changes(self):
+        """Changes wait (a replica's copy is finishing)."""
+        while self.held is not None:
+            await self.held.wait()
+        self.held = trio.Event()
         try:
-            handler(req, path, out, origin)
-        except OSError as e:
-            return _os_failure(e, path)
-        return Msg(0, out.to_bytes_packed())
+            yield
+        finally:
+            held, self.held = self.held, None
+            held.set()
+
+    def path_of(self, fd: int) -> bytes | None:
+        """Where an open file is in the store now (None: unlinked)."""
+        root = os.fsencode(f"{self.store.base}/root")
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}".encode())
+        except OSError:
+            return None
+        if target.endswith(b" (deleted)"):
+            return None
+        if target == root:
+            return b""
+        return target[len(root) + 1:] if target.startswith(root + b"/") else None
+
+    # -- serving, and being a replica --------------------------------------------------
+
+    def promote(self, epoch: int, replicas: list[str]) -> None:
+        """Serve from now on, in term epoch, with these other replicas."""
+        self.epoch = epoch
+        self.interest.clear()  # what the nodes cached was the old server's business
+        self.next_fh = max(self.files, default=0) + 1
+        self.others = [n for n in replicas if n != self.here]
+
+    async def run(self) -> None:
+        """While serving: keep the other replicas in sync."""
+        async with trio.open_nursery() as nursery:
+            for node in self.others:
+                self.mirrors[node] = Mirror(self, node)
+                nursery.start_soon(self.mirrors[node].run)
+            await trio.sleep_forever()
+
+    async def apply(self, batch) -> list[int]:
+        """As a replica: make the server's calls, in order; each one's status."""
+        statuses = []
+        for call in batch.calls:
+            msg = Msg(call.type, bytes(call.request))
+            try:
+                req, path = self._decode(msg)
+                if call.type in PUT_CALLS:
+                    await trio.to_thread.run_sync(self.puts[call.type], req)
+                elif call.type == Call.fsync:
+                    await self.fsync(req, path, fs.FsReply.new_message(), "")
+                elif call.type in MIRRORED:
+                    self.table[call.type](req, path, fs.FsReply.new_message(), "")
+                else:
+                    raise OSError(errno.EINVAL, "not a change")
+                statuses.append(0)
+            except (OSError, IpcError) as e:
+                statuses.append(-(e.errno or errno.EIO))
+        return statuses
+
+    def _put_begin(self, req) -> None:
+        for f in self.files.values():
+            os.close(f.fd)
+        self.files.clear()
+        self.builder.begin()
+
+    def _put_commit(self, req) -> None:
+        self.builder.commit()
+        self.store.close()
+        self.store = Store(self.store.base, self.vm)
 
     # -- who caches what ---------------------------------------------------------
 
@@ -131,16 +271,17 @@ class FsServer:
             else:
                 nodes.add(node)
 
-    async def _tell(self, origin: str, entries=(), inodes=(), data=False) -> None:
+    async def _tell(self, origin: str, changed: Changed) -> None:
         """Make every node but origin that may cache these drop them, and
         wait until they did (or INVALIDATE_TIMEOUT passed: such a node is
         forgotten, and its kernel's own timeouts bound what it shows)."""
         targets: dict[str, tuple[list, set]] = {}
-        for dino, name in entries:
+        data = changed.data
+        for dino, name in changed.entries:
             for node in self.interest.get(dino, ()):
                 if node != origin:
                     targets.setdefault(node, ([], set()))[0].append((dino, name))
-        for ino in inodes:
+        for ino in changed.inodes:
             for node in self.interest.get(ino, ()):
                 if node != origin:
                     targets.setdefault(node, ([], set()))[1].add(ino)
@@ -194,17 +335,23 @@ class FsServer:
 
     def open(self, req, path, out, origin) -> None:
         fd = self.store.open(check_path(path), (req.flags & OPEN_FLAGS) | os.O_NOFOLLOW)
-        self._opened(fd, origin, out)
+        self._opened(fd, origin, out, req)
 
-    def _opened(self, fd: int, origin: str, out) -> None:
+    def _opened(self, fd: int, origin: str, out, req) -> None:
         try:
             st = os.stat(fd)
         except OSError:
             os.close(fd)
             raise
-        fh = self.next_fh
-        self.next_fh += 1
-        self.files[fh] = OpenFile(fd, st.st_ino, origin)
+        if self.epoch:
+            fh = self.next_fh
+            self.next_fh += 1
+        else:  # a replica keeps the server's handles
+            fh = req.fh
+            old = self.files.pop(fh, None)
+            if old is not None:
+                os.close(old.fd)
+        self.files[fh] = OpenFile(fd, st.st_ino, origin, req.flags & OPEN_FLAGS & ~os.O_TRUNC)
         self._seen(origin, st.st_ino)
         out.fh = fh
         fill_attr(out.attr, st)
@@ -257,7 +404,7 @@ class FsServer:
 
     # -- calls that change what others may cache -----------------------------------------
 
-    async def setattr(self, req, path, out, origin) -> None:
+    def setattr(self, req, path, out, origin) -> Changed:
         mask = req.setMask
         if req.fh:
             st = self._setattr_fd(self._file(req.fh).fd, req, mask)
@@ -265,7 +412,7 @@ class FsServer:
             with self.store.at(check_path(path)) as (dfd, name):
                 st = self._setattr_at(dfd, name, req, mask)
         fill_attr(out.attr, st)
-        await self._tell(origin, inodes=[st.st_ino], data=bool(mask & SET_SIZE))
+        return Changed(inodes=[st.st_ino], data=bool(mask & SET_SIZE))
 
     @staticmethod
     def _setattr_fd(fd: int, req, mask: int) -> os.stat_result:
@@ -302,26 +449,26 @@ class FsServer:
             os.utime(name, ns=_times(st, req, mask), dir_fd=dfd, follow_symlinks=False)
         return os.stat(name, dir_fd=dfd, follow_symlinks=False)
 
-    async def mknod(self, req, path, out, origin) -> None:
-        await self._make(path, out, origin, req, lambda dfd, name: os.mknod(name, req.mode, req.rdev, dir_fd=dfd))
+    def mknod(self, req, path, out, origin) -> Changed:
+        return self._make(path, out, origin, req, lambda dfd, name: os.mknod(name, req.mode, req.rdev, dir_fd=dfd))
 
-    async def mkdir(self, req, path, out, origin) -> None:
-        await self._make(path, out, origin, req, lambda dfd, name: os.mkdir(name, 0o700, dir_fd=dfd))
+    def mkdir(self, req, path, out, origin) -> Changed:
+        return self._make(path, out, origin, req, lambda dfd, name: os.mkdir(name, 0o700, dir_fd=dfd))
 
-    async def symlink(self, req, path, out, origin) -> None:
+    def symlink(self, req, path, out, origin) -> Changed:
         target = bytes(req.data)
-        await self._make(path, out, origin, req, lambda dfd, name: os.symlink(target, name, dir_fd=dfd))
+        return self._make(path, out, origin, req, lambda dfd, name: os.symlink(target, name, dir_fd=dfd))
 
-    async def _make(self, path, out, origin, req, make) -> None:
+    def _make(self, path, out, origin, req, make) -> Changed:
         with self.store.at(check_path(path)) as (dfd, name):
             make(dfd, name)
             st = _own(dfd, name, req)
             dino = os.stat(dfd).st_ino
         self._seen(origin, st.st_ino, dino)
         fill_attr(out.attr, st)
-        await self._tell(origin, entries=[(dino, name)], inodes=[dino])
+        return Changed(entries=[(dino, name)], inodes=[dino])
 
-    async def create(self, req, path, out, origin) -> None:
+    def create(self, req, path, out, origin) -> Changed:
         flags = (req.flags & OPEN_FLAGS) | os.O_NOFOLLOW
         with self.store.at(check_path(path)) as (dfd, name):
             try:
@@ -339,24 +486,24 @@ class FsServer:
             except OSError:
                 os.close(fd)
                 raise
-        self._opened(fd, origin, out)
+        self._opened(fd, origin, out, req)
         self._seen(origin, dino)
-        await self._tell(origin, entries=[(dino, name)], inodes=[dino, out.attr.ino], data=not made)
+        return Changed(entries=[(dino, name)], inodes=[dino, out.attr.ino], data=not made)
 
-    async def unlink(self, req, path, out, origin) -> None:
-        await self._remove(path, origin, lambda dfd, name: os.unlink(name, dir_fd=dfd))
+    def unlink(self, req, path, out, origin) -> Changed:
+        return self._remove(path, lambda dfd, name: os.unlink(name, dir_fd=dfd))
 
-    async def rmdir(self, req, path, out, origin) -> None:
-        await self._remove(path, origin, lambda dfd, name: os.rmdir(name, dir_fd=dfd))
+    def rmdir(self, req, path, out, origin) -> Changed:
+        return self._remove(path, lambda dfd, name: os.rmdir(name, dir_fd=dfd))
 
-    async def _remove(self, path, origin, remove) -> None:
+    def _remove(self, path, remove) -> Changed:
         with self.store.at(check_path(path)) as (dfd, name):
             ino = os.stat(name, dir_fd=dfd, follow_symlinks=False).st_ino
             remove(dfd, name)
             dino = os.stat(dfd).st_ino
-        await self._tell(origin, entries=[(dino, name)], inodes=[ino, dino])
+        return Changed(entries=[(dino, name)], inodes=[ino, dino])
 
-    async def rename(self, req, path, out, origin) -> None:
+    def rename(self, req, path, out, origin) -> Changed:
         path2 = check_path(bytes(req.path2))
         with self.store.at(check_path(path)) as (d1, n1), self.store.at(path2) as (d2, n2):
             moved = os.stat(n1, dir_fd=d1, follow_symlinks=False).st_ino
@@ -367,9 +514,9 @@ class FsServer:
             _fs.renameat2(d1, n1, d2, n2, req.flags)
             i1, i2 = os.stat(d1).st_ino, os.stat(d2).st_ino
         inodes = [moved, i1, i2] + ([replaced] if replaced is not None else [])
-        await self._tell(origin, entries=[(i1, n1), (i2, n2)], inodes=inodes)
+        return Changed(entries=[(i1, n1), (i2, n2)], inodes=inodes)
 
-    async def link(self, req, path, out, origin) -> None:
+    def link(self, req, path, out, origin) -> Changed:
         path2 = check_path(bytes(req.path2))
         with self.store.at(check_path(path)) as (d1, n1), self.store.at(path2) as (d2, n2):
             os.link(n1, n2, src_dir_fd=d1, dst_dir_fd=d2, follow_symlinks=False)
@@ -377,45 +524,44 @@ class FsServer:
             dino = os.stat(d2).st_ino
         self._seen(origin, st.st_ino)
         fill_attr(out.attr, st)
-        await self._tell(origin, entries=[(dino, n2)], inodes=[st.st_ino, dino])
+        return Changed(entries=[(dino, n2)], inodes=[st.st_ino, dino])
 
-    async def flush(self, req, path, out, origin) -> None:
+    def flush(self, req, path, out, origin) -> Changed | None:
         f = self._file(req.fh)
-        if f.wrote:
-            f.wrote = False
-            await self._tell(origin, inodes=[f.ino], data=True)
+        if not f.wrote:
+            return None
+        f.wrote = False
+        return Changed(inodes=[f.ino], data=True)
 
-    async def release(self, req, path, out, origin) -> None:
+    def release(self, req, path, out, origin) -> Changed | None:
         f = self.files.pop(req.fh, None)
         if f is None:
-            return
+            return None
         os.close(f.fd)
-        if f.wrote:
-            await self._tell(origin, inodes=[f.ino], data=True)
+        return Changed(inodes=[f.ino], data=True) if f.wrote else None
 
-    async def fsync(self, req, path, out, origin) -> None:
+    async def fsync(self, req, path, out, origin) -> Changed | None:
         f = self._file(req.fh)
         sync = os.fdatasync if req.flags & 1 else os.fsync
         await trio.to_thread.run_sync(sync, f.fd)  # the disk may take long; the loop serves others meanwhile
-        if f.wrote:
-            f.wrote = False
-            await self._tell(origin, inodes=[f.ino], data=True)
+        if not f.wrote:
+            return None
+        f.wrote = False
+        return Changed(inodes=[f.ino], data=True)
 
-    async def setxattr(self, req, path, out, origin) -> None:
+    def setxattr(self, req, path, out, origin) -> Changed:
         name = _xattr_name(req)
         with _Object(self.store, path) as proc_path:
             os.setxattr(proc_path, name, bytes(req.data), req.flags)
-            ino = os.stat(proc_path).st_ino
-        await self._tell(origin, inodes=[ino])
+            return Changed(inodes=[os.stat(proc_path).st_ino])
 
-    async def removexattr(self, req, path, out, origin) -> None:
+    def removexattr(self, req, path, out, origin) -> Changed:
         name = _xattr_name(req)
         with _Object(self.store, path) as proc_path:
             os.removexattr(proc_path, name)
-            ino = os.stat(proc_path).st_ino
-        await self._tell(origin, inodes=[ino])
+            return Changed(inodes=[os.stat(proc_path).st_ino])
 
-    async def usage(self, req, path, out, origin) -> None:
+    async def usage(self, req, path, out) -> None:
         _fill_statfs(out.statfs, self.store.statvfs())
         out.data = str(await trio.to_thread.run_sync(self.store.used_bytes)).encode()
 

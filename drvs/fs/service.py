@@ -1,21 +1,90 @@
-"""This node's part in serving VM file systems: it campaigns for fs@VM of
-every VM that keeps a replica here, and serves it from its store when
-elected."""
+"""This node's part in serving VM file systems.  For every VM that keeps a
+replica here it campaigns for fs@VM (drvs/dvos/elected.py) and, elected,
+serves it from its store; meanwhile it is a replica: "fsr@NODE" takes the
+serving node's changes for any VM (drvs/fs/replica.py).  One FsServer per
+VM on this node plays either part, so a replica taking over keeps the
+open files' handles it mirrored."""
+
+import errno
+import logging
 
 from ..dvos import elected
+from ..ipc.message import IpcError, Msg
+from ..ipc.schema import fs
+from ..vm.registry import VmRegistry
+from . import replica
 from .server import FsServer
 from .store import Store
+
+log = logging.getLogger("drvmmd")
 
 
 def store_dir(cfg, vm: str) -> str:
     return f"{cfg.vms_dir}/{vm}/fs"
 
 
+class FsNode:
+    def __init__(self, cfg, etcd, fabric, member):
+        self.cfg, self.etcd, self.fabric, self.member = cfg, etcd, fabric, member
+        self.servers: dict[str, FsServer] = {}  # vm -> its server or replica here
+
+    def _server(self, vm: str) -> FsServer:
+        server = self.servers.get(vm)
+        if server is None:
+            server = self.servers[vm] = FsServer(vm, Store(store_dir(self.cfg, vm), vm), self.fabric,
+                                                 self.member.name, self.etcd)
+        return server
+
+    async def serve(self, vm: str) -> "_Serving":
+        """Elected for fs@VM: take over (only as an in-sync replica)."""
+        spec = await VmRegistry.get_async(self.etcd, vm)
+        me = self.member.name
+        epoch = await replica.take_over(self.etcd, vm, me, first=spec.fs_nodes[:1] == [me])
+        server = self._server(vm)
+        server.promote(epoch, spec.fs_nodes)
+        log.info("fs@%s: term %d; replicas %s", vm, epoch, ", ".join(spec.fs_nodes))
+        return _Serving(self, server)
+
+    async def mirror(self, msg: Msg) -> Msg:
+        """fsr@NODE: a batch of the serving node's changes."""
+        try:
+            batch = fs.Batch.from_bytes_packed(msg.payload)
+            vm, epoch = batch.vm, batch.epoch
+        except Exception:  # noqa: BLE001 - malformed input from the wire
+            raise IpcError("malformed batch", errno.EBADMSG) from None
+        server = self.servers.get(vm)
+        if server is not None and server.epoch:
+            if server.epoch >= epoch:
+                raise IpcError(f"fs@{vm}: this node serves it (term {server.epoch})", errno.EBUSY)
+        server = self._server(vm)
+        statuses = await server.apply(batch)
+        out = fs.BatchReply.new_message()
+        st = out.init("statuses", len(statuses))
+        for i, v in enumerate(statuses):
+            st[i] = v
+        return Msg(0, out.to_bytes_packed())
+
+
+class _Serving:
+    """The elected part: fs@VM's handlers; when it ends the FsServer goes
+    back to being a replica (a fresh one: what it had is copied again)."""
+
+    def __init__(self, node: FsNode, server: FsServer):
+        self.node, self.server = node, server
+        self.handle, self.fast, self.run = server.handle, server.fast, server.run
+
+    def close(self) -> None:
+        self.server.mirrors.clear()
+        self.server.epoch = 0
+        self.node.servers.pop(self.server.vm, None)
+        self.server.close()
+
+
 async def run(cfg, etcd, fabric, member) -> None:
-    def candidate(spec) -> bool:
-        return bool(spec.fs_nodes) and spec.fs_nodes[0] == member.name
-
-    def make(vm: str) -> FsServer:
-        return FsServer(vm, Store(store_dir(cfg, vm), vm), fabric, member.name)
-
-    await elected.run(etcd, fabric, member, "fs", candidate, make)
+    node = FsNode(cfg, etcd, fabric, member)
+    await fabric.register(f"fsr@{member.name}", node.mirror)
+    try:
+        await elected.run(etcd, fabric, member, "fs", lambda spec: member.name in spec.fs_nodes, node.serve)
+    finally:
+        for server in node.servers.values():
+            server.close()

@@ -36,6 +36,19 @@ enum FsCall {
   flush @23;       # fh: a close(2) of it; what it wrote is now seen by every node
   invalidate @24;  # server -> fsc@NODE: Invalidations
   usage @25;       # -> statfs, data (the store's bytes in use, as decimal text)
+
+  # Between the serving node and the other replicas (endpoint "fsr@NODE"):
+  mirror @26;      # Batch -> BatchReply: calls the server made, to make here in order
+  # Inside a Batch only, to copy the whole store to a replica that missed
+  # calls: a new tree is built beside the current one and replaces it at
+  # putCommit, so the replica's old copy stays whole until then.
+  putBegin @27;    # start a new tree
+  putDir @28;      # path, mode, uid, gid, atimeNs, mtimeNs
+  putFile @29;     # path, mode, uid, gid, size, atimeNs, mtimeNs, offset, data (a part)
+  putLink @30;     # path, data (the target), uid, gid
+  putHardlink @31; # path (new name) -> path2 (a name already put)
+  putRemove @32;   # path (and what is under it)
+  putCommit @33;   # the new tree replaces the old one (then: open calls for the open files)
 }
 
 struct Caller {
@@ -101,6 +114,23 @@ struct FsReply {
   entries @4 :List(Entry);
   more @5 :Bool;
   statfs @6 :StatFs;
+  epoch @7 :UInt64;      # the server's term: a new one after a fail-over (clients then drop their caches)
+}
+
+# The server's calls, as made, for a replica (each call's request as the
+# server read it; open and create carry the handle the server gave).
+struct Batch {
+  vm @0 :Text;
+  epoch @1 :UInt64;
+  calls @2 :List(Call);
+  struct Call {
+    type @0 :UInt16;
+    request @1 :Data;
+  }
+}
+
+struct BatchReply {
+  statuses @0 :List(Int32);   # one per call: 0 or -errno
 }
 
 # What a node's kernel must forget: directory entries (the inode of the

@@ -274,3 +274,101 @@ def test_drvs_mount_umount_and_df(fsc, d, tmp_path):
     row, = json.loads(df.stdout)
     assert row["vm"] == "web" and row["nodes"] == ["n1", "n2"] and row["replicas"] == 2
     assert row["server"] in ("n1", "n2") and row["used"] > 0 and row["size"] > row["used"]
+
+
+WRITER = r"""
+import os, sys, time
+fd = os.open(sys.argv[1], os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o644)
+i = 0
+while not os.path.exists(sys.argv[2]):
+    os.write(fd, b"%d\n" % i)
+    os.fsync(fd)
+    print(i, flush=True)  # acknowledged: written and fsync'ed
+    i += 1
+    time.sleep(0.005)
+os.close(fd)
+"""
+
+
+def _restart_drvmmd(c, name) -> subprocess.Popen:
+    from drvs.cluster.context import setns_net
+
+    node = c.node(name)
+    log = open(Path(node["state_dir"]) / "drvmmd.log", "ab")
+    return subprocess.Popen([str(BIN / "drvmmd")], env={**c.env, "DRVS_STATE_DIR": node["state_dir"]},
+                            stdout=log, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: setns_net(f"/run/netns/{node['netns']}"))
+
+
+def _df(c, via):
+    p = c.drvs("df", "web", "--format", "json", node=via)
+    return json.loads(p.stdout)[0] if p.returncode == 0 else {}
+
+
+def _wait(what, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_fsynced_writes_survive_the_serving_node_and_a_returning_node_catches_up(cluster_factory, tmp_path):
+    """n2 writes and fsyncs lines, through one open file, while n1 (the
+    server) is killed: n2's replica takes over within seconds, the same
+    open file goes on, and every acknowledged line is there.  n1 comes
+    back, is copied to, and can then serve alone: n2 is killed in turn."""
+    c = cluster_factory(nodes=2)
+    c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", node="n1", check=True)
+    a, b = view(c, "n1"), view(c, "n2")
+    (a / "before").write_text("made while n1 served\n")
+    _wait(lambda: _df(c, "n1").get("in_sync") == ["n1", "n2"])
+    stop = tmp_path / "stop"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(b / "log"), str(stop)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    restarted = None
+    try:
+        _wait(lambda: (b / "log").exists() and (b / "log").stat().st_size > 200)
+        os.kill(c.node("n1")["pid"], 9)
+        t0 = time.monotonic()
+        _wait(lambda: _df(c, "n2").get("server") == "n2")
+        took_over = time.monotonic() - t0
+        time.sleep(1)  # n2 now serves itself: writes go on
+        stop.touch()
+        out, err = writer.communicate(timeout=60)
+        assert writer.returncode == 0, err
+        acked = out.split()
+        assert len(acked) > 50
+        lines = (b / "log").read_text().split()
+        assert lines[:len(acked)] == acked  # none lost, none twice, in order
+        assert took_over < 15
+        assert (b / "before").read_text() == "made while n1 served\n"
+
+        restarted = _restart_drvmmd(c, "n1")
+        _wait(lambda: _df(c, "n2").get("in_sync") == ["n1", "n2"], timeout=60)
+        os.kill(c.node("n2")["pid"], 9)
+        _wait(lambda: _df(c, "n1").get("server") == "n1", timeout=30)
+        assert (a / "log").read_text().split()[:len(acked)] == acked
+        assert (a / "before").read_text() == "made while n1 served\n"
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+        if restarted is not None:
+            restarted.terminate()
+            restarted.wait(timeout=20)
+
+
+def test_an_unreachable_server_is_an_error_within_a_bound(cluster_factory):
+    """One replica: its node stops; a call from n2 fails (EIO or ETIMEDOUT)
+    in bounded time instead of hanging, and n2 itself keeps working."""
+    c = cluster_factory(nodes=2)
+    c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", "--fs-replicas", "1", node="n1", check=True)
+    b = view(c, "n2")
+    (b / "f").write_text("x")
+    os.kill(c.node("n1")["pid"], 9)
+    t0 = time.monotonic()
+    r = subprocess.run(["cat", str(b / "g")], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "Input/output error" in r.stderr or "timed out" in r.stderr
+    assert time.monotonic() - t0 < 20
+    assert c.drvs("node", "ls", node="n2").returncode == 0

@@ -279,6 +279,10 @@ def test_pm_moves_when_its_node_dies(vm_cluster):
     survivor = "n2" if leader == "n1" else "n1"
     mine = start(c, survivor, "sleep", "64", node=survivor)
     try:
+        deadline = time.monotonic() + 20
+        while "sleep 64" not in c.drvs("ps", "web", node=survivor).stdout:  # running, before the kill
+            assert time.monotonic() < deadline and mine.poll() is None, mine.stderr.read() if mine.poll() else ""
+            time.sleep(0.2)
         os.kill(c.node(leader)["pid"], signal.SIGKILL)
         t0 = time.monotonic()
         while True:

@@ -158,5 +158,7 @@ async def run(etcd, fabric, member, procs) -> None:
     """Campaign for the PM of every VM with a share of this node."""
     from .. import elected
 
-    await elected.run(etcd, fabric, member, "pm", lambda vm: member.name in vm.shares,
-                      lambda vm: PmServer(vm, etcd, fabric, procs))
+    async def make(vm: str) -> PmServer:
+        return PmServer(vm, etcd, fabric, procs)
+
+    await elected.run(etcd, fabric, member, "pm", lambda vm: member.name in vm.shares, make)

@@ -1,0 +1,444 @@
+"""Replication of a VM's file system (primary-backup, as in Harp or Ceph's
+primary copy): the serving node makes each change on its store and sends
+it, in order, to the other replicas ("fsr@NODE"); an fsync is answered
+only once every live replica has made it durable too, so what was
+fsync'ed survives the loss of any one node.
+
+Which replicas hold everything is kept in etcd (/drvs/fs/VM: the term
+"epoch", the serving node, the replicas "in_sync").  Only an in-sync
+replica may take over; taking over starts a new term in which the others
+are out of sync until the new server has copied its tree to them (a
+replica may have made changes the new server never got).  A replica that
+comes back, or whose stream broke, is copied again: a first pass while
+the file system is in use, a second, short one with changes held, and
+from then on the stream."""
+
+import json
+import logging
+import os
+import stat
+import time
+
+import trio
+
+from ..errors import SetupError
+from ..ipc.message import IpcError, Msg
+from ..ipc.schema import fs
+from ..store import CompareFailed
+
+log = logging.getLogger("drvmmd")
+Call = fs.FsCall
+STATE = "/drvs/fs/"
+BATCH_CALLS = 512
+BATCH_BYTES = 4 << 20
+QUEUE_BYTES = 32 << 20   # changes not yet at a replica beyond which writers wait
+SEND_TIMEOUT = 10.0
+RETRY = 1.0
+CHUNK = 1 << 20
+# The calls a replica must make too (an open or release keeps the handle
+# table the same, so open files survive a fail-over).
+MIRRORED = {Call.setattr, Call.mknod, Call.mkdir, Call.symlink, Call.unlink, Call.rmdir, Call.rename,
+            Call.link, Call.open, Call.create, Call.write, Call.release, Call.fsync, Call.setxattr,
+            Call.removexattr}
+PUT_CALLS = {Call.putBegin, Call.putDir, Call.putFile, Call.putLink, Call.putHardlink, Call.putRemove,
+             Call.putCommit}
+LAST = 1  # putFile/putDir flag: the last part: set size, owner, mode and times
+
+
+class MirrorFailed(Exception):
+    pass
+
+
+# -- the replicas' state in etcd ------------------------------------------------------
+
+async def read_state(etcd, vm: str):
+    entry = await etcd.get(STATE + vm)
+    return (json.loads(entry.value), entry.mod_revision) if entry is not None else (None, 0)
+
+
+async def take_over(etcd, vm: str, me: str, first: bool) -> int:
+    """Start a term with this node serving; its epoch.  SetupError if this
+    node's replica is not in sync (it may lack changes)."""
+    while True:
+        state, rev = await read_state(etcd, vm)
+        if state is None:
+            if not first:
+                raise SetupError(f"fs@{vm}: the file system is new and starts on its first node")
+            new = {"epoch": 1, "primary": me, "in_sync": [me]}
+        elif me not in state["in_sync"]:
+            raise SetupError(f"fs@{vm}: this node's replica is not in sync (in sync: "
+                             f"{', '.join(state['in_sync']) or 'none'})")
+        else:
+            new = {"epoch": state["epoch"] + 1, "primary": me, "in_sync": [me]}
+        try:
+            await etcd.put(STATE + vm, json.dumps(new), expect_revision=rev)
+            return new["epoch"]
+        except CompareFailed:
+            continue
+
+
+async def set_in_sync(etcd, vm: str, epoch: int, node: str, present: bool) -> bool:
+    """Add node to (or drop it from) the in-sync replicas of this term;
+    False if another term began (this server is no longer the server)."""
+    while True:
+        state, rev = await read_state(etcd, vm)
+        if state is None or state["epoch"] != epoch:
+            return False
+        nodes = set(state["in_sync"])
+        nodes = nodes | {node} if present else nodes - {node}
+        state["in_sync"] = sorted(nodes)
+        try:
+            await etcd.put(STATE + vm, json.dumps(state), expect_revision=rev)
+            return True
+        except CompareFailed:
+            continue
+
+
+# -- one replica, as the server sees it ------------------------------------------------
+
+class Mirror:
+    def __init__(self, server, node: str):
+        self.server, self.node = server, node
+        self.calls: list[tuple[int, bytes]] = []
+        self.bytes = 0
+        self.pushed = 0      # calls queued so far
+        self.done = 0        # of them, made by the replica
+        self.live = False    # in sync: changes are streamed to it
+        self._work = trio.Event()
+        self._progress = trio.Event()
+        self.token = trio.lowlevel.current_trio_token()
+
+    # -- queue (also used outside trio, from the fabric's fast path) --
+
+    def push(self, ctype: int, payload: bytes) -> int:
+        if not self.live:
+            return 0
+        self.calls.append((ctype, payload))
+        self.bytes += len(payload)
+        self.pushed += 1
+        self.token.run_sync_soon(self._work.set)
+        return self.pushed
+
+    def full(self) -> bool:
+        return self.live and self.bytes > QUEUE_BYTES
+
+    async def wait(self, seq: int) -> None:
+        """Until the replica made call seq (or stopped being in sync)."""
+        while self.live and self.done < seq:
+            await self._progress.wait()
+
+    def _advance(self, n: int) -> None:
+        self.done += n
+        self._progress.set()
+        self._progress = trio.Event()
+
+    def _stop(self) -> None:
+        self.live = False
+        self.calls.clear()
+        self.bytes = 0
+        self.done = self.pushed
+        self._progress.set()
+        self._progress = trio.Event()
+
+    # -- life --
+
+    async def run(self) -> None:
+        said = ""
+        while True:
+            try:
+                await self.copy_tree()
+                said = ""
+                await self.stream()
+            except MirrorFailed as e:
+                if self.live:
+                    log.warning("fs@%s: replica on %s out of sync: %s", self.server.vm, self.node, e)
+                elif str(e) != said:  # (once, while the node stays away)
+                    log.info("fs@%s: replica on %s: %s", self.server.vm, self.node, e)
+                said = str(e)
+            finally:
+                was = self.live
+                self._stop()
+                if was:
+                    with trio.CancelScope(shield=True), trio.move_on_after(5):
+                        await self._in_sync(False)
+            await trio.sleep(RETRY)
+
+    async def _in_sync(self, present: bool) -> None:
+        s = self.server
+        try:
+            if not await set_in_sync(s.etcd, s.vm, s.epoch, self.node, present):
+                log.warning("fs@%s: a new term began elsewhere", s.vm)
+        except Exception as e:  # noqa: BLE001 - etcd away: the next copy tries again
+            raise MirrorFailed(f"etcd: {e}") from None
+
+    async def stream(self) -> None:
+        while True:
+            if not self.calls:
+                await self._work.wait()
+                self._work = trio.Event()
+                continue
+            batch, size = [], 0
+            while self.calls and len(batch) < BATCH_CALLS and size < BATCH_BYTES:
+                call = self.calls.pop(0)
+                batch.append(call)
+                size += len(call[1])
+            self.bytes -= size
+            await self.send(batch)
+            self._advance(len(batch))
+
+    async def send(self, calls: list[tuple[int, bytes]]) -> None:
+        s = self.server
+        m = fs.Batch.new_message(vm=s.vm, epoch=s.epoch)
+        out = m.init("calls", len(calls))
+        for i, (ctype, payload) in enumerate(calls):
+            out[i].type, out[i].request = ctype, payload
+        try:
+            reply = await s.fabric.sendrec(f"fsr@{self.node}", Msg(Call.mirror, m.to_bytes_packed()),
+                                           timeout=SEND_TIMEOUT)
+        except IpcError as e:
+            raise MirrorFailed(str(e)) from None
+        if reply.status < 0:
+            raise MirrorFailed(reply.error)
+        statuses = fs.BatchReply.from_bytes_packed(reply.payload).statuses
+        for (ctype, _), st in zip(calls, statuses):
+            if st < 0:
+                raise MirrorFailed(f"call {ctype} failed there ({os.strerror(-st)}), not here")
+
+    # -- copying the whole tree --
+
+    async def copy_tree(self) -> None:
+        """Bring the replica in sync: copy while the file system is in use,
+        then hold changes, copy what changed meanwhile, give it the open
+        files, and stream from then on."""
+        s = self.server
+        started = time.time_ns()
+        t0 = time.monotonic()
+        out = _Sender(self)
+        await out.add(Call.putBegin)
+        sent: dict[bytes, tuple] = {}
+        await self._copy(out, sent, since=None)
+        async with s.holding_changes():
+            await self._copy(out, sent, since=started)
+            await out.add(Call.putCommit)
+            for fh, f in sorted(s.files.items()):
+                path = s.path_of(f.fd)
+                if path is not None:
+                    await out.add(Call.open, path=path, fh=fh, flags=f.flags)
+            await out.flush()
+            self.live = True
+            self.pushed = self.done = 0
+        await self._in_sync(True)
+        log.info("fs@%s: replica on %s in sync (copied in %.1f s)", s.vm, self.node, time.monotonic() - t0)
+
+    async def _copy(self, out: "_Sender", sent: dict, since: int | None) -> None:
+        s = self.server
+        tree = await trio.to_thread.run_sync(_walk, f"{s.store.base}/root")
+        seen_inodes: dict[int, bytes] = {}
+        present = set()
+        for path, st, target in tree:
+            present.add(path)
+            key = (st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+            fresh = sent.get(path) != key or (since is not None and st.st_ctime_ns >= since)
+            if stat.S_ISDIR(st.st_mode):
+                if fresh:
+                    await out.add(Call.putDir, path=path, **_meta(st))
+            elif stat.S_ISLNK(st.st_mode):
+                if fresh:
+                    await out.add(Call.putLink, path=path, data=target, uid=st.st_uid, gid=st.st_gid)
+            elif st.st_nlink > 1 and st.st_ino in seen_inodes:
+                if fresh:
+                    await out.add(Call.putHardlink, path=path, path2=seen_inodes[st.st_ino])
+            elif stat.S_ISREG(st.st_mode):
+                if fresh:
+                    await self._copy_file(out, path, st)
+            elif fresh:  # fifos, sockets, devices: their node only
+                await out.add(Call.putFile, path=path, flags=LAST, **_meta(st))
+            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                seen_inodes.setdefault(st.st_ino, path)
+            sent[path] = key
+        for path in sorted(set(sent) - present, reverse=True):
+            await out.add(Call.putRemove, path=path)
+            del sent[path]
+        # Directories' times last: what was made in them changed those.
+        for path, st, _ in reversed(tree):
+            if stat.S_ISDIR(st.st_mode):
+                await out.add(Call.putDir, path=path, flags=LAST, **_meta(st))
+
+    async def _copy_file(self, out: "_Sender", path: bytes, st) -> None:
+        s = self.server
+        try:
+            fd = s.store.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return  # gone meanwhile: the second pass sees it
+        try:
+            offset = 0
+            await out.add(Call.putFile, path=path, offset=0, data=b"", **_meta(st))
+            for start, length in _extents(fd, st.st_size):
+                pos = start
+                while pos < start + length:
+                    data = await trio.to_thread.run_sync(os.pread, fd, min(CHUNK, start + length - pos), pos)
+                    if not data:
+                        break
+                    await out.add(Call.putFile, path=path, offset=pos, data=data, **_meta(st))
+                    pos += len(data)
+                offset = pos
+            await out.add(Call.putFile, path=path, flags=LAST, offset=offset, **_meta(st))
+        finally:
+            os.close(fd)
+
+
+class _Sender:
+    """Calls of a copy, sent in batches (not through the stream queue)."""
+
+    def __init__(self, mirror: Mirror):
+        self.mirror, self.calls, self.bytes = mirror, [], 0
+
+    async def add(self, ctype: int, **fields) -> None:
+        payload = fs.FsRequest.new_message(vm=self.mirror.server.vm, **fields).to_bytes_packed()
+        self.calls.append((ctype, payload))
+        self.bytes += len(payload)
+        if len(self.calls) >= BATCH_CALLS or self.bytes >= BATCH_BYTES:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if self.calls:
+            calls, self.calls, self.bytes = self.calls, [], 0
+            await self.mirror.send(calls)
+
+
+def _meta(st) -> dict:
+    return {"mode": st.st_mode, "uid": st.st_uid, "gid": st.st_gid, "size": st.st_size,
+            "atimeNs": st.st_atime_ns, "mtimeNs": st.st_mtime_ns, "rdev": st.st_rdev}
+
+
+def _walk(root: str) -> list:
+    """Every entry under root, parents before children: (path, lstat, link target)."""
+    out = []
+
+    def visit(rel: bytes, full: bytes) -> None:
+        with os.scandir(full) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for e in entries:
+            path = rel + b"/" + e.name if rel else e.name
+            try:
+                st = e.stat(follow_symlinks=False)
+                target = os.readlink(e.path) if stat.S_ISLNK(st.st_mode) else b""
+            except OSError:
+                continue
+            out.append((path, st, target))
+            if stat.S_ISDIR(st.st_mode):
+                visit(path, e.path)
+
+    root_b = os.fsencode(root)
+    out.append((b"", os.lstat(root_b), b""))
+    visit(b"", root_b)
+    return out
+
+
+def _extents(fd: int, size: int):
+    """The data extents of a file (holes are left out), as (start, length)."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: only a hole from pos on
+            return
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        yield start, end - start
+        pos = end
+
+
+# -- a replica's side: the copy's calls --------------------------------------------------
+
+class Builder:
+    """The tree a copy builds beside a replica's store (root.new), and its
+    commit: the new tree replaces the old in one rename."""
+
+    def __init__(self, base: str):
+        self.base = base
+        self.new = f"{base}/root.new"
+
+    def _p(self, path: bytes) -> bytes:
+        from .store import check_path
+
+        return os.fsencode(self.new) + (b"/" + check_path(path) if path else b"")
+
+    def begin(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.new, ignore_errors=True)  # an earlier copy that did not finish
+        os.makedirs(self.new, mode=0o755)
+
+    def put_dir(self, req) -> None:
+        p = self._p(bytes(req.path))
+        if req.path and not os.path.isdir(p):
+            os.mkdir(p, 0o700)
+        if req.flags & LAST or not req.path:
+            _set_meta(p, req)
+
+    def put_file(self, req) -> None:
+        p = self._p(bytes(req.path))
+        kind = stat.S_IFMT(req.mode)
+        if kind != stat.S_IFREG:
+            if not os.path.lexists(p):
+                os.mknod(p, req.mode, req.rdev)
+            _set_meta(p, req)
+            return
+        if req.flags & LAST:
+            with open(p, "r+b") as f:
+                f.truncate(req.size)
+            _set_meta(p, req)
+            return
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_TRUNC if req.offset == 0 and
+                                                                           not req.data else 0)
+        fd = os.open(p, flags, 0o600)
+        try:
+            if req.data:
+                os.pwrite(fd, req.data, req.offset)
+        finally:
+            os.close(fd)
+
+    def put_link(self, req) -> None:
+        p = self._p(bytes(req.path))
+        if os.path.lexists(p):
+            os.unlink(p)
+        os.symlink(bytes(req.data), p)
+        os.lchown(p, req.uid, req.gid)
+
+    def put_hardlink(self, req) -> None:
+        p = self._p(bytes(req.path))
+        if os.path.lexists(p):
+            os.unlink(p)
+        os.link(self._p(bytes(req.path2)), p, follow_symlinks=False)
+
+    def put_remove(self, req) -> None:
+        import shutil
+
+        p = self._p(bytes(req.path))
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p)
+        elif os.path.lexists(p):
+            os.unlink(p)
+
+    def commit(self) -> None:
+        """Durable first, then swapped: a crash before the rename keeps the
+        old tree, after it the new one; never half of each."""
+        import shutil
+
+        os.sync()
+        old = f"{self.base}/root.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(f"{self.base}/root", old)
+        os.rename(self.new, f"{self.base}/root")
+        fd = os.open(self.base, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _set_meta(p: bytes, req) -> None:
+    os.chown(p, req.uid, req.gid, follow_symlinks=False)
+    os.chmod(p, stat.S_IMODE(req.mode))
+    os.utime(p, ns=(req.atimeNs, req.mtimeNs), follow_symlinks=False)
