@@ -29,6 +29,8 @@ def add_parser(sub) -> None:
     p.add_argument("--fs-replicas", type=int, default=None, metavar="N",
                    help="keep the VM's file system on N of its nodes, the first --node ones "
                         "(default: 2 with two nodes or more)")
+    p.add_argument("--fs-sync", action="store_true",
+                   help="a close returns once every replica has what was written (default: only fsync waits)")
     p.set_defaults(func=create)
     p = verbs.add_parser("ls", help="list VMs")
     _format(p)
@@ -55,7 +57,10 @@ def create(args) -> int:
     if shares:
         check_shares(store, shares)
     fs_nodes = fs_replica_nodes([n for n, _ in args.shares], args.fs_replicas)
-    spec = VmRegistry(store).create(VmSpec(args.name, limits_from(args), shares=shares, fs_nodes=fs_nodes))
+    if args.fs_sync and not fs_nodes:
+        raise UsageError("--fs-sync needs --node shares (a VM file system of the cluster)")
+    spec = VmRegistry(store).create(VmSpec(args.name, limits_from(args), shares=shares, fs_nodes=fs_nodes,
+                                           fs_sync=args.fs_sync))
     print(spec.name)
     return 0
 
@@ -152,7 +157,7 @@ def show(args) -> int:
     state = _state(cfg, spec.name)
     runs = runs_of(cfg, spec.name)
     data = {"name": spec.name, "limits": spec.limits._asdict(), "created": spec.created,
-            "shares": {n: l._asdict() for n, l in spec.shares.items()}, "fs_nodes": spec.fs_nodes,
+            "shares": {n: l._asdict() for n, l in spec.shares.items()}, "fs_nodes": spec.fs_nodes, "fs_sync": spec.fs_sync,
             "data_dir": f"{cfg.vms_dir}/{spec.name}/data" if not spec.fs_nodes else f"fs@{spec.name}",
             "cell": state, "runs": runs}
 

@@ -37,6 +37,7 @@ log = logging.getLogger("drvmmd")
 Call = fs.FsCall
 INVALIDATE_TIMEOUT = 1.0  # a node that does not confirm within this is dropped from every cache list
 READDIR_BATCH = 512
+REAP_EVERY = 5.0  # seconds between looks for open files of nodes that left
 OPEN_FLAGS = os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC | os.O_NOATIME
 SET_MODE, SET_UID, SET_GID, SET_SIZE, SET_ATIME, SET_MTIME = 1, 2, 4, 8, 16, 32
 
@@ -74,6 +75,7 @@ class FsServer:
         self.mirrors: dict[str, Mirror] = {}    # the other replicas, while serving
         self.held: trio.Event | None = None     # set while changes wait (a replica's copy ends)
         self.others: list[str] = []              # the other replica nodes, while serving
+        self.sync = False
         self.builder = Builder(store.base)
         # The message table.  Calls in at_once are answered as they arrive
         # (also on the fabric's fast path); the others may make other nodes
@@ -159,6 +161,9 @@ class FsServer:
         if msg.type == Call.fsync:  # durable on every replica in sync, not only here
             for mirror, seq in waits.items():
                 await mirror.wait(seq)
+        elif msg.type == Call.flush and self.sync:  # a synchronous VM: a close returns once replicas have it
+            for mirror in list(self.mirrors.values()):
+                await mirror.wait(mirror.pushed)
         return Msg(0, out.to_bytes_packed())
 
     async def _room(self) -> None:
@@ -215,20 +220,43 @@ class FsServer:
 
     # -- serving, and being a replica --------------------------------------------------
 
-    def promote(self, epoch: int, replicas: list[str]) -> None:
-        """Serve from now on, in term epoch, with these other replicas."""
-        self.epoch = epoch
+    def promote(self, epoch: int, replicas: list[str], sync: bool = False) -> None:
+        """Serve from now on, in term epoch, with these other replicas;
+        sync: a close waits until the replicas have what was written."""
+        self.epoch, self.sync = epoch, sync
         self.interest.clear()  # what the nodes cached was the old server's business
         self.next_fh = max(self.files, default=0) + 1
         self.others = [n for n in replicas if n != self.here]
 
     async def run(self) -> None:
-        """While serving: keep the other replicas in sync."""
+        """While serving: keep the other replicas in sync, and close what
+        nodes that left the cluster had open."""
         async with trio.open_nursery() as nursery:
             for node in self.others:
                 self.mirrors[node] = Mirror(self, node)
                 nursery.start_soon(self.mirrors[node].run)
-            await trio.sleep_forever()
+            while True:
+                await trio.sleep(REAP_EVERY)
+                await self._reap_handles()
+
+    async def _reap_handles(self) -> None:
+        from ..cluster.membership import status_key
+
+        for node in {f.node for f in self.files.values()} - {self.here}:
+            try:
+                alive = await self.etcd.get(status_key(node)) is not None
+            except Exception:  # noqa: BLE001 - etcd away: next time
+                return
+            if alive:
+                continue
+            gone = [fh for fh, f in self.files.items() if f.node == node]
+            log.info("fs@%s: node %s left; closing its %d open files", self.vm, node, len(gone))
+            for fh in gone:
+                req = fs.FsRequest.new_message(vm=self.vm, fh=fh)
+                changed = self.release(req, b"", None, node)
+                self._mirror(Call.release, req, req.to_bytes_packed(), None)
+                if changed is not None:
+                    await self._tell(node, changed)
 
     async def apply(self, batch) -> list[int]:
         """As a replica: make the server's calls, in order; each one's status."""

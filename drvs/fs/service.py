@@ -41,7 +41,7 @@ class FsNode:
         me = self.member.name
         epoch = await replica.take_over(self.etcd, vm, me, first=spec.fs_nodes[:1] == [me])
         server = self._server(vm)
-        server.promote(epoch, spec.fs_nodes)
+        server.promote(epoch, spec.fs_nodes, spec.fs_sync)
         log.info("fs@%s: term %d; replicas %s", vm, epoch, ", ".join(spec.fs_nodes))
         return _Serving(self, server)
 

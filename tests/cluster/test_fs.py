@@ -372,3 +372,37 @@ def test_an_unreachable_server_is_an_error_within_a_bound(cluster_factory):
     assert "Input/output error" in r.stderr or "timed out" in r.stderr
     assert time.monotonic() - t0 < 20
     assert c.drvs("node", "ls", node="n2").returncode == 0
+
+
+def test_a_full_disk_on_the_server_reaches_the_writer_and_corrupts_nothing(cluster_factory):
+    c = cluster_factory(nodes=2)
+    store = Path(c.node("n1")["state_dir"]) / "vms" / "web" / "fs"
+    store.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "drvs-test-full", str(store)], check=True)
+    try:
+        c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", "--fs-replicas", "1", node="n1", check=True)
+        b = view(c, "n2")
+        (b / "keep").write_text("intact")
+        r = jail(c, "n2", "dd if=/dev/zero of=/data/huge bs=1M count=8 2>&1; echo rc=$?")
+        assert "No space left on device" in r.stdout and "rc=1" in r.stdout, r.stdout + r.stderr
+        assert (b / "keep").read_text() == "intact"
+        os.unlink(b / "huge")
+        (b / "after").write_text("the server goes on")
+        assert (view(c, "n1") / "after").read_text() == "the server goes on"
+    finally:
+        subprocess.run(["umount", "-l", str(store)], check=True)
+
+
+def test_a_synchronous_vm_closes_only_once_the_replica_has_the_data(cluster_factory):
+    """--fs-sync: once close() returns on n1 (the serving node), the file
+    is in n2's replica store already (without --fs-sync it often is not)."""
+    c = cluster_factory(nodes=2)
+    c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", "--fs-sync", node="n1", check=True)
+    a = view(c, "n1")
+    _wait(lambda: _df(c, "n1").get("in_sync") == ["n1", "n2"])
+    replica = Path(c.node("n2")["state_dir"]) / "vms" / "web" / "fs" / "root"
+    for i in range(20):
+        (a / f"f{i}").write_bytes(b"x" * 100_000)  # written on the server's own node, mirrored to n2
+        assert (replica / f"f{i}").stat().st_size == 100_000
+    show = json.loads(c.drvs("vm", "show", "web", "--format", "json", node="n1", check=True).stdout)
+    assert show["fs_sync"] is True and show["fs_nodes"] == ["n1", "n2"]

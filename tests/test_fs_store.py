@@ -1,0 +1,82 @@
+"""A VM file server's store on its node's disk: what it accepts as paths,
+and how it refuses a store it did not make or that is damaged."""
+
+import errno
+import json
+import os
+
+import pytest
+
+from drvs.errors import SetupError
+from drvs.fs.store import Store, check_path
+
+
+def test_a_new_store_is_made_and_opened_again(tmp_path):
+    s = Store(str(tmp_path / "fs"), "web")
+    s.close()
+    assert json.loads((tmp_path / "fs" / "STORE").read_text()) == {"format": 1, "vm": "web"}
+    Store(str(tmp_path / "fs"), "web").close()
+
+
+@pytest.mark.parametrize("marker, words", [
+    ("{not json", "unreadable STORE marker"),
+    ('{"format": 1, "vm": "db"}', "expected format 1 of VM 'web'"),
+    ('{"format": 9, "vm": "web"}', "expected format 1 of VM 'web'"),
+    ("", "unreadable STORE marker"),
+])
+def test_a_damaged_or_foreign_store_is_refused_with_a_clear_message(tmp_path, marker, words):
+    base = tmp_path / "fs"
+    Store(str(base), "web").close()
+    (base / "root" / "precious").write_text("data")
+    (base / "STORE").write_text(marker)
+    with pytest.raises(SetupError) as e:
+        Store(str(base), "web")
+    assert words in str(e.value)
+    assert (base / "root" / "precious").read_text() == "data"  # nothing was touched
+
+
+def test_files_without_a_marker_are_never_taken_over(tmp_path):
+    base = tmp_path / "fs"
+    (base / "root").mkdir(parents=True)
+    (base / "root" / "precious").write_text("data")
+    with pytest.raises(SetupError) as e:
+        Store(str(base), "web")
+    assert "not a DRVS store" in str(e.value)
+    assert not (base / "STORE").exists()
+
+
+def test_a_store_whose_root_is_gone_is_reported(tmp_path):
+    base = tmp_path / "fs"
+    Store(str(base), "web").close()
+    os.rmdir(base / "root")
+    with pytest.raises(SetupError) as e:
+        Store(str(base), "web")
+    assert "root is missing" in str(e.value)
+
+
+@pytest.mark.parametrize("path, err", [
+    (b"../etc", errno.EINVAL), (b"a/../../b", errno.EINVAL), (b"/abs", errno.EINVAL), (b"a//b", errno.EINVAL),
+    (b"a/./b", errno.EINVAL), (b"n" * 256, errno.ENAMETOOLONG), (b"a/" * 2100, errno.ENAMETOOLONG),
+    (b"a\0b", errno.EINVAL),
+])
+def test_paths_from_clients_are_checked(path, err):
+    with pytest.raises(OSError) as e:
+        check_path(path)
+    assert e.value.errno == err
+
+
+def test_links_planted_in_the_store_are_never_followed(tmp_path):
+    s = Store(str(tmp_path / "fs"), "web")
+    try:
+        os.symlink("/etc", tmp_path / "fs" / "root" / "out")
+        os.symlink("/proc/self/root", tmp_path / "fs" / "root" / "magic")
+        for path in (b"out/passwd", b"magic/etc/passwd"):
+            with pytest.raises(OSError) as e:
+                s.open(path, os.O_RDONLY)
+            assert e.value.errno in (errno.ELOOP, errno.EXDEV)
+        with pytest.raises(OSError) as e:  # the link itself is found, not its target
+            s.open(b"out", os.O_RDONLY | os.O_NOFOLLOW)
+        assert e.value.errno == errno.ELOOP
+        assert s.lstat(b"out").st_size == len("/etc")
+    finally:
+        s.close()
