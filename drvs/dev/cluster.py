@@ -205,7 +205,9 @@ def down(state_dir: str) -> dict:
 
     for n in info["nodes"]:
         _stop(n["pid"])
-        mounts.detach(f"{n['state_dir']}/dvos")  # left mounted by a node killed with SIGKILL
+        view = f"{n['state_dir']}/dvos"
+        mounts.abort_fuse(view)  # a daemon stuck in its own mount ends; its waiting callers get an error
+        mounts.detach(view)      # left mounted by a node killed with SIGKILL
         cg = Cgroup.under_caller(f"drvs-dev-{info['name']}-{n['name']}")
         _remove_tree(cg)
     _stop(info["etcd"]["pid"])

@@ -70,6 +70,7 @@ class View(pyfuse3.Operations):
         self.vms: dict[str, VmFs] = {}
         self.slots: dict[int, VmFs] = {}
         self.listings: dict[int, tuple] = {}  # open root or fs directory -> (inode, its entries)
+        self.nursery = None  # for work that must not hold up a request (serve() sets it)
         self.next_fh = 1
 
     # -- which part ---------------------------------------------------------------
@@ -112,7 +113,7 @@ class View(pyfuse3.Operations):
             slot = len(self.slots) + 1
             if slot >= FS_TAG:
                 raise pyfuse3.FUSEError(errno.ENFILE)
-            fs_ = VmFs(vm, slot, self.fabric)
+            fs_ = VmFs(vm, slot, self.fabric, self.nursery.start_soon)
             attr = await fs_.start()
             self.vms[vm], self.slots[slot] = fs_, fs_
             return attr
@@ -358,7 +359,10 @@ async def serve(cfg, fabric, procs, etcd, task_status=trio.TASK_STATUS_IGNORED) 
     options = {f"fsname=drvs:{procs.node}", "subtype=drvs", "allow_other", "default_permissions"}
     pyfuse3.init(ops, path, options)
     try:
-        task_status.started()
-        await pyfuse3.main()
+        async with trio.open_nursery() as nursery:
+            ops.nursery = nursery
+            task_status.started()
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
     finally:
         pyfuse3.close(unmount=True)

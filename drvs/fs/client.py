@@ -22,8 +22,8 @@ import trio
 
 from ..ipc.message import IpcError, Msg
 from ..ipc.schema import fs
-from .server import SET_ATIME, SET_GID, SET_MODE, SET_MTIME, SET_SIZE, SET_UID
-from .store import join
+from .server import SET_ATIME, SET_GID, SET_MODE, SET_MTIME, SET_SIZE, SET_UID, FsServer, LocalRequest
+from .store import XATTR_PREFIXES, join
 
 log = logging.getLogger("drvmmd")
 Call = fs.FsCall
@@ -54,8 +54,11 @@ def caller(ctx) -> dict:
 
 
 class VmFs:
-    def __init__(self, vm: str, slot: int, fabric):
-        self.vm, self.fabric, self.target = vm, fabric, f"fs@{vm}"
+    def __init__(self, vm: str, slot: int, fabric, spawn):
+        """spawn: start a background task (dropping the kernel's caches
+        cannot wait inside a request: the kernel may need what that
+        request's caller holds)."""
+        self.vm, self.fabric, self.target, self.spawn = vm, fabric, f"fs@{vm}", spawn
         self.tag = slot << TAG_SHIFT
         self.inodes: dict[int, Inode] = {}
         self.entries: dict[tuple[int, bytes], int] = {}  # (directory, name) -> inode, this node's numbers
@@ -71,6 +74,19 @@ class VmFs:
     # -- calls to the server ---------------------------------------------------------
 
     async def call(self, ctype, idempotent: bool = False, **fields):
+        server = self._local_server()
+        if server is not None:
+            try:
+                req = LocalRequest(self.vm, **fields)
+                r = server.local_fast(ctype, req) or await server.local(ctype, req)
+            except OSError as e:
+                raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+            except IpcError:
+                r = None  # it stopped serving meanwhile: ask where the server is now
+            if r is not None:
+                if r.epoch != self.epoch:
+                    await self._new_term(r.epoch)
+                return r
         payload = fs.FsRequest.new_message(vm=self.vm, **fields).to_bytes_packed()
         deadline = trio.current_time() + CALL_TIMEOUT
         while True:
@@ -95,6 +111,12 @@ class VmFs:
             await self._new_term(r.epoch)
         return r
 
+    def _local_server(self) -> FsServer | None:
+        """The file server itself when it runs in this process: its calls
+        take the local path (the same code, no message)."""
+        server = getattr(self.fabric.handlers.get(self.target), "__self__", None)
+        return server if isinstance(server, FsServer) and server.epoch else None
+
     async def start(self) -> pyfuse3.EntryAttributes:
         """The root's attributes (and the server's answer that it serves)."""
         r = await self.call(Call.getattr, idempotent=True, path=b"")
@@ -117,11 +139,16 @@ class VmFs:
         log.info("%s: a new server (term %d); dropping this node's caches", self.target, epoch)
         r = await self.call(Call.getattr, idempotent=True, path=b"")
         self.server_root = r.attr.ino
-        for dino, name in list(self.entries):
-            pyfuse3.invalidate_entry_async(self.tag | dino, name, ignore_enoent=True)
-        self.entries.clear()
-        for cino in list(self.inodes):
-            await trio.to_thread.run_sync(_invalidate_inode, self.tag | cino, False)
+        entries = [(self.tag | dino, name) for dino, name in self.entries]
+        self.entries = {}
+        self.spawn(self._drop_all, entries, [self.tag | cino for cino in self.inodes])
+
+    @staticmethod
+    async def _drop_all(entries: list, inodes: list) -> None:
+        for dino, name in entries:
+            pyfuse3.invalidate_entry_async(dino, name, ignore_enoent=True)
+        for ino in inodes:
+            await trio.to_thread.run_sync(_invalidate_inode, ino, False)
 
     def _c(self, sino: int) -> int:
         """This node's number for the server's inode sino, in this term."""
@@ -371,9 +398,15 @@ class VmFs:
         return statvfs_data(r.statfs)
 
     async def getxattr(self, inode, name, ctx):
+        if not name.startswith(XATTR_PREFIXES):
+            # The kernel asks for security.capability before every first
+            # write to an open file: answered here, it costs no round trip.
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return bytes((await self.call(Call.getxattr, idempotent=True, path=self.path(inode), name=name)).data)
 
     async def setxattr(self, inode, name, value, ctx):
+        if not name.startswith(XATTR_PREFIXES):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         await self.call(Call.setxattr, path=self.path(inode), name=name, data=value)
 
     async def listxattr(self, inode, ctx):

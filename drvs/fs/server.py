@@ -117,54 +117,81 @@ class FsServer:
         return req, path
 
     def fast(self, msg: Msg) -> Msg | None:
-        if msg.type not in self.at_once or not self.epoch:
+        if not self._at_once_now(msg.type):
             return None
-        if msg.type in MIRRORED and (self.held is not None or any(m.full() for m in self.mirrors.values())):
-            return None  # handle() waits
         req, path = self._decode(msg)
         if msg.type == Call.open and req.flags & os.O_TRUNC:
             return None  # other nodes must drop the data first: handle()
         out = fs.FsReply.new_message(epoch=self.epoch)
         try:
-            self.table[msg.type](req, path, out, msg.node or self.here)
+            self._answer(msg.type, req, path, out, msg.node or self.here, msg.payload)
         except OSError as e:
             return _os_failure(e, path)
-        if msg.type in MIRRORED:
-            self._mirror(msg.type, req, msg.payload, out)
         return Msg(0, out.to_bytes_packed())
 
     async def handle(self, msg: Msg) -> Msg:
-        handler = self.table.get(msg.type)
-        if handler is None or msg.type in PUT_CALLS:
+        if msg.type not in self.table or msg.type in PUT_CALLS:
             raise IpcError(f"fs@{self.vm}: unknown message type {msg.type}", errno.ENOSYS)
         if not self.epoch:
             raise IpcError(f"fs@{self.vm}: this node is not serving", errno.EREMCHG)
         req, path = self._decode(msg)
-        if msg.type in MIRRORED:
-            await self._room()
         out = fs.FsReply.new_message(epoch=self.epoch)
         try:
-            if msg.type == Call.fsync:
-                changed = await self.fsync(req, path, out, msg.node or self.here)
-            elif msg.type == Call.usage:
-                await self.usage(req, path, out)
-                changed = None
-            else:
-                changed = handler(req, path, out, msg.node or self.here)
+            await self._serve(msg.type, req, path, out, msg.node or self.here, msg.payload)
         except OSError as e:
             return _os_failure(e, path)
-        if msg.type == Call.open and req.flags & os.O_TRUNC:
+        return Msg(0, out.to_bytes_packed())
+
+    # This node's own client calls these: no message is encoded or decoded
+    # (requests and replies are plain objects of the same shape), and the
+    # errors are the OSErrors themselves.
+
+    def local_fast(self, ctype: int, req) -> "LocalReply | None":
+        if not self._at_once_now(ctype) or (ctype == Call.open and req.flags & os.O_TRUNC):
+            return None
+        out = LocalReply(self.epoch)
+        self._answer(ctype, req, check_path(req.path), out, self.here, None)
+        return out
+
+    async def local(self, ctype: int, req) -> "LocalReply":
+        if not self.epoch:
+            raise IpcError(f"fs@{self.vm}: this node is not serving", errno.EREMCHG)
+        out = LocalReply(self.epoch)
+        await self._serve(ctype, req, check_path(req.path), out, self.here, None)
+        return out
+
+    def _at_once_now(self, ctype: int) -> bool:
+        if ctype not in self.at_once or not self.epoch:
+            return False
+        # A change while changes are held, or a replica is far behind, waits (in _serve).
+        return ctype not in MIRRORED or (self.held is None and not any(m.full() for m in self.mirrors.values()))
+
+    def _answer(self, ctype: int, req, path: bytes, out, origin: str, payload: bytes | None) -> None:
+        self.table[ctype](req, path, out, origin)
+        if ctype in MIRRORED:
+            self._mirror(ctype, req, payload, out)
+
+    async def _serve(self, ctype: int, req, path: bytes, out, origin: str, payload: bytes | None) -> None:
+        if ctype in MIRRORED:
+            await self._room()
+        if ctype == Call.fsync:
+            changed = await self.fsync(req, path, out, origin)
+        elif ctype == Call.usage:
+            await self.usage(req, path, out)
+            changed = None
+        else:
+            changed = self.table[ctype](req, path, out, origin)
+        if ctype == Call.open and req.flags & os.O_TRUNC:
             changed = Changed(inodes=[out.attr.ino], data=True)
-        waits = self._mirror(msg.type, req, msg.payload, out) if msg.type in MIRRORED else {}
+        waits = self._mirror(ctype, req, payload, out) if ctype in MIRRORED else {}
         if changed is not None:
-            await self._tell(msg.node or self.here, changed)
-        if msg.type == Call.fsync:  # durable on every replica in sync, not only here
+            await self._tell(origin, changed)
+        if ctype == Call.fsync:  # durable on every replica in sync, not only here
             for mirror, seq in waits.items():
                 await mirror.wait(seq)
-        elif msg.type == Call.flush and self.sync:  # a synchronous VM: a close returns once replicas have it
+        elif ctype == Call.flush and self.sync:  # a synchronous VM: a close returns once replicas have it
             for mirror in list(self.mirrors.values()):
                 await mirror.wait(mirror.pushed)
-        return Msg(0, out.to_bytes_packed())
 
     async def _room(self) -> None:
         """Wait while changes are held, or while a replica is far behind."""
@@ -177,14 +204,16 @@ class FsServer:
                 return
             await behind.wait(behind.pushed - replica.BATCH_CALLS)
 
-    def _mirror(self, ctype: int, req, payload: bytes, out) -> dict:
+    def _mirror(self, ctype: int, req, payload: bytes | None, out) -> dict:
         """Queue a change made here for every replica in sync; {mirror: its
-        sequence number}."""
+        sequence number}.  payload: req as it came (None: a local call's)."""
         if not self.mirrors:
             return {}
-        if ctype in (Call.open, Call.create):  # the replica's handle is the one given here
-            b = req.as_builder()
-            b.fh = out.fh
+        if ctype in (Call.open, Call.create) or payload is None:
+            # (open, create: the replica's handle is the one given here)
+            b = req.as_builder() if payload is not None else fs.FsRequest.new_message(**req.fields())
+            if ctype in (Call.open, Call.create):
+                b.fh = out.fh
             payload = b.to_bytes_packed()
         waits = {}
         for m in self.mirrors.values():
@@ -650,3 +679,61 @@ class _Object:
 def _fill_statfs(s, v: os.statvfs_result) -> None:
     s.bsize, s.blocks, s.bfree, s.bavail = v.f_frsize, v.f_blocks, v.f_bfree, v.f_bavail
     s.files, s.ffree, s.namemax = v.f_files, v.f_ffree, min(v.f_namemax, 255)
+
+
+# -- the local path's requests and replies: FsRequest's and FsReply's shape -------------
+
+_REQUEST_DEFAULTS = {f: (b"" if f in ("path", "path2", "data", "name") else "" if f == "vm" else 0)
+                     for f in fs.FsRequest.schema.fieldnames if f != "caller"}
+
+
+class Caller:
+    __slots__ = ("uid", "gid", "umask")
+
+    def __init__(self, uid=0, gid=0, umask=0):
+        self.uid, self.gid, self.umask = uid, gid, umask
+
+
+class LocalRequest:
+    """An FsRequest as a plain object (fields not given are zero)."""
+
+    def __init__(self, vm: str, **fields):
+        self.__dict__.update(_REQUEST_DEFAULTS)
+        self.vm = vm
+        caller = fields.pop("caller", None)
+        self.caller = Caller(**caller) if caller else Caller()
+        self.__dict__.update(fields)
+
+    def fields(self) -> dict:
+        """For a replica (its calls travel as FsRequest)."""
+        out = {k: v for k, v in self.__dict__.items() if k != "caller"}
+        out["caller"] = {"uid": self.caller.uid, "gid": self.caller.gid, "umask": self.caller.umask}
+        return out
+
+
+class LocalAttr:
+    __slots__ = ("ino", "mode", "nlink", "uid", "gid", "rdev", "size", "blocks", "atimeNs", "mtimeNs", "ctimeNs")
+
+
+class LocalEntry:
+    __slots__ = ("name", "attr")
+
+    def __init__(self):
+        self.name, self.attr = b"", LocalAttr()
+
+
+class LocalStatFs:
+    __slots__ = ("bsize", "blocks", "bfree", "bavail", "files", "ffree", "namemax")
+
+
+class LocalReply:
+    __slots__ = ("attr", "fh", "data", "size", "entries", "more", "statfs", "epoch")
+
+    def __init__(self, epoch: int):
+        self.attr, self.fh, self.data, self.size = LocalAttr(), 0, b"", 0
+        self.entries, self.more, self.statfs, self.epoch = [], False, LocalStatFs(), epoch
+
+    def init(self, field: str, n: int) -> list:
+        assert field == "entries"
+        self.entries = [LocalEntry() for _ in range(n)]
+        return self.entries

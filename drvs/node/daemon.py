@@ -192,7 +192,17 @@ def main(argv: list[str] | None = None) -> int:
         if info:
             from ..ipc import bridge
 
-            bridge.run(serve_node, cfg, info, args.interval)
+            profile = os.environ.get("DRVS_PROFILE")  # a file for cProfile's figures (benchmarks)
+            if profile:
+                import cProfile
+
+                prof = cProfile.Profile()
+                try:
+                    prof.runcall(bridge.run, serve_node, cfg, info, args.interval)
+                finally:
+                    prof.dump_stats(f"{profile}.{info['node']}")
+            else:
+                bridge.run(serve_node, cfg, info, args.interval)
         else:
             trio.run(serve, cfg, args.interval)
     except (DrvsError, BaseExceptionGroup) as exc:

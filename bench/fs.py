@@ -1,0 +1,219 @@
+"""Benchmark: the DRVM file system beside tmpfs and a minimal in-memory
+pyfuse3 file system, all measured in one run.
+
+    .venv/bin/python bench/fs.py [--size-mib 64] [--files 1000]
+
+Brings up a 2-node dev cluster and measures, from the host, through each
+node's DVOS view:
+  (a)  fs@VM served on the same node as the client (one replica)
+  (a2) the same with two replicas (every change also streamed to n2)
+  (b)  fs@VM served on the other node
+  (c)  tmpfs
+  (d)  bench/progs/memfs.py: FUSE and Python alone
+Figures: sequential write and read (1 MiB records; the read after the
+file's pages were dropped), the cached re-read, random 4 KiB reads (pages
+dropped), small files created+written+closed, stat'ed (cached) and
+unlinked per second, and `tar x` of this repository's sources.  Ratios:
+(a)/(d), (b)/(d), and for the cached figures (a)/tmpfs."""
+
+import argparse
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+BIN = Path(sys.executable).parent
+
+
+def seq_write(d: Path, size_mib: int) -> float:
+    block = os.urandom(1 << 20)
+    t = time.perf_counter()
+    fd = os.open(d / "seq", os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+    for _ in range(size_mib):
+        os.write(fd, block)
+    os.close(fd)
+    return size_mib / (time.perf_counter() - t)
+
+
+def _drop(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+
+
+def seq_read(d: Path, size_mib: int, cold: bool) -> float:
+    if cold:
+        _drop(d / "seq")
+    t = time.perf_counter()
+    fd = os.open(d / "seq", os.O_RDONLY)
+    n = 0
+    while chunk := os.read(fd, 1 << 20):
+        n += len(chunk)
+    os.close(fd)
+    assert n == size_mib << 20
+    return size_mib / (time.perf_counter() - t)
+
+
+def rand_read(d: Path, size_mib: int, n: int = 2000) -> float:
+    _drop(d / "seq")
+    rng = random.Random(1)
+    fd = os.open(d / "seq", os.O_RDONLY)
+    offsets = [rng.randrange(0, (size_mib << 20) // 4096) * 4096 for _ in range(n)]
+    t = time.perf_counter()
+    for off in offsets:
+        os.pread(fd, 4096, off)
+    os.close(fd)
+    return n / (time.perf_counter() - t)
+
+
+def small_files(d: Path, n: int) -> dict:
+    sub = d / "small"
+    sub.mkdir()
+    data = b"x" * 4096
+    t = time.perf_counter()
+    for i in range(n):
+        fd = os.open(sub / f"f{i}", os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o644)
+        os.write(fd, data)
+        os.close(fd)
+    create = n / (time.perf_counter() - t)
+    t = time.perf_counter()
+    for _ in range(5):
+        for i in range(n):
+            os.stat(sub / f"f{i}")
+    stat = 5 * n / (time.perf_counter() - t)
+    t = time.perf_counter()
+    for i in range(n):
+        os.unlink(sub / f"f{i}")
+    unlink = n / (time.perf_counter() - t)
+    return {"create": create, "stat": stat, "unlink": unlink}
+
+
+def source_tar() -> tuple[bytes, int]:
+    buf = io.BytesIO()
+    count = 0
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for top in ("drvs", "ext", "tests", "bench"):
+            for path in sorted((REPO / top).rglob("*")):
+                if "__pycache__" in path.parts or path.suffix in (".so", ".pyc"):
+                    continue
+                tar.add(path, arcname=str(path.relative_to(REPO)), recursive=False)
+                count += 1
+    return buf.getvalue(), count
+
+
+def tar_x(d: Path, tarball: Path) -> float:
+    target = d / "tree"
+    target.mkdir()
+    t = time.perf_counter()
+    subprocess.run(["tar", "-C", str(target), "-xf", str(tarball)], check=True)
+    return time.perf_counter() - t
+
+
+def measure(d: Path, size_mib: int, files: int, tarball: Path) -> dict:
+    r = {"write MB/s": seq_write(d, size_mib)}
+    r["read MB/s"] = seq_read(d, size_mib, cold=True)
+    r["re-read MB/s (cached)"] = seq_read(d, size_mib, cold=False)
+    r["random 4K reads/s"] = rand_read(d, size_mib)
+    small = small_files(d, files)
+    r["create+write+close/s"] = small["create"]
+    r["stat/s (cached)"] = small["stat"]
+    r["unlink/s"] = small["unlink"]
+    r["tar x s"] = tar_x(d, tarball)
+    os.unlink(d / "seq")
+    return r
+
+
+def _wait_dir(path: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.is_dir():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{path}: not served")
+        time.sleep(0.1)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--size-mib", type=int, default=64)
+    p.add_argument("--files", type=int, default=1000)
+    args = p.parse_args()
+    sys.path.insert(0, str(REPO))
+    from drvs.dev import cluster as dev
+
+    work = Path(tempfile.mkdtemp(prefix="drvs-bench-fs-"))
+    tar_bytes, tar_files = source_tar()
+    tarball = work / "src.tar"
+    tarball.write_bytes(tar_bytes)
+    state = work / "state"
+    state.mkdir()
+    name = dev.new_name()
+    info = dev.up(str(state), 2, None, name)
+    env = {**os.environ, "DRVS_STATE_DIR": str(state), "DRVS_NODE": "n1"}
+    memfs = tmpfs = None
+    results = {}
+    try:
+        for vm, replicas in (("one", "1"), ("two", "2")):
+            subprocess.run([str(BIN / "drvs"), "vm", "create", vm, "--node", "n1", "--node", "n2",
+                            "--fs-replicas", replicas], env=env, check=True, capture_output=True)
+        views = {n["name"]: Path(n["state_dir"]) / "dvos" / "fs" for n in info["nodes"]}
+        for path in (views["n1"] / "one", views["n2"] / "one", views["n1"] / "two"):
+            _wait_dir(path)
+        time.sleep(2)  # the second replica copied to
+        tmpfs = work / "tmpfs"
+        tmpfs.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "drvs-bench", str(tmpfs)], check=True)
+        mem = work / "memfs"
+        mem.mkdir()
+        memfs = subprocess.Popen([sys.executable, str(HERE / "progs" / "memfs.py"), str(mem)])
+        deadline = time.monotonic() + 10
+        while not os.path.ismount(mem):
+            assert time.monotonic() < deadline and memfs.poll() is None, "memfs did not mount"
+            time.sleep(0.05)
+        cases = {"(a) same node": views["n1"] / "one", "(a2) 2 replicas": views["n1"] / "two",
+                 "(b) other node": views["n2"] / "one", "(c) tmpfs": tmpfs, "(d) memfs": mem}
+        for label, base in cases.items():
+            d = base / f"run-{label[1:3].strip(')')}"
+            d.mkdir()
+            results[label] = measure(d, args.size_mib, args.files, tarball)
+    finally:
+        if memfs is not None:
+            memfs.terminate()
+            memfs.wait(timeout=10)
+        if tmpfs is not None and os.path.ismount(tmpfs):
+            subprocess.run(["umount", str(tmpfs)])
+        dev.down(str(state))
+        subprocess.run(["rm", "-rf", str(work)])
+    report(results, args, tar_files)
+    return 0
+
+
+def report(results: dict, args, tar_files: int) -> None:
+    import platform
+
+    labels = list(results)
+    figures = list(results[labels[0]])
+    print(f"# bench/fs.py  {time.strftime('%Y-%m-%d')}  {platform.node()}  {os.cpu_count()} CPUs  "
+          f"kernel {platform.release()}  {args.size_mib} MiB file, {args.files} small files, "
+          f"tar of {tar_files} entries")
+    head = f"{'figure':26}" + "".join(f"{l:>17}" for l in labels) + f"{'a/d':>8}{'b/d':>8}{'a/tmpfs':>9}"
+    print(head)
+    a, b, c, dd = (results[l] for l in ("(a) same node", "(b) other node", "(c) tmpfs", "(d) memfs"))
+    for f in figures:
+        lower_better = f.endswith(" s")
+        ratio = (lambda x, y: y / x) if lower_better else (lambda x, y: x / y)
+        row = f"{f:26}" + "".join(f"{results[l][f]:17.1f}" for l in labels)
+        row += f"{ratio(a[f], dd[f]):8.2f}{ratio(b[f], dd[f]):8.2f}{ratio(a[f], c[f]):9.2f}"
+        print(row)
+    print("(ratios: as fast as the baseline = 1.00; higher is better)")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
