@@ -35,6 +35,7 @@ ROOT = pyfuse3.ROOT_INODE
 FS_TAG = 0xFFFF
 FS_DIR = (FS_TAG << TAG_SHIFT) | 1
 TIMEOUT = 1.0
+READAHEAD_KIB = 1024  # sequential reads of another node's files: 1 MiB per round trip
 _CELL = re.compile(rb"/([a-z0-9-]+)/(?:run-[0-9a-f]+|init)$", re.M)  # a cell's cgroups: VM/run-ID, VM/init
 
 
@@ -71,6 +72,7 @@ class View(pyfuse3.Operations):
         self.slots: dict[int, VmFs] = {}
         self.listings: dict[int, tuple] = {}  # open root or fs directory -> (inode, its entries)
         self.nursery = None  # for work that must not hold up a request (serve() sets it)
+        self.path = mountpoint(cfg)
         self.next_fh = 1
 
     # -- which part ---------------------------------------------------------------
@@ -320,6 +322,17 @@ class View(pyfuse3.Operations):
                 self.slots[tag].forget(ino & MASK, n)
         if proc:
             await self.proc.forget(proc)
+
+    def init(self) -> None:
+        """The kernel's INIT is being answered: it sets the mount's
+        read-ahead from it, so ours goes in just after."""
+        self.nursery.start_soon(self._set_readahead)
+
+    async def _set_readahead(self) -> None:
+        await trio.sleep(0.2)
+        problem = mounts.set_readahead(self.path, READAHEAD_KIB)
+        if problem:
+            log.warning("%s", problem)
 
     # -- fsc@NODE ---------------------------------------------------------------------
 

@@ -25,18 +25,38 @@ def detach(path: str) -> str | None:
 FUSECTL = "/sys/fs/fuse/connections"
 
 
-def abort_fuse(path: str) -> bool:
-    """Abort the FUSE connection mounted at path (its server dead or stuck):
-    requests waiting on it fail at once instead of hanging.  The device
-    number comes from mountinfo, never from stat (which would wait too)."""
-    minor = None
+def fuse_device(path: str) -> str | None:
+    """"major:minor" of the FUSE mount at path, from mountinfo: never from
+    stat, which waits on the mount's server (perhaps the caller itself)."""
+    found = None
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
             if fields[4] == path and fields[fields.index("-") + 1].startswith("fuse"):
-                minor = fields[2].split(":")[1]
-    if minor is None:
+                found = fields[2]
+    return found
+
+
+def set_readahead(path: str, kib: int) -> str | None:
+    """The kernel's read-ahead for the FUSE mount at path (its default, 128
+    KiB, makes each sequential read of a remote file a round trip per 128
+    KiB); the error, or None."""
+    dev = fuse_device(path)
+    try:
+        with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
+            f.write(str(kib))
+    except (OSError, TypeError) as e:
+        return f"read-ahead of {path} ({dev}): {e}"
+    return None
+
+
+def abort_fuse(path: str) -> bool:
+    """Abort the FUSE connection mounted at path (its server dead or stuck):
+    requests waiting on it fail at once instead of hanging."""
+    dev = fuse_device(path)
+    if dev is None:
         return False
+    minor = dev.split(":")[1]
     if not os.path.isdir(f"{FUSECTL}/{minor}"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.mount(b"fusectl", FUSECTL.encode(), b"fusectl", 0, None)
