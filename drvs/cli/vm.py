@@ -204,6 +204,10 @@ def rm(args) -> int:
         except Exception:
             if args.name != "default":
                 raise
+        if cluster_info(cfg):
+            from ..fs.replica import STATE
+
+            reg.store.delete(STATE + args.name)  # its file system's term; the nodes remove their replicas
         shutil.rmtree(f"{cfg.vms_dir}/{args.name}", ignore_errors=True)
         lock.drop_record()
     print(args.name)

@@ -18,12 +18,13 @@ VMS = "/drvs/vms/"
 RESYNC = 1.0  # seconds between looks at the VM list (a new VM is served within this)
 
 
-async def run(etcd, fabric, member, service: str, candidate, make) -> None:
+async def run(etcd, fabric, member, service: str, candidate, make, gone=None) -> None:
     """Campaign for service@VM for every VM whose spec candidate(spec)
     accepts, as VMs come and go.  make(vm) (a coroutine function) -> a
     server with handle(msg), and optionally fast(msg), run() (what it does
     while it serves) and close(); make may raise DrvsError (logged; the
-    node then stands down and tries again later)."""
+    node then stands down and tries again later).  gone(vm): called once a
+    VM this node campaigned for is no longer defined."""
     from ..vm.model import VmSpec
 
     campaigns: dict[str, trio.CancelScope] = {}
@@ -38,8 +39,11 @@ async def run(etcd, fabric, member, service: str, candidate, make) -> None:
                 wanted = {vm.name for vm in vms if candidate(vm)}
                 for name in wanted - campaigns.keys():
                     campaigns[name] = await nursery.start(_serve, service, name, etcd, fabric, member, make)
+                defined = {vm.name for vm in vms}
                 for name in campaigns.keys() - wanted:
                     campaigns.pop(name).cancel()
+                    if gone is not None and name not in defined:
+                        await gone(name)
             await trio.sleep(RESYNC)
 
 

@@ -22,6 +22,7 @@ import time
 import pyfuse3
 import trio
 
+from ..errors import DrvsError
 from ..fs.client import MASK, TAG_SHIFT, VmFs
 from ..ipc.fabric import REGISTRY
 from ..ipc.message import IpcError, Msg
@@ -35,6 +36,7 @@ ROOT = pyfuse3.ROOT_INODE
 FS_TAG = 0xFFFF
 FS_DIR = (FS_TAG << TAG_SHIFT) | 1
 TIMEOUT = 1.0
+START_WAIT = 10.0  # seconds a new VM's file server may take to be elected
 READAHEAD_KIB = 1024  # sequential reads of another node's files: 1 MiB per round trip
 _CELL = re.compile(rb"/([a-z0-9-]+)/(?:run-[0-9a-f]+|init)$", re.M)  # a cell's cgroups: VM/run-ID, VM/init
 
@@ -108,10 +110,7 @@ class View(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT) from None
         fs_ = self.vms.get(vm)
         if fs_ is None:
-            try:
-                await self.fabric.resolve(f"fs@{vm}")
-            except IpcError as e:
-                raise pyfuse3.FUSEError(errno.ENOENT if e.errno == errno.ENOENT else errno.EIO) from None
+            await self._served(vm)
             slot = len(self.slots) + 1
             if slot >= FS_TAG:
                 raise pyfuse3.FUSEError(errno.ENFILE)
@@ -120,6 +119,31 @@ class View(pyfuse3.Operations):
             self.vms[vm], self.slots[slot] = fs_, fs_
             return attr
         return await fs_.start()
+
+    async def _served(self, vm: str) -> None:
+        """Return once fs@vm is served; ENOENT for a VM without a file
+        system; a new VM's is waited for (its server is being elected)."""
+        from ..vm.model import VmSpec
+        from .elected import VMS
+
+        deadline = trio.current_time() + START_WAIT
+        while True:
+            try:
+                await self.fabric.resolve(f"fs@{vm}", fresh=True)
+                return
+            except IpcError as e:
+                if e.errno != errno.ENOENT:
+                    raise pyfuse3.FUSEError(errno.EIO) from None
+            try:
+                entry = await self.etcd.get(VMS + vm)  # (not the registry: it makes the default VM)
+            except DrvsError:
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            spec = VmSpec.from_json(entry.value) if entry is not None else None
+            if spec is None or not spec.fs_nodes:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            if trio.current_time() > deadline:
+                raise pyfuse3.FUSEError(errno.ETIMEDOUT)
+            await trio.sleep(0.2)
 
     async def _fs_entries(self) -> list:
         """The VMs with a file server (or already in use here), each with

@@ -43,10 +43,10 @@ class Inode:
 
 
 class Handle:
-    __slots__ = ("sfh", "cino", "wrote")
+    __slots__ = ("sfh", "cino", "wrote", "shared")
 
     def __init__(self, sfh: int, cino: int):
-        self.sfh, self.cino, self.wrote = sfh, cino, False
+        self.sfh, self.cino, self.wrote, self.shared = sfh, cino, False, False
 
 
 def caller(ctx) -> dict:
@@ -335,11 +335,16 @@ class VmFs:
     async def write(self, fh, off, buf):
         h = self._h(fh)
         h.wrote = True
-        return (await self.call(Call.write, fh=h.sfh, offset=off, data=buf)).size
+        r = await self.call(Call.write, fh=h.sfh, offset=off, data=buf)
+        h.shared = r.shared
+        return r.size
 
     async def flush(self, fh):
         h = self._h(fh)
-        if h.wrote:  # only a writer's close has something to tell the other nodes
+        # Only a writer's close has something to do, and only if other nodes
+        # cache the file or closes wait for replicas (the last write's reply
+        # says; a node that looks later finds the data as written).
+        if h.wrote and h.shared:
             h.wrote = False
             await self.call(Call.flush, fh=h.sfh)
 

@@ -40,6 +40,7 @@ READDIR_BATCH = 512
 REAP_EVERY = 5.0  # seconds between looks for open files of nodes that left
 OPEN_FLAGS = os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC | os.O_NOATIME
 SET_MODE, SET_UID, SET_GID, SET_SIZE, SET_ATIME, SET_MTIME = 1, 2, 4, 8, 16, 32
+_NOBODY: frozenset = frozenset()
 
 
 def fill_attr(a, st: os.stat_result) -> None:
@@ -426,6 +427,9 @@ class FsServer:
         f = self._file(req.fh)
         out.size = os.pwrite(f.fd, req.data, req.offset)
         f.wrote = True
+        # Whether the writer's close has anything to do: tell other nodes
+        # that cache the file, or (--fs-sync) wait for the replicas.
+        out.shared = self.sync or bool(self.interest.get(f.ino, _NOBODY) - {origin})
 
     def readdir(self, req, path, out, origin) -> None:
         fd = self.store.open(check_path(path), os.O_RDONLY | os.O_DIRECTORY)
@@ -727,11 +731,11 @@ class LocalStatFs:
 
 
 class LocalReply:
-    __slots__ = ("attr", "fh", "data", "size", "entries", "more", "statfs", "epoch")
+    __slots__ = ("attr", "fh", "data", "size", "entries", "more", "statfs", "epoch", "shared")
 
     def __init__(self, epoch: int):
         self.attr, self.fh, self.data, self.size = LocalAttr(), 0, b"", 0
-        self.entries, self.more, self.statfs, self.epoch = [], False, LocalStatFs(), epoch
+        self.entries, self.more, self.statfs, self.epoch, self.shared = [], False, LocalStatFs(), epoch, False
 
     def init(self, field: str, n: int) -> list:
         assert field == "entries"

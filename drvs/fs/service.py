@@ -8,6 +8,8 @@ open files' handles it mirrored."""
 import errno
 import logging
 
+import trio
+
 from ..dvos import elected
 from ..ipc.message import IpcError, Msg
 from ..ipc.schema import fs
@@ -44,6 +46,16 @@ class FsNode:
         server.promote(epoch, spec.fs_nodes, spec.fs_sync)
         log.info("fs@%s: term %d; replicas %s", vm, epoch, ", ".join(spec.fs_nodes))
         return _Serving(self, server)
+
+    async def remove(self, vm: str) -> None:
+        """The VM was removed (drvs vm rm): its replica here goes too."""
+        import shutil
+
+        server = self.servers.pop(vm, None)
+        if server is not None:
+            server.close()
+        await trio.to_thread.run_sync(shutil.rmtree, store_dir(self.cfg, vm), True)
+        log.info("fs@%s: the VM was removed; its replica here too", vm)
 
     async def mirror(self, msg: Msg) -> Msg:
         """fsr@NODE: a batch of the serving node's changes."""
@@ -84,7 +96,8 @@ async def run(cfg, etcd, fabric, member) -> None:
     node = FsNode(cfg, etcd, fabric, member)
     await fabric.register(f"fsr@{member.name}", node.mirror)
     try:
-        await elected.run(etcd, fabric, member, "fs", lambda spec: member.name in spec.fs_nodes, node.serve)
+        await elected.run(etcd, fabric, member, "fs", lambda spec: member.name in spec.fs_nodes, node.serve,
+                          node.remove)
     finally:
         for server in node.servers.values():
             server.close()

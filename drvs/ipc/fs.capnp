@@ -24,7 +24,7 @@ enum FsCall {
   open @11;        # path, flags -> fh, attr
   create @12;      # path, flags, mode, caller -> fh, attr
   read @13;        # fh, offset, size -> data
-  write @14;       # fh, offset, data -> size (bytes written), attr
+  write @14;       # fh, offset, data -> size (bytes written), shared
   release @15;     # fh
   fsync @16;       # fh, flags (1: data only)
   readdir @17;     # path, data (resume after this name, "" from the start) -> entries, more
@@ -115,6 +115,7 @@ struct FsReply {
   more @5 :Bool;
   statfs @6 :StatFs;
   epoch @7 :UInt64;      # the server's term: a new one after a fail-over (clients then drop their caches)
+  shared @8 :Bool;       # write: another node may cache the file (or closes wait for replicas): flush on close
 }
 
 # The server's calls, as made, for a replica (each call's request as the

@@ -406,3 +406,13 @@ def test_a_synchronous_vm_closes_only_once_the_replica_has_the_data(cluster_fact
         assert (replica / f"f{i}").stat().st_size == 100_000
     show = json.loads(c.drvs("vm", "show", "web", "--format", "json", node="n1", check=True).stdout)
     assert show["fs_sync"] is True and show["fs_nodes"] == ["n1", "n2"]
+
+
+def test_removing_a_vm_removes_its_replicas(fsc):
+    fsc.drvs("vm", "create", "scratch", "--node", "n1", "--node", "n2", node="n1", check=True)
+    (view(fsc, "n1", vm="scratch") / "f").write_text("x")
+    stores = [Path(fsc.node(n)["state_dir"]) / "vms" / "scratch" / "fs" for n in ("n1", "n2")]
+    _wait(lambda: all((s / "root" / "f").exists() for s in stores))
+    fsc.drvs("vm", "rm", "scratch", node="n1", check=True)
+    _wait(lambda: not any(s.exists() for s in stores), timeout=20)
+    assert fsc.drvs("df", "scratch", node="n1").returncode == 3
