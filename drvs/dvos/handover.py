@@ -12,6 +12,21 @@ def socket_path(cfg) -> str:
     return f"{cfg.state_dir}/supervisor.sock"
 
 
+def _unanswered(cfg, e: OSError) -> SetupError:
+    return SetupError(f"drvmmd does not answer on {socket_path(cfg)} ({e.strerror}): on a cluster node, "
+                      "programs need it to reach the VM's other nodes")
+
+
+def check(cfg) -> None:
+    """SetupError now if drvmmd is not there (before anything of its view,
+    which a dead drvmmd leaves answering ENOTCONN, is touched)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:
+            s.connect(socket_path(cfg))
+    except OSError as e:
+        raise _unanswered(cfg, e) from None
+
+
 def hand_over(cfg, vm: str, listener: int) -> None:
     """Give a run's listener (ours no more, whatever happens) to drvmmd."""
     try:
@@ -19,7 +34,6 @@ def hand_over(cfg, vm: str, listener: int) -> None:
             s.connect(socket_path(cfg))
             socket.send_fds(s, [vm.encode()], [listener])
     except OSError as e:
-        raise SetupError(f"drvmmd does not answer on {socket_path(cfg)} ({e.strerror}): on a cluster node, "
-                         "programs need it to reach the VM's other nodes") from None
+        raise _unanswered(cfg, e) from None
     finally:
         os.close(listener)

@@ -153,6 +153,10 @@ class Run:
             from ..dvos.pidrange import bounds
 
             self.pid_range = bounds(info["pid_index"])
+            if self.supervise is None:  # drvs-run itself (drvmmd's own runs know it is there)
+                from ..dvos import handover
+
+                handover.check(self.cfg)
             view = _proc_view(self.cfg, self.vm.name)
             data = _vm_file_system(self.cfg, self.vm) or data
         steps = rootfs.build_root(rootdir=self.cfg.rootdir, hostname=self.vm.name, data_dir=data, home_dir=home,

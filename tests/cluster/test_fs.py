@@ -416,3 +416,39 @@ def test_removing_a_vm_removes_its_replicas(fsc):
     fsc.drvs("vm", "rm", "scratch", node="n1", check=True)
     _wait(lambda: not any(s.exists() for s in stores), timeout=20)
     assert fsc.drvs("df", "scratch", node="n1").returncode == 3
+
+
+def test_a_client_node_killed_mid_write_corrupts_nothing_and_its_files_are_closed(cluster_factory, tmp_path):
+    """n2 streams 1 MiB records into a file served by n1; n2's drvmmd is
+    killed mid-stream.  On n1 the file holds whole records of the stream,
+    n1 goes on serving, and the server closes what n2 had open once n2 has
+    left the cluster."""
+    c = cluster_factory(nodes=2)
+    c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", "--fs-replicas", "1", node="n1", check=True)
+    a, b = view(c, "n1"), view(c, "n2")
+    record = os.urandom(1 << 20)
+    src = tmp_path / "records"
+    src.write_bytes(record * 400)
+    writer = subprocess.Popen(["dd", f"if={src}", f"of={b / 'stream'}", "bs=1M"], stderr=subprocess.PIPE)
+    try:
+        _wait(lambda: (a / "stream").exists() and (a / "stream").stat().st_size > 20 << 20)
+        os.kill(c.node("n2")["pid"], 9)
+        writer.wait(timeout=60)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+    data = (a / "stream").read_bytes()
+    assert len(data) >= 20 << 20
+    whole = len(data) // len(record) * len(record)
+    assert data[:whole] == record * (whole // len(record))   # what arrived is the stream, in order
+    assert record.startswith(data[whole:])                    # at most one record cut short
+    (a / "after").write_text("n1 goes on")
+    assert (a / "after").read_text() == "n1 goes on"
+    store = (Path(c.node("n1")["state_dir"]) / "vms" / "web" / "fs" / "root" / "stream").resolve()
+
+    def n2_files_closed():
+        fds = Path(f"/proc/{c.node('n1')['pid']}/fd")
+        return not any(os.readlink(fd) == str(store) for fd in fds.iterdir() if fd.is_symlink())
+
+    _wait(n2_files_closed, timeout=30)
