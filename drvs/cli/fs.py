@@ -38,19 +38,16 @@ def add_parsers(sub) -> None:
 
 def _view(cfg, vm: str) -> str:
     """This node's view of vm's file system, checked."""
-    base = f"{cfg.state_dir}/dvos"
-    if not cluster_info(cfg) or not os.path.ismount(base):
-        raise SetupError("no DVOS view on this node: drvs mount needs a cluster node with drvmmd running")
+    from ..dvos import handover
+    from ..ns.jail import vm_file_system
+
+    if not cluster_info(cfg):
+        raise UsageError("drvs mount needs a cluster node (a single node's VM keeps its files in STATE/vms/VM/data)")
     spec = VmRegistry(open_store()).get(vm)
     if not spec.fs_nodes:
         raise UsageError(f"VM {vm!r} has no cluster file system (it was made without --node shares)")
-    path = f"{base}/fs/{vm}"
-    try:
-        os.stat(path)
-    except OSError as e:
-        raise SetupError(f"the file system of VM {vm!r} is not available ({e.strerror}): "
-                         f"is fs@{vm} served? (drvs df {vm})") from None
-    return path
+    handover.check(cfg)  # drvmmd is there (a dead one's view would say ENOTCONN)
+    return vm_file_system(cfg, spec)
 
 
 def mount(args) -> int:

@@ -158,7 +158,7 @@ class Run:
 
                 handover.check(self.cfg)
             view = _proc_view(self.cfg, self.vm.name)
-            data = _vm_file_system(self.cfg, self.vm) or data
+            data = vm_file_system(self.cfg, self.vm) or data
         steps = rootfs.build_root(rootdir=self.cfg.rootdir, hostname=self.vm.name, data_dir=data, home_dir=home,
                                   binds=self.opts.binds, net_host=self.opts.net_host, proc_view=view)
         with cells.locked(self.cfg, self.vm.name) as lock:
@@ -361,7 +361,7 @@ def _proc_view(cfg: Config, vm: str) -> str | None:
     return f"{base}/proc/{vm}" if os.path.ismount(base) else None
 
 
-def _vm_file_system(cfg: Config, vm: VmSpec) -> str | None:
+def vm_file_system(cfg: Config, vm: VmSpec) -> str | None:
     """Where this node's drvmmd shows the VM's file system (a cluster VM's
     /data), or None for a VM that keeps its data on each node."""
     if not vm.fs_nodes:
