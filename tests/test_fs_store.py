@@ -80,3 +80,50 @@ def test_links_planted_in_the_store_are_never_followed(tmp_path):
         assert s.lstat(b"out").st_size == len("/etc")
     finally:
         s.close()
+
+
+def _req(**fields):
+    from drvs.fs.server import LocalRequest
+
+    base = {"mode": 0o100644, "uid": 0, "gid": 0, "atimeNs": 10**18, "mtimeNs": 10**18}
+    return LocalRequest("web", **{**base, **fields})
+
+
+def test_a_replica_copy_never_writes_through_a_link_planted_in_the_vm(tmp_path):
+    """The copy to a replica builds root.new from the server's calls: a name
+    that was a link to the host and is now a directory (or a file) is made
+    anew, never followed."""
+    import stat as st_
+
+    from drvs.fs.replica import LAST, Builder
+
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "passwd").write_text("host's own")
+    base = tmp_path / "fs"
+    Store(str(base), "web").close()
+    b = Builder(str(base))
+    b.begin()
+    b.put_link(_req(path=b"d", data=str(host).encode()))
+    with pytest.raises(OSError):  # through the link: refused
+        b.put_file(_req(path=b"d/passwd"))
+    b.put_dir(_req(path=b"d", mode=0o040755, flags=LAST))     # d became a directory in the VM
+    b.put_file(_req(path=b"d/passwd"))
+    b.put_file(_req(path=b"d/passwd", offset=0, data=b"VM's"))
+    b.put_file(_req(path=b"d/passwd", flags=LAST, size=4, mode=0o100600))
+    assert (host / "passwd").read_text() == "host's own"
+    assert (host / "passwd").stat().st_mode & 0o777 != 0o600
+    # a name that was a hard link of another gets an inode of its own
+    b.put_file(_req(path=b"a"))
+    b.put_file(_req(path=b"a", flags=LAST, size=0))
+    b.put_hardlink(_req(path=b"b", path2=b"a"))
+    b.put_file(_req(path=b"b"))
+    b.put_file(_req(path=b"b", offset=0, data=b"new b"))
+    b.put_file(_req(path=b"b", flags=LAST, size=5))
+    b.commit()
+    root = base / "root"
+    assert (root / "d" / "passwd").read_bytes() == b"VM's"
+    assert st_.S_ISDIR((root / "d").lstat().st_mode)
+    assert (root / "a").read_bytes() == b"" and (root / "b").read_bytes() == b"new b"
+    assert not (base / "root.new").exists()
+    Store(str(base), "web").close()  # the exchanged tree is a whole store

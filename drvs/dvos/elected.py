@@ -73,7 +73,11 @@ async def _serve(service, vm, etcd, fabric, member, make, task_status=trio.TASK_
                     continue  # (finally resigns)
                 last_refusal = ""
                 log.info("serving %s", endpoint)
-                await (server.run() if hasattr(server, "run") else trio.sleep_forever())
+                try:
+                    await (server.run() if hasattr(server, "run") else trio.sleep_forever())
+                except DrvsError as e:  # the server found it must stop (a newer term elsewhere)
+                    log.warning("%s: %s", endpoint, e)
+                    await trio.sleep(RESYNC)
             finally:
                 with trio.move_on_after(2, shield=True):
                     try:

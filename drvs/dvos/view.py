@@ -111,13 +111,18 @@ class View(pyfuse3.Operations):
         fs_ = self.vms.get(vm)
         if fs_ is None:
             await self._served(vm)
+            fs_ = self.vms.get(vm)  # (another lookup may have made it meanwhile)
+        if fs_ is None:
             slot = len(self.slots) + 1
             if slot >= FS_TAG:
                 raise pyfuse3.FUSEError(errno.ENFILE)
             fs_ = VmFs(vm, slot, self.fabric, self.nursery.start_soon)
-            attr = await fs_.start()
-            self.vms[vm], self.slots[slot] = fs_, fs_
-            return attr
+            self.vms[vm], self.slots[slot] = fs_, fs_  # before any wait: no other lookup takes the slot
+            try:
+                return await fs_.start()
+            except BaseException:
+                del self.vms[vm], self.slots[slot]
+                raise
         return await fs_.start()
 
     async def _served(self, vm: str) -> None:

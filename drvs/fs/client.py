@@ -84,7 +84,7 @@ class VmFs:
             except IpcError:
                 r = None  # it stopped serving meanwhile: ask where the server is now
             if r is not None:
-                if r.epoch != self.epoch:
+                if r.epoch > self.epoch:
                     await self._new_term(r.epoch)
                 return r
         payload = fs.FsRequest.new_message(vm=self.vm, **fields).to_bytes_packed()
@@ -107,7 +107,7 @@ class VmFs:
         if reply.status < 0:
             raise pyfuse3.FUSEError(-reply.status)
         r = fs.FsReply.from_bytes_packed(reply.payload)
-        if r.epoch != self.epoch:
+        if r.epoch > self.epoch:  # (an older one: a server that has yet to learn it is over)
             await self._new_term(r.epoch)
         return r
 
@@ -130,15 +130,19 @@ class VmFs:
     async def _new_term(self, epoch: int) -> None:
         """The server changed: what the kernel caches came from the old one.
         Inodes known keep their place in the tree (their paths still serve)."""
-        first = not self.epoch
+        old = self.epoch
         self.epoch = epoch
-        if first:
+        if not old:
             return
+        try:
+            r = await self.call(Call.getattr, idempotent=True, path=b"")  # the new server's root
+        except pyfuse3.FUSEError:
+            self.epoch = old  # the next reply of this term tries again
+            raise
         self.gen = (self.gen + 1) % (1 << (TAG_SHIFT - GEN_SHIFT))
         self.big.clear()
-        log.info("%s: a new server (term %d); dropping this node's caches", self.target, epoch)
-        r = await self.call(Call.getattr, idempotent=True, path=b"")
         self.server_root = r.attr.ino
+        log.info("%s: a new server (term %d); dropping this node's caches", self.target, epoch)
         entries = [(self.tag | dino, name) for dino, name in self.entries]
         self.entries = {}
         self.spawn(self._drop_all, entries, [self.tag | cino for cino in self.inodes])

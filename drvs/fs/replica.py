@@ -13,6 +13,7 @@ comes back, or whose stream broke, is copied again: a first pass while
 the file system is in use, a second, short one with changes held, and
 from then on the stream."""
 
+import errno
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ import time
 
 import trio
 
+from .. import _fs
 from ..errors import SetupError
 from ..ipc.message import IpcError, Msg
 from ..ipc.schema import fs
@@ -104,6 +106,7 @@ class Mirror:
         self.pushed = 0      # calls queued so far
         self.done = 0        # of them, made by the replica
         self.live = False    # in sync: changes are streamed to it
+        self.lost = False    # dropped out, yet still listed in sync in etcd
         self._work = trio.Event()
         self._progress = trio.Event()
         self.token = trio.lowlevel.current_trio_token()
@@ -123,8 +126,17 @@ class Mirror:
         return self.live and self.bytes > QUEUE_BYTES
 
     async def wait(self, seq: int) -> None:
-        """Until the replica made call seq (or stopped being in sync)."""
+        """Until the replica made call seq; OSError(EIO) if it dropped out
+        and could not be struck from the in-sync replicas (it might then
+        take over without this call)."""
         while self.live and self.done < seq:
+            await self._progress.wait()
+        if self.lost:
+            raise OSError(errno.EIO, f"replica on {self.node} lost, and still listed in sync")
+
+    async def drained(self) -> None:
+        """Until the queue is below QUEUE_BYTES again (or the replica is out)."""
+        while self.full():
             await self._progress.wait()
 
     def _advance(self, n: int) -> None:
@@ -149,27 +161,37 @@ class Mirror:
                 await self.copy_tree()
                 said = ""
                 await self.stream()
-            except MirrorFailed as e:
+            except (MirrorFailed, OSError) as e:  # (OSError: the store, while copying)
                 if self.live:
                     log.warning("fs@%s: replica on %s out of sync: %s", self.server.vm, self.node, e)
                 elif str(e) != said:  # (once, while the node stays away)
                     log.info("fs@%s: replica on %s: %s", self.server.vm, self.node, e)
                 said = str(e)
             finally:
-                was = self.live
-                self._stop()
-                if was:
+                if self.live:
+                    # Struck from the in-sync replicas before any waiting
+                    # fsync is answered: else it could take over without it.
+                    self.live = False
                     with trio.CancelScope(shield=True), trio.move_on_after(5):
-                        await self._in_sync(False)
+                        try:
+                            await self._in_sync(False)
+                        except MirrorFailed as e:
+                            log.warning("fs@%s: replica on %s: %s", self.server.vm, self.node, e)
+                            self.lost = True
+                self._stop()
             await trio.sleep(RETRY)
 
     async def _in_sync(self, present: bool) -> None:
         s = self.server
         try:
-            if not await set_in_sync(s.etcd, s.vm, s.epoch, self.node, present):
-                log.warning("fs@%s: a new term began elsewhere", s.vm)
+            ok = await set_in_sync(s.etcd, s.vm, s.epoch, self.node, present)
         except Exception as e:  # noqa: BLE001 - etcd away: the next copy tries again
             raise MirrorFailed(f"etcd: {e}") from None
+        if not ok:
+            s.stale = True
+            raise MirrorFailed("a new term began elsewhere")
+        if present:
+            self.lost = False
 
     async def stream(self) -> None:
         while True:
@@ -222,8 +244,8 @@ class Mirror:
             await out.add(Call.putCommit)
             for fh, f in sorted(s.files.items()):
                 path = s.path_of(f.fd)
-                if path is not None:
-                    await out.add(Call.open, path=path, fh=fh, flags=f.flags)
+                if path is not None:  # (an unlinked one is not there: calls on it are ignored)
+                    await out.add(Call.open, path=path, fh=fh, flags=f.flags, origin=f.node)
             await out.flush()
             self.live = True
             self.pushed = self.done = 0
@@ -267,9 +289,12 @@ class Mirror:
     async def _copy_file(self, out: "_Sender", path: bytes, st) -> None:
         s = self.server
         try:
-            fd = s.store.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = s.store.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
             return  # gone meanwhile: the second pass sees it
+        if not stat.S_ISREG(os.stat(fd).st_mode):
+            os.close(fd)
+            return  # replaced meanwhile (by a fifo?): the second pass sees it
         try:
             offset = 0
             await out.add(Call.putFile, path=path, offset=0, data=b"", **_meta(st))
@@ -316,8 +341,11 @@ def _walk(root: str) -> list:
     out = []
 
     def visit(rel: bytes, full: bytes) -> None:
-        with os.scandir(full) as it:
-            entries = sorted(it, key=lambda e: e.name)
+        try:
+            with os.scandir(full) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            return  # removed (or replaced) meanwhile: the second pass sees it
         for e in entries:
             path = rel + b"/" + e.name if rel else e.name
             try:
@@ -352,93 +380,166 @@ def _extents(fd: int, size: int):
 
 class Builder:
     """The tree a copy builds beside a replica's store (root.new), and its
-    commit: the new tree replaces the old in one rename."""
+    commit: the new tree replaces the old in one exchange of names.  Every
+    path is resolved beneath root.new and never through a link (the VM's
+    programs make the links), and what a name held before is removed, not
+    written through."""
 
     def __init__(self, base: str):
         self.base = base
-        self.new = f"{base}/root.new"
-
-    def _p(self, path: bytes) -> bytes:
-        from .store import check_path
-
-        return os.fsencode(self.new) + (b"/" + check_path(path) if path else b"")
+        self.root = -1
 
     def begin(self) -> None:
-        import shutil
+        self.close()
+        _rmtree(self.base, b"root.new")  # an earlier copy that did not finish
+        os.mkdir(f"{self.base}/root.new", 0o755)
+        self.root = os.open(f"{self.base}/root.new", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
-        shutil.rmtree(self.new, ignore_errors=True)  # an earlier copy that did not finish
-        os.makedirs(self.new, mode=0o755)
+    def close(self) -> None:
+        if self.root >= 0:
+            os.close(self.root)
+            self.root = -1
+
+    def _at(self, path: bytes) -> tuple[int, bytes]:
+        from .store import RESOLVE, check_path
+
+        if self.root < 0:
+            raise OSError(errno.EBADF, "no copy begun")
+        head, _, name = check_path(path).rpartition(b"/")
+        return _fs.openat2(self.root, head or b".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, 0, RESOLVE), name
 
     def put_dir(self, req) -> None:
-        p = self._p(bytes(req.path))
-        if req.path and not os.path.isdir(p):
-            os.mkdir(p, 0o700)
-        if req.flags & LAST or not req.path:
-            _set_meta(p, req)
+        if not req.path:
+            fd = _fs.openat2(self.root, b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, 0, 0)
+            try:
+                if req.flags & LAST:
+                    _meta_fd(fd, req)
+            finally:
+                os.close(fd)
+            return
+        dfd, name = self._at(bytes(req.path))
+        try:
+            st = _lstat_at(dfd, name)
+            if st is None or not stat.S_ISDIR(st.st_mode):
+                _remove_at(dfd, name, st)
+                os.mkdir(name, 0o700, dir_fd=dfd)
+            if req.flags & LAST:
+                _meta_at(dfd, name, req)
+        finally:
+            os.close(dfd)
 
     def put_file(self, req) -> None:
-        p = self._p(bytes(req.path))
-        kind = stat.S_IFMT(req.mode)
-        if kind != stat.S_IFREG:
-            if not os.path.lexists(p):
-                os.mknod(p, req.mode, req.rdev)
-            _set_meta(p, req)
-            return
-        if req.flags & LAST:
-            with open(p, "r+b") as f:
-                f.truncate(req.size)
-            _set_meta(p, req)
-            return
-        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_TRUNC if req.offset == 0 and
-                                                                           not req.data else 0)
-        fd = os.open(p, flags, 0o600)
+        dfd, name = self._at(bytes(req.path))
         try:
-            if req.data:
-                os.pwrite(fd, req.data, req.offset)
+            if stat.S_IFMT(req.mode) != stat.S_IFREG:  # fifo, socket, device
+                _remove_at(dfd, name, _lstat_at(dfd, name))
+                os.mknod(name, req.mode, req.rdev, dir_fd=dfd)
+                _meta_at(dfd, name, req)
+                return
+            first = req.offset == 0 and not req.data and not req.flags & LAST
+            if first:  # a new file, never the old one's inode (it may be a hard link of another name)
+                _remove_at(dfd, name, _lstat_at(dfd, name))
+            flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            fd = _fs.openat2(dfd, name, flags | os.O_CREAT | os.O_EXCL, 0o600, 0) if first else \
+                _fs.openat2(dfd, name, flags, 0, 0)  # (openat2 wants no mode without O_CREAT)
+            try:
+                if not stat.S_ISREG(os.stat(fd).st_mode):
+                    raise OSError(errno.EINVAL, "not a regular file")
+                if req.data:
+                    os.pwrite(fd, req.data, req.offset)
+                if req.flags & LAST:
+                    os.ftruncate(fd, req.size)
+                    _meta_fd(fd, req)
+            finally:
+                os.close(fd)
         finally:
-            os.close(fd)
+            os.close(dfd)
 
     def put_link(self, req) -> None:
-        p = self._p(bytes(req.path))
-        if os.path.lexists(p):
-            os.unlink(p)
-        os.symlink(bytes(req.data), p)
-        os.lchown(p, req.uid, req.gid)
+        dfd, name = self._at(bytes(req.path))
+        try:
+            _remove_at(dfd, name, _lstat_at(dfd, name))
+            os.symlink(bytes(req.data), name, dir_fd=dfd)
+            os.chown(name, req.uid, req.gid, dir_fd=dfd, follow_symlinks=False)
+        finally:
+            os.close(dfd)
 
     def put_hardlink(self, req) -> None:
-        p = self._p(bytes(req.path))
-        if os.path.lexists(p):
-            os.unlink(p)
-        os.link(self._p(bytes(req.path2)), p, follow_symlinks=False)
+        sfd, sname = self._at(bytes(req.path2))
+        try:
+            dfd, name = self._at(bytes(req.path))
+            try:
+                _remove_at(dfd, name, _lstat_at(dfd, name))
+                os.link(sname, name, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+            finally:
+                os.close(dfd)
+        finally:
+            os.close(sfd)
 
     def put_remove(self, req) -> None:
-        import shutil
-
-        p = self._p(bytes(req.path))
-        if os.path.isdir(p) and not os.path.islink(p):
-            shutil.rmtree(p)
-        elif os.path.lexists(p):
-            os.unlink(p)
+        dfd, name = self._at(bytes(req.path))
+        try:
+            _remove_at(dfd, name, _lstat_at(dfd, name))
+        finally:
+            os.close(dfd)
 
     def commit(self) -> None:
-        """Durable first, then swapped: a crash before the rename keeps the
-        old tree, after it the new one; never half of each."""
-        import shutil
-
+        """Durable first, then exchanged with the current tree in one
+        renameat2: a crash keeps one whole tree or the other."""
         os.sync()
-        old = f"{self.base}/root.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(f"{self.base}/root", old)
-        os.rename(self.new, f"{self.base}/root")
-        fd = os.open(self.base, os.O_RDONLY | os.O_DIRECTORY)
+        self.close()
+        base = os.open(self.base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            os.fsync(fd)
+            _fs.renameat2(base, b"root.new", base, b"root", _fs.RENAME_EXCHANGE)
+            os.fsync(base)
         finally:
-            os.close(fd)
-        shutil.rmtree(old, ignore_errors=True)
+            os.close(base)
+        _rmtree(self.base, b"root.new")  # the old tree, now
 
 
-def _set_meta(p: bytes, req) -> None:
-    os.chown(p, req.uid, req.gid, follow_symlinks=False)
-    os.chmod(p, stat.S_IMODE(req.mode))
-    os.utime(p, ns=(req.atimeNs, req.mtimeNs), follow_symlinks=False)
+def _lstat_at(dfd: int, name: bytes):
+    try:
+        return os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _remove_at(dfd: int, name: bytes, st) -> None:
+    if st is None:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        _rmtree(None, name, dfd)
+    else:
+        os.unlink(name, dir_fd=dfd)
+
+
+def _rmtree(base: str | None, name: bytes, dfd: int | None = None) -> None:
+    """Remove a tree without following links in it (shutil's fd-based walk)."""
+    import shutil
+
+    own = dfd is None
+    if own:
+        try:
+            dfd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+    try:
+        shutil.rmtree(os.fsdecode(name), dir_fd=dfd)
+    except FileNotFoundError:
+        pass
+    finally:
+        if own:
+            os.close(dfd)
+
+
+def _meta_fd(fd: int, req) -> None:
+    os.chown(fd, req.uid, req.gid)
+    os.chmod(fd, stat.S_IMODE(req.mode))
+    os.utime(fd, ns=(req.atimeNs, req.mtimeNs))
+
+
+def _meta_at(dfd: int, name: bytes, req) -> None:
+    """Owner, mode and times of a name that is not a link (it was just made so)."""
+    os.chown(name, req.uid, req.gid, dir_fd=dfd, follow_symlinks=False)
+    os.chmod(name, stat.S_IMODE(req.mode), dir_fd=dfd)
+    os.utime(name, ns=(req.atimeNs, req.mtimeNs), dir_fd=dfd, follow_symlinks=False)

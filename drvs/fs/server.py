@@ -27,6 +27,7 @@ import stat
 import trio
 
 from .. import _fs
+from ..errors import SetupError
 from ..ipc.message import IpcError, Msg, failure
 from ..ipc.schema import fs
 from . import replica
@@ -37,6 +38,7 @@ log = logging.getLogger("drvmmd")
 Call = fs.FsCall
 INVALIDATE_TIMEOUT = 1.0  # a node that does not confirm within this is dropped from every cache list
 READDIR_BATCH = 512
+HANDLE_CALLS = {Call.write, Call.release, Call.fsync, Call.setattr, Call.flush}
 REAP_EVERY = 5.0  # seconds between looks for open files of nodes that left
 OPEN_FLAGS = os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC | os.O_NOATIME
 SET_MODE, SET_UID, SET_GID, SET_SIZE, SET_ATIME, SET_MTIME = 1, 2, 4, 8, 16, 32
@@ -77,6 +79,7 @@ class FsServer:
         self.held: trio.Event | None = None     # set while changes wait (a replica's copy ends)
         self.others: list[str] = []              # the other replica nodes, while serving
         self.sync = False
+        self.stale = False                       # another term began: step down
         self.builder = Builder(store.base)
         # The message table.  Calls in at_once are answered as they arrive
         # (also on the fabric's fast path); the others may make other nodes
@@ -170,7 +173,7 @@ class FsServer:
     def _answer(self, ctype: int, req, path: bytes, out, origin: str, payload: bytes | None) -> None:
         self.table[ctype](req, path, out, origin)
         if ctype in MIRRORED:
-            self._mirror(ctype, req, payload, out)
+            self._mirror(ctype, req, payload, out, origin)
 
     async def _serve(self, ctype: int, req, path: bytes, out, origin: str, payload: bytes | None) -> None:
         if ctype in MIRRORED:
@@ -184,7 +187,7 @@ class FsServer:
             changed = self.table[ctype](req, path, out, origin)
         if ctype == Call.open and req.flags & os.O_TRUNC:
             changed = Changed(inodes=[out.attr.ino], data=True)
-        waits = self._mirror(ctype, req, payload, out) if ctype in MIRRORED else {}
+        waits = self._mirror(ctype, req, payload, out, origin) if ctype in MIRRORED else {}
         if changed is not None:
             await self._tell(origin, changed)
         if ctype == Call.fsync:  # durable on every replica in sync, not only here
@@ -203,18 +206,20 @@ class FsServer:
             behind = next((m for m in self.mirrors.values() if m.full()), None)
             if behind is None:
                 return
-            await behind.wait(behind.pushed - replica.BATCH_CALLS)
+            await behind.drained()
 
-    def _mirror(self, ctype: int, req, payload: bytes | None, out) -> dict:
+    def _mirror(self, ctype: int, req, payload: bytes | None, out, origin: str = "") -> dict:
         """Queue a change made here for every replica in sync; {mirror: its
         sequence number}.  payload: req as it came (None: a local call's)."""
         if not self.mirrors:
             return {}
-        if ctype in (Call.open, Call.create) or payload is None:
-            # (open, create: the replica's handle is the one given here)
+        short = ctype == Call.write and out.size < len(req.data)
+        if ctype in (Call.open, Call.create) or payload is None or short:
             b = req.as_builder() if payload is not None else fs.FsRequest.new_message(**req.fields())
-            if ctype in (Call.open, Call.create):
-                b.fh = out.fh
+            if ctype in (Call.open, Call.create):  # the replica's handle is the one given here
+                b.fh, b.origin = out.fh, origin
+            if short:  # (a full disk): the replica writes what was written here
+                b.data = bytes(req.data)[:out.size]
             payload = b.to_bytes_packed()
         waits = {}
         for m in self.mirrors.values():
@@ -255,7 +260,7 @@ class FsServer:
         sync: a close waits until the replicas have what was written."""
         self.epoch, self.sync = epoch, sync
         self.interest.clear()  # what the nodes cached was the old server's business
-        self.next_fh = max(self.files, default=0) + 1
+        self.next_fh = (epoch << 32) + 1  # never a number an earlier term gave out
         self.others = [n for n in replicas if n != self.here]
 
     async def run(self) -> None:
@@ -267,12 +272,24 @@ class FsServer:
                 nursery.start_soon(self.mirrors[node].run)
             while True:
                 await trio.sleep(REAP_EVERY)
+                await self._check_term()
                 await self._reap_handles()
+
+    async def _check_term(self) -> None:
+        """Step down if another term began (this node was cut off meanwhile)."""
+        if not self.stale:
+            try:
+                state, _ = await replica.read_state(self.etcd, self.vm)
+            except Exception:  # noqa: BLE001 - etcd away: its lease decides
+                return
+            self.stale = state is None or state["epoch"] != self.epoch
+        if self.stale:
+            raise SetupError(f"fs@{self.vm}: term {self.epoch} is over; stepping down")
 
     async def _reap_handles(self) -> None:
         from ..cluster.membership import status_key
 
-        for node in {f.node for f in self.files.values()} - {self.here}:
+        for node in {f.node for f in self.files.values()} - {self.here, ""}:
             try:
                 alive = await self.etcd.get(status_key(node)) is not None
             except Exception:  # noqa: BLE001 - etcd away: next time
@@ -284,7 +301,7 @@ class FsServer:
             for fh in gone:
                 req = fs.FsRequest.new_message(vm=self.vm, fh=fh)
                 changed = self.release(req, b"", None, node)
-                self._mirror(Call.release, req, req.to_bytes_packed(), None)
+                self._mirror(Call.release, req, req.to_bytes_packed(), None, node)
                 if changed is not None:
                     await self._tell(node, changed)
 
@@ -305,7 +322,10 @@ class FsServer:
                     raise OSError(errno.EINVAL, "not a change")
                 statuses.append(0)
             except (OSError, IpcError) as e:
-                statuses.append(-(e.errno or errno.EIO))
+                if e.errno == errno.EBADF and call.type in HANDLE_CALLS:
+                    statuses.append(0)  # a file unlinked before the copy: not here, and gone anyway
+                else:
+                    statuses.append(-(e.errno or errno.EIO))
         return statuses
 
     def _put_begin(self, req) -> None:
@@ -392,7 +412,17 @@ class FsServer:
             out.data = os.readlink(name, dir_fd=dfd)
 
     def open(self, req, path, out, origin) -> None:
-        fd = self.store.open(check_path(path), (req.flags & OPEN_FLAGS) | os.O_NOFOLLOW)
+        # O_NONBLOCK: a name that became a fifo behind a node's cache must
+        # not stop this loop; the kernel opens special files itself.
+        fd = self.store.open(check_path(path), (req.flags & OPEN_FLAGS) | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            kind = stat.S_IFMT(os.stat(fd).st_mode)
+            if kind not in (stat.S_IFREG, stat.S_IFDIR):
+                raise OSError(errno.ENXIO, "not a regular file")
+            os.set_blocking(fd, True)
+        except OSError:
+            os.close(fd)
+            raise
         self._opened(fd, origin, out, req)
 
     def _opened(self, fd: int, origin: str, out, req) -> None:
@@ -404,8 +434,8 @@ class FsServer:
         if self.epoch:
             fh = self.next_fh
             self.next_fh += 1
-        else:  # a replica keeps the server's handles
-            fh = req.fh
+        else:  # a replica keeps the server's handles, and whose they are
+            fh, origin = req.fh, req.origin
             old = self.files.pop(fh, None)
             if old is not None:
                 os.close(old.fd)
@@ -523,7 +553,11 @@ class FsServer:
     def _make(self, path, out, origin, req, make) -> Changed:
         with self.store.at(check_path(path)) as (dfd, name):
             make(dfd, name)
-            st = _own(dfd, name, req)
+            try:
+                st = _own(dfd, name, req)
+            except OSError:
+                _undo(dfd, name)  # no half-made entry the replicas never hear of
+                raise
             dino = os.stat(dfd).st_ino
         self._seen(origin, st.st_ino, dino)
         fill_attr(out.attr, st)
@@ -546,6 +580,8 @@ class FsServer:
                 dino = os.stat(dfd).st_ino
             except OSError:
                 os.close(fd)
+                if made:
+                    _undo(dfd, name)
                 raise
         self._opened(fd, origin, out, req)
         self._seen(origin, dino)
@@ -656,6 +692,16 @@ def _own(dfd: int, name: bytes, req) -> os.stat_result:
     return st
 
 
+def _undo(dfd: int, name: bytes) -> None:
+    try:
+        if stat.S_ISDIR(os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode):
+            os.rmdir(name, dir_fd=dfd)
+        else:
+            os.unlink(name, dir_fd=dfd)
+    except OSError:
+        pass
+
+
 def _xattr_name(req) -> bytes:
     name = bytes(req.name)
     if not name.startswith(XATTR_PREFIXES):
@@ -687,7 +733,7 @@ def _fill_statfs(s, v: os.statvfs_result) -> None:
 
 # -- the local path's requests and replies: FsRequest's and FsReply's shape -------------
 
-_REQUEST_DEFAULTS = {f: (b"" if f in ("path", "path2", "data", "name") else "" if f == "vm" else 0)
+_REQUEST_DEFAULTS = {f: (b"" if f in ("path", "path2", "data", "name") else "" if f in ("vm", "origin") else 0)
                      for f in fs.FsRequest.schema.fieldnames if f != "caller"}
 
 

@@ -29,6 +29,7 @@ class FsNode:
     def __init__(self, cfg, etcd, fabric, member):
         self.cfg, self.etcd, self.fabric, self.member = cfg, etcd, fabric, member
         self.servers: dict[str, FsServer] = {}  # vm -> its server or replica here
+        self.terms: dict[str, int] = {}         # vm -> the newest term heard of here
 
     def _server(self, vm: str) -> FsServer:
         server = self.servers.get(vm)
@@ -42,6 +43,7 @@ class FsNode:
         spec = await VmRegistry.get_async(self.etcd, vm)
         me = self.member.name
         epoch = await replica.take_over(self.etcd, vm, me, first=spec.fs_nodes[:1] == [me])
+        self.terms[vm] = epoch
         server = self._server(vm)
         server.promote(epoch, spec.fs_nodes, spec.fs_sync)
         log.info("fs@%s: term %d; replicas %s", vm, epoch, ", ".join(spec.fs_nodes))
@@ -64,10 +66,14 @@ class FsNode:
             vm, epoch = batch.vm, batch.epoch
         except Exception:  # noqa: BLE001 - malformed input from the wire
             raise IpcError("malformed batch", errno.EBADMSG) from None
+        if epoch < self.terms.get(vm, 0):  # a server of an older term, cut off meanwhile
+            raise IpcError(f"fs@{vm}: term {epoch} is over (term {self.terms[vm]} began)", errno.ESTALE)
+        self.terms[vm] = epoch
         server = self.servers.get(vm)
         if server is not None and server.epoch:
-            if server.epoch >= epoch:
-                raise IpcError(f"fs@{vm}: this node serves it (term {server.epoch})", errno.EBUSY)
+            if server.epoch < epoch:
+                server.stale = True  # it steps down; the new server copies to it then
+            raise IpcError(f"fs@{vm}: this node serves it (term {server.epoch})", errno.EBUSY)
         server = self._server(vm)
         statuses = await server.apply(batch)
         out = fs.BatchReply.new_message()

@@ -75,6 +75,7 @@ struct FsRequest {
   gid @14 :UInt32;
   atimeNs @15 :Int64;
   mtimeNs @16 :Int64;
+  origin @17 :Text;      # in a replica's open and create: the node the file was opened for
 }
 
 struct Attr {
