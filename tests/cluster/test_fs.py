@@ -178,6 +178,23 @@ def test_an_unlinked_open_file_keeps_its_data_until_closed(fsc, d):
         assert os.fstat(reader.fileno()).st_nlink == 0
 
 
+def test_shared_writable_mappings_reach_the_file(fsc, d):
+    import mmap
+
+    _, a, b = d
+    (a / "m").write_bytes(b"\0" * 8192)
+    fd = os.open(a / "m", os.O_RDWR)
+    try:
+        m = mmap.mmap(fd, 8192, mmap.MAP_SHARED)
+        m[4096:4101] = b"hello"
+        m.flush()
+        m.close()
+    finally:
+        os.close(fd)
+    assert (a / "m").read_bytes()[4096:4101] == b"hello"
+    assert (b / "m").read_bytes()[4096:4101] == b"hello"  # and on the other node, after the close
+
+
 def test_permissions_are_checked_for_users_other_than_root(fsc, d):
     name, a, b = d
     (a / "root-only").write_text("secret")
