@@ -89,8 +89,12 @@ class Supervisor:
         self._inflight: dict[int, int] = {}  # listener -> forwards awaiting their reply
         self._closing: set[int] = set()      # listeners to close after their last forward
         self.nursery: trio.Nursery | None = None
+        from ..fs.locks import NodeLocks
+
+        self.locks = NodeLocks(node)  # its view is set once mounted
         self.handlers = {"kill": self.kill, "tkill": self.tkill, "tgkill": self.tgkill,
-                         "rt_sigqueueinfo": self.rt_sigqueueinfo, "rt_tgsigqueueinfo": self.rt_tgsigqueueinfo}
+                         "rt_sigqueueinfo": self.rt_sigqueueinfo, "rt_tgsigqueueinfo": self.rt_tgsigqueueinfo,
+                         "fcntl": self.fcntl, "flock": self.flock}
         missing = [s.name for s in syscalls.TABLE if s.level == syscalls.SERVED and s.name not in self.handlers]
         assert not missing, f"served system calls without a handler: {missing}"
 
@@ -323,6 +327,12 @@ class Supervisor:
             _sys.respond(fd, nid, reply.value, reply.error, reply.cont)
         except OSError as e:  # never the end of the listener's other calls
             log.warning("answering %s for %s pid %d: %s", call.name if call else nr, vm, caller.pid, e)
+
+    async def fcntl(self, vm: str, caller: Caller, a: dict) -> Reply:
+        return await self.locks.fcntl(caller, a, Reply, KERNEL)
+
+    async def flock(self, vm: str, caller: Caller, a: dict) -> Reply:
+        return await self.locks.flock(caller, a, Reply, KERNEL)
 
     # -- routing -----------------------------------------------------------------
 

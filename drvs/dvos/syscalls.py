@@ -48,6 +48,10 @@ TABLE = (
     Syscall("rt_sigqueueinfo", "pm", SERVED, "pid:pid sig:sig uinfo:ptr", "a queued signal to another node"),
     Syscall("rt_tgsigqueueinfo", "pm", SERVED, "tgid:pid tid:pid sig:sig uinfo:ptr",
             "a queued signal to a thread on another node"),
+    Syscall("fcntl", "fs", SERVED, "fd:int cmd:int lock:ptr",
+            "F_GETLK, F_SETLK, F_SETLKW on the VM's file system: the file server's lock table first "
+            "(locks hold across nodes); other commands and files: the kernel's"),
+    Syscall("flock", "fs", SERVED, "fd:int op:int", "on the VM's file system: across nodes, as fcntl"),
     Syscall("getpid", "-", KERNEL, "", "VM-wide: each node's cell allocates from its own pid range"),
     Syscall("gettid", "-", KERNEL, "", "VM-wide (pid ranges)"),
     Syscall("getppid", "-", KERNEL, "", "VM-wide (pid ranges); a remote run's parent is its cell's init"),
@@ -76,5 +80,6 @@ TABLE = (
 )
 
 BY_NR = {s.nr: s for s in TABLE if s.nr is not None}
-# What the filter sends to the supervisor (all keyed on a pid in argument 0).
+# What the filter sends to the supervisor: the pid calls (when argument 0 is
+# another node's), fcntl's lock commands, flock.
 NOTIFIED = tuple(s.nr for s in TABLE if s.level == SERVED and s.nr is not None)

@@ -395,6 +395,7 @@ async def serve(cfg, fabric, procs, etcd, task_status=trio.TASK_STATUS_IGNORED) 
         log.warning("%s", problem)
     os.makedirs(path, mode=0o755, exist_ok=True)
     ops = View(cfg, fabric, procs, etcd)
+    fabric.view = ops  # (the supervisor maps lock calls' files through it)
     await fabric.register(f"fsc@{procs.node}", ops.invalidate)
     # fsname: "drvs:NODE" (util-linux mount shows a bare word as a path of its
     # working directory); findmnt shows a VM's bind as drvs:NODE[/fs/VM].

@@ -31,6 +31,7 @@ from ..errors import SetupError
 from ..ipc.message import IpcError, Msg, failure
 from ..ipc.schema import fs
 from . import replica
+from .locks import LockTable
 from .replica import MIRRORED, PUT_CALLS, Builder, Mirror
 from .store import XATTR_PREFIXES, Store, check_path
 
@@ -94,7 +95,9 @@ class FsServer:
             Call.rename: self.rename, Call.link: self.link, Call.create: self.create,
             Call.release: self.release, Call.fsync: self.fsync, Call.flush: self.flush,
             Call.setxattr: self.setxattr, Call.removexattr: self.removexattr, Call.usage: self.usage,
+            Call.lock: self.lock,
         }
+        self.lock_table = LockTable()
         self.at_once = {Call.lookup, Call.getattr, Call.readlink, Call.open, Call.read, Call.write,
                         Call.readdir, Call.statfs, Call.getxattr, Call.listxattr}
         self.puts = {Call.putBegin: self._put_begin, Call.putDir: self.builder.put_dir,
@@ -182,6 +185,9 @@ class FsServer:
             changed = await self.fsync(req, path, out, origin)
         elif ctype == Call.usage:
             await self.usage(req, path, out)
+            changed = None
+        elif ctype == Call.lock:
+            await self.lock(req, path, out, origin)
             changed = None
         else:
             changed = self.table[ctype](req, path, out, origin)
@@ -289,13 +295,15 @@ class FsServer:
     async def _reap_handles(self) -> None:
         from ..cluster.membership import status_key
 
-        for node in {f.node for f in self.files.values()} - {self.here, ""}:
+        lockers = {lk.owner.split(":", 1)[0] for lks in self.lock_table.locks.values() for lk in lks}
+        for node in ({f.node for f in self.files.values()} | lockers) - {self.here, ""}:
             try:
                 alive = await self.etcd.get(status_key(node)) is not None
             except Exception:  # noqa: BLE001 - etcd away: next time
                 return
             if alive:
                 continue
+            self.lock_table.drop(f"{node}:")
             gone = [fh for fh, f in self.files.items() if f.node == node]
             log.info("fs@%s: node %s left; closing its %d open files", self.vm, node, len(gone))
             for fh in gone:
@@ -658,6 +666,11 @@ class FsServer:
             os.removexattr(proc_path, name)
             return Changed(inodes=[os.stat(proc_path).st_ino])
 
+    async def lock(self, req, path, out, origin) -> None:
+        """Locks live here only (drvs/fs/locks.py): a fail-over drops them."""
+        st = self.store.lstat(check_path(path)) if path else os.stat(self.store.root)
+        await self.lock_table.request(st.st_ino, req, out)
+
     async def usage(self, req, path, out) -> None:
         _fill_statfs(out.statfs, self.store.statvfs())
         out.data = str(await trio.to_thread.run_sync(self.store.used_bytes)).encode()
@@ -733,7 +746,8 @@ def _fill_statfs(s, v: os.statvfs_result) -> None:
 
 # -- the local path's requests and replies: FsRequest's and FsReply's shape -------------
 
-_REQUEST_DEFAULTS = {f: (b"" if f in ("path", "path2", "data", "name") else "" if f in ("vm", "origin") else 0)
+_ZERO = {"data": b"", "text": "", "bool": False}
+_REQUEST_DEFAULTS = {f: _ZERO.get(str(fs.FsRequest.schema.fields[f].proto.slot.type.which), 0)
                      for f in fs.FsRequest.schema.fieldnames if f != "caller"}
 
 
@@ -777,11 +791,13 @@ class LocalStatFs:
 
 
 class LocalReply:
-    __slots__ = ("attr", "fh", "data", "size", "entries", "more", "statfs", "epoch", "shared")
+    __slots__ = ("attr", "fh", "data", "size", "entries", "more", "statfs", "epoch", "shared",
+                 "lockType", "lockStart", "lockEnd", "lockPid")
 
     def __init__(self, epoch: int):
         self.attr, self.fh, self.data, self.size = LocalAttr(), 0, b"", 0
         self.entries, self.more, self.statfs, self.epoch, self.shared = [], False, LocalStatFs(), epoch, False
+        self.lockType, self.lockStart, self.lockEnd, self.lockPid = 0, 0, 0, 0
 
     def init(self, field: str, n: int) -> list:
         assert field == "entries"

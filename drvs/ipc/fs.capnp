@@ -49,6 +49,10 @@ enum FsCall {
   putHardlink @31; # path (new name) -> path2 (a name already put)
   putRemove @32;   # path (and what is under it)
   putCommit @33;   # the new tree replaces the old one (then: open calls for the open files)
+
+  lock @34;        # path, lock*: take, test or drop a lock (a program's fcntl or flock, from its
+                   # node's supervisor) -> lockType (test: the conflicting lock, or 2: none), ...
+                   # EAGAIN if another owner holds a conflicting lock after lockWaitMs
 }
 
 struct Caller {
@@ -76,6 +80,14 @@ struct FsRequest {
   atimeNs @15 :Int64;
   mtimeNs @16 :Int64;
   origin @17 :Text;      # in a replica's open and create: the node the file was opened for
+  lockType @18 :UInt8;   # 0 read, 1 write, 2 none (unlock), as F_RDLCK, F_WRLCK, F_UNLCK
+  lockStart @19 :Int64;
+  lockEnd @20 :Int64;    # exclusive; -1: to the end of the file, however far it grows
+  lockOwner @21 :Text;   # who holds it: "NODE:posix:PID" or "NODE:flock:PID:INODE"
+  lockWaitMs @22 :UInt32;# how long a conflicting lock may be waited for here
+  lockTest @23 :Bool;    # F_GETLK: only say what conflicts
+  lockFlock @24 :Bool;   # flock(2) locks (a space apart from fcntl's)
+  lockPid @25 :Int32;    # the owner's VM pid (F_GETLK reports it)
 }
 
 struct Attr {
@@ -117,6 +129,10 @@ struct FsReply {
   statfs @6 :StatFs;
   epoch @7 :UInt64;      # the server's term: a new one after a fail-over (clients then drop their caches)
   shared @8 :Bool;       # write: another node may cache the file (or closes wait for replicas): flush on close
+  lockType @9 :UInt8;    # lock with lockTest: the conflicting lock (2: none) ...
+  lockStart @10 :Int64;
+  lockEnd @11 :Int64;
+  lockPid @12 :Int32;
 }
 
 # The server's calls, as made, for a replica (each call's request as the

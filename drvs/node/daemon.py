@@ -133,6 +133,11 @@ async def _start_dvos(cfg, info, etcd, fabric, member, nursery) -> tuple[int, in
     nursery.start_soon(pm_server.run, etcd, fabric, member, procs)
     nursery.start_soon(fs_service.run, cfg, etcd, fabric, member)
     await nursery.start(view.serve, cfg, fabric, procs, etcd)
+    from ..ns import mounts
+
+    supervisor.locks.view = fabric.view
+    supervisor.locks.device = mounts.fuse_device(view.mountpoint(cfg))
+    nursery.start_soon(supervisor.locks.run)
     return pidrange.bounds(member.pid_index)
 
 

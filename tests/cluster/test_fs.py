@@ -469,3 +469,84 @@ def test_a_client_node_killed_mid_write_corrupts_nothing_and_its_files_are_close
         return not any(os.readlink(fd) == str(store) for fd in fds.iterdir() if fd.is_symlink())
 
     _wait(n2_files_closed, timeout=30)
+
+
+LOCKER = r"""
+import fcntl, os, struct, sys, time
+path, mode = sys.argv[1], sys.argv[2]
+fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+if mode == "hold":          # a write lock on bytes 0-9 until the file "release" appears
+    fcntl.lockf(fd, fcntl.LOCK_EX, 10, 0)
+    open(path + ".held", "w").close()
+    while not os.path.exists(path + ".release"):
+        time.sleep(0.05)
+    print("releasing", flush=True)
+elif mode == "try":         # the same bytes, then others, without waiting
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 10, 0)
+        print("got 0-9")
+    except OSError as e:
+        print("busy 0-9", e.errno)
+    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 10, 20)
+    print("got 20-29")
+    got = fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack("hh4xqqi4x", fcntl.F_WRLCK, 0, 0, 10, 0))
+    t, _, start, length, pid = struct.unpack("hh4xqqi4x", got)
+    print("getlk", t == fcntl.F_WRLCK, start, length, pid)
+elif mode == "wait":        # the same bytes, waiting
+    fcntl.lockf(fd, fcntl.LOCK_EX, 10, 0)
+    print("got it", time.time(), flush=True)
+"""
+
+
+def test_fcntl_and_flock_locks_hold_across_nodes(fsc, d):
+    name, a, b = d
+    os.chmod(a, 0o777)
+    (a / "locker.py").write_text(LOCKER)
+    lk = f"/data/{name}/lk"
+    holder = subprocess.Popen(
+        [str(BIN / "drvs-run"), "--vm", "web", "--", "python3", f"/data/{name}/locker.py", lk, "hold"],
+        env={**fsc.env, "DRVS_NODE": "n1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait(lambda: (a / "lk.held").exists())
+        holder_pid = json.loads(fsc.drvs("ps", "web", "--format", "json", node="n1").stdout)
+        holder_pid = next(r["pid"] for r in holder_pid if "locker.py" in r["command"] and "hold" in r["command"])
+        r = jail(fsc, "n2", f"python3 /data/{name}/locker.py {lk} try")
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.splitlines()
+        assert lines[0] == f"busy 0-9 {errno.EAGAIN}" and lines[1] == "got 20-29"
+        assert lines[2] == f"getlk True 0 10 {holder_pid}"   # who holds it: n1's process, by its VM pid
+        f = jail(fsc, "n2", f"flock -n {lk}.f true; echo $?; flock -x {lk}.f -c 'echo inside'")
+        assert f.stdout.split() == ["0", "inside"], f.stderr   # nobody holds the flock yet
+        waiter = subprocess.Popen(
+            [str(BIN / "drvs-run"), "--vm", "web", "--", "python3", f"/data/{name}/locker.py", lk, "wait"],
+            env={**fsc.env, "DRVS_NODE": "n2"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(2)
+        assert waiter.poll() is None  # blocked by n1's lock
+        released = time.time()
+        (a / "lk.release").touch()
+        out, err = waiter.communicate(timeout=30)
+        assert waiter.returncode == 0, err
+        assert float(out.split()[-1]) >= released  # it got the lock only after n1 let go (by ending)
+    finally:
+        for p in (holder,):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    holder.wait(timeout=10)
+    # flock across nodes: held on n1, refused without waiting on n2
+    (a / "lk.release").unlink()
+    held = subprocess.Popen(
+        [str(BIN / "drvs-run"), "--vm", "web", "--", "flock", "-x", f"{lk}.f", "-c",
+         f"touch {lk}.fheld; while [ ! -e {lk}.release ]; do sleep 0.05; done"],
+        env={**fsc.env, "DRVS_NODE": "n1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait(lambda: (a / "lk.fheld").exists())
+        r = jail(fsc, "n2", f"flock -n {lk}.f true; echo $?")
+        assert r.stdout.split() == ["1"], r.stderr
+        (a / "lk.release").touch()
+        held.wait(timeout=20)
+        _wait(lambda: jail(fsc, "n2", f"flock -n {lk}.f true; echo $?").stdout.split() == ["0"], timeout=10)
+    finally:
+        if held.poll() is None:
+            held.kill()
+            held.wait()

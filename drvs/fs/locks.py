@@ -1,0 +1,335 @@
+"""Locks on a VM's file system that hold across nodes.
+
+pyfuse3 has no lock handlers, so each node's kernel would keep fcntl and
+flock locks to itself.  Instead a jailed program's lock calls reach its
+node's supervisor (the seccomp filter sends fcntl's F_GETLK, F_SETLK,
+F_SETLKW and every flock), which asks the file server's lock table
+(LockTable, in fs@VM) first; once granted, the call goes on to the local
+kernel, which then holds the lock too: it answers local conflicts, and it
+drops the lock when the program closes the file or ends.  This node's
+LockAgent watches /proc/locks for that and tells the server.
+
+Limits: only jailed programs take part (a host process using drvs mount
+does not); OFD locks (F_OFD_*) stay per node; locks are not replicated, so
+a fail-over of the file server drops them; a blocked F_SETLKW or flock is
+ended by fatal signals only (the filter waits killably)."""
+
+import errno
+import logging
+import math
+import os
+import struct
+import time
+
+import trio
+
+log = logging.getLogger("drvmmd")
+RD, WR, UN = 0, 1, 2
+F_GETLK, F_SETLK, F_SETLKW = 5, 6, 7
+LOCK_SH, LOCK_EX, LOCK_NB, LOCK_UN = 1, 2, 4, 8
+FLOCK = struct.Struct("<hh4xqqi4x")  # struct flock on x86_64 and aarch64
+WAIT_SLICE_MS = 2000                 # one server call's wait; the caller's whole wait is unbounded
+AGENT_EVERY = 0.25                   # seconds between looks at /proc/locks
+GRACE = 0.5                          # a granted lock the kernel has yet to show is not dropped before this
+
+
+class Lock:
+    __slots__ = ("owner", "flock", "type", "start", "end", "pid")
+
+    def __init__(self, owner, flock, type_, start, end, pid):
+        self.owner, self.flock, self.type, self.start, self.end, self.pid = owner, flock, type_, start, end, pid
+
+
+class LockTable:
+    """The file server's locks, by server inode: POSIX record locks and
+    flock locks, each owner's ranges kept apart and merged by replacing."""
+
+    def __init__(self):
+        self.locks: dict[int, list[Lock]] = {}
+        self.changed: dict[int, trio.Event] = {}
+
+    def conflict(self, ino: int, owner: str, flock: bool, type_: int, start: float, end: float) -> Lock | None:
+        for lk in self.locks.get(ino, ()):
+            if (lk.owner != owner and lk.flock == flock and lk.start < end and start < lk.end
+                    and (lk.type == WR or type_ == WR)):
+                return lk
+        return None
+
+    def set(self, ino: int, owner: str, flock: bool, type_: int, start: float, end: float, pid: int) -> None:
+        kept = []
+        for lk in self.locks.get(ino, ()):
+            if lk.owner != owner or lk.flock != flock or lk.end <= start or end <= lk.start:
+                kept.append(lk)
+                continue
+            if lk.start < start:  # the parts outside the new range stay
+                kept.append(Lock(owner, flock, lk.type, lk.start, start, lk.pid))
+            if end < lk.end:
+                kept.append(Lock(owner, flock, lk.type, end, lk.end, lk.pid))
+        if type_ != UN:
+            kept.append(Lock(owner, flock, type_, start, end, pid))
+        if kept:
+            self.locks[ino] = kept
+        else:
+            self.locks.pop(ino, None)
+        self._wake(ino)
+
+    def drop(self, owner_prefix: str) -> int:
+        """Every lock of owners whose name starts so (a node that left)."""
+        n = 0
+        for ino in list(self.locks):
+            before = len(self.locks[ino])
+            self.locks[ino] = [lk for lk in self.locks[ino] if not lk.owner.startswith(owner_prefix)]
+            if len(self.locks[ino]) != before:
+                n += before - len(self.locks[ino])
+                self._wake(ino)
+            if not self.locks[ino]:
+                del self.locks[ino]
+        return n
+
+    def _wake(self, ino: int) -> None:
+        event = self.changed.pop(ino, None)
+        if event is not None:
+            event.set()
+
+    async def request(self, ino: int, req, out) -> None:
+        """A lock call: test, take (waiting up to lockWaitMs) or drop."""
+        start = req.lockStart
+        end = math.inf if req.lockEnd < 0 else req.lockEnd
+        if req.lockType not in (RD, WR, UN) or start < 0 or end < start:
+            raise OSError(errno.EINVAL, "invalid lock")
+        if req.lockTest:
+            lk = self.conflict(ino, req.lockOwner, req.lockFlock, req.lockType, start, end)
+            out.lockType = UN if lk is None else lk.type
+            if lk is not None:
+                out.lockStart, out.lockEnd, out.lockPid = int(lk.start), -1 if lk.end == math.inf else int(lk.end), lk.pid
+            return
+        if req.lockType != UN:
+            with trio.move_on_after(req.lockWaitMs / 1000):
+                while self.conflict(ino, req.lockOwner, req.lockFlock, req.lockType, start, end) is not None:
+                    await self.changed.setdefault(ino, trio.Event()).wait()
+            if self.conflict(ino, req.lockOwner, req.lockFlock, req.lockType, start, end) is not None:
+                raise OSError(errno.EAGAIN, "locked by another owner")
+        self.set(ino, req.lockOwner, req.lockFlock, req.lockType, start, end, req.lockPid)
+
+
+# -- a node's side: its programs' lock calls, and the kernel's view of them ------------
+
+class VmFile:
+    """A jailed program's file descriptor on a VM file system of this node's view."""
+
+    __slots__ = ("fs", "ino", "pos")
+
+    def __init__(self, fs_, ino: int, pos: int):
+        self.fs, self.ino, self.pos = fs_, ino, pos
+
+
+class NodeLocks:
+    def __init__(self, node: str, view_device: str | None = None):
+        self.node = node
+        self.view = None            # drvs.dvos.view.View, once mounted
+        self.device = view_device   # "major:minor" of the view, for /proc/locks
+        self.held: dict[tuple, tuple] = {}  # (fs, ino, owner, flock) -> (host tgid, granted at)
+
+    # -- which file --
+
+    def file_of(self, host_pid: int, fd: int) -> VmFile | None:
+        """The VM file behind a program's fd, or None (another file
+        system: the kernel's alone).  From /proc, never through the view
+        (this loop serves the view)."""
+        from ..fs.client import TAG_SHIFT
+
+        if self.view is None or fd < 0:
+            return None
+        info = _fdinfo(host_pid, fd)
+        if info is None or "mnt_id" not in info or "ino" not in info:
+            return None
+        mount = _mount(host_pid, info["mnt_id"])
+        if mount is None or mount[1] != "fuse.drvs" or (self.device and mount[0] != self.device):
+            return None
+        ino = info["ino"]
+        fs_ = self.view.slots.get(ino >> TAG_SHIFT)
+        return VmFile(fs_, ino, info.get("pos", 0)) if fs_ is not None else None
+
+    # -- the calls --
+
+    async def fcntl(self, caller, a, reply_cls, kernel):
+        import pyfuse3
+
+        try:
+            return await self._fcntl(caller, a, reply_cls, kernel)
+        except pyfuse3.FUSEError as e:  # the file server's answer (or none within its bound)
+            return reply_cls(error=e.errno)
+
+    async def flock(self, caller, a, reply_cls, kernel):
+        import pyfuse3
+
+        try:
+            return await self._flock(caller, a, reply_cls, kernel)
+        except pyfuse3.FUSEError as e:
+            return reply_cls(error=e.errno)
+
+    async def _fcntl(self, caller, a, reply_cls, kernel):
+        f = self.file_of(caller.host_pid, a["fd"])
+        if f is None or a["cmd"] not in (F_GETLK, F_SETLK, F_SETLKW):
+            return kernel
+        from .. import _sys
+
+        try:
+            type_, whence, start, length, _pid = FLOCK.unpack(_sys.read_mem(caller.host_pid, a["lock"], FLOCK.size))
+        except OSError:
+            return reply_cls(error=errno.EFAULT)
+        if type_ not in (RD, WR, UN) or whence not in (0, 1, 2):
+            return kernel  # the kernel says EINVAL
+        path = f.fs.path(f.ino)
+        base = 0 if whence == 0 else f.pos if whence == 1 else (await f.fs.getattr(f.ino)).st_size
+        lo = base + start
+        if length > 0:
+            hi = lo + length
+        elif length == 0:
+            hi = -1
+        else:
+            lo, hi = lo + length, lo
+        if lo < 0:
+            return reply_cls(error=errno.EINVAL)
+        owner = f"{self.node}:posix:{caller.pid}"
+        if a["cmd"] == F_GETLK:
+            r = await self._call(f, path, owner, False, type_, lo, hi, caller.pid, test=True)
+            if r.lockType == UN:
+                return kernel  # nothing elsewhere: the kernel answers (and sees this node's own)
+            out = FLOCK.pack(r.lockType, 0, r.lockStart, 0 if r.lockEnd < 0 else r.lockEnd - r.lockStart, r.lockPid)
+            try:
+                _sys.write_mem(caller.host_pid, a["lock"], out)
+            except OSError:
+                return reply_cls(error=errno.EFAULT)
+            return reply_cls(value=0)
+        return await self._take(f, path, owner, False, type_, lo, hi, caller, a["cmd"] == F_SETLKW, reply_cls,
+                                kernel)
+
+    async def _flock(self, caller, a, reply_cls, kernel):
+        f = self.file_of(caller.host_pid, a["fd"])
+        op = a["op"]
+        kind = op & ~LOCK_NB
+        if f is None or kind not in (LOCK_SH, LOCK_EX, LOCK_UN):
+            return kernel
+        type_ = {LOCK_SH: RD, LOCK_EX: WR, LOCK_UN: UN}[kind]
+        owner = f"{self.node}:flock:{caller.pid}:{f.ino}"
+        return await self._take(f, f.fs.path(f.ino), owner, True, type_, 0, -1, caller, not op & LOCK_NB,
+                                reply_cls, kernel)
+
+    async def _take(self, f, path, owner, flock, type_, lo, hi, caller, wait, reply_cls, kernel):
+        import pyfuse3
+
+        while True:
+            try:
+                await self._call(f, path, owner, flock, type_, lo, hi, caller.pid, wait_ms=WAIT_SLICE_MS if wait else 0)
+                break
+            except pyfuse3.FUSEError as e:
+                if e.errno != errno.EAGAIN:
+                    return reply_cls(error=e.errno)
+                if not wait:
+                    return reply_cls(error=errno.EWOULDBLOCK if flock else errno.EAGAIN)
+                if not caller.still_valid():
+                    return kernel  # the caller is gone (its answer is dropped)
+        key = (f.fs, path, owner, flock)
+        if type_ == UN:
+            self.held.pop(key, None)
+        else:
+            self.held[key] = (_tgid(caller.host_pid), f.ino, time.monotonic())
+        return kernel  # the local kernel takes it too (and drops it on close or exit)
+
+    async def _call(self, f, path, owner, flock, type_, lo, hi, pid, test=False, wait_ms=0):
+        from .client import Call
+
+        return await f.fs.call(Call.lock, path=path, lockType=type_, lockStart=lo, lockEnd=hi, lockOwner=owner,
+                               lockWaitMs=wait_ms, lockTest=test, lockFlock=flock, lockPid=pid)
+
+    # -- the kernel's view: a program that closed the file or ended --
+
+    async def run(self) -> None:
+        import pyfuse3
+
+        while True:
+            await trio.sleep(AGENT_EVERY)
+            if not self.held:
+                continue
+            present = _proc_locks(self.device)
+            now = time.monotonic()
+            for key, (tgid, ino, since) in list(self.held.items()):
+                fs_, path, owner, flock = key
+                if (("FLOCK" if flock else "POSIX"), tgid, ino) in present or now - since < GRACE:
+                    continue
+                self.held.pop(key, None)
+                try:
+                    await fs_.call(_lock_call(), path=path, lockType=UN, lockStart=0, lockEnd=-1, lockOwner=owner,
+                                   lockFlock=flock)
+                except pyfuse3.FUSEError as e:
+                    log.info("releasing %s's lock on %s: %s", owner, path, os.strerror(e.errno))
+
+
+def _lock_call():
+    from .client import Call
+
+    return Call.lock
+
+
+def _fdinfo(pid: int, fd: int) -> dict | None:
+    try:
+        with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    out = {}
+    for line in raw.splitlines():
+        key, _, value = line.partition(b":")
+        if key in (b"pos", b"mnt_id", b"ino"):
+            out[key.decode()] = int(value.strip())
+    return out
+
+
+def _mount(pid: int, mnt_id: int) -> tuple[str, str] | None:
+    """("major:minor", fstype) of mount mnt_id as pid sees it."""
+    try:
+        with open(f"/proc/{pid}/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if fields and int(fields[0]) == mnt_id:
+                    return fields[2], fields[fields.index("-") + 1]
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _tgid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Tgid:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return pid
+
+
+def _proc_locks(device: str | None) -> set:
+    """(kind, pid, inode) of every lock the kernel holds on the view."""
+    out = set()
+    want = None
+    if device:
+        major, minor = device.split(":")
+        want = f"{int(major):02x}:{int(minor):02x}:"
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 6 or fields[1] == "->":
+                    continue
+                kind, pid, where = fields[1], fields[4], fields[5]
+                if want and not where.startswith(want):
+                    continue
+                try:
+                    out.add((kind, int(pid), int(where.rsplit(":", 1)[1])))
+                except ValueError:
+                    continue
+    except OSError:
+        pass
+    return out
