@@ -221,7 +221,8 @@ class NodeLocks:
 
         while True:
             try:
-                await self._call(f, path, owner, flock, type_, lo, hi, caller.pid, wait_ms=WAIT_SLICE_MS if wait else 0)
+                r = await self._call(f, path, owner, flock, type_, lo, hi, caller.pid,
+                                     wait_ms=WAIT_SLICE_MS if wait else 0)
                 break
             except pyfuse3.FUSEError as e:
                 if e.errno != errno.EAGAIN:
@@ -230,7 +231,7 @@ class NodeLocks:
                     return reply_cls(error=errno.EWOULDBLOCK if flock else errno.EAGAIN)
                 if not caller.still_valid():
                     return kernel  # the caller is gone (its answer is dropped)
-        key = (f.fs, path, owner, flock)
+        key = (f.fs, r.attr.ino, owner, flock)  # the server's inode: released even if renamed meanwhile
         if type_ == UN:
             self.held.pop(key, None)
         else:
@@ -255,15 +256,15 @@ class NodeLocks:
             present = _proc_locks(self.device)
             now = time.monotonic()
             for key, (tgid, ino, since) in list(self.held.items()):
-                fs_, path, owner, flock = key
+                fs_, sino, owner, flock = key
                 if (("FLOCK" if flock else "POSIX"), tgid, ino) in present or now - since < GRACE:
                     continue
                 self.held.pop(key, None)
                 try:
-                    await fs_.call(_lock_call(), path=path, lockType=UN, lockStart=0, lockEnd=-1, lockOwner=owner,
-                                   lockFlock=flock)
+                    await fs_.call(_lock_call(), lockIno=sino, lockType=UN, lockStart=0, lockEnd=-1,
+                                   lockOwner=owner, lockFlock=flock)
                 except pyfuse3.FUSEError as e:
-                    log.info("releasing %s's lock on %s: %s", owner, path, os.strerror(e.errno))
+                    log.info("releasing %s's lock on inode %d: %s", owner, sino, os.strerror(e.errno))
 
 
 def _lock_call():

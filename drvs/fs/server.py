@@ -668,8 +668,12 @@ class FsServer:
 
     async def lock(self, req, path, out, origin) -> None:
         """Locks live here only (drvs/fs/locks.py): a fail-over drops them."""
-        st = self.store.lstat(check_path(path)) if path else os.stat(self.store.root)
-        await self.lock_table.request(st.st_ino, req, out)
+        if req.lockIno:  # (a release: the file may have moved or gone since)
+            ino = req.lockIno
+        else:
+            ino = (self.store.lstat(check_path(path)) if path else os.stat(self.store.root)).st_ino
+        out.attr.ino = ino
+        await self.lock_table.request(ino, req, out)
 
     async def usage(self, req, path, out) -> None:
         _fill_statfs(out.statfs, self.store.statvfs())

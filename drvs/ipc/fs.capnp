@@ -88,6 +88,7 @@ struct FsRequest {
   lockTest @23 :Bool;    # F_GETLK: only say what conflicts
   lockFlock @24 :Bool;   # flock(2) locks (a space apart from fcntl's)
   lockPid @25 :Int32;    # the owner's VM pid (F_GETLK reports it)
+  lockIno @26 :UInt64;   # the file by the server's inode (as a lock's reply gave it), not by path
 }
 
 struct Attr {

@@ -543,9 +543,12 @@ def test_fcntl_and_flock_locks_hold_across_nodes(fsc, d):
         _wait(lambda: (a / "lk.fheld").exists())
         r = jail(fsc, "n2", f"flock -n {lk}.f true; echo $?")
         assert r.stdout.split() == ["1"], r.stderr
+        os.rename(a / "lk.f", a / "lk.g")  # the lock is the file's, whatever its name
+        r = jail(fsc, "n2", f"flock -n {lk}.g true; echo $?")
+        assert r.stdout.split() == ["1"], r.stderr
         (a / "lk.release").touch()
         held.wait(timeout=20)
-        _wait(lambda: jail(fsc, "n2", f"flock -n {lk}.f true; echo $?").stdout.split() == ["0"], timeout=10)
+        _wait(lambda: jail(fsc, "n2", f"flock -n {lk}.g true; echo $?").stdout.split() == ["0"], timeout=10)
     finally:
         if held.poll() is None:
             held.kill()
