@@ -178,7 +178,7 @@ class NodeLocks:
             type_, whence, start, length, _pid = FLOCK.unpack(_sys.read_mem(caller.host_pid, a["lock"], FLOCK.size))
         except OSError:
             return reply_cls(error=errno.EFAULT)
-        if type_ not in (RD, WR, UN) or whence not in (0, 1, 2):
+        if type_ not in (RD, WR, UN) or whence not in (0, 1, 2) or (a["cmd"] == F_GETLK and type_ == UN):
             return kernel  # the kernel says EINVAL
         path = f.fs.path(f.ino)
         base = 0 if whence == 0 else f.pos if whence == 1 else (await f.fs.getattr(f.ino)).st_size
