@@ -104,9 +104,10 @@ def df(args) -> int:
     cfg = config.load()
     if not cluster_info(cfg):
         raise UsageError("drvs df needs a cluster (a single node's VMs keep their data in STATE/vms/VM/data)")
-    registry = VmRegistry(open_store())
+    store = open_store()
+    registry = VmRegistry(store)
     specs = [registry.get(args.vm)] if args.vm else [s for s in registry.list() if s.fs_nodes]
-    rows = [_usage(cfg, s) for s in specs]
+    rows = [_usage(cfg, store, s) for s in specs]
 
     def table():
         print_table(["VM", "SIZE", "USED", "AVAIL", "USE%", "REPLICAS", "SERVER", "IN SYNC", "NODES"],
@@ -121,13 +122,13 @@ def df(args) -> int:
     return 0
 
 
-def _usage(cfg, spec) -> dict:
+def _usage(cfg, store, spec) -> dict:
     from ..ipc import client
     from ..ipc.message import IpcError, Msg, check
     from ..ipc.schema import fs
 
     row = {"vm": spec.name, "size": 0, "used": 0, "avail": 0, "replicas": len(spec.fs_nodes),
-           "nodes": spec.fs_nodes, "server": None, "in_sync": _in_sync(spec.name), "error": None}
+           "nodes": spec.fs_nodes, "server": None, "in_sync": _in_sync(store, spec.name), "error": None}
     if not spec.fs_nodes:
         row["error"] = "no cluster file system"
         return row
@@ -141,24 +142,24 @@ def _usage(cfg, spec) -> dict:
         return row
     r = fs.FsReply.from_bytes_packed(reply.payload)
     row.update(size=r.statfs.blocks * r.statfs.bsize, avail=r.statfs.bavail * r.statfs.bsize, used=int(r.data))
-    row["server"] = _server_of(target)
+    row["server"] = _server_of(store, target)
     return row
 
 
-def _in_sync(vm: str) -> list[str]:
+def _in_sync(store, vm: str) -> list[str]:
     """The replicas that hold every change (drvs/fs/replica.py keeps this)."""
     import json
 
     from ..fs.replica import STATE
 
-    entry = open_store().get(STATE + vm)
+    entry = store.get(STATE + vm)
     return json.loads(entry.value)["in_sync"] if entry is not None else []
 
 
-def _server_of(endpoint: str) -> str | None:
+def _server_of(store, endpoint: str) -> str | None:
     import json
 
     from ..ipc.fabric import REGISTRY
 
-    entry = open_store().get(REGISTRY + endpoint)
+    entry = store.get(REGISTRY + endpoint)
     return json.loads(entry.value)["node"] if entry is not None else None

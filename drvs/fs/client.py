@@ -74,19 +74,27 @@ class VmFs:
     # -- calls to the server ---------------------------------------------------------
 
     async def call(self, ctype, idempotent: bool = False, **fields):
+        r = await self._local(ctype, fields)
+        if r is None:
+            r = await self._remote(ctype, idempotent, fields)
+        if r.epoch > self.epoch:  # (an older one: a server that has yet to learn it is over)
+            await self._new_term(r.epoch)
+        return r
+
+    async def _local(self, ctype, fields: dict):
+        """The reply of the file server in this process, or None if it is not here."""
         server = self._local_server()
-        if server is not None:
-            try:
-                req = LocalRequest(self.vm, **fields)
-                r = server.local_fast(ctype, req) or await server.local(ctype, req)
-            except OSError as e:
-                raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
-            except IpcError:
-                r = None  # it stopped serving meanwhile: ask where the server is now
-            if r is not None:
-                if r.epoch > self.epoch:
-                    await self._new_term(r.epoch)
-                return r
+        if server is None:
+            return None
+        try:
+            req = LocalRequest(self.vm, **fields)
+            return server.local_fast(ctype, req) or await server.local(ctype, req)
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except IpcError:
+            return None  # it stopped serving meanwhile: ask where the server is now
+
+    async def _remote(self, ctype, idempotent: bool, fields: dict):
         payload = fs.FsRequest.new_message(vm=self.vm, **fields).to_bytes_packed()
         deadline = trio.current_time() + CALL_TIMEOUT
         while True:
@@ -106,10 +114,7 @@ class VmFs:
             await trio.sleep(0.2)  # no server now (a fail-over): ask again
         if reply.status < 0:
             raise pyfuse3.FUSEError(-reply.status)
-        r = fs.FsReply.from_bytes_packed(reply.payload)
-        if r.epoch > self.epoch:  # (an older one: a server that has yet to learn it is over)
-            await self._new_term(r.epoch)
-        return r
+        return fs.FsReply.from_bytes_packed(reply.payload)
 
     def _local_server(self) -> FsServer | None:
         """The file server itself when it runs in this process: its calls

@@ -21,9 +21,13 @@ import os
 import struct
 import time
 
+import pyfuse3
 import trio
 
+from ..ipc.schema import fs
+
 log = logging.getLogger("drvmmd")
+Call = fs.FsCall
 RD, WR, UN = 0, 1, 2
 F_GETLK, F_SETLK, F_SETLKW = 5, 6, 7
 LOCK_SH, LOCK_EX, LOCK_NB, LOCK_UN = 1, 2, 4, 8
@@ -136,7 +140,7 @@ class NodeLocks:
         """The VM file behind a program's fd, or None (another file
         system: the kernel's alone).  From /proc, never through the view
         (this loop serves the view)."""
-        from ..fs.client import TAG_SHIFT
+        from .client import TAG_SHIFT  # (not at the top: client imports server, which imports this)
 
         if self.view is None or fd < 0:
             return None
@@ -153,16 +157,12 @@ class NodeLocks:
     # -- the calls --
 
     async def fcntl(self, caller, a, reply_cls, kernel):
-        import pyfuse3
-
         try:
             return await self._fcntl(caller, a, reply_cls, kernel)
         except pyfuse3.FUSEError as e:  # the file server's answer (or none within its bound)
             return reply_cls(error=e.errno)
 
     async def flock(self, caller, a, reply_cls, kernel):
-        import pyfuse3
-
         try:
             return await self._flock(caller, a, reply_cls, kernel)
         except pyfuse3.FUSEError as e:
@@ -217,8 +217,6 @@ class NodeLocks:
                                 reply_cls, kernel)
 
     async def _take(self, f, path, owner, flock, type_, lo, hi, caller, wait, reply_cls, kernel):
-        import pyfuse3
-
         while True:
             try:
                 r = await self._call(f, path, owner, flock, type_, lo, hi, caller.pid,
@@ -239,16 +237,12 @@ class NodeLocks:
         return kernel  # the local kernel takes it too (and drops it on close or exit)
 
     async def _call(self, f, path, owner, flock, type_, lo, hi, pid, test=False, wait_ms=0):
-        from .client import Call
-
         return await f.fs.call(Call.lock, path=path, lockType=type_, lockStart=lo, lockEnd=hi, lockOwner=owner,
                                lockWaitMs=wait_ms, lockTest=test, lockFlock=flock, lockPid=pid)
 
     # -- the kernel's view: a program that closed the file or ended --
 
     async def run(self) -> None:
-        import pyfuse3
-
         while True:
             await trio.sleep(AGENT_EVERY)
             if not self.held:
@@ -261,16 +255,10 @@ class NodeLocks:
                     continue
                 self.held.pop(key, None)
                 try:
-                    await fs_.call(_lock_call(), lockIno=sino, lockType=UN, lockStart=0, lockEnd=-1,
+                    await fs_.call(Call.lock, lockIno=sino, lockType=UN, lockStart=0, lockEnd=-1,
                                    lockOwner=owner, lockFlock=flock)
                 except pyfuse3.FUSEError as e:
                     log.info("releasing %s's lock on inode %d: %s", owner, sino, os.strerror(e.errno))
-
-
-def _lock_call():
-    from .client import Call
-
-    return Call.lock
 
 
 def _fdinfo(pid: int, fd: int) -> dict | None:

@@ -20,6 +20,7 @@ class as a mirror ("fsr@NODE"), and becomes the server in a fail-over."""
 
 import contextlib
 import errno
+import inspect
 import logging
 import os
 import stat
@@ -157,14 +158,14 @@ class FsServer:
         if not self._at_once_now(ctype) or (ctype == Call.open and req.flags & os.O_TRUNC):
             return None
         out = LocalReply(self.epoch)
-        self._answer(ctype, req, check_path(req.path), out, self.here, None)
+        self._answer(ctype, req, req.path, out, self.here, None)
         return out
 
     async def local(self, ctype: int, req) -> "LocalReply":
         if not self.epoch:
             raise IpcError(f"fs@{self.vm}: this node is not serving", errno.EREMCHG)
         out = LocalReply(self.epoch)
-        await self._serve(ctype, req, check_path(req.path), out, self.here, None)
+        await self._serve(ctype, req, req.path, out, self.here, None)
         return out
 
     def _at_once_now(self, ctype: int) -> bool:
@@ -181,16 +182,7 @@ class FsServer:
     async def _serve(self, ctype: int, req, path: bytes, out, origin: str, payload: bytes | None) -> None:
         if ctype in MIRRORED:
             await self._room()
-        if ctype == Call.fsync:
-            changed = await self.fsync(req, path, out, origin)
-        elif ctype == Call.usage:
-            await self.usage(req, path, out)
-            changed = None
-        elif ctype == Call.lock:
-            await self.lock(req, path, out, origin)
-            changed = None
-        else:
-            changed = self.table[ctype](req, path, out, origin)
+        changed = await _run(self.table[ctype], req, path, out, origin)
         if ctype == Call.open and req.flags & os.O_TRUNC:
             changed = Changed(inodes=[out.attr.ino], data=True)
         waits = self._mirror(ctype, req, payload, out, origin) if ctype in MIRRORED else {}
@@ -322,10 +314,8 @@ class FsServer:
                 req, path = self._decode(msg)
                 if call.type in PUT_CALLS:
                     await trio.to_thread.run_sync(self.puts[call.type], req)
-                elif call.type == Call.fsync:
-                    await self.fsync(req, path, fs.FsReply.new_message(), "")
                 elif call.type in MIRRORED:
-                    self.table[call.type](req, path, fs.FsReply.new_message(), "")
+                    await _run(self.table[call.type], req, path, fs.FsReply.new_message(), "")
                 else:
                     raise OSError(errno.EINVAL, "not a change")
                 statuses.append(0)
@@ -397,9 +387,8 @@ class FsServer:
     # -- calls that read ---------------------------------------------------------------
 
     def lookup(self, req, path, out, origin) -> None:
-        check_path(path)
-        if not path:
-            st = os.stat(self.store.root)
+        if not check_path(path):
+            st = self.store.lstat(path)
         else:
             with self.store.at(path) as (dfd, name):
                 self._seen(origin, os.stat(dfd).st_ino)  # also when name is absent: the node caches that
@@ -411,7 +400,7 @@ class FsServer:
         if req.fh:
             st = os.stat(self._file(req.fh).fd)
         else:
-            st = self.store.lstat(check_path(path)) if path else os.stat(self.store.root)
+            st = self.store.lstat(check_path(path))
         self._seen(origin, st.st_ino)
         fill_attr(out.attr, st)
 
@@ -424,21 +413,22 @@ class FsServer:
         # not stop this loop; the kernel opens special files itself.
         fd = self.store.open(check_path(path), (req.flags & OPEN_FLAGS) | os.O_NOFOLLOW | os.O_NONBLOCK)
         try:
-            kind = stat.S_IFMT(os.stat(fd).st_mode)
-            if kind not in (stat.S_IFREG, stat.S_IFDIR):
+            st = os.stat(fd)
+            if stat.S_IFMT(st.st_mode) not in (stat.S_IFREG, stat.S_IFDIR):
                 raise OSError(errno.ENXIO, "not a regular file")
             os.set_blocking(fd, True)
         except OSError:
             os.close(fd)
             raise
-        self._opened(fd, origin, out, req)
+        self._opened(fd, origin, out, req, st)
 
-    def _opened(self, fd: int, origin: str, out, req) -> None:
-        try:
-            st = os.stat(fd)
-        except OSError:
-            os.close(fd)
-            raise
+    def _opened(self, fd: int, origin: str, out, req, st: os.stat_result | None = None) -> None:
+        if st is None:
+            try:
+                st = os.stat(fd)
+            except OSError:
+                os.close(fd)
+                raise
         if self.epoch:
             fh = self.next_fh
             self.next_fh += 1
@@ -671,13 +661,20 @@ class FsServer:
         if req.lockIno:  # (a release: the file may have moved or gone since)
             ino = req.lockIno
         else:
-            ino = (self.store.lstat(check_path(path)) if path else os.stat(self.store.root)).st_ino
+            ino = self.store.lstat(check_path(path)).st_ino
         out.attr.ino = ino
         await self.lock_table.request(ino, req, out)
 
-    async def usage(self, req, path, out) -> None:
+    async def usage(self, req, path, out, origin) -> None:
         _fill_statfs(out.statfs, self.store.statvfs())
         out.data = str(await trio.to_thread.run_sync(self.store.used_bytes)).encode()
+
+
+async def _run(handler, *args):
+    """A handler's result: the table holds plain functions and coroutine
+    functions (those that wait for the disk or for other callers)."""
+    result = handler(*args)
+    return await result if inspect.isawaitable(result) else result
 
 
 def _os_failure(e: OSError, path: bytes) -> Msg:

@@ -57,12 +57,16 @@ def abort_fuse(path: str) -> bool:
     if dev is None:
         return False
     minor = dev.split(":")[1]
-    if not os.path.isdir(f"{FUSECTL}/{minor}"):
+    mounted = False
+    if not os.path.isdir(f"{FUSECTL}/{minor}"):  # fusectl is not mounted here: for this moment only
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.mount(b"fusectl", FUSECTL.encode(), b"fusectl", 0, None)
+        mounted = libc.mount(b"fusectl", FUSECTL.encode(), b"fusectl", 0, None) == 0
     try:
         with open(f"{FUSECTL}/{minor}/abort", "w") as f:
             f.write("1")
         return True
     except OSError:
         return False
+    finally:
+        if mounted:
+            detach(FUSECTL)
