@@ -28,12 +28,16 @@ async def run(etcd, fabric, member, service: str, candidate, make, gone=None) ->
     from ..vm.model import VmSpec
 
     campaigns: dict[str, trio.CancelScope] = {}
+    said = ""
     async with trio.open_nursery() as nursery:
         while True:
             try:
                 vms = [VmSpec.from_json(e.value) for e in await etcd.range(VMS)]
+                said = ""
             except (EtcdUnavailable, DrvsError) as e:
-                log.warning("%s servers: %s", service, e)
+                if str(e) != said:  # once while it lasts (this looks every RESYNC)
+                    log.warning("%s servers: %s", service, e)
+                    said = str(e)
                 vms = None
             if vms is not None:
                 wanted = {vm.name for vm in vms if candidate(vm)}

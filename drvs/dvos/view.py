@@ -396,7 +396,7 @@ async def serve(cfg, fabric, procs, etcd, task_status=trio.TASK_STATUS_IGNORED) 
     os.makedirs(path, mode=0o755, exist_ok=True)
     ops = View(cfg, fabric, procs, etcd)
     fabric.view = ops  # (the supervisor maps lock calls' files through it)
-    await fabric.register(f"fsc@{procs.node}", ops.invalidate)
+    await fabric.register_steadily(f"fsc@{procs.node}", ops.invalidate)
     # fsname: "drvs:NODE" (util-linux mount shows a bare word as a path of its
     # working directory); findmnt shows a VM's bind as drvs:NODE[/fs/VM].
     options = {f"fsname=drvs:{procs.node}", "subtype=drvs", "allow_other", "default_permissions"}

@@ -98,9 +98,12 @@ class _Serving:
         self.server.close()
 
 
-async def run(cfg, etcd, fabric, member) -> None:
+async def run(cfg, etcd, fabric, member, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve fsr@NODE (registered before this returns from nursery.start:
+    etcd may be away later) and campaign for the VMs' file servers."""
     node = FsNode(cfg, etcd, fabric, member)
-    await fabric.register(f"fsr@{member.name}", node.mirror)
+    await fabric.register_steadily(f"fsr@{member.name}", node.mirror)
+    task_status.started()
     try:
         await elected.run(etcd, fabric, member, "fs", lambda spec: member.name in spec.fs_nodes, node.serve,
                           node.remove)

@@ -145,6 +145,22 @@ class Fabric:
         await self.etcd.put(REGISTRY + name, json.dumps(
             {"node": self.name, "address": self.member.address, "port": self.port}), lease=self.member.lease)
 
+    async def register_steadily(self, name: str, handler, fast=None) -> None:
+        """register(), riding out an etcd outage: for a node's own endpoints
+        as it starts, when others already see it Ready (it must not die of
+        an outage it could wait out)."""
+        from ..cluster.etcd import EtcdUnavailable
+
+        said = False
+        while True:
+            try:
+                return await self.register(name, handler, fast)
+            except EtcdUnavailable as e:
+                if not said:
+                    log.warning("endpoint %s: %s; registering it when etcd is back", name, e)
+                    said = True
+                await trio.sleep(1)
+
     async def unregister(self, name: str) -> None:
         self.fast.pop(name, None)
         if self.handlers.pop(name, None) is not None:

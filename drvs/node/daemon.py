@@ -20,6 +20,7 @@ import trio
 
 from .. import config
 from ..cluster.context import cluster_info, etcd_client
+from ..cluster.etcd import EtcdUnavailable
 from ..cluster.membership import Member
 from ..errors import DrvsError, SetupError, user_error
 from ..ns import cell as cells
@@ -80,10 +81,15 @@ async def serve_node(cfg: config.Config, info: dict, interval: float) -> None:
                     await fabric.listen_bootstrap(info["address"], join_service)
                 service = f"drvmm@{info['node']}"
                 drvmm_service = DrvmmService(etcd, member, fabric)
-                await fabric.register(service, drvmm_service.handle, drvmm_service.fast)
+                # Others see this node Ready from the join on: the rest of the
+                # start rides out an etcd outage rather than end the daemon.
+                await fabric.register_steadily(service, drvmm_service.handle, drvmm_service.fast)
                 pid_range = await _start_dvos(cfg, info, etcd, fabric, member, nursery)
                 member.servers = sorted(fabric.handlers)
-                await member.publish()
+                try:
+                    await member.publish()
+                except EtcdUnavailable as e:
+                    log.warning("membership: %s; member.run publishes when etcd is back", e)
                 member.on_new_lease = fabric.reregister
                 log.info("node %s joined cluster %s at %s", info["node"], info["cluster"], info["address"])
                 nursery.start_soon(member.run)
@@ -124,14 +130,14 @@ async def _start_dvos(cfg, info, etcd, fabric, member, nursery) -> tuple[int, in
         info["pid_index"] = member.pid_index
         _write_json(f"{cfg.state_dir}/cluster.json", info)
     procs = NodeProcs(cfg, info["node"], member.pid_index)
-    await fabric.register(f"procs@{info['node']}", procs.handle, procs.fast)
+    await fabric.register_steadily(f"procs@{info['node']}", procs.handle, procs.fast)
     supervisor = Supervisor(cfg, info["node"], fabric, etcd, procs, member.pid_index)
     await nursery.start(supervisor.serve)
     # Called in the spawner thread: hand the listener over to the loop.
     token = trio.lowlevel.current_trio_token()
     fabric.supervise = lambda _cfg, vm, fd: token.run_sync_soon(supervisor.adopt, vm, fd)
     nursery.start_soon(pm_server.run, etcd, fabric, member, procs)
-    nursery.start_soon(fs_service.run, cfg, etcd, fabric, member)
+    await nursery.start(fs_service.run, cfg, etcd, fabric, member)
     await nursery.start(view.serve, cfg, fabric, procs, etcd)
     from ..ns import mounts
 

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 from drvs.cluster.context import setns_net
 
@@ -103,7 +104,8 @@ def test_etcd_outage_is_reported_and_ridden_out(cluster_factory):
     assert time.monotonic() - t0 < 15
     time.sleep(2)
     for n in ("n1", "n2"):  # the daemons wait it out, they do not die
-        assert subprocess.run(["kill", "-0", str(c.node(n)["pid"])]).returncode == 0
+        alive = subprocess.run(["kill", "-0", str(c.node(n)["pid"])]).returncode == 0
+        assert alive, (Path(c.node(n)["state_dir"]) / "drvmmd.log").read_text()[-3000:]
     pid = etcd_process.start(f"{c.info['root']}/etcd", etcd["url"].split("//")[1].split(":")[0],
                              c.info["ca"], c.info["ca_key"], preexec=_in_netns(etcd["netns"]))
     c.info["etcd"]["pid"] = pid
