@@ -120,15 +120,22 @@ ECHO_SERVER = textwrap.dedent(r'''
     import sys, trio
     async def handle(stream):
         buf = b""
+
+        async def more():
+            data = await stream.receive_some(65536)
+            if not data:  # the client closed: end (an empty read forever would spin a core)
+                raise EOFError
+            return data
+
         try:
             while True:
                 while len(buf) < 4:
-                    buf += await stream.receive_some(65536)
+                    buf += await more()
                 n = int.from_bytes(buf[:4], "big"); buf = buf[4:]
                 while len(buf) < n:
-                    buf += await stream.receive_some(65536)
+                    buf += await more()
                 await stream.send_all(buf[:n]); buf = buf[n:]
-        except (trio.BrokenResourceError, trio.ClosedResourceError, IndexError):
+        except (trio.BrokenResourceError, trio.ClosedResourceError, EOFError):
             pass
     async def main():
         await trio.serve_tcp(handle, int(sys.argv[2]), host=sys.argv[1])

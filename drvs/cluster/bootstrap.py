@@ -85,11 +85,12 @@ def join(state_dir: str, server: str, token: str, address: str, node: str, port:
 async def _ask(server: str, port: int, fingerprint: str, secret: str, node: str, address: str, csr: str) -> dict:
     import capnp
 
+    from ..ipc import wire
     from ..ipc.schema import fabric
 
     async def connect(ctx):
         try:
-            stream = await asyncio.wait_for(capnp.AsyncIoStream.create_connection(server, port, ssl=ctx), 5)
+            stream = await asyncio.wait_for(wire.connect(host=server, port=port, ssl=ctx), 5)
         except (OSError, asyncio.TimeoutError) as e:
             raise IpcError(f"{server}:{port} unreachable: {e or 'timed out'}", errno.EHOSTUNREACH) from None
         client = capnp.TwoPartyClient(stream)

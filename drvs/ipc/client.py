@@ -24,12 +24,13 @@ async def connect(path: str):
     capnp.kj_loop(), and keep the client referenced while using the Node."""
     import capnp
 
+    from . import wire
     from .schema import fabric
 
     if not os.path.exists(path):
         raise IpcError(f"drvmmd is not running on this node (no {path})", errno.ENOENT)
     try:
-        stream = await capnp.AsyncIoStream.create_unix_connection(path)
+        stream = await wire.connect(path=path)
     except OSError as e:
         raise IpcError(f"drvmmd at {path}: {e.strerror}", e.errno or errno.EIO) from None
     client = capnp.TwoPartyClient(stream)

@@ -11,7 +11,6 @@ unreachable node gives IpcError, never a hang.
 """
 
 import asyncio
-import contextvars
 import errno
 import json
 import logging
@@ -23,6 +22,7 @@ import time
 import capnp
 import trio
 
+from . import wire
 from .bridge import aio, capnp_await, current_guest
 from .message import NOTIFY, IpcError, Msg, failure
 from .schema import fabric as schema
@@ -95,7 +95,7 @@ class Fabric:
         guest = current_guest()
 
         async def remote(stream):
-            await _serve_connection(stream, NodeServer(self, guest, local=False, peer=_PEER.get()))
+            await _serve_connection(stream, NodeServer(self, guest, local=False, peer=wire.PEER.get() or "?"))
 
         async def local(stream):
             await _serve_connection(stream, NodeServer(self, guest, local=True))
@@ -104,15 +104,14 @@ class Fabric:
         listener = live_socket()  # accepted connections inherit its keepalive settings
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((host, self.port))
-        loop = asyncio.get_running_loop()
-        self.servers.append(await aio(loop.create_server(
-            lambda: _PeerProtocol(capnp.AsyncIoStream._connect(remote)), sock=listener, ssl=ctx)))
+        self.servers.append(await aio(wire.serve(
+            remote, sock=listener, ssl=ctx, peer_of=lambda t: peer_name(t.get_extra_info("peercert")))))
         if unix_path:
             os.makedirs(os.path.dirname(unix_path), mode=0o700, exist_ok=True)
             os.chmod(os.path.dirname(unix_path), 0o700)
             if os.path.exists(unix_path):
                 os.unlink(unix_path)
-            self.servers.append(await aio(capnp.AsyncIoStream.create_unix_server(local, unix_path)))
+            self.servers.append(await aio(wire.serve(local, path=unix_path)))
             os.chmod(unix_path, 0o600)
 
     async def listen_bootstrap(self, host: str, server) -> None:
@@ -125,7 +124,7 @@ class Fabric:
         async def serve(stream):
             await _serve_connection(stream, server)
 
-        self.servers.append(await aio(capnp.AsyncIoStream.create_server(serve, host, self.port + 1, ssl=ctx)))
+        self.servers.append(await aio(wire.serve(serve, host=host, port=self.port + 1, ssl=ctx)))
 
     def close(self) -> None:
         for s in self.servers:
@@ -250,8 +249,7 @@ class Fabric:
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
                 await aio(asyncio.get_running_loop().sock_connect(sock, (loc.address, loc.port)))
-                stream = await aio(capnp.AsyncIoStream.create_connection(
-                    sock=sock, ssl=ctx, server_hostname=loc.node if ctx else None))
+                stream = await aio(wire.connect(sock=sock, ssl=ctx, server_hostname=loc.node if ctx else None))
         except (OSError, trio.TooSlowError) as e:
             sock.close()
             raise IpcError(f"node {loc.node} at {loc.address}:{loc.port} unreachable: {e}", errno.ECONNRESET) from None
@@ -339,45 +337,6 @@ class Fabric:
         except Exception as e:  # noqa: BLE001 - a server bug must not take the daemon down
             log.exception("endpoint %s failed on message type %d", target, msg.type)
             return failure(errno.EIO, f"{target}: server error: {type(e).__name__}: {e}")
-
-
-# The node at the other end of the connection being set up (from its TLS
-# certificate), for the callback that makes its NodeServer.
-_PEER: contextvars.ContextVar[str] = contextvars.ContextVar("drvs_fabric_peer", default="?")
-
-
-class _PeerProtocol(asyncio.BufferedProtocol):
-    """pycapnp's stream protocol, seen through: notes which node the TLS
-    peer is (pycapnp keeps its transport to itself) before capnp starts
-    serving the connection."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def connection_made(self, transport):
-        token = _PEER.set(peer_name(transport.get_extra_info("peercert")))
-        try:
-            self.inner.connection_made(transport)  # the serving task is made here, in this context
-        finally:
-            _PEER.reset(token)
-
-    def get_buffer(self, sizehint):
-        return self.inner.get_buffer(sizehint)
-
-    def buffer_updated(self, nbytes):
-        return self.inner.buffer_updated(nbytes)
-
-    def eof_received(self):
-        return self.inner.eof_received()
-
-    def connection_lost(self, exc):
-        return self.inner.connection_lost(exc)
-
-    def pause_writing(self):
-        return self.inner.pause_writing()
-
-    def resume_writing(self):
-        return self.inner.resume_writing()
 
 
 def peer_name(cert: dict | None) -> str:
