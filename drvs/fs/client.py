@@ -70,6 +70,12 @@ class VmFs:
         self.epoch = 0         # the server's term
         self.gen = 0           # terms seen here
         self.big: dict[int, int] = {}  # server inodes too large for GEN_SHIFT bits -> small ones
+        # Directories' attributes as the server gave them after this node's
+        # last change in them (until TIMEOUT, or until the server says another
+        # node changed them): the kernel drops its own after every create or
+        # remove, and would otherwise ask over the network before the next.
+        self.fresh: dict[int, tuple[float, object]] = {}
+        self.told = 0  # invalidations received: a reply overtaken by one is not kept
 
     # -- calls to the server ---------------------------------------------------------
 
@@ -146,6 +152,7 @@ class VmFs:
             raise
         self.gen = (self.gen + 1) % (1 << (TAG_SHIFT - GEN_SHIFT))
         self.big.clear()
+        self.fresh.clear()
         self.server_root = r.attr.ino
         log.info("%s: a new server (term %d); dropping this node's caches", self.target, epoch)
         entries = [(self.tag | dino, name) for dino, name in self.entries]
@@ -238,6 +245,11 @@ class VmFs:
         return self._entry(dino, name, r.attr)
 
     async def getattr(self, inode, ctx=None):
+        fresh = self.fresh.get(inode & MASK)
+        if fresh is not None:
+            if trio.current_time() < fresh[0]:
+                return self._attr(fresh[1])
+            del self.fresh[inode & MASK]
         node = self.inodes.get(inode & MASK)
         handle = self._handle_of(node) if node is not None and node.handles else None
         if handle is not None:  # also after the file was unlinked
@@ -259,6 +271,7 @@ class VmFs:
         args = dict(setMask=mask, mode=attr.st_mode, uid=attr.st_uid, gid=attr.st_gid, size=attr.st_size,
                     atimeNs=attr.st_atime_ns, mtimeNs=attr.st_mtime_ns)
         h = self.handles.get(fh) if fh is not None else None
+        self.fresh.pop(inode & MASK, None)
         if h is not None:
             r = await self.call(Call.setattr, fh=h.sfh, **args)
         else:
@@ -268,8 +281,19 @@ class VmFs:
     async def readlink(self, inode, ctx):
         return bytes((await self.call(Call.readlink, idempotent=True, path=self.path(inode))).data)
 
+    def _post_op(self, dino: int, r, told: int) -> None:
+        """Keep the directory's attributes after a change made here (see
+        self.fresh), unless an invalidation came in meanwhile."""
+        a = r.dirAttr
+        if a.ino and self.told == told and self._c(a.ino) == dino:
+            self.fresh[dino] = (trio.current_time() + TIMEOUT, a)
+        else:
+            self.fresh.pop(dino, None)
+
     async def _make(self, ctype, parent, name, ctx, **fields):
+        told = self.told
         r = await self.call(ctype, path=join(self.path(parent), name), caller=caller(ctx), **fields)
+        self._post_op(parent & MASK, r, told)
         return self._entry(parent & MASK, name, r.attr)
 
     async def mknod(self, parent, name, mode, rdev, ctx):
@@ -282,19 +306,31 @@ class VmFs:
         return await self._make(Call.symlink, parent, name, ctx, data=target)
 
     async def link(self, inode, new_parent, new_name, ctx):
+        told = self.told
         r = await self.call(Call.link, path=self.path(inode), path2=join(self.path(new_parent), new_name))
+        self._post_op(new_parent & MASK, r, told)
+        self.fresh.pop(inode & MASK, None)  # its link count changed
         return self._entry(new_parent & MASK, new_name, r.attr)
 
     async def unlink(self, parent, name, ctx):
-        await self.call(Call.unlink, path=join(self.path(parent), name))
-        self._forget_entry(parent & MASK, name)
+        await self._remove(Call.unlink, parent, name)
 
     async def rmdir(self, parent, name, ctx):
-        await self.call(Call.rmdir, path=join(self.path(parent), name))
+        await self._remove(Call.rmdir, parent, name)
+
+    async def _remove(self, ctype, parent, name) -> None:
+        told = self.told
+        r = await self.call(ctype, path=join(self.path(parent), name))
+        self._post_op(parent & MASK, r, told)
+        gone = self.entries.get((parent & MASK, name))
+        if gone is not None:
+            self.fresh.pop(gone, None)
         self._forget_entry(parent & MASK, name)
 
     async def rename(self, old_parent, old_name, new_parent, new_name, flags, ctx):
         d1, d2 = old_parent & MASK, new_parent & MASK
+        for cino in (d1, d2, self.entries.get((d1, old_name)), self.entries.get((d2, new_name))):
+            self.fresh.pop(cino, None)
         await self.call(Call.rename, path=join(self.path(old_parent), old_name),
                         path2=join(self.path(new_parent), new_name), flags=flags)
         moved = self.entries.pop((d1, old_name), None)
@@ -327,8 +363,10 @@ class VmFs:
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     async def create(self, parent, name, mode, flags, ctx):
+        told = self.told
         r = await self.call(Call.create, path=join(self.path(parent), name), flags=flags, mode=mode,
                             caller=caller(ctx))
+        self._post_op(parent & MASK, r, told)
         entry = self._entry(parent & MASK, name, r.attr)
         return self._opened(r), entry
 
@@ -421,6 +459,7 @@ class VmFs:
     async def setxattr(self, inode, name, value, ctx):
         if not name.startswith(XATTR_PREFIXES):
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        self.fresh.pop(inode & MASK, None)  # (its ctime)
         await self.call(Call.setxattr, path=self.path(inode), name=name, data=value)
 
     async def listxattr(self, inode, ctx):
@@ -428,6 +467,7 @@ class VmFs:
         return [n for n in data.split(b"\0") if n]
 
     async def removexattr(self, inode, name, ctx):
+        self.fresh.pop(inode & MASK, None)
         await self.call(Call.removexattr, path=self.path(inode), name=name)
 
     def forget(self, cino: int, n: int) -> None:
@@ -439,14 +479,19 @@ class VmFs:
     def _maybe_drop(self, node: Inode) -> None:
         if node.lookups <= 0 and node.handles <= 0 and node.cino != self.root:
             del self.inodes[node.cino]
+            self.fresh.pop(node.cino, None)
             if node.parent is not None and self.entries.get((node.parent, node.name)) == node.cino:
                 del self.entries[(node.parent, node.name)]
 
     # -- what the server says another node changed -----------------------------------------
 
     async def invalidate(self, inv) -> None:
+        self.told += 1
+        for sino in inv.inodes:
+            self.fresh.pop(self._c(sino), None)
         for e in inv.entries:
             name, dino = bytes(e.name), self._c(e.attr.ino)
+            self.fresh.pop(dino, None)
             self._forget_entry(dino, name)
             pyfuse3.invalidate_entry_async(self.tag | dino, name, ignore_enoent=True)
         for sino in inv.inodes:

@@ -339,6 +339,16 @@ class FsServer:
 
     # -- who caches what ---------------------------------------------------------
 
+    def _post_op(self, dfd: int, out, origin: str) -> int:
+        """The changed directory's attributes into the reply (its inode
+        number returned): the kernel drops its own after each create or
+        remove and would ask for them at once.  The origin is told when
+        another node changes the directory, as for anything it caches."""
+        st = os.stat(dfd)
+        fill_attr(out.dirAttr, st)
+        self._seen(origin, st.st_ino)
+        return st.st_ino
+
     def _seen(self, node: str, *inodes: int) -> None:
         for ino in inodes:
             nodes = self.interest.get(ino)
@@ -556,8 +566,8 @@ class FsServer:
             except OSError:
                 _undo(dfd, name)  # no half-made entry the replicas never hear of
                 raise
-            dino = os.stat(dfd).st_ino
-        self._seen(origin, st.st_ino, dino)
+            dino = self._post_op(dfd, out, origin)
+        self._seen(origin, st.st_ino)
         fill_attr(out.attr, st)
         return Changed(entries=[(dino, name)], inodes=[dino])
 
@@ -575,27 +585,26 @@ class FsServer:
             try:
                 if made:
                     _own(dfd, name, req)
-                dino = os.stat(dfd).st_ino
+                dino = self._post_op(dfd, out, origin)
             except OSError:
                 os.close(fd)
                 if made:
                     _undo(dfd, name)
                 raise
         self._opened(fd, origin, out, req)
-        self._seen(origin, dino)
         return Changed(entries=[(dino, name)], inodes=[dino, out.attr.ino], data=not made)
 
     def unlink(self, req, path, out, origin) -> Changed:
-        return self._remove(path, lambda dfd, name: os.unlink(name, dir_fd=dfd))
+        return self._remove(path, out, origin, lambda dfd, name: os.unlink(name, dir_fd=dfd))
 
     def rmdir(self, req, path, out, origin) -> Changed:
-        return self._remove(path, lambda dfd, name: os.rmdir(name, dir_fd=dfd))
+        return self._remove(path, out, origin, lambda dfd, name: os.rmdir(name, dir_fd=dfd))
 
-    def _remove(self, path, remove) -> Changed:
+    def _remove(self, path, out, origin, remove) -> Changed:
         with self.store.at(check_path(path)) as (dfd, name):
             ino = os.stat(name, dir_fd=dfd, follow_symlinks=False).st_ino
             remove(dfd, name)
-            dino = os.stat(dfd).st_ino
+            dino = self._post_op(dfd, out, origin)
         return Changed(entries=[(dino, name)], inodes=[ino, dino])
 
     def rename(self, req, path, out, origin) -> Changed:
@@ -616,7 +625,7 @@ class FsServer:
         with self.store.at(check_path(path)) as (d1, n1), self.store.at(path2) as (d2, n2):
             os.link(n1, n2, src_dir_fd=d1, dst_dir_fd=d2, follow_symlinks=False)
             st = os.stat(n2, dir_fd=d2, follow_symlinks=False)
-            dino = os.stat(d2).st_ino
+            dino = self._post_op(d2, out, origin)
         self._seen(origin, st.st_ino)
         fill_attr(out.attr, st)
         return Changed(entries=[(dino, n2)], inodes=[st.st_ino, dino])
@@ -779,6 +788,9 @@ class LocalRequest:
 class LocalAttr:
     __slots__ = ("ino", "mode", "nlink", "uid", "gid", "rdev", "size", "blocks", "atimeNs", "mtimeNs", "ctimeNs")
 
+    def __init__(self):
+        self.ino = 0  # not filled in (as a capnp reply's default)
+
 
 class LocalEntry:
     __slots__ = ("name", "attr")
@@ -793,10 +805,10 @@ class LocalStatFs:
 
 class LocalReply:
     __slots__ = ("attr", "fh", "data", "size", "entries", "more", "statfs", "epoch", "shared",
-                 "lockType", "lockStart", "lockEnd", "lockPid")
+                 "lockType", "lockStart", "lockEnd", "lockPid", "dirAttr")
 
     def __init__(self, epoch: int):
-        self.attr, self.fh, self.data, self.size = LocalAttr(), 0, b"", 0
+        self.attr, self.fh, self.data, self.size, self.dirAttr = LocalAttr(), 0, b"", 0, LocalAttr()
         self.entries, self.more, self.statfs, self.epoch, self.shared = [], False, LocalStatFs(), epoch, False
         self.lockType, self.lockStart, self.lockEnd, self.lockPid = 0, 0, 0, 0
 

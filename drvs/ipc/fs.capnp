@@ -134,6 +134,8 @@ struct FsReply {
   lockStart @10 :Int64;
   lockEnd @11 :Int64;
   lockPid @12 :Int32;
+  dirAttr @13 :Attr;     # a change in a directory: the directory's attributes after it (NFS's
+                         # post-op attributes), so the writer's node need not ask for them
 }
 
 # The server's calls, as made, for a replica (each call's request as the

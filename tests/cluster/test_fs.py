@@ -110,6 +110,25 @@ def test_changes_on_one_node_are_seen_at_once_on_the_other(fsc, d):
     assert (b / "f").stat().st_size == len("version two+more")
 
 
+def test_a_directory_changed_here_then_elsewhere_shows_the_latest_attributes(fsc, d):
+    """A node keeps a directory's attributes from the reply to its own
+    create or remove (the kernel drops its copy each time and would ask
+    over the network); a change from the other node still shows at once."""
+    _, a, b = d
+    (a / "x").write_text("1")
+    first = a.stat()
+    os.chmod(b, 0o751)                 # n2 changes the directory's attributes only
+    assert a.stat().st_mode & 0o777 == 0o751
+    (a / "y").write_text("2")
+    os.mkdir(b / "sub")                # n2 changes its entries: one link more, a new mtime
+    st = a.stat()
+    assert st.st_nlink == first.st_nlink + 1 and st.st_mtime_ns >= first.st_mtime_ns
+    os.unlink(a / "x")                 # n1's own remove, then n2's
+    os.rmdir(b / "sub")
+    assert a.stat().st_nlink == first.st_nlink
+    assert sorted(os.listdir(a)) == ["y"]
+
+
 def test_posix_semantics(fsc, d):
     _, a, b = d
     # rename replaces its target atomically, also across directories
