@@ -16,6 +16,7 @@ what another node changed, so the timeout only bounds a lost message."""
 
 import errno
 import logging
+import os
 
 import pyfuse3
 import trio
@@ -29,6 +30,7 @@ log = logging.getLogger("drvmmd")
 Call = fs.FsCall
 TIMEOUT = 10.0        # seconds the kernel trusts entries and attributes without asking
 CALL_TIMEOUT = 10.0   # a call the server does not answer within this fails (EIO, ETIMEDOUT)
+CLOSE_DELAY = 0.05    # a close waits this long for a call to travel with (see release)
 TAG_SHIFT = 48
 MASK = (1 << TAG_SHIFT) - 1
 GEN_SHIFT = 40        # below the VM's tag: the server's term, as this node counts them
@@ -76,6 +78,7 @@ class VmFs:
         # remove, and would otherwise ask over the network before the next.
         self.fresh: dict[int, tuple[float, object]] = {}
         self.told = 0  # invalidations received: a reply overtaken by one is not kept
+        self.closing: list[int] = []  # server handles closed here, for the next call to a remote server
 
     # -- calls to the server ---------------------------------------------------------
 
@@ -101,7 +104,21 @@ class VmFs:
             return None  # it stopped serving meanwhile: ask where the server is now
 
     async def _remote(self, ctype, idempotent: bool, fields: dict):
-        payload = fs.FsRequest.new_message(vm=self.vm, **fields).to_bytes_packed()
+        closed, self.closing = self.closing, []
+        try:
+            reply = await self._send(ctype, idempotent, fields, closed)
+        except BaseException:
+            # Not delivered (or not known to be: a second release of a
+            # handle is nothing, and a handle of an older term is ignored).
+            self.closing[:0] = closed
+            raise
+        if reply.status < 0:
+            raise pyfuse3.FUSEError(-reply.status)
+        return fs.FsReply.from_bytes_packed(reply.payload)
+
+    async def _send(self, ctype, idempotent: bool, fields: dict, closed: list) -> Msg:
+        """The server's reply (a failure too), or FUSEError if there is none."""
+        payload = fs.FsRequest.new_message(vm=self.vm, closed=closed, **fields).to_bytes_packed()
         deadline = trio.current_time() + CALL_TIMEOUT
         while True:
             left = deadline - trio.current_time()
@@ -118,9 +135,7 @@ class VmFs:
                 raise pyfuse3.FUSEError(errno.ETIMEDOUT if err.errno in (errno.ETIMEDOUT, errno.ENOENT)
                                         else errno.EIO)
             await trio.sleep(0.2)  # no server now (a fail-over): ask again
-        if reply.status < 0:
-            raise pyfuse3.FUSEError(-reply.status)
-        return fs.FsReply.from_bytes_packed(reply.payload)
+        return reply
 
     def _local_server(self) -> FsServer | None:
         """The file server itself when it runs in this process: its calls
@@ -403,7 +418,25 @@ class VmFs:
         if node is not None:
             node.handles -= 1
             self._maybe_drop(node)
-        await self.call(Call.release, fh=h.sfh)
+        if self._local_server() is not None:
+            await self.call(Call.release, fh=h.sfh)
+            return
+        # A remote server hears of the close with this node's next call (a
+        # message less per file; a writer's data went with its writes, and a
+        # close that other nodes must see was its flush, already answered).
+        self.closing.append(h.sfh)
+        if len(self.closing) == 1:
+            self.spawn(self._close_soon)
+
+    async def _close_soon(self) -> None:
+        """Closes no other call took along within CLOSE_DELAY."""
+        await trio.sleep(CLOSE_DELAY)
+        if not self.closing:
+            return
+        try:
+            await self.call(Call.release, fh=0)  # (fh 0: nothing but what it carries)
+        except pyfuse3.FUSEError as e:
+            log.info("%s: closing %d files: %s", self.target, len(self.closing), os.strerror(e.errno))
 
     async def fsync(self, fh, datasync):
         h = self._h(fh)

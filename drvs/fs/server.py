@@ -128,8 +128,8 @@ class FsServer:
         if not self._at_once_now(msg.type):
             return None
         req, path = self._decode(msg)
-        if msg.type == Call.open and req.flags & os.O_TRUNC:
-            return None  # other nodes must drop the data first: handle()
+        if msg.type == Call.open and req.flags & os.O_TRUNC or len(req.closed):
+            return None  # other nodes must drop the data first, or releases to make: handle()
         out = fs.FsReply.new_message(epoch=self.epoch)
         try:
             self._answer(msg.type, req, path, out, msg.node or self.here, msg.payload)
@@ -143,9 +143,12 @@ class FsServer:
         if not self.epoch:
             raise IpcError(f"fs@{self.vm}: this node is not serving", errno.EREMCHG)
         req, path = self._decode(msg)
+        origin = msg.node or self.here
+        for fh in req.closed:  # closes the caller's node left for its next call
+            await self._serve(Call.release, LocalRequest(self.vm, fh=fh), b"", LocalReply(self.epoch), origin, None)
         out = fs.FsReply.new_message(epoch=self.epoch)
         try:
-            await self._serve(msg.type, req, path, out, msg.node or self.here, msg.payload)
+            await self._serve(msg.type, req, path, out, origin, msg.payload)
         except OSError as e:
             return _os_failure(e, path)
         return Msg(0, out.to_bytes_packed())
@@ -756,7 +759,7 @@ def _fill_statfs(s, v: os.statvfs_result) -> None:
 
 # -- the local path's requests and replies: FsRequest's and FsReply's shape -------------
 
-_ZERO = {"data": b"", "text": "", "bool": False}
+_ZERO = {"data": b"", "text": "", "bool": False, "list": ()}
 _REQUEST_DEFAULTS = {f: _ZERO.get(str(fs.FsRequest.schema.fields[f].proto.slot.type.which), 0)
                      for f in fs.FsRequest.schema.fieldnames if f != "caller"}
 
@@ -780,7 +783,7 @@ class LocalRequest:
 
     def fields(self) -> dict:
         """For a replica (its calls travel as FsRequest)."""
-        out = {k: v for k, v in self.__dict__.items() if k != "caller"}
+        out = {k: v for k, v in self.__dict__.items() if k != "caller" and v != ()}
         out["caller"] = {"uid": self.caller.uid, "gid": self.caller.gid, "umask": self.caller.umask}
         return out
 

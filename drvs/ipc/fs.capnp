@@ -89,6 +89,7 @@ struct FsRequest {
   lockFlock @24 :Bool;   # flock(2) locks (a space apart from fcntl's)
   lockPid @25 :Int32;    # the owner's VM pid (F_GETLK reports it)
   lockIno @26 :UInt64;   # the file by the server's inode (as a lock's reply gave it), not by path
+  closed @27 :List(UInt64); # handles the caller's node has since closed (released before this call)
 }
 
 struct Attr {

@@ -197,6 +197,32 @@ def test_an_unlinked_open_file_keeps_its_data_until_closed(fsc, d):
         assert os.fstat(reader.fileno()).st_nlink == 0
 
 
+def test_a_close_on_a_node_without_the_server_reaches_the_server(fsc, d):
+    """Closes from a node whose server is elsewhere travel with its next
+    call, or on their own soon after: the server lets go of the file."""
+    name, a, b = d
+    server = _df(fsc, "n1")["server"]
+    there = a if server == "n2" else b  # a mount on the node without the server
+    pid = fsc.node(server)["pid"]
+
+    def held() -> list[str]:
+        out = []
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except FileNotFoundError:
+                continue
+            if f"/{name}/doomed" in target:
+                out.append(target)
+        return out
+
+    with open(there / "doomed", "w") as f:
+        f.write("x" * 100_000)
+        os.unlink(there / "doomed")
+        assert held(), "the server holds the unlinked file while it is open"
+    _wait(lambda: not held(), timeout=5)
+
+
 def test_shared_writable_mappings_reach_the_file(fsc, d):
     import mmap
 
