@@ -35,6 +35,7 @@ BATCH_CALLS = 512
 BATCH_BYTES = 4 << 20
 QUEUE_BYTES = 32 << 20   # changes not yet at a replica beyond which writers wait
 SEND_TIMEOUT = 10.0
+GATHER = 0.002  # a batch nobody waits for waits this long for more calls (fewer, fuller batches)
 RETRY = 1.0
 CHUNK = 1 << 20
 # The calls a replica must make too (an open or release keeps the handle
@@ -109,6 +110,8 @@ class Mirror:
         self.lost = False    # dropped out, yet still listed in sync in etcd
         self._work = trio.Event()
         self._progress = trio.Event()
+        self._hurry = trio.Event()  # set when someone waits for the replica (fsync, a synchronous close)
+        self.waiting = 0
         self.token = trio.lowlevel.current_trio_token()
 
     # -- queue (also used outside trio, from the fabric's fast path) --
@@ -129,8 +132,13 @@ class Mirror:
         """Until the replica made call seq; OSError(EIO) if it dropped out
         and could not be struck from the in-sync replicas (it might then
         take over without this call)."""
-        while self.live and self.done < seq:
-            await self._progress.wait()
+        self.waiting += 1
+        self._hurry.set()
+        try:
+            while self.live and self.done < seq:
+                await self._progress.wait()
+        finally:
+            self.waiting -= 1
         if self.lost:
             raise OSError(errno.EIO, f"replica on {self.node} lost, and still listed in sync")
 
@@ -199,6 +207,7 @@ class Mirror:
                 await self._work.wait()
                 self._work = trio.Event()
                 continue
+            await self._gather()
             batch, size = [], 0
             while self.calls and len(batch) < BATCH_CALLS and size < BATCH_BYTES:
                 call = self.calls.pop(0)
@@ -207,6 +216,17 @@ class Mirror:
             self.bytes -= size
             await self.send(batch)
             self._advance(len(batch))
+
+    async def _gather(self) -> None:
+        """Let a small batch that no one waits for fill up a little: each
+        batch costs both nodes a message and a trip into the replica's
+        server, and a replica may lag (only fsync and synchronous closes
+        wait for it, and they do not wait here)."""
+        if self.waiting or len(self.calls) >= BATCH_CALLS or self.bytes >= BATCH_BYTES:
+            return
+        self._hurry = trio.Event()
+        with trio.move_on_after(GATHER):
+            await self._hurry.wait()
 
     async def send(self, calls: list[tuple[int, bytes]]) -> None:
         s = self.server

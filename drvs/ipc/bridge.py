@@ -95,49 +95,97 @@ def _threadless_guest_tick(self) -> None:
     """trio's GuestState.guest_tick, except for where it waits: when trio
     has nothing to run, the host loop watches trio's epoll fd (readable when
     trio's I/O is ready or trio is woken: its wake-up socket is in that
-    epoll) and trio's next deadline, instead of a worker thread blocking in
-    epoll_wait and handing the result over with call_soon_threadsafe.  A
-    capnp reply that reschedules a trio task then costs a socket write seen
-    by the same poll, not two thread switches."""
+    epoll) and trio's next deadline (_HostWait), instead of a worker thread
+    blocking in epoll_wait and handing the result over with
+    call_soon_threadsafe.  A capnp reply that reschedules a trio task then
+    costs a socket write seen by the same poll, not two thread switches."""
     from sniffio import thread_local as sniffio_library
 
     prev_library, sniffio_library.name = sniffio_library.name, "trio"
     try:
         timeout = self.unrolled_run_next_send.send(self.unrolled_run_gen)
     except StopIteration:
+        _host_wait(self).close()
         self.done_callback(self.runner.main_task_outcome)
         return
     except trio.TrioInternalError as exc:
+        _host_wait(self).close()
         self.done_callback(outcome.Error(exc))
         return
     finally:
         sniffio_library.name = prev_library
 
-    io = self.runner.io_manager
-    events = outcome.capture(io.get_events, 0)
+    events = outcome.capture(self.runner.io_manager.get_events, 0)
     if timeout <= 0 or isinstance(events, outcome.Error) or events.value:
         self.unrolled_run_next_send = events
         self.runner.guest_tick_scheduled = True
         self.run_sync_soon_not_threadsafe(self.guest_tick)
         return
     self.runner.guest_tick_scheduled = False
-    loop = asyncio.get_running_loop()
-    fd = io._epoll.fileno()
-    fired = False
+    _host_wait(self).wait(self, timeout)
 
-    def wake() -> None:
-        nonlocal fired
-        if fired:  # the fd and the timer in the same loop iteration
+
+class _HostWait:
+    """The host loop's watch over one guest run's epoll fd and next deadline.
+
+    The fd stays registered for the whole run (adding and removing a reader
+    each time trio idles costs several syscalls with uvloop); a readiness
+    while trio is busy is ignored, as trio's next tick reads its events
+    anyway.  The deadline's timer is kept while trio's next deadline stays
+    the same (to within the loop's millisecond clock)."""
+
+    FOREVER = 86400.0  # trio's longest wait: no timer needed
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, io):
+        self.loop, self.io = loop, io
+        self.fd = io._epoll.fileno()
+        self.state = None   # the guest waiting, if it is
+        self.timer: asyncio.TimerHandle | None = None
+        loop.add_reader(self.fd, self.ready)
+
+    def wait(self, state, timeout: float) -> None:
+        self.state = state
+        if timeout >= self.FOREVER:
             return
-        fired = True
-        loop.remove_reader(fd)
-        timer.cancel()
-        self.unrolled_run_next_send = outcome.capture(io.get_events, 0)
-        self.runner.guest_tick_scheduled = True
-        self.guest_tick()
+        when = self.loop.time() + timeout
+        if self.timer is not None:
+            if abs(self.timer.when() - when) < 0.001:
+                return
+            self.timer.cancel()
+        self.timer = self.loop.call_at(when, self._expired)
 
-    loop.add_reader(fd, wake)
-    timer = loop.call_later(timeout, wake)
+    def _expired(self) -> None:
+        self.timer = None
+        self.ready()
+
+    def ready(self) -> None:
+        state, self.state = self.state, None
+        if state is None:
+            return  # trio is running: its next tick reads what is ready
+        state.unrolled_run_next_send = outcome.capture(self.io.get_events, 0)
+        state.runner.guest_tick_scheduled = True
+        state.guest_tick()
+
+    def close(self) -> None:
+        """Before trio closes its epoll fd."""
+        self.state = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.fd is not None:
+            self.loop.remove_reader(self.fd)
+            self.fd = None
+
+
+def _host_wait(state) -> _HostWait:
+    """The run's _HostWait (one guest run per process at a time)."""
+    global _waiter
+    if _waiter is None or _waiter.io is not state.runner.io_manager:
+        _waiter = _HostWait(asyncio.get_running_loop(), state.runner.io_manager)
+    return _waiter
+
+
+_waiter: _HostWait | None = None
 
 
 def _threadless() -> bool:
