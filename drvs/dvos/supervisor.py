@@ -23,7 +23,7 @@ from .. import _sys
 from ..ipc.bridge import future_of
 from ..ipc.fabric import run_fast
 from ..ipc.message import IpcError, Msg
-from ..ipc.schema import pm
+from ..ipc.schema import new, pm
 from . import pidrange, syscalls
 from .handover import socket_path
 from .pm import server
@@ -225,8 +225,7 @@ class Supervisor:
         caller = Caller.read(host_pid) if peer is not None else None
         if caller is None or not _sys.id_valid(fd, nid):
             return False
-        req = pm.Signal.new_message(vm=vm, pid=target, sig=a["sig"], thread=call.name != "kill",
-                                    tgid=a.get("tgid", 0))
+        req = new(pm.Signal, vm=vm, pid=target, sig=a["sig"], thread=call.name != "kill", tgid=a.get("tgid", 0))
         caller.fill(req.caller, self.node)
         rpc = peer.node.sendrec_request()
         rpc.target = f"procs@{node}"
@@ -253,7 +252,7 @@ class Supervisor:
         caller = Caller.read(host_pid)
         if caller is None or not _sys.id_valid(fd, nid):
             return False
-        req = pm.Signal.new_message(vm=vm, pid=a["pid"] or -caller.pgid, sig=a["sig"])
+        req = new(pm.Signal, vm=vm, pid=a["pid"] or -caller.pgid, sig=a["sig"])
         caller.fill(req.caller, self.node)
         reply = run_fast(fast, f"pm@{vm}", Msg(pm.PmCall.signal, req.to_bytes_packed()))
         if reply is None:
@@ -355,7 +354,7 @@ class Supervisor:
                       info=b"") -> Reply:
         if not 0 <= sig <= MAX_SIG:
             return Reply(error=errno.EINVAL)
-        req = pm.Signal.new_message(vm=vm, pid=target, sig=sig, thread=thread, tgid=tgid, info=info)
+        req = new(pm.Signal, vm=vm, pid=target, sig=sig, thread=thread, tgid=tgid, info=info)
         caller.fill(req.caller, self.node)
         if target > 0:
             # One process: straight to its node (the pid says which).

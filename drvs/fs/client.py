@@ -22,7 +22,7 @@ import pyfuse3
 import trio
 
 from ..ipc.message import IpcError, Msg
-from ..ipc.schema import fs
+from ..ipc.schema import fs, new
 from .server import SET_ATIME, SET_GID, SET_MODE, SET_MTIME, SET_SIZE, SET_UID, FsServer, LocalRequest
 from .store import XATTR_PREFIXES, join
 
@@ -45,10 +45,24 @@ class Inode:
 
 
 class Handle:
-    __slots__ = ("sfh", "cino", "wrote", "shared")
+    """An open file here.  term: the server's term of the writes not yet
+    fsync'ed (0: none): a server of a later term may never have got them."""
+
+    __slots__ = ("sfh", "cino", "wrote", "shared", "term")
 
     def __init__(self, sfh: int, cino: int):
-        self.sfh, self.cino, self.wrote, self.shared = sfh, cino, False, False
+        self.sfh, self.cino, self.wrote, self.shared, self.term = sfh, cino, False, False, 0
+
+    def durable(self, epoch: int, done: bool) -> None:
+        """A sync answered in term epoch: EIO if writes of an earlier term
+        are in doubt (their server died before its replicas had them, as
+        NFS's write verifier tells), reported once, as Linux reports a
+        failed writeback."""
+        lost = self.term and self.term != epoch
+        if done or lost:
+            self.term = 0
+        if lost:
+            raise pyfuse3.FUSEError(errno.EIO)
 
 
 def caller(ctx) -> dict:
@@ -118,7 +132,7 @@ class VmFs:
 
     async def _send(self, ctype, idempotent: bool, fields: dict, closed: list) -> Msg:
         """The server's reply (a failure too), or FUSEError if there is none."""
-        payload = fs.FsRequest.new_message(vm=self.vm, closed=closed, **fields).to_bytes_packed()
+        payload = new(fs.FsRequest, vm=self.vm, closed=closed, **fields).to_bytes_packed()
         deadline = trio.current_time() + CALL_TIMEOUT
         while True:
             left = deadline - trio.current_time()
@@ -399,6 +413,7 @@ class VmFs:
         h.wrote = True
         r = await self.call(Call.write, fh=h.sfh, offset=off, data=buf)
         h.shared = r.shared
+        h.term = h.term or r.epoch
         return r.size
 
     async def flush(self, fh):
@@ -408,7 +423,8 @@ class VmFs:
         # says; a node that looks later finds the data as written).
         if h.wrote and h.shared:
             h.wrote = False
-            await self.call(Call.flush, fh=h.sfh)
+            r = await self.call(Call.flush, fh=h.sfh)
+            h.durable(r.epoch, done=False)  # (a close waits for the replicas only on a synchronous VM)
 
     async def release(self, fh):
         h = self.handles.pop(fh, None)
@@ -441,7 +457,8 @@ class VmFs:
     async def fsync(self, fh, datasync):
         h = self._h(fh)
         h.wrote = False
-        await self.call(Call.fsync, fh=h.sfh, flags=1 if datasync else 0)
+        r = await self.call(Call.fsync, fh=h.sfh, flags=1 if datasync else 0)
+        h.durable(r.epoch, done=True)
 
     async def opendir(self, inode, ctx):
         self.path(inode)  # ESTALE now rather than at readdir

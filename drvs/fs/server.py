@@ -30,7 +30,7 @@ import trio
 from .. import _fs
 from ..errors import SetupError
 from ..ipc.message import IpcError, Msg, failure
-from ..ipc.schema import fs
+from ..ipc.schema import fs, new
 from . import replica
 from .locks import LockTable
 from .replica import MIRRORED, PUT_CALLS, Builder, Mirror
@@ -130,7 +130,7 @@ class FsServer:
         req, path = self._decode(msg)
         if msg.type == Call.open and req.flags & os.O_TRUNC or len(req.closed):
             return None  # other nodes must drop the data first, or releases to make: handle()
-        out = fs.FsReply.new_message(epoch=self.epoch)
+        out = new(fs.FsReply, epoch=self.epoch)
         try:
             self._answer(msg.type, req, path, out, msg.node or self.here, msg.payload)
         except OSError as e:
@@ -146,7 +146,7 @@ class FsServer:
         origin = msg.node or self.here
         for fh in req.closed:  # closes the caller's node left for its next call
             await self._serve(Call.release, LocalRequest(self.vm, fh=fh), b"", LocalReply(self.epoch), origin, None)
-        out = fs.FsReply.new_message(epoch=self.epoch)
+        out = new(fs.FsReply, epoch=self.epoch)
         try:
             await self._serve(msg.type, req, path, out, origin, msg.payload)
         except OSError as e:
@@ -216,7 +216,7 @@ class FsServer:
             return {}
         short = ctype == Call.write and out.size < len(req.data)
         if ctype in (Call.open, Call.create) or payload is None or short:
-            b = req.as_builder() if payload is not None else fs.FsRequest.new_message(**req.fields())
+            b = req.as_builder() if payload is not None else new(fs.FsRequest, **req.fields())
             if ctype in (Call.open, Call.create):  # the replica's handle is the one given here
                 b.fh, b.origin = out.fh, origin
             if short:  # (a full disk): the replica writes what was written here

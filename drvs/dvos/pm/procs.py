@@ -15,7 +15,7 @@ import time
 from ... import _sys
 from .. import pidrange
 from ...ipc.message import IpcError, Msg
-from ...ipc.schema import pm
+from ...ipc.schema import new, pm
 from ...ns import cell as cells
 
 log = logging.getLogger("drvmmd")
@@ -123,7 +123,7 @@ class NodeProcs:
     def signal(self, msg: Msg) -> Msg:
         req = decode(pm.Signal, msg)
         delivered, denied = self.deliver(req)
-        return Msg(0, pm.SignalReply.new_message(delivered=delivered, denied=denied).to_bytes_packed())
+        return Msg(0, new(pm.SignalReply, delivered=delivered, denied=denied).to_bytes_packed())
 
     def deliver(self, req) -> tuple[int, int]:
         """Signal what req names among this node's processes of req.vm;
