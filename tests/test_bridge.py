@@ -6,6 +6,8 @@ import asyncio
 import hashlib
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -203,3 +205,52 @@ def test_wire_reports_a_peer_that_went_away(tmp_path):
         t.join(5)
         listener.close()
         os.unlink(path)
+
+
+NEVER_WAITS = r"""
+import pytest, trio
+from drvs.ipc import bridge
+
+async def returns():
+    return 7
+
+async def fails():
+    raise ValueError("no")
+
+async def waits():
+    await trio.sleep(0.01)
+    return 8
+
+assert bridge.run(returns) == 7
+try:
+    bridge.run(fails)
+except BaseExceptionGroup as e:
+    assert e.subgroup(ValueError) is not None
+else:
+    raise AssertionError("no error")
+assert bridge.run(waits) == 8
+assert bridge.run(returns) == 7
+print("ok")
+"""
+
+
+def test_a_run_that_never_waits_ends():
+    """A trio main that returns or fails before ever blocking still ends the
+    run (with its value or its exception), run after run.  (In a child
+    process: the failure this guards against is a hang.)"""
+    p = subprocess.run([sys.executable, "-c", NEVER_WAITS], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout == "ok\n", p.stderr
+
+
+def test_near_deadlines_are_kept_without_spinning():
+    """Sleeps shorter than the host loop's millisecond clock still end, on
+    time to within a few milliseconds."""
+
+    async def main():
+        t = time.monotonic()
+        for _ in range(50):
+            await trio.sleep(0.0003)
+        return time.monotonic() - t
+
+    took = bridge.run(main)
+    assert 0.015 <= took < 0.5

@@ -14,6 +14,7 @@ twice (a create then says EEXIST), as with NFS.  The kernel caches entries, attr
 TIMEOUT; the server tells this node (fsc@NODE, drvs/dvos/view.py) to drop
 what another node changed, so the timeout only bounds a lost message."""
 
+import contextlib
 import errno
 import logging
 import os
@@ -31,6 +32,7 @@ Call = fs.FsCall
 TIMEOUT = 10.0        # seconds the kernel trusts entries and attributes without asking
 CALL_TIMEOUT = 10.0   # a call the server does not answer within this fails (EIO, ETIMEDOUT)
 CLOSE_DELAY = 0.05    # a close waits this long for a call to travel with (see release)
+CLOSE_GIVE_UP = 60.0  # closes not delivered by then are dropped (and logged)
 TAG_SHIFT = 48
 MASK = (1 << TAG_SHIFT) - 1
 GEN_SHIFT = 40        # below the VM's tag: the server's term, as this node counts them
@@ -38,31 +40,20 @@ RETRY_ERRNOS = {errno.ENOENT, errno.ECONNRESET, errno.ECONNREFUSED, errno.EHOSTU
 
 
 class Inode:
-    __slots__ = ("cino", "parent", "name", "lookups", "handles")
+    """term: the server's term of writes to the file not yet fsync'ed (0:
+    none): a server of a later term may never have got them."""
+
+    __slots__ = ("cino", "parent", "name", "lookups", "handles", "term")
 
     def __init__(self, cino: int):
-        self.cino, self.parent, self.name, self.lookups, self.handles = cino, None, b"", 0, 0
+        self.cino, self.parent, self.name, self.lookups, self.handles, self.term = cino, None, b"", 0, 0, 0
 
 
 class Handle:
-    """An open file here.  term: the server's term of the writes not yet
-    fsync'ed (0: none): a server of a later term may never have got them."""
-
-    __slots__ = ("sfh", "cino", "wrote", "shared", "term")
+    __slots__ = ("sfh", "cino", "wrote", "shared")
 
     def __init__(self, sfh: int, cino: int):
-        self.sfh, self.cino, self.wrote, self.shared, self.term = sfh, cino, False, False, 0
-
-    def durable(self, epoch: int, done: bool) -> None:
-        """A sync answered in term epoch: EIO if writes of an earlier term
-        are in doubt (their server died before its replicas had them, as
-        NFS's write verifier tells), reported once, as Linux reports a
-        failed writeback."""
-        lost = self.term and self.term != epoch
-        if done or lost:
-            self.term = 0
-        if lost:
-            raise pyfuse3.FUSEError(errno.EIO)
+        self.sfh, self.cino, self.wrote, self.shared = sfh, cino, False, False
 
 
 def caller(ctx) -> dict:
@@ -92,7 +83,9 @@ class VmFs:
         # remove, and would otherwise ask over the network before the next.
         self.fresh: dict[int, tuple[float, object]] = {}
         self.told = 0  # invalidations received: a reply overtaken by one is not kept
+        self.busy: dict[int, list[int]] = {}  # inode -> [its changes in flight here, changes started]
         self.closing: list[int] = []  # server handles closed here, for the next call to a remote server
+        self.closer = False           # _close_soon is on its way
 
     # -- calls to the server ---------------------------------------------------------
 
@@ -124,7 +117,9 @@ class VmFs:
         except BaseException:
             # Not delivered (or not known to be: a second release of a
             # handle is nothing, and a handle of an older term is ignored).
-            self.closing[:0] = closed
+            if closed:
+                self.closing[:0] = closed
+                self._close_later()
             raise
         if reply.status < 0:
             raise pyfuse3.FUSEError(-reply.status)
@@ -276,8 +271,11 @@ class VmFs:
     async def getattr(self, inode, ctx=None):
         fresh = self.fresh.get(inode & MASK)
         if fresh is not None:
-            if trio.current_time() < fresh[0]:
-                return self._attr(fresh[1])
+            left = fresh[0] - trio.current_time()
+            if left > 0:
+                e = self._attr(fresh[1])
+                e.attr_timeout = left  # (the kernel's copy expires with ours)
+                return e
             del self.fresh[inode & MASK]
         node = self.inodes.get(inode & MASK)
         handle = self._handle_of(node) if node is not None and node.handles else None
@@ -300,29 +298,55 @@ class VmFs:
         args = dict(setMask=mask, mode=attr.st_mode, uid=attr.st_uid, gid=attr.st_gid, size=attr.st_size,
                     atimeNs=attr.st_atime_ns, mtimeNs=attr.st_mtime_ns)
         h = self.handles.get(fh) if fh is not None else None
-        self.fresh.pop(inode & MASK, None)
-        if h is not None:
-            r = await self.call(Call.setattr, fh=h.sfh, **args)
-        else:
-            r = await self.call(Call.setattr, path=self.path(inode), **args)
+        with self._changing(inode & MASK):
+            if h is not None:
+                r = await self.call(Call.setattr, fh=h.sfh, **args)
+            else:
+                r = await self.call(Call.setattr, path=self.path(inode), **args)
         return self._attr(r.attr)
 
     async def readlink(self, inode, ctx):
         return bytes((await self.call(Call.readlink, idempotent=True, path=self.path(inode))).data)
 
-    def _post_op(self, dino: int, r, told: int) -> None:
-        """Keep the directory's attributes after a change made here (see
-        self.fresh), unless an invalidation came in meanwhile."""
+    @contextlib.contextmanager
+    def _changing(self, *cinos):
+        """Around a change this node makes to these inodes: their kept
+        attributes go, and a reply's post-op attributes are kept (_post_op)
+        only if no other change of the directory here overlapped it (a
+        slower reply would store older ones) and no invalidation came."""
+        marks = {}
+        for cino in cinos:
+            if cino is None or cino in marks:
+                continue
+            self.fresh.pop(cino, None)
+            b = self.busy.setdefault(cino, [0, 0])
+            b[0] += 1
+            b[1] += 1
+            marks[cino] = b[1]
+        marks["told"] = self.told
+        try:
+            yield marks
+        finally:
+            for cino in marks:
+                if cino == "told":
+                    continue
+                b = self.busy[cino]
+                b[0] -= 1
+                if not b[0]:
+                    del self.busy[cino]
+
+    def _post_op(self, dino: int, r, marks: dict) -> None:
         a = r.dirAttr
-        if a.ino and self.told == told and self._c(a.ino) == dino:
+        if (a.ino and self.told == marks["told"] and self.busy.get(dino) == [1, marks[dino]]
+                and self._c(a.ino) == dino):
             self.fresh[dino] = (trio.current_time() + TIMEOUT, a)
         else:
             self.fresh.pop(dino, None)
 
     async def _make(self, ctype, parent, name, ctx, **fields):
-        told = self.told
-        r = await self.call(ctype, path=join(self.path(parent), name), caller=caller(ctx), **fields)
-        self._post_op(parent & MASK, r, told)
+        with self._changing(parent & MASK) as marks:
+            r = await self.call(ctype, path=join(self.path(parent), name), caller=caller(ctx), **fields)
+            self._post_op(parent & MASK, r, marks)
         return self._entry(parent & MASK, name, r.attr)
 
     async def mknod(self, parent, name, mode, rdev, ctx):
@@ -335,10 +359,9 @@ class VmFs:
         return await self._make(Call.symlink, parent, name, ctx, data=target)
 
     async def link(self, inode, new_parent, new_name, ctx):
-        told = self.told
-        r = await self.call(Call.link, path=self.path(inode), path2=join(self.path(new_parent), new_name))
-        self._post_op(new_parent & MASK, r, told)
-        self.fresh.pop(inode & MASK, None)  # its link count changed
+        with self._changing(new_parent & MASK, inode & MASK) as marks:  # (its link count changes)
+            r = await self.call(Call.link, path=self.path(inode), path2=join(self.path(new_parent), new_name))
+            self._post_op(new_parent & MASK, r, marks)
         return self._entry(new_parent & MASK, new_name, r.attr)
 
     async def unlink(self, parent, name, ctx):
@@ -348,20 +371,16 @@ class VmFs:
         await self._remove(Call.rmdir, parent, name)
 
     async def _remove(self, ctype, parent, name) -> None:
-        told = self.told
-        r = await self.call(ctype, path=join(self.path(parent), name))
-        self._post_op(parent & MASK, r, told)
-        gone = self.entries.get((parent & MASK, name))
-        if gone is not None:
-            self.fresh.pop(gone, None)
+        with self._changing(parent & MASK, self.entries.get((parent & MASK, name))) as marks:
+            r = await self.call(ctype, path=join(self.path(parent), name))
+            self._post_op(parent & MASK, r, marks)
         self._forget_entry(parent & MASK, name)
 
     async def rename(self, old_parent, old_name, new_parent, new_name, flags, ctx):
         d1, d2 = old_parent & MASK, new_parent & MASK
-        for cino in (d1, d2, self.entries.get((d1, old_name)), self.entries.get((d2, new_name))):
-            self.fresh.pop(cino, None)
-        await self.call(Call.rename, path=join(self.path(old_parent), old_name),
-                        path2=join(self.path(new_parent), new_name), flags=flags)
+        with self._changing(d1, d2, self.entries.get((d1, old_name)), self.entries.get((d2, new_name))):
+            await self.call(Call.rename, path=join(self.path(old_parent), old_name),
+                            path2=join(self.path(new_parent), new_name), flags=flags)
         moved = self.entries.pop((d1, old_name), None)
         replaced = self.entries.pop((d2, new_name), None)
         if flags & pyfuse3.RENAME_EXCHANGE and replaced is not None:
@@ -392,10 +411,10 @@ class VmFs:
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     async def create(self, parent, name, mode, flags, ctx):
-        told = self.told
-        r = await self.call(Call.create, path=join(self.path(parent), name), flags=flags, mode=mode,
-                            caller=caller(ctx))
-        self._post_op(parent & MASK, r, told)
+        with self._changing(parent & MASK) as marks:
+            r = await self.call(Call.create, path=join(self.path(parent), name), flags=flags, mode=mode,
+                                caller=caller(ctx))
+            self._post_op(parent & MASK, r, marks)
         entry = self._entry(parent & MASK, name, r.attr)
         return self._opened(r), entry
 
@@ -413,7 +432,9 @@ class VmFs:
         h.wrote = True
         r = await self.call(Call.write, fh=h.sfh, offset=off, data=buf)
         h.shared = r.shared
-        h.term = h.term or r.epoch
+        node = self.inodes.get(h.cino)
+        if node is not None and not node.term:
+            node.term = r.epoch
         return r.size
 
     async def flush(self, fh):
@@ -424,7 +445,7 @@ class VmFs:
         if h.wrote and h.shared:
             h.wrote = False
             r = await self.call(Call.flush, fh=h.sfh)
-            h.durable(r.epoch, done=False)  # (a close waits for the replicas only on a synchronous VM)
+            self._durable(h, r.epoch, done=r.synced)  # (a close waits for replicas on a synchronous VM)
 
     async def release(self, fh):
         h = self.handles.pop(fh, None)
@@ -441,24 +462,58 @@ class VmFs:
         # message less per file; a writer's data went with its writes, and a
         # close that other nodes must see was its flush, already answered).
         self.closing.append(h.sfh)
-        if len(self.closing) == 1:
+        self._close_later()
+
+    def _close_later(self) -> None:
+        if not self.closer:
+            self.closer = True
             self.spawn(self._close_soon)
 
     async def _close_soon(self) -> None:
-        """Closes no other call took along within CLOSE_DELAY."""
-        await trio.sleep(CLOSE_DELAY)
-        if not self.closing:
-            return
+        """Closes no other call took along within CLOSE_DELAY go on their
+        own, to whichever server serves now (the local one by its handle);
+        given up on after CLOSE_GIVE_UP (a server that stays away closes a
+        departed node's files itself)."""
         try:
-            await self.call(Call.release, fh=0)  # (fh 0: nothing but what it carries)
-        except pyfuse3.FUSEError as e:
-            log.info("%s: closing %d files: %s", self.target, len(self.closing), os.strerror(e.errno))
+            await trio.sleep(CLOSE_DELAY)
+            give_up = trio.current_time() + CLOSE_GIVE_UP
+            while self.closing:
+                try:
+                    if self._local_server() is not None:
+                        while self.closing:
+                            await self.call(Call.release, fh=self.closing[0])
+                            self.closing.pop(0)
+                    else:
+                        await self.call(Call.release, fh=0)  # (fh 0: nothing but the closes it carries)
+                except pyfuse3.FUSEError as e:
+                    if trio.current_time() > give_up:
+                        log.info("%s: %d closes not delivered: %s", self.target, len(self.closing),
+                                 os.strerror(e.errno))
+                        self.closing.clear()
+                    else:
+                        await trio.sleep(1)
+        finally:
+            self.closer = False
 
     async def fsync(self, fh, datasync):
         h = self._h(fh)
         h.wrote = False
         r = await self.call(Call.fsync, fh=h.sfh, flags=1 if datasync else 0)
-        h.durable(r.epoch, done=True)
+        self._durable(h, r.epoch, done=True)
+
+    def _durable(self, h: Handle, epoch: int, done: bool) -> None:
+        """A sync of h's file answered in term epoch: EIO if writes of an
+        earlier term are in doubt (their server died before its replicas
+        had them, as NFS's write verifier tells), reported once, as Linux
+        reports a failed writeback."""
+        node = self.inodes.get(h.cino)
+        if node is None:
+            return
+        lost = node.term and node.term != epoch
+        if done or lost:
+            node.term = 0
+        if lost:
+            raise pyfuse3.FUSEError(errno.EIO)
 
     async def opendir(self, inode, ctx):
         self.path(inode)  # ESTALE now rather than at readdir
@@ -509,16 +564,16 @@ class VmFs:
     async def setxattr(self, inode, name, value, ctx):
         if not name.startswith(XATTR_PREFIXES):
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
-        self.fresh.pop(inode & MASK, None)  # (its ctime)
-        await self.call(Call.setxattr, path=self.path(inode), name=name, data=value)
+        with self._changing(inode & MASK):  # (its ctime)
+            await self.call(Call.setxattr, path=self.path(inode), name=name, data=value)
 
     async def listxattr(self, inode, ctx):
         data = bytes((await self.call(Call.listxattr, idempotent=True, path=self.path(inode))).data)
         return [n for n in data.split(b"\0") if n]
 
     async def removexattr(self, inode, name, ctx):
-        self.fresh.pop(inode & MASK, None)
-        await self.call(Call.removexattr, path=self.path(inode), name=name)
+        with self._changing(inode & MASK):
+            await self.call(Call.removexattr, path=self.path(inode), name=name)
 
     def forget(self, cino: int, n: int) -> None:
         node = self.inodes.get(cino)

@@ -197,6 +197,7 @@ class FsServer:
         elif ctype == Call.flush and self.sync:  # a synchronous VM: a close returns once replicas have it
             for mirror in list(self.mirrors.values()):
                 await mirror.wait(mirror.pushed)
+            out.synced = True
 
     async def _room(self) -> None:
         """Wait while changes are held, or while a replica is far behind."""
@@ -808,10 +809,11 @@ class LocalStatFs:
 
 class LocalReply:
     __slots__ = ("attr", "fh", "data", "size", "entries", "more", "statfs", "epoch", "shared",
-                 "lockType", "lockStart", "lockEnd", "lockPid", "dirAttr")
+                 "lockType", "lockStart", "lockEnd", "lockPid", "dirAttr", "synced")
 
     def __init__(self, epoch: int):
         self.attr, self.fh, self.data, self.size, self.dirAttr = LocalAttr(), 0, b"", 0, LocalAttr()
+        self.synced = False
         self.entries, self.more, self.statfs, self.epoch, self.shared = [], False, LocalStatFs(), epoch, False
         self.lockType, self.lockStart, self.lockEnd, self.lockPid = 0, 0, 0, 0
 

@@ -105,11 +105,11 @@ def _threadless_guest_tick(self) -> None:
     try:
         timeout = self.unrolled_run_next_send.send(self.unrolled_run_gen)
     except StopIteration:
-        _host_wait(self).close()
+        _end_wait(self)
         self.done_callback(self.runner.main_task_outcome)
         return
     except trio.TrioInternalError as exc:
-        _host_wait(self).close()
+        _end_wait(self)
         self.done_callback(outcome.Error(exc))
         return
     finally:
@@ -131,28 +131,37 @@ class _HostWait:
     The fd stays registered for the whole run (adding and removing a reader
     each time trio idles costs several syscalls with uvloop); a readiness
     while trio is busy is ignored, as trio's next tick reads its events
-    anyway.  The deadline's timer is kept while trio's next deadline stays
-    the same (to within the loop's millisecond clock)."""
+    anyway.  The deadline's timer is kept while it fires no later than
+    trio's next deadline and at most 1 ms before it (uvloop's clock counts
+    milliseconds; an early firing just waits again)."""
 
     FOREVER = 86400.0  # trio's longest wait: no timer needed
+    GRAIN = 0.001      # shorter waits are rounded up to this (no spinning on a near deadline)
 
     def __init__(self, loop: asyncio.AbstractEventLoop, io):
         self.loop, self.io = loop, io
         self.fd = io._epoll.fileno()
         self.state = None   # the guest waiting, if it is
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer: asyncio.Handle | None = None
+        self.when = 0.0     # when the timer fires, in the loop's time
         loop.add_reader(self.fd, self.ready)
 
     def wait(self, state, timeout: float) -> None:
         self.state = state
         if timeout >= self.FOREVER:
+            self._drop_timer()
             return
-        when = self.loop.time() + timeout
+        when = self.loop.time() + max(timeout, self.GRAIN)
         if self.timer is not None:
-            if abs(self.timer.when() - when) < 0.001:
+            if 0 <= when - self.when < self.GRAIN:
                 return
             self.timer.cancel()
-        self.timer = self.loop.call_at(when, self._expired)
+        self.timer, self.when = self.loop.call_at(when, self._expired), when
+
+    def _drop_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
     def _expired(self) -> None:
         self.timer = None
@@ -167,22 +176,31 @@ class _HostWait:
         state.guest_tick()
 
     def close(self) -> None:
-        """Before trio closes its epoll fd."""
+        """At the end of the run (trio has closed its epoll: the reader is
+        dropped for the loop's sake; the kernel already forgot it)."""
         self.state = None
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self._drop_timer()
         if self.fd is not None:
             self.loop.remove_reader(self.fd)
             self.fd = None
 
 
 def _host_wait(state) -> _HostWait:
-    """The run's _HostWait (one guest run per process at a time)."""
+    """The run's _HostWait, made at its first wait (one guest run per
+    process at a time; runs may follow each other)."""
     global _waiter
     if _waiter is None or _waiter.io is not state.runner.io_manager:
         _waiter = _HostWait(asyncio.get_running_loop(), state.runner.io_manager)
     return _waiter
+
+
+def _end_wait(state) -> None:
+    """The run ended: drop its _HostWait if it has one (a run that never
+    waited has none, and its epoll is closed by now: never make one)."""
+    global _waiter
+    if _waiter is not None and _waiter.io is state.runner.io_manager:
+        _waiter.close()
+        _waiter = None
 
 
 _waiter: _HostWait | None = None

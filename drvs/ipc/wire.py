@@ -43,6 +43,8 @@ class Wire(asyncio.BufferedProtocol):
         self.wanted = False         # capnp has a read outstanding (it "resumed" us)
         self.throttled = False      # we paused the real transport
         self.eof = False            # the peer shut its side; told capnp once pending is taken
+        self.lost: tuple | None = None  # (exc,): the transport is gone; told capnp once pending is taken
+        self.closed = False         # capnp closed us
         self.out: list[bytes] = []  # pieces of the message being written
         self.table = bytearray()    # the segment table being written, until complete
         self.left = -1              # bytes of the current message still to come; -1: between messages
@@ -81,7 +83,11 @@ class Wire(asyncio.BufferedProtocol):
     def connection_lost(self, exc):
         if self.flush_soon is not None:
             self.flush_soon.cancel()
-        self.inner.connection_lost(exc)
+            self.flush_soon = None
+        if self.pending or self.eof:
+            self.lost = (exc,)  # what came before the end is capnp's first (TLS closes at once)
+        else:
+            self.inner.connection_lost(exc)
 
     def pause_writing(self):
         self.inner.pause_writing()
@@ -113,8 +119,11 @@ class Wire(asyncio.BufferedProtocol):
             self.transport.resume_reading()
         if self.eof and not self.pending:
             self.eof = False
-            if not self.inner.eof_received() and self.transport is not None:
+            if not self.inner.eof_received() and self.transport is not None and self.lost is None:
                 self.transport.close()
+        if self.lost is not None and not self.pending and not self.eof:
+            (exc,), self.lost = self.lost, None
+            self.inner.connection_lost(exc)
 
     # -- pycapnp's protocol calls these (the transport API it uses) ----------
 
@@ -123,7 +132,7 @@ class Wire(asyncio.BufferedProtocol):
 
     def resume_reading(self):
         self.wanted = True
-        if self.pending or self.eof:
+        if self.pending or self.eof or self.lost is not None:
             self._pump()
 
     def write(self, data):
@@ -170,9 +179,14 @@ class Wire(asyncio.BufferedProtocol):
             self.transport.write(data)
 
     def is_closing(self):
+        if self.closed:
+            return True
+        if self.pending or self.eof or self.lost is not None:
+            return False  # capnp may still read what came before the end
         return self.transport is None or self.transport.is_closing()
 
     def close(self):
+        self.closed = True
         if self.transport is not None:
             self.flush()
             self.transport.close()
