@@ -99,11 +99,13 @@ def main() -> int:
                                          capture_output=True, text=True)
         drvs("vm", "create", "web", "--node", "n1", "--node", "n2")
         drvs("vm", "create", "solo", "--node", "n1")
-        for node in info["nodes"]:
-            for vm in ("web", "solo"):
-                data = f"{node['state_dir']}/vms/{vm}/data"
-                os.makedirs(data, exist_ok=True)
-                shutil.copy(f"{work}/callloop", data)
+        n1_view = f"{info['nodes'][0]['state_dir']}/dvos/fs"
+        for vm in ("web", "solo"):  # a jail's /data is its VM's file system, the same on every node
+            deadline = time.monotonic() + 30
+            while not os.path.isdir(f"{n1_view}/{vm}"):
+                assert time.monotonic() < deadline, f"fs@{vm} not served"
+                time.sleep(0.1)
+            shutil.copy(f"{work}/callloop", f"{n1_view}/{vm}")
         far = subprocess.Popen([f"{BIN}/drvs-run", "--vm", "web", "--node", "n2", "--", "sleep", "600"],
                                env={**env, "DRVS_NODE": "n1"})
         try:
