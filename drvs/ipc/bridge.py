@@ -22,6 +22,7 @@ epoll fd, so one thread and one poll serve both.  See docs/architecture.md.
 
 import asyncio
 import logging
+import threading
 
 import outcome
 import trio
@@ -140,6 +141,7 @@ class _HostWait:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, io):
         self.loop, self.io = loop, io
+        self.thread = threading.get_ident()
         self.fd = io._epoll.fileno()
         self.state = None   # the guest waiting, if it is
         self.timer: asyncio.Handle | None = None
@@ -225,7 +227,24 @@ def _threadless() -> bool:
         log.warning("trio %s: unknown guest-mode internals; its I/O waits stay in a thread", trio.__version__)
         return False
     guest.guest_tick = _threadless_guest_tick
+    _run.Runner.force_guest_tick_asap = _force_guest_tick_asap
     return True
+
+
+def _force_guest_tick_asap(self) -> None:
+    """trio's Runner.force_guest_tick_asap: a task was rescheduled while the
+    guest waits.  From the host loop's own thread (a capnp reply, a capnp
+    call into trio) the tick is simply scheduled there, without the write
+    to trio's wake-up socket that the loop would then see in trio's epoll;
+    from anywhere else, as trio does."""
+    if self.guest_tick_scheduled:
+        return
+    self.guest_tick_scheduled = True
+    w = _waiter
+    if w is not None and w.state is not None and w.io is self.io_manager and threading.get_ident() == w.thread:
+        w.loop.call_soon(w.ready)
+    else:
+        self.io_manager.force_wakeup()
 
 
 # -- asyncio side ------------------------------------------------------------
