@@ -254,3 +254,92 @@ def test_near_deadlines_are_kept_without_spinning():
 
     took = bridge.run(main)
     assert 0.015 <= took < 0.5
+
+
+BYE_SERVER = r"""
+import asyncio, socket, sys
+import capnp
+from drvs.ipc import wire
+from drvs.ipc.fabric import Tls
+from drvs.ipc.schema import fabric
+
+made = []
+
+
+class ClosingWire(wire.Wire):
+    # closes its transport right after the next message it sends
+    def __init__(self, inner, peer_of=None):
+        super().__init__(inner, peer_of)
+        self.close_after = False
+        made.append(self)
+
+    def flush(self):
+        super().flush()
+        if self.close_after and self.transport is not None:
+            self.transport.close()
+
+
+class ByeNode(fabric.Node.Server):
+    async def echo(self, data, _context, **kwargs):
+        if bytes(data).startswith(b"bye"):
+            made[-1].close_after = True
+        return data
+
+
+async def main():
+    async with capnp.kj_loop():
+        async def callback(stream):
+            await capnp.TwoPartyServer(stream, bootstrap=ByeNode()).on_disconnect()
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        loop = asyncio.get_running_loop()
+        await loop.create_server(lambda: ClosingWire(capnp.AsyncIoStream._connect(callback)), sock=sock,
+                                 ssl=Tls(*sys.argv[1:4]).server_context())
+        print(sock.getsockname()[1], flush=True)
+        await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+class SlowWire(wire.Wire):
+    """A client Wire that stalls its thread after sending "bye...", so that
+    the reply and the TLS close that follows it are both waiting when it
+    reads again (as on a busy node)."""
+
+    def flush(self):
+        stall = any(bytes(piece).find(b"bye") >= 0 for piece in self.out)
+        super().flush()
+        if stall:
+            time.sleep(0.2)
+
+
+def test_a_reply_sent_just_before_a_tls_close_is_delivered(tmp_path):
+    """A TLS peer replies and closes at once: TLS ends the transport as the
+    close is read, and what came before it must still reach capnp."""
+    ca, ca_key = pki.make_ca(str(tmp_path / "ca"), "t")
+    s = pki.issue(ca, ca_key, "s", "127.0.0.1", str(tmp_path / "s"))
+    c = pki.issue(ca, ca_key, "c", "127.0.0.1", str(tmp_path / "c"))
+    server = subprocess.Popen([sys.executable, "-c", BYE_SERVER, s["ca"], s["cert"], s["key"]],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(server.stdout.readline())
+        bye = b"bye" + b"!" * 100_000  # a reply longer than capnp's first read
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            made = loop.create_future()
+            await aio(loop.create_connection(
+                lambda: SlowWire(capnp.AsyncIoStream._connect(lambda st: made.done() or made.set_result(st))),
+                host="127.0.0.1", port=port, ssl=Tls(c["ca"], c["cert"], c["key"]).client_context(),
+                server_hostname="s"))
+            client = capnp.TwoPartyClient(await bridge.aio_future(made))
+            cap = client.bootstrap().cast_as(fabric.Node)
+            assert bytes((await capnp_await(cap.echo(b"hello"))).data) == b"hello"
+            with trio.fail_after(10):
+                return bytes((await capnp_await(cap.echo(bye))).data) == bye
+
+        assert bridge.run(main)
+    finally:
+        server.kill()
+        server.wait()
