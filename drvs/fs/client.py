@@ -56,6 +56,16 @@ class Handle:
         self.sfh, self.cino, self.wrote, self.shared = sfh, cino, False, False
 
 
+class _Change:
+    """One change in flight here: the invalidations seen when it began, and
+    the number it drew for each inode it changes (see VmFs._changing)."""
+
+    __slots__ = ("told", "started")
+
+    def __init__(self, told: int):
+        self.told, self.started = told, {}
+
+
 def caller(ctx) -> dict:
     return {"uid": ctx.uid, "gid": ctx.gid, "umask": ctx.umask} if ctx is not None else {}
 
@@ -314,39 +324,36 @@ class VmFs:
         attributes go, and a reply's post-op attributes are kept (_post_op)
         only if no other change of the directory here overlapped it (a
         slower reply would store older ones) and no invalidation came."""
-        marks = {}
+        change = _Change(self.told)
         for cino in cinos:
-            if cino is None or cino in marks:
+            if cino is None or cino in change.started:
                 continue
             self.fresh.pop(cino, None)
             b = self.busy.setdefault(cino, [0, 0])
             b[0] += 1
             b[1] += 1
-            marks[cino] = b[1]
-        marks["told"] = self.told
+            change.started[cino] = b[1]
         try:
-            yield marks
+            yield change
         finally:
-            for cino in marks:
-                if cino == "told":
-                    continue
+            for cino in change.started:
                 b = self.busy[cino]
                 b[0] -= 1
                 if not b[0]:
                     del self.busy[cino]
 
-    def _post_op(self, dino: int, r, marks: dict) -> None:
+    def _post_op(self, dino: int, r, change: "_Change") -> None:
         a = r.dirAttr
-        if (a.ino and self.told == marks["told"] and self.busy.get(dino) == [1, marks[dino]]
+        if (a.ino and self.told == change.told and self.busy.get(dino) == [1, change.started[dino]]
                 and self._c(a.ino) == dino):
             self.fresh[dino] = (trio.current_time() + TIMEOUT, a)
         else:
             self.fresh.pop(dino, None)
 
     async def _make(self, ctype, parent, name, ctx, **fields):
-        with self._changing(parent & MASK) as marks:
+        with self._changing(parent & MASK) as change:
             r = await self.call(ctype, path=join(self.path(parent), name), caller=caller(ctx), **fields)
-            self._post_op(parent & MASK, r, marks)
+            self._post_op(parent & MASK, r, change)
         return self._entry(parent & MASK, name, r.attr)
 
     async def mknod(self, parent, name, mode, rdev, ctx):
@@ -359,9 +366,9 @@ class VmFs:
         return await self._make(Call.symlink, parent, name, ctx, data=target)
 
     async def link(self, inode, new_parent, new_name, ctx):
-        with self._changing(new_parent & MASK, inode & MASK) as marks:  # (its link count changes)
+        with self._changing(new_parent & MASK, inode & MASK) as change:  # (its link count changes)
             r = await self.call(Call.link, path=self.path(inode), path2=join(self.path(new_parent), new_name))
-            self._post_op(new_parent & MASK, r, marks)
+            self._post_op(new_parent & MASK, r, change)
         return self._entry(new_parent & MASK, new_name, r.attr)
 
     async def unlink(self, parent, name, ctx):
@@ -371,9 +378,9 @@ class VmFs:
         await self._remove(Call.rmdir, parent, name)
 
     async def _remove(self, ctype, parent, name) -> None:
-        with self._changing(parent & MASK, self.entries.get((parent & MASK, name))) as marks:
+        with self._changing(parent & MASK, self.entries.get((parent & MASK, name))) as change:
             r = await self.call(ctype, path=join(self.path(parent), name))
-            self._post_op(parent & MASK, r, marks)
+            self._post_op(parent & MASK, r, change)
         self._forget_entry(parent & MASK, name)
 
     async def rename(self, old_parent, old_name, new_parent, new_name, flags, ctx):
@@ -411,10 +418,10 @@ class VmFs:
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     async def create(self, parent, name, mode, flags, ctx):
-        with self._changing(parent & MASK) as marks:
+        with self._changing(parent & MASK) as change:
             r = await self.call(Call.create, path=join(self.path(parent), name), flags=flags, mode=mode,
                                 caller=caller(ctx))
-            self._post_op(parent & MASK, r, marks)
+            self._post_op(parent & MASK, r, change)
         entry = self._entry(parent & MASK, name, r.attr)
         return self._opened(r), entry
 
