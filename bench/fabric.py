@@ -21,7 +21,7 @@ import textwrap
 CLIENT = textwrap.dedent(r'''
     import json, statistics, sys, time
     import capnp, trio
-    from drvs.ipc import bridge
+    from drvs.ipc import bridge, wire
     from drvs.ipc.bridge import capnp_await, aio
     from drvs.ipc.fabric import Tls
     from drvs.ipc.message import Msg
@@ -36,8 +36,8 @@ CLIENT = textwrap.dedent(r'''
 
     async def connect(address, name):
         tls = Tls(**cfg["tls"])
-        stream = await aio(capnp.AsyncIoStream.create_connection(address, 7700, ssl=tls.client_context(),
-                                                                 server_hostname=name))
+        # the fabric's own transport (pycapnp's stream crashes on uvloop, the host loop)
+        stream = await aio(wire.connect(host=address, port=7700, ssl=tls.client_context(), server_hostname=name))
         client = capnp.TwoPartyClient(stream)
         return client, client.bootstrap().cast_as(fabric.Node)
 

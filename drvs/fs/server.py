@@ -145,7 +145,7 @@ class FsServer:
         req, path = self._decode(msg)
         origin = msg.node or self.here
         for fh in req.closed:  # closes the caller's node left for its next call
-            await self._serve(Call.release, LocalRequest(self.vm, fh=fh), b"", LocalReply(self.epoch), origin, None)
+            await self._release_for(origin, fh)
         out = new(fs.FsReply, epoch=self.epoch)
         try:
             await self._serve(msg.type, req, path, out, origin, msg.payload)
@@ -303,11 +303,12 @@ class FsServer:
             gone = [fh for fh, f in self.files.items() if f.node == node]
             log.info("fs@%s: node %s left; closing its %d open files", self.vm, node, len(gone))
             for fh in gone:
-                req = fs.FsRequest.new_message(vm=self.vm, fh=fh)
-                changed = self.release(req, b"", None, node)
-                self._mirror(Call.release, req, req.to_bytes_packed(), None, node)
-                if changed is not None:
-                    await self._tell(node, changed)
+                await self._release_for(node, fh)
+
+    async def _release_for(self, node: str, fh: int) -> None:
+        """Release a handle for node, as its own release call would (the
+        replicas close it too; nodes caching what it wrote are told)."""
+        await self._serve(Call.release, LocalRequest(self.vm, fh=fh), b"", LocalReply(self.epoch), node, None)
 
     async def apply(self, batch) -> list[int]:
         """As a replica: make the server's calls, in order; each one's status."""
