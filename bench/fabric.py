@@ -5,8 +5,9 @@ a raw trio TCP echo between the same two network namespaces.
 
 Brings up a 2-node dev cluster (network namespaces, etcd, drvmmd per node),
 runs the measuring client inside n1's namespace, and takes the cluster down.
-Cases: Node.sendrec to drvmm@n2 (cross-node, TLS) and to drvmm@n1 (local
-node), with 32-byte and 64 KiB payloads; calls/s with 16 in flight; the raw
+Cases: Node.sendrec on the fabric's message lane (Cap'n Proto RPC level 0,
+TLS), as one node's drvmmd calls another, to drvmm@n2 (cross-node) and to
+drvmm@n1 (local node), with 32-byte and 64 KiB payloads; calls/s with 16 in flight; the raw
 echo is a trio TCP server in n2's namespace and a trio client in n1's."""
 
 import argparse
@@ -20,12 +21,11 @@ import textwrap
 
 CLIENT = textwrap.dedent(r'''
     import json, statistics, sys, time
-    import capnp, trio
-    from drvs.ipc import bridge, wire
-    from drvs.ipc.bridge import capnp_await, aio
-    from drvs.ipc.fabric import Tls
+    import trio
+    from drvs.ipc import bridge
+    from drvs.ipc.fabric import Location, Tls, open_lane
     from drvs.ipc.message import Msg
-    from drvs.ipc.schema import fabric, drvmm
+    from drvs.ipc.schema import drvmm
 
     cfg = json.loads(sys.argv[1])
     N = cfg["n"]
@@ -35,21 +35,15 @@ CLIENT = textwrap.dedent(r'''
         return {"median_us": statistics.median(xs) * 1e6, "p99_us": xs[int(len(xs) * 0.99) - 1] * 1e6}
 
     async def connect(address, name):
-        tls = Tls(**cfg["tls"])
-        # the fabric's own transport (pycapnp's stream crashes on uvloop, the host loop)
-        stream = await aio(wire.connect(host=address, port=7700, ssl=tls.client_context(), server_hostname=name))
-        client = capnp.TwoPartyClient(stream)
-        return client, client.bootstrap().cast_as(fabric.Node)
+        # the fabric's own message lane (Cap'n Proto RPC level 0 over TLS), as drvmmd calls another node
+        return await open_lane(Location(name, address, 7700), Tls(**cfg["tls"]))
 
-    async def sendrec(node, target, payload):
-        req = node.sendrec_request()
-        req.target = target
-        Msg(drvmm.DrvmmCall.ping, payload).fill(req.init("msg"))
-        r = await capnp_await(req.send())
-        assert r.reply.status == 0 and len(r.reply.payload) == len(payload)
+    async def sendrec(lane, target, payload):
+        r = await lane.request(target, Msg(drvmm.DrvmmCall.ping, payload), 5000)
+        assert r.status == 0 and len(r.payload) == len(payload)
 
     async def rpc_case(address, name, target, size):
-        client, node = await connect(address, name)
+        node = await connect(address, name)
         payload = b"x" * size
         for _ in range(100):
             await sendrec(node, target, payload)

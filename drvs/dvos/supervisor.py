@@ -20,7 +20,6 @@ import socket
 import trio
 
 from .. import _sys
-from ..ipc.bridge import future_of
 from ..ipc.fabric import run_fast
 from ..ipc.message import IpcError, Msg
 from ..ipc.schema import new, pm
@@ -221,26 +220,29 @@ class Supervisor:
         if target <= 0 or (call.name != "kill" and a.get("tgid", 1) <= 0):
             return False
         node = self.owners.get(pidrange.index_of(target))
-        peer = self.fabric.peers.get(node) if node else None
-        caller = Caller.read(host_pid) if peer is not None else None
+        lane = self.fabric.lanes.get(node) if node else None
+        caller = Caller.read(host_pid) if lane is not None and not lane.closed else None
         if caller is None or not _sys.id_valid(fd, nid):
             return False
         req = new(pm.Signal, vm=vm, pid=target, sig=a["sig"], thread=call.name != "kill", tgid=a.get("tgid", 0))
         caller.fill(req.caller, self.node)
-        rpc = peer.node.sendrec_request()
-        rpc.target = f"procs@{node}"
-        Msg(pm.PmCall.signal, req.to_bytes_packed()).fill(rpc.init("msg"))
-        rpc.timeoutMs = int(FORWARD_TIMEOUT * 1000)
-        fut, value = future_of(rpc.send())
-        self._inflight[fd] = self._inflight.get(fd, 0) + 1
         again = lambda: retry(notif)  # noqa: E731
-        if fut is None:  # answered already
-            self._forwarded(fd, nid, node, peer, again, value, None)
-            return True
+        timer = None
+
         # The reply is awaited with a callback and a timer, not a task: on
         # this path every microsecond is the program's.
-        timer = asyncio.get_running_loop().call_later(FORWARD_TIMEOUT + 1, fut.cancel)
-        fut.add_done_callback(lambda f: (timer.cancel(), self._forwarded(fd, nid, node, peer, again, None, f)))
+        def done(reply, error):
+            timer.cancel()
+            self._forwarded(fd, nid, node, lane, again, reply, error)
+
+        def late():
+            lane.cancel(qid)
+            self._forwarded(fd, nid, node, lane, again, None, TimeoutError())
+
+        qid = lane.sendrec(f"procs@{node}", Msg(pm.PmCall.signal, req.to_bytes_packed()),
+                           int(FORWARD_TIMEOUT * 1000), done)
+        self._inflight[fd] = self._inflight.get(fd, 0) + 1
+        timer = asyncio.get_running_loop().call_later(FORWARD_TIMEOUT + 1, late)
         return True
 
     def _group_here(self, vm: str, fd: int, nid: int, host_pid: int, a: dict) -> bool:
@@ -261,31 +263,29 @@ class Supervisor:
         _sys.respond(fd, nid, 0, error, False)
         return True
 
-    def _forwarded(self, fd: int, nid: int, node: str, peer, retry, result, fut) -> None:
-        """Answer a forwarded call from its reply (result, or the future
-        that carries it).  A connection found broken (its node's drvmmd
-        restarted, say) is dropped and the call goes to the trio lane, which
-        connects again: the target is most likely alive."""
-        error = errno.ESRCH
+    def _forwarded(self, fd: int, nid: int, node: str, lane, retry, reply, error) -> None:
+        """Answer a forwarded call from its reply (or error).  A connection
+        found broken (its node's drvmmd restarted, say) is dropped and the
+        call goes to the trio lane, which connects again: the target is most
+        likely alive."""
+        err = errno.ESRCH
         answer = True
         try:
-            if fut is not None and fut.cancelled():
+            if isinstance(error, TimeoutError):
                 log.info("signal to node %s: no answer within %g s", node, FORWARD_TIMEOUT)
+            elif error is not None:
+                raise error
             else:
-                if fut is not None and fut.exception() is not None:
-                    raise fut.exception()
-                reply = (result if fut is None else fut.result()).reply
-                error = reply_errno(Msg.from_capnp(reply))
+                err = reply_errno(reply)
         except Exception as e:  # noqa: BLE001 - the connection broke
             log.info("signal to node %s: %s; connecting again", node, e)
-            if self.fabric.peers.get(node) is peer:
-                self.fabric.peers.pop(node)
+            self.fabric.drop_lane(node, lane)
             answer = False
             retry()
         finally:
             if answer:
                 try:
-                    _sys.respond(fd, nid, 0, error, False)
+                    _sys.respond(fd, nid, 0, err, False)
                 except OSError:
                     pass
             self._inflight[fd] -= 1

@@ -22,7 +22,7 @@ import time
 import capnp
 import trio
 
-from . import wire
+from . import level0, wire
 from .bridge import aio, capnp_await, current_guest
 from .message import NOTIFY, IpcError, Msg, failure
 from .schema import fabric as schema
@@ -34,6 +34,10 @@ FABRIC_PORT = 7700
 DEFAULT_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 3.0
 RESOLVE_TTL = 1.0  # seconds an endpoint's location is trusted without asking etcd
+# The TLS application protocol (ALPN) of the message lane: a connection that
+# asks for it is served at Cap'n Proto RPC level 0 (drvs.ipc.level0); others
+# get pycapnp's full RPC, which Node.run needs (it passes capabilities).
+LANE_ALPN = "drvs-msg/1"
 
 
 def check_name(name: str) -> str:
@@ -68,18 +72,46 @@ class Location:
 
 
 class Peer:
-    """One RPC connection to another node's drvmmd."""
+    """One full-RPC connection to another node's drvmmd (for Node.run)."""
 
     def __init__(self, client, node_cap, address: tuple[str, int]):
         self.client, self.node, self.address = client, node_cap, address
 
 
+class Lane(level0.Client):
+    """The message lane to another node's drvmmd: Node's data-only calls at
+    Cap'n Proto RPC level 0 (~30 µs less per round trip than pycapnp)."""
+
+    def __init__(self, node: str, address: tuple[str, int], on_lost=None):
+        super().__init__(schema.Node, on_lost=on_lost and (lambda: on_lost(self)))
+        self.node, self.address = node, address
+
+    @staticmethod
+    def _params(target: str, msg: Msg, timeout_ms: int):
+        def fill(p):
+            p.target = target
+            msg.fill(p.init("msg"))
+            p.timeoutMs = timeout_ms
+        return fill
+
+    def sendrec(self, target: str, msg: Msg, timeout_ms: int, done) -> int:
+        """Send msg; done(reply Msg or None, RpcError or None) on the loop."""
+        return self.call("sendrec", self._params(target, msg, timeout_ms),
+                         lambda r, e: done(None if r is None else Msg.from_capnp(r.reply), e))
+
+    async def request(self, target: str, msg: Msg, timeout_ms: int) -> Msg:
+        """trio: sendrec; level0.RpcError if the call failed."""
+        return Msg.from_capnp((await level0.call(self, "sendrec", self._params(target, msg, timeout_ms))).reply)
+
+
 class Fabric:
-    def __init__(self, etcd, member, port: int = FABRIC_PORT, tls: "Tls | None" = None):
+    def __init__(self, etcd, member, port: int, tls: "Tls"):
         self.etcd, self.member, self.port, self.tls = etcd, member, port, tls
         self.name = member.name
         self.handlers: dict[str, object] = {}
-        self.peers: dict[str, Peer] = {}
+        self.peers: dict[str, Peer] = {}  # full RPC, made when a program is run on a node
+        self.lanes: dict[str, Lane] = {}  # the message lane to each node called
+        self.connecting: dict[str, trio.Event] = {}  # lanes being connected
         self.locations: dict[str, tuple[float, Location]] = {}  # endpoint -> (when resolved, where)
         self.fast: dict[str, object] = {}  # endpoint -> its fast path (see register)
         self.servers = []
@@ -100,12 +132,16 @@ class Fabric:
         async def local(stream):
             await _serve_connection(stream, NodeServer(self, guest, local=True))
 
-        ctx = self.tls.server_context() if self.tls else None
+        def lane(transport):
+            return NodeLane(self, guest, peer_name(transport.get_extra_info("peercert"))).protocol()
+
+        ctx = self.tls.server_context()
         listener = live_socket()  # accepted connections inherit its keepalive settings
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((host, self.port))
         self.servers.append(await aio(wire.serve(
-            remote, sock=listener, ssl=ctx, peer_of=lambda t: peer_name(t.get_extra_info("peercert")))))
+            remote, sock=listener, ssl=ctx, peer_of=lambda t: peer_name(t.get_extra_info("peercert")),
+            alpn={LANE_ALPN: lane})))
         if unix_path:
             os.makedirs(os.path.dirname(unix_path), mode=0o700, exist_ok=True)
             os.chmod(os.path.dirname(unix_path), 0o700)
@@ -216,7 +252,7 @@ class Fabric:
                     continue  # it moved (the node did not take the message): ask etcd, send again
                 return reply
             except trio.TooSlowError:
-                self.peers.pop(loc.node, None)  # a silent connection is not used again
+                self.drop_lane(loc.node)  # a silent connection is not used again
                 raise IpcError(f"{target}: no reply from node {loc.node} within {timeout:g} s", errno.ETIMEDOUT)
             except IpcError as e:
                 self.locations.pop(target, None)
@@ -225,31 +261,55 @@ class Fabric:
         raise AssertionError("unreachable")
 
     async def _remote(self, loc: Location, target: str, msg: Msg, timeout: float) -> Msg:
-        peer = await self.peer(loc)
-        req = peer.node.sendrec_request()
-        req.target = target
-        msg.fill(req.init("msg"))
-        req.timeoutMs = min(int(timeout * 1000), 0xFFFFFFFF)
+        lane = await self.lane(loc)
         try:
-            result = await capnp_await(req.send())
-        except capnp.KjException as e:
-            self.peers.pop(loc.node, None)
-            if e.type == "DISCONNECTED":
+            return await lane.request(target, msg, min(int(timeout * 1000), 0xFFFFFFFF))
+        except level0.RpcError as e:
+            if e.kind == "disconnected":
+                self.drop_lane(loc.node, lane)
                 raise IpcError(f"{target}: connection to node {loc.node} lost", errno.ECONNRESET) from None
-            raise IpcError(f"{target}: {e.description}", errno.EIO) from None
-        return Msg.from_capnp(result.reply)
+            raise IpcError(f"{target}: {e.reason}", errno.EIO) from None
+
+    async def lane(self, loc: Location) -> Lane:
+        """The message lane to loc's node, connected if need be."""
+        lane = self.lanes.get(loc.node)
+        if lane is not None and not lane.closed and lane.address == (loc.address, loc.port):
+            return lane
+        pending = self.connecting.get(loc.node)
+        if pending is not None:  # another task is connecting: one connection per node
+            await pending.wait()
+            return await self.lane(loc)
+        self.drop_lane(loc.node)  # none yet, or the node moved to another address
+        self.connecting[loc.node] = pending = trio.Event()
+        try:
+            lane = await open_lane(loc, self.tls, on_lost=self._lane_lost)
+        finally:
+            del self.connecting[loc.node]
+            pending.set()
+        self.lanes[loc.node] = lane
+        return lane
+
+    def _lane_lost(self, lane: Lane) -> None:
+        if self.lanes.get(lane.node) is lane:
+            del self.lanes[lane.node]
+
+    def drop_lane(self, node: str, lane: Lane | None = None) -> None:
+        """Close node's lane (that one, if given): its next call connects anew."""
+        current = self.lanes.get(node)
+        if current is not None and (lane is None or current is lane):
+            del self.lanes[node]
+            current.close()
 
     async def peer(self, loc: Location) -> Peer:
         peer = self.peers.get(loc.node)
         if peer is not None and peer.address == (loc.address, loc.port):
             return peer
         self.peers.pop(loc.node, None)  # none yet, or the node moved to another address
-        ctx = self.tls.client_context() if self.tls else None
         sock = live_socket()
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
                 await aio(asyncio.get_running_loop().sock_connect(sock, (loc.address, loc.port)))
-                stream = await aio(wire.connect(sock=sock, ssl=ctx, server_hostname=loc.node if ctx else None))
+                stream = await aio(wire.connect(sock=sock, ssl=self.tls.client_context(), server_hostname=loc.node))
         except (OSError, trio.TooSlowError) as e:
             sock.close()
             raise IpcError(f"node {loc.node} at {loc.address}:{loc.port} unreachable: {e}", errno.ECONNRESET) from None
@@ -339,6 +399,26 @@ class Fabric:
             return failure(errno.EIO, f"{target}: server error: {type(e).__name__}: {e}")
 
 
+async def open_lane(loc: Location, tls: "Tls", on_lost=None) -> Lane:
+    """trio: a message lane to loc's node (TLS, ALPN LANE_ALPN).
+    on_lost(lane) is called when the connection ends."""
+    sock = live_socket()
+    try:
+        with trio.fail_after(CONNECT_TIMEOUT):
+            loop = asyncio.get_running_loop()
+            await aio(loop.sock_connect(sock, (loc.address, loc.port)))
+            transport, lane = await aio(loop.create_connection(
+                lambda: Lane(loc.node, (loc.address, loc.port), on_lost),
+                sock=sock, ssl=tls.client_context(alpn=LANE_ALPN), server_hostname=loc.node))
+    except (OSError, trio.TooSlowError) as e:
+        sock.close()
+        raise IpcError(f"node {loc.node} at {loc.address}:{loc.port} unreachable: {e}", errno.ECONNRESET) from None
+    if transport.get_extra_info("ssl_object").selected_alpn_protocol() != LANE_ALPN:
+        transport.close()
+        raise IpcError(f"node {loc.node} does not serve the fabric's message lane (an older drvmmd?)", errno.EPROTO)
+    return lane
+
+
 def peer_name(cert: dict | None) -> str:
     """The node a certificate of the cluster CA names (its DNS name)."""
     for kind, value in (cert or {}).get("subjectAltName", ()):
@@ -381,14 +461,7 @@ class NodeServer(schema.Node.Server):
         return m
 
     async def info(self, _context, **kwargs):
-        f = self.fabric
-        info = _context.results.init("info")
-        info.name, info.address = f.name, f.member.address
-        info.version = __import__("drvs").__version__
-        info.cluster = getattr(f.member, "cluster", "")
-        eps = info.init("endpoints", len(f.handlers))
-        for i, name in enumerate(sorted(f.handlers)):
-            eps[i] = name
+        fill_info(self.fabric, _context.results.init("info"))
 
     async def sendrec_context(self, _context):
         # (the _context form: pycapnp then skips its per-call wrapper that
@@ -449,6 +522,75 @@ class NodeServer(schema.Node.Server):
                        spawner=fabric.spawner)
         await self.guest.call_trio(fabric.start_run, rr)
         _context.results.process = ProcessServer(rr, self.guest)
+
+
+class NodeLane:
+    """Node's data-only methods for one peer node, served at Cap'n Proto
+    RPC level 0 (the message lane, see LANE_ALPN).  What an endpoint's fast
+    path answers is answered as the call arrives; the rest runs as a trio
+    task, cancelled if the caller gives up."""
+
+    def __init__(self, fabric: Fabric, guest, peer: str):
+        self.fabric, self.guest, self.peer = fabric, guest, peer
+
+    def protocol(self) -> level0.Server:
+        return level0.Server(schema.Node, {"sendrec": self.sendrec, "send": self.send, "notify": self.notify,
+                                           "echo": self.echo, "info": self.info})
+
+    def _incoming(self, msg) -> Msg:
+        m = Msg.from_capnp(msg)
+        m.node = self.peer
+        return m
+
+    def sendrec(self, answer: level0.Answer, params) -> None:
+        target, m, timeout_ms = params.target, self._incoming(params.msg), params.timeoutMs
+        fabric = self.fabric
+        fast = fabric.fast.get(target)
+        if fast is not None and fabric.source_ok(m) is True:
+            reply = run_fast(fast, target, m)
+            if reply is not None:
+                return answer.reply(lambda r: reply.fill(r.init("reply")))
+        self._in_trio(answer, lambda r, reply: reply.fill(r.init("reply")),
+                      fabric.deliver, target, m, timeout_ms / 1000 if timeout_ms else None)
+
+    def send(self, answer: level0.Answer, params) -> None:
+        self._in_trio(answer, None, self.fabric.deliver, params.target, self._incoming(params.msg))
+
+    def notify(self, answer: level0.Answer, params) -> None:
+        m = Msg(NOTIFY, source=params.source)
+        m.node = self.peer
+        self._in_trio(answer, None, self.fabric.deliver, params.target, m)
+
+    def echo(self, answer: level0.Answer, params) -> None:
+        data = bytes(params.data)
+        answer.reply(lambda r: setattr(r, "data", data))
+
+    def info(self, answer: level0.Answer, params) -> None:
+        answer.reply(lambda r: fill_info(self.fabric, r.init("info")))
+
+    def _in_trio(self, answer: level0.Answer, fill, afn, *args) -> None:
+        scope = trio.CancelScope()
+        answer.on_cancel = scope.cancel
+
+        async def serve():
+            with scope:
+                try:
+                    result = await afn(*args)
+                except Exception as e:  # noqa: BLE001 - deliver() makes failures replies; this is a bug
+                    log.exception("message lane: %s", getattr(afn, "__name__", afn))
+                    return answer.fail(f"server error: {type(e).__name__}: {e}")
+                answer.reply(None if fill is None else lambda r: fill(r, result))
+
+        self.guest.nursery.start_soon(serve)
+
+
+def fill_info(f: Fabric, info) -> None:
+    info.name, info.address = f.name, f.member.address
+    info.version = __import__("drvs").__version__
+    info.cluster = getattr(f.member, "cluster", "")
+    eps = info.init("endpoints", len(f.handlers))
+    for i, name in enumerate(sorted(f.handlers)):
+        eps[i] = name
 
 
 class ProcessServer(schema.Process.Server):
@@ -519,12 +661,15 @@ class Tls:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=self.ca)
         ctx.load_cert_chain(self.cert, self.key)
         ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.set_alpn_protocols([LANE_ALPN])  # clients that ask for none get full RPC
         return ctx
 
-    def client_context(self) -> ssl.SSLContext:
+    def client_context(self, alpn: str | None = None) -> ssl.SSLContext:
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca)
         ctx.load_cert_chain(self.cert, self.key)
         ctx.check_hostname = True  # the peer's certificate names the node we meant
+        if alpn:
+            ctx.set_alpn_protocols([alpn])
         return ctx
 
 

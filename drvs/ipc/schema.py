@@ -34,3 +34,7 @@ def new(struct, **fields):
         else:
             setattr(m, name, value)
     return m
+
+
+# The RPC protocol's own messages, for drvs.ipc.level0.
+rpc = capnp.load(os.path.join(os.path.dirname(capnp.__file__), "rpc.capnp"), imports=_IMPORTS)

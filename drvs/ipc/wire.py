@@ -218,14 +218,33 @@ async def connect(*, path: str | None = None, **kwargs):
     return await made
 
 
-async def serve(callback, *, path: str | None = None, peer_of=None, **kwargs):
+class _Switch(asyncio.Protocol):
+    """A connection's first protocol, there only to choose the real one by
+    the TLS application protocol (ALPN) its client asked for."""
+
+    def __init__(self, default, alpn: dict):
+        self.default, self.alpn = default, alpn
+
+    def connection_made(self, transport):
+        ssl_object = transport.get_extra_info("ssl_object")
+        make = self.alpn.get(ssl_object.selected_alpn_protocol() if ssl_object else None)
+        protocol = make(transport) if make else self.default()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+
+
+async def serve(callback, *, path: str | None = None, peer_of=None, alpn: dict | None = None, **kwargs):
     """An asyncio server whose connections are capnp streams handed to
     callback(stream) (a coroutine function, run as a task).  peer_of(transport),
-    when given, is what PEER holds while callback's task is made."""
+    when given, is what PEER holds while callback's task is made.  alpn:
+    {name: make(transport) -> protocol} for the connections whose client
+    asked for that TLS application protocol."""
     loop = asyncio.get_running_loop()
 
-    def factory():
+    def wire():
         return Wire(capnp.AsyncIoStream._connect(callback), peer_of)
+
+    factory = (lambda: _Switch(wire, alpn)) if alpn else wire
 
     if path is not None:
         return await loop.create_unix_server(factory, path, **kwargs)

@@ -63,7 +63,9 @@ async def serve_node(cfg: config.Config, info: dict, interval: float) -> None:
     from . import reconcile
     from .spawner import Spawner
 
-    tls = Tls(**info["tls"]) if info.get("tls") else None
+    if not info.get("tls"):
+        raise SetupError(f"{cfg.state_dir}/cluster.json: no TLS credentials for the fabric (join this node again)")
+    tls = Tls(**info["tls"])
     async with etcd_client(info) as etcd:
         member = Member(etcd, info["node"], info["address"], node_uid(cfg))
         fabric = Fabric(etcd, member, info.get("port", FABRIC_PORT), tls)
@@ -74,7 +76,7 @@ async def serve_node(cfg: config.Config, info: dict, interval: float) -> None:
                 fabric.nursery = nursery
                 await member.join_with_backoff()
                 await fabric.listen(info["address"], client.socket_path(cfg.state_dir))
-                if tls and bootstrap.serving_ca(cfg.state_dir):
+                if bootstrap.serving_ca(cfg.state_dir):
                     from ..ipc.bridge import current_guest
 
                     join_service = bootstrap.server_class()(cfg.state_dir, info, etcd, current_guest())

@@ -1,0 +1,472 @@
+"""Cap'n Proto RPC at level 0, in Python, for calls that carry no capabilities.
+
+pycapnp's RPC costs ~35 µs of Python per call on each side here (a Task per
+served call, kj's event loop scheduled through asyncio, a wrapper object per
+step): cross-node, more than the network's own round trip.  The fabric's
+message calls (Node.sendrec, send, notify, echo, info) carry only data, so
+they need only the protocol's level 0 (rpc.capnp: Bootstrap, Call, Return,
+Finish, Release, Abort, Unimplemented), which this module speaks directly on
+an asyncio transport: one message parsed and one built per call and side,
+no tasks.  The messages are the standard ones, so a pycapnp client can call
+a Server here and a Client here can call a pycapnp server (tests check both).
+Calls whose parameters or results hold capabilities (Node.run) stay on
+pycapnp's full RPC.
+
+    server = Server(fabric.Node, {"echo": handler, ...})   # an asyncio protocol
+        handler(answer, params): answer.reply(fill) now or later, or answer.fail(reason)
+    client = Client(fabric.Node)                            # an asyncio protocol
+        qid = client.call("echo", fill, done)   done(results, error), on the loop
+        client.cancel(qid)
+    await call(client, "echo", fill)           trio: the results (a reader)
+
+Both run on the loop's thread (the trio guest's too); nothing here blocks.
+"""
+
+import asyncio
+import logging
+import struct
+
+import capnp
+import outcome
+import trio
+
+from .schema import rpc
+
+log = logging.getLogger("drvs.level0")
+
+MAX_SEGMENTS = 512        # kj's own reader refuses more
+MAX_WORDS = 8 << 20       # 64 MiB, kj's default traversal limit
+NESTING = 64
+_U32 = struct.Struct("<I")
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol: the connection is aborted."""
+
+
+class RpcError(Exception):
+    """A call failed: the peer's exception (kind as rpc.capnp names it), or
+    the connection ended ("disconnected")."""
+
+    def __init__(self, reason: str, kind: str = "failed"):
+        super().__init__(reason)
+        self.reason, self.kind = reason, kind
+
+
+def _methods(interface) -> dict[str, tuple[int, object, object]]:
+    """name -> (method id, params schema, results schema)."""
+    s = interface.schema
+    return {m.name: (i, s.methods[m.name].param_type, s.methods[m.name].result_type)
+            for i, m in enumerate(s.node.interface.methods)}
+
+
+class _Connection(asyncio.Protocol):
+    """The stream framing both ends share (a table: u32 segment count - 1,
+    u32 words per segment, padded to 8 bytes; then the segments), whole
+    messages handed to received()."""
+
+    def __init__(self):
+        self.transport = None
+        self.closed = False
+        self.parts: list[bytes] = []  # the start of a message still incomplete
+        self.have = 0
+        self.need = 0                 # bytes of parts needed before trying again
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        if self.parts:
+            self.parts.append(data)
+            self.have += len(data)
+            if self.have < self.need:
+                return
+            data = b"".join(self.parts)
+            self.parts = []
+        try:
+            used, need = self._messages(data)
+        except (ProtocolError, capnp.KjException) as e:
+            self.abort(f"bad message: {e}")
+            return
+        if used < len(data) and not self.closed:
+            rest = data[used:]
+            self.parts, self.have, self.need = [rest], len(rest), need
+
+    def _messages(self, data) -> tuple[int, int]:
+        """Hand each whole message in data to received(); (bytes used, bytes
+        the next message needs from there)."""
+        view = memoryview(data)
+        n, off = len(data), 0
+        while not self.closed:
+            if n - off < 8:
+                return off, 8
+            count = _U32.unpack_from(data, off)[0] + 1
+            if count > MAX_SEGMENTS:
+                raise ProtocolError(f"{count} segments")
+            head = (4 * count + 11) & ~7
+            if n - off < head:
+                return off, head
+            sizes = struct.unpack_from(f"<{count}I", data, off + 4)
+            words = sum(sizes)
+            if words > MAX_WORDS:
+                raise ProtocolError(f"{words * 8} bytes, more than {MAX_WORDS * 8}")
+            end = off + head + 8 * words
+            if end > n:
+                return off, end - off
+            segments, p = [], off + head
+            for size in sizes:
+                segments.append(view[p:p + 8 * size])
+                p += 8 * size
+            off = end
+            self.received(rpc.Message.from_segments(
+                segments, traversal_limit_in_words=MAX_WORDS, nesting_limit=NESTING))
+        return n, 0
+
+    def received(self, m) -> None:
+        raise NotImplementedError
+
+    def send(self, m) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(m.to_bytes())
+
+    def eof_received(self):
+        return False  # close
+
+    def connection_lost(self, exc):
+        self.closed = True
+
+    def abort(self, reason: str) -> None:
+        """Tell the peer why (Abort) and close."""
+        if self.closed:
+            return
+        log.info("level-0 RPC connection aborted: %s", reason)
+        m = rpc.Message.new_message()
+        e = m.init("abort")
+        e.reason, e.type = reason, "failed"
+        self.send(m)
+        self.closed = True
+        self.transport.close()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def unimplemented(self, m) -> None:
+        """What level 0 does not do: sent back, as the protocol asks."""
+        out = rpc.Message.new_message()
+        out.unimplemented = m
+        self.send(out)
+
+
+# -- serving -----------------------------------------------------------------
+
+class Answer:
+    """One call being served: answered once, by reply() or fail().  If the
+    caller gives up first (Finish), on_cancel() is called when set, and the
+    caller is told the call was cancelled."""
+
+    __slots__ = ("conn", "qid", "results", "done", "on_cancel")
+
+    def __init__(self, conn: "Server", qid: int, results=None):
+        self.conn, self.qid, self.results = conn, qid, results
+        self.done = False
+        self.on_cancel = None
+
+    def _return(self):
+        self.done = True
+        self.conn.answers.pop(self.qid, None)
+        m = rpc.Message.new_message()
+        r = m.init("return")
+        r.answerId = self.qid
+        r.noFinishNeeded = True  # no capabilities in the results: nothing to release
+        return m, r
+
+    def reply(self, fill=None) -> None:
+        """Answer with results; fill(results builder) sets them."""
+        if self.done:
+            return
+        m, r = self._return()
+        results = r.init("results").content.as_struct(self.results)
+        if fill is not None:
+            fill(results)
+        self.conn.send(m)
+
+    def fail(self, reason: str, kind: str = "failed") -> None:
+        if self.done:
+            return
+        m, r = self._return()
+        e = r.init("exception")
+        e.reason, e.type = reason, kind
+        self.conn.send(m)
+
+    def _cancelled(self) -> None:
+        if self.done:
+            return
+        m, r = self._return()
+        r.canceled = None
+        self.conn.send(m)
+        if self.on_cancel is not None:
+            self.on_cancel()
+
+
+class Server(_Connection):
+    """Serves one capability, the connection's bootstrap interface, whose
+    methods named in handlers are answered here; others fail as
+    unimplemented (a caller with capabilities to pass uses full RPC)."""
+
+    def __init__(self, interface, handlers: dict):
+        super().__init__()
+        self.iid = interface.schema.node.id
+        self.table = {mid: (handlers[name], params, results)
+                      for name, (mid, params, results) in _methods(interface).items() if name in handlers}
+        self.answers: dict[int, Answer] = {}
+        self.bootstraps: set[int] = set()  # questions whose answer is our capability
+
+    def received(self, m) -> None:
+        which = m.which()
+        if which == "call":
+            self._call(m.call)
+        elif which == "finish":
+            self._finish(m.finish.questionId)
+        elif which == "bootstrap":
+            self._bootstrap(m.bootstrap.questionId)
+        elif which == "release":
+            pass  # our one capability lives as long as the connection
+        elif which == "abort":
+            log.info("level-0 RPC: the peer aborted: %s", m.abort.reason)
+            self.close()
+        elif which == "unimplemented":
+            log.info("level-0 RPC: the peer did not understand a %s", m.unimplemented.which())
+        else:
+            self.unimplemented(m)
+
+    def _call(self, c) -> None:
+        qid = c.questionId
+        if qid in self.answers:
+            raise ProtocolError(f"question {qid} asked twice")
+        answer = Answer(self, qid)
+        target = c.target
+        if target.which() == "importedCap":
+            ours = target.importedCap == 0
+        else:
+            pa = target.promisedAnswer
+            ours = pa.questionId in self.bootstraps and len(pa.transform) == 0
+        entry = self.table.get(c.methodId) if c.interfaceId == self.iid else None
+        if not ours:
+            return answer.fail("call to a capability this connection does not have")
+        if entry is None or c.sendResultsTo.which() != "caller":
+            return answer.fail(f"method {c.interfaceId:#x}.{c.methodId} not served on this connection",
+                               "unimplemented")
+        handler, params, answer.results = entry
+        self.answers[qid] = answer
+        try:
+            handler(answer, c.params.content.as_struct(params))
+        except capnp.KjException as e:  # malformed parameters
+            answer.fail(f"bad parameters: {e.description}")
+        except Exception as e:  # noqa: BLE001 - a server bug fails the call, not the connection
+            log.exception("level-0 RPC: method %d", c.methodId)
+            answer.fail(f"server error: {type(e).__name__}: {e}")
+
+    def _finish(self, qid: int) -> None:
+        self.bootstraps.discard(qid)
+        answer = self.answers.get(qid)
+        if answer is not None:
+            answer._cancelled()
+
+    def _bootstrap(self, qid: int) -> None:
+        if qid in self.answers or qid in self.bootstraps:
+            raise ProtocolError(f"question {qid} asked twice")
+        self.bootstraps.add(qid)
+        self.transport.write(_bootstrap_return(qid))
+
+    def connection_lost(self, exc):
+        super().connection_lost(exc)
+        for answer in list(self.answers.values()):
+            answer.done = True
+            if answer.on_cancel is not None:
+                answer.on_cancel()
+        self.answers.clear()
+
+
+def _bootstrap_return(qid: int) -> bytes:
+    """Return{answerId: qid, results: {content: capability 0, capTable:
+    [senderHosted 0]}}.  pycapnp cannot put a capability into an AnyPointer
+    without a live client, so the content pointer is written by hand: a
+    capability pointer is the word 3 | index << 32 (encoding spec, "Other
+    pointers").  The walk below follows the struct pointers the builder made
+    (Message -> Return -> Payload) to that pointer's word."""
+    m = rpc.Message.new_message()
+    r = m.init("return")
+    r.answerId = qid
+    caps = r.init("results").init("capTable", 1)
+    caps[0].senderHosted = 0
+    segments = m.to_segments()
+    if len(segments) != 1:
+        raise AssertionError("bootstrap return spans segments")
+    words = memoryview(bytearray(segments[0])).cast("Q")
+
+    def pointers(at: int) -> int:
+        """Where the pointer section of the struct that word `at` points to begins."""
+        w = words[at]
+        offset = (w >> 2) & 0x3FFFFFFF
+        if offset & 0x20000000:
+            offset -= 0x40000000
+        return at + 1 + offset + ((w >> 32) & 0xFFFF)
+
+    content = pointers(pointers(pointers(0)))  # Message.return -> Return.results -> Payload.content
+    if words[content] != 0:
+        raise AssertionError("bootstrap return: content pointer not where expected")
+    words[content] = 3  # capability 0 of the table
+    body = words.cast("B").tobytes()
+    return _U32.pack(0) + _U32.pack(len(body) // 8) + body
+
+
+# -- calling -----------------------------------------------------------------
+
+class Client(_Connection):
+    """Calls the peer's bootstrap capability (of `interface`).  Calls may
+    be made at once: until the bootstrap answer comes they are pipelined on
+    it.  on_lost(), when set, is called once the connection is gone."""
+
+    def __init__(self, interface, on_lost=None):
+        super().__init__()
+        self.iid = interface.schema.node.id
+        self.methods = _methods(interface)
+        self.questions: dict[int, tuple] = {}  # qid -> (done, results schema)
+        self.cancelled: set[int] = set()       # finished early; their Return is still due
+        self.free: list[int] = []
+        self.next_qid = 1                       # 0 is the bootstrap question
+        self.cap: int | None = None             # the bootstrap capability's import id
+        self.on_lost = on_lost
+        self.error: RpcError | None = None
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        m = rpc.Message.new_message()
+        m.init("bootstrap").questionId = 0
+        self.questions[0] = (self._bootstrapped, None)
+        self.send(m)
+
+    def _bootstrapped(self, results, error) -> None:
+        if error is not None:
+            self.abort(f"bootstrap failed: {error}")
+
+    def call(self, method: str, fill, done) -> int:
+        """Send a call (fill(params builder) sets its parameters); done(results,
+        None) or done(None, RpcError) is called later, on the loop.  Its
+        question id, for cancel()."""
+        if self.closed:
+            raise self.error or RpcError("connection closed", "disconnected")
+        mid, params, results = self.methods[method]
+        if self.free:
+            qid = self.free.pop()
+        else:
+            qid, self.next_qid = self.next_qid, self.next_qid + 1
+        m = rpc.Message.new_message()
+        c = m.init("call")
+        c.questionId = qid
+        if self.cap is None:
+            c.target.init("promisedAnswer").questionId = 0
+        else:
+            c.target.importedCap = self.cap
+        c.interfaceId = self.iid
+        c.methodId = mid
+        c.noPromisePipelining = True
+        fill(c.init("params").content.as_struct(params))
+        self.questions[qid] = (done, results)
+        self.send(m)
+        return qid
+
+    def cancel(self, qid: int) -> None:
+        """Give up on a call: its done() is not called."""
+        if self.questions.pop(qid, None) is None:
+            return
+        self.cancelled.add(qid)  # (its id is free again once its Return came)
+        self._finish(qid, True)
+
+    def _finish(self, qid: int, release: bool) -> None:
+        m = rpc.Message.new_message()
+        f = m.init("finish")
+        f.questionId, f.releaseResultCaps = qid, release
+        f.requireEarlyCancellationWorkaround = False
+        self.send(m)
+
+    def received(self, m) -> None:
+        which = m.which()
+        if which == "return":
+            self._return(getattr(m, "return"))
+        elif which == "abort":
+            self._lost(RpcError(f"the peer aborted: {m.abort.reason}", "disconnected"))
+            self.close()
+        elif which == "unimplemented":
+            log.info("level-0 RPC: the peer did not understand a %s", m.unimplemented.which())
+        elif which in ("release", "finish"):
+            pass  # we export nothing and ask nothing of the peer
+        else:
+            self.unimplemented(m)
+
+    def _return(self, r) -> None:
+        qid = r.answerId
+        if qid in self.cancelled:
+            self.cancelled.discard(qid)
+            self.free.append(qid)
+            return
+        entry = self.questions.pop(qid, None)
+        if entry is None:
+            raise ProtocolError(f"return for question {qid}, never asked")
+        done, results = entry
+        which = r.which()
+        if qid == 0:
+            if which == "results":
+                caps = r.results.capTable
+                if len(caps) != 1 or caps[0].which() != "senderHosted":
+                    raise ProtocolError("bootstrap answer without a capability")
+                self.cap = caps[0].senderHosted
+            if not r.noFinishNeeded:
+                self._finish(0, False)  # we keep the capability
+        else:
+            if not r.noFinishNeeded:
+                self._finish(qid, True)
+            self.free.append(qid)
+        if which == "results":
+            done(r.results.content.as_struct(results) if results is not None else None, None)
+        elif which == "exception":
+            e = r.exception
+            done(None, RpcError(e.reason, str(e.type)))
+        else:
+            done(None, RpcError(f"call ended without results ({which})"))
+
+    def connection_lost(self, exc):
+        super().connection_lost(exc)
+        self._lost(RpcError(f"connection lost{f': {exc}' if exc else ''}", "disconnected"))
+
+    def _lost(self, error: RpcError) -> None:
+        if self.error is not None:
+            return
+        self.error = error
+        questions, self.questions = self.questions, {}
+        for done, _ in questions.values():
+            try:
+                done(None, error)
+            except Exception:  # noqa: BLE001 - one caller's failure is not the others'
+                log.exception("level-0 RPC: a caller's callback failed")
+        if self.on_lost is not None:
+            self.on_lost()
+
+
+async def call(client: Client, method: str, fill):
+    """trio: call method and return its results (a reader); cancelling the
+    trio task gives up the call (Finish)."""
+    task = trio.lowlevel.current_task()
+
+    def done(results, error) -> None:
+        trio.lowlevel.reschedule(task, outcome.Value(results) if error is None else outcome.Error(error))
+
+    qid = client.call(method, fill, done)
+
+    def abort(_raise_cancel):
+        client.cancel(qid)
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    return await trio.lowlevel.wait_task_rescheduled(abort)

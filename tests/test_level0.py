@@ -1,0 +1,219 @@
+"""Cap'n Proto RPC level 0 (drvs.ipc.level0) against pycapnp's own RPC, both
+ways, on loopback: the messages must be the protocol's, not only our own
+dialect."""
+
+import asyncio
+
+import capnp
+import pytest
+import trio
+
+from drvs.ipc import bridge, level0, wire
+from drvs.ipc.schema import fabric
+
+
+def _echo_server():
+    def echo(answer, params):
+        data = bytes(params.data)
+        if data == b"fail":
+            return answer.fail("asked to fail")
+        if data == b"later":
+            asyncio.get_running_loop().call_later(0.01, lambda: answer.reply(lambda r: setattr(r, "data", b"late")))
+            return
+        if data == b"never":
+            answer.on_cancel = lambda: cancelled.append(True)
+            return
+        answer.reply(lambda r: setattr(r, "data", data[::-1]))
+
+    def sendrec(answer, params):
+        def fill(r):
+            reply = r.init("reply")
+            reply.type, reply.payload, reply.error = params.msg.type + 1, params.msg.payload, params.target
+        answer.reply(fill)
+
+    cancelled = []
+    return (lambda: level0.Server(fabric.Node, {"echo": echo, "sendrec": sendrec})), cancelled
+
+
+def _run(coro_fn):
+    async def main():
+        async with capnp.kj_loop():
+            return await coro_fn()
+    return asyncio.run(main())
+
+
+def test_pycapnp_client_calls_level0_server():
+    """pycapnp's TwoPartyClient: bootstrap, pipelined and later calls, a
+    failure, a reply given later, and a method level 0 does not serve."""
+    factory, _ = _echo_server()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            stream = await wire.connect(host="127.0.0.1", port=port)
+            client = capnp.TwoPartyClient(stream)
+            node = client.bootstrap().cast_as(fabric.Node)
+            first = node.echo(b"abc")  # pipelined on the bootstrap answer
+            assert (await first).data == b"cba"
+            for i in range(50):
+                assert (await node.echo(b"x%d" % i)).data == (b"x%d" % i)[::-1]
+            req = node.sendrec_request()
+            req.target = "pm@web"
+            req.msg.type, req.msg.payload = 41, b"\0" * 70000
+            r = await req.send()
+            assert (r.reply.type, len(r.reply.payload), r.reply.error) == (42, 70000, "pm@web")
+            assert (await node.echo(b"later")).data == b"late"
+            with pytest.raises(capnp.KjException, match="asked to fail"):
+                await node.echo(b"fail")
+            with pytest.raises(capnp.KjException) as e:
+                await node.info()
+            assert e.value.type == "UNIMPLEMENTED"
+            assert (await node.echo(b"still")).data == b"llits"
+        finally:
+            server.close()
+
+    _run(main)
+
+
+def test_level0_client_calls_pycapnp_server():
+    class Node(fabric.Node.Server):
+        async def echo(self, data, **kwargs):
+            if data == b"fail":
+                raise ValueError("asked to fail")
+            return data[::-1]
+
+    async def main():
+        async def serve(stream):
+            await capnp.TwoPartyServer(stream, bootstrap=Node()).on_disconnect()
+
+        server = await wire.serve(serve, host="127.0.0.1", port=0)
+        port = server.sockets[0].getsockname()[1]
+        loop = asyncio.get_running_loop()
+        try:
+            _, client = await loop.create_connection(lambda: level0.Client(fabric.Node), "127.0.0.1", port)
+            got = []
+            for i in range(20):
+                fut = loop.create_future()
+                client.call("echo", lambda p, i=i: setattr(p, "data", b"m%d" % i),
+                            lambda r, e, fut=fut: fut.set_result((bytes(r.data) if r is not None else None, e)))
+                got.append(await fut)
+            assert [g[0] for g in got] == [(b"m%d" % i)[::-1] for i in range(20)]
+            assert client.cap is not None  # the later calls went to the imported capability
+            fut = loop.create_future()
+            client.call("echo", lambda p: setattr(p, "data", b"fail"), lambda r, e: fut.set_result(e))
+            error = await fut
+            assert isinstance(error, level0.RpcError) and "asked to fail" in error.reason
+            client.close()
+        finally:
+            server.close()
+
+    _run(main)
+
+
+def test_cancel_and_lost_connection_from_trio():
+    """A trio caller that gives up tells the server (its on_cancel runs);
+    a connection that dies fails the calls still waiting on it."""
+    make, cancelled = _echo_server()
+    server_conns = []
+
+    def factory():
+        server_conns.append(make())
+        return server_conns[-1]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        server = await bridge.aio(loop.create_server(factory, "127.0.0.1", 0))
+        port = server.sockets[0].getsockname()[1]
+        _, client = await bridge.aio(loop.create_connection(lambda: level0.Client(fabric.Node), "127.0.0.1", port))
+        r = await level0.call(client, "echo", lambda p: setattr(p, "data", b"hi"))
+        assert bytes(r.data) == b"ih"
+        with trio.move_on_after(0.05):
+            await level0.call(client, "echo", lambda p: setattr(p, "data", b"never"))
+        await trio.sleep(0.05)
+        assert cancelled == [True]
+        assert bytes((await level0.call(client, "echo", lambda p: setattr(p, "data", b"ok"))).data) == b"ko"
+
+        async def lose_later():
+            await trio.sleep(0.05)
+            for conn in list(server_conns):
+                conn.transport.abort()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(lose_later)
+            with pytest.raises(level0.RpcError) as e:
+                await level0.call(client, "echo", lambda p: setattr(p, "data", b"never"))
+        assert e.value.kind == "disconnected"
+        with pytest.raises(level0.RpcError):
+            client.call("echo", lambda p: None, lambda r, e: None)
+        server.close()
+
+    bridge.run(main)
+
+
+@pytest.mark.parametrize("garbage", [
+    b"\xff\xff\xff\xff" + b"\0" * 64,                  # 2**32 segments
+    b"\0\0\0\0\xff\xff\xff\x7f",                       # one segment of 16 GiB
+    b"\0\0\0\0\x02\0\0\0" + b"\xff" * 16,              # a root pointer to nowhere
+    b"\0\0\0\0\x01\0\0\0" + b"\x02\0\0\0\x05\0\0\0",  # a far pointer to a segment not sent
+])
+def test_malformed_messages_abort_only_their_connection(garbage):
+    factory, _ = _echo_server()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(garbage)
+            await asyncio.wait_for(reader.read(), 5)  # the server ends the connection
+            writer.close()
+            _, client = await loop.create_connection(lambda: level0.Client(fabric.Node), "127.0.0.1", port)
+            fut = loop.create_future()
+            client.call("echo", lambda p: setattr(p, "data", b"ok"), lambda r, e: fut.set_result(bytes(r.data)))
+            assert await asyncio.wait_for(fut, 5) == b"ko"
+            client.close()
+        finally:
+            server.close()
+
+    _run(main)
+
+
+def test_framing_in_pieces():
+    """Messages cut anywhere by the transport are put together again."""
+    factory, _ = _echo_server()
+    conn = factory()
+    sent = []
+
+    class T:
+        def write(self, data):
+            sent.append(data)
+
+        def close(self):
+            pass
+
+    conn.connection_made(T())
+    from drvs.ipc.schema import rpc
+
+    msgs = b""
+    for qid, data in ((0, None), (1, b"a" * 5000), (2, b"bb")):
+        m = rpc.Message.new_message()
+        if data is None:
+            m.init("bootstrap").questionId = qid
+        else:
+            c = m.init("call")
+            c.questionId = qid
+            c.target.init("promisedAnswer").questionId = 0
+            c.interfaceId, c.methodId = fabric.Node.schema.node.id, 4
+            c.init("params").content.as_struct(fabric.Node.schema.methods["echo"].param_type).data = data
+        msgs += m.to_bytes()
+    for i in range(0, len(msgs), 7):
+        conn.data_received(msgs[i:i + 7])
+    answers = []
+    for raw in sent:
+        with rpc.Message.from_bytes(raw) as m:
+            r = getattr(m, "return")
+            answers.append(r.answerId)
+    assert answers == [0, 1, 2]
