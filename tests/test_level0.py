@@ -191,6 +191,9 @@ def test_framing_in_pieces():
         def write(self, data):
             sent.append(data)
 
+        def writelines(self, pieces):
+            sent.extend(pieces)
+
         def close(self):
             pass
 
@@ -198,7 +201,8 @@ def test_framing_in_pieces():
     from drvs.ipc.schema import rpc
 
     msgs = b""
-    for qid, data in ((0, None), (1, b"a" * 5000), (2, b"bb")):
+    big = bytes(range(256)) * 400  # more than a quarter of the read buffer: read in place
+    for qid, data in ((0, None), (1, big), (2, b"bb")):
         m = rpc.Message.new_message()
         if data is None:
             m.init("bootstrap").questionId = qid
@@ -209,11 +213,27 @@ def test_framing_in_pieces():
             c.interfaceId, c.methodId = fabric.Node.schema.node.id, 4
             c.init("params").content.as_struct(fabric.Node.schema.methods["echo"].param_type).data = data
         msgs += m.to_bytes()
-    for i in range(0, len(msgs), 7):
-        conn.data_received(msgs[i:i + 7])
+    for cut in (7, 3000):  # small pieces, and pieces of a message read in place
+        for i in range(0, len(msgs), cut):
+            piece = msgs[i:i + cut]
+            while piece:
+                buf = conn.get_buffer(len(piece))
+                n = min(len(buf), len(piece))
+                buf[:n] = piece[:n]
+                conn.buffer_updated(n)
+                piece = piece[n:]
+        conn.answers.clear()
+        conn.bootstraps.clear()
     answers = []
-    for raw in sent:
-        with rpc.Message.from_bytes(raw) as m:
+    raw = b"".join(sent)
+    while raw:
+        count = int.from_bytes(raw[:4], "little") + 1
+        head = (4 * count + 11) & ~7
+        size = head + 8 * sum(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "little") for i in range(count))
+        with rpc.Message.from_bytes(raw[:size]) as m:
             r = getattr(m, "return")
             answers.append(r.answerId)
-    assert answers == [0, 1, 2]
+            if r.answerId == 1:
+                assert r.results.content.as_struct(fabric.Node.schema.methods["echo"].result_type).data == big[::-1]
+        raw = raw[size:]
+    assert answers == [0, 1, 2] * 2

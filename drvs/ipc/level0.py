@@ -34,6 +34,7 @@ from .schema import rpc
 
 log = logging.getLogger("drvs.level0")
 
+READ_BUFFER = 256 * 1024
 MAX_SEGMENTS = 512        # kj's own reader refuses more
 MAX_WORDS = 8 << 20       # 64 MiB, kj's default traversal limit
 NESTING = 64
@@ -60,74 +61,117 @@ def _methods(interface) -> dict[str, tuple[int, object, object]]:
             for i, m in enumerate(s.node.interface.methods)}
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(asyncio.BufferedProtocol):
     """The stream framing both ends share (a table: u32 segment count - 1,
     u32 words per segment, padded to 8 bytes; then the segments), whole
-    messages handed to received()."""
+    messages handed to received().  Small messages are read into one
+    buffer and copied out; a large one gets a buffer of its own that the
+    transport reads (and TLS decrypts) straight into: two copies of 64 KiB
+    less than data_received (64 KiB calls with 16 in flight: 430 -> 550
+    MB/s between two namespaces here).  What is sent while received data
+    is handled goes out in one write when it is done."""
 
     def __init__(self):
         self.transport = None
         self.closed = False
-        self.parts: list[bytes] = []  # the start of a message still incomplete
-        self.have = 0
-        self.need = 0                 # bytes of parts needed before trying again
+        self.buf = bytearray(READ_BUFFER)
+        self.view = memoryview(self.buf)
+        self.start = self.end = 0      # received and not yet handled: buf[start:end]
+        self.big: memoryview | None = None  # a large message being read in place
+        self.big_at = 0
+        self.batch: list | None = None  # what to send when handling is done
 
     def connection_made(self, transport):
         self.transport = transport
 
-    def data_received(self, data):
-        if self.parts:
-            self.parts.append(data)
-            self.have += len(data)
-            if self.have < self.need:
-                return
-            data = b"".join(self.parts)
-            self.parts = []
+    def get_buffer(self, sizehint):
+        if self.big is not None:
+            return self.big[self.big_at:]
+        if self.end == len(self.buf):  # full: what is left of a message moves to the front
+            left = self.end - self.start
+            self.buf[:left] = self.view[self.start:self.end]
+            self.start, self.end = 0, left
+        return self.view[self.end:]
+
+    def buffer_updated(self, nbytes):
+        self.batch = []
         try:
-            used, need = self._messages(data)
+            if self.big is not None:
+                self.big_at += nbytes
+                if self.big_at == len(self.big):
+                    big, self.big = self.big, None
+                    self._message(big)
+            else:
+                self.end += nbytes
+                self._scan()
         except (ProtocolError, capnp.KjException) as e:
             self.abort(f"bad message: {e}")
-            return
-        if used < len(data) and not self.closed:
-            rest = data[used:]
-            self.parts, self.have, self.need = [rest], len(rest), need
+        except Exception as e:  # noqa: BLE001 - a bug here must not leave calls hanging
+            log.exception("level-0 RPC: handling a message")
+            self.abort(f"internal error: {type(e).__name__}")
+        finally:
+            batch, self.batch = self.batch, None
+            if batch and not self.closed:
+                self.transport.writelines(batch)
 
-    def _messages(self, data) -> tuple[int, int]:
-        """Hand each whole message in data to received(); (bytes used, bytes
-        the next message needs from there)."""
-        view = memoryview(data)
-        n, off = len(data), 0
+    def _scan(self) -> None:
+        """Handle each whole message in buf[start:end]; start a large one's
+        own buffer."""
+        buf = self.buf
         while not self.closed:
-            if n - off < 8:
-                return off, 8
-            count = _U32.unpack_from(data, off)[0] + 1
+            off, avail = self.start, self.end - self.start
+            if avail < 8:
+                break
+            count = _U32.unpack_from(buf, off)[0] + 1
             if count > MAX_SEGMENTS:
                 raise ProtocolError(f"{count} segments")
-            head = (4 * count + 11) & ~7
-            if n - off < head:
-                return off, head
-            sizes = struct.unpack_from(f"<{count}I", data, off + 4)
-            words = sum(sizes)
+            size = (4 * count + 11) & ~7
+            if avail < size:
+                break
+            words = sum(struct.unpack_from(f"<{count}I", buf, off + 4))
             if words > MAX_WORDS:
                 raise ProtocolError(f"{words * 8} bytes, more than {MAX_WORDS * 8}")
-            end = off + head + 8 * words
-            if end > n:
-                return off, end - off
-            segments, p = [], off + head
-            for size in sizes:
-                segments.append(view[p:p + 8 * size])
-                p += 8 * size
-            off = end
-            self.received(rpc.Message.from_segments(
-                segments, traversal_limit_in_words=MAX_WORDS, nesting_limit=NESTING))
-        return n, 0
+            size += 8 * words
+            if avail >= size:
+                self.start += size
+                self._message(memoryview(bytes(self.view[off:off + size])))
+            elif size > len(buf) // 4:
+                self.big = memoryview(bytearray(size))
+                self.big[:avail] = self.view[off:self.end]
+                self.big_at = avail
+                self.start = self.end
+                break
+            else:
+                break
+        if self.start == self.end:
+            self.start = self.end = 0
+
+    def _message(self, data: memoryview) -> None:
+        """One whole message (its own memory: readers may keep it)."""
+        count = _U32.unpack_from(data, 0)[0] + 1
+        sizes = struct.unpack_from(f"<{count}I", data, 4)
+        segments, p = [], (4 * count + 11) & ~7
+        for size in sizes:
+            segments.append(data[p:p + 8 * size])
+            p += 8 * size
+        self.received(rpc.Message.from_segments(
+            segments, traversal_limit_in_words=MAX_WORDS, nesting_limit=NESTING))
 
     def received(self, m) -> None:
         raise NotImplementedError
 
     def send(self, m) -> None:
-        if not self.closed and self.transport is not None:
-            self.transport.write(m.to_bytes())
+        if self.closed or self.transport is None:
+            return
+        self._write(m.to_bytes())
+
+    def _write(self, *pieces) -> None:
+        if self.batch is not None:
+            self.batch.extend(pieces)
+        elif len(pieces) == 1:
+            self.transport.write(pieces[0])
+        else:
+            self.transport.writelines(pieces)
 
     def eof_received(self):
         return False  # close
@@ -143,7 +187,8 @@ class _Connection(asyncio.Protocol):
         m = rpc.Message.new_message()
         e = m.init("abort")
         e.reason, e.type = reason, "failed"
-        self.send(m)
+        batch, self.batch = self.batch, None  # what was answered before goes first
+        self._write(*(batch or ()), m.to_bytes())
         self.closed = True
         self.transport.close()
 
@@ -278,7 +323,7 @@ class Server(_Connection):
         if qid in self.answers or qid in self.bootstraps:
             raise ProtocolError(f"question {qid} asked twice")
         self.bootstraps.add(qid)
-        self.transport.write(_bootstrap_return(qid))
+        self._write(_bootstrap_return(qid))
 
     def connection_lost(self, exc):
         super().connection_lost(exc)

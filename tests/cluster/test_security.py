@@ -3,6 +3,7 @@ credentials are refused, and garbage does not take drvmmd down."""
 
 import errno
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -18,11 +19,15 @@ PROBE = textwrap.dedent("""
     host, port, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     tls = json.loads(sys.argv[4]) if len(sys.argv) > 4 else None
 
+    LANE = os.environ.get("LANE") == "1"  # ask for the message lane (level-0 RPC)
+
     def context(cert=True):
         ctx = ssl.create_default_context(cafile=tls["ca"])
         ctx.check_hostname = False
         if cert:
             ctx.load_cert_chain(tls["cert"], tls["key"])
+        if LANE:
+            ctx.set_alpn_protocols(["drvs-msg/1"])
         return ctx
 
     async def capnp_call(ctx):
@@ -81,10 +86,12 @@ PROBE = textwrap.dedent("""
 """)
 
 
-def probe(c, node: str, target: dict, mode: str, tls: dict | None = None, *extra) -> str:
+def probe(c, node: str, target: dict, mode: str, tls: dict | None = None, *extra, lane: bool = False) -> str:
+    """Run PROBE in node's namespace against target; lane: over the
+    fabric's message lane (ALPN drvs-msg/1, Cap'n Proto RPC level 0)."""
     argv = [sys.executable, "-c", PROBE, target["address"], "7700", mode] + ([json.dumps(tls)] if tls else [])
     argv += list(extra)
-    p = subprocess.run(argv, capture_output=True, text=True, timeout=120,
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=120, env={**os.environ, "LANE": "1" if lane else "0"},
                        preexec_fn=lambda: setns_net(f"/run/netns/{c.node(node)['netns']}"))
     return p.stdout.strip() or p.stderr.strip()
 
@@ -96,11 +103,13 @@ def tls_of(c, node: str) -> dict:
 def test_member_with_cluster_certificate_is_served(cluster_factory):
     c = cluster_factory(nodes=2)
     assert probe(c, "n1", c.node("n2"), "echo", tls_of(c, "n1")) == "OK b'hi'"
+    assert probe(c, "n1", c.node("n2"), "echo", tls_of(c, "n1"), lane=True) == "OK b'hi'"
 
 
 def test_peer_without_certificate_is_refused(cluster_factory):
     c = cluster_factory(nodes=2)
     assert probe(c, "n1", c.node("n2"), "no-cert", tls_of(c, "n1")).startswith("REFUSED")
+    assert probe(c, "n1", c.node("n2"), "no-cert", tls_of(c, "n1"), lane=True).startswith("REFUSED")
     assert probe(c, "n1", c.node("n2"), "plain").startswith("REFUSED")
 
 
@@ -111,6 +120,7 @@ def test_certificate_of_another_cluster_is_refused(cluster_factory, tmp_path):
     # It trusts the real CA (to see the server) but presents its own certificate.
     evil["ca"] = tls_of(c, "n1")["ca"]
     assert probe(c, "n1", c.node("n2"), "echo", evil).startswith("REFUSED")
+    assert probe(c, "n1", c.node("n2"), "echo", evil, lane=True).startswith("REFUSED")
 
 
 def test_a_member_may_not_act_with_another_nodes_lease_or_name(cluster_factory):
@@ -118,13 +128,15 @@ def test_a_member_may_not_act_with_another_nodes_lease_or_name(cluster_factory):
     served, but releasing a lock held with n2's lease is refused, and so is
     a message claiming to come from one of n2's endpoints."""
     c = cluster_factory(nodes=2)
-    out = probe(c, "n1", c.node("n2"), "impersonate", tls_of(c, "n1"), "drvmm@n2")
-    assert out == f"OK [0, {-errno.EPERM}, {-errno.EPERM}]", out
+    for lane in (False, True):
+        out = probe(c, "n1", c.node("n2"), "impersonate", tls_of(c, "n1"), "drvmm@n2", lane=lane)
+        assert out == f"OK [0, {-errno.EPERM}, {-errno.EPERM}]", (lane, out)
 
 
 def test_garbage_does_not_take_the_daemon_down(cluster_factory):
     c = cluster_factory(nodes=2)
     assert probe(c, "n1", c.node("n2"), "fuzz", tls_of(c, "n1")) == "SENT"
+    assert probe(c, "n1", c.node("n2"), "fuzz", tls_of(c, "n1"), lane=True) == "SENT"
     # n2 still serves, and its drvmmd is the same process.
     assert c.drvs("ipc", "ping", "drvmm@n2", node="n1").returncode == 0
     assert c.nodes()["n2"]["status"] == "Ready"
