@@ -64,10 +64,14 @@ class Changed:
     """What a call changed that other nodes may cache (their kernels must
     drop it before the call is answered)."""
 
-    __slots__ = ("entries", "inodes", "data")
+    __slots__ = ("entries", "inodes", "data", "gone")
 
-    def __init__(self, entries=(), inodes=(), data=False):
-        self.entries, self.inodes, self.data = entries, inodes, data
+    def __init__(self, entries=(), inodes=(), data=False, gone=()):
+        # gone: inodes that no longer exist once the others were told; the
+        # file system may give their numbers to new files, which no node
+        # caches yet (else every change of such a file would be sent, and
+        # waited for, to nodes that cached its predecessor)
+        self.entries, self.inodes, self.data, self.gone = entries, inodes, data, gone
 
 
 class FsServer:
@@ -191,6 +195,8 @@ class FsServer:
         waits = self._mirror(ctype, req, payload, out, origin) if ctype in MIRRORED else {}
         if changed is not None:
             await self._tell(origin, changed)
+            for ino in changed.gone:
+                self.interest.pop(ino, None)
         if ctype == Call.fsync:  # durable on every replica in sync, not only here
             for mirror, seq in waits.items():
                 await mirror.wait(seq)
@@ -607,23 +613,33 @@ class FsServer:
 
     def _remove(self, path, out, origin, remove) -> Changed:
         with self.store.at(check_path(path)) as (dfd, name):
-            ino = os.stat(name, dir_fd=dfd, follow_symlinks=False).st_ino
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
             remove(dfd, name)
             dino = self._post_op(dfd, out, origin)
-        return Changed(entries=[(dino, name)], inodes=[ino, dino])
+        return Changed(entries=[(dino, name)], inodes=[st.st_ino, dino], gone=self._gone(st))
+
+    def _gone(self, st: os.stat_result) -> list[int]:
+        """[its inode] if the name just removed was the object's last and
+        no file here holds it open (an open file lives on: nodes caching
+        its data must still hear of writes to it)."""
+        if (st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode)) or any(f.ino == st.st_ino for f in self.files.values()):
+            return []
+        return [st.st_ino]
 
     def rename(self, req, path, out, origin) -> Changed:
         path2 = check_path(bytes(req.path2))
         with self.store.at(check_path(path)) as (d1, n1), self.store.at(path2) as (d2, n2):
             moved = os.stat(n1, dir_fd=d1, follow_symlinks=False).st_ino
             try:
-                replaced = os.stat(n2, dir_fd=d2, follow_symlinks=False).st_ino
+                replaced = os.stat(n2, dir_fd=d2, follow_symlinks=False)
             except FileNotFoundError:
                 replaced = None
             _fs.renameat2(d1, n1, d2, n2, req.flags)
             i1, i2 = os.stat(d1).st_ino, os.stat(d2).st_ino
-        inodes = [moved, i1, i2] + ([replaced] if replaced is not None else [])
-        return Changed(entries=[(i1, n1), (i2, n2)], inodes=inodes)
+        if replaced is None:
+            return Changed(entries=[(i1, n1), (i2, n2)], inodes=[moved, i1, i2])
+        gone = [] if req.flags & _fs.RENAME_EXCHANGE else self._gone(replaced)
+        return Changed(entries=[(i1, n1), (i2, n2)], inodes=[moved, i1, i2, replaced.st_ino], gone=gone)
 
     def link(self, req, path, out, origin) -> Changed:
         path2 = check_path(bytes(req.path2))
@@ -646,8 +662,14 @@ class FsServer:
         f = self.files.pop(req.fh, None)
         if f is None:
             return None
-        os.close(f.fd)
-        return Changed(inodes=[f.ino], data=True) if f.wrote else None
+        try:
+            st = os.stat(f.fd)
+        finally:
+            os.close(f.fd)
+        gone = self._gone(st) if st.st_nlink == 0 else []  # the last close of an unlinked file
+        if f.wrote or gone:
+            return Changed(inodes=[f.ino] if f.wrote else [], data=f.wrote, gone=gone)
+        return None
 
     async def fsync(self, req, path, out, origin) -> Changed | None:
         f = self._file(req.fh)

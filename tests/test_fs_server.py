@@ -1,0 +1,64 @@
+"""A VM file server on a real store, sent the messages other nodes send:
+which nodes it tells of a change, and that it forgets files that are gone
+(their inode numbers go to new files, which those nodes never cached)."""
+
+import os
+
+from drvs.fs.server import Call, FsServer
+from drvs.fs.store import Store
+from drvs.ipc.message import Msg
+from drvs.ipc.schema import fs, new
+
+
+class Invalidations:
+    """What a file server needs of the fabric: its invalidations, recorded
+    (as a node that dropped what it was told to)."""
+
+    def __init__(self):
+        self.told: list[str] = []
+
+    async def sendrec(self, target, msg, timeout=None, idempotent=False):
+        self.told.append(target)
+        return Msg(0)
+
+
+async def call(server: FsServer, node: str, ctype, **fields):
+    m = Msg(ctype, new(fs.FsRequest, vm="web", **fields).to_bytes_packed())
+    m.node = node
+    reply = await server.handle(m)
+    assert reply.status == 0, reply.error
+    return fs.FsReply.from_bytes_packed(reply.payload)
+
+
+def serving(tmp_path) -> tuple[FsServer, Invalidations]:
+    fabric = Invalidations()
+    server = FsServer("web", Store(str(tmp_path / "fs"), "web"), fabric, "n1")
+    server.epoch = 1
+    return server, fabric
+
+
+async def test_a_removed_file_is_forgotten_once_its_cachers_were_told(tmp_path):
+    server, fabric = serving(tmp_path)
+    r = await call(server, "n2", Call.create, path=b"f", flags=os.O_WRONLY, mode=0o644)
+    await call(server, "n2", Call.release, fh=r.fh)
+    await call(server, "n1", Call.unlink, path=b"f")
+    assert fabric.told == ["fsc@n2"]  # n2 cached f (and its directory)
+    assert r.attr.ino not in server.interest
+    # A file renamed over another: the one replaced is gone as well.
+    for name in (b"a", b"b"):
+        r = await call(server, "n2", Call.create, path=name, flags=os.O_WRONLY, mode=0o644)
+        await call(server, "n2", Call.release, fh=r.fh)
+    await call(server, "n1", Call.rename, path=b"a", path2=b"b")
+    assert r.attr.ino not in server.interest
+
+
+async def test_an_open_file_is_kept_until_its_last_close(tmp_path):
+    """Unlinked while n2 has it open: n2 must still hear of writes to it."""
+    server, fabric = serving(tmp_path)
+    r = await call(server, "n2", Call.create, path=b"f", flags=os.O_RDWR, mode=0o644)
+    await call(server, "n1", Call.unlink, path=b"f")
+    assert server.interest[r.attr.ino] == {"n2"}
+    w = await call(server, "n3", Call.write, fh=r.fh, offset=0, data=b"x")
+    assert w.shared  # n3's close tells n2
+    await call(server, "n2", Call.release, fh=r.fh)
+    assert r.attr.ino not in server.interest
