@@ -92,6 +92,13 @@ class VmFs:
         # node changed them): the kernel drops its own after every create or
         # remove, and would otherwise ask over the network before the next.
         self.fresh: dict[int, tuple[float, object]] = {}
+        # Directories this node knows every name of (it made them, or listed
+        # them, and the server tells it of any other node's change in them):
+        # a name not among them is absent without asking, as with an NFSv4.1
+        # directory delegation; a create's lookup costs no round trip.
+        # cino -> (until, names): TIMEOUT bounds it, as for what the kernel
+        # caches, should an invalidation be lost.
+        self.known: dict[int, tuple[float, set[bytes]]] = {}
         self.told = 0  # invalidations received: a reply overtaken by one is not kept
         self.busy: dict[int, list[int]] = {}  # inode -> [its changes in flight here, changes started]
         self.closing: list[int] = []  # server handles closed here, for the next call to a remote server
@@ -187,6 +194,7 @@ class VmFs:
         self.gen = (self.gen + 1) % (1 << (TAG_SHIFT - GEN_SHIFT))
         self.big.clear()
         self.fresh.clear()
+        self.known.clear()
         self.server_root = r.attr.ino
         log.info("%s: a new server (term %d); dropping this node's caches", self.target, epoch)
         entries = [(self.tag | dino, name) for dino, name in self.entries]
@@ -267,6 +275,11 @@ class VmFs:
             r = await self.call(Call.getattr, idempotent=True, path=self.path(self.tag | up))
             self._inode(self._c(r.attr.ino)).lookups += 1
             return self._attr(r.attr)
+        absent = self._absent(dino, name)
+        if absent:
+            neg = pyfuse3.EntryAttributes()
+            neg.st_ino, neg.entry_timeout = 0, absent
+            return neg
         try:
             r = await self.call(Call.lookup, idempotent=True, path=join(self.path(parent), name))
         except pyfuse3.FUSEError as e:
@@ -342,6 +355,34 @@ class VmFs:
                 if not b[0]:
                     del self.busy[cino]
 
+    def _absent(self, dino: int, name: bytes) -> float:
+        """Seconds name is known absent from directory dino (0: not known)."""
+        known = self.known.get(dino)
+        if known is None or name in known[1]:
+            return 0.0
+        left = known[0] - trio.current_time()
+        if left <= 0:
+            del self.known[dino]
+            return 0.0
+        return left
+
+    def _now_known(self, dino: int, names, change: "_Change") -> None:
+        """Directory dino holds these names and no others (unless an
+        invalidation came since change began: it may have been about dino
+        before this node knew its number)."""
+        if self.told == change.told:
+            self.known[dino] = (trio.current_time() + TIMEOUT, set(names))
+
+    def _known_add(self, dino: int, name: bytes) -> None:
+        known = self.known.get(dino)
+        if known is not None:
+            known[1].add(name)
+
+    def _known_remove(self, dino: int, name: bytes) -> None:
+        known = self.known.get(dino)
+        if known is not None:
+            known[1].discard(name)
+
     def _post_op(self, dino: int, r, change: "_Change") -> None:
         a = r.dirAttr
         if (a.ino and self.told == change.told and self.busy.get(dino) == [1, change.started[dino]]
@@ -351,10 +392,26 @@ class VmFs:
             self.fresh.pop(dino, None)
 
     async def _make(self, ctype, parent, name, ctx, **fields):
-        with self._changing(parent & MASK) as change:
+        dino = parent & MASK
+        with self._changing(dino) as change, self._unsure(dino):
             r = await self.call(ctype, path=join(self.path(parent), name), caller=caller(ctx), **fields)
-            self._post_op(parent & MASK, r, change)
-        return self._entry(parent & MASK, name, r.attr)
+            self._post_op(dino, r, change)
+        self._known_add(dino, name)
+        entry = self._entry(dino, name, r.attr)
+        if ctype == Call.mkdir:
+            self._now_known(self._c(r.attr.ino), (), change)
+        return entry
+
+    @contextlib.contextmanager
+    def _unsure(self, *dinos):
+        """Around a change in these directories: if it fails, what this node
+        knows of their names may be wrong (an EEXIST says so): forgotten."""
+        try:
+            yield
+        except BaseException:
+            for dino in dinos:
+                self.known.pop(dino, None)
+            raise
 
     async def mknod(self, parent, name, mode, rdev, ctx):
         return await self._make(Call.mknod, parent, name, ctx, mode=mode, rdev=rdev)
@@ -366,10 +423,12 @@ class VmFs:
         return await self._make(Call.symlink, parent, name, ctx, data=target)
 
     async def link(self, inode, new_parent, new_name, ctx):
-        with self._changing(new_parent & MASK, inode & MASK) as change:  # (its link count changes)
+        dino = new_parent & MASK
+        with self._changing(dino, inode & MASK) as change, self._unsure(dino):  # (its link count changes)
             r = await self.call(Call.link, path=self.path(inode), path2=join(self.path(new_parent), new_name))
-            self._post_op(new_parent & MASK, r, change)
-        return self._entry(new_parent & MASK, new_name, r.attr)
+            self._post_op(dino, r, change)
+        self._known_add(dino, new_name)
+        return self._entry(dino, new_name, r.attr)
 
     async def unlink(self, parent, name, ctx):
         await self._remove(Call.unlink, parent, name)
@@ -378,16 +437,22 @@ class VmFs:
         await self._remove(Call.rmdir, parent, name)
 
     async def _remove(self, ctype, parent, name) -> None:
-        with self._changing(parent & MASK, self.entries.get((parent & MASK, name))) as change:
+        dino = parent & MASK
+        with self._changing(dino, self.entries.get((dino, name))) as change, self._unsure(dino):
             r = await self.call(ctype, path=join(self.path(parent), name))
-            self._post_op(parent & MASK, r, change)
-        self._forget_entry(parent & MASK, name)
+            self._post_op(dino, r, change)
+        self._forget_entry(dino, name)
+        self._known_remove(dino, name)
 
     async def rename(self, old_parent, old_name, new_parent, new_name, flags, ctx):
         d1, d2 = old_parent & MASK, new_parent & MASK
-        with self._changing(d1, d2, self.entries.get((d1, old_name)), self.entries.get((d2, new_name))):
+        with self._changing(d1, d2, self.entries.get((d1, old_name)), self.entries.get((d2, new_name))), \
+                self._unsure(d1, d2):
             await self.call(Call.rename, path=join(self.path(old_parent), old_name),
                             path2=join(self.path(new_parent), new_name), flags=flags)
+        if not flags & pyfuse3.RENAME_EXCHANGE:
+            self._known_remove(d1, old_name)
+        self._known_add(d2, new_name)
         moved = self.entries.pop((d1, old_name), None)
         replaced = self.entries.pop((d2, new_name), None)
         if flags & pyfuse3.RENAME_EXCHANGE and replaced is not None:
@@ -418,11 +483,13 @@ class VmFs:
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     async def create(self, parent, name, mode, flags, ctx):
-        with self._changing(parent & MASK) as change:
+        dino = parent & MASK
+        with self._changing(dino) as change, self._unsure(dino):
             r = await self.call(Call.create, path=join(self.path(parent), name), flags=flags, mode=mode,
                                 caller=caller(ctx))
-            self._post_op(parent & MASK, r, change)
-        entry = self._entry(parent & MASK, name, r.attr)
+            self._post_op(dino, r, change)
+        self._known_add(dino, name)
+        entry = self._entry(dino, name, r.attr)
         return self._opened(r), entry
 
     def _h(self, fh) -> Handle:
@@ -543,13 +610,17 @@ class VmFs:
 
     async def _list(self, dino: int) -> list:
         path, out, after = self.path(self.tag | dino), [], b""
+        change = _Change(self.told)
         while True:
             r = await self.call(Call.readdir, idempotent=True, path=path, data=after)
             for e in r.entries:
                 out.append((bytes(e.name), e.attr))
             if not r.more or not r.entries:
-                return out
+                break
             after = out[-1][0]
+        if dino not in self.busy:  # (a change of this node's own in it may be in flight)
+            self._now_known(dino, (name for name, _ in out), change)
+        return out
 
     async def releasedir(self, fh):
         self.listings.pop(fh, None)
@@ -592,6 +663,7 @@ class VmFs:
         if node.lookups <= 0 and node.handles <= 0 and node.cino != self.root:
             del self.inodes[node.cino]
             self.fresh.pop(node.cino, None)
+            self.known.pop(node.cino, None)
             if node.parent is not None and self.entries.get((node.parent, node.name)) == node.cino:
                 del self.entries[(node.parent, node.name)]
 
@@ -601,9 +673,11 @@ class VmFs:
         self.told += 1
         for sino in inv.inodes:
             self.fresh.pop(self._c(sino), None)
+            self.known.pop(self._c(sino), None)
         for e in inv.entries:
             name, dino = bytes(e.name), self._c(e.attr.ino)
             self.fresh.pop(dino, None)
+            self.known.pop(dino, None)
             self._forget_entry(dino, name)
             pyfuse3.invalidate_entry_async(self.tag | dino, name, ignore_enoent=True)
         for sino in inv.inodes:

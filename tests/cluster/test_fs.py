@@ -129,6 +129,33 @@ def test_a_directory_changed_here_then_elsewhere_shows_the_latest_attributes(fsc
     assert sorted(os.listdir(a)) == ["y"]
 
 
+def test_names_a_node_knows_absent_appear_once_another_node_makes_them(fsc, d):
+    """n1 made the directory, so it knows every name in it and answers a
+    lookup of a missing one itself (no round trip for a create's lookup);
+    n2 knows the names of what it made or listed.  What the other node then
+    makes, moves in or links appears at once all the same."""
+    _, a, b = d
+    assert not (a / "x").exists()
+    (b / "x").write_text("from n2")
+    assert (a / "x").read_text() == "from n2"
+    os.mkdir(b / "sub")
+    assert not (b / "sub" / "y").exists()
+    (a / "sub" / "y").write_text("from n1")
+    assert (b / "sub" / "y").read_text() == "from n1"
+    assert not (b / "sub" / "moved").exists()
+    os.rename(a / "x", a / "sub" / "moved")
+    assert (b / "sub" / "moved").read_text() == "from n2"
+    assert sorted(os.listdir(a)) == ["sub"]
+    assert sorted(os.listdir(b / "sub")) == ["moved", "y"]  # n2 listed it: it knows all its names
+    assert not (b / "sub" / "z").exists()
+    os.link(a / "sub" / "y", a / "sub" / "z")
+    assert (b / "sub" / "z").read_text() == "from n1"
+    os.rename(a / "sub" / "z", a / "z")
+    assert not (b / "sub" / "z").exists() and (b / "z").read_text() == "from n1"
+    with pytest.raises(FileExistsError):  # n2's own create of a name n1 made
+        os.open(b / "sub" / "y", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+
+
 def test_posix_semantics(fsc, d):
     _, a, b = d
     # rename replaces its target atomically, also across directories
