@@ -26,6 +26,7 @@ import threading
 
 import outcome
 import trio
+from sniffio import thread_local as sniffio_library
 
 log = logging.getLogger("drvs.bridge")
 
@@ -100,8 +101,6 @@ def _threadless_guest_tick(self) -> None:
     blocking in epoll_wait and handing the result over with
     call_soon_threadsafe.  A capnp reply that reschedules a trio task then
     costs a socket write seen by the same poll, not two thread switches."""
-    from sniffio import thread_local as sniffio_library
-
     prev_library, sniffio_library.name = sniffio_library.name, "trio"
     try:
         timeout = self.unrolled_run_next_send.send(self.unrolled_run_gen)
