@@ -264,10 +264,10 @@ class Supervisor:
         return True
 
     def _forwarded(self, fd: int, nid: int, node: str, lane, retry, reply, error) -> None:
-        """Answer a forwarded call from its reply (or error).  A connection
-        found broken (its node's drvmmd restarted, say) is dropped and the
-        call goes to the trio lane, which connects again: the target is most
-        likely alive."""
+        """Answer a forwarded call from its reply (or error).  A call that
+        failed goes to the trio lane, which says what is wrong; a connection
+        found broken (its node's drvmmd restarted, say) is dropped first, and
+        the trio lane connects again: the target is most likely alive."""
         err = errno.ESRCH
         answer = True
         try:
@@ -277,9 +277,12 @@ class Supervisor:
                 raise error
             else:
                 err = reply_errno(reply)
-        except Exception as e:  # noqa: BLE001 - the connection broke
-            log.info("signal to node %s: %s; connecting again", node, e)
-            self.fabric.drop_lane(node, lane)
+        except Exception as e:  # noqa: BLE001 - the trio lane serves it again
+            if getattr(e, "kind", "") == "disconnected":  # the connection broke: connect again
+                log.info("signal to node %s: %s; connecting again", node, e)
+                self.fabric.drop_lane(node, lane)
+            else:
+                log.info("signal to node %s: %s", node, e)
             answer = False
             retry()
         finally:

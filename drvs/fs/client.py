@@ -100,6 +100,7 @@ class VmFs:
         # caches, should an invalidation be lost.
         self.known: dict[int, tuple[float, set[bytes]]] = {}
         self.told = 0  # invalidations received: a reply overtaken by one is not kept
+        self.changes = 0  # changes this node began
         self.busy: dict[int, list[int]] = {}  # inode -> [its changes in flight here, changes started]
         self.closing: list[int] = []  # server handles closed here, for the next call to a remote server
         self.closer = False           # _close_soon is on its way
@@ -338,6 +339,7 @@ class VmFs:
         only if no other change of the directory here overlapped it (a
         slower reply would store older ones) and no invalidation came."""
         change = _Change(self.told)
+        self.changes += 1
         for cino in cinos:
             if cino is None or cino in change.started:
                 continue
@@ -369,8 +371,9 @@ class VmFs:
     def _now_known(self, dino: int, names, change: "_Change") -> None:
         """Directory dino holds these names and no others (unless an
         invalidation came since change began: it may have been about dino
-        before this node knew its number)."""
-        if self.told == change.told:
+        before this node knew its number; or dino is a number of an older
+        term, which the new server's invalidations never name)."""
+        if self.told == change.told and (dino == self.root or dino >> GEN_SHIFT == self.gen):
             self.known[dino] = (trio.current_time() + TIMEOUT, set(names))
 
     def _known_add(self, dino: int, name: bytes) -> None:
@@ -437,12 +440,13 @@ class VmFs:
         await self._remove(Call.rmdir, parent, name)
 
     async def _remove(self, ctype, parent, name) -> None:
-        dino = parent & MASK
-        with self._changing(dino, self.entries.get((dino, name))) as change, self._unsure(dino):
+        dino, cino = parent & MASK, self.entries.get((parent & MASK, name))
+        with self._changing(dino, cino) as change, self._unsure(dino):
             r = await self.call(ctype, path=join(self.path(parent), name))
             self._post_op(dino, r, change)
         self._forget_entry(dino, name)
         self._known_remove(dino, name)
+        self.known.pop(cino, None)  # a directory removed: its number may come back as another
 
     async def rename(self, old_parent, old_name, new_parent, new_name, flags, ctx):
         d1, d2 = old_parent & MASK, new_parent & MASK
@@ -457,8 +461,10 @@ class VmFs:
         replaced = self.entries.pop((d2, new_name), None)
         if flags & pyfuse3.RENAME_EXCHANGE and replaced is not None:
             self._place(replaced, d1, old_name)
-        elif replaced is not None and replaced in self.inodes:
-            self.inodes[replaced].parent = None
+        elif replaced is not None:
+            self.known.pop(replaced, None)
+            if replaced in self.inodes:
+                self.inodes[replaced].parent = None
         if moved is not None:
             self._place(moved, d2, new_name)
 
@@ -610,7 +616,7 @@ class VmFs:
 
     async def _list(self, dino: int) -> list:
         path, out, after = self.path(self.tag | dino), [], b""
-        change = _Change(self.told)
+        change, changes = _Change(self.told), self.changes
         while True:
             r = await self.call(Call.readdir, idempotent=True, path=path, data=after)
             for e in r.entries:
@@ -618,7 +624,7 @@ class VmFs:
             if not r.more or not r.entries:
                 break
             after = out[-1][0]
-        if dino not in self.busy:  # (a change of this node's own in it may be in flight)
+        if dino not in self.busy and self.changes == changes:  # (none of this node's own changes overlapped)
             self._now_known(dino, (name for name, _ in out), change)
         return out
 

@@ -67,10 +67,11 @@ class Changed:
     __slots__ = ("entries", "inodes", "data", "gone")
 
     def __init__(self, entries=(), inodes=(), data=False, gone=()):
-        # gone: inodes that no longer exist once the others were told; the
-        # file system may give their numbers to new files, which no node
-        # caches yet (else every change of such a file would be sent, and
-        # waited for, to nodes that cached its predecessor)
+        # gone: inodes that no longer exist; who cached them is forgotten as
+        # soon as it is known whom to tell: the file system may give their
+        # numbers to new files, which no node caches yet (else every change
+        # of such a file would be sent, and waited for, to nodes that cached
+        # its predecessor)
         self.entries, self.inodes, self.data, self.gone = entries, inodes, data, gone
 
 
@@ -195,8 +196,6 @@ class FsServer:
         waits = self._mirror(ctype, req, payload, out, origin) if ctype in MIRRORED else {}
         if changed is not None:
             await self._tell(origin, changed)
-            for ino in changed.gone:
-                self.interest.pop(ino, None)
         if ctype == Call.fsync:  # durable on every replica in sync, not only here
             for mirror, seq in waits.items():
                 await mirror.wait(seq)
@@ -382,6 +381,8 @@ class FsServer:
             for node in self.interest.get(ino, ()):
                 if node != origin:
                     targets.setdefault(node, ([], set()))[1].add(ino)
+        for ino in changed.gone:  # now, before waiting: a new file may get its number meanwhile
+            self.interest.pop(ino, None)
         if targets:
             async with trio.open_nursery() as nursery:
                 for node, (ents, inos) in targets.items():

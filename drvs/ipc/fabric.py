@@ -23,7 +23,7 @@ import capnp
 import trio
 
 from . import level0, wire
-from .bridge import aio, capnp_await, current_guest
+from .bridge import aio, aio_future, capnp_await, current_guest
 from .message import NOTIFY, IpcError, Msg, failure
 from .schema import fabric as schema
 
@@ -111,7 +111,7 @@ class Fabric:
         self.handlers: dict[str, object] = {}
         self.peers: dict[str, Peer] = {}  # full RPC, made when a program is run on a node
         self.lanes: dict[str, Lane] = {}  # the message lane to each node called
-        self.connecting: dict[str, trio.Event] = {}  # lanes being connected
+        self.connecting: dict[str, tuple[trio.Event, list]] = {}  # lanes being connected: (done, [error])
         self.locations: dict[str, tuple[float, Location]] = {}  # endpoint -> (when resolved, where)
         self.fast: dict[str, object] = {}  # endpoint -> its fast path (see register)
         self.servers = []
@@ -252,7 +252,9 @@ class Fabric:
                     continue  # it moved (the node did not take the message): ask etcd, send again
                 return reply
             except trio.TooSlowError:
-                self.drop_lane(loc.node)  # a silent connection is not used again
+                # The call is given up (Finish); the connection stays, as
+                # other calls are on it: a slow endpoint is not a dead node
+                # (a dead or cut-off one fails it within seconds: live_socket).
                 raise IpcError(f"{target}: no reply from node {loc.node} within {timeout:g} s", errno.ETIMEDOUT)
             except IpcError as e:
                 self.locations.pop(target, None)
@@ -277,15 +279,21 @@ class Fabric:
             return lane
         pending = self.connecting.get(loc.node)
         if pending is not None:  # another task is connecting: one connection per node
-            await pending.wait()
+            done, failed = pending
+            await done.wait()
+            if failed:
+                raise failed[0]
             return await self.lane(loc)
         self.drop_lane(loc.node)  # none yet, or the node moved to another address
-        self.connecting[loc.node] = pending = trio.Event()
+        self.connecting[loc.node] = pending = (trio.Event(), [])
         try:
             lane = await open_lane(loc, self.tls, on_lost=self._lane_lost)
+        except IpcError as e:
+            pending[1].append(e)  # its waiters fail alike rather than try again in turn
+            raise
         finally:
             del self.connecting[loc.node]
-            pending.set()
+            pending[0].set()
         self.lanes[loc.node] = lane
         return lane
 
@@ -403,16 +411,23 @@ async def open_lane(loc: Location, tls: "Tls", on_lost=None) -> Lane:
     """trio: a message lane to loc's node (TLS, ALPN LANE_ALPN).
     on_lost(lane) is called when the connection ends."""
     sock = live_socket()
+    loop = asyncio.get_running_loop()
+    made = None
     try:
         with trio.fail_after(CONNECT_TIMEOUT):
-            loop = asyncio.get_running_loop()
             await aio(loop.sock_connect(sock, (loc.address, loc.port)))
-            transport, lane = await aio(loop.create_connection(
+            made = asyncio.ensure_future(loop.create_connection(
                 lambda: Lane(loc.node, (loc.address, loc.port), on_lost),
                 sock=sock, ssl=tls.client_context(alpn=LANE_ALPN), server_hostname=loc.node))
-    except (OSError, trio.TooSlowError) as e:
+            transport, lane = await aio_future(made)
+    except BaseException as e:
         sock.close()
-        raise IpcError(f"node {loc.node} at {loc.address}:{loc.port} unreachable: {e}", errno.ECONNRESET) from None
+        if made is not None:  # made after all, as we gave up: closed
+            made.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result()[0].close())
+        if isinstance(e, (OSError, trio.TooSlowError)):
+            raise IpcError(f"node {loc.node} at {loc.address}:{loc.port} unreachable: {e}",
+                           errno.ECONNRESET) from None
+        raise
     if transport.get_extra_info("ssl_object").selected_alpn_protocol() != LANE_ALPN:
         transport.close()
         raise IpcError(f"node {loc.node} does not serve the fabric's message lane (an older drvmmd?)", errno.EPROTO)
@@ -579,7 +594,8 @@ class NodeLane:
                 except Exception as e:  # noqa: BLE001 - deliver() makes failures replies; this is a bug
                     log.exception("message lane: %s", getattr(afn, "__name__", afn))
                     return answer.fail(f"server error: {type(e).__name__}: {e}")
-                answer.reply(None if fill is None else lambda r: fill(r, result))
+            if not scope.cancelled_caught:
+                answer.reply(None if fill is None else lambda r: fill(r, result))  # (never raises)
 
         self.guest.nursery.start_soon(serve)
 

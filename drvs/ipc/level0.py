@@ -94,6 +94,8 @@ class _Connection(asyncio.BufferedProtocol):
         return self.view[self.end:]
 
     def buffer_updated(self, nbytes):
+        if self.closed:
+            return  # (a closing TLS transport may still deliver what it had)
         self.batch = []
         try:
             if self.big is not None:
@@ -219,23 +221,31 @@ class Answer:
         self.on_cancel = None
 
     def _return(self):
-        self.done = True
-        self.conn.answers.pop(self.qid, None)
         m = rpc.Message.new_message()
         r = m.init("return")
         r.answerId = self.qid
         r.noFinishNeeded = True  # no capabilities in the results: nothing to release
         return m, r
 
+    def _send(self, m) -> None:
+        self.done = True
+        self.conn.answers.pop(self.qid, None)
+        self.conn.send(m)
+
     def reply(self, fill=None) -> None:
-        """Answer with results; fill(results builder) sets them."""
+        """Answer with results; fill(results builder) sets them (if it
+        raises, the caller gets the error instead)."""
         if self.done:
             return
         m, r = self._return()
         results = r.init("results").content.as_struct(self.results)
         if fill is not None:
-            fill(results)
-        self.conn.send(m)
+            try:
+                fill(results)
+            except Exception as e:  # noqa: BLE001 - the caller must get an answer
+                log.exception("level-0 RPC: filling the results of question %d", self.qid)
+                return self.fail(f"server error: {type(e).__name__}: {e}")
+        self._send(m)
 
     def fail(self, reason: str, kind: str = "failed") -> None:
         if self.done:
@@ -243,14 +253,14 @@ class Answer:
         m, r = self._return()
         e = r.init("exception")
         e.reason, e.type = reason, kind
-        self.conn.send(m)
+        self._send(m)
 
     def _cancelled(self) -> None:
         if self.done:
             return
         m, r = self._return()
         r.canceled = None
-        self.conn.send(m)
+        self._send(m)
         if self.on_cancel is not None:
             self.on_cancel()
 
@@ -404,13 +414,8 @@ class Client(_Connection):
         if self.closed:
             raise self.error or RpcError("connection closed", "disconnected")
         mid, params, results = self.methods[method]
-        if self.free:
-            qid = self.free.pop()
-        else:
-            qid, self.next_qid = self.next_qid, self.next_qid + 1
         m = rpc.Message.new_message()
         c = m.init("call")
-        c.questionId = qid
         if self.cap is None:
             c.target.init("promisedAnswer").questionId = 0
         else:
@@ -419,6 +424,11 @@ class Client(_Connection):
         c.methodId = mid
         c.noPromisePipelining = True
         fill(c.init("params").content.as_struct(params))
+        if self.free:
+            qid = self.free.pop()
+        else:
+            qid, self.next_qid = self.next_qid, self.next_qid + 1
+        c.questionId = qid
         self.questions[qid] = (done, results)
         self.send(m)
         return qid
