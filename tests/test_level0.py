@@ -37,6 +37,12 @@ def _echo_server():
     return (lambda: level0.Server(fabric.Node, {"echo": echo, "sendrec": sendrec})), cancelled
 
 
+async def _listen(factory):
+    """(server, port): factory's protocol serving on a loopback port."""
+    server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
 def _run(coro_fn):
     async def main():
         async with capnp.kj_loop():
@@ -50,9 +56,7 @@ def test_pycapnp_client_calls_level0_server():
     factory, _ = _echo_server()
 
     async def main():
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(factory, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
+        server, port = await _listen(factory)
         try:
             stream = await wire.connect(host="127.0.0.1", port=port)
             client = capnp.TwoPartyClient(stream)
@@ -167,8 +171,7 @@ def test_malformed_messages_abort_only_their_connection(garbage):
 
     async def main():
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(factory, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
+        server, port = await _listen(factory)
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(garbage)
