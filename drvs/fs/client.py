@@ -337,7 +337,8 @@ class VmFs:
         """Around a change this node makes to these inodes: their kept
         attributes go, and a reply's post-op attributes are kept (_post_op)
         only if no other change of the directory here overlapped it (a
-        slower reply would store older ones) and no invalidation came."""
+        slower reply would store older ones) and no invalidation came; if
+        it fails, what is known of their names goes too."""
         change = _Change(self.told)
         self.changes += 1
         for cino in cinos:
@@ -350,6 +351,12 @@ class VmFs:
             change.started[cino] = b[1]
         try:
             yield change
+        except BaseException:
+            # What this node knew of these directories' names may be wrong
+            # (an EEXIST says so): forgotten.
+            for cino in change.started:
+                self.known.pop(cino, None)
+            raise
         finally:
             for cino in change.started:
                 b = self.busy[cino]
@@ -396,7 +403,7 @@ class VmFs:
 
     async def _make(self, ctype, parent, name, ctx, **fields):
         dino = parent & MASK
-        with self._changing(dino) as change, self._unsure(dino):
+        with self._changing(dino) as change:
             r = await self.call(ctype, path=join(self.path(parent), name), caller=caller(ctx), **fields)
             self._post_op(dino, r, change)
         self._known_add(dino, name)
@@ -404,17 +411,6 @@ class VmFs:
         if ctype == Call.mkdir:
             self._now_known(self._c(r.attr.ino), (), change)
         return entry
-
-    @contextlib.contextmanager
-    def _unsure(self, *dinos):
-        """Around a change in these directories: if it fails, what this node
-        knows of their names may be wrong (an EEXIST says so): forgotten."""
-        try:
-            yield
-        except BaseException:
-            for dino in dinos:
-                self.known.pop(dino, None)
-            raise
 
     async def mknod(self, parent, name, mode, rdev, ctx):
         return await self._make(Call.mknod, parent, name, ctx, mode=mode, rdev=rdev)
@@ -427,7 +423,7 @@ class VmFs:
 
     async def link(self, inode, new_parent, new_name, ctx):
         dino = new_parent & MASK
-        with self._changing(dino, inode & MASK) as change, self._unsure(dino):  # (its link count changes)
+        with self._changing(dino, inode & MASK) as change:  # (its link count changes)
             r = await self.call(Call.link, path=self.path(inode), path2=join(self.path(new_parent), new_name))
             self._post_op(dino, r, change)
         self._known_add(dino, new_name)
@@ -441,7 +437,7 @@ class VmFs:
 
     async def _remove(self, ctype, parent, name) -> None:
         dino, cino = parent & MASK, self.entries.get((parent & MASK, name))
-        with self._changing(dino, cino) as change, self._unsure(dino):
+        with self._changing(dino, cino) as change:
             r = await self.call(ctype, path=join(self.path(parent), name))
             self._post_op(dino, r, change)
         self._forget_entry(dino, name)
@@ -450,8 +446,7 @@ class VmFs:
 
     async def rename(self, old_parent, old_name, new_parent, new_name, flags, ctx):
         d1, d2 = old_parent & MASK, new_parent & MASK
-        with self._changing(d1, d2, self.entries.get((d1, old_name)), self.entries.get((d2, new_name))), \
-                self._unsure(d1, d2):
+        with self._changing(d1, d2, self.entries.get((d1, old_name)), self.entries.get((d2, new_name))):
             await self.call(Call.rename, path=join(self.path(old_parent), old_name),
                             path2=join(self.path(new_parent), new_name), flags=flags)
         if not flags & pyfuse3.RENAME_EXCHANGE:
@@ -490,7 +485,7 @@ class VmFs:
 
     async def create(self, parent, name, mode, flags, ctx):
         dino = parent & MASK
-        with self._changing(dino) as change, self._unsure(dino):
+        with self._changing(dino) as change:
             r = await self.call(Call.create, path=join(self.path(parent), name), flags=flags, mode=mode,
                                 caller=caller(ctx))
             self._post_op(dino, r, change)
