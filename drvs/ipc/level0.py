@@ -298,7 +298,7 @@ class Server(_Connection):
 
     def _call(self, c) -> None:
         qid = c.questionId
-        if qid in self.answers:
+        if qid in self.answers or qid in self.bootstraps:
             raise ProtocolError(f"question {qid} asked twice")
         answer = Answer(self, qid)
         target = c.target
