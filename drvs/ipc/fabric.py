@@ -375,6 +375,15 @@ class Fabric:
         spec = json.loads((await self.etcd.get(spec_key(node))).value)
         return Location(node, spec["address"], spec.get("port", FABRIC_PORT))
 
+    def answer_now(self, target: str, msg: Msg) -> Msg | None:
+        """The reply of target's fast path, when it is served here, answers
+        msg at once, and msg's source is known to be its node's: no trio hop
+        (else None: deliver() it)."""
+        fast = self.fast.get(target)
+        if fast is None or self.source_ok(msg) is not True:
+            return None
+        return run_fast(fast, target, msg)
+
     async def deliver(self, target: str, msg: Msg, timeout: float | None = None) -> Msg:
         """Hand msg to the local server of target, for at most timeout
         seconds (the caller's bound); its failures become replies."""
@@ -483,12 +492,10 @@ class NodeServer(schema.Node.Server):
         # builds a dict of the parameters and fills results from a return)
         params = _context.params
         target, m, timeoutMs = params.target, self._incoming(params.msg), params.timeoutMs
-        fast = self.fabric.fast.get(target)
-        if fast is not None and self.fabric.source_ok(m) is True:  # served here, at once, without trio
-            reply = run_fast(fast, target, m)
-            if reply is not None:
-                reply.fill(_context.results.init("reply"))
-                return
+        reply = self.fabric.answer_now(target, m)
+        if reply is not None:
+            reply.fill(_context.results.init("reply"))
+            return
         timeout = timeoutMs / 1000 if timeoutMs else None
         if self.local:  # a local client: route anywhere in the cluster
             reply = await self.guest.call_trio(self._route, target, m, timeout)
@@ -559,14 +566,11 @@ class NodeLane:
 
     def sendrec(self, answer: level0.Answer, params) -> None:
         target, m, timeout_ms = params.target, self._incoming(params.msg), params.timeoutMs
-        fabric = self.fabric
-        fast = fabric.fast.get(target)
-        if fast is not None and fabric.source_ok(m) is True:
-            reply = run_fast(fast, target, m)
-            if reply is not None:
-                return answer.reply(lambda r: reply.fill(r.init("reply")))
+        reply = self.fabric.answer_now(target, m)
+        if reply is not None:
+            return answer.reply(lambda r: reply.fill(r.init("reply")))
         self._in_trio(answer, lambda r, reply: reply.fill(r.init("reply")),
-                      fabric.deliver, target, m, timeout_ms / 1000 if timeout_ms else None)
+                      self.fabric.deliver, target, m, timeout_ms / 1000 if timeout_ms else None)
 
     def send(self, answer: level0.Answer, params) -> None:
         self._in_trio(answer, None, self.fabric.deliver, params.target, self._incoming(params.msg))

@@ -78,6 +78,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.view = memoryview(self.buf)
         self.start = self.end = 0      # received and not yet handled: buf[start:end]
         self.big: memoryview | None = None  # a large message being read in place
+        self.big_sizes: tuple = ()           # its segments' sizes
         self.big_at = 0
         self.batch: list | None = None  # what to send when handling is done
 
@@ -102,7 +103,7 @@ class _Connection(asyncio.BufferedProtocol):
                 self.big_at += nbytes
                 if self.big_at == len(self.big):
                     big, self.big = self.big, None
-                    self._message(big)
+                    self._message(big, self.big_sizes)
             else:
                 self.end += nbytes
                 self._scan()
@@ -130,15 +131,16 @@ class _Connection(asyncio.BufferedProtocol):
             size = (4 * count + 11) & ~7
             if avail < size:
                 break
-            words = sum(struct.unpack_from(f"<{count}I", buf, off + 4))
+            sizes = struct.unpack_from(f"<{count}I", buf, off + 4)
+            words = sum(sizes)
             if words > MAX_WORDS:
                 raise ProtocolError(f"{words * 8} bytes, more than {MAX_WORDS * 8}")
             size += 8 * words
             if avail >= size:
                 self.start += size
-                self._message(memoryview(bytes(self.view[off:off + size])))
+                self._message(memoryview(bytes(self.view[off:off + size])), sizes)
             elif size > len(buf) // 4:
-                self.big = memoryview(bytearray(size))
+                self.big, self.big_sizes = memoryview(bytearray(size)), sizes
                 self.big[:avail] = self.view[off:self.end]
                 self.big_at = avail
                 self.start = self.end
@@ -148,11 +150,10 @@ class _Connection(asyncio.BufferedProtocol):
         if self.start == self.end:
             self.start = self.end = 0
 
-    def _message(self, data: memoryview) -> None:
-        """One whole message (its own memory: readers may keep it)."""
-        count = _U32.unpack_from(data, 0)[0] + 1
-        sizes = struct.unpack_from(f"<{count}I", data, 4)
-        segments, p = [], (4 * count + 11) & ~7
+    def _message(self, data: memoryview, sizes: tuple) -> None:
+        """One whole message (its own memory: readers may keep it), of
+        segments of these sizes in words."""
+        segments, p = [], (4 * len(sizes) + 11) & ~7
         for size in sizes:
             segments.append(data[p:p + 8 * size])
             p += 8 * size
