@@ -2,11 +2,14 @@
 which nodes it tells of a change, and that it forgets files that are gone
 (their inode numbers go to new files, which those nodes never cached)."""
 
+import errno
 import os
+
+import trio
 
 from drvs.fs.server import Call, FsServer
 from drvs.fs.store import Store
-from drvs.ipc.message import Msg
+from drvs.ipc.message import Later, Msg
 from drvs.ipc.schema import fs, new
 
 
@@ -62,3 +65,49 @@ async def test_an_open_file_is_kept_until_its_last_close(tmp_path):
     assert w.shared  # n3's close tells n2
     await call(server, "n2", Call.release, fh=r.fh)
     assert r.attr.ino not in server.interest
+
+
+def message(node: str, ctype, **fields) -> Msg:
+    m = Msg(ctype, new(fs.FsRequest, vm="web", **fields).to_bytes_packed())
+    m.node = node
+    return m
+
+
+async def test_changes_are_made_as_they_arrive_and_wait_only_to_tell_others(tmp_path):
+    """The fabric's fast path: a change nobody else caches is answered at
+    once; one that n2 caches is made at once, and its reply waits until
+    n2 was told (a Later)."""
+    server, fabric = serving(tmp_path)
+    r = await call(server, "n1", Call.create, path=b"f", flags=os.O_WRONLY, mode=0o644)
+    reply = server.fast(message("n1", Call.setattr, path=b"f", setMask=1, mode=0o600))
+    assert isinstance(reply, Msg) and reply.status == 0
+    assert fs.FsReply.from_bytes_packed(reply.payload).attr.mode & 0o777 == 0o600
+    assert fabric.told == []
+
+    await call(server, "n2", Call.lookup, path=b"f")  # n2 caches f now
+    later = server.fast(message("n1", Call.setattr, path=b"f", setMask=1, mode=0o640))
+    assert isinstance(later, Later)
+    assert server.store.lstat(b"f").st_mode & 0o777 == 0o640  # made before n2 is told
+    assert fabric.told == []
+    reply = await later.finish()
+    assert reply.status == 0 and fabric.told == ["fsc@n2"]
+
+    failed = server.fast(message("n1", Call.unlink, path=b"nothing"))
+    assert failed.status == -errno.ENOENT
+    assert server.fast(message("n1", Call.fsync, fh=r.fh)) is None  # waits on the disk: in trio
+
+
+async def test_closes_carried_by_a_call_are_made_on_the_fast_path(tmp_path):
+    server, _ = serving(tmp_path)
+    r = await call(server, "n2", Call.create, path=b"f", flags=os.O_WRONLY, mode=0o644)
+    assert r.fh in server.files
+    reply = server.fast(message("n2", Call.mkdir, path=b"d", mode=0o755, closed=[r.fh]))
+    assert reply.status == 0
+    assert r.fh not in server.files
+
+
+async def test_changes_wait_in_trio_while_changes_are_held(tmp_path):
+    server, _ = serving(tmp_path)
+    server.held = trio.Event()
+    assert server.fast(message("n1", Call.mkdir, path=b"d", mode=0o755)) is None
+    assert isinstance(server.fast(message("n1", Call.getattr, path=b"")), Msg)  # reads still go

@@ -160,6 +160,35 @@ def test_cancel_and_lost_connection_from_trio():
     bridge.run(main)
 
 
+def test_a_call_given_up_after_its_time_limit():
+    """No Return within the limit: the caller gets a timeout, the server
+    hears the call was given up (Finish), and the connection serves on;
+    calls answered in time are not touched by the connection's timer."""
+    make, cancelled = _echo_server()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        server = await bridge.aio(loop.create_server(make, "127.0.0.1", 0))
+        port = server.sockets[0].getsockname()[1]
+        _, client = await bridge.aio(loop.create_connection(lambda: level0.Client(fabric.Node), "127.0.0.1", port))
+        for limit in (0.2, 0.1):  # a later call with a shorter limit: the timer is moved earlier
+            t = trio.current_time()
+            with pytest.raises(level0.RpcError) as e:
+                await level0.call(client, "echo", lambda p: setattr(p, "data", b"never"), limit)
+            assert e.value.kind == "timeout"
+            assert limit <= trio.current_time() - t < limit + 0.5
+        await trio.sleep(0.05)
+        assert cancelled == [True, True]
+        for _ in range(20):
+            r = await level0.call(client, "echo", lambda p: setattr(p, "data", b"ok"), 0.05)
+            assert bytes(r.data) == b"ko"
+        await trio.sleep(0.1)  # past those limits: nothing fires for calls already answered
+        assert not client.deadlines and client.timer is None
+        server.close()
+
+    bridge.run(main)
+
+
 @pytest.mark.parametrize("garbage", [
     b"\xff\xff\xff\xff" + b"\0" * 64,                  # 2**32 segments
     b"\0\0\0\0\xff\xff\xff\x7f",                       # one segment of 16 GiB

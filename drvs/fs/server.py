@@ -2,10 +2,10 @@
 nodes that hold the VM's store (drvs/fs/service.py), that serves the VM's
 files to the FUSE client of every node (drvs/fs/client.py).
 
-One message table.  Calls that only read, or change nothing another node
-has cached, are answered on the fabric's fast path (as the message
-arrives, no trio hop); calls that change what other nodes may cache wait
-until those nodes dropped it (callback breaks, as AFS calls them): the
+One message table.  Calls that wait for nothing here (all but fsync, locks
+and usage) are made on the fabric's fast path, as the message arrives (no
+trio hop); a change to what other nodes may cache is replied to only once
+those nodes dropped it (callback breaks, as AFS calls them): the
 server remembers which node looked at which directory and inode, and tells
 exactly those nodes, through their "fsc@NODE", before it replies.  So a
 create, rename, unlink or chmod on n1 is seen on n2 at once, and a file
@@ -29,7 +29,7 @@ import trio
 
 from .. import _fs
 from ..errors import SetupError
-from ..ipc.message import IpcError, Msg, failure
+from ..ipc.message import IpcError, Later, Msg, failure
 from ..ipc.schema import fs, new
 from . import replica
 from .locks import LockTable
@@ -88,9 +88,9 @@ class FsServer:
         self.sync = False
         self.stale = False                       # another term began: step down
         self.builder = Builder(store.base)
-        # The message table.  Calls in at_once are answered as they arrive
-        # (also on the fabric's fast path); the others may make other nodes
-        # drop caches, or wait for the disk, and run in trio.
+        # The message table.  The calls whose handlers are plain functions
+        # (self.plain) are made as they arrive, on the fabric's fast path
+        # (fast); those that wait (the disk, a lock) run in trio (handle).
         self.table = {
             Call.lookup: self.lookup, Call.getattr: self.getattr, Call.readlink: self.readlink,
             Call.open: self.open, Call.read: self.read, Call.write: self.write,
@@ -104,6 +104,9 @@ class FsServer:
             Call.lock: self.lock,
         }
         self.lock_table = LockTable()
+        self.plain = {t for t, h in self.table.items() if not inspect.iscoroutinefunction(h)}
+        # Those that change nothing another node caches: this node's own
+        # client has them made without a trio hop (local_fast).
         self.at_once = {Call.lookup, Call.getattr, Call.readlink, Call.open, Call.read, Call.write,
                         Call.readdir, Call.statfs, Call.getxattr, Call.listxattr}
         self.puts = {Call.putBegin: self._put_begin, Call.putDir: self.builder.put_dir,
@@ -129,18 +132,60 @@ class FsServer:
             raise IpcError(f"fs@{self.vm}: request for VM {vm!r}", errno.EINVAL)
         return req, path
 
-    def fast(self, msg: Msg) -> Msg | None:
-        if not self._at_once_now(msg.type):
+    def fast(self, msg: Msg) -> "Msg | Later | None":
+        """The fabric's fast path: a call that waits for nothing here is
+        made as it arrives (no trio hop).  A change is done and queued for
+        the replicas at once; if other nodes cache what it changed, the
+        reply waits until they dropped it (a Later: trio tells them, then
+        replies).  None: handle() it (a call that waits on the disk, on a
+        lock, on replicas, or while changes are held)."""
+        if not self._now_ok(msg.type):
             return None
         req, path = self._decode(msg)
-        if msg.type == Call.open and req.flags & os.O_TRUNC or len(req.closed):
-            return None  # other nodes must drop the data first, or releases to make: handle()
-        out = new(fs.FsReply, epoch=self.epoch)
+        origin = msg.node or self.here
+        tell = []
         try:
-            self._answer(msg.type, req, path, out, msg.node or self.here, msg.payload)
+            for fh in req.closed:  # closes the caller's node left for its next call
+                tell.append(self._now(Call.release, LocalRequest(self.vm, fh=fh), b"", LocalReply(self.epoch),
+                                      origin, None))
+            out = new(fs.FsReply, epoch=self.epoch)
+            tell.append(self._now(msg.type, req, path, out, origin, msg.payload))
+            reply = Msg(0, out.to_bytes_packed())
         except OSError as e:
-            return _os_failure(e, path)
-        return Msg(0, out.to_bytes_packed())
+            reply = _os_failure(e, path)
+        tell = [(targets, data) for targets, data in tell if targets]
+        return reply if not tell else Later(lambda: self._told(tell, reply))
+
+    def _now_ok(self, ctype: int) -> bool:
+        """Whether a call of this type can be made at once now: a change
+        waits (in _serve) while changes are held or a replica is far behind."""
+        if ctype not in self.plain or not self.epoch:
+            return False
+        if ctype == Call.flush and self.sync:
+            return False  # a close on a synchronous VM waits for the replicas
+        return ctype not in MIRRORED or (self.held is None and not any(m.full() for m in self.mirrors.values()))
+
+    def _now(self, ctype: int, req, path: bytes, out, origin: str, payload: bytes | None) -> tuple[dict, bool]:
+        """Make a call whose handler waits for nothing (_now_ok): what it
+        changed is done and queued for the replicas; (the nodes to tell,
+        whether data changed) -- see _targets."""
+        changed, _ = self._made(ctype, req, payload, out, origin, self.table[ctype](req, path, out, origin))
+        if changed is None:
+            return {}, False
+        return self._targets(origin, changed), changed.data
+
+    def _made(self, ctype: int, req, payload: bytes | None, out, origin: str, changed: "Changed | None"):
+        """After a call was made here: what it changed that other nodes may
+        cache (an open that truncated changed the file's data), and its
+        place in each replica's queue ({mirror: sequence number})."""
+        if ctype == Call.open and req.flags & os.O_TRUNC:
+            changed = Changed(inodes=[out.attr.ino], data=True)
+        return changed, self._mirror(ctype, req, payload, out, origin) if ctype in MIRRORED else {}
+
+    async def _told(self, tell: list, reply: Msg) -> Msg:
+        for targets, data in tell:
+            await self._tell_targets(targets, data)
+        return reply
 
     async def handle(self, msg: Msg) -> Msg:
         if msg.type not in self.table or msg.type in PUT_CALLS:
@@ -163,10 +208,10 @@ class FsServer:
     # errors are the OSErrors themselves.
 
     def local_fast(self, ctype: int, req) -> "LocalReply | None":
-        if not self._at_once_now(ctype) or (ctype == Call.open and req.flags & os.O_TRUNC):
+        if ctype not in self.at_once or not self._now_ok(ctype) or (ctype == Call.open and req.flags & os.O_TRUNC):
             return None
         out = LocalReply(self.epoch)
-        self._answer(ctype, req, req.path, out, self.here, None)
+        self._now(ctype, req, req.path, out, self.here, None)  # (these calls change nothing cached)
         return out
 
     async def local(self, ctype: int, req) -> "LocalReply":
@@ -176,24 +221,11 @@ class FsServer:
         await self._serve(ctype, req, req.path, out, self.here, None)
         return out
 
-    def _at_once_now(self, ctype: int) -> bool:
-        if ctype not in self.at_once or not self.epoch:
-            return False
-        # A change while changes are held, or a replica is far behind, waits (in _serve).
-        return ctype not in MIRRORED or (self.held is None and not any(m.full() for m in self.mirrors.values()))
-
-    def _answer(self, ctype: int, req, path: bytes, out, origin: str, payload: bytes | None) -> None:
-        self.table[ctype](req, path, out, origin)
-        if ctype in MIRRORED:
-            self._mirror(ctype, req, payload, out, origin)
-
     async def _serve(self, ctype: int, req, path: bytes, out, origin: str, payload: bytes | None) -> None:
         if ctype in MIRRORED:
             await self._room()
-        changed = await _run(self.table[ctype], req, path, out, origin)
-        if ctype == Call.open and req.flags & os.O_TRUNC:
-            changed = Changed(inodes=[out.attr.ino], data=True)
-        waits = self._mirror(ctype, req, payload, out, origin) if ctype in MIRRORED else {}
+        changed, waits = self._made(ctype, req, payload, out, origin,
+                                    await _run(self.table[ctype], req, path, out, origin))
         if changed is not None:
             await self._tell(origin, changed)
         if ctype == Call.fsync:  # durable on every replica in sync, not only here
@@ -371,8 +403,13 @@ class FsServer:
         """Make every node but origin that may cache these drop them, and
         wait until they did (or INVALIDATE_TIMEOUT passed: such a node is
         forgotten, and its kernel's own timeouts bound what it shows)."""
+        await self._tell_targets(self._targets(origin, changed), changed.data)
+
+    def _targets(self, origin: str, changed: Changed) -> dict[str, tuple[list, set]]:
+        """The nodes but origin that may cache what changed: {node: (entries,
+        inodes)}.  Inodes that are gone are forgotten here, before any wait:
+        a new file may get their numbers meanwhile."""
         targets: dict[str, tuple[list, set]] = {}
-        data = changed.data
         for dino, name in changed.entries:
             for node in self.interest.get(dino, ()):
                 if node != origin:
@@ -381,8 +418,11 @@ class FsServer:
             for node in self.interest.get(ino, ()):
                 if node != origin:
                     targets.setdefault(node, ([], set()))[1].add(ino)
-        for ino in changed.gone:  # now, before waiting: a new file may get its number meanwhile
+        for ino in changed.gone:
             self.interest.pop(ino, None)
+        return targets
+
+    async def _tell_targets(self, targets: dict, data: bool) -> None:
         if targets:
             async with trio.open_nursery() as nursery:
                 for node, (ents, inos) in targets.items():

@@ -24,7 +24,7 @@ import trio
 
 from . import level0, wire
 from .bridge import aio, aio_future, capnp_await, current_guest
-from .message import NOTIFY, IpcError, Msg, failure
+from .message import NOTIFY, IpcError, Later, Msg, failure
 from .schema import fabric as schema
 
 log = logging.getLogger("drvmmd")
@@ -99,9 +99,11 @@ class Lane(level0.Client):
         return self.call("sendrec", self._params(target, msg, timeout_ms),
                          lambda r, e: done(None if r is None else Msg.from_capnp(r.reply), e))
 
-    async def request(self, target: str, msg: Msg, timeout_ms: int) -> Msg:
-        """trio: sendrec; level0.RpcError if the call failed."""
-        return Msg.from_capnp((await level0.call(self, "sendrec", self._params(target, msg, timeout_ms))).reply)
+    async def request(self, target: str, msg: Msg, timeout_ms: int, limit: float | None = None) -> Msg:
+        """trio: sendrec; level0.RpcError if the call failed, or had no
+        reply within limit seconds (kind "timeout")."""
+        r = await level0.call(self, "sendrec", self._params(target, msg, timeout_ms), limit)
+        return Msg.from_capnp(r.reply)
 
 
 class Fabric:
@@ -172,7 +174,8 @@ class Fabric:
         fast: an optional plain function Msg -> Msg | None for the messages
         that can be answered at once without waiting on anything; it runs
         on the asyncio side, as capnp delivers the call (no trio hop, ~130
-        µs less per call here); None hands the message on to `handler`."""
+        µs less per call here); None hands the message on to `handler`; a
+        Later, work done whose reply must wait: a trio task awaits it."""
         check_name(name)
         self.handlers[name] = handler
         if fast is not None:
@@ -244,29 +247,42 @@ class Fabric:
             loc = await self.resolve(target, fresh=attempt == 2)
             if loc.node == self.name and target in self.handlers:
                 return await self.deliver(target, msg, timeout)
+            left = max(deadline - trio.current_time(), 0.001)
             try:
-                with trio.fail_after(max(deadline - trio.current_time(), 0.001)):
-                    reply = await self._remote(loc, target, msg, timeout) if loc.node != self.name else \
-                        await self.deliver(target, msg, timeout)
+                if loc.node == self.name:
+                    reply = await self.deliver(target, msg, left)  # (registered here, not yet known here)
+                else:
+                    reply = await self._remote(loc, target, msg, timeout, left)
                 if reply.status == -errno.EREMCHG and attempt == 1:
                     continue  # it moved (the node did not take the message): ask etcd, send again
                 return reply
-            except trio.TooSlowError:
-                # The call is given up (Finish); the connection stays, as
-                # other calls are on it: a slow endpoint is not a dead node
-                # (a dead or cut-off one fails it within seconds: live_socket).
-                raise IpcError(f"{target}: no reply from node {loc.node} within {timeout:g} s", errno.ETIMEDOUT)
             except IpcError as e:
+                if e.errno == errno.ETIMEDOUT:
+                    raise
                 self.locations.pop(target, None)
                 if e.errno != errno.ECONNRESET or not idempotent or attempt == 2:
                     raise
         raise AssertionError("unreachable")
 
-    async def _remote(self, loc: Location, target: str, msg: Msg, timeout: float) -> Msg:
-        lane = await self.lane(loc)
+    async def _remote(self, loc: Location, target: str, msg: Msg, timeout: float, left: float) -> Msg:
+        """msg sent over loc's lane; no reply within `left` seconds (of the
+        caller's `timeout`) fails it with ETIMEDOUT.  The call is then given
+        up (Finish) but the connection stays, as other calls are on it: a
+        slow endpoint is not a dead node (a dead or cut-off one fails it
+        within seconds: live_socket)."""
+        lane = self.lanes.get(loc.node)
         try:
-            return await lane.request(target, msg, min(int(timeout * 1000), 0xFFFFFFFF))
+            if lane is None or lane.closed or lane.address != (loc.address, loc.port):
+                with trio.fail_after(left):
+                    lane = await self.lane(loc)
+            return await lane.request(target, msg, min(int(timeout * 1000), 0xFFFFFFFF), left)
+        except trio.TooSlowError:
+            raise IpcError(f"{target}: no connection to node {loc.node} within {timeout:g} s",
+                           errno.ETIMEDOUT) from None
         except level0.RpcError as e:
+            if e.kind == "timeout":
+                raise IpcError(f"{target}: no reply from node {loc.node} within {timeout:g} s",
+                               errno.ETIMEDOUT) from None
             if e.kind == "disconnected":
                 self.drop_lane(loc.node, lane)
                 raise IpcError(f"{target}: connection to node {loc.node} lost", errno.ECONNRESET) from None
@@ -399,20 +415,30 @@ class Fabric:
         fast = self.fast.get(target)
         if fast is not None:
             reply = run_fast(fast, target, msg)
+            if isinstance(reply, Later):
+                return await self.finish(target, reply, timeout)
             if reply is not None:
                 return reply
         if handler is None:
             # EREMCHG, not ENOENT: the sender's idea of where target is was
             # stale, and the message was not taken (sendrec re-resolves).
             return failure(errno.EREMCHG, f"no endpoint {target!r} on node {self.name}")
+        return await self._bounded(target, handler, msg, timeout)
+
+    async def finish(self, target: str, later: Later, timeout: float | None = None) -> Msg:
+        """The reply of a message its endpoint's fast path began (Later)."""
+        return await self._bounded(target, lambda _: later.finish(), None, timeout)
+
+    async def _bounded(self, target: str, afn, msg: Msg | None, timeout: float | None) -> Msg:
+        """afn(msg)'s reply, within the caller's bound; failures are replies."""
         try:
             with trio.move_on_after(timeout or DEFAULT_TIMEOUT * 12):
-                return await handler(msg)
+                return await afn(msg)
             return failure(errno.ETIMEDOUT, f"{target}: no reply within {timeout or DEFAULT_TIMEOUT * 12:g} s")
         except IpcError as e:
             return failure(e.errno, str(e))
         except Exception as e:  # noqa: BLE001 - a server bug must not take the daemon down
-            log.exception("endpoint %s failed on message type %d", target, msg.type)
+            log.exception("endpoint %s failed on message type %s", target, msg.type if msg else "(later)")
             return failure(errno.EIO, f"{target}: server error: {type(e).__name__}: {e}")
 
 
@@ -493,10 +519,12 @@ class NodeServer(schema.Node.Server):
         params = _context.params
         target, m, timeoutMs = params.target, self._incoming(params.msg), params.timeoutMs
         reply = self.fabric.answer_now(target, m)
+        timeout = timeoutMs / 1000 if timeoutMs else None
+        if isinstance(reply, Later):
+            reply = await self.guest.call_trio(self.fabric.finish, target, reply, timeout)
         if reply is not None:
             reply.fill(_context.results.init("reply"))
             return
-        timeout = timeoutMs / 1000 if timeoutMs else None
         if self.local:  # a local client: route anywhere in the cluster
             reply = await self.guest.call_trio(self._route, target, m, timeout)
         else:           # another node: only what is served here, within its caller's bound
@@ -567,10 +595,13 @@ class NodeLane:
     def sendrec(self, answer: level0.Answer, params) -> None:
         target, m, timeout_ms = params.target, self._incoming(params.msg), params.timeoutMs
         reply = self.fabric.answer_now(target, m)
+        timeout = timeout_ms / 1000 if timeout_ms else None
+        if isinstance(reply, Later):
+            return self._in_trio(answer, lambda r, reply: reply.fill(r.init("reply")),
+                                 self.fabric.finish, target, reply, timeout)
         if reply is not None:
             return answer.reply(lambda r: reply.fill(r.init("reply")))
-        self._in_trio(answer, lambda r, reply: reply.fill(r.init("reply")),
-                      self.fabric.deliver, target, m, timeout_ms / 1000 if timeout_ms else None)
+        self._in_trio(answer, lambda r, reply: reply.fill(r.init("reply")), self.fabric.deliver, target, m, timeout)
 
     def send(self, answer: level0.Answer, params) -> None:
         self._in_trio(answer, None, self.fabric.deliver, params.target, self._incoming(params.msg))

@@ -396,6 +396,11 @@ class Client(_Connection):
         self.cap: int | None = None             # the bootstrap capability's import id
         self.on_lost = on_lost
         self.error: RpcError | None = None
+        # Calls with a time limit: qid -> when (the loop's clock).  One timer
+        # per connection, at the earliest, rather than one per call: calls
+        # end far more often than they time out.
+        self.deadlines: dict[int, float] = {}
+        self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport):
         super().connection_made(transport)
@@ -408,10 +413,11 @@ class Client(_Connection):
         if error is not None:
             self.abort(f"bootstrap failed: {error}")
 
-    def call(self, method: str, fill, done) -> int:
+    def call(self, method: str, fill, done, timeout: float | None = None) -> int:
         """Send a call (fill(params builder) sets its parameters); done(results,
-        None) or done(None, RpcError) is called later, on the loop.  Its
-        question id, for cancel()."""
+        None) or done(None, RpcError) is called later, on the loop; if no
+        Return came within timeout seconds, the call is given up (Finish) and
+        done(None, RpcError(kind "timeout")).  Its question id, for cancel()."""
         if self.closed:
             raise self.error or RpcError("connection closed", "disconnected")
         mid, params, results = self.methods[method]
@@ -432,14 +438,41 @@ class Client(_Connection):
         c.questionId = qid
         self.questions[qid] = (done, results)
         self.send(m)
+        if timeout is not None:
+            self._limit(qid, timeout)
         return qid
 
     def cancel(self, qid: int) -> None:
         """Give up on a call: its done() is not called."""
         if self.questions.pop(qid, None) is None:
             return
+        self.deadlines.pop(qid, None)
         self.cancelled.add(qid)  # (its id is free again once its Return came)
         self._finish(qid, True)
+
+    def _limit(self, qid: int, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        when = loop.time() + timeout
+        self.deadlines[qid] = when
+        if self.timer is None or when < self.timer.when():
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer = loop.call_at(when, self._expire)
+
+    def _expire(self) -> None:
+        """Give up the calls whose time is up; wait for the next one."""
+        self.timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for qid in [q for q, when in self.deadlines.items() if when <= now]:
+            done = self.questions[qid][0]
+            self.cancel(qid)
+            try:
+                done(None, RpcError("no reply in time", "timeout"))
+            except Exception:  # noqa: BLE001 - one caller's failure is not the others'
+                log.exception("level-0 RPC: a caller's callback failed")
+        if self.deadlines and not self.closed:
+            self.timer = loop.call_at(min(self.deadlines.values()), self._expire)
 
     def _finish(self, qid: int, release: bool) -> None:
         m = rpc.Message.new_message()
@@ -471,6 +504,7 @@ class Client(_Connection):
         entry = self.questions.pop(qid, None)
         if entry is None:
             raise ProtocolError(f"return for question {qid}, never asked")
+        self.deadlines.pop(qid, None)
         done, results = entry
         which = r.which()
         if qid == 0:
@@ -502,6 +536,10 @@ class Client(_Connection):
             return
         self.error = error
         questions, self.questions = self.questions, {}
+        self.deadlines.clear()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         for done, _ in questions.values():
             try:
                 done(None, error)
@@ -511,15 +549,16 @@ class Client(_Connection):
             self.on_lost()
 
 
-async def call(client: Client, method: str, fill):
+async def call(client: Client, method: str, fill, timeout: float | None = None):
     """trio: call method and return its results (a reader); cancelling the
-    trio task gives up the call (Finish)."""
+    trio task gives up the call (Finish), as does a timeout (RpcError, kind
+    "timeout": the connection's timer, not a trio deadline per call)."""
     task = trio.lowlevel.current_task()
 
     def done(results, error) -> None:
         trio.lowlevel.reschedule(task, outcome.Value(results) if error is None else outcome.Error(error))
 
-    qid = client.call(method, fill, done)
+    qid = client.call(method, fill, done, timeout)
 
     def abort(_raise_cancel):
         client.cancel(qid)

@@ -31,6 +31,18 @@ class Msg:
         m.type, m.payload, m.source, m.status, m.error = self.type, self.payload, self.source, self.status, self.error
 
 
+class Later:
+    """What an endpoint's fast path returns when it did the work as the
+    message came but the reply must wait for something (the file server
+    telling other nodes of a change): a trio task awaits finish(), a Msg,
+    and replies with it."""
+
+    __slots__ = ("finish",)
+
+    def __init__(self, finish):
+        self.finish = finish
+
+
 class IpcError(DrvsError):
     """A message could not be delivered, or its server failed it."""
 
@@ -49,5 +61,6 @@ def failure(err: int, text: str = "") -> Msg:
 def check(reply: Msg, target: str) -> Msg:
     """The reply, or IpcError with the server's errno and words."""
     if reply.status < 0:
-        raise IpcError(f"{target}: {reply.error or os.strerror(-reply.status)}", -reply.status)
+        text = reply.error or os.strerror(-reply.status)
+        raise IpcError(text if text.startswith(f"{target}: ") else f"{target}: {text}", -reply.status)
     return reply
