@@ -22,7 +22,7 @@ import os
 import pyfuse3
 import trio
 
-from ..ipc.message import IpcError, Msg
+from ..ipc.message import IpcError, Later, Msg
 from ..ipc.schema import fs, new
 from .server import SET_ATIME, SET_GID, SET_MODE, SET_MTIME, SET_SIZE, SET_UID, FsServer, LocalRequest
 from .store import XATTR_PREFIXES, join
@@ -122,7 +122,10 @@ class VmFs:
             return None
         try:
             req = LocalRequest(self.vm, **fields)
-            return server.local_fast(ctype, req) or await server.local(ctype, req)
+            r = server.local_fast(ctype, req)
+            if r is None:
+                return await server.local(ctype, req)
+            return await r.finish() if isinstance(r, Later) else r
         except OSError as e:
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
         except IpcError:

@@ -105,10 +105,6 @@ class FsServer:
         }
         self.lock_table = LockTable()
         self.plain = {t for t, h in self.table.items() if not inspect.iscoroutinefunction(h)}
-        # Those that change nothing another node caches: this node's own
-        # client has them made without a trio hop (local_fast).
-        self.at_once = {Call.lookup, Call.getattr, Call.readlink, Call.open, Call.read, Call.write,
-                        Call.readdir, Call.statfs, Call.getxattr, Call.listxattr}
         self.puts = {Call.putBegin: self._put_begin, Call.putDir: self.builder.put_dir,
                      Call.putFile: self.builder.put_file, Call.putLink: self.builder.put_link,
                      Call.putHardlink: self.builder.put_hardlink, Call.putRemove: self.builder.put_remove,
@@ -207,12 +203,14 @@ class FsServer:
     # (requests and replies are plain objects of the same shape), and the
     # errors are the OSErrors themselves.
 
-    def local_fast(self, ctype: int, req) -> "LocalReply | None":
-        if ctype not in self.at_once or not self._now_ok(ctype) or (ctype == Call.open and req.flags & os.O_TRUNC):
+    def local_fast(self, ctype: int, req) -> "LocalReply | Later | None":
+        """As fast(), for this node's own client: the reply, a Later (other
+        nodes are to be told first), or None (await local())."""
+        if not self._now_ok(ctype):
             return None
         out = LocalReply(self.epoch)
-        self._now(ctype, req, req.path, out, self.here, None)  # (these calls change nothing cached)
-        return out
+        targets, data = self._now(ctype, req, req.path, out, self.here, None)
+        return out if not targets else Later(lambda: self._told([(targets, data)], out))
 
     async def local(self, ctype: int, req) -> "LocalReply":
         if not self.epoch:

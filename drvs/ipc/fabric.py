@@ -247,12 +247,11 @@ class Fabric:
             loc = await self.resolve(target, fresh=attempt == 2)
             if loc.node == self.name and target in self.handlers:
                 return await self.deliver(target, msg, timeout)
-            left = max(deadline - trio.current_time(), 0.001)
             try:
-                if loc.node == self.name:
-                    reply = await self.deliver(target, msg, left)  # (registered here, not yet known here)
+                if loc.node == self.name:  # (registered here, not yet known here)
+                    reply = await self.deliver(target, msg, max(deadline - trio.current_time(), 0.001))
                 else:
-                    reply = await self._remote(loc, target, msg, timeout, left)
+                    reply = await self._remote(loc, target, msg, timeout, deadline)
                 if reply.status == -errno.EREMCHG and attempt == 1:
                     continue  # it moved (the node did not take the message): ask etcd, send again
                 return reply
@@ -264,17 +263,18 @@ class Fabric:
                     raise
         raise AssertionError("unreachable")
 
-    async def _remote(self, loc: Location, target: str, msg: Msg, timeout: float, left: float) -> Msg:
-        """msg sent over loc's lane; no reply within `left` seconds (of the
-        caller's `timeout`) fails it with ETIMEDOUT.  The call is then given
-        up (Finish) but the connection stays, as other calls are on it: a
-        slow endpoint is not a dead node (a dead or cut-off one fails it
-        within seconds: live_socket)."""
+    async def _remote(self, loc: Location, target: str, msg: Msg, timeout: float, deadline: float) -> Msg:
+        """msg sent over loc's lane; no reply by `deadline` (trio's clock;
+        the caller's `timeout`) fails it with ETIMEDOUT.  The call is then
+        given up (Finish) but the connection stays, as other calls are on
+        it: a slow endpoint is not a dead node (a dead or cut-off one fails
+        it within seconds: live_socket)."""
         lane = self.lanes.get(loc.node)
         try:
             if lane is None or lane.closed or lane.address != (loc.address, loc.port):
-                with trio.fail_after(left):
+                with trio.fail_at(deadline):
                     lane = await self.lane(loc)
+            left = max(deadline - trio.current_time(), 0.001)
             return await lane.request(target, msg, min(int(timeout * 1000), 0xFFFFFFFF), left)
         except trio.TooSlowError:
             raise IpcError(f"{target}: no connection to node {loc.node} within {timeout:g} s",
