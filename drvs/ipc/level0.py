@@ -38,6 +38,7 @@ READ_BUFFER = 256 * 1024
 MAX_SEGMENTS = 512        # kj's own reader refuses more
 MAX_WORDS = 8 << 20       # 64 MiB, kj's default traversal limit
 NESTING = 64
+TIMER_GRAIN = 0.001       # the host loop's clock: uvloop counts milliseconds
 _U32 = struct.Struct("<I")
 
 
@@ -400,7 +401,8 @@ class Client(_Connection):
         # per connection, at the earliest, rather than one per call: calls
         # end far more often than they time out.
         self.deadlines: dict[int, float] = {}
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer: asyncio.Handle | None = None
+        self.timer_at = 0.0  # when it fires (uvloop's handles do not say)
 
     def connection_made(self, transport):
         super().connection_made(transport)
@@ -437,9 +439,16 @@ class Client(_Connection):
             qid, self.next_qid = self.next_qid, self.next_qid + 1
         c.questionId = qid
         self.questions[qid] = (done, results)
-        self.send(m)
-        if timeout is not None:
-            self._limit(qid, timeout)
+        try:
+            if timeout is not None:
+                self._limit(qid, timeout)
+            self.send(m)
+        except BaseException:
+            # Not asked: done() must never run for a caller that never waits.
+            self.questions.pop(qid, None)
+            self.deadlines.pop(qid, None)
+            self.free.append(qid)
+            raise
         return qid
 
     def cancel(self, qid: int) -> None:
@@ -451,28 +460,36 @@ class Client(_Connection):
         self._finish(qid, True)
 
     def _limit(self, qid: int, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
-        when = loop.time() + timeout
+        when = asyncio.get_running_loop().time() + timeout
         self.deadlines[qid] = when
-        if self.timer is None or when < self.timer.when():
-            if self.timer is not None:
-                self.timer.cancel()
-            self.timer = loop.call_at(when, self._expire)
+        if self.timer is None or when < self.timer_at:
+            self._arm(when)
+
+    def _arm(self, when: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer, self.timer_at = asyncio.get_running_loop().call_at(when, self._expire), when
 
     def _expire(self) -> None:
-        """Give up the calls whose time is up; wait for the next one."""
+        """Give up the calls whose time is up; wait for the next one.  The
+        loop's clock counts milliseconds (uvloop) and its timers may fire a
+        little early: what is due within TIMER_GRAIN is due now."""
         self.timer = None
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        for qid in [q for q, when in self.deadlines.items() if when <= now]:
-            done = self.questions[qid][0]
-            self.cancel(qid)
-            try:
-                done(None, RpcError("no reply in time", "timeout"))
-            except Exception:  # noqa: BLE001 - one caller's failure is not the others'
-                log.exception("level-0 RPC: a caller's callback failed")
-        if self.deadlines and not self.closed:
-            self.timer = loop.call_at(min(self.deadlines.values()), self._expire)
+        now = asyncio.get_running_loop().time() + TIMER_GRAIN
+        try:
+            for qid in [q for q, when in self.deadlines.items() if when <= now]:
+                entry = self.questions.get(qid)
+                if entry is None:  # (given up meanwhile, by an earlier caller's callback)
+                    self.deadlines.pop(qid, None)
+                    continue
+                self.cancel(qid)
+                try:
+                    entry[0](None, RpcError("no reply in time", "timeout"))
+                except Exception:  # noqa: BLE001 - one caller's failure is not the others'
+                    log.exception("level-0 RPC: a caller's callback failed")
+        finally:
+            if self.deadlines and not self.closed and self.timer is None:
+                self._arm(max(min(self.deadlines.values()), now))
 
     def _finish(self, qid: int, release: bool) -> None:
         m = rpc.Message.new_message()
