@@ -5,12 +5,13 @@ which nodes it tells of a change, and that it forgets files that are gone
 import errno
 import os
 
+import pytest
 import trio
 
 from drvs.fs.server import Call, FsServer
 from drvs.fs.store import Store
-from drvs.ipc.message import Later, Msg
-from drvs.ipc.schema import fs, new
+from drvs.ipc.message import IpcError, Later, Msg
+from drvs.ipc.schema import from_flat, fs, new, to_flat
 
 
 class Invalidations:
@@ -26,11 +27,11 @@ class Invalidations:
 
 
 async def call(server: FsServer, node: str, ctype, **fields):
-    m = Msg(ctype, new(fs.FsRequest, vm="web", **fields).to_bytes_packed())
+    m = Msg(ctype, to_flat(new(fs.FsRequest, vm="web", **fields)))
     m.node = node
     reply = await server.handle(m)
     assert reply.status == 0, reply.error
-    return fs.FsReply.from_bytes_packed(reply.payload)
+    return from_flat(fs.FsReply, reply.payload)
 
 
 def serving(tmp_path) -> tuple[FsServer, Invalidations]:
@@ -68,7 +69,7 @@ async def test_an_open_file_is_kept_until_its_last_close(tmp_path):
 
 
 def message(node: str, ctype, **fields) -> Msg:
-    m = Msg(ctype, new(fs.FsRequest, vm="web", **fields).to_bytes_packed())
+    m = Msg(ctype, to_flat(new(fs.FsRequest, vm="web", **fields)))
     m.node = node
     return m
 
@@ -81,7 +82,7 @@ async def test_changes_are_made_as_they_arrive_and_wait_only_to_tell_others(tmp_
     r = await call(server, "n1", Call.create, path=b"f", flags=os.O_WRONLY, mode=0o644)
     reply = server.fast(message("n1", Call.setattr, path=b"f", setMask=1, mode=0o600))
     assert isinstance(reply, Msg) and reply.status == 0
-    assert fs.FsReply.from_bytes_packed(reply.payload).attr.mode & 0o777 == 0o600
+    assert from_flat(fs.FsReply, reply.payload).attr.mode & 0o777 == 0o600
     assert fabric.told == []
 
     await call(server, "n2", Call.lookup, path=b"f")  # n2 caches f now
@@ -107,7 +108,25 @@ async def test_closes_carried_by_a_call_are_made_on_the_fast_path(tmp_path):
 
 
 async def test_changes_wait_in_trio_while_changes_are_held(tmp_path):
+    """(A replica being copied must hear of every change made after its
+    copy began, closes carried by a read included.)"""
     server, _ = serving(tmp_path)
+    r = await call(server, "n2", Call.create, path=b"f", flags=os.O_WRONLY, mode=0o644)
     server.held = trio.Event()
     assert server.fast(message("n1", Call.mkdir, path=b"d", mode=0o755)) is None
     assert isinstance(server.fast(message("n1", Call.getattr, path=b"")), Msg)  # reads still go
+    assert server.fast(message("n2", Call.getattr, path=b"", closed=[r.fh])) is None
+    assert r.fh in server.files
+
+
+@pytest.mark.parametrize("cut", [0, 7, 8, 40, -8])
+async def test_a_request_not_whole_is_refused_as_malformed(tmp_path, cut):
+    """Requests travel unpacked (to_flat): a frame shorter or longer than
+    its segment table says is refused, never read past its end."""
+    server, _ = serving(tmp_path)
+    whole = to_flat(new(fs.FsRequest, vm="web", path=b"f", data=b"x" * 100))
+    data = whole[:cut] if cut >= 0 else whole + b"\0" * -cut
+    with pytest.raises(IpcError) as e:
+        server.fast(Msg(Call.getattr, data))
+    assert e.value.errno == errno.EBADMSG
+    assert from_flat(fs.FsRequest, whole).data == b"x" * 100

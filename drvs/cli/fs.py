@@ -125,7 +125,7 @@ def df(args) -> int:
 def _usage(cfg, store, spec) -> dict:
     from ..ipc import client
     from ..ipc.message import IpcError, Msg, check
-    from ..ipc.schema import fs
+    from ..ipc.schema import from_flat, fs, to_flat
 
     row = {"vm": spec.name, "size": 0, "used": 0, "avail": 0, "replicas": len(spec.fs_nodes),
            "nodes": spec.fs_nodes, "server": None, "in_sync": _in_sync(store, spec.name), "error": None}
@@ -135,12 +135,12 @@ def _usage(cfg, store, spec) -> dict:
     target = f"fs@{spec.name}"
     try:
         reply = check(client.sendrec(cfg.state_dir, target,
-                                     Msg(fs.FsCall.usage, fs.FsRequest.new_message(vm=spec.name).to_bytes_packed())),
+                                     Msg(fs.FsCall.usage, to_flat(fs.FsRequest.new_message(vm=spec.name)))),
                       target)
     except (IpcError, DrvsError) as e:
         row["error"] = str(e)
         return row
-    r = fs.FsReply.from_bytes_packed(reply.payload)
+    r = from_flat(fs.FsReply, reply.payload)
     row.update(size=r.statfs.blocks * r.statfs.bsize, avail=r.statfs.bavail * r.statfs.bsize, used=int(r.data))
     row["server"] = _server_of(store, target)
     return row

@@ -26,7 +26,7 @@ from ..errors import DrvsError
 from ..fs.client import MASK, TAG_SHIFT, VmFs
 from ..ipc.fabric import REGISTRY
 from ..ipc.message import IpcError, Msg
-from ..ipc.schema import fs
+from ..ipc.schema import from_flat, fs
 from ..ns import mounts
 from ..vm.model import check_name
 from . import procview
@@ -367,7 +367,7 @@ class View(pyfuse3.Operations):
 
     async def invalidate(self, msg: Msg) -> Msg:
         try:
-            inv = fs.Invalidations.from_bytes_packed(msg.payload)
+            inv = from_flat(fs.Invalidations, msg.payload)
             vm = inv.vm
         except Exception:  # noqa: BLE001 - malformed input from the wire
             raise IpcError("malformed invalidation", errno.EBADMSG) from None

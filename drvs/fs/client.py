@@ -23,7 +23,7 @@ import pyfuse3
 import trio
 
 from ..ipc.message import IpcError, Later, Msg
-from ..ipc.schema import fs, new
+from ..ipc.schema import from_flat, fs, new, to_flat
 from .server import SET_ATIME, SET_GID, SET_MODE, SET_MTIME, SET_SIZE, SET_UID, FsServer, LocalRequest
 from .store import XATTR_PREFIXES, join
 
@@ -144,11 +144,11 @@ class VmFs:
             raise
         if reply.status < 0:
             raise pyfuse3.FUSEError(-reply.status)
-        return fs.FsReply.from_bytes_packed(reply.payload)
+        return from_flat(fs.FsReply, reply.payload)
 
     async def _send(self, ctype, idempotent: bool, fields: dict, closed: list) -> Msg:
         """The server's reply (a failure too), or FUSEError if there is none."""
-        payload = new(fs.FsRequest, vm=self.vm, closed=closed, **fields).to_bytes_packed()
+        payload = to_flat(new(fs.FsRequest, vm=self.vm, closed=closed, **fields))
         deadline = trio.current_time() + CALL_TIMEOUT
         while True:
             left = deadline - trio.current_time()

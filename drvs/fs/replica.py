@@ -25,7 +25,7 @@ import trio
 from .. import _fs
 from ..errors import SetupError
 from ..ipc.message import IpcError, Msg
-from ..ipc.schema import fs
+from ..ipc.schema import from_flat, fs, to_flat
 from ..store import CompareFailed
 
 log = logging.getLogger("drvmmd")
@@ -235,13 +235,13 @@ class Mirror:
         for i, (ctype, payload) in enumerate(calls):
             out[i].type, out[i].request = ctype, payload
         try:
-            reply = await s.fabric.sendrec(f"fsr@{self.node}", Msg(Call.mirror, m.to_bytes_packed()),
+            reply = await s.fabric.sendrec(f"fsr@{self.node}", Msg(Call.mirror, to_flat(m)),
                                            timeout=SEND_TIMEOUT)
         except IpcError as e:
             raise MirrorFailed(str(e)) from None
         if reply.status < 0:
             raise MirrorFailed(reply.error)
-        statuses = fs.BatchReply.from_bytes_packed(reply.payload).statuses
+        statuses = from_flat(fs.BatchReply, reply.payload).statuses
         for (ctype, _), st in zip(calls, statuses):
             if st < 0:
                 raise MirrorFailed(f"call {ctype} failed there ({os.strerror(-st)}), not here")
@@ -339,7 +339,7 @@ class _Sender:
         self.mirror, self.calls, self.bytes = mirror, [], 0
 
     async def add(self, ctype: int, **fields) -> None:
-        payload = fs.FsRequest.new_message(vm=self.mirror.server.vm, **fields).to_bytes_packed()
+        payload = to_flat(fs.FsRequest.new_message(vm=self.mirror.server.vm, **fields))
         self.calls.append((ctype, payload))
         self.bytes += len(payload)
         if len(self.calls) >= BATCH_CALLS or self.bytes >= BATCH_BYTES:

@@ -30,7 +30,7 @@ import trio
 from .. import _fs
 from ..errors import SetupError
 from ..ipc.message import IpcError, Later, Msg, failure
-from ..ipc.schema import fs, new
+from ..ipc.schema import from_flat, fs, new, to_flat
 from . import replica
 from .locks import LockTable
 from .replica import MIRRORED, PUT_CALLS, Builder, Mirror
@@ -90,7 +90,9 @@ class FsServer:
         self.builder = Builder(store.base)
         # The message table.  The calls whose handlers are plain functions
         # (self.plain) are made as they arrive, on the fabric's fast path
-        # (fast); those that wait (the disk, a lock) run in trio (handle).
+        # (fast); those that wait (the disk, a lock), and changes while
+        # changes are held, a replica is far behind, or a synchronous VM's
+        # closes, run in trio (handle).
         self.table = {
             Call.lookup: self.lookup, Call.getattr: self.getattr, Call.readlink: self.readlink,
             Call.open: self.open, Call.read: self.read, Call.write: self.write,
@@ -120,7 +122,7 @@ class FsServer:
 
     def _decode(self, msg: Msg):
         try:
-            req = fs.FsRequest.from_bytes_packed(msg.payload)
+            req = from_flat(fs.FsRequest, msg.payload)
             vm, path = req.vm, bytes(req.path)
         except Exception:  # noqa: BLE001 - malformed input from the wire
             raise IpcError("malformed request", errno.EBADMSG) from None
@@ -138,19 +140,38 @@ class FsServer:
         if not self._now_ok(msg.type):
             return None
         req, path = self._decode(msg)
+        if len(req.closed) and not self._now_ok(Call.release):
+            return None  # its closes wait too (a replica being copied must hear of them)
         origin = msg.node or self.here
-        tell = []
+        targets: dict[str, tuple[list, set]] = {}
+        data = False
+        for fh in req.closed:  # closes the caller's node left for its next call
+            try:
+                data |= self._now_into(targets, Call.release, LocalRequest(self.vm, fh=fh), b"",
+                                       LocalReply(self.epoch), origin, None)
+            except Exception:  # noqa: BLE001 - one close's failure is not the call's, nor the others'
+                log.exception("fs@%s: closing handle %d of node %s", self.vm, fh, origin)
         try:
-            for fh in req.closed:  # closes the caller's node left for its next call
-                tell.append(self._now(Call.release, LocalRequest(self.vm, fh=fh), b"", LocalReply(self.epoch),
-                                      origin, None))
             out = new(fs.FsReply, epoch=self.epoch)
-            tell.append(self._now(msg.type, req, path, out, origin, msg.payload))
-            reply = Msg(0, out.to_bytes_packed())
+            data |= self._now_into(targets, msg.type, req, path, out, origin, msg.payload)
+            reply = Msg(0, to_flat(out))
         except OSError as e:
             reply = _os_failure(e, path)
-        tell = [(targets, data) for targets, data in tell if targets]
-        return reply if not tell else Later(lambda: self._told(tell, reply))
+        except Exception as e:  # noqa: BLE001 - a bug: the reply says so; what was made is still told
+            log.exception("fs@%s: message type %d", self.vm, msg.type)
+            reply = failure(errno.EIO, f"fs@{self.vm}: server error: {type(e).__name__}: {e}")
+        return reply if not targets else Later(lambda: self._told(targets, data, reply))
+
+    def _now_into(self, targets: dict, ctype: int, req, path: bytes, out, origin: str, payload) -> bool:
+        """_now(), its nodes to tell merged into targets (one round of
+        invalidations for a call and the closes it carried); whether data
+        changed."""
+        more, data = self._now(ctype, req, path, out, origin, payload)
+        for node, (entries, inodes) in more.items():
+            have = targets.setdefault(node, ([], set()))
+            have[0].extend(entries)
+            have[1].update(inodes)
+        return data
 
     def _now_ok(self, ctype: int) -> bool:
         """Whether a call of this type can be made at once now: a change
@@ -178,9 +199,8 @@ class FsServer:
             changed = Changed(inodes=[out.attr.ino], data=True)
         return changed, self._mirror(ctype, req, payload, out, origin) if ctype in MIRRORED else {}
 
-    async def _told(self, tell: list, reply: Msg) -> Msg:
-        for targets, data in tell:
-            await self._tell_targets(targets, data)
+    async def _told(self, targets: dict, data: bool, reply):
+        await self._tell_targets(targets, data)
         return reply
 
     async def handle(self, msg: Msg) -> Msg:
@@ -197,7 +217,7 @@ class FsServer:
             await self._serve(msg.type, req, path, out, origin, msg.payload)
         except OSError as e:
             return _os_failure(e, path)
-        return Msg(0, out.to_bytes_packed())
+        return Msg(0, to_flat(out))
 
     # This node's own client calls these: no message is encoded or decoded
     # (requests and replies are plain objects of the same shape), and the
@@ -210,7 +230,7 @@ class FsServer:
             return None
         out = LocalReply(self.epoch)
         targets, data = self._now(ctype, req, req.path, out, self.here, None)
-        return out if not targets else Later(lambda: self._told([(targets, data)], out))
+        return out if not targets else Later(lambda: self._told(targets, data, out))
 
     async def local(self, ctype: int, req) -> "LocalReply":
         if not self.epoch:
@@ -257,7 +277,7 @@ class FsServer:
                 b.fh, b.origin = out.fh, origin
             if short:  # (a full disk): the replica writes what was written here
                 b.data = bytes(req.data)[:out.size]
-            payload = b.to_bytes_packed()
+            payload = to_flat(b)
         waits = {}
         for m in self.mirrors.values():
             seq = m.push(ctype, payload)
@@ -435,7 +455,7 @@ class FsServer:
         for i, ino in enumerate(inodes):
             ins[i] = ino
         try:
-            reply = await self.fabric.sendrec(f"fsc@{node}", Msg(Call.invalidate, m.to_bytes_packed()),
+            reply = await self.fabric.sendrec(f"fsc@{node}", Msg(Call.invalidate, to_flat(m)),
                                               timeout=INVALIDATE_TIMEOUT)
             if reply.status < 0:
                 raise IpcError(reply.error, -reply.status)

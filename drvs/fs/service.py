@@ -12,7 +12,7 @@ import trio
 
 from ..dvos import elected
 from ..ipc.message import IpcError, Msg
-from ..ipc.schema import fs
+from ..ipc.schema import from_flat, fs, to_flat
 from ..vm.registry import VmRegistry
 from . import replica
 from .server import FsServer
@@ -62,7 +62,7 @@ class FsNode:
     async def mirror(self, msg: Msg) -> Msg:
         """fsr@NODE: a batch of the serving node's changes."""
         try:
-            batch = fs.Batch.from_bytes_packed(msg.payload)
+            batch = from_flat(fs.Batch, msg.payload)
             vm, epoch = batch.vm, batch.epoch
         except Exception:  # noqa: BLE001 - malformed input from the wire
             raise IpcError("malformed batch", errno.EBADMSG) from None
@@ -80,7 +80,7 @@ class FsNode:
         st = out.init("statuses", len(statuses))
         for i, v in enumerate(statuses):
             st[i] = v
-        return Msg(0, out.to_bytes_packed())
+        return Msg(0, to_flat(out))
 
 
 class _Serving:

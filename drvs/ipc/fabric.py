@@ -391,10 +391,10 @@ class Fabric:
         spec = json.loads((await self.etcd.get(spec_key(node))).value)
         return Location(node, spec["address"], spec.get("port", FABRIC_PORT))
 
-    def answer_now(self, target: str, msg: Msg) -> Msg | None:
-        """The reply of target's fast path, when it is served here, answers
-        msg at once, and msg's source is known to be its node's: no trio hop
-        (else None: deliver() it)."""
+    def answer_now(self, target: str, msg: Msg) -> "Msg | Later | None":
+        """What target's fast path makes of msg, when it is served here and
+        msg's source is known to be its node's: the reply (no trio hop), a
+        Later (finish() it in trio), or None (deliver() it)."""
         fast = self.fast.get(target)
         if fast is None or self.source_ok(msg) is not True:
             return None
@@ -477,7 +477,7 @@ def peer_name(cert: dict | None) -> str:
     return "?"
 
 
-def run_fast(fast, target: str, msg: Msg) -> Msg | None:
+def run_fast(fast, target: str, msg: Msg) -> "Msg | Later | None":
     """An endpoint's fast path, with deliver()'s guarantees: failures are
     replies, a server bug is logged, never the daemon's end."""
     try:

@@ -2,6 +2,7 @@
 declaration of the fabric's message types)."""
 
 import os
+import struct as _struct
 
 import capnp
 
@@ -34,6 +35,40 @@ def new(struct, **fields):
         else:
             setattr(m, name, value)
     return m
+
+
+def to_flat(builder) -> bytes:
+    """A message in Cap'n Proto's standard framing, unpacked: for payloads
+    that carry bulk data (a file's blocks), as packing scans every byte
+    (~600 µs per MiB of file data here, against ~190 µs to build it
+    unpacked); small messages pay a few zero words more."""
+    return builder.to_bytes()
+
+
+MAX_SEGMENTS = 512       # kj's own reader refuses more
+MAX_WORDS = 8 << 20      # 64 MiB, kj's default traversal limit
+
+
+def from_flat(struct, data: bytes):
+    """A reader of struct over data as to_flat makes it, without copying it
+    (the reader keeps data alive).  ValueError if the framing is not whole;
+    what lies inside is checked by pycapnp as it is read (KjException)."""
+    view = memoryview(data)
+    if len(view) < 8:
+        raise ValueError("message shorter than its framing")
+    count = _struct.unpack_from("<I", view)[0] + 1
+    if count > MAX_SEGMENTS:
+        raise ValueError(f"{count} segments")
+    start = (4 * count + 11) & ~7
+    if len(view) < start:
+        raise ValueError("message shorter than its segment table")
+    segments, at = [], start
+    for size in _struct.unpack_from(f"<{count}I", view, 4):
+        segments.append(view[at:at + 8 * size])
+        at += 8 * size
+    if at != len(view):
+        raise ValueError(f"message of {len(view)} bytes, its segments say {at}")
+    return struct.from_segments(segments, traversal_limit_in_words=MAX_WORDS)
 
 
 # The RPC protocol's own messages, for drvs.ipc.level0.
