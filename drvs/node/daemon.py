@@ -24,6 +24,7 @@ from ..cluster.etcd import EtcdUnavailable
 from ..cluster.membership import Member
 from ..errors import DrvsError, SetupError, user_error
 from ..ns import cell as cells
+from . import malloc
 
 log = logging.getLogger("drvmmd")
 
@@ -197,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         print("drvmmd: needs root (cells are cgroups and namespaces)", file=sys.stderr)
         return 77
     cfg = config.load()
+    malloc.keep_large_buffers()
     try:
         if args.once:
             print(json.dumps(tidy_once(cfg)))
