@@ -14,6 +14,7 @@ twice (a create then says EEXIST), as with NFS.  The kernel caches entries, attr
 TIMEOUT; the server tells this node (fsc@NODE, drvs/dvos/view.py) to drop
 what another node changed, so the timeout only bounds a lost message."""
 
+import collections
 import contextlib
 import errno
 import logging
@@ -36,6 +37,9 @@ CLOSE_GIVE_UP = 60.0  # closes not delivered by then are dropped (and logged)
 TAG_SHIFT = 48
 MASK = (1 << TAG_SHIFT) - 1
 GEN_SHIFT = 40        # below the VM's tag: the server's term, as this node counts them
+SMALL = (1 << GEN_SHIFT) - 1  # a number of this term: the server's own (below BIG) ...
+BIG = 1 << (GEN_SHIFT - 1)    # ... or one given to a server inode too large (see _c)
+FORGOTTEN_PER_CALL = 512      # notices of dropped inodes one call takes along
 RETRY_ERRNOS = {errno.ENOENT, errno.ECONNRESET, errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.EREMCHG}
 
 
@@ -104,16 +108,54 @@ class VmFs:
         self.busy: dict[int, list[int]] = {}  # inode -> [its changes in flight here, changes started]
         self.closing: list[int] = []  # server handles closed here, for the next call to a remote server
         self.closer = False           # _close_soon is on its way
+        # Inodes this node dropped (its kernel forgot them, no handle is
+        # open): the server stops telling this node of their changes once
+        # it hears of them (FsRequest.forgotten, with the next call), and
+        # not before every call begun before the drop was answered -- such
+        # a reply may make the kernel cache the inode again, which cancels
+        # the notice (_inode).  cino -> the number of the last call begun
+        # when it was dropped; drops: (that number, cino, term) in order.
+        self.dropped: dict[int, int] = {}
+        self.drops: collections.deque = collections.deque()
+        self.begun = 0                  # calls to the server begun here
+        self.unanswered: set[int] = set()  # their numbers, until answered
+        self.renewing = False           # _new_term is under way: numbers of two terms about
 
     # -- calls to the server ---------------------------------------------------------
 
     async def call(self, ctype, idempotent: bool = False, **fields):
-        r = await self._local(ctype, fields)
-        if r is None:
-            r = await self._remote(ctype, idempotent, fields)
+        self.begun += 1
+        number = self.begun
+        self.unanswered.add(number)
+        try:
+            r = await self._local(ctype, fields)
+            if r is None:
+                r = await self._remote(ctype, idempotent, fields)
+        finally:
+            # (the caller learns what the reply says before any other task
+            # runs: an inode it makes the kernel cache cancels its notice)
+            self.unanswered.discard(number)
         if r.epoch > self.epoch:  # (an older one: a server that has yet to learn it is over)
             await self._new_term(r.epoch)
         return r
+
+    def _forgotten(self, limit: int = FORGOTTEN_PER_CALL) -> list[int]:
+        """The server's numbers of inodes dropped here whose notice may go
+        now: every call begun before their drop was answered."""
+        if self.renewing:
+            return []
+        oldest = min(self.unanswered) if self.unanswered else self.begun + 1
+        out = []
+        while self.drops and len(out) < limit:
+            mark, cino, epoch = self.drops[0]
+            if mark >= oldest:
+                break
+            self.drops.popleft()
+            if self.dropped.get(cino) == mark:
+                del self.dropped[cino]
+                if epoch == self.epoch:
+                    out.append(cino & SMALL)
+        return out
 
     async def _local(self, ctype, fields: dict):
         """The reply of the file server in this process, or None if it is not here."""
@@ -121,6 +163,8 @@ class VmFs:
         if server is None:
             return None
         try:
+            if self.drops and server.epoch == self.epoch:
+                server.forgotten(server.here, self._forgotten())
             req = LocalRequest(self.vm, **fields)
             r = server.local_fast(ctype, req)
             if r is None:
@@ -148,6 +192,9 @@ class VmFs:
 
     async def _send(self, ctype, idempotent: bool, fields: dict, closed: list) -> Msg:
         """The server's reply (a failure too), or FUSEError if there is none."""
+        forgotten = self._forgotten() if self.drops else ()
+        if forgotten:
+            fields = {**fields, "forgotten": forgotten, "forgottenEpoch": self.epoch}
         payload = to_flat(new(fs.FsRequest, vm=self.vm, closed=closed, **fields))
         deadline = trio.current_time() + CALL_TIMEOUT
         while True:
@@ -190,11 +237,16 @@ class VmFs:
         self.epoch = epoch
         if not old:
             return
+        self.renewing = True
         try:
             r = await self.call(Call.getattr, idempotent=True, path=b"")  # the new server's root
         except pyfuse3.FUSEError:
             self.epoch = old  # the next reply of this term tries again
             raise
+        finally:
+            self.renewing = False
+        self.dropped.clear()  # (the new server never heard of what this node cached)
+        self.drops.clear()
         self.gen = (self.gen + 1) % (1 << (TAG_SHIFT - GEN_SHIFT))
         self.big.clear()
         self.fresh.clear()
@@ -226,6 +278,7 @@ class VmFs:
         node = self.inodes.get(cino)
         if node is None:
             node = self.inodes[cino] = Inode(cino)
+            self.dropped.pop(cino, None)  # cached again: the server must go on telling this node
         return node
 
     def _learn(self, dino: int, name: bytes, attr) -> Inode:
@@ -670,6 +723,9 @@ class VmFs:
             self.known.pop(node.cino, None)
             if node.parent is not None and self.entries.get((node.parent, node.name)) == node.cino:
                 del self.entries[(node.parent, node.name)]
+            if node.cino >> GEN_SHIFT == self.gen and node.cino & SMALL < BIG and not self.renewing:
+                self.dropped[node.cino] = self.begun
+                self.drops.append((self.begun, node.cino, self.epoch))
 
     # -- what the server says another node changed -----------------------------------------
 

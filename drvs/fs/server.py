@@ -137,9 +137,14 @@ class FsServer:
         reply waits until they dropped it (a Later: trio tells them, then
         replies).  None: handle() it (a call that waits on the disk, on a
         lock, on replicas, or while changes are held)."""
+        if msg.type not in self.table or not self.epoch:
+            return None  # handle() says what is wrong
+        req, path = self._decode(msg)
+        if len(req.forgotten) and req.forgottenEpoch == self.epoch:
+            # As the message arrives: its node's later messages may cache them again.
+            self.forgotten(msg.node or self.here, req.forgotten)
         if not self._now_ok(msg.type):
             return None
-        req, path = self._decode(msg)
         if len(req.closed) and not self._now_ok(Call.release):
             return None  # its closes wait too (a replica being copied must hear of them)
         origin = msg.node or self.here
@@ -409,6 +414,18 @@ class FsServer:
         self._seen(origin, st.st_ino)
         return st.st_ino
 
+    def forgotten(self, node: str, inodes) -> None:
+        """node caches nothing of these inodes any more (its kernel forgot
+        them, after every reply that could have made it cache them): it is
+        no longer told of their changes, and the table of who caches what
+        keeps only what some node holds."""
+        for ino in inodes:
+            nodes = self.interest.get(ino)
+            if nodes is not None:
+                nodes.discard(node)
+                if not nodes:
+                    del self.interest[ino]
+
     def _seen(self, node: str, *inodes: int) -> None:
         for ino in inodes:
             nodes = self.interest.get(ino)
@@ -461,8 +478,7 @@ class FsServer:
                 raise IpcError(reply.error, -reply.status)
         except IpcError as e:
             log.info("fs@%s: node %s did not drop its caches (%s); forgetting what it cached", self.vm, node, e)
-            for nodes in self.interest.values():
-                nodes.discard(node)
+            self.forgotten(node, [ino for ino, nodes in self.interest.items() if node in nodes])
 
     # -- calls that read ---------------------------------------------------------------
 

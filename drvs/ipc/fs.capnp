@@ -90,6 +90,8 @@ struct FsRequest {
   lockPid @25 :Int32;    # the owner's VM pid (F_GETLK reports it)
   lockIno @26 :UInt64;   # the file by the server's inode (as a lock's reply gave it), not by path
   closed @27 :List(UInt64); # handles the caller's node has since closed (released before this call)
+  forgotten @28 :List(UInt64); # inodes the caller's node no longer caches at all (FsServer.forgotten)
+  forgottenEpoch @29 :UInt64;   # the server term those inode numbers are of (other terms': ignored)
 }
 
 struct Attr {

@@ -110,6 +110,29 @@ def test_changes_on_one_node_are_seen_at_once_on_the_other(fsc, d):
     assert (b / "f").stat().st_size == len("version two+more")
 
 
+def test_a_node_that_forgot_a_file_and_looks_again_still_hears_of_its_changes(fsc, d):
+    """A node tells the server which inodes its kernel forgot (so that it
+    is no longer told of their changes), with its next call; that call's
+    own lookup of the same file must count after the notice, on the node
+    that serves and on the one that does not."""
+    _, a, b = d
+    for here, there, name in ((a, b, "f"), (b, a, "g")):
+        (here / name).write_text("x")
+        os.chmod(here / name, 0o644)
+        fd = os.open(there, os.O_RDONLY | os.O_DIRECTORY)  # the directory stays cached there
+        try:
+            assert os.stat(name, dir_fd=fd).st_mode & 0o777 == 0o644  # so does the file, for now
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("2")                               # its kernel forgets the file
+            time.sleep(0.3)                                # (the kernel's FORGET reaches the node)
+            # Looked up again: the notice travels with this very lookup.
+            assert os.stat(name, dir_fd=fd).st_mode & 0o777 == 0o644
+            os.chmod(here / name, 0o600)
+            assert os.stat(name, dir_fd=fd).st_mode & 0o777 == 0o600  # still told at once
+        finally:
+            os.close(fd)
+
+
 def test_a_directory_changed_here_then_elsewhere_shows_the_latest_attributes(fsc, d):
     """A node keeps a directory's attributes from the reply to its own
     create or remove (the kernel drops its copy each time and would ask
