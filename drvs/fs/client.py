@@ -84,7 +84,7 @@ class VmFs:
         self.inodes: dict[int, Inode] = {}
         self.entries: dict[tuple[int, bytes], int] = {}  # (directory, name) -> inode, this node's numbers
         self.handles: dict[int, Handle] = {}
-        self.listings: dict[int, tuple[int, list | None]] = {}
+        self.listings: dict[int, tuple] = {}  # fh -> (directory, its snapshot, the inodes in it)
         self.next_fh = 1
         self.root = 0          # the root's inode here (the same in every term)
         self.server_root = 0   # the root's inode on the server of this term
@@ -110,12 +110,12 @@ class VmFs:
         self.closer = False           # _close_soon is on its way
         # Inodes this node dropped (its kernel forgot them, no handle is
         # open): the server stops telling this node of their changes once
-        # it hears of them (FsRequest.forgotten, with the next call), and
-        # not before every call begun before the drop was answered -- such
-        # a reply may make the kernel cache the inode again, which cancels
-        # the notice (_inode).  cino -> the number of the last call begun
-        # when it was dropped; drops: (that number, cino, term) in order.
-        self.dropped: dict[int, int] = {}
+        # it hears of them (FsRequest.forgotten).  Only a call that is the
+        # only one unanswered here takes them along (see _forgotten): any
+        # reply may make the kernel cache an inode again, which cancels its
+        # notice (_inode), and the server applies a notice before the call
+        # that carries it and before every later one.  drops: (cino, term).
+        self.dropped: set[int] = set()
         self.drops: collections.deque = collections.deque()
         self.begun = 0                  # calls to the server begun here
         self.unanswered: set[int] = set()  # their numbers, until answered
@@ -133,7 +133,8 @@ class VmFs:
                 r = await self._remote(ctype, idempotent, fields)
         finally:
             # (the caller learns what the reply says before any other task
-            # runs: an inode it makes the kernel cache cancels its notice)
+            # runs -- readdir's snapshot aside, see _forgotten -- so an
+            # inode the reply makes the kernel cache cancels its notice)
             self.unanswered.discard(number)
         if r.epoch > self.epoch:  # (an older one: a server that has yet to learn it is over)
             await self._new_term(r.epoch)
@@ -141,20 +142,27 @@ class VmFs:
 
     def _forgotten(self, limit: int = FORGOTTEN_PER_CALL) -> list[int]:
         """The server's numbers of inodes dropped here whose notice may go
-        now: every call begun before their drop was answered."""
-        if self.renewing:
+        with the call under way: none unless it is the only call
+        unanswered (a reply still on its way, to a call begun before or
+        after the drop, may make the kernel cache one again after the
+        server applied the notice), and never one a directory listing
+        still open here holds (readdir hands its entries to the kernel
+        later, from a snapshot)."""
+        if self.renewing or len(self.unanswered) != 1:
             return []
-        oldest = min(self.unanswered) if self.unanswered else self.begun + 1
-        out = []
+        listed = [held for _, _, held in self.listings.values() if held]
+        out, kept = [], []
         while self.drops and len(out) < limit:
-            mark, cino, epoch = self.drops[0]
-            if mark >= oldest:
-                break
-            self.drops.popleft()
-            if self.dropped.get(cino) == mark:
-                del self.dropped[cino]
-                if epoch == self.epoch:
-                    out.append(cino & SMALL)
+            cino, epoch = self.drops.popleft()
+            if cino not in self.dropped:
+                continue  # cached again since, or told already
+            if any(cino in held for held in listed):
+                kept.append((cino, epoch))
+                continue
+            self.dropped.discard(cino)
+            if epoch == self.epoch:
+                out.append(cino & SMALL)
+        self.drops.extendleft(reversed(kept))
         return out
 
     async def _local(self, ctype, fields: dict):
@@ -193,15 +201,15 @@ class VmFs:
     async def _send(self, ctype, idempotent: bool, fields: dict, closed: list) -> Msg:
         """The server's reply (a failure too), or FUSEError if there is none."""
         forgotten = self._forgotten() if self.drops else ()
-        if forgotten:
-            fields = {**fields, "forgotten": forgotten, "forgottenEpoch": self.epoch}
-        payload = to_flat(new(fs.FsRequest, vm=self.vm, closed=closed, **fields))
+        payload = to_flat(new(fs.FsRequest, vm=self.vm, closed=closed, forgotten=forgotten,
+                              forgottenEpoch=self.epoch if forgotten else 0, **fields))
         deadline = trio.current_time() + CALL_TIMEOUT
         while True:
             left = deadline - trio.current_time()
             try:
+                # Notices go once: sent again, after other calls, one could undo what they did.
                 reply = await self.fabric.sendrec(self.target, Msg(ctype, payload), timeout=max(left, 0.1),
-                                                  idempotent=idempotent)
+                                                  idempotent=idempotent and not forgotten)
                 if reply.status != -errno.EREMCHG:
                     break
                 err = IpcError(reply.error, errno.EREMCHG)
@@ -212,6 +220,9 @@ class VmFs:
                 raise pyfuse3.FUSEError(errno.ETIMEDOUT if err.errno in (errno.ETIMEDOUT, errno.ENOENT)
                                         else errno.EIO)
             await trio.sleep(0.2)  # no server now (a fail-over): ask again
+            if forgotten:
+                forgotten = ()
+                payload = to_flat(new(fs.FsRequest, vm=self.vm, closed=closed, **fields))
         return reply
 
     def _local_server(self) -> FsServer | None:
@@ -278,7 +289,7 @@ class VmFs:
         node = self.inodes.get(cino)
         if node is None:
             node = self.inodes[cino] = Inode(cino)
-            self.dropped.pop(cino, None)  # cached again: the server must go on telling this node
+            self.dropped.discard(cino)  # cached again: the server must go on telling this node
         return node
 
     def _learn(self, dino: int, name: bytes, attr) -> Inode:
@@ -325,7 +336,9 @@ class VmFs:
     async def lookup(self, parent, name, ctx=None):
         dino = parent & MASK
         if name == b".":
-            return await self.getattr(parent, ctx)
+            e = await self.getattr(parent, ctx)
+            self._inode(dino).lookups += 1  # (the kernel counts every lookup it is answered)
+            return e
         if name == b"..":
             node = self.inodes.get(dino)
             up = node.parent if node is not None and node.parent is not None else self.root
@@ -650,16 +663,17 @@ class VmFs:
         self.path(inode)  # ESTALE now rather than at readdir
         fh = self.tag | self.next_fh
         self.next_fh += 1
-        self.listings[fh] = (inode & MASK, None)
+        self.listings[fh] = (inode & MASK, None, None)
         return fh
 
     async def readdir(self, fh, start_id, token):
-        dino, entries = self.listings.get(fh, (None, None))
+        dino, entries, _ = self.listings.get(fh, (None, None, None))
         if dino is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         if entries is None or start_id == 0:
             entries = await self._list(dino)  # one snapshot per open directory
-            self.listings[fh] = (dino, entries)
+            # (what it holds may reach the kernel later: see _forgotten)
+            self.listings[fh] = (dino, entries, {self._c(a.ino) for _, a in entries})
         for i, (name, a) in enumerate(entries[start_id:], start_id):
             if not pyfuse3.readdir_reply(token, name, self._attr(a), i + 1):
                 break
@@ -724,8 +738,8 @@ class VmFs:
             if node.parent is not None and self.entries.get((node.parent, node.name)) == node.cino:
                 del self.entries[(node.parent, node.name)]
             if node.cino >> GEN_SHIFT == self.gen and node.cino & SMALL < BIG and not self.renewing:
-                self.dropped[node.cino] = self.begun
-                self.drops.append((self.begun, node.cino, self.epoch))
+                self.dropped.add(node.cino)
+                self.drops.append((node.cino, self.epoch))
 
     # -- what the server says another node changed -----------------------------------------
 
