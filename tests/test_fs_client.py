@@ -1,6 +1,6 @@
-"""A node's file-system client against a scripted server: which inodes it
-tells the server it no longer caches, and when (never while a reply that
-may make its kernel cache one again is still on its way)."""
+"""Which inodes a node tells the file server it no longer caches, and
+when: the client against a scripted server (when a notice goes, with which
+mark), the server against real requests (what a notice removes)."""
 
 import errno
 import os
@@ -8,8 +8,9 @@ import os
 import trio
 import trio.testing
 
-from drvs.fs.client import GEN_SHIFT, VmFs
-from drvs.fs.server import Call, fill_attr
+from drvs.fs.client import GEN_SHIFT, MASK, VmFs
+from drvs.fs.server import Call, FsServer, fill_attr
+from drvs.fs.store import Store
 from drvs.ipc.message import IpcError, Msg
 from drvs.ipc.schema import from_flat, fs, new, to_flat
 
@@ -18,39 +19,55 @@ STAT = os.stat("/")
 
 
 class Server:
-    """What VmFs needs of the fabric: a file server that answers every
-    call with the attributes of the inode it is told to, records what each
-    request said, and holds a reply back while asked to."""
+    """What VmFs needs of the fabric: a file server that answers every call
+    with the attributes of the inode it is told to (a listing with the
+    pages it is given), records each request, and holds replies back while
+    asked to."""
 
     handlers: dict = {}
 
     def __init__(self):
-        self.requests = []   # (type, FsRequest reader)
+        self.requests = []   # FsRequest readers, in the order sent
         self.ino = ROOT      # the inode the next reply is about
         self.epoch = 1
-        self.hold: trio.Event | None = None
-        self.holds: dict[bytes, trio.Event] = {}  # path -> held until set
+        self.holds: dict[bytes, trio.Event] = {}  # path -> its calls held until set
+        self.pages: list[list[tuple[bytes, int]]] = []  # a listing's batches: (name, inode)
+        self.page_holds: dict[int, trio.Event] = {}     # batch number -> held until set
+        self.listed = 0      # batches asked for
         self.lose = 0        # connections to lose, one per call, before answering
 
     async def sendrec(self, target, msg, timeout=None, idempotent=False):
-        self.requests.append((msg.type, from_flat(fs.FsRequest, msg.payload)))
+        req = from_flat(fs.FsRequest, msg.payload)
+        self.requests.append(req)
         if self.lose:
             self.lose -= 1
             raise IpcError("connection lost", errno.ECONNRESET)
-        ino, epoch = self.ino, self.epoch
-        if self.hold is not None:
-            await self.hold.wait()
-        path = bytes(self.requests[-1][1].path)
-        if path in self.holds:
-            await self.holds[path].wait()
-        out = new(fs.FsReply, epoch=epoch)
-        fill_attr(out.attr, STAT)
-        out.attr.ino = ino
+        ino, epoch, out = self.ino, self.epoch, None
+        if msg.type == Call.readdir:
+            page, self.listed = self.listed, self.listed + 1
+            out = new(fs.FsReply, epoch=epoch, more=page + 1 < len(self.pages))
+            entries = out.init("entries", len(self.pages[page]))
+            for e, (name, n) in zip(entries, self.pages[page]):
+                e.name = name
+                fill_attr(e.attr, STAT)
+                e.attr.ino = n
+            if page in self.page_holds:
+                await self.page_holds[page].wait()
+        if bytes(req.path) in self.holds:
+            await self.holds[bytes(req.path)].wait()
+        if out is None:
+            out = new(fs.FsReply, epoch=epoch)
+            fill_attr(out.attr, STAT)
+            out.attr.ino = ino
         return Msg(0, to_flat(out))
 
-    def told(self) -> list[tuple[list, int]]:
-        """What each request said was forgotten, and for which term."""
-        return [(list(r.forgotten), r.forgottenEpoch) for _, r in self.requests]
+    def notices(self) -> list[dict]:
+        """What each request said was forgotten: {inode: mark}, and its term."""
+        return [(dict(zip(r.forgotten, r.forgottenMarks)), r.forgottenEpoch) for r in self.requests]
+
+    def told_of(self, ino: int) -> list[int]:
+        """The marks every notice of ino carried."""
+        return [n[ino] for n, _ in self.notices() if ino in n]
 
 
 async def client() -> tuple[VmFs, Server, int]:
@@ -64,102 +81,98 @@ async def looked_up(vmfs: VmFs, server: Server, parent: int, name: bytes, ino: i
     server.ino = ino
     entry = await vmfs.lookup(parent, name)
     server.ino = ROOT
-    return entry.st_ino
+    return entry.st_ino & MASK
 
 
-async def test_an_inode_the_kernel_forgot_is_told_with_the_next_call():
+async def test_an_inode_the_kernel_forgot_is_told_with_a_later_call_and_its_mark():
     vmfs, server, root = await client()
     a = await looked_up(vmfs, server, root, b"a", 100)
-    vmfs.forget(a & ((1 << 48) - 1), 1)
+    vmfs.forget(a, 1)
     await vmfs.getattr(root)
-    assert server.told()[-1] == ([100], 1)
+    assert server.notices()[-1] == ({100: vmfs.begun - 1}, 1)  # the last call begun before the drop
+    assert server.requests[-1].seq == vmfs.begun
     await vmfs.getattr(root)
-    assert server.told()[-1] == ([], 0)  # once
+    assert server.told_of(100) == [vmfs.begun - 2]  # once
 
 
-async def test_a_notice_waits_for_the_replies_begun_before_the_drop():
+async def test_a_notice_waits_for_the_replies_to_calls_begun_before_the_drop():
     vmfs, server, root = await client()
     b = await looked_up(vmfs, server, root, b"b", 200)
-    server.hold = trio.Event()
+    server.holds[b"c"] = trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(vmfs.lookup, root, b"c")  # on its way when b is dropped
         await trio.testing.wait_all_tasks_blocked()
-        vmfs.forget(b & ((1 << 48) - 1), 1)
-        server.hold = None
+        vmfs.forget(b, 1)
         await vmfs.getattr(root)
-        assert server.told()[-1] == ([], 0)  # c's reply could still make the kernel cache b
-        nursery.cancel_scope.cancel()
+        assert server.told_of(200) == []  # c's reply could make the kernel cache b again
+        server.holds[b"c"].set()
     await vmfs.getattr(root)
-    assert server.told()[-1] == ([200], 1)
-
-
-async def test_no_notice_while_a_call_begun_after_the_drop_is_on_its_way():
-    """That call may be the kernel's lookup of the same file: applied
-    after it, the notice would undo it (even once every call begun before
-    the drop was answered)."""
-    vmfs, server, root = await client()
-    b = await looked_up(vmfs, server, root, b"b", 200)
-    server.holds = {b"o": trio.Event(), b"b": trio.Event()}
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(vmfs.lookup, root, b"o")   # begun before the drop
-        await trio.testing.wait_all_tasks_blocked()
-        vmfs.forget(b & ((1 << 48) - 1), 1)
-        server.ino = 200
-        nursery.start_soon(vmfs.lookup, root, b"b")   # the kernel looks it up again
-        await trio.testing.wait_all_tasks_blocked()
-        server.ino = ROOT
-        server.holds[b"o"].set()                       # the older call answered, b's lookup not yet
-        await trio.testing.wait_all_tasks_blocked()
-        await vmfs.getattr(root)
-        assert all(200 not in told for told, _ in server.told())
-        server.holds[b"b"].set()
-    server.holds = {}
-    assert (b & ((1 << 48) - 1)) in vmfs.inodes       # cached again: no notice at all
-    await vmfs.getattr(root)
-    assert all(200 not in told for told, _ in server.told())
-
-
-async def test_no_notice_for_an_inode_an_open_listing_still_holds(tmp_path):
-    """readdir hands a listing's entries to the kernel later, from the
-    snapshot taken when the directory was first read."""
-    vmfs, server, root = await client()
-    x = await looked_up(vmfs, server, root, b"x", 500)
-    cino = x & ((1 << 48) - 1)
-    fh = await vmfs.opendir(root, None)
-    dino, _, _ = vmfs.listings[fh]
-    vmfs.listings[fh] = (dino, [], {cino})  # (as readdir's snapshot would)
-    vmfs.forget(cino, 1)
-    await vmfs.getattr(root)
-    assert all(500 not in told for told, _ in server.told())
-    await vmfs.releasedir(fh)
-    await vmfs.getattr(root)
-    assert server.told()[-1] == ([500], 1)
-
-
-async def test_a_call_sent_again_does_not_carry_its_notices_again():
-    """The first sending may have been applied; between the two, another
-    call may have made the node cache the inode again."""
-    vmfs, server, root = await client()
-    y = await looked_up(vmfs, server, root, b"y", 600)
-    vmfs.forget(y & ((1 << 48) - 1), 1)
-    server.lose = 1
-    await vmfs.getattr(root)
-    assert server.told()[-2:] == [([600], 1), ([], 0)]
+    assert len(server.told_of(200)) == 1
 
 
 async def test_a_reply_that_makes_the_kernel_cache_it_again_cancels_the_notice():
     vmfs, server, root = await client()
     d = await looked_up(vmfs, server, root, b"d", 300)
-    server.hold, server.ino = trio.Event(), 300
+    server.holds[b"d"], server.ino = trio.Event(), 300
     async with trio.open_nursery() as nursery:
         nursery.start_soon(vmfs.lookup, root, b"d")  # the kernel asks again as it forgets d
         await trio.testing.wait_all_tasks_blocked()
-        vmfs.forget(d & ((1 << 48) - 1), 1)
-        server.hold.set()
-    server.hold, server.ino = None, ROOT
-    assert (d & ((1 << 48) - 1)) in vmfs.inodes
+        vmfs.forget(d, 1)
+        server.holds[b"d"].set()
+    server.ino = ROOT
+    assert d in vmfs.inodes
     await vmfs.getattr(root)
-    assert all(300 not in told for told, _ in server.told())
+    assert server.told_of(300) == []
+
+
+async def test_a_notice_is_marked_before_every_call_begun_after_the_drop():
+    """A call begun after the drop may be the kernel's lookup of the same
+    file, and reach the server before or after the notice: its number is
+    above the notice's mark, so the server keeps telling this node."""
+    vmfs, server, root = await client()
+    b = await looked_up(vmfs, server, root, b"b", 200)
+    vmfs.forget(b, 1)
+    server.holds[b"b"], server.ino = trio.Event(), 200
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(vmfs.lookup, root, b"b")   # begun after the drop, unanswered
+        await trio.testing.wait_all_tasks_blocked()
+        server.ino = ROOT
+        await vmfs.getattr(root)
+        server.holds[b"b"].set()
+    lookup = next(r for r in server.requests if bytes(r.path) == b"b" and r.seq > 2)
+    marks = server.told_of(200)
+    assert marks and all(mark < lookup.seq for mark in marks)
+
+
+async def test_no_notice_for_an_inode_a_directory_listing_holds():
+    """readdir hands a listing's entries to the kernel from a snapshot,
+    while it is read (one batch after another) and until the directory is
+    closed."""
+    vmfs, server, root = await client()
+    x = await looked_up(vmfs, server, root, b"x", 500)
+    server.pages = [[(b"x", 500)], [(b"y", 501)], [(b"z", 502)]]
+    server.page_holds = {1: trio.Event(), 2: trio.Event()}
+    async with trio.open_nursery() as nursery:
+        listed = []
+
+        async def read():
+            listed.append(await vmfs._list(root & MASK))
+
+        nursery.start_soon(read)
+        await trio.testing.wait_all_tasks_blocked()   # batch 1 on its way, x in batch 0
+        vmfs.forget(x, 1)
+        server.page_holds[1].set()
+        await trio.testing.wait_all_tasks_blocked()   # batch 2 on its way: every call before the drop answered
+        await vmfs.getattr(root)
+        assert server.told_of(500) == []              # the listing being read holds x
+        server.page_holds[2].set()
+    fh = await vmfs.opendir(root, None)
+    vmfs.listings[fh] = (root & MASK,) + listed[0]   # as readdir keeps it
+    await vmfs.getattr(root)
+    assert server.told_of(500) == []                  # the open listing holds x
+    await vmfs.releasedir(fh)
+    await vmfs.getattr(root)
+    assert len(server.told_of(500)) == 1
 
 
 async def test_notices_of_an_older_term_are_never_sent():
@@ -167,38 +180,32 @@ async def test_notices_of_an_older_term_are_never_sent():
     e = await looked_up(vmfs, server, root, b"e", 400)
     server.epoch = 2  # a fail-over: the next reply is the new server's
     await vmfs.getattr(root)
-    cino = (e & ((1 << 48) - 1))
-    assert cino >> GEN_SHIFT == 0 and vmfs.gen == 1
-    vmfs.forget(cino, 1)  # an inode numbered by the old server
+    assert e >> GEN_SHIFT == 0 and vmfs.gen == 1
+    vmfs.forget(e, 1)  # an inode numbered by the old server
     await vmfs.getattr(root)
-    assert all(400 not in told for told, _ in server.told())
+    assert server.told_of(400) == []
 
 
-async def test_the_server_forgets_as_the_message_arrives_and_only_in_its_term(tmp_path):
-    from drvs.fs.store import Store
-    from drvs.fs.server import FsServer
-    from test_fs_server import Invalidations
-
-    server = FsServer("web", Store(str(tmp_path / "fs"), "web"), Invalidations(), "n1")
+async def test_the_server_forgets_what_no_later_call_showed_and_only_in_its_term(tmp_path):
+    server = FsServer("web", Store(str(tmp_path / "fs"), "web"), None, "n1")
     server.epoch = 3
     try:
-        await _forgets_as_it_arrives(server)
+        def fast(ctype, **fields):
+            m = Msg(ctype, to_flat(new(fs.FsRequest, vm="web", **fields)))
+            m.node = "n2"
+            return server.fast(m)
+
+        made = fast(Call.mknod, path=b"f", mode=0o100644, seq=1)
+        ino = from_flat(fs.FsReply, made.payload).attr.ino
+        fast(Call.lookup, path=b"f", seq=5)
+        assert set(server.interest[ino]) == {"n2"}
+        fast(Call.getattr, path=b"", seq=6, forgotten=[ino], forgottenMarks=[5], forgottenEpoch=2)
+        assert ino in server.interest                 # another term's numbers
+        fast(Call.getattr, path=b"", seq=7, forgotten=[ino], forgottenMarks=[4], forgottenEpoch=3)
+        assert ino in server.interest                 # call 5 showed it after the node forgot it
+        server.held = trio.Event()                    # the call itself waits in trio; the notice does not
+        assert fast(Call.mkdir, path=b"d", mode=0o755, seq=8, forgotten=[ino], forgottenMarks=[5],
+                    forgottenEpoch=3) is None
+        assert ino not in server.interest
     finally:
         server.close()
-
-
-async def _forgets_as_it_arrives(server):
-
-    def msg(node, ctype, **fields):
-        m = Msg(ctype, to_flat(new(fs.FsRequest, vm="web", **fields)))
-        m.node = node
-        return m
-
-    ino = from_flat(fs.FsReply, server.fast(msg("n2", Call.mknod, path=b"f", mode=0o100644)).payload).attr.ino
-    server.fast(msg("n2", Call.lookup, path=b"f"))
-    assert server.interest[ino] == {"n2"}
-    server.fast(msg("n2", Call.getattr, path=b"", forgotten=[ino], forgottenEpoch=2))
-    assert server.interest[ino] == {"n2"}  # another term's numbers
-    server.held = trio.Event()  # the call itself waits in trio: the notice does not
-    assert server.fast(msg("n2", Call.mkdir, path=b"d", mode=0o755, forgotten=[ino], forgottenEpoch=3)) is None
-    assert ino not in server.interest

@@ -110,22 +110,26 @@ class VmFs:
         self.closer = False           # _close_soon is on its way
         # Inodes this node dropped (its kernel forgot them, no handle is
         # open): the server stops telling this node of their changes once
-        # it hears of them (FsRequest.forgotten).  Only a call that is the
-        # only one unanswered here takes them along (see _forgotten): any
-        # reply may make the kernel cache an inode again, which cancels its
-        # notice (_inode), and the server applies a notice before the call
-        # that carries it and before every later one.  drops: (cino, term).
-        self.dropped: set[int] = set()
+        # it hears of them (FsRequest.forgotten, see _forgotten).  Each
+        # notice carries its mark, the number of the last call begun here
+        # when the inode was dropped; calls carry their numbers (seq), and
+        # the server keeps telling this node of an inode a later call
+        # showed it.  A reply to an earlier call may make the kernel cache
+        # the inode again: the notice waits for those replies, and such a
+        # reply cancels it (_inode).  dropped: cino -> its mark; drops:
+        # (mark, cino, term), in the order dropped.
+        self.dropped: dict[int, int] = {}
         self.drops: collections.deque = collections.deque()
         self.begun = 0                  # calls to the server begun here
         self.unanswered: set[int] = set()  # their numbers, until answered
         self.renewing = False           # _new_term is under way: numbers of two terms about
+        self.reading: list[set] = []    # inodes of the directory listings being read (see _list)
 
     # -- calls to the server ---------------------------------------------------------
 
     async def call(self, ctype, idempotent: bool = False, **fields):
         self.begun += 1
-        number = self.begun
+        number = fields["seq"] = self.begun
         self.unanswered.add(number)
         try:
             r = await self._local(ctype, fields)
@@ -140,30 +144,34 @@ class VmFs:
             await self._new_term(r.epoch)
         return r
 
-    def _forgotten(self, limit: int = FORGOTTEN_PER_CALL) -> list[int]:
-        """The server's numbers of inodes dropped here whose notice may go
-        with the call under way: none unless it is the only call
-        unanswered (a reply still on its way, to a call begun before or
-        after the drop, may make the kernel cache one again after the
-        server applied the notice), and never one a directory listing
-        still open here holds (readdir hands its entries to the kernel
-        later, from a snapshot)."""
-        if self.renewing or len(self.unanswered) != 1:
-            return []
-        listed = [held for _, _, held in self.listings.values() if held]
-        out, kept = [], []
-        while self.drops and len(out) < limit:
-            cino, epoch = self.drops.popleft()
-            if cino not in self.dropped:
-                continue  # cached again since, or told already
-            if any(cino in held for held in listed):
-                kept.append((cino, epoch))
+    def _forgotten(self, limit: int = FORGOTTEN_PER_CALL) -> dict:
+        """The notices that may go now, as FsRequest fields (none: {}):
+        those whose every earlier call was answered, but for inodes a
+        directory listing being read or still open here holds (readdir
+        hands their entries to the kernel later, from a snapshot)."""
+        if self.renewing:
+            return {}
+        oldest = min(self.unanswered) if self.unanswered else self.begun + 1
+        held = self.reading + [inos for _, _, inos in self.listings.values() if inos]
+        inos, marks, kept = [], [], []
+        while self.drops and len(inos) < limit:
+            mark, cino, epoch = self.drops[0]
+            if mark >= oldest:
+                break
+            self.drops.popleft()
+            if self.dropped.get(cino) != mark:
+                continue  # cached again since (or dropped again later)
+            if any(cino in h for h in held):
+                kept.append((mark, cino, epoch))
                 continue
-            self.dropped.discard(cino)
+            del self.dropped[cino]
             if epoch == self.epoch:
-                out.append(cino & SMALL)
+                inos.append(cino & SMALL)
+                marks.append(mark)
         self.drops.extendleft(reversed(kept))
-        return out
+        if not inos:
+            return {}
+        return {"forgotten": inos, "forgottenMarks": marks, "forgottenEpoch": self.epoch}
 
     async def _local(self, ctype, fields: dict):
         """The reply of the file server in this process, or None if it is not here."""
@@ -172,7 +180,9 @@ class VmFs:
             return None
         try:
             if self.drops and server.epoch == self.epoch:
-                server.forgotten(server.here, self._forgotten())
+                notices = self._forgotten()
+                if notices:
+                    server.forgotten(server.here, notices["forgotten"], notices["forgottenMarks"])
             req = LocalRequest(self.vm, **fields)
             r = server.local_fast(ctype, req)
             if r is None:
@@ -200,16 +210,14 @@ class VmFs:
 
     async def _send(self, ctype, idempotent: bool, fields: dict, closed: list) -> Msg:
         """The server's reply (a failure too), or FUSEError if there is none."""
-        forgotten = self._forgotten() if self.drops else ()
-        payload = to_flat(new(fs.FsRequest, vm=self.vm, closed=closed, forgotten=forgotten,
-                              forgottenEpoch=self.epoch if forgotten else 0, **fields))
+        notices = self._forgotten() if self.drops else {}
+        payload = to_flat(new(fs.FsRequest, vm=self.vm, closed=closed, **notices, **fields))
         deadline = trio.current_time() + CALL_TIMEOUT
         while True:
             left = deadline - trio.current_time()
             try:
-                # Notices go once: sent again, after other calls, one could undo what they did.
                 reply = await self.fabric.sendrec(self.target, Msg(ctype, payload), timeout=max(left, 0.1),
-                                                  idempotent=idempotent and not forgotten)
+                                                  idempotent=idempotent)
                 if reply.status != -errno.EREMCHG:
                     break
                 err = IpcError(reply.error, errno.EREMCHG)
@@ -220,9 +228,6 @@ class VmFs:
                 raise pyfuse3.FUSEError(errno.ETIMEDOUT if err.errno in (errno.ETIMEDOUT, errno.ENOENT)
                                         else errno.EIO)
             await trio.sleep(0.2)  # no server now (a fail-over): ask again
-            if forgotten:
-                forgotten = ()
-                payload = to_flat(new(fs.FsRequest, vm=self.vm, closed=closed, **fields))
         return reply
 
     def _local_server(self) -> FsServer | None:
@@ -289,7 +294,7 @@ class VmFs:
         node = self.inodes.get(cino)
         if node is None:
             node = self.inodes[cino] = Inode(cino)
-            self.dropped.discard(cino)  # cached again: the server must go on telling this node
+            self.dropped.pop(cino, None)  # cached again: the server must go on telling this node
         return node
 
     def _learn(self, dino: int, name: bytes, attr) -> Inode:
@@ -671,27 +676,36 @@ class VmFs:
         if dino is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         if entries is None or start_id == 0:
-            entries = await self._list(dino)  # one snapshot per open directory
-            # (what it holds may reach the kernel later: see _forgotten)
-            self.listings[fh] = (dino, entries, {self._c(a.ino) for _, a in entries})
+            # One snapshot per open directory; what it holds may reach the
+            # kernel later, and keeps its notices back (_forgotten).
+            entries, inos = await self._list(dino)
+            self.listings[fh] = (dino, entries, inos)
         for i, (name, a) in enumerate(entries[start_id:], start_id):
             if not pyfuse3.readdir_reply(token, name, self._attr(a), i + 1):
                 break
             self._learn(dino, name, a).lookups += 1  # readdirplus: the kernel holds what it took
 
-    async def _list(self, dino: int) -> list:
-        path, out, after = self.path(self.tag | dino), [], b""
+    async def _list(self, dino: int) -> tuple[list, set]:
+        """The directory's entries and their inodes (this node's numbers),
+        in batches of the server's; the inodes of each batch keep their
+        notices back from the moment it came (self.reading)."""
+        path, out, after, inos = self.path(self.tag | dino), [], b"", set()
         change, changes = _Change(self.told), self.changes
-        while True:
-            r = await self.call(Call.readdir, idempotent=True, path=path, data=after)
-            for e in r.entries:
-                out.append((bytes(e.name), e.attr))
-            if not r.more or not r.entries:
-                break
-            after = out[-1][0]
+        self.reading.append(inos)
+        try:
+            while True:
+                r = await self.call(Call.readdir, idempotent=True, path=path, data=after)
+                for e in r.entries:
+                    out.append((bytes(e.name), e.attr))
+                    inos.add(self._c(e.attr.ino))
+                if not r.more or not r.entries:
+                    break
+                after = out[-1][0]
+        finally:
+            self.reading = [h for h in self.reading if h is not inos]  # (by identity: sets compare by content)
         if dino not in self.busy and self.changes == changes:  # (none of this node's own changes overlapped)
             self._now_known(dino, (name for name, _ in out), change)
-        return out
+        return out, inos
 
     async def releasedir(self, fh):
         self.listings.pop(fh, None)
@@ -738,8 +752,8 @@ class VmFs:
             if node.parent is not None and self.entries.get((node.parent, node.name)) == node.cino:
                 del self.entries[(node.parent, node.name)]
             if node.cino >> GEN_SHIFT == self.gen and node.cino & SMALL < BIG and not self.renewing:
-                self.dropped.add(node.cino)
-                self.drops.append((node.cino, self.epoch))
+                self.dropped[node.cino] = self.begun
+                self.drops.append((self.begun, node.cino, self.epoch))
 
     # -- what the server says another node changed -----------------------------------------
 

@@ -44,7 +44,6 @@ HANDLE_CALLS = {Call.write, Call.release, Call.fsync, Call.setattr, Call.flush}
 REAP_EVERY = 5.0  # seconds between looks for open files of nodes that left
 OPEN_FLAGS = os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC | os.O_NOATIME
 SET_MODE, SET_UID, SET_GID, SET_SIZE, SET_ATIME, SET_MTIME = 1, 2, 4, 8, 16, 32
-_NOBODY: frozenset = frozenset()
 
 
 def fill_attr(a, st: os.stat_result) -> None:
@@ -80,7 +79,10 @@ class FsServer:
         self.vm, self.store, self.fabric, self.here, self.etcd = vm, store, fabric, here, etcd
         self.files: dict[int, OpenFile] = {}
         self.next_fh = 1
-        self.interest: dict[int, set[str]] = {}  # inode -> nodes that may cache it (or its entries)
+        # inode -> {node that may cache it (or its entries): the number of
+        # that node's last call that showed it}; see forgotten()
+        self.interest: dict[int, dict[str, int]] = {}
+        self.seq = 0  # the number of the call being made (the caller's node counts them)
         self.epoch = 0                          # the term; 0: a replica, not serving
         self.mirrors: dict[str, Mirror] = {}    # the other replicas, while serving
         self.held: trio.Event | None = None     # set while changes wait (a replica's copy ends)
@@ -140,9 +142,8 @@ class FsServer:
         if msg.type not in self.table or not self.epoch:
             return None  # handle() says what is wrong
         req, path = self._decode(msg)
-        if len(req.forgotten) and req.forgottenEpoch == self.epoch:
-            # As the message arrives: its node's later messages may cache them again.
-            self.forgotten(msg.node or self.here, req.forgotten)
+        if len(req.forgotten) and req.forgottenEpoch == self.epoch and len(req.forgottenMarks) == len(req.forgotten):
+            self.forgotten(msg.node or self.here, req.forgotten, req.forgottenMarks)
         if not self._now_ok(msg.type):
             return None
         if len(req.closed) and not self._now_ok(Call.release):
@@ -191,6 +192,7 @@ class FsServer:
         """Make a call whose handler waits for nothing (_now_ok): what it
         changed is done and queued for the replicas; (the nodes to tell,
         whether data changed) -- see _targets."""
+        self.seq = req.seq
         changed, _ = self._made(ctype, req, payload, out, origin, self.table[ctype](req, path, out, origin))
         if changed is None:
             return {}, False
@@ -247,6 +249,7 @@ class FsServer:
     async def _serve(self, ctype: int, req, path: bytes, out, origin: str, payload: bytes | None) -> None:
         if ctype in MIRRORED:
             await self._room()
+        self.seq = req.seq  # (the handlers that note interest are plain functions: no await till they did)
         changed, waits = self._made(ctype, req, payload, out, origin,
                                     await _run(self.table[ctype], req, path, out, origin))
         if changed is not None:
@@ -414,25 +417,31 @@ class FsServer:
         self._seen(origin, st.st_ino)
         return st.st_ino
 
-    def forgotten(self, node: str, inodes) -> None:
-        """node caches nothing of these inodes any more (its kernel forgot
-        them, after every reply that could have made it cache them): it is
-        no longer told of their changes, and the table of who caches what
-        keeps only what some node holds."""
-        for ino in inodes:
+    def forgotten(self, node: str, inodes, marks=None) -> None:
+        """node caches nothing of these inodes any more: it is no longer told
+        of their changes, and the table of who caches what keeps only what
+        some node holds.  marks: for each, the last call node had begun when
+        its kernel forgot it (every call up to it was answered there); a
+        later call of node that showed the inode -- one that overtook the
+        notice, or came between two deliveries of it -- keeps node told.
+        No marks: node is gone, whatever its calls."""
+        for i, ino in enumerate(inodes):
             nodes = self.interest.get(ino)
-            if nodes is not None:
-                nodes.discard(node)
+            if nodes is None or node not in nodes:
+                continue
+            if marks is None or nodes[node] <= marks[i]:
+                del nodes[node]
                 if not nodes:
                     del self.interest[ino]
 
     def _seen(self, node: str, *inodes: int) -> None:
+        seq = self.seq
         for ino in inodes:
             nodes = self.interest.get(ino)
             if nodes is None:
-                self.interest[ino] = {node}
-            else:
-                nodes.add(node)
+                self.interest[ino] = {node: seq}
+            elif nodes.get(node, -1) < seq:
+                nodes[node] = seq
 
     async def _tell(self, origin: str, changed: Changed) -> None:
         """Make every node but origin that may cache these drop them, and
@@ -553,7 +562,7 @@ class FsServer:
         f.wrote = True
         # Whether the writer's close has anything to do: tell other nodes
         # that cache the file, or (--fs-sync) wait for the replicas.
-        out.shared = self.sync or bool(self.interest.get(f.ino, _NOBODY) - {origin})
+        out.shared = self.sync or any(node != origin for node in self.interest.get(f.ino, ()))
 
     def readdir(self, req, path, out, origin) -> None:
         fd = self.store.open(check_path(path), os.O_RDONLY | os.O_DIRECTORY)

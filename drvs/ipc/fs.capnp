@@ -92,6 +92,8 @@ struct FsRequest {
   closed @27 :List(UInt64); # handles the caller's node has since closed (released before this call)
   forgotten @28 :List(UInt64); # inodes the caller's node no longer caches at all (FsServer.forgotten)
   forgottenEpoch @29 :UInt64;   # the server term those inode numbers are of (other terms': ignored)
+  forgottenMarks @30 :List(UInt64); # for each, the last call its node had begun when it forgot it
+  seq @31 :UInt64;              # this call's number among its node's calls (see FsServer.forgotten)
 }
 
 struct Attr {

@@ -112,9 +112,10 @@ def test_changes_on_one_node_are_seen_at_once_on_the_other(fsc, d):
 
 def test_a_node_that_forgot_a_file_and_looks_again_still_hears_of_its_changes(fsc, d):
     """A node tells the server which inodes its kernel forgot (so that it
-    is no longer told of their changes), with its next call; that call's
-    own lookup of the same file must count after the notice, on the node
-    that serves and on the one that does not."""
+    is no longer told of their changes), with a later call; when that call
+    is the lookup that makes its kernel cache the file again, the node
+    must still be told of the file's changes, on the node that serves and
+    on the one that does not."""
     _, a, b = d
     for here, there, name in ((a, b, "f"), (b, a, "g")):
         (here / name).write_text("x")
