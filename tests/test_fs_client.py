@@ -5,6 +5,7 @@ mark), the server against real requests (what a notice removes)."""
 import errno
 import os
 
+import pyfuse3
 import trio
 import trio.testing
 
@@ -139,7 +140,7 @@ async def test_a_notice_is_marked_before_every_call_begun_after_the_drop():
         server.ino = ROOT
         await vmfs.getattr(root)
         server.holds[b"b"].set()
-    lookup = next(r for r in server.requests if bytes(r.path) == b"b" and r.seq > 2)
+    lookup = [r for r in server.requests if bytes(r.path) == b"b"][-1]  # the one begun after the drop
     marks = server.told_of(200)
     assert marks and all(mark < lookup.seq for mark in marks)
 
@@ -167,12 +168,21 @@ async def test_no_notice_for_an_inode_a_directory_listing_holds():
         assert server.told_of(500) == []              # the listing being read holds x
         server.page_holds[2].set()
     fh = await vmfs.opendir(root, None)
-    vmfs.listings[fh] = (root & MASK,) + listed[0]   # as readdir keeps it
+    vmfs.listings[fh].entries, vmfs.listings[fh].inos = listed[0]  # as readdir keeps it
     await vmfs.getattr(root)
     assert server.told_of(500) == []                  # the open listing holds x
     await vmfs.releasedir(fh)
     await vmfs.getattr(root)
     assert len(server.told_of(500)) == 1
+
+
+async def test_a_restarted_client_numbers_its_calls_above_its_predecessor():
+    """The server may still remember (or receive late) the numbers of the
+    node's previous drvmmd: a notice of that one must not undo a call of
+    this one."""
+    old, _, _ = await client()
+    new_, _, _ = await client()
+    assert new_.begun > old.begun
 
 
 async def test_notices_of_an_older_term_are_never_sent():
@@ -209,3 +219,20 @@ async def test_the_server_forgets_what_no_later_call_showed_and_only_in_its_term
         assert ino not in server.interest
     finally:
         server.close()
+
+
+async def test_a_reply_of_an_older_term_is_stale():
+    """After a fail-over, a late answer of the old server (its inode
+    numbers are not the new term's) is not taken for the new one's."""
+    vmfs, server, root = await client()
+    server.epoch = 2
+    await vmfs.getattr(root)
+    assert vmfs.epoch == 2
+    server.epoch, server.ino = 1, 700
+    try:
+        await vmfs.lookup(root, b"late")
+    except pyfuse3.FUSEError as e:
+        assert e.errno == errno.ESTALE
+    else:
+        raise AssertionError("an older term's reply was taken")
+    assert not any(n.name == b"late" for n in vmfs.inodes.values())

@@ -19,6 +19,7 @@ import contextlib
 import errno
 import logging
 import os
+import time
 
 import pyfuse3
 import trio
@@ -53,6 +54,18 @@ class Inode:
         self.cino, self.parent, self.name, self.lookups, self.handles, self.term = cino, None, b"", 0, 0, 0
 
 
+class Listing:
+    """An open directory: the snapshot its readdirs hand to the kernel (by
+    index: the offsets the kernel passes back), the inodes in it, and the
+    names another node changed since (not handed out: a stale entry would
+    be taken as current)."""
+
+    __slots__ = ("dino", "entries", "inos", "gone")
+
+    def __init__(self, dino: int):
+        self.dino, self.entries, self.inos, self.gone = dino, None, None, set()
+
+
 class Handle:
     __slots__ = ("sfh", "cino", "wrote", "shared")
 
@@ -84,7 +97,7 @@ class VmFs:
         self.inodes: dict[int, Inode] = {}
         self.entries: dict[tuple[int, bytes], int] = {}  # (directory, name) -> inode, this node's numbers
         self.handles: dict[int, Handle] = {}
-        self.listings: dict[int, tuple] = {}  # fh -> (directory, its snapshot, the inodes in it)
+        self.listings: dict[int, Listing] = {}
         self.next_fh = 1
         self.root = 0          # the root's inode here (the same in every term)
         self.server_root = 0   # the root's inode on the server of this term
@@ -120,7 +133,10 @@ class VmFs:
         # (mark, cino, term), in the order dropped.
         self.dropped: dict[int, int] = {}
         self.drops: collections.deque = collections.deque()
-        self.begun = 0                  # calls to the server begun here
+        # Calls to the server begun here, numbered on from the clock: a
+        # restarted drvmmd's calls must number above its predecessor's,
+        # which the server may still remember (or receive late).
+        self.begun = time.time_ns()
         self.unanswered: set[int] = set()  # their numbers, until answered
         self.renewing = False           # _new_term is under way: numbers of two terms about
         self.reading: list[set] = []    # inodes of the directory listings being read (see _list)
@@ -140,8 +156,12 @@ class VmFs:
             # runs -- readdir's snapshot aside, see _forgotten -- so an
             # inode the reply makes the kernel cache cancels its notice)
             self.unanswered.discard(number)
-        if r.epoch > self.epoch:  # (an older one: a server that has yet to learn it is over)
+        if r.epoch > self.epoch:
             await self._new_term(r.epoch)
+        elif r.epoch < self.epoch:
+            # A server that has yet to learn its term is over: its inode
+            # numbers are not this term's, nor is what it did sure to last.
+            raise pyfuse3.FUSEError(errno.ESTALE)
         return r
 
     def _forgotten(self, limit: int = FORGOTTEN_PER_CALL) -> dict:
@@ -152,7 +172,7 @@ class VmFs:
         if self.renewing:
             return {}
         oldest = min(self.unanswered) if self.unanswered else self.begun + 1
-        held = self.reading + [inos for _, _, inos in self.listings.values() if inos]
+        held = self.reading + [listing.inos for listing in self.listings.values() if listing.inos]
         inos, marks, kept = [], [], []
         while self.drops and len(inos) < limit:
             mark, cino, epoch = self.drops[0]
@@ -263,6 +283,8 @@ class VmFs:
             self.renewing = False
         self.dropped.clear()  # (the new server never heard of what this node cached)
         self.drops.clear()
+        for listing in self.listings.values():  # snapshots of the old server: read again
+            listing.entries = listing.inos = None
         self.gen = (self.gen + 1) % (1 << (TAG_SHIFT - GEN_SHIFT))
         self.big.clear()
         self.fresh.clear()
@@ -668,19 +690,22 @@ class VmFs:
         self.path(inode)  # ESTALE now rather than at readdir
         fh = self.tag | self.next_fh
         self.next_fh += 1
-        self.listings[fh] = (inode & MASK, None, None)
+        self.listings[fh] = Listing(inode & MASK)
         return fh
 
     async def readdir(self, fh, start_id, token):
-        dino, entries, _ = self.listings.get(fh, (None, None, None))
-        if dino is None:
+        listing = self.listings.get(fh)
+        if listing is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        if entries is None or start_id == 0:
+        if listing.entries is None or start_id == 0:
             # One snapshot per open directory; what it holds may reach the
             # kernel later, and keeps its notices back (_forgotten).
-            entries, inos = await self._list(dino)
-            self.listings[fh] = (dino, entries, inos)
-        for i, (name, a) in enumerate(entries[start_id:], start_id):
+            listing.gone = set()  # (before: a change told while it is read may be in it)
+            listing.entries, listing.inos = await self._list(listing.dino)
+        dino, gone = listing.dino, listing.gone
+        for i, (name, a) in enumerate(listing.entries[start_id:], start_id):
+            if name in gone:
+                continue
             if not pyfuse3.readdir_reply(token, name, self._attr(a), i + 1):
                 break
             self._learn(dino, name, a).lookups += 1  # readdirplus: the kernel holds what it took
@@ -767,6 +792,9 @@ class VmFs:
             self.fresh.pop(dino, None)
             self.known.pop(dino, None)
             self._forget_entry(dino, name)
+            for listing in self.listings.values():
+                if listing.dino == dino:
+                    listing.gone.add(name)
             pyfuse3.invalidate_entry_async(self.tag | dino, name, ignore_enoent=True)
         for sino in inv.inodes:
             cino = self._c(sino)

@@ -134,6 +134,26 @@ def test_a_node_that_forgot_a_file_and_looks_again_still_hears_of_its_changes(fs
             os.close(fd)
 
 
+def test_a_listing_being_read_does_not_hand_out_what_another_node_removed(fsc, d):
+    """A node reads a directory from a snapshot taken at its first
+    readdir; entries another node removes meanwhile are not handed to its
+    kernel afterwards (they would stand as files that are not there)."""
+    _, a, b = d
+    names = [f"f{i:03}" for i in range(600)]
+    for name in names:
+        (a / name).touch()
+    it = os.scandir(b)
+    try:
+        first = [next(it).name for _ in range(10)]  # the C library now holds a bufferful
+        for name in names:
+            os.unlink(a / name)
+        rest = [e.name for e in it]
+    finally:
+        it.close()
+    assert len(first) + len(rest) < len(names)      # the rest of the snapshot was not handed out
+    assert os.listdir(b) == []
+
+
 def test_a_directory_changed_here_then_elsewhere_shows_the_latest_attributes(fsc, d):
     """A node keeps a directory's attributes from the reply to its own
     create or remove (the kernel drops its copy each time and would ask
