@@ -174,11 +174,13 @@ class VmFs:
         oldest = min(self.unanswered) if self.unanswered else self.begun + 1
         held = self.reading + [listing.inos for listing in self.listings.values() if listing.inos]
         inos, marks, kept = [], [], []
-        while self.drops and len(inos) < limit:
+        scan = 4 * limit  # (notices an open listing keeps back are looked at again each call: a few)
+        while self.drops and len(inos) < limit and scan:
             mark, cino, epoch = self.drops[0]
             if mark >= oldest:
                 break
             self.drops.popleft()
+            scan -= 1
             if self.dropped.get(cino) != mark:
                 continue  # cached again since (or dropped again later)
             if any(cino in h for h in held):
