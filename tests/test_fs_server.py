@@ -130,3 +130,25 @@ async def test_a_request_not_whole_is_refused_as_malformed(tmp_path, cut):
         server.fast(Msg(Call.getattr, data))
     assert e.value.errno == errno.EBADMSG
     assert from_flat(fs.FsRequest, whole).data == b"x" * 100
+
+
+async def test_a_change_made_is_told_even_if_its_caller_gives_up(tmp_path):
+    """The change is made before the others are told: a caller that gives
+    up (a timeout, a cancelled call) must not leave them caching the old."""
+
+    class Slow(Invalidations):
+        async def sendrec(self, target, msg, timeout=None, idempotent=False):
+            await trio.sleep(0.01)
+            return await super().sendrec(target, msg, timeout, idempotent)
+
+    server = FsServer("web", Store(str(tmp_path / "fs"), "web"), Slow(), "n1")
+    server.epoch = 1
+    try:
+        await call(server, "n1", Call.create, path=b"f", flags=os.O_WRONLY, mode=0o644)
+        await call(server, "n2", Call.lookup, path=b"f")
+        later = server.fast(message("n1", Call.setattr, path=b"f", setMask=1, mode=0o600))
+        with trio.move_on_after(0.001):
+            await later.finish()
+        assert server.fabric.told == ["fsc@n2"]
+    finally:
+        server.close()

@@ -467,10 +467,13 @@ class FsServer:
         return targets
 
     async def _tell_targets(self, targets: dict, data: bool) -> None:
+        """Shielded: the change is made, so the others are told even if its
+        caller gives up meanwhile (each within INVALIDATE_TIMEOUT)."""
         if targets:
-            async with trio.open_nursery() as nursery:
-                for node, (ents, inos) in targets.items():
-                    nursery.start_soon(self._send, node, ents, inos, data)
+            with trio.CancelScope(shield=True):
+                async with trio.open_nursery() as nursery:
+                    for node, (ents, inos) in targets.items():
+                        nursery.start_soon(self._send, node, ents, inos, data)
 
     async def _send(self, node: str, entries, inodes, data: bool) -> None:
         m = fs.Invalidations.new_message(vm=self.vm, data=data)
