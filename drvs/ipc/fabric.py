@@ -596,12 +596,12 @@ class NodeLane:
         target, m, timeout_ms = params.target, self._incoming(params.msg), params.timeoutMs
         reply = self.fabric.answer_now(target, m)
         timeout = timeout_ms / 1000 if timeout_ms else None
+        fill = lambda r, reply: reply.fill(r.init("reply"))  # noqa: E731
         if isinstance(reply, Later):
-            return self._in_trio(answer, lambda r, reply: reply.fill(r.init("reply")),
-                                 self.fabric.finish, target, reply, timeout)
+            return self._in_trio(answer, fill, self.fabric.finish, target, reply, timeout)
         if reply is not None:
-            return answer.reply(lambda r: reply.fill(r.init("reply")))
-        self._in_trio(answer, lambda r, reply: reply.fill(r.init("reply")), self.fabric.deliver, target, m, timeout)
+            return answer.reply(lambda r: fill(r, reply))
+        self._in_trio(answer, fill, self.fabric.deliver, target, m, timeout)
 
     def send(self, answer: level0.Answer, params) -> None:
         self._in_trio(answer, None, self.fabric.deliver, params.target, self._incoming(params.msg))

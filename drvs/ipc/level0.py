@@ -30,13 +30,11 @@ import capnp
 import outcome
 import trio
 
-from .schema import rpc
+from .schema import MAX_SEGMENTS, MAX_WORDS, rpc, segments
 
 log = logging.getLogger("drvs.level0")
 
 READ_BUFFER = 256 * 1024
-MAX_SEGMENTS = 512        # kj's own reader refuses more
-MAX_WORDS = 8 << 20       # 64 MiB, kj's default traversal limit
 NESTING = 64
 TIMER_GRAIN = 0.001       # the host loop's clock: uvloop counts milliseconds
 _U32 = struct.Struct("<I")
@@ -154,12 +152,8 @@ class _Connection(asyncio.BufferedProtocol):
     def _message(self, data: memoryview, sizes: tuple) -> None:
         """One whole message (its own memory: readers may keep it), of
         segments of these sizes in words."""
-        segments, p = [], (4 * len(sizes) + 11) & ~7
-        for size in sizes:
-            segments.append(data[p:p + 8 * size])
-            p += 8 * size
-        self.received(rpc.Message.from_segments(
-            segments, traversal_limit_in_words=MAX_WORDS, nesting_limit=NESTING))
+        parts, _ = segments(data, sizes)
+        self.received(rpc.Message.from_segments(parts, traversal_limit_in_words=MAX_WORDS, nesting_limit=NESTING))
 
     def received(self, m) -> None:
         raise NotImplementedError

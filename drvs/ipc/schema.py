@@ -49,6 +49,16 @@ MAX_SEGMENTS = 512       # kj's own reader refuses more
 MAX_WORDS = 8 << 20      # 64 MiB, kj's default traversal limit
 
 
+def segments(frame: memoryview, sizes) -> tuple[list, int]:
+    """The segments of a frame in the standard framing whose segment
+    table gave these sizes (in words), as views of it; and where they end."""
+    out, at = [], (4 * len(sizes) + 11) & ~7
+    for size in sizes:
+        out.append(frame[at:at + 8 * size])
+        at += 8 * size
+    return out, at
+
+
 def from_flat(struct, data: bytes):
     """A reader of struct over data as to_flat makes it, without copying it
     (the reader keeps data alive).  ValueError if the framing is not whole;
@@ -59,16 +69,12 @@ def from_flat(struct, data: bytes):
     count = _struct.unpack_from("<I", view)[0] + 1
     if count > MAX_SEGMENTS:
         raise ValueError(f"{count} segments")
-    start = (4 * count + 11) & ~7
-    if len(view) < start:
+    if len(view) < (4 * count + 11) & ~7:
         raise ValueError("message shorter than its segment table")
-    segments, at = [], start
-    for size in _struct.unpack_from(f"<{count}I", view, 4):
-        segments.append(view[at:at + 8 * size])
-        at += 8 * size
-    if at != len(view):
-        raise ValueError(f"message of {len(view)} bytes, its segments say {at}")
-    return struct.from_segments(segments, traversal_limit_in_words=MAX_WORDS)
+    parts, end = segments(view, _struct.unpack_from(f"<{count}I", view, 4))
+    if end != len(view):
+        raise ValueError(f"message of {len(view)} bytes, its segments say {end}")
+    return struct.from_segments(parts, traversal_limit_in_words=MAX_WORDS)
 
 
 # The RPC protocol's own messages, for drvs.ipc.level0.

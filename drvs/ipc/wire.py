@@ -23,9 +23,10 @@ import contextvars
 
 import capnp
 
+from .schema import MAX_SEGMENTS
+
 READ_BUFFER = 256 * 1024
 HIGH_WATER = 4 * 1024 * 1024   # received and not yet taken by capnp: stop reading
-MAX_SEGMENTS = 512             # capnp's own reader refuses more
 
 # What the connection being set up knows about its peer (for the callback
 # that serves it): set from the real transport by serve(peer_of=...).
