@@ -12,6 +12,7 @@ from .errors import UsageError
 
 DEFAULT_STATE_DIR = "/var/lib/drvs"
 DEFAULT_CONFIG = "/etc/drvs/config.toml"
+DEFAULT_FS_CACHE_MIB = 1024
 
 
 class Config:
@@ -19,14 +20,18 @@ class Config:
 
     idle_check_ms: how often an idle cell's init checks whether it may leave
     (the safety net; the last run tears its cell down at once).
-    favordynmods: see drvs.ns.cgroup.ensure_fast_migrations."""
+    favordynmods: see drvs.ns.cgroup.ensure_fast_migrations.
+    fs_cache_mib: how much of remote files' data this node keeps on its disk
+    (drvs/fs/cache.py); 0: none."""
 
-    __slots__ = ("state_dir", "idle_check_ms", "favordynmods")
+    __slots__ = ("state_dir", "idle_check_ms", "favordynmods", "fs_cache_mib")
 
-    def __init__(self, state_dir: str, idle_check_ms: int = 5000, favordynmods: bool = True):
+    def __init__(self, state_dir: str, idle_check_ms: int = 5000, favordynmods: bool = True,
+                 fs_cache_mib: int = DEFAULT_FS_CACHE_MIB):
         self.state_dir = str(state_dir)
         self.idle_check_ms = idle_check_ms
         self.favordynmods = favordynmods
+        self.fs_cache_mib = fs_cache_mib
 
     @property
     def cgroup_root(self) -> str:
@@ -56,9 +61,19 @@ class Config:
         return f"{self.state_dir}/vms"
 
     @property
+    def cache_dir(self) -> str:
+        return f"{self.state_dir}/cache"
+
+    @property
     def rootdir(self) -> str:
         """Empty directory on which each run mounts its private root."""
         return f"{self.state_dir}/root"
+
+
+def _fs_cache(value, path: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 1 << 24:
+        raise UsageError(f"config {path}: fs_cache_mib must be a whole number of MiB from 0 to 16777216")
+    return value
 
 
 def _idle_check(value, path: str) -> int:
@@ -84,4 +99,5 @@ def load() -> Config:
         state_dir=state,
         idle_check_ms=_idle_check(data.get("idle_check_ms", 5000), path),
         favordynmods=bool(data.get("favordynmods", True)),
+        fs_cache_mib=_fs_cache(data.get("fs_cache_mib", DEFAULT_FS_CACHE_MIB), path),
     )

@@ -128,3 +128,14 @@ def test_ps_on_a_single_node_lists_the_vms_processes(drvs):
         while drvs.drvs("vm", "show", "default", "--format", "json").stdout.count(run_id) and \
                 time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+def test_a_bad_setting_is_a_usage_error_naming_it(drvs):
+    config = drvs.state.parent / "drvs.toml"
+    for line, name in (("fs_cache_mib = -1", "fs_cache_mib"), ("idle_check_ms = 'soon'", "idle_check_ms")):
+        config.write_text(line + "\n")
+        p = drvs.drvs("vm", "ls")
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and name in p.stderr, p.stderr
+        assert "Traceback" not in p.stderr
+    config.write_text("fs_cache_mib = 0\n")
+    assert drvs.drvs("vm", "ls").returncode == 0

@@ -23,6 +23,7 @@ import pyfuse3
 import trio
 
 from ..errors import DrvsError
+from ..fs.cache import DataCache
 from ..fs.client import MASK, TAG_SHIFT, VmFs
 from ..ipc.fabric import REGISTRY
 from ..ipc.message import IpcError, Msg
@@ -70,6 +71,7 @@ class View(pyfuse3.Operations):
         super().__init__()
         self.fabric, self.etcd = fabric, etcd
         self.proc = procview.ProcView(cfg, fabric, procs, etcd)
+        self.cache = DataCache(cfg.cache_dir, cfg.fs_cache_mib << 20)  # (one budget for every VM's files)
         self.vms: dict[str, VmFs] = {}
         self.slots: dict[int, VmFs] = {}
         self.listings: dict[int, tuple] = {}  # open root or fs directory -> (inode, its entries)
@@ -116,7 +118,7 @@ class View(pyfuse3.Operations):
             slot = len(self.slots) + 1
             if slot >= FS_TAG:
                 raise pyfuse3.FUSEError(errno.ENFILE)
-            fs_ = VmFs(vm, slot, self.fabric, self.nursery.start_soon)
+            fs_ = VmFs(vm, slot, self.fabric, self.nursery.start_soon, self.cache)
             self.vms[vm], self.slots[slot] = fs_, fs_  # before any wait: no other lookup takes the slot
             try:
                 return await fs_.start()
@@ -409,3 +411,4 @@ async def serve(cfg, fabric, procs, etcd, task_status=trio.TASK_STATUS_IGNORED) 
             nursery.cancel_scope.cancel()
     finally:
         pyfuse3.close(unmount=True)
+        ops.cache.close()

@@ -12,7 +12,9 @@ that find no server (a fail-over under way) are sent again until
 CALL_TIMEOUT; a call whose answer was lost with its server may so be made
 twice (a create then says EEXIST), as with NFS.  The kernel caches entries, attributes and pages for
 TIMEOUT; the server tells this node (fsc@NODE, drvs/dvos/view.py) to drop
-what another node changed, so the timeout only bounds a lost message."""
+what another node changed, so the timeout only bounds a lost message.
+Data read from a remote server is also kept on this node's disk
+(drvs/fs/cache.py) for as long as the kernel could keep its pages."""
 
 import collections
 import contextlib
@@ -26,6 +28,7 @@ import trio
 
 from ..ipc.message import IpcError, Later, Msg
 from ..ipc.schema import from_flat, fs, new, to_flat
+from .cache import DataCache
 from .server import SET_ATIME, SET_GID, SET_MODE, SET_MTIME, SET_SIZE, SET_UID, FsServer, LocalRequest
 from .store import XATTR_PREFIXES, join
 
@@ -88,11 +91,12 @@ def caller(ctx) -> dict:
 
 
 class VmFs:
-    def __init__(self, vm: str, slot: int, fabric, spawn):
+    def __init__(self, vm: str, slot: int, fabric, spawn, cache: DataCache | None = None):
         """spawn: start a background task (dropping the kernel's caches
         cannot wait inside a request: the kernel may need what that
-        request's caller holds)."""
-        self.vm, self.fabric, self.target, self.spawn = vm, fabric, f"fs@{vm}", spawn
+        request's caller holds).  cache: this node's cache of remote files'
+        data (drvs/fs/cache.py), keyed by inode as the kernel numbers them."""
+        self.vm, self.fabric, self.target, self.spawn, self.cache = vm, fabric, f"fs@{vm}", spawn, cache
         self.tag = slot << TAG_SHIFT
         self.inodes: dict[int, Inode] = {}
         self.entries: dict[tuple[int, bytes], int] = {}  # (directory, name) -> inode, this node's numbers
@@ -295,6 +299,9 @@ class VmFs:
         log.info("%s: a new server (term %d); dropping this node's caches", self.target, epoch)
         entries = [(self.tag | dino, name) for dino, name in self.entries]
         self.entries = {}
+        if self.cache is not None:
+            slot = self.tag >> TAG_SHIFT
+            self.cache.drop_where(lambda key: key >> TAG_SHIFT != slot)
         self.spawn(self._drop_all, entries, [self.tag | cino for cino in self.inodes])
 
     @staticmethod
@@ -354,6 +361,8 @@ class VmFs:
         e.st_size, e.st_blocks, e.st_blksize = a.size, a.blocks, 4096
         e.st_atime_ns, e.st_mtime_ns, e.st_ctime_ns = a.atimeNs, a.mtimeNs, a.ctimeNs
         e.entry_timeout = e.attr_timeout = TIMEOUT
+        if self.cache is not None and self.cache.files:
+            self.cache.seen(e.st_ino, a.size, a.mtimeNs)
         return e
 
     def _entry(self, dino: int, name: bytes, a) -> pyfuse3.EntryAttributes:
@@ -420,12 +429,26 @@ class VmFs:
         args = dict(setMask=mask, mode=attr.st_mode, uid=attr.st_uid, gid=attr.st_gid, size=attr.st_size,
                     atimeNs=attr.st_atime_ns, mtimeNs=attr.st_mtime_ns)
         h = self.handles.get(fh) if fh is not None else None
-        with self._changing(inode & MASK):
+        with self._changing(inode & MASK), self._writing(inode if fields.update_size else None):
             if h is not None:
                 r = await self.call(Call.setattr, fh=h.sfh, **args)
             else:
                 r = await self.call(Call.setattr, path=self.path(inode), **args)
         return self._attr(r.attr)
+
+    @contextlib.contextmanager
+    def _writing(self, ino: int | None):
+        """Around a change of the data of inode ino (None: no change) made
+        here: what the cache holds of it goes, and reads it overlaps are
+        not kept."""
+        if self.cache is None or ino is None:
+            yield
+            return
+        self.cache.write_begins(ino)
+        try:
+            yield
+        finally:
+            self.cache.write_ends(ino)
 
     async def readlink(self, inode, ctx):
         return bytes((await self.call(Call.readlink, idempotent=True, path=self.path(inode))).data)
@@ -568,8 +591,12 @@ class VmFs:
             self.entries[(dino, name)] = cino
 
     async def open(self, inode, flags, ctx):
-        r = await self.call(Call.open, path=self.path(inode), flags=flags)
-        return self._opened(r)
+        with self._writing(inode if flags & os.O_TRUNC else None):
+            r = await self.call(Call.open, path=self.path(inode), flags=flags)
+        info = self._opened(r)
+        if self.cache is not None and flags & os.O_ACCMODE != os.O_WRONLY and self._local_server() is None:
+            self.cache.opened(self.tag | self._c(r.attr.ino), r.attr.size, r.attr.mtimeNs)
+        return info
 
     def _opened(self, r) -> pyfuse3.FileInfo:
         fh = self.tag | self.next_fh
@@ -598,12 +625,25 @@ class VmFs:
         return h
 
     async def read(self, fh, off, size):
-        return bytes((await self.call(Call.read, idempotent=True, fh=self._h(fh).sfh, offset=off, size=size)).data)
+        h = self._h(fh)
+        cache = self.cache
+        if cache is None:
+            return bytes((await self.call(Call.read, idempotent=True, fh=h.sfh, offset=off, size=size)).data)
+        key = self.tag | h.cino
+        data = cache.read(key, off, size)
+        if data is not None:
+            return data
+        entry = cache.entry(key)
+        data = bytes((await self.call(Call.read, idempotent=True, fh=h.sfh, offset=off, size=size)).data)
+        if entry is not None:
+            cache.fill(key, entry, off, size, data)
+        return data
 
     async def write(self, fh, off, buf):
         h = self._h(fh)
         h.wrote = True
-        r = await self.call(Call.write, fh=h.sfh, offset=off, data=buf)
+        with self._writing(self.tag | h.cino):
+            r = await self.call(Call.write, fh=h.sfh, offset=off, data=buf)
         h.shared = r.shared
         node = self.inodes.get(h.cino)
         if node is not None and not node.term:
@@ -774,6 +814,8 @@ class VmFs:
     def _maybe_drop(self, node: Inode) -> None:
         if node.lookups <= 0 and node.handles <= 0 and node.cino != self.root:
             del self.inodes[node.cino]
+            if self.cache is not None:
+                self.cache.drop(self.tag | node.cino)  # (the server stops telling this node of it)
             self.fresh.pop(node.cino, None)
             self.known.pop(node.cino, None)
             if node.parent is not None and self.entries.get((node.parent, node.name)) == node.cino:
@@ -789,6 +831,8 @@ class VmFs:
         for sino in inv.inodes:
             self.fresh.pop(self._c(sino), None)
             self.known.pop(self._c(sino), None)
+            if inv.data and self.cache is not None:
+                self.cache.drop(self.tag | self._c(sino))
         for e in inv.entries:
             name, dino = bytes(e.name), self._c(e.attr.ino)
             self.fresh.pop(dino, None)

@@ -134,6 +134,40 @@ def test_a_node_that_forgot_a_file_and_looks_again_still_hears_of_its_changes(fs
             os.close(fd)
 
 
+def _drop_pages(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_what_a_node_keeps_of_a_file_served_elsewhere_is_never_older_than_the_file(fsc, d):
+    """Once its kernel dropped a file's pages, a node answers reads of a
+    file served by the other node from its own cache (drvs/fs/cache.py):
+    after the other node rewrote the file in place (same size) and closed
+    it, and after it truncated it, the node reads the new data; also
+    through a handle it kept open.  Both ways: whichever node serves."""
+    _, a, b = d
+    for here, there, name in ((a, b, "f"), (b, a, "g")):
+        (here / name).write_bytes(b"1" * 300_000)
+        assert (there / name).read_bytes() == b"1" * 300_000
+        _drop_pages(there / name)
+        assert (there / name).read_bytes() == b"1" * 300_000
+        with open(there / name, "rb") as kept:
+            with open(here / name, "r+b") as f:
+                f.seek(4096)
+                f.write(b"2" * 200_000)
+            want = b"1" * 4096 + b"2" * 200_000 + b"1" * 95_904
+            _drop_pages(there / name)
+            assert os.pread(kept.fileno(), 300_000, 0) == want
+            _drop_pages(there / name)
+            assert (there / name).read_bytes() == want
+        os.truncate(here / name, 10_000)
+        _drop_pages(there / name)
+        assert (there / name).read_bytes() == b"1" * 4096 + b"2" * 5904
+
+
 def test_a_listing_being_read_does_not_hand_out_what_another_node_removed(fsc, d):
     """A node reads a directory from a snapshot taken at its first
     readdir; entries another node removes meanwhile are not handed to its

@@ -1,0 +1,189 @@
+"""This node's cache of remote files' data, on its own disk (as NFS's
+FS-Cache or AFS's cache manager keep one): a read the kernel's page cache
+no longer holds -- dropped under memory pressure, or by
+POSIX_FADV_DONTNEED -- is answered here, not by the file server on
+another node.
+
+It is as valid as what the kernel caches, and dropped at the same points
+(drvs/fs/client.py): when the server says another node changed the file,
+when the kernel forgets the inode, when the server's term changes, and
+when attributes the server gives show another size or mtime.  A write
+made on this node drops the file's pages too (its data is the server's to
+place: an O_APPEND write lands at the server's end of file), so what is
+kept is only ever what a read returned.  A read's data is kept only if its
+file's entry lived through it: any of the above, or a write begun here,
+ends the entry, and a reply to a read sent before is then dropped.
+
+Each file's pages live in an anonymous file (O_TMPFILE) in STATE/cache,
+so nothing is left behind by a daemon that dies.  The cache holds at most
+`limit` bytes; the files used least recently go first.  Reads and writes
+of these files are made on the event loop, as the file server's own are:
+they are page-cache copies but for a cold disk."""
+
+import collections
+import errno
+import logging
+import os
+
+log = logging.getLogger("drvmmd")
+PAGE = 4096
+
+
+class CachedFile:
+    """One file's cached pages.  pages: one byte per page, 1 if held;
+    size, mtime: the attributes the pages belong to."""
+
+    __slots__ = ("fd", "pages", "size", "mtime", "held")
+
+    def __init__(self, size: int, mtime: int):
+        self.fd, self.pages, self.size, self.mtime, self.held = -1, bytearray(), size, mtime, 0
+
+    def covers(self, first: int, end: int) -> bool:
+        return end <= len(self.pages) and self.pages.find(0, first, end) < 0
+
+
+class DataCache:
+    def __init__(self, directory: str, limit: int):
+        self.directory, self.limit = directory, limit
+        self.files: collections.OrderedDict[int, CachedFile] = collections.OrderedDict()  # least recent first
+        self.writing: dict[int, int] = {}  # key -> this node's writes to it in flight
+        self.held = 0                      # bytes held, over all files
+        self.hits = self.misses = 0
+        self.broken = False                # the cache's disk failed once: no more caching
+
+    # -- what may be kept ------------------------------------------------------------
+
+    def opened(self, key: int, size: int, mtime: int) -> None:
+        """A file was opened for reading with these attributes: its pages
+        stay if they belong to them, else it starts empty."""
+        f = self.files.get(key)
+        if f is not None and (f.size, f.mtime) == (size, mtime):
+            return
+        self.drop(key)
+        if self.limit and not self.broken and key not in self.writing:
+            self.files[key] = CachedFile(size, mtime)
+
+    def seen(self, key: int, size: int, mtime: int) -> None:
+        """The server gave these attributes: pages of other ones go (the
+        kernel drops its own on the same sign)."""
+        f = self.files.get(key)
+        if f is not None and (f.size != size or f.mtime != mtime):
+            self.drop(key)
+
+    def drop(self, key: int) -> None:
+        f = self.files.pop(key, None)
+        if f is not None:
+            self._close(f)
+
+    def drop_where(self, keep) -> None:
+        for key in [k for k in self.files if not keep(k)]:
+            self.drop(key)
+
+    def close(self) -> None:
+        self.drop_where(lambda key: False)
+
+    def _close(self, f: CachedFile) -> None:
+        self.held -= f.held
+        f.held = 0
+        if f.fd >= 0:
+            os.close(f.fd)
+            f.fd = -1
+
+    # -- this node's writes ----------------------------------------------------------
+
+    def write_begins(self, key: int) -> None:
+        self.writing[key] = self.writing.get(key, 0) + 1
+        self.drop(key)
+
+    def write_ends(self, key: int) -> None:
+        n = self.writing.pop(key) - 1
+        if n:
+            self.writing[key] = n
+        self.drop(key)  # (a read that overlapped it is not kept)
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def read(self, key: int, off: int, size: int) -> bytes | None:
+        """The data if every page it needs is held, else None."""
+        f = self.files.get(key)
+        if f is None:
+            return None
+        end = min(off + size, f.size)
+        if off >= end:
+            self.hits += 1
+            return b""  # at or past the end of the file
+        if not f.covers(off // PAGE, -(-end // PAGE)):
+            self.misses += 1
+            return None
+        try:
+            data = os.pread(f.fd, end - off, off)
+        except OSError as e:
+            self._broke(key, "reading", e)
+            return None
+        self.files.move_to_end(key)
+        self.hits += 1
+        return data
+
+    def entry(self, key: int) -> CachedFile | None:
+        """What a read about to be sent to the server may fill (see fill)."""
+        return self.files.get(key)
+
+    def fill(self, key: int, f: CachedFile, off: int, size: int, data: bytes) -> None:
+        """Keep what a read of size bytes at off returned, if f is still the
+        file's entry (nothing ended it since the read was sent): its whole
+        pages, and the last one if the read ended at the end of file."""
+        if self.files.get(key) is not f or off % PAGE:
+            return
+        end = off + len(data)
+        if end > f.size or (len(data) < size and end != f.size):
+            return  # the server's file is not the size its attributes said: nothing to go by
+        first = off // PAGE
+        last = end // PAGE if end < f.size else -(-end // PAGE)  # (the last page, partial, only at the end)
+        if last <= first:
+            return
+        new = last - first - f.pages.count(1, first, min(last, len(f.pages)))
+        if not self._room(key, new * PAGE):
+            return
+        try:
+            if f.fd < 0:
+                f.fd = self._new_file()
+            os.pwrite(f.fd, memoryview(data)[:(last - first) * PAGE] if end < f.size else data, off)
+        except OSError as e:
+            self._broke(key, "writing", e)
+            return
+        if len(f.pages) < last:
+            f.pages.extend(bytes(last - len(f.pages)))
+        f.pages[first:last] = b"\1" * (last - first)
+        f.held += new * PAGE
+        self.held += new * PAGE
+        self.files.move_to_end(key)
+
+    def _room(self, key: int, need: int) -> bool:
+        """Make room for need more bytes by dropping the files used least
+        recently but key; False if even that is not enough."""
+        if self.held + need <= self.limit:
+            return True
+        for other in list(self.files):
+            if self.held + need <= self.limit:
+                break
+            if other != key:
+                self.drop(other)
+        return self.held + need <= self.limit
+
+    def _new_file(self) -> int:
+        try:
+            return os.open(self.directory, os.O_TMPFILE | os.O_RDWR, 0o600)
+        except FileNotFoundError:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            return os.open(self.directory, os.O_TMPFILE | os.O_RDWR, 0o600)
+
+    def _broke(self, key: int, doing: str, e: OSError) -> None:
+        """The cache's own disk failed (full, gone): reads go to the server
+        from now on, as if there were no cache."""
+        self.drop(key)
+        if e.errno == errno.ENOSPC:
+            log.info("fs cache %s: %s: disk full; dropping this file's pages", self.directory, doing)
+            return
+        log.warning("fs cache %s: %s: %s; caching no more", self.directory, doing, e)
+        self.broken = True
+        self.close()

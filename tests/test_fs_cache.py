@@ -1,0 +1,204 @@
+"""This node's cache of remote files' data (drvs/fs/cache.py): a node's
+client (VmFs, as node n2) against a real file server on a real store (on
+"n1"), with a third node (n3) changing files behind it.  What a user
+would check: reads return the file's current content after every kind of
+change, and a read the cache holds costs no call to the server."""
+
+import os
+import types
+
+import pyfuse3
+import pytest
+import trio
+import trio.testing
+
+import drvs.fs.client as client_mod
+from drvs.fs.cache import PAGE, DataCache
+from drvs.fs.client import VmFs
+from drvs.fs.server import Call, FsServer
+from drvs.fs.store import Store
+from drvs.ipc.message import Msg
+from drvs.ipc.schema import from_flat, fs, new, to_flat
+
+CONTENT = bytes(range(256)) * 49  # 3 pages and 256 bytes
+
+
+class Net:
+    """The fabric of both sides: n2's calls reach the server as from n2;
+    the server's invalidations reach n2's client.  Reads may be held."""
+
+    handlers: dict = {}
+
+    def __init__(self, server: FsServer):
+        self.server, self.vmfs = server, None
+        self.reads = 0
+        self.read_hold: trio.Event | None = None
+
+    async def sendrec(self, target, msg, timeout=None, idempotent=False):
+        if target.startswith("fsc@"):
+            await self.vmfs.invalidate(from_flat(fs.Invalidations, msg.payload))
+            return Msg(0)
+        msg.node = "n2"
+        reply = await self.server.handle(msg)
+        if msg.type == Call.read:
+            self.reads += 1
+            if self.read_hold is not None:  # (made by the server, its answer on its way)
+                await self.read_hold.wait()
+        return reply
+
+
+@pytest.fixture
+def no_kernel(monkeypatch):
+    """No FUSE mount here: the kernel's caches have nothing to drop."""
+    monkeypatch.setattr(client_mod, "_invalidate_inode", lambda ino, attr_only: None)
+    monkeypatch.setattr(pyfuse3, "invalidate_entry_async", lambda *a, **k: None)
+
+
+@pytest.fixture
+async def n2(tmp_path, no_kernel):
+    server = FsServer("web", Store(str(tmp_path / "fs"), "web"), None, "n1")
+    server.epoch = 1
+    net = server.fabric = Net(server)
+    cache = DataCache(str(tmp_path / "cache"), 1 << 20)
+    vmfs = net.vmfs = VmFs("web", 1, net, spawn=lambda *task: None, cache=cache)
+    root = (await vmfs.start()).st_ino
+    await n3(server, Call.mknod, path=b"f", mode=0o100644)
+    await n3_writes(server, CONTENT)
+    try:
+        yield vmfs, net, cache, root
+    finally:
+        cache.close()
+        server.close()
+
+
+async def n3(server: FsServer, ctype, **fields):
+    m = Msg(ctype, to_flat(new(fs.FsRequest, vm="web", **fields)))
+    m.node = "n3"
+    reply = await server.handle(m)
+    assert reply.status == 0, reply.error
+    return from_flat(fs.FsReply, reply.payload)
+
+
+async def n3_writes(server: FsServer, data: bytes) -> None:
+    """n3 rewrites f and closes it (as a process there would)."""
+    fh = (await n3(server, Call.open, path=b"f", flags=os.O_WRONLY | os.O_TRUNC)).fh
+    await n3(server, Call.write, fh=fh, offset=0, data=data)
+    await n3(server, Call.flush, fh=fh)
+    await n3(server, Call.release, fh=fh)
+
+
+async def opened(vmfs: VmFs, root: int, flags: int = os.O_RDONLY) -> tuple[int, int]:
+    ino = (await vmfs.lookup(root, b"f")).st_ino
+    return ino, (await vmfs.open(ino, flags, None)).fh
+
+
+async def test_a_read_the_cache_holds_is_not_sent_again(n2):
+    vmfs, net, cache, root = n2
+    _, fh = await opened(vmfs, root)
+    assert await vmfs.read(fh, 0, 2 * PAGE) == CONTENT[:2 * PAGE]
+    assert await vmfs.read(fh, 0, 2 * PAGE) == CONTENT[:2 * PAGE]
+    assert net.reads == 1
+    # The end of the file: its last, partial page is kept too, and past it is nothing.
+    assert await vmfs.read(fh, 2 * PAGE, 4 * PAGE) == CONTENT[2 * PAGE:]
+    assert await vmfs.read(fh, PAGE, 8 * PAGE) == CONTENT[PAGE:]
+    assert await vmfs.read(fh, len(CONTENT), PAGE) == b""
+    assert net.reads == 2
+    # Another open of the same file, unchanged, finds its pages.
+    await vmfs.release(fh)
+    _, fh = await opened(vmfs, root)
+    assert await vmfs.read(fh, 0, len(CONTENT)) == CONTENT
+    assert net.reads == 2
+
+
+async def test_another_nodes_write_drops_the_pages(n2):
+    vmfs, net, cache, root = n2
+    _, fh = await opened(vmfs, root)
+    await vmfs.read(fh, 0, PAGE)
+    await n3_writes(vmfs.fabric.server, b"new" * 2000)  # the server tells n2 at n3's close
+    assert await vmfs.read(fh, 0, PAGE) == (b"new" * 2000)[:PAGE]
+    assert net.reads == 2
+
+
+async def test_attributes_of_another_version_drop_the_pages(n2):
+    """As the kernel does: should the server's word have been lost, the
+    file's new size or mtime, seen when the attributes expire, tells."""
+    vmfs, net, cache, root = n2
+    ino, fh = await opened(vmfs, root)
+    await vmfs.read(fh, 0, PAGE)
+    server = vmfs.fabric.server
+    server.interest[(await vmfs.getattr(ino)).st_ino & ((1 << 40) - 1)].pop("n2")  # (n2 is not told)
+    await n3_writes(server, b"other" * 1000)
+    assert await vmfs.read(fh, 0, PAGE) == CONTENT[:PAGE]  # (what the kernel would show until then)
+    await vmfs.getattr(ino)
+    assert await vmfs.read(fh, 0, PAGE) == (b"other" * 1000)[:PAGE]
+
+
+async def test_a_write_here_drops_the_pages_and_a_read_it_overlaps_is_not_kept(n2):
+    vmfs, net, cache, root = n2
+    _, fh = await opened(vmfs, root, os.O_RDWR)
+    await vmfs.read(fh, 0, PAGE)
+    assert await vmfs.write(fh, 0, b"ABCD") == 4
+    assert await vmfs.read(fh, 0, 8) == b"ABCD" + CONTENT[4:8]
+    # A read the server made before a write, answered after the write
+    # began here: its (old) data is not kept.
+    _, fh2 = await opened(vmfs, root)
+    hold = net.read_hold = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(vmfs.read, fh2, 0, PAGE)
+        await trio.testing.wait_all_tasks_blocked()
+        net.read_hold = None
+        await vmfs.write(fh, 0, b"WXYZ")
+        hold.set()
+    reads = net.reads
+    assert await vmfs.read(fh2, 0, 8) == b"WXYZ" + CONTENT[4:8]
+    assert net.reads == reads + 1
+
+
+async def test_a_truncate_here_drops_the_pages(n2):
+    vmfs, net, cache, root = n2
+    ino, fh = await opened(vmfs, root, os.O_RDWR)
+    await vmfs.read(fh, 0, 2 * PAGE)
+    attr = pyfuse3.EntryAttributes()
+    attr.st_size = 100
+    fields = types.SimpleNamespace(update_mode=False, update_uid=False, update_gid=False, update_size=True,
+                                   update_atime=False, update_mtime=False)  # (as pyfuse3.SetattrFields)
+    await vmfs.setattr(ino, attr, fields, fh, None)
+    assert await vmfs.read(fh, 0, 2 * PAGE) == CONTENT[:100]
+
+
+async def test_a_forgotten_inode_takes_its_pages_along(n2):
+    """The server stops telling this node of a file its kernel forgot:
+    what the cache holds of it must go then."""
+    vmfs, net, cache, root = n2
+    ino, fh = await opened(vmfs, root)
+    await vmfs.read(fh, 0, PAGE)
+    assert cache.held == PAGE
+    await vmfs.release(fh)
+    vmfs.forget(ino & client_mod.MASK, 1)
+    assert cache.held == 0 and not cache.files
+
+
+async def test_the_cache_keeps_to_its_limit_dropping_the_least_used_file(tmp_path):
+    cache = DataCache(str(tmp_path / "cache"), 5 * PAGE)
+    try:
+        for key in (1, 2):
+            cache.opened(key, 3 * PAGE, 0)
+            cache.fill(key, cache.entry(key), 0, 3 * PAGE, bytes([key]) * 3 * PAGE)
+        assert cache.read(1, 0, PAGE) is None      # dropped to make room for 2
+        assert cache.read(2, 0, 3 * PAGE) == bytes([2]) * 3 * PAGE
+        assert cache.held == 3 * PAGE
+        cache.opened(3, 9 * PAGE, 0)
+        cache.fill(3, cache.entry(3), 0, 9 * PAGE, b"\3" * 9 * PAGE)  # larger than the whole cache
+        assert cache.read(3, 0, PAGE) is None and cache.held <= 5 * PAGE
+    finally:
+        cache.close()
+
+
+async def test_a_cache_that_cannot_write_its_disk_leaves_reads_to_the_server(n2, tmp_path):
+    vmfs, net, cache, root = n2
+    (tmp_path / "not-a-dir").write_bytes(b"")
+    cache.directory = str(tmp_path / "not-a-dir")
+    _, fh = await opened(vmfs, root)
+    assert await vmfs.read(fh, 0, PAGE) == CONTENT[:PAGE]
+    assert await vmfs.read(fh, 0, PAGE) == CONTENT[:PAGE]
+    assert net.reads == 2 and cache.broken
