@@ -15,7 +15,8 @@ The cluster's state, and so the stores and (e), is on a fresh ext4 file
 system (a loop device), see fresh_disk().
 Each case runs --runs times (the median is shown).  Figures: sequential write and read (1 MiB records; the read after the
 file's pages were dropped), the cached re-read, random 4 KiB reads (pages
-dropped), small files created+written+closed, stat'ed (cached) and
+dropped; then again once the kernel also forgot the file, which empties a
+DRVS node's own cache of it, drvs/fs/cache.py), small files created+written+closed, stat'ed (cached) and
 unlinked per second, and `tar x` of this repository's sources.  Ratios:
 (a)/(d), (b)/(d), and for the cached figures (a)/tmpfs."""
 
@@ -66,8 +67,20 @@ def seq_read(d: Path, size_mib: int, cold: bool) -> float:
     return size_mib / (time.perf_counter() - t)
 
 
-def rand_read(d: Path, size_mib: int, n: int = 2000) -> float:
+def _forget() -> None:
+    """Make the kernel forget unused inodes: a FUSE file system hears of it
+    (FORGET), and a DRVS node drops what its own cache holds of them."""
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2")
+    time.sleep(0.5)  # (the kernel's FORGETs reach the daemons)
+
+
+def rand_read(d: Path, size_mib: int, n: int = 2000, forget: bool = False) -> float:
     _drop(d / "seq")
+    if forget:
+        _forget()
+    else:
+        time.sleep(0.5)  # as _forget() does: right after a busy pass, memfs measured 3x slower
     rng = random.Random(1)
     fd = os.open(d / "seq", os.O_RDONLY)
     offsets = [rng.randrange(0, (size_mib << 20) // 4096) * 4096 for _ in range(n)]
@@ -137,6 +150,7 @@ def measure(d: Path, size_mib: int, files: int, tarball: Path) -> dict:
     r["read MB/s"] = seq_read(d, size_mib, cold=True)
     r["re-read MB/s (cached)"] = seq_read(d, size_mib, cold=False)
     r["random 4K reads/s"] = rand_read(d, size_mib)
+    r["random 4K, forgot/s"] = rand_read(d, size_mib, forget=True)
     small = small_files(d, files)
     r["create+write+close/s"] = small["create"]
     r["stat/s (cached)"] = small["stat"]
