@@ -12,6 +12,7 @@ import pytest
 import trio
 import trio.testing
 
+import drvs.fs.cache as cache_mod
 import drvs.fs.client as client_mod
 from drvs.fs.cache import PAGE, DataCache
 from drvs.fs.client import VmFs
@@ -33,13 +34,17 @@ class Net:
         self.server, self.vmfs = server, None
         self.reads = 0
         self.read_hold: trio.Event | None = None
+        self.open_hold: trio.Event | None = None
 
     async def sendrec(self, target, msg, timeout=None, idempotent=False):
-        if target.startswith("fsc@"):
-            await self.vmfs.invalidate(from_flat(fs.Invalidations, msg.payload))
+        if target.startswith("fsc@"):  # (n3 has no caches to drop)
+            if target == "fsc@n2":
+                await self.vmfs.invalidate(from_flat(fs.Invalidations, msg.payload))
             return Msg(0)
         msg.node = "n2"
         reply = await self.server.handle(msg)
+        if msg.type == Call.open and self.open_hold is not None:
+            await self.open_hold.wait()
         if msg.type == Call.read:
             self.reads += 1
             if self.read_hold is not None:  # (made by the server, its answer on its way)
@@ -172,26 +177,73 @@ async def test_a_forgotten_inode_takes_its_pages_along(n2):
     vmfs, net, cache, root = n2
     ino, fh = await opened(vmfs, root)
     await vmfs.read(fh, 0, PAGE)
-    assert cache.held == PAGE
+    assert cache.held >= PAGE
     await vmfs.release(fh)
     vmfs.forget(ino & client_mod.MASK, 1)
     assert cache.held == 0 and not cache.files
 
 
+def _cached(cache: DataCache, key: int, pages: int) -> None:
+    cache.opened(key, cache.opening(key), pages * PAGE, 0)
+    cache.fill(key, cache.entry(key), 0, pages * PAGE, bytes([key]) * pages * PAGE)
+
+
 async def test_the_cache_keeps_to_its_limit_dropping_the_least_used_file(tmp_path):
-    cache = DataCache(str(tmp_path / "cache"), 5 * PAGE)
+    cache = DataCache(str(tmp_path / "cache"), 7 * PAGE)
     try:
-        for key in (1, 2):
-            cache.opened(key, 3 * PAGE, 0)
-            cache.fill(key, cache.entry(key), 0, 3 * PAGE, bytes([key]) * 3 * PAGE)
-        assert cache.read(1, 0, PAGE) is None      # dropped to make room for 2
-        assert cache.read(2, 0, 3 * PAGE) == bytes([2]) * 3 * PAGE
-        assert cache.held == 3 * PAGE
-        cache.opened(3, 9 * PAGE, 0)
-        cache.fill(3, cache.entry(3), 0, 9 * PAGE, b"\3" * 9 * PAGE)  # larger than the whole cache
-        assert cache.read(3, 0, PAGE) is None and cache.held <= 5 * PAGE
+        _cached(cache, 1, 3)
+        _cached(cache, 2, 3)
+        assert cache.read(1, 0, PAGE) == b"\1" * PAGE  # 1 is now the one used last
+        _cached(cache, 3, 3)
+        assert cache.read(2, 0, PAGE) is None           # dropped to make room for 3
+        assert cache.read(1, 0, 3 * PAGE) == b"\1" * 3 * PAGE
+        assert cache.read(3, 0, 3 * PAGE) == b"\3" * 3 * PAGE
+        assert cache.held <= 7 * PAGE
+        _cached(cache, 4, 9)                              # larger than the whole cache
+        assert cache.read(4, 0, PAGE) is None and cache.held <= 7 * PAGE
     finally:
         cache.close()
+
+
+async def test_the_cache_keeps_few_files_open(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_mod, "MAX_OPEN", 2)
+    cache = DataCache(str(tmp_path / "cache"), 1 << 20)
+    try:
+        for key in (1, 2, 3):
+            _cached(cache, key, 1)
+        assert cache.open == 2 and len(os.listdir(f"/proc/self/fd")) >= 2
+        assert cache.read(1, 0, PAGE) is None and cache.read(3, 0, PAGE) == b"\3" * PAGE
+    finally:
+        cache.close()
+    assert cache.open == 0
+
+
+async def test_an_open_answered_after_the_file_changed_keeps_nothing(n2):
+    """The open's reply says the file's old size; a change told while it
+    was on its way must not leave an entry of that size behind (a read
+    past it would end the file early)."""
+    vmfs, net, cache, root = n2
+    ino = (await vmfs.lookup(root, b"f")).st_ino
+    longer = CONTENT + b"more" * 1000
+    net.open_hold = trio.Event()
+    got = []
+    async with trio.open_nursery() as nursery:
+        async def open_():
+            got.append((await vmfs.open(ino, os.O_RDONLY, None)).fh)
+        nursery.start_soon(open_)
+        await trio.testing.wait_all_tasks_blocked()
+        hold, net.open_hold = net.open_hold, None
+        await n3_writes(vmfs.fabric.server, longer)  # n2 is told (its open made it a cacher)
+        hold.set()
+    assert await vmfs.read(got[0], len(CONTENT), PAGE) == longer[len(CONTENT):len(CONTENT) + PAGE]
+
+
+async def test_an_open_here_that_truncates_drops_the_pages(n2):
+    vmfs, net, cache, root = n2
+    ino, fh = await opened(vmfs, root)
+    await vmfs.read(fh, 0, PAGE)
+    await vmfs.open(ino, os.O_WRONLY | os.O_TRUNC, None)
+    assert await vmfs.read(fh, 0, PAGE) == b""
 
 
 async def test_a_cache_that_cannot_write_its_disk_leaves_reads_to_the_server(n2, tmp_path):

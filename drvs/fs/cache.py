@@ -16,7 +16,8 @@ ends the entry, and a reply to a read sent before is then dropped.
 
 Each file's pages live in an anonymous file (O_TMPFILE) in STATE/cache,
 so nothing is left behind by a daemon that dies.  The cache holds at most
-`limit` bytes; the files used least recently go first.  Reads and writes
+`limit` bytes (page maps included: so no page further than `limit` into a
+file is kept); the files used least recently go first.  Reads and writes
 of these files are made on the event loop, as the file server's own are:
 they are page-cache copies but for a cold disk."""
 
@@ -27,11 +28,14 @@ import os
 
 log = logging.getLogger("drvmmd")
 PAGE = 4096
+MAX_OPEN = 256  # cache files open at once (each is a descriptor of drvmmd's)
+PASSING = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EMFILE, errno.ENFILE}  # drop the file, go on caching
 
 
 class CachedFile:
-    """One file's cached pages.  pages: one byte per page, 1 if held;
-    size, mtime: the attributes the pages belong to."""
+    """One file's cached pages.  pages: one byte per page, 1 if held
+    (counted in held, as the pages are); size, mtime: the attributes the
+    pages belong to (size None: an open under way, see opening())."""
 
     __slots__ = ("fd", "pages", "size", "mtime", "held")
 
@@ -48,20 +52,34 @@ class DataCache:
         self.files: collections.OrderedDict[int, CachedFile] = collections.OrderedDict()  # least recent first
         self.writing: dict[int, int] = {}  # key -> this node's writes to it in flight
         self.held = 0                      # bytes held, over all files
+        self.open = 0                      # cache files open
         self.hits = self.misses = 0
         self.broken = False                # the cache's disk failed once: no more caching
+        self.warned = False                # a passing failure was logged
 
     # -- what may be kept ------------------------------------------------------------
 
-    def opened(self, key: int, size: int, mtime: int) -> None:
-        """A file was opened for reading with these attributes: its pages
-        stay if they belong to them, else it starts empty."""
+    def opening(self, key: int) -> CachedFile | None:
+        """Before a file is opened for reading: what opened() is to find
+        still there if nothing dropped the file's pages meanwhile (a reply's
+        attributes are then current); an entry without attributes if there
+        was none."""
         f = self.files.get(key)
-        if f is not None and (f.size, f.mtime) == (size, mtime):
+        if f is None and self.limit and not self.broken and key not in self.writing:
+            f = self.files[key] = CachedFile(None, 0)
+        return f
+
+    def opened(self, key: int, f: CachedFile | None, size: int, mtime: int) -> None:
+        """The open begun with opening() (f) was answered with these
+        attributes: the pages stay if they belong to them, else the file
+        starts empty; nothing is kept if anything dropped it meanwhile."""
+        if f is None or self.files.get(key) is not f or (f.size, f.mtime) == (size, mtime):
+            return
+        if f.size is None:
+            f.size, f.mtime = size, mtime
             return
         self.drop(key)
-        if self.limit and not self.broken and key not in self.writing:
-            self.files[key] = CachedFile(size, mtime)
+        self.files[key] = CachedFile(size, mtime)
 
     def seen(self, key: int, size: int, mtime: int) -> None:
         """The server gave these attributes: pages of other ones go (the
@@ -88,6 +106,7 @@ class DataCache:
         if f.fd >= 0:
             os.close(f.fd)
             f.fd = -1
+            self.open -= 1
 
     # -- this node's writes ----------------------------------------------------------
 
@@ -106,7 +125,7 @@ class DataCache:
     def read(self, key: int, off: int, size: int) -> bytes | None:
         """The data if every page it needs is held, else None."""
         f = self.files.get(key)
-        if f is None:
+        if f is None or f.size is None:
             return None
         end = min(off + size, f.size)
         if off >= end:
@@ -120,6 +139,9 @@ class DataCache:
         except OSError as e:
             self._broke(key, "reading", e)
             return None
+        if len(data) != end - off:
+            self.drop(key)  # (cannot be, but for a file shortened behind this node's back)
+            return None
         self.files.move_to_end(key)
         self.hits += 1
         return data
@@ -132,30 +154,32 @@ class DataCache:
         """Keep what a read of size bytes at off returned, if f is still the
         file's entry (nothing ended it since the read was sent): its whole
         pages, and the last one if the read ended at the end of file."""
-        if self.files.get(key) is not f or off % PAGE:
+        if self.files.get(key) is not f or f.size is None or off % PAGE:
             return
         end = off + len(data)
         if end > f.size or (len(data) < size and end != f.size):
             return  # the server's file is not the size its attributes said: nothing to go by
         first = off // PAGE
         last = end // PAGE if end < f.size else -(-end // PAGE)  # (the last page, partial, only at the end)
-        if last <= first:
+        if last <= first or last * PAGE > self.limit:
+            return  # (nor pages further into a file than the cache is big: the map of pages would be)
+        grow = max(last - len(f.pages), 0)
+        need = (last - first - f.pages.count(1, first, min(last, len(f.pages)))) * PAGE + grow
+        if not self._room(key, need):
             return
-        new = last - first - f.pages.count(1, first, min(last, len(f.pages)))
-        if not self._room(key, new * PAGE):
-            return
+        chunk = memoryview(data)[:(last - first) * PAGE] if end < f.size else data
         try:
             if f.fd < 0:
-                f.fd = self._new_file()
-            os.pwrite(f.fd, memoryview(data)[:(last - first) * PAGE] if end < f.size else data, off)
+                f.fd = self._new_file(key)
+            if os.pwrite(f.fd, chunk, off) != len(chunk):
+                raise OSError(errno.ENOSPC, "short write")
         except OSError as e:
             self._broke(key, "writing", e)
             return
-        if len(f.pages) < last:
-            f.pages.extend(bytes(last - len(f.pages)))
+        f.pages.extend(bytes(grow))
         f.pages[first:last] = b"\1" * (last - first)
-        f.held += new * PAGE
-        self.held += new * PAGE
+        f.held += need
+        self.held += need
         self.files.move_to_end(key)
 
     def _room(self, key: int, need: int) -> bool:
@@ -170,19 +194,32 @@ class DataCache:
                 self.drop(other)
         return self.held + need <= self.limit
 
-    def _new_file(self) -> int:
+    def _new_file(self, key: int) -> int:
+        """An anonymous file for key's pages, once fewer than MAX_OPEN are
+        open (those of the files used least recently are dropped)."""
+        for other in list(self.files):
+            if self.open < MAX_OPEN:
+                break
+            if other != key and self.files[other].fd >= 0:
+                self.drop(other)
         try:
-            return os.open(self.directory, os.O_TMPFILE | os.O_RDWR, 0o600)
+            fd = os.open(self.directory, os.O_TMPFILE | os.O_RDWR, 0o600)
         except FileNotFoundError:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
-            return os.open(self.directory, os.O_TMPFILE | os.O_RDWR, 0o600)
+            fd = os.open(self.directory, os.O_TMPFILE | os.O_RDWR, 0o600)
+        self.open += 1
+        return fd
 
     def _broke(self, key: int, doing: str, e: OSError) -> None:
         """The cache's own disk failed (full, gone): reads go to the server
         from now on, as if there were no cache."""
         self.drop(key)
-        if e.errno == errno.ENOSPC:
-            log.info("fs cache %s: %s: disk full; dropping this file's pages", self.directory, doing)
+        if e.errno in (errno.EMFILE, errno.ENFILE):
+            self.close()  # (drvmmd is out of descriptors: the cache's go back first)
+        if e.errno in PASSING:
+            if not self.warned:
+                log.info("fs cache %s: %s: %s; dropping pages (said once)", self.directory, doing, e)
+                self.warned = True
             return
         log.warning("fs cache %s: %s: %s; caching no more", self.directory, doing, e)
         self.broken = True

@@ -591,11 +591,15 @@ class VmFs:
             self.entries[(dino, name)] = cino
 
     async def open(self, inode, flags, ctx):
+        cached = None
+        if (self.cache is not None and flags & os.O_ACCMODE != os.O_WRONLY and not flags & os.O_TRUNC
+                and self._local_server() is None):
+            cached = self.cache.opening(inode)
         with self._writing(inode if flags & os.O_TRUNC else None):
             r = await self.call(Call.open, path=self.path(inode), flags=flags)
         info = self._opened(r)
-        if self.cache is not None and flags & os.O_ACCMODE != os.O_WRONLY and self._local_server() is None:
-            self.cache.opened(self.tag | self._c(r.attr.ino), r.attr.size, r.attr.mtimeNs)
+        if cached is not None and self.tag | self._c(r.attr.ino) == inode:
+            self.cache.opened(inode, cached, r.attr.size, r.attr.mtimeNs)
         return info
 
     def _opened(self, r) -> pyfuse3.FileInfo:
