@@ -230,6 +230,12 @@ class FsServer:
     # (requests and replies are plain objects of the same shape), and the
     # errors are the OSErrors themselves.
 
+    def local_read(self, fh: int, offset: int, size: int) -> bytes:
+        """A read by this node's own client: a read changes nothing and
+        waits for nothing, so it is the pread the handler would make,
+        without a request around it (OSError as from the handler)."""
+        return os.pread(self._file(fh).fd, size, offset)
+
     def local_fast(self, ctype: int, req) -> "LocalReply | Later | None":
         """As fast(), for this node's own client: the reply, a Later (other
         nodes are to be told first), or None (await local())."""
