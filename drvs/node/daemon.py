@@ -197,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("drvmmd: needs root (cells are cgroups and namespaces)", file=sys.stderr)
         return 77
-    cfg = config.load()
     malloc.keep_large_buffers()
     try:
+        cfg = config.load()
         if args.once:
             print(json.dumps(tidy_once(cfg)))
             return 0
