@@ -35,6 +35,7 @@ class Net:
         self.reads = 0
         self.read_hold: trio.Event | None = None
         self.open_hold: trio.Event | None = None
+        self.write_hold: trio.Event | None = None
 
     async def sendrec(self, target, msg, timeout=None, idempotent=False):
         if target.startswith("fsc@"):  # (n3 has no caches to drop)
@@ -42,6 +43,8 @@ class Net:
                 await self.vmfs.invalidate(from_flat(fs.Invalidations, msg.payload))
             return Msg(0)
         msg.node = "n2"
+        if msg.type == Call.write and self.write_hold is not None:  # (not yet at the server)
+            await self.write_hold.wait()
         reply = await self.server.handle(msg)
         if msg.type == Call.open and self.open_hold is not None:
             await self.open_hold.wait()
@@ -159,6 +162,22 @@ async def test_a_write_here_drops_the_pages_and_a_read_it_overlaps_is_not_kept(n
     assert net.reads == reads + 1
 
 
+async def test_what_is_read_while_a_write_here_is_on_its_way_is_not_kept(n2):
+    """An open and a read made while this node's write travels see the
+    data before it; once the write is answered, that data must go."""
+    vmfs, net, cache, root = n2
+    _, writer = await opened(vmfs, root, os.O_WRONLY)
+    hold = net.write_hold = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(vmfs.write, writer, 0, b"WXYZ")
+        await trio.testing.wait_all_tasks_blocked()
+        net.write_hold = None
+        _, fh = await opened(vmfs, root)
+        assert await vmfs.read(fh, 0, PAGE) == CONTENT[:PAGE]
+        hold.set()
+    assert await vmfs.read(fh, 0, PAGE) == b"WXYZ" + CONTENT[4:PAGE]
+
+
 async def test_a_truncate_here_drops_the_pages(n2):
     vmfs, net, cache, root = n2
     ino, fh = await opened(vmfs, root, os.O_RDWR)
@@ -205,17 +224,29 @@ async def test_the_cache_keeps_to_its_limit_dropping_the_least_used_file(tmp_pat
         cache.close()
 
 
+def _open_in(directory) -> list[str]:
+    """This process's descriptors of files in directory."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(str(directory)):
+                found.append(fd)
+        except FileNotFoundError:
+            pass  # (the listing's own descriptor, closed since)
+    return found
+
+
 async def test_the_cache_keeps_few_files_open(tmp_path, monkeypatch):
     monkeypatch.setattr(cache_mod, "MAX_OPEN", 2)
     cache = DataCache(str(tmp_path / "cache"), 1 << 20)
     try:
         for key in (1, 2, 3):
             _cached(cache, key, 1)
-        assert cache.open == 2 and len(os.listdir(f"/proc/self/fd")) >= 2
+        assert cache.open == len(_open_in(tmp_path / "cache")) == 2
         assert cache.read(1, 0, PAGE) is None and cache.read(3, 0, PAGE) == b"\3" * PAGE
     finally:
         cache.close()
-    assert cache.open == 0
+    assert cache.open == len(_open_in(tmp_path / "cache")) == 0
 
 
 async def test_an_open_answered_after_the_file_changed_keeps_nothing(n2):

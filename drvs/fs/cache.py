@@ -11,8 +11,9 @@ when attributes the server gives show another size or mtime.  A write
 made on this node drops the file's pages too (its data is the server's to
 place: an O_APPEND write lands at the server's end of file), so what is
 kept is only ever what a read returned.  A read's data is kept only if its
-file's entry lived through it: any of the above, or a write begun here,
-ends the entry, and a reply to a read sent before is then dropped.
+file's entry lived through it: any of the above, or a write made here
+(once answered), ends the entry, and a reply to a read sent before is
+then dropped.
 
 Each file's pages live in an anonymous file (O_TMPFILE) in STATE/cache,
 so nothing is left behind by a daemon that dies.  The cache holds at most
@@ -50,10 +51,8 @@ class DataCache:
     def __init__(self, directory: str, limit: int):
         self.directory, self.limit = directory, limit
         self.files: collections.OrderedDict[int, CachedFile] = collections.OrderedDict()  # least recent first
-        self.writing: dict[int, int] = {}  # key -> this node's writes to it in flight
         self.held = 0                      # bytes held, over all files
         self.open = 0                      # cache files open
-        self.hits = self.misses = 0
         self.broken = False                # the cache's disk failed once: no more caching
         self.warned = False                # a passing failure was logged
 
@@ -65,7 +64,7 @@ class DataCache:
         attributes are then current); an entry without attributes if there
         was none."""
         f = self.files.get(key)
-        if f is None and self.limit and not self.broken and key not in self.writing:
+        if f is None and self.limit and not self.broken:
             f = self.files[key] = CachedFile(None, 0)
         return f
 
@@ -108,18 +107,6 @@ class DataCache:
             f.fd = -1
             self.open -= 1
 
-    # -- this node's writes ----------------------------------------------------------
-
-    def write_begins(self, key: int) -> None:
-        self.writing[key] = self.writing.get(key, 0) + 1
-        self.drop(key)
-
-    def write_ends(self, key: int) -> None:
-        n = self.writing.pop(key) - 1
-        if n:
-            self.writing[key] = n
-        self.drop(key)  # (a read that overlapped it is not kept)
-
     # -- reads ---------------------------------------------------------------------------
 
     def read(self, key: int, off: int, size: int) -> bytes | None:
@@ -129,10 +116,8 @@ class DataCache:
             return None
         end = min(off + size, f.size)
         if off >= end:
-            self.hits += 1
             return b""  # at or past the end of the file
         if not f.covers(off // PAGE, -(-end // PAGE)):
-            self.misses += 1
             return None
         try:
             data = os.pread(f.fd, end - off, off)
@@ -143,7 +128,6 @@ class DataCache:
             self.drop(key)  # (cannot be, but for a file shortened behind this node's back)
             return None
         self.files.move_to_end(key)
-        self.hits += 1
         return data
 
     def entry(self, key: int) -> CachedFile | None:

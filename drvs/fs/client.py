@@ -439,16 +439,14 @@ class VmFs:
     @contextlib.contextmanager
     def _writing(self, ino: int | None):
         """Around a change of the data of inode ino (None: no change) made
-        here: what the cache holds of it goes, and reads it overlaps are
-        not kept."""
-        if self.cache is None or ino is None:
-            yield
-            return
-        self.cache.write_begins(ino)
+        here: once it is answered (or failed), what the cache holds of it
+        goes, with it what any read it overlapped brought (reads in the
+        meantime may see the data before it, as with any write in flight)."""
         try:
             yield
         finally:
-            self.cache.write_ends(ino)
+            if self.cache is not None and ino is not None:
+                self.cache.drop(ino)
 
     async def readlink(self, inode, ctx):
         return bytes((await self.call(Call.readlink, idempotent=True, path=self.path(inode))).data)
