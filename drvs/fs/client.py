@@ -27,7 +27,7 @@ import pyfuse3
 import trio
 
 from ..ipc.message import IpcError, Later, Msg
-from ..ipc.schema import from_flat, fs, new, to_flat
+from ..ipc.schema import bulk_of, from_flat, fs, new, to_flat
 from .cache import DataCache
 from .server import SET_ATIME, SET_GID, SET_MODE, SET_MTIME, SET_SIZE, SET_UID, FsServer, LocalRequest
 from .store import XATTR_PREFIXES, join
@@ -84,6 +84,15 @@ class _Change:
 
     def __init__(self, told: int):
         self.told, self.started = told, {}
+
+
+class ReadReply:
+    """A read's reply whose data is a view of the message it came in."""
+
+    __slots__ = ("epoch", "data")
+
+    def __init__(self, epoch: int, data: memoryview):
+        self.epoch, self.data = epoch, data
 
 
 def caller(ctx) -> dict:
@@ -232,7 +241,12 @@ class VmFs:
             raise
         if reply.status < 0:
             raise pyfuse3.FUSEError(-reply.status)
-        return from_flat(fs.FsReply, reply.payload)
+        r = from_flat(fs.FsReply, reply.payload)
+        if ctype == Call.read:
+            data = bulk_of(reply.payload, fs.FsReply, "data")
+            if data is not None:  # a large read's data, sent out of line: not copied out
+                return ReadReply(r.epoch, data)
+        return r
 
     async def _send(self, ctype, idempotent: bool, fields: dict, closed: list) -> Msg:
         """The server's reply (a failure too), or FUSEError if there is none."""
@@ -636,13 +650,13 @@ class VmFs:
                 raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
         cache = self.cache
         if cache is None:
-            return bytes((await self.call(Call.read, idempotent=True, fh=h.sfh, offset=off, size=size)).data)
+            return (await self.call(Call.read, idempotent=True, fh=h.sfh, offset=off, size=size)).data
         key = self.tag | h.cino
         data = cache.read(key, off, size)
         if data is not None:
             return data
         entry = cache.entry(key)
-        data = bytes((await self.call(Call.read, idempotent=True, fh=h.sfh, offset=off, size=size)).data)
+        data = (await self.call(Call.read, idempotent=True, fh=h.sfh, offset=off, size=size)).data
         if entry is not None:
             cache.fill(key, entry, off, size, data)
         return data

@@ -89,9 +89,8 @@ class Lane(level0.Client):
     @staticmethod
     def _params(target: str, msg: Msg, timeout_ms: int):
         def fill(p):
-            p.target = target
-            msg.fill(p.init("msg"))
-            p.timeoutMs = timeout_ms
+            p.target, p.timeoutMs = target, timeout_ms
+            return msg.fill(p.init("msg"), bulk=len(target) < 1024)  # (see Msg.fill)
         return fill
 
     def sendrec(self, target: str, msg: Msg, timeout_ms: int, done) -> int:
@@ -596,7 +595,7 @@ class NodeLane:
         target, m, timeout_ms = params.target, self._incoming(params.msg), params.timeoutMs
         reply = self.fabric.answer_now(target, m)
         timeout = timeout_ms / 1000 if timeout_ms else None
-        fill = lambda r, reply: reply.fill(r.init("reply"))  # noqa: E731
+        fill = lambda r, reply: reply.fill(r.init("reply"), bulk=True)  # noqa: E731
         if isinstance(reply, Later):
             return self._in_trio(answer, fill, self.fabric.finish, target, reply, timeout)
         if reply is not None:

@@ -30,7 +30,7 @@ import capnp
 import outcome
 import trio
 
-from .schema import MAX_SEGMENTS, MAX_WORDS, rpc, segments
+from .schema import MAX_SEGMENTS, MAX_WORDS, out_of_line, rpc, segments
 
 log = logging.getLogger("drvs.level0")
 
@@ -158,10 +158,15 @@ class _Connection(asyncio.BufferedProtocol):
     def received(self, m) -> None:
         raise NotImplementedError
 
-    def send(self, m) -> None:
+    def send(self, m, bulk=None) -> None:
+        """Send message m; bulk: the buffers that the Data field m holds as
+        schema.MARKER stands for, sent out of line (not copied)."""
         if self.closed or self.transport is None:
             return
-        self._write(m.to_bytes())
+        if bulk is None:
+            self._write(m.to_bytes())
+        else:
+            self._write(*out_of_line(m, bulk))
 
     def _write(self, *pieces) -> None:
         if self.batch is not None:
@@ -223,25 +228,27 @@ class Answer:
         r.noFinishNeeded = True  # no capabilities in the results: nothing to release
         return m, r
 
-    def _send(self, m) -> None:
+    def _send(self, m, bulk=None) -> None:
         self.done = True
         self.conn.answers.pop(self.qid, None)
-        self.conn.send(m)
+        self.conn.send(m, bulk)
 
     def reply(self, fill=None) -> None:
         """Answer with results; fill(results builder) sets them (if it
-        raises, the caller gets the error instead)."""
+        raises, the caller gets the error instead) and may return bulk data
+        to send out of line (see send)."""
         if self.done:
             return
         m, r = self._return()
         results = r.init("results").content.as_struct(self.results)
+        bulk = None
         if fill is not None:
             try:
-                fill(results)
+                bulk = fill(results)
             except Exception as e:  # noqa: BLE001 - the caller must get an answer
                 log.exception("level-0 RPC: filling the results of question %d", self.qid)
                 return self.fail(f"server error: {type(e).__name__}: {e}")
-        self._send(m)
+        self._send(m, bulk)
 
     def fail(self, reason: str, kind: str = "failed") -> None:
         if self.done:
@@ -410,7 +417,8 @@ class Client(_Connection):
             self.abort(f"bootstrap failed: {error}")
 
     def call(self, method: str, fill, done, timeout: float | None = None) -> int:
-        """Send a call (fill(params builder) sets its parameters); done(results,
+        """Send a call (fill(params builder) sets its parameters, and may
+        return bulk data to send out of line, see send); done(results,
         None) or done(None, RpcError) is called later, on the loop; if no
         Return came within timeout seconds, the call is given up (Finish) and
         done(None, RpcError(kind "timeout")).  Its question id, for cancel()."""
@@ -426,7 +434,7 @@ class Client(_Connection):
         c.interfaceId = self.iid
         c.methodId = mid
         c.noPromisePipelining = True
-        fill(c.init("params").content.as_struct(params))
+        bulk = fill(c.init("params").content.as_struct(params))
         if self.free:
             qid = self.free.pop()
         else:
@@ -436,7 +444,7 @@ class Client(_Connection):
         try:
             if timeout is not None:
                 self._limit(qid, timeout)
-            self.send(m)
+            self.send(m, bulk)
         except BaseException:
             # Not asked: done() must never run for a caller that never waits.
             self.questions.pop(qid, None)

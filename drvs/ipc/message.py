@@ -1,9 +1,10 @@
-"""Minix-style messages and their errors, independent of the wire."""
+"""Minix-style messages and their errors (the wire keeps to schema.py and level0.py)."""
 
 import errno as _errno
 import os
 
 from ..errors import DrvsError
+from .schema import BULK, MARKER
 
 
 # The type of MINIX's notify: a wake-up with no payload, which every server
@@ -13,22 +14,46 @@ NOTIFY = 0xFFFF
 
 class Msg:
     """type selects the handler; payload is a packed struct of the target's
-    schema; replies carry status (0 or -errno) and a human error."""
+    schema; replies carry status (0 or -errno) and a human error.  The
+    payload may be given as a list of buffers (schema.flat_with's bulk
+    data): joined only if read here, sent as they are (level 0)."""
 
-    __slots__ = ("type", "source", "payload", "status", "error", "node")
+    __slots__ = ("type", "source", "_payload", "pieces", "status", "error", "node")
 
-    def __init__(self, type: int, payload: bytes = b"", source: str = "", status: int = 0, error: str = ""):
-        self.type, self.payload, self.source, self.status, self.error = type, payload, source, status, error
+    def __init__(self, type: int, payload: "bytes | list" = b"", source: str = "", status: int = 0,
+                 error: str = ""):
+        self.type, self.source, self.status, self.error = type, source, status, error
+        if isinstance(payload, list):
+            self._payload, self.pieces = None, payload
+        else:
+            self._payload, self.pieces = payload, None
         # Not on the wire: the node the message came from, as its TLS
         # certificate says ("" for this node's own clients and servers).
         self.node = ""
+
+    @property
+    def payload(self) -> bytes:
+        if self._payload is None:
+            self._payload = b"".join(self.pieces)
+        return self._payload
 
     @classmethod
     def from_capnp(cls, m) -> "Msg":
         return cls(m.type, bytes(m.payload), m.source, m.status, m.error)
 
-    def fill(self, m) -> None:
-        m.type, m.payload, m.source, m.status, m.error = self.type, self.payload, self.source, self.status, self.error
+    def fill(self, m, bulk: bool = False):
+        """Set fabric.Message m.  With bulk (a level-0 connection sends m),
+        a large payload is left out: m.payload is schema.MARKER, and the
+        buffers it stands for are returned, for level0 to send out of line
+        (None: nothing left out)."""
+        m.type, m.source, m.status, m.error = self.type, self.source, self.status, self.error
+        pieces = self.pieces if self._payload is None else (self._payload,)
+        # (the rest of the message stays far smaller than its first segment)
+        if bulk and sum(map(len, pieces)) >= BULK and len(self.source) + len(self.error) < 1024:
+            m.payload = MARKER
+            return pieces
+        m.payload = self.payload
+        return None
 
 
 class Later:
