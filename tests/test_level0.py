@@ -326,3 +326,22 @@ def test_a_large_payload_goes_out_as_its_own_buffer():
     m = from_flat(rpc.Message, frame)
     msg = m.call.params.content.as_struct(fabric.Node.schema.methods["sendrec"].param_type).msg
     assert (msg.type, msg.payload) == (3, big)
+
+
+def test_a_read_reply_is_taken_as_a_view_only_in_its_own_layout():
+    """bulk_of finds a large Data field in flat_with's layout (no copy), and
+    declines any other (a small field in segment 0 while another field
+    spilled into segment 1), where from_flat must read it."""
+    from drvs.ipc.schema import bulk_of, flat_with, fs, new
+
+    data = bytes(range(256)) * 300 + b"end"
+    flat = b"".join(flat_with(new(fs.FsReply, epoch=2), "data", data))
+    view = bulk_of(flat, fs.FsReply, "data")
+    assert isinstance(view, memoryview) and view == data and from_flat(fs.FsReply, flat).epoch == 2
+    assert bulk_of(flat_with(new(fs.FsReply), "data", b"small"), fs.FsReply, "data") is None
+    other = fabric.Message.new_message(payload=b"tiny")
+    other.error = "e" * 20000  # bytes too, larger than the first segment: they spill into segment 1
+    flat = other.to_bytes()
+    assert int.from_bytes(flat[:4], "little") == 1  # two segments, as flat_with's
+    assert bulk_of(flat, fabric.Message, "payload") is None
+    assert from_flat(fabric.Message, flat).payload == b"tiny"
