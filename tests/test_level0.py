@@ -345,3 +345,30 @@ def test_a_read_reply_is_taken_as_a_view_only_in_its_own_layout():
     assert int.from_bytes(flat[:4], "little") == 1  # two segments, as flat_with's
     assert bulk_of(flat, fabric.Message, "payload") is None
     assert from_flat(fabric.Message, flat).payload == b"tiny"
+
+
+def test_a_large_reply_payload_is_a_view_of_its_message():
+    """The fabric's lane hands a large reply's payload on as a view of the
+    message it came in (no copy), a small one as bytes; both as sent."""
+    from drvs.ipc.fabric import Lane
+
+    factory, _ = _echo_server()
+
+    async def main():
+        server, port = await _listen(factory)
+        loop = asyncio.get_running_loop()
+        try:
+            _, lane = await loop.create_connection(lambda: Lane("n2", ("127.0.0.1", port)), "127.0.0.1", port)
+            got = []
+            for payload in (bytes(range(256)) * 200 + b"tail", b"short"):
+                fut = loop.create_future()
+                lane.sendrec("fs@web", Msg(5, payload), 0, lambda r, e, fut=fut: fut.set_result((r, e)))
+                reply, error = await fut
+                assert error is None and (reply.type, reply.view()) == (6, payload[::-1])
+                got.append(type(reply.view()))
+            assert got == [memoryview, bytes]
+            lane.close()
+        finally:
+            server.close()
+
+    _run(main)

@@ -241,9 +241,10 @@ class VmFs:
             raise
         if reply.status < 0:
             raise pyfuse3.FUSEError(-reply.status)
-        r = from_flat(fs.FsReply, reply.payload)
+        payload = reply.view()
+        r = from_flat(fs.FsReply, payload)
         if ctype == Call.read:
-            data = bulk_of(reply.payload, fs.FsReply, "data")
+            data = bulk_of(payload, fs.FsReply, "data")
             if data is not None:  # a large read's data, sent out of line: not copied out
                 return ReadReply(r.epoch, data)
         return r

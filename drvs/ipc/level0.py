@@ -80,6 +80,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.big_sizes: tuple = ()           # its segments' sizes
         self.big_at = 0
         self.batch: list | None = None  # what to send when handling is done
+        self.frame: memoryview | None = None  # the message being handled, as it came
 
     def connection_made(self, transport):
         self.transport = transport
@@ -151,9 +152,15 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _message(self, data: memoryview, sizes: tuple) -> None:
         """One whole message (its own memory: readers may keep it), of
-        segments of these sizes in words."""
+        segments of these sizes in words; the frame is self.frame while it
+        is handled."""
         parts, _ = segments(data, sizes)
-        self.received(rpc.Message.from_segments(parts, traversal_limit_in_words=MAX_WORDS, nesting_limit=NESTING))
+        self.frame = data
+        try:
+            self.received(rpc.Message.from_segments(parts, traversal_limit_in_words=MAX_WORDS,
+                                                    nesting_limit=NESTING))
+        finally:
+            self.frame = None
 
     def received(self, m) -> None:
         raise NotImplementedError
@@ -568,14 +575,20 @@ class Client(_Connection):
             self.on_lost()
 
 
-async def call(client: Client, method: str, fill, timeout: float | None = None):
-    """trio: call method and return its results (a reader); cancelling the
-    trio task gives up the call (Finish), as does a timeout (RpcError, kind
-    "timeout": the connection's timer, not a trio deadline per call)."""
+async def call(client: Client, method: str, fill, timeout: float | None = None, convert=None):
+    """trio: call method and return its results (a reader), or what
+    convert(results) makes of them as they come (while client.frame is
+    their message); cancelling the trio task gives up the call (Finish),
+    as does a timeout (RpcError, kind "timeout": the connection's timer,
+    not a trio deadline per call)."""
     task = trio.lowlevel.current_task()
 
     def done(results, error) -> None:
-        trio.lowlevel.reschedule(task, outcome.Value(results) if error is None else outcome.Error(error))
+        if error is not None:
+            result = outcome.Error(error)
+        else:
+            result = outcome.capture(convert, results) if convert is not None else outcome.Value(results)
+        trio.lowlevel.reschedule(task, result)
 
     qid = client.call(method, fill, done, timeout)
 

@@ -16,7 +16,9 @@ class Msg:
     """type selects the handler; payload is a packed struct of the target's
     schema; replies carry status (0 or -errno) and a human error.  The
     payload may be given as a list of buffers (schema.flat_with's bulk
-    data): joined only if read here, sent as they are (level 0)."""
+    data): joined only if read here, sent as they are (level 0); or as a
+    view of the message it came in (level 0's large replies): view() gives
+    it without a copy, payload as bytes."""
 
     __slots__ = ("type", "source", "_payload", "pieces", "status", "error", "node")
 
@@ -33,9 +35,16 @@ class Msg:
 
     @property
     def payload(self) -> bytes:
-        if self._payload is None:
-            self._payload = b"".join(self.pieces)
-        return self._payload
+        p = self._payload
+        if p is None:
+            p = self._payload = b"".join(self.pieces)
+        elif type(p) is memoryview:
+            p = self._payload = p.tobytes()
+        return p
+
+    def view(self) -> "bytes | memoryview":
+        """The payload, a view of the message it came in if it is one."""
+        return self._payload if self._payload is not None else self.payload
 
     @classmethod
     def from_capnp(cls, m) -> "Msg":

@@ -152,6 +152,20 @@ def bulk_of(flat, struct, field: str) -> "memoryview | None":
     large one (the field's pointer, in the root struct, is the far pointer
     to segment 1, whose landing pad heads the data), as a view of flat: no
     copy.  None for any other layout (from_flat reads those)."""
+    return bulk_at(flat, (pointer_index(struct.schema, field),))
+
+
+def pointer_index(schema, field: str) -> int:
+    """Where field (a pointer: struct, list, blob, any) is in its struct's pointer section."""
+    return schema.fields[field].proto.slot.offset
+
+
+def bulk_at(flat, path: tuple) -> "memoryview | None":
+    """As bulk_of, for a Data field further down: path gives the pointer
+    index of each field followed from the root struct, the last one the
+    Data's.  Every struct on the way must lie in segment 0 (near pointers
+    forward, as a builder makes them); the caller knows the unions on the
+    way hold these fields (they share their struct's sections)."""
     view = memoryview(flat)
     if len(view) < 32 or _U32.unpack_from(view)[0] != 1:
         return None
@@ -159,15 +173,16 @@ def bulk_of(flat, struct, field: str) -> "memoryview | None":
     seg1 = 16 + 8 * n0
     if n0 < 1 or n1 < 1 or seg1 + 8 * n1 != len(view):
         return None
-    root = _U64.unpack_from(view, 16)[0]
-    offset = (root >> 2) & 0x3FFFFFFF
-    if root & 3 or offset & 0x20000000:
-        return None  # not a struct pointer forward in the segment
-    index = struct.schema.fields[field].proto.slot.offset
-    if index >= root >> 48:
-        return None
-    at = 1 + offset + ((root >> 32) & 0xFFFF) + index
-    if at >= n0 or _U64.unpack_from(view, 16 + 8 * at)[0] != _FAR_TO_SEGMENT_1:
+    at = 0  # the word, in segment 0, of the pointer to follow next
+    for index in path:
+        p = _U64.unpack_from(view, 16 + 8 * at)[0]
+        offset = (p >> 2) & 0x3FFFFFFF
+        if p & 3 or offset & 0x20000000 or index >= p >> 48:
+            return None  # not a struct pointer forward in the segment, or too few pointers
+        at += 1 + offset + ((p >> 32) & 0xFFFF) + index
+        if at >= n0:
+            return None
+    if _U64.unpack_from(view, 16 + 8 * at)[0] != _FAR_TO_SEGMENT_1:
         return None
     pad = _U64.unpack_from(view, seg1)[0]
     size = pad >> 35
