@@ -850,6 +850,20 @@ class VmFs:
     # -- what the server says another node changed -----------------------------------------
 
     async def invalidate(self, inv) -> None:
+        for ino in self._told(inv):
+            await trio.to_thread.run_sync(_invalidate_inode, ino, False)
+
+    def invalidate_now(self, inv) -> bool:
+        """invalidate(), if it has no pages to drop (then it waits for
+        nothing: the fabric's fast path makes it as it comes); whether it did."""
+        if inv.data and any(self._c(sino) in self.inodes for sino in inv.inodes):
+            return False
+        self._told(inv)
+        return True
+
+    def _told(self, inv) -> list:
+        """All of an invalidation that waits for nothing; the kernel's
+        inodes whose pages are still to be dropped (see _invalidate_inode)."""
         self.told += 1
         for sino in inv.inodes:
             self.fresh.pop(self._c(sino), None)
@@ -865,16 +879,23 @@ class VmFs:
                 if listing.dino == dino:
                     listing.gone.add(name)
             pyfuse3.invalidate_entry_async(self.tag | dino, name, ignore_enoent=True)
+        pages = []
         for sino in inv.inodes:
             cino = self._c(sino)
-            if cino in self.inodes:
-                await trio.to_thread.run_sync(_invalidate_inode, self.tag | cino, not inv.data)
+            if cino not in self.inodes:
+                continue
+            if inv.data:
+                pages.append(self.tag | cino)
+            else:  # attributes only: the kernel waits for nothing
+                _invalidate_inode(self.tag | cino, True)
+        return pages
 
 
 def _invalidate_inode(ino: int, attr_only: bool) -> None:
-    """In a worker thread: the kernel may need a lock that a request this
-    node's loop has yet to answer holds (a write in progress), so the loop
-    must go on meanwhile."""
+    """Dropping pages, the kernel waits for those locked by reads this
+    node's loop has yet to answer: then in a worker thread, so the loop
+    goes on meanwhile.  Attributes alone are dropped without waiting (no
+    pages are touched), so the loop itself does it (a thread hop less)."""
     try:
         pyfuse3.invalidate_inode(ino, attr_only)
     except OSError as e:

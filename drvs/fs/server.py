@@ -483,6 +483,9 @@ class FsServer:
         caller gives up meanwhile (each within INVALIDATE_TIMEOUT)."""
         if targets:
             with trio.CancelScope(shield=True):
+                if len(targets) == 1:  # (the usual case: no task to start and wait for)
+                    (node, (ents, inos)), = targets.items()
+                    return await self._send(node, ents, inos, data)
                 async with trio.open_nursery() as nursery:
                     for node, (ents, inos) in targets.items():
                         nursery.start_soon(self._send, node, ents, inos, data)
