@@ -78,7 +78,7 @@ def test_guest_io_and_timers_need_no_thread():
     got, slept, threads = bridge.run(main)
     assert got == [b"ping"]
     assert 0.1 <= slept < 0.5
-    assert threads == {before}, "trio's I/O wait ran in a thread"
+    assert max(threads) <= before, "trio's I/O wait ran in a thread"
 
 
 async def _append(out, afn):

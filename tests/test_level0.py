@@ -33,7 +33,7 @@ def _echo_server():
         # file server's read replies: out of line when large)
         data = bytes(params.msg.payload)[::-1]
         reply = Msg(params.msg.type + 1, [data[:1000], data[1000:]], error=params.target)
-        answer.reply(lambda r: reply.fill(r.init("reply"), bulk=True))
+        answer.reply(lambda r: reply.fill_at(r, "reply", bulk=True))
 
     cancelled = []
     return (lambda: level0.Server(fabric.Node, {"echo": echo, "sendrec": sendrec})), cancelled
@@ -126,7 +126,7 @@ def test_level0_client_calls_pycapnp_server():
 
             def fill(p):
                 p.target = "fs@web"
-                return Msg(7, [big[:10], big[10:]], source="x@web").fill(p.init("msg"), bulk=True)
+                return Msg(7, [big[:10], big[10:]], source="x@web").fill_at(p, "msg", bulk=True)
 
             client.call("sendrec", fill, lambda r, e: fut.set_result(
                 (r.reply.type, bytes(r.reply.payload), r.reply.source) if e is None else e))
@@ -315,11 +315,11 @@ def test_a_large_payload_goes_out_as_its_own_buffer():
         def writelines(self, pieces):
             written.extend(pieces)
 
-    big = bytes(100_000)
+    big = bytes(range(256)) * 390 + b"odd"
     client = level0.Client(fabric.Node)
     client.transport = Transport()
     client.cap = 0  # as if bootstrapped
-    client.call("sendrec", lambda p: Msg(3, big).fill(p.init("msg"), bulk=True), lambda r, e: None)
+    client.call("sendrec", lambda p: Msg(3, big).fill_at(p, "msg", bulk=True), lambda r, e: None)
     assert any(piece is big for piece in written)
     frame = b"".join(written)
     assert int.from_bytes(frame[:4], "little") == 1  # two segments
@@ -372,3 +372,27 @@ def test_a_large_reply_payload_is_a_view_of_its_message():
             server.close()
 
     _run(main)
+
+
+def test_out_of_line_finds_its_field_past_equal_bytes_and_keeps_long_names_inline():
+    """The data's marker is found even where another field holds the same
+    bytes first; a message whose text fields are long (in bytes, not
+    characters) keeps its payload inline rather than fail."""
+    from drvs.ipc.schema import MARKER, flat_with, fs, new
+
+    out = new(fs.FsReply, epoch=4)
+    out.init("entries", 1)[0].name = MARKER  # the marker's bytes in a field before the data
+    data = bytes(range(256)) * 200
+    r = from_flat(fs.FsReply, b"".join(flat_with(out, "data", data)))
+    assert (r.data, r.entries[0].name, r.epoch) == (data, MARKER, 4)
+
+    wide = "\U0001F600" * 1023  # 4 bytes each: ~4 KiB per field
+    params = fabric.Node.schema.methods["sendrec"].param_type
+    m = level0.rpc.Message.new_message()
+    c = m.init("call")
+    bulk = Msg(3, data, source=wide, error=wide).fill(c.init("params").content.as_struct(params).init("msg"),
+                                                     bulk=True)
+    assert bulk is None  # inline: the rest would not fit beside it
+    got = from_flat(rpc.Message, b"".join(level0.encode(m, bulk)))
+    msg = got.call.params.content.as_struct(params).msg
+    assert (msg.payload, msg.source) == (data, wide)

@@ -851,19 +851,21 @@ class VmFs:
 
     async def invalidate(self, inv) -> None:
         for ino in self._told(inv):
-            await trio.to_thread.run_sync(_invalidate_inode, ino, False)
+            await trio.to_thread.run_sync(_invalidate_inode, ino, not inv.data)
 
     def invalidate_now(self, inv) -> bool:
-        """invalidate(), if it has no pages to drop (then it waits for
-        nothing: the fabric's fast path makes it as it comes); whether it did."""
-        if inv.data and any(self._c(sino) in self.inodes for sino in inv.inodes):
+        """invalidate(), if it has no inode of the kernel's to invalidate
+        (names only: then it waits for nothing, and the fabric's fast path
+        makes it as it comes); whether it did."""
+        if any(self._c(sino) in self.inodes for sino in inv.inodes):
             return False
         self._told(inv)
         return True
 
     def _told(self, inv) -> list:
         """All of an invalidation that waits for nothing; the kernel's
-        inodes whose pages are still to be dropped (see _invalidate_inode)."""
+        inodes that are still to be invalidated, in a worker thread (see
+        _invalidate_inode)."""
         self.told += 1
         for sino in inv.inodes:
             self.fresh.pop(self._c(sino), None)
@@ -879,23 +881,14 @@ class VmFs:
                 if listing.dino == dino:
                     listing.gone.add(name)
             pyfuse3.invalidate_entry_async(self.tag | dino, name, ignore_enoent=True)
-        pages = []
-        for sino in inv.inodes:
-            cino = self._c(sino)
-            if cino not in self.inodes:
-                continue
-            if inv.data:
-                pages.append(self.tag | cino)
-            else:  # attributes only: the kernel waits for nothing
-                _invalidate_inode(self.tag | cino, True)
-        return pages
+        return [self.tag | self._c(sino) for sino in inv.inodes if self._c(sino) in self.inodes]
 
 
 def _invalidate_inode(ino: int, attr_only: bool) -> None:
-    """Dropping pages, the kernel waits for those locked by reads this
-    node's loop has yet to answer: then in a worker thread, so the loop
-    goes on meanwhile.  Attributes alone are dropped without waiting (no
-    pages are touched), so the loop itself does it (a thread hop less)."""
+    """In a worker thread: dropping pages, the kernel waits for those that
+    reads this node's loop has yet to answer hold locked; and even to find
+    the inode (attributes alone), it waits for one being evicted, whose
+    pages go first.  The loop must go on meanwhile."""
     try:
         pyfuse3.invalidate_inode(ino, attr_only)
     except OSError as e:

@@ -79,12 +79,20 @@ class Peer:
         self.client, self.node, self.address = client, node_cap, address
 
 
-# The pointers from an RPC message to the payload of a sendrec's reply:
+# Where a sendrec's message and reply are in its parameters and results;
+# the pointers from an RPC message to the payload of a sendrec's reply:
 # Message.return -> Return.results -> Payload.content -> reply -> payload.
+_MSG = pointer_index(schema.Node.schema.methods["sendrec"].param_type, "msg")
+_REPLY = pointer_index(schema.Node.schema.methods["sendrec"].result_type, "reply")
 _REPLY_PAYLOAD = (pointer_index(rpc.Message.schema, "return"), pointer_index(rpc.Return.schema, "results"),
-                  pointer_index(rpc.Payload.schema, "content"),
-                  pointer_index(schema.Node.schema.methods["sendrec"].result_type, "reply"),
+                  pointer_index(rpc.Payload.schema, "content"), _REPLY,
                   pointer_index(schema.Message.schema, "payload"))
+
+
+def _fill_reply(results, reply: Msg):
+    """Set a sendrec's results to reply (a large payload out of line)."""
+    bulk = reply.fill(results.init("reply"), bulk=True)
+    return bulk.under(_REPLY) if bulk is not None else None
 
 
 class Lane(level0.Client):
@@ -99,7 +107,8 @@ class Lane(level0.Client):
     def _params(target: str, msg: Msg, timeout_ms: int):
         def fill(p):
             p.target, p.timeoutMs = target, timeout_ms
-            return msg.fill(p.init("msg"), bulk=len(target) < 1024)  # (see Msg.fill)
+            bulk = msg.fill(p.init("msg"), bulk=len(target.encode()) < 2048)  # (see Msg.fill)
+            return bulk.under(_MSG) if bulk is not None else None
         return fill
 
     def sendrec(self, target: str, msg: Msg, timeout_ms: int, done) -> int:
@@ -613,7 +622,7 @@ class NodeLane:
         target, m, timeout_ms = params.target, self._incoming(params.msg), params.timeoutMs
         reply = self.fabric.answer_now(target, m)
         timeout = timeout_ms / 1000 if timeout_ms else None
-        fill = lambda r, reply: reply.fill(r.init("reply"), bulk=True)  # noqa: E731
+        fill = _fill_reply
         if isinstance(reply, Later):
             return self._in_trio(answer, fill, self.fabric.finish, target, reply, timeout)
         if reply is not None:

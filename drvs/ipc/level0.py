@@ -30,7 +30,7 @@ import capnp
 import outcome
 import trio
 
-from .schema import MAX_SEGMENTS, MAX_WORDS, out_of_line, rpc, segments
+from .schema import MAX_SEGMENTS, MAX_WORDS, out_of_line, pointer_index, rpc, segments
 
 log = logging.getLogger("drvs.level0")
 
@@ -38,6 +38,19 @@ READ_BUFFER = 256 * 1024
 NESTING = 64
 TIMER_GRAIN = 0.001       # the host loop's clock: uvloop counts milliseconds
 _U32 = struct.Struct("<I")
+
+
+def encode(m, bulk=None) -> list:
+    """Message m as buffers to write; bulk (a schema.Bulk whose path starts
+    at m): sent out of line (not copied)."""
+    return [m.to_bytes()] if bulk is None else out_of_line(m, bulk)
+
+
+# From an RPC message to the struct a call's fill or an answer's fill sets.
+_PARAMS = (pointer_index(rpc.Message.schema, "call"), pointer_index(rpc.Call.schema, "params"),
+           pointer_index(rpc.Payload.schema, "content"))
+_RESULTS = (pointer_index(rpc.Message.schema, "return"), pointer_index(rpc.Return.schema, "results"),
+            pointer_index(rpc.Payload.schema, "content"))
 
 
 class ProtocolError(Exception):
@@ -165,15 +178,13 @@ class _Connection(asyncio.BufferedProtocol):
     def received(self, m) -> None:
         raise NotImplementedError
 
-    def send(self, m, bulk=None) -> None:
-        """Send message m; bulk: the buffers that the Data field m holds as
-        schema.MARKER stands for, sent out of line (not copied)."""
+    def send(self, m) -> None:
+        self.send_pieces([m.to_bytes()])
+
+    def send_pieces(self, pieces: list) -> None:
         if self.closed or self.transport is None:
             return
-        if bulk is None:
-            self._write(m.to_bytes())
-        else:
-            self._write(*out_of_line(m, bulk))
+        self._write(*pieces)
 
     def _write(self, *pieces) -> None:
         if self.batch is not None:
@@ -235,27 +246,29 @@ class Answer:
         r.noFinishNeeded = True  # no capabilities in the results: nothing to release
         return m, r
 
-    def _send(self, m, bulk=None) -> None:
+    def _send(self, m) -> None:
+        self._send_pieces([m.to_bytes()])
+
+    def _send_pieces(self, pieces: list) -> None:
         self.done = True
         self.conn.answers.pop(self.qid, None)
-        self.conn.send(m, bulk)
+        self.conn.send_pieces(pieces)
 
     def reply(self, fill=None) -> None:
         """Answer with results; fill(results builder) sets them (if it
         raises, the caller gets the error instead) and may return bulk data
-        to send out of line (see send)."""
+        to send out of line (a schema.Bulk whose path starts at the results)."""
         if self.done:
             return
         m, r = self._return()
         results = r.init("results").content.as_struct(self.results)
-        bulk = None
-        if fill is not None:
-            try:
-                bulk = fill(results)
-            except Exception as e:  # noqa: BLE001 - the caller must get an answer
-                log.exception("level-0 RPC: filling the results of question %d", self.qid)
-                return self.fail(f"server error: {type(e).__name__}: {e}")
-        self._send(m, bulk)
+        try:
+            bulk = fill(results) if fill is not None else None
+            pieces = encode(m, bulk.under(*_RESULTS) if bulk is not None else None)
+        except Exception as e:  # noqa: BLE001 - the caller must get an answer
+            log.exception("level-0 RPC: filling the results of question %d", self.qid)
+            return self.fail(f"server error: {type(e).__name__}: {e}")
+        self._send_pieces(pieces)
 
     def fail(self, reason: str, kind: str = "failed") -> None:
         if self.done:
@@ -425,7 +438,8 @@ class Client(_Connection):
 
     def call(self, method: str, fill, done, timeout: float | None = None) -> int:
         """Send a call (fill(params builder) sets its parameters, and may
-        return bulk data to send out of line, see send); done(results,
+        return bulk data to send out of line: a schema.Bulk whose path
+        starts at the parameters); done(results,
         None) or done(None, RpcError) is called later, on the loop; if no
         Return came within timeout seconds, the call is given up (Finish) and
         done(None, RpcError(kind "timeout")).  Its question id, for cancel()."""
@@ -447,11 +461,16 @@ class Client(_Connection):
         else:
             qid, self.next_qid = self.next_qid, self.next_qid + 1
         c.questionId = qid
+        try:
+            pieces = encode(m, bulk.under(*_PARAMS) if bulk is not None else None)
+        except ValueError as e:  # (a bug: callers keep what goes beside bulk data small)
+            self.free.append(qid)
+            raise RpcError(f"call not encoded: {e}") from e
         self.questions[qid] = (done, results)
         try:
             if timeout is not None:
                 self._limit(qid, timeout)
-            self.send(m, bulk)
+            self.send_pieces(pieces)
         except BaseException:
             # Not asked: done() must never run for a caller that never waits.
             self.questions.pop(qid, None)

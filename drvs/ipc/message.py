@@ -4,7 +4,7 @@ import errno as _errno
 import os
 
 from ..errors import DrvsError
-from .schema import BULK, MARKER
+from .schema import BULK, MARKER, Bulk, fabric, pointer_index
 
 
 # The type of MINIX's notify: a wake-up with no payload, which every server
@@ -25,7 +25,7 @@ class Msg:
     def __init__(self, type: int, payload: "bytes | list" = b"", source: str = "", status: int = 0,
                  error: str = ""):
         self.type, self.source, self.status, self.error = type, source, status, error
-        if isinstance(payload, list):
+        if isinstance(payload, (list, tuple)):
             self._payload, self.pieces = None, payload
         else:
             self._payload, self.pieces = payload, None
@@ -50,19 +50,27 @@ class Msg:
     def from_capnp(cls, m) -> "Msg":
         return cls(m.type, bytes(m.payload), m.source, m.status, m.error)
 
-    def fill(self, m, bulk: bool = False):
+    def fill(self, m, bulk: bool = False) -> "Bulk | None":
         """Set fabric.Message m.  With bulk (a level-0 connection sends m),
         a large payload is left out: m.payload is schema.MARKER, and the
         buffers it stands for are returned, for level0 to send out of line
         (None: nothing left out)."""
         m.type, m.source, m.status, m.error = self.type, self.source, self.status, self.error
         pieces = self.pieces if self._payload is None else (self._payload,)
-        # (the rest of the message stays far smaller than its first segment)
-        if bulk and sum(map(len, pieces)) >= BULK and len(self.source) + len(self.error) < 1024:
+        # (the rest of the message stays far smaller than its first segment: 8 KiB)
+        if bulk and sum(map(len, pieces)) >= BULK and len(self.source.encode()) + len(self.error.encode()) < 2048:
             m.payload = MARKER
-            return pieces
+            return Bulk((_PAYLOAD,), pieces)
         m.payload = self.payload
         return None
+
+    def fill_at(self, parent, field: str, bulk: bool = False) -> "Bulk | None":
+        """fill() parent.field (a fabric.Message), its bulk seen from parent."""
+        b = self.fill(parent.init(field), bulk)
+        return b.under(pointer_index(parent.schema, field)) if b is not None else None
+
+
+_PAYLOAD = pointer_index(fabric.Message.schema, "payload")
 
 
 class Later:

@@ -95,46 +95,80 @@ rpc = capnp.load(os.path.join(os.path.dirname(capnp.__file__), "rpc.capnp"), imp
 # message, which the sender never copies: the encoding's own far pointer
 # (segment 1, offset 0) replaces the field's pointer, and segment 1 is a
 # landing pad followed by the data.  Readers see a standard two-segment
-# message.
+# message.  The field is found by its path (the pointer index of each field
+# from the root), never by searching for the marker's bytes, which another
+# field may hold too.
 
 BULK = 32 * 1024            # payloads this large go out of line
-MARKER = os.urandom(16)     # a Data value no real message holds (word-aligned in the arena)
-_MARKER_POINTER = 1 | (2 << 32) | (len(MARKER) << 35)  # list of bytes; offset added below
-_FAR_TO_SEGMENT_1 = 2 | (1 << 32)                      # far pointer: segment 1, landing pad at word 0
+MARKER = os.urandom(16)     # what the field holds until then (a check that the path is right)
+_FAR_TO_SEGMENT_1 = 2 | (1 << 32)  # far pointer: segment 1, landing pad at word 0
 
 
-def out_of_line(builder, pieces) -> list:
+class Bulk:
+    """Buffers that a Data field holding MARKER stands for; path: the
+    pointer indices from the struct being filled down to the field."""
+
+    __slots__ = ("path", "pieces")
+
+    def __init__(self, path: tuple, pieces):
+        self.path, self.pieces = path, pieces
+
+    def under(self, *outer: int) -> "Bulk":
+        """The same, seen from further up (the struct's own path first)."""
+        return Bulk(outer + self.path, self.pieces)
+
+
+def pointer_index(schema, field: str) -> int:
+    """Where field (a pointer: struct, list, blob, any) is in its struct's pointer section."""
+    return schema.fields[field].proto.slot.offset
+
+
+def out_of_line(builder, bulk: Bulk) -> list:
     """builder's message in the standard framing, as buffers to write one
-    after the other, where the one Data field set to MARKER holds the
-    concatenation of pieces (bytes-like, not copied).  ValueError if the
-    rest of the message does not fit its first segment (callers keep that
-    part small)."""
+    after the other, where the Data field at bulk.path (holding MARKER)
+    holds the concatenation of bulk.pieces (bytes-like, not copied).
+    ValueError if the rest of the message does not fit its first segment
+    (callers keep that part small) or the path does not lead to MARKER."""
     segs = builder.to_segments()
     if len(segs) != 1:
         raise ValueError("message beside its bulk data spans segments")
     seg = bytearray(segs[0])
-    words = memoryview(seg).cast("Q")
-    at = seg.find(MARKER)
-    while at >= 0 and at % 8:
-        at = seg.find(MARKER, at + 1)
-    if at < 0:
-        raise ValueError("no field holds MARKER")
-    target = at // 8
-    for i in range(target - 1, -1, -1):  # a builder puts a blob after its pointer
-        if words[i] == _MARKER_POINTER | ((target - i - 1) << 2):
-            words[i] = _FAR_TO_SEGMENT_1
-            break
-    else:
-        raise ValueError("MARKER's pointer not found")
-    words.release()
-    size = sum(len(p) for p in pieces)
+    view = memoryview(seg)
+    try:
+        at = _pointer(view, len(seg) // 8, bulk.path)
+        p = _U64.unpack_from(view, 8 * at)[0] if at is not None else 0
+        blob = 8 * (at + 1 + ((p >> 2) & 0x3FFFFFFF)) if at is not None else 0
+        if p & 3 != 1 or (p >> 32) & 7 != 2 or p >> 35 != len(MARKER) or seg[blob:blob + len(MARKER)] != MARKER:
+            raise ValueError("the path does not lead to a field holding MARKER")
+        _U64.pack_into(view, 8 * at, _FAR_TO_SEGMENT_1)
+        view[blob:blob + len(MARKER)] = bytes(len(MARKER))  # (the marker never goes out)
+    finally:
+        view.release()
+    size = sum(len(p) for p in bulk.pieces)
     pad = -size % 8
     head = _struct.pack("<III", 1, len(seg) // 8, 1 + (size + pad) // 8) + bytes(4)
     landing = _struct.pack("<Q", 1 | (2 << 32) | (size << 35))  # the data's list pointer, offset 0
-    out = [head + seg + landing, *pieces]
+    out = [head + seg + landing, *bulk.pieces]
     if pad:
         out.append(bytes(pad))
     return out
+
+
+def _pointer(seg, words: int, path: tuple) -> "int | None":
+    """The word of segment seg (of that many words) holding the pointer at
+    the end of path, from the root pointer (word 0): every pointer on the
+    way a struct pointer forward in the segment (as a builder makes them);
+    None if one is not."""
+    at = 0
+    for index in path:
+        p = _U64.unpack_from(seg, 8 * at)[0]
+        offset = (p >> 2) & 0x3FFFFFFF
+        if p & 3 or offset & 0x20000000 or index >= p >> 48:
+            return None  # not a struct pointer forward in the segment, or too few pointers
+        at += 1 + offset + ((p >> 32) & 0xFFFF) + index
+        if at >= words:
+            return None
+    return at
 
 
 def flat_with(builder, field: str, data) -> "bytes | list":
@@ -144,7 +178,7 @@ def flat_with(builder, field: str, data) -> "bytes | list":
         setattr(builder, field, data)
         return to_flat(builder)
     setattr(builder, field, MARKER)
-    return out_of_line(builder, (data,))
+    return out_of_line(builder, Bulk((pointer_index(builder.schema, field),), (data,)))
 
 
 def bulk_of(flat, struct, field: str) -> "memoryview | None":
@@ -155,17 +189,11 @@ def bulk_of(flat, struct, field: str) -> "memoryview | None":
     return bulk_at(flat, (pointer_index(struct.schema, field),))
 
 
-def pointer_index(schema, field: str) -> int:
-    """Where field (a pointer: struct, list, blob, any) is in its struct's pointer section."""
-    return schema.fields[field].proto.slot.offset
-
-
 def bulk_at(flat, path: tuple) -> "memoryview | None":
     """As bulk_of, for a Data field further down: path gives the pointer
     index of each field followed from the root struct, the last one the
-    Data's.  Every struct on the way must lie in segment 0 (near pointers
-    forward, as a builder makes them); the caller knows the unions on the
-    way hold these fields (they share their struct's sections)."""
+    Data's (see _pointer); the caller knows the unions on the way hold
+    these fields (they share their struct's sections)."""
     view = memoryview(flat)
     if len(view) < 32 or _U32.unpack_from(view)[0] != 1:
         return None
@@ -173,16 +201,8 @@ def bulk_at(flat, path: tuple) -> "memoryview | None":
     seg1 = 16 + 8 * n0
     if n0 < 1 or n1 < 1 or seg1 + 8 * n1 != len(view):
         return None
-    at = 0  # the word, in segment 0, of the pointer to follow next
-    for index in path:
-        p = _U64.unpack_from(view, 16 + 8 * at)[0]
-        offset = (p >> 2) & 0x3FFFFFFF
-        if p & 3 or offset & 0x20000000 or index >= p >> 48:
-            return None  # not a struct pointer forward in the segment, or too few pointers
-        at += 1 + offset + ((p >> 32) & 0xFFFF) + index
-        if at >= n0:
-            return None
-    if _U64.unpack_from(view, 16 + 8 * at)[0] != _FAR_TO_SEGMENT_1:
+    at = _pointer(view[16:seg1], n0, path)
+    if at is None or _U64.unpack_from(view, 16 + 8 * at)[0] != _FAR_TO_SEGMENT_1:
         return None
     pad = _U64.unpack_from(view, seg1)[0]
     size = pad >> 35
