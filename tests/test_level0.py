@@ -244,23 +244,29 @@ def test_malformed_messages_abort_only_their_connection(garbage):
     _run(main)
 
 
+class _Recorder:
+    """A transport that keeps what is written, as written."""
+
+    def __init__(self):
+        self.written = []
+
+    def write(self, data):
+        self.written.append(data)
+
+    def writelines(self, pieces):
+        self.written.extend(pieces)
+
+    def close(self):
+        pass
+
+
 def test_framing_in_pieces():
     """Messages cut anywhere by the transport are put together again."""
     factory, _ = _echo_server()
     conn = factory()
-    sent = []
-
-    class T:
-        def write(self, data):
-            sent.append(data)
-
-        def writelines(self, pieces):
-            sent.extend(pieces)
-
-        def close(self):
-            pass
-
-    conn.connection_made(T())
+    t = _Recorder()
+    sent = t.written
+    conn.connection_made(t)
     from drvs.ipc.schema import rpc
 
     msgs = b""
@@ -306,18 +312,10 @@ def test_a_large_payload_goes_out_as_its_own_buffer():
     """A large payload is written as the very buffer it was given (a second
     segment of the message, not copied into it); the bytes written are a
     standard message that pycapnp reads back."""
-    written = []
-
-    class Transport:
-        def write(self, data):
-            written.append(data)
-
-        def writelines(self, pieces):
-            written.extend(pieces)
-
     big = bytes(range(256)) * 390 + b"odd"
     client = level0.Client(fabric.Node)
-    client.transport = Transport()
+    client.transport = _Recorder()
+    written = client.transport.written
     client.cap = 0  # as if bootstrapped
     client.call("sendrec", lambda p: Msg(3, big).fill_at(p, "msg", bulk=True), lambda r, e: None)
     assert any(piece is big for piece in written)
