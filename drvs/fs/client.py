@@ -51,10 +51,11 @@ class Inode:
     """term: the server's term of writes to the file not yet fsync'ed (0:
     none): a server of a later term may never have got them."""
 
-    __slots__ = ("cino", "parent", "name", "lookups", "handles", "term")
+    __slots__ = ("cino", "parent", "name", "lookups", "open", "term")
 
     def __init__(self, cino: int):
-        self.cino, self.parent, self.name, self.lookups, self.handles, self.term = cino, None, b"", 0, 0, 0
+        self.cino, self.parent, self.name, self.lookups, self.term = cino, None, b"", 0, 0
+        self.open: list[Handle] = []  # its handles open here
 
 
 class Listing:
@@ -424,18 +425,11 @@ class VmFs:
                 return e
             del self.fresh[inode & MASK]
         node = self.inodes.get(inode & MASK)
-        handle = self._handle_of(node) if node is not None and node.handles else None
-        if handle is not None:  # also after the file was unlinked
-            r = await self.call(Call.getattr, idempotent=True, fh=handle.sfh)
+        if node is not None and node.open:  # also after the file was unlinked
+            r = await self.call(Call.getattr, idempotent=True, fh=node.open[-1].sfh)
         else:
             r = await self.call(Call.getattr, idempotent=True, path=self.path(inode))
         return self._attr(r.attr)
-
-    def _handle_of(self, node: Inode) -> Handle | None:
-        for h in self.handles.values():
-            if h.cino == node.cino:
-                return h
-        return None
 
     async def setattr(self, inode, attr, fields, fh, ctx):
         mask = ((SET_MODE if fields.update_mode else 0) | (SET_UID if fields.update_uid else 0)
@@ -619,8 +613,8 @@ class VmFs:
         fh = self.tag | self.next_fh
         self.next_fh += 1
         cino = self._c(r.attr.ino)
-        self.handles[fh] = Handle(r.fh, cino)
-        self._inode(cino).handles += 1
+        h = self.handles[fh] = Handle(r.fh, cino)
+        self._inode(cino).open.append(h)
         # Pages cached here stay valid until the server says another node
         # wrote (close-to-open, without rereading every file on open).
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
@@ -688,8 +682,8 @@ class VmFs:
         if h is None:
             return
         node = self.inodes.get(h.cino)
-        if node is not None:
-            node.handles -= 1
+        if node is not None and h in node.open:
+            node.open.remove(h)
             self._maybe_drop(node)
         if self._local_server() is not None:
             await self.call(Call.release, fh=h.sfh)
@@ -835,7 +829,7 @@ class VmFs:
             self._maybe_drop(node)
 
     def _maybe_drop(self, node: Inode) -> None:
-        if node.lookups <= 0 and node.handles <= 0 and node.cino != self.root:
+        if node.lookups <= 0 and not node.open and node.cino != self.root:
             del self.inodes[node.cino]
             if self.cache is not None:
                 self.cache.drop(self.tag | node.cino)  # (the server stops telling this node of it)
