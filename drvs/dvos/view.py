@@ -374,9 +374,9 @@ class View(pyfuse3.Operations):
         return Msg(0)
 
     def invalidate_now(self, msg: Msg) -> Msg | None:
-        """fsc's fast path: an invalidation with no pages to drop is made as
-        it comes (the server's change waits on this reply); None: one that
-        has, in trio (invalidate)."""
+        """fsc's fast path: an invalidation of names only (no inode the
+        kernel holds) is made as it comes (the server's change waits on
+        this reply); None: the rest, in trio (invalidate)."""
         inv, fs_ = self._invalidation(msg)
         return Msg(0) if fs_ is None or fs_.invalidate_now(inv) else None
 
