@@ -24,9 +24,9 @@ import trio
 
 from ..errors import DrvsError
 from ..fs.cache import DataCache
-from ..fs.client import MASK, TAG_SHIFT, VmFs
+from ..fs.client import MASK, TAG_SHIFT, VmFs, drop_inodes
 from ..ipc.fabric import REGISTRY
-from ..ipc.message import IpcError, Msg
+from ..ipc.message import IpcError, Later, Msg
 from ..ipc.schema import from_flat, fs
 from ..ns import mounts
 from ..vm.model import check_name
@@ -373,12 +373,16 @@ class View(pyfuse3.Operations):
             await fs_.invalidate(inv)
         return Msg(0)
 
-    def invalidate_now(self, msg: Msg) -> Msg | None:
-        """fsc's fast path: an invalidation of names only (no inode the
-        kernel holds) is made as it comes (the server's change waits on
-        this reply); None: the rest, in trio (invalidate)."""
+    def invalidate_now(self, msg: Msg) -> Msg | Later:
+        """fsc's fast path: what waits for nothing is made as the message
+        comes (the server's change waits on this reply); the kernel's
+        inodes, if any, are dropped by a trio task before the reply."""
         inv, fs_ = self._invalidation(msg)
-        return Msg(0) if fs_ is None or fs_.invalidate_now(inv) else None
+        inodes = fs_.invalidated(inv) if fs_ is not None else []
+        if not inodes:
+            return Msg(0)
+        attr_only = not inv.data
+        return Later(lambda: _dropped(inodes, attr_only))
 
     def _invalidation(self, msg: Msg):
         try:
@@ -387,6 +391,11 @@ class View(pyfuse3.Operations):
         except Exception:  # noqa: BLE001 - malformed input from the wire
             raise IpcError("malformed invalidation", errno.EBADMSG) from None
         return inv, self.vms.get(vm)
+
+
+async def _dropped(inodes: list, attr_only: bool) -> Msg:
+    await drop_inodes(inodes, attr_only)
+    return Msg(0)
 
 
 def vm_of(pid: int) -> str | None:

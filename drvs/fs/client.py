@@ -324,8 +324,7 @@ class VmFs:
     async def _drop_all(entries: list, inodes: list) -> None:
         for dino, name in entries:
             pyfuse3.invalidate_entry_async(dino, name, ignore_enoent=True)
-        for ino in inodes:
-            await trio.to_thread.run_sync(_invalidate_inode, ino, False)
+        await drop_inodes(inodes, False)
 
     def _c(self, sino: int) -> int:
         """This node's number for the server's inode sino, in this term."""
@@ -844,22 +843,12 @@ class VmFs:
     # -- what the server says another node changed -----------------------------------------
 
     async def invalidate(self, inv) -> None:
-        for ino in self._told(inv):
-            await trio.to_thread.run_sync(_invalidate_inode, ino, not inv.data)
+        await drop_inodes(self.invalidated(inv), not inv.data)
 
-    def invalidate_now(self, inv) -> bool:
-        """invalidate(), if it has no inode of the kernel's to invalidate
-        (names only: then it waits for nothing, and the fabric's fast path
-        makes it as it comes); whether it did."""
-        if any(self._c(sino) in self.inodes for sino in inv.inodes):
-            return False
-        self._told(inv)
-        return True
-
-    def _told(self, inv) -> list:
-        """All of an invalidation that waits for nothing; the kernel's
-        inodes that are still to be invalidated, in a worker thread (see
-        _invalidate_inode)."""
+    def invalidated(self, inv) -> list:
+        """All of an invalidation that waits for nothing (the fabric's fast
+        path makes it as the message comes); the kernel's inodes that are
+        still to be invalidated, by drop_inodes."""
         self.told += 1
         for sino in inv.inodes:
             self.fresh.pop(self._c(sino), None)
@@ -876,6 +865,13 @@ class VmFs:
                     listing.gone.add(name)
             pyfuse3.invalidate_entry_async(self.tag | dino, name, ignore_enoent=True)
         return [self.tag | self._c(sino) for sino in inv.inodes if self._c(sino) in self.inodes]
+
+
+async def drop_inodes(inodes: list, attr_only: bool) -> None:
+    """Make the kernel drop what it caches of these inodes (attributes, and
+    pages unless attr_only), each in a worker thread (_invalidate_inode)."""
+    for ino in inodes:
+        await trio.to_thread.run_sync(_invalidate_inode, ino, attr_only)
 
 
 def _invalidate_inode(ino: int, attr_only: bool) -> None:

@@ -160,7 +160,7 @@ class FsServer:
         try:
             out = new(fs.FsReply, epoch=self.epoch)
             if msg.type == Call.read:  # the data goes out of line: never copied into the reply
-                reply = Msg(0, flat_with(out, "data", self._pread(req)))
+                reply = Msg(0, flat_with(out, "data", self.local_read(req.fh, req.offset, req.size)))
             else:
                 data |= self._now_into(targets, msg.type, req, path, out, origin, msg.payload)
                 reply = Msg(0, to_flat(out))
@@ -234,13 +234,10 @@ class FsServer:
     # errors are the OSErrors themselves.
 
     def local_read(self, fh: int, offset: int, size: int) -> bytes:
-        """A read by this node's own client: a read changes nothing and
-        waits for nothing, so it is the pread the handler would make,
-        without a request around it (OSError as from the handler)."""
+        """A read: a pread on the handle's file.  This node's own client
+        calls it without a request around it (a read changes nothing and
+        waits for nothing); the handlers make it for a request."""
         return os.pread(self._file(fh).fd, size, offset)
-
-    def _pread(self, req) -> bytes:
-        return os.pread(self._file(req.fh).fd, req.size, req.offset)
 
     def local_fast(self, ctype: int, req) -> "LocalReply | Later | None":
         """As fast(), for this node's own client: the reply, a Later (other
@@ -572,7 +569,7 @@ class FsServer:
         return f
 
     def read(self, req, path, out, origin) -> None:
-        out.data = self._pread(req)
+        out.data = self.local_read(req.fh, req.offset, req.size)
 
     def write(self, req, path, out, origin) -> None:
         f = self._file(req.fh)
