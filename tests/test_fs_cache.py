@@ -1,8 +1,10 @@
-"""This node's cache of remote files' data (drvs/fs/cache.py): a node's
-client (VmFs, as node n2) against a real file server on a real store (on
-"n1"), with a third node (n3) changing files behind it.  What a user
-would check: reads return the file's current content after every kind of
-change, and a read the cache holds costs no call to the server."""
+"""What a node keeps of remote files: their data in its cache
+(drvs/fs/cache.py), and the names and attributes it gives its kernel to
+keep.  A node's client (VmFs, as node n2) against a real file server on a
+real store (on "n1"), with a third node (n3) changing files behind it.
+What a user would check: reads return the file's current content after
+every kind of change, a read the cache holds costs no call to the server,
+and nothing n2's kernel is told to keep was changed before it got it."""
 
 import os
 import types
@@ -36,6 +38,7 @@ class Net:
         self.read_hold: trio.Event | None = None
         self.open_hold: trio.Event | None = None
         self.write_hold: trio.Event | None = None
+        self.reply_holds: dict[int, trio.Event] = {}  # call type -> its replies held (made, on their way)
 
     async def sendrec(self, target, msg, timeout=None, idempotent=False):
         if target.startswith("fsc@"):  # (n3 has no caches to drop)
@@ -48,6 +51,8 @@ class Net:
         reply = await self.server.handle(msg)
         if msg.type == Call.open and self.open_hold is not None:
             await self.open_hold.wait()
+        if msg.type in self.reply_holds:
+            await self.reply_holds[msg.type].wait()
         if msg.type == Call.read:
             self.reads += 1
             if self.read_hold is not None:  # (made by the server, its answer on its way)
@@ -285,3 +290,80 @@ async def test_a_cache_that_cannot_write_its_disk_leaves_reads_to_the_server(n2,
     assert await vmfs.read(fh, 0, PAGE) == CONTENT[:PAGE]
     assert await vmfs.read(fh, 0, PAGE) == CONTENT[:PAGE]
     assert net.reads == 2 and cache.broken
+
+
+async def answered_after(net: Net, ctype, call, change):
+    """What call returns when its reply, of type ctype, is made by the
+    server but overtaken by change (n3's), of which the server tells n2."""
+    net.reply_holds[ctype] = hold = trio.Event()
+    got = []
+    async with trio.open_nursery() as nursery:
+        async def call_():
+            got.append(await call)
+        nursery.start_soon(call_)
+        await trio.testing.wait_all_tasks_blocked()
+        del net.reply_holds[ctype]
+        told = net.vmfs.told
+        await change
+        assert net.vmfs.told > told  # (n2 was told of it)
+        hold.set()
+    return got[0]
+
+
+async def test_an_absence_told_while_its_lookup_was_answered_is_not_kept(n2):
+    """The server tells n2 of n3's create of g (on another connection) before
+    n2's kernel has the reply that said g is absent: were the kernel to keep
+    that, a process on n2 waiting for g would not see it for seconds."""
+    vmfs, net, cache, root = n2
+    entry = await answered_after(net, Call.lookup, vmfs.lookup(root, b"g"),
+                                 n3(net.server, Call.mknod, path=b"g", mode=0o100644))
+    assert entry.st_ino == 0 and entry.entry_timeout == 0
+    assert (await vmfs.lookup(root, b"g")).st_ino != 0
+    assert (await vmfs.lookup(root, b"h")).entry_timeout > 0  # (absences told of nothing are kept)
+
+
+async def test_a_name_told_gone_while_its_lookup_was_answered_is_not_kept(n2):
+    vmfs, net, cache, root = n2
+    entry = await answered_after(net, Call.lookup, vmfs.lookup(root, b"f"), n3(net.server, Call.unlink, path=b"f"))
+    assert entry.st_ino != 0 and entry.entry_timeout == entry.attr_timeout == 0
+    assert (await vmfs.lookup(root, b"f")).st_ino == 0
+
+
+async def test_attributes_told_changed_while_they_were_answered_are_not_kept(n2):
+    vmfs, net, cache, root = n2
+    ino = (await vmfs.lookup(root, b"f")).st_ino
+    attr = await answered_after(net, Call.getattr, vmfs.getattr(ino),
+                                n3(net.server, Call.setattr, path=b"f", setMask=1, mode=0o100600))
+    assert attr.st_mode & 0o777 == 0o644 and attr.attr_timeout == 0
+    attr = await vmfs.getattr(ino)
+    assert attr.st_mode & 0o777 == 0o600 and attr.attr_timeout > 0
+
+
+async def test_a_listing_hands_no_attributes_told_changed_since_it_was_read(n2, monkeypatch):
+    """The kernel takes a listing's entries over several readdirs, from one
+    snapshot: those it takes after a change was told are not to be kept."""
+    vmfs, net, cache, root = n2
+    await n3(net.server, Call.mknod, path=b"e", mode=0o100644)
+    taken = []
+
+    def reply(token: list, name, attr, next_id) -> bool:
+        if token:
+            return False  # (the kernel's buffer holds one entry)
+        token.append(name)
+        taken.append((name, attr.attr_timeout))
+        return True
+
+    monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
+    fh = await vmfs.opendir(root, None)
+    await vmfs.readdir(fh, 0, [])  # e is taken, f refused
+    await n3(net.server, Call.setattr, path=b"f", setMask=1, mode=0o100600)
+    await vmfs.readdir(fh, 1, [])
+    assert [(name, timeout > 0) for name, timeout in taken] == [(b"e", True), (b"f", False)]
+
+
+async def test_a_file_made_here_and_told_gone_before_its_reply_is_not_kept(n2):
+    vmfs, net, cache, root = n2
+    info, entry = await answered_after(net, Call.create, vmfs.create(root, b"g", 0o100644, os.O_WRONLY, None),
+                                       n3(net.server, Call.unlink, path=b"g"))
+    assert entry.st_ino != 0 and entry.entry_timeout == entry.attr_timeout == 0
+    assert (await vmfs.lookup(root, b"g")).st_ino == 0

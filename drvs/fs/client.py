@@ -62,12 +62,13 @@ class Listing:
     """An open directory: the snapshot its readdirs hand to the kernel (by
     index: the offsets the kernel passes back), the inodes in it, and the
     names another node changed since (not handed out: a stale entry would
-    be taken as current)."""
+    be taken as current); told: the invalidations received when it was
+    taken (see _attr)."""
 
-    __slots__ = ("dino", "entries", "inos", "gone")
+    __slots__ = ("dino", "entries", "inos", "gone", "told")
 
     def __init__(self, dino: int):
-        self.dino, self.entries, self.inos, self.gone = dino, None, None, set()
+        self.dino, self.entries, self.inos, self.gone, self.told = dino, None, None, set(), 0
 
 
 class Handle:
@@ -369,20 +370,26 @@ class VmFs:
             cino = node.parent
         return b"/".join(reversed(parts))
 
-    def _attr(self, a) -> pyfuse3.EntryAttributes:
+    def _attr(self, a, since: int | None = None) -> pyfuse3.EntryAttributes:
+        """Attributes for the kernel, from a reply to a call begun when
+        self.told was since (None: known current, no call between).  An
+        invalidation received meanwhile may be of what the reply says --
+        the server sends it after the reply, but on another connection, and
+        it is made here at once while the reply waits for its task -- so
+        the kernel is not to keep that reply (it asks again next time)."""
         e = pyfuse3.EntryAttributes()
         e.st_ino = self.tag | self._c(a.ino)
         e.st_mode, e.st_nlink, e.st_uid, e.st_gid, e.st_rdev = a.mode, a.nlink, a.uid, a.gid, a.rdev
         e.st_size, e.st_blocks, e.st_blksize = a.size, a.blocks, 4096
         e.st_atime_ns, e.st_mtime_ns, e.st_ctime_ns = a.atimeNs, a.mtimeNs, a.ctimeNs
-        e.entry_timeout = e.attr_timeout = TIMEOUT
+        e.entry_timeout = e.attr_timeout = TIMEOUT if since is None or since == self.told else 0
         if self.cache is not None and self.cache.files:
             self.cache.seen(e.st_ino, a.size, a.mtimeNs)
         return e
 
-    def _entry(self, dino: int, name: bytes, a) -> pyfuse3.EntryAttributes:
+    def _entry(self, dino: int, name: bytes, a, since: int) -> pyfuse3.EntryAttributes:
         self._learn(dino, name, a).lookups += 1
-        return self._attr(a)
+        return self._attr(a, since)
 
     # -- the kernel's requests -----------------------------------------------------------
 
@@ -392,12 +399,13 @@ class VmFs:
             e = await self.getattr(parent, ctx)
             self._inode(dino).lookups += 1  # (the kernel counts every lookup it is answered)
             return e
+        since = self.told
         if name == b"..":
             node = self.inodes.get(dino)
             up = node.parent if node is not None and node.parent is not None else self.root
             r = await self.call(Call.getattr, idempotent=True, path=self.path(self.tag | up))
             self._inode(self._c(r.attr.ino)).lookups += 1
-            return self._attr(r.attr)
+            return self._attr(r.attr, since)
         absent = self._absent(dino, name)
         if absent:
             neg = pyfuse3.EntryAttributes()
@@ -410,9 +418,10 @@ class VmFs:
                 raise
             self._forget_entry(dino, name)
             neg = pyfuse3.EntryAttributes()
-            neg.st_ino, neg.entry_timeout = 0, TIMEOUT  # the server tells us when it appears
+            # (the server tells this node when it appears, unless it did while this was answered)
+            neg.st_ino, neg.entry_timeout = 0, TIMEOUT if since == self.told else 0
             return neg
-        return self._entry(dino, name, r.attr)
+        return self._entry(dino, name, r.attr, since)
 
     async def getattr(self, inode, ctx=None):
         fresh = self.fresh.get(inode & MASK)
@@ -423,12 +432,12 @@ class VmFs:
                 e.attr_timeout = left  # (the kernel's copy expires with ours)
                 return e
             del self.fresh[inode & MASK]
-        node = self.inodes.get(inode & MASK)
+        node, since = self.inodes.get(inode & MASK), self.told
         if node is not None and node.open:  # also after the file was unlinked
             r = await self.call(Call.getattr, idempotent=True, fh=node.open[-1].sfh)
         else:
             r = await self.call(Call.getattr, idempotent=True, path=self.path(inode))
-        return self._attr(r.attr)
+        return self._attr(r.attr, since)
 
     async def setattr(self, inode, attr, fields, fh, ctx):
         mask = ((SET_MODE if fields.update_mode else 0) | (SET_UID if fields.update_uid else 0)
@@ -437,12 +446,12 @@ class VmFs:
         args = dict(setMask=mask, mode=attr.st_mode, uid=attr.st_uid, gid=attr.st_gid, size=attr.st_size,
                     atimeNs=attr.st_atime_ns, mtimeNs=attr.st_mtime_ns)
         h = self.handles.get(fh) if fh is not None else None
-        with self._changing(inode & MASK), self._writing(inode if fields.update_size else None):
+        with self._changing(inode & MASK) as change, self._writing(inode if fields.update_size else None):
             if h is not None:
                 r = await self.call(Call.setattr, fh=h.sfh, **args)
             else:
                 r = await self.call(Call.setattr, path=self.path(inode), **args)
-        return self._attr(r.attr)
+        return self._attr(r.attr, change.told)
 
     @contextlib.contextmanager
     def _writing(self, ino: int | None):
@@ -534,7 +543,7 @@ class VmFs:
             r = await self.call(ctype, path=join(self.path(parent), name), caller=caller(ctx), **fields)
             self._post_op(dino, r, change)
         self._known_add(dino, name)
-        entry = self._entry(dino, name, r.attr)
+        entry = self._entry(dino, name, r.attr, change.told)
         if ctype == Call.mkdir:
             self._now_known(self._c(r.attr.ino), (), change)
         return entry
@@ -554,7 +563,7 @@ class VmFs:
             r = await self.call(Call.link, path=self.path(inode), path2=join(self.path(new_parent), new_name))
             self._post_op(dino, r, change)
         self._known_add(dino, new_name)
-        return self._entry(dino, new_name, r.attr)
+        return self._entry(dino, new_name, r.attr, change.told)
 
     async def unlink(self, parent, name, ctx):
         await self._remove(Call.unlink, parent, name)
@@ -625,7 +634,7 @@ class VmFs:
                                 caller=caller(ctx))
             self._post_op(dino, r, change)
         self._known_add(dino, name)
-        entry = self._entry(dino, name, r.attr)
+        entry = self._entry(dino, name, r.attr, change.told)
         return self._opened(r), entry
 
     def _h(self, fh) -> Handle:
@@ -759,12 +768,13 @@ class VmFs:
             # One snapshot per open directory; what it holds may reach the
             # kernel later, and keeps its notices back (_forgotten).
             listing.gone = set()  # (before: a change told while it is read may be in it)
+            listing.told = self.told
             listing.entries, listing.inos = await self._list(listing.dino)
         dino, gone = listing.dino, listing.gone
         for i, (name, a) in enumerate(listing.entries[start_id:], start_id):
             if name in gone:
                 continue
-            if not pyfuse3.readdir_reply(token, name, self._attr(a), i + 1):
+            if not pyfuse3.readdir_reply(token, name, self._attr(a, listing.told), i + 1):
                 break
             self._learn(dino, name, a).lookups += 1  # readdirplus: the kernel holds what it took
 
