@@ -367,3 +367,23 @@ async def test_a_file_made_here_and_told_gone_before_its_reply_is_not_kept(n2):
                                        n3(net.server, Call.unlink, path=b"g"))
     assert entry.st_ino != 0 and entry.entry_timeout == entry.attr_timeout == 0
     assert (await vmfs.lookup(root, b"g")).st_ino == 0
+
+
+async def test_names_n2_gave_absent_go_from_its_kernel_with_their_directory(n2, monkeypatch):
+    """Told of n3's first name made in the root, n2 drops from its kernel
+    every name it said was absent there, and is told of no more names made
+    there until it looks again: h, which n2's kernel held absent, must not
+    stay so when n3 makes it."""
+    vmfs, net, cache, root = n2
+    dropped = []
+    monkeypatch.setattr(pyfuse3, "invalidate_entry_async", lambda dino, name, **k: dropped.append(name))
+    for name in (b"g", b"h"):
+        assert (await vmfs.lookup(root, name)).entry_timeout > 0  # (absent, the kernel keeps that)
+    await n3(net.server, Call.mknod, path=b"g", mode=0o100644)
+    assert sorted(dropped) == [b"g", b"h"]
+    told = vmfs.told
+    await n3(net.server, Call.mknod, path=b"h", mode=0o100644)
+    assert vmfs.told == told
+    assert (await vmfs.lookup(root, b"h")).st_ino != 0
+    await n3(net.server, Call.unlink, path=b"h")  # (n2 holds h now)
+    assert vmfs.told == told + 1 and dropped[-1] == b"h"

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import trio
+import trio.testing
 
 from drvs.fs.server import Call, FsServer
 from drvs.fs.store import Store
@@ -150,5 +151,70 @@ async def test_a_change_made_is_told_even_if_its_caller_gives_up(tmp_path):
         with trio.move_on_after(0.001):
             await later.finish()
         assert server.fabric.told == ["fsc@n2"]
+    finally:
+        server.close()
+
+
+async def absent(server: FsServer, node: str, path: bytes, seq: int = 0) -> None:
+    m = Msg(Call.lookup, to_flat(new(fs.FsRequest, vm="web", path=path, seq=seq)))
+    m.node = node
+    assert (await server.handle(m)).status == -errno.ENOENT
+
+
+async def test_a_node_that_looked_into_a_directory_is_told_of_the_first_name_made_there(tmp_path):
+    """n2 listed the directory (it knows every other name absent): n1's
+    first create there tells n2, which forgets all it knew absent there;
+    so n1's next creates tell nobody -- until n2 looks again, in any way
+    that shows it absent names or the directory's attributes."""
+    server, fabric = serving(tmp_path)
+    await call(server, "n1", Call.mkdir, path=b"d", mode=0o755)
+    await call(server, "n2", Call.readdir, path=b"d")
+    for name in (b"d/a", b"d/b", b"d/c"):
+        await call(server, "n1", Call.mknod, path=name, mode=0o100644)
+    assert fabric.told == ["fsc@n2"]
+    for told, (looks, made) in enumerate( [(lambda: absent(server, "n2", b"d/x"), b"d/x"),
+                        (lambda: call(server, "n2", Call.getattr, path=b"d"), b"d/y"),
+                        (lambda: call(server, "n2", Call.lookup, path=b"d"), b"d/z"),
+                        (lambda: call(server, "n2", Call.readdir, path=b""), b"d/w"),
+                        (lambda: call(server, "n2", Call.setattr, path=b"d", setMask=1, mode=0o750), b"d/v")], 2):
+        await looks()
+        await call(server, "n1", Call.mknod, path=made, mode=0o100644)
+        await call(server, "n1", Call.mknod, path=made + b"2", mode=0o100644)
+        assert fabric.told.count("fsc@n2") == told, made
+
+
+async def test_a_node_holding_a_name_is_told_when_it_goes_though_not_of_names_made(tmp_path):
+    server, fabric = serving(tmp_path)
+    await call(server, "n1", Call.mkdir, path=b"d", mode=0o755)
+    await call(server, "n1", Call.mknod, path=b"d/a", mode=0o100644)
+    await call(server, "n1", Call.mknod, path=b"d/b", mode=0o100644)
+    await call(server, "n2", Call.lookup, path=b"d/a")  # found: n2 knows no name absent
+    await call(server, "n1", Call.mknod, path=b"d/c", mode=0o100644)
+    assert fabric.told == []
+    await call(server, "n1", Call.unlink, path=b"d/b")
+    await call(server, "n1", Call.rename, path=b"d/c", path2=b"d/e")
+    assert fabric.told == ["fsc@n2"] * 2  # (n2 may hold them: it looked into d)
+
+
+async def test_a_node_that_looks_again_while_it_is_told_stays_told(tmp_path):
+    """Its look may have been answered after the change: it is told again."""
+    hold = trio.Event()
+
+    class Held(Invalidations):
+        async def sendrec(self, target, msg, timeout=None, idempotent=False):
+            await hold.wait()
+            return await super().sendrec(target, msg, timeout, idempotent)
+
+    server = FsServer("web", Store(str(tmp_path / "fs"), "web"), Held(), "n1")
+    server.epoch = 1
+    try:
+        await absent(server, "n2", b"a", seq=1)  # (a node numbers its calls)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: call(server, "n1", Call.mknod, path=b"a", mode=0o100644))
+            await trio.testing.wait_all_tasks_blocked()
+            await absent(server, "n2", b"b", seq=2)
+            hold.set()
+        await call(server, "n1", Call.mknod, path=b"b", mode=0o100644)
+        assert server.fabric.told == ["fsc@n2"] * 2
     finally:
         server.close()

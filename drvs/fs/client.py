@@ -131,6 +131,11 @@ class VmFs:
         # cino -> (until, names): TIMEOUT bounds it, as for what the kernel
         # caches, should an invalidation be lost.
         self.known: dict[int, tuple[float, set[bytes]]] = {}
+        # Names this node's kernel may keep as absent from a directory:
+        # cino -> {name: until}.  When the server says the directory changed,
+        # they go with its attributes -- the server then tells this node of
+        # no more names made there until it looks again (FsServer.looked).
+        self.absent: dict[int, dict[bytes, float]] = {}
         self.told = 0  # invalidations received: a reply overtaken by one is not kept
         self.changes = 0  # changes this node began
         self.busy: dict[int, list[int]] = {}  # inode -> [its changes in flight here, changes started]
@@ -315,7 +320,8 @@ class VmFs:
         self.server_root = r.attr.ino
         log.info("%s: a new server (term %d); dropping this node's caches", self.target, epoch)
         entries = [(self.tag | dino, name) for dino, name in self.entries]
-        self.entries = {}
+        entries += [(self.tag | dino, name) for dino, names in self.absent.items() for name in names]
+        self.entries, self.absent = {}, {}
         if self.cache is not None:
             slot = self.tag >> TAG_SHIFT
             self.cache.drop_where(lambda key: key >> TAG_SHIFT != slot)
@@ -408,6 +414,7 @@ class VmFs:
             return self._attr(r.attr, since)
         absent = self._absent(dino, name)
         if absent:
+            self._gave_absent(dino, name, absent)
             neg = pyfuse3.EntryAttributes()
             neg.st_ino, neg.entry_timeout = 0, absent
             return neg
@@ -420,6 +427,8 @@ class VmFs:
             neg = pyfuse3.EntryAttributes()
             # (the server tells this node when it appears, unless it did while this was answered)
             neg.st_ino, neg.entry_timeout = 0, TIMEOUT if since == self.told else 0
+            if neg.entry_timeout:
+                self._gave_absent(dino, name, TIMEOUT)
             return neg
         return self._entry(dino, name, r.attr, since)
 
@@ -500,6 +509,14 @@ class VmFs:
                 if not b[0]:
                     del self.busy[cino]
 
+    def _gave_absent(self, dino: int, name: bytes, timeout: float) -> None:
+        names = self.absent.setdefault(dino, {})
+        now = trio.current_time()
+        names[name] = now + timeout
+        if len(names) % 1024 == 0:  # (the kernel forgot those whose time is up)
+            for n in [n for n, until in names.items() if until <= now]:
+                del names[n]
+
     def _absent(self, dino: int, name: bytes) -> float:
         """Seconds name is known absent from directory dino (0: not known)."""
         known = self.known.get(dino)
@@ -520,14 +537,20 @@ class VmFs:
             self.known[dino] = (trio.current_time() + TIMEOUT, set(names))
 
     def _known_add(self, dino: int, name: bytes) -> None:
+        """This node made name in dino (its kernel holds it now)."""
         known = self.known.get(dino)
         if known is not None:
             known[1].add(name)
+        names = self.absent.get(dino)
+        if names is not None:
+            names.pop(name, None)
 
     def _known_remove(self, dino: int, name: bytes) -> None:
+        """This node removed name from dino (its kernel may keep it absent)."""
         known = self.known.get(dino)
         if known is not None:
             known[1].discard(name)
+        self._gave_absent(dino, name, TIMEOUT)
 
     def _post_op(self, dino: int, r, change: "_Change") -> None:
         a = r.dirAttr
@@ -844,6 +867,7 @@ class VmFs:
                 self.cache.drop(self.tag | node.cino)  # (the server stops telling this node of it)
             self.fresh.pop(node.cino, None)
             self.known.pop(node.cino, None)
+            self.absent.pop(node.cino, None)  # (the kernel forgot the names in it too)
             if node.parent is not None and self.entries.get((node.parent, node.name)) == node.cino:
                 del self.entries[(node.parent, node.name)]
             if node.cino >> GEN_SHIFT == self.gen and node.cino & SMALL < BIG and not self.renewing:
@@ -860,20 +884,24 @@ class VmFs:
         path makes it as the message comes); the kernel's inodes that are
         still to be invalidated, by drop_inodes."""
         self.told += 1
-        for sino in inv.inodes:
-            self.fresh.pop(self._c(sino), None)
-            self.known.pop(self._c(sino), None)
-            if inv.data and self.cache is not None:
-                self.cache.drop(self.tag | self._c(sino))
         for e in inv.entries:
             name, dino = bytes(e.name), self._c(e.attr.ino)
             self.fresh.pop(dino, None)
             self.known.pop(dino, None)
+            self.absent.get(dino, {}).pop(name, None)
             self._forget_entry(dino, name)
             for listing in self.listings.values():
                 if listing.dino == dino:
                     listing.gone.add(name)
             pyfuse3.invalidate_entry_async(self.tag | dino, name, ignore_enoent=True)
+        for sino in inv.inodes:
+            cino = self._c(sino)
+            self.fresh.pop(cino, None)
+            self.known.pop(cino, None)
+            for name in self.absent.pop(cino, ()):  # (a directory: see self.absent)
+                pyfuse3.invalidate_entry_async(self.tag | cino, name, ignore_enoent=True)
+            if inv.data and self.cache is not None:
+                self.cache.drop(self.tag | cino)
         return [self.tag | self._c(sino) for sino in inv.inodes if self._c(sino) in self.inodes]
 
 

@@ -63,15 +63,21 @@ class Changed:
     """What a call changed that other nodes may cache (their kernels must
     drop it before the call is answered)."""
 
-    __slots__ = ("entries", "inodes", "data", "gone")
+    __slots__ = ("entries", "made", "inodes", "dirs", "data", "gone")
 
-    def __init__(self, entries=(), inodes=(), data=False, gone=()):
+    def __init__(self, entries=(), inodes=(), data=False, gone=(), made=(), dirs=()):
+        # entries: (directory, name) that went or now name another object
+        # (told to the nodes that may cache the directory's names); made:
+        # (directory, name) that exist now and did not, and dirs: the
+        # directories whose names changed (told to the nodes that may know
+        # names absent from them, or their attributes: see FsServer.looked).
         # gone: inodes that no longer exist; who cached them is forgotten as
         # soon as it is known whom to tell: the file system may give their
         # numbers to new files, which no node caches yet (else every change
         # of such a file would be sent, and waited for, to nodes that cached
         # its predecessor)
-        self.entries, self.inodes, self.data, self.gone = entries, inodes, data, gone
+        self.entries, self.made, self.inodes, self.dirs = entries, made, inodes, dirs
+        self.data, self.gone = data, gone
 
 
 class FsServer:
@@ -82,6 +88,15 @@ class FsServer:
         # inode -> {node that may cache it (or its entries): the number of
         # that node's last call that showed it}; see forgotten()
         self.interest: dict[int, dict[str, int]] = {}
+        # Of those, directory -> {node that may know its attributes or names
+        # absent from it (a lookup that found none, a listing): the number
+        # of its call that showed them}.  A change of its names is told to
+        # these; the told node forgets all of that (its kernel's absent
+        # names and the directory's attributes), so it is not told of the
+        # next change until it looks again -- a process on one node writing
+        # files into a directory a shell on another once listed pays for
+        # telling that node once, not at every file.
+        self.looked: dict[int, dict[str, int]] = {}
         self.seq = 0  # the number of the call being made (the caller's node counts them)
         self.epoch = 0                          # the term; 0: a replica, not serving
         self.mirrors: dict[str, Mirror] = {}    # the other replicas, while serving
@@ -149,7 +164,7 @@ class FsServer:
         if len(req.closed) and not self._now_ok(Call.release):
             return None  # its closes wait too (a replica being copied must hear of them)
         origin = msg.node or self.here
-        targets: dict[str, tuple[list, set]] = {}
+        targets: dict[str, tuple[list, set, dict]] = {}
         data = False
         for fh in req.closed:  # closes the caller's node left for its next call
             try:
@@ -176,10 +191,11 @@ class FsServer:
         invalidations for a call and the closes it carried); whether data
         changed."""
         more, data = self._now(ctype, req, path, out, origin, payload)
-        for node, (entries, inodes) in more.items():
-            have = targets.setdefault(node, ([], set()))
+        for node, (entries, inodes, looked) in more.items():
+            have = targets.setdefault(node, ([], set(), {}))
             have[0].extend(entries)
             have[1].update(inodes)
+            have[2].update(looked)
         return data
 
     def _now_ok(self, ctype: int) -> bool:
@@ -334,6 +350,7 @@ class FsServer:
         sync: a close waits until the replicas have what was written."""
         self.epoch, self.sync = epoch, sync
         self.interest.clear()  # what the nodes cached was the old server's business
+        self.looked.clear()
         self.next_fh = (epoch << 32) + 1  # never a number an earlier term gave out
         self.others = [n for n in replicas if n != self.here]
 
@@ -424,6 +441,7 @@ class FsServer:
         st = os.stat(dfd)
         fill_attr(out.dirAttr, st)
         self._seen(origin, st.st_ino)
+        self._looked(origin, st.st_ino)
         return st.st_ino
 
     def forgotten(self, node: str, inodes, marks=None) -> None:
@@ -434,23 +452,34 @@ class FsServer:
         later call of node that showed the inode -- one that overtook the
         notice, or came between two deliveries of it -- keeps node told.
         No marks: node is gone, whatever its calls."""
-        for i, ino in enumerate(inodes):
-            nodes = self.interest.get(ino)
-            if nodes is None or node not in nodes:
-                continue
-            if marks is None or nodes[node] <= marks[i]:
-                del nodes[node]
-                if not nodes:
-                    del self.interest[ino]
+        for table in (self.interest, self.looked):
+            for i, ino in enumerate(inodes):
+                nodes = table.get(ino)
+                if nodes is None or node not in nodes:
+                    continue
+                if marks is None or nodes[node] <= marks[i]:
+                    del nodes[node]
+                    if not nodes:
+                        del table[ino]
 
-    def _seen(self, node: str, *inodes: int) -> None:
+    def _seen(self, node: str, *inodes: int, table: dict | None = None) -> None:
         seq = self.seq
+        table = self.interest if table is None else table
         for ino in inodes:
-            nodes = self.interest.get(ino)
+            nodes = table.get(ino)
             if nodes is None:
-                self.interest[ino] = {node: seq}
+                table[ino] = {node: seq}
             elif nodes.get(node, -1) < seq:
                 nodes[node] = seq
+
+    def _looked(self, node: str, dino: int) -> None:
+        self._seen(node, dino, table=self.looked)
+
+    def _shown(self, node: str, st: os.stat_result) -> None:
+        """node was given these attributes (of a directory: see looked)."""
+        self._seen(node, st.st_ino)
+        if stat.S_ISDIR(st.st_mode):
+            self._looked(node, st.st_ino)
 
     async def _tell(self, origin: str, changed: Changed) -> None:
         """Make every node but origin that may cache these drop them, and
@@ -458,21 +487,35 @@ class FsServer:
         forgotten, and its kernel's own timeouts bound what it shows)."""
         await self._tell_targets(self._targets(origin, changed), changed.data)
 
-    def _targets(self, origin: str, changed: Changed) -> dict[str, tuple[list, set]]:
+    def _targets(self, origin: str, changed: Changed) -> dict[str, tuple[list, set, dict]]:
         """The nodes but origin that may cache what changed: {node: (entries,
-        inodes)}.  Inodes that are gone are forgotten here, before any wait:
-        a new file may get their numbers meanwhile."""
-        targets: dict[str, tuple[list, set]] = {}
+        inodes, {directory it looked into: the number its interest had})}.
+        Inodes that are gone are forgotten here, before any wait: a new file
+        may get their numbers meanwhile."""
+        targets: dict[str, tuple[list, set, dict]] = {}
         for dino, name in changed.entries:
             for node in self.interest.get(dino, ()):
                 if node != origin:
-                    targets.setdefault(node, ([], set()))[0].append((dino, name))
+                    targets.setdefault(node, ([], set(), {}))[0].append((dino, name))
+        for dino, name in changed.made:
+            for node in self.looked.get(dino, ()):
+                if node != origin:
+                    entries = targets.setdefault(node, ([], set(), {}))[0]
+                    if (dino, name) not in entries:
+                        entries.append((dino, name))
         for ino in changed.inodes:
             for node in self.interest.get(ino, ()):
                 if node != origin:
-                    targets.setdefault(node, ([], set()))[1].add(ino)
+                    targets.setdefault(node, ([], set(), {}))[1].add(ino)
+        for dino in changed.dirs:
+            for node, seq in self.looked.get(dino, {}).items():
+                if node != origin:
+                    target = targets.setdefault(node, ([], set(), {}))
+                    target[1].add(dino)
+                    target[2][dino] = seq
         for ino in changed.gone:
             self.interest.pop(ino, None)
+            self.looked.pop(ino, None)
         return targets
 
     async def _tell_targets(self, targets: dict, data: bool) -> None:
@@ -481,13 +524,17 @@ class FsServer:
         if targets:
             with trio.CancelScope(shield=True):
                 if len(targets) == 1:  # (the usual case: no task to start and wait for)
-                    (node, (ents, inos)), = targets.items()
-                    return await self._send(node, ents, inos, data)
+                    (node, target), = targets.items()
+                    return await self._send(node, *target, data)
                 async with trio.open_nursery() as nursery:
-                    for node, (ents, inos) in targets.items():
-                        nursery.start_soon(self._send, node, ents, inos, data)
+                    for node, target in targets.items():
+                        nursery.start_soon(self._send, node, *target, data)
 
-    async def _send(self, node: str, entries, inodes, data: bool) -> None:
+    async def _send(self, node: str, entries, inodes, looked: dict, data: bool) -> None:
+        """Tell node; once it dropped them, it no longer knows anything of
+        the directories in looked (its inodes' attributes went, and with
+        them the names it knew absent there), unless a later call of its
+        showed them again."""
         m = fs.Invalidations.new_message(vm=self.vm, data=data)
         es = m.init("entries", len(entries))
         for i, (dino, name) in enumerate(entries):
@@ -503,6 +550,14 @@ class FsServer:
         except IpcError as e:
             log.info("fs@%s: node %s did not drop its caches (%s); forgetting what it cached", self.vm, node, e)
             self.forgotten(node, [ino for ino, nodes in self.interest.items() if node in nodes])
+            self.forgotten(node, [ino for ino, nodes in self.looked.items() if node in nodes])
+            return
+        for dino, seq in looked.items():
+            nodes = self.looked.get(dino)
+            if nodes is not None and nodes.get(node) == seq:
+                del nodes[node]
+                if not nodes:
+                    del self.looked[dino]
 
     # -- calls that read ---------------------------------------------------------------
 
@@ -511,9 +566,14 @@ class FsServer:
             st = self.store.lstat(path)
         else:
             with self.store.at(path) as (dfd, name):
-                self._seen(origin, os.stat(dfd).st_ino)  # also when name is absent: the node caches that
-                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-        self._seen(origin, st.st_ino)
+                dino = os.stat(dfd).st_ino
+                self._seen(origin, dino)
+                try:
+                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    self._looked(origin, dino)  # the node caches the name absent
+                    raise
+        self._shown(origin, st)
         fill_attr(out.attr, st)
 
     def getattr(self, req, path, out, origin) -> None:
@@ -521,7 +581,7 @@ class FsServer:
             st = os.stat(self._file(req.fh).fd)
         else:
             st = self.store.lstat(check_path(path))
-        self._seen(origin, st.st_ino)
+        self._shown(origin, st)
         fill_attr(out.attr, st)
 
     def readlink(self, req, path, out, origin) -> None:
@@ -592,9 +652,10 @@ class FsServer:
                 st = e.stat(follow_symlinks=False)
                 ents[i].name = os.fsencode(e.name)
                 fill_attr(ents[i].attr, st)
-                self._seen(origin, st.st_ino)
+                self._shown(origin, st)
             out.more = len(found) > len(batch)
             self._seen(origin, dino)
+            self._looked(origin, dino)  # (a listing: the node knows every other name absent)
         finally:
             os.close(fd)
 
@@ -620,6 +681,7 @@ class FsServer:
         else:
             with self.store.at(check_path(path)) as (dfd, name):
                 st = self._setattr_at(dfd, name, req, mask)
+        self._shown(origin, st)  # (the reply's attributes: the node keeps them)
         fill_attr(out.attr, st)
         return Changed(inodes=[st.st_ino], data=bool(mask & SET_SIZE))
 
@@ -677,9 +739,9 @@ class FsServer:
                 _undo(dfd, name)  # no half-made entry the replicas never hear of
                 raise
             dino = self._post_op(dfd, out, origin)
-        self._seen(origin, st.st_ino)
+        self._shown(origin, st)  # (a directory made: the node knows it empty)
         fill_attr(out.attr, st)
-        return Changed(entries=[(dino, name)], inodes=[dino])
+        return Changed(made=[(dino, name)], dirs=[dino])
 
     def create(self, req, path, out, origin) -> Changed:
         flags = (req.flags & OPEN_FLAGS) | os.O_NOFOLLOW
@@ -702,7 +764,9 @@ class FsServer:
                     _undo(dfd, name)
                 raise
         self._opened(fd, origin, out, req)
-        return Changed(entries=[(dino, name)], inodes=[dino, out.attr.ino], data=not made)
+        if not made:  # (another node's file, which this open may have truncated)
+            return Changed(inodes=[out.attr.ino], data=True)
+        return Changed(made=[(dino, name)], dirs=[dino])
 
     def unlink(self, req, path, out, origin) -> Changed:
         return self._remove(path, out, origin, lambda dfd, name: os.unlink(name, dir_fd=dfd))
@@ -715,7 +779,7 @@ class FsServer:
             st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
             remove(dfd, name)
             dino = self._post_op(dfd, out, origin)
-        return Changed(entries=[(dino, name)], inodes=[st.st_ino, dino], gone=self._gone(st))
+        return Changed(entries=[(dino, name)], inodes=[st.st_ino], dirs=[dino], gone=self._gone(st))
 
     def _gone(self, st: os.stat_result) -> list[int]:
         """[its inode] if the name just removed was the object's last and
@@ -736,9 +800,9 @@ class FsServer:
             _fs.renameat2(d1, n1, d2, n2, req.flags)
             i1, i2 = os.stat(d1).st_ino, os.stat(d2).st_ino
         if replaced is None:
-            return Changed(entries=[(i1, n1), (i2, n2)], inodes=[moved, i1, i2])
+            return Changed(entries=[(i1, n1)], made=[(i2, n2)], inodes=[moved], dirs=[i1, i2])
         gone = [] if req.flags & _fs.RENAME_EXCHANGE else self._gone(replaced)
-        return Changed(entries=[(i1, n1), (i2, n2)], inodes=[moved, i1, i2, replaced.st_ino], gone=gone)
+        return Changed(entries=[(i1, n1), (i2, n2)], inodes=[moved, replaced.st_ino], dirs=[i1, i2], gone=gone)
 
     def link(self, req, path, out, origin) -> Changed:
         path2 = check_path(bytes(req.path2))
@@ -748,7 +812,7 @@ class FsServer:
             dino = self._post_op(d2, out, origin)
         self._seen(origin, st.st_ino)
         fill_attr(out.attr, st)
-        return Changed(entries=[(dino, n2)], inodes=[st.st_ino, dino])
+        return Changed(made=[(dino, n2)], inodes=[st.st_ino], dirs=[dino])
 
     def flush(self, req, path, out, origin) -> Changed | None:
         f = self._file(req.fh)

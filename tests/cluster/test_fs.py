@@ -234,6 +234,29 @@ def test_names_a_node_knows_absent_appear_once_another_node_makes_them(fsc, d):
         os.open(b / "sub" / "y", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
 
 
+def test_a_node_told_once_of_a_directory_still_sees_every_name_made_there(fsc, d):
+    """n2 lists a directory and looks up names absent from it; n1 then
+    makes them all.  The server tells n2 of the first only (n2 then drops
+    every name its kernel held absent there, and the directory's
+    attributes); each later one appears on n2 at once all the same."""
+    _, a, b = d
+    assert os.listdir(b) == []
+    names = [f"f{i}" for i in range(6)]
+    for name in names:
+        assert not (b / name).exists()  # (n2's kernel keeps each absent)
+    for name in names:
+        (a / name).write_text(name)
+    for name in reversed(names):
+        assert (b / name).read_text() == name
+    assert sorted(os.listdir(b)) == names
+    assert b.stat().st_mtime_ns == a.stat().st_mtime_ns
+    assert not (b / "g").exists()     # n2 looks again: it is told again
+    (a / "g").write_text("g")
+    assert (b / "g").read_text() == "g"
+    os.unlink(a / names[0])           # a name n2 holds goes: it is told, whatever it looked at
+    assert not (b / names[0]).exists()
+
+
 def test_posix_semantics(fsc, d):
     _, a, b = d
     # rename replaces its target atomically, also across directories
