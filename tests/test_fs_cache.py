@@ -387,3 +387,38 @@ async def test_names_n2_gave_absent_go_from_its_kernel_with_their_directory(n2, 
     assert (await vmfs.lookup(root, b"h")).st_ino != 0
     await n3(net.server, Call.unlink, path=b"h")  # (n2 holds h now)
     assert vmfs.told == told + 1 and dropped[-1] == b"h"
+
+
+async def test_a_reply_overtaken_only_by_news_of_other_inodes_is_kept(n2):
+    vmfs, net, cache, root = n2
+    await n3(net.server, Call.mknod, path=b"e", mode=0o100644)
+    await vmfs.lookup(root, b"e")  # (n2 caches e: it is told when e changes)
+    entry = await answered_after(net, Call.lookup, vmfs.lookup(root, b"f"),
+                                 n3(net.server, Call.setattr, path=b"e", setMask=1, mode=0o100600))
+    assert entry.st_ino != 0 and entry.entry_timeout > 0 and entry.attr_timeout > 0
+
+
+async def test_the_roots_attributes_told_changed_while_they_were_answered_are_not_kept(n2):
+    vmfs, net, cache, root = n2
+    attr = await answered_after(net, Call.getattr, vmfs.start(), n3(net.server, Call.mknod, path=b"g", mode=0o100644))
+    assert attr.attr_timeout == 0
+
+
+async def test_what_n2_was_told_is_remembered_only_while_a_reply_could_be_older(n2):
+    vmfs, net, cache, root = n2
+    ino = (await vmfs.lookup(root, b"f")).st_ino
+
+    def told_of(*inodes: int) -> None:
+        m = fs.Invalidations.new_message(vm="web")
+        ins = m.init("inodes", len(inodes))
+        for i, n in enumerate(inodes):
+            ins[i] = n
+        vmfs.invalidated(m)
+
+    async def chmod_and_flood():
+        await n3(net.server, Call.setattr, path=b"f", setMask=1, mode=0o100600)
+        told_of(*range(10**6, 10**6 + 2000))  # (more than are kept when no call is in flight)
+    attr = await answered_after(net, Call.getattr, vmfs.getattr(ino), chmod_and_flood())
+    assert attr.attr_timeout == 0
+    told_of(10**7)
+    assert vmfs.told_of == {}

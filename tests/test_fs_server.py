@@ -218,3 +218,14 @@ async def test_a_node_that_looks_again_while_it_is_told_stays_told(tmp_path):
         assert server.fabric.told == ["fsc@n2"] * 2
     finally:
         server.close()
+
+
+async def test_a_create_that_opens_a_file_another_node_made_tells_only_if_it_truncates(tmp_path):
+    server, fabric = serving(tmp_path)
+    await call(server, "n1", Call.mknod, path=b"f", mode=0o100644)
+    await call(server, "n2", Call.lookup, path=b"f")  # (n2 may cache f's pages)
+    r = await call(server, "n1", Call.create, path=b"f", flags=os.O_WRONLY, mode=0o644)
+    assert fabric.told == []
+    await call(server, "n1", Call.release, fh=r.fh)
+    await call(server, "n1", Call.create, path=b"f", flags=os.O_WRONLY | os.O_TRUNC, mode=0o644)
+    assert fabric.told == ["fsc@n2"]

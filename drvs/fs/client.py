@@ -136,7 +136,13 @@ class VmFs:
         # they go with its attributes -- the server then tells this node of
         # no more names made there until it looks again (FsServer.looked).
         self.absent: dict[int, dict[bytes, float]] = {}
-        self.told = 0  # invalidations received: a reply overtaken by one is not kept
+        self.told = 0  # invalidations received (a new term counts as one of everything)
+        # cino -> self.told when an invalidation last named it (a directory
+        # for its names, or an inode): a reply about it to a call begun
+        # before is not kept (_stale).  Pruned of what no call in flight, or
+        # listing open, began before.
+        self.told_of: dict[int, int] = {}
+        self.all_told = 0  # self.told at the last new term: no reply to a call begun before is kept
         self.changes = 0  # changes this node began
         self.busy: dict[int, list[int]] = {}  # inode -> [its changes in flight here, changes started]
         self.closing: list[int] = []  # server handles closed here, for the next call to a remote server
@@ -157,7 +163,7 @@ class VmFs:
         # restarted drvmmd's calls must number above its predecessor's,
         # which the server may still remember (or receive late).
         self.begun = time.time_ns()
-        self.unanswered: set[int] = set()  # their numbers, until answered
+        self.unanswered: dict[int, int] = {}  # their numbers, until answered -> self.told when begun
         self.renewing = False           # _new_term is under way: numbers of two terms about
         self.reading: list[set] = []    # inodes of the directory listings being read (see _list)
 
@@ -166,7 +172,7 @@ class VmFs:
     async def call(self, ctype, idempotent: bool = False, **fields):
         self.begun += 1
         number = fields["seq"] = self.begun
-        self.unanswered.add(number)
+        self.unanswered[number] = self.told
         try:
             r = await self._local(ctype, fields)
             if r is None:
@@ -175,7 +181,7 @@ class VmFs:
             # (the caller learns what the reply says before any other task
             # runs -- readdir's snapshot aside, see _forgotten -- so an
             # inode the reply makes the kernel cache cancels its notice)
-            self.unanswered.discard(number)
+            del self.unanswered[number]
         if r.epoch > self.epoch:
             await self._new_term(r.epoch)
         elif r.epoch < self.epoch:
@@ -286,13 +292,14 @@ class VmFs:
 
     async def start(self) -> pyfuse3.EntryAttributes:
         """The root's attributes (and the server's answer that it serves)."""
+        since = self.told
         r = await self.call(Call.getattr, idempotent=True, path=b"")
         if not self.root:
             self.server_root, self.root = r.attr.ino, r.attr.ino & ((1 << GEN_SHIFT) - 1)
         node = self._inode(self.root)
         node.parent = None
         node.lookups += 1
-        return self._attr(r.attr)
+        return self._attr(r.attr, since)
 
     async def _new_term(self, epoch: int) -> None:
         """The server changed: what the kernel caches came from the old one.
@@ -314,13 +321,18 @@ class VmFs:
         for listing in self.listings.values():  # snapshots of the old server: read again
             listing.entries = listing.inos = None
         self.gen = (self.gen + 1) % (1 << (TAG_SHIFT - GEN_SHIFT))
+        self.told += 1  # (replies of the old server still on their way are not kept)
+        self.all_told = self.told
+        self.told_of.clear()
         self.big.clear()
         self.fresh.clear()
         self.known.clear()
         self.server_root = r.attr.ino
         log.info("%s: a new server (term %d); dropping this node's caches", self.target, epoch)
         entries = [(self.tag | dino, name) for dino, name in self.entries]
-        entries += [(self.tag | dino, name) for dino, names in self.absent.items() for name in names]
+        now = trio.current_time()
+        entries += [(self.tag | dino, name) for dino, names in self.absent.items()
+                    for name, until in names.items() if until > now]
         self.entries, self.absent = {}, {}
         if self.cache is not None:
             slot = self.tag >> TAG_SHIFT
@@ -376,26 +388,34 @@ class VmFs:
             cino = node.parent
         return b"/".join(reversed(parts))
 
-    def _attr(self, a, since: int | None = None) -> pyfuse3.EntryAttributes:
-        """Attributes for the kernel, from a reply to a call begun when
-        self.told was since (None: known current, no call between).  An
-        invalidation received meanwhile may be of what the reply says --
-        the server sends it after the reply, but on another connection, and
-        it is made here at once while the reply waits for its task -- so
-        the kernel is not to keep that reply (it asks again next time)."""
+    def _stale(self, since: int | None, *cinos: int) -> bool:
+        """Whether a reply about these inodes, to a call begun when
+        self.told was since (None: known current, no call between), may be
+        older than an invalidation received meanwhile -- the server sends it
+        after the reply, but on another connection, and it is made here at
+        once while the reply waits for its task.  Such a reply is not for
+        the kernel to keep (it asks again next time)."""
+        if since is None or since == self.told:
+            return False
+        return since < self.all_told or any(self.told_of.get(cino, -1) > since for cino in cinos)
+
+    def _attr(self, a, since: int | None = None, dino: int | None = None) -> pyfuse3.EntryAttributes:
+        """Attributes for the kernel from a reply (see _stale), of an entry
+        in directory dino if given."""
         e = pyfuse3.EntryAttributes()
         e.st_ino = self.tag | self._c(a.ino)
         e.st_mode, e.st_nlink, e.st_uid, e.st_gid, e.st_rdev = a.mode, a.nlink, a.uid, a.gid, a.rdev
         e.st_size, e.st_blocks, e.st_blksize = a.size, a.blocks, 4096
         e.st_atime_ns, e.st_mtime_ns, e.st_ctime_ns = a.atimeNs, a.mtimeNs, a.ctimeNs
-        e.entry_timeout = e.attr_timeout = TIMEOUT if since is None or since == self.told else 0
+        stale = self._stale(since, self._c(a.ino), *(() if dino is None else (dino,)))
+        e.entry_timeout = e.attr_timeout = 0 if stale else TIMEOUT
         if self.cache is not None and self.cache.files:
             self.cache.seen(e.st_ino, a.size, a.mtimeNs)
         return e
 
     def _entry(self, dino: int, name: bytes, a, since: int) -> pyfuse3.EntryAttributes:
         self._learn(dino, name, a).lookups += 1
-        return self._attr(a, since)
+        return self._attr(a, since, dino)
 
     # -- the kernel's requests -----------------------------------------------------------
 
@@ -425,9 +445,12 @@ class VmFs:
                 raise
             self._forget_entry(dino, name)
             neg = pyfuse3.EntryAttributes()
-            # (the server tells this node when it appears, unless it did while this was answered)
-            neg.st_ino, neg.entry_timeout = 0, TIMEOUT if since == self.told else 0
-            if neg.entry_timeout:
+            # The server tells this node when it appears -- unless it did
+            # while this was answered, or the directory has a number of an
+            # older term (the new server's invalidations never name it).
+            kept = not self._stale(since, dino) and (dino == self.root or dino >> GEN_SHIFT == self.gen)
+            neg.st_ino, neg.entry_timeout = 0, TIMEOUT if kept else 0
+            if kept:
                 self._gave_absent(dino, name, TIMEOUT)
             return neg
         return self._entry(dino, name, r.attr, since)
@@ -512,10 +535,11 @@ class VmFs:
     def _gave_absent(self, dino: int, name: bytes, timeout: float) -> None:
         names = self.absent.setdefault(dino, {})
         now = trio.current_time()
+        new = name not in names
         names[name] = now + timeout
-        if len(names) % 1024 == 0:  # (the kernel forgot those whose time is up)
+        if new and len(names) >= 1024 and not len(names) & (len(names) - 1):  # (at 1024, 2048, ...)
             for n in [n for n, until in names.items() if until <= now]:
-                del names[n]
+                del names[n]  # (the kernel no longer keeps it)
 
     def _absent(self, dino: int, name: bytes) -> float:
         """Seconds name is known absent from directory dino (0: not known)."""
@@ -546,11 +570,11 @@ class VmFs:
             names.pop(name, None)
 
     def _known_remove(self, dino: int, name: bytes) -> None:
-        """This node removed name from dino (its kernel may keep it absent)."""
+        """This node removed name from dino (its kernel's entry for it is
+        expired: the next lookup asks, see self.absent)."""
         known = self.known.get(dino)
         if known is not None:
             known[1].discard(name)
-        self._gave_absent(dino, name, TIMEOUT)
 
     def _post_op(self, dino: int, r, change: "_Change") -> None:
         a = r.dirAttr
@@ -797,7 +821,7 @@ class VmFs:
         for i, (name, a) in enumerate(listing.entries[start_id:], start_id):
             if name in gone:
                 continue
-            if not pyfuse3.readdir_reply(token, name, self._attr(a, listing.told), i + 1):
+            if not pyfuse3.readdir_reply(token, name, self._attr(a, listing.told, dino), i + 1):
                 break
             self._learn(dino, name, a).lookups += 1  # readdirplus: the kernel holds what it took
 
@@ -884,8 +908,10 @@ class VmFs:
         path makes it as the message comes); the kernel's inodes that are
         still to be invalidated, by drop_inodes."""
         self.told += 1
+        told, told_of = self.told, self.told_of
         for e in inv.entries:
             name, dino = bytes(e.name), self._c(e.attr.ino)
+            told_of[dino] = told
             self.fresh.pop(dino, None)
             self.known.pop(dino, None)
             self.absent.get(dino, {}).pop(name, None)
@@ -894,15 +920,27 @@ class VmFs:
                 if listing.dino == dino:
                     listing.gone.add(name)
             pyfuse3.invalidate_entry_async(self.tag | dino, name, ignore_enoent=True)
+        now = trio.current_time()
         for sino in inv.inodes:
             cino = self._c(sino)
+            told_of[cino] = told
             self.fresh.pop(cino, None)
             self.known.pop(cino, None)
-            for name in self.absent.pop(cino, ()):  # (a directory: see self.absent)
-                pyfuse3.invalidate_entry_async(self.tag | cino, name, ignore_enoent=True)
+            for name, until in self.absent.pop(cino, {}).items():  # (a directory: see self.absent)
+                if until > now:
+                    pyfuse3.invalidate_entry_async(self.tag | cino, name, ignore_enoent=True)
             if inv.data and self.cache is not None:
                 self.cache.drop(self.tag | cino)
+        if len(told_of) > 1024:
+            self._prune_told_of()
         return [self.tag | self._c(sino) for sino in inv.inodes if self._c(sino) in self.inodes]
+
+    def _prune_told_of(self) -> None:
+        """Forget when inodes were last told of that no reply still to come
+        (to a call in flight, or in a listing open) began before."""
+        floor = min([*self.unanswered.values(), *(listing.told for listing in self.listings.values()
+                                                   if listing.entries is not None)], default=self.told)
+        self.told_of = {cino: told for cino, told in self.told_of.items() if told > floor}
 
 
 async def drop_inodes(inodes: list, attr_only: bool) -> None:

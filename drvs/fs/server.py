@@ -63,21 +63,20 @@ class Changed:
     """What a call changed that other nodes may cache (their kernels must
     drop it before the call is answered)."""
 
-    __slots__ = ("entries", "made", "inodes", "dirs", "data", "gone")
+    __slots__ = ("entries", "inodes", "dirs", "data", "gone")
 
-    def __init__(self, entries=(), inodes=(), data=False, gone=(), made=(), dirs=()):
+    def __init__(self, entries=(), inodes=(), data=False, gone=(), dirs=()):
         # entries: (directory, name) that went or now name another object
-        # (told to the nodes that may cache the directory's names); made:
-        # (directory, name) that exist now and did not, and dirs: the
-        # directories whose names changed (told to the nodes that may know
-        # names absent from them, or their attributes: see FsServer.looked).
+        # (told to the nodes that may cache the directory's names); dirs:
+        # the directories whose names changed, one made there included
+        # (told to the nodes that may know names absent from them, or their
+        # attributes, which drop all of that: see FsServer.looked).
         # gone: inodes that no longer exist; who cached them is forgotten as
         # soon as it is known whom to tell: the file system may give their
         # numbers to new files, which no node caches yet (else every change
         # of such a file would be sent, and waited for, to nodes that cached
         # its predecessor)
-        self.entries, self.made, self.inodes, self.dirs = entries, made, inodes, dirs
-        self.data, self.gone = data, gone
+        self.entries, self.inodes, self.dirs, self.data, self.gone = entries, inodes, dirs, data, gone
 
 
 class FsServer:
@@ -436,8 +435,8 @@ class FsServer:
     def _post_op(self, dfd: int, out, origin: str) -> int:
         """The changed directory's attributes into the reply (its inode
         number returned): the kernel drops its own after each create or
-        remove and would ask for them at once.  The origin is told when
-        another node changes the directory, as for anything it caches."""
+        remove and would ask for them at once.  The origin keeps them: it
+        is told of the next change another node makes there (looked)."""
         st = os.stat(dfd)
         fill_attr(out.dirAttr, st)
         self._seen(origin, st.st_ino)
@@ -463,6 +462,8 @@ class FsServer:
                         del table[ino]
 
     def _seen(self, node: str, *inodes: int, table: dict | None = None) -> None:
+        if not self.epoch:
+            return  # a replica: it tells nobody (promote starts afresh)
         seq = self.seq
         table = self.interest if table is None else table
         for ino in inodes:
@@ -497,12 +498,6 @@ class FsServer:
             for node in self.interest.get(dino, ()):
                 if node != origin:
                     targets.setdefault(node, ([], set(), {}))[0].append((dino, name))
-        for dino, name in changed.made:
-            for node in self.looked.get(dino, ()):
-                if node != origin:
-                    entries = targets.setdefault(node, ([], set(), {}))[0]
-                    if (dino, name) not in entries:
-                        entries.append((dino, name))
         for ino in changed.inodes:
             for node in self.interest.get(ino, ()):
                 if node != origin:
@@ -549,8 +544,7 @@ class FsServer:
                 raise IpcError(reply.error, -reply.status)
         except IpcError as e:
             log.info("fs@%s: node %s did not drop its caches (%s); forgetting what it cached", self.vm, node, e)
-            self.forgotten(node, [ino for ino, nodes in self.interest.items() if node in nodes])
-            self.forgotten(node, [ino for ino, nodes in self.looked.items() if node in nodes])
+            self.forgotten(node, [ino for ino, nodes in self.interest.items() if node in nodes])  # (looked too)
             return
         for dino, seq in looked.items():
             nodes = self.looked.get(dino)
@@ -741,7 +735,7 @@ class FsServer:
             dino = self._post_op(dfd, out, origin)
         self._shown(origin, st)  # (a directory made: the node knows it empty)
         fill_attr(out.attr, st)
-        return Changed(made=[(dino, name)], dirs=[dino])
+        return Changed(dirs=[dino])
 
     def create(self, req, path, out, origin) -> Changed:
         flags = (req.flags & OPEN_FLAGS) | os.O_NOFOLLOW
@@ -765,8 +759,8 @@ class FsServer:
                 raise
         self._opened(fd, origin, out, req)
         if not made:  # (another node's file, which this open may have truncated)
-            return Changed(inodes=[out.attr.ino], data=True)
-        return Changed(made=[(dino, name)], dirs=[dino])
+            return Changed(inodes=[out.attr.ino], data=True) if req.flags & os.O_TRUNC else None
+        return Changed(dirs=[dino])
 
     def unlink(self, req, path, out, origin) -> Changed:
         return self._remove(path, out, origin, lambda dfd, name: os.unlink(name, dir_fd=dfd))
@@ -800,7 +794,7 @@ class FsServer:
             _fs.renameat2(d1, n1, d2, n2, req.flags)
             i1, i2 = os.stat(d1).st_ino, os.stat(d2).st_ino
         if replaced is None:
-            return Changed(entries=[(i1, n1)], made=[(i2, n2)], inodes=[moved], dirs=[i1, i2])
+            return Changed(entries=[(i1, n1)], inodes=[moved], dirs=[i1, i2])
         gone = [] if req.flags & _fs.RENAME_EXCHANGE else self._gone(replaced)
         return Changed(entries=[(i1, n1), (i2, n2)], inodes=[moved, replaced.st_ino], dirs=[i1, i2], gone=gone)
 
@@ -812,7 +806,7 @@ class FsServer:
             dino = self._post_op(d2, out, origin)
         self._seen(origin, st.st_ino)
         fill_attr(out.attr, st)
-        return Changed(made=[(dino, n2)], inodes=[st.st_ino], dirs=[dino])
+        return Changed(inodes=[st.st_ino], dirs=[dino])
 
     def flush(self, req, path, out, origin) -> Changed | None:
         f = self._file(req.fh)
