@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from drvs.fs.server import Call, FsServer
+from drvs.fs.server import WRITE_KILL_SUIDGID, Call, FsServer
 from drvs.fs.store import Store
 from drvs.ipc.message import IpcError, Later, Msg
 from drvs.ipc.schema import from_flat, fs, new, to_flat
@@ -229,3 +229,17 @@ async def test_a_create_that_opens_a_file_another_node_made_tells_only_if_it_tru
     await call(server, "n1", Call.release, fh=r.fh)
     await call(server, "n1", Call.create, path=b"f", flags=os.O_WRONLY | os.O_TRUNC, mode=0o644)
     assert fabric.told == ["fsc@n2"]
+
+
+@pytest.mark.parametrize("mode, left", [(0o6775, 0o775), (0o4755, 0o755), (0o2745, 0o2745), (0o755, 0o755)])
+async def test_a_write_asked_to_drops_set_id_bits_as_linux_does(tmp_path, mode, left):
+    """(setgid without group execute marks mandatory locking: kept.)"""
+    server, fabric = serving(tmp_path)
+    r = await call(server, "n1", Call.create, path=b"f", flags=os.O_WRONLY, mode=0o644)
+    await call(server, "n2", Call.lookup, path=b"f")
+    os.chmod(server.store.base + "/root/f", mode)
+    await call(server, "n1", Call.write, fh=r.fh, offset=0, data=b"x")
+    assert server.store.lstat(b"f").st_mode & 0o7777 == mode and fabric.told == []
+    await call(server, "n1", Call.write, fh=r.fh, offset=1, data=b"y", flags=WRITE_KILL_SUIDGID)
+    assert server.store.lstat(b"f").st_mode & 0o7777 == left
+    assert fabric.told == ([] if left == mode else ["fsc@n2"])  # (n2 caches its mode)

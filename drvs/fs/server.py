@@ -44,6 +44,7 @@ HANDLE_CALLS = {Call.write, Call.release, Call.fsync, Call.setattr, Call.flush}
 REAP_EVERY = 5.0  # seconds between looks for open files of nodes that left
 OPEN_FLAGS = os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC | os.O_NOATIME
 SET_MODE, SET_UID, SET_GID, SET_SIZE, SET_ATIME, SET_MTIME = 1, 2, 4, 8, 16, 32
+WRITE_KILL_SUIDGID = 1  # a write's flags: as the kernel's FUSE_WRITE_KILL_SUIDGID (see write)
 
 
 def fill_attr(a, st: os.stat_result) -> None:
@@ -625,13 +626,16 @@ class FsServer:
     def read(self, req, path, out, origin) -> None:
         out.data = self.local_read(req.fh, req.offset, req.size)
 
-    def write(self, req, path, out, origin) -> None:
+    def write(self, req, path, out, origin) -> Changed | None:
         f = self._file(req.fh)
         out.size = os.pwrite(f.fd, req.data, req.offset)
         f.wrote = True
         # Whether the writer's close has anything to do: tell other nodes
         # that cache the file, or (--fs-sync) wait for the replicas.
         out.shared = self.sync or any(node != origin for node in self.interest.get(f.ino, ()))
+        if req.flags & WRITE_KILL_SUIDGID and _kill_suidgid(f.fd):
+            return Changed(inodes=[f.ino])  # (its mode)
+        return None
 
     def readdir(self, req, path, out, origin) -> None:
         fd = self.store.open(check_path(path), os.O_RDONLY | os.O_DIRECTORY)
@@ -897,6 +901,20 @@ def _own(dfd: int, name: bytes, req) -> os.stat_result:
         os.chmod(name, mode, dir_fd=dfd)
         st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
     return st
+
+
+def _kill_suidgid(fd: int) -> bool:
+    """As a write by a process without CAP_FSETID does on Linux: the file
+    loses setuid, and setgid if group-executable (else it marks mandatory
+    locking).  The store is written as root, which keeps them, so the
+    client asks for it where the kernel would have (drvs/fs/client.py,
+    open).  Whether the mode changed."""
+    mode = os.fstat(fd).st_mode
+    kill = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
+    if not mode & kill:
+        return False
+    os.fchmod(fd, stat.S_IMODE(mode) & ~kill)
+    return True
 
 
 def _undo(dfd: int, name: bytes) -> None:

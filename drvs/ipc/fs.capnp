@@ -24,7 +24,7 @@ enum FsCall {
   open @11;        # path, flags -> fh, attr
   create @12;      # path, flags, mode, caller -> fh, attr
   read @13;        # fh, offset, size -> data
-  write @14;       # fh, offset, data -> size (bytes written), shared
+  write @14;       # fh, offset, data, flags (1: drop setuid, and setgid if group-executable) -> size (bytes written), shared
   release @15;     # fh
   fsync @16;       # fh, flags (1: data only)
   readdir @17;     # path, data (resume after this name, "" from the start) -> entries, more

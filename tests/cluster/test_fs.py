@@ -385,6 +385,35 @@ def test_permissions_are_checked_for_users_other_than_root(fsc, d):
     assert (a / "root-only").stat().st_mode & 0o777 == 0o600
 
 
+def test_a_users_write_drops_set_id_bits_also_where_the_server_is(fsc, d):
+    """On the server's node a file opened only to write bypasses the
+    kernel's pages, and the server drops the set-id bits the kernel would
+    have: a user's write to a file made setuid and setgid while the user
+    had it open loses them, as does one to a file set-id when opened."""
+    name, a, b = d
+    here = a if _df(fsc, "n1").get("server") == "n1" else b
+    os.chmod(here, 0o777)
+    for f in ("before", "during"):
+        (here / f).write_text("v1")
+    os.chmod(here / "before", 0o6777)
+    os.chmod(here / "during", 0o777)
+    script = (f"cd /data/{name}; printf v2 >> before; exec 3>>during; touch opened; "
+              f"while [ ! -e go ]; do sleep 0.05; done; printf v2 >&3")
+    node = "n1" if here == a else "n2"
+    p = subprocess.Popen([str(BIN / "drvs-run"), "--vm", "web", "-u", "1000:1000", "--", "sh", "-c", script],
+                         env={**fsc.env, "DRVS_NODE": node}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait(lambda: (here / "opened").exists() or p.poll() is not None)
+        os.chmod(here / "during", 0o6777)
+        (here / "go").touch()
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 0, err
+    for f in ("before", "during"):
+        assert (here / f).read_text() == "v1v2" and (here / f).stat().st_mode & 0o7777 == 0o777, f
+
+
 def test_real_tools_over_the_file_system(fsc, d, tmp_path):
     name, a, b = d
     src = Path(__file__).resolve().parents[2] / "drvs"
