@@ -39,6 +39,7 @@ class Net:
         self.open_hold: trio.Event | None = None
         self.write_hold: trio.Event | None = None
         self.reply_holds: dict[int, trio.Event] = {}  # call type -> its replies held (made, on their way)
+        self.request_holds: dict[int, trio.Event] = {}  # call type -> its requests held (not yet at the server)
 
     async def sendrec(self, target, msg, timeout=None, idempotent=False):
         if target.startswith("fsc@"):  # (n3 has no caches to drop)
@@ -48,6 +49,8 @@ class Net:
         msg.node = "n2"
         if msg.type == Call.write and self.write_hold is not None:  # (not yet at the server)
             await self.write_hold.wait()
+        if msg.type in self.request_holds:
+            await self.request_holds[msg.type].wait()
         reply = await self.server.handle(msg)
         if msg.type == Call.open and self.open_hold is not None:
             await self.open_hold.wait()
@@ -420,5 +423,42 @@ async def test_what_n2_was_told_is_remembered_only_while_a_reply_could_be_older(
         told_of(*range(10**6, 10**6 + 2000))  # (more than are kept when no call is in flight)
     attr = await answered_after(net, Call.getattr, vmfs.getattr(ino), chmod_and_flood())
     assert attr.attr_timeout == 0
-    told_of(10**7)
+    assert len(vmfs.told_of) > 2000  # (all of it was news to a call in flight)
+    told_of(*range(10**7, 10**7 + 2100))  # (it is pruned again once it doubled)
     assert vmfs.told_of == {}
+
+
+async def test_an_answer_by_a_path_another_node_renamed_meanwhile_is_not_kept(n2):
+    """n2 asks for a/b/f; n3 renames a before the server resolves that path
+    (and n2 is told first): the server's 'absent' is about a path that no
+    longer names n2's b, and must not stand for b/f."""
+    vmfs, net, cache, root = n2
+    await n3(net.server, Call.mkdir, path=b"a", mode=0o755)
+    await n3(net.server, Call.mkdir, path=b"a/b", mode=0o755)
+    await n3(net.server, Call.mknod, path=b"a/b/f", mode=0o100644)
+    a = (await vmfs.lookup(root, b"a")).st_ino
+    b = (await vmfs.lookup(a, b"b")).st_ino
+    net.request_holds[Call.lookup] = hold = trio.Event()
+    got = []
+    async with trio.open_nursery() as nursery:
+        async def lookup():
+            got.append(await vmfs.lookup(b, b"f"))
+        nursery.start_soon(lookup)
+        await trio.testing.wait_all_tasks_blocked()
+        del net.request_holds[Call.lookup]
+        await n3(net.server, Call.rename, path=b"a", path2=b"a2")
+        hold.set()
+    assert got[0].st_ino == 0 and got[0].entry_timeout == 0
+
+
+def test_news_is_kept_for_the_oldest_reply_to_come_then_all_replies_are_taken_as_stale(monkeypatch):
+    vmfs = VmFs("web", 1, None, spawn=lambda *task: None)
+    listing = vmfs.listings[1] = client_mod.Listing(5)
+    listing.told = 5  # (its reading began then; it is still under way)
+    vmfs.unanswered = {100: 7}
+    vmfs.told, vmfs.told_of = 8, {1: 6, 2: 4, 3: 8}
+    vmfs._prune_told_of()
+    assert vmfs.told_of == {1: 6, 3: 8} and vmfs._stale(5, 1) and not vmfs._stale(6, 1)
+    monkeypatch.setattr(client_mod, "TOLD_OF_MAX", 1)
+    vmfs._prune_told_of()  # (too many pinned: every reply on its way is stale instead)
+    assert vmfs.told_of == {} and vmfs._stale(7, 2) and vmfs._stale(5, 1)

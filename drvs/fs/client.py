@@ -46,6 +46,9 @@ GEN_SHIFT = 40        # below the VM's tag: the server's term, as this node coun
 SMALL = (1 << GEN_SHIFT) - 1  # a number of this term: the server's own (below BIG) ...
 BIG = 1 << (GEN_SHIFT - 1)    # ... or one given to a server inode too large (see _c)
 FORGOTTEN_PER_CALL = 512      # notices of dropped inodes one call takes along
+TOLD_OF_PRUNE = 1024          # see VmFs.told_of
+TOLD_OF_MAX = 1 << 16         # beyond this, every reply on its way is taken as stale instead
+ABSENT_GRACE = 1.0            # seconds the kernel may keep a name absent after this node's reckoning
 RETRY_ERRNOS = {errno.ENOENT, errno.ECONNRESET, errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.EREMCHG}
 
 
@@ -65,12 +68,13 @@ class Listing:
     index: the offsets the kernel passes back), the inodes in it, and the
     names another node changed since (not handed out: a stale entry would
     be taken as current); told: the invalidations received when it was
-    taken (see _attr)."""
+    taken, None before (see _attr); still: its directory still had the
+    path it was read by when its reading ended."""
 
-    __slots__ = ("dino", "entries", "inos", "gone", "told")
+    __slots__ = ("dino", "entries", "inos", "gone", "told", "still")
 
     def __init__(self, dino: int):
-        self.dino, self.entries, self.inos, self.gone, self.told = dino, None, None, set(), 0
+        self.dino, self.entries, self.inos, self.gone, self.told, self.still = dino, None, None, set(), None, True
 
 
 class Handle:
@@ -144,6 +148,7 @@ class VmFs:
         # before is not kept (_stale).  Pruned of what no call in flight, or
         # listing open, began before.
         self.told_of: dict[int, int] = {}
+        self.told_of_max = TOLD_OF_PRUNE  # its size that prunes it next (doubles while it stays large)
         self.all_told = 0  # self.told at the last new term: no reply to a call begun before is kept
         self.changes = 0  # changes this node began
         self.busy: dict[int, list[int]] = {}  # inode -> [its changes in flight here, changes started]
@@ -334,7 +339,7 @@ class VmFs:
         entries = [(self.tag | dino, name) for dino, name in self.entries]
         now = trio.current_time()
         entries += [(self.tag | dino, name) for dino, names in self.absent.items()
-                    for name, until in names.items() if until > now]
+                    for name, until in names.items() if until > now - ABSENT_GRACE]
         self.entries, self.absent = {}, {}
         if self.cache is not None:
             slot = self.tag >> TAG_SHIFT
@@ -401,23 +406,34 @@ class VmFs:
             return False
         return since < self.all_told or any(self.told_of.get(cino, -1) > since for cino in cinos)
 
-    def _attr(self, a, since: int | None = None, dino: int | None = None) -> pyfuse3.EntryAttributes:
+    def _asked(self, ino: int, path: bytes) -> bool:
+        """Whether inode ino still has the path a call about it was sent
+        with: if an ancestor was renamed meanwhile (by another node: its
+        invalidation undid the name here; or by this one), the server may
+        have answered about whatever that path named."""
+        try:
+            return self.path(ino) == path
+        except pyfuse3.FUSEError:
+            return False
+
+    def _attr(self, a, since: int | None = None, dino: int | None = None,
+              still: bool = True) -> pyfuse3.EntryAttributes:
         """Attributes for the kernel from a reply (see _stale), of an entry
-        in directory dino if given."""
+        in directory dino if given; not to be kept unless still (_asked)."""
         e = pyfuse3.EntryAttributes()
         e.st_ino = self.tag | self._c(a.ino)
         e.st_mode, e.st_nlink, e.st_uid, e.st_gid, e.st_rdev = a.mode, a.nlink, a.uid, a.gid, a.rdev
         e.st_size, e.st_blocks, e.st_blksize = a.size, a.blocks, 4096
         e.st_atime_ns, e.st_mtime_ns, e.st_ctime_ns = a.atimeNs, a.mtimeNs, a.ctimeNs
-        stale = self._stale(since, self._c(a.ino), *(() if dino is None else (dino,)))
+        stale = not still or self._stale(since, self._c(a.ino), *(() if dino is None else (dino,)))
         e.entry_timeout = e.attr_timeout = 0 if stale else TIMEOUT
         if self.cache is not None and self.cache.files:
             self.cache.seen(e.st_ino, a.size, a.mtimeNs)
         return e
 
-    def _entry(self, dino: int, name: bytes, a, since: int) -> pyfuse3.EntryAttributes:
+    def _entry(self, dino: int, name: bytes, a, since: int, still: bool) -> pyfuse3.EntryAttributes:
         self._learn(dino, name, a).lookups += 1
-        return self._attr(a, since, dino)
+        return self._attr(a, since, dino, still)
 
     # -- the kernel's requests -----------------------------------------------------------
 
@@ -440,8 +456,9 @@ class VmFs:
             neg = pyfuse3.EntryAttributes()
             neg.st_ino, neg.entry_timeout = 0, absent
             return neg
+        where = self.path(parent)
         try:
-            r = await self.call(Call.lookup, idempotent=True, path=join(self.path(parent), name))
+            r = await self.call(Call.lookup, idempotent=True, path=join(where, name))
         except pyfuse3.FUSEError as e:
             if e.errno != errno.ENOENT:
                 raise
@@ -450,12 +467,13 @@ class VmFs:
             # The server tells this node when it appears -- unless it did
             # while this was answered, or the directory has a number of an
             # older term (the new server's invalidations never name it).
-            kept = not self._stale(since, dino) and (dino == self.root or dino >> GEN_SHIFT == self.gen)
+            kept = (not self._stale(since, dino) and self._asked(parent, where)
+                    and (dino == self.root or dino >> GEN_SHIFT == self.gen))
             neg.st_ino, neg.entry_timeout = 0, TIMEOUT if kept else 0
             if kept:
                 self._gave_absent(dino, name, TIMEOUT)
             return neg
-        return self._entry(dino, name, r.attr, since)
+        return self._entry(dino, name, r.attr, since, self._asked(parent, where))
 
     async def getattr(self, inode, ctx=None):
         fresh = self.fresh.get(inode & MASK)
@@ -469,9 +487,10 @@ class VmFs:
         node, since = self.inodes.get(inode & MASK), self.told
         if node is not None and node.open:  # also after the file was unlinked
             r = await self.call(Call.getattr, idempotent=True, fh=node.open[-1].sfh)
-        else:
-            r = await self.call(Call.getattr, idempotent=True, path=self.path(inode))
-        return self._attr(r.attr, since)
+            return self._attr(r.attr, since)
+        where = self.path(inode)
+        r = await self.call(Call.getattr, idempotent=True, path=where)
+        return self._attr(r.attr, since, still=self._asked(inode, where))
 
     async def setattr(self, inode, attr, fields, fh, ctx):
         mask = ((SET_MODE if fields.update_mode else 0) | (SET_UID if fields.update_uid else 0)
@@ -480,12 +499,13 @@ class VmFs:
         args = dict(setMask=mask, mode=attr.st_mode, uid=attr.st_uid, gid=attr.st_gid, size=attr.st_size,
                     atimeNs=attr.st_atime_ns, mtimeNs=attr.st_mtime_ns)
         h = self.handles.get(fh) if fh is not None else None
+        where = None if h is not None else self.path(inode)
         with self._changing(inode & MASK) as change, self._writing(inode if fields.update_size else None):
             if h is not None:
                 r = await self.call(Call.setattr, fh=h.sfh, **args)
             else:
-                r = await self.call(Call.setattr, path=self.path(inode), **args)
-        return self._attr(r.attr, change.told)
+                r = await self.call(Call.setattr, path=where, **args)
+        return self._attr(r.attr, change.told, still=where is None or self._asked(inode, where))
 
     @contextlib.contextmanager
     def _writing(self, ino: int | None):
@@ -540,7 +560,7 @@ class VmFs:
         new = name not in names
         names[name] = now + timeout
         if new and len(names) >= 1024 and not len(names) & (len(names) - 1):  # (at 1024, 2048, ...)
-            for n in [n for n, until in names.items() if until <= now]:
+            for n in [n for n, until in names.items() if until <= now - ABSENT_GRACE]:
                 del names[n]  # (the kernel no longer keeps it)
 
     def _absent(self, dino: int, name: bytes) -> float:
@@ -587,12 +607,12 @@ class VmFs:
             self.fresh.pop(dino, None)
 
     async def _make(self, ctype, parent, name, ctx, **fields):
-        dino = parent & MASK
+        dino, where = parent & MASK, self.path(parent)
         with self._changing(dino) as change:
-            r = await self.call(ctype, path=join(self.path(parent), name), caller=caller(ctx), **fields)
+            r = await self.call(ctype, path=join(where, name), caller=caller(ctx), **fields)
             self._post_op(dino, r, change)
         self._known_add(dino, name)
-        entry = self._entry(dino, name, r.attr, change.told)
+        entry = self._entry(dino, name, r.attr, change.told, self._asked(parent, where))
         if ctype == Call.mkdir:
             self._now_known(self._c(r.attr.ino), (), change)
         return entry
@@ -607,12 +627,12 @@ class VmFs:
         return await self._make(Call.symlink, parent, name, ctx, data=target)
 
     async def link(self, inode, new_parent, new_name, ctx):
-        dino = new_parent & MASK
+        dino, where = new_parent & MASK, self.path(new_parent)
         with self._changing(dino, inode & MASK) as change:  # (its link count changes)
-            r = await self.call(Call.link, path=self.path(inode), path2=join(self.path(new_parent), new_name))
+            r = await self.call(Call.link, path=self.path(inode), path2=join(where, new_name))
             self._post_op(dino, r, change)
         self._known_add(dino, new_name)
-        return self._entry(dino, new_name, r.attr, change.told)
+        return self._entry(dino, new_name, r.attr, change.told, self._asked(new_parent, where))
 
     async def unlink(self, parent, name, ctx):
         await self._remove(Call.unlink, parent, name)
@@ -690,13 +710,12 @@ class VmFs:
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=direct)
 
     async def create(self, parent, name, mode, flags, ctx):
-        dino = parent & MASK
+        dino, where = parent & MASK, self.path(parent)
         with self._changing(dino) as change:
-            r = await self.call(Call.create, path=join(self.path(parent), name), flags=flags, mode=mode,
-                                caller=caller(ctx))
+            r = await self.call(Call.create, path=join(where, name), flags=flags, mode=mode, caller=caller(ctx))
             self._post_op(dino, r, change)
         self._known_add(dino, name)
-        entry = self._entry(dino, name, r.attr, change.told)
+        entry = self._entry(dino, name, r.attr, change.told, self._asked(parent, where))
         return self._opened(r, flags), entry
 
     def _h(self, fh) -> Handle:
@@ -832,12 +851,14 @@ class VmFs:
             # kernel later, and keeps its notices back (_forgotten).
             listing.gone = set()  # (before: a change told while it is read may be in it)
             listing.told = self.told
+            where = self.path(self.tag | listing.dino)
             listing.entries, listing.inos = await self._list(listing.dino)
+            listing.still = self._asked(self.tag | listing.dino, where)
         dino, gone = listing.dino, listing.gone
         for i, (name, a) in enumerate(listing.entries[start_id:], start_id):
             if name in gone:
                 continue
-            if not pyfuse3.readdir_reply(token, name, self._attr(a, listing.told, dino), i + 1):
+            if not pyfuse3.readdir_reply(token, name, self._attr(a, listing.told, dino, listing.still), i + 1):
                 break
             self._learn(dino, name, a).lookups += 1  # readdirplus: the kernel holds what it took
 
@@ -943,20 +964,27 @@ class VmFs:
             self.fresh.pop(cino, None)
             self.known.pop(cino, None)
             for name, until in self.absent.pop(cino, {}).items():  # (a directory: see self.absent)
-                if until > now:
+                if until > now - ABSENT_GRACE:
                     pyfuse3.invalidate_entry_async(self.tag | cino, name, ignore_enoent=True)
             if inv.data and self.cache is not None:
                 self.cache.drop(self.tag | cino)
-        if len(told_of) > 1024:
+        if len(told_of) > self.told_of_max:
             self._prune_told_of()
         return [self.tag | self._c(sino) for sino in inv.inodes if self._c(sino) in self.inodes]
 
     def _prune_told_of(self) -> None:
         """Forget when inodes were last told of that no reply still to come
-        (to a call in flight, or in a listing open) began before."""
+        (to a call in flight, or in a listing open) began before; should
+        that leave too many (a listing kept open pins them), take every
+        reply on its way as stale instead."""
         floor = min([*self.unanswered.values(), *(listing.told for listing in self.listings.values()
-                                                   if listing.entries is not None)], default=self.told)
+                                                   if listing.told is not None)], default=self.told)
         self.told_of = {cino: told for cino, told in self.told_of.items() if told > floor}
+        if len(self.told_of) > TOLD_OF_MAX:
+            self.all_told = self.told + 1
+            self.told += 1
+            self.told_of = {}
+        self.told_of_max = max(TOLD_OF_PRUNE, 2 * len(self.told_of))
 
 
 async def drop_inodes(inodes: list, attr_only: bool) -> None:

@@ -64,9 +64,9 @@ class Changed:
     """What a call changed that other nodes may cache (their kernels must
     drop it before the call is answered)."""
 
-    __slots__ = ("entries", "inodes", "dirs", "data", "gone")
+    __slots__ = ("entries", "inodes", "dirs", "data", "gone", "origin_too")
 
-    def __init__(self, entries=(), inodes=(), data=False, gone=(), dirs=()):
+    def __init__(self, entries=(), inodes=(), data=False, gone=(), dirs=(), origin_too=False):
         # entries: (directory, name) that went or now name another object
         # (told to the nodes that may cache the directory's names); dirs:
         # the directories whose names changed, one made there included
@@ -76,8 +76,11 @@ class Changed:
         # soon as it is known whom to tell: the file system may give their
         # numbers to new files, which no node caches yet (else every change
         # of such a file would be sent, and waited for, to nodes that cached
-        # its predecessor)
+        # its predecessor).  origin_too: the caller's node is told as well
+        # (the server changed more than the caller asked for, and its
+        # kernel would not know).
         self.entries, self.inodes, self.dirs, self.data, self.gone = entries, inodes, dirs, data, gone
+        self.origin_too = origin_too
 
 
 class FsServer:
@@ -495,6 +498,8 @@ class FsServer:
         Inodes that are gone are forgotten here, before any wait: a new file
         may get their numbers meanwhile."""
         targets: dict[str, tuple[list, set, dict]] = {}
+        if changed.origin_too:
+            origin = None
         for dino, name in changed.entries:
             for node in self.interest.get(dino, ()):
                 if node != origin:
@@ -628,13 +633,15 @@ class FsServer:
 
     def write(self, req, path, out, origin) -> Changed | None:
         f = self._file(req.fh)
+        # (bits first, as Linux: a crash between leaves no new data set-id)
+        killed = req.flags & WRITE_KILL_SUIDGID and _kill_suidgid(f.fd)
         out.size = os.pwrite(f.fd, req.data, req.offset)
         f.wrote = True
         # Whether the writer's close has anything to do: tell other nodes
         # that cache the file, or (--fs-sync) wait for the replicas.
         out.shared = self.sync or any(node != origin for node in self.interest.get(f.ino, ()))
-        if req.flags & WRITE_KILL_SUIDGID and _kill_suidgid(f.fd):
-            return Changed(inodes=[f.ino])  # (its mode)
+        if killed:  # its mode: every node caching it, the writer's too (its kernel keeps S_ISUID)
+            return Changed(inodes=[f.ino], origin_too=True)
         return None
 
     def readdir(self, req, path, out, origin) -> None:
@@ -905,10 +912,11 @@ def _own(dfd: int, name: bytes, req) -> os.stat_result:
 
 def _kill_suidgid(fd: int) -> bool:
     """As a write by a process without CAP_FSETID does on Linux: the file
-    loses setuid, and setgid if group-executable (else it marks mandatory
-    locking).  The store is written as root, which keeps them, so the
-    client asks for it where the kernel would have (drvs/fs/client.py,
-    open).  Whether the mode changed."""
+    loses setuid, and setgid if group-executable (Linux also drops a
+    setgid without group execute when the writer is not in the file's
+    group; that is kept here).  The store is written as root, which keeps
+    them, so the client asks for it where the kernel would have
+    (drvs/fs/client.py, _opened).  Whether the mode changed."""
     mode = os.fstat(fd).st_mode
     kill = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
     if not mode & kill:
