@@ -18,7 +18,9 @@ file's pages were dropped), the cached re-read, random 4 KiB reads (pages
 dropped; then again once the kernel also forgot the file, which empties a
 DRVS node's own cache of it, drvs/fs/cache.py), small files created+written+closed, stat'ed (cached) and
 unlinked per second, and `tar x` of this repository's sources.  Ratios:
-(a)/(d), (b)/(d), and for the cached figures (a)/tmpfs."""
+(a)/(d), (b)/(d), and for the cached figures (a)/tmpfs.  Last, files made
+per second on n1 in a directory n2 listed once, beside one n2 never
+looked into (the best of two of each)."""
 
 import argparse
 import io
@@ -137,6 +139,28 @@ def source_tar() -> tuple[bytes, int]:
     return buf.getvalue(), count
 
 
+def shared_creates(here: Path, there: Path, n: int) -> dict:
+    """Files made (create+close) per second on one node, in a directory
+    another node listed once before, beside one it never looked into: the
+    server tells that node of the first name made there, not of every one."""
+    out = {}
+    for case, looked in (("never looked", False), ("listed once", True), ("never looked", False),
+                         ("listed once", True)):
+        name = f"shared-{case.replace(' ', '-')}-{len(out)}-{time.monotonic_ns()}"
+        (here / name).mkdir()
+        if looked:
+            os.listdir(there / name)
+        dfd = os.open(here / name, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            t = time.perf_counter()
+            for i in range(n):
+                os.close(os.open(f"f{i}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644, dir_fd=dfd))
+            out.setdefault(case, []).append(n / (time.perf_counter() - t))
+        finally:
+            os.close(dfd)
+    return {case: max(rates) for case, rates in out.items()}
+
+
 def tar_x(d: Path, tarball: Path) -> float:
     target = d / "tree"
     target.mkdir()
@@ -237,6 +261,7 @@ def main() -> int:
                 d.mkdir()
                 runs.append(measure(d, args.size_mib, args.files, tarball))
             results[label] = {f: statistics.median(r[f] for r in runs) for f in runs[0]}
+        shared = shared_creates(views["n1"] / "one", views["n2"] / "one", args.files // 2)
     finally:
         if memfs is not None:
             memfs.terminate()
@@ -251,6 +276,9 @@ def main() -> int:
                 subprocess.run(["umount", str(state)])
             subprocess.run(["rm", "-rf", str(work)])
     report(results, args, tar_files)
+    print(f"creates/s on n1 (its server there), in a directory n2 listed once: {shared['listed once']:.0f}; "
+          f"where n2 never looked: {shared['never looked']:.0f}; "
+          f"ratio {shared['listed once'] / shared['never looked']:.2f}")
     return 0
 
 
