@@ -462,3 +462,15 @@ def test_news_is_kept_for_the_oldest_reply_to_come_then_all_replies_are_taken_as
     monkeypatch.setattr(client_mod, "TOLD_OF_MAX", 1)
     vmfs._prune_told_of()  # (too many pinned: every reply on its way is stale instead)
     assert vmfs.told_of == {} and vmfs._stale(7, 2) and vmfs._stale(5, 1)
+
+
+async def test_a_new_term_drops_the_names_n2_gave_absent(n2):
+    """The new server never heard of them: it would not tell n2 when they appear."""
+    vmfs, net, cache, root = n2
+    spawned = []
+    vmfs.spawn = lambda task, *args: spawned.append(args)
+    assert (await vmfs.lookup(root, b"g")).entry_timeout > 0
+    net.server.epoch = 2  # (as a fail-over would: the next reply is of a new term)
+    await vmfs.getattr(root)
+    (entries, inodes), = spawned
+    assert (root, b"g") in entries and vmfs.absent == {}
