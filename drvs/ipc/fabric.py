@@ -79,20 +79,17 @@ class Peer:
         self.client, self.node, self.address = client, node_cap, address
 
 
-# Where a sendrec's message and reply are in its parameters and results;
-# the pointers from an RPC message to the payload of a sendrec's reply:
+# The pointers from an RPC message to the payload of a sendrec's reply:
 # Message.return -> Return.results -> Payload.content -> reply -> payload.
-_MSG = pointer_index(schema.Node.schema.methods["sendrec"].param_type, "msg")
-_REPLY = pointer_index(schema.Node.schema.methods["sendrec"].result_type, "reply")
 _REPLY_PAYLOAD = (pointer_index(rpc.Message.schema, "return"), pointer_index(rpc.Return.schema, "results"),
-                  pointer_index(rpc.Payload.schema, "content"), _REPLY,
+                  pointer_index(rpc.Payload.schema, "content"),
+                  pointer_index(schema.Node.schema.methods["sendrec"].result_type, "reply"),
                   pointer_index(schema.Message.schema, "payload"))
 
 
 def _fill_reply(results, reply: Msg):
     """Set a sendrec's results to reply (a large payload out of line)."""
-    bulk = reply.fill(results.init("reply"), bulk=True)
-    return bulk.under(_REPLY) if bulk is not None else None
+    return reply.fill_at(results, "reply", bulk=True)
 
 
 class Lane(level0.Client):
@@ -107,8 +104,7 @@ class Lane(level0.Client):
     def _params(target: str, msg: Msg, timeout_ms: int):
         def fill(p):
             p.target, p.timeoutMs = target, timeout_ms
-            bulk = msg.fill(p.init("msg"), bulk=len(target.encode()) < 2048)  # (see Msg.fill)
-            return bulk.under(_MSG) if bulk is not None else None
+            return msg.fill_at(p, "msg", bulk=len(target.encode()) < 2048)  # (see Msg.fill)
         return fill
 
     def sendrec(self, target: str, msg: Msg, timeout_ms: int, done) -> int:

@@ -179,7 +179,7 @@ class _Connection(asyncio.BufferedProtocol):
         raise NotImplementedError
 
     def send(self, m) -> None:
-        self.send_pieces([m.to_bytes()])
+        self.send_pieces(encode(m))
 
     def send_pieces(self, pieces: list) -> None:
         if self.closed or self.transport is None:
@@ -247,7 +247,7 @@ class Answer:
         return m, r
 
     def _send(self, m) -> None:
-        self._send_pieces([m.to_bytes()])
+        self._send_pieces(encode(m))
 
     def _send_pieces(self, pieces: list) -> None:
         self.done = True
