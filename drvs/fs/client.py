@@ -56,11 +56,14 @@ class Inode:
     """term: the server's term of writes to the file not yet fsync'ed (0:
     none): a server of a later term may never have got them."""
 
-    __slots__ = ("cino", "parent", "name", "lookups", "open", "term")
+    __slots__ = ("cino", "parent", "name", "lookups", "open", "term", "born", "up")
 
-    def __init__(self, cino: int):
+    def __init__(self, cino: int, born: int):
         self.cino, self.parent, self.name, self.lookups, self.term = cino, None, b"", 0, 0
         self.open: list[Handle] = []  # its handles open here
+        # Which record of its number this is, and which record of its
+        # directory's its name was learned under (see VmFs.path).
+        self.born, self.up = born, -1
 
 
 class Listing:
@@ -116,6 +119,7 @@ class VmFs:
         self.vm, self.fabric, self.target, self.spawn, self.cache = vm, fabric, f"fs@{vm}", spawn, cache
         self.tag = slot << TAG_SHIFT
         self.inodes: dict[int, Inode] = {}
+        self.births = 0  # Inode records made (their born)
         self.entries: dict[tuple[int, bytes], int] = {}  # (directory, name) -> inode, this node's numbers
         self.handles: dict[int, Handle] = {}
         self.listings: dict[int, Listing] = {}
@@ -365,7 +369,8 @@ class VmFs:
     def _inode(self, cino: int) -> Inode:
         node = self.inodes.get(cino)
         if node is None:
-            node = self.inodes[cino] = Inode(cino)
+            self.births += 1
+            node = self.inodes[cino] = Inode(cino, self.births)
             self.dropped.pop(cino, None)  # cached again: the server must go on telling this node
         return node
 
@@ -374,9 +379,15 @@ class VmFs:
         node = self._inode(cino)
         if node.parent is not None and (node.parent, node.name) != (dino, name):
             self.entries.pop((node.parent, node.name), None)  # a hard link's latest name serves
-        node.parent, node.name = dino, name
-        self.entries[(dino, name)] = cino
+        self._name(node, dino, name)
         return node
+
+    def _name(self, node: Inode, dino: int, name: bytes) -> None:
+        """node is known here as name in directory dino, as the record of
+        dino now stands (none: path() will not trust it)."""
+        up = self.inodes.get(dino)
+        node.parent, node.name, node.up = dino, name, -1 if up is None else up.born
+        self.entries[(dino, name)] = node.cino
 
     def _forget_entry(self, dino: int, name: bytes) -> None:
         cino = self.entries.pop((dino, name), None)
@@ -390,6 +401,13 @@ class VmFs:
         while cino != self.root:
             node = self.inodes.get(cino)
             if node is None or node.parent is None:
+                raise pyfuse3.FUSEError(errno.ESTALE)
+            up = self.inodes.get(node.parent)
+            if up is None or up.born != node.up:
+                # The name was learned in a directory the kernel has since
+                # forgotten: the server stopped telling this node of its
+                # names, so it may be gone.  ESTALE makes the kernel walk
+                # the path again, asking for each name (LOOKUP_REVAL).
                 raise pyfuse3.FUSEError(errno.ESTALE)
             parts.append(node.name)
             cino = node.parent
@@ -671,8 +689,7 @@ class VmFs:
     def _place(self, cino: int, dino: int, name: bytes) -> None:
         node = self.inodes.get(cino)
         if node is not None:
-            node.parent, node.name = dino, name
-            self.entries[(dino, name)] = cino
+            self._name(node, dino, name)
 
     async def open(self, inode, flags, ctx):
         cached = None
