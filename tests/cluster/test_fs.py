@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster.conftest import BIN, Cluster
+from tests.cluster.fsmodel import Walk
 
 PY = sys.executable
 
@@ -132,6 +133,41 @@ def test_a_node_that_forgot_a_file_and_looks_again_still_hears_of_its_changes(fs
             assert os.stat(name, dir_fd=fd).st_mode & 0o777 == 0o600  # still told at once
         finally:
             os.close(fd)
+
+
+def test_a_hard_link_is_found_by_its_other_name_when_the_one_a_node_knew_went_unseen(fsc, d):
+    """A node names a file by the last name it learned; once its kernel
+    forgot that name's directory, the server no longer tells it of names
+    going there.  Another node then removes that name, and the node looks
+    into the directory again: the file, still cached by its other name,
+    must be found by it (not ENOENT)."""
+    _, a, b = d
+    for here, there, tag in ((a, b, "1"), (b, a, "2")):
+        (there / f"a{tag}").mkdir()
+        (there / f"b{tag}").mkdir()
+        (there / f"a{tag}" / "x").write_text("data")
+        os.link(there / f"a{tag}" / "x", there / f"b{tag}" / "y")  # the name `there` knows it by last
+        pinned = os.open(there / f"a{tag}" / "x", os.O_PATH)       # a/x stays in there's kernel
+        try:
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("2")                                       # b/y and b go
+            time.sleep(0.3)                                        # (the kernel's FORGETs reach the node)
+            (there / f"new{tag}").write_text("")                   # its notices go with this call
+            os.unlink(here / f"b{tag}" / "y")
+            assert os.listdir(there / f"b{tag}") == []                # b is known there again
+            st = os.stat(there / f"a{tag}" / "x")
+            assert (st.st_nlink, (there / f"a{tag}" / "x").read_text()) == (1, "data")
+        finally:
+            os.close(pinned)
+
+
+@pytest.mark.parametrize("seed", range(int(os.environ.get("DRVS_FS_WALKS", "3"))))
+def test_random_operations_through_both_nodes_hold_what_posix_says(fsc, d, seed):
+    """Creates, writes, renames, links, removals... each on a node chosen at
+    random, each checked against a model: what one node did is what the
+    next operation sees, on either node (tests/cluster/fsmodel.py)."""
+    _, a, b = d
+    Walk([str(a), str(b)], seed).run(2000)
 
 
 def _drop_pages(path: Path) -> None:
