@@ -69,6 +69,53 @@ async def test_an_open_file_is_kept_until_its_last_close(tmp_path):
     assert r.attr.ino not in server.interest
 
 
+def _kept_open(name: str) -> int:
+    """How many descriptors of this process hold a removed directory of that name."""
+    held = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            held += os.readlink(f"/proc/self/fd/{fd}").endswith(f"/{name} (deleted)")
+        except OSError:
+            pass
+    return held
+
+
+async def test_a_removed_directory_a_node_holds_keeps_its_number_until_that_node_forgot_it(tmp_path):
+    """ext4 gives a removed directory's inode number to the next directory
+    made; a node whose kernel still holds the old one (a file open below
+    it) would take the new one for it (its names in it, or the mkdir fails
+    ESTALE).  So the server holds the old one until every node that may
+    hold it said its kernel forgot it -- or left -- and no longer."""
+    server, fabric = serving(tmp_path)
+    await call(server, "n1", Call.mkdir, path=b"d", mode=0o755)
+    d = (await call(server, "n2", Call.lookup, path=b"d")).attr.ino  # n1 made it, n2 looked it up
+    await call(server, "n1", Call.rmdir, path=b"d")
+    assert _kept_open("d") == 1
+    server.forgotten("n3", [d], [1 << 40])  # (a node that never held it)
+    server.forgotten("n2", [d], [0])
+    assert _kept_open("d") == 1             # n1 may hold it still
+    server.forgotten("n1", [d], [0])
+    assert _kept_open("d") == 0
+    # Replaced by a rename, held by a node that then leaves (it did not
+    # answer an invalidation: its caches are dropped for it).
+    for name in (b"a", b"b"):
+        await call(server, "n2", Call.mkdir, path=name, mode=0o755)
+    fabric.sendrec = _unanswered
+    await call(server, "n1", Call.rename, path=b"a", path2=b"b")
+    assert _kept_open("b") == 0
+    # Held when the server stops.
+    fabric.sendrec = Invalidations().sendrec
+    await call(server, "n2", Call.mkdir, path=b"e", mode=0o755)
+    await call(server, "n1", Call.rmdir, path=b"e")
+    assert _kept_open("e") == 1
+    server.close()
+    assert _kept_open("e") == 0
+
+
+async def _unanswered(target, msg, timeout=None, idempotent=False):
+    raise IpcError("no answer", errno.ETIMEDOUT)
+
+
 def message(node: str, ctype, **fields) -> Msg:
     m = Msg(ctype, to_flat(new(fs.FsRequest, vm="web", **fields)))
     m.node = node

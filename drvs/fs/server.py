@@ -42,6 +42,7 @@ INVALIDATE_TIMEOUT = 1.0  # a node that does not confirm within this is dropped 
 READDIR_BATCH = 512
 HANDLE_CALLS = {Call.write, Call.release, Call.fsync, Call.setattr, Call.flush}
 REAP_EVERY = 5.0  # seconds between looks for open files of nodes that left
+KEPT_MAX = 4096  # removed directories whose numbers are kept from reuse at once (a descriptor each)
 OPEN_FLAGS = os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC | os.O_NOATIME
 SET_MODE, SET_UID, SET_GID, SET_SIZE, SET_ATIME, SET_MTIME = 1, 2, 4, 8, 16, 32
 WRITE_KILL_SUIDGID = 1  # a write's flags: as the kernel's FUSE_WRITE_KILL_SUIDGID (see write)
@@ -100,6 +101,15 @@ class FsServer:
         # files into a directory a shell on another once listed pays for
         # telling that node once, not at every file.
         self.looked: dict[int, dict[str, int]] = {}
+        # Removed directories that nodes' kernels may still hold (a file
+        # open below one keeps it): inode -> (a descriptor of it, those
+        # nodes).  ext4 would give the number to the next directory made;
+        # a kernel holding the old one under that number then takes the
+        # new one for it (its dentry moved there, names of the old in it;
+        # or the mkdir fails ESTALE).  The descriptor keeps the number
+        # taken until every such node's kernel forgot it.
+        self.kept: dict[int, tuple[int, set[str]]] = {}
+        self.kept_full = False  # KEPT_MAX was reached once (said once)
         self.seq = 0  # the number of the call being made (the caller's node counts them)
         self.epoch = 0                          # the term; 0: a replica, not serving
         self.mirrors: dict[str, Mirror] = {}    # the other replicas, while serving
@@ -136,6 +146,7 @@ class FsServer:
         for f in self.files.values():
             os.close(f.fd)
         self.files.clear()
+        self._release_kept()
         self.store.close()
 
     # -- dispatch --------------------------------------------------------------
@@ -354,6 +365,7 @@ class FsServer:
         self.epoch, self.sync = epoch, sync
         self.interest.clear()  # what the nodes cached was the old server's business
         self.looked.clear()
+        self._release_kept()  # (the nodes number this term's inodes apart from the last's)
         self.next_fh = (epoch << 32) + 1  # never a number an earlier term gave out
         self.others = [n for n in replicas if n != self.here]
 
@@ -384,7 +396,8 @@ class FsServer:
         from ..cluster.membership import status_key
 
         lockers = {lk.owner.split(":", 1)[0] for lks in self.lock_table.locks.values() for lk in lks}
-        for node in ({f.node for f in self.files.values()} | lockers) - {self.here, ""}:
+        holders = {node for _, nodes in self.kept.values() for node in nodes}
+        for node in ({f.node for f in self.files.values()} | lockers | holders) - {self.here, ""}:
             try:
                 alive = await self.etcd.get(status_key(node)) is not None
             except Exception:  # noqa: BLE001 - etcd away: next time
@@ -392,6 +405,7 @@ class FsServer:
             if alive:
                 continue
             self.lock_table.drop(f"{node}:")
+            self._forget_kept(node, list(self.kept))
             gone = [fh for fh, f in self.files.items() if f.node == node]
             log.info("fs@%s: node %s left; closing its %d open files", self.vm, node, len(gone))
             for fh in gone:
@@ -455,6 +469,8 @@ class FsServer:
         later call of node that showed the inode -- one that overtook the
         notice, or came between two deliveries of it -- keeps node told.
         No marks: node is gone, whatever its calls."""
+        if self.kept:
+            self._forget_kept(node, inodes)  # (a kept number is never shown again: no mark to weigh)
         for table in (self.interest, self.looked):
             for i, ino in enumerate(inodes):
                 nodes = table.get(ino)
@@ -464,6 +480,45 @@ class FsServer:
                     del nodes[node]
                     if not nodes:
                         del table[ino]
+
+    def _keep(self, dfd: int, name: str, st: os.stat_result) -> int | None:
+        """Before a directory goes: a descriptor of it if nodes may hold it
+        (see self.kept; None: none does, or too many are kept already)."""
+        if not stat.S_ISDIR(st.st_mode) or not self.interest.get(st.st_ino):
+            return None
+        if len(self.kept) >= KEPT_MAX:
+            if not self.kept_full:
+                self.kept_full = True
+                log.warning("fs@%s: %d removed directories kept for nodes that may hold them; "
+                            "not keeping more (a node holding one may then see a new one as it)", self.vm, KEPT_MAX)
+            return None
+        try:
+            return os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        except OSError:
+            return None
+
+    def _kept(self, fd: int | None, ino: int, done: bool) -> None:
+        """The removal _keep() was made for is done (or failed: not done)."""
+        if fd is None:
+            return
+        if not done or ino in self.kept:
+            os.close(fd)
+            return
+        self.kept[ino] = (fd, set(self.interest.get(ino, ())))
+
+    def _forget_kept(self, node: str, inodes) -> None:
+        for ino in inodes:
+            kept = self.kept.get(ino)
+            if kept is not None:
+                kept[1].discard(node)
+                if not kept[1]:
+                    os.close(kept[0])
+                    del self.kept[ino]
+
+    def _release_kept(self) -> None:
+        for fd, _ in self.kept.values():
+            os.close(fd)
+        self.kept.clear()
 
     def _seen(self, node: str, *inodes: int, table: dict | None = None) -> None:
         if not self.epoch:
@@ -550,7 +605,8 @@ class FsServer:
                 raise IpcError(reply.error, -reply.status)
         except IpcError as e:
             log.info("fs@%s: node %s did not drop its caches (%s); forgetting what it cached", self.vm, node, e)
-            self.forgotten(node, [ino for ino, nodes in self.interest.items() if node in nodes])  # (looked too)
+            self.forgotten(node, [ino for ino, nodes in self.interest.items() if node in nodes]  # (looked too)
+                           + [ino for ino, (_, nodes) in self.kept.items() if node in nodes])
             return
         for dino, seq in looked.items():
             nodes = self.looked.get(dino)
@@ -782,7 +838,12 @@ class FsServer:
     def _remove(self, path, out, origin, remove) -> Changed:
         with self.store.at(check_path(path)) as (dfd, name):
             st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-            remove(dfd, name)
+            kept, done = self._keep(dfd, name, st), False
+            try:
+                remove(dfd, name)
+                done = True
+            finally:
+                self._kept(kept, st.st_ino, done)
             dino = self._post_op(dfd, out, origin)
         return Changed(entries=[(dino, name)], inodes=[st.st_ino], dirs=[dino], gone=self._gone(st))
 
@@ -802,7 +863,14 @@ class FsServer:
                 replaced = os.stat(n2, dir_fd=d2, follow_symlinks=False)
             except FileNotFoundError:
                 replaced = None
-            _fs.renameat2(d1, n1, d2, n2, req.flags)
+            kept = None if replaced is None or req.flags & _fs.RENAME_EXCHANGE else self._keep(d2, n2, replaced)
+            done = False
+            try:
+                _fs.renameat2(d1, n1, d2, n2, req.flags)
+                done = True
+            finally:
+                if kept is not None:
+                    self._kept(kept, replaced.st_ino, done and moved != replaced.st_ino)
             i1, i2 = os.stat(d1).st_ino, os.stat(d2).st_ino
         if replaced is None:
             return Changed(entries=[(i1, n1)], inodes=[moved], dirs=[i1, i2])
