@@ -413,6 +413,22 @@ class VmFs:
             cino = node.parent
         return b"/".join(reversed(parts))
 
+    def _nameless(self, inode: int, e: pyfuse3.FUSEError) -> int:
+        """A server handle of inode to name it by, when its path is not
+        known (e): a file open here whose names are all gone, as a program
+        reaches it by /proc/PID/fd/N -- else e."""
+        node = self.inodes.get(inode & MASK)
+        if node is None or not node.open:
+            raise e
+        return node.open[-1].sfh
+
+    def _where(self, inode: int) -> dict:
+        """How a call names inode: {"path": ...}, or {"via": a handle} (_nameless)."""
+        try:
+            return {"path": self.path(inode)}
+        except pyfuse3.FUSEError as e:
+            return {"via": self._nameless(inode, e)}
+
     def _stale(self, since: int | None, *cinos: int) -> bool:
         """Whether a reply about these inodes, to a call begun when
         self.told was since (None: known current, no call between), may be
@@ -517,13 +533,15 @@ class VmFs:
         args = dict(setMask=mask, mode=attr.st_mode, uid=attr.st_uid, gid=attr.st_gid, size=attr.st_size,
                     atimeNs=attr.st_atime_ns, mtimeNs=attr.st_mtime_ns)
         h = self.handles.get(fh) if fh is not None else None
-        where = None if h is not None else self.path(inode)
+        sfh, where = (h.sfh, None) if h is not None else (0, self._where(inode))
+        if where is not None and "via" in where:
+            sfh, where = where["via"], None  # (a handle names the file as well as a path)
         with self._changing(inode & MASK) as change, self._writing(inode if fields.update_size else None):
-            if h is not None:
-                r = await self.call(Call.setattr, fh=h.sfh, **args)
+            if where is None:
+                r = await self.call(Call.setattr, fh=sfh, **args)
             else:
-                r = await self.call(Call.setattr, path=where, **args)
-        return self._attr(r.attr, change.told, still=where is None or self._asked(inode, where))
+                r = await self.call(Call.setattr, **where, **args)
+        return self._attr(r.attr, change.told, still=where is None or self._asked(inode, where["path"]))
 
     @contextlib.contextmanager
     def _writing(self, ino: int | None):
@@ -697,7 +715,7 @@ class VmFs:
                 and self._local_server() is None):
             cached = self.cache.opening(inode)
         with self._writing(inode if flags & os.O_TRUNC else None):
-            r = await self.call(Call.open, path=self.path(inode), flags=flags)
+            r = await self.call(Call.open, **self._where(inode), flags=flags)
         info = self._opened(r, flags)
         if cached is not None and self.tag | self._c(r.attr.ino) == inode:
             self.cache.opened(inode, cached, r.attr.size, r.attr.mtimeNs)
@@ -916,21 +934,21 @@ class VmFs:
             # The kernel asks for security.capability before every first
             # write to an open file: answered here, it costs no round trip.
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-        return bytes((await self.call(Call.getxattr, idempotent=True, path=self.path(inode), name=name)).data)
+        return bytes((await self.call(Call.getxattr, idempotent=True, **self._where(inode), name=name)).data)
 
     async def setxattr(self, inode, name, value, ctx):
         if not name.startswith(XATTR_PREFIXES):
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         with self._changing(inode & MASK):  # (its ctime)
-            await self.call(Call.setxattr, path=self.path(inode), name=name, data=value)
+            await self.call(Call.setxattr, **self._where(inode), name=name, data=value)
 
     async def listxattr(self, inode, ctx):
-        data = bytes((await self.call(Call.listxattr, idempotent=True, path=self.path(inode))).data)
+        data = bytes((await self.call(Call.listxattr, idempotent=True, **self._where(inode))).data)
         return [n for n in data.split(b"\0") if n]
 
     async def removexattr(self, inode, name, ctx):
         with self._changing(inode & MASK):
-            await self.call(Call.removexattr, path=self.path(inode), name=name)
+            await self.call(Call.removexattr, **self._where(inode), name=name)
 
     def forget(self, cino: int, n: int) -> None:
         node = self.inodes.get(cino)

@@ -647,7 +647,11 @@ class FsServer:
     def open(self, req, path, out, origin) -> None:
         # O_NONBLOCK: a name that became a fifo behind a node's cache must
         # not stop this loop; the kernel opens special files itself.
-        fd = self.store.open(check_path(path), (req.flags & OPEN_FLAGS) | os.O_NOFOLLOW | os.O_NONBLOCK)
+        flags = (req.flags & OPEN_FLAGS) | os.O_NONBLOCK
+        if req.via:  # a file open on the node, all its names gone: opened again through a handle of it
+            fd = _reopen(self._file(req.via).fd, flags)
+        else:
+            fd = self.store.open(check_path(path), flags | os.O_NOFOLLOW)
         try:
             st = os.stat(fd)
             if stat.S_IFMT(st.st_mode) not in (stat.S_IFREG, stat.S_IFDIR):
@@ -683,6 +687,15 @@ class FsServer:
         if f is None:
             raise OSError(errno.EBADF, "no such open file (the file server restarted?)")
         return f
+
+    def _object(self, req, path: bytes):
+        """The object a call names, as a path os.*xattr take: by its path,
+        or (via) through a handle of it -- a file open on the caller's node
+        whose names are all gone, as a program reaches it by
+        /proc/PID/fd/N."""
+        if req.via:
+            return contextlib.nullcontext(f"/proc/self/fd/{self._file(req.via).fd}")
+        return _Object(self.store, path)
 
     def read(self, req, path, out, origin) -> None:
         out.data = self.local_read(req.fh, req.offset, req.size)
@@ -725,11 +738,11 @@ class FsServer:
 
     def getxattr(self, req, path, out, origin) -> None:
         name = _xattr_name(req)
-        with _Object(self.store, path) as proc_path:
+        with self._object(req, path) as proc_path:
             out.data = os.getxattr(proc_path, name)
 
     def listxattr(self, req, path, out, origin) -> None:
-        with _Object(self.store, path) as proc_path:
+        with self._object(req, path) as proc_path:
             names = [os.fsencode(n) for n in os.listxattr(proc_path)]
         out.data = b"".join(n + b"\0" for n in names if n.startswith(XATTR_PREFIXES))
 
@@ -748,8 +761,8 @@ class FsServer:
 
     @staticmethod
     def _setattr_fd(fd: int, req, mask: int) -> os.stat_result:
-        if mask & SET_SIZE:
-            os.ftruncate(fd, req.size)
+        if mask & SET_SIZE:  # (by its path: the handle may be one opened only to read, see _object)
+            os.truncate(f"/proc/self/fd/{fd}", req.size)
         if mask & (SET_UID | SET_GID):
             os.chown(fd, req.uid if mask & SET_UID else -1, req.gid if mask & SET_GID else -1)
         if mask & SET_MODE:
@@ -918,13 +931,13 @@ class FsServer:
 
     def setxattr(self, req, path, out, origin) -> Changed:
         name = _xattr_name(req)
-        with _Object(self.store, path) as proc_path:
+        with self._object(req, path) as proc_path:
             os.setxattr(proc_path, name, bytes(req.data), req.flags)
             return Changed(inodes=[os.stat(proc_path).st_ino])
 
     def removexattr(self, req, path, out, origin) -> Changed:
         name = _xattr_name(req)
-        with _Object(self.store, path) as proc_path:
+        with self._object(req, path) as proc_path:
             os.removexattr(proc_path, name)
             return Changed(inodes=[os.stat(proc_path).st_ino])
 
@@ -1008,6 +1021,11 @@ def _xattr_name(req) -> bytes:
     if not name.startswith(XATTR_PREFIXES):
         raise OSError(errno.EOPNOTSUPP, "only user.* extended attributes")
     return name
+
+
+def _reopen(fd: int, flags: int) -> int:
+    """A new open file description of what fd is open on (its own flags)."""
+    return os.open(f"/proc/self/fd/{fd}", flags | os.O_CLOEXEC)
 
 
 class _Object:

@@ -375,6 +375,31 @@ def test_an_unlinked_open_file_keeps_its_data_until_closed(fsc, d):
         assert os.fstat(reader.fileno()).st_nlink == 0
 
 
+def test_an_open_file_whose_names_are_gone_is_reached_through_proc_fd(fsc, d):
+    """As on a local file system: a program (or an administrator saving a
+    deleted log) reopens it by /proc/PID/fd/N, truncates it, sets its
+    attributes -- on the node that serves and on the other."""
+    _, a, b = d
+    for here, there in ((a, b), (b, a)):
+        (here / "log").write_text("hello")
+        fd = os.open(here / "log", os.O_RDONLY)
+        try:
+            os.unlink(there / "log")
+            proc = f"/proc/self/fd/{fd}"
+            w = os.open(proc, os.O_WRONLY)
+            os.pwrite(w, b"J", 0)
+            os.close(w)
+            os.truncate(proc, 4)
+            os.chmod(proc, 0o600)
+            os.setxattr(proc, "user.kept", b"yes")
+            st = os.fstat(fd)
+            assert (os.pread(fd, 10, 0), st.st_size, st.st_mode & 0o777, os.getxattr(proc, "user.kept"),
+                    os.listxattr(proc)) == (b"Jell", 4, 0o600, b"yes", ["user.kept"])
+            os.removexattr(proc, "user.kept")
+        finally:
+            os.close(fd)
+
+
 def test_a_close_on_a_node_without_the_server_reaches_the_server(fsc, d):
     """Closes from a node whose server is elsewhere travel with its next
     call, or on their own soon after: the server lets go of the file."""
