@@ -28,6 +28,8 @@ class Walk:
         self.tree = {(): ("d", 0)}           # path (tuple of names) -> (kind, id)
         self.data: dict[int, bytearray] = {}  # file id -> contents
         self.mode = {0: 0o755}                # id -> permission bits
+        self.xattrs: dict[int, dict[str, bytes]] = {}  # id -> its user.* attributes
+        self.mtime: dict[int, int] = {}       # id -> modification time set by utime (ns; until changed)
         self.ids = 0
         self.held: list[tuple[int, int, int]] = []  # (fd, file id, view) kept open across operations
         self.log: list[tuple] = []
@@ -239,6 +241,57 @@ class Walk:
             self._fail(f"file {ident} held open on view {v}: size {st.st_size}, mode {oct(st.st_mode)}; "
                        f"not {len(self.data[ident])}, {oct(self.mode[ident])}")
 
+    def xattr(self, v):
+        p = self.rng.choice(self._paths())
+        kind, ident = self.tree[p]
+        if kind == "l":
+            return
+        attrs = self.xattrs.setdefault(ident, {})
+        name = f"user.k{self.rng.randrange(3)}"
+        if self.rng.random() < 0.3 and name in attrs:
+            self.log.append((v, "removexattr", p, name))
+            os.removexattr(self._at(v, p), name)
+            del attrs[name]
+        else:
+            value = self.rng.randbytes(self.rng.randrange(1, 40))
+            self.log.append((v, "setxattr", p, name, len(value)))
+            os.setxattr(self._at(v, p), name, value)
+            attrs[name] = value
+        other = self.rng.randrange(len(self.views))
+        got = {n: os.getxattr(self._at(other, p), n) for n in os.listxattr(self._at(other, p)) if n.startswith("user.")}
+        if got != attrs:
+            self._fail(f"{p} attributes on view {other}: {sorted(got)}, not {sorted(attrs)}")
+
+    def utime(self, v):
+        p = self.rng.choice(self._paths("f"))
+        ident = self.tree[p][1]
+        ns = self.rng.randrange(1 << 40) * 1000
+        self.log.append((v, "utime", p, ns))
+        os.utime(self._at(v, p), ns=(ns, ns))
+        other = self.rng.randrange(len(self.views))
+        if os.stat(self._at(other, p)).st_mtime_ns != ns:
+            self._fail(f"{p} on view {other}: mtime {os.stat(self._at(other, p)).st_mtime_ns}, not {ns}")
+
+    def put(self, v):
+        """Write through a file held open (its names may be gone), then close it."""
+        fd, ident, v = self.held.pop(self.rng.randrange(len(self.held)))
+        body = self.rng.randbytes(self.rng.randrange(1, 5000))
+        off = self.rng.randrange(len(self.data[ident]) + 100)
+        self.log.append((v, "put", ident, off, len(body)))
+        try:
+            wfd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY)  # (held read-only: reopened, as a program may)
+        except OSError:
+            os.close(fd)
+            return  # all its names gone: /proc cannot open it again
+        try:
+            os.pwrite(wfd, body, off)
+        finally:
+            os.close(wfd)
+            os.close(fd)
+        buf = self.data[ident]
+        buf.extend(bytes(max(0, off - len(buf))))
+        buf[off:off + len(body)] = body
+
     def forget(self, v):
         """Make every node's kernel forget what it does not use (FORGETs:
         the nodes stop being told of those inodes and directories)."""
@@ -248,9 +301,10 @@ class Walk:
                 f.write("2")
 
     OPS = {"create": 2, "write": 3, "read": 2, "stat": 2, "chmod": 1, "rename": 1, "unlink": 1, "mkdir": 1,
-           "rmdir": 1, "listdir": 2, "link": 1, "symlink": 1, "missing": 1, "hold": 1, "fstat": 2, "forget": 1}
+           "rmdir": 1, "listdir": 2, "link": 1, "symlink": 1, "missing": 1, "hold": 1, "fstat": 2, "forget": 1,
+           "xattr": 1, "utime": 1, "put": 1}
     NEEDS = {"write": "f", "read": "f", "link": "f", "hold": "f", "rmdir": "d", "stat": "", "chmod": "",
-             "rename": "", "unlink": ""}
+             "rename": "", "unlink": "", "xattr": "", "utime": "f"}
 
     def run(self, count: int) -> None:
         names, weights = list(self.OPS), list(self.OPS.values())
@@ -258,7 +312,7 @@ class Walk:
             for _ in range(count):
                 op = self.rng.choices(names, weights)[0]
                 need = self.NEEDS.get(op)
-                if (need is not None and not self._paths(need or None)) or (op == "fstat" and not self.held):
+                if (need is not None and not self._paths(need or None)) or (op in ("fstat", "put") and not self.held):
                     continue
                 v = self.rng.randrange(len(self.views))
                 try:
