@@ -273,20 +273,18 @@ class Walk:
             self._fail(f"{p} on view {other}: mtime {os.stat(self._at(other, p)).st_mtime_ns}, not {ns}")
 
     def put(self, v):
-        """Write through a file held open (its names may be gone), then close it."""
+        """Write through a file held open (its names may all be gone), then close it."""
         fd, ident, v = self.held.pop(self.rng.randrange(len(self.held)))
         body = self.rng.randbytes(self.rng.randrange(1, 5000))
         off = self.rng.randrange(len(self.data[ident]) + 100)
         self.log.append((v, "put", ident, off, len(body)))
         try:
             wfd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY)  # (held read-only: reopened, as a program may)
-        except OSError:
-            os.close(fd)
-            return  # all its names gone: /proc cannot open it again
-        try:
-            os.pwrite(wfd, body, off)
+            try:
+                os.pwrite(wfd, body, off)
+            finally:
+                os.close(wfd)
         finally:
-            os.close(wfd)
             os.close(fd)
         buf = self.data[ident]
         buf.extend(bytes(max(0, off - len(buf))))
