@@ -96,12 +96,23 @@ async def test_a_removed_directory_a_node_holds_keeps_its_number_until_that_node
     assert _kept_open("d") == 1             # n1 may hold it still
     server.forgotten("n1", [d], [0])
     assert _kept_open("d") == 0
-    # Replaced by a rename, held by a node that then leaves (it did not
-    # answer an invalidation: its caches are dropped for it).
+    # Made by n2, looked up again by n2 (its call 10) after its kernel
+    # forgot it (the notice's mark: 5): that notice does not count.
+    await call(server, "n2", Call.mkdir, path=b"c", mode=0o755)
+    c = (await call(server, "n2", Call.lookup, path=b"c", seq=10)).attr.ino
+    await call(server, "n1", Call.rmdir, path=b"c")
+    server.forgotten("n2", [c], [5])
+    assert _kept_open("c") == 1
+    server.forgotten("n2", [c], [10])
+    assert _kept_open("c") == 0
+    # Replaced by a rename, held by n2, which then fails to answer an
+    # invalidation (its caches are dropped for it).
     for name in (b"a", b"b"):
         await call(server, "n2", Call.mkdir, path=name, mode=0o755)
-    fabric.sendrec = _unanswered
     await call(server, "n1", Call.rename, path=b"a", path2=b"b")
+    assert _kept_open("b") == 1
+    fabric.sendrec = _unanswered
+    await call(server, "n1", Call.setattr, path=b"b", setMask=1, mode=0o700)  # (n2 holds what is b now)
     assert _kept_open("b") == 0
     # Held when the server stops.
     fabric.sendrec = Invalidations().sendrec
@@ -110,6 +121,27 @@ async def test_a_removed_directory_a_node_holds_keeps_its_number_until_that_node
     assert _kept_open("e") == 1
     server.close()
     assert _kept_open("e") == 0
+
+
+async def test_a_file_without_names_is_reached_by_a_handle_of_its_own_node_only(tmp_path):
+    """(via) The node that holds it open reaches it; another node's call
+    naming that handle is refused; a replica that never had the handle
+    (copied after the unlink) takes such a call as done, not as a fault."""
+    server, fabric = serving(tmp_path)
+    r = await call(server, "n2", Call.create, path=b"f", flags=os.O_RDONLY, mode=0o644)
+    await call(server, "n1", Call.unlink, path=b"f")
+    w = await call(server, "n2", Call.open, via=r.fh, flags=os.O_WRONLY)
+    await call(server, "n2", Call.write, fh=w.fh, offset=0, data=b"kept")
+    await call(server, "n2", Call.setxattr, via=r.fh, name=b"user.k", data=b"v")
+    assert (await call(server, "n2", Call.getxattr, via=r.fh, name=b"user.k")).data == b"v"
+    m = message("n3", Call.open, via=r.fh, flags=os.O_RDONLY)
+    assert (await server.handle(m)).status == -errno.ESTALE
+    replica = FsServer("web", Store(str(tmp_path / "replica"), "web"), fabric, "n2")
+    batch = fs.Batch.new_message(vm="web", epoch=1)
+    calls = batch.init("calls", 1)
+    calls[0].type, calls[0].request = Call.setxattr, to_flat(new(fs.FsRequest, vm="web", via=r.fh, name=b"user.k",
+                                                                  data=b"v"))
+    assert await replica.apply(batch) == [0]
 
 
 async def _unanswered(target, msg, timeout=None, idempotent=False):

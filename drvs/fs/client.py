@@ -46,6 +46,7 @@ GEN_SHIFT = 40        # below the VM's tag: the server's term, as this node coun
 SMALL = (1 << GEN_SHIFT) - 1  # a number of this term: the server's own (below BIG) ...
 BIG = 1 << (GEN_SHIFT - 1)    # ... or one given to a server inode too large (see _c)
 FORGOTTEN_PER_CALL = 512      # notices of dropped inodes one call takes along
+NOTICE_DELAY = 1.0            # notices no call took along within this go on their own
 TOLD_OF_PRUNE = 1024          # see VmFs.told_of
 TOLD_OF_MAX = 1 << 16         # beyond this, every reply on its way is taken as stale instead
 ABSENT_GRACE = 1.0            # seconds the kernel may keep a name absent after this node's reckoning
@@ -158,6 +159,7 @@ class VmFs:
         self.busy: dict[int, list[int]] = {}  # inode -> [its changes in flight here, changes started]
         self.closing: list[int] = []  # server handles closed here, for the next call to a remote server
         self.closer = False           # _close_soon is on its way
+        self.noticer = False          # _notices_soon is on its way
         # Inodes this node dropped (its kernel forgot them, no handle is
         # open): the server stops telling this node of their changes once
         # it hears of them (FsRequest.forgotten, see _forgotten).  Each
@@ -413,21 +415,19 @@ class VmFs:
             cino = node.parent
         return b"/".join(reversed(parts))
 
-    def _nameless(self, inode: int, e: pyfuse3.FUSEError) -> int:
-        """A server handle of inode to name it by, when its path is not
-        known (e): a file open here whose names are all gone, as a program
-        reaches it by /proc/PID/fd/N -- else e."""
-        node = self.inodes.get(inode & MASK)
-        if node is None or not node.open:
-            raise e
-        return node.open[-1].sfh
-
     def _where(self, inode: int) -> dict:
-        """How a call names inode: {"path": ...}, or {"via": a handle} (_nameless)."""
+        """How a call names inode: {"path": ...}; or, for a file open here
+        that this node knows no path of (all its names gone, or renamed by
+        another node), as a program reaches it by /proc/PID/fd/N, {"via": a
+        handle of it} -- the object the kernel named, whatever its names
+        now.  Else ESTALE: the kernel walks the path again (see path)."""
         try:
             return {"path": self.path(inode)}
         except pyfuse3.FUSEError as e:
-            return {"via": self._nameless(inode, e)}
+            node = self.inodes.get(inode & MASK)
+            if node is None or not node.open:
+                raise e
+            return {"via": node.open[-1].sfh}
 
     def _stale(self, since: int | None, *cinos: int) -> bool:
         """Whether a reply about these inodes, to a call begun when
@@ -966,9 +966,35 @@ class VmFs:
             self.absent.pop(node.cino, None)  # (the kernel forgot the names in it too)
             if node.parent is not None and self.entries.get((node.parent, node.name)) == node.cino:
                 del self.entries[(node.parent, node.name)]
-            if node.cino >> GEN_SHIFT == self.gen and node.cino & SMALL < BIG and not self.renewing:
-                self.dropped[node.cino] = self.begun
-                self.drops.append((self.begun, node.cino, self.epoch))
+            self._dropped(node.cino)
+
+    def _dropped(self, cino: int) -> None:
+        """The kernel holds nothing of cino: the server is to hear so (with
+        this node's next call, or on its own after NOTICE_DELAY), unless a
+        reply to a call begun before makes the kernel hold it again."""
+        if cino >> GEN_SHIFT == self.gen and cino & SMALL < BIG and not self.renewing:
+            self.dropped[cino] = self.begun
+            self.drops.append((self.begun, cino, self.epoch))
+            if not self.noticer:
+                self.noticer = True
+                self.spawn(self._notices_soon)
+
+    async def _notices_soon(self) -> None:
+        """A node that makes no call would otherwise keep the server telling
+        it of what it no longer holds (and keeping removed directories'
+        numbers for it, drvs/fs/server.py)."""
+        try:
+            await trio.sleep(NOTICE_DELAY)
+            while self.drops:
+                left = len(self.drops)
+                try:
+                    await self.call(Call.release, fh=0)  # (fh 0: nothing but what it carries)
+                except pyfuse3.FUSEError:
+                    return  # no server now: later calls take them
+                if len(self.drops) >= left:
+                    return  # held back (a listing open, a call unanswered): later calls take them
+        finally:
+            self.noticer = False
 
     # -- what the server says another node changed -----------------------------------------
 
@@ -996,6 +1022,8 @@ class VmFs:
         for sino in inv.inodes:
             cino = self._c(sino)
             told_of[cino] = told
+            if cino not in self.inodes and cino not in self.dropped:
+                self._dropped(cino)  # (shown in a listing the kernel did not take, say): not to be told again
             self.fresh.pop(cino, None)
             self.known.pop(cino, None)
             for name, until in self.absent.pop(cino, {}).items():  # (a directory: see self.absent)

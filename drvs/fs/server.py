@@ -23,6 +23,7 @@ import errno
 import inspect
 import logging
 import os
+import resource
 import stat
 
 import trio
@@ -103,13 +104,15 @@ class FsServer:
         self.looked: dict[int, dict[str, int]] = {}
         # Removed directories that nodes' kernels may still hold (a file
         # open below one keeps it): inode -> (a descriptor of it, those
-        # nodes).  ext4 would give the number to the next directory made;
+        # nodes as interest had them).  ext4 would give the number to the next directory made;
         # a kernel holding the old one under that number then takes the
         # new one for it (its dentry moved there, names of the old in it;
         # or the mkdir fails ESTALE).  The descriptor keeps the number
         # taken until every such node's kernel forgot it.
-        self.kept: dict[int, tuple[int, set[str]]] = {}
-        self.kept_full = False  # KEPT_MAX was reached once (said once)
+        self.kept: dict[int, tuple[int, dict[str, int]]] = {}
+        self.kept_full = False  # kept_max was reached once (said once)
+        # (a quarter of the descriptors at most: open files need the rest)
+        self.kept_max = min(KEPT_MAX, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4)
         self.seq = 0  # the number of the call being made (the caller's node counts them)
         self.epoch = 0                          # the term; 0: a replica, not serving
         self.mirrors: dict[str, Mirror] = {}    # the other replicas, while serving
@@ -431,7 +434,7 @@ class FsServer:
                     raise OSError(errno.EINVAL, "not a change")
                 statuses.append(0)
             except (OSError, IpcError) as e:
-                if e.errno == errno.EBADF and call.type in HANDLE_CALLS:
+                if e.errno in (errno.EBADF, errno.ESTALE) and (call.type in HANDLE_CALLS or req.via):
                     statuses.append(0)  # a file unlinked before the copy: not here, and gone anyway
                 else:
                     statuses.append(-(e.errno or errno.EIO))
@@ -470,7 +473,7 @@ class FsServer:
         notice, or came between two deliveries of it -- keeps node told.
         No marks: node is gone, whatever its calls."""
         if self.kept:
-            self._forget_kept(node, inodes)  # (a kept number is never shown again: no mark to weigh)
+            self._forget_kept(node, inodes, marks)
         for table in (self.interest, self.looked):
             for i, ino in enumerate(inodes):
                 nodes = table.get(ino)
@@ -486,11 +489,11 @@ class FsServer:
         (see self.kept; None: none does, or too many are kept already)."""
         if not stat.S_ISDIR(st.st_mode) or not self.interest.get(st.st_ino):
             return None
-        if len(self.kept) >= KEPT_MAX:
+        if len(self.kept) >= self.kept_max:
             if not self.kept_full:
                 self.kept_full = True
-                log.warning("fs@%s: %d removed directories kept for nodes that may hold them; "
-                            "not keeping more (a node holding one may then see a new one as it)", self.vm, KEPT_MAX)
+                log.warning("fs@%s: %d removed directories kept for nodes that may hold them; not keeping more "
+                            "(a node holding one may then see a new one as it)", self.vm, self.kept_max)
             return None
         try:
             return os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
@@ -504,13 +507,16 @@ class FsServer:
         if not done or ino in self.kept:
             os.close(fd)
             return
-        self.kept[ino] = (fd, set(self.interest.get(ino, ())))
+        self.kept[ino] = (fd, dict(self.interest.get(ino, {})))
 
-    def _forget_kept(self, node: str, inodes) -> None:
-        for ino in inodes:
+    def _forget_kept(self, node: str, inodes, marks=None) -> None:
+        """As forgotten() for the interest table: a notice whose node showed
+        the directory again after its kernel forgot it (before the removal)
+        does not count."""
+        for i, ino in enumerate(inodes):
             kept = self.kept.get(ino)
-            if kept is not None:
-                kept[1].discard(node)
+            if kept is not None and node in kept[1] and (marks is None or kept[1][node] <= marks[i]):
+                del kept[1][node]
                 if not kept[1]:
                     os.close(kept[0])
                     del self.kept[ino]
@@ -649,7 +655,7 @@ class FsServer:
         # not stop this loop; the kernel opens special files itself.
         flags = (req.flags & OPEN_FLAGS) | os.O_NONBLOCK
         if req.via:  # a file open on the node, all its names gone: opened again through a handle of it
-            fd = _reopen(self._file(req.via).fd, flags)
+            fd = _reopen(self._via(req, origin).fd, flags)
         else:
             fd = self.store.open(check_path(path), flags | os.O_NOFOLLOW)
         try:
@@ -688,14 +694,22 @@ class FsServer:
             raise OSError(errno.EBADF, "no such open file (the file server restarted?)")
         return f
 
-    def _object(self, req, path: bytes):
+    def _object(self, req, path: bytes, origin: str):
         """The object a call names, as a path os.*xattr take: by its path,
         or (via) through a handle of it -- a file open on the caller's node
         whose names are all gone, as a program reaches it by
         /proc/PID/fd/N."""
         if req.via:
-            return contextlib.nullcontext(f"/proc/self/fd/{self._file(req.via).fd}")
+            return contextlib.nullcontext(f"/proc/self/fd/{self._via(req, origin).fd}")
         return _Object(self.store, path)
+
+    def _via(self, req, origin: str) -> OpenFile:
+        """The open file a call names its object by: one of the caller's
+        node's own (a replica takes the server's word)."""
+        f = self.files.get(req.via)
+        if f is None or (self.epoch and f.node != origin):
+            raise OSError(errno.ESTALE, "no such open file of this node (the file server restarted?)")
+        return f
 
     def read(self, req, path, out, origin) -> None:
         out.data = self.local_read(req.fh, req.offset, req.size)
@@ -738,11 +752,11 @@ class FsServer:
 
     def getxattr(self, req, path, out, origin) -> None:
         name = _xattr_name(req)
-        with self._object(req, path) as proc_path:
+        with self._object(req, path, origin) as proc_path:
             out.data = os.getxattr(proc_path, name)
 
     def listxattr(self, req, path, out, origin) -> None:
-        with self._object(req, path) as proc_path:
+        with self._object(req, path, origin) as proc_path:
             names = [os.fsencode(n) for n in os.listxattr(proc_path)]
         out.data = b"".join(n + b"\0" for n in names if n.startswith(XATTR_PREFIXES))
 
@@ -931,13 +945,13 @@ class FsServer:
 
     def setxattr(self, req, path, out, origin) -> Changed:
         name = _xattr_name(req)
-        with self._object(req, path) as proc_path:
+        with self._object(req, path, origin) as proc_path:
             os.setxattr(proc_path, name, bytes(req.data), req.flags)
             return Changed(inodes=[os.stat(proc_path).st_ino])
 
     def removexattr(self, req, path, out, origin) -> Changed:
         name = _xattr_name(req)
-        with self._object(req, path) as proc_path:
+        with self._object(req, path, origin) as proc_path:
             os.removexattr(proc_path, name)
             return Changed(inodes=[os.stat(proc_path).st_ino])
 
