@@ -134,11 +134,16 @@ class Walk:
                 self._fail(f"{p} on view {v}: size {st.st_size}, {st.st_nlink} links; "
                            f"not {len(self.data[ident])}, {links}")
 
-    def chmod(self, v):
+    def _not_link(self):
+        """A path drawn at random and its object, or None if it is a symlink's."""
         p = self.rng.choice(self._paths())
         kind, ident = self.tree[p]
-        if kind == "l":
+        return None if kind == "l" else (p, ident)
+
+    def chmod(self, v):
+        if (drawn := self._not_link()) is None:
             return
+        p, ident = drawn
         mode = self.rng.choice([0o600, 0o644, 0o700, 0o755])
         self.log.append((v, "chmod", p, oct(mode)))
         os.chmod(self._at(v, p), mode)
@@ -242,10 +247,9 @@ class Walk:
                        f"not {len(self.data[ident])}, {oct(self.mode[ident])}")
 
     def xattr(self, v):
-        p = self.rng.choice(self._paths())
-        kind, ident = self.tree[p]
-        if kind == "l":
+        if (drawn := self._not_link()) is None:
             return
+        p, ident = drawn
         attrs = self.xattrs.setdefault(ident, {})
         name = f"user.k{self.rng.randrange(3)}"
         if self.rng.random() < 0.3 and name in attrs:
