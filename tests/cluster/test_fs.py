@@ -396,6 +396,33 @@ def test_an_open_file_whose_names_are_gone_is_reached_through_proc_fd(fsc, d):
             os.close(fd)
 
 
+def test_appends_from_two_nodes_at_once_each_land_whole(fsc, d):
+    """O_APPEND on both nodes at once, as two services sharing a log: each
+    write lands whole at the end, as on a local file system (through the
+    page cache, a write ending in a page not read yet went as two
+    requests, and the other node's append could land between them)."""
+    _, a, b = d
+    (a / "log").write_bytes(b"")
+
+    def append(where: Path, tag: str) -> None:
+        fd = os.open(where / "log", os.O_WRONLY | os.O_APPEND)
+        try:
+            for i in range(2000):
+                os.write(fd, f"{tag}{i:06d}{'x' * 50}\n".encode())
+        finally:
+            os.close(fd)
+
+    threads = [threading.Thread(target=append, args=(where, tag)) for where, tag in ((a, "A"), (b, "B"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for where in (a, b):
+        lines = (where / "log").read_bytes().split(b"\n")
+        torn = [line for line in lines[:-1] if len(line) != 57]
+        assert (len(lines) - 1, torn[:3]) == (4000, [])
+
+
 def test_a_close_on_a_node_without_the_server_reaches_the_server(fsc, d):
     """Closes from a node whose server is elsewhere travel with its next
     call, or on their own soon after: the server lets go of the file."""
