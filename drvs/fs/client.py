@@ -358,6 +358,14 @@ class VmFs:
             pyfuse3.invalidate_entry_async(dino, name, ignore_enoent=True)
         await drop_inodes(inodes, False)
 
+    def _sino(self, inode: int) -> int:
+        """The server's number of inode (the kernel's), when it is of this
+        term and known without a table (0 otherwise: not checked)."""
+        cino = inode & MASK
+        if cino == self.root:
+            return self.server_root
+        return cino & SMALL if cino >> GEN_SHIFT == self.gen and cino & SMALL < BIG else 0
+
     def _c(self, sino: int) -> int:
         """This node's number for the server's inode sino, in this term."""
         if sino == self.server_root:
@@ -715,7 +723,7 @@ class VmFs:
                 and self._local_server() is None):
             cached = self.cache.opening(inode)
         with self._writing(inode if flags & os.O_TRUNC else None):
-            r = await self.call(Call.open, **self._where(inode), flags=flags)
+            r = await self.call(Call.open, **self._where(inode), flags=flags, ino=self._sino(inode))
         info = self._opened(r, flags)
         if cached is not None and self.tag | self._c(r.attr.ino) == inode:
             self.cache.opened(inode, cached, r.attr.size, r.attr.mtimeNs)
@@ -912,6 +920,10 @@ class VmFs:
         try:
             while True:
                 r = await self.call(Call.readdir, idempotent=True, path=path, data=after)
+                if r.attr.ino and self._c(r.attr.ino) != dino:
+                    # Another directory has that path now (this one was moved
+                    # or replaced meanwhile): not its entries.
+                    raise pyfuse3.FUSEError(errno.ESTALE)
                 for e in r.entries:
                     out.append((bytes(e.name), e.attr))
                     inos.add(self._c(e.attr.ino))

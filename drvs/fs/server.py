@@ -654,14 +654,21 @@ class FsServer:
         # O_NONBLOCK: a name that became a fifo behind a node's cache must
         # not stop this loop; the kernel opens special files itself.
         flags = (req.flags & OPEN_FLAGS) | os.O_NONBLOCK
+        meant = req.ino if self.epoch else 0  # (a replica's inode numbers are its own)
         if req.via:  # a file open on the node, all its names gone: opened again through a handle of it
             fd = _reopen(self._via(req, origin).fd, flags)
-        else:
-            fd = self.store.open(check_path(path), flags | os.O_NOFOLLOW)
+        else:  # (truncated once it is known to be the file meant)
+            fd = self.store.open(check_path(path), (flags & ~os.O_TRUNC if meant else flags) | os.O_NOFOLLOW)
         try:
             st = os.stat(fd)
+            if meant and st.st_ino != meant:
+                raise OSError(errno.ESTALE, "another file has that name now")
             if stat.S_IFMT(st.st_mode) not in (stat.S_IFREG, stat.S_IFDIR):
                 raise OSError(errno.ENXIO, "not a regular file")
+            if meant and not req.via and flags & os.O_TRUNC:  # (open's own truncation, of the file meant)
+                fd, first = _reopen(fd, flags), fd
+                os.close(first)
+                st = os.stat(fd)
             os.set_blocking(fd, True)
         except OSError:
             os.close(fd)
@@ -730,7 +737,7 @@ class FsServer:
     def readdir(self, req, path, out, origin) -> None:
         fd = self.store.open(check_path(path), os.O_RDONLY | os.O_DIRECTORY)
         try:
-            dino = os.stat(fd).st_ino
+            dino = out.attr.ino = os.stat(fd).st_ino  # (which directory: the caller checks it is the one it means)
             after = bytes(req.data)
             with os.scandir(fd) as it:
                 found = sorted((e for e in it if os.fsencode(e.name) > after), key=lambda e: e.name)

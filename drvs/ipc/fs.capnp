@@ -96,6 +96,8 @@ struct FsRequest {
   seq @31 :UInt64;              # this call's number among its node's calls (see FsServer.forgotten)
   via @32 :UInt64;              # open, *xattr: the object by a handle of it, not by path (a file
                                 # open on the caller's node whose names are all gone)
+  ino @33 :UInt64;              # open by path: the inode the caller means (0: whatever is there);
+                                # another one there now (the name was replaced meanwhile): ESTALE
 }
 
 struct Attr {

@@ -423,6 +423,43 @@ def test_appends_from_two_nodes_at_once_each_land_whole(fsc, d):
         assert (len(lines) - 1, torn[:3]) == (4000, [])
 
 
+def test_a_file_replaced_by_rename_on_one_node_is_always_opened_whole_on_the_other(fsc, d):
+    """The atomic update of a configuration file: written beside, renamed
+    over.  A reader on the other node opens the old one or the new one,
+    never neither (an open by the name the kernel had looked up, made
+    after the name changed, reached the new file under the old one's
+    inode: the next read failed ESTALE, about one open in 500 here)."""
+    _, a, b = d
+    for writer, reader in ((a, b), (b, a)):
+        (writer / "cfg").write_text("v0000" * 200)
+        stop, failed, reads = threading.Event(), [], 0
+
+        def replace() -> None:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                (writer / "cfg.new").write_text(f"v{i:04d}" * 200)
+                os.rename(writer / "cfg.new", writer / "cfg")
+                time.sleep(0.02)
+
+        t = threading.Thread(target=replace)
+        t.start()
+        try:
+            end = time.monotonic() + 4
+            while time.monotonic() < end:
+                try:
+                    text = (reader / "cfg").read_text()
+                    reads += 1
+                    if text != text[:5] * 200:
+                        failed.append(f"torn: {text[:12]}...")
+                except OSError as e:
+                    failed.append(os.strerror(e.errno))
+        finally:
+            stop.set()
+            t.join()
+        assert (failed[:3], reads > 100) == ([], True)
+
+
 def test_a_close_on_a_node_without_the_server_reaches_the_server(fsc, d):
     """Closes from a node whose server is elsewhere travel with its next
     call, or on their own soon after: the server lets go of the file."""
