@@ -148,6 +148,26 @@ async def _unanswered(target, msg, timeout=None, idempotent=False):
     raise IpcError("no answer", errno.ETIMEDOUT)
 
 
+async def test_an_open_by_a_name_that_now_holds_another_file_is_stale_and_truncates_nothing(tmp_path):
+    """The caller says which inode it means (of this term): another one
+    under the name (replaced meanwhile) is ESTALE, before any O_TRUNC."""
+    server, fabric = serving(tmp_path)
+    old = await call(server, "n2", Call.create, path=b"cfg", flags=os.O_WRONLY, mode=0o644)
+    await call(server, "n2", Call.release, fh=old.fh)
+    new_ = await call(server, "n1", Call.create, path=b"cfg.new", flags=os.O_WRONLY, mode=0o644)
+    await call(server, "n1", Call.write, fh=new_.fh, offset=0, data=b"new")
+    await call(server, "n1", Call.release, fh=new_.fh)
+    await call(server, "n1", Call.rename, path=b"cfg.new", path2=b"cfg")
+    m = message("n2", Call.open, path=b"cfg", flags=os.O_WRONLY | os.O_TRUNC, ino=old.attr.ino, inoEpoch=1)
+    assert (await server.handle(m)).status == -errno.ESTALE
+    assert server.store.lstat(b"cfg").st_size == 3
+    # Meant, it is truncated; a number of another term is not checked.
+    for ino, epoch in ((new_.attr.ino, 1), (old.attr.ino, 7)):
+        r = await call(server, "n2", Call.open, path=b"cfg", flags=os.O_WRONLY | os.O_TRUNC, ino=ino, inoEpoch=epoch)
+        assert r.attr.size == 0
+        await call(server, "n2", Call.release, fh=r.fh)
+
+
 def message(node: str, ctype, **fields) -> Msg:
     m = Msg(ctype, to_flat(new(fs.FsRequest, vm="web", **fields)))
     m.node = node

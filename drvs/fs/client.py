@@ -370,7 +370,7 @@ class VmFs:
         """This node's number for the server's inode sino, in this term."""
         if sino == self.server_root:
             return self.root
-        if sino >= 1 << GEN_SHIFT:
+        if sino >= BIG:  # (numbers from BIG up are the ones given out below)
             sino = self.big.setdefault(sino, len(self.big) + 1 + (1 << (GEN_SHIFT - 1)))
         return (self.gen << GEN_SHIFT) | sino
 
@@ -723,7 +723,16 @@ class VmFs:
                 and self._local_server() is None):
             cached = self.cache.opening(inode)
         with self._writing(inode if flags & os.O_TRUNC else None):
-            r = await self.call(Call.open, **self._where(inode), flags=flags, ino=self._sino(inode))
+            where, node = self._where(inode), self.inodes.get(inode & MASK)
+            try:
+                r = await self.call(Call.open, **where, flags=flags, ino=self._sino(inode), inoEpoch=self.epoch)
+            except pyfuse3.FUSEError as e:
+                if e.errno != errno.ESTALE or "path" not in where or node is None or not node.open:
+                    raise
+                # The name holds another file now, and this one is open here:
+                # a reopen by /proc/PID/fd/N (which no new lookup can help)
+                # reaches it by a handle.
+                r = await self.call(Call.open, via=node.open[-1].sfh, flags=flags)
         info = self._opened(r, flags)
         if cached is not None and self.tag | self._c(r.attr.ino) == inode:
             self.cache.opened(inode, cached, r.attr.size, r.attr.mtimeNs)
@@ -744,12 +753,14 @@ class VmFs:
         # set-id while open this way loses them at its next write, root's
         # too.  Measured (bench/fs.py (a)): sequential write 950-1090 ->
         # 1520-1540 MB/s, tar x 0.146-0.152 -> 0.127-0.129 s.
-        # A file opened to append, on any node, bypasses them too: through
-        # the pages, a write ending in a page not read yet goes as two
-        # requests, and another node's append could land between the two
-        # (the server appends each at its end of file); direct, a write
-        # (up to max_write) is one request, one append.
-        direct = ((flags & os.O_APPEND or flags & os.O_ACCMODE == os.O_WRONLY and self._local_server() is not None)
+        # A file opened only to append (a log, >>), on any node, bypasses
+        # them too: through the pages, a write ending in a page not read
+        # yet goes as two requests, and another node's append could land
+        # between the two (the server appends each at its end of file);
+        # direct, a write (up to max_write) is one request, one append.
+        # One opened to read too keeps its pages and mmap (its appends may
+        # still tear so), as one made O_APPEND later by fcntl.
+        direct = (flags & os.O_ACCMODE == os.O_WRONLY and (flags & os.O_APPEND or self._local_server() is not None)
                   and not r.attr.mode & (stat.S_ISUID | stat.S_ISGID))
         h = self.handles[fh] = Handle(r.fh, cino, direct)
         self._inode(cino).open.append(h)
@@ -920,7 +931,8 @@ class VmFs:
         try:
             while True:
                 r = await self.call(Call.readdir, idempotent=True, path=path, data=after)
-                if r.attr.ino and self._c(r.attr.ino) != dino:
+                want = self._sino(self.tag | dino)  # (0: a number of another term, or big: not checked)
+                if r.attr.ino and want and r.attr.ino != want:
                     # Another directory has that path now (this one was moved
                     # or replaced meanwhile): not its entries.
                     raise pyfuse3.FUSEError(errno.ESTALE)

@@ -654,7 +654,8 @@ class FsServer:
         # O_NONBLOCK: a name that became a fifo behind a node's cache must
         # not stop this loop; the kernel opens special files itself.
         flags = (req.flags & OPEN_FLAGS) | os.O_NONBLOCK
-        meant = req.ino if self.epoch else 0  # (a replica's inode numbers are its own)
+        # (a replica's inode numbers are its own; another term's are not this one's)
+        meant = req.ino if self.epoch and req.inoEpoch == self.epoch else 0
         if req.via:  # a file open on the node, all its names gone: opened again through a handle of it
             fd = _reopen(self._via(req, origin).fd, flags)
         else:  # (truncated once it is known to be the file meant)

@@ -98,6 +98,7 @@ struct FsRequest {
                                 # open on the caller's node whose names are all gone)
   ino @33 :UInt64;              # open by path: the inode the caller means (0: whatever is there);
                                 # another one there now (the name was replaced meanwhile): ESTALE
+  inoEpoch @34 :UInt64;         # the server term ino is a number of (another term's: not checked)
 }
 
 struct Attr {

@@ -187,18 +187,6 @@ async def _tidy_loop(cfg: config.Config, interval: float) -> None:
         await trio.sleep(interval)
 
 
-def _more_descriptors() -> None:
-    """Up to the hard limit: a file server holds a descriptor per file
-    open on any node of its VM (and per removed directory a node still
-    holds, drvs/fs/server.py), as NFS servers and container runtimes
-    raise theirs."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="drvmmd", description="DRVS node daemon.")
     p.add_argument("--once", action="store_true", help="one housekeeping pass, then exit")
@@ -210,7 +198,6 @@ def main(argv: list[str] | None = None) -> int:
         print("drvmmd: needs root (cells are cgroups and namespaces)", file=sys.stderr)
         return 77
     malloc.keep_large_buffers()
-    _more_descriptors()
     try:
         cfg = config.load()
         if args.once:

@@ -394,6 +394,18 @@ def test_an_open_file_whose_names_are_gone_is_reached_through_proc_fd(fsc, d):
             os.removexattr(proc, "user.kept")
         finally:
             os.close(fd)
+        # Replaced by rename on the other node: /proc still reaches the old file.
+        (here / "cfg").write_text("old")
+        fd = os.open(here / "cfg", os.O_RDONLY)
+        try:
+            (there / "cfg.new").write_text("new")
+            os.rename(there / "cfg.new", there / "cfg")
+            w = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY)
+            os.pwrite(w, b"O", 0)
+            os.close(w)
+            assert (os.pread(fd, 10, 0), (here / "cfg").read_text()) == (b"Old", "new")
+        finally:
+            os.close(fd)
 
 
 def test_appends_from_two_nodes_at_once_each_land_whole(fsc, d):
