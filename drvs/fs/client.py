@@ -1036,7 +1036,6 @@ class VmFs:
         still to be invalidated, by drop_inodes."""
         self.told += 1
         told, told_of = self.told, self.told_of
-        moves = [move for move in map(self._movable, inv.moves) if move is not None]
         for e in inv.entries:
             name, dino = bytes(e.name), self._c(e.attr.ino)
             told_of[dino] = told
@@ -1061,26 +1060,9 @@ class VmFs:
                     pyfuse3.invalidate_entry_async(self.tag | cino, name, ignore_enoent=True)
             if inv.data and self.cache is not None:
                 self.cache.drop(self.tag | cino)
-        for node, dino, name in moves:  # (once the names they replaced are forgotten above)
-            self._name(node, dino, name)
         if len(told_of) > self.told_of_max:
             self._prune_told_of()
         return [self.tag | self._c(sino) for sino in inv.inodes if self._c(sino) in self.inodes]
-
-    def _movable(self, m) -> tuple | None:
-        """Another node renamed what this node knows by m's old name: (its
-        record, the directory and name it is known by now), so that it
-        keeps a path (a process whose working directory is there, or below
-        it, goes on working: its kernel asks by inode).  Only from the name
-        this node has for it, into a directory it knows (else the entry's
-        invalidation leaves it without a path: ESTALE); None otherwise."""
-        node, d1, d2 = self.inodes.get(self._c(m.ino)), self._c(m.fromDir), self._c(m.toDir)
-        if node is None or (node.parent, node.name) != (d1, bytes(m.fromName)) or d2 not in self.inodes:
-            return None
-        up = self.inodes.get(d1)
-        if up is None or up.born != node.up:
-            return None  # (a name learned under an older record of its directory: not to be trusted)
-        return node, d2, bytes(m.toName)
 
     def _prune_told_of(self) -> None:
         """Forget when inodes were last told of that no reply still to come

@@ -66,9 +66,9 @@ class Changed:
     """What a call changed that other nodes may cache (their kernels must
     drop it before the call is answered)."""
 
-    __slots__ = ("entries", "inodes", "dirs", "data", "gone", "origin_too", "moves")
+    __slots__ = ("entries", "inodes", "dirs", "data", "gone", "origin_too")
 
-    def __init__(self, entries=(), inodes=(), data=False, gone=(), dirs=(), origin_too=False, moves=()):
+    def __init__(self, entries=(), inodes=(), data=False, gone=(), dirs=(), origin_too=False):
         # entries: (directory, name) that went or now name another object
         # (told to the nodes that may cache the directory's names); dirs:
         # the directories whose names changed, one made there included
@@ -80,12 +80,9 @@ class Changed:
         # of such a file would be sent, and waited for, to nodes that cached
         # its predecessor).  origin_too: the caller's node is told as well
         # (the server changed more than the caller asked for, and its
-        # kernel would not know).  moves: (inode, directory, name, new
-        # directory, new name) of a rename, told with the entry it left, so
-        # that a node keeps a path to it (a process whose working directory
-        # it is, or is below it, goes on working there).
+        # kernel would not know).
         self.entries, self.inodes, self.dirs, self.data, self.gone = entries, inodes, dirs, data, gone
-        self.origin_too, self.moves = origin_too, moves
+        self.origin_too = origin_too
 
 
 class FsServer:
@@ -568,10 +565,6 @@ class FsServer:
             for node in self.interest.get(dino, ()):
                 if node != origin:
                     targets.setdefault(node, ([], set(), {}))[0].append((dino, name))
-        for move in changed.moves:  # (to the nodes that may hold the name it left: entries too, 5 long)
-            for node in self.interest.get(move[1], ()):
-                if node != origin:
-                    targets.setdefault(node, ([], set(), {}))[0].append(move)
         for ino in changed.inodes:
             for node in self.interest.get(ino, ()):
                 if node != origin:
@@ -605,14 +598,9 @@ class FsServer:
         them the names it knew absent there), unless a later call of its
         showed them again."""
         m = fs.Invalidations.new_message(vm=self.vm, data=data)
-        moves = [e for e in entries if len(e) == 5]
-        entries = [e for e in entries if len(e) == 2] if moves else entries
         es = m.init("entries", len(entries))
         for i, (dino, name) in enumerate(entries):
             es[i].name, es[i].attr.ino = name, dino
-        ms = m.init("moves", len(moves))
-        for i, (ino, d1, n1, d2, n2) in enumerate(moves):
-            ms[i].ino, ms[i].fromDir, ms[i].fromName, ms[i].toDir, ms[i].toName = ino, d1, n1, d2, n2
         ins = m.init("inodes", len(inodes))
         for i, ino in enumerate(inodes):
             ins[i] = ino
@@ -919,16 +907,10 @@ class FsServer:
                 if kept is not None:
                     self._kept(kept, replaced.st_ino, done and moved != replaced.st_ino)
             i1, i2 = os.stat(d1).st_ino, os.stat(d2).st_ino
-        moves = [(moved, i1, n1, i2, n2)]
         if replaced is None:
-            return Changed(entries=[(i1, n1)], inodes=[moved], dirs=[i1, i2], moves=moves)
-        if req.flags & _fs.RENAME_EXCHANGE:
-            gone = []
-            moves.append((replaced.st_ino, i2, n2, i1, n1))
-        else:
-            gone = self._gone(replaced)
-        return Changed(entries=[(i1, n1), (i2, n2)], inodes=[moved, replaced.st_ino], dirs=[i1, i2], gone=gone,
-                       moves=moves)
+            return Changed(entries=[(i1, n1)], inodes=[moved], dirs=[i1, i2])
+        gone = [] if req.flags & _fs.RENAME_EXCHANGE else self._gone(replaced)
+        return Changed(entries=[(i1, n1), (i2, n2)], inodes=[moved, replaced.st_ino], dirs=[i1, i2], gone=gone)
 
     def link(self, req, path, out, origin) -> Changed:
         path2 = check_path(bytes(req.path2))

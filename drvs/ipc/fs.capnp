@@ -173,13 +173,4 @@ struct Invalidations {
   entries @1 :List(Entry);   # attr.ino: the directory; name: the entry
   inodes @2 :List(UInt64);
   data @3 :Bool;             # inodes' cached data too, not only attributes
-  moves @4 :List(Move);      # renames: where the object an entry named went (a node keeps its path)
-}
-
-struct Move {
-  ino @0 :UInt64;
-  fromDir @1 :UInt64;
-  fromName @2 :Data;
-  toDir @3 :UInt64;
-  toName @4 :Data;
 }

@@ -472,30 +472,6 @@ def test_a_file_replaced_by_rename_on_one_node_is_always_opened_whole_on_the_oth
         assert (failed[:3], reads > 100) == ([], True)
 
 
-def test_a_directory_the_other_node_renames_goes_on_working_for_whoever_is_in_it(fsc, d):
-    """A shell on one node in proj/src; on the other, proj is renamed, then
-    moved into a directory the first node knows: relative names keep
-    working there, as on a local file system (they failed ESTALE: the
-    node had no path to the directory any more)."""
-    _, a, b = d
-    for here, there, tag in ((a, b, "1"), (b, a, "2")):
-        (here / f"proj{tag}" / "src").mkdir(parents=True)
-        (here / f"proj{tag}" / "src" / "a.c").write_text("int a;")
-        (here / f"archive{tag}").mkdir()
-        os.listdir(here / f"archive{tag}")
-        cwd = os.open(here / f"proj{tag}" / "src", os.O_RDONLY | os.O_DIRECTORY)  # (as a working directory)
-        try:
-            for old, new in ((f"proj{tag}", f"proj{tag}.old"), (f"proj{tag}.old", f"archive{tag}/proj")):
-                os.rename(there / old, there / new)
-                fd = os.open(f"b{new[-1]}.c", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=cwd)
-                os.close(fd)
-                with open(os.open("a.c", os.O_RDONLY, dir_fd=cwd)) as f:
-                    assert (f.read(), sorted(os.listdir(cwd))[0]) == ("int a;", "a.c"), new
-            assert sorted(os.listdir(there / f"archive{tag}" / "proj" / "src")) == ["a.c", "bd.c", "bj.c"]
-        finally:
-            os.close(cwd)
-
-
 def test_a_close_on_a_node_without_the_server_reaches_the_server(fsc, d):
     """Closes from a node whose server is elsewhere travel with its next
     call, or on their own soon after: the server lets go of the file."""
