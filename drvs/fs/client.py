@@ -362,6 +362,8 @@ class VmFs:
         """The server's number of inode (the kernel's), when it is of this
         term and known without a table (0 otherwise: not checked)."""
         cino = inode & MASK
+        if self.renewing:
+            return 0  # (the term changes: this node's numbers are about to)
         if cino == self.root:
             return self.server_root
         return cino & SMALL if cino >> GEN_SHIFT == self.gen and cino & SMALL < BIG else 0
