@@ -476,8 +476,19 @@ class VmFs:
         return e
 
     def _entry(self, dino: int, name: bytes, a, since: int, still: bool) -> pyfuse3.EntryAttributes:
-        self._learn(dino, name, a).lookups += 1
+        self._held(dino, name, a, still)
         return self._attr(a, since, dino, still)
+
+    def _held(self, dino: int, name: bytes, a, still: bool) -> None:
+        """The kernel holds a's inode now, as name in directory dino -- a
+        name not filed if the directory's path changed while it was asked
+        (still false): the path asked may have led to another directory
+        (this node renamed it meanwhile), so a's path stays unknown (ESTALE:
+        the kernel looks again) rather than wrong."""
+        if still:
+            self._learn(dino, name, a).lookups += 1
+        else:
+            self._inode(self._c(a.ino)).lookups += 1
 
     # -- the kernel's requests -----------------------------------------------------------
 
@@ -921,7 +932,7 @@ class VmFs:
                 continue
             if not pyfuse3.readdir_reply(token, name, self._attr(a, listing.told, dino, listing.still), i + 1):
                 break
-            self._learn(dino, name, a).lookups += 1  # readdirplus: the kernel holds what it took
+            self._held(dino, name, a, listing.still)  # readdirplus: the kernel holds what it took
 
     async def _list(self, dino: int) -> tuple[list, set]:
         """The directory's entries and their inodes (this node's numbers),
