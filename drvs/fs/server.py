@@ -104,11 +104,12 @@ class FsServer:
         self.looked: dict[int, dict[str, int]] = {}
         # Removed directories that nodes' kernels may still hold (a file
         # open below one keeps it): inode -> (a descriptor of it, those
-        # nodes as interest had them).  ext4 would give the number to the next directory made;
-        # a kernel holding the old one under that number then takes the
-        # new one for it (its dentry moved there, names of the old in it;
-        # or the mkdir fails ESTALE).  The descriptor keeps the number
-        # taken until every such node's kernel forgot it.
+        # nodes as interest had them).  ext4 would give the number to the
+        # next directory made; a kernel holding the old one under that
+        # number then takes the new one for it (its dentry moved there,
+        # names of the old in it; or the mkdir fails ESTALE).  The
+        # descriptor keeps the number taken until every such node's kernel
+        # forgot it.
         self.kept: dict[int, tuple[int, dict[str, int]]] = {}
         self.kept_full = False  # kept_max was reached once (said once)
         # (a quarter of the descriptors at most: open files need the rest)
@@ -656,7 +657,7 @@ class FsServer:
         flags = (req.flags & OPEN_FLAGS) | os.O_NONBLOCK
         # (a replica's inode numbers are its own; another term's are not this one's)
         meant = req.ino if self.epoch and req.inoEpoch == self.epoch else 0
-        if req.via:  # a file open on the node, all its names gone: opened again through a handle of it
+        if req.via:  # a file open on the node, which knows no path of it: opened again through a handle
             fd = _reopen(self._via(req, origin).fd, flags)
         else:  # (truncated once it is known to be the file meant)
             fd = self.store.open(check_path(path), (flags & ~os.O_TRUNC if meant else flags) | os.O_NOFOLLOW)
@@ -705,8 +706,8 @@ class FsServer:
     def _object(self, req, path: bytes, origin: str):
         """The object a call names, as a path os.*xattr take: by its path,
         or (via) through a handle of it -- a file open on the caller's node
-        whose names are all gone, as a program reaches it by
-        /proc/PID/fd/N."""
+        that node knows no path of (its names gone, or changed by another
+        node), as a program reaches it by /proc/PID/fd/N."""
         if req.via:
             return contextlib.nullcontext(f"/proc/self/fd/{self._via(req, origin).fd}")
         return _Object(self.store, path)

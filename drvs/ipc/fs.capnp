@@ -94,8 +94,8 @@ struct FsRequest {
   forgottenEpoch @29 :UInt64;   # the server term those inode numbers are of (other terms': ignored)
   forgottenMarks @30 :List(UInt64); # for each, the last call its node had begun when it forgot it
   seq @31 :UInt64;              # this call's number among its node's calls (see FsServer.forgotten)
-  via @32 :UInt64;              # open, *xattr: the object by a handle of it, not by path (a file
-                                # open on the caller's node whose names are all gone)
+  via @32 :UInt64;              # open, *xattr: the object by a handle of it, not by path (a
+                                # file open on the caller's node, which knows no path of it)
   ino @33 :UInt64;              # open by path: the inode the caller means (0: whatever is there);
                                 # another one there now (the name was replaced meanwhile): ESTALE
   inoEpoch @34 :UInt64;         # the server term ino is a number of (another term's: not checked)
