@@ -29,7 +29,6 @@ class Walk:
         self.data: dict[int, bytearray] = {}  # file id -> contents
         self.mode = {0: 0o755}                # id -> permission bits
         self.xattrs: dict[int, dict[str, bytes]] = {}  # id -> its user.* attributes
-        self.mtime: dict[int, int] = {}       # id -> modification time set by utime (ns; until changed)
         self.ids = 0
         self.held: list[tuple[int, int, int]] = []  # (fd, file id, view) kept open across operations
         self.log: list[tuple] = []
@@ -268,7 +267,6 @@ class Walk:
 
     def utime(self, v):
         p = self.rng.choice(self._paths("f"))
-        ident = self.tree[p][1]
         ns = self.rng.randrange(1 << 40) * 1000
         self.log.append((v, "utime", p, ns))
         os.utime(self._at(v, p), ns=(ns, ns))
