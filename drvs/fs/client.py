@@ -554,15 +554,12 @@ class VmFs:
         args = dict(setMask=mask, mode=attr.st_mode, uid=attr.st_uid, gid=attr.st_gid, size=attr.st_size,
                     atimeNs=attr.st_atime_ns, mtimeNs=attr.st_mtime_ns)
         h = self.handles.get(fh) if fh is not None else None
-        sfh, where = (h.sfh, None) if h is not None else (0, self._where(inode))
-        if where is not None and "via" in where:
-            sfh, where = where["via"], None  # (a handle names the file as well as a path)
+        where = {"fh": h.sfh} if h is not None else self._where(inode)
+        if "via" in where:
+            where = {"fh": where["via"]}  # (setattr takes any handle of the file)
         with self._changing(inode & MASK) as change, self._writing(inode if fields.update_size else None):
-            if where is None:
-                r = await self.call(Call.setattr, fh=sfh, **args)
-            else:
-                r = await self.call(Call.setattr, **where, **args)
-        return self._attr(r.attr, change.told, still=where is None or self._asked(inode, where["path"]))
+            r = await self.call(Call.setattr, **where, **args)
+        return self._attr(r.attr, change.told, still="path" not in where or self._asked(inode, where["path"]))
 
     @contextlib.contextmanager
     def _writing(self, ino: int | None):
@@ -1060,11 +1057,13 @@ class VmFs:
                 if listing.dino == dino:
                     listing.gone.add(name)
             pyfuse3.invalidate_entry_async(self.tag | dino, name, ignore_enoent=True)
-        now = trio.current_time()
+        now, held = trio.current_time(), []
         for sino in inv.inodes:
             cino = self._c(sino)
             told_of[cino] = told
-            if cino not in self.inodes and cino not in self.dropped:
+            if cino in self.inodes:
+                held.append(self.tag | cino)
+            elif cino not in self.dropped:
                 self._dropped(cino)  # (shown in a listing the kernel did not take, say): not to be told again
             self.fresh.pop(cino, None)
             self.known.pop(cino, None)
@@ -1075,7 +1074,7 @@ class VmFs:
                 self.cache.drop(self.tag | cino)
         if len(told_of) > self.told_of_max:
             self._prune_told_of()
-        return [self.tag | self._c(sino) for sino in inv.inodes if self._c(sino) in self.inodes]
+        return held
 
     def _prune_told_of(self) -> None:
         """Forget when inodes were last told of that no reply still to come

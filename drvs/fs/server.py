@@ -103,14 +103,15 @@ class FsServer:
         # telling that node once, not at every file.
         self.looked: dict[int, dict[str, int]] = {}
         # Removed directories that nodes' kernels may still hold (a file
-        # open below one keeps it): inode -> (a descriptor of it, those
-        # nodes as interest had them).  ext4 would give the number to the
-        # next directory made; a kernel holding the old one under that
-        # number then takes the new one for it (its dentry moved there,
-        # names of the old in it; or the mkdir fails ESTALE).  The
-        # descriptor keeps the number taken until every such node's kernel
-        # forgot it.
-        self.kept: dict[int, tuple[int, dict[str, int]]] = {}
+        # open below one keeps it): inode -> a descriptor of it; and inode
+        # -> those nodes, as interest had them (forgotten() keeps it as it
+        # keeps interest).  ext4 would give the number to the next
+        # directory made; a kernel holding the old one under that number
+        # then takes the new one for it (its dentry moved there, names of
+        # the old in it; or the mkdir fails ESTALE).  The descriptor keeps
+        # the number taken until every such node's kernel forgot it.
+        self.kept: dict[int, int] = {}
+        self.holders: dict[int, dict[str, int]] = {}
         self.kept_full = False  # kept_max was reached once (said once)
         # (a quarter of the descriptors at most: open files need the rest)
         self.kept_max = min(KEPT_MAX, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4)
@@ -400,7 +401,7 @@ class FsServer:
         from ..cluster.membership import status_key
 
         lockers = {lk.owner.split(":", 1)[0] for lks in self.lock_table.locks.values() for lk in lks}
-        holders = {node for _, nodes in self.kept.values() for node in nodes}
+        holders = {node for nodes in self.holders.values() for node in nodes}
         for node in ({f.node for f in self.files.values()} | lockers | holders) - {self.here, ""}:
             try:
                 alive = await self.etcd.get(status_key(node)) is not None
@@ -409,7 +410,7 @@ class FsServer:
             if alive:
                 continue
             self.lock_table.drop(f"{node}:")
-            self._forget_kept(node, list(self.kept))
+            self.forgotten(node, list(self.holders))
             gone = [fh for fh, f in self.files.items() if f.node == node]
             log.info("fs@%s: node %s left; closing its %d open files", self.vm, node, len(gone))
             for fh in gone:
@@ -473,9 +474,7 @@ class FsServer:
         later call of node that showed the inode -- one that overtook the
         notice, or came between two deliveries of it -- keeps node told.
         No marks: node is gone, whatever its calls."""
-        if self.kept:
-            self._forget_kept(node, inodes, marks)
-        for table in (self.interest, self.looked):
+        for table in (self.interest, self.looked, self.holders):
             for i, ino in enumerate(inodes):
                 nodes = table.get(ino)
                 if nodes is None or node not in nodes:
@@ -484,6 +483,10 @@ class FsServer:
                     del nodes[node]
                     if not nodes:
                         del table[ino]
+        if self.kept:
+            for ino in inodes:  # (a removed directory no node holds any more: its number may go)
+                if ino in self.kept and ino not in self.holders:
+                    os.close(self.kept.pop(ino))
 
     def _keep(self, dfd: int, name: str, st: os.stat_result) -> int | None:
         """Before a directory goes: a descriptor of it if nodes may hold it
@@ -505,27 +508,17 @@ class FsServer:
         """The removal _keep() was made for is done (or failed: not done)."""
         if fd is None:
             return
-        if not done or ino in self.kept:
+        holders = self.interest.get(ino)
+        if not done or ino in self.kept or not holders:
             os.close(fd)
             return
-        self.kept[ino] = (fd, dict(self.interest.get(ino, {})))
-
-    def _forget_kept(self, node: str, inodes, marks=None) -> None:
-        """As forgotten() for the interest table: a notice whose node showed
-        the directory again after its kernel forgot it (before the removal)
-        does not count."""
-        for i, ino in enumerate(inodes):
-            kept = self.kept.get(ino)
-            if kept is not None and node in kept[1] and (marks is None or kept[1][node] <= marks[i]):
-                del kept[1][node]
-                if not kept[1]:
-                    os.close(kept[0])
-                    del self.kept[ino]
+        self.kept[ino], self.holders[ino] = fd, dict(holders)
 
     def _release_kept(self) -> None:
-        for fd, _ in self.kept.values():
+        for fd in self.kept.values():
             os.close(fd)
         self.kept.clear()
+        self.holders.clear()
 
     def _seen(self, node: str, *inodes: int, table: dict | None = None) -> None:
         if not self.epoch:
@@ -612,8 +605,8 @@ class FsServer:
                 raise IpcError(reply.error, -reply.status)
         except IpcError as e:
             log.info("fs@%s: node %s did not drop its caches (%s); forgetting what it cached", self.vm, node, e)
-            self.forgotten(node, [ino for ino, nodes in self.interest.items() if node in nodes]  # (looked too)
-                           + [ino for ino, (_, nodes) in self.kept.items() if node in nodes])
+            self.forgotten(node, [ino for table in (self.interest, self.holders)  # (looked too)
+                                  for ino, nodes in table.items() if node in nodes])
             return
         for dino, seq in looked.items():
             nodes = self.looked.get(dino)
