@@ -1,9 +1,11 @@
-/* drvs._fs: the two file-system calls the VM file server needs and Python
- * lacks (errors are OSError with the path).  openat2 with RESOLVE_BENEATH |
+/* drvs._fs: the file-system calls the VM file server needs and Python lacks
+ * (errors are OSError with the path).  openat2 with RESOLVE_BENEATH |
  * RESOLVE_NO_SYMLINKS resolves a client's path inside the server's store in
  * one step, never through a link a program of the VM planted; renameat2
- * gives rename(2)'s RENAME_NOREPLACE and RENAME_EXCHANGE.  Both release the
- * GIL (the disk may be slow). */
+ * gives rename(2)'s RENAME_NOREPLACE and RENAME_EXCHANGE; name_to_handle_at
+ * and open_by_handle_at name a directory by its object rather than its path
+ * (as an NFS server's file handles), for a node that lost the path of one
+ * another node moved.  All release the GIL (the disk may be slow). */
 #define PY_SSIZE_T_CLEAN
 #define _GNU_SOURCE
 #include <Python.h>
@@ -63,7 +65,65 @@ static PyObject *py_renameat2(PyObject *Py_UNUSED(self), PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* name_to_handle_at(dirfd, name) -> bytes: the handle's type (4 bytes,
+ * native order) and then the file system's own bytes of it; name b"": dirfd
+ * itself. */
+static PyObject *py_name_to_handle_at(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    int dirfd, mount_id, r;
+    const char *name;
+    Py_ssize_t len;
+    if (!PyArg_ParseTuple(args, "iy#", &dirfd, &name, &len))
+        return NULL;
+    union {
+        struct file_handle fh;
+        char space[sizeof(struct file_handle) + MAX_HANDLE_SZ];
+    } h;
+    h.fh.handle_bytes = MAX_HANDLE_SZ;
+    Py_BEGIN_ALLOW_THREADS
+    r = name_to_handle_at(dirfd, name, &h.fh, &mount_id, len ? 0 : AT_EMPTY_PATH);
+    Py_END_ALLOW_THREADS
+    if (r < 0)
+        return fs_error(name);
+    char out[sizeof(int) + MAX_HANDLE_SZ];
+    memcpy(out, &h.fh.handle_type, sizeof(int));
+    memcpy(out + sizeof(int), h.fh.f_handle, h.fh.handle_bytes);
+    return PyBytes_FromStringAndSize(out, sizeof(int) + h.fh.handle_bytes);
+}
+
+/* open_by_handle_at(mountfd, handle, flags) -> fd, handle as
+ * name_to_handle_at gave it (ESTALE for bytes that are no handle). */
+static PyObject *py_open_by_handle_at(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    int mountfd, flags, handle_type;
+    const char *handle;
+    Py_ssize_t len;
+    if (!PyArg_ParseTuple(args, "iy#i", &mountfd, &handle, &len, &flags))
+        return NULL;
+    if (len <= (Py_ssize_t)sizeof(int) || len > (Py_ssize_t)(sizeof(int) + MAX_HANDLE_SZ)) {
+        errno = ESTALE;
+        return fs_error("(file handle)");
+    }
+    union {
+        struct file_handle fh;
+        char space[sizeof(struct file_handle) + MAX_HANDLE_SZ];
+    } h;
+    memcpy(&handle_type, handle, sizeof(int));
+    h.fh.handle_type = handle_type;
+    h.fh.handle_bytes = len - sizeof(int);
+    memcpy(h.fh.f_handle, handle + sizeof(int), h.fh.handle_bytes);
+    long fd;
+    Py_BEGIN_ALLOW_THREADS
+    fd = open_by_handle_at(mountfd, &h.fh, flags);
+    Py_END_ALLOW_THREADS
+    if (fd < 0)
+        return fs_error("(file handle)");
+    return PyLong_FromLong(fd);
+}
+
 static PyMethodDef methods[] = {
+    {"name_to_handle_at", py_name_to_handle_at, METH_VARARGS, "name_to_handle_at(dirfd, name) -> handle bytes"},
+    {"open_by_handle_at", py_open_by_handle_at, METH_VARARGS, "open_by_handle_at(mountfd, handle, flags) -> fd"},
     {"openat2", py_openat2, METH_VARARGS, "openat2(dirfd, path, flags, mode, resolve) -> fd"},
     {"renameat2", py_renameat2, METH_VARARGS, "renameat2(olddirfd, old, newdirfd, new, flags)"},
     {NULL, NULL, 0, NULL},

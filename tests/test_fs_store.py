@@ -127,3 +127,51 @@ def test_a_replica_copy_never_writes_through_a_link_planted_in_the_vm(tmp_path):
     assert (root / "a").read_bytes() == b"" and (root / "b").read_bytes() == b"new b"
     assert not (base / "root.new").exists()
     Store(str(base), "web").close()  # the exchanged tree is a whole store
+
+
+def test_a_directory_is_found_by_its_handle_wherever_it_was_moved(tmp_path):
+    """A node that lost a directory's path (another node moved it) names it
+    by its file handle; a handle of anything outside the VM's tree (another
+    VM's store, the node's own files) or bytes that are no handle name
+    nothing; a removed directory is ENOENT."""
+    s = Store(str(tmp_path / "fs"), "web")
+    other = Store(str(tmp_path / "other"), "db")
+    try:
+        root = tmp_path / "fs" / "root"
+        (root / "proj" / "src").mkdir(parents=True)
+        fd = os.open(root / "proj", os.O_PATH)
+        try:
+            handle = Store.handle_of(fd, b"src")
+        finally:
+            os.close(fd)
+        assert s.find(handle) == b"proj/src"
+        (root / "deep").mkdir()
+        os.rename(root / "proj", root / "deep" / "moved")
+        assert s.find(handle) == b"deep/moved/src"
+        os.rename(root / "deep" / "moved" / "src", root / "top")
+        assert s.find(handle) == b"top"
+        (tmp_path / "other" / "root" / "theirs").mkdir()
+        for outside in (tmp_path / "other" / "root" / "theirs", tmp_path, tmp_path / "fs"):
+            fd = os.open(outside, os.O_PATH)
+            try:
+                foreign = Store.handle_of(fd, b"")
+            finally:
+                os.close(fd)
+            with pytest.raises(OSError) as e:
+                s.find(foreign)
+            assert e.value.errno == errno.ESTALE, outside
+        for junk in (b"", b"abc", handle[:4], handle[:4] + b"\xff" * 8, b"x" * 200):
+            with pytest.raises(OSError) as e:
+                s.find(junk)
+            assert e.value.errno == errno.ESTALE, junk
+        kept = os.open(root / "top", os.O_PATH)  # (as the server keeps a removed directory nodes hold)
+        try:
+            os.rmdir(root / "top")
+            with pytest.raises(OSError) as e:
+                s.find(handle)
+            assert e.value.errno == errno.ENOENT
+        finally:
+            os.close(kept)
+    finally:
+        s.close()
+        other.close()

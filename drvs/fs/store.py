@@ -13,6 +13,7 @@ links, in the jail's own view), and nothing outside root/ can be reached.
 
 Errors are OSError, as the kernel gave them."""
 
+import errno
 import json
 import os
 import stat
@@ -52,11 +53,14 @@ class Store:
     def __init__(self, base: str, vm: str):
         self.base, self.vm = base, vm
         self.root = open_store(base, vm)
+        self.mount = -1  # the root, opened to read: open_by_handle_at takes no O_PATH descriptor
+        self.prefix = os.fsencode(f"{base}/root")
 
     def close(self) -> None:
-        if self.root >= 0:
-            os.close(self.root)
-            self.root = -1
+        for fd in (self.root, self.mount):
+            if fd >= 0:
+                os.close(fd)
+        self.root = self.mount = -1
 
     def open(self, path: bytes, flags: int, mode: int = 0) -> int:
         return _fs.openat2(self.root, path or b".", flags | os.O_CLOEXEC, mode, RESOLVE)
@@ -80,6 +84,50 @@ class Store:
     def at(self, path: bytes):
         """with store.at(path) as (dirfd, name): ..."""
         return _At(self, path)
+
+    def path_of(self, fd: int) -> bytes | None:
+        """Where what fd names is in the tree now (None: removed, or not in
+        the tree)."""
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}".encode())
+        except OSError:
+            return None
+        return None if target.endswith(b" (deleted)") else self._in_tree(target)
+
+    def _in_tree(self, target: bytes) -> bytes | None:
+        if target == self.prefix:
+            return b""
+        return target[len(self.prefix) + 1:] if target.startswith(self.prefix + b"/") else None
+
+    @staticmethod
+    def handle_of(dfd: int, name: bytes) -> bytes:
+        """A file handle of directory name in dfd (b"" where the file system
+        gives none): what find() takes."""
+        try:
+            return _fs.name_to_handle_at(dfd, name)
+        except OSError:
+            return b""
+
+    def find(self, handle: bytes) -> bytes:
+        """The path now of the directory a file handle names, wherever it
+        was moved -- an NFS server's way of naming objects.  ESTALE if it
+        names no directory of this tree (bytes that are no handle, another
+        store's, another VM's), ENOENT if the directory was removed."""
+        if self.mount < 0:
+            self.mount = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.root)
+        try:
+            fd = _fs.open_by_handle_at(self.mount, handle, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise OSError(errno.ESTALE, f"no such directory ({e.strerror})") from None
+        try:
+            if os.stat(fd).st_nlink == 0:
+                raise OSError(errno.ENOENT, "the directory was removed")
+            path = self._in_tree(os.readlink(f"/proc/self/fd/{fd}".encode()))
+        finally:
+            os.close(fd)
+        if path is None:
+            raise OSError(errno.ESTALE, "no directory of this file system")
+        return path
 
     def statvfs(self) -> os.statvfs_result:
         return os.fstatvfs(self.root)
