@@ -57,14 +57,15 @@ class Inode:
     """term: the server's term of writes to the file not yet fsync'ed (0:
     none): a server of a later term may never have got them."""
 
-    __slots__ = ("cino", "parent", "name", "lookups", "open", "term", "born", "up")
+    __slots__ = ("cino", "parent", "name", "lookups", "open", "term", "born", "up", "handle")
 
     def __init__(self, cino: int, born: int):
         self.cino, self.parent, self.name, self.lookups, self.term = cino, None, b"", 0, 0
         self.open: list[Handle] = []  # its handles open here
         # Which record of its number this is, and which record of its
-        # directory's its name was learned under (see VmFs.path).
+        # directory's its name was learned under (see VmFs.locate).
         self.born, self.up = born, -1
+        self.handle = b""  # a directory's file handle on the server of this term (see VmFs.locate)
 
 
 class Listing:
@@ -331,6 +332,8 @@ class VmFs:
             self.renewing = False
         self.dropped.clear()  # (the new server never heard of what this node cached)
         self.drops.clear()
+        for node in self.inodes.values():
+            node.handle = b""  # (the new server's store is another file system)
         for listing in self.listings.values():  # snapshots of the old server: read again
             listing.entries = listing.inos = None
         self.gen = (self.gen + 1) % (1 << (TAG_SHIFT - GEN_SHIFT))
@@ -407,32 +410,56 @@ class VmFs:
         if node is not None and (node.parent, node.name) == (dino, name):
             node.parent = None
 
-    def path(self, ino: int) -> bytes:
+    def locate(self, ino: int) -> tuple[bytes, bytes]:
+        """Where a call finds inode ino: (b"", its path); or, below a
+        directory whose path this node lost -- another node moved it (its
+        invalidation undid the name here), or the name was learned in a
+        directory the kernel has since forgotten -- (that directory's file
+        handle, the path below it): the server finds the directory where it
+        is now (FsRequest.at), as a local file system goes on in a working
+        directory another process moved.  Else ESTALE: the kernel walks the
+        path again, asking for each name (LOOKUP_REVAL)."""
         cino = ino & MASK
         parts = []
         while cino != self.root:
             node = self.inodes.get(cino)
-            if node is None or node.parent is None:
+            if node is None:
                 raise pyfuse3.FUSEError(errno.ESTALE)
-            up = self.inodes.get(node.parent)
+            up = self.inodes.get(node.parent) if node.parent is not None else None
             if up is None or up.born != node.up:
-                # The name was learned in a directory the kernel has since
-                # forgotten: the server stopped telling this node of its
-                # names, so it may be gone.  ESTALE makes the kernel walk
-                # the path again, asking for each name (LOOKUP_REVAL).
+                # Its name is gone, or may be: learned in a directory the
+                # kernel forgot since, the server stopped telling this node
+                # of names there.
+                if node.handle:
+                    return node.handle, b"/".join(reversed(parts))
                 raise pyfuse3.FUSEError(errno.ESTALE)
             parts.append(node.name)
             cino = node.parent
-        return b"/".join(reversed(parts))
+        return b"", b"/".join(reversed(parts))
+
+    @staticmethod
+    def _named(loc: tuple[bytes, bytes], name: bytes | None = None, second: bool = False) -> dict:
+        """A call's fields naming loc (from locate), or name in the
+        directory at loc; as its second path (path2, at2) if second."""
+        at, path = loc
+        if name is not None:
+            path = join(path, name)
+        if second:
+            return {"path2": path, "at2": at} if at else {"path2": path}
+        return {"path": path, "at": at} if at else {"path": path}
+
+    def named(self, ino: int) -> dict:
+        """A call's fields naming inode ino where it is (see locate)."""
+        return self._named(self.locate(ino))
 
     def _where(self, inode: int) -> dict:
-        """How a call names inode: {"path": ...}; or, for a file open here
-        that this node knows no path of (all its names gone, or renamed by
-        another node), as a program reaches it by /proc/PID/fd/N, {"via": a
-        handle of it} -- the object the kernel named, whatever its names
-        now.  Else ESTALE: the kernel walks the path again (see path)."""
+        """How a call names inode: by where it is (locate); or, for a file
+        open here that this node knows no path of (all its names gone, or
+        renamed by another node), as a program reaches it by
+        /proc/PID/fd/N, {"via": a handle of it} -- the object the kernel
+        named, whatever its names now.  Else ESTALE (see locate)."""
         try:
-            return {"path": self.path(inode)}
+            return self._named(self.locate(inode))
         except pyfuse3.FUSEError as e:
             node = self.inodes.get(inode & MASK)
             if node is None or not node.open:
@@ -450,13 +477,13 @@ class VmFs:
             return False
         return since < self.all_told or any(self.told_of.get(cino, -1) > since for cino in cinos)
 
-    def _asked(self, ino: int, path: bytes) -> bool:
-        """Whether inode ino still has the path a call about it was sent
-        with: if an ancestor was renamed meanwhile (by another node: its
+    def _asked(self, ino: int, loc: tuple[bytes, bytes]) -> bool:
+        """Whether inode ino is still where (locate) a call about it was
+        sent: if an ancestor was renamed meanwhile (by another node: its
         invalidation undid the name here; or by this one), the server may
         have answered about whatever that path named."""
         try:
-            return self.path(ino) == path
+            return self.locate(ino) == loc
         except pyfuse3.FUSEError:
             return False
 
@@ -485,10 +512,10 @@ class VmFs:
         (still false): the path asked may have led to another directory
         (this node renamed it meanwhile), so a's path stays unknown (ESTALE:
         the kernel looks again) rather than wrong."""
-        if still:
-            self._learn(dino, name, a).lookups += 1
-        else:
-            self._inode(self._c(a.ino)).lookups += 1
+        node = self._learn(dino, name, a) if still else self._inode(self._c(a.ino))
+        node.lookups += 1
+        if a.handle:
+            node.handle = bytes(a.handle)
 
     # -- the kernel's requests -----------------------------------------------------------
 
@@ -502,7 +529,7 @@ class VmFs:
         if name == b"..":
             node = self.inodes.get(dino)
             up = node.parent if node is not None and node.parent is not None else self.root
-            r = await self.call(Call.getattr, idempotent=True, path=self.path(self.tag | up))
+            r = await self.call(Call.getattr, idempotent=True, **self._named(self.locate(self.tag | up)))
             self._inode(self._c(r.attr.ino)).lookups += 1
             return self._attr(r.attr, since)
         absent = self._absent(dino, name)
@@ -511,9 +538,9 @@ class VmFs:
             neg = pyfuse3.EntryAttributes()
             neg.st_ino, neg.entry_timeout = 0, absent
             return neg
-        where = self.path(parent)
+        where = self.locate(parent)
         try:
-            r = await self.call(Call.lookup, idempotent=True, path=join(where, name))
+            r = await self.call(Call.lookup, idempotent=True, **self._named(where, name))
         except pyfuse3.FUSEError as e:
             if e.errno != errno.ENOENT:
                 raise
@@ -543,8 +570,8 @@ class VmFs:
         if node is not None and node.open:  # also after the file was unlinked
             r = await self.call(Call.getattr, idempotent=True, fh=node.open[-1].sfh)
             return self._attr(r.attr, since)
-        where = self.path(inode)
-        r = await self.call(Call.getattr, idempotent=True, path=where)
+        where = self.locate(inode)
+        r = await self.call(Call.getattr, idempotent=True, **self._named(where))
         return self._attr(r.attr, since, still=self._asked(inode, where))
 
     async def setattr(self, inode, attr, fields, fh, ctx):
@@ -559,7 +586,8 @@ class VmFs:
             where = {"fh": where["via"]}  # (setattr takes any handle of the file)
         with self._changing(inode & MASK) as change, self._writing(inode if fields.update_size else None):
             r = await self.call(Call.setattr, **where, **args)
-        return self._attr(r.attr, change.told, still="path" not in where or self._asked(inode, where["path"]))
+        return self._attr(r.attr, change.told,
+                          still="path" not in where or self._asked(inode, (where.get("at", b""), where["path"])))
 
     @contextlib.contextmanager
     def _writing(self, ino: int | None):
@@ -574,7 +602,7 @@ class VmFs:
                 self.cache.drop(ino)
 
     async def readlink(self, inode, ctx):
-        return bytes((await self.call(Call.readlink, idempotent=True, path=self.path(inode))).data)
+        return bytes((await self.call(Call.readlink, idempotent=True, **self._named(self.locate(inode)))).data)
 
     @contextlib.contextmanager
     def _changing(self, *cinos):
@@ -661,9 +689,9 @@ class VmFs:
             self.fresh.pop(dino, None)
 
     async def _make(self, ctype, parent, name, ctx, **fields):
-        dino, where = parent & MASK, self.path(parent)
+        dino, where = parent & MASK, self.locate(parent)
         with self._changing(dino) as change:
-            r = await self.call(ctype, path=join(where, name), caller=caller(ctx), **fields)
+            r = await self.call(ctype, **self._named(where, name), caller=caller(ctx), **fields)
             self._post_op(dino, r, change)
         self._known_add(dino, name)
         entry = self._entry(dino, name, r.attr, change.told, self._asked(parent, where))
@@ -681,9 +709,9 @@ class VmFs:
         return await self._make(Call.symlink, parent, name, ctx, data=target)
 
     async def link(self, inode, new_parent, new_name, ctx):
-        dino, where = new_parent & MASK, self.path(new_parent)
+        dino, where = new_parent & MASK, self.locate(new_parent)
         with self._changing(dino, inode & MASK) as change:  # (its link count changes)
-            r = await self.call(Call.link, path=self.path(inode), path2=join(where, new_name))
+            r = await self.call(Call.link, **self._named(self.locate(inode)), **self._named(where, new_name, True))
             self._post_op(dino, r, change)
         self._known_add(dino, new_name)
         return self._entry(dino, new_name, r.attr, change.told, self._asked(new_parent, where))
@@ -697,7 +725,7 @@ class VmFs:
     async def _remove(self, ctype, parent, name) -> None:
         dino, cino = parent & MASK, self.entries.get((parent & MASK, name))
         with self._changing(dino, cino) as change:
-            r = await self.call(ctype, path=join(self.path(parent), name))
+            r = await self.call(ctype, **self._named(self.locate(parent), name))
             self._post_op(dino, r, change)
         self._forget_entry(dino, name)
         self._known_remove(dino, name)
@@ -706,8 +734,8 @@ class VmFs:
     async def rename(self, old_parent, old_name, new_parent, new_name, flags, ctx):
         d1, d2 = old_parent & MASK, new_parent & MASK
         with self._changing(d1, d2, self.entries.get((d1, old_name)), self.entries.get((d2, new_name))):
-            await self.call(Call.rename, path=join(self.path(old_parent), old_name),
-                            path2=join(self.path(new_parent), new_name), flags=flags)
+            await self.call(Call.rename, **self._named(self.locate(old_parent), old_name),
+                            **self._named(self.locate(new_parent), new_name, True), flags=flags)
         if not flags & pyfuse3.RENAME_EXCHANGE:
             self._known_remove(d1, old_name)
         self._known_add(d2, new_name)
@@ -779,9 +807,9 @@ class VmFs:
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=direct)
 
     async def create(self, parent, name, mode, flags, ctx):
-        dino, where = parent & MASK, self.path(parent)
+        dino, where = parent & MASK, self.locate(parent)
         with self._changing(dino) as change:
-            r = await self.call(Call.create, path=join(where, name), flags=flags, mode=mode, caller=caller(ctx))
+            r = await self.call(Call.create, **self._named(where, name), flags=flags, mode=mode, caller=caller(ctx))
             self._post_op(dino, r, change)
         self._known_add(dino, name)
         entry = self._entry(dino, name, r.attr, change.told, self._asked(parent, where))
@@ -905,7 +933,7 @@ class VmFs:
             raise pyfuse3.FUSEError(errno.EIO)
 
     async def opendir(self, inode, ctx):
-        self.path(inode)  # ESTALE now rather than at readdir
+        self.locate(inode)  # ESTALE now rather than at readdir
         fh = self.tag | self.next_fh
         self.next_fh += 1
         self.listings[fh] = Listing(inode & MASK)
@@ -920,7 +948,7 @@ class VmFs:
             # kernel later, and keeps its notices back (_forgotten).
             listing.gone = set()  # (before: a change told while it is read may be in it)
             listing.told = self.told
-            where = self.path(self.tag | listing.dino)
+            where = self.locate(self.tag | listing.dino)
             listing.entries, listing.inos = await self._list(listing.dino)
             listing.still = self._asked(self.tag | listing.dino, where)
         dino, gone = listing.dino, listing.gone
@@ -935,17 +963,12 @@ class VmFs:
         """The directory's entries and their inodes (this node's numbers),
         in batches of the server's; the inodes of each batch keep their
         notices back from the moment it came (self.reading)."""
-        path, out, after, inos = self.path(self.tag | dino), [], b"", set()
+        out, after, inos = [], b"", set()
         change, changes = _Change(self.told), self.changes
         self.reading.append(inos)
         try:
             while True:
-                r = await self.call(Call.readdir, idempotent=True, path=path, data=after)
-                want = self._sino(self.tag | dino)  # (0: a number of another term, or big: not checked)
-                if r.attr.ino and want and r.attr.ino != want:
-                    # Another directory has that path now (this one was moved
-                    # or replaced meanwhile): not its entries.
-                    raise pyfuse3.FUSEError(errno.ESTALE)
+                r = await self._batch(dino, after)
                 for e in r.entries:
                     out.append((bytes(e.name), e.attr))
                     inos.add(self._c(e.attr.ino))
@@ -957,6 +980,30 @@ class VmFs:
         if dino not in self.busy and self.changes == changes:  # (none of this node's own changes overlapped)
             self._now_known(dino, (name for name, _ in out), change)
         return out, inos
+
+    async def _batch(self, dino: int, after: bytes):
+        """The server's batch of directory dino's entries after name after:
+        by its path; by its handle if another node moved it meanwhile (the
+        path names another directory, or nothing), as the kernel does not
+        retry a listing."""
+        try:
+            r = await self.call(Call.readdir, idempotent=True, **self.named(self.tag | dino), data=after)
+        except pyfuse3.FUSEError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            r = None
+        node = self.inodes.get(dino)
+        if (r is None or self._other_dir(r, dino)) and node is not None and node.handle:
+            r = await self.call(Call.readdir, idempotent=True, at=node.handle, path=b"", data=after)
+        if r is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if self._other_dir(r, dino):
+            raise pyfuse3.FUSEError(errno.ESTALE)  # not its entries
+        return r
+
+    def _other_dir(self, r, dino: int) -> bool:
+        want = self._sino(self.tag | dino)  # (0: a number of another term, or big: not checked)
+        return bool(r.attr.ino and want and r.attr.ino != want)
 
     async def releasedir(self, fh):
         self.listings.pop(fh, None)

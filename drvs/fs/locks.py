@@ -180,7 +180,7 @@ class NodeLocks:
             return reply_cls(error=errno.EFAULT)
         if type_ not in (RD, WR, UN) or whence not in (0, 1, 2) or (a["cmd"] == F_GETLK and type_ == UN):
             return kernel  # the kernel says EINVAL
-        path = f.fs.path(f.ino)
+        where = f.fs.named(f.ino)
         base = 0 if whence == 0 else f.pos if whence == 1 else (await f.fs.getattr(f.ino)).st_size
         lo = base + start
         if length > 0:
@@ -193,7 +193,7 @@ class NodeLocks:
             return reply_cls(error=errno.EINVAL)
         owner = f"{self.node}:posix:{caller.pid}"
         if a["cmd"] == F_GETLK:
-            r = await self._call(f, path, owner, False, type_, lo, hi, caller.pid, test=True)
+            r = await self._call(f, where, owner, False, type_, lo, hi, caller.pid, test=True)
             if r.lockType == UN:
                 return kernel  # nothing elsewhere: the kernel answers (and sees this node's own)
             out = FLOCK.pack(r.lockType, 0, r.lockStart, 0 if r.lockEnd < 0 else r.lockEnd - r.lockStart, r.lockPid)
@@ -202,7 +202,7 @@ class NodeLocks:
             except OSError:
                 return reply_cls(error=errno.EFAULT)
             return reply_cls(value=0)
-        return await self._take(f, path, owner, False, type_, lo, hi, caller, a["cmd"] == F_SETLKW, reply_cls,
+        return await self._take(f, where, owner, False, type_, lo, hi, caller, a["cmd"] == F_SETLKW, reply_cls,
                                 kernel)
 
     async def _flock(self, caller, a, reply_cls, kernel):
@@ -213,13 +213,13 @@ class NodeLocks:
             return kernel
         type_ = {LOCK_SH: RD, LOCK_EX: WR, LOCK_UN: UN}[kind]
         owner = f"{self.node}:flock:{caller.pid}:{f.ino}"
-        return await self._take(f, f.fs.path(f.ino), owner, True, type_, 0, -1, caller, not op & LOCK_NB,
+        return await self._take(f, f.fs.named(f.ino), owner, True, type_, 0, -1, caller, not op & LOCK_NB,
                                 reply_cls, kernel)
 
-    async def _take(self, f, path, owner, flock, type_, lo, hi, caller, wait, reply_cls, kernel):
+    async def _take(self, f, where, owner, flock, type_, lo, hi, caller, wait, reply_cls, kernel):
         while True:
             try:
-                r = await self._call(f, path, owner, flock, type_, lo, hi, caller.pid,
+                r = await self._call(f, where, owner, flock, type_, lo, hi, caller.pid,
                                      wait_ms=WAIT_SLICE_MS if wait else 0)
                 break
             except pyfuse3.FUSEError as e:
@@ -236,8 +236,9 @@ class NodeLocks:
             self.held[key] = (_tgid(caller.host_pid), f.ino, time.monotonic())
         return kernel  # the local kernel takes it too (and drops it on close or exit)
 
-    async def _call(self, f, path, owner, flock, type_, lo, hi, pid, test=False, wait_ms=0):
-        return await f.fs.call(Call.lock, path=path, lockType=type_, lockStart=lo, lockEnd=hi, lockOwner=owner,
+    async def _call(self, f, where, owner, flock, type_, lo, hi, pid, test=False, wait_ms=0):
+        """where: the file, as VmFs.named gives it."""
+        return await f.fs.call(Call.lock, **where, lockType=type_, lockStart=lo, lockEnd=hi, lockOwner=owner,
                                lockWaitMs=wait_ms, lockTest=test, lockFlock=flock, lockPid=pid)
 
     # -- the kernel's view: a program that closed the file or ended --

@@ -230,6 +230,7 @@ class FsServer:
         """Make a call whose handler waits for nothing (_now_ok): what it
         changed is done and queued for the replicas; (the nodes to tell,
         whether data changed) -- see _targets."""
+        req, path, payload = self._anchored(req, path, payload)
         self.seq = req.seq
         changed, _ = self._made(ctype, req, payload, out, origin, self.table[ctype](req, path, out, origin))
         if changed is None:
@@ -293,6 +294,7 @@ class FsServer:
     async def _serve(self, ctype: int, req, path: bytes, out, origin: str, payload: bytes | None) -> None:
         if ctype in MIRRORED:
             await self._room()
+        req, path, payload = self._anchored(req, path, payload)
         self.seq = req.seq  # (the handlers that note interest are plain functions: no await till they did)
         changed, waits = self._made(ctype, req, payload, out, origin,
                                     await _run(self.table[ctype], req, path, out, origin))
@@ -351,16 +353,27 @@ class FsServer:
 
     def path_of(self, fd: int) -> bytes | None:
         """Where an open file is in the store now (None: unlinked)."""
-        root = os.fsencode(f"{self.store.base}/root")
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}".encode())
-        except OSError:
-            return None
-        if target.endswith(b" (deleted)"):
-            return None
-        if target == root:
-            return b""
-        return target[len(root) + 1:] if target.startswith(root + b"/") else None
+        return self.store.path_of(fd)
+
+    def _anchored(self, req, path: bytes, payload: bytes | None):
+        """A call naming its paths below directories by their handles
+        (FsRequest.at, at2: its node lost their paths, another node moved
+        them) as the same call by their paths now -- found as it is made,
+        so nothing moves them in between; and so the replicas take it
+        (their handles are their own).  (req, path, payload) as they are
+        made then; OSError if a directory is gone."""
+        if not req.at and not req.at2:
+            return req, path, payload
+        b = req if payload is None else req.as_builder()  # (a LocalRequest is changed in place)
+        if req.at:
+            b.path = path = _below(self.store.find(bytes(req.at)), path)
+        if req.at2:
+            b.path2 = _below(self.store.find(bytes(req.at2)), bytes(req.path2))
+        b.at = b.at2 = b""
+        if payload is None:
+            return b, path, None
+        payload = to_flat(b)
+        return from_flat(fs.FsRequest, payload), path, payload
 
     # -- serving, and being a replica --------------------------------------------------
 
@@ -629,6 +642,7 @@ class FsServer:
                 except FileNotFoundError:
                     self._looked(origin, dino)  # the node caches the name absent
                     raise
+                _dir_handle(out.attr, st, dfd, name)
         self._shown(origin, st)
         fill_attr(out.attr, st)
 
@@ -740,8 +754,9 @@ class FsServer:
             ents = out.init("entries", len(batch))
             for i, e in enumerate(batch):
                 st = e.stat(follow_symlinks=False)
-                ents[i].name = os.fsencode(e.name)
+                ents[i].name = name = os.fsencode(e.name)
                 fill_attr(ents[i].attr, st)
+                _dir_handle(ents[i].attr, st, fd, name)
                 self._shown(origin, st)
             out.more = len(found) > len(batch)
             self._seen(origin, dino)
@@ -829,6 +844,7 @@ class FsServer:
                 _undo(dfd, name)  # no half-made entry the replicas never hear of
                 raise
             dino = self._post_op(dfd, out, origin)
+            _dir_handle(out.attr, st, dfd, name)
         self._shown(origin, st)  # (a directory made: the node knows it empty)
         fill_attr(out.attr, st)
         return Changed(dirs=[dino])
@@ -978,6 +994,17 @@ async def _run(handler, *args):
     return await result if inspect.isawaitable(result) else result
 
 
+def _dir_handle(a, st: os.stat_result, dfd: int, name: bytes) -> None:
+    """A directory's attributes carry its file handle: a node whose path
+    to it is lost (another node moved it) names it so (FsRequest.at)."""
+    if stat.S_ISDIR(st.st_mode):
+        a.handle = Store.handle_of(dfd, name)
+
+
+def _below(where: bytes, path: bytes) -> bytes:
+    return where + b"/" + path if where and path else where or path
+
+
 def _os_failure(e: OSError, path: bytes) -> Msg:
     err = e.errno or errno.EIO
     return failure(err, f"{os.strerror(err)}: {os.fsdecode(path) or '/'}")
@@ -1098,10 +1125,11 @@ class LocalRequest:
 
 
 class LocalAttr:
-    __slots__ = ("ino", "mode", "nlink", "uid", "gid", "rdev", "size", "blocks", "atimeNs", "mtimeNs", "ctimeNs")
+    __slots__ = ("ino", "mode", "nlink", "uid", "gid", "rdev", "size", "blocks", "atimeNs", "mtimeNs", "ctimeNs",
+                 "handle")
 
     def __init__(self):
-        self.ino = 0  # not filled in (as a capnp reply's default)
+        self.ino, self.handle = 0, b""  # not filled in (as a capnp reply's defaults)
 
 
 class LocalEntry:

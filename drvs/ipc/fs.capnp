@@ -99,6 +99,9 @@ struct FsRequest {
   ino @33 :UInt64;              # open by path: the inode the caller means (0: whatever is there);
                                 # another one there now (the name was replaced meanwhile): ESTALE
   inoEpoch @34 :UInt64;         # the server term ino is a number of (another term's: not checked)
+  at @35 :Data;                 # path is below this directory (its Attr.handle), wherever it is now:
+                                # the caller's node lost its path (another node moved it); empty: the root
+  at2 @36 :Data;                # the same for path2
 }
 
 struct Attr {
@@ -113,6 +116,7 @@ struct Attr {
   atimeNs @8 :Int64;
   mtimeNs @9 :Int64;
   ctimeNs @10 :Int64;
+  handle @11 :Data;             # a directory's file handle, in lookups' and listings' replies (see at)
 }
 
 struct Entry {

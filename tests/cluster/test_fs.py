@@ -472,6 +472,114 @@ def test_a_file_replaced_by_rename_on_one_node_is_always_opened_whole_on_the_oth
         assert (failed[:3], reads > 100) == ([], True)
 
 
+def _until(proc: subprocess.Popen, marker: str, timeout: float = 20) -> str:
+    """proc's output up to the line marker (AssertionError if it ends or
+    takes longer)."""
+    import select
+
+    out, deadline = "", time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        assert left > 0 and select.select([proc.stdout], [], [], left)[0], f"no {marker!r} in time: {out!r}"
+        line = proc.stdout.readline()
+        assert line, f"ended before {marker!r}: {out!r}, {proc.stderr.read()!r}"
+        if line.strip() == marker:
+            return out
+        out += line
+
+
+def _tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_text() if p.is_file() else "/" for p in sorted(root.rglob("*"))}
+
+
+def test_a_working_directory_another_node_moved_goes_on_working(fsc, d):
+    """As on a local file system: a shell whose working directory another
+    node renamed, then moved deeper, goes on with relative names there --
+    listing, reading, creating, renaming -- and what it made is at the new
+    place, on the other node and in both replicas' stores; once the
+    directory is removed, names in it are ENOENT.  (The node lost the
+    directory's path with the rename: it names it by its file handle.)
+    Both ways: the shell where the server is and where it is not."""
+    name, a, b = d
+    stores = [Path(fsc.node(n)["state_dir"]) / "vms" / "web" / "fs" / "root" / name for n in ("n1", "n2")]
+    logs = [Path(fsc.node(n)["state_dir"]) / "drvmmd.log" for n in ("n1", "n2")]
+    resyncs = [log.read_text().count("out of sync") for log in logs]
+    for here, there in ((b, a), (a, b)):
+        (there / "proj" / "src").mkdir(parents=True)
+        (there / "proj" / "src" / "f").write_text("hello\n")
+        script = ("echo ready; read x; ls; cat f; echo made > g && mkdir sub && mv g h && echo one; read x; "
+                  "ls; echo again > k && echo two; read x; cat f || echo failed; echo three")
+        sh = subprocess.Popen(["sh", "-c", script], cwd=here / "proj" / "src", stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            _until(sh, "ready")
+            os.rename(there / "proj", there / "moved")
+            sh.stdin.write("go\n")
+            sh.stdin.flush()
+            assert _until(sh, "one") == "f\nhello\n"
+            assert (sorted(os.listdir(there / "moved" / "src")), (there / "moved" / "src" / "h").read_text()) == (
+                ["f", "h", "sub"], "made\n")
+            (there / "deep").mkdir()
+            os.rename(there / "moved", there / "deep" / "p")
+            sh.stdin.write("go\n")
+            sh.stdin.flush()
+            assert _until(sh, "two") == "f\nh\nsub\n"
+            want = {"p": "/", "p/src": "/", "p/src/f": "hello\n", "p/src/h": "made\n", "p/src/k": "again\n",
+                    "p/src/sub": "/"}
+            assert _tree(there / "deep") == want
+            deadline = time.monotonic() + 10  # (the replica is told of changes after they are made)
+            while [_tree(s / "deep") for s in stores] != [want, want] and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert [_tree(s / "deep") for s in stores] == [want, want]
+            # ... each change as it was made there (not by a copy after the replica failed one)
+            assert [log.read_text().count("out of sync") for log in logs] == resyncs
+            subprocess.run(["rm", "-r", there / "deep"], check=True)
+            sh.stdin.write("go\n")
+            sh.stdin.flush()
+            gone = _until(sh, "three")
+            assert "No such file or directory" in gone and gone.endswith("failed\n"), gone
+        finally:
+            sh.kill()
+            sh.wait()
+
+
+def test_a_directory_another_node_keeps_moving_is_listed_whole(fsc, d):
+    """A program on n2 lists a directory it holds open (as `ls` in a
+    working directory) while n1 renames it back and forth: every listing
+    is whole, as on a local file system -- where a listing read in
+    batches by path gave ESTALE (the path named another directory, or
+    none, by the next batch) and, once the name had moved, every listing
+    after."""
+    _, a, b = d
+    (a / "big").mkdir()
+    for i in range(1500):
+        (a / "big" / f"f{i:04d}").touch()
+    fd = os.open(b / "big", os.O_RDONLY | os.O_DIRECTORY)
+    stop, counts, errors = threading.Event(), [], []
+
+    def mover() -> None:
+        names = [a / "big", a / "big2"]
+        while not stop.is_set():
+            os.rename(names[0], names[1])
+            names.reverse()
+            time.sleep(0.002)
+
+    t = threading.Thread(target=mover)
+    t.start()
+    try:
+        end = time.monotonic() + 4
+        while time.monotonic() < end:
+            try:
+                counts.append(len(os.listdir(fd)))
+            except OSError as e:
+                errors.append(os.strerror(e.errno))
+    finally:
+        stop.set()
+        t.join()
+        os.close(fd)
+    assert (errors[:3], len(counts) > 10, set(counts)) == ([], True, {1500})
+
+
 def test_a_close_on_a_node_without_the_server_reaches_the_server(fsc, d):
     """Closes from a node whose server is elsewhere travel with its next
     call, or on their own soon after: the server lets go of the file."""
