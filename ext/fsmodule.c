@@ -21,7 +21,11 @@
 static PyObject *fs_error(const char *path)
 {
     int err = errno;
-    PyObject *args = Py_BuildValue("(iss)", err, strerror(err), path);
+    /* (names are bytes from the VM's programs: not always UTF-8) */
+    PyObject *name = PyUnicode_DecodeFSDefault(path);
+    if (!name)
+        return NULL;
+    PyObject *args = Py_BuildValue("(isN)", err, strerror(err), name);
     if (args) {
         PyErr_SetObject(PyExc_OSError, args);
         Py_DECREF(args);

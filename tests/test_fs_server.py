@@ -344,3 +344,31 @@ async def test_a_write_asked_to_drops_set_id_bits_as_linux_does(tmp_path, mode, 
     await call(server, "n1", Call.write, fh=r.fh, offset=1, data=b"y", flags=WRITE_KILL_SUIDGID)
     assert server.store.lstat(b"f").st_mode & 0o7777 == left
     assert sorted(fabric.told) == ([] if left == mode else ["fsc@n1", "fsc@n2"])  # (n2 caches its mode)
+
+
+async def test_a_call_naming_a_directory_by_its_handle_is_made_where_it_is_now(tmp_path):
+    """A node that lost a directory's path (another node moved it) names it
+    by the file handle a lookup gave: the call is made where the directory
+    is now, and queued for the replicas by that path (their handles are
+    their own stores'); a handle of another term is refused (ESTALE)."""
+    from drvs.fs.replica import Mirror
+
+    server, _ = serving(tmp_path)
+    mirror = server.mirrors["n3"] = Mirror(server, "n3")
+    mirror.live = True
+    root = tmp_path / "fs" / "root"
+    await call(server, "n2", Call.mkdir, path=b"proj", mode=0o755)
+    await call(server, "n2", Call.mkdir, path=b"deep", mode=0o755)
+    handle = bytes((await call(server, "n2", Call.lookup, path=b"proj")).attr.handle)
+    assert handle and not (await call(server, "n2", Call.lookup, path=b"deep")).attr.handle == handle
+    await call(server, "n1", Call.rename, path=b"proj", path2=b"deep/moved")
+    await call(server, "n2", Call.mknod, at=handle, atEpoch=1, path=b"f", mode=0o100644)
+    await call(server, "n2", Call.rename, at=handle, atEpoch=1, path=b"f", at2=handle, path2=b"g")
+    assert sorted(os.listdir(root / "deep" / "moved")) == ["g"]
+    queued = [from_flat(fs.FsRequest, p) for _, p in mirror.calls][-2:]
+    assert [(bytes(q.path), bytes(q.path2), bytes(q.at), bytes(q.at2)) for q in queued] == [
+        (b"deep/moved/f", b"", b"", b""), (b"deep/moved/f", b"deep/moved/g", b"", b"")]
+    m = Msg(Call.mknod, to_flat(new(fs.FsRequest, vm="web", at=handle, atEpoch=2, path=b"h", mode=0o100644)))
+    m.node = "n2"
+    assert (await server.handle(m)).status == -errno.ESTALE
+    assert sorted(os.listdir(root / "deep" / "moved")) == ["g"]

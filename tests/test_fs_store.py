@@ -164,14 +164,50 @@ def test_a_directory_is_found_by_its_handle_wherever_it_was_moved(tmp_path):
             with pytest.raises(OSError) as e:
                 s.find(junk)
             assert e.value.errno == errno.ESTALE, junk
-        kept = os.open(root / "top", os.O_PATH)  # (as the server keeps a removed directory nodes hold)
+        # A removed directory (the server keeps those nodes hold open): ENOENT
+        # in this tree, ESTALE outside it.
+        (tmp_path / "gone").mkdir()
+        kept = [os.open(root / "top", os.O_PATH), os.open(tmp_path / "gone", os.O_PATH)]
         try:
+            gone = Store.handle_of(kept[1], b"")
             os.rmdir(root / "top")
-            with pytest.raises(OSError) as e:
-                s.find(handle)
-            assert e.value.errno == errno.ENOENT
+            os.rmdir(tmp_path / "gone")
+            errnos = []
+            for h in (handle, gone):
+                with pytest.raises(OSError) as e:
+                    s.find(h)
+                errnos.append(e.value.errno)
+            assert errnos == [errno.ENOENT, errno.ESTALE]
         finally:
-            os.close(kept)
+            for fd in kept:
+                os.close(fd)
     finally:
         s.close()
         other.close()
+
+
+def test_a_store_reached_through_a_link_finds_its_directories(tmp_path):
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    s = Store(str(tmp_path / "link" / "fs"), "web")
+    try:
+        (tmp_path / "real" / "fs" / "root" / "d").mkdir()
+        assert s.find(Store.handle_of(s.root, b"d")) == b"d"
+        assert s.find(Store.handle_of(s.root, b"")) == b""
+    finally:
+        s.close()
+
+
+def test_names_that_are_not_utf8_fail_as_oserrors(tmp_path):
+    """A VM's programs name files with any bytes: the kernel's refusal comes
+    back as OSError (a UnicodeDecodeError would be a server error)."""
+    from drvs import _fs
+
+    s = Store(str(tmp_path / "fs"), "web")
+    try:
+        with pytest.raises(OSError) as e:
+            _fs.openat2(s.root, b"no-such-\xff", os.O_RDONLY, 0, 0)
+        assert e.value.errno == errno.ENOENT
+        assert Store.handle_of(s.root, b"no-such-\xff") == b""
+    finally:
+        s.close()

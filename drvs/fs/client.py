@@ -184,6 +184,8 @@ class VmFs:
     # -- calls to the server ---------------------------------------------------------
 
     async def call(self, ctype, idempotent: bool = False, **fields):
+        if "at" in fields or "at2" in fields:
+            fields["atEpoch"] = self.epoch  # (handles are of this term's server: see locate)
         self.begun += 1
         number = fields["seq"] = self.begun
         self.unanswered[number] = self.told
@@ -420,19 +422,23 @@ class VmFs:
         directory another process moved.  Else ESTALE: the kernel walks the
         path again, asking for each name (LOOKUP_REVAL)."""
         cino = ino & MASK
-        parts = []
+        parts, below = [], None  # below: the nearest directory with a handle walked, and its depth
         while cino != self.root:
             node = self.inodes.get(cino)
             if node is None:
                 raise pyfuse3.FUSEError(errno.ESTALE)
+            if node.handle:
+                below = (node.handle, len(parts))
             up = self.inodes.get(node.parent) if node.parent is not None else None
             if up is None or up.born != node.up:
                 # Its name is gone, or may be: learned in a directory the
                 # kernel forgot since, the server stopped telling this node
-                # of names there.
-                if node.handle:
-                    return node.handle, b"/".join(reversed(parts))
-                raise pyfuse3.FUSEError(errno.ESTALE)
+                # of names there.  (Its handle, or one further down: after a
+                # new term, only what the kernel looked up again has one.)
+                if below is None:
+                    raise pyfuse3.FUSEError(errno.ESTALE)
+                handle, depth = below
+                return handle, b"/".join(reversed(parts[:depth]))
             parts.append(node.name)
             cino = node.parent
         return b"", b"/".join(reversed(parts))
@@ -984,19 +990,20 @@ class VmFs:
     async def _batch(self, dino: int, after: bytes):
         """The server's batch of directory dino's entries after name after:
         by its path; by its handle if another node moved it meanwhile (the
-        path names another directory, or nothing), as the kernel does not
-        retry a listing."""
+        path names another directory, a file, or nothing), as the kernel
+        does not retry a listing (and glibc takes ENOENT for its end)."""
+        r = failed = None
         try:
             r = await self.call(Call.readdir, idempotent=True, **self.named(self.tag | dino), data=after)
         except pyfuse3.FUSEError as e:
-            if e.errno != errno.ENOENT:
+            if e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ESTALE):
                 raise
-            r = None
+            failed = e
         node = self.inodes.get(dino)
         if (r is None or self._other_dir(r, dino)) and node is not None and node.handle:
             r = await self.call(Call.readdir, idempotent=True, at=node.handle, path=b"", data=after)
         if r is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            raise failed
         if self._other_dir(r, dino):
             raise pyfuse3.FUSEError(errno.ESTALE)  # not its entries
         return r

@@ -364,6 +364,8 @@ class FsServer:
         made then; OSError if a directory is gone."""
         if not req.at and not req.at2:
             return req, path, payload
+        if req.atEpoch != self.epoch:
+            raise OSError(errno.ESTALE, "a file handle of another server's term")
         b = req if payload is None else req.as_builder()  # (a LocalRequest is changed in place)
         if req.at:
             b.path = path = _below(self.store.find(bytes(req.at)), path)
@@ -441,6 +443,8 @@ class FsServer:
             msg = Msg(call.type, bytes(call.request))
             try:
                 req, path = self._decode(msg)
+                if req.at or req.at2:  # (the server sends its calls by path: its handles are its store's)
+                    raise OSError(errno.EINVAL, "a call naming a directory by file handle")
                 if call.type in PUT_CALLS:
                     await trio.to_thread.run_sync(self.puts[call.type], req)
                 elif call.type in MIRRORED:

@@ -54,7 +54,10 @@ class Store:
         self.base, self.vm = base, vm
         self.root = open_store(base, vm)
         self.mount = -1  # the root, opened to read: open_by_handle_at takes no O_PATH descriptor
-        self.prefix = os.fsencode(f"{base}/root")
+        # Where the kernel says the root is (/proc/self/fd): what paths it
+        # gives of what lies below start with (base may be relative, or
+        # go through a link).
+        self.prefix = os.readlink(f"/proc/self/fd/{self.root}".encode())
 
     def close(self) -> None:
         for fd in (self.root, self.mount):
@@ -120,13 +123,16 @@ class Store:
         except OSError as e:
             raise OSError(errno.ESTALE, f"no such directory ({e.strerror})") from None
         try:
-            if os.stat(fd).st_nlink == 0:
-                raise OSError(errno.ENOENT, "the directory was removed")
-            path = self._in_tree(os.readlink(f"/proc/self/fd/{fd}".encode()))
+            target, removed = os.readlink(f"/proc/self/fd/{fd}".encode()), os.stat(fd).st_nlink == 0
         finally:
             os.close(fd)
+        if removed and target.endswith(b" (deleted)"):
+            target = target[:-len(b" (deleted)")]
+        path = self._in_tree(target)
         if path is None:
             raise OSError(errno.ESTALE, "no directory of this file system")
+        if removed:
+            raise OSError(errno.ENOENT, "the directory was removed")
         return path
 
     def statvfs(self) -> os.statvfs_result:

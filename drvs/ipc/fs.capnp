@@ -102,6 +102,7 @@ struct FsRequest {
   at @35 :Data;                 # path is below this directory (its Attr.handle), wherever it is now:
                                 # the caller's node lost its path (another node moved it); empty: the root
   at2 @36 :Data;                # the same for path2
+  atEpoch @37 :UInt64;          # the server term at and at2 are handles of (another term's: ESTALE)
 }
 
 struct Attr {
