@@ -15,8 +15,9 @@ The cluster's state, and so the stores and (e), is on a fresh ext4 file
 system (a loop device), see fresh_disk().
 Each case runs --runs times (the median is shown).  Figures: sequential write and read (1 MiB records; the read after the
 file's pages were dropped), the cached re-read, random 4 KiB reads (pages
-dropped; then again once the kernel also forgot the file, which empties a
-DRVS node's own cache of it, drvs/fs/cache.py), small files created+written+closed, stat'ed (cached) and
+dropped; then again once the kernel also forgot the file, whose pages a
+DRVS node keeps on its disk, drvs/fs/cache.py; last, first reads of a file
+just rewritten, which no cache of the client's node holds), small files created+written+closed, stat'ed (cached) and
 unlinked per second, and `tar x` of this repository's sources.  Ratios:
 (a)/(d), (b)/(d), and for the cached figures (a)/tmpfs.  Last, files made
 per second on n1 in a directory n2 listed once, beside one n2 never
@@ -180,6 +181,8 @@ def measure(d: Path, size_mib: int, files: int, tarball: Path) -> dict:
     r["stat/s (cached)"] = small["stat"]
     r["unlink/s"] = small["unlink"]
     r["tar x s"] = tar_x(d, tarball)
+    seq_write(d, size_mib)  # (a write on a node drops what it cached of the file)
+    r["random 4K, uncached/s"] = rand_read(d, size_mib)
     os.unlink(d / "seq")
     return r
 

@@ -372,3 +372,42 @@ async def test_a_call_naming_a_directory_by_its_handle_is_made_where_it_is_now(t
     m.node = "n2"
     assert (await server.handle(m)).status == -errno.ESTALE
     assert sorted(os.listdir(root / "deep" / "moved")) == ["g"]
+
+
+async def test_an_opens_data_version_is_the_same_only_if_the_data_did_not_change(tmp_path, monkeypatch):
+    """What a node keeps of a file its kernel forgot serves an open of the
+    same version (drvs/fs/cache.py): every change of the file's data makes
+    another; one that is not a change of data does not; a file whose
+    version the server no longer keeps apart gets one no earlier open saw
+    unless nothing changed it since."""
+    from drvs.fs import server as server_mod
+
+    monkeypatch.setattr(server_mod, "VERSIONS_MAX", 3)
+    server, _ = serving(tmp_path)
+
+    async def version(**flags) -> int:
+        r = await call(server, "n2", Call.open, path=b"f", flags=flags.get("flags", os.O_RDONLY))
+        await call(server, "n2", Call.release, fh=r.fh)
+        return r.version
+
+    r = await call(server, "n3", Call.create, path=b"f", flags=os.O_WRONLY, mode=0o644)
+    await call(server, "n3", Call.release, fh=r.fh)
+    seen = [await version()]
+    assert await version() == seen[-1]
+    await call(server, "n3", Call.setattr, path=b"f", setMask=1, mode=0o600)  # not its data
+    assert await version() == seen[-1]
+    w = await call(server, "n3", Call.open, path=b"f", flags=os.O_WRONLY)
+    await call(server, "n3", Call.write, fh=w.fh, offset=0, data=b"x")
+    seen.append(await version())  # (written, not yet closed: another version already)
+    await call(server, "n3", Call.release, fh=w.fh)
+    await call(server, "n3", Call.setattr, path=b"f", setMask=8, size=0)
+    seen.append(await version())
+    seen.append(await version(flags=os.O_WRONLY | os.O_TRUNC))  # (the truncation it made counts)
+    assert len(set(seen)) == len(seen) and await version() == seen[-1]
+    # Changes of three other files push f's out of the table: an open of f
+    # gets a version no open saw before, or its own if nothing changed it.
+    for name in (b"a", b"b", b"c"):
+        r = await call(server, "n3", Call.create, path=name, flags=os.O_WRONLY, mode=0o644)
+        await call(server, "n3", Call.release, fh=r.fh)
+    v = await version()
+    assert v == seen[-1] or v > max(seen)

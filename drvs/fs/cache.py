@@ -4,10 +4,14 @@ no longer holds -- dropped under memory pressure, or by
 POSIX_FADV_DONTNEED -- is answered here, not by the file server on
 another node.
 
-It is as valid as what the kernel caches, and dropped at the same points
-(drvs/fs/client.py): when the server says another node changed the file,
-when the kernel forgets the inode, when the server's term changes, and
-when attributes the server gives show another size or mtime.  A write
+While the kernel holds the file, it is as valid as what the kernel
+caches, and dropped at the same points (drvs/fs/client.py): when the
+server says another node changed the file, when the server's term
+changes, and when attributes the server gives show another size or mtime.
+Once the kernel forgot the file, the server no longer tells this node of
+its changes: the pages stay, and the next open, which says the version of
+the file's data (FsServer.versions), keeps them only if it is the version
+they were read at (as NFS's FS-Cache checks the change attribute).  A write
 made on this node drops the file's pages too (its data is the server's to
 place: an O_APPEND write lands at the server's end of file), so what is
 kept is only ever what a read returned.  A read's data is kept only if its
@@ -35,13 +39,14 @@ PASSING = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EMFILE, errno.ENFILE} 
 
 class CachedFile:
     """One file's cached pages.  pages: one byte per page, 1 if held
-    (counted in held, as the pages are); size, mtime: the attributes the
-    pages belong to (size None: an open under way, see opening())."""
+    (counted in held, as the pages are); size, mtime, version: the
+    attributes and data version the pages belong to (size None: an open
+    under way, see opening())."""
 
-    __slots__ = ("fd", "pages", "size", "mtime", "held")
+    __slots__ = ("fd", "pages", "size", "mtime", "version", "held")
 
-    def __init__(self, size: int, mtime: int):
-        self.fd, self.pages, self.size, self.mtime, self.held = -1, bytearray(), size, mtime, 0
+    def __init__(self, size: int, mtime: int, version: int = 0):
+        self.fd, self.pages, self.size, self.mtime, self.version, self.held = -1, bytearray(), size, mtime, version, 0
 
     def covers(self, first: int, end: int) -> bool:
         return end <= len(self.pages) and self.pages.find(0, first, end) < 0
@@ -68,17 +73,18 @@ class DataCache:
             f = self.files[key] = CachedFile(None, 0)
         return f
 
-    def opened(self, key: int, f: CachedFile | None, size: int, mtime: int) -> None:
+    def opened(self, key: int, f: CachedFile | None, size: int, mtime: int, version: int) -> None:
         """The open begun with opening() (f) was answered with these
-        attributes: the pages stay if they belong to them, else the file
-        starts empty; nothing is kept if anything dropped it meanwhile."""
-        if f is None or self.files.get(key) is not f or (f.size, f.mtime) == (size, mtime):
+        attributes and data version: the pages stay if they belong to them,
+        else the file starts empty; nothing is kept if anything dropped it
+        meanwhile."""
+        if f is None or self.files.get(key) is not f or (f.size, f.mtime, f.version) == (size, mtime, version):
             return
         if f.size is None:
-            f.size, f.mtime = size, mtime
+            f.size, f.mtime, f.version = size, mtime, version
             return
         self.drop(key)
-        self.files[key] = CachedFile(size, mtime)
+        self.files[key] = CachedFile(size, mtime, version)
 
     def seen(self, key: int, size: int, mtime: int) -> None:
         """The server gave these attributes: pages of other ones go (the

@@ -779,7 +779,7 @@ class VmFs:
                 r = await self.call(Call.open, via=node.open[-1].sfh, flags=flags)
         info = self._opened(r, flags)
         if cached is not None and self.tag | self._c(r.attr.ino) == inode:
-            self.cache.opened(inode, cached, r.attr.size, r.attr.mtimeNs)
+            self.cache.opened(inode, cached, r.attr.size, r.attr.mtimeNs, r.version)
         return info
 
     def _opened(self, r, flags: int) -> pyfuse3.FileInfo:
@@ -1052,8 +1052,8 @@ class VmFs:
     def _maybe_drop(self, node: Inode) -> None:
         if node.lookups <= 0 and not node.open and node.cino != self.root:
             del self.inodes[node.cino]
-            if self.cache is not None:
-                self.cache.drop(self.tag | node.cino)  # (the server stops telling this node of it)
+            # (what the cache holds of it stays: the server stops telling this
+            # node of its changes, but its next open says its data version)
             self.fresh.pop(node.cino, None)
             self.known.pop(node.cino, None)
             self.absent.pop(node.cino, None)  # (the kernel forgot the names in it too)

@@ -44,6 +44,7 @@ READDIR_BATCH = 512
 HANDLE_CALLS = {Call.write, Call.release, Call.fsync, Call.setattr, Call.flush}
 REAP_EVERY = 5.0  # seconds between looks for open files of nodes that left
 KEPT_MAX = 4096  # removed directories whose numbers are kept from reuse at once (a descriptor each)
+VERSIONS_MAX = 1 << 16  # files whose data versions are kept apart (the others share version_floor)
 OPEN_FLAGS = os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC | os.O_NOATIME
 SET_MODE, SET_UID, SET_GID, SET_SIZE, SET_ATIME, SET_MTIME = 1, 2, 4, 8, 16, 32
 WRITE_KILL_SUIDGID = 1  # a write's flags: as the kernel's FUSE_WRITE_KILL_SUIDGID (see write)
@@ -115,6 +116,15 @@ class FsServer:
         self.kept_full = False  # kept_max was reached once (said once)
         # (a quarter of the descriptors at most: open files need the rest)
         self.kept_max = min(KEPT_MAX, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4)
+        # Versions of files' data, for the nodes' caches of files their
+        # kernels forgot (drvs/fs/cache.py; the server stops telling a node
+        # of those): inode -> the number of the last change of its data
+        # made here (a write, a truncation, its creation), least recent
+        # first; a file not among them last changed at or before
+        # version_floor.  An open says its file's version: pages a node
+        # kept from an open of the same version are the file's still.
+        self.versions: dict[int, int] = {}
+        self.version_floor = self.version_last = 0
         self.seq = 0  # the number of the call being made (the caller's node counts them)
         self.epoch = 0                          # the term; 0: a replica, not serving
         self.mirrors: dict[str, Mirror] = {}    # the other replicas, while serving
@@ -243,7 +253,22 @@ class FsServer:
         place in each replica's queue ({mirror: sequence number})."""
         if ctype == Call.open and req.flags & os.O_TRUNC:
             changed = Changed(inodes=[out.attr.ino], data=True)
+        if changed is not None and changed.data:
+            for ino in changed.inodes:
+                self._data_changed(ino)
+        if ctype in (Call.open, Call.create):
+            out.version = self.version(out.attr.ino)  # (what it truncated, or made, is a change)
         return changed, self._mirror(ctype, req, payload, out, origin) if ctype in MIRRORED else {}
+
+    def _data_changed(self, ino: int) -> None:
+        self.version_last += 1
+        self.versions.pop(ino, None)
+        self.versions[ino] = self.version_last
+        if len(self.versions) > VERSIONS_MAX:
+            self.version_floor = self.versions.pop(next(iter(self.versions)))  # (the least recent)
+
+    def version(self, ino: int) -> int:
+        return self.versions.get(ino, self.version_floor)
 
     async def _told(self, targets: dict, data: bool, reply):
         await self._tell_targets(targets, data)
@@ -385,6 +410,8 @@ class FsServer:
         self.epoch, self.sync = epoch, sync
         self.interest.clear()  # what the nodes cached was the old server's business
         self.looked.clear()
+        self.versions.clear()  # (the nodes drop their caches with the old term)
+        self.version_floor = self.version_last
         self._release_kept()  # (the nodes number this term's inodes apart from the last's)
         self.next_fh = (epoch << 32) + 1  # never a number an earlier term gave out
         self.others = [n for n in replicas if n != self.here]
@@ -740,6 +767,7 @@ class FsServer:
         killed = req.flags & WRITE_KILL_SUIDGID and _kill_suidgid(f.fd)
         out.size = os.pwrite(f.fd, req.data, req.offset)
         f.wrote = True
+        self._data_changed(f.ino)  # (now: another node may open it before the writer's close)
         # Whether the writer's close has anything to do: tell other nodes
         # that cache the file, or (--fs-sync) wait for the replicas.
         out.shared = self.sync or any(node != origin for node in self.interest.get(f.ino, ()))
@@ -849,6 +877,8 @@ class FsServer:
                 raise
             dino = self._post_op(dfd, out, origin)
             _dir_handle(out.attr, st, dfd, name)
+        if stat.S_ISREG(st.st_mode):
+            self._data_changed(st.st_ino)  # (a new file: its number may be a removed one's)
         self._shown(origin, st)  # (a directory made: the node knows it empty)
         fill_attr(out.attr, st)
         return Changed(dirs=[dino])
@@ -874,6 +904,8 @@ class FsServer:
                     _undo(dfd, name)
                 raise
         self._opened(fd, origin, out, req)
+        if made:
+            self._data_changed(out.attr.ino)  # (a new file: its number may be a removed one's)
         if not made:  # (another node's file, which this open may have truncated)
             return Changed(inodes=[out.attr.ino], data=True) if req.flags & os.O_TRUNC else None
         return Changed(dirs=[dino])
@@ -1149,11 +1181,11 @@ class LocalStatFs:
 
 class LocalReply:
     __slots__ = ("attr", "fh", "data", "size", "entries", "more", "statfs", "epoch", "shared",
-                 "lockType", "lockStart", "lockEnd", "lockPid", "dirAttr", "synced")
+                 "lockType", "lockStart", "lockEnd", "lockPid", "dirAttr", "synced", "version")
 
     def __init__(self, epoch: int):
         self.attr, self.fh, self.data, self.size, self.dirAttr = LocalAttr(), 0, b"", 0, LocalAttr()
-        self.synced = False
+        self.synced, self.version = False, 0
         self.entries, self.more, self.statfs, self.epoch, self.shared = [], False, LocalStatFs(), epoch, False
         self.lockType, self.lockStart, self.lockEnd, self.lockPid = 0, 0, 0, 0
 

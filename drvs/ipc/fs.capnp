@@ -152,6 +152,7 @@ struct FsReply {
   dirAttr @13 :Attr;     # a change in a directory: the directory's attributes after it (NFS's
                          # post-op attributes), so the writer's node need not ask for them
   synced @14 :Bool;      # flush: the file's data is on every in-sync replica (a synchronous VM)
+  version @15 :UInt64;   # open: the version of the file's data in this term (see FsServer.versions)
 }
 
 # The server's calls, as made, for a replica (each call's request as the

@@ -214,6 +214,26 @@ def test_what_a_node_keeps_of_a_file_served_elsewhere_is_never_older_than_the_fi
         assert (there / name).read_bytes() == b"1" * 4096 + b"2" * 5904
 
 
+def test_a_file_a_node_forgot_then_another_rewrote_is_read_new(fsc, d):
+    """A node keeps the pages of a remote file its kernel forgot (the
+    server no longer tells it of the file's changes); opened again, they
+    serve only if the file's data is still the version they were read at:
+    after the other node rewrote it in place -- same size, its mtime set
+    back -- the node reads the new data.  Both ways."""
+    _, a, b = d
+    for here, there, name in ((a, b, "f"), (b, a, "g")):
+        (here / name).write_bytes(b"1" * 300_000)
+        assert (there / name).read_bytes() == b"1" * 300_000
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("2")  # the kernels forget the file (and its pages)
+        time.sleep(1.5)  # (the nodes tell the server on their own within 1 s)
+        st = os.stat(here / name)
+        with open(here / name, "r+b") as f:
+            f.write(b"2" * 300_000)
+        os.utime(here / name, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert (there / name).read_bytes() == b"2" * 300_000
+
+
 def test_a_listing_being_read_does_not_hand_out_what_another_node_removed(fsc, d):
     """A node reads a directory from a snapshot taken at its first
     readdir; entries another node removes meanwhile are not handed to its
