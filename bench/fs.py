@@ -72,7 +72,8 @@ def seq_read(d: Path, size_mib: int, cold: bool) -> float:
 
 def _forget() -> None:
     """Make the kernel forget unused inodes: a FUSE file system hears of it
-    (FORGET), and a DRVS node drops what its own cache holds of them."""
+    (FORGET); a DRVS node keeps what its own disk cache holds of them, for
+    an open of the same data version."""
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("2")
     time.sleep(0.5)  # (the kernel's FORGETs reach the daemons)

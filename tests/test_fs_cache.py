@@ -232,6 +232,36 @@ async def test_a_forgotten_file_keeps_its_pages_for_an_open_of_the_same_version(
     assert (await vmfs.read(fh, 0, PAGE), net.reads) == (CONTENT[::-1][:PAGE], 2)
 
 
+async def test_a_forgotten_file_with_no_pages_kept_leaves_no_entry(n2):
+    """What bounds the entries of files the kernel forgot: those without
+    pages go (the others count in the cache's bytes and descriptors)."""
+    vmfs, net, cache, root = n2
+    ino, fh = await opened(vmfs, root)
+    await vmfs.release(fh)
+    assert ino in cache.files
+    vmfs.forget(ino & client_mod.MASK, 1)
+    assert ino not in cache.files
+
+
+async def test_a_create_that_opens_a_file_kept_here_checks_its_version(n2):
+    """An O_CREAT open of a name the kernel still thought absent opens the
+    file another node made: pages this node kept of it at another version
+    go, even with the same size and mtime."""
+    vmfs, net, cache, root = n2
+    ino, fh = await opened(vmfs, root)
+    assert await vmfs.read(fh, 0, PAGE) == CONTENT[:PAGE]
+    await vmfs.release(fh)
+    await vmfs.getattr(root)
+    vmfs.forget(ino & client_mod.MASK, 1)
+    await vmfs.getattr(root)
+    st = os.stat(f"{net.server.store.base}/root/f")
+    await n3_writes(net.server, CONTENT[::-1])
+    await n3(net.server, Call.setattr, path=b"f", setMask=SET_ATIME | SET_MTIME, atimeNs=st.st_atime_ns,
+             mtimeNs=st.st_mtime_ns)
+    info, _ = await vmfs.create(root, b"f", 0o100644, os.O_RDWR | os.O_CREAT, None)
+    assert await vmfs.read(info.fh, 0, PAGE) == CONTENT[::-1][:PAGE]
+
+
 def _cached(cache: DataCache, key: int, pages: int) -> None:
     cache.opened(key, cache.opening(key), pages * PAGE, 0, 0)
     cache.fill(key, cache.entry(key), 0, pages * PAGE, bytes([key]) * pages * PAGE)

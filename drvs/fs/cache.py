@@ -86,6 +86,20 @@ class DataCache:
         self.drop(key)
         self.files[key] = CachedFile(size, mtime, version)
 
+    def made(self, key: int, size: int, mtime: int, version) -> None:
+        """A create opened the file (made it, or found another node's):
+        pages of another size, mtime or version go."""
+        f = self.files.get(key)
+        if f is not None and f.size is not None and (f.size, f.mtime, f.version) != (size, mtime, version):
+            self.drop(key)
+
+    def forgotten(self, key: int) -> None:
+        """The kernel forgot the file: its pages stay for an open of the
+        same version (see opened); an entry without any goes."""
+        f = self.files.get(key)
+        if f is not None and not f.held:
+            self.drop(key)
+
     def seen(self, key: int, size: int, mtime: int) -> None:
         """The server gave these attributes: pages of other ones go (the
         kernel drops its own on the same sign)."""

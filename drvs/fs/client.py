@@ -779,7 +779,7 @@ class VmFs:
                 r = await self.call(Call.open, via=node.open[-1].sfh, flags=flags)
         info = self._opened(r, flags)
         if cached is not None and self.tag | self._c(r.attr.ino) == inode:
-            self.cache.opened(inode, cached, r.attr.size, r.attr.mtimeNs, r.version)
+            self.cache.opened(inode, cached, r.attr.size, r.attr.mtimeNs, (r.epoch, r.version))
         return info
 
     def _opened(self, r, flags: int) -> pyfuse3.FileInfo:
@@ -819,6 +819,8 @@ class VmFs:
             self._post_op(dino, r, change)
         self._known_add(dino, name)
         entry = self._entry(dino, name, r.attr, change.told, self._asked(parent, where))
+        if self.cache is not None and self.cache.files:  # (it may have opened a file this node kept pages of)
+            self.cache.made(self.tag | self._c(r.attr.ino), r.attr.size, r.attr.mtimeNs, (r.epoch, r.version))
         return self._opened(r, flags), entry
 
     def _h(self, fh) -> Handle:
@@ -1052,8 +1054,10 @@ class VmFs:
     def _maybe_drop(self, node: Inode) -> None:
         if node.lookups <= 0 and not node.open and node.cino != self.root:
             del self.inodes[node.cino]
-            # (what the cache holds of it stays: the server stops telling this
-            # node of its changes, but its next open says its data version)
+            if self.cache is not None:
+                # (its pages stay: the server stops telling this node of its
+                # changes, but its next open says its data version)
+                self.cache.forgotten(self.tag | node.cino)
             self.fresh.pop(node.cino, None)
             self.known.pop(node.cino, None)
             self.absent.pop(node.cino, None)  # (the kernel forgot the names in it too)

@@ -18,6 +18,7 @@ Every change is also sent to the other replicas (drvs/fs/replica.py), in
 the order it was made here; a node that holds a replica runs this same
 class as a mirror ("fsr@NODE"), and becomes the server in a fail-over."""
 
+import collections
 import contextlib
 import errno
 import inspect
@@ -123,7 +124,7 @@ class FsServer:
         # first; a file not among them last changed at or before
         # version_floor.  An open says its file's version: pages a node
         # kept from an open of the same version are the file's still.
-        self.versions: dict[int, int] = {}
+        self.versions: collections.OrderedDict[int, int] = collections.OrderedDict()
         self.version_floor = self.version_last = 0
         self.seq = 0  # the number of the call being made (the caller's node counts them)
         self.epoch = 0                          # the term; 0: a replica, not serving
@@ -262,10 +263,10 @@ class FsServer:
 
     def _data_changed(self, ino: int) -> None:
         self.version_last += 1
-        self.versions.pop(ino, None)
         self.versions[ino] = self.version_last
+        self.versions.move_to_end(ino)
         if len(self.versions) > VERSIONS_MAX:
-            self.version_floor = self.versions.pop(next(iter(self.versions)))  # (the least recent)
+            self.version_floor = self.versions.popitem(last=False)[1]  # (the least recent)
 
     def version(self, ino: int) -> int:
         return self.versions.get(ino, self.version_floor)
