@@ -1,6 +1,7 @@
 """The DRVM file system: one POSIX file system per VM, the same on every
 node, seen by jails at /data and by administrators through drvs mount."""
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -464,21 +465,14 @@ def test_a_file_replaced_by_rename_on_one_node_is_always_opened_whole_on_the_oth
     _, a, b = d
     for writer, reader in ((a, b), (b, a)):
         (writer / "cfg").write_text("v0000" * 200)
-        stop, failed, reads = threading.Event(), [], 0
+        failed, reads, versions = [], 0, iter(range(1, 10000))
 
         def replace() -> None:
-            i = 0
-            while not stop.is_set():
-                i += 1
-                (writer / "cfg.new").write_text(f"v{i:04d}" * 200)
-                os.rename(writer / "cfg.new", writer / "cfg")
-                time.sleep(0.02)
+            (writer / "cfg.new").write_text(f"v{next(versions):04d}" * 200)
+            os.rename(writer / "cfg.new", writer / "cfg")
 
-        t = threading.Thread(target=replace)
-        t.start()
-        try:
-            end = time.monotonic() + 4
-            while time.monotonic() < end:
+        with _meanwhile(replace, 0.02):
+            for _ in _for(4):
                 try:
                     text = (reader / "cfg").read_text()
                     reads += 1
@@ -486,10 +480,38 @@ def test_a_file_replaced_by_rename_on_one_node_is_always_opened_whole_on_the_oth
                         failed.append(f"torn: {text[:12]}...")
                 except OSError as e:
                     failed.append(os.strerror(e.errno))
-        finally:
-            stop.set()
-            t.join()
         assert (failed[:3], reads > 100) == ([], True)
+
+
+@contextlib.contextmanager
+def _meanwhile(step, pause: float):
+    """step() again and again in a thread, pause seconds apart, for the
+    with block (a failure of step is the block's)."""
+    stop, errors = threading.Event(), []
+
+    def loop() -> None:
+        try:
+            while not stop.is_set():
+                step()
+                time.sleep(pause)
+        except Exception as e:  # noqa: BLE001 - raised in the test's thread below
+            errors.append(e)
+
+    t = threading.Thread(target=loop)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def _for(seconds: float):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        yield
 
 
 def _until(proc: subprocess.Popen, marker: str, timeout: float = 20) -> str:
@@ -575,27 +597,20 @@ def test_a_directory_another_node_keeps_moving_is_listed_whole(fsc, d):
     for i in range(1500):
         (a / "big" / f"f{i:04d}").touch()
     fd = os.open(b / "big", os.O_RDONLY | os.O_DIRECTORY)
-    stop, counts, errors = threading.Event(), [], []
+    counts, errors, names = [], [], [a / "big", a / "big2"]
 
-    def mover() -> None:
-        names = [a / "big", a / "big2"]
-        while not stop.is_set():
-            os.rename(names[0], names[1])
-            names.reverse()
-            time.sleep(0.002)
+    def move() -> None:
+        os.rename(names[0], names[1])
+        names.reverse()
 
-    t = threading.Thread(target=mover)
-    t.start()
     try:
-        end = time.monotonic() + 4
-        while time.monotonic() < end:
-            try:
-                counts.append(len(os.listdir(fd)))
-            except OSError as e:
-                errors.append(os.strerror(e.errno))
+        with _meanwhile(move, 0.002):
+            for _ in _for(4):
+                try:
+                    counts.append(len(os.listdir(fd)))
+                except OSError as e:
+                    errors.append(os.strerror(e.errno))
     finally:
-        stop.set()
-        t.join()
         os.close(fd)
     assert (errors[:3], len(counts) > 10, set(counts)) == ([], True, {1500})
 
