@@ -48,6 +48,9 @@ class CachedFile:
     def __init__(self, size: int, mtime: int, version: int = 0):
         self.fd, self.pages, self.size, self.mtime, self.version, self.held = -1, bytearray(), size, mtime, version, 0
 
+    def belongs(self, size: int, mtime: int, version) -> bool:
+        return (self.size, self.mtime, self.version) == (size, mtime, version)
+
     def covers(self, first: int, end: int) -> bool:
         return end <= len(self.pages) and self.pages.find(0, first, end) < 0
 
@@ -78,7 +81,7 @@ class DataCache:
         attributes and data version: the pages stay if they belong to them,
         else the file starts empty; nothing is kept if anything dropped it
         meanwhile."""
-        if f is None or self.files.get(key) is not f or (f.size, f.mtime, f.version) == (size, mtime, version):
+        if f is None or self.files.get(key) is not f or f.belongs(size, mtime, version):
             return
         if f.size is None:
             f.size, f.mtime, f.version = size, mtime, version
@@ -90,7 +93,7 @@ class DataCache:
         """A create opened the file (made it, or found another node's):
         pages of another size, mtime or version go."""
         f = self.files.get(key)
-        if f is not None and f.size is not None and (f.size, f.mtime, f.version) != (size, mtime, version):
+        if f is not None and f.size is not None and not f.belongs(size, mtime, version):
             self.drop(key)
 
     def forgotten(self, key: int) -> None:

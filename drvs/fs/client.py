@@ -454,9 +454,10 @@ class VmFs:
             return {"path2": path, "at2": at} if at else {"path2": path}
         return {"path": path, "at": at} if at else {"path": path}
 
-    def named(self, ino: int) -> dict:
-        """A call's fields naming inode ino where it is (see locate)."""
-        return self._named(self.locate(ino))
+    def named(self, ino: int, name: bytes | None = None, second: bool = False) -> dict:
+        """A call's fields naming inode ino where it is now, or name in that
+        directory (see locate, _named)."""
+        return self._named(self.locate(ino), name, second)
 
     def _where(self, inode: int) -> dict:
         """How a call names inode: by where it is (locate); or, for a file
@@ -465,7 +466,7 @@ class VmFs:
         /proc/PID/fd/N, {"via": a handle of it} -- the object the kernel
         named, whatever its names now.  Else ESTALE (see locate)."""
         try:
-            return self._named(self.locate(inode))
+            return self.named(inode)
         except pyfuse3.FUSEError as e:
             node = self.inodes.get(inode & MASK)
             if node is None or not node.open:
@@ -535,7 +536,7 @@ class VmFs:
         if name == b"..":
             node = self.inodes.get(dino)
             up = node.parent if node is not None and node.parent is not None else self.root
-            r = await self.call(Call.getattr, idempotent=True, **self._named(self.locate(self.tag | up)))
+            r = await self.call(Call.getattr, idempotent=True, **self.named(self.tag | up))
             self._inode(self._c(r.attr.ino)).lookups += 1
             return self._attr(r.attr, since)
         absent = self._absent(dino, name)
@@ -608,7 +609,7 @@ class VmFs:
                 self.cache.drop(ino)
 
     async def readlink(self, inode, ctx):
-        return bytes((await self.call(Call.readlink, idempotent=True, **self._named(self.locate(inode)))).data)
+        return bytes((await self.call(Call.readlink, idempotent=True, **self.named(inode))).data)
 
     @contextlib.contextmanager
     def _changing(self, *cinos):
@@ -717,7 +718,7 @@ class VmFs:
     async def link(self, inode, new_parent, new_name, ctx):
         dino, where = new_parent & MASK, self.locate(new_parent)
         with self._changing(dino, inode & MASK) as change:  # (its link count changes)
-            r = await self.call(Call.link, **self._named(self.locate(inode)), **self._named(where, new_name, True))
+            r = await self.call(Call.link, **self.named(inode), **self._named(where, new_name, True))
             self._post_op(dino, r, change)
         self._known_add(dino, new_name)
         return self._entry(dino, new_name, r.attr, change.told, self._asked(new_parent, where))
@@ -731,7 +732,7 @@ class VmFs:
     async def _remove(self, ctype, parent, name) -> None:
         dino, cino = parent & MASK, self.entries.get((parent & MASK, name))
         with self._changing(dino, cino) as change:
-            r = await self.call(ctype, **self._named(self.locate(parent), name))
+            r = await self.call(ctype, **self.named(parent, name))
             self._post_op(dino, r, change)
         self._forget_entry(dino, name)
         self._known_remove(dino, name)
@@ -740,8 +741,8 @@ class VmFs:
     async def rename(self, old_parent, old_name, new_parent, new_name, flags, ctx):
         d1, d2 = old_parent & MASK, new_parent & MASK
         with self._changing(d1, d2, self.entries.get((d1, old_name)), self.entries.get((d2, new_name))):
-            await self.call(Call.rename, **self._named(self.locate(old_parent), old_name),
-                            **self._named(self.locate(new_parent), new_name, True), flags=flags)
+            await self.call(Call.rename, **self.named(old_parent, old_name),
+                            **self.named(new_parent, new_name, True), flags=flags)
         if not flags & pyfuse3.RENAME_EXCHANGE:
             self._known_remove(d1, old_name)
         self._known_add(d2, new_name)
