@@ -169,7 +169,7 @@ class FsServer:
 
     def _decode(self, msg: Msg):
         try:
-            req = from_flat(fs.FsRequest, msg.payload)
+            req = from_flat(fs.FsRequest, msg.view())  # (a large write's data: a view of its message)
             vm, path = req.vm, bytes(req.path)
         except Exception:  # noqa: BLE001 - malformed input from the wire
             raise IpcError("malformed request", errno.EBADMSG) from None
@@ -207,7 +207,7 @@ class FsServer:
             if msg.type == Call.read:  # the data goes out of line: never copied into the reply
                 reply = Msg(0, flat_with(out, "data", self.local_read(req.fh, req.offset, req.size)))
             else:
-                data |= self._now_into(targets, msg.type, req, path, out, origin, msg.payload)
+                data |= self._now_into(targets, msg.type, req, path, out, origin, msg.view())
                 reply = Msg(0, to_flat(out))
         except OSError as e:
             reply = _os_failure(e, path)
@@ -286,7 +286,7 @@ class FsServer:
             await self._release_for(origin, fh)
         out = new(fs.FsReply, epoch=self.epoch)
         try:
-            await self._serve(msg.type, req, path, out, origin, msg.payload)
+            await self._serve(msg.type, req, path, out, origin, msg.view())
         except OSError as e:
             return _os_failure(e, path)
         return Msg(0, to_flat(out))

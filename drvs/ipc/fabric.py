@@ -25,7 +25,7 @@ import trio
 from . import level0, wire
 from .bridge import aio, aio_future, capnp_await, current_guest
 from .message import NOTIFY, IpcError, Later, Msg, failure
-from .schema import BULK, bulk_at, pointer_index, rpc
+from .schema import BULK, bulk_at, pointer_index
 from .schema import fabric as schema
 
 log = logging.getLogger("drvmmd")
@@ -81,10 +81,13 @@ class Peer:
 
 # The pointers from an RPC message to the payload of a sendrec's reply:
 # Message.return -> Return.results -> Payload.content -> reply -> payload.
-_REPLY_PAYLOAD = (pointer_index(rpc.Message.schema, "return"), pointer_index(rpc.Return.schema, "results"),
-                  pointer_index(rpc.Payload.schema, "content"),
-                  pointer_index(schema.Node.schema.methods["sendrec"].result_type, "reply"),
+_REPLY_PAYLOAD = (*level0.RESULTS, pointer_index(schema.Node.schema.methods["sendrec"].result_type, "reply"),
                   pointer_index(schema.Message.schema, "payload"))
+
+# ... and to the payload of a sendrec's or send's message (Node.sendrec and
+# Node.send take their message in the same field).
+_MSG_PAYLOAD = {m: (*level0.PARAMS, pointer_index(schema.Node.schema.methods[m].param_type, "msg"),
+                    pointer_index(schema.Message.schema, "payload")) for m in ("sendrec", "send")}
 
 
 def _fill_reply(results, reply: Msg):
@@ -609,13 +612,18 @@ class NodeLane:
         return level0.Server(schema.Node, {"sendrec": self.sendrec, "send": self.send, "notify": self.notify,
                                            "echo": self.echo, "info": self.info})
 
-    def _incoming(self, msg) -> Msg:
-        m = Msg.from_capnp(msg)
+    def _incoming(self, answer: level0.Answer, msg, method: str) -> Msg:
+        """The message of a call, as it comes: a large payload sent out of
+        line is a view of the call's own message (no copy; it lives as long
+        as a view of it does)."""
+        frame = answer.conn.frame
+        payload = bulk_at(frame, _MSG_PAYLOAD[method]) if frame is not None and len(frame) >= BULK else None
+        m = Msg.from_capnp(msg) if payload is None else Msg(msg.type, payload, msg.source, msg.status, msg.error)
         m.node = self.peer
         return m
 
     def sendrec(self, answer: level0.Answer, params) -> None:
-        target, m, timeout_ms = params.target, self._incoming(params.msg), params.timeoutMs
+        target, m, timeout_ms = params.target, self._incoming(answer, params.msg, "sendrec"), params.timeoutMs
         reply = self.fabric.answer_now(target, m)
         timeout = timeout_ms / 1000 if timeout_ms else None
         fill = _fill_reply
@@ -626,7 +634,7 @@ class NodeLane:
         self._in_trio(answer, fill, self.fabric.deliver, target, m, timeout)
 
     def send(self, answer: level0.Answer, params) -> None:
-        self._in_trio(answer, None, self.fabric.deliver, params.target, self._incoming(params.msg))
+        self._in_trio(answer, None, self.fabric.deliver, params.target, self._incoming(answer, params.msg, "send"))
 
     def notify(self, answer: level0.Answer, params) -> None:
         m = Msg(NOTIFY, source=params.source)

@@ -47,9 +47,9 @@ def encode(m, bulk=None) -> list:
 
 
 # From an RPC message to the struct a call's fill or an answer's fill sets.
-_PARAMS = (pointer_index(rpc.Message.schema, "call"), pointer_index(rpc.Call.schema, "params"),
+PARAMS = (pointer_index(rpc.Message.schema, "call"), pointer_index(rpc.Call.schema, "params"),
            pointer_index(rpc.Payload.schema, "content"))
-_RESULTS = (pointer_index(rpc.Message.schema, "return"), pointer_index(rpc.Return.schema, "results"),
+RESULTS = (pointer_index(rpc.Message.schema, "return"), pointer_index(rpc.Return.schema, "results"),
             pointer_index(rpc.Payload.schema, "content"))
 
 
@@ -264,7 +264,7 @@ class Answer:
         results = r.init("results").content.as_struct(self.results)
         try:
             bulk = fill(results) if fill is not None else None
-            pieces = encode(m, bulk.under(*_RESULTS) if bulk is not None else None)
+            pieces = encode(m, bulk.under(*RESULTS) if bulk is not None else None)
         except Exception as e:  # noqa: BLE001 - the caller must get an answer
             log.exception("level-0 RPC: filling the results of question %d", self.qid)
             return self.fail(f"server error: {type(e).__name__}: {e}")
@@ -462,7 +462,7 @@ class Client(_Connection):
             qid, self.next_qid = self.next_qid, self.next_qid + 1
         c.questionId = qid
         try:
-            pieces = encode(m, bulk.under(*_PARAMS) if bulk is not None else None)
+            pieces = encode(m, bulk.under(*PARAMS) if bulk is not None else None)
         except ValueError as e:  # (a bug: callers keep what goes beside bulk data small)
             self.free.append(qid)
             raise RpcError(f"call not encoded: {e}") from e
