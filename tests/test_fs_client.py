@@ -36,6 +36,7 @@ class Server:
         self.page_holds: dict[int, trio.Event] = {}     # batch number -> held until set
         self.listed = 0      # batches asked for
         self.lose = 0        # connections to lose, one per call, before answering
+        self.gens: dict[int, int] = {}  # inode -> which object has the number (0 if not here)
 
     async def sendrec(self, target, msg, timeout=None, idempotent=False):
         req = from_flat(fs.FsRequest, msg.payload)
@@ -60,6 +61,7 @@ class Server:
             out = new(fs.FsReply, epoch=epoch)
             fill_attr(out.attr, STAT)
             out.attr.ino = ino
+            out.attr.gen = self.gens.get(ino, 0)
         return Msg(0, to_flat(out))
 
     def notices(self) -> list[dict]:
@@ -236,3 +238,18 @@ async def test_a_reply_of_an_older_term_is_stale():
     else:
         raise AssertionError("an older term's reply was taken")
     assert not any(n.name == b"late" for n in vmfs.inodes.values())
+
+
+async def test_the_kernel_is_told_which_object_has_a_number():
+    """Each entry says the generation the server gave (a number the store
+    gave out again is another inode to the kernel); "." answers the one
+    the kernel was last told, which a getattr's reply does not say."""
+    vmfs, server, root = await client()
+    server.gens[700] = 12345
+    d = await looked_up(vmfs, server, root, b"d", 700)
+    server.ino = 700
+    assert (await vmfs.lookup(root, b"d")).generation == 12345
+    server.gens[700] = 999  # another object has the number now
+    assert (await vmfs.lookup(root, b"d")).generation == 999
+    server.gens.clear()
+    assert (await vmfs.lookup(d, b".")).generation == 999

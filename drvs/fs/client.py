@@ -57,7 +57,7 @@ class Inode:
     """term: the server's term of writes to the file not yet fsync'ed (0:
     none): a server of a later term may never have got them."""
 
-    __slots__ = ("cino", "parent", "name", "lookups", "open", "term", "born", "up", "handle")
+    __slots__ = ("cino", "parent", "name", "lookups", "open", "term", "born", "up", "handle", "gen")
 
     def __init__(self, cino: int, born: int):
         self.cino, self.parent, self.name, self.lookups, self.term = cino, None, b"", 0, 0
@@ -66,6 +66,7 @@ class Inode:
         # directory's its name was learned under (see VmFs.locate).
         self.born, self.up = born, -1
         self.handle = b""  # a directory's file handle on the server of this term (see VmFs.locate)
+        self.gen = 0  # which object the kernel was last told has its number (see drvs/fs/server.py generation)
 
 
 class Listing:
@@ -499,7 +500,7 @@ class VmFs:
         """Attributes for the kernel from a reply (see _stale), of an entry
         in directory dino if given; not to be kept unless still (_asked)."""
         e = pyfuse3.EntryAttributes()
-        e.st_ino = self.tag | self._c(a.ino)
+        e.st_ino, e.generation = self.tag | self._c(a.ino), a.gen
         e.st_mode, e.st_nlink, e.st_uid, e.st_gid, e.st_rdev = a.mode, a.nlink, a.uid, a.gid, a.rdev
         e.st_size, e.st_blocks, e.st_blksize = a.size, a.blocks, 4096
         e.st_atime_ns, e.st_mtime_ns, e.st_ctime_ns = a.atimeNs, a.mtimeNs, a.ctimeNs
@@ -521,6 +522,7 @@ class VmFs:
         the kernel looks again) rather than wrong."""
         node = self._learn(dino, name, a) if still else self._inode(self._c(a.ino))
         node.lookups += 1
+        node.gen = a.gen
         if a.handle:
             node.handle = bytes(a.handle)
 
@@ -530,15 +532,20 @@ class VmFs:
         dino = parent & MASK
         if name == b".":
             e = await self.getattr(parent, ctx)
-            self._inode(dino).lookups += 1  # (the kernel counts every lookup it is answered)
+            node = self._inode(dino)
+            node.lookups += 1  # (the kernel counts every lookup it is answered)
+            e.generation = node.gen  # (a getattr's reply says none)
             return e
         since = self.told
         if name == b"..":
             node = self.inodes.get(dino)
             up = node.parent if node is not None and node.parent is not None else self.root
             r = await self.call(Call.getattr, idempotent=True, **self.named(self.tag | up))
-            self._inode(self._c(r.attr.ino)).lookups += 1
-            return self._attr(r.attr, since)
+            node = self._inode(self._c(r.attr.ino))
+            node.lookups += 1
+            e = self._attr(r.attr, since)
+            e.generation = node.gen  # (a getattr's reply says none)
+            return e
         absent = self._absent(dino, name)
         if absent:
             self._gave_absent(dino, name, absent)

@@ -21,6 +21,7 @@ class as a mirror ("fsr@NODE"), and becomes the server in a fail-over."""
 import collections
 import contextlib
 import errno
+import hashlib
 import inspect
 import logging
 import os
@@ -674,7 +675,7 @@ class FsServer:
                 except FileNotFoundError:
                     self._looked(origin, dino)  # the node caches the name absent
                     raise
-                _dir_handle(out.attr, st, dfd, name)
+                _identity(out.attr, st, dfd, name)
         self._shown(origin, st)
         fill_attr(out.attr, st)
 
@@ -789,7 +790,7 @@ class FsServer:
                 st = e.stat(follow_symlinks=False)
                 ents[i].name = name = os.fsencode(e.name)
                 fill_attr(ents[i].attr, st)
-                _dir_handle(ents[i].attr, st, fd, name)
+                _identity(ents[i].attr, st, fd, name)
                 self._shown(origin, st)
             out.more = len(found) > len(batch)
             self._seen(origin, dino)
@@ -877,7 +878,7 @@ class FsServer:
                 _undo(dfd, name)  # no half-made entry the replicas never hear of
                 raise
             dino = self._post_op(dfd, out, origin)
-            _dir_handle(out.attr, st, dfd, name)
+            _identity(out.attr, st, dfd, name)
         if stat.S_ISREG(st.st_mode):
             self._data_changed(st.st_ino)  # (a new file: its number may be a removed one's)
         self._shown(origin, st)  # (a directory made: the node knows it empty)
@@ -904,7 +905,10 @@ class FsServer:
                 if made:
                     _undo(dfd, name)
                 raise
+            handle = Store.handle_of(dfd, name)
         self._opened(fd, origin, out, req)
+        if handle:
+            out.attr.gen = generation(handle)
         if made:
             self._data_changed(out.attr.ino)  # (a new file: its number may be a removed one's)
         if not made:  # (another node's file, which this open may have truncated)
@@ -965,6 +969,7 @@ class FsServer:
             os.link(n1, n2, src_dir_fd=d1, dst_dir_fd=d2, follow_symlinks=False)
             st = os.stat(n2, dir_fd=d2, follow_symlinks=False)
             dino = self._post_op(d2, out, origin)
+            _identity(out.attr, st, d2, n2)
         self._seen(origin, st.st_ino)
         fill_attr(out.attr, st)
         return Changed(inodes=[st.st_ino], dirs=[dino])
@@ -1031,11 +1036,27 @@ async def _run(handler, *args):
     return await result if inspect.isawaitable(result) else result
 
 
-def _dir_handle(a, st: os.stat_result, dfd: int, name: bytes) -> None:
-    """A directory's attributes carry its file handle: a node whose path
-    to it is lost (another node moved it) names it so (FsRequest.at)."""
-    if stat.S_ISDIR(st.st_mode):
-        a.handle = Store.handle_of(dfd, name)
+def _identity(a, st: os.stat_result, dfd: int, name: bytes) -> None:
+    """Attributes that name an object to a node's kernel carry which object
+    has that number (a hash of its file handle, in which the store's file
+    system counts the number's reuses), and a directory's carry its handle:
+    a node whose path to it is lost (another node moved it) names it so
+    (FsRequest.at)."""
+    handle = Store.handle_of(dfd, name)
+    if handle:
+        a.gen = generation(handle)
+        if stat.S_ISDIR(st.st_mode):
+            a.handle = handle
+
+
+def generation(handle: bytes) -> int:
+    """FUSE's generation of the object a file handle names: with the inode
+    number, what the kernel tells objects apart by.  A number the store
+    reuses for a new file while a node's kernel still holds the removed
+    one (an unlink there not yet finished) is then a new inode there, not
+    the old one with the new file's attributes set aside as older than the
+    unlink's (its link count 0: link(2) failed ENOENT)."""
+    return int.from_bytes(hashlib.blake2b(handle, digest_size=8).digest(), "little")
 
 
 def _below(where: bytes, path: bytes) -> bytes:
@@ -1163,10 +1184,10 @@ class LocalRequest:
 
 class LocalAttr:
     __slots__ = ("ino", "mode", "nlink", "uid", "gid", "rdev", "size", "blocks", "atimeNs", "mtimeNs", "ctimeNs",
-                 "handle")
+                 "handle", "gen")
 
     def __init__(self):
-        self.ino, self.handle = 0, b""  # not filled in (as a capnp reply's defaults)
+        self.ino, self.handle, self.gen = 0, b"", 0  # not filled in (as a capnp reply's defaults)
 
 
 class LocalEntry:

@@ -118,6 +118,7 @@ struct Attr {
   mtimeNs @9 :Int64;
   ctimeNs @10 :Int64;
   handle @11 :Data;             # a directory's file handle, in lookups' and listings' replies (see at)
+  gen @12 :UInt64;              # which object has this number, in replies that name one (see _identity)
 }
 
 struct Entry {

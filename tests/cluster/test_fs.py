@@ -704,6 +704,27 @@ def test_a_users_write_drops_set_id_bits_also_where_the_server_is(fsc, d):
         assert (here / f).read_text() == "v1v2" and (here / f).stat().st_mode & 0o7777 == 0o777, f
 
 
+def test_a_chown_just_after_a_write_drops_the_set_id_bits_and_keeps_the_size(d):
+    """Linux asks the file system for a file's mode before every chown (to
+    drop its set-id bits) and for its size after a write; a node answers
+    from the server's reply to its own last change of the file: the mode,
+    owner and size are right, where the server is and where it is not."""
+    name, a, b = d
+    for here, there in ((a, b), (b, a)):
+        fd = os.open(here / "setid", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        try:
+            os.fchmod(fd, 0o6755)
+            os.write(fd, b"x" * 100)
+            os.fchown(fd, 1000, 1000)
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        assert (st.st_mode & 0o7777, st.st_uid, st.st_size) == (0o755, 1000, 100), here
+        st = (there / "setid").stat()
+        assert (st.st_mode & 0o7777, st.st_uid, st.st_size) == (0o755, 1000, 100), there
+        os.unlink(here / "setid")
+
+
 def test_real_tools_over_the_file_system(fsc, d, tmp_path):
     name, a, b = d
     src = Path(__file__).resolve().parents[2] / "drvs"
