@@ -61,7 +61,8 @@ class Server:
             out = new(fs.FsReply, epoch=epoch)
             fill_attr(out.attr, STAT)
             out.attr.ino = ino
-            out.attr.gen = self.gens.get(ino, 0)
+            if msg.type != Call.getattr:  # (as the server: a getattr's reply names no object to a kernel)
+                out.attr.gen = self.gens.get(ino, 0)
         return Msg(0, to_flat(out))
 
     def notices(self) -> list[dict]:
@@ -251,5 +252,31 @@ async def test_the_kernel_is_told_which_object_has_a_number():
     assert (await vmfs.lookup(root, b"d")).generation == 12345
     server.gens[700] = 999  # another object has the number now
     assert (await vmfs.lookup(root, b"d")).generation == 999
-    server.gens.clear()
     assert (await vmfs.lookup(d, b".")).generation == 999
+
+
+async def test_a_listing_read_before_this_nodes_unlink_or_rename_does_not_hand_out_the_old_entries(monkeypatch):
+    """The server tells other nodes of a change, not the one that made it:
+    a listing this node took before its own unlink or rename must not hand
+    the old entries to the kernel later (their numbers may be new files'
+    already, which the kernel would take for stale inodes)."""
+    vmfs, server, root = await client()
+    handed, room = [], [1]
+
+    def reply(token, name, attr, next_id):  # the kernel's buffer: room for one entry, at first
+        if not room[0]:
+            return False
+        room[0] -= 1
+        handed.append(name)
+        return True
+
+    monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
+    server.pages = [[(b"x", 800), (b"y", 801), (b"z", 802), (b"zz", 803)]]
+    fh = await vmfs.opendir(root, None)
+    await vmfs.readdir(fh, 0, None)
+    assert handed == [b"x"]
+    await vmfs.unlink(root, b"y", None)
+    await vmfs.rename(root, b"q", root, b"z", 0, None)  # (over z)
+    room[0] = 10
+    await vmfs.readdir(fh, 1, None)
+    assert handed == [b"x", b"zz"]

@@ -442,12 +442,12 @@ async def test_a_number_the_store_gives_a_new_file_again_comes_with_another_gene
     assert {bytes(e.name): e.attr.gen for e in listing.entries} == {b"f": gen, b"g": gen, b"d": made.attr.gen}
     for name in (b"f", b"g"):
         await call(server, "n1", Call.unlink, path=name)
-    for i in range(50):  # (ext4 gives a freed number out again at once, here at the first or second create)
+    for i in range(50):  # (ext4 gives a freed number out again at once)
         r = await call(server, "n2", Call.create, path=b"n%d" % i, flags=os.O_WRONLY, mode=0o644)
         await call(server, "n2", Call.release, fh=r.fh)
         if r.attr.ino == ino:
             break
     else:
-        pytest.fail("the store's file system never gave the number out again")
+        pytest.skip("the store's file system does not give a freed number out again at once (not ext4?)")
     assert r.attr.gen not in (0, gen)
     assert (await call(server, "n2", Call.lookup, path=b"n%d" % i)).attr.gen == r.attr.gen

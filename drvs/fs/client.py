@@ -532,7 +532,7 @@ class VmFs:
         dino = parent & MASK
         if name == b".":
             e = await self.getattr(parent, ctx)
-            node = self._inode(dino)
+            node = self._inode(e.st_ino & MASK)
             node.lookups += 1  # (the kernel counts every lookup it is answered)
             e.generation = node.gen  # (a getattr's reply says none)
             return e
@@ -555,6 +555,12 @@ class VmFs:
         where = self.locate(parent)
         try:
             r = await self.call(Call.lookup, idempotent=True, **self._named(where, name))
+            if self._stale(since, self._c(r.attr.ino)) and self._other_object(r.attr):
+                # Its number was given to another object meanwhile (this
+                # node made it): the kernel would take that one's inode for
+                # a stale one.  What the name holds now, instead:
+                since = self.told
+                r = await self.call(Call.lookup, idempotent=True, **self._named(where, name))
         except pyfuse3.FUSEError as e:
             if e.errno != errno.ENOENT:
                 raise
@@ -570,6 +576,12 @@ class VmFs:
                 self._gave_absent(dino, name, TIMEOUT)
             return neg
         return self._entry(dino, name, r.attr, since, self._asked(parent, where))
+
+    def _other_object(self, a) -> bool:
+        """Whether the kernel holds another object by a's number (see
+        drvs/fs/server.py generation)."""
+        node = self.inodes.get(self._c(a.ino))
+        return node is not None and node.lookups > 0 and node.gen != a.gen
 
     async def getattr(self, inode, ctx=None):
         fresh = self.fresh.get(inode & MASK)
@@ -743,6 +755,7 @@ class VmFs:
             self._post_op(dino, r, change)
         self._forget_entry(dino, name)
         self._known_remove(dino, name)
+        self._unlisted(dino, name)
         self.known.pop(cino, None)  # a directory removed: its number may come back as another
 
     async def rename(self, old_parent, old_name, new_parent, new_name, flags, ctx):
@@ -753,6 +766,8 @@ class VmFs:
         if not flags & pyfuse3.RENAME_EXCHANGE:
             self._known_remove(d1, old_name)
         self._known_add(d2, new_name)
+        self._unlisted(d1, old_name)
+        self._unlisted(d2, new_name)
         moved = self.entries.pop((d1, old_name), None)
         replaced = self.entries.pop((d2, new_name), None)
         if flags & pyfuse3.RENAME_EXCHANGE and replaced is not None:
@@ -763,6 +778,16 @@ class VmFs:
                 self.inodes[replaced].parent = None
         if moved is not None:
             self._place(moved, d2, new_name)
+
+    def _unlisted(self, dino: int, name: bytes) -> None:
+        """This node removed name from dino, or gave it to another object: a
+        listing of dino read before must not hand out the old entry (the
+        server tells other nodes, not this one).  Its number may be a new
+        file's already, with another generation: the kernel would take the
+        new file's inode for a stale one (EIO for whoever holds it)."""
+        for listing in self.listings.values():
+            if listing.dino == dino:
+                listing.gone.add(name)
 
     def _place(self, cino: int, dino: int, name: bytes) -> None:
         node = self.inodes.get(cino)

@@ -705,10 +705,10 @@ def test_a_users_write_drops_set_id_bits_also_where_the_server_is(fsc, d):
 
 
 def test_a_chown_just_after_a_write_drops_the_set_id_bits_and_keeps_the_size(d):
-    """Linux asks the file system for a file's mode before every chown (to
-    drop its set-id bits) and for its size after a write; a node answers
-    from the server's reply to its own last change of the file: the mode,
-    owner and size are right, where the server is and where it is not."""
+    """Linux asks the file system for a file's mode before every chown, to
+    drop its set-id bits itself, and for its size after a write: the mode,
+    owner and size are right at once, where the server is and where it is
+    not (a guard for any node-side answer to those questions)."""
     name, a, b = d
     for here, there in ((a, b), (b, a)):
         fd = os.open(here / "setid", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
