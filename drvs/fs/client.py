@@ -556,9 +556,9 @@ class VmFs:
         try:
             r = await self.call(Call.lookup, idempotent=True, **self._named(where, name))
             if self._stale(since, self._c(r.attr.ino)) and self._other_object(r.attr):
-                # Its number was given to another object meanwhile (this
-                # node made it): the kernel would take that one's inode for
-                # a stale one.  What the name holds now, instead:
+                # Its number went to another object meanwhile, which the
+                # kernel holds: it would take that one's inode for a stale
+                # one.  What the name holds now, instead:
                 since = self.told
                 r = await self.call(Call.lookup, idempotent=True, **self._named(where, name))
         except pyfuse3.FUSEError as e:
