@@ -675,7 +675,7 @@ class FsServer:
                 except FileNotFoundError:
                     self._looked(origin, dino)  # the node caches the name absent
                     raise
-                _identity(out.attr, st, dfd, name)
+                _identity(out.attr, st.st_mode, dfd, name)
         self._shown(origin, st)
         fill_attr(out.attr, st)
 
@@ -790,7 +790,7 @@ class FsServer:
                 st = e.stat(follow_symlinks=False)
                 ents[i].name = name = os.fsencode(e.name)
                 fill_attr(ents[i].attr, st)
-                _identity(ents[i].attr, st, fd, name)
+                _identity(ents[i].attr, st.st_mode, fd, name)
                 self._shown(origin, st)
             out.more = len(found) > len(batch)
             self._seen(origin, dino)
@@ -878,7 +878,7 @@ class FsServer:
                 _undo(dfd, name)  # no half-made entry the replicas never hear of
                 raise
             dino = self._post_op(dfd, out, origin)
-            _identity(out.attr, st, dfd, name)
+            _identity(out.attr, st.st_mode, dfd, name)
         if stat.S_ISREG(st.st_mode):
             self._data_changed(st.st_ino)  # (a new file: its number may be a removed one's)
         self._shown(origin, st)  # (a directory made: the node knows it empty)
@@ -905,10 +905,8 @@ class FsServer:
                 if made:
                     _undo(dfd, name)
                 raise
-            handle = Store.handle_of(dfd, name)
+            _identity(out.attr, stat.S_IFREG, dfd, name)
         self._opened(fd, origin, out, req)
-        if handle:
-            out.attr.gen = generation(handle)
         if made:
             self._data_changed(out.attr.ino)  # (a new file: its number may be a removed one's)
         if not made:  # (another node's file, which this open may have truncated)
@@ -969,7 +967,7 @@ class FsServer:
             os.link(n1, n2, src_dir_fd=d1, dst_dir_fd=d2, follow_symlinks=False)
             st = os.stat(n2, dir_fd=d2, follow_symlinks=False)
             dino = self._post_op(d2, out, origin)
-            _identity(out.attr, st, d2, n2)
+            _identity(out.attr, st.st_mode, d2, n2)
         self._seen(origin, st.st_ino)
         fill_attr(out.attr, st)
         return Changed(inodes=[st.st_ino], dirs=[dino])
@@ -1036,7 +1034,7 @@ async def _run(handler, *args):
     return await result if inspect.isawaitable(result) else result
 
 
-def _identity(a, st: os.stat_result, dfd: int, name: bytes) -> None:
+def _identity(a, mode: int, dfd: int, name: bytes) -> None:
     """Attributes that name an object to a node's kernel carry which object
     has that number (a hash of its file handle, in which the store's file
     system counts the number's reuses), and a directory's carry its handle:
@@ -1045,7 +1043,7 @@ def _identity(a, st: os.stat_result, dfd: int, name: bytes) -> None:
     handle = Store.handle_of(dfd, name)
     if handle:
         a.gen = generation(handle)
-        if stat.S_ISDIR(st.st_mode):
+        if stat.S_ISDIR(mode):
             a.handle = handle
 
 

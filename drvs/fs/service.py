@@ -62,7 +62,7 @@ class FsNode:
     async def mirror(self, msg: Msg) -> Msg:
         """fsr@NODE: a batch of the serving node's changes."""
         try:
-            batch = from_flat(fs.Batch, msg.payload)
+            batch = from_flat(fs.Batch, msg.view())  # (a view of the message it came in: no copy)
             vm, epoch = batch.vm, batch.epoch
         except Exception:  # noqa: BLE001 - malformed input from the wire
             raise IpcError("malformed batch", errno.EBADMSG) from None

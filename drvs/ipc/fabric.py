@@ -90,6 +90,17 @@ _MSG_PAYLOAD = {m: (*level0.PARAMS, pointer_index(schema.Node.schema.methods[m].
                     pointer_index(schema.Message.schema, "payload")) for m in ("sendrec", "send")}
 
 
+def _msg_as_it_came(frame, m, path: tuple) -> Msg:
+    """fabric.Message m of an RPC message being handled (frame, None if not
+    at hand): a large payload sent out of line (found by path) is a view of
+    the frame, no copy -- it lives as long as a view of it does."""
+    if frame is not None and len(frame) >= BULK:
+        payload = bulk_at(frame, path)
+        if payload is not None:
+            return Msg(m.type, payload, m.source, m.status, m.error)
+    return Msg.from_capnp(m)
+
+
 def _fill_reply(results, reply: Msg):
     """Set a sendrec's results to reply (a large payload out of line)."""
     return reply.fill_at(results, "reply", bulk=True)
@@ -123,12 +134,7 @@ class Lane(level0.Client):
     def _reply(self, results) -> Msg:
         """The reply of a sendrec's results, as they come: a large payload
         sent out of line is a view of its message (no copy)."""
-        m = results.reply
-        if self.frame is not None and len(self.frame) >= BULK:
-            payload = bulk_at(self.frame, _REPLY_PAYLOAD)
-            if payload is not None:
-                return Msg(m.type, payload, m.source, m.status, m.error)
-        return Msg.from_capnp(m)
+        return _msg_as_it_came(self.frame, results.reply, _REPLY_PAYLOAD)
 
 
 class Fabric:
@@ -613,12 +619,8 @@ class NodeLane:
                                            "echo": self.echo, "info": self.info})
 
     def _incoming(self, answer: level0.Answer, msg, method: str) -> Msg:
-        """The message of a call, as it comes: a large payload sent out of
-        line is a view of the call's own message (no copy; it lives as long
-        as a view of it does)."""
-        frame = answer.conn.frame
-        payload = bulk_at(frame, _MSG_PAYLOAD[method]) if frame is not None and len(frame) >= BULK else None
-        m = Msg.from_capnp(msg) if payload is None else Msg(msg.type, payload, msg.source, msg.status, msg.error)
+        """The message of a call, as it comes (see _msg_as_it_came)."""
+        m = _msg_as_it_came(answer.conn.frame, msg, _MSG_PAYLOAD[method])
         m.node = self.peer
         return m
 
