@@ -69,12 +69,14 @@ async def test_an_open_file_is_kept_until_its_last_close(tmp_path):
     assert r.attr.ino not in server.interest
 
 
-def _kept_open(name: str) -> int:
-    """How many descriptors of this process hold a removed directory of that name."""
+def _kept_open(tmp_path, name: str) -> int:
+    """How many descriptors of this process hold a removed object of that
+    name in this test's store."""
     held = 0
     for fd in os.listdir("/proc/self/fd"):
         try:
-            held += os.readlink(f"/proc/self/fd/{fd}").endswith(f"/{name} (deleted)")
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            held += target.startswith(f"{tmp_path}/") and target.endswith(f"/{name} (deleted)")
         except OSError:
             pass
     return held
@@ -90,37 +92,37 @@ async def test_a_removed_directory_a_node_holds_keeps_its_number_until_that_node
     await call(server, "n1", Call.mkdir, path=b"d", mode=0o755)
     d = (await call(server, "n2", Call.lookup, path=b"d")).attr.ino  # n1 made it, n2 looked it up
     await call(server, "n1", Call.rmdir, path=b"d")
-    assert _kept_open("d") == 1
+    assert _kept_open(tmp_path, "d") == 1
     server.forgotten("n3", [d], [1 << 40])  # (a node that never held it)
     server.forgotten("n2", [d], [0])
-    assert _kept_open("d") == 1             # n1 may hold it still
+    assert _kept_open(tmp_path, "d") == 1             # n1 may hold it still
     server.forgotten("n1", [d], [0])
-    assert _kept_open("d") == 0
+    assert _kept_open(tmp_path, "d") == 0
     # Made by n2, looked up again by n2 (its call 10) after its kernel
     # forgot it (the notice's mark: 5): that notice does not count.
     await call(server, "n2", Call.mkdir, path=b"c", mode=0o755)
     c = (await call(server, "n2", Call.lookup, path=b"c", seq=10)).attr.ino
     await call(server, "n1", Call.rmdir, path=b"c")
     server.forgotten("n2", [c], [5])
-    assert _kept_open("c") == 1
+    assert _kept_open(tmp_path, "c") == 1
     server.forgotten("n2", [c], [10])
-    assert _kept_open("c") == 0
+    assert _kept_open(tmp_path, "c") == 0
     # Replaced by a rename, held by n2, which then fails to answer an
     # invalidation (its caches are dropped for it).
     for name in (b"a", b"b"):
         await call(server, "n2", Call.mkdir, path=name, mode=0o755)
     await call(server, "n1", Call.rename, path=b"a", path2=b"b")
-    assert _kept_open("b") == 1
+    assert _kept_open(tmp_path, "b") == 1
     fabric.sendrec = _unanswered
     await call(server, "n1", Call.setattr, path=b"b", setMask=1, mode=0o700)  # (n2 holds what is b now)
-    assert _kept_open("b") == 0
+    assert _kept_open(tmp_path, "b") == 0
     # Held when the server stops.
     fabric.sendrec = Invalidations().sendrec
     await call(server, "n2", Call.mkdir, path=b"e", mode=0o755)
     await call(server, "n1", Call.rmdir, path=b"e")
-    assert _kept_open("e") == 1
+    assert _kept_open(tmp_path, "e") == 1
     server.close()
-    assert _kept_open("e") == 0
+    assert _kept_open(tmp_path, "e") == 0
 
 
 async def test_a_file_without_names_is_reached_by_a_handle_of_its_own_node_only(tmp_path):
@@ -166,6 +168,30 @@ async def test_an_open_by_a_name_that_now_holds_another_file_is_stale_and_trunca
         r = await call(server, "n2", Call.open, path=b"cfg", flags=os.O_WRONLY | os.O_TRUNC, ino=ino, inoEpoch=epoch)
         assert r.attr.size == 0
         await call(server, "n2", Call.release, fh=r.fh)
+
+
+async def test_a_file_just_replaced_by_a_rename_is_still_opened_to_read_by_its_number(tmp_path, monkeypatch):
+    """n2 looked cfg up, then n1 renamed a new file over it, then n2's
+    kernel opens what it looked up: it reads the old file, as on a local
+    file system -- for a moment, and only to read."""
+    server, fabric = serving(tmp_path)
+    old = await call(server, "n2", Call.create, path=b"cfg", flags=os.O_WRONLY, mode=0o644)
+    await call(server, "n2", Call.write, fh=old.fh, offset=0, data=b"old")
+    await call(server, "n2", Call.release, fh=old.fh)
+    new_ = await call(server, "n1", Call.create, path=b"cfg.new", flags=os.O_WRONLY, mode=0o644)
+    await call(server, "n1", Call.release, fh=new_.fh)
+    await call(server, "n1", Call.rename, path=b"cfg.new", path2=b"cfg")
+    r = await call(server, "n2", Call.open, path=b"cfg", flags=os.O_RDONLY, ino=old.attr.ino, inoEpoch=1)
+    assert (r.attr.ino, bytes((await call(server, "n2", Call.read, fh=r.fh, offset=0, size=10)).data)) == (
+        old.attr.ino, b"old")
+    await call(server, "n2", Call.release, fh=r.fh)
+    m = message("n2", Call.open, path=b"cfg", flags=os.O_RDWR, ino=old.attr.ino, inoEpoch=1)
+    assert (await server.handle(m)).status == -errno.ESTALE
+    now = __import__("time").monotonic()
+    monkeypatch.setattr("drvs.fs.server.time.monotonic", lambda: now + 3)  # (past the grace)
+    m = message("n2", Call.open, path=b"cfg", flags=os.O_RDONLY, ino=old.attr.ino, inoEpoch=1)
+    assert (await server.handle(m)).status == -errno.ESTALE
+    assert not server.replaced  # (its descriptor closed)
 
 
 def message(node: str, ctype, **fields) -> Msg:

@@ -27,6 +27,7 @@ import logging
 import os
 import resource
 import stat
+import time
 
 import trio
 
@@ -46,6 +47,8 @@ READDIR_BATCH = 512
 HANDLE_CALLS = {Call.write, Call.release, Call.fsync, Call.setattr, Call.flush}
 REAP_EVERY = 5.0  # seconds between looks for open files of nodes that left
 KEPT_MAX = 4096  # removed directories whose numbers are kept from reuse at once (a descriptor each)
+REPLACED_GRACE = 2.0  # seconds a file replaced by a rename stays openable by its number (see FsServer.replaced)
+REPLACED_MAX = 256    # such files at once (a descriptor each)
 VERSIONS_MAX = 1 << 16  # files whose data versions are kept apart (the others share version_floor)
 OPEN_FLAGS = os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC | os.O_NOATIME
 SET_MODE, SET_UID, SET_GID, SET_SIZE, SET_ATIME, SET_MTIME = 1, 2, 4, 8, 16, 32
@@ -118,6 +121,15 @@ class FsServer:
         self.kept_full = False  # kept_max was reached once (said once)
         # (a quarter of the descriptors at most: open files need the rest)
         self.kept_max = min(KEPT_MAX, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4)
+        # Files a rename replaced in the last REPLACED_GRACE seconds: inode
+        # -> (a descriptor of it, when it goes), oldest first.  A node's
+        # kernel opens a file by the name it looked up; if the name was
+        # replaced meanwhile (another node's update by rename, served
+        # between that lookup and the open), the open found another file
+        # (ESTALE), and the kernel's one retry could meet the next
+        # replacement too.  Such an open, to read, opens the replaced file,
+        # as a local file system opens the one its lookup found.
+        self.replaced: collections.OrderedDict[int, tuple[int, float]] = collections.OrderedDict()
         # Versions of files' data, for the nodes' caches of files their
         # kernels forgot (drvs/fs/cache.py; the server stops telling a node
         # of those): inode -> the number of the last change of its data
@@ -169,6 +181,8 @@ class FsServer:
     # -- dispatch --------------------------------------------------------------
 
     def _decode(self, msg: Msg):
+        if self.replaced:
+            self._expire_replaced(time.monotonic())
         try:
             req = from_flat(fs.FsRequest, msg.view())  # (a large write's data: a view of its message)
             vm, path = req.vm, bytes(req.path)
@@ -565,6 +579,42 @@ class FsServer:
             os.close(fd)
         self.kept.clear()
         self.holders.clear()
+        self._expire_replaced(float("inf"))
+
+    def _hold(self, dfd: int, name: str, st: os.stat_result) -> int | None:
+        """Before a rename replaces a regular file: a descriptor of it (see
+        self.replaced), if any node may hold it."""
+        if not stat.S_ISREG(st.st_mode) or not self.interest.get(st.st_ino):
+            return None
+        try:
+            return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        except OSError:
+            return None
+
+    def _held(self, fd: int, ino: int, done: bool) -> None:
+        """The rename _hold() was made for is done (or failed)."""
+        self._expire_replaced(time.monotonic())
+        if not done or ino in self.replaced or len(self.replaced) >= REPLACED_MAX:
+            os.close(fd)
+            return
+        self.replaced[ino] = (fd, time.monotonic() + REPLACED_GRACE)
+
+    def _expire_replaced(self, now: float) -> None:
+        while self.replaced:
+            ino, (fd, until) = next(iter(self.replaced.items()))
+            if until > now:
+                break
+            del self.replaced[ino]
+            os.close(fd)
+
+    def _replaced_file(self, ino: int, flags: int) -> int:
+        """An open, to read, of a file a rename replaced moments ago (see
+        self.replaced); else ESTALE, as before."""
+        self._expire_replaced(time.monotonic())
+        held = self.replaced.get(ino)
+        if held is None or flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            raise OSError(errno.ESTALE, "another file has that name now")
+        return _reopen(held[0], flags & ~os.O_NONBLOCK)
 
     def _seen(self, node: str, *inodes: int, table: dict | None = None) -> None:
         if not self.epoch:
@@ -704,7 +754,10 @@ class FsServer:
         try:
             st = os.stat(fd)
             if meant and st.st_ino != meant:
-                raise OSError(errno.ESTALE, "another file has that name now")
+                found, fd = fd, -1
+                os.close(found)
+                fd = self._replaced_file(meant, flags)
+                st = os.stat(fd)
             if stat.S_IFMT(st.st_mode) not in (stat.S_IFREG, stat.S_IFDIR):
                 raise OSError(errno.ENXIO, "not a regular file")
             if meant and not req.via and flags & os.O_TRUNC:  # (open's own truncation, of the file meant)
@@ -713,7 +766,8 @@ class FsServer:
                 st = os.stat(fd)
             os.set_blocking(fd, True)
         except OSError:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
             raise
         self._opened(fd, origin, out, req, st)
 
@@ -948,6 +1002,8 @@ class FsServer:
             except FileNotFoundError:
                 replaced = None
             kept = None if replaced is None or req.flags & _fs.RENAME_EXCHANGE else self._keep(d2, n2, replaced)
+            held = (self._hold(d2, n2, replaced) if replaced is not None and moved != replaced.st_ino
+                    and not req.flags & _fs.RENAME_EXCHANGE else None)
             done = False
             try:
                 _fs.renameat2(d1, n1, d2, n2, req.flags)
@@ -955,6 +1011,8 @@ class FsServer:
             finally:
                 if kept is not None:
                     self._kept(kept, replaced.st_ino, done and moved != replaced.st_ino)
+                if held is not None:
+                    self._held(held, replaced.st_ino, done)
             i1, i2 = os.stat(d1).st_ino, os.stat(d2).st_ino
         if replaced is None:
             return Changed(entries=[(i1, n1)], inodes=[moved], dirs=[i1, i2])
