@@ -170,7 +170,7 @@ async def test_an_open_by_a_name_that_now_holds_another_file_is_stale_and_trunca
         await call(server, "n2", Call.release, fh=r.fh)
 
 
-async def test_a_file_just_replaced_by_a_rename_is_still_opened_to_read_by_its_number(tmp_path, monkeypatch):
+async def test_a_file_just_replaced_by_a_rename_is_still_opened_to_read_by_its_number(tmp_path):
     """n2 looked cfg up, then n1 renamed a new file over it, then n2's
     kernel opens what it looked up: it reads the old file, as on a local
     file system -- for a moment, and only to read."""
@@ -187,8 +187,8 @@ async def test_a_file_just_replaced_by_a_rename_is_still_opened_to_read_by_its_n
     await call(server, "n2", Call.release, fh=r.fh)
     m = message("n2", Call.open, path=b"cfg", flags=os.O_RDWR, ino=old.attr.ino, inoEpoch=1)
     assert (await server.handle(m)).status == -errno.ESTALE
-    now = __import__("time").monotonic()
-    monkeypatch.setattr("drvs.fs.server.time.monotonic", lambda: now + 3)  # (past the grace)
+    fd, _ = server.replaced[old.attr.ino]
+    server.replaced[old.attr.ino] = (fd, 0.0)  # (its grace is over)
     m = message("n2", Call.open, path=b"cfg", flags=os.O_RDONLY, ino=old.attr.ino, inoEpoch=1)
     assert (await server.handle(m)).status == -errno.ESTALE
     assert not server.replaced  # (its descriptor closed)

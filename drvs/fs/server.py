@@ -441,6 +441,7 @@ class FsServer:
                 nursery.start_soon(self.mirrors[node].run)
             while True:
                 await trio.sleep(REAP_EVERY)
+                self._expire_replaced(time.monotonic())  # (a quiet server too: their space goes)
                 await self._check_term()
                 await self._reap_handles()
 
