@@ -181,8 +181,6 @@ class FsServer:
     # -- dispatch --------------------------------------------------------------
 
     def _decode(self, msg: Msg):
-        if self.replaced:
-            self._expire_replaced(time.monotonic())
         try:
             req = from_flat(fs.FsRequest, msg.view())  # (a large write's data: a view of its message)
             vm, path = req.vm, bytes(req.path)
@@ -593,7 +591,9 @@ class FsServer:
             return None
 
     def _held(self, fd: int, ino: int, done: bool) -> None:
-        """The rename _hold() was made for is done (or failed)."""
+        """The rename _hold() was made for is done (or failed: not done).
+        Held ones expire here, at an open that asks for one, and on the
+        server's periodic pass (not on every call)."""
         self._expire_replaced(time.monotonic())
         if not done or ino in self.replaced or len(self.replaced) >= REPLACED_MAX:
             os.close(fd)
@@ -615,7 +615,7 @@ class FsServer:
         held = self.replaced.get(ino)
         if held is None or flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             raise OSError(errno.ESTALE, "another file has that name now")
-        return _reopen(held[0], flags & ~os.O_NONBLOCK)
+        return _reopen(held[0], flags)
 
     def _seen(self, node: str, *inodes: int, table: dict | None = None) -> None:
         if not self.epoch:
@@ -1003,8 +1003,7 @@ class FsServer:
             except FileNotFoundError:
                 replaced = None
             kept = None if replaced is None or req.flags & _fs.RENAME_EXCHANGE else self._keep(d2, n2, replaced)
-            held = (self._hold(d2, n2, replaced) if replaced is not None and moved != replaced.st_ino
-                    and not req.flags & _fs.RENAME_EXCHANGE else None)
+            held = None if replaced is None or req.flags & _fs.RENAME_EXCHANGE else self._hold(d2, n2, replaced)
             done = False
             try:
                 _fs.renameat2(d1, n1, d2, n2, req.flags)
@@ -1013,7 +1012,7 @@ class FsServer:
                 if kept is not None:
                     self._kept(kept, replaced.st_ino, done and moved != replaced.st_ino)
                 if held is not None:
-                    self._held(held, replaced.st_ino, done)
+                    self._held(held, replaced.st_ino, done and moved != replaced.st_ino)
             i1, i2 = os.stat(d1).st_ino, os.stat(d2).st_ino
         if replaced is None:
             return Changed(entries=[(i1, n1)], inodes=[moved], dirs=[i1, i2])
