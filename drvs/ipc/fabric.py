@@ -97,13 +97,14 @@ def _msg_as_it_came(frame, m, path: tuple) -> Msg:
     if frame is not None and len(frame) >= BULK:
         payload = bulk_at(frame, path)
         if payload is not None:
-            return Msg(m.type, payload, m.source, m.status, m.error)
+            get = m._get
+            return Msg(get("type"), payload, get("source"), get("status"), get("error"))
     return Msg.from_capnp(m)
 
 
 def _fill_reply(results, reply: Msg):
     """Set a sendrec's results to reply (a large payload out of line)."""
-    return reply.fill_at(results, "reply", bulk=True)
+    return reply.fill_at(results, "reply", bulk=True, at=_REPLY_PAYLOAD[-2])
 
 
 class Lane(level0.Client):
@@ -118,7 +119,8 @@ class Lane(level0.Client):
     def _params(target: str, msg: Msg, timeout_ms: int):
         def fill(p):
             p.target, p.timeoutMs = target, timeout_ms
-            return msg.fill_at(p, "msg", bulk=len(target.encode()) < 2048)  # (see Msg.fill)
+            # (see Msg.fill: what goes beside bulk data stays small)
+            return msg.fill_at(p, "msg", bulk=len(target.encode()) < 2048, at=_MSG_PAYLOAD["sendrec"][-2])
         return fill
 
     def sendrec(self, target: str, msg: Msg, timeout_ms: int, done) -> int:
@@ -134,7 +136,7 @@ class Lane(level0.Client):
     def _reply(self, results) -> Msg:
         """The reply of a sendrec's results, as they come: a large payload
         sent out of line is a view of its message (no copy)."""
-        return _msg_as_it_came(self.frame, results.reply, _REPLY_PAYLOAD)
+        return _msg_as_it_came(self.frame, results._get("reply"), _REPLY_PAYLOAD)
 
 
 class Fabric:
@@ -625,7 +627,8 @@ class NodeLane:
         return m
 
     def sendrec(self, answer: level0.Answer, params) -> None:
-        target, m, timeout_ms = params.target, self._incoming(answer, params.msg, "sendrec"), params.timeoutMs
+        get = params._get
+        target, m, timeout_ms = get("target"), self._incoming(answer, get("msg"), "sendrec"), get("timeoutMs")
         reply = self.fabric.answer_now(target, m)
         timeout = timeout_ms / 1000 if timeout_ms else None
         fill = _fill_reply
@@ -636,7 +639,8 @@ class NodeLane:
         self._in_trio(answer, fill, self.fabric.deliver, target, m, timeout)
 
     def send(self, answer: level0.Answer, params) -> None:
-        self._in_trio(answer, None, self.fabric.deliver, params.target, self._incoming(answer, params.msg, "send"))
+        get = params._get
+        self._in_trio(answer, None, self.fabric.deliver, get("target"), self._incoming(answer, get("msg"), "send"))
 
     def notify(self, answer: level0.Answer, params) -> None:
         m = Msg(NOTIFY, source=params.source)

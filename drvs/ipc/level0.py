@@ -261,7 +261,7 @@ class Answer:
         if self.done:
             return
         m, r = self._return()
-        results = r.init("results").content.as_struct(self.results)
+        results = r.init("results")._get("content").as_struct(self.results)
         try:
             bulk = fill(results) if fill is not None else None
             pieces = encode(m, bulk.under(*RESULTS) if bulk is not None else None)
@@ -302,11 +302,11 @@ class Server(_Connection):
         self.bootstraps: set[int] = set()  # questions whose answer is our capability
 
     def received(self, m) -> None:
-        which = m.which()
+        which = m._which_str()  # (see schema.py: fields by _get, not as attributes, on the per-call paths)
         if which == "call":
-            self._call(m.call)
+            self._call(m._get("call"))
         elif which == "finish":
-            self._finish(m.finish.questionId)
+            self._finish(m._get("finish")._get("questionId"))
         elif which == "bootstrap":
             self._bootstrap(m.bootstrap.questionId)
         elif which == "release":
@@ -320,30 +320,31 @@ class Server(_Connection):
             self.unimplemented(m)
 
     def _call(self, c) -> None:
-        qid = c.questionId
+        get = c._get
+        qid = get("questionId")
         if qid in self.answers or qid in self.bootstraps:
             raise ProtocolError(f"question {qid} asked twice")
         answer = Answer(self, qid)
-        target = c.target
-        if target.which() == "importedCap":
-            ours = target.importedCap == 0
+        target = get("target")
+        if target._which_str() == "importedCap":
+            ours = target._get("importedCap") == 0
         else:
-            pa = target.promisedAnswer
-            ours = pa.questionId in self.bootstraps and len(pa.transform) == 0
-        entry = self.table.get(c.methodId) if c.interfaceId == self.iid else None
+            pa = target._get("promisedAnswer")
+            ours = pa._get("questionId") in self.bootstraps and len(pa._get("transform")) == 0
+        iid, mid = get("interfaceId"), get("methodId")
+        entry = self.table.get(mid) if iid == self.iid else None
         if not ours:
             return answer.fail("call to a capability this connection does not have")
-        if entry is None or c.sendResultsTo.which() != "caller":
-            return answer.fail(f"method {c.interfaceId:#x}.{c.methodId} not served on this connection",
-                               "unimplemented")
+        if entry is None or get("sendResultsTo")._which_str() != "caller":
+            return answer.fail(f"method {iid:#x}.{mid} not served on this connection", "unimplemented")
         handler, params, answer.results = entry
         self.answers[qid] = answer
         try:
-            handler(answer, c.params.content.as_struct(params))
+            handler(answer, get("params")._get("content").as_struct(params))
         except capnp.KjException as e:  # malformed parameters
             answer.fail(f"bad parameters: {e.description}")
         except Exception as e:  # noqa: BLE001 - a server bug fails the call, not the connection
-            log.exception("level-0 RPC: method %d", c.methodId)
+            log.exception("level-0 RPC: method %d", mid)
             answer.fail(f"server error: {type(e).__name__}: {e}")
 
     def _finish(self, qid: int) -> None:
@@ -449,13 +450,13 @@ class Client(_Connection):
         m = rpc.Message.new_message()
         c = m.init("call")
         if self.cap is None:
-            c.target.init("promisedAnswer").questionId = 0
+            c._get("target").init("promisedAnswer").questionId = 0
         else:
-            c.target.importedCap = self.cap
+            c._get("target").importedCap = self.cap
         c.interfaceId = self.iid
         c.methodId = mid
         c.noPromisePipelining = True
-        bulk = fill(c.init("params").content.as_struct(params))
+        bulk = fill(c.init("params")._get("content").as_struct(params))
         if self.free:
             qid = self.free.pop()
         else:
@@ -527,9 +528,9 @@ class Client(_Connection):
         self.send(m)
 
     def received(self, m) -> None:
-        which = m.which()
+        which = m._which_str()
         if which == "return":
-            self._return(getattr(m, "return"))
+            self._return(m._get("return"))
         elif which == "abort":
             self._lost(RpcError(f"the peer aborted: {m.abort.reason}", "disconnected"))
             self.close()
@@ -541,7 +542,8 @@ class Client(_Connection):
             self.unimplemented(m)
 
     def _return(self, r) -> None:
-        qid = r.answerId
+        get = r._get
+        qid = get("answerId")
         if qid in self.cancelled:
             self.cancelled.discard(qid)
             self.free.append(qid)
@@ -551,21 +553,21 @@ class Client(_Connection):
             raise ProtocolError(f"return for question {qid}, never asked")
         self.deadlines.pop(qid, None)
         done, results = entry
-        which = r.which()
+        which = r._which_str()
         if qid == 0:
             if which == "results":
                 caps = r.results.capTable
                 if len(caps) != 1 or caps[0].which() != "senderHosted":
                     raise ProtocolError("bootstrap answer without a capability")
                 self.cap = caps[0].senderHosted
-            if not r.noFinishNeeded:
+            if not get("noFinishNeeded"):
                 self._finish(0, False)  # we keep the capability
         else:
-            if not r.noFinishNeeded:
+            if not get("noFinishNeeded"):
                 self._finish(qid, True)
             self.free.append(qid)
         if which == "results":
-            done(r.results.content.as_struct(results) if results is not None else None, None)
+            done(get("results")._get("content").as_struct(results) if results is not None else None, None)
         elif which == "exception":
             e = r.exception
             done(None, RpcError(e.reason, str(e.type)))

@@ -48,7 +48,8 @@ class Msg:
 
     @classmethod
     def from_capnp(cls, m) -> "Msg":
-        return cls(m.type, bytes(m.payload), m.source, m.status, m.error)
+        get = m._get  # (see schema.py)
+        return cls(get("type"), bytes(get("payload")), get("source"), get("status"), get("error"))
 
     def fill(self, m, bulk: bool = False) -> "Bulk | None":
         """Set fabric.Message m.  With bulk (a level-0 connection sends m),
@@ -64,10 +65,14 @@ class Msg:
         m.payload = self.payload
         return None
 
-    def fill_at(self, parent, field: str, bulk: bool = False) -> "Bulk | None":
-        """fill() parent.field (a fabric.Message), its bulk seen from parent."""
+    def fill_at(self, parent, field: str, bulk: bool = False, at: "int | None" = None) -> "Bulk | None":
+        """fill() parent.field (a fabric.Message), its bulk seen from parent;
+        at: the field's pointer index where the caller knows it (looking it
+        up in the schema costs ~1.5 µs a call)."""
         b = self.fill(parent.init(field), bulk)
-        return b.under(pointer_index(parent.schema, field)) if b is not None else None
+        if b is None:
+            return None
+        return b.under(pointer_index(parent.schema, field) if at is None else at)
 
 
 _PAYLOAD = pointer_index(fabric.Message.schema, "payload")
