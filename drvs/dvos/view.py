@@ -30,7 +30,7 @@ from ..ipc.message import IpcError, Later, Msg
 from ..ipc.schema import from_flat, fs
 from ..ns import mounts
 from ..vm.model import check_name
-from . import procview
+from . import fusewait, procview
 
 log = logging.getLogger("drvmmd")
 ROOT = pyfuse3.ROOT_INODE
@@ -426,7 +426,8 @@ async def serve(cfg, fabric, procs, etcd, task_status=trio.TASK_STATUS_IGNORED) 
         async with trio.open_nursery() as nursery:
             ops.nursery = nursery
             task_status.started()
-            await pyfuse3.main()
+            with fusewait.install():  # (its workers wait in line on the host loop)
+                await pyfuse3.main()
             nursery.cancel_scope.cancel()
     finally:
         pyfuse3.close(unmount=True)

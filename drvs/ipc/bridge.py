@@ -230,6 +230,19 @@ def _threadless() -> bool:
     return True
 
 
+def wake(task, result=None) -> None:
+    """Reschedule a trio task (with outcome result; None: a plain value)
+    from the host loop and, if the guest waits, run its tick now rather
+    than on the loop's next turn: a FUSE request is read a pass sooner."""
+    w = _waiter
+    state = w.state if w is not None and threading.get_ident() == w.thread else None
+    if state is not None:
+        state.runner.guest_tick_scheduled = True  # (so the reschedule queues no tick of its own)
+    trio.lowlevel.reschedule(task, outcome.Value(None) if result is None else result)
+    if state is not None:
+        w.ready()
+
+
 def _force_guest_tick_asap(self) -> None:
     """trio's Runner.force_guest_tick_asap: a task was rescheduled while the
     guest waits.  From the host loop's own thread (a capnp reply, a capnp

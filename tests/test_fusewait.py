@@ -1,0 +1,353 @@
+"""How the view's FUSE workers wait (drvs/dvos/fusewait.py): in line on the
+host loop of a real bridge run (asyncio host, trio guest), over real fds --
+pipes for the line's own rules, and a real FUSE mount served by pyfuse3
+with the line installed."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import trio
+
+from drvs.dvos import fusewait
+from drvs.ipc import bridge
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Idle:
+    """The machine's load as the line's poll sees it, fixed (a loaded CI
+    machine must not decide whether the poll runs in a test of its rules)."""
+
+    def __init__(self, idle: bool):
+        self.idle = idle
+
+    def idle_cpu(self) -> bool:
+        return self.idle
+
+    def close(self) -> None:
+        pass
+
+
+def _in_line(fn):
+    """Run async fn(line, r, w) in a bridge run, over a fresh pipe (its
+    read end non-blocking: a worker woken for nothing fails, not hangs)."""
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    try:
+        async def main():
+            line = fusewait.Line(r, Idle(False))
+            try:
+                return await fn(line, r, w)
+            finally:
+                line.close()
+        return bridge.run(main)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+async def _waiter(line, r, name, order, task_status=trio.TASK_STATUS_IGNORED):
+    task_status.started()
+    await line.wait()
+    order.append(name)
+    os.read(r, 1)  # as a worker reads its request
+
+
+def test_workers_are_woken_one_per_request_in_the_order_they_came():
+    async def fn(line, r, w):
+        order = []
+        async with trio.open_nursery() as n:
+            for name in "abc":
+                await n.start(_waiter, line, r, name, order)
+                await trio.sleep(0.01)
+            os.write(w, b"1")
+            await trio.sleep(0.1)
+            first = list(order)
+            os.write(w, b"22")
+            await trio.sleep(0.1)
+        return first, order, line.stats.copy()
+
+    first, order, stats = _in_line(fn)
+    assert first == ["a"]  # one request, one worker: the others stay in line
+    assert order == ["a", "b", "c"]
+    assert stats["woken"] == 3 and not stats["caught"]
+
+
+def test_a_readiness_already_read_wakes_no_one():
+    async def fn(line, r, w):
+        order = []
+        async with trio.open_nursery() as n:
+            await n.start(_waiter, line, r, "a", order)
+            await trio.sleep(0.01)
+            os.write(w, b"1")
+            line._ready()  # (the readiness, as the loop reports it) ...
+            await trio.sleep(0.05)
+            line._ready()  # ... and again once the worker has read: stale
+            n.start_soon(_waiter, line, r, "b", order)
+            await trio.sleep(0.05)
+            line._ready()
+            await trio.sleep(0.05)
+            waiting = len(line.waiting)
+            n.cancel_scope.cancel()
+        return order, waiting
+
+    order, waiting = _in_line(fn)
+    assert order == ["a"] and waiting == 1
+
+
+def test_a_second_readiness_before_the_woken_worker_ran_wakes_no_other():
+    async def fn(line, r, w):
+        order = []
+        async with trio.open_nursery() as n:
+            for name in "ab":
+                await n.start(_waiter, line, r, name, order)
+                await trio.sleep(0.01)
+            os.write(w, b"1")
+            line._ready()  # (from inside the guest: the woken worker runs at trio's next batch) ...
+            line._ready()  # ... so this is still its request
+            await trio.sleep(0.05)
+            waiting = len(line.waiting)
+            n.cancel_scope.cancel()
+        return order, waiting
+
+    assert _in_line(fn) == (["a"], 1)
+
+
+def test_only_the_last_busy_worker_polls():
+    """A worker that comes to wait while another handles a request sleeps
+    in line: the poll is for the moment the daemon would go idle."""
+    async def fn(line, r, w):
+        line.load = Idle(True)
+        handling = trio.Event()
+        order = []
+
+        async def busy_worker():
+            await line.wait()  # the last one: polls, and reads what was there
+            order.append(os.read(r, 1))
+            await handling.wait()  # (handling it: a call to another node, say)
+
+        os.write(w, b"1")
+        async with trio.open_nursery() as n:
+            n.start_soon(busy_worker)
+            await trio.sleep(0.01)
+            os.write(w, b"2")
+            await n.start(_waiter, line, r, "second", order)
+            await trio.sleep(0.05)
+            handling.set()
+        return order, line.stats.copy()
+
+    order, stats = _in_line(fn)
+    assert order == [b"1", "second"]
+    assert stats["caught"] == 1 and stats["slept"] == 1 and stats["woken"] == 1
+
+
+def test_a_cancelled_worker_leaves_the_line():
+    async def fn(line, r, w):
+        order = []
+        async with trio.open_nursery() as n:
+            gone = trio.CancelScope()
+
+            async def cancelled_waiter():
+                with gone:
+                    await _waiter(line, r, "x", order)
+
+            n.start_soon(cancelled_waiter)  # first in line ...
+            await trio.sleep(0.01)
+            n.start_soon(_waiter, line, r, "a", order)
+            await trio.sleep(0.01)
+            gone.cancel()  # ... and gone
+            await trio.sleep(0.01)
+            os.write(w, b"1")
+            await trio.sleep(0.1)
+        return order
+
+    assert _in_line(fn) == ["a"]
+
+
+def test_closing_tells_every_worker_in_line_and_every_later_one():
+    async def fn(line, r, w):
+        told = []
+
+        async def waiter():
+            try:
+                await line.wait()
+            except trio.ClosedResourceError:
+                told.append("closed")
+
+        async with trio.open_nursery() as n:
+            n.start_soon(waiter)
+            n.start_soon(waiter)
+            await trio.sleep(0.02)
+            line.close()
+        await waiter()
+        return told, line.watched
+
+    told, watched = _in_line(fn)
+    assert told == ["closed"] * 3 and not watched  # (and the fd no longer watched)
+
+
+def test_the_last_worker_reads_a_request_that_came_while_it_polled():
+    """No other worker busy and a CPU idle: a request already there (or
+    coming within the window) is read without the daemon going to sleep;
+    the next wait gives the host loop a turn first."""
+    def fn_for(idle):
+        async def fn(line, r, w):
+            line.load = Idle(idle)
+            events = []
+            os.write(w, b"12")
+            for i in (1, 2):  # one worker, as pyfuse3's loops: wait, read, handle, wait
+                await line.wait()
+                events.append(os.read(r, 1))
+                if i == 1:
+                    line.loop.call_soon(events.append, "host loop")
+            return events, line.stats.copy()
+        return fn
+
+    events, stats = _in_line(fn_for(True))
+    assert stats["caught"] == 2 and not stats["slept"]
+    assert events == [b"1", "host loop", b"2"]  # the loop turned between the two requests
+    events, stats = _in_line(fn_for(False))  # every CPU busy: no poll, a sleep and a wake-up each
+    assert [e for e in events if e != "host loop"] == [b"1", b"2"]
+    assert not stats["caught"] and stats["woken"] == 2
+
+
+def test_a_busy_machine_is_seen_as_such():
+    """_Load, against the real /proc/loadavg: with more spinning processes
+    than CPUs, no CPU is idle."""
+    load = fusewait._Load()
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                for _ in range((os.cpu_count() or 1) + 1)]
+    try:
+        deadline = time.monotonic() + 5
+        busy = False
+        while not busy and time.monotonic() < deadline:
+            busy = not load.idle_cpu()
+            time.sleep(0.01)
+        assert busy
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
+        load.close()
+
+
+def test_wake_runs_the_woken_task_before_the_host_callback_returns():
+    async def main():
+        task, seen = None, []
+
+        async def sleeper():
+            nonlocal task
+            task = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.SUCCEEDED)
+            seen.append("ran")
+
+        async with trio.open_nursery() as n:
+            n.start_soon(sleeper)
+            await trio.sleep(0.01)
+            done = trio.Event()
+
+            def callback():
+                bridge.wake(task)
+                seen.append(f"callback returned after {len(seen)}")
+                done.set()
+
+            bridge.current_guest().loop.call_soon(callback)
+            await done.wait()
+        return seen
+
+    assert bridge.run(main) == ["ran", "callback returned after 1"]
+
+
+MEMFS_WITH_LINE = textwrap.dedent(r'''
+    import json, signal, sys
+    import pyfuse3, trio
+    sys.path.insert(0, sys.argv[2])
+    from memfs import MemFs
+    from drvs.dvos import fusewait
+    from drvs.ipc import bridge
+
+    async def main(path):
+        pyfuse3.init(MemFs(), path, {"fsname=memfs-line"})
+        stats = None
+        try:
+            async with trio.open_nursery() as nursery:
+                async def serve():
+                    nonlocal stats
+                    with fusewait.install() as ns:
+                        try:
+                            await pyfuse3.main()
+                        finally:
+                            stats = {str(fd): line.stats.copy() for fd, line in ns.lines.items()}
+                nursery.start_soon(serve)
+                with trio.open_signal_receiver(signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        pyfuse3.terminate()  # the workers in line are told; main() returns
+                        break
+        finally:
+            pyfuse3.close(unmount=True)
+        print(json.dumps(stats), flush=True)
+
+    bridge.run(main, sys.argv[1])
+''')
+
+
+@pytest.fixture
+def memfs_with_line(tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", MEMFS_WITH_LINE, str(mnt), str(REPO / "bench" / "progs")],
+                            cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.ismount(mnt):
+            assert proc.poll() is None and time.monotonic() < deadline, "memfs did not mount"
+            time.sleep(0.05)
+        yield mnt, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if os.path.ismount(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
+
+
+def test_a_fuse_mount_served_from_the_line_answers_concurrent_clients_and_ends(memfs_with_line):
+    mnt, proc = memfs_with_line
+
+    def client(k: int) -> int:
+        d = mnt / f"c{k}"
+        d.mkdir()
+        for i in range(150):
+            (d / f"f{i}").write_bytes(f"{k}:{i}".encode() * 50)
+        ok = sum((d / f"f{i}").read_bytes() == f"{k}:{i}".encode() * 50 for i in range(150))
+        for i in range(150):
+            (d / f"f{i}").unlink()
+        d.rmdir()
+        return ok
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(client, range(4))) == [150] * 4
+    assert os.listdir(mnt) == []
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0
+    stats = json.loads(out)
+    (line,) = stats.values()  # one line, for the session's fd
+    assert line["woken"] + line.get("caught", 0) > 600  # every request came through it
+    assert not os.path.ismount(mnt)
+
+
+def test_the_line_is_left_out_without_a_host_loop():
+    async def main():
+        with fusewait.install() as ns:
+            return ns
+
+    assert trio.run(main) is None
