@@ -61,7 +61,14 @@ async def _waiter(line, r, name, order, task_status=trio.TASK_STATUS_IGNORED):
     os.read(r, 1)  # as a worker reads its request
 
 
-def test_workers_are_woken_one_per_request_in_the_order_they_came():
+@pytest.fixture(params=["uvloop", "asyncio"])
+def host_loop(request, monkeypatch):
+    """Each host loop the daemon may run on (DRVS_UVLOOP=0: asyncio's own)."""
+    monkeypatch.setenv("DRVS_UVLOOP", "1" if request.param == "uvloop" else "0")
+    return request.param
+
+
+def test_workers_are_woken_one_per_request_in_the_order_they_came(host_loop):
     async def fn(line, r, w):
         order = []
         async with trio.open_nursery() as n:
@@ -194,7 +201,7 @@ def test_closing_tells_every_worker_in_line_and_every_later_one():
     assert told == ["closed"] * 3 and not watched  # (and the fd no longer watched)
 
 
-def test_the_last_worker_reads_a_request_that_came_while_it_polled():
+def test_the_last_worker_reads_a_request_that_came_while_it_polled(host_loop):
     """No other worker busy and a CPU idle: a request already there (or
     coming within the window) is read without the daemon going to sleep;
     the next wait gives the host loop a turn first."""
@@ -217,6 +224,37 @@ def test_the_last_worker_reads_a_request_that_came_while_it_polled():
     events, stats = _in_line(fn_for(False))  # every CPU busy: no poll, a sleep and a wake-up each
     assert [e for e in events if e != "host loop"] == [b"1", b"2"]
     assert not stats["caught"] and stats["woken"] == 2
+
+
+def test_the_poll_gives_way_to_the_host_loops_own_io(host_loop):
+    """A readiness the host loop has to handle (here another pipe it
+    watches) ends the poll at once: the worker sleeps in line rather than
+    keep the loop from it."""
+    def fn(line, r, w):
+        async def inner(line, r, w):
+            line.load = Idle(True)
+            other_r, other_w = os.pipe()
+            seen = []
+            line.loop.add_reader(other_r, lambda: seen.append(os.read(other_r, 1)))
+            try:
+                await trio.sleep(0.01)  # (libuv adds a watch to its epoll at its next turn)
+                os.write(other_w, b"x")
+                order = []
+                async with trio.open_nursery() as n:
+                    n.start_soon(_waiter, line, r, "a", order)
+                    await trio.sleep(0.05)  # (the loop reads the other pipe; the worker waits in line)
+                    os.write(w, b"1")
+            finally:
+                line.loop.remove_reader(other_r)
+                os.close(other_r)
+                os.close(other_w)
+            return order, seen, line.stats.copy(), line.window
+        return inner(line, r, w)
+
+    order, seen, stats, window = _in_line(fn)
+    assert order == ["a"] and seen == [b"x"]
+    assert not stats["caught"] and stats["slept"] == 1
+    assert window == fusewait.SPIN_MAX  # given way at once: not a poll that ran out (those halve it)
 
 
 def test_a_busy_machine_is_seen_as_such():
