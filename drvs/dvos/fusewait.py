@@ -18,7 +18,9 @@ busy worker polls the fd for a while before the daemon sleeps, as halt
 polling does: the window halves on each miss and doubles when a request
 comes soon after the daemon slept.  It polls only while no task waits for
 a CPU (/proc/loadavg's count of runnable tasks, this one included, at most
-the machine's CPUs): the poll then takes a CPU no one else wanted.  After
+the machine's CPUs): the poll then takes a CPU no one else wanted; and it
+gives way as soon as the host loop has I/O to handle (its epoll fd is
+polled beside /dev/fuse: another node's reply is not kept waiting).  After
 a request the poll caught, the host loop turns once before the next poll,
 so the fabric's calls (other nodes' changes among them) are not held up
 behind this node's own requests."""
