@@ -68,13 +68,18 @@ def host_loop(request, monkeypatch):
     return request.param
 
 
+async def _line_up(nursery, line, r, names, order):
+    """Workers named names, each in line after the one before."""
+    for name in names:
+        await nursery.start(_waiter, line, r, name, order)
+        await trio.sleep(0.01)
+
+
 def test_workers_are_woken_one_per_request_in_the_order_they_came(host_loop):
     async def fn(line, r, w):
         order = []
         async with trio.open_nursery() as n:
-            for name in "abc":
-                await n.start(_waiter, line, r, name, order)
-                await trio.sleep(0.01)
+            await _line_up(n, line, r, "abc", order)
             os.write(w, b"1")
             await trio.sleep(0.1)
             first = list(order)
@@ -114,9 +119,7 @@ def test_a_second_readiness_before_the_woken_worker_ran_wakes_no_other():
     async def fn(line, r, w):
         order = []
         async with trio.open_nursery() as n:
-            for name in "ab":
-                await n.start(_waiter, line, r, name, order)
-                await trio.sleep(0.01)
+            await _line_up(n, line, r, "ab", order)
             os.write(w, b"1")
             line._ready()  # (from inside the guest: the woken worker runs at trio's next batch) ...
             line._ready()  # ... so this is still its request
