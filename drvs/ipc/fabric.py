@@ -81,11 +81,12 @@ class Peer:
 
 # The pointers from an RPC message to the payload of a sendrec's reply:
 # Message.return -> Return.results -> Payload.content -> reply -> payload.
-_REPLY_PAYLOAD = (*level0.RESULTS, pointer_index(schema.Node.schema.methods["sendrec"].result_type, "reply"),
-                  pointer_index(schema.Message.schema, "payload"))
+_REPLY_AT = pointer_index(schema.Node.schema.methods["sendrec"].result_type, "reply")
+_REPLY_PAYLOAD = (*level0.RESULTS, _REPLY_AT, pointer_index(schema.Message.schema, "payload"))
 
 # ... and to the payload of a sendrec's or send's message (Node.sendrec and
 # Node.send take their message in the same field).
+_MSG_AT = pointer_index(schema.Node.schema.methods["sendrec"].param_type, "msg")
 _MSG_PAYLOAD = {m: (*level0.PARAMS, pointer_index(schema.Node.schema.methods[m].param_type, "msg"),
                     pointer_index(schema.Message.schema, "payload")) for m in ("sendrec", "send")}
 
@@ -97,14 +98,13 @@ def _msg_as_it_came(frame, m, path: tuple) -> Msg:
     if frame is not None and len(frame) >= BULK:
         payload = bulk_at(frame, path)
         if payload is not None:
-            get = m._get
-            return Msg(get("type"), payload, get("source"), get("status"), get("error"))
+            return Msg.from_capnp(m, payload)
     return Msg.from_capnp(m)
 
 
 def _fill_reply(results, reply: Msg):
     """Set a sendrec's results to reply (a large payload out of line)."""
-    return reply.fill_at(results, "reply", bulk=True, at=_REPLY_PAYLOAD[-2])
+    return reply.fill_at(results, "reply", bulk=True, at=_REPLY_AT)
 
 
 class Lane(level0.Client):
@@ -120,7 +120,7 @@ class Lane(level0.Client):
         def fill(p):
             p.target, p.timeoutMs = target, timeout_ms
             # (see Msg.fill: what goes beside bulk data stays small)
-            return msg.fill_at(p, "msg", bulk=len(target.encode()) < 2048, at=_MSG_PAYLOAD["sendrec"][-2])
+            return msg.fill_at(p, "msg", bulk=len(target.encode()) < 2048, at=_MSG_AT)
         return fill
 
     def sendrec(self, target: str, msg: Msg, timeout_ms: int, done) -> int:

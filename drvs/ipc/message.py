@@ -47,9 +47,13 @@ class Msg:
         return self._payload if self._payload is not None else self.payload
 
     @classmethod
-    def from_capnp(cls, m) -> "Msg":
+    def from_capnp(cls, m, payload=None) -> "Msg":
+        """fabric.Message m; payload, if given, stands for m's own (a view
+        of a large one sent out of line), else m's is copied."""
         get = m._get  # (see schema.py)
-        return cls(get("type"), bytes(get("payload")), get("source"), get("status"), get("error"))
+        if payload is None:
+            payload = bytes(get("payload"))
+        return cls(get("type"), payload, get("source"), get("status"), get("error"))
 
     def fill(self, m, bulk: bool = False) -> "Bulk | None":
         """Set fabric.Message m.  With bulk (a level-0 connection sends m),
