@@ -3,6 +3,7 @@
 import json
 import re
 import subprocess
+import sys
 import time
 
 
@@ -139,3 +140,13 @@ def test_a_bad_setting_is_a_usage_error_naming_it(drvs):
         assert "Traceback" not in p.stderr
     config.write_text("fs_cache_mib = 0\n")
     assert drvs.drvs("vm", "ls").returncode == 0
+
+
+def test_a_table_into_a_pipe_keeps_whole_values_and_no_trailing_blanks():
+    long = "x" * 150  # (wider than the 80 columns rich assumes without a terminal)
+    code = ("from drvs.cli.common import print_table; "
+            f"print_table(['NAME', 'VALUE'], [['{long}', 'v'], ['n', 'w']])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    lines = out.splitlines()
+    assert lines[0].split() == ["NAME", "VALUE"] and lines[1].split() == [long, "v"] and lines[2].split() == ["n", "w"]
+    assert all(line == line.rstrip() for line in lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -42,15 +43,24 @@ def emit(data, fmt: str, table) -> None:
 
 
 def print_table(columns: list[str], rows: list[list], title: str | None = None) -> None:
+    """Whole values always, as kubectl prints them: on a narrow terminal a
+    cell wraps rather than ending in an ellipsis, and into a pipe the table
+    is as wide as its rows (rich would cut them at 80 columns: an address
+    read by grep or awk must not be "10.239.38.…")."""
     from rich.console import Console
     from rich.table import Table
 
     t = Table(title=title, box=None, header_style="bold", pad_edge=False)
     for c in columns:
-        t.add_column(c)
+        t.add_column(c, overflow="fold")
     for r in rows:
         t.add_row(*[str(x) for x in r])
-    Console(soft_wrap=True).print(t)
+    if sys.stdout.isatty():
+        Console(soft_wrap=True).print(t)
+        return
+    out = io.StringIO()
+    Console(file=out, width=1 << 16, no_color=True).print(t)
+    sys.stdout.write("".join(line.rstrip() + "\n" for line in out.getvalue().splitlines()))
 
 
 def age(ts: float) -> str:

@@ -20,8 +20,10 @@ def test_nodes_are_ready_with_their_resources(cluster_factory):
         assert 0 <= n["load"]["cpu_percent"] <= 100
     # Every node sees the same membership.
     assert {k: v["status"] for k, v in c.nodes(via="n3").items()} == {k: "Ready" for k in nodes}
-    table = c.drvs("node", "ls", node="n2", check=True).stdout
-    assert "NAME" in table and "n3" in table and "Ready" in table
+    table = c.drvs("node", "ls", node="n2", check=True).stdout.splitlines()
+    assert table[0].split()[:3] == ["NAME", "STATUS", "ADDRESS"]
+    rows = {line.split()[0]: line.split() for line in table[1:]}
+    assert rows["n3"][1:3] == ["Ready", c.node("n3")["address"]]  # whole, into a pipe (no "10.x.y.…")
 
 
 def test_killed_node_is_not_ready_within_5_seconds(cluster_factory):
