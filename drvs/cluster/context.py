@@ -52,10 +52,15 @@ def dev_cluster_file(state_dir: str) -> str:
     return f"{state_dir}/dev-cluster.json"
 
 
+_entered: dict | None = None  # the dev cluster a node was entered of (a node's own state holds no dev-cluster.json)
+
+
 def enter_node(name: str) -> None:
-    """Become node `name` of the local dev cluster (network and state)."""
+    """Become node `name` of the local dev cluster (network and state);
+    again from one of its nodes (`drvs --node n1 mount VM DIR --node n2`)."""
+    global _entered
     cfg = config.load()
-    dev = read_json(dev_cluster_file(cfg.state_dir))
+    dev = _entered or read_json(dev_cluster_file(cfg.state_dir))
     if dev is None:
         raise NotFound(f"no dev cluster here ({dev_cluster_file(cfg.state_dir)}); `drvs dev cluster up` makes one")
     node = next((n for n in dev["nodes"] if n["name"] == name), None)
@@ -65,6 +70,7 @@ def enter_node(name: str) -> None:
     setns_net(f"/run/netns/{node['netns']}")
     os.environ["DRVS_STATE_DIR"] = node["state_dir"]
     config.load.cache_clear()
+    _entered = dev
 
 
 def setns_net(path: str) -> None:

@@ -795,6 +795,14 @@ def test_drvs_mount_umount_and_df(fsc, d, tmp_path):
         u = fsc.drvs("umount", str(mnt))
     assert u.returncode == 0, u.stderr
     assert not os.path.ismount(mnt)
+    # acting as n1 (--node before the command, or DRVS_NODE), the view of n2 (mount's own --node)
+    m = fsc.drvs("mount", "web", str(mnt), "--node", "n2", node="n1")
+    assert m.returncode == 0, m.stderr
+    try:
+        fm = subprocess.run(["findmnt", "-n", "-o", "SOURCE", str(mnt)], capture_output=True, text=True)
+        assert fm.stdout.split() == ["drvs:n2[/fs/web]"] and (mnt / name / "hello").read_text() == "hi"
+    finally:
+        assert fsc.drvs("umount", str(mnt)).returncode == 0
     u = fsc.drvs("umount", str(mnt))
     assert u.returncode == 2 and "no drvs file system is mounted" in u.stderr
     bad = fsc.drvs("mount", "nosuch", str(mnt), node="n1")
