@@ -2,7 +2,7 @@
 
     drvs vm create|ls|show|rm ...
     drvs exec [OPTIONS] VM -- CMD [ARGS...]
-    drvs login VM
+    drvs login VM [--node NODE]
     drvs logs RUN / drvs kill RUN
 """
 
@@ -47,6 +47,8 @@ def parser() -> argparse.ArgumentParser:
     lg.add_argument("vm", type=typed(check_name), metavar="VM")
     lg.add_argument("--shell", default=None, help="shell to start (default: bash, else sh)")
     lg.add_argument("-u", "--user", default=None, metavar="USER[:GROUP]")
+    lg.add_argument("--node", dest="run_node", default=None, metavar="NAME",
+                    help="log in on node NAME of this node's cluster (as drvs-run --node)")
     lg.set_defaults(func=login)
 
     lo = sub.add_parser("logs", help="output of a detached run")
@@ -70,8 +72,9 @@ def login(args) -> int:
     shell = args.shell or ("/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh")
     ns = argparse.Namespace(command=["--", shell, "-l"], user=args.user, env=[], workdir=None, volume=[],
                             tty=True, interactive=True, cpus=None, cpuset_cpus=None, memory=None,
-                            pids_limit=None, net="none", cap_add=[], cap_drop=[], detach=False, run_node=None)
-    return execute(args.vm, run_options(ns, login=True), "drvs login")
+                            pids_limit=None, net="none", cap_add=[], cap_drop=[], detach=False,
+                            run_node=args.run_node)
+    return execute(args.vm, run_options(ns, login=True), "drvs login", node=args.run_node)
 
 
 def _run_record(run_id: str) -> dict:

@@ -18,6 +18,14 @@ def run_on(c, via: str, *args, input=None, timeout=60, text=True):
                           text=text, timeout=timeout)
 
 
+def cells_of(c, node: str) -> list:
+    """Non-empty run cgroups of cells under that node's cgroup."""
+    out = subprocess.run(["find", "/sys/fs/cgroup/pids", "-path",
+                          f"*drvs-dev-{c.info['name']}-{node}/drvs*/run-*/cgroup.procs"],
+                         capture_output=True, text=True).stdout.split()
+    return [f for f in out if open(f).read().strip()]
+
+
 def test_stdin_stdout_stderr_and_exit_status(cluster_factory):
     c = cluster_factory(nodes=2)
     p = run_on(c, "n1", "--node", "n2", "--", "sh", "-c",
@@ -31,16 +39,10 @@ def test_program_really_runs_on_the_other_node(cluster_factory):
     proc = subprocess.Popen([str(BIN / "drvs-run"), "--node", "n2", "--", "sleep", "30"],
                             env={**c.env, "DRVS_NODE": "n1"})
     try:
-        def cells_of(node):
-            """Non-empty run cgroups of cells under that node's cgroup."""
-            out = subprocess.run(["find", "/sys/fs/cgroup/pids", "-path",
-                                  f"*drvs-dev-{c.info['name']}-{node}/drvs*/run-*/cgroup.procs"],
-                                 capture_output=True, text=True).stdout.split()
-            return [f for f in out if open(f).read().strip()]
         deadline = time.monotonic() + 15
-        while not cells_of("n2") and time.monotonic() < deadline:
+        while not cells_of(c, "n2") and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert cells_of("n2") and not cells_of("n1")
+        assert cells_of(c, "n2") and not cells_of(c, "n1")
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 128 + signal.SIGTERM
@@ -103,6 +105,26 @@ def test_tty_across_nodes(cluster_factory):
         child.expect(pexpect.EOF)
         child.close()
         assert child.exitstatus == 6
+    finally:
+        if child.isalive():
+            child.kill(signal.SIGKILL)
+
+
+def test_login_on_another_node(cluster_factory):
+    c = cluster_factory(nodes=2)
+    child = pexpect.spawn(str(BIN / "drvs"), ["--node", "n1", "login", "default", "--node", "n2"],
+                          env=c.env, encoding="utf-8", timeout=20)
+    try:
+        child.expect(r"[#$] ")
+        child.sendline("PS1='P''> '; echo login''=$(shopt -q login_shell && echo yes)")  # ('' : not the echo)
+        child.expect(r"login=(\S+)")
+        assert child.match.group(1) == "yes"
+        child.expect_exact("P> ")
+        assert cells_of(c, "n2") and not cells_of(c, "n1")  # the shell runs in n2's cell
+        child.sendline("exit 5")
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 5
     finally:
         if child.isalive():
             child.kill(signal.SIGKILL)
