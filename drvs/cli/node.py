@@ -114,8 +114,15 @@ def show(args) -> int:
         raise NotFound(f"no such node: {args.name!r}")
 
     def table():
-        print_table(["FIELD", "VALUE"], [[k, v] for k, v in node.items() if k != "load"] +
-                    [["load", _load(node)]])
+        import time
+
+        shown = {"memory": format_size(node["memory"]),
+                 "joined": f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(node['joined']))} "
+                           f"({age(node['joined'])} ago)",
+                 "load": _load(node),
+                 "servers": ",".join((node.get("load") or {}).get("servers") or []) or "-"}
+        print_table(["FIELD", "VALUE"], [[k, shown.get(k, v)] for k, v in node.items() if k != "load"] +
+                    [[k, shown[k]] for k in ("load", "servers")])
 
     emit(node, args.format, table)
     return 0

@@ -1,6 +1,7 @@
 """Membership on a real cluster: Ready, NotReady after SIGKILL, rejoin, clashes."""
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -24,6 +25,10 @@ def test_nodes_are_ready_with_their_resources(cluster_factory):
     assert table[0].split()[:3] == ["NAME", "STATUS", "ADDRESS"]
     rows = {line.split()[0]: line.split() for line in table[1:]}
     assert rows["n3"][1:3] == ["Ready", c.node("n3")["address"]]  # whole, into a pipe (no "10.x.y.…")
+    shown = dict(line.split(None, 1) for line in c.drvs("node", "show", "n3", node="n1", check=True).stdout.splitlines()[1:])
+    assert shown["address"] == c.node("n3")["address"] and shown["status"] == "Ready"
+    assert re.fullmatch(r"\d+(\.\d+)?[KMGT]", shown["memory"])  # for people: sizes and dates, not raw numbers
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \(", shown["joined"])
 
 
 def test_killed_node_is_not_ready_within_5_seconds(cluster_factory):
