@@ -13,7 +13,7 @@ node's DVOS view:
   (e)  the stores' own disk, used directly (what the server's system calls cost)
 The cluster's state, and so the stores and (e), is on a fresh ext4 file
 system (a loop device), see fresh_disk().
-Each case runs --runs times (the median is shown).  Figures: sequential write and read (1 MiB records; the read after the
+Each case runs --runs times, the cases taking turns (the median is shown).  Figures: sequential write and read (1 MiB records; the read after the
 file's pages were dropped), the cached re-read, random 4 KiB reads (pages
 dropped; then again once the kernel also forgot the file, whose pages a
 DRVS node keeps on its disk, drvs/fs/cache.py; last, first reads of a file
@@ -253,7 +253,6 @@ def main() -> int:
     mounted = fresh_disk(work, state)
     env = {**os.environ, "DRVS_STATE_DIR": str(state), "DRVS_NODE": "n1"}
     memfs = tmpfs = None
-    results = {}
     try:
         info = dev.up(str(state), 2, None, dev.new_name())
         for vm, replicas in (("one", "1"), ("two", "2")):
@@ -277,13 +276,13 @@ def main() -> int:
         disk.mkdir()
         cases = {"(a) same node": views["n1"] / "one", "(a2) 2 replicas": views["n1"] / "two",
                  "(b) other node": views["n2"] / "one", "(c) tmpfs": tmpfs, "(d) memfs": mem, "(e) disk": disk}
-        for label, base in cases.items():
-            runs = []
-            for i in range(args.runs):
+        runs = {label: [] for label in cases}
+        for i in range(args.runs):  # the cases take turns: this machine's speed drifts within minutes
+            for label, base in cases.items():
                 d = base / f"run-{label[1:3].strip(')')}-{i}"
                 d.mkdir()
-                runs.append(measure(d, args.size_mib, args.files, tarball))
-            results[label] = {f: statistics.median(r[f] for r in runs) for f in runs[0]}
+                runs[label].append(measure(d, args.size_mib, args.files, tarball))
+        results = {label: {f: statistics.median(r[f] for r in rs) for f in rs[0]} for label, rs in runs.items()}
         shared = shared_creates(views["n1"] / "one", views["n2"] / "one", args.files // 2)
         conc = {"drvs": concurrent_tars([views["n1"] / "two", views["n2"] / "two"] * 2, tarball),
                 "memfs": concurrent_tars([mem] * 4, tarball)}
