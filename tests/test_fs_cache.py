@@ -6,6 +6,7 @@ What a user would check: reads return the file's current content after
 every kind of change, a read the cache holds costs no call to the server,
 and nothing n2's kernel is told to keep was changed before it got it."""
 
+import collections
 import os
 import types
 
@@ -35,6 +36,7 @@ class Net:
     def __init__(self, server: FsServer):
         self.server, self.vmfs = server, None
         self.reads = 0
+        self.calls = collections.Counter()  # n2's calls, by type
         self.read_hold: trio.Event | None = None
         self.open_hold: trio.Event | None = None
         self.write_hold: trio.Event | None = None
@@ -47,6 +49,7 @@ class Net:
                 await self.vmfs.invalidate(from_flat(fs.Invalidations, msg.payload))
             return Msg(0)
         msg.node = "n2"
+        self.calls[msg.type] += 1
         if msg.type == Call.write and self.write_hold is not None:  # (not yet at the server)
             await self.write_hold.wait()
         if msg.type in self.request_holds:
@@ -526,3 +529,73 @@ async def test_a_new_term_drops_the_names_n2_gave_absent(n2):
     await vmfs.getattr(root)
     (entries, inodes), = spawned
     assert (root, b"g") in entries and vmfs.absent == {}
+
+
+def _chmod(mode: int):
+    attr = pyfuse3.EntryAttributes()
+    attr.st_mode = mode
+    fields = types.SimpleNamespace(update_mode=True, update_uid=False, update_gid=False, update_size=False,
+                                   update_atime=False, update_mtime=False)  # (as pyfuse3.SetattrFields)
+    return attr, fields
+
+
+async def test_the_writers_node_answers_the_getattr_after_its_write_and_chmod(n2):
+    """tar writes each file, then sets its times, owner and mode: the kernel
+    asks for the attributes after every write and before a chown.  The
+    node that made the change has them from its reply: no round trip."""
+    vmfs, net, cache, root = n2
+    ino, fh = await opened(vmfs, root, os.O_WRONLY)
+    await vmfs.write(fh, len(CONTENT), b"more")
+    asked = net.calls[Call.getattr]
+    a = await vmfs.getattr(ino)
+    assert a.st_size == len(CONTENT) + 4 and net.calls[Call.getattr] == asked
+    await vmfs.setattr(ino, *_chmod(0o600), fh, None)
+    a = await vmfs.getattr(ino)
+    assert a.st_mode & 0o777 == 0o600 and a.st_size == len(CONTENT) + 4 and net.calls[Call.getattr] == asked
+    # Another node's change is told to n2 before it is answered: n2 asks again.
+    await n3(net.server, Call.setattr, path=b"f", setMask=1, mode=0o640)
+    a = await vmfs.getattr(ino)
+    assert a.st_mode & 0o777 == 0o640 and net.calls[Call.getattr] == asked + 1
+
+
+async def test_any_other_change_here_ends_what_n2_kept_of_a_file(n2):
+    """A link changes the file's link count (its ctime too); as would a
+    rename over it, a truncating open, an xattr: the next GETATTR asks."""
+    vmfs, net, cache, root = n2
+    ino, fh = await opened(vmfs, root, os.O_WRONLY)
+    await vmfs.write(fh, 0, b"abc")
+    await vmfs.link(ino, root, b"g", None)
+    a = await vmfs.getattr(ino)
+    assert a.st_nlink == 2
+
+
+async def test_a_write_answered_after_news_of_its_file_keeps_nothing(n2):
+    """n3 changed the file while n2's write was on its way back: the write's
+    attributes may be older than n3's change."""
+    vmfs, net, cache, root = n2
+    ino, fh = await opened(vmfs, root, os.O_WRONLY)
+    hold = net.reply_holds[Call.write] = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(vmfs.write, fh, 0, b"abc")
+        await trio.testing.wait_all_tasks_blocked()
+        await n3(net.server, Call.setattr, path=b"f", setMask=1, mode=0o604)
+        hold.set()
+    del net.reply_holds[Call.write]
+    asked = net.calls[Call.getattr]
+    a = await vmfs.getattr(ino)
+    assert a.st_mode & 0o777 == 0o604 and net.calls[Call.getattr] == asked + 1
+
+
+async def test_a_write_overtaken_by_another_change_here_keeps_nothing(n2):
+    """n2 linked the file while its write was on its way back: the write's
+    attributes (one link) are older than the link's."""
+    vmfs, net, cache, root = n2
+    ino, fh = await opened(vmfs, root, os.O_WRONLY)
+    hold = net.reply_holds[Call.write] = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(vmfs.write, fh, 0, b"abc")
+        await trio.testing.wait_all_tasks_blocked()
+        del net.reply_holds[Call.write]
+        await vmfs.link(ino, root, b"g", None)
+        hold.set()
+    assert (await vmfs.getattr(ino)).st_nlink == 2

@@ -51,6 +51,9 @@ TOLD_OF_PRUNE = 1024          # see VmFs.told_of
 TOLD_OF_MAX = 1 << 16         # beyond this, every reply on its way is taken as stale instead
 ABSENT_GRACE = 1.0            # seconds the kernel may keep a name absent after this node's reckoning
 RETRY_ERRNOS = {errno.ENOENT, errno.ECONNRESET, errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.EREMCHG}
+# Calls that change no file's attributes (see VmFs.kept); an open may truncate.
+QUERIES = {Call.getattr, Call.lookup, Call.readlink, Call.read, Call.readdir, Call.statfs, Call.getxattr,
+           Call.listxattr, Call.flush, Call.fsync, Call.release, Call.usage, Call.lock}
 
 
 class Inode:
@@ -137,6 +140,16 @@ class VmFs:
         # node changed them): the kernel drops its own after every create or
         # remove, and would otherwise ask over the network before the next.
         self.fresh: dict[int, tuple[float, object]] = {}
+        # A file's attributes as the server gave them in its reply to this
+        # node's last change, a write, setattr or create of that file:
+        # (cino, until, self.told then, attrs), while no other call that
+        # may change anything was begun here since and no news came.  The
+        # kernel drops its own after each write and asks again before a
+        # chown (to clear set-id bits itself): tar's two GETATTRs a file,
+        # each a round trip from a node the server is not on.  Whatever
+        # another node changes reaches this node (told) before that change
+        # is answered, as for the kernel's own copy.
+        self.kept: tuple | None = None
         # Directories this node knows every name of (it made them, or listed
         # them, and the server tells it of any other node's change in them):
         # a name not among them is absent without asking, as with an NFSv4.1
@@ -187,6 +200,8 @@ class VmFs:
     async def call(self, ctype, idempotent: bool = False, **fields):
         if "at" in fields or "at2" in fields:
             fields["atEpoch"] = self.epoch  # (handles are of this term's server: see locate)
+        if ctype not in QUERIES:
+            self.kept = None  # (it may change the kept file: a link, a rename, a truncating open...)
         self.begun += 1
         number = fields["seq"] = self.begun
         self.unanswered[number] = self.told
@@ -345,6 +360,7 @@ class VmFs:
         self.told_of.clear()
         self.big.clear()
         self.fresh.clear()
+        self.kept = None
         self.known.clear()
         self.server_root = r.attr.ino
         log.info("%s: a new server (term %d); dropping this node's caches", self.target, epoch)
@@ -584,6 +600,13 @@ class VmFs:
         return node is not None and node.lookups > 0 and node.gen != a.gen
 
     async def getattr(self, inode, ctx=None):
+        kept = self.kept
+        if kept is not None and kept[0] == inode & MASK and kept[2] == self.told:
+            left = kept[1] - trio.current_time()
+            if left > 0:
+                e = self._attr(kept[3])
+                e.attr_timeout = left
+                return e
         fresh = self.fresh.get(inode & MASK)
         if fresh is not None:
             left = fresh[0] - trio.current_time()
@@ -611,7 +634,9 @@ class VmFs:
         if "via" in where:
             where = {"fh": where["via"]}  # (setattr takes any handle of the file)
         with self._changing(inode & MASK) as change, self._writing(inode if fields.update_size else None):
+            number = self.begun + 1
             r = await self.call(Call.setattr, **where, **args)
+        self._keep(inode & MASK, r.attr, number, change.told)
         return self._attr(r.attr, change.told,
                           still="path" not in where or self._asked(inode, (where.get("at", b""), where["path"])))
 
@@ -713,6 +738,14 @@ class VmFs:
             self.fresh[dino] = (trio.current_time() + TIMEOUT, a)
         else:
             self.fresh.pop(dino, None)
+
+    def _keep(self, cino: int, a, number: int, told: int) -> None:
+        """Keep a's attributes of file cino (see self.kept), from the reply
+        to this node's call number, begun when self.told was told (news
+        since then ends them, see getattr): if no other call was begun here
+        since and a is that file's."""
+        if self.begun == number and a.ino and self._c(a.ino) == cino:
+            self.kept = (cino, trio.current_time() + TIMEOUT, told, a)
 
     async def _make(self, ctype, parent, name, ctx, **fields):
         dino, where = parent & MASK, self.locate(parent)
@@ -848,8 +881,10 @@ class VmFs:
     async def create(self, parent, name, mode, flags, ctx):
         dino, where = parent & MASK, self.locate(parent)
         with self._changing(dino) as change:
+            number = self.begun + 1
             r = await self.call(Call.create, **self._named(where, name), flags=flags, mode=mode, caller=caller(ctx))
             self._post_op(dino, r, change)
+        self._keep(self._c(r.attr.ino), r.attr, number, change.told)
         self._known_add(dino, name)
         entry = self._entry(dino, name, r.attr, change.told, self._asked(parent, where))
         if self.cache is not None and self.cache.files:  # (it may have opened a file this node kept pages of)
@@ -887,8 +922,10 @@ class VmFs:
         h = self._h(fh)
         h.wrote = True
         with self._writing(self.tag | h.cino):
+            number, told = self.begun + 1, self.told
             r = await self.call(Call.write, fh=h.sfh, offset=off, data=buf,
                                 flags=WRITE_KILL_SUIDGID if h.direct else 0)
+        self._keep(h.cino, r.attr, number, told)
         h.shared = r.shared
         node = self.inodes.get(h.cino)
         if node is not None and not node.term:

@@ -823,6 +823,7 @@ class FsServer:
         # (bits first, as Linux: a crash between leaves no new data set-id)
         killed = req.flags & WRITE_KILL_SUIDGID and _kill_suidgid(f.fd)
         out.size = os.pwrite(f.fd, req.data, req.offset)
+        fill_attr(out.attr, os.fstat(f.fd))  # (the writer's node answers the kernel's next GETATTR with them)
         f.wrote = True
         self._data_changed(f.ino)  # (now: another node may open it before the writer's close)
         # Whether the writer's close has anything to do: tell other nodes
