@@ -31,7 +31,38 @@ import sys
 import tempfile
 import textwrap
 
-CLIENT = textwrap.dedent(r'''
+FRAMED = textwrap.dedent(r'''
+    import asyncio
+
+    class Framed(asyncio.BufferedProtocol):
+        """Length-prefixed frames, each whole one handed to on_frame(transport, frame)."""
+        def __init__(self, on_frame):
+            self.buf = bytearray(1 << 20)
+            self.view, self.end, self.on_frame = memoryview(self.buf), 0, on_frame
+
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def get_buffer(self, sizehint):
+            return self.view[self.end:]
+
+        def buffer_updated(self, nbytes):
+            self.end += nbytes
+            off = 0
+            while self.end - off >= 4:
+                n = int.from_bytes(self.buf[off:off + 4], "big")
+                if self.end - off < 4 + n:
+                    break
+                self.on_frame(self.transport, self.view[off:off + 4 + n])
+                off += 4 + n
+            self.buf[:self.end - off] = self.view[off:self.end]
+            self.end -= off
+
+        def connection_lost(self, exc):
+            pass
+''')
+
+CLIENT = FRAMED + textwrap.dedent(r'''
     import asyncio, json, statistics, sys, time
     import trio
     from drvs.ipc import bridge
@@ -41,6 +72,15 @@ CLIENT = textwrap.dedent(r'''
 
     cfg = json.loads(sys.argv[1])
     BLOCK, FLIGHT = 100, 16
+
+    async def timed(call, n):
+        """n calls of call(), one after another (on trio or on asyncio): their times."""
+        xs = []
+        for _ in range(n):
+            t = time.perf_counter()
+            await call()
+            xs.append(time.perf_counter() - t)
+        return xs
 
     class Lane:
         """The fabric's own message lane (Cap'n Proto RPC level 0 over TLS), as drvmmd calls another node."""
@@ -56,12 +96,7 @@ CLIENT = textwrap.dedent(r'''
             assert r.status == 0 and len(r.view()) == len(payload)  # (a view: a check needs no copy)
 
         async def latency(self, payload, n):
-            xs = []
-            for _ in range(n):
-                t = time.perf_counter()
-                await self.call(payload)
-                xs.append(time.perf_counter() - t)
-            return xs
+            return await timed(lambda: self.call(payload), n)
 
         async def throughput(self, payload, seconds):
             done, end = 0, time.perf_counter() + seconds
@@ -89,12 +124,7 @@ CLIENT = textwrap.dedent(r'''
                 got += len(await stream.receive_some(len(payload) - got))
 
         async def latency(self, payload, n):
-            xs = []
-            for _ in range(n):
-                t = time.perf_counter()
-                await self._rt(self.streams[0], payload)
-                xs.append(time.perf_counter() - t)
-            return xs
+            return await timed(lambda: self._rt(self.streams[0], payload), n)
 
         async def throughput(self, payload, seconds):
             done, end = 0, time.perf_counter() + seconds
@@ -109,33 +139,6 @@ CLIENT = textwrap.dedent(r'''
                     n.start_soon(worker, stream)
             return done / (time.perf_counter() - t0)
 
-    class Framed(asyncio.BufferedProtocol):
-        """Length-prefixed frames, each whole one handed to on_frame."""
-        def __init__(self, on_frame):
-            self.buf = bytearray(1 << 20)
-            self.view, self.end, self.on_frame = memoryview(self.buf), 0, on_frame
-
-        def connection_made(self, transport):
-            self.transport = transport
-
-        def get_buffer(self, sizehint):
-            return self.view[self.end:]
-
-        def buffer_updated(self, nbytes):
-            self.end += nbytes
-            off = 0
-            while self.end - off >= 4:
-                n = int.from_bytes(self.buf[off:off + 4], "big")
-                if self.end - off < 4 + n:
-                    break
-                self.on_frame()
-                off += 4 + n
-            self.buf[:self.end - off] = self.view[off:self.end]
-            self.end -= off
-
-        def connection_lost(self, exc):
-            pass
-
     class TlsEcho:
         """The lane's transport alone: asyncio protocols on the host loop
         (uvloop), measured there (await bridge.aio(...) only starts and ends
@@ -149,7 +152,7 @@ CLIENT = textwrap.dedent(r'''
             loop = asyncio.get_running_loop()
             tls = Tls(**cfg["tls"])
             transport, _ = await loop.create_connection(
-                lambda: Framed(lambda: waiting.pop(0).set_result(None)), cfg["n2"], cfg["tls_port"],
+                lambda: Framed(lambda transport, frame: waiting.pop(0).set_result(None)), cfg["n2"], cfg["tls_port"],
                 ssl=tls.client_context(), server_hostname="n2")
             async def rt(frame):
                 f = loop.create_future()
@@ -159,12 +162,7 @@ CLIENT = textwrap.dedent(r'''
             return rt
 
         async def _latency(self, frame, n):
-            xs, rt = [], self.conns[0]
-            for _ in range(n):
-                t = time.perf_counter()
-                await rt(frame)
-                xs.append(time.perf_counter() - t)
-            return xs
+            return await timed(lambda: self.conns[0](frame), n)
 
         async def _throughput(self, frame, seconds):
             done, end = 0, time.perf_counter() + seconds
@@ -205,38 +203,16 @@ CLIENT = textwrap.dedent(r'''
     bridge.run(main)
 ''')
 
-TLS_ECHO_SERVER = textwrap.dedent(r'''
+TLS_ECHO_SERVER = FRAMED + textwrap.dedent(r'''
     # The TLS echo's server: asyncio protocols on uvloop; argv: address, port, TLS paths (JSON)
-    import asyncio, json, sys
+    import json, sys
     import uvloop
     from drvs.ipc.fabric import Tls
 
-    class Echo(asyncio.BufferedProtocol):
-        def __init__(self):
-            self.buf = bytearray(1 << 20)
-            self.view, self.end = memoryview(self.buf), 0
-
-        def connection_made(self, transport):
-            self.transport = transport
-
-        def get_buffer(self, sizehint):
-            return self.view[self.end:]
-
-        def buffer_updated(self, nbytes):
-            self.end += nbytes
-            off = 0
-            while self.end - off >= 4:
-                n = int.from_bytes(self.buf[off:off + 4], "big")
-                if self.end - off < 4 + n:
-                    break
-                self.transport.write(bytes(self.view[off:off + 4 + n]))
-                off += 4 + n
-            self.buf[:self.end - off] = self.view[off:self.end]
-            self.end -= off
-
     async def main():
         ctx = Tls(**json.loads(sys.argv[3])).server_context()
-        await asyncio.get_running_loop().create_server(Echo, sys.argv[1], int(sys.argv[2]), ssl=ctx)
+        await asyncio.get_running_loop().create_server(
+            lambda: Framed(lambda transport, frame: transport.write(bytes(frame))), sys.argv[1], int(sys.argv[2]), ssl=ctx)
         await asyncio.Event().wait()
 
     uvloop.run(main())
