@@ -72,9 +72,11 @@ async def claim_pid_range(etcd: Etcd, name: str) -> int:
 class Member:
     """This node's presence in the cluster, kept alive by a lease."""
 
-    def __init__(self, etcd: Etcd, name: str, address: str, uid: str, servers=()):
+    def __init__(self, etcd: Etcd, name: str, address: str, uid: str):
         self.etcd, self.name, self.address, self.uid = etcd, name, address, uid
-        self.servers = list(servers)
+        # The servers this node hosts, as each status says them: asked anew
+        # every time (a VM's file server comes and goes with elections).
+        self.servers = lambda: []
         self.lease = 0
         self.on_new_lease = None  # async callback: re-attach what the old lease held
         self.cpus, self.memory = node_resources()
@@ -101,7 +103,7 @@ class Member:
     async def publish(self) -> None:
         await self.etcd.put(status_key(self.name), json.dumps({
             "uid": self.uid, "address": self.address, "pid": os.getpid(), "updated": time.time(),
-            "servers": self.servers, **sample_load(self.cpus)}), lease=self.lease)
+            "servers": self.servers(), **sample_load(self.cpus)}), lease=self.lease)
 
     async def run(self) -> None:
         """Keep the lease and the status fresh; re-join if the lease was lost

@@ -88,7 +88,7 @@ async def serve_node(cfg: config.Config, info: dict, interval: float) -> None:
                 # start rides out an etcd outage rather than end the daemon.
                 await fabric.register_steadily(service, drvmm_service.handle, drvmm_service.fast)
                 pid_range = await _start_dvos(cfg, info, etcd, fabric, member, nursery)
-                member.servers = sorted(fabric.handlers)
+                member.servers = lambda: sorted(fabric.handlers)
                 try:
                     await member.publish()
                 except EtcdUnavailable as e:

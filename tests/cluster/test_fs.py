@@ -812,6 +812,8 @@ def test_drvs_mount_umount_and_df(fsc, d, tmp_path):
     row, = json.loads(df.stdout)
     assert row["vm"] == "web" and row["nodes"] == ["n1", "n2"] and row["replicas"] == 2
     assert row["server"] in ("n1", "n2") and row["used"] > 0 and row["size"] > row["used"]
+    # node ls says which node hosts fs@web (a status is refreshed every second)
+    _wait(lambda: "fs@web" in (fsc.nodes()[row["server"]]["load"] or {}).get("servers", ()))
 
 
 WRITER = r"""
