@@ -42,10 +42,13 @@ class Net:
         self.write_hold: trio.Event | None = None
         self.reply_holds: dict[int, trio.Event] = {}  # call type -> its replies held (made, on their way)
         self.request_holds: dict[int, trio.Event] = {}  # call type -> its requests held (not yet at the server)
+        self.told_hold: trio.Event | None = None  # the server's news for n2 held (on its way)
 
     async def sendrec(self, target, msg, timeout=None, idempotent=False):
         if target.startswith("fsc@"):  # (n3 has no caches to drop)
             if target == "fsc@n2":
+                if self.told_hold is not None:
+                    await self.told_hold.wait()
                 await self.vmfs.invalidate(from_flat(fs.Invalidations, msg.payload))
             return Msg(0)
         msg.node = "n2"
@@ -589,3 +592,19 @@ async def test_a_write_overtaken_by_another_change_here_keeps_nothing(n2):
     ino, fh = await opened(vmfs, root, os.O_WRONLY)
     await answered_after(net, Call.write, vmfs.write(fh, 0, b"abc"), vmfs.link(ino, root, b"g", None), told=False)
     assert (await vmfs.getattr(ino)).st_nlink == 2
+
+
+async def test_a_chmod_of_an_open_file_changes_that_file_whatever_its_name_holds_now(n2):
+    """fchmod(2) names the open file, not a path: n3 renamed another file
+    over its name, and n2 has not been told yet (the news is on its way)."""
+    vmfs, net, cache, root = n2
+    ino, fh = await opened(vmfs, root, os.O_RDONLY)
+    await n3(net.server, Call.mknod, path=b"g", mode=0o100644)
+    net.told_hold = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: n3(net.server, Call.rename, path=b"g", path2=b"f"))
+        await trio.testing.wait_all_tasks_blocked()
+        await vmfs.setattr(ino, *_chmod(0o600), None, None)  # (the kernel passes no handle for fchmod)
+        net.told_hold.set()
+    assert (await n3(net.server, Call.getattr, path=b"f")).attr.mode & 0o777 == 0o644  # n3's file: untouched
+    assert (await vmfs.getattr(ino)).st_mode & 0o777 == 0o600

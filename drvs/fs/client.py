@@ -630,6 +630,13 @@ class VmFs:
         args = dict(setMask=mask, mode=attr.st_mode, uid=attr.st_uid, gid=attr.st_gid, size=attr.st_size,
                     atimeNs=attr.st_atime_ns, mtimeNs=attr.st_mtime_ns)
         h = self.handles.get(fh) if fh is not None else None
+        node = self.inodes.get(inode & MASK)
+        if h is None and node is not None and node.open:
+            # As getattr: any handle of the file open here names the object
+            # itself (fchmod's, whatever another node renamed meanwhile), and
+            # spares the server a walk of its path (an fchmod, fchown or
+            # futimens of an open file: tar's three a file).
+            h = node.open[-1]
         where = {"fh": h.sfh} if h is not None else self._where(inode)
         if "via" in where:
             where = {"fh": where["via"]}  # (setattr takes any handle of the file)
