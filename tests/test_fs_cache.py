@@ -594,17 +594,30 @@ async def test_a_write_overtaken_by_another_change_here_keeps_nothing(n2):
     assert (await vmfs.getattr(ino)).st_nlink == 2
 
 
-async def test_a_chmod_of_an_open_file_changes_that_file_whatever_its_name_holds_now(n2):
-    """fchmod(2) names the open file, not a path: n3 renamed another file
-    over its name, and n2 has not been told yet (the news is on its way)."""
-    vmfs, net, cache, root = n2
-    ino, fh = await opened(vmfs, root, os.O_RDONLY)
+async def _with_a_rename_over_f_on_its_way(net, change):
+    """change() made by n2 while n3 renames g over f, its news to n2 held."""
     await n3(net.server, Call.mknod, path=b"g", mode=0o100644)
     net.told_hold = trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(lambda: n3(net.server, Call.rename, path=b"g", path2=b"f"))
         await trio.testing.wait_all_tasks_blocked()
-        await vmfs.setattr(ino, *_chmod(0o600), None, None)  # (the kernel passes no handle for fchmod)
+        await change()
         net.told_hold.set()
+
+
+async def test_a_chmod_of_an_open_file_changes_that_file_whatever_its_name_holds_now(n2):
+    """fchmod(2) names the open file, not a path: n3 renamed another file
+    over its name, and n2 has not been told yet (the news is on its way)."""
+    vmfs, net, cache, root = n2
+    ino, fh = await opened(vmfs, root, os.O_RDONLY)
+    await _with_a_rename_over_f_on_its_way(net, lambda: vmfs.setattr(ino, *_chmod(0o600), None, None))
     assert (await n3(net.server, Call.getattr, path=b"f")).attr.mode & 0o777 == 0o644  # n3's file: untouched
     assert (await vmfs.getattr(ino)).st_mode & 0o777 == 0o600
+
+
+async def test_an_xattr_set_on_an_open_file_goes_to_that_file_whatever_its_name_holds_now(n2):
+    vmfs, net, cache, root = n2
+    ino, fh = await opened(vmfs, root, os.O_RDONLY)
+    await _with_a_rename_over_f_on_its_way(net, lambda: vmfs.setxattr(ino, b"user.k", b"v", None))
+    assert await vmfs.listxattr(ino, None) == [b"user.k"]
+    assert (await n3(net.server, Call.listxattr, path=b"f")).data == b""  # n3's file: none

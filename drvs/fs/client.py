@@ -490,6 +490,18 @@ class VmFs:
                 raise e
             return {"via": node.open[-1].sfh}
 
+    def _object(self, inode: int) -> dict:
+        """As _where, but a file open here by one of its handles ({"via"}),
+        as getattr names it: fchmod's, fchown's, futimens' and fsetxattr's
+        object is the open file, whatever name another node gave it or
+        took from it meanwhile (the news may still be on its way), and the
+        server walks no path (tar sets three attributes of each file it
+        has open)."""
+        node = self.inodes.get(inode & MASK)
+        if node is not None and node.open:
+            return {"via": node.open[-1].sfh}
+        return self._where(inode)
+
     def _stale(self, since: int | None, *cinos: int) -> bool:
         """Whether a reply about these inodes, to a call begun when
         self.told was since (None: known current, no call between), may be
@@ -630,14 +642,7 @@ class VmFs:
         args = dict(setMask=mask, mode=attr.st_mode, uid=attr.st_uid, gid=attr.st_gid, size=attr.st_size,
                     atimeNs=attr.st_atime_ns, mtimeNs=attr.st_mtime_ns)
         h = self.handles.get(fh) if fh is not None else None
-        node = self.inodes.get(inode & MASK)
-        if h is None and node is not None and node.open:
-            # As getattr: any handle of the file open here names the object
-            # itself (fchmod's, whatever another node renamed meanwhile), and
-            # spares the server a walk of its path (an fchmod, fchown or
-            # futimens of an open file: tar's three a file).
-            h = node.open[-1]
-        where = {"fh": h.sfh} if h is not None else self._where(inode)
+        where = {"fh": h.sfh} if h is not None else self._object(inode)
         if "via" in where:
             where = {"fh": where["via"]}  # (setattr takes any handle of the file)
         with self._changing(inode & MASK) as change, self._writing(inode if fields.update_size else None):
@@ -1106,21 +1111,21 @@ class VmFs:
             # The kernel asks for security.capability before every first
             # write to an open file: answered here, it costs no round trip.
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-        return bytes((await self.call(Call.getxattr, idempotent=True, **self._where(inode), name=name)).data)
+        return bytes((await self.call(Call.getxattr, idempotent=True, **self._object(inode), name=name)).data)
 
     async def setxattr(self, inode, name, value, ctx):
         if not name.startswith(XATTR_PREFIXES):
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         with self._changing(inode & MASK):  # (its ctime)
-            await self.call(Call.setxattr, **self._where(inode), name=name, data=value)
+            await self.call(Call.setxattr, **self._object(inode), name=name, data=value)
 
     async def listxattr(self, inode, ctx):
-        data = bytes((await self.call(Call.listxattr, idempotent=True, **self._where(inode))).data)
+        data = bytes((await self.call(Call.listxattr, idempotent=True, **self._object(inode))).data)
         return [n for n in data.split(b"\0") if n]
 
     async def removexattr(self, inode, name, ctx):
         with self._changing(inode & MASK):
-            await self.call(Call.removexattr, **self._where(inode), name=name)
+            await self.call(Call.removexattr, **self._object(inode), name=name)
 
     def forget(self, cino: int, n: int) -> None:
         node = self.inodes.get(cino)
