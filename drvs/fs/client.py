@@ -611,20 +611,27 @@ class VmFs:
         node = self.inodes.get(self._c(a.ino))
         return node is not None and node.lookups > 0 and node.gen != a.gen
 
+    def _kept_attr(self, until: float, a) -> "pyfuse3.EntryAttributes | None":
+        """Attributes this node kept (self.kept, self.fresh) for the kernel
+        until then, or None once that passed; the kernel's copy expires
+        with ours."""
+        left = until - trio.current_time()
+        if left <= 0:
+            return None
+        e = self._attr(a)
+        e.attr_timeout = left
+        return e
+
     async def getattr(self, inode, ctx=None):
         kept = self.kept
         if kept is not None and kept[0] == inode & MASK and kept[2] == self.told:
-            left = kept[1] - trio.current_time()
-            if left > 0:
-                e = self._attr(kept[3])
-                e.attr_timeout = left
+            e = self._kept_attr(kept[1], kept[3])
+            if e is not None:
                 return e
         fresh = self.fresh.get(inode & MASK)
         if fresh is not None:
-            left = fresh[0] - trio.current_time()
-            if left > 0:
-                e = self._attr(fresh[1])
-                e.attr_timeout = left  # (the kernel's copy expires with ours)
+            e = self._kept_attr(*fresh)
+            if e is not None:
                 return e
             del self.fresh[inode & MASK]
         node, since = self.inodes.get(inode & MASK), self.told
