@@ -24,7 +24,7 @@ import trio
 
 from ..errors import DrvsError
 from ..fs.cache import DataCache
-from ..fs.client import MASK, TAG_SHIFT, VmFs, drop_inodes
+from ..fs.client import MASK, TAG_SHIFT, VmFs
 from ..ipc.fabric import REGISTRY
 from ..ipc.message import IpcError, Later, Msg
 from ..ipc.schema import from_flat, fs
@@ -118,7 +118,7 @@ class View(pyfuse3.Operations):
             slot = len(self.slots) + 1
             if slot >= FS_TAG:
                 raise pyfuse3.FUSEError(errno.ENFILE)
-            fs_ = VmFs(vm, slot, self.fabric, self.nursery.start_soon, self.cache)
+            fs_ = VmFs(vm, slot, self.fabric, self.nursery.start_soon, self.cache, f"{self.path}/fs/{vm}")
             self.vms[vm], self.slots[slot] = fs_, fs_  # before any wait: no other lookup takes the slot
             try:
                 return await fs_.start()
@@ -375,14 +375,13 @@ class View(pyfuse3.Operations):
 
     def invalidate_now(self, msg: Msg) -> Msg | Later:
         """fsc's fast path: what waits for nothing is made as the message
-        comes (the server's change waits on this reply); the kernel's
-        inodes, if any, are dropped by a trio task before the reply."""
+        comes (the server's change waits on this reply); the rest (the
+        kernel's inodes to drop, if any) by a trio task before the reply."""
         inv, fs_ = self._invalidation(msg)
-        inodes = fs_.invalidated(inv) if fs_ is not None else []
-        if not inodes:
+        rest = fs_.invalidated(inv) if fs_ is not None else None
+        if rest is None:
             return Msg(0)
-        attr_only = not inv.data
-        return Later(lambda: _dropped(inodes, attr_only))
+        return Later(lambda: _after(rest))
 
     def _invalidation(self, msg: Msg):
         try:
@@ -393,8 +392,8 @@ class View(pyfuse3.Operations):
         return inv, self.vms.get(vm)
 
 
-async def _dropped(inodes: list, attr_only: bool) -> Msg:
-    await drop_inodes(inodes, attr_only)
+async def _after(rest) -> Msg:
+    await rest()
     return Msg(0)
 
 

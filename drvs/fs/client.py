@@ -50,6 +50,8 @@ NOTICE_DELAY = 1.0            # notices no call took along within this go on the
 TOLD_OF_PRUNE = 1024          # see VmFs.told_of
 TOLD_OF_MAX = 1 << 16         # beyond this, every reply on its way is taken as stale instead
 ABSENT_GRACE = 1.0            # seconds the kernel may keep a name absent after this node's reckoning
+RELOOK_WAIT = 0.5             # an invalidation's reply waits at most this for moved directories' lookups
+RELOOK_TRIES = 20             # lookups of a moved directory that meet a rename under way here
 RETRY_ERRNOS = {errno.ENOENT, errno.ECONNRESET, errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.EREMCHG}
 # Calls that change no file's attributes (see VmFs.kept); an open may truncate.
 QUERIES = {Call.getattr, Call.lookup, Call.readlink, Call.read, Call.readdir, Call.statfs, Call.getxattr,
@@ -117,12 +119,15 @@ def caller(ctx) -> dict:
 
 
 class VmFs:
-    def __init__(self, vm: str, slot: int, fabric, spawn, cache: DataCache | None = None):
+    def __init__(self, vm: str, slot: int, fabric, spawn, cache: DataCache | None = None,
+                 mounted: str | None = None):
         """spawn: start a background task (dropping the kernel's caches
         cannot wait inside a request: the kernel may need what that
         request's caller holds).  cache: this node's cache of remote files'
-        data (drvs/fs/cache.py), keyed by inode as the kernel numbers them."""
+        data (drvs/fs/cache.py), keyed by inode as the kernel numbers them.
+        mounted: where this drvmmd sees the file system (see _relook)."""
         self.vm, self.fabric, self.target, self.spawn, self.cache = vm, fabric, f"fs@{vm}", spawn, cache
+        self.mounted = mounted
         self.tag = slot << TAG_SHIFT
         self.inodes: dict[int, Inode] = {}
         self.births = 0  # Inode records made (their born)
@@ -639,7 +644,7 @@ class VmFs:
             r = await self.call(Call.getattr, idempotent=True, fh=node.open[-1].sfh)
             return self._attr(r.attr, since)
         where = self.locate(inode)
-        r = await self.call(Call.getattr, idempotent=True, **self._named(where))
+        r = await self._query(Call.getattr, inode & MASK)
         return self._attr(r.attr, since, still=self._asked(inode, where))
 
     async def setattr(self, inode, attr, fields, fh, ctx):
@@ -1079,28 +1084,35 @@ class VmFs:
         return out, inos
 
     async def _batch(self, dino: int, after: bytes):
-        """The server's batch of directory dino's entries after name after:
-        by its path; by its handle if another node moved it meanwhile (the
-        path names another directory, a file, or nothing), as the kernel
-        does not retry a listing (and glibc takes ENOENT for its end)."""
+        """The server's batch of directory dino's entries after name after
+        (see _query: the kernel does not retry a listing, and glibc takes
+        ENOENT for its end)."""
+        return await self._query(Call.readdir, dino, data=after)
+
+    async def _query(self, ctype, cino: int, **fields):
+        """A query about inode cino: by its path; by its handle (a
+        directory's) if another node moved it meanwhile -- the path names
+        another object, or nothing -- as a local file system answers
+        about the directory a program holds, wherever it went."""
         r = failed = None
         try:
-            r = await self.call(Call.readdir, idempotent=True, **self.named(self.tag | dino), data=after)
+            r = await self.call(ctype, idempotent=True, **self.named(self.tag | cino), **fields)
         except pyfuse3.FUSEError as e:
             if e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ESTALE):
                 raise
             failed = e
-        node = self.inodes.get(dino)
-        if (r is None or self._other_dir(r, dino)) and node is not None and node.handle:
-            r = await self.call(Call.readdir, idempotent=True, at=node.handle, path=b"", data=after)
+        node = self.inodes.get(cino)
+        if (r is None or self._other(r, cino)) and node is not None and node.handle:
+            r = await self.call(ctype, idempotent=True, at=node.handle, path=b"", **fields)
         if r is None:
             raise failed
-        if self._other_dir(r, dino):
-            raise pyfuse3.FUSEError(errno.ESTALE)  # not its entries
+        if self._other(r, cino):
+            raise pyfuse3.FUSEError(errno.ESTALE)  # not its answer
         return r
 
-    def _other_dir(self, r, dino: int) -> bool:
-        want = self._sino(self.tag | dino)  # (0: a number of another term, or big: not checked)
+    def _other(self, r, cino: int) -> bool:
+        """Whether reply r is about another inode than cino."""
+        want = self._sino(self.tag | cino)  # (0: a number of another term, or big: not checked)
         return bool(r.attr.ino and want and r.attr.ino != want)
 
     async def releasedir(self, fh):
@@ -1185,12 +1197,30 @@ class VmFs:
     # -- what the server says another node changed -----------------------------------------
 
     async def invalidate(self, inv) -> None:
-        await drop_inodes(self.invalidated(inv), not inv.data)
+        rest = self.invalidated(inv)
+        if rest is not None:
+            await rest()
 
-    def invalidated(self, inv) -> list:
+    def invalidated(self, inv):
         """All of an invalidation that waits for nothing (the fabric's fast
-        path makes it as the message comes); the kernel's inodes that are
-        still to be invalidated, by drop_inodes."""
+        path makes it as the message comes); what is left to wait for
+        before the reply, as an async function (None: nothing) -- the
+        kernel's inodes to drop (drop_inodes), moved directories to look up
+        (_relook)."""
+        moved = self._moved(inv.moves) if inv.moves else []  # (before: absent names go)
+        held = self._invalidated(inv)
+        if not held and not moved:
+            return None
+        attr_only = not inv.data
+
+        async def rest() -> None:
+            await drop_inodes(held, attr_only)
+            if moved:
+                await self._relook(moved)
+
+        return rest
+
+    def _invalidated(self, inv) -> list:
         self.told += 1
         told, told_of = self.told, self.told_of
         for e in inv.entries:
@@ -1223,6 +1253,38 @@ class VmFs:
             self._prune_told_of()
         return held
 
+    def _moved(self, moves) -> list[tuple[int | None, bytes, int, bytes]]:
+        """The moved directories this node's kernel holds: (their directory
+        now if the kernel may keep their name there as absent, else None;
+        that name; their inode; their path through this drvmmd's mount),
+        as the kernel numbers them."""
+        if self.mounted is None or self.renewing:
+            return []
+        out = []
+        for m in moves:
+            cino, dino, path = self._c(m.ino), self._c(m.dir), bytes(m.path)
+            if cino in self.inodes and path:
+                name = path.rpartition(b"/")[2]
+                absent = name in self.absent.get(dino, ())
+                out.append((self.tag | dino if absent else None, name, self.tag | cino,
+                            os.path.join(os.fsencode(self.mounted), path)))
+        return out
+
+    async def _relook(self, moved: list) -> None:
+        """Look moved directories up where they are now, before the server
+        hears this node dropped what it was told -- so before the change
+        is answered.  The kernel keeps a directory's dentry while a file
+        below it is open; a lookup finding the directory under its new name
+        moves that dentry there (d_splice_alias), which takes the file
+        system's rename lock -- with a trylock.  A rename(2) looks its
+        source up holding that lock: made by the new name with the old
+        dentry still in place, it would fail ESTALE, every time.  Bounded
+        (RELOOK_WAIT): a lookup may wait on directory locks that this
+        node's calls to the server hold."""
+        with trio.move_on_after(RELOOK_WAIT):
+            for dino, name, ino, path in moved:
+                await trio.to_thread.run_sync(_look_up, dino, name, ino, path, abandon_on_cancel=True)
+
     def _prune_told_of(self) -> None:
         """Forget when inodes were last told of that no reply still to come
         (to a call in flight, or in a listing open) began before; should
@@ -1243,6 +1305,27 @@ async def drop_inodes(inodes: list, attr_only: bool) -> None:
     pages unless attr_only), each in a worker thread (_invalidate_inode)."""
     for ino in inodes:
         await trio.to_thread.run_sync(_invalidate_inode, ino, attr_only)
+
+
+def _look_up(dino: int | None, name: bytes, ino: int, path: bytes) -> None:
+    """In a worker thread (see VmFs._relook): the kernel looks path up,
+    again while a rename under way here makes it fail ESTALE.  dino: the
+    kernel may keep the name as absent there -- dropped first (the
+    invalidation's own drop of it is queued, and may come after)."""
+    if dino is not None:
+        try:
+            pyfuse3.invalidate_entry(dino, name)
+        except OSError:
+            pass  # (the kernel holds no such directory now, or no such name)
+    for _ in range(RELOOK_TRIES):
+        try:
+            os.lstat(path)
+            return
+        except OSError as e:
+            if e.errno != errno.ESTALE:
+                log.debug("looking up moved directory %s (inode %#x): %s", os.fsdecode(path), ino, e)
+                return  # (moved on or removed meanwhile: its next lookup settles it)
+        time.sleep(0.002)
 
 
 def _invalidate_inode(ino: int, attr_only: bool) -> None:

@@ -72,9 +72,9 @@ class Changed:
     """What a call changed that other nodes may cache (their kernels must
     drop it before the call is answered)."""
 
-    __slots__ = ("entries", "inodes", "dirs", "data", "gone", "origin_too")
+    __slots__ = ("entries", "inodes", "dirs", "data", "gone", "origin_too", "moves")
 
-    def __init__(self, entries=(), inodes=(), data=False, gone=(), dirs=(), origin_too=False):
+    def __init__(self, entries=(), inodes=(), data=False, gone=(), dirs=(), origin_too=False, moves=()):
         # entries: (directory, name) that went or now name another object
         # (told to the nodes that may cache the directory's names); dirs:
         # the directories whose names changed, one made there included
@@ -86,9 +86,10 @@ class Changed:
         # of such a file would be sent, and waited for, to nodes that cached
         # its predecessor).  origin_too: the caller's node is told as well
         # (the server changed more than the caller asked for, and its
-        # kernel would not know).
+        # kernel would not know).  moves: directories moved, (inode, its
+        # directory now, its path now), told to the nodes that may hold them.
         self.entries, self.inodes, self.dirs, self.data, self.gone = entries, inodes, dirs, data, gone
-        self.origin_too = origin_too
+        self.origin_too, self.moves = origin_too, moves
 
 
 class FsServer:
@@ -207,7 +208,7 @@ class FsServer:
         if len(req.closed) and not self._now_ok(Call.release):
             return None  # its closes wait too (a replica being copied must hear of them)
         origin = msg.node or self.here
-        targets: dict[str, tuple[list, set, dict]] = {}
+        targets: dict[str, tuple[list, set, dict, list]] = {}
         data = False
         for fh in req.closed:  # closes the caller's node left for its next call
             try:
@@ -234,11 +235,12 @@ class FsServer:
         invalidations for a call and the closes it carried); whether data
         changed."""
         more, data = self._now(ctype, req, path, out, origin, payload)
-        for node, (entries, inodes, looked) in more.items():
-            have = targets.setdefault(node, ([], set(), {}))
+        for node, (entries, inodes, looked, moves) in more.items():
+            have = targets.setdefault(node, ([], set(), {}, []))
             have[0].extend(entries)
             have[1].update(inodes)
             have[2].update(looked)
+            have[3].extend(moves)
         return data
 
     def _now_ok(self, ctype: int) -> bool:
@@ -644,28 +646,33 @@ class FsServer:
         forgotten, and its kernel's own timeouts bound what it shows)."""
         await self._tell_targets(self._targets(origin, changed), changed.data)
 
-    def _targets(self, origin: str, changed: Changed) -> dict[str, tuple[list, set, dict]]:
+    def _targets(self, origin: str, changed: Changed) -> dict[str, tuple[list, set, dict, list]]:
         """The nodes but origin that may cache what changed: {node: (entries,
-        inodes, {directory it looked into: the number its interest had})}.
+        inodes, {directory it looked into: the number its interest had},
+        moves)}.
         Inodes that are gone are forgotten here, before any wait: a new file
         may get their numbers meanwhile."""
-        targets: dict[str, tuple[list, set, dict]] = {}
+        targets: dict[str, tuple[list, set, dict, list]] = {}
         if changed.origin_too:
             origin = None
         for dino, name in changed.entries:
             for node in self.interest.get(dino, ()):
                 if node != origin:
-                    targets.setdefault(node, ([], set(), {}))[0].append((dino, name))
+                    targets.setdefault(node, ([], set(), {}, []))[0].append((dino, name))
         for ino in changed.inodes:
             for node in self.interest.get(ino, ()):
                 if node != origin:
-                    targets.setdefault(node, ([], set(), {}))[1].add(ino)
+                    targets.setdefault(node, ([], set(), {}, []))[1].add(ino)
         for dino in changed.dirs:
             for node, seq in self.looked.get(dino, {}).items():
                 if node != origin:
-                    target = targets.setdefault(node, ([], set(), {}))
+                    target = targets.setdefault(node, ([], set(), {}, []))
                     target[1].add(dino)
                     target[2][dino] = seq
+        for move in changed.moves:
+            for node in self.interest.get(move[0], ()):
+                if node != origin:
+                    targets.setdefault(node, ([], set(), {}, []))[3].append(move)
         for ino in changed.gone:
             self.interest.pop(ino, None)
             self.looked.pop(ino, None)
@@ -683,7 +690,7 @@ class FsServer:
                     for node, target in targets.items():
                         nursery.start_soon(self._send, node, *target, data)
 
-    async def _send(self, node: str, entries, inodes, looked: dict, data: bool) -> None:
+    async def _send(self, node: str, entries, inodes, looked: dict, moves: list, data: bool) -> None:
         """Tell node; once it dropped them, it no longer knows anything of
         the directories in looked (its inodes' attributes went, and with
         them the names it knew absent there), unless a later call of its
@@ -695,6 +702,10 @@ class FsServer:
         ins = m.init("inodes", len(inodes))
         for i, ino in enumerate(inodes):
             ins[i] = ino
+        if moves:
+            ms = m.init("moves", len(moves))
+            for i, (ino, dino, path) in enumerate(moves):
+                ms[i].ino, ms[i].dir, ms[i].path = ino, dino, path
         try:
             reply = await self.fabric.sendrec(f"fsc@{node}", Msg(Call.invalidate, to_flat(m)),
                                               timeout=INVALIDATE_TIMEOUT)
@@ -998,7 +1009,7 @@ class FsServer:
     def rename(self, req, path, out, origin) -> Changed:
         path2 = check_path(bytes(req.path2))
         with self.store.at(check_path(path)) as (d1, n1), self.store.at(path2) as (d2, n2):
-            moved = os.stat(n1, dir_fd=d1, follow_symlinks=False).st_ino
+            moved = os.stat(n1, dir_fd=d1, follow_symlinks=False)
             try:
                 replaced = os.stat(n2, dir_fd=d2, follow_symlinks=False)
             except FileNotFoundError:
@@ -1011,14 +1022,19 @@ class FsServer:
                 done = True
             finally:
                 if kept is not None:
-                    self._kept(kept, replaced.st_ino, done and moved != replaced.st_ino)
+                    self._kept(kept, replaced.st_ino, done and moved.st_ino != replaced.st_ino)
                 if held is not None:
-                    self._held(held, replaced.st_ino, done and moved != replaced.st_ino)
+                    self._held(held, replaced.st_ino, done and moved.st_ino != replaced.st_ino)
             i1, i2 = os.stat(d1).st_ino, os.stat(d2).st_ino
+        moves = [(moved.st_ino, i2, path2)] if stat.S_ISDIR(moved.st_mode) else []
         if replaced is None:
-            return Changed(entries=[(i1, n1)], inodes=[moved], dirs=[i1, i2])
-        gone = [] if req.flags & _fs.RENAME_EXCHANGE else self._gone(replaced)
-        return Changed(entries=[(i1, n1), (i2, n2)], inodes=[moved, replaced.st_ino], dirs=[i1, i2], gone=gone)
+            return Changed(entries=[(i1, n1)], inodes=[moved.st_ino], dirs=[i1, i2], moves=moves)
+        exchange = req.flags & _fs.RENAME_EXCHANGE
+        if exchange and stat.S_ISDIR(replaced.st_mode):
+            moves.append((replaced.st_ino, i1, path))
+        gone = [] if exchange else self._gone(replaced)
+        return Changed(entries=[(i1, n1), (i2, n2)], inodes=[moved.st_ino, replaced.st_ino], dirs=[i1, i2],
+                       gone=gone, moves=moves)
 
     def link(self, req, path, out, origin) -> Changed:
         path2 = check_path(bytes(req.path2))

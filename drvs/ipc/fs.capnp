@@ -180,4 +180,13 @@ struct Invalidations {
   entries @1 :List(Entry);   # attr.ino: the directory; name: the entry
   inodes @2 :List(UInt64);
   data @3 :Bool;             # inodes' cached data too, not only attributes
+  moves @4 :List(Move);
+}
+
+# A directory the node may hold was moved: where it is now, for the node
+# to look it up there itself (drvs/fs/client.py VmFs._relook).
+struct Move {
+  ino @0 :UInt64;    # the directory
+  dir @1 :UInt64;    # the directory it is in now
+  path @2 :Data;     # its path now, from the file system's root
 }

@@ -615,6 +615,51 @@ def test_a_directory_another_node_keeps_moving_is_listed_whole(fsc, d):
     assert (errors[:3], len(counts) > 10, set(counts)) == ([], True, {1500})
 
 
+def test_a_directory_another_node_moved_can_be_renamed_by_its_new_name(fsc, d):
+    """n2 holds a file open below a directory; n1 moves the directory into
+    another (by rename, or by exchanging it with a directory there); n2
+    at once renames it by its new name to a third place, as a program
+    would that was told where it went.  Linux looks a rename's source up
+    under the file system's rename lock, and moving the dentry n2's kernel
+    still holds needs that lock: ESTALE, every time, unless the node had
+    already looked the new name up itself."""
+    _, a, b = d
+    for here, there, tag in ((b, a, "1"), (a, b, "2")):
+        for how in ("rename", "exchange"):
+            x, p, z, w = f"x{tag}{how}", f"p{tag}{how}", f"z{tag}{how}", f"w{tag}{how}"
+            (there / x).mkdir()
+            (there / p / "y").mkdir(parents=True)
+            (there / x / "f").write_text("x\n")
+            (there / p / "y" / "f").write_text("y\n")
+            if how == "rename":
+                os.unlink(there / p / "y" / "f")
+                os.rmdir(there / p / "y")
+                assert not (here / p / "y").exists()  # (a name here's kernel may keep as absent)
+            with open(here / x / "f") as held_x, contextlib.ExitStack() as stack:  # pin their dentries here
+                if how == "rename":
+                    os.rename(there / x, there / p / "y")
+                else:
+                    held_y = stack.enter_context(open(here / p / "y" / "f"))
+                    _exchange(there, x, there / p, "y")
+                    os.rename(here / x, here / p / w)  # (across directories: under the rename lock)
+                    assert (held_y.read(), (there / p / w / "f").read_text()) == ("y\n", "y\n")
+                os.rename(here / p / "y", here / z)
+                assert (held_x.read(), (there / z / "f").read_text()) == ("x\n", "x\n")
+            assert sorted(os.listdir(there)) == sorted(os.listdir(here))
+
+
+def _exchange(d1: Path, n1: str, d2: Path, n2: str) -> None:
+    """rename(2) with RENAME_EXCHANGE."""
+    from drvs import _fs
+
+    fds = [os.open(d1, os.O_PATH), os.open(d2, os.O_PATH)]
+    try:
+        _fs.renameat2(fds[0], os.fsencode(n1), fds[1], os.fsencode(n2), _fs.RENAME_EXCHANGE)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def test_a_close_on_a_node_without_the_server_reaches_the_server(fsc, d):
     """Closes from a node whose server is elsewhere travel with its next
     call, or on their own soon after: the server lets go of the file."""
