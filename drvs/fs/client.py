@@ -1207,8 +1207,8 @@ class VmFs:
         before the reply, as an async function (None: nothing) -- the
         kernel's inodes to drop (drop_inodes), moved directories to look up
         (_relook)."""
-        moved = self._moved(inv.moves) if inv.moves else []  # (before: absent names go)
         held = self._invalidated(inv)
+        moved = self._moved(inv.moves) if inv.moves else []
         if not held and not moved:
             return None
         attr_only = not inv.data
@@ -1253,20 +1253,17 @@ class VmFs:
             self._prune_told_of()
         return held
 
-    def _moved(self, moves) -> list[tuple[int | None, bytes, int, bytes]]:
+    def _moved(self, moves) -> list[tuple[int, bytes, int, bytes]]:
         """The moved directories this node's kernel holds: (their directory
-        now if the kernel may keep their name there as absent, else None;
-        that name; their inode; their path through this drvmmd's mount),
-        as the kernel numbers them."""
+        now, their name there, their inode, their path through this
+        drvmmd's mount), as the kernel numbers them."""
         if self.mounted is None or self.renewing:
             return []
         out = []
         for m in moves:
-            cino, dino, path = self._c(m.ino), self._c(m.dir), bytes(m.path)
+            cino, path = self._c(m.ino), bytes(m.path)
             if cino in self.inodes and path:
-                name = path.rpartition(b"/")[2]
-                absent = name in self.absent.get(dino, ())
-                out.append((self.tag | dino if absent else None, name, self.tag | cino,
+                out.append((self.tag | self._c(m.dir), path.rpartition(b"/")[2], self.tag | cino,
                             os.path.join(os.fsencode(self.mounted), path)))
         return out
 
@@ -1307,16 +1304,17 @@ async def drop_inodes(inodes: list, attr_only: bool) -> None:
         await trio.to_thread.run_sync(_invalidate_inode, ino, attr_only)
 
 
-def _look_up(dino: int | None, name: bytes, ino: int, path: bytes) -> None:
+def _look_up(dino: int, name: bytes, ino: int, path: bytes) -> None:
     """In a worker thread (see VmFs._relook): the kernel looks path up,
-    again while a rename under way here makes it fail ESTALE.  dino: the
-    kernel may keep the name as absent there -- dropped first (the
-    invalidation's own drop of it is queued, and may come after)."""
-    if dino is not None:
-        try:
-            pyfuse3.invalidate_entry(dino, name)
-        except OSError:
-            pass  # (the kernel holds no such directory now, or no such name)
+    again while a rename under way here makes it fail ESTALE.  What the
+    kernel holds under that name first goes -- what the invalidation
+    undid is dropped by pyfuse3's own thread, maybe later, and the stat
+    would be answered from it: the name known absent, or the directory
+    an exchange put where this one was."""
+    try:
+        pyfuse3.invalidate_entry(dino, name)
+    except OSError:
+        pass  # (the kernel holds no such directory now, or no such name)
     for _ in range(RELOOK_TRIES):
         try:
             os.lstat(path)

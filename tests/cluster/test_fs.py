@@ -625,8 +625,8 @@ def test_a_directory_another_node_moved_can_be_renamed_by_its_new_name(fsc, d):
     already looked the new name up itself."""
     _, a, b = d
     for here, there, tag in ((b, a, "1"), (a, b, "2")):
-        for how in ("rename", "exchange"):
-            x, p, z, w = f"x{tag}{how}", f"p{tag}{how}", f"z{tag}{how}", f"w{tag}{how}"
+        for how, i in [(how, i) for how in ("rename", "exchange") for i in range(5)]:
+            x, p, z, w = (f"{c}{tag}{how}{i}" for c in "xpzw")
             (there / x).mkdir()
             (there / p / "y").mkdir(parents=True)
             (there / x / "f").write_text("x\n")
