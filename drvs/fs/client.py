@@ -51,7 +51,6 @@ TOLD_OF_PRUNE = 1024          # see VmFs.told_of
 TOLD_OF_MAX = 1 << 16         # beyond this, every reply on its way is taken as stale instead
 ABSENT_GRACE = 1.0            # seconds the kernel may keep a name absent after this node's reckoning
 RELOOK_WAIT = 0.5             # an invalidation's reply waits at most this for moved directories' lookups
-RELOOK_TRIES = 20             # lookups of a moved directory that meet a rename under way here
 RETRY_ERRNOS = {errno.ENOENT, errno.ECONNRESET, errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.EREMCHG}
 # Calls that change no file's attributes (see VmFs.kept); an open may truncate.
 QUERIES = {Call.getattr, Call.lookup, Call.readlink, Call.read, Call.readdir, Call.statfs, Call.getxattr,
@@ -1278,9 +1277,10 @@ class VmFs:
         dentry still in place, it would fail ESTALE, every time.  Bounded
         (RELOOK_WAIT): a lookup may wait on directory locks that this
         node's calls to the server hold."""
+        until = time.monotonic() + RELOOK_WAIT
         with trio.move_on_after(RELOOK_WAIT):
             for dino, name, ino, path in moved:
-                await trio.to_thread.run_sync(_look_up, dino, name, ino, path, abandon_on_cancel=True)
+                await trio.to_thread.run_sync(_look_up, dino, name, ino, path, until, abandon_on_cancel=True)
 
     def _prune_told_of(self) -> None:
         """Forget when inodes were last told of that no reply still to come
@@ -1304,18 +1304,20 @@ async def drop_inodes(inodes: list, attr_only: bool) -> None:
         await trio.to_thread.run_sync(_invalidate_inode, ino, attr_only)
 
 
-def _look_up(dino: int, name: bytes, ino: int, path: bytes) -> None:
+def _look_up(dino: int, name: bytes, ino: int, path: bytes, until: float) -> None:
     """In a worker thread (see VmFs._relook): the kernel looks path up,
-    again while a rename under way here makes it fail ESTALE.  What the
-    kernel holds under that name first goes -- what the invalidation
-    undid is dropped by pyfuse3's own thread, maybe later, and the stat
-    would be answered from it: the name known absent, or the directory
-    an exchange put where this one was."""
+    again, until time.monotonic() is until, while it fails ESTALE (moving
+    the old dentry takes the rename lock, and the old directory's, with a
+    trylock: a rename, or a change in that directory, under way here).
+    What the kernel holds under that name goes first -- what the
+    invalidation undid is dropped by pyfuse3's own thread, maybe later,
+    and the stat would be answered from it: the name known absent, or the
+    directory an exchange put where this one was."""
     try:
         pyfuse3.invalidate_entry(dino, name)
     except OSError:
         pass  # (the kernel holds no such directory now, or no such name)
-    for _ in range(RELOOK_TRIES):
+    while True:
         try:
             os.lstat(path)
             return
@@ -1323,6 +1325,10 @@ def _look_up(dino: int, name: bytes, ino: int, path: bytes) -> None:
             if e.errno != errno.ESTALE:
                 log.debug("looking up moved directory %s (inode %#x): %s", os.fsdecode(path), ino, e)
                 return  # (moved on or removed meanwhile: its next lookup settles it)
+        if time.monotonic() >= until:
+            log.info("moved directory %s (inode %#x): still held at its old place here; a rename by its "
+                     "new name may fail ESTALE", os.fsdecode(path), ino)
+            return
         time.sleep(0.002)
 
 
