@@ -123,7 +123,8 @@ class View(pyfuse3.Operations):
             try:
                 return await fs_.start()
             except BaseException:
-                del self.vms[vm], self.slots[slot]
+                self.vms.pop(vm, None)  # (pop: a stopping view has emptied both)
+                self.slots.pop(slot, None)
                 raise
         return await fs_.start()
 
@@ -429,5 +430,10 @@ async def serve(cfg, fabric, procs, etcd, task_status=trio.TASK_STATUS_IGNORED) 
                 await pyfuse3.main()
             nursery.cancel_scope.cancel()
     finally:
+        # Invalidations other nodes still send (fsc's fast path runs on the
+        # host loop, whatever trio is cancelling) find no file system from
+        # now on: pyfuse3's session is about to go.
+        ops.vms.clear()
+        ops.slots.clear()
         pyfuse3.close(unmount=True)
         ops.cache.close()
