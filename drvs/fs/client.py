@@ -643,7 +643,7 @@ class VmFs:
             r = await self.call(Call.getattr, idempotent=True, fh=node.open[-1].sfh)
             return self._attr(r.attr, since)
         where = self.locate(inode)
-        r = await self._query(Call.getattr, inode & MASK)
+        r = await self._query(Call.getattr, inode & MASK, where)
         return self._attr(r.attr, since, still=self._asked(inode, where))
 
     async def setattr(self, inode, attr, fields, fh, ctx):
@@ -1088,14 +1088,15 @@ class VmFs:
         ENOENT for its end)."""
         return await self._query(Call.readdir, dino, data=after)
 
-    async def _query(self, ctype, cino: int, **fields):
-        """A query about inode cino: by its path; by its handle (a
-        directory's) if another node moved it meanwhile -- the path names
-        another object, or nothing -- as a local file system answers
-        about the directory a program holds, wherever it went."""
+    async def _query(self, ctype, cino: int, loc: tuple[bytes, bytes] | None = None, **fields):
+        """A query about inode cino: by its path (loc, if the caller
+        located it already); by its handle (a directory's) if another node
+        moved it meanwhile -- the path names another object, or nothing --
+        as a local file system answers about the directory a program
+        holds, wherever it went."""
         r = failed = None
         try:
-            r = await self.call(ctype, idempotent=True, **self.named(self.tag | cino), **fields)
+            r = await self.call(ctype, idempotent=True, **self._named(loc or self.locate(self.tag | cino)), **fields)
         except pyfuse3.FUSEError as e:
             if e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ESTALE):
                 raise

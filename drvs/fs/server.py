@@ -92,6 +92,15 @@ class Changed:
         self.origin_too, self.moves = origin_too, moves
 
 
+def _target(targets: dict, node: str) -> tuple[list, set, dict, list]:
+    """node's (entries, inodes, looked, moves) to be told (see
+    FsServer._targets), made empty if new."""
+    target = targets.get(node)
+    if target is None:
+        target = targets[node] = ([], set(), {}, [])
+    return target
+
+
 class FsServer:
     def __init__(self, vm: str, store: Store, fabric, here: str, etcd=None):
         self.vm, self.store, self.fabric, self.here, self.etcd = vm, store, fabric, here, etcd
@@ -236,7 +245,7 @@ class FsServer:
         changed."""
         more, data = self._now(ctype, req, path, out, origin, payload)
         for node, (entries, inodes, looked, moves) in more.items():
-            have = targets.setdefault(node, ([], set(), {}, []))
+            have = _target(targets, node)
             have[0].extend(entries)
             have[1].update(inodes)
             have[2].update(looked)
@@ -658,21 +667,21 @@ class FsServer:
         for dino, name in changed.entries:
             for node in self.interest.get(dino, ()):
                 if node != origin:
-                    targets.setdefault(node, ([], set(), {}, []))[0].append((dino, name))
+                    _target(targets, node)[0].append((dino, name))
         for ino in changed.inodes:
             for node in self.interest.get(ino, ()):
                 if node != origin:
-                    targets.setdefault(node, ([], set(), {}, []))[1].add(ino)
+                    _target(targets, node)[1].add(ino)
         for dino in changed.dirs:
             for node, seq in self.looked.get(dino, {}).items():
                 if node != origin:
-                    target = targets.setdefault(node, ([], set(), {}, []))
+                    target = _target(targets, node)
                     target[1].add(dino)
                     target[2][dino] = seq
         for move in changed.moves:
             for node in self.interest.get(move[0], ()):
                 if node != origin:
-                    targets.setdefault(node, ([], set(), {}, []))[3].append(move)
+                    _target(targets, node)[3].append(move)
         for ino in changed.gone:
             self.interest.pop(ino, None)
             self.looked.pop(ino, None)
