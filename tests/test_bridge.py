@@ -96,6 +96,48 @@ def test_worker_thread_results_wake_the_guest():
     assert bridge.run(main) != threading.get_ident()
 
 
+BUSY_AND_IO = """
+import trio
+from drvs.ipc import bridge
+
+async def main():
+    a, b = trio.socket.socketpair()
+    await trio.sleep(0.01)  # (the host loop watches trio's epoll from the first wait on)
+    done = trio.Event()
+    got = []
+
+    async def busy():
+        spins = 0
+        while not done.is_set():
+            await trio.lowlevel.checkpoint()
+            spins += 1
+        got.append(spins)
+
+    async def io():
+        await b.send(b"ping")
+        got.append(await a.recv(10))
+        got.append(await trio.to_thread.run_sync(lambda: "thread"))
+        done.set()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(busy)
+        n.start_soon(io)
+    return got
+
+got = bridge.run(main)
+print(got[0], got[1], got[2] > 0)
+"""
+
+
+def test_trio_io_is_delivered_while_the_guest_never_waits():
+    """A tick that does not wait skips trio's epoll unless the host loop saw
+    it ready: a socket that becomes readable (and a worker thread's result)
+    must still reach a task while another keeps trio busy.  (In a child
+    process: the failure this guards against is a hang.)"""
+    p = subprocess.run([sys.executable, "-c", BUSY_AND_IO], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0 and p.stdout == "b'ping' thread True\n", p.stderr
+
+
 def test_capnp_call_awaited_and_cancelled_from_trio(tmp_path):
     path = str(tmp_path / "s.sock")
     node = EchoNode()

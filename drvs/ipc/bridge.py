@@ -115,7 +115,7 @@ def _threadless_guest_tick(self) -> None:
     finally:
         sniffio_library.name = prev_library
 
-    events = outcome.capture(self.runner.io_manager.get_events, 0)
+    events = _events_now(self)
     if timeout <= 0 or isinstance(events, outcome.Error) or events.value:
         self.unrolled_run_next_send = events
         self.runner.guest_tick_scheduled = True
@@ -123,6 +123,19 @@ def _threadless_guest_tick(self) -> None:
         return
     self.runner.guest_tick_scheduled = False
     _host_wait(self).wait(self, timeout)
+
+
+def _events_now(state):
+    """trio's I/O events ready now, for a tick that does not wait: none
+    without a look once the host loop watches trio's epoll fd and has not
+    seen it ready since the last look (an epoll_wait saved per tick; a
+    readiness is level-triggered, so the host loop reports it again)."""
+    w = _waiter
+    if w is not None and w.io is state.runner.io_manager and not w.seen:
+        return outcome.Value([])  # (an outcome is sent once: a new one each time)
+    if w is not None:
+        w.seen = False
+    return outcome.capture(state.runner.io_manager.get_events, 0)
 
 
 class _HostWait:
@@ -145,6 +158,7 @@ class _HostWait:
         self.state = None   # the guest waiting, if it is
         self.timer: asyncio.Handle | None = None
         self.when = 0.0     # when the timer fires, in the loop's time
+        self.seen = True    # trio's epoll fd was seen ready while trio ran: its next tick looks
         loop.add_reader(self.fd, self.ready)
 
     def wait(self, state, timeout: float) -> None:
@@ -166,13 +180,19 @@ class _HostWait:
 
     def _expired(self) -> None:
         self.timer = None
-        self.ready()
+        self.resume()
 
     def ready(self) -> None:
+        """The host loop: trio's epoll fd is readable."""
+        self.seen = True
+        self.resume()
+
+    def resume(self) -> None:
+        """Run the guest's tick now if it waits (else its next tick looks)."""
         state, self.state = self.state, None
         if state is None:
-            return  # trio is running: its next tick reads what is ready
-        state.unrolled_run_next_send = outcome.capture(self.io.get_events, 0)
+            return
+        state.unrolled_run_next_send = _events_now(state)
         state.runner.guest_tick_scheduled = True
         state.guest_tick()
 
@@ -240,7 +260,7 @@ def wake(task, result=None) -> None:
         state.runner.guest_tick_scheduled = True  # (so the reschedule queues no tick of its own)
     trio.lowlevel.reschedule(task, outcome.Value(None) if result is None else result)
     if state is not None:
-        w.ready()
+        w.resume()
 
 
 def _force_guest_tick_asap(self) -> None:
@@ -254,7 +274,7 @@ def _force_guest_tick_asap(self) -> None:
     self.guest_tick_scheduled = True
     w = _waiter
     if w is not None and w.state is not None and w.io is self.io_manager and threading.get_ident() == w.thread:
-        w.loop.call_soon(w.ready)
+        w.loop.call_soon(w.resume)
     else:
         self.io_manager.force_wakeup()
 
