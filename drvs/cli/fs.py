@@ -8,7 +8,7 @@ import sys
 
 from .. import config
 from ..cluster.context import cluster_info
-from ..errors import DrvsError, NotFound, SetupError, UsageError
+from ..errors import Conflict, DrvsError, NotFound, SetupError, UsageError
 from ..store import open_store
 from ..units import format_size
 from ..vm.model import check_name
@@ -43,11 +43,24 @@ def _view(cfg, vm: str) -> str:
 
     if not cluster_info(cfg):
         raise UsageError("drvs mount needs a cluster node (a single node's VM keeps its files in STATE/vms/VM/data)")
+    from ..ipc.message import IpcError
+
     spec = VmRegistry(open_store()).get(vm)
     if not spec.fs_nodes:
         raise UsageError(f"VM {vm!r} has no cluster file system (it was made without --node shares)")
-    handover.check(cfg)  # drvmmd is there (a dead one's view would say ENOTCONN)
+    try:
+        handover.check(cfg)  # drvmmd is there (a dead one's view would say ENOTCONN)
+    except SetupError as e:
+        raise IpcError(str(e)) from None  # (the node cannot be reached: exit 7, as for any message)
     return vm_file_system(cfg, spec)
+
+
+def _mount_point(arg: str) -> str:
+    """The absolute mount point; an empty argument is refused (abspath would
+    make it the current directory)."""
+    if not arg.strip():
+        raise UsageError("empty mount point")
+    return os.path.abspath(arg)
 
 
 def mount(args) -> int:
@@ -56,10 +69,10 @@ def mount(args) -> int:
 
         enter_node(args.on_node)
     cfg = config.load()
-    target = os.path.abspath(args.mountpoint)
+    target = _mount_point(args.mountpoint)
     if not os.path.isdir(target):
         raise NotFound(f"mount point {args.mountpoint}: no such directory")
-    if _drvs_mount_at(target):
+    if _drvs_mount_at(target) is not None:
         raise UsageError(f"{target}: a drvs file system is already mounted here")
     source = _view(cfg, args.vm)
     _bind(source, target)
@@ -75,25 +88,33 @@ def _bind(source: str, target: str) -> None:
 
 
 def umount(args) -> int:
-    target = os.path.abspath(args.mountpoint)
-    if not _drvs_mount_at(target):
+    target = _mount_point(args.mountpoint)
+    root = _drvs_mount_at(target)
+    if root is None:
         raise UsageError(f"{target}: no drvs file system is mounted here")
+    if not root.startswith("/fs/"):
+        raise UsageError(f"{target}: a node's own view of its VMs' files, not one drvs mount made "
+                         "(its drvmmd unmounts it)")
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.umount2(target.encode(), 0) != 0:
         err = ctypes.get_errno()
-        hint = " (files are open there; close them, or use umount -l)" if err == errno.EBUSY else ""
-        raise SetupError(f"umount {target}: {os.strerror(err)}{hint}")
+        if err == errno.EBUSY:
+            raise Conflict(f"umount {target}: {os.strerror(err)} (files are open there; close them, "
+                           "or use umount -l)")
+        raise SetupError(f"umount {target}: {os.strerror(err)}")
     return 0
 
 
-def _drvs_mount_at(target: str) -> bool:
+def _drvs_mount_at(target: str) -> "str | None":
+    """The root within the drvs file system mounted at target (/fs/VM for
+    what drvs mount bound, / for a node's own view), or None."""
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
             sep = fields.index("-")
             if _unescape(fields[4]) == target and fields[sep + 1] == FSTYPE:
-                return True
-    return False
+                return _unescape(fields[3])
+    return None
 
 
 def _unescape(path: str) -> str:
@@ -107,6 +128,8 @@ def df(args) -> int:
     store = open_store()
     registry = VmRegistry(store)
     specs = [registry.get(args.vm)] if args.vm else [s for s in registry.list() if s.fs_nodes]
+    if args.vm and not specs[0].fs_nodes:
+        raise UsageError(f"VM {args.vm!r} has no cluster file system (it was made without --node shares)")
     rows = [_usage(cfg, store, s) for s in specs]
 
     def table():
@@ -116,10 +139,10 @@ def df(args) -> int:
                       ",".join(r["in_sync"]) or "-", ",".join(r["nodes"])] for r in rows])
 
     emit(rows, args.format, table)
-    for r in rows:
-        if r["error"]:
-            print(f"drvs df: {r['vm']}: {r['error']}", file=sys.stderr)
-    return 0
+    failed = [r for r in rows if r["error"]]
+    for r in failed:
+        print(f"drvs df: {r['vm']}: {r['error']}", file=sys.stderr)
+    return 7 if failed else 0  # (as IpcError: a file server could not be asked)
 
 
 def _usage(cfg, store, spec) -> dict:
@@ -129,9 +152,6 @@ def _usage(cfg, store, spec) -> dict:
 
     row = {"vm": spec.name, "size": 0, "used": 0, "avail": 0, "replicas": len(spec.fs_nodes),
            "nodes": spec.fs_nodes, "server": None, "in_sync": _in_sync(store, spec.name), "error": None}
-    if not spec.fs_nodes:
-        row["error"] = "no cluster file system"
-        return row
     target = f"fs@{spec.name}"
     try:
         reply = check(client.sendrec(cfg.state_dir, target,

@@ -850,6 +850,22 @@ def test_drvs_mount_umount_and_df(fsc, d, tmp_path):
         assert fsc.drvs("umount", str(mnt)).returncode == 0
     u = fsc.drvs("umount", str(mnt))
     assert u.returncode == 2 and "no drvs file system is mounted" in u.stderr
+    # a busy mount point is a conflict; nothing is unmounted
+    assert fsc.drvs("mount", "web", str(mnt), node="n1").returncode == 0
+    try:
+        with open(mnt / name / "hello"):
+            busy = fsc.drvs("umount", str(mnt))
+            assert busy.returncode == 4 and "busy" in busy.stderr and os.path.ismount(mnt)
+    finally:
+        assert fsc.drvs("umount", str(mnt)).returncode == 0
+    # an empty mount point is not the current directory; a node's own view is not drvs mount's to unmount
+    empty = fsc.drvs("mount", "web", "", node="n1")
+    assert empty.returncode == 2 and "empty mount point" in empty.stderr
+    view = next(Path(line.split()[4]) for line in Path("/proc/self/mountinfo").read_text().splitlines()
+                if " - fuse.drvs " in line and line.split()[3] == "/"
+                and line.split()[4].startswith(fsc.node("n2")["state_dir"] + "/"))
+    own = fsc.drvs("umount", str(view))
+    assert own.returncode == 2 and "own view" in own.stderr and os.path.ismount(view)
     bad = fsc.drvs("mount", "nosuch", str(mnt), node="n1")
     assert bad.returncode != 0 and "no such VM" in bad.stderr and "Traceback" not in bad.stderr
     df = fsc.drvs("df", "web", "--format", "json", node="n1")
