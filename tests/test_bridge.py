@@ -138,6 +138,39 @@ def test_trio_io_is_delivered_while_the_guest_never_waits():
     assert p.returncode == 0 and p.stdout == "b'ping' thread True\n", p.stderr
 
 
+def test_cyclic_garbage_is_collected_on_the_loops_thread():
+    """kj aborts the process when a capnp object is freed off its loop's
+    thread, and the collector runs where allocation crosses its threshold:
+    so in a run, cycles are collected by the loop, not by a worker."""
+    import gc
+    import weakref
+
+    class Cycle:
+        pass
+
+    def churn():
+        return [[] for _ in range(50 * gc.get_threshold()[0])]  # (past gen 0's threshold many times)
+
+    async def main():
+        where = []
+        c = Cycle()
+        c.me = c
+        weakref.finalize(c, lambda: where.append(threading.get_ident()))
+        del c
+        assert not gc.isenabled()
+        junk = await trio.to_thread.run_sync(churn)  # (kept: the count of objects stays past the threshold)
+        with trio.fail_after(5):
+            while not where:
+                await trio.sleep(0.01)
+        del junk
+        return where
+
+    was = gc.isenabled()
+    where = bridge.run(main)
+    assert where == [threading.get_ident()]
+    assert gc.isenabled() == was
+
+
 def test_capnp_call_awaited_and_cancelled_from_trio(tmp_path):
     path = str(tmp_path / "s.sock")
     node = EchoNode()

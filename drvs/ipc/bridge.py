@@ -21,6 +21,7 @@ epoll fd, so one thread and one poll serve both.  See docs/architecture.md.
 """
 
 import asyncio
+import gc
 import logging
 import threading
 
@@ -370,11 +371,55 @@ def _loop_factory():
     return uvloop.new_event_loop
 
 
+class _LoopCollector:
+    """Python's cyclic garbage collected on the host loop's thread only.
+
+    The collector runs in whichever thread allocates past its threshold;
+    a capnp object in a reference cycle freed from a worker thread (the
+    spawner's, trio.to_thread's) makes kj abort the process ("No event loop
+    is running on this thread": seen with remote runs in a loop).  So
+    automatic collection is off while the loop runs, and the loop collects
+    itself, as often as the collector would (its generations' counts
+    against their thresholds), looking every EVERY seconds."""
+
+    EVERY = 0.05
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.handle = loop, None
+        self.was_enabled = gc.isenabled()
+        gc.disable()
+        self._schedule()
+
+    def _schedule(self) -> None:
+        self.handle = self.loop.call_later(self.EVERY, self._look)
+
+    def _look(self) -> None:
+        counts, limits = gc.get_count(), gc.get_threshold()
+        for generation in (2, 1, 0):
+            if limits[generation] and counts[generation] > limits[generation]:
+                gc.collect(generation)
+                break
+        self._schedule()
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+        if self.was_enabled:
+            gc.enable()
+
+
 def run(trio_main, *args):
     """Run `trio_main(*args)` in trio, hosted by asyncio with capnp's kj loop."""
     import capnp
 
     async def host():
+        collector = _LoopCollector(asyncio.get_running_loop())
+        try:
+            return await _hosted()
+        finally:
+            collector.close()
+
+    async def _hosted():
         async with capnp.kj_loop():
             guest = await _start_guest(trio_main, *args)
             try:
