@@ -1,11 +1,35 @@
 """`drvs ipc ping`, `drvs lock ...`, `drvs election ...`: the fabric's message
 passing and the DRVMM's lock and election services, from the command line."""
 
+import errno
+import os
 import time
 
 from .. import config
 from ..cluster.context import cluster_info
-from ..errors import NotFound
+from ..errors import NotFound, UsageError
+
+
+def _seconds(text: str) -> float:
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"not a number of seconds (0 or more): {text!r}")
+    return value
+
+
+def _checked(name: str) -> str:
+    from ..ipc.services import name_problem
+
+    problem = name_problem(name)
+    if problem:
+        raise UsageError(problem)
+    return name
 
 
 def add_parsers(sub) -> None:
@@ -21,7 +45,7 @@ def add_parsers(sub) -> None:
     verbs = lock.add_subparsers(dest="verb", required=True, metavar="VERB")
     p = verbs.add_parser("acquire", help="wait for the lock NAME; print its key")
     p.add_argument("name")
-    p.add_argument("--timeout", type=float, default=0, help="seconds (default: wait as long as it takes)")
+    p.add_argument("--timeout", type=_seconds, default=0, help="seconds (default: wait as long as it takes)")
     p.set_defaults(func=lock_acquire)
     p = verbs.add_parser("release", help="release a lock by its key")
     p.add_argument("key")
@@ -32,7 +56,7 @@ def add_parsers(sub) -> None:
     p = verbs.add_parser("campaign", help="wait until this node leads NAME; print the leadership key")
     p.add_argument("name")
     p.add_argument("--value", default="", help="what to announce (default: this node's name)")
-    p.add_argument("--timeout", type=float, default=0)
+    p.add_argument("--timeout", type=_seconds, default=0)
     p.set_defaults(func=campaign)
     p = verbs.add_parser("leader", help="print the current leader of NAME")
     p.add_argument("name")
@@ -79,6 +103,11 @@ def _call(call, payload: bytes, timeout: float, target: str | None = None):
     target = target or local
     # A blocking call's own timeout, plus the fabric's bound on top.
     reply = client.sendrec(state_dir, target, Msg(call, payload), timeout=timeout)
+    if reply.status in (-errno.ENOENT, -errno.EINVAL, -errno.EBADMSG):
+        # (what the user named: no such key, or not a key of this kind)
+        err = NotFound if reply.status == -errno.ENOENT else UsageError
+        text = reply.error or os.strerror(-reply.status)
+        raise err(text if text.startswith(f"{target}: ") else f"{target}: {text}")
     return check(reply, target)
 
 
@@ -120,7 +149,8 @@ def _wait(timeout: float) -> float:
 def lock_acquire(args) -> int:
     from ..ipc.schema import drvmm
 
-    reply = _call(drvmm.DrvmmCall.lock, _name_request(args.name, timeout=args.timeout), _wait(args.timeout))
+    reply = _call(drvmm.DrvmmCall.lock, _name_request(_checked(args.name), timeout=args.timeout),
+                  _wait(args.timeout))
     print(_key_reply(reply).key)
     return 0
 
@@ -135,7 +165,8 @@ def lock_release(args) -> int:
 def campaign(args) -> int:
     from ..ipc.schema import drvmm
 
-    reply = _call(drvmm.DrvmmCall.campaign, _name_request(args.name, args.value, args.timeout), _wait(args.timeout))
+    reply = _call(drvmm.DrvmmCall.campaign, _name_request(_checked(args.name), args.value, args.timeout),
+                  _wait(args.timeout))
     print(_key_reply(reply).key)
     return 0
 
@@ -143,7 +174,7 @@ def campaign(args) -> int:
 def leader(args) -> int:
     from ..ipc.schema import drvmm
 
-    value = _key_reply(_call(drvmm.DrvmmCall.leader, _name_request(args.name), 10)).value
+    value = _key_reply(_call(drvmm.DrvmmCall.leader, _name_request(_checked(args.name)), 10)).value
     if not value:
         raise NotFound(f"election {args.name!r} has no leader")
     print(value)

@@ -5,6 +5,8 @@ One message table, keyed by drvmm.capnp's DrvmmCall.  A lock or leadership
 is held by the serving node's lease: when that node dies, it is released
 within the lease's TTL."""
 
+import base64
+import binascii
 import errno
 import json
 
@@ -25,6 +27,35 @@ def request(msg: Msg):
         return drvmm.NameRequest.from_bytes_packed(msg.payload)
     except Exception:  # noqa: BLE001 - malformed input from the wire
         raise IpcError("malformed request", errno.EBADMSG) from None
+
+
+def name_problem(name: str) -> str | None:
+    """Why name cannot name a lock, election or group (None: it can).  Names
+    are etcd key suffixes: '/' separates levels, none empty, '.' or '..'."""
+    if not name:
+        return "empty name"
+    if any(ord(c) < 32 or c == "\x7f" for c in name):
+        return f"control character in name {name!r}"
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        return f"bad name {name!r} (empty, '.' or '..' between '/')"
+    return None
+
+
+def named(msg: Msg):
+    """The request, its name checked."""
+    req = request(msg)
+    problem = name_problem(req.name)
+    if problem:
+        raise IpcError(problem, errno.EINVAL)
+    return req
+
+
+def _under(key: str, prefix: str, what: str) -> str:
+    """key, if it is one of prefix's (else EINVAL: the key of something else
+    in etcd is not this call's to delete)."""
+    if not key.startswith(prefix) or name_problem(key[len(prefix):].rsplit("/", 1)[0]):
+        raise IpcError(f"{key!r} is not a {what} key (they begin with {prefix})", errno.EINVAL)
+    return key
 
 
 def key_reply(key: str = "", value: str = "") -> Msg:
@@ -80,16 +111,19 @@ class DrvmmService:
             raise IpcError(f"{req.name}: not obtained within {timeout:g} s", errno.ETIMEDOUT) from None
 
     async def lock(self, msg: Msg) -> Msg:
-        req = request(msg)
+        req = named(msg)
         key = await self._bounded(req, lambda t: self.etcd.lock(LOCKS + req.name, self.member.lease, timeout=t))
         return key_reply(key, self.member.name)
 
     async def unlock(self, msg: Msg) -> Msg:
-        await self.etcd.unlock(_key(msg))
+        key = _under(_key(msg), LOCKS, "lock")
+        if await self.etcd.get(key) is None:
+            raise IpcError(f"no lock is held under {key!r}", errno.ENOENT)
+        await self.etcd.unlock(key)
         return key_reply()
 
     async def campaign(self, msg: Msg) -> Msg:
-        req = request(msg)
+        req = named(msg)
         value = req.value or self.member.name
         leader = await self._bounded(req, lambda t: self.etcd.campaign(
             ELECTIONS + req.name, value, self.member.lease, timeout=t))
@@ -98,13 +132,17 @@ class DrvmmService:
     async def resign(self, msg: Msg) -> Msg:
         try:
             leader = json.loads(_key(msg))
-        except ValueError:
-            raise IpcError("malformed leadership key", errno.EBADMSG) from None
+            key = base64.b64decode(leader["key"], validate=True).decode()
+        except (ValueError, TypeError, KeyError, binascii.Error):
+            raise IpcError("malformed leadership key (as election campaign printed it)", errno.EBADMSG) from None
+        _under(key, ELECTIONS, "leadership")
+        if await self.etcd.get(key) is None:
+            raise IpcError("no such leadership (resigned, or its node's lease ended)", errno.ENOENT)
         await self.etcd.resign(leader)
         return key_reply()
 
     async def leader(self, msg: Msg) -> Msg:
-        req = request(msg)
+        req = named(msg)
         return key_reply("", await self.etcd.leader(ELECTIONS + req.name) or "")
 
 

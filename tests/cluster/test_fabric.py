@@ -1,6 +1,8 @@
 """The fabric on a real cluster: sendrec between nodes, locks and elections
 through the DRVMM service, and what a dead node does to each."""
 
+import base64
+import json
 import os
 import re
 import signal
@@ -65,6 +67,29 @@ def test_released_lock_passes_on_at_once(cluster_factory):
     key = c.drvs("lock", "acquire", "q", node="n1", check=True).stdout.strip()
     c.drvs("lock", "release", key, node="n1", check=True)
     assert c.drvs("lock", "acquire", "q", "--timeout", "2", node="n2").returncode == 0
+    again = c.drvs("lock", "release", key, node="n1")
+    assert again.returncode == 3 and "no lock is held" in again.stderr
+
+
+def test_lock_and_election_calls_touch_only_their_own_keys(cluster_factory):
+    """A release or resign deletes in etcd: a key that is not a lock's (or a
+    leadership's) is refused, and the VM stays; bad names and timeouts are
+    usage errors."""
+    c = cluster_factory(nodes=2)
+    c.drvs("vm", "create", "keep", "--node", "n1", node="n1", check=True)
+    for key in ("/drvs/vms/keep", "/drvs/locks/../vms/keep", "nosuch"):
+        bad = c.drvs("lock", "release", key, node="n1")
+        assert bad.returncode == 2 and "not a lock key" in bad.stderr, (key, bad.stderr)
+    forged = json.dumps({"name": base64.b64encode(b"/drvs/vms").decode(),
+                         "key": base64.b64encode(b"/drvs/vms/keep").decode(), "rev": "1", "lease": "1"})
+    for key in (forged, "{}", "nonsense"):
+        bad = c.drvs("election", "resign", key, node="n1")
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr, (key, bad.stderr)
+    assert "keep" in c.drvs("vm", "ls", node="n2", check=True).stdout
+    for args in (("lock", "acquire", ""), ("lock", "acquire", "a/../b"), ("election", "leader", ""),
+                 ("lock", "acquire", "x", "--timeout", "-1"), ("election", "campaign", "x", "--timeout", "nan")):
+        bad = c.drvs(*args, node="n1")
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr, (args, bad.stderr)
 
 
 def test_leader_is_re_elected_when_the_leader_dies(cluster_factory):
