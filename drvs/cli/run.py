@@ -12,7 +12,7 @@ import signal
 import sys
 
 from .. import config
-from ..errors import DrvsError
+from ..errors import DrvsError, UsageError
 from ..ns import jail
 from ..store import open_store
 from ..vm.registry import VmRegistry
@@ -55,7 +55,11 @@ def _remote(cfg, node: str, vm_name: str, opts: jail.RunOptions, prog: str) -> i
     from ..ipc import remote
 
     if opts.detached:
-        raise DrvsError("-d with --node is not supported yet: run drvs-run -d on that node")
+        raise UsageError(f"-d runs a program on this node only, and this one runs on node {node} "
+                         "(run drvs-run -d on that node)")
+    if opts.binds:
+        raise UsageError(f"-v binds a path of this host; the program runs on node {node} "
+                         "(run drvs-run -v on that node)")
     code, message = remote.run(cfg.state_dir, node, vm_name, opts)
     if message:
         print(f"{prog}: {message}", file=sys.stderr)

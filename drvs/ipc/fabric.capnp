@@ -61,6 +61,12 @@ struct RunRequest {
   netHost @11 :Bool;
   node @12 :Text;              # the node to run on; empty: the serving node
   pgid @13 :Int32;             # > 0: join this process group of another node (drvs-run --pgid)
+  uid @14 :UInt32;             # drvs-run -u, resolved by the caller
+  gid @15 :UInt32;
+  groups @16 :List(UInt32);
+  caps @17 :List(Text);        # the bounding set's names, when capsGiven (else the jail's default)
+  capsGiven @18 :Bool;
+  cpuset @19 :Text;            # --cpuset-cpus; empty: no list
 }
 
 interface Process {

@@ -398,7 +398,7 @@ class Fabric:
         call = peer.node.run_request()
         r = call.init("request")
         for key, value in req.items():
-            if key in ("argv", "env"):
+            if key in ("argv", "env", "groups", "caps"):
                 items = r.init(key, len(value))
                 for i, v in enumerate(value):
                     items[i] = v

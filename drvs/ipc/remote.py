@@ -54,6 +54,15 @@ async def _run(path: str, node: str, vm: str, opts):
             env[i] = f"{k}={v}"
         r.tty, r.interactive, r.netHost = opts.tty, opts.interactive, opts.net_host
         r.pgid = opts.pgid
+        r.uid, r.gid = opts.uid, opts.gid
+        groups = r.init("groups", len(opts.groups))
+        for i, g in enumerate(opts.groups):
+            groups[i] = g
+        caps = r.init("caps", len(opts.caps))
+        for i, c in enumerate(opts.caps):
+            caps[i] = c
+        r.capsGiven = True
+        r.cpuset = opts.limits.cpuset or ""
         r.cpus = opts.limits.cpus or 0.0
         r.memory = opts.limits.memory or 0
         r.pidsLimit = opts.limits.pids or 0

@@ -47,10 +47,13 @@ class RemoteRun:
         for item in r["env"]:
             k, _, v = item.partition("=")
             env[k] = v
-        limits = Limits(cpus=r["cpus"] or None, memory=r["memory"] or None, pids=r["pidsLimit"] or None)
+        limits = Limits(cpus=r["cpus"] or None, cpuset=r["cpuset"] or None, memory=r["memory"] or None,
+                        pids=r["pidsLimit"] or None)
+        caps = tuple(r["caps"]) if r["capsGiven"] else jail.DEFAULT_CAPS
         return jail.RunOptions(argv=list(r["argv"]), env=env, cwd=r["workdir"] or "/data", tty=r["tty"],
                                interactive=r["interactive"], limits=limits, net_host=r["netHost"],
-                               stdio=stdio, rows=r["rows"], cols=r["cols"], pgid=r["pgid"])
+                               stdio=stdio, rows=r["rows"], cols=r["cols"], pgid=r["pgid"],
+                               uid=r["uid"], gid=r["gid"], groups=tuple(r["groups"]), caps=caps)
 
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Start the program, pump its output, wait for its end."""
@@ -209,4 +212,6 @@ def request_dict(r) -> dict:
     """A RunRequest reader, copied out (readers die with their message)."""
     return {"vm": r.vm, "argv": list(r.argv), "env": list(r.env), "workdir": r.workdir, "tty": r.tty,
             "interactive": r.interactive, "rows": r.rows, "cols": r.cols, "cpus": r.cpus, "memory": r.memory,
-            "pidsLimit": r.pidsLimit, "netHost": r.netHost, "node": r.node, "pgid": r.pgid}
+            "pidsLimit": r.pidsLimit, "netHost": r.netHost, "node": r.node, "pgid": r.pgid,
+            "uid": r.uid, "gid": r.gid, "groups": list(r.groups), "caps": list(r.caps), "capsGiven": r.capsGiven,
+            "cpuset": r.cpuset}

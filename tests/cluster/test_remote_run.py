@@ -48,6 +48,21 @@ def test_program_really_runs_on_the_other_node(cluster_factory):
         assert proc.wait(timeout=20) == 128 + signal.SIGTERM
 
 
+def test_user_capabilities_and_cpus_go_with_the_program(cluster_factory):
+    """What -u, --cap-drop/--cap-add and --cpuset-cpus ask of a run holds on
+    the node it runs on; -v (a path of the caller's host) is refused."""
+    c = cluster_factory(nodes=2)
+    p = run_on(c, "n1", "--node", "n2", "-u", "65534:65534", "--cap-drop", "ALL", "--cpuset-cpus", "0", "--",
+               "sh", "-c", "id -u; id -g; grep -E '^(CapBnd|Cpus_allowed_list)' /proc/self/status")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["65534", "65534", "CapBnd:", "0000000000000000", "Cpus_allowed_list:", "0"]
+    p = run_on(c, "n1", "--node", "n2", "--cap-drop", "ALL", "--cap-add", "KILL", "--",
+               "grep", "^CapBnd", "/proc/self/status")
+    assert p.returncode == 0 and p.stdout.split() == ["CapBnd:", "0000000000000020"], p.stderr
+    p = run_on(c, "n1", "--node", "n2", "-v", "/tmp:/x", "--", "true")
+    assert p.returncode == 2 and "-v binds a path of this host" in p.stderr
+
+
 def test_binary_data_streams_both_ways(cluster_factory):
     c = cluster_factory(nodes=2)
     data = os.urandom(8 << 20)
