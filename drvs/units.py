@@ -48,3 +48,12 @@ def parse_cpuset(text: str) -> str:
     if not _CPUSET.match(text):
         raise UsageError(f"invalid CPU list {text!r}: expected e.g. 0, 0-3 or 0,2-3")
     return text
+
+
+def cpuset_ids(text: str) -> set[int]:
+    """The CPUs a (valid) CPU list names."""
+    ids: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        ids.update(range(int(lo), int(hi or lo) + 1))
+    return ids

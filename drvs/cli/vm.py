@@ -11,7 +11,7 @@ from ..errors import Conflict, NotFound, UsageError
 from ..ns import cell as cells
 from ..ns import jail
 from ..store import open_store
-from ..units import format_size
+from ..units import cpuset_ids, format_size
 from ..vm.model import VmSpec, check_name, parse_share
 from ..vm.registry import VmRegistry
 from .common import age, emit, print_table
@@ -90,6 +90,9 @@ def check_shares(store, shares: dict) -> None:
         spec = json.loads(entry.value)
         if limits.cpus and limits.cpus > spec["cpus"]:
             raise UsageError(f"share of {node} asks for {limits.cpus:g} CPUs; {node} has {spec['cpus']}")
+        if limits.cpuset and "cpu_list" in spec and not cpuset_ids(limits.cpuset) <= set(spec["cpu_list"]):
+            raise UsageError(f"share of {node} asks for CPUs {limits.cpuset}; {node} has "
+                             f"{','.join(map(str, spec['cpu_list']))}")
         if limits.memory and limits.memory > spec["memory"]:
             raise UsageError(f"share of {node} asks for {format_size(limits.memory)} of memory; "
                              f"{node} has {format_size(spec['memory'])}")
@@ -198,7 +201,9 @@ def rm(args) -> int:
                     cell.cgroup.child(r).kill_all()
             finally:
                 cell.close()
-            cells.release(lock)
+            # forced: a cell drvmmd pinned for the VM's share goes too (its
+            # record is dropped below, and the reconciler could no more find it)
+            cells.release(lock, force=True)
         try:
             reg.remove(args.name)
         except Exception:

@@ -95,7 +95,8 @@ class Member:
         self.pid_index = await claim_pid_range(self.etcd, self.name)
         await self.etcd.put(spec_key(self.name), json.dumps({
             "name": self.name, "address": self.address, "uid": self.uid, "cpus": self.cpus,
-            "memory": self.memory, "version": __version__, "joined": joined, "cordoned": cordoned,
+            "memory": self.memory, "cpu_list": sorted(os.sched_getaffinity(0)),
+            "version": __version__, "joined": joined, "cordoned": cordoned,
             "pid_index": self.pid_index}))
         self.lease = await self.etcd.grant(LEASE_TTL)
         await self.publish()

@@ -22,25 +22,32 @@ RESYNC = 5.0
 
 
 def reconcile_once(cfg, node: str, vms: list[VmSpec], pid_range=(0, 0)) -> dict:
-    """One pass; returns what changed."""
-    changed = {"created_or_resized": [], "removed": []}
+    """One pass; returns what changed, and what failed (per VM: one VM's
+    share that cannot be applied does not hold up the others')."""
+    changed = {"created_or_resized": [], "removed": [], "failed": {}}
     desired = {vm.name: vm for vm in vms if node in vm.shares}
     for name, vm in desired.items():
-        with cells.locked(cfg, name) as lock:
-            had = cells.find(lock)
-            if had is not None:
-                had.close()
-            cell = cells.ensure(lock, vm, vm.shares[node], pin=True, pid_range=pid_range)
-            cell.close()
-            if had is None:
-                changed["created_or_resized"].append(name)
+        try:
+            with cells.locked(cfg, name) as lock:
+                had = cells.find(lock)
+                if had is not None:
+                    had.close()
+                cell = cells.ensure(lock, vm, vm.shares[node], pin=True, pid_range=pid_range)
+                cell.close()
+                if had is None:
+                    changed["created_or_resized"].append(name)
+        except DrvsError as e:
+            changed["failed"][name] = str(e)
     for name in cells.cells(cfg):
         if name in desired:
             continue
-        with cells.locked(cfg, name) as lock:
-            if (lock.read_record() or {}).get("pinned"):
-                cells.release(lock, force=True)
-                changed["removed"].append(name)
+        try:
+            with cells.locked(cfg, name) as lock:
+                if (lock.read_record() or {}).get("pinned"):
+                    cells.release(lock, force=True)
+                    changed["removed"].append(name)
+        except DrvsError as e:
+            changed["failed"][name] = str(e)
     return changed
 
 
@@ -58,6 +65,7 @@ async def run(cfg, etcd, node: str, pid_range=(0, 0), spawner=None) -> None:
                 log.warning("%s; watching again soon", e)
             await trio.sleep(1)
 
+    failed: dict = {}
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watch)
         while True:
@@ -68,7 +76,12 @@ async def run(cfg, etcd, node: str, pid_range=(0, 0), spawner=None) -> None:
                 else:
                     changed = reconcile_once(cfg, node, vms, pid_range)
                 if changed["created_or_resized"] or changed["removed"]:
-                    log.info("cells: %s", changed)
+                    log.info("cells: created or resized %s, removed %s", changed["created_or_resized"],
+                             changed["removed"])
+                for name, why in changed["failed"].items():
+                    if failed.get(name) != why:  # (said once, not every pass)
+                        log.warning("reconcile: VM %s: %s", name, why)
+                failed = changed["failed"]
             except (DrvsError, EtcdUnavailable) as e:
                 log.warning("reconcile: %s", e)
             with trio.move_on_after(RESYNC):

@@ -5,7 +5,9 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 from drvs.cluster.context import setns_net
 from tests.cluster.conftest import BIN
@@ -94,3 +96,36 @@ def test_share_errors(cluster_factory):
     assert (p.returncode, p.stderr) == (3, "drvs: no such node: 'n8' (see `drvs node ls`)\n")
     p = c.drvs("vm", "create", "odd", "--node", "n1:color=red", node="n1")
     assert p.returncode == 2 and "invalid share" in p.stderr
+    p = c.drvs("vm", "create", "wide", "--node", "n1:cpuset=0-999", node="n1")
+    assert p.returncode == 2 and "share of n1 asks for CPUs 0-999; n1 has" in p.stderr
+
+
+FORGE = """
+import sys
+from drvs.cluster.context import enter_node
+enter_node("n1")
+from drvs.store import open_store
+from drvs.vm.model import Limits
+from drvs.vm.registry import VmRegistry, _PREFIX
+store = open_store()
+spec = VmRegistry(store).get("bad")
+spec.shares["n1"] = Limits(cpuset="0-999")
+store.put(_PREFIX + "bad", spec.to_json())
+"""
+
+
+def test_a_share_that_cannot_be_applied_holds_up_no_other_vm(cluster_factory):
+    """A VM whose share its node cannot apply (a definition written before
+    its checks, or by hand) is reported, and the node's other VMs still get
+    and lose their cells."""
+    c = cluster_factory(nodes=1)
+    c.drvs("vm", "create", "bad", "--node", "n1", node="n1", check=True)
+    c.drvs("vm", "create", "gone", "--node", "n1", node="n1", check=True)
+    assert wait_for(lambda: cell_inits(c, "n1", "gone"))
+    subprocess.run([sys.executable, "-c", FORGE], env=c.env, check=True)
+    c.drvs("vm", "rm", "gone", node="n1", check=True)
+    c.drvs("vm", "create", "later", "--node", "n1", node="n1", check=True)
+    ok = wait_for(lambda: cell_inits(c, "n1", "later") and not cell_inits(c, "n1", "gone"))
+    log = (Path(c.node("n1")["state_dir"]) / "drvmmd.log").read_text()
+    assert ok, log[-3000:]
+    assert log.count("reconcile: VM bad: ") == 1, log[-3000:]
