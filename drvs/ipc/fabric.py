@@ -691,7 +691,14 @@ class ProcessServer(schema.Process.Server):
         self.rr.signal(signal)
 
     async def wait(self, _context, **kwargs):
-        await self.guest.call_trio(self.rr.done.wait)
+        try:
+            await self.guest.call_trio(self.rr.done.wait)
+        except asyncio.CancelledError:
+            # capnp cancels a call whose connection went: the caller (drvs-run,
+            # or the node it came through) is gone, and a quiet program would
+            # otherwise never notice (its output is how a loud one does)
+            self.rr.caller_gone()
+            raise
         _context.results.exitCode = self.rr.exit_code
         _context.results.message = self.rr.message
 

@@ -147,12 +147,25 @@ def test_login_on_another_node(cluster_factory):
 
 def test_a_vanished_caller_ends_the_program_not_the_daemon(cluster_factory):
     c = cluster_factory(nodes=2)
+    quiet = subprocess.Popen([str(BIN / "drvs-run"), "--node", "n2", "--", "sleep", "3131"],
+                             env={**c.env, "DRVS_NODE": "n1"})
     caller = subprocess.Popen([str(BIN / "drvs-run"), "--node", "n2", "--", "sh", "-c",
                                "while :; do echo tick; sleep 0.01; done"],
                               env={**c.env, "DRVS_NODE": "n1"}, stdout=subprocess.PIPE)
     assert caller.stdout.readline() == b"tick\n"
     caller.kill()
     caller.wait()
+    # one that prints nothing is ended too (it never finds out by a failed write)
+    deadline = time.monotonic() + 15
+    while "sleep 3131" not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout:
+        assert time.monotonic() < deadline, "the quiet program never started"
+        time.sleep(0.1)
+    quiet.kill()
+    quiet.wait()
+    deadline = time.monotonic() + 15
+    while "sleep 3131" in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout:
+        assert time.monotonic() < deadline, "the quiet program outlived its caller"
+        time.sleep(0.2)
     # n2's drvmmd lives on, and the program it ran for the caller is gone.
     deadline = time.monotonic() + 15
     while "while :; do echo tick" in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout:
