@@ -44,6 +44,12 @@ class StoreError(DrvsError):
     exit_code = 5
 
 
+class EtcdUnavailable(DrvsError):
+    """No etcd endpoint of the cluster answered in time."""
+
+    exit_code = 6
+
+
 class SetupError(DrvsError):
     """A step of building the jail failed; the program did not start."""
 

@@ -16,15 +16,11 @@ import math
 import httpx
 import trio
 
-from ..errors import DrvsError
+from ..errors import DrvsError, EtcdUnavailable  # noqa: F401 - (EtcdUnavailable: imported from here too)
 
 PROGRESS_EVERY = 2.0   # seconds: etcd's progress notifications (etcd_process.py starts it so)
 WATCH_SILENCE = 10.0   # seconds without a word after which a stream is opened again
 from ..store import CompareFailed, Entry
-
-
-class EtcdUnavailable(DrvsError):
-    exit_code = 6
 
 
 class EtcdError(DrvsError):
@@ -98,7 +94,8 @@ class Etcd:
             if r.status_code != 200:
                 raise EtcdError(f"etcd {path}: {data.get('error') or data.get('message') or r.status_code}")
             return data
-        raise EtcdUnavailable(f"etcd unreachable at {', '.join(self.endpoints)}: {last}")
+        why = (str(last) or "no answer in time") if last is not None else "no endpoint"
+        raise EtcdUnavailable(f"etcd unreachable at {', '.join(self.endpoints)}: {why}")
 
     # -- key-value -----------------------------------------------------------
 

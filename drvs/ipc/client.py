@@ -7,7 +7,7 @@ import asyncio
 import errno
 import os
 
-from .message import IpcError, Msg
+from .message import IpcError, Msg, kj_reason
 
 
 def socket_path(state_dir: str) -> str:
@@ -51,5 +51,5 @@ async def _call(path: str, target: str, msg: Msg, timeout: float) -> Msg:
         except asyncio.TimeoutError:
             raise IpcError(f"{target}: no reply within {timeout:g} s", errno.ETIMEDOUT) from None
         except capnp.KjException as e:
-            raise IpcError(f"drvmmd: {e.description}", errno.EIO) from None
+            raise IpcError(f"drvmmd: {kj_reason(e)}", errno.EIO) from None
         return Msg.from_capnp(result.reply)

@@ -24,7 +24,8 @@ import trio
 
 from . import level0, wire
 from .bridge import aio, aio_future, capnp_await, current_guest
-from .message import NOTIFY, IpcError, Later, Msg, failure
+from ..errors import DrvsError, EtcdUnavailable
+from .message import ETCD_AWAY, NOTIFY, IpcError, Later, Msg, failure
 from .schema import BULK, bulk_at, pointer_index
 from .schema import fabric as schema
 
@@ -220,8 +221,6 @@ class Fabric:
         """register(), riding out an etcd outage: for a node's own endpoints
         as it starts, when others already see it Ready (it must not die of
         an outage it could wait out)."""
-        from ..cluster.etcd import EtcdUnavailable
-
         said = False
         while True:
             try:
@@ -470,6 +469,8 @@ class Fabric:
             return failure(errno.ETIMEDOUT, f"{target}: no reply within {timeout or DEFAULT_TIMEOUT * 12:g} s")
         except IpcError as e:
             return failure(e.errno, str(e))
+        except EtcdUnavailable as e:
+            return failure(ETCD_AWAY, f"{target}: {e}")
         except Exception as e:  # noqa: BLE001 - a server bug must not take the daemon down
             log.exception("endpoint %s failed on message type %s", target, msg.type if msg else "(later)")
             return failure(errno.EIO, f"{target}: server error: {type(e).__name__}: {e}")
@@ -569,6 +570,8 @@ class NodeServer(schema.Node.Server):
             return await self.fabric.sendrec(target, m, timeout)
         except IpcError as e:
             return failure(e.errno, str(e))
+        except EtcdUnavailable as e:  # (resolving target; the client says exit 6)
+            return failure(ETCD_AWAY, str(e))
 
     async def notify(self, target, source, _context, **kwargs):
         m = Msg(NOTIFY, source=source)
@@ -598,7 +601,7 @@ class NodeServer(schema.Node.Server):
             # other node's Process comes back (capnp proxies both through us).
             try:
                 _context.results.process = await self.guest.call_trio(fabric.forward_run, req, stdout, stderr)
-            except IpcError as e:
+            except DrvsError as e:  # (IpcError; EtcdUnavailable while finding the node)
                 _context.results.process = FailedProcess(e.exit_code, str(e))
             return
         rr = RemoteRun(req, stdout, stderr, fabric.etcd, supervise=fabric.supervise,

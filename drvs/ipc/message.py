@@ -109,9 +109,33 @@ def failure(err: int, text: str = "") -> Msg:
     return Msg(0, status=-err, error=text or os.strerror(err))
 
 
+# The errno of a reply that says the node could not reach etcd (to find an
+# endpoint, or in the endpoint's own work): the client then fails as etcd
+# unreachable (exit 6), not as a message lost (7).
+ETCD_AWAY = _errno.ENOLINK
+
+
 def check(reply: Msg, target: str) -> Msg:
     """The reply, or IpcError with the server's errno and words."""
     if reply.status < 0:
         text = reply.error or os.strerror(-reply.status)
+        if reply.status == -ETCD_AWAY:
+            from ..errors import EtcdUnavailable
+
+            raise EtcdUnavailable(text)
         raise IpcError(text if text.startswith(f"{target}: ") else f"{target}: {text}", -reply.status)
     return reply
+
+
+def kj_reason(e) -> str:
+    """One line for the user from a capnp KjException: a remote server's
+    Python traceback is reduced to its last line, an empty text to the
+    exception's kind."""
+    text = str(getattr(e, "description", "") or "").strip().removeprefix("remote exception:").strip()
+    text = text.removeprefix("message =").strip()  # (pycapnp's words for a Python exception in a server)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    line = lines[-1] if any(line.startswith("Traceback") for line in lines) else (lines[0] if lines else "")
+    if line in ("", "None", "message = None"):
+        kind = str(getattr(e, "type", "") or "").lower()
+        return "the connection was lost" if kind == "disconnected" else (kind or "unknown failure")
+    return line

@@ -10,7 +10,7 @@ import errno
 import os
 import signal
 
-from .message import IpcError
+from .message import IpcError, kj_reason
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -88,7 +88,7 @@ async def _run(path: str, node: str, vm: str, opts):
         try:
             process = (await call.send()).process
         except capnp.KjException as e:
-            raise IpcError(f"node {node}: {e.description}", errno.EIO) from None
+            raise IpcError(f"node {node}: {kj_reason(e)}", errno.EIO) from None
         target["process"] = process
         for sig in pending:
             asyncio.ensure_future(process.signal(sig))
@@ -109,7 +109,7 @@ async def _run(path: str, node: str, vm: str, opts):
             else:
                 result = await process.wait()
         except capnp.KjException as e:
-            raise IpcError(f"node {node}: lost the program: {e.description}", errno.ECONNRESET) from None
+            raise IpcError(f"node {node}: lost the program: {kj_reason(e)}", errno.ECONNRESET) from None
         finally:
             if pump is not None:
                 pump.cancel()

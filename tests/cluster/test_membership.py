@@ -101,6 +101,7 @@ def test_node_commands_outside_a_cluster_are_clear_errors(cluster_factory, tmp_p
 def test_etcd_outage_is_reported_and_ridden_out(cluster_factory):
     from drvs.cluster import etcd_process
     from drvs.dev.cluster import _in_netns
+    from tests.cluster.conftest import BIN
 
     c = cluster_factory(nodes=2)
     etcd = c.info["etcd"]
@@ -109,6 +110,15 @@ def test_etcd_outage_is_reported_and_ridden_out(cluster_factory):
     p = c.drvs("node", "ls", node="n1")
     assert p.returncode == 6 and "etcd unreachable" in p.stderr and "Traceback" not in p.stderr
     assert time.monotonic() - t0 < 15
+    # every command says so in one line, with exit 6, whether it asks etcd
+    # itself or through its node's drvmmd
+    for args in (("vm", "ls"), ("lock", "acquire", "x", "--timeout", "1"), ("election", "leader", "e"),
+                 ("ipc", "ping", "drvmm@n2")):
+        p = c.drvs(*args, node="n1")
+        assert (p.returncode, p.stderr.count("\n")) == (6, 1) and "etcd unreachable" in p.stderr, (args, p.stderr)
+    p = subprocess.run([str(BIN / "drvs-run"), "--node", "n2", "--", "true"], env={**c.env, "DRVS_NODE": "n1"},
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode in (0, 6) and "Traceback" not in p.stderr and p.stderr.count("\n") <= 1, p.stderr
     time.sleep(2)
     for n in ("n1", "n2"):  # the daemons wait it out, they do not die
         alive = subprocess.run(["kill", "-0", str(c.node(n)["pid"])]).returncode == 0
