@@ -117,6 +117,18 @@ def _drvs_mount_at(target: str) -> "str | None":
     return None
 
 
+def vm_mounts(vm: str) -> list[str]:
+    """Where drvs mount bound vm's file system on this host."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            if fields[sep + 1] == FSTYPE and _unescape(fields[3]) == f"/fs/{vm}":
+                out.append(_unescape(fields[4]))
+    return out
+
+
 def _unescape(path: str) -> str:
     return path.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 

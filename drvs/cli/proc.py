@@ -57,6 +57,11 @@ def _local_ps(cfg, vm: str) -> list[dict]:
         procs.close()
 
 
+def cluster_processes(cfg, vm: str) -> tuple[list[dict], list[str]]:
+    """The processes of a cluster VM on all its nodes, and the nodes that did not say."""
+    return _cluster_ps(cfg, cluster_info(cfg), vm)
+
+
 def _cluster_ps(cfg, info, vm: str) -> tuple[list[dict], list[str]]:
     """Ask the VM's PM; without one (a VM with no shares), this node's half."""
     from ..ipc import client

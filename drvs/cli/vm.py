@@ -4,10 +4,11 @@ import glob
 import json
 import os
 import shutil
+import sys
 
 from .. import config
 from ..cluster.context import cluster_info
-from ..errors import Conflict, NotFound, UsageError
+from ..errors import Conflict, DrvsError, NotFound, UsageError
 from ..ns import cell as cells
 from ..ns import jail
 from ..store import open_store
@@ -63,6 +64,43 @@ def create(args) -> int:
                                            fs_sync=args.fs_sync))
     print(spec.name)
     return 0
+
+
+def _not_in_use_elsewhere(cfg, spec: VmSpec, force: bool) -> None:
+    """A cluster VM is busy while programs of it run on any node, or its
+    file system is mounted on this host (drvs mount): Conflict, unless
+    forced (then those mounts are detached; the nodes end the programs)."""
+    from .fs import vm_mounts
+
+    mounts = vm_mounts(spec.name)
+    if force:
+        for m in mounts:
+            _detach(m)
+        return
+    if mounts:
+        raise Conflict(f"VM {spec.name!r}: its file system is mounted on {', '.join(mounts)} "
+                       "(drvs umount it, or use --force)")
+    if not spec.shares:
+        return
+    from .proc import cluster_processes
+
+    try:
+        procs, _ = cluster_processes(cfg, spec.name)
+    except DrvsError as e:
+        raise Conflict(f"VM {spec.name!r}: cannot tell whether programs of it run ({e}); "
+                       "use --force to remove it anyway") from None
+    if procs:
+        nodes = sorted({p.get("node", "?") for p in procs})
+        raise Conflict(f"VM {spec.name!r} has {len(procs)} running process(es) on {', '.join(nodes)}: "
+                       "end them or use --force")
+
+
+def _detach(mountpoint: str) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(mountpoint.encode(), 2) != 0:  # MNT_DETACH
+        print(f"drvs vm rm: umount {mountpoint}: {os.strerror(ctypes.get_errno())}", file=sys.stderr)
 
 
 def fs_replica_nodes(nodes: list[str], replicas: int | None) -> list[str]:
@@ -187,8 +225,9 @@ def show(args) -> int:
 def rm(args) -> int:
     cfg = config.load()
     reg = VmRegistry(open_store())
-    if args.name != "default":
-        reg.get(args.name)  # NotFound for an unknown VM (the default VM always "exists")
+    spec = reg.get(args.name) if args.name != "default" else None  # NotFound for an unknown VM
+    if spec is not None and (spec.shares or spec.fs_nodes) and cluster_info(cfg):
+        _not_in_use_elsewhere(cfg, spec, args.force)
     with cells.locked(cfg, args.name) as lock:
         cell = cells.find(lock)
         if cell is not None:

@@ -877,6 +877,27 @@ def test_drvs_mount_umount_and_df(fsc, d, tmp_path):
     _wait(lambda: "fs@web" in (fsc.nodes()[row["server"]]["load"] or {}).get("servers", ()))
 
 
+def test_a_vm_whose_file_system_is_mounted_is_busy(fsc, tmp_path):
+    """vm rm refuses a VM whose file system drvs mount bound on this host
+    (exit 4, naming where); --force detaches those mounts with the VM."""
+    fsc.drvs("vm", "create", "scratch", "--node", "n1", "--fs-replicas", "1", node="n1", check=True)
+    mnt = tmp_path / "scratch"
+    mnt.mkdir()
+    try:
+        m = fsc.drvs("mount", "scratch", str(mnt), node="n1")
+        assert m.returncode == 0, m.stderr
+        p = fsc.drvs("vm", "rm", "scratch", node="n1")
+        assert p.returncode == 4 and f"mounted on {mnt}" in p.stderr, p.stderr
+        assert os.path.ismount(mnt)
+        fsc.drvs("vm", "rm", "scratch", "--force", node="n1", check=True)
+        assert not os.path.ismount(mnt)
+        assert "scratch" not in fsc.drvs("vm", "ls", node="n2", check=True).stdout
+    finally:
+        if os.path.ismount(mnt):
+            subprocess.run(["umount", "-l", str(mnt)])
+        fsc.drvs("vm", "rm", "scratch", "--force", node="n1")
+
+
 WRITER = r"""
 import errno, os, sys, time
 fd = os.open(sys.argv[1], os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o644)

@@ -129,3 +129,23 @@ def test_a_share_that_cannot_be_applied_holds_up_no_other_vm(cluster_factory):
     log = (Path(c.node("n1")["state_dir"]) / "drvmmd.log").read_text()
     assert ok, log[-3000:]
     assert log.count("reconcile: VM bad: ") == 1, log[-3000:]
+
+
+def test_a_vm_in_use_on_another_node_is_busy(cluster_factory):
+    """vm rm without --force refuses a VM whose programs run on any node
+    (exit 4); --force ends them there."""
+    c = cluster_factory(nodes=2)
+    c.drvs("vm", "create", "busy", "--node", "n2", node="n1", check=True)
+    assert wait_for(lambda: cell_inits(c, "n2", "busy"))
+    prog = subprocess.Popen([str(BIN / "drvs-run"), "--vm", "busy", "--", "sleep", "3232"],
+                            env={**c.env, "DRVS_NODE": "n1"})
+    try:
+        assert wait_for(lambda: "sleep 3232" in c.drvs("ps", "busy", node="n1").stdout)
+        p = c.drvs("vm", "rm", "busy", node="n1")
+        assert p.returncode == 4 and "running process(es) on n2" in p.stderr, p.stderr
+        assert "busy" in c.drvs("vm", "ls", node="n1", check=True).stdout
+        c.drvs("vm", "rm", "busy", "--force", node="n1", check=True)
+        assert prog.wait(timeout=30) != 0
+    finally:
+        prog.kill()
+        prog.wait()
