@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
 import sys
 
 from ..errors import user_error
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line (its usage block is what
+    --help is for); exit 2, as every usage error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def guarded(prog: str, body) -> int:

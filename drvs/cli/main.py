@@ -21,13 +21,13 @@ from . import ipc as ipc_cli
 from . import node as node_cli
 from . import proc as proc_cli
 from . import vm as vm_cli
-from .common import guarded
+from .common import Parser, guarded
 from .options import add_run_options, run_options, typed
 from .run import execute
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="drvs", description="Distributed Resources Virtualization System.")
+    p = Parser(prog="drvs", description="Distributed Resources Virtualization System.")
     p.add_argument("--version", action="version", version=f"drvs {__version__}")
     p.add_argument("--node", default=os.environ.get("DRVS_NODE"), metavar="NAME",
                    help="act as node NAME of the local dev cluster (or $DRVS_NODE)")

@@ -16,12 +16,12 @@ from ..errors import DrvsError, UsageError
 from ..ns import jail
 from ..store import open_store
 from ..vm.registry import VmRegistry
-from .common import guarded
+from .common import Parser, guarded
 from .options import add_run_options, run_options
 
 
 def parser(prog: str = "drvs-run") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=prog, description="Run a program in a DRVM jail on this node.",
         epilog="Exit status: the program's, or 125 setup failed, 126 not executable, "
                "127 not found, 2 usage, 3 unknown VM.")

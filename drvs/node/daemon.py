@@ -8,7 +8,6 @@ really running, so cells, cgroups and records left by runs that were killed
 membership, placement) grows here.
 """
 
-import argparse
 import glob
 import json
 import logging
@@ -19,6 +18,7 @@ import sys
 import trio
 
 from .. import config
+from ..cli.common import Parser
 from ..cluster.context import cluster_info, etcd_client
 from ..cluster.etcd import EtcdUnavailable
 from ..cluster.membership import Member
@@ -188,7 +188,7 @@ async def _tidy_loop(cfg: config.Config, interval: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="drvmmd", description="DRVS node daemon.")
+    p = Parser(prog="drvmmd", description="DRVS node daemon.")
     p.add_argument("--once", action="store_true", help="one housekeeping pass, then exit")
     p.add_argument("--interval", type=float, default=5.0, help="seconds between passes")
     args = p.parse_args(argv)
