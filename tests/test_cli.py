@@ -150,3 +150,18 @@ def test_a_table_into_a_pipe_keeps_whole_values_and_no_trailing_blanks():
     lines = out.splitlines()
     assert lines[0].split() == ["NAME", "VALUE"] and lines[1].split() == [long, "v"] and lines[2].split() == ["n", "w"]
     assert all(line == line.rstrip() for line in lines)
+
+
+def test_dev_cluster_up_refuses_bad_input_before_making_anything(drvs, tmp_path_factory):
+    """A cluster's name names namespaces and files: a bad one (or node count,
+    or CPUs per node) is a usage error, and nothing is made."""
+    tmp_path = tmp_path_factory.mktemp("cwd")
+    before = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    mounts = open("/proc/self/mountinfo").read()
+    for args, fragment in ((["--name", "RV1 bad/"], "invalid cluster name"), (["--name", "../x"], "invalid cluster name"),
+                           (["--nodes", "0"], "1 to 64 nodes"), (["--cpus-per-node", "0"], "at least 1"),
+                           (["--nodes", "2", "--cpus-per-node", "999"], "this machine has")):
+        p = drvs.drvs("dev", "cluster", "up", *args, cwd=tmp_path)
+        assert p.returncode == 2 and fragment in p.stderr and p.stderr.count("\n") == 1, (args, p.stderr)
+    assert set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()) == before
+    assert open("/proc/self/mountinfo").read() == mounts and list(tmp_path.iterdir()) == []

@@ -7,6 +7,7 @@ namespace of its own on the same bridge.  `down` removes all of it, also
 after a partial `up`."""
 
 import json
+import re
 import os
 import secrets
 import shutil
@@ -16,7 +17,7 @@ import sys
 import time
 import urllib.request
 
-from ..errors import Conflict, SetupError
+from ..errors import Conflict, SetupError, UsageError
 from ..ns.cgroup import Cgroup
 from ..cluster.context import dev_cluster_file, read_json, setns_net
 from ..cluster import etcd_process, pki
@@ -33,11 +34,16 @@ def up(state_dir: str, nodes: int, cpus_per_node: int | None = None, name: str =
     path = dev_cluster_file(state_dir)
     if os.path.exists(path):
         raise Conflict(f"a dev cluster is up already ({path}); `drvs dev cluster down` first")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,15}", name):
+        # (it names network namespaces, files under /run/netns and cgroups)
+        raise UsageError(f"invalid cluster name {name!r}: 1-16 of a-z, 0-9 and '-', not first")
     if not 1 <= nodes <= 64:
-        raise SetupError("a dev cluster has 1 to 64 nodes")
+        raise UsageError(f"--nodes {nodes}: a dev cluster has 1 to 64 nodes")
     cpus = sorted(os.sched_getaffinity(0))
+    if cpus_per_node is not None and cpus_per_node < 1:
+        raise UsageError(f"--cpus-per-node {cpus_per_node}: at least 1")
     if cpus_per_node and cpus_per_node * nodes > len(cpus):
-        raise SetupError(f"{nodes} nodes x {cpus_per_node} CPUs need {nodes * cpus_per_node} CPUs; "
+        raise UsageError(f"{nodes} nodes x {cpus_per_node} CPUs need {nodes * cpus_per_node} CPUs; "
                          f"this machine has {len(cpus)}")
     taken = [n for n in netns.existing(name)]
     if taken:
