@@ -95,7 +95,9 @@ def _local() -> tuple[str, str]:
     return cfg.state_dir, f"drvmm@{info['node']}"
 
 
-def _call(call, payload: bytes, timeout: float, target: str | None = None):
+def _call(call, payload: bytes, timeout: float, target: str | None = None, by_key: bool = False):
+    """by_key: the call names a lock or leadership by its key, so ENOENT
+    (none held under it) and EINVAL (not such a key) are the user's."""
     from ..ipc import client
     from ..ipc.message import Msg, check
 
@@ -103,7 +105,7 @@ def _call(call, payload: bytes, timeout: float, target: str | None = None):
     target = target or local
     # A blocking call's own timeout, plus the fabric's bound on top.
     reply = client.sendrec(state_dir, target, Msg(call, payload), timeout=timeout)
-    if reply.status in (-errno.ENOENT, -errno.EINVAL, -errno.EBADMSG):
+    if by_key and reply.status in (-errno.ENOENT, -errno.EINVAL, -errno.EBADMSG):
         # (what the user named: no such key, or not a key of this kind)
         err = NotFound if reply.status == -errno.ENOENT else UsageError
         text = reply.error or os.strerror(-reply.status)
@@ -158,7 +160,7 @@ def lock_acquire(args) -> int:
 def lock_release(args) -> int:
     from ..ipc.schema import drvmm
 
-    _call(drvmm.DrvmmCall.unlock, _key(args.key), 10)
+    _call(drvmm.DrvmmCall.unlock, _key(args.key), 10, by_key=True)
     return 0
 
 
@@ -184,7 +186,7 @@ def leader(args) -> int:
 def resign(args) -> int:
     from ..ipc.schema import drvmm
 
-    _call(drvmm.DrvmmCall.resign, _key(args.key), 10)
+    _call(drvmm.DrvmmCall.resign, _key(args.key), 10, by_key=True)
     return 0
 
 
