@@ -27,6 +27,7 @@ from ..vm.registry import VmRegistry
 log = logging.getLogger("drvmmd")
 CHUNK = 64 * 1024
 CALLER_SILENT_LIMIT = 300.0  # seconds a caller may leave output unread
+CALLER_CHECK = 2.0           # seconds between looks at a quiet program's caller
 
 
 class RemoteRun:
@@ -88,6 +89,7 @@ class RemoteRun:
             for fd in child_fds:
                 os.close(fd)
         task_status.started()
+        watching = trio.CancelScope()
         try:
             async with trio.open_nursery() as pumps:
                 if self.req["tty"]:
@@ -97,7 +99,9 @@ class RemoteRun:
                 else:
                     pumps.start_soon(self._pump_out, ours[0], self.stdout, False)
                     pumps.start_soon(self._pump_out, ours[1], self.stderr, False)
+                pumps.start_soon(self._watch_caller, watching)
                 await trio.lowlevel.wait_readable(self.run.proc.pidfd)
+                watching.cancel()
             result = self.run.reap()
             self.exit_code = result.exit_code
             self.message = jail.explain(result) or ""
@@ -152,6 +156,21 @@ class RemoteRun:
         finally:
             if stream is not None:
                 await stream.aclose()
+
+    async def _watch_caller(self, scope: trio.CancelScope) -> None:
+        """A quiet program's caller is asked now and then whether it is
+        still there (an empty write: a failed one is how a program that
+        prints finds out); gone, the program is ended."""
+        with scope:
+            while True:
+                await trio.sleep(CALLER_CHECK)
+                try:
+                    with trio.fail_after(CALLER_SILENT_LIMIT):
+                        await capnp_await(self.stdout.write(b""))
+                except (capnp.KjException, trio.TooSlowError, trio.BrokenResourceError):
+                    log.info("caller of %s went away; ending it", self.req["argv"][:1])
+                    self.caller_gone()
+                    return
 
     async def _finish_streams(self) -> None:
         for sink in (self.stdout, self.stderr):
