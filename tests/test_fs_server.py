@@ -194,6 +194,30 @@ async def test_a_file_just_replaced_by_a_rename_is_still_opened_to_read_by_its_n
     assert not server.replaced  # (its descriptor closed)
 
 
+async def test_the_newest_replaced_files_are_kept_openable_when_many_are(tmp_path, monkeypatch):
+    """A file updated by rename many times a second: past REPLACED_MAX held
+    at once, the oldest held goes, not the newest (which an open racing the
+    renames is after)."""
+    from drvs.fs import server as server_mod
+
+    monkeypatch.setattr(server_mod, "REPLACED_MAX", 2)
+    server, fabric = serving(tmp_path)
+    versions = []
+    for i in range(5):
+        v = await call(server, "n2", Call.create, path=b"v%d" % i, flags=os.O_WRONLY, mode=0o644)
+        await call(server, "n2", Call.write, fh=v.fh, offset=0, data=b"%d" % i)
+        await call(server, "n2", Call.release, fh=v.fh)
+        await call(server, "n1", Call.rename, path=b"v%d" % i, path2=b"cfg")
+        versions.append(v.attr.ino)
+    assert len(server.replaced) == 2
+    for i in (2, 3):  # the last two replaced (4 is cfg now)
+        r = await call(server, "n2", Call.open, path=b"cfg", flags=os.O_RDONLY, ino=versions[i], inoEpoch=1)
+        assert bytes((await call(server, "n2", Call.read, fh=r.fh, offset=0, size=10)).data) == b"%d" % i
+        await call(server, "n2", Call.release, fh=r.fh)
+    m = message("n2", Call.open, path=b"cfg", flags=os.O_RDONLY, ino=versions[1], inoEpoch=1)
+    assert (await server.handle(m)).status == -errno.ESTALE
+
+
 def message(node: str, ctype, **fields) -> Msg:
     m = Msg(ctype, to_flat(new(fs.FsRequest, vm="web", **fields)))
     m.node = node

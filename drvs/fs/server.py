@@ -606,9 +606,14 @@ class FsServer:
         Held ones expire here, at an open that asks for one, and on the
         server's periodic pass (not on every call)."""
         self._expire_replaced(time.monotonic())
-        if not done or ino in self.replaced or len(self.replaced) >= REPLACED_MAX:
+        if not done or ino in self.replaced:
             os.close(fd)
             return
+        if len(self.replaced) >= REPLACED_MAX:
+            # the oldest goes: an open racing a rename is after the newest
+            # (a file updated by rename hundreds of times a second)
+            _, (oldest, _) = self.replaced.popitem(last=False)
+            os.close(oldest)
         self.replaced[ino] = (fd, time.monotonic() + REPLACED_GRACE)
 
     def _expire_replaced(self, now: float) -> None:
