@@ -30,7 +30,7 @@ from ..ipc.message import IpcError, Later, Msg
 from ..ipc.schema import from_flat, fs
 from ..ns import mounts
 from ..vm.model import check_name
-from . import fusewait, procview
+from . import caller, fusewait, procview
 
 log = logging.getLogger("drvmmd")
 ROOT = pyfuse3.ROOT_INODE
@@ -78,6 +78,7 @@ class View(pyfuse3.Operations):
         self.nursery = None  # for work that must not hold up a request (serve() sets it)
         self.path = mountpoint(cfg)
         self.next_fh = 1
+        self.next_slot = 1  # (slots are never given twice: a retired one's inodes stay stale)
 
     # -- which part ---------------------------------------------------------------
 
@@ -111,14 +112,20 @@ class View(pyfuse3.Operations):
         except Exception:  # noqa: BLE001 - a name that is no VM's
             raise pyfuse3.FUSEError(errno.ENOENT) from None
         fs_ = self.vms.get(vm)
+        made = await self._made(vm)
+        if fs_ is not None and made is not None and fs_.made != made:
+            self._retire(vm, fs_)  # removed and made again since: another file system
+            fs_ = None
         if fs_ is None:
             await self._served(vm)
             fs_ = self.vms.get(vm)  # (another lookup may have made it meanwhile)
         if fs_ is None:
-            slot = len(self.slots) + 1
+            slot = self.next_slot
             if slot >= FS_TAG:
                 raise pyfuse3.FUSEError(errno.ENFILE)
+            self.next_slot += 1
             fs_ = VmFs(vm, slot, self.fabric, self.nursery.start_soon, self.cache, f"{self.path}/fs/{vm}")
+            fs_.made = made
             self.vms[vm], self.slots[slot] = fs_, fs_  # before any wait: no other lookup takes the slot
             try:
                 return await fs_.start()
@@ -127,6 +134,27 @@ class View(pyfuse3.Operations):
                 self.slots.pop(slot, None)
                 raise
         return await fs_.start()
+
+    async def _made(self, vm: str) -> int | None:
+        """When the VM's definition was made (etcd's create revision: a VM
+        removed and made again under its name is another); None if etcd
+        cannot say now (the file system in use goes on)."""
+        from .elected import VMS
+
+        try:
+            entry = await self.etcd.get(VMS + vm)
+        except DrvsError:
+            return None
+        return entry.create_revision if entry is not None else 0
+
+    def _retire(self, vm: str, fs_: VmFs) -> None:
+        """Forget a removed VM's file system: its inodes are stale from now
+        on (its slot number is never given again)."""
+        log.info("VM %s was removed (and made again): its file system here starts afresh", vm)
+        self.vms.pop(vm, None)
+        self.slots.pop(fs_.slot, None)
+        slot = fs_.slot
+        self.cache.drop_where(lambda key: key >> TAG_SHIFT != slot)  # (what to keep)
 
     async def _served(self, vm: str) -> None:
         """Return once fs@vm is served; ENOENT for a VM without a file
@@ -317,9 +345,12 @@ class View(pyfuse3.Operations):
     @_errno_only
     async def statfs(self, ctx):
         # pyfuse3 does not say which inode is asked about; the caller does:
-        # a jail's process asks about its VM's file system.  A host process
-        # (drvs mount) gets the only VM file system in use here, if one is.
+        # a jail's process asks about its VM's file system; a host process
+        # (drvs mount) about the path or file its system call names
+        # (drvs/dvos/caller.py), else the only VM file system in use here.
         fs_ = self.vms.get(vm_of(ctx.pid) or "")
+        if fs_ is None:
+            fs_ = self.vms.get(await trio.to_thread.run_sync(caller.statfs_vm, ctx.pid) or "")
         if fs_ is None and len(self.vms) == 1:
             fs_, = self.vms.values()
         if fs_ is not None:

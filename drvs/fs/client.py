@@ -127,7 +127,8 @@ class VmFs:
         mounted: where this drvmmd sees the file system (see _relook)."""
         self.vm, self.fabric, self.target, self.spawn, self.cache = vm, fabric, f"fs@{vm}", spawn, cache
         self.mounted = mounted
-        self.tag = slot << TAG_SHIFT
+        self.slot, self.tag = slot, slot << TAG_SHIFT
+        self.made: int | None = None  # the VM definition's create revision (View: a VM made again is another)
         self.inodes: dict[int, Inode] = {}
         self.births = 0  # Inode records made (their born)
         self.entries: dict[tuple[int, bytes], int] = {}  # (directory, name) -> inode, this node's numbers

@@ -886,12 +886,29 @@ def test_a_vm_whose_file_system_is_mounted_is_busy(fsc, tmp_path):
     try:
         m = fsc.drvs("mount", "scratch", str(mnt), node="n1")
         assert m.returncode == 0, m.stderr
+        # with two VM file systems in use on n1, statfs(2) and fstatfs(2) of
+        # a host mount report the one it shows (the caller's call says which)
+        row, = json.loads(fsc.drvs("df", "scratch", "--format", "json", node="n1", check=True).stdout)
+        st = os.statvfs(mnt)
+        assert st.f_blocks * st.f_frsize == row["size"] > 0
+        fd = os.open(mnt, os.O_RDONLY)
+        try:
+            st = os.fstatvfs(fd)
+        finally:
+            os.close(fd)
+        assert st.f_blocks * st.f_frsize == row["size"]
         p = fsc.drvs("vm", "rm", "scratch", node="n1")
         assert p.returncode == 4 and f"mounted on {mnt}" in p.stderr, p.stderr
         assert os.path.ismount(mnt)
         fsc.drvs("vm", "rm", "scratch", "--force", node="n1", check=True)
         assert not os.path.ismount(mnt)
         assert "scratch" not in fsc.drvs("vm", "ls", node="n2", check=True).stdout
+        # made again under its name, it is another file system: the node that
+        # used the old one serves the new one (not the old one's stale inodes)
+        fsc.drvs("vm", "create", "scratch", "--node", "n1", "--fs-replicas", "1", node="n1", check=True)
+        again = view(fsc, "n1", "scratch")
+        (again / "new").write_text("fresh")
+        assert sorted(os.listdir(again)) == ["new"] and (again / "new").read_text() == "fresh"
     finally:
         if os.path.ismount(mnt):
             subprocess.run(["umount", "-l", str(mnt)])
