@@ -23,6 +23,34 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    import argparse
+
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a count of 1 or more: {text!r}")
+    return int(text)
+
+
+def _endpoint(text: str) -> str:
+    import argparse
+
+    from ..ipc.fabric import check_name
+    from ..ipc.message import IpcError
+
+    try:
+        return check_name(text)
+    except IpcError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _group(text: str) -> str:
+    import argparse
+
+    if not text or "/" in text or any(ord(c) < 32 for c in text):
+        raise argparse.ArgumentTypeError(f"invalid group name {text!r} (not empty, no '/')")
+    return text
+
+
 def _checked(name: str) -> str:
     from ..ipc.services import name_problem
 
@@ -36,8 +64,8 @@ def add_parsers(sub) -> None:
     ipc = sub.add_parser("ipc", help="message passing between endpoints")
     verbs = ipc.add_subparsers(dest="verb", required=True, metavar="VERB")
     p = verbs.add_parser("ping", help="sendrec round trips to an endpoint (e.g. drvmm@n2)")
-    p.add_argument("target")
-    p.add_argument("-c", "--count", type=int, default=1)
+    p.add_argument("target", type=_endpoint)
+    p.add_argument("-c", "--count", type=_count, default=1)
     p.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(func=ping)
 
@@ -74,14 +102,14 @@ def add_parsers(sub) -> None:
     for verb, text in (("join", "add ENDPOINT (default: this node's drvmm) to GROUP, for this node's lifetime"),
                        ("leave", "remove ENDPOINT from GROUP")):
         p = verbs.add_parser(verb, help=text)
-        p.add_argument("group")
-        p.add_argument("endpoint", nargs="?")
+        p.add_argument("group", type=_group)
+        p.add_argument("endpoint", nargs="?", type=_endpoint)
         p.set_defaults(func=group_change, call=verb)
     p = verbs.add_parser("members", help="the endpoints in GROUP")
-    p.add_argument("group")
+    p.add_argument("group", type=_group)
     p.set_defaults(func=group_members)
     p = verbs.add_parser("broadcast", help="send a ping to every member of GROUP")
-    p.add_argument("group")
+    p.add_argument("group", type=_group)
     p.add_argument("--data", default="broadcast")
     p.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(func=broadcast)

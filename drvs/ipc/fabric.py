@@ -45,7 +45,7 @@ LANE_ALPN = "drvs-msg/1"
 def check_name(name: str) -> str:
     service, at, vm = name.partition("@")
     if not (service and at and vm) or len(name) > 200 or "/" in name:
-        raise IpcError(f"invalid endpoint name {name!r}: expected SERVICE@VM", errno.EINVAL)
+        raise IpcError(f"invalid endpoint name {name!r}: expected SERVICE@VM or SERVICE@NODE", errno.EINVAL)
     return name
 
 

@@ -78,12 +78,19 @@ def parse_share(text: str) -> tuple[str, Limits]:
     from ..units import parse_cpus, parse_cpuset, parse_size
 
     node, _, spec = text.partition(":")
-    check_name(node)
+    if not node:
+        raise UsageError(f"invalid share {text!r}: no node name before ':'")
+    try:
+        check_name(node)
+    except UsageError:
+        raise UsageError(f"invalid share {text!r}: invalid node name {node!r}") from None
     values = {}
     for item in filter(None, spec.split(",")):
         key, eq, value = item.partition("=")
         if not eq or key not in _SHARE_KEYS:
             raise UsageError(f"invalid share {text!r}: expected NODE:cpus=N,memory=SIZE,pids=N,cpuset=LIST")
+        if key in values:
+            raise UsageError(f"invalid share {text!r}: {key} given twice")
         if key == "cpus":
             values[key] = parse_cpus(value)
         elif key == "memory":

@@ -87,7 +87,9 @@ def test_lock_and_election_calls_touch_only_their_own_keys(cluster_factory):
         assert bad.returncode == 2 and "Traceback" not in bad.stderr, (key, bad.stderr)
     assert "keep" in c.drvs("vm", "ls", node="n2", check=True).stdout
     for args in (("lock", "acquire", ""), ("lock", "acquire", "a/../b"), ("election", "leader", ""),
-                 ("lock", "acquire", "x", "--timeout", "-1"), ("election", "campaign", "x", "--timeout", "nan")):
+                 ("lock", "acquire", "x", "--timeout", "-1"), ("election", "campaign", "x", "--timeout", "nan"),
+                 ("ipc", "ping", "nosuch"), ("ipc", "ping", "@n2"), ("ipc", "ping", "drvmm@n2", "-c", "0"),
+                 ("group", "join", "a/b"), ("group", "members", "")):
         bad = c.drvs(*args, node="n1")
         assert bad.returncode == 2 and "Traceback" not in bad.stderr, (args, bad.stderr)
 

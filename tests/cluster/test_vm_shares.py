@@ -96,6 +96,10 @@ def test_share_errors(cluster_factory):
     assert (p.returncode, p.stderr) == (3, "drvs: no such node: 'n8' (see `drvs node ls`)\n")
     p = c.drvs("vm", "create", "odd", "--node", "n1:color=red", node="n1")
     assert p.returncode == 2 and "invalid share" in p.stderr
+    for share, words in (("n1:cpus=1,cpus=2", "cpus given twice"), (":cpus=1", "no node name before ':'"),
+                         ("N1:cpus=1", "invalid node name 'N1'")):
+        p = c.drvs("vm", "create", "odd", "--node", share, node="n1")
+        assert p.returncode == 2 and words in p.stderr, (share, p.stderr)
     p = c.drvs("vm", "create", "wide", "--node", "n1:cpuset=0-999", node="n1")
     assert p.returncode == 2 and "share of n1 asks for CPUs 0-999; n1 has" in p.stderr
 
