@@ -95,6 +95,23 @@ def _not_in_use_elsewhere(cfg, spec: VmSpec, force: bool) -> None:
                        "end them or use --force")
 
 
+def _wait_unserved(store, vm: str, bound: float = 10.0) -> None:
+    """Return once the removed VM's servers (pm@VM, fs@VM) have stopped, as
+    their nodes see it gone (within a second or two), so that a VM made
+    again under the name never meets them; said, not failed, past bound."""
+    import time
+
+    from ..ipc.fabric import REGISTRY
+
+    deadline = time.monotonic() + bound
+    while any(store.get(f"{REGISTRY}{service}@{vm}") is not None for service in ("pm", "fs")):
+        if time.monotonic() > deadline:
+            print(f"drvs vm rm: {vm}: its servers still run after {bound:g} s (a node is slow or away)",
+                  file=sys.stderr)
+            return
+        time.sleep(0.1)
+
+
 def _detach(mountpoint: str) -> None:
     import ctypes
 
@@ -252,6 +269,7 @@ def rm(args) -> int:
             from ..fs.replica import STATE
 
             reg.store.delete(STATE + args.name)  # its file system's term; the nodes remove their replicas
+            _wait_unserved(reg.store, args.name)
         shutil.rmtree(f"{cfg.vms_dir}/{args.name}", ignore_errors=True)
         lock.drop_record()
     print(args.name)

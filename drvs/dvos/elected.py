@@ -27,12 +27,16 @@ async def run(etcd, fabric, member, service: str, candidate, make, gone=None) ->
     VM this node campaigned for is no longer defined."""
     from ..vm.model import VmSpec
 
-    campaigns: dict[str, trio.CancelScope] = {}
+    # name -> (the VM definition's create revision, the campaign's scope,
+    # set when it has ended): a VM removed and made again under its name
+    # within RESYNC is another VM, served afresh (after gone() of the old)
+    campaigns: dict[str, tuple[int, trio.CancelScope, trio.Event]] = {}
     said = ""
     async with trio.open_nursery() as nursery:
         while True:
             try:
-                vms = [VmSpec.from_json(e.value) for e in await etcd.range(VMS)]
+                entries = await etcd.range(VMS)
+                vms = {e.create_revision: VmSpec.from_json(e.value) for e in entries}
                 said = ""
             except (EtcdUnavailable, DrvsError) as e:
                 if str(e) != said:  # once while it lasts (this looks every RESYNC)
@@ -40,18 +44,33 @@ async def run(etcd, fabric, member, service: str, candidate, make, gone=None) ->
                     said = str(e)
                 vms = None
             if vms is not None:
-                wanted = {vm.name for vm in vms if candidate(vm)}
-                for name in wanted - campaigns.keys():
-                    campaigns[name] = await nursery.start(_serve, service, name, etcd, fabric, member, make)
-                defined = {vm.name for vm in vms}
-                for name in campaigns.keys() - wanted:
-                    campaigns.pop(name).cancel()
-                    if gone is not None and name not in defined:
+                wanted = {vm.name: made for made, vm in vms.items() if candidate(vm)}
+                defined = {vm.name: made for made, vm in vms.items()}
+                for name in list(campaigns):
+                    made, scope, ended = campaigns[name]
+                    if wanted.get(name) == made:
+                        continue
+                    del campaigns[name]
+                    scope.cancel()
+                    await ended.wait()  # (its server closed before another of the name, or its removal)
+                    if gone is not None and defined.get(name) != made:
                         await gone(name)
+                for name in wanted.keys() - campaigns.keys():
+                    ended = trio.Event()
+                    scope = await nursery.start(_serve, service, name, etcd, fabric, member, make, ended)
+                    campaigns[name] = (wanted[name], scope, ended)
             await trio.sleep(RESYNC)
 
 
-async def _serve(service, vm, etcd, fabric, member, make, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def _serve(service, vm, etcd, fabric, member, make, ended: trio.Event,
+                 task_status=trio.TASK_STATUS_IGNORED) -> None:
+    try:
+        await _campaign(service, vm, etcd, fabric, member, make, task_status)
+    finally:
+        ended.set()
+
+
+async def _campaign(service, vm, etcd, fabric, member, make, task_status) -> None:
     endpoint = f"{service}@{vm}"
     scope = trio.CancelScope()
     task_status.started(scope)

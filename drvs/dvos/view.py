@@ -11,6 +11,7 @@ for the root and the /proc view, FS_TAG for the fs directory, a VM's slot
 for that VM's file system.  The endpoint fsc@NODE takes the file servers'
 invalidations for this node's kernel."""
 
+import contextlib
 import errno
 import functools
 import logging
@@ -146,6 +147,17 @@ class View(pyfuse3.Operations):
         except DrvsError:
             return None
         return entry.create_revision if entry is not None else 0
+
+    def vms_now(self, made: dict[str, int]) -> None:
+        """The VMs there are (name -> create revision): the file systems of
+        VMs removed (or made again) since are retired, and the kernel told
+        to forget their directories, so a VM made again is looked up afresh
+        at once (not after the entry's timeout)."""
+        for vm, fs_ in list(self.vms.items()):
+            if fs_.made is not None and made.get(vm) != fs_.made:
+                self._retire(vm, fs_)
+                with contextlib.suppress(OSError, RuntimeError):  # (a view not serving: nothing to tell)
+                    pyfuse3.invalidate_entry_async(FS_DIR, vm.encode())
 
     def _retire(self, vm: str, fs_: VmFs) -> None:
         """Forget a removed VM's file system: its inodes are stale from now

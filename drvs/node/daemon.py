@@ -8,6 +8,7 @@ really running, so cells, cgroups and records left by runs that were killed
 membership, placement) grows here.
 """
 
+import functools
 import glob
 import json
 import logging
@@ -97,7 +98,8 @@ async def serve_node(cfg: config.Config, info: dict, interval: float) -> None:
                 log.info("node %s joined cluster %s at %s", info["node"], info["cluster"], info["address"])
                 nursery.start_soon(member.run)
                 nursery.start_soon(_tidy_loop, cfg, interval)
-                nursery.start_soon(reconcile.run, cfg, etcd, info["node"], pid_range, fabric.spawner)
+                nursery.start_soon(reconcile.run, cfg, etcd, info["node"], pid_range, fabric.spawner,
+                                   functools.partial(_vms_now, fabric))
         finally:
             fabric.close()
             fabric.spawner.close()
@@ -186,6 +188,13 @@ async def _tidy_loop(cfg: config.Config, interval: float) -> None:
             log.exception("housekeeping failed; trying again in %.0f s", interval)
         await trio.sleep(interval)
 
+
+
+def _vms_now(fabric, made: dict) -> None:
+    """The reconciler's news of which VMs there are, for the view (once it serves)."""
+    view = getattr(fabric, "view", None)
+    if view is not None:
+        view.vms_now(made)
 
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="drvmmd", description="DRVS node daemon.")

@@ -51,9 +51,11 @@ def reconcile_once(cfg, node: str, vms: list[VmSpec], pid_range=(0, 0)) -> dict:
     return changed
 
 
-async def run(cfg, etcd, node: str, pid_range=(0, 0), spawner=None) -> None:
+async def run(cfg, etcd, node: str, pid_range=(0, 0), spawner=None, on_vms=None) -> None:
     """spawner: the daemon's kernel-work thread (cells are made there, off
-    the loop, which may be needed meanwhile by a jail's FUSE mounts)."""
+    the loop, which may be needed meanwhile by a jail's FUSE mounts).
+    on_vms: told the VMs there are (name -> create revision) at each pass
+    (the view forgets the file systems of VMs removed)."""
     wake = trio.Event()
 
     async def watch():
@@ -70,7 +72,10 @@ async def run(cfg, etcd, node: str, pid_range=(0, 0), spawner=None) -> None:
         nursery.start_soon(watch)
         while True:
             try:
-                vms = [VmSpec.from_json(e.value) for e in await etcd.range(VMS)]
+                entries = await etcd.range(VMS)
+                vms = [VmSpec.from_json(e.value) for e in entries]
+                if on_vms is not None:
+                    on_vms({vm.name: e.create_revision for vm, e in zip(vms, entries)})
                 if spawner is not None:
                     changed = await spawner.call(reconcile_once, cfg, node, vms, pid_range)
                 else:
