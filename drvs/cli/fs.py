@@ -9,6 +9,7 @@ import sys
 from .. import config
 from ..cluster.context import cluster_info
 from ..errors import Conflict, DrvsError, NotFound, SetupError, UsageError
+from ..ns import mounts
 from ..store import open_store
 from ..units import format_size
 from ..vm.model import check_name
@@ -108,29 +109,12 @@ def umount(args) -> int:
 def _drvs_mount_at(target: str) -> "str | None":
     """The root within the drvs file system mounted at target (/fs/VM for
     what drvs mount bound, / for a node's own view), or None."""
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            if _unescape(fields[4]) == target and fields[sep + 1] == FSTYPE:
-                return _unescape(fields[3])
-    return None
+    return next((root for root, point, kind in mounts.mount_table() if point == target and kind == FSTYPE), None)
 
 
 def vm_mounts(vm: str) -> list[str]:
     """Where drvs mount bound vm's file system on this host."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            if fields[sep + 1] == FSTYPE and _unescape(fields[3]) == f"/fs/{vm}":
-                out.append(_unescape(fields[4]))
-    return out
-
-
-def _unescape(path: str) -> str:
-    return path.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+    return [point for root, point, kind in mounts.mount_table() if kind == FSTYPE and root == f"/fs/{vm}"]
 
 
 def df(args) -> int:

@@ -113,11 +113,11 @@ def _wait_unserved(store, vm: str, bound: float = 10.0) -> None:
 
 
 def _detach(mountpoint: str) -> None:
-    import ctypes
+    from ..ns import mounts
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.umount2(mountpoint.encode(), 2) != 0:  # MNT_DETACH
-        print(f"drvs vm rm: umount {mountpoint}: {os.strerror(ctypes.get_errno())}", file=sys.stderr)
+    problem = mounts.detach(mountpoint)
+    if problem:
+        print(f"drvs vm rm: {problem}", file=sys.stderr)
 
 
 def fs_replica_nodes(nodes: list[str], replicas: int | None) -> list[str]:

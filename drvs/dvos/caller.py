@@ -11,6 +11,8 @@ under one VM's part."""
 import os
 import platform
 
+from ..ns import mounts
+
 # (statfs, fstatfs) by machine; elsewhere the caller is not looked at
 _CALLS = {"x86_64": (137, 138), "aarch64": (43, 44)}.get(platform.machine(), (-1, -1))
 FSTYPE = "fuse.drvs"
@@ -52,22 +54,14 @@ def vm_at(pid: int, path: str) -> str | None:
     deepest drvs mount holding path: a bind of /fs/VM, or a whole view)."""
     best, root = "", ""
     try:
-        with open(f"/proc/{pid}/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                sep = fields.index("-")
-                if fields[sep + 1] != FSTYPE:
-                    continue
-                point = _unescape(fields[4])
-                if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
-                    best, root = point, _unescape(fields[3])
+        table = mounts.mount_table(pid)
     except (OSError, ValueError):
         return None
+    for where, point, kind in table:
+        if kind == FSTYPE and (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
+            best, root = point, where
     if not best:
         return None
     inside = (root.rstrip("/") + path[len(best):]).split("/")  # the path within the view: /fs/VM/...
     return inside[2] if len(inside) > 2 and inside[1] == "fs" and inside[2] else None
 
-
-def _unescape(path: str) -> str:
-    return path.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")

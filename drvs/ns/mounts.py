@@ -6,9 +6,24 @@ import os
 MNT_DETACH = 2
 
 
+def mount_table(pid: "int | str" = "self") -> list[tuple[str, str, str]]:
+    """(root within its file system, mount point, type) of every mount pid
+    sees, from its mountinfo, paths unescaped."""
+    out = []
+    with open(f"/proc/{pid}/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            out.append((_unescape(fields[3]), _unescape(fields[4]), fields[sep + 1]))
+    return out
+
+
+def _unescape(path: str) -> str:
+    return path.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
 def is_mounted(path: str) -> bool:
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == path for line in f)
+    return any(point == path for _, point, _ in mount_table())
 
 
 def detach(path: str) -> str | None:
