@@ -195,7 +195,11 @@ def lock_release(args) -> int:
 def campaign(args) -> int:
     from ..ipc.schema import drvmm
 
-    reply = _call(drvmm.DrvmmCall.campaign, _name_request(_checked(args.name), args.value, args.timeout),
+    from ..ipc.services import SYSTEM_ELECTIONS
+
+    if _checked(args.name).split("/", 1)[0] in SYSTEM_ELECTIONS:
+        raise UsageError(f"election {args.name!r} is DRVS's own (pm/ and fs/ are reserved)")
+    reply = _call(drvmm.DrvmmCall.campaign, _name_request(args.name, args.value, args.timeout),
                   _wait(args.timeout))
     print(_key_reply(reply).key)
     return 0

@@ -58,11 +58,12 @@ def _local_ps(cfg, vm: str) -> list[dict]:
 
 
 def cluster_processes(cfg, vm: str) -> tuple[list[dict], list[str]]:
-    """The processes of a cluster VM on all its nodes, and the nodes that did not say."""
-    return _cluster_ps(cfg, cluster_info(cfg), vm)
+    """The processes of a cluster VM on all its nodes, and the nodes that
+    did not say, from its PM only (IpcError if it has none now)."""
+    return _cluster_ps(cfg, cluster_info(cfg), vm, fallback=False)
 
 
-def _cluster_ps(cfg, info, vm: str) -> tuple[list[dict], list[str]]:
+def _cluster_ps(cfg, info, vm: str, fallback: bool = True) -> tuple[list[dict], list[str]]:
     """Ask the VM's PM; without one (a VM with no shares), this node's half."""
     from ..ipc import client
     from ..ipc.message import IpcError, Msg, check
@@ -73,7 +74,7 @@ def _cluster_ps(cfg, info, vm: str) -> tuple[list[dict], list[str]]:
     try:
         reply = check(client.sendrec(cfg.state_dir, target, Msg(pm.PmCall.list, payload)), target)
     except IpcError as e:
-        if e.errno != errno.ENOENT:
+        if e.errno != errno.ENOENT or not fallback:
             raise
         target = f"procs@{info['node']}"
         reply = check(client.sendrec(cfg.state_dir, target, Msg(pm.PmCall.list, payload)), target)

@@ -85,10 +85,13 @@ def _not_in_use_elsewhere(cfg, spec: VmSpec, force: bool) -> None:
     from .proc import cluster_processes
 
     try:
-        procs, _ = cluster_processes(cfg, spec.name)
+        procs, silent = cluster_processes(cfg, spec.name)
     except DrvsError as e:
         raise Conflict(f"VM {spec.name!r}: cannot tell whether programs of it run ({e}); "
                        "use --force to remove it anyway") from None
+    if silent:
+        raise Conflict(f"VM {spec.name!r}: cannot tell whether programs of it run on {', '.join(silent)} "
+                       "(no answer); use --force to remove it anyway")
     if procs:
         nodes = sorted({p.get("node", "?") for p in procs})
         raise Conflict(f"VM {spec.name!r} has {len(procs)} running process(es) on {', '.join(nodes)}: "
@@ -269,8 +272,9 @@ def rm(args) -> int:
             from ..fs.replica import STATE
 
             reg.store.delete(STATE + args.name)  # its file system's term; the nodes remove their replicas
-            _wait_unserved(reg.store, args.name)
         shutil.rmtree(f"{cfg.vms_dir}/{args.name}", ignore_errors=True)
         lock.drop_record()
+    if cluster_info(cfg):
+        _wait_unserved(reg.store, args.name)  # (outside the cell's lock: the node's spawner may need it)
     print(args.name)
     return 0

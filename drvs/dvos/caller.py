@@ -22,7 +22,7 @@ def statfs_vm(pid: int) -> str | None:
     """The VM whose file system pid's statfs or fstatfs, now waiting, asks
     about; None when that cannot be told."""
     path = _statfs_path(pid)
-    return vm_at(pid, path) if path else None
+    return vm_at(pid, os.path.normpath(path)) if path else None
 
 
 def _statfs_path(pid: int) -> str | None:

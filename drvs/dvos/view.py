@@ -39,6 +39,7 @@ FS_TAG = 0xFFFF
 FS_DIR = (FS_TAG << TAG_SHIFT) | 1
 TIMEOUT = 1.0
 START_WAIT = 10.0  # seconds a new VM's file server may take to be elected
+MADE_WAIT = 0.5    # seconds a lookup of a VM's directory waits for etcd to say when the VM was made
 READAHEAD_KIB = 1024  # sequential reads of another node's files: 1 MiB per round trip
 _CELL = re.compile(rb"/([a-z0-9-]+)/(?:run-[0-9a-f]+|init)$", re.M)  # a cell's cgroups: VM/run-ID, VM/init
 
@@ -112,11 +113,14 @@ class View(pyfuse3.Operations):
             vm = check_name(os.fsdecode(name))
         except Exception:  # noqa: BLE001 - a name that is no VM's
             raise pyfuse3.FUSEError(errno.ENOENT) from None
-        fs_ = self.vms.get(vm)
         made = await self._made(vm)
-        if fs_ is not None and made is not None and fs_.made != made:
-            self._retire(vm, fs_)  # removed and made again since: another file system
-            fs_ = None
+        fs_ = self.vms.get(vm)  # (after the wait: another lookup may have retired or made one)
+        if fs_ is not None and made is not None:
+            if fs_.made is None:
+                fs_.made = made  # (etcd could not say when it was made)
+            elif fs_.made != made:
+                self._retire(vm, fs_)  # removed and made again since: another file system
+                fs_ = None
         if fs_ is None:
             await self._served(vm)
             fs_ = self.vms.get(vm)  # (another lookup may have made it meanwhile)
@@ -126,12 +130,13 @@ class View(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENFILE)
             self.next_slot += 1
             fs_ = VmFs(vm, slot, self.fabric, self.nursery.start_soon, self.cache, f"{self.path}/fs/{vm}")
-            fs_.made = made
+            fs_.made, fs_.made_at = made, trio.current_time()
             self.vms[vm], self.slots[slot] = fs_, fs_  # before any wait: no other lookup takes the slot
             try:
                 return await fs_.start()
             except BaseException:
-                self.vms.pop(vm, None)  # (pop: a stopping view has emptied both)
+                if self.vms.get(vm) is fs_:  # (a stopping view has emptied both; another may be there)
+                    del self.vms[vm]
                 self.slots.pop(slot, None)
                 raise
         return await fs_.start()
@@ -142,28 +147,33 @@ class View(pyfuse3.Operations):
         cannot say now (the file system in use goes on)."""
         from .elected import VMS
 
-        try:
-            entry = await self.etcd.get(VMS + vm)
-        except DrvsError:
-            return None
-        return entry.create_revision if entry is not None else 0
+        with trio.move_on_after(MADE_WAIT):
+            try:
+                entry = await self.etcd.get(VMS + vm)
+            except DrvsError:
+                return None
+            return entry.create_revision if entry is not None else 0
+        return None  # (a lookup does not wait on a slow etcd)
 
-    def vms_now(self, made: dict[str, int]) -> None:
-        """The VMs there are (name -> create revision): the file systems of
-        VMs removed (or made again) since are retired, and the kernel told
-        to forget their directories, so a VM made again is looked up afresh
-        at once (not after the entry's timeout)."""
+    def vms_now(self, made: dict[str, int], when: float) -> None:
+        """The VMs there were at trio time `when` (name -> create revision):
+        the file systems of VMs removed (or made again) since are retired,
+        and the kernel told to forget their directories, so a VM made again
+        is looked up afresh at once (not after the entry's timeout).  One
+        made here after `when` is newer than this news: kept."""
         for vm, fs_ in list(self.vms.items()):
-            if fs_.made is not None and made.get(vm) != fs_.made:
-                self._retire(vm, fs_)
-                with contextlib.suppress(OSError, RuntimeError):  # (a view not serving: nothing to tell)
-                    pyfuse3.invalidate_entry_async(FS_DIR, vm.encode())
+            if fs_.made is None or fs_.made_at > when or made.get(vm) == fs_.made:
+                continue
+            self._retire(vm, fs_)
+            with contextlib.suppress(OSError, RuntimeError):  # (a view not serving: nothing to tell)
+                pyfuse3.invalidate_entry_async(FS_DIR, vm.encode(), ignore_enoent=True)
 
     def _retire(self, vm: str, fs_: VmFs) -> None:
         """Forget a removed VM's file system: its inodes are stale from now
         on (its slot number is never given again)."""
         log.info("VM %s was removed (and made again): its file system here starts afresh", vm)
-        self.vms.pop(vm, None)
+        if self.vms.get(vm) is fs_:
+            del self.vms[vm]
         self.slots.pop(fs_.slot, None)
         slot = fs_.slot
         self.cache.drop_where(lambda key: key >> TAG_SHIFT != slot)  # (what to keep)

@@ -129,6 +129,7 @@ class VmFs:
         self.mounted = mounted
         self.slot, self.tag = slot, slot << TAG_SHIFT
         self.made: int | None = None  # the VM definition's create revision (View: a VM made again is another)
+        self.made_at = 0.0  # (trio time the View made this)
         self.inodes: dict[int, Inode] = {}
         self.births = 0  # Inode records made (their born)
         self.entries: dict[tuple[int, bytes], int] = {}  # (directory, name) -> inode, this node's numbers

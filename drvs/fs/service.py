@@ -56,6 +56,7 @@ class FsNode:
         server = self.servers.pop(vm, None)
         if server is not None:
             server.close()
+        self.terms.pop(vm, None)  # (a VM made again under the name starts at term 1)
         await trio.to_thread.run_sync(shutil.rmtree, store_dir(self.cfg, vm), True)
         log.info("fs@%s: the VM was removed; its replica here too", vm)
 

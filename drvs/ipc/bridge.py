@@ -380,13 +380,16 @@ class _LoopCollector:
     is running on this thread": seen with remote runs in a loop).  So
     automatic collection is off while the loop runs, and the loop collects
     itself, as often as the collector would (its generations' counts
-    against their thresholds), looking every EVERY seconds."""
+    against their thresholds), looking every EVERY seconds; a full
+    collection at most every FULL_EVERY seconds."""
 
     EVERY = 0.05
+    FULL_EVERY = 5.0  # (CPython defers full collections by the heap's size; here: by time)
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop, self.handle = loop, None
         self.was_enabled = gc.isenabled()
+        self.full_at = loop.time()
         gc.disable()
         self._schedule()
 
@@ -397,6 +400,10 @@ class _LoopCollector:
         counts, limits = gc.get_count(), gc.get_threshold()
         for generation in (2, 1, 0):
             if limits[generation] and counts[generation] > limits[generation]:
+                if generation == 2:
+                    if self.loop.time() - self.full_at < self.FULL_EVERY:
+                        continue
+                    self.full_at = self.loop.time()
                 gc.collect(generation)
                 break
         self._schedule()

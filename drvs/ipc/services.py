@@ -50,6 +50,18 @@ def named(msg: Msg):
     return req
 
 
+SYSTEM_ELECTIONS = ("pm", "fs")  # DRVS's own elected servers: ELECTIONS + "pm/VM", "fs/VM"
+
+
+def _not_system(name: str) -> None:
+    """EINVAL for an election of DRVS's own servers: a campaign under the
+    same node lease would be handed the server's own leadership, and a
+    resign would end it (two servers then)."""
+    if name.split("/", 1)[0] in SYSTEM_ELECTIONS:
+        raise IpcError(f"election {name!r} is DRVS's own ({'/, '.join(SYSTEM_ELECTIONS)}/ are reserved)",
+                       errno.EINVAL)
+
+
 def _under(key: str, prefix: str, what: str) -> str:
     """key, if it is one of prefix's (else EINVAL: the key of something else
     in etcd is not this call's to delete)."""
@@ -124,6 +136,7 @@ class DrvmmService:
 
     async def campaign(self, msg: Msg) -> Msg:
         req = named(msg)
+        _not_system(req.name)
         value = req.value or self.member.name
         leader = await self._bounded(req, lambda t: self.etcd.campaign(
             ELECTIONS + req.name, value, self.member.lease, timeout=t))
@@ -136,6 +149,7 @@ class DrvmmService:
         except (ValueError, TypeError, KeyError, binascii.Error):
             raise IpcError("malformed leadership key (as election campaign printed it)", errno.EBADMSG) from None
         _under(key, ELECTIONS, "leadership")
+        _not_system(key[len(ELECTIONS):])
         if await self.etcd.get(key) is None:
             raise IpcError("no such leadership (resigned, or its node's lease ended)", errno.ENOENT)
         await self.etcd.resign(leader)

@@ -190,11 +190,11 @@ async def _tidy_loop(cfg: config.Config, interval: float) -> None:
 
 
 
-def _vms_now(fabric, made: dict) -> None:
+def _vms_now(fabric, made: dict, when: float) -> None:
     """The reconciler's news of which VMs there are, for the view (once it serves)."""
     view = getattr(fabric, "view", None)
     if view is not None:
-        view.vms_now(made)
+        view.vms_now(made, when)
 
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="drvmmd", description="DRVS node daemon.")

@@ -54,8 +54,9 @@ def reconcile_once(cfg, node: str, vms: list[VmSpec], pid_range=(0, 0)) -> dict:
 async def run(cfg, etcd, node: str, pid_range=(0, 0), spawner=None, on_vms=None) -> None:
     """spawner: the daemon's kernel-work thread (cells are made there, off
     the loop, which may be needed meanwhile by a jail's FUSE mounts).
-    on_vms: told the VMs there are (name -> create revision) at each pass
-    (the view forgets the file systems of VMs removed)."""
+    on_vms: told the VMs there are (name -> create revision) at each pass,
+    and the trio time before it asked (the view forgets the file systems of
+    VMs removed)."""
     wake = trio.Event()
 
     async def watch():
@@ -72,10 +73,11 @@ async def run(cfg, etcd, node: str, pid_range=(0, 0), spawner=None, on_vms=None)
         nursery.start_soon(watch)
         while True:
             try:
+                when = trio.current_time()
                 entries = await etcd.range(VMS)
                 vms = [VmSpec.from_json(e.value) for e in entries]
                 if on_vms is not None:
-                    on_vms({vm.name: e.create_revision for vm, e in zip(vms, entries)})
+                    on_vms({vm.name: e.create_revision for vm, e in zip(vms, entries)}, when)
                 if spawner is not None:
                     changed = await spawner.call(reconcile_once, cfg, node, vms, pid_range)
                 else:

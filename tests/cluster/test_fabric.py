@@ -82,14 +82,16 @@ def test_lock_and_election_calls_touch_only_their_own_keys(cluster_factory):
         assert bad.returncode == 2 and "not a lock key" in bad.stderr, (key, bad.stderr)
     forged = json.dumps({"name": base64.b64encode(b"/drvs/vms").decode(),
                          "key": base64.b64encode(b"/drvs/vms/keep").decode(), "rev": "1", "lease": "1"})
-    for key in (forged, "{}", "nonsense"):
+    system = json.dumps({"name": base64.b64encode(b"/drvs/elections/pm/keep").decode(),
+                         "key": base64.b64encode(b"/drvs/elections/pm/keep/1").decode(), "rev": "1", "lease": "1"})
+    for key in (forged, system, "{}", "nonsense"):
         bad = c.drvs("election", "resign", key, node="n1")
         assert bad.returncode == 2 and "Traceback" not in bad.stderr, (key, bad.stderr)
     assert "keep" in c.drvs("vm", "ls", node="n2", check=True).stdout
     for args in (("lock", "acquire", ""), ("lock", "acquire", "a/../b"), ("election", "leader", ""),
                  ("lock", "acquire", "x", "--timeout", "-1"), ("election", "campaign", "x", "--timeout", "nan"),
                  ("ipc", "ping", "nosuch"), ("ipc", "ping", "@n2"), ("ipc", "ping", "drvmm@n2", "-c", "0"),
-                 ("group", "join", "a/b"), ("group", "members", "")):
+                 ("group", "join", "a/b"), ("group", "members", ""), ("election", "campaign", "pm/keep")):
         bad = c.drvs(*args, node="n1")
         assert bad.returncode == 2 and "Traceback" not in bad.stderr, (args, bad.stderr)
 

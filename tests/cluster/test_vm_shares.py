@@ -153,3 +153,11 @@ def test_a_vm_in_use_on_another_node_is_busy(cluster_factory):
     finally:
         prog.kill()
         prog.wait()
+    # a VM whose only share node is dead: whether programs run cannot be told
+    c.drvs("vm", "create", "far", "--node", "n2", node="n1", check=True)
+    assert wait_for(lambda: cell_inits(c, "n2", "far"))
+    os.kill(c.node("n2")["pid"], signal.SIGKILL)
+    c.wait_status("n2", "NotReady", timeout=15)
+    p = c.drvs("vm", "rm", "far", node="n1")
+    assert p.returncode == 4 and "cannot tell" in p.stderr and "--force" in p.stderr, p.stderr
+    c.drvs("vm", "rm", "far", "--force", node="n1", check=True)
