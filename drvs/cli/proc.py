@@ -57,27 +57,45 @@ def _local_ps(cfg, vm: str) -> list[dict]:
         procs.close()
 
 
-def cluster_processes(cfg, vm: str) -> tuple[list[dict], list[str]]:
+def cluster_processes(cfg, vm: str, nodes) -> tuple[list[dict], list[str]]:
     """The processes of a cluster VM on all its nodes, and the nodes that
-    did not say, from its PM only (IpcError if it has none now)."""
-    return _cluster_ps(cfg, cluster_info(cfg), vm, fallback=False)
+    did not say: its PM's list, or without a PM now (being elected, or its
+    node gone) each of the nodes' own (procs@NODE)."""
+    from ..ipc.message import IpcError
+
+    try:
+        return _cluster_ps(cfg, cluster_info(cfg), vm, fallback=False)
+    except IpcError as e:
+        if e.errno != errno.ENOENT:
+            raise
+    found, silent = [], []
+    for node in nodes:
+        try:
+            found += _list(cfg, f"procs@{node}", vm)[0]
+        except IpcError:
+            silent.append(node)
+    return found, silent
 
 
 def _cluster_ps(cfg, info, vm: str, fallback: bool = True) -> tuple[list[dict], list[str]]:
     """Ask the VM's PM; without one (a VM with no shares), this node's half."""
-    from ..ipc import client
-    from ..ipc.message import IpcError, Msg, check
-    from ..ipc.schema import pm
+    from ..ipc.message import IpcError
 
-    payload = pm.ListRequest.new_message(vm=vm).to_bytes_packed()
-    target = f"pm@{vm}"
     try:
-        reply = check(client.sendrec(cfg.state_dir, target, Msg(pm.PmCall.list, payload)), target)
+        return _list(cfg, f"pm@{vm}", vm)
     except IpcError as e:
         if e.errno != errno.ENOENT or not fallback:
             raise
-        target = f"procs@{info['node']}"
-        reply = check(client.sendrec(cfg.state_dir, target, Msg(pm.PmCall.list, payload)), target)
+        return _list(cfg, f"procs@{info['node']}", vm)
+
+
+def _list(cfg, target: str, vm: str) -> tuple[list[dict], list[str]]:
+    from ..ipc import client
+    from ..ipc.message import Msg, check
+    from ..ipc.schema import pm
+
+    payload = pm.ListRequest.new_message(vm=vm).to_bytes_packed()
+    reply = check(client.sendrec(cfg.state_dir, target, Msg(pm.PmCall.list, payload)), target)
     table = pm.ProcessTable.from_bytes_packed(reply.payload)
     return [p.to_dict() for p in table.processes], list(table.failed)
 

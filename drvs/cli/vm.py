@@ -85,7 +85,7 @@ def _not_in_use_elsewhere(cfg, spec: VmSpec, force: bool) -> None:
     from .proc import cluster_processes
 
     try:
-        procs, silent = cluster_processes(cfg, spec.name)
+        procs, silent = cluster_processes(cfg, spec.name, sorted(spec.shares))
     except DrvsError as e:
         raise Conflict(f"VM {spec.name!r}: cannot tell whether programs of it run ({e}); "
                        "use --force to remove it anyway") from None
