@@ -53,6 +53,9 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=dev_up)
     p = cverbs.add_parser("down", help="stop and remove the dev cluster")
     p.set_defaults(func=dev_down)
+    p = cverbs.add_parser("restart", help="start a node's drvmmd again (stopping it first if it runs)")
+    p.add_argument("node", metavar="NODE")
+    p.set_defaults(func=dev_restart)
     p = cverbs.add_parser("status", help="the dev cluster's nodes and processes")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.set_defaults(func=dev_status)
@@ -176,6 +179,14 @@ def dev_down(args) -> int:
 
     gone = cluster.down(config.load().state_dir)
     print(f"dev cluster {gone['name']} removed ({len(gone['namespaces'])} network namespaces)")
+    return 0
+
+
+def dev_restart(args) -> int:
+    from ..dev import cluster
+
+    node = cluster.restart(config.load().state_dir, args.node)
+    print(f"{node['name']}: drvmmd running again (pid {node['pid']})")
     return 0
 
 

@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.request
 
-from ..errors import Conflict, SetupError, UsageError
+from ..errors import Conflict, NotFound, SetupError, UsageError
 from ..ns.cgroup import Cgroup
 from ..cluster.context import dev_cluster_file, read_json, setns_net
 from ..cluster import etcd_process, pki
@@ -103,8 +103,14 @@ def _start_node(info: dict, node: str, address: str, pinned: str | None) -> dict
         from ..vm.model import Limits
 
         cg.set_limits(Limits(cpuset=pinned), fresh=True)
-    procs = cg.open_procs()
     ns = netns.ns_name(info["name"], node)
+    return {"name": node, "netns": ns, "address": address, "state_dir": state, "pid": _spawn(cg, ns, state),
+            "cpuset": pinned, "cgroup": cg.record()}
+
+
+def _spawn(cg: Cgroup, ns: str, state: str) -> int:
+    """A node's drvmmd, in the node's cgroup and network namespace."""
+    procs = cg.open_procs()
 
     def enter():
         for fd in procs:
@@ -120,8 +126,51 @@ def _start_node(info: dict, node: str, address: str, pinned: str | None) -> dict
         log.close()
         for fd in procs:
             os.close(fd)
-    return {"name": node, "netns": ns, "address": address, "state_dir": state, "pid": proc.pid,
-            "cpuset": pinned, "cgroup": cg.record()}
+    return proc.pid
+
+
+def restart(state_dir: str, name: str, timeout: float = 30.0) -> dict:
+    """Start a node's drvmmd again (stopping it first if it runs): a node
+    killed to try a fail-over comes back, rejoins and adopts its cells."""
+    from ..ns import mounts
+
+    path = dev_cluster_file(state_dir)
+    info = read_json(path)
+    if info is None:
+        raise NotFound(f"no dev cluster here ({path})")
+    node = next((n for n in info["nodes"] if n["name"] == name), None)
+    if node is None:
+        raise NotFound(f"no node {name!r} in dev cluster {info['name']!r} "
+                       f"(nodes: {', '.join(n['name'] for n in info['nodes'])})")
+    _stop(node["pid"])
+    view = f"{node['state_dir']}/dvos"
+    mounts.abort_fuse(view)  # (left mounted by a daemon killed with SIGKILL)
+    mounts.detach(view)
+    cg = Cgroup.under_caller(f"drvs-dev-{info['name']}-{name}")
+    cg.create()
+    node["pid"] = _spawn(cg, node["netns"], node["state_dir"])
+    _write(path, info)
+    sock = f"{node['state_dir']}/supervisor.sock"  # (served once the node has joined: its runs can start)
+    deadline = time.monotonic() + timeout
+    while not _answers(sock):
+        if not _alive(node["pid"]):
+            log = open(f"{node['state_dir']}/drvmmd.log").read()[-1500:]
+            raise SetupError(f"drvmmd of {name} exited:\n{log}")
+        if time.monotonic() > deadline:
+            raise SetupError(f"drvmmd of {name} not answering after {timeout:.0f} s")
+        time.sleep(0.1)
+    return node
+
+
+def _answers(path: str) -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:
+            s.connect(path)
+        return True
+    except OSError:
+        return False
 
 
 def _wait_ready(info: dict, timeout: float) -> None:

@@ -88,6 +88,29 @@ def test_restarted_daemon_adopts_its_cells(cluster_factory):
         proc.wait(timeout=10)
 
 
+def test_dev_cluster_restart_brings_a_killed_node_back(cluster_factory):
+    """drvs dev cluster restart NODE: a node whose drvmmd was killed (its
+    FUSE view left mounted) runs again, Ready, with its cells and runs."""
+    c = cluster_factory(nodes=2)
+    c.drvs("vm", "create", "back", "--node", "n2", node="n1", check=True)
+    assert wait_for(lambda: cell_inits(c, "n2", "back"))
+    before = cell_inits(c, "n2", "back")
+    os.kill(c.node("n2")["pid"], signal.SIGKILL)
+    c.wait_status("n2", "NotReady", timeout=15)
+    assert "dead" in c.drvs("dev", "cluster", "status", check=True).stdout
+    r = c.drvs("dev", "cluster", "restart", "n2", check=True)
+    assert r.stdout.startswith("n2: drvmmd running again")
+    c.info = json.loads((c.state / "dev-cluster.json").read_text())  # (its new pid, for the teardown)
+    c.wait_status("n2", "Ready", timeout=15)
+    assert "dead" not in c.drvs("dev", "cluster", "status", check=True).stdout
+    assert cell_inits(c, "n2", "back") == before
+    p = subprocess.run([str(BIN / "drvs-run"), "--vm", "back", "--node", "n2", "--", "cat", "/etc/hostname"],
+                       env={**c.env, "DRVS_NODE": "n1"}, capture_output=True, text=True, timeout=60)
+    assert (p.returncode, p.stdout) == (0, "back\n"), p.stderr
+    bad = c.drvs("dev", "cluster", "restart", "n9")
+    assert bad.returncode == 3 and "no node 'n9'" in bad.stderr
+
+
 def test_share_errors(cluster_factory):
     c = cluster_factory(nodes=1)
     p = c.drvs("vm", "create", "big", "--node", "n1:cpus=999", node="n1")
