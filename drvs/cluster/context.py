@@ -55,6 +55,15 @@ def dev_cluster_file(state_dir: str) -> str:
 _entered: dict | None = None  # the dev cluster a node was entered of (a node's own state holds no dev-cluster.json)
 
 
+def dev_node(dev: dict, name: str) -> dict:
+    """The node `name` of a dev cluster's record, or NotFound naming those there are."""
+    node = next((n for n in dev["nodes"] if n["name"] == name), None)
+    if node is None:
+        raise NotFound(f"no node {name!r} in dev cluster {dev['name']!r} "
+                       f"(nodes: {', '.join(n['name'] for n in dev['nodes'])})")
+    return node
+
+
 def enter_node(name: str) -> None:
     """Become node `name` of the local dev cluster (network and state);
     again from one of its nodes (`drvs --node n1 mount VM DIR --node n2`)."""
@@ -63,10 +72,7 @@ def enter_node(name: str) -> None:
     dev = _entered or read_json(dev_cluster_file(cfg.state_dir))
     if dev is None:
         raise NotFound(f"no dev cluster here ({dev_cluster_file(cfg.state_dir)}); `drvs dev cluster up` makes one")
-    node = next((n for n in dev["nodes"] if n["name"] == name), None)
-    if node is None:
-        raise NotFound(f"no node {name!r} in dev cluster {dev['name']!r} "
-                       f"(nodes: {', '.join(n['name'] for n in dev['nodes'])})")
+    node = dev_node(dev, name)
     setns_net(f"/run/netns/{node['netns']}")
     os.environ["DRVS_STATE_DIR"] = node["state_dir"]
     config.load.cache_clear()

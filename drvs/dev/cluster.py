@@ -19,7 +19,7 @@ import urllib.request
 
 from ..errors import Conflict, NotFound, SetupError, UsageError
 from ..ns.cgroup import Cgroup
-from ..cluster.context import dev_cluster_file, read_json, setns_net
+from ..cluster.context import dev_cluster_file, dev_node, read_json, setns_net
 from ..cluster import etcd_process, pki
 from . import netns
 
@@ -138,10 +138,7 @@ def restart(state_dir: str, name: str, timeout: float = 30.0) -> dict:
     info = read_json(path)
     if info is None:
         raise NotFound(f"no dev cluster here ({path})")
-    node = next((n for n in info["nodes"] if n["name"] == name), None)
-    if node is None:
-        raise NotFound(f"no node {name!r} in dev cluster {info['name']!r} "
-                       f"(nodes: {', '.join(n['name'] for n in info['nodes'])})")
+    node = dev_node(info, name)
     _stop(node["pid"])
     view = f"{node['state_dir']}/dvos"
     mounts.abort_fuse(view)  # (left mounted by a daemon killed with SIGKILL)
