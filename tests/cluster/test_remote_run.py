@@ -147,15 +147,18 @@ def test_login_on_another_node(cluster_factory):
 
 def test_a_vanished_caller_ends_the_program_not_the_daemon(cluster_factory):
     c = cluster_factory(nodes=2)
-    quiet = subprocess.Popen([str(BIN / "drvs-run"), "--node", "n2", "--", "sleep", "3131"],
-                             env={**c.env, "DRVS_NODE": "n1"})
     caller = subprocess.Popen([str(BIN / "drvs-run"), "--node", "n2", "--", "sh", "-c",
                                "while :; do echo tick; sleep 0.01; done"],
-                              env={**c.env, "DRVS_NODE": "n1"}, stdout=subprocess.PIPE)
-    assert caller.stdout.readline() == b"tick\n"
+                              env={**c.env, "DRVS_NODE": "n1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    line = caller.stdout.readline()
+    if line != b"tick\n":
+        caller.kill()
+        raise AssertionError(f"no tick: {line!r}, exit {caller.wait()}, {caller.stderr.read()!r}")
     caller.kill()
     caller.wait()
     # one that prints nothing is ended too (it never finds out by a failed write)
+    quiet = subprocess.Popen([str(BIN / "drvs-run"), "--node", "n2", "--", "sleep", "3131"],
+                             env={**c.env, "DRVS_NODE": "n1"})
     deadline = time.monotonic() + 15
     while "sleep 3131" not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout:
         assert time.monotonic() < deadline, "the quiet program never started"
