@@ -146,6 +146,7 @@ class Fabric:
         self.name = member.name
         self.handlers: dict[str, object] = {}
         self.peers: dict[str, Peer] = {}  # full RPC, made when a program is run on a node
+        self.peer_locks: dict[str, trio.Lock] = {}  # one connection made at a time per node
         self.lanes: dict[str, Lane] = {}  # the message lane to each node called
         self.connecting: dict[str, tuple[trio.Event, list]] = {}  # lanes being connected: (done, [error])
         self.locations: dict[str, tuple[float, Location]] = {}  # endpoint -> (when resolved, where)
@@ -360,6 +361,17 @@ class Fabric:
         peer = self.peers.get(loc.node)
         if peer is not None and peer.address == (loc.address, loc.port):
             return peer
+        # (Two programs started at once on a node could both find no
+        # connection: the second made replaced the first in self.peers, and
+        # the first, no more referenced, could be collected with the first
+        # program's Process on it.)
+        async with self.peer_locks.setdefault(loc.node, trio.Lock()):
+            peer = self.peers.get(loc.node)
+            if peer is not None and peer.address == (loc.address, loc.port):
+                return peer
+            return await self._connect_peer(loc)
+
+    async def _connect_peer(self, loc: Location) -> Peer:
         self.peers.pop(loc.node, None)  # none yet, or the node moved to another address
         sock = live_socket()
         try:
