@@ -68,6 +68,14 @@ def user_error(exc: BaseException) -> "DrvsError | None":
     return None
 
 
+def reason(e: "BaseException | None", none: str = "no endpoint", empty: str = "") -> str:
+    """Why something failed, in words, never empty (a timeout's own text is:
+    `empty`, else the exception's name)."""
+    if e is None:
+        return none
+    return str(e) or empty or type(e).__name__
+
+
 def os_error(what: str, err: OSError | int) -> str:
     """`what: strerror` for a kernel error, the way coreutils words it."""
     code = err if isinstance(err, int) else (err.errno or _errno.EIO)

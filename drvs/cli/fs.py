@@ -18,7 +18,7 @@ from .common import emit, print_table
 from .options import typed
 
 MS_BIND = 4096
-FSTYPE = "fuse.drvs"
+FSTYPE = mounts.DRVS_FSTYPE
 
 
 def add_parsers(sub) -> None:

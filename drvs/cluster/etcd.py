@@ -16,7 +16,7 @@ import math
 import httpx
 import trio
 
-from ..errors import DrvsError, EtcdUnavailable  # noqa: F401 - (EtcdUnavailable: imported from here too)
+from ..errors import DrvsError, EtcdUnavailable, reason  # noqa: F401 - (EtcdUnavailable: imported from here too)
 
 PROGRESS_EVERY = 2.0   # seconds: etcd's progress notifications (etcd_process.py starts it so)
 WATCH_SILENCE = 10.0   # seconds without a word after which a stream is opened again
@@ -94,7 +94,7 @@ class Etcd:
             if r.status_code != 200:
                 raise EtcdError(f"etcd {path}: {data.get('error') or data.get('message') or r.status_code}")
             return data
-        why = (str(last) or "no answer in time") if last is not None else "no endpoint"
+        why = reason(last, empty="no answer in time")
         raise EtcdUnavailable(f"etcd unreachable at {', '.join(self.endpoints)}: {why}")
 
     # -- key-value -----------------------------------------------------------

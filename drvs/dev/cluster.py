@@ -7,8 +7,8 @@ namespace of its own on the same bridge.  `down` removes all of it, also
 after a partial `up`."""
 
 import json
-import re
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.request
 
+from ..config import Config
 from ..errors import Conflict, NotFound, SetupError, UsageError
 from ..ns.cgroup import Cgroup
 from ..cluster.context import dev_cluster_file, dev_node, read_json, setns_net
@@ -147,9 +148,11 @@ def restart(state_dir: str, name: str, timeout: float = 30.0) -> dict:
     cg.create()
     node["pid"] = _spawn(cg, node["netns"], node["state_dir"])
     _write(path, info)
-    sock = f"{node['state_dir']}/supervisor.sock"  # (served once the node has joined: its runs can start)
+    from ..dvos import handover
+
+    node_cfg = Config(node["state_dir"])  # (its supervisor answers once the node has joined: runs can start)
     deadline = time.monotonic() + timeout
-    while not _answers(sock):
+    while not _answers(handover, node_cfg):
         if not _alive(node["pid"]):
             log = open(f"{node['state_dir']}/drvmmd.log").read()[-1500:]
             raise SetupError(f"drvmmd of {name} exited:\n{log}")
@@ -159,14 +162,11 @@ def restart(state_dir: str, name: str, timeout: float = 30.0) -> dict:
     return node
 
 
-def _answers(path: str) -> bool:
-    import socket
-
+def _answers(handover, cfg: Config) -> bool:
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:
-            s.connect(path)
+        handover.check(cfg)
         return True
-    except OSError:
+    except SetupError:
         return False
 
 
@@ -260,8 +260,10 @@ def down(state_dir: str) -> dict:
         view = f"{n['state_dir']}/dvos"
         mounts.abort_fuse(view)  # a daemon stuck in its own mount ends; its waiting callers get an error
         mounts.detach(view)      # left mounted by a node killed with SIGKILL
-        cg = Cgroup.under_caller(f"drvs-dev-{info['name']}-{n['name']}")
-        _remove_tree(cg)
+        _remove_tree(Cgroup.under_caller(f"drvs-dev-{info['name']}-{n['name']}"))
+        # (cells of a drvmmd started by hand, outside the node's cgroup: under
+        # the caller's own, as every DRVS install's, by the node's state dir)
+        _remove_tree(Cgroup.under_caller(Config(n["state_dir"]).cgroup_root))
     _stop(info["etcd"]["pid"])
     gone = netns.remove_all(info["name"])
     shutil.rmtree(info["root"], ignore_errors=True)

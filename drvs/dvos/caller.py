@@ -15,7 +15,6 @@ from ..ns import mounts
 
 # (statfs, fstatfs) by machine; elsewhere the caller is not looked at
 _CALLS = {"x86_64": (137, 138), "aarch64": (43, 44)}.get(platform.machine(), (-1, -1))
-FSTYPE = "fuse.drvs"
 
 
 def statfs_vm(pid: int) -> str | None:
@@ -58,7 +57,7 @@ def vm_at(pid: int, path: str) -> str | None:
     except (OSError, ValueError):
         return None
     for where, point, kind in table:
-        if kind == FSTYPE and (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
+        if kind == mounts.DRVS_FSTYPE and (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
             best, root = point, where
     if not best:
         return None

@@ -4,6 +4,7 @@ import ctypes
 import os
 
 MNT_DETACH = 2
+DRVS_FSTYPE = "fuse.drvs"  # the DVOS view (and drvs mount's binds of it), as mountinfo names it
 
 
 def mount_table(pid: "int | str" = "self") -> list[tuple[str, str, str]]:

@@ -7,7 +7,7 @@ import json
 import urllib.error
 import urllib.request
 
-from ..errors import EtcdUnavailable, StoreError
+from ..errors import EtcdUnavailable, StoreError, reason
 from . import CompareFailed, Entry, Store
 
 
@@ -42,7 +42,7 @@ class EtcdStore(Store):
                 raise StoreError(f"etcd {path}: {e.read().decode(errors='replace')[:200]}") from None
             except (OSError, ValueError) as e:
                 last = e
-        raise EtcdUnavailable(f"etcd unreachable at {', '.join(self.endpoints)}: {_reason(last)}")
+        raise EtcdUnavailable(f"etcd unreachable at {', '.join(self.endpoints)}: {reason(last)}")
 
     def get(self, key: str) -> Entry | None:
         kvs = self._call("/v3/kv/range", {"key": _b64(key)}).get("kvs") or []
@@ -74,10 +74,3 @@ class EtcdStore(Store):
         if not data.get("succeeded"):
             raise CompareFailed(f"{key}: not at revision {expect_revision}")
         return data
-
-
-def _reason(e: "Exception | None") -> str:
-    """Why a request failed, never empty (a timeout's own text is)."""
-    if e is None:
-        return "no endpoint"
-    return str(e) or type(e).__name__

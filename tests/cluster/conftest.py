@@ -48,7 +48,7 @@ def cluster_factory(tmp_path):
 
     from drvs.dev import netns
 
-    made = []
+    made, homes = [], []  # (each node's cgroup and state dir: their cells' cgroups are checked gone)
 
     def make(nodes=2, cpus_per_node=None):
         state = tmp_path / f"state{len(made)}"
@@ -56,6 +56,7 @@ def cluster_factory(tmp_path):
         name = dev.new_name()
         made.append((state, name))
         info = dev.up(str(state), nodes, cpus_per_node, name)
+        homes.extend((f"drvs-dev-{name}-{n['name']}", n["state_dir"]) for n in info["nodes"])
         return Cluster(state, info)
 
     yield make
@@ -65,6 +66,13 @@ def cluster_factory(tmp_path):
     # Only our own clusters' namespaces: another test run may share the machine.
     leftover = [ns for _, name in made for ns in netns.existing(name)]
     assert not leftover, leftover
+    from drvs.config import Config
+    from drvs.ns.cgroup import Cgroup
+
+    # the nodes' cgroups, and cells a drvmmd started by hand made under ours
+    groups = [Cgroup.under_caller(g) for node_cg, home in homes for g in (node_cg, Config(home).cgroup_root)]
+    cgroups = [d for cg in groups for d in cg.dirs if os.path.isdir(d)]
+    assert not cgroups, cgroups
     with open("/proc/self/mounts") as f:
         mounts = [line.split()[1] for line in f if any(line.split()[1].startswith(f"{state}/") for state, _ in made)]
     assert not mounts, mounts

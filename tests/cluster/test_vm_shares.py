@@ -83,6 +83,14 @@ def test_restarted_daemon_adopts_its_cells(cluster_factory):
         c.wait_status("n2", "Ready", timeout=10)
         time.sleep(1.5)  # a reconcile pass has run
         assert cell_inits(c, "n2", "keep") == before
+        # a VM made meanwhile gets its cell where this daemon runs: outside
+        # the node's cgroup (the cluster's teardown must find it there too)
+        from drvs.config import Config
+        from drvs.ns.cgroup import Cgroup
+
+        c.drvs("vm", "create", "extra", "--node", "n2", node="n1", check=True)
+        outside = Cgroup.under_caller(Config(n2["state_dir"]).cgroup_root, "extra")
+        assert wait_for(outside.exists)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=10)
