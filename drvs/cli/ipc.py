@@ -1,6 +1,7 @@
 """`drvs ipc ping`, `drvs lock ...`, `drvs election ...`: the fabric's message
 passing and the DRVMM's lock and election services, from the command line."""
 
+import argparse
 import errno
 import os
 import time
@@ -11,7 +12,6 @@ from ..errors import NotFound, UsageError
 
 
 def _seconds(text: str) -> float:
-    import argparse
     import math
 
     try:
@@ -24,16 +24,12 @@ def _seconds(text: str) -> float:
 
 
 def _count(text: str) -> int:
-    import argparse
-
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"not a count of 1 or more: {text!r}")
     return int(text)
 
 
 def _endpoint(text: str) -> str:
-    import argparse
-
     from ..ipc.fabric import check_name
     from ..ipc.message import IpcError
 
@@ -44,8 +40,6 @@ def _endpoint(text: str) -> str:
 
 
 def _group(text: str) -> str:
-    import argparse
-
     if not text or "/" in text or any(ord(c) < 32 for c in text):
         raise argparse.ArgumentTypeError(f"invalid group name {text!r} (not empty, no '/')")
     return text
@@ -194,11 +188,11 @@ def lock_release(args) -> int:
 
 def campaign(args) -> int:
     from ..ipc.schema import drvmm
+    from ..ipc.services import system_election
 
-    from ..ipc.services import SYSTEM_ELECTIONS
-
-    if _checked(args.name).split("/", 1)[0] in SYSTEM_ELECTIONS:
-        raise UsageError(f"election {args.name!r} is DRVS's own (pm/ and fs/ are reserved)")
+    problem = system_election(_checked(args.name))
+    if problem:
+        raise UsageError(problem)
     reply = _call(drvmm.DrvmmCall.campaign, _name_request(args.name, args.value, args.timeout),
                   _wait(args.timeout))
     print(_key_reply(reply).key)

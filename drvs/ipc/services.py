@@ -53,13 +53,20 @@ def named(msg: Msg):
 SYSTEM_ELECTIONS = ("pm", "fs")  # DRVS's own elected servers: ELECTIONS + "pm/VM", "fs/VM"
 
 
-def _not_system(name: str) -> None:
-    """EINVAL for an election of DRVS's own servers: a campaign under the
-    same node lease would be handed the server's own leadership, and a
-    resign would end it (two servers then)."""
+def system_election(name: str) -> str | None:
+    """Why name may not be campaigned for or resigned by a user (None: it
+    may): DRVS's own servers' elections; a campaign under the same node
+    lease would be handed the server's own leadership, and a resign would
+    end it (two servers then)."""
     if name.split("/", 1)[0] in SYSTEM_ELECTIONS:
-        raise IpcError(f"election {name!r} is DRVS's own ({'/, '.join(SYSTEM_ELECTIONS)}/ are reserved)",
-                       errno.EINVAL)
+        return f"election {name!r} is DRVS's own ({'/, '.join(SYSTEM_ELECTIONS)}/ are reserved)"
+    return None
+
+
+def _not_system(name: str) -> None:
+    problem = system_election(name)
+    if problem:
+        raise IpcError(problem, errno.EINVAL)
 
 
 def _under(key: str, prefix: str, what: str) -> str:
