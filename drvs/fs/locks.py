@@ -11,8 +11,16 @@ LockAgent watches /proc/locks for that and tells the server.
 
 Limits: only jailed programs take part (a host process using drvs mount
 does not); OFD locks (F_OFD_*) stay per node; locks are not replicated, so
-a fail-over of the file server drops them; a blocked F_SETLKW or flock is
-ended by fatal signals only (the filter waits killably)."""
+a fail-over of the file server drops them.
+
+A blocked F_SETLKW or flock waits at the server in slices; between them
+the node looks whether the program has a signal pending that it does not
+block (the filter waits killably, so only a fatal signal ends the wait by
+itself).  If so the call ends with ERESTARTSYS, as the kernel's own lock
+wait does: the kernel then runs the program's handler and returns EINTR,
+or restarts the call if the handler has SA_RESTART, or restarts it after
+a stop (`flock -w`'s SIGALRM, Ctrl-Z).  A slice is short so that a
+timeout is kept to within it."""
 
 import errno
 import logging
@@ -24,6 +32,7 @@ import time
 import pyfuse3
 import trio
 
+from ..dvos.pm.procs import status_field
 from ..ipc.schema import fs
 
 log = logging.getLogger("drvmmd")
@@ -32,7 +41,8 @@ RD, WR, UN = 0, 1, 2
 F_GETLK, F_SETLK, F_SETLKW = 5, 6, 7
 LOCK_SH, LOCK_EX, LOCK_NB, LOCK_UN = 1, 2, 4, 8
 FLOCK = struct.Struct("<hh4xqqi4x")  # struct flock on x86_64 and aarch64
-WAIT_SLICE_MS = 2000                 # one server call's wait; the caller's whole wait is unbounded
+WAIT_SLICE_MS = 100                  # one server call's wait, and how late a signal may end a lock wait
+ERESTARTSYS = 512                    # the kernel's "interrupted; restart if SA_RESTART" (never seen by programs)
 AGENT_EVERY = 0.25                   # seconds between looks at /proc/locks
 GRACE = 0.5                          # a granted lock the kernel has yet to show is not dropped before this
 
@@ -229,6 +239,8 @@ class NodeLocks:
                     return reply_cls(error=errno.EWOULDBLOCK if flock else errno.EAGAIN)
                 if not caller.still_valid():
                     return kernel  # the caller is gone (its answer is dropped)
+                if _signal_pending(caller.host_pid):
+                    return reply_cls(error=ERESTARTSYS)
         key = (f.fs, r.attr.ino, owner, flock)  # the server's inode: released even if renamed meanwhile
         if type_ == UN:
             self.held.pop(key, None)
@@ -287,6 +299,18 @@ def _mount(pid: int, mnt_id: int) -> tuple[str, str] | None:
     except (OSError, ValueError):
         return None
     return None
+
+
+def _signal_pending(tid: int) -> bool:
+    """Whether thread tid has a signal pending (its own or its process's)
+    that it does not block: one that would end an interruptible wait."""
+    try:
+        with open(f"/proc/{tid}/status", "rb") as f:
+            raw = f.read()
+        pending = int(status_field(raw, b"SigPnd"), 16) | int(status_field(raw, b"ShdPnd"), 16)
+        return bool(pending & ~int(status_field(raw, b"SigBlk"), 16))
+    except (OSError, ValueError):
+        return False
 
 
 def _tgid(pid: int) -> int:

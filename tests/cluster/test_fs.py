@@ -1186,3 +1186,68 @@ def test_fcntl_and_flock_locks_hold_across_nodes(fsc, d):
         if held.poll() is None:
             held.kill()
             held.wait()
+
+
+
+HOLDER = """
+import fcntl, os, sys, time
+lk = sys.argv[1]
+f = os.open(lk, os.O_RDWR | os.O_CREAT)
+p = os.open(lk + ".p", os.O_RDWR | os.O_CREAT)
+fcntl.flock(f, fcntl.LOCK_EX)
+fcntl.lockf(p, fcntl.LOCK_EX)
+open(lk + ".held", "w").close()
+while not os.path.exists(lk + ".release"):
+    time.sleep(0.05)
+"""
+
+WAITER = """
+import fcntl, os, signal, sys, time
+class TimedOut(Exception):
+    pass
+def alarm(*_):
+    raise TimedOut
+signal.signal(signal.SIGALRM, alarm)
+fd = os.open(sys.argv[1], os.O_RDWR)
+signal.alarm(1)
+t = time.monotonic()
+try:
+    if sys.argv[2] == "posix":
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+    else:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    print("got it")
+except TimedOut:
+    print("timed out after", round(time.monotonic() - t, 1))
+"""
+
+
+def test_a_lock_wait_held_by_another_node_ends_on_a_signal(fsc, d):
+    """A waiting flock or F_SETLKW is interruptible, as in the kernel:
+    flock -w times out, a handler that raises ends the wait, and the
+    abandoned waits leave no lock behind at the server."""
+    name, a, _ = d
+    os.chmod(a, 0o777)
+    (a / "holder.py").write_text(HOLDER)
+    (a / "waiter.py").write_text(WAITER)
+    lk = f"/data/{name}/lk"
+    held = subprocess.Popen(
+        [str(BIN / "drvs-run"), "--vm", "web", "--", "python3", f"/data/{name}/holder.py", lk],
+        env={**fsc.env, "DRVS_NODE": "n1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait(lambda: (a / "lk.held").exists())
+        t = time.monotonic()
+        r = jail(fsc, "n2", f"flock -w 1 {lk} true; echo $?", timeout=20)
+        assert r.stdout.split() == ["1"], r.stderr   # flock(1)'s exit status for a timeout
+        assert time.monotonic() - t < 15
+        for kind, path in (("flock", lk), ("posix", f"{lk}.p")):
+            r = jail(fsc, "n2", f"python3 /data/{name}/waiter.py {path} {kind}", timeout=20)
+            assert r.stdout.strip() == "timed out after 1.0", (kind, r.stdout, r.stderr)
+    finally:
+        (a / "lk.release").touch()
+        held.wait(timeout=20)
+    # the interrupted waits took nothing: once n1's node saw the holder end
+    # (it looks every AGENT_EVERY), n1 takes both locks without waiting
+    both = (f"flock -n {lk} true; echo $?; python3 -c 'import fcntl, os; "
+            f"fcntl.lockf(os.open(\"{lk}.p\", os.O_RDWR), fcntl.LOCK_EX | fcntl.LOCK_NB); print(0)'")
+    _wait(lambda: jail(fsc, "n1", both).stdout.split() == ["0", "0"], timeout=10)
