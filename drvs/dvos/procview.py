@@ -24,6 +24,7 @@ import time
 
 import pyfuse3
 
+from ..fs.client import DOTS, reply_dots
 from ..ipc.message import IpcError, Msg
 from ..ipc.schema import pm
 from ..vm.model import check_name
@@ -69,6 +70,15 @@ class ProcView:
             self.next_ino += 1
             self.nodes[ino] = Node(ino, kind, vm, pid, name)
         return self.nodes[ino]
+
+    def _parent(self, node: Node) -> int:
+        """The number of a directory's ".." (its d_ino only: the kernel
+        walks ".." itself)."""
+        if node.kind == "root":
+            return pyfuse3.ROOT_INODE  # the view's root
+        if node.kind == "vm":
+            return ROOT
+        return self.by_key.get(("vm", node.vm, 0, b""), ROOT)
 
     def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
         """node's attributes, handed to the kernel, which now holds it."""
@@ -203,7 +213,9 @@ class ProcView:
             # each entry once, while processes come and go.
             entries = await self._entries(node)
             self.listings[fh] = (node, entries)
-        for i, (name, child) in enumerate(entries[start_id:], start_id):
+        if not reply_dots(token, start_id, node.ino, self._parent(node)):
+            return
+        for i, (name, child) in enumerate(entries[max(start_id - DOTS, 0):], max(start_id, DOTS)):
             if not pyfuse3.readdir_reply(token, name, self._attr(child), i + 1):
                 break
             child.lookups += 1  # readdirplus: the kernel holds the entries it took

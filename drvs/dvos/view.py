@@ -25,7 +25,7 @@ import trio
 
 from ..errors import DrvsError
 from ..fs.cache import DataCache
-from ..fs.client import MASK, TAG_SHIFT, VmFs
+from ..fs.client import DOTS, MASK, TAG_SHIFT, VmFs, reply_dots
 from ..ipc.fabric import REGISTRY
 from ..ipc.message import IpcError, Later, Msg
 from ..ipc.schema import from_flat, fs
@@ -130,7 +130,7 @@ class View(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENFILE)
             self.next_slot += 1
             fs_ = VmFs(vm, slot, self.fabric, self.nursery.start_soon, self.cache, f"{self.path}/fs/{vm}")
-            fs_.made, fs_.made_at = made, trio.current_time()
+            fs_.made, fs_.made_at, fs_.above = made, trio.current_time(), FS_DIR
             self.vms[vm], self.slots[slot] = fs_, fs_  # before any wait: no other lookup takes the slot
             try:
                 return await fs_.start()
@@ -344,7 +344,9 @@ class View(pyfuse3.Operations):
             entries = [(b"proc", self.proc._attr(self.proc.nodes[procview.ROOT])), (b"fs", self._dir_attr(FS_DIR))] \
                 if inode == ROOT else await self._fs_entries()
             self.listings[fh] = (inode, entries)
-        for i, (name, attr) in enumerate(entries[start_id:], start_id):
+        if not reply_dots(token, start_id, inode, ROOT):
+            return
+        for i, (name, attr) in enumerate(entries[max(start_id - DOTS, 0):], max(start_id, DOTS)):
             if not pyfuse3.readdir_reply(token, name, attr, i + 1):
                 break
             if name == b"proc" and inode == ROOT:

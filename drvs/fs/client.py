@@ -57,6 +57,23 @@ QUERIES = {Call.getattr, Call.lookup, Call.readlink, Call.read, Call.readdir, Ca
            Call.listxattr, Call.flush, Call.fsync, Call.release, Call.usage, Call.lock}
 
 
+DOTS = 2  # "." and "..": the first two entries of every listing
+
+
+def reply_dots(token, start_id: int, ino: int, parent: int) -> bool:
+    """Hand the kernel a directory's "." and ".." (offsets 1 and 2), those
+    of them at or after start_id; False if its buffer filled.  The kernel
+    makes no dentry of them, so no lookup is counted (fuse_direntplus_link)."""
+    for i, (name, number) in enumerate(((b".", ino), (b"..", parent))):
+        if i < start_id:
+            continue
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino, attr.st_mode = number, stat.S_IFDIR | 0o755
+        if not pyfuse3.readdir_reply(token, name, attr, i + 1):
+            return False
+    return True
+
+
 class Inode:
     """term: the server's term of writes to the file not yet fsync'ed (0:
     none): a server of a later term may never have got them."""
@@ -137,6 +154,7 @@ class VmFs:
         self.listings: dict[int, Listing] = {}
         self.next_fh = 1
         self.root = 0          # the root's inode here (the same in every term)
+        self.above = pyfuse3.ROOT_INODE  # the root's ".." (the directory the owner shows the VMs in)
         self.server_root = 0   # the root's inode on the server of this term
         self.epoch = 0         # the server's term
         self.gen = 0           # terms seen here
@@ -1055,7 +1073,11 @@ class VmFs:
             listing.entries, listing.inos = await self._list(listing.dino)
             listing.still = self._asked(self.tag | listing.dino, where)
         dino, gone = listing.dino, listing.gone
-        for i, (name, a) in enumerate(listing.entries[start_id:], start_id):
+        node = self.inodes.get(dino)
+        parent = node.parent if node is not None and node.parent is not None else dino  # (only its d_ino)
+        if not reply_dots(token, start_id, self.tag | dino, self.above if dino == self.root else self.tag | parent):
+            return
+        for i, (name, a) in enumerate(listing.entries[max(start_id - DOTS, 0):], max(start_id, DOTS)):
             if name in gone:
                 continue
             if not pyfuse3.readdir_reply(token, name, self._attr(a, listing.told, dino, listing.still), i + 1):

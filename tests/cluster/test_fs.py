@@ -255,6 +255,24 @@ def test_a_listing_being_read_does_not_hand_out_what_another_node_removed(fsc, d
     assert os.listdir(b) == []
 
 
+def test_a_listing_holds_dot_and_dotdot_and_every_entry_once(fsc, d):
+    """As on a local file system: "." and ".." first, with the numbers
+    stat gives the directory and its parent, then each entry once, over
+    as many getdents calls as the names need."""
+    _, a, b = d
+    names = {f"n{i:04}-{'x' * 60}" for i in range(500)}
+    (a / "sub").mkdir()
+    for name in names:
+        (a / "sub" / name).touch()
+    listed = subprocess.run(["ls", "-f1i", str(b / "sub")], capture_output=True, text=True, check=True)
+    rows = [line.split(None, 1) for line in listed.stdout.splitlines()]
+    assert [name for _, name in rows[:2]] == [".", ".."]
+    assert [int(ino) for ino, _ in rows[:2]] == [(b / "sub").stat().st_ino, b.stat().st_ino]
+    assert len(rows) == len(names) + 2 and {name for _, name in rows[2:]} == names
+    r = jail(fsc, "n2", f"ls -a /data/{d[0]}/sub | head -3")
+    assert r.stdout.split() == [".", "..", sorted(names)[0]], r.stderr
+
+
 def test_a_directory_changed_here_then_elsewhere_shows_the_latest_attributes(fsc, d):
     """A node keeps a directory's attributes from the reply to its own
     create or remove (the kernel drops its copy each time and would ask
