@@ -129,3 +129,15 @@ async def test_unreachable_etcd_fails_fast():
     async with Etcd([f"http://127.0.0.1:{free_port()}"], timeout=1) as dead:
         with trio.fail_after(5), pytest.raises(EtcdUnavailable, match="etcd unreachable"):
             await dead.get("/x")
+
+
+def test_the_commands_store_puts_only_if_a_range_is_unchanged(etcd_url):
+    """The same guarantee from etcd (a compare over a key range), for the
+    synchronous store the commands use."""
+    from drvs.store.etcd import EtcdStore
+    from test_store import check_put_unchanged
+
+    s = EtcdStore([etcd_url])
+    for key in ("/vms/a", "/vms/b", "/vms/c", "/other", "/none/x"):
+        s.delete(key)
+    check_put_unchanged(s)

@@ -74,3 +74,26 @@ def test_file_is_complete_json_after_each_write(tmp_path):
     for i in range(5):
         s.put(f"/k{i}", str(i))
         assert len(json.loads(path.read_text())["kv"]) == i + 1
+
+
+def check_put_unchanged(s):
+    """put(unchanged=...): written only if nothing under the prefix was
+    written since the snapshot (what VM admission relies on)."""
+    s.put("/vms/a", "1")
+    entries, rev = s.snapshot("/vms/")
+    assert [e.key for e in entries] == ["/vms/a"]
+    s.put("/other", "x")                                            # outside the range: no matter
+    s.put("/vms/b", "2", expect_revision=0, unchanged=("/vms/", rev))
+    with pytest.raises(CompareFailed):
+        s.put("/vms/c", "3", expect_revision=0, unchanged=("/vms/", rev))  # b was written since
+    assert s.get("/vms/c") is None
+    _, rev = s.snapshot("/vms/")
+    s.put("/vms/a", "changed")
+    with pytest.raises(CompareFailed):
+        s.put("/vms/c", "3", unchanged=("/vms/", rev))
+    _, rev = s.snapshot("/none/")
+    s.put("/none/x", "1", expect_revision=0, unchanged=("/none/", rev))  # an empty range holds
+
+
+def test_put_only_if_a_range_is_unchanged(tmp_path):
+    check_put_unchanged(EmbeddedStore(tmp_path / "store.json"))

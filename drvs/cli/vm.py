@@ -12,11 +12,15 @@ from ..errors import Conflict, DrvsError, NotFound, UsageError
 from ..ns import cell as cells
 from ..ns import jail
 from ..store import open_store
-from ..units import cpuset_ids, format_size
+from ..units import format_size
+from ..vm import admission
 from ..vm.model import VmSpec, check_name, parse_share
 from ..vm.registry import VmRegistry
 from .common import age, emit, print_table
 from .options import add_limit_options, limits_from, typed
+
+
+ADMIT_TRIES = 5  # snapshots of the VMs a create checks its shares against, if others are made meanwhile
 
 
 def add_parser(sub) -> None:
@@ -32,6 +36,8 @@ def add_parser(sub) -> None:
                         "(default: 2 with two nodes or more)")
     p.add_argument("--fs-sync", action="store_true",
                    help="a close returns once every replica has what was written (default: only fsync waits)")
+    p.add_argument("--overcommit", action="store_true",
+                   help="let the shares go past what their nodes have left beside other VMs' shares")
     p.set_defaults(func=create)
     p = verbs.add_parser("ls", help="list VMs")
     _format(p)
@@ -55,15 +61,25 @@ def create(args) -> int:
     shares = dict(args.shares)
     if len(shares) != len(args.shares):
         raise UsageError("a node is given twice in --node")
-    if shares:
-        check_shares(store, shares)
+    specs = node_specs(store, shares) if shares else {}
+    for node, share in shares.items():
+        admission.check_share(node, specs[node], share)
+    if args.overcommit and not shares:
+        raise UsageError("--overcommit needs --node shares")
     fs_nodes = fs_replica_nodes([n for n, _ in args.shares], args.fs_replicas)
     if args.fs_sync and not fs_nodes:
         raise UsageError("--fs-sync needs --node shares (a VM file system of the cluster)")
-    spec = VmRegistry(store).create(VmSpec(args.name, limits_from(args), shares=shares, fs_nodes=fs_nodes,
-                                           fs_sync=args.fs_sync))
-    print(spec.name)
-    return 0
+    spec = VmSpec(args.name, limits_from(args), shares=shares, fs_nodes=fs_nodes, fs_sync=args.fs_sync)
+    registry = VmRegistry(store)
+    for _ in range(ADMIT_TRIES):
+        others, revision = registry.snapshot()
+        if not args.overcommit:
+            for node, share in shares.items():
+                admission.check_fits(node, specs[node], share, [vm for vm in others if vm.name != args.name])
+        if registry.create(spec, unchanged_since=None if args.overcommit or not shares else revision):
+            print(spec.name)
+            return 0
+    raise Conflict(f"VM {args.name!r}: VMs kept being made while its shares were checked; try again")
 
 
 def _not_in_use_elsewhere(cfg, spec: VmSpec, force: bool) -> None:
@@ -135,25 +151,19 @@ def fs_replica_nodes(nodes: list[str], replicas: int | None) -> list[str]:
     return nodes[:replicas]
 
 
-def check_shares(store, shares: dict) -> None:
-    """Every share is of a known node and fits in it."""
+def node_specs(store, nodes) -> dict[str, dict]:
+    """What each node is (`drvs node show`), for the nodes of shares."""
     from ..cluster.membership import spec_key
 
     if not cluster_info(config.load()):
         raise UsageError("--node shares need a cluster (this node is a single node)")
-    for node, limits in shares.items():
+    specs = {}
+    for node in nodes:
         entry = store.get(spec_key(node))
         if entry is None:
             raise NotFound(f"no such node: {node!r} (see `drvs node ls`)")
-        spec = json.loads(entry.value)
-        if limits.cpus and limits.cpus > spec["cpus"]:
-            raise UsageError(f"share of {node} asks for {limits.cpus:g} CPUs; {node} has {spec['cpus']}")
-        if limits.cpuset and "cpu_list" in spec and not cpuset_ids(limits.cpuset) <= set(spec["cpu_list"]):
-            raise UsageError(f"share of {node} asks for CPUs {limits.cpuset}; {node} has "
-                             f"{','.join(map(str, spec['cpu_list']))}")
-        if limits.memory and limits.memory > spec["memory"]:
-            raise UsageError(f"share of {node} asks for {format_size(limits.memory)} of memory; "
-                             f"{node} has {format_size(spec['memory'])}")
+        specs[node] = json.loads(entry.value)
+    return specs
 
 
 def _limits_text(spec: VmSpec) -> dict[str, str]:

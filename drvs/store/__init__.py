@@ -23,10 +23,19 @@ class Store:
     def range(self, prefix: str) -> list[Entry]:
         raise NotImplementedError
 
-    def put(self, key: str, value: str, *, expect_revision: int | None = None) -> int:
+    def snapshot(self, prefix: str) -> tuple[list[Entry], int]:
+        """range(prefix), and the store's revision it was read at (for
+        put's unchanged)."""
+        raise NotImplementedError
+
+    def put(self, key: str, value: str, *, expect_revision: int | None = None,
+            unchanged: tuple[str, int] | None = None) -> int:
         """Store value; with expect_revision, only if the key's mod revision
-        is that (0: the key must not exist).  Returns the new revision or
-        raises `CompareFailed`."""
+        is that (0: the key must not exist); with unchanged (prefix,
+        revision), only if no key under prefix was written after that
+        revision (a decision made on a snapshot still holds; a key deleted
+        since is not seen).  Returns the new
+        revision or raises `CompareFailed`."""
         raise NotImplementedError
 
     def delete(self, key: str, *, expect_revision: int | None = None) -> bool:

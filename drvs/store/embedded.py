@@ -27,15 +27,23 @@ class EmbeddedStore(Store):
             return _entry(state, key)
 
     def range(self, prefix: str) -> list[Entry]:
+        return self.snapshot(prefix)[0]
+
+    def snapshot(self, prefix: str) -> tuple[list[Entry], int]:
         with self._locked(fcntl.LOCK_SH) as state:
-            return [_entry(state, k) for k in sorted(state["kv"]) if k.startswith(prefix)]
+            return [_entry(state, k) for k in sorted(state["kv"]) if k.startswith(prefix)], state["revision"]
 
     # -- writing ---------------------------------------------------------
 
-    def put(self, key: str, value: str, *, expect_revision: int | None = None) -> int:
+    def put(self, key: str, value: str, *, expect_revision: int | None = None,
+            unchanged: tuple[str, int] | None = None) -> int:
         with self._locked(fcntl.LOCK_EX) as state:
             old = state["kv"].get(key)
             _check(key, old, expect_revision)
+            if unchanged is not None:
+                prefix, revision = unchanged
+                if any(k.startswith(prefix) and item[2] > revision for k, item in state["kv"].items()):
+                    raise CompareFailed(f"{prefix}: changed after revision {revision}")
             rev = state["revision"] + 1
             state["revision"] = rev
             state["kv"][key] = [value, old[1] if old else rev, rev]

@@ -49,16 +49,20 @@ class EtcdStore(Store):
         return _entry(kvs[0]) if kvs else None
 
     def range(self, prefix: str) -> list[Entry]:
+        return self.snapshot(prefix)[0]
+
+    def snapshot(self, prefix: str) -> tuple[list[Entry], int]:
         from ..cluster.etcd import prefix_end
 
         data = self._call("/v3/kv/range", {"key": _b64(prefix), "range_end": prefix_end(prefix)})
-        return [_entry(kv) for kv in data.get("kvs") or []]
+        return [_entry(kv) for kv in data.get("kvs") or []], int(data["header"]["revision"])
 
-    def put(self, key: str, value: str, *, expect_revision: int | None = None) -> int:
+    def put(self, key: str, value: str, *, expect_revision: int | None = None,
+            unchanged: tuple[str, int] | None = None) -> int:
         put = {"key": _b64(key), "value": _b64(value)}
-        if expect_revision is None:
+        if expect_revision is None and unchanged is None:
             return int(self._call("/v3/kv/put", put)["header"]["revision"])
-        data = self._txn(key, expect_revision, {"request_put": put})
+        data = self._txn(key, expect_revision, {"request_put": put}, unchanged)
         return int(data["header"]["revision"])
 
     def delete(self, key: str, *, expect_revision: int | None = None) -> bool:
@@ -68,9 +72,18 @@ class EtcdStore(Store):
         data = self._txn(key, expect_revision, {"request_delete_range": req})
         return int(data["responses"][0].get("response_delete_range", {}).get("deleted", 0)) > 0
 
-    def _txn(self, key: str, expect_revision: int, op: dict) -> dict:
-        compare = {"key": _b64(key), "target": "MOD", "result": "EQUAL", "mod_revision": str(expect_revision)}
-        data = self._call("/v3/kv/txn", {"compare": [compare], "success": [op]})
+    def _txn(self, key: str, expect_revision: int | None, op: dict, unchanged: tuple[str, int] | None = None) -> dict:
+        compare = []
+        if expect_revision is not None:
+            compare.append({"key": _b64(key), "target": "MOD", "result": "EQUAL",
+                            "mod_revision": str(expect_revision)})
+        if unchanged is not None:
+            from ..cluster.etcd import prefix_end
+
+            prefix, revision = unchanged  # (a compare over a range holds for every key in it)
+            compare.append({"key": _b64(prefix), "range_end": prefix_end(prefix), "target": "MOD",
+                            "result": "LESS", "mod_revision": str(revision + 1)})
+        data = self._call("/v3/kv/txn", {"compare": compare, "success": [op]})
         if not data.get("succeeded"):
-            raise CompareFailed(f"{key}: not at revision {expect_revision}")
+            raise CompareFailed(f"{key}: not at revision {expect_revision}, or {unchanged} changed")
         return data

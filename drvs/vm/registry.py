@@ -11,12 +11,20 @@ class VmRegistry:
     def __init__(self, store: Store):
         self.store = store
 
-    def create(self, spec: VmSpec) -> VmSpec:
+    def create(self, spec: VmSpec, unchanged_since: int | None = None) -> VmSpec | None:
+        """Store a new VM; with unchanged_since (a snapshot()'s revision),
+        only if no VM was made or changed since (a removal only frees room):
+        else None (the
+        caller decided on a stale snapshot; it looks again)."""
         check_name(spec.name)
+        key = _PREFIX + spec.name
         try:
-            self.store.put(_PREFIX + spec.name, spec.to_json(), expect_revision=0)
+            self.store.put(key, spec.to_json(), expect_revision=0,
+                           unchanged=None if unchanged_since is None else (_PREFIX, unchanged_since))
         except CompareFailed:
-            raise Conflict(f"VM {spec.name!r} already exists") from None
+            if unchanged_since is None or self.store.get(key) is not None:
+                raise Conflict(f"VM {spec.name!r} already exists") from None
+            return None
         return spec
 
     def get(self, name: str) -> VmSpec:
@@ -50,7 +58,12 @@ class VmRegistry:
         raise NotFound(f"no such VM: {name!r} (see `drvs vm ls`)")
 
     def list(self) -> list[VmSpec]:
-        return [VmSpec.from_json(e.value) for e in self.store.range(_PREFIX)]
+        return self.snapshot()[0]
+
+    def snapshot(self) -> "tuple[list[VmSpec], int]":  # (a string: list is the method above, here)
+        """Every VM, and the store's revision they were read at."""
+        entries, revision = self.store.snapshot(_PREFIX)
+        return [VmSpec.from_json(e.value) for e in entries], revision
 
     def remove(self, name: str) -> None:
         check_name(name)

@@ -135,6 +135,31 @@ def test_share_errors(cluster_factory):
     assert p.returncode == 2 and "share of n1 asks for CPUs 0-999; n1 has" in p.stderr
 
 
+
+def test_shares_do_not_overcommit_a_node_unless_asked(cluster_factory):
+    """The shares of all VMs on a node add up to no more than it has: one
+    past what is left is a conflict (4), naming who holds the rest, and
+    nothing is made; --overcommit makes it; removing a VM frees its part."""
+    c = cluster_factory(nodes=1)
+    n1, = json.loads(c.drvs("node", "ls", "--format", "json", node="n1", check=True).stdout)
+    cpus, memory = n1["cpus"], n1["memory"]
+    c.drvs("vm", "create", "a", "--node", f"n1:cpus={cpus - 0.5:g}", node="n1", check=True)
+    p = c.drvs("vm", "create", "b", "--node", "n1:cpus=1", node="n1")
+    assert p.returncode == 4, p.stderr
+    assert p.stderr == (f"drvs: share of n1 asks for 1 CPUs; n1 has {cpus}, and a holds {cpus - 0.5:g} of them "
+                        "(--overcommit allows it)\n")
+    assert "b" not in c.drvs("vm", "ls", node="n1", check=True).stdout.split()
+    c.drvs("vm", "create", "b", "--node", "n1:cpus=1", "--overcommit", node="n1", check=True)
+    c.drvs("vm", "create", "m", "--node", f"n1:cpus=0.5,memory={memory}", "--overcommit", node="n1", check=True)
+    p = c.drvs("vm", "create", "tiny", "--node", "n1:memory=1M", node="n1")
+    assert p.returncode == 4 and "and m holds" in p.stderr, p.stderr
+    c.drvs("vm", "create", "free", "--node", "n1", node="n1", check=True)  # a share of no amount reserves none
+    c.drvs("vm", "rm", "m", node="n1", check=True)
+    c.drvs("vm", "create", "tiny", "--node", "n1:memory=1M", node="n1", check=True)
+    p = c.drvs("vm", "create", "lone", "--overcommit", node="n1")
+    assert p.returncode == 2 and "--overcommit needs --node shares" in p.stderr
+
+
 FORGE = """
 import sys
 from drvs.cluster.context import enter_node
