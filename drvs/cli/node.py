@@ -93,6 +93,18 @@ def cordon(args) -> int:
     return 0
 
 
+def _shares(node: str) -> dict:
+    """The VMs with a share of node, and the CPUs and memory they reserve
+    (what `drvs vm create` leaves to new shares, drvs/vm/admission.py)."""
+    from ..store import open_store
+    from ..vm.admission import given
+    from ..vm.registry import VmRegistry
+
+    vms = VmRegistry(open_store()).list()
+    return {"vms": sorted(vm.name for vm in vms if node in vm.shares),
+            "cpus": given(vms, node, "cpus")[0], "memory": int(given(vms, node, "memory")[0])}
+
+
 def _load(n: dict) -> str:
     load = n.get("load")
     return f"{load['cpu_percent']:.0f}% cpu, {load['memory_percent']:.0f}% mem" if load else "-"
@@ -115,17 +127,21 @@ def show(args) -> int:
     node = next((n for n in _nodes() if n["name"] == args.name), None)
     if node is None:
         raise NotFound(f"no such node: {args.name!r}")
+    node["shares"] = _shares(args.name)
 
     def table():
         import time
 
+        shares = node["shares"]
         shown = {"memory": format_size(node["memory"]),
                  "joined": f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(node['joined']))} "
                            f"({age(node['joined'])} ago)",
                  "load": _load(node),
-                 "servers": ",".join((node.get("load") or {}).get("servers") or []) or "-"}
-        print_table(["FIELD", "VALUE"], [[k, shown.get(k, v)] for k, v in node.items() if k != "load"] +
-                    [[k, shown[k]] for k in ("load", "servers")])
+                 "servers": ",".join((node.get("load") or {}).get("servers") or []) or "-",
+                 "shares": f"{', '.join(shares['vms']) or '-'}: {shares['cpus']:g} of {node['cpus']} CPUs, "
+                           f"{format_size(shares['memory'])} of {format_size(node['memory'])} reserved"}
+        print_table(["FIELD", "VALUE"], [[k, shown.get(k, v)] for k, v in node.items() if k not in ("load", "shares")] +
+                    [[k, shown[k]] for k in ("load", "servers", "shares")])
 
     emit(node, args.format, table)
     return 0
