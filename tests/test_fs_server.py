@@ -501,3 +501,37 @@ async def test_a_number_the_store_gives_a_new_file_again_comes_with_another_gene
         pytest.skip("the store's file system does not give a freed number out again at once (not ext4?)")
     assert r.attr.gen not in (0, gen)
     assert (await call(server, "n2", Call.lookup, path=b"n%d" % i)).attr.gen == r.attr.gen
+
+
+async def test_a_replica_of_a_vm_made_again_survives_the_late_removal_of_the_old_one(tmp_path):
+    """A VM removed and made again under its name can be served, and
+    mirrored to a replica node, before that node's look at the VM list
+    (every second) saw the old VM go: the old replica goes as the new
+    definition's first batch comes, and the late removal of the old
+    definition leaves the new one's files."""
+    from types import SimpleNamespace
+
+    from drvs.fs.service import FsNode
+
+    node = FsNode(SimpleNamespace(vms_dir=str(tmp_path / "vms")), None, Invalidations(), SimpleNamespace(name="n2"))
+    base = tmp_path / "vms" / "web" / "fs"
+
+    async def mirror(made: int, name: bytes) -> Msg:
+        batch = fs.Batch.new_message(vm="web", epoch=1, made=made)
+        calls = batch.init("calls", 1)
+        calls[0].type, calls[0].request = Call.mkdir, to_flat(new(fs.FsRequest, vm="web", path=name, mode=0o755))
+        return await node.mirror(Msg(Call.mirror, to_flat(batch)))
+
+    async def mirrored(made: int, name: bytes) -> None:
+        assert list(from_flat(fs.BatchReply, (await mirror(made, name)).payload).statuses) == [0]
+
+    await mirrored(10, b"old")            # the first definition, made at revision 10
+    await mirrored(20, b"new")            # made again at 20: its server's first batch
+    assert os.listdir(base / "root") == ["new"]
+    await node.remove("web", 10)          # this node's look at the VM list, late
+    assert os.listdir(base / "root") == ["new"]
+    with pytest.raises(IpcError) as e:    # the old definition's server, still sending
+        await mirror(10, b"late")
+    assert e.value.errno == errno.ESTALE and os.listdir(base / "root") == ["new"]
+    await node.remove("web", 20)
+    assert not base.exists()

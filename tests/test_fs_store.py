@@ -8,14 +8,19 @@ import os
 import pytest
 
 from drvs.errors import SetupError
-from drvs.fs.store import Store, check_path
+from drvs.fs.store import Store, check_path, made_of
 
 
 def test_a_new_store_is_made_and_opened_again(tmp_path):
-    s = Store(str(tmp_path / "fs"), "web")
+    s = Store(str(tmp_path / "fs"), "web", made=17)
     s.close()
-    assert json.loads((tmp_path / "fs" / "STORE").read_text()) == {"format": 1, "vm": "web"}
-    Store(str(tmp_path / "fs"), "web").close()
+    assert json.loads((tmp_path / "fs" / "STORE").read_text()) == {"format": 1, "vm": "web", "made": 17}
+    assert made_of(str(tmp_path / "fs")) == 17
+    assert Store(str(tmp_path / "fs"), "web").made == 17    # (0: whichever definition is there)
+    Store(str(tmp_path / "fs"), "web", made=17).close()
+    with pytest.raises(SetupError) as e:                       # the VM made again is another store
+        Store(str(tmp_path / "fs"), "web", made=40)
+    assert "of VM 'web' as defined at revision 17, not 40" in str(e.value)
 
 
 @pytest.mark.parametrize("marker, words", [

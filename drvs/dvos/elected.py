@@ -23,8 +23,9 @@ async def run(etcd, fabric, member, service: str, candidate, make, gone=None) ->
     accepts, as VMs come and go.  make(vm) (a coroutine function) -> a
     server with handle(msg), and optionally fast(msg), run() (what it does
     while it serves) and close(); make may raise DrvsError (logged; the
-    node then stands down and tries again later).  gone(vm): called once a
-    VM this node campaigned for is no longer defined."""
+    node then stands down and tries again later).  gone(vm, made): called once a
+    VM this node campaigned for is no longer defined (made: the removed
+    definition's create revision)."""
     from ..vm.model import VmSpec
 
     # name -> (the VM definition's create revision, the campaign's scope,
@@ -54,7 +55,7 @@ async def run(etcd, fabric, member, service: str, candidate, make, gone=None) ->
                     scope.cancel()
                     await ended.wait()  # (its server closed before another of the name, or its removal)
                     if gone is not None and defined.get(name) != made:
-                        await gone(name)
+                        await gone(name, made)
                 for name in wanted.keys() - campaigns.keys():
                     ended = trio.Event()
                     scope = await nursery.start(_serve, service, name, etcd, fabric, member, make, ended)

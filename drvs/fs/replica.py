@@ -230,7 +230,7 @@ class Mirror:
 
     async def send(self, calls: list[tuple[int, bytes]]) -> None:
         s = self.server
-        m = fs.Batch.new_message(vm=s.vm, epoch=s.epoch)
+        m = fs.Batch.new_message(vm=s.vm, epoch=s.epoch, made=s.store.made)
         out = m.init("calls", len(calls))
         for i, (ctype, payload) in enumerate(calls):
             out[i].type, out[i].request = ctype, payload

@@ -521,7 +521,7 @@ class FsServer:
     def _put_commit(self, req) -> None:
         self.builder.commit()
         self.store.close()
-        self.store = Store(self.store.base, self.vm)
+        self.store = Store(self.store.base, self.vm, self.store.made)
 
     # -- who caches what ---------------------------------------------------------
 

@@ -11,12 +11,14 @@ import logging
 import trio
 
 from ..dvos import elected
+from ..dvos.elected import VMS
 from ..ipc.message import IpcError, Msg
 from ..ipc.schema import from_flat, fs, to_flat
-from ..vm.registry import VmRegistry
+from ..errors import NotFound
+from ..vm.model import VmSpec
 from . import replica
 from .server import FsServer
-from .store import Store
+from .store import Store, made_of
 
 log = logging.getLogger("drvmmd")
 
@@ -31,28 +33,57 @@ class FsNode:
         self.servers: dict[str, FsServer] = {}  # vm -> its server or replica here
         self.terms: dict[str, int] = {}         # vm -> the newest term heard of here
 
-    def _server(self, vm: str) -> FsServer:
+    async def _server(self, vm: str, made: int) -> FsServer:
+        """The server or replica here of VM vm as defined at revision made
+        (0: whichever is here).  What is here of an earlier definition of
+        the name goes first: a VM made again can be served, and mirrored
+        to this node, before this node's own look at the VM list saw the
+        old one go (elected.RESYNC)."""
+        await self._only(vm, made)
         server = self.servers.get(vm)
         if server is None:
-            server = self.servers[vm] = FsServer(vm, Store(store_dir(self.cfg, vm), vm), self.fabric,
+            server = self.servers[vm] = FsServer(vm, Store(store_dir(self.cfg, vm), vm, made), self.fabric,
                                                  self.member.name, self.etcd)
         return server
 
+    def _made_here(self, vm: str) -> int:
+        """The create revision of the definition of vm kept here (0: none, or not known)."""
+        server = self.servers.get(vm)
+        return server.store.made if server is not None else made_of(store_dir(self.cfg, vm))
+
+    async def _only(self, vm: str, made: int) -> None:
+        """Keep nothing here of another definition of vm than made: an
+        earlier one goes; a later one refuses (ESTALE: the caller is of a
+        VM that is gone)."""
+        here = self._made_here(vm)
+        if made and here and here != made:
+            if here > made:
+                raise IpcError(f"fs@{vm}: a later definition of the VM is here (revision {here})", errno.ESTALE)
+            await self.remove(vm, here)
+
     async def serve(self, vm: str) -> "_Serving":
         """Elected for fs@VM: take over (only as an in-sync replica)."""
-        spec = await VmRegistry.get_async(self.etcd, vm)
+        entry = await self.etcd.get(VMS + vm)
+        if entry is None:
+            raise NotFound(f"no such VM: {vm!r}")
+        spec, made = VmSpec.from_json(entry.value), entry.create_revision
         me = self.member.name
         epoch = await replica.take_over(self.etcd, vm, me, first=spec.fs_nodes[:1] == [me])
+        server = await self._server(vm, made)
         self.terms[vm] = epoch
-        server = self._server(vm)
         server.promote(epoch, spec.fs_nodes, spec.fs_sync)
         log.info("fs@%s: term %d; replicas %s", vm, epoch, ", ".join(spec.fs_nodes))
         return _Serving(self, server)
 
-    async def remove(self, vm: str) -> None:
-        """The VM was removed (drvs vm rm): its replica here goes too."""
+    async def remove(self, vm: str, made: int) -> None:
+        """The VM as defined at revision made was removed (drvs vm rm): its
+        replica here goes too -- unless what is here is of a later
+        definition, already mirrored here (see _server)."""
         import shutil
 
+        here = self._made_here(vm)
+        if here and made and here > made:
+            return
         server = self.servers.pop(vm, None)
         if server is not None:
             server.close()
@@ -64,9 +95,10 @@ class FsNode:
         """fsr@NODE: a batch of the serving node's changes."""
         try:
             batch = from_flat(fs.Batch, msg.view())  # (a view of the message it came in: no copy)
-            vm, epoch = batch.vm, batch.epoch
+            vm, epoch, made = batch.vm, batch.epoch, batch.made
         except Exception:  # noqa: BLE001 - malformed input from the wire
             raise IpcError("malformed batch", errno.EBADMSG) from None
+        await self._only(vm, made)  # (before terms: an earlier definition's are not this one's)
         if epoch < self.terms.get(vm, 0):  # a server of an older term, cut off meanwhile
             raise IpcError(f"fs@{vm}: term {epoch} is over (term {self.terms[vm]} began)", errno.ESTALE)
         self.terms[vm] = epoch
@@ -75,7 +107,7 @@ class FsNode:
             if server.epoch < epoch:
                 server.stale = True  # it steps down; the new server copies to it then
             raise IpcError(f"fs@{vm}: this node serves it (term {server.epoch})", errno.EBUSY)
-        server = self._server(vm)
+        server = await self._server(vm, made)
         statuses = await server.apply(batch)
         out = fs.BatchReply.new_message()
         st = out.init("statuses", len(statuses))
@@ -95,7 +127,8 @@ class _Serving:
     def close(self) -> None:
         self.server.mirrors.clear()
         self.server.epoch = 0
-        self.node.servers.pop(self.server.vm, None)
+        if self.node.servers.get(self.server.vm) is self.server:  # (not another definition's, made since)
+            del self.node.servers[self.server.vm]
         self.server.close()
 
 

@@ -3,7 +3,9 @@ tree on the server node's local disk, so that the node's own file system
 gives crash consistency (its journal), sparse files, hard links, xattrs and
 fsync, and a crash never leaves a torn format of ours to repair.
 
-    STATE/vms/VM/fs/STORE    what this is: {"format": 1, "vm": VM}
+    STATE/vms/VM/fs/STORE    what this is: {"format": 1, "vm": VM, "made": REV}
+                             (REV: the VM definition's create revision in
+                             etcd; a VM made again under its name is another)
     STATE/vms/VM/fs/root/    the tree
 
 Every path comes from a client node and is resolved under root/ in one
@@ -50,9 +52,10 @@ def join(parent: bytes, name: bytes) -> bytes:
 
 
 class Store:
-    def __init__(self, base: str, vm: str):
+    def __init__(self, base: str, vm: str, made: int = 0):
+        """made: the VM definition's create revision (0: not known here)."""
         self.base, self.vm = base, vm
-        self.root = open_store(base, vm)
+        self.root, self.made = open_store(base, vm, made)
         self.mount = -1  # the root, opened to read: open_by_handle_at takes no O_PATH descriptor
         # Where the kernel says the root is (/proc/self/fd): what paths it
         # gives of what lies below start with (base may be relative, or
@@ -167,10 +170,22 @@ class _At:
         os.close(self.fd)
 
 
-def open_store(base: str, vm: str) -> int:
-    """The root of vm's store under base, made if new; SetupError if what is
-    there is not a store of vm (a foreign, torn or half-made directory is
-    never written into)."""
+def made_of(base: str) -> int:
+    """The create revision of the VM definition the store under base is of
+    (0: none there, or not recorded)."""
+    try:
+        with open(f"{base}/STORE") as f:
+            made = json.load(f).get("made", 0)
+        return made if isinstance(made, int) else 0
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+def open_store(base: str, vm: str, made: int = 0) -> tuple[int, int]:
+    """The root of vm's store under base, made if new, and the definition it
+    is of; SetupError if what is there is not a store of vm (a foreign,
+    torn or half-made directory is never written into), or of another
+    definition of vm than made."""
     marker, root = f"{base}/STORE", f"{base}/root"
     if not os.path.exists(marker):
         if os.path.exists(root) and os.listdir(root):
@@ -179,7 +194,7 @@ def open_store(base: str, vm: str) -> int:
         os.makedirs(root, mode=0o755, exist_ok=True)
         tmp = f"{marker}.tmp"
         with open(tmp, "w") as f:
-            json.dump({"format": FORMAT, "vm": vm}, f)
+            json.dump({"format": FORMAT, "vm": vm, "made": made}, f)
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp, marker)
@@ -188,10 +203,14 @@ def open_store(base: str, vm: str) -> int:
         with open(marker) as f:
             info = json.load(f)
         ok = info.get("format") == FORMAT and info.get("vm") == vm
+        had = info.get("made", 0)
     except (OSError, ValueError, AttributeError) as e:
         raise SetupError(f"file store {base}: unreadable STORE marker ({e}); the store is damaged") from None
     if not ok:
         raise SetupError(f"file store {base}: STORE marker says {info!r}, expected format {FORMAT} of VM {vm!r}")
+    if made and had and had != made:
+        raise SetupError(f"file store {base}: of VM {vm!r} as defined at revision {had}, not {made} "
+                         "(a VM removed and made again under its name)")
     try:
         fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
@@ -199,7 +218,7 @@ def open_store(base: str, vm: str) -> int:
     if not stat.S_ISDIR(os.stat(fd).st_mode):
         os.close(fd)
         raise SetupError(f"file store {base}: root is not a directory")
-    return fd
+    return fd, made or had
 
 
 def _fsync_dir(path: str) -> None:

@@ -162,6 +162,7 @@ struct Batch {
   vm @0 :Text;
   epoch @1 :UInt64;
   calls @2 :List(Call);
+  made @3 :UInt64;     # the VM definition's create revision (0: not known): one made again is another
   struct Call {
     type @0 :UInt16;
     request @1 :Data;
