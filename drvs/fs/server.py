@@ -1152,7 +1152,7 @@ def _below(where: bytes, path: bytes) -> bytes:
 
 def _os_failure(e: OSError, path: bytes) -> Msg:
     err = e.errno or errno.EIO
-    return failure(err, f"{os.strerror(err)}: {os.fsdecode(path) or '/'}")
+    return failure(err, f"{os.strerror(err)}: {path.decode(errors='backslashreplace') or '/'}")
 
 
 def _times(st: os.stat_result, req, mask: int) -> tuple[int, int]:

@@ -105,8 +105,13 @@ class IpcError(DrvsError):
 
 
 def failure(err: int, text: str = "") -> Msg:
-    """A reply that reports -err."""
-    return Msg(0, status=-err, error=text or os.strerror(err))
+    """A reply that reports -err.  The text may name a path that is not
+    UTF-8 (os.fsdecode's surrogates), which a Cap'n Proto Text cannot
+    carry: those are escaped, never the reason the reply is lost."""
+    text = text or os.strerror(err)
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode()
+    return Msg(0, status=-err, error=text)
 
 
 # The errno of a reply that says the node could not reach etcd (to find an

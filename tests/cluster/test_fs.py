@@ -255,6 +255,27 @@ def test_a_listing_being_read_does_not_hand_out_what_another_node_removed(fsc, d
     assert os.listdir(b) == []
 
 
+def test_names_that_are_not_utf8_work_from_either_node(fsc, d):
+    """A file name is bytes: one that is not UTF-8 is made, found, missed
+    and refused with the errno a local file system gives, also where the
+    server's reply is an error naming it."""
+    _, a, b = d
+    for here, there in ((a, b), (b, a)):
+        sub = here / f"u8-{here is a}"
+        os.mkdir(sub)
+        far = os.fsencode(there / sub.name)
+        with pytest.raises(FileNotFoundError):
+            os.stat(far + b"/no\xe9")
+        with open(far + b"/new\xe9", "wb") as f:
+            f.write(b"latin-1")
+        os.makedirs(far + b"/f\xe9/x")
+        with pytest.raises(OSError) as e:
+            os.rmdir(os.fsencode(sub) + b"/f\xe9")
+        assert e.value.errno == errno.ENOTEMPTY
+        assert sorted(os.listdir(os.fsencode(sub))) == [b"f\xe9", b"new\xe9"]
+        assert open(os.fsencode(sub) + b"/new\xe9", "rb").read() == b"latin-1"
+
+
 def test_a_listing_holds_dot_and_dotdot_and_every_entry_once(fsc, d):
     """As on a local file system: "." and ".." first, with the numbers
     stat gives the directory and its parent, then each entry once, over
