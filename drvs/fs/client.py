@@ -32,7 +32,7 @@ from ..ipc.schema import bulk_of, from_flat, fs, new, to_flat
 from .cache import DataCache
 from .server import (SET_ATIME, SET_GID, SET_MODE, SET_MTIME, SET_SIZE, SET_UID, WRITE_KILL_SUIDGID, FsServer,
                      LocalRequest)
-from .store import XATTR_PREFIXES, join
+from .store import NAME_MAX, XATTR_PREFIXES, join
 
 log = logging.getLogger("drvmmd")
 Call = fs.FsCall
@@ -588,6 +588,8 @@ class VmFs:
             node.lookups += 1  # (the kernel counts every lookup it is answered)
             e.generation = node.gen  # (a getattr's reply says none)
             return e
+        if len(name) > NAME_MAX:  # (before a listing known whole calls it absent)
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         since = self.told
         if name == b"..":
             node = self.inodes.get(dino)

@@ -415,6 +415,11 @@ def test_posix_semantics(fsc, d):
     with pytest.raises(OSError) as e:
         (a / ("n" * 256)).write_text("x")
     assert e.value.errno == errno.ENAMETOOLONG
+    os.listdir(b)  # (n2 now knows the directory whole: a lookup there answers absent names itself)
+    for look in (os.stat, os.lstat, os.readlink):
+        with pytest.raises(OSError) as e:
+            look(b / ("n" * 256))
+        assert e.value.errno == errno.ENAMETOOLONG, look
     (b / "x" / "f").write_text("x")
     with pytest.raises(OSError) as e:
         os.rmdir(a / "x")
