@@ -72,9 +72,11 @@ def mount(args) -> int:
     cfg = config.load()
     target = _mount_point(args.mountpoint)
     if not os.path.isdir(target):
+        if os.path.exists(target):
+            raise UsageError(f"mount point {args.mountpoint}: not a directory")
         raise NotFound(f"mount point {args.mountpoint}: no such directory")
     if _drvs_mount_at(target) is not None:
-        raise UsageError(f"{target}: a drvs file system is already mounted here")
+        raise Conflict(f"{target}: a drvs file system is already mounted here")
     source = _view(cfg, args.vm)
     _bind(source, target)
     print(f"{args.vm} mounted on {target}")
@@ -100,8 +102,10 @@ def umount(args) -> int:
     if libc.umount2(target.encode(), 0) != 0:
         err = ctypes.get_errno()
         if err == errno.EBUSY:
-            raise Conflict(f"umount {target}: {os.strerror(err)} (files are open there; close them, "
-                           "or use umount -l)")
+            below = [point for _, point, _ in mounts.mount_table() if point.startswith(target.rstrip("/") + "/")]
+            why = (f"{', '.join(below)} is mounted below it" if below
+                   else "files are open there; close them, or use umount -l")
+            raise Conflict(f"umount {target}: {os.strerror(err)} ({why})")
         raise SetupError(f"umount {target}: {os.strerror(err)}")
     return 0
 

@@ -879,7 +879,7 @@ def test_drvs_mount_umount_and_df(fsc, d, tmp_path):
         fm = subprocess.run(["findmnt", "-n", "-o", "SOURCE,FSTYPE", str(mnt)], capture_output=True, text=True)
         assert fm.stdout.split() == ["drvs:n2[/fs/web]", "fuse.drvs"]
         again = fsc.drvs("mount", "web", str(mnt), node="n2")
-        assert again.returncode == 2 and "already mounted" in again.stderr
+        assert again.returncode == 4 and "already mounted" in again.stderr
     finally:
         u = fsc.drvs("umount", str(mnt))
     assert u.returncode == 0, u.stderr
@@ -894,14 +894,24 @@ def test_drvs_mount_umount_and_df(fsc, d, tmp_path):
         assert fsc.drvs("umount", str(mnt)).returncode == 0
     u = fsc.drvs("umount", str(mnt))
     assert u.returncode == 2 and "no drvs file system is mounted" in u.stderr
-    # a busy mount point is a conflict; nothing is unmounted
+    # a busy mount point is a conflict, saying why; nothing is unmounted
     assert fsc.drvs("mount", "web", str(mnt), node="n1").returncode == 0
     try:
         with open(mnt / name / "hello"):
             busy = fsc.drvs("umount", str(mnt))
-            assert busy.returncode == 4 and "busy" in busy.stderr and os.path.ismount(mnt)
+            assert busy.returncode == 4 and "busy (files are open there" in busy.stderr and os.path.ismount(mnt)
+        inner = mnt / name
+        assert fsc.drvs("mount", "web", str(inner), node="n1").returncode == 0
+        try:
+            busy = fsc.drvs("umount", str(mnt))
+            assert busy.returncode == 4 and f"busy ({inner} is mounted below it)" in busy.stderr
+        finally:
+            assert fsc.drvs("umount", str(inner)).returncode == 0
     finally:
         assert fsc.drvs("umount", str(mnt)).returncode == 0
+    (tmp_path / "plain").write_text("")
+    p = fsc.drvs("mount", "web", str(tmp_path / "plain"), node="n1")
+    assert (p.returncode, p.stderr) == (2, f"drvs: mount point {tmp_path / 'plain'}: not a directory\n")
     # an empty mount point is not the current directory; a node's own view is not drvs mount's to unmount
     empty = fsc.drvs("mount", "web", "", node="n1")
     assert empty.returncode == 2 and "empty mount point" in empty.stderr
