@@ -9,7 +9,7 @@ import pyfuse3
 import trio
 import trio.testing
 
-from drvs.fs.client import DOTS, GEN_SHIFT, MASK, VmFs
+from drvs.fs.client import DOTS, GEN_SHIFT, GENS, MASK, VmFs
 from drvs.fs.server import Call, FsServer, fill_attr
 from drvs.fs.store import Store
 from drvs.ipc.message import IpcError, Msg
@@ -193,10 +193,28 @@ async def test_notices_of_an_older_term_are_never_sent():
     e = await looked_up(vmfs, server, root, b"e", 400)
     server.epoch = 2  # a fail-over: the next reply is the new server's
     await vmfs.getattr(root)
-    assert e >> GEN_SHIFT == 0 and vmfs.gen == 1
+    assert e >> GEN_SHIFT == 1 and vmfs.gen == 2
     vmfs.forget(e, 1)  # an inode numbered by the old server
     await vmfs.getattr(root)
     assert server.told_of(400) == []
+
+
+async def test_every_node_numbers_a_file_alike_whatever_terms_it_saw():
+    """A file's inode number on a node is the server's, with the term: a
+    node that saw the fail-over and one that started after it give the
+    same st_ino (programs on two nodes compare them: git's index, tar)."""
+    old, server, root = await client()
+    await looked_up(old, server, root, b"e", 400)
+    server.epoch = 5                                       # a fail-over (terms 2-4 went unseen here)
+    await old.getattr(root)
+    server2 = Server()
+    server2.epoch = 5                                      # a node that started in term 5
+    new_ = VmFs("web", 1, server2, spawn=lambda *task: None)
+    root2 = (await new_.start()).st_ino
+    assert await looked_up(old, server, root, b"e", 700) == await looked_up(new_, server2, root2, b"e", 700)
+    server.epoch = 5 + GENS                                # a jump of GENS terms: still other numbers
+    await old.getattr(root)
+    assert await looked_up(old, server, root, b"e", 700) >> GEN_SHIFT == 6
 
 
 async def test_the_server_forgets_what_no_later_call_showed_and_only_in_its_term(tmp_path):

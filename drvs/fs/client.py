@@ -42,7 +42,8 @@ CLOSE_DELAY = 0.05    # a close waits this long for a call to travel with (see r
 CLOSE_GIVE_UP = 60.0  # closes not delivered by then are dropped (and logged)
 TAG_SHIFT = 48
 MASK = (1 << TAG_SHIFT) - 1
-GEN_SHIFT = 40        # below the VM's tag: the server's term, as this node counts them
+GEN_SHIFT = 40        # below the VM's tag: the server's term (mod GENS: every node numbers a file alike)
+GENS = 1 << (TAG_SHIFT - GEN_SHIFT)
 SMALL = (1 << GEN_SHIFT) - 1  # a number of this term: the server's own (below BIG) ...
 BIG = 1 << (GEN_SHIFT - 1)    # ... or one given to a server inode too large (see _c)
 FORGOTTEN_PER_CALL = 512      # notices of dropped inodes one call takes along
@@ -157,7 +158,7 @@ class VmFs:
         self.above = pyfuse3.ROOT_INODE  # the root's ".." (the directory the owner shows the VMs in)
         self.server_root = 0   # the root's inode on the server of this term
         self.epoch = 0         # the server's term
-        self.gen = 0           # terms seen here
+        self.gen = 0           # the term's part of its inode numbers here (see _new_term)
         self.big: dict[int, int] = {}  # server inodes too large for GEN_SHIFT bits -> small ones
         # Directories' attributes as the server gave them after this node's
         # last change in them (until TIMEOUT, or until the server says another
@@ -363,6 +364,7 @@ class VmFs:
         old = self.epoch
         self.epoch = epoch
         if not old:
+            self.gen = epoch % GENS
             return
         self.renewing = True
         try:
@@ -378,7 +380,9 @@ class VmFs:
             node.handle = b""  # (the new server's store is another file system)
         for listing in self.listings.values():  # snapshots of the old server: read again
             listing.entries = listing.inos = None
-        self.gen = (self.gen + 1) % (1 << (TAG_SHIFT - GEN_SHIFT))
+        # The term's numbers, as every node has them (a jump of a multiple of
+        # GENS terms still gives other numbers than the last term's here).
+        self.gen = epoch % GENS if epoch % GENS != self.gen else (self.gen + 1) % GENS
         self.told += 1  # (replies of the old server still on their way are not kept)
         self.all_told = self.told
         self.told_of.clear()
