@@ -535,3 +535,8 @@ async def test_a_replica_of_a_vm_made_again_survives_the_late_removal_of_the_old
     assert e.value.errno == errno.ESTALE and os.listdir(base / "root") == ["new"]
     await node.remove("web", 20)
     assert not base.exists()
+    with pytest.raises(IpcError) as e:    # a batch of the removed definition, late: no store made again
+        await mirror(20, b"late")
+    assert e.value.errno == errno.ESTALE and not base.exists()
+    await mirrored(30, b"third")          # made once more
+    assert os.listdir(base / "root") == ["third"]

@@ -32,6 +32,7 @@ class FsNode:
         self.cfg, self.etcd, self.fabric, self.member = cfg, etcd, fabric, member
         self.servers: dict[str, FsServer] = {}  # vm -> its server or replica here
         self.terms: dict[str, int] = {}         # vm -> the newest term heard of here
+        self.removed: dict[str, int] = {}       # vm -> the create revision of its last definition removed
 
     async def _server(self, vm: str, made: int) -> FsServer:
         """The server or replica here of VM vm as defined at revision made
@@ -53,8 +54,11 @@ class FsNode:
 
     async def _only(self, vm: str, made: int) -> None:
         """Keep nothing here of another definition of vm than made: an
-        earlier one goes; a later one refuses (ESTALE: the caller is of a
-        VM that is gone)."""
+        earlier one goes; a later one, or made's own removal seen here,
+        refuses (ESTALE: the caller is of a VM that is gone; a batch that
+        comes after the removal would make the store again, for good)."""
+        if made and made <= self.removed.get(vm, 0):  # (a batch still on its way: the store would stay)
+            raise IpcError(f"fs@{vm}: the VM as defined at revision {made} was removed", errno.ESTALE)
         here = self._made_here(vm)
         if made and here and here != made:
             if here > made:
@@ -81,6 +85,7 @@ class FsNode:
         definition, already mirrored here (see _server)."""
         import shutil
 
+        self.removed[vm] = max(made, self.removed.get(vm, 0))
         here = self._made_here(vm)
         if here and made and here > made:
             return
