@@ -5,7 +5,8 @@
  * gives rename(2)'s RENAME_NOREPLACE and RENAME_EXCHANGE; name_to_handle_at
  * and open_by_handle_at name a directory by its object rather than its path
  * (as an NFS server's file handles), for a node that lost the path of one
- * another node moved.  All release the GIL (the disk may be slow). */
+ * another node moved; fallocate takes fallocate(2)'s mode.  All release the
+ * GIL (the disk may be slow). */
 #define PY_SSIZE_T_CLEAN
 #define _GNU_SOURCE
 #include <Python.h>
@@ -66,6 +67,23 @@ static PyObject *py_renameat2(PyObject *Py_UNUSED(self), PyObject *args)
     Py_END_ALLOW_THREADS
     if (r < 0)
         return fs_error(oldname);
+    Py_RETURN_NONE;
+}
+
+/* fallocate(fd, mode, offset, length): the mode is fallocate(2)'s
+ * (os.posix_fallocate has none: no hole punched, no range zeroed). */
+static PyObject *py_fallocate(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    int fd, mode;
+    long long offset, length;
+    if (!PyArg_ParseTuple(args, "iiLL", &fd, &mode, &offset, &length))
+        return NULL;
+    int r;
+    Py_BEGIN_ALLOW_THREADS
+    r = fallocate(fd, mode, (off_t)offset, (off_t)length);
+    Py_END_ALLOW_THREADS
+    if (r < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
     Py_RETURN_NONE;
 }
 
@@ -130,6 +148,7 @@ static PyMethodDef methods[] = {
     {"open_by_handle_at", py_open_by_handle_at, METH_VARARGS, "open_by_handle_at(mountfd, handle, flags) -> fd"},
     {"openat2", py_openat2, METH_VARARGS, "openat2(dirfd, path, flags, mode, resolve) -> fd"},
     {"renameat2", py_renameat2, METH_VARARGS, "renameat2(olddirfd, old, newdirfd, new, flags)"},
+    {"fallocate", py_fallocate, METH_VARARGS, "fallocate(fd, mode, offset, length)"},
     {NULL, NULL, 0, NULL},
 };
 

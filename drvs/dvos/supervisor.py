@@ -20,6 +20,7 @@ import socket
 import trio
 
 from .. import _sys
+from ..fs import fallocate
 from ..ipc.fabric import run_fast
 from ..ipc.message import IpcError, Msg
 from ..ipc.schema import new, pm
@@ -93,7 +94,7 @@ class Supervisor:
         self.locks = NodeLocks(node)  # its view is set once mounted
         self.handlers = {"kill": self.kill, "tkill": self.tkill, "tgkill": self.tgkill,
                          "rt_sigqueueinfo": self.rt_sigqueueinfo, "rt_tgsigqueueinfo": self.rt_tgsigqueueinfo,
-                         "fcntl": self.fcntl, "flock": self.flock}
+                         "fcntl": self.fcntl, "flock": self.flock, "fallocate": self.fallocate}
         missing = [s.name for s in syscalls.TABLE if s.level == syscalls.SERVED and s.name not in self.handlers]
         assert not missing, f"served system calls without a handler: {missing}"
 
@@ -335,6 +336,9 @@ class Supervisor:
 
     async def flock(self, vm: str, caller: Caller, a: dict) -> Reply:
         return await self.locks.flock(caller, a, Reply, KERNEL)
+
+    async def fallocate(self, vm: str, caller: Caller, a: dict) -> Reply:
+        return await fallocate.call(self.locks.file_of, caller, a, Reply, KERNEL)
 
     # -- routing -----------------------------------------------------------------
 

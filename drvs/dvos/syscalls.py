@@ -52,6 +52,9 @@ TABLE = (
             "F_GETLK, F_SETLK, F_SETLKW on the VM's file system: the file server's lock table first "
             "(locks hold across nodes); other commands and files: the kernel's"),
     Syscall("flock", "fs", SERVED, "fd:int op:int", "on the VM's file system: across nodes, as fcntl"),
+    Syscall("fallocate", "fs", SERVED, "fd:int mode:int offset:ptr len:ptr",
+            "on the VM's file system: made by the file server (FUSE through pyfuse3 has none); "
+            "other files: the kernel's"),
     Syscall("getpid", "-", KERNEL, "", "VM-wide: each node's cell allocates from its own pid range"),
     Syscall("gettid", "-", KERNEL, "", "VM-wide (pid ranges)"),
     Syscall("getppid", "-", KERNEL, "", "VM-wide (pid ranges); a remote run's parent is its cell's init"),
@@ -81,5 +84,5 @@ TABLE = (
 
 BY_NR = {s.nr: s for s in TABLE if s.nr is not None}
 # What the filter sends to the supervisor: the pid calls (when argument 0 is
-# another node's), fcntl's lock commands, flock.
+# another node's), fcntl's lock commands, flock, fallocate.
 NOTIFIED = tuple(s.nr for s in TABLE if s.level == SERVED and s.nr is not None)

@@ -530,6 +530,14 @@ class VmFs:
             return {"via": node.open[-1].sfh}
         return self._where(inode)
 
+    async def fallocate(self, inode: int, mode: int, offset: int, length: int) -> None:
+        """A program's fallocate(2) of a file open here (drvs/fs/fallocate.py):
+        the server makes it and, before it answers, has every node -- this
+        one too -- drop what its kernel holds of the file."""
+        await self.call(Call.fallocate, **self._object(inode), flags=mode, offset=offset, size=length)
+        if self.cache is not None:
+            self.cache.drop(inode)
+
     def _stale(self, since: int | None, *cinos: int) -> bool:
         """Whether a reply about these inodes, to a call begun when
         self.told was since (None: known current, no call between), may be

@@ -285,7 +285,15 @@ def _fdinfo(pid: int, fd: int) -> dict | None:
         key, _, value = line.partition(b":")
         if key in (b"pos", b"mnt_id", b"ino"):
             out[key.decode()] = int(value.strip())
+        elif key == b"flags":
+            out["flags"] = int(value.strip(), 8)
     return out
+
+
+def fd_flags(pid: int, fd: int) -> int | None:
+    """The open flags of a program's descriptor (None: it has none by that number)."""
+    info = _fdinfo(pid, fd)
+    return None if info is None else info.get("flags")
 
 
 def _mount(pid: int, mnt_id: int) -> tuple[str, str] | None:

@@ -172,7 +172,7 @@ class FsServer:
             Call.rename: self.rename, Call.link: self.link, Call.create: self.create,
             Call.release: self.release, Call.fsync: self.fsync, Call.flush: self.flush,
             Call.setxattr: self.setxattr, Call.removexattr: self.removexattr, Call.usage: self.usage,
-            Call.lock: self.lock,
+            Call.lock: self.lock, Call.fallocate: self.fallocate,
         }
         self.lock_table = LockTable()
         self.plain = {t for t, h in self.table.items() if not inspect.iscoroutinefunction(h)}
@@ -839,6 +839,25 @@ class FsServer:
         if f is None or (self.epoch and f.node != origin):
             raise OSError(errno.ESTALE, "no such open file of this node (the file server restarted?)")
         return f
+
+    def fallocate(self, req, path, out, origin) -> Changed:
+        """A program's fallocate(2) of a file open on its node (via) or named
+        by path: every node's kernel, the caller's too, drops what it has
+        of the file (a punched hole reads as zeros)."""
+        with self._object(req, path, origin) as where:
+            # (not blocking: a FIFO would wait for a reader here)
+            fd = os.open(where, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.ESPIPE if stat.S_ISFIFO(st.st_mode) else errno.ENODEV, "not a regular file")
+            _fs.fallocate(fd, req.flags, req.offset, req.size)
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        fill_attr(out.attr, st)
+        self._data_changed(st.st_ino)
+        return Changed(inodes=[st.st_ino], data=True, origin_too=True)
 
     def read(self, req, path, out, origin) -> None:
         out.data = self.local_read(req.fh, req.offset, req.size)

@@ -53,6 +53,8 @@ enum FsCall {
   lock @34;        # path, lock*: take, test or drop a lock (a program's fcntl or flock, from its
                    # node's supervisor) -> lockType (test: the conflicting lock, or 2: none), ...
                    # EAGAIN if another owner holds a conflicting lock after lockWaitMs
+  fallocate @35;   # path or via, flags (fallocate(2)'s mode), offset, size (the length) -> attr
+                   # (a program's fallocate, from its node's supervisor: pyfuse3 has no FALLOCATE)
 }
 
 struct Caller {

@@ -1305,3 +1305,38 @@ def test_a_lock_wait_held_by_another_node_ends_on_a_signal(fsc, d):
     both = (f"flock -n {lk} true; echo $?; python3 -c 'import fcntl, os; "
             f"fcntl.lockf(os.open(\"{lk}.p\", os.O_RDWR), fcntl.LOCK_EX | fcntl.LOCK_NB); print(0)'")
     _wait(lambda: jail(fsc, "n1", both).stdout.split() == ["0", "0"], timeout=10)
+
+
+FALLOCATE_RO = """
+import errno, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+try:
+    os.posix_fallocate(fd, 0, 10)
+except OSError as e:
+    print(errno.errorcode[e.errno])
+"""
+
+
+def test_fallocate_in_a_jail_is_made_by_the_file_server(fsc, d):
+    """fallocate(2) on the VM's files, from the server's node and another:
+    preallocation, KEEP_SIZE, a punched hole and a collapsed range, seen by
+    both nodes -- the caller's own cached pages too -- and by the replica;
+    a read-only descriptor is EBADF; other files are the kernel's."""
+    name, a, b = d
+    os.chmod(a, 0o777)
+    (a / "ro.py").write_text(FALLOCATE_RO)
+    r = jail(fsc, "n2", f"cd /data/{name} && fallocate -l 1M pre && touch keep && fallocate -n -l 1M keep "
+                        f"&& fallocate -l 64K /tmp/local && stat -c %s /tmp/local && python3 ro.py pre")
+    assert r.returncode == 0 and r.stdout.split() == ["65536", "EBADF"], r.stderr
+    assert ((a / "pre").stat().st_size, (a / "keep").stat().st_size) == (1 << 20, 0)
+    assert (a / "pre").stat().st_blocks >= 2048 and (a / "keep").stat().st_blocks >= 2048
+    for node, view_ in (("n2", b), ("n1", a)):  # from another node than the server's, then from the server's
+        (a / "z").write_bytes(b"z" * 12288)
+        assert (view_ / "z").read_bytes() == b"z" * 12288  # (the caller's node has the pages)
+        r = jail(fsc, node, f"cd /data/{name} && od -An -c z | head -1 >/dev/null && fallocate -p -o 0 -l 4096 z "
+                            f"&& fallocate -c -o 4096 -l 4096 z && od -An -tx1 -N 4 z && od -An -c -j 4096 -N 4 z")
+        assert r.returncode == 0 and r.stdout.split() == ["00"] * 4 + ["z"] * 4, (node, r.stdout, r.stderr)
+        for v in (a, b):
+            assert (v / "z").read_bytes() == bytes(4096) + b"z" * 4096, (node, v)
+    replica = Path(fsc.node("n2")["state_dir"]) / "vms" / "web" / "fs" / "root" / name / "z"
+    _wait(lambda: replica.exists() and replica.read_bytes() == bytes(4096) + b"z" * 4096)

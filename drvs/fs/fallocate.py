@@ -1,0 +1,44 @@
+"""fallocate(2) on a VM's file system, from a jail.
+
+pyfuse3 has no FALLOCATE handler (the kernel then answers EOPNOTSUPP, and
+glibc's posix_fallocate falls back to writing zeros block by block, which
+races with other nodes' writes).  So the jail's seccomp filter sends every
+fallocate to the node's supervisor: a call on a file of the VM file system
+goes to its file server (every mode the server's own file system takes:
+preallocation, KEEP_SIZE, punched holes, zeroed, collapsed and inserted
+ranges), which has every node drop what its kernel caches of the file
+before it answers; any other file is the kernel's."""
+
+import errno
+import os
+
+import pyfuse3
+
+from .locks import fd_flags
+
+MAX_OFF = (1 << 63) - 1
+
+
+def _signed(value: int) -> int:
+    return value - (1 << 64) if value > MAX_OFF else value
+
+
+async def call(file_of, caller, a, reply_cls, kernel):
+    """The supervisor's handler: file_of(host_pid, fd) names the VM file
+    behind a descriptor (NodeLocks.file_of), or None."""
+    f = file_of(caller.host_pid, a["fd"])
+    if f is None:
+        return kernel
+    offset, length = _signed(a["offset"]), _signed(a["len"])
+    if offset < 0 or length <= 0:
+        return reply_cls(error=errno.EINVAL)
+    flags = fd_flags(caller.host_pid, a["fd"])
+    if flags is None:
+        return kernel  # (the descriptor went meanwhile: the kernel says EBADF)
+    if flags & os.O_ACCMODE == os.O_RDONLY:
+        return reply_cls(error=errno.EBADF)
+    try:
+        await f.fs.fallocate(f.ino, a["mode"] & 0xFFFFFFFF, offset, length)
+    except pyfuse3.FUSEError as e:
+        return reply_cls(error=e.errno)
+    return reply_cls(value=0)
