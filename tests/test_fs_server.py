@@ -540,3 +540,22 @@ async def test_a_replica_of_a_vm_made_again_survives_the_late_removal_of_the_old
     assert e.value.errno == errno.ESTALE and not base.exists()
     await mirrored(30, b"third")          # made once more
     assert os.listdir(base / "root") == ["third"]
+
+
+async def test_a_server_whose_term_is_over_stands_down_with_a_plain_error(tmp_path, monkeypatch):
+    """run() ends with a DrvsError the campaign catches (drvs/dvos/elected.py),
+    not one wrapped in an exception group, which went on to end drvmmd."""
+    from drvs.errors import DrvsError
+    from drvs.fs import replica
+    from drvs.fs import server as server_module
+
+    server, _ = serving(tmp_path)
+    monkeypatch.setattr(server_module, "REAP_EVERY", 0.01)
+
+    async def gone(etcd, vm):  # the VM was removed: its file system has no state
+        return None, 0
+
+    monkeypatch.setattr(replica, "read_state", gone)
+    with pytest.raises(DrvsError) as e:
+        await server.run()
+    assert "term 1 is over" in str(e.value)

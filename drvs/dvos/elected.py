@@ -10,7 +10,7 @@ import logging
 import trio
 
 from ..cluster.etcd import EtcdUnavailable
-from ..errors import DrvsError
+from ..errors import DrvsError, user_error
 
 log = logging.getLogger("drvmmd")
 ELECTIONS = "/drvs/elections/"
@@ -99,8 +99,10 @@ async def _campaign(service, vm, etcd, fabric, member, make, task_status) -> Non
                 log.info("serving %s", endpoint)
                 try:
                     await (server.run() if hasattr(server, "run") else trio.sleep_forever())
-                except DrvsError as e:  # the server found it must stop (a newer term elsewhere)
-                    log.warning("%s: %s", endpoint, e)
+                except (DrvsError, BaseExceptionGroup) as exc:  # the server found it must stop (a newer term)
+                    if isinstance(exc, BaseExceptionGroup) and exc.split(DrvsError)[1] is not None:
+                        raise  # (something else failed too: not a stand-down)
+                    log.warning("%s: %s", endpoint, user_error(exc))
                     await trio.sleep(RESYNC)
             finally:
                 with trio.move_on_after(2, shield=True):

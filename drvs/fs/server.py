@@ -443,7 +443,10 @@ class FsServer:
 
     async def run(self) -> None:
         """While serving: keep the other replicas in sync, and close what
-        nodes that left the cluster had open."""
+        nodes that left the cluster had open.  Ends with a DrvsError once
+        another term began or the VM is gone: the campaign stands down (the
+        error is raised outside the nursery, so not inside an exception
+        group, which would reach the daemon's main and end it)."""
         async with trio.open_nursery() as nursery:
             for node in self.others:
                 self.mirrors[node] = Mirror(self, node)
@@ -451,19 +454,23 @@ class FsServer:
             while True:
                 await trio.sleep(REAP_EVERY)
                 self._expire_replaced(time.monotonic())  # (a quiet server too: their space goes)
-                await self._check_term()
+                if await self._term_over():
+                    break
                 await self._reap_handles()
+            nursery.cancel_scope.cancel()
+        raise SetupError(f"fs@{self.vm}: term {self.epoch} is over (another node serves, or the VM is gone); "
+                         "standing down")
 
-    async def _check_term(self) -> None:
-        """Step down if another term began (this node was cut off meanwhile)."""
+    async def _term_over(self) -> bool:
+        """Whether another term began (this node was cut off meanwhile), or
+        the VM's file system is gone."""
         if not self.stale:
             try:
                 state, _ = await replica.read_state(self.etcd, self.vm)
             except Exception:  # noqa: BLE001 - etcd away: its lease decides
-                return
+                return False
             self.stale = state is None or state["epoch"] != self.epoch
-        if self.stale:
-            raise SetupError(f"fs@{self.vm}: term {self.epoch} is over; stepping down")
+        return self.stale
 
     async def _reap_handles(self) -> None:
         from ..cluster.membership import status_key

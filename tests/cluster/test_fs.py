@@ -1122,6 +1122,26 @@ def test_removing_a_vm_removes_its_replicas(fsc):
     assert fsc.drvs("df", "scratch", node="n1").returncode == 3
 
 
+def test_removing_vms_a_node_serves_leaves_its_daemon_running(fsc):
+    """A file server whose VM is removed stands down (its term is over)
+    without ending the node's drvmmd: whichever comes first, the server's
+    own look at its term or the node's look at the VM list."""
+    names = [f"gone{i}" for i in range(6)]
+    for vm in names:
+        fsc.drvs("vm", "create", vm, "--node", "n2", "--node", "n1", node="n1", check=True)
+    for vm in names:
+        p = subprocess.run([str(BIN / "drvs-run"), "--vm", vm, "--node", "n2", "--", "true"],
+                           env={**fsc.env, "DRVS_NODE": "n1"}, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+    for vm in names:
+        fsc.drvs("vm", "rm", vm, "--force", node="n1", check=True)
+        time.sleep(0.3)  # (the removals spread over the servers' looks at their terms)
+    time.sleep(3)        # (REAP_EVERY: every server looked at least once)
+    status = fsc.drvs("dev", "cluster", "status", check=True).stdout
+    assert "dead" not in status, status
+    assert all(n["status"] == "Ready" for n in fsc.nodes().values())
+
+
 def test_a_client_node_killed_mid_write_corrupts_nothing_and_its_files_are_closed(cluster_factory, tmp_path):
     """n2 streams 1 MiB records into a file served by n1; n2's drvmmd is
     killed mid-stream.  On n1 the file holds whole records of the stream,
