@@ -28,6 +28,7 @@ log = logging.getLogger("drvmmd")
 CHUNK = 64 * 1024
 CALLER_SILENT_LIMIT = 300.0  # seconds a caller may leave output unread
 CALLER_CHECK = 2.0           # seconds between looks at a quiet program's caller
+LOST = 7                     # a run whose node stopped serving it: as for a message that could not be delivered
 
 
 class RemoteRun:
@@ -90,6 +91,7 @@ class RemoteRun:
                 os.close(fd)
         task_status.started()
         watching = trio.CancelScope()
+        reaped = False
         try:
             async with trio.open_nursery() as pumps:
                 if self.req["tty"]:
@@ -105,7 +107,11 @@ class RemoteRun:
             result = self.run.reap()
             self.exit_code = result.exit_code
             self.message = jail.explain(result) or ""
+            reaped = True
         finally:
+            if not reaped:  # (this daemon is stopping: the cleanup ends the program)
+                self.exit_code = LOST
+                self.message = "the program's node stopped serving it (its drvmmd ended); the program was ended"
             with trio.CancelScope(shield=True):
                 if self.master >= 0:
                     trio.lowlevel.notify_closing(self.master)

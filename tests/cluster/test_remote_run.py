@@ -105,6 +105,25 @@ def test_dead_target_node_is_reported_within_the_bound(cluster_factory):
     assert time.monotonic() - t0 < 10
 
 
+def test_a_program_whose_node_daemon_stops_is_reported_lost(cluster_factory):
+    """n2's drvmmd stopped (SIGTERM) while its program runs for n1: the
+    caller exits 7 and says so -- never the 0 of a program that ended well."""
+    c = cluster_factory(nodes=2)
+    caller = subprocess.Popen([str(BIN / "drvs-run"), "--node", "n2", "--", "sh", "-c",
+                               "echo started; sleep 30; exit 3"], env={**c.env, "DRVS_NODE": "n1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert caller.stdout.readline() == "started\n"
+        os.kill(c.node("n2")["pid"], signal.SIGTERM)
+        _, err = caller.communicate(timeout=30)
+    finally:
+        if caller.poll() is None:
+            caller.kill()
+            caller.wait()
+    assert caller.returncode == 7, err
+    assert "n2" in err or "node" in err, err
+
+
 def test_tty_across_nodes(cluster_factory):
     c = cluster_factory(nodes=2)
     child = pexpect.spawn(str(BIN / "drvs-run"), ["--node", "n2", "-it", "--", "bash", "--norc", "-i"],
