@@ -25,7 +25,7 @@ import trio
 from . import level0, wire
 from .bridge import aio, aio_future, capnp_await, current_guest
 from ..errors import DrvsError, EtcdUnavailable
-from .message import ETCD_AWAY, NOTIFY, IpcError, Later, Msg, failure
+from .message import ETCD_AWAY, NOTIFY, IpcError, Later, Msg, failure, kj_reason
 from .schema import BULK, bulk_at, pointer_index
 from .schema import fabric as schema
 
@@ -76,8 +76,13 @@ class Location:
 class Peer:
     """One full-RPC connection to another node's drvmmd (for Node.run)."""
 
-    def __init__(self, client, node_cap, address: tuple[str, int]):
-        self.client, self.node, self.address = client, node_cap, address
+    def __init__(self, client, node_cap, address: tuple[str, int], wire=None):
+        self.client, self.node, self.address, self.wire = client, node_cap, address, wire
+
+    def serves(self, loc) -> bool:
+        """Whether this connection still reaches loc's drvmmd: the address
+        it has, and not closed (a restarted daemon's old connection is)."""
+        return self.address == (loc.address, loc.port) and (self.wire is None or self.wire.usable())
 
 
 # The pointers from an RPC message to the payload of a sendrec's reply:
@@ -359,7 +364,7 @@ class Fabric:
 
     async def peer(self, loc: Location) -> Peer:
         peer = self.peers.get(loc.node)
-        if peer is not None and peer.address == (loc.address, loc.port):
+        if peer is not None and peer.serves(loc):
             return peer
         # (Two programs started at once on a node could both find no
         # connection: the second made replaced the first in self.peers, and
@@ -367,7 +372,7 @@ class Fabric:
         # program's Process on it.)
         async with self.peer_locks.setdefault(loc.node, trio.Lock()):
             peer = self.peers.get(loc.node)
-            if peer is not None and peer.address == (loc.address, loc.port):
+            if peer is not None and peer.serves(loc):
                 return peer
             return await self._connect_peer(loc)
 
@@ -377,12 +382,14 @@ class Fabric:
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
                 await aio(asyncio.get_running_loop().sock_connect(sock, (loc.address, loc.port)))
-                stream = await aio(wire.connect(sock=sock, ssl=self.tls.client_context(), server_hostname=loc.node))
+                wires = []
+                stream = await aio(wire.connect(sock=sock, ssl=self.tls.client_context(), server_hostname=loc.node,
+                                                wires=wires))
         except (OSError, trio.TooSlowError) as e:
             sock.close()
             raise IpcError(f"node {loc.node} at {loc.address}:{loc.port} unreachable: {e}", errno.ECONNRESET) from None
         client = capnp.TwoPartyClient(stream)
-        peer = Peer(client, client.bootstrap().cast_as(schema.Node), (loc.address, loc.port))
+        peer = Peer(client, client.bootstrap().cast_as(schema.Node), (loc.address, loc.port), wires[0])
         self.peers[loc.node] = peer
         return peer
 
@@ -423,7 +430,7 @@ class Fabric:
             raise IpcError(f"node {loc.node}: no answer within {DEFAULT_TIMEOUT:g} s", errno.ETIMEDOUT) from None
         except capnp.KjException as e:
             self.peers.pop(loc.node, None)
-            raise IpcError(f"node {loc.node}: {e.description}", errno.ECONNRESET) from None
+            raise IpcError(f"node {loc.node}: {kj_reason(e)}", errno.ECONNRESET) from None
         return result.process
 
     async def node_location(self, node: str) -> Location:

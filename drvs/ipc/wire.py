@@ -51,6 +51,12 @@ class Wire(asyncio.BufferedProtocol):
         self.left = -1              # bytes of the current message still to come; -1: between messages
         self.flush_soon = None
 
+    def usable(self) -> bool:
+        """Whether the connection still stands: neither side closed it (a
+        peer that died or restarted shut it; a call on it would fail)."""
+        t = self.transport
+        return t is not None and not t.is_closing() and self.lost is None and not self.eof and not self.closed
+
     # -- the real transport calls these --------------------------------------
 
     def connection_made(self, transport):
@@ -203,14 +209,19 @@ class Wire(asyncio.BufferedProtocol):
         return self.transport.get_extra_info(name, default) if self.transport is not None else default
 
 
-async def connect(*, path: str | None = None, **kwargs):
+async def connect(*, path: str | None = None, wires: list | None = None, **kwargs):
     """A capnp stream to a unix socket (path) or over TCP (loop.create_connection's
-    keyword arguments: host, port or sock, ssl, server_hostname)."""
+    keyword arguments: host, port or sock, ssl, server_hostname).  wires: a
+    list the Wire made is appended to (Wire.usable: whether the connection
+    still stands)."""
     loop = asyncio.get_running_loop()
     made = loop.create_future()
 
     def factory():
-        return Wire(capnp.AsyncIoStream._connect(lambda stream: made.done() or made.set_result(stream)))
+        wire = Wire(capnp.AsyncIoStream._connect(lambda stream: made.done() or made.set_result(stream)))
+        if wires is not None:
+            wires.append(wire)
+        return wire
 
     if path is not None:
         await loop.create_unix_connection(factory, path, **kwargs)

@@ -103,6 +103,9 @@ def test_dev_cluster_restart_brings_a_killed_node_back(cluster_factory):
     c.drvs("vm", "create", "back", "--node", "n2", node="n1", check=True)
     assert wait_for(lambda: cell_inits(c, "n2", "back"))
     before = cell_inits(c, "n2", "back")
+    run = [str(BIN / "drvs-run"), "--vm", "back", "--node", "n2", "--", "cat", "/etc/hostname"]
+    p = subprocess.run(run, env={**c.env, "DRVS_NODE": "n1"}, capture_output=True, text=True, timeout=60)
+    assert (p.returncode, p.stdout) == (0, "back\n"), p.stderr  # (n1 now has a connection to n2's drvmmd)
     os.kill(c.node("n2")["pid"], signal.SIGKILL)
     c.wait_status("n2", "NotReady", timeout=15)
     assert "dead" in c.drvs("dev", "cluster", "status", check=True).stdout
@@ -112,9 +115,8 @@ def test_dev_cluster_restart_brings_a_killed_node_back(cluster_factory):
     c.wait_status("n2", "Ready", timeout=15)
     assert "dead" not in c.drvs("dev", "cluster", "status", check=True).stdout
     assert cell_inits(c, "n2", "back") == before
-    p = subprocess.run([str(BIN / "drvs-run"), "--vm", "back", "--node", "n2", "--", "cat", "/etc/hostname"],
-                       env={**c.env, "DRVS_NODE": "n1"}, capture_output=True, text=True, timeout=60)
-    assert (p.returncode, p.stdout) == (0, "back\n"), p.stderr
+    p = subprocess.run(run, env={**c.env, "DRVS_NODE": "n1"}, capture_output=True, text=True, timeout=60)
+    assert (p.returncode, p.stdout) == (0, "back\n"), p.stderr  # the first run after: not on the dead connection
     bad = c.drvs("dev", "cluster", "restart", "n9")
     assert bad.returncode == 3 and "no node 'n9'" in bad.stderr
 
