@@ -8,7 +8,7 @@ import time
 
 from .. import config
 from ..cluster.context import cluster_info
-from ..errors import NotFound, UsageError
+from ..errors import Conflict, NotFound, UsageError
 
 
 def _seconds(text: str) -> float:
@@ -127,9 +127,9 @@ def _call(call, payload: bytes, timeout: float, target: str | None = None, by_ke
     target = target or local
     # A blocking call's own timeout, plus the fabric's bound on top.
     reply = client.sendrec(state_dir, target, Msg(call, payload), timeout=timeout)
-    if by_key and reply.status in (-errno.ENOENT, -errno.EINVAL, -errno.EBADMSG):
-        # (what the user named: no such key, or not a key of this kind)
-        err = NotFound if reply.status == -errno.ENOENT else UsageError
+    if by_key and reply.status in (-errno.ENOENT, -errno.EINVAL, -errno.EBADMSG, -errno.EPERM):
+        # (what the user named: no such key, not a key of this kind, another node's)
+        err = {-errno.ENOENT: NotFound, -errno.EPERM: Conflict}.get(reply.status, UsageError)
         text = reply.error or os.strerror(-reply.status)
         raise err(text if text.startswith(f"{target}: ") else f"{target}: {text}")
     return check(reply, target)

@@ -31,13 +31,15 @@ def request(msg: Msg):
 
 def name_problem(name: str) -> str | None:
     """Why name cannot name a lock, election or group (None: it can).  Names
-    are etcd key suffixes: '/' separates levels, none empty, '.' or '..'."""
+    are etcd key suffixes with the holder's lease after a '/': a '/' in a
+    name would put its keys among another name's ("a/b" under "a"), and
+    one name would block the other."""
     if not name:
         return "empty name"
     if any(ord(c) < 32 or c == "\x7f" for c in name):
         return f"control character in name {name!r}"
-    if any(part in ("", ".", "..") for part in name.split("/")):
-        return f"bad name {name!r} (empty, '.' or '..' between '/')"
+    if "/" in name or name in (".", ".."):
+        return f"bad name {name!r} (no '/' in it, not '.' or '..')"
     return None
 
 
@@ -138,8 +140,16 @@ class DrvmmService:
         key = _under(_key(msg), LOCKS, "lock")
         if await self.etcd.get(key) is None:
             raise IpcError(f"no lock is held under {key!r}", errno.ENOENT)
+        self._own(key, "lock")
         await self.etcd.unlock(key)
         return key_reply()
+
+    def _own(self, key: str, what: str) -> None:
+        """key is held by this node's lease (etcd's lock and election keys
+        end in the holder's lease, in hex): another node's is its own to
+        release or resign."""
+        if key.rsplit("/", 1)[-1] != f"{self.member.lease:x}":
+            raise IpcError(f"{key!r}: the {what} is another node's (release it on that node)", errno.EPERM)
 
     async def campaign(self, msg: Msg) -> Msg:
         req = named(msg)
@@ -159,6 +169,7 @@ class DrvmmService:
         _not_system(key[len(ELECTIONS):])
         if await self.etcd.get(key) is None:
             raise IpcError("no such leadership (resigned, or its node's lease ended)", errno.ENOENT)
+        self._own(key, "leadership")
         await self.etcd.resign(leader)
         return key_reply()
 

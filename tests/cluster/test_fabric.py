@@ -65,6 +65,9 @@ def test_lock_of_a_killed_node_is_taken_by_another(cluster_factory):
 def test_released_lock_passes_on_at_once(cluster_factory):
     c = cluster_factory(nodes=2)
     key = c.drvs("lock", "acquire", "q", node="n1", check=True).stdout.strip()
+    other = c.drvs("lock", "release", key, node="n2")  # n1's lock is n1's to release
+    assert other.returncode == 4 and "another node's" in other.stderr, other.stderr
+    assert c.drvs("lock", "acquire", "q", "--timeout", "1", node="n2").returncode == 7  # still held
     c.drvs("lock", "release", key, node="n1", check=True)
     assert c.drvs("lock", "acquire", "q", "--timeout", "2", node="n2").returncode == 0
     again = c.drvs("lock", "release", key, node="n1")
@@ -89,6 +92,7 @@ def test_lock_and_election_calls_touch_only_their_own_keys(cluster_factory):
         assert bad.returncode == 2 and "Traceback" not in bad.stderr, (key, bad.stderr)
     assert "keep" in c.drvs("vm", "ls", node="n2", check=True).stdout
     for args in (("lock", "acquire", ""), ("lock", "acquire", "a/../b"), ("election", "leader", ""),
+                 ("lock", "acquire", "a/b"), ("election", "campaign", "f1/x"),  # (they would nest under a, f1)
                  ("lock", "acquire", "x", "--timeout", "-1"), ("election", "campaign", "x", "--timeout", "nan"),
                  ("ipc", "ping", "nosuch"), ("ipc", "ping", "@n2"), ("ipc", "ping", "drvmm@n2", "-c", "0"),
                  ("group", "join", "a/b"), ("group", "members", ""), ("election", "campaign", "pm/keep")):
@@ -113,6 +117,9 @@ def test_leader_is_re_elected_when_the_leader_dies(cluster_factory):
 def test_resign_hands_over(cluster_factory):
     c = cluster_factory(nodes=2)
     key = c.drvs("election", "campaign", "e", node="n1", check=True).stdout.strip()
+    other = c.drvs("election", "resign", key, node="n2")  # n1's leadership is n1's to resign
+    assert other.returncode == 4 and "another node's" in other.stderr, other.stderr
+    assert c.drvs("election", "leader", "e", node="n2", check=True).stdout == "n1\n"
     c.drvs("election", "resign", key, node="n1", check=True)
     assert c.drvs("election", "leader", "e", node="n2").returncode == 3
     c.drvs("election", "campaign", "e", "--timeout", "2", node="n2", check=True)
