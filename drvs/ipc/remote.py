@@ -13,6 +13,10 @@ import signal
 from .message import IpcError, kj_reason
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+# What a caller's failed write says when its own output was closed (`| head`):
+# the program's node then closes that pipe of the program, which sees a
+# broken pipe as it would locally -- the caller is still there for its status.
+OUTPUT_CLOSED = "drvs-run: output closed"
 
 
 def run(state_dir: str, node: str, vm: str, opts) -> tuple[int, str]:
@@ -33,8 +37,11 @@ async def _run(path: str, node: str, vm: str, opts):
 
         async def write(self, data, **kwargs):
             view = memoryview(bytes(data))
-            while view:
-                view = view[os.write(self.fd, view):]
+            try:
+                while view:
+                    view = view[os.write(self.fd, view):]
+            except BrokenPipeError:
+                raise RuntimeError(OUTPUT_CLOSED) from None
 
         async def done(self, **kwargs):
             pass

@@ -20,6 +20,7 @@ import trio
 from .. import config
 from ..errors import DrvsError
 from ..ipc.bridge import capnp_await
+from ..ipc.remote import OUTPUT_CLOSED
 from ..ns import jail
 from ..vm.model import Limits
 from ..vm.registry import VmRegistry
@@ -153,15 +154,23 @@ class RemoteRun:
                 try:
                     with trio.fail_after(CALLER_SILENT_LIMIT):
                         await capnp_await(sink.write(data))
-                except (capnp.KjException, trio.TooSlowError, trio.BrokenResourceError):
-                    # The caller is gone (or stopped reading for minutes):
-                    # nobody can see or signal the program any more.
-                    log.info("caller of %s went away; ending it", self.req["argv"][:1])
-                    self.caller_gone()
+                except capnp.KjException as e:
+                    if stream is not None and OUTPUT_CLOSED in str(getattr(e, "description", "")):
+                        return  # (the pipe closes below: the program's next write is a broken pipe)
+                    self._caller_went_away()
+                    return
+                except (trio.TooSlowError, trio.BrokenResourceError):
+                    self._caller_went_away()
                     return
         finally:
             if stream is not None:
                 await stream.aclose()
+
+    def _caller_went_away(self) -> None:
+        """The caller is gone (or stopped reading for minutes): nobody can
+        see or signal the program any more."""
+        log.info("caller of %s went away; ending it", self.req["argv"][:1])
+        self.caller_gone()
 
     async def _watch_caller(self, scope: trio.CancelScope) -> None:
         """A quiet program's caller is asked now and then whether it is
@@ -174,8 +183,7 @@ class RemoteRun:
                     with trio.fail_after(CALLER_SILENT_LIMIT):
                         await capnp_await(self.stdout.write(b""))
                 except (capnp.KjException, trio.TooSlowError, trio.BrokenResourceError):
-                    log.info("caller of %s went away; ending it", self.req["argv"][:1])
-                    self.caller_gone()
+                    self._caller_went_away()
                     return
 
     async def _finish_streams(self) -> None:

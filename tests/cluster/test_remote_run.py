@@ -124,6 +124,21 @@ def test_a_program_whose_node_daemon_stops_is_reported_lost(cluster_factory):
     assert "n2" in err or "node" in err, err
 
 
+def test_a_closed_output_is_a_broken_pipe_for_the_remote_program(cluster_factory):
+    """The caller's stdout closed (`| head -1`): the program on n2 sees a
+    broken pipe as it would locally -- SIGPIPE (141), or EPIPE if it ignores
+    the signal, going on to its own exit status -- never a SIGKILL."""
+    c = cluster_factory(nodes=2)
+    run = f"{BIN / 'drvs-run'} --node n2 --"
+    script = (f"for i in 1 2 3; do {run} yes | head -1 >/dev/null; echo ${{PIPESTATUS[0]}}; done; "
+              f"{run} sh -c 'trap \"\" PIPE; sleep .5; echo a; sleep .5; echo b >&2; "
+              f"echo c || echo failed >&2; exit 5' | true; echo ${{PIPESTATUS[0]}}")
+    p = subprocess.run(["bash", "-c", script], env={**c.env, "DRVS_NODE": "n1"}, capture_output=True,
+                       text=True, timeout=120)
+    assert p.stdout.split() == ["141", "141", "141", "5"], p.stderr
+    assert "b\n" in p.stderr and "failed\n" in p.stderr
+
+
 def test_tty_across_nodes(cluster_factory):
     c = cluster_factory(nodes=2)
     child = pexpect.spawn(str(BIN / "drvs-run"), ["--node", "n2", "-it", "--", "bash", "--norc", "-i"],
