@@ -103,6 +103,9 @@ def test_unknown_run(drvs):
     assert drvs.drvs("logs", "feedfacecafe").returncode == 3
     assert drvs.drvs("kill", "feedfacecafe").returncode == 3
     assert drvs.drvs("kill", "-s", "NOPE", "feedfacecafe").returncode == 2
+    for bad in ("999", "65"):
+        p = drvs.drvs("kill", "-s", bad, "feedfacecafe")
+        assert p.returncode == 2 and p.stderr.startswith(f"drvs: unknown signal '{bad}'"), p.stderr
 
 
 def test_ps_on_a_single_node_lists_the_vms_processes(drvs):

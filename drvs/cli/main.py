@@ -103,6 +103,8 @@ def kill(args) -> int:
         signum = int(name) if name.isdigit() else signal.Signals["SIG" + name].value
     except KeyError:
         raise UsageError(f"unknown signal {args.signal!r}") from None
+    if not 0 <= signum <= signal.SIGRTMAX:
+        raise UsageError(f"unknown signal {args.signal!r} (signals are 0 to {int(signal.SIGRTMAX)})")
     rec = _run_record(args.run)
     if signum == signal.SIGKILL:
         # The keeper cannot pass SIGKILL on; its own "end the run" signal

@@ -12,7 +12,7 @@ import signal
 import sys
 
 from .. import config
-from ..errors import DrvsError, UsageError
+from ..errors import DrvsError, NotFound, UsageError
 from ..ns import jail
 from ..store import open_store
 from ..vm.registry import VmRegistry
@@ -32,6 +32,7 @@ def parser(prog: str = "drvs-run") -> argparse.ArgumentParser:
 def execute(vm_name: str, opts: jail.RunOptions, prog: str, node: str | None = None) -> int:
     cfg = config.load()
     if node:
+        _known_node(node)
         return _remote(cfg, node, vm_name, opts, prog)
     store = open_store()
     vm = VmRegistry(store).get(vm_name)
@@ -49,6 +50,15 @@ def execute(vm_name: str, opts: jail.RunOptions, prog: str, node: str | None = N
     if note:
         print(f"{prog}: {note}", file=sys.stderr)
     return result.exit_code
+
+
+def _known_node(node: str) -> None:
+    """A node the user named is one of the cluster's (NotFound, 3, as for
+    any name that names nothing; one that is NotReady is the fabric's 7)."""
+    from ..cluster.membership import spec_key
+
+    if open_store().get(spec_key(node)) is None:
+        raise NotFound(f"no such node: {node!r} (see `drvs node ls`)")
 
 
 def _remote(cfg, node: str, vm_name: str, opts: jail.RunOptions, prog: str) -> int:

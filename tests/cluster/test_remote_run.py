@@ -92,7 +92,7 @@ def test_setup_failures_come_back_as_on_one_node(cluster_factory):
     p = run_on(c, "n1", "--node", "n2", "--", "no-such-command")
     assert (p.returncode, p.stderr) == (127, "drvs-run: no-such-command: command not found\n")
     p = run_on(c, "n1", "--node", "n9", "--", "true")
-    assert (p.returncode, p.stderr) == (7, "drvs-run: node 'n9' is not in the cluster\n")
+    assert (p.returncode, p.stderr) == (3, "drvs-run: no such node: 'n9' (see `drvs node ls`)\n")
 
 
 def test_dead_target_node_is_reported_within_the_bound(cluster_factory):
