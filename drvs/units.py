@@ -19,6 +19,18 @@ def parse_size(text: str, *, what: str = "size") -> int:
     return int(value)
 
 
+MIN_MEMORY = 6 << 20  # as docker: below this a cell cannot even start its init
+
+
+def parse_memory(text: str) -> int:
+    """A memory limit: a size of at least MIN_MEMORY (a smaller one makes
+    every run fail to start, with the kernel's OOM killer busy in vain)."""
+    value = parse_size(text, what="memory size")
+    if value < MIN_MEMORY:
+        raise UsageError(f"invalid memory size {text!r}: must be at least {MIN_MEMORY >> 20}M")
+    return value
+
+
 def format_size(n: int | None) -> str:
     if n is None:
         return "-"

@@ -1,7 +1,7 @@
 import pytest
 
 from drvs.errors import UsageError
-from drvs.units import format_size, parse_cpus, parse_cpuset, parse_size
+from drvs.units import format_size, parse_cpus, parse_cpuset, parse_memory, parse_size
 
 
 @pytest.mark.parametrize("text,value", [
@@ -14,6 +14,13 @@ def test_parse_size(text, value):
 def test_parse_size_rejects(text):
     with pytest.raises(UsageError, match="invalid size"):
         parse_size(text)
+
+
+def test_a_memory_limit_too_small_to_start_a_cell_is_refused():
+    assert parse_memory("6M") == 6 << 20
+    for text in ("1", "1k", "5M"):
+        with pytest.raises(UsageError, match="must be at least 6M"):
+            parse_memory(text)
 
 
 def test_format_size_round_trips_common_limits():

@@ -8,7 +8,7 @@ import pwd
 from ..errors import UsageError
 from ..ns import rootfs
 from ..ns.jail import DEFAULT_CAPS, RunOptions
-from ..units import parse_cpus, parse_cpuset, parse_size
+from ..units import parse_cpus, parse_cpuset, parse_memory
 from ..vm.model import Limits, check_name
 
 
@@ -38,7 +38,7 @@ def _pids(text: str) -> int:
 def add_limit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus", type=typed(parse_cpus), help="CPU time, in CPUs (e.g. 0.5)")
     p.add_argument("--cpuset-cpus", type=typed(parse_cpuset), metavar="LIST", help="CPUs to run on (e.g. 0-1)")
-    p.add_argument("--memory", "-m", type=typed(lambda t: parse_size(t, what="memory size")),
+    p.add_argument("--memory", "-m", type=typed(parse_memory),
                    metavar="SIZE", help="memory limit (e.g. 512M); no swap beyond it")
     p.add_argument("--pids-limit", type=typed(_pids), metavar="N", help="most processes and threads")
 

@@ -75,7 +75,7 @@ _SHARE_KEYS = {"cpus", "memory", "pids", "cpuset"}
 
 def parse_share(text: str) -> tuple[str, Limits]:
     """`NODE[:cpus=1,memory=512M,pids=100,cpuset=0-1]`, the --node of vm create."""
-    from ..units import parse_cpus, parse_cpuset, parse_size
+    from ..units import parse_cpus, parse_cpuset, parse_memory
 
     node, _, spec = text.partition(":")
     if not node:
@@ -94,7 +94,7 @@ def parse_share(text: str) -> tuple[str, Limits]:
         if key == "cpus":
             values[key] = parse_cpus(value)
         elif key == "memory":
-            values[key] = parse_size(value, what="memory size")
+            values[key] = parse_memory(value)
         elif key == "cpuset":
             values[key] = parse_cpuset(value)
         else:

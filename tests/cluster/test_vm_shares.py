@@ -153,15 +153,15 @@ def test_shares_do_not_overcommit_a_node_unless_asked(cluster_factory):
     assert "b" not in c.drvs("vm", "ls", node="n1", check=True).stdout.split()
     c.drvs("vm", "create", "b", "--node", "n1:cpus=1", "--overcommit", node="n1", check=True)
     c.drvs("vm", "create", "m", "--node", f"n1:cpus=0.5,memory={memory}", "--overcommit", node="n1", check=True)
-    p = c.drvs("vm", "create", "tiny", "--node", "n1:memory=1M", node="n1")
+    p = c.drvs("vm", "create", "tiny", "--node", "n1:memory=8M", node="n1")
     assert p.returncode == 4 and "and m holds" in p.stderr, p.stderr
     c.drvs("vm", "create", "free", "--node", "n1", node="n1", check=True)  # a share of no amount reserves none
     c.drvs("vm", "rm", "m", node="n1", check=True)
-    c.drvs("vm", "create", "tiny", "--node", "n1:memory=1M", node="n1", check=True)
+    c.drvs("vm", "create", "tiny", "--node", "n1:memory=8M", node="n1", check=True)
     shares = json.loads(c.drvs("node", "show", "n1", "--format", "json", node="n1", check=True).stdout)["shares"]
-    assert shares == {"vms": ["a", "b", "free", "tiny"], "cpus": cpus + 0.5, "memory": 1 << 20}
+    assert shares == {"vms": ["a", "b", "free", "tiny"], "cpus": cpus + 0.5, "memory": 8 << 20}
     shown = c.drvs("node", "show", "n1", node="n1", check=True).stdout
-    assert f"a, b, free, tiny: {cpus + 0.5:g} of {cpus} CPUs, 1M of " in shown
+    assert f"a, b, free, tiny: {cpus + 0.5:g} of {cpus} CPUs, 8M of " in shown
     p = c.drvs("vm", "create", "lone", "--overcommit", node="n1")
     assert p.returncode == 2 and "--overcommit needs --node shares" in p.stderr
 
