@@ -73,7 +73,13 @@ def reason(e: "BaseException | None", none: str = "no endpoint", empty: str = ""
     `empty`, else the exception's name)."""
     if e is None:
         return none
-    return str(e) or empty or type(e).__name__
+    inner = getattr(e, "reason", None)  # (urllib's URLError: "<urlopen error ...>" around the reason)
+    if isinstance(inner, BaseException) or (isinstance(inner, str) and type(e).__name__ == "URLError"):
+        return reason(inner, none, empty) if isinstance(inner, BaseException) else inner
+    text = str(e)
+    if text.startswith("_ssl.c:"):  # (where in CPython's ssl module, not why)
+        text = text.split(": ", 1)[-1]
+    return text or empty or type(e).__name__
 
 
 def os_error(what: str, err: OSError | int) -> str:

@@ -141,3 +141,16 @@ def test_the_commands_store_puts_only_if_a_range_is_unchanged(etcd_url):
     for key in ("/vms/a", "/vms/b", "/vms/c", "/other", "/none/x"):
         s.delete(key)
     check_put_unchanged(s)
+
+
+def test_an_unreachable_etcd_is_said_in_words():
+    """What urllib and ssl wrap a failure in is not the user's to read."""
+    import socket
+    import urllib.error
+
+    from drvs.errors import reason
+
+    assert reason(urllib.error.URLError(socket.timeout("_ssl.c:989: The handshake operation timed out"))) \
+        == "The handshake operation timed out"
+    assert reason(urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))) \
+        == "[Errno 111] Connection refused"

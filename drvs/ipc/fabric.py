@@ -44,8 +44,9 @@ LANE_ALPN = "drvs-msg/1"
 
 def check_name(name: str) -> str:
     service, at, vm = name.partition("@")
-    if not (service and at and vm) or len(name) > 200 or "/" in name:
-        raise IpcError(f"invalid endpoint name {name!r}: expected SERVICE@VM or SERVICE@NODE", errno.EINVAL)
+    if not (service and at and vm) or len(name) > 200 or "/" in name or "@" in vm:
+        shown = name if len(name) <= 60 else f"{name[:60]}... ({len(name)} characters)"
+        raise IpcError(f"invalid endpoint name {shown!r}: expected SERVICE@VM or SERVICE@NODE", errno.EINVAL)
     return name
 
 
