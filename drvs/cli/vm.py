@@ -70,6 +70,7 @@ def create(args) -> int:
     if args.fs_sync and not fs_nodes:
         raise UsageError("--fs-sync needs --node shares (a VM file system of the cluster)")
     spec = VmSpec(args.name, limits_from(args), shares=shares, fs_nodes=fs_nodes, fs_sync=args.fs_sync)
+    _warn_not_ready(store, spec)
     registry = VmRegistry(store)
     for _ in range(ADMIT_TRIES):
         others, revision = registry.snapshot()
@@ -80,6 +81,19 @@ def create(args) -> int:
             print(spec.name)
             return 0
     raise Conflict(f"VM {args.name!r}: VMs kept being made while its shares were checked; try again")
+
+
+def _warn_not_ready(store, spec: VmSpec) -> None:
+    """Shares of nodes that are NotReady are made when they are back: said,
+    not refused (a node being restarted is a normal state)."""
+    from ..cluster.membership import status_key
+
+    for node in spec.shares:
+        if store.get(status_key(node)) is None:
+            first = spec.fs_nodes[:1] == [node]
+            print(f"drvs vm create: warning: node {node} is NotReady; its share is made when it is back"
+                  + (", and the VM's file system (first kept there) starts only then" if first else ""),
+                  file=sys.stderr)
 
 
 def _not_in_use_elsewhere(cfg, spec: VmSpec, force: bool) -> None:

@@ -109,12 +109,15 @@ def test_dev_cluster_restart_brings_a_killed_node_back(cluster_factory):
     os.kill(c.node("n2")["pid"], signal.SIGKILL)
     c.wait_status("n2", "NotReady", timeout=15)
     assert "dead" in c.drvs("dev", "cluster", "status", check=True).stdout
+    later = c.drvs("vm", "create", "later", "--node", "n2", node="n1")  # said, not refused
+    assert later.returncode == 0 and "node n2 is NotReady" in later.stderr and "file system" in later.stderr
     r = c.drvs("dev", "cluster", "restart", "n2", check=True)
     assert r.stdout.startswith("n2: drvmmd running again")
     c.info = json.loads((c.state / "dev-cluster.json").read_text())  # (its new pid, for the teardown)
     c.wait_status("n2", "Ready", timeout=15)
     assert "dead" not in c.drvs("dev", "cluster", "status", check=True).stdout
     assert cell_inits(c, "n2", "back") == before
+    assert wait_for(lambda: cell_inits(c, "n2", "later"))  # made now that n2 is back
     p = subprocess.run(run, env={**c.env, "DRVS_NODE": "n1"}, capture_output=True, text=True, timeout=60)
     assert (p.returncode, p.stdout) == (0, "back\n"), p.stderr  # the first run after: not on the dead connection
     bad = c.drvs("dev", "cluster", "restart", "n9")
