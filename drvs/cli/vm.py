@@ -219,6 +219,28 @@ def _state(cfg, name: str) -> dict:
             cell.close()
 
 
+def _processes_by_node(cfg, spec: VmSpec) -> dict:
+    """A cluster VM's processes counted per node, VM-wide (the runs listed
+    are this node's own records), and the nodes that did not answer."""
+    from .proc import cluster_processes
+
+    try:
+        procs, silent = cluster_processes(cfg, spec.name, sorted(spec.shares))
+    except DrvsError as e:
+        return {"by_node": {}, "silent": sorted(spec.shares), "error": str(e)}
+    by_node = {node: 0 for node in sorted(spec.shares)}
+    for p in procs:
+        by_node[p.get("node", "?")] = by_node.get(p.get("node", "?"), 0) + 1
+    return {"by_node": by_node, "silent": silent}
+
+
+def _processes_text(counted: dict) -> str:
+    text = ", ".join(f"{node}: {n}" for node, n in counted["by_node"].items()) or "-"
+    if counted["silent"]:
+        text += f" ({', '.join(counted['silent'])}: no answer)"
+    return text
+
+
 def ls(args) -> int:
     cfg = config.load()
     specs = VmRegistry(open_store()).list()
@@ -228,7 +250,7 @@ def ls(args) -> int:
              "runs": len(runs_of(cfg, s.name))} for s in specs]
 
     def table():
-        print_table(["NAME", "CPUS", "CPUSET", "MEMORY", "PIDS", "NODES", "RUNS", "AGE"],
+        print_table(["NAME", "CPUS", "CPUSET", "MEMORY", "PIDS", "NODES", "RUNS HERE", "AGE"],
                     [[s.name, *_limits_text(s).values(), ",".join(sorted(s.shares)) or "any", d["runs"],
                       age(s.created)] for s, d in zip(specs, data)])
 
@@ -245,6 +267,8 @@ def show(args) -> int:
             "shares": {n: l._asdict() for n, l in spec.shares.items()}, "fs_nodes": spec.fs_nodes, "fs_sync": spec.fs_sync,
             "data_dir": f"{cfg.vms_dir}/{spec.name}/data" if not spec.fs_nodes else f"fs@{spec.name}",
             "cell": state, "runs": runs}
+    if spec.shares:
+        data["processes"] = _processes_by_node(cfg, spec)
 
     def table():
         print_table(["FIELD", "VALUE"], [
@@ -255,6 +279,7 @@ def show(args) -> int:
               for n, l in sorted(spec.shares.items())],
             ["cell", f"active (init {state['init_pid']}, cpu {state['cpu_seconds']:.2f}s, "
                      f"memory {format_size(state['memory_bytes'])})" if state["active"] else "inactive"],
+            *([["processes", _processes_text(data["processes"])]] if "processes" in data else []),
         ])
         if runs:
             print()

@@ -195,6 +195,10 @@ def test_drvs_ps_lists_the_whole_vm_from_any_node(vm_cluster):
         assert table.split("\n")[0].split() == ["PID", "NODE", "PPID", "USER", "STATE", "%CPU", "RSS", "START",
                                                 "COMMAND"]
         assert "sleep 61" in table and "sleep 62" in table
+        # vm show counts the VM's processes on every node, not only this one's runs
+        shown = json.loads(c.drvs("vm", "show", "web", "--format", "json", node="n1", check=True).stdout)
+        assert shown["processes"]["by_node"]["n2"] >= 1 and shown["processes"]["silent"] == []
+        assert "n2: " in c.drvs("vm", "show", "web", node="n1", check=True).stdout
     finally:
         stop(a, b)
 
