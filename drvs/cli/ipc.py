@@ -45,10 +45,10 @@ def _group(text: str) -> str:
     return text
 
 
-def _checked(name: str) -> str:
+def _checked(name: str, watch: bool = False) -> str:
     from ..ipc.services import name_problem
 
-    problem = name_problem(name)
+    problem = name_problem(name, watch)
     if problem:
         raise UsageError(problem)
     return name
@@ -202,7 +202,7 @@ def campaign(args) -> int:
 def leader(args) -> int:
     from ..ipc.schema import drvmm
 
-    value = _key_reply(_call(drvmm.DrvmmCall.leader, _name_request(_checked(args.name)), 10)).value
+    value = _key_reply(_call(drvmm.DrvmmCall.leader, _name_request(_checked(args.name, watch=True)), 10)).value
     if not value:
         raise NotFound(f"election {args.name!r} has no leader")
     print(value)
@@ -224,6 +224,7 @@ def observe(args) -> int:
     from ..cluster.context import etcd_client
     from ..ipc.services import ELECTIONS
 
+    _checked(args.name, watch=True)
     info = cluster_info(config.load())
     if info is None:
         raise NotFound("this node is in no cluster (single node)")

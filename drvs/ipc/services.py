@@ -29,11 +29,15 @@ def request(msg: Msg):
         raise IpcError("malformed request", errno.EBADMSG) from None
 
 
-def name_problem(name: str) -> str | None:
+def name_problem(name: str, watch: bool = False) -> str | None:
     """Why name cannot name a lock, election or group (None: it can).  Names
     are etcd key suffixes with the holder's lease after a '/': a '/' in a
     name would put its keys among another name's ("a/b" under "a"), and
-    one name would block the other."""
+    one name would block the other.  watch: only to read its leader, which
+    DRVS's own elections ("pm/VM", "fs/VM") may be too."""
+    head, slash, rest = name.partition("/")
+    if watch and slash and head in SYSTEM_ELECTIONS and name_problem(rest) is None:
+        return None
     if not name:
         return "empty name"
     if any(ord(c) < 32 or c == "\x7f" for c in name):
@@ -43,10 +47,10 @@ def name_problem(name: str) -> str | None:
     return None
 
 
-def named(msg: Msg):
-    """The request, its name checked."""
+def named(msg: Msg, watch: bool = False):
+    """The request, its name checked (see name_problem)."""
     req = request(msg)
-    problem = name_problem(req.name)
+    problem = name_problem(req.name, watch)
     if problem:
         raise IpcError(problem, errno.EINVAL)
     return req
@@ -174,7 +178,7 @@ class DrvmmService:
         return key_reply()
 
     async def leader(self, msg: Msg) -> Msg:
-        req = named(msg)
+        req = named(msg, watch=True)
         return key_reply("", await self.etcd.leader(ELECTIONS + req.name) or "")
 
 

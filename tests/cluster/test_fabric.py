@@ -93,6 +93,7 @@ def test_lock_and_election_calls_touch_only_their_own_keys(cluster_factory):
     assert "keep" in c.drvs("vm", "ls", node="n2", check=True).stdout
     for args in (("lock", "acquire", ""), ("lock", "acquire", "a/../b"), ("election", "leader", ""),
                  ("lock", "acquire", "a/b"), ("election", "campaign", "f1/x"),  # (they would nest under a, f1)
+                 ("election", "leader", "f1/x"), ("election", "observe", "a/b"),
                  ("lock", "acquire", "x", "--timeout", "-1"), ("election", "campaign", "x", "--timeout", "nan"),
                  ("ipc", "ping", "nosuch"), ("ipc", "ping", "@n2"), ("ipc", "ping", "x@@y"), ("ipc", "ping", "drvmm@n2", "-c", "0"),
                  ("group", "join", "a/b"), ("group", "members", ""), ("election", "campaign", "pm/keep")):
