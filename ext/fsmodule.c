@@ -74,13 +74,14 @@ static PyObject *py_renameat2(PyObject *Py_UNUSED(self), PyObject *args)
  * (os.posix_fallocate has none: no hole punched, no range zeroed). */
 static PyObject *py_fallocate(PyObject *Py_UNUSED(self), PyObject *args)
 {
-    int fd, mode;
+    int fd;
+    unsigned int mode; /* (as the system call's bits come: any value, the kernel says EOPNOTSUPP) */
     long long offset, length;
-    if (!PyArg_ParseTuple(args, "iiLL", &fd, &mode, &offset, &length))
+    if (!PyArg_ParseTuple(args, "iILL", &fd, &mode, &offset, &length))
         return NULL;
     int r;
     Py_BEGIN_ALLOW_THREADS
-    r = fallocate(fd, mode, (off_t)offset, (off_t)length);
+    r = fallocate(fd, (int)mode, (off_t)offset, (off_t)length);
     Py_END_ALLOW_THREADS
     if (r < 0)
         return PyErr_SetFromErrno(PyExc_OSError);

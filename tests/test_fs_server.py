@@ -513,7 +513,8 @@ async def test_a_replica_of_a_vm_made_again_survives_the_late_removal_of_the_old
 
     from drvs.fs.service import FsNode
 
-    node = FsNode(SimpleNamespace(vms_dir=str(tmp_path / "vms")), None, Invalidations(), SimpleNamespace(name="n2"))
+    etcd = FakeEtcd({"web": 10})
+    node = FsNode(SimpleNamespace(vms_dir=str(tmp_path / "vms")), etcd, Invalidations(), SimpleNamespace(name="n2"))
     base = tmp_path / "vms" / "web" / "fs"
 
     async def mirror(made: int, name: bytes) -> Msg:
@@ -526,6 +527,7 @@ async def test_a_replica_of_a_vm_made_again_survives_the_late_removal_of_the_old
         assert list(from_flat(fs.BatchReply, (await mirror(made, name)).payload).statuses) == [0]
 
     await mirrored(10, b"old")            # the first definition, made at revision 10
+    etcd.vms = {"web": 20}
     await mirrored(20, b"new")            # made again at 20: its server's first batch
     assert os.listdir(base / "root") == ["new"]
     await node.remove("web", 10)          # this node's look at the VM list, late
@@ -538,8 +540,39 @@ async def test_a_replica_of_a_vm_made_again_survives_the_late_removal_of_the_old
     with pytest.raises(IpcError) as e:    # a batch of the removed definition, late: no store made again
         await mirror(20, b"late")
     assert e.value.errno == errno.ESTALE and not base.exists()
+    etcd.vms = {"web": 30}
     await mirrored(30, b"third")          # made once more
     assert os.listdir(base / "root") == ["third"]
+    # a node that restarted remembers no removal: etcd says which definitions are
+    node = FsNode(SimpleNamespace(vms_dir=str(tmp_path / "vms")), etcd, Invalidations(), SimpleNamespace(name="n2"))
+    etcd.vms = {}
+    with pytest.raises(IpcError) as e:    # the definition of 30 was removed while the node was down
+        await mirror(30, b"late")
+    assert e.value.errno == errno.ESTALE  # (its store here is the sweep's)
+    (tmp_path / "vms" / "db" / "fs").mkdir(parents=True)   # a store of a VM etcd never had
+    etcd.vms = {"other": 5}
+    await node.sweep()
+    assert not base.exists() and not (tmp_path / "vms" / "db" / "fs").exists()
+
+
+class FakeEtcd:
+    """The VM definitions (name -> create revision) a node's etcd client sees."""
+
+    def __init__(self, vms: dict):
+        self.vms = vms
+
+    def _entry(self, name: str):
+        from drvs.store import Entry
+        from drvs.vm.model import VmSpec
+
+        return Entry(f"/drvs/vms/{name}", VmSpec(name).to_json(), self.vms[name], self.vms[name])
+
+    async def get(self, key: str):
+        name = key.rpartition("/")[2]
+        return self._entry(name) if name in self.vms else None
+
+    async def range(self, prefix: str):
+        return [self._entry(name) for name in sorted(self.vms)]
 
 
 async def test_a_server_whose_term_is_over_stands_down_with_a_plain_error(tmp_path, monkeypatch):

@@ -21,6 +21,11 @@ def test_a_new_store_is_made_and_opened_again(tmp_path):
     with pytest.raises(SetupError) as e:                       # the VM made again is another store
         Store(str(tmp_path / "fs"), "web", made=40)
     assert "of VM 'web' as defined at revision 17, not 40" in str(e.value)
+    old = tmp_path / "old"                                     # a store made before markers said
+    Store(str(old), "web").close()
+    (old / "STORE").write_text('{"format": 1, "vm": "web"}')
+    Store(str(old), "web", made=9).close()
+    assert made_of(str(old)) == 9                              # it says from now on
 
 
 @pytest.mark.parametrize("marker, words", [

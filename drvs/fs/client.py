@@ -53,6 +53,8 @@ TOLD_OF_MAX = 1 << 16         # beyond this, every reply on its way is taken as 
 ABSENT_GRACE = 1.0            # seconds the kernel may keep a name absent after this node's reckoning
 RELOOK_WAIT = 0.5             # an invalidation's reply waits at most this for moved directories' lookups
 RETRY_ERRNOS = {errno.ENOENT, errno.ECONNRESET, errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.EREMCHG}
+NOT_DELIVERED = RETRY_ERRNOS - {errno.ECONNRESET}  # (a reset may come after the call arrived)
+FALLOC_COLLAPSE, FALLOC_INSERT = 0x08, 0x20  # fallocate(2)'s FALLOC_FL_COLLAPSE_RANGE, FALLOC_FL_INSERT_RANGE
 # Calls that change no file's attributes (see VmFs.kept); an open may truncate.
 QUERIES = {Call.getattr, Call.lookup, Call.readlink, Call.read, Call.readdir, Call.statfs, Call.getxattr,
            Call.listxattr, Call.flush, Call.fsync, Call.release, Call.usage, Call.lock}
@@ -222,7 +224,10 @@ class VmFs:
 
     # -- calls to the server ---------------------------------------------------------
 
-    async def call(self, ctype, idempotent: bool = False, **fields):
+    async def call(self, ctype, idempotent: bool = False, once: bool = False, **fields):
+        """once: a change not to be sent again after a failure that may have
+        followed its delivery (a reset connection), only after one that
+        shows it never arrived."""
         if "at" in fields or "at2" in fields:
             fields["atEpoch"] = self.epoch  # (handles are of this term's server: see locate)
         if ctype not in QUERIES:
@@ -233,7 +238,7 @@ class VmFs:
         try:
             r = await self._local(ctype, fields)
             if r is None:
-                r = await self._remote(ctype, idempotent, fields)
+                r = await self._remote(ctype, idempotent, fields, once)
         finally:
             # (the caller learns what the reply says before any other task
             # runs -- readdir's snapshot aside, see _forgotten -- so an
@@ -298,10 +303,10 @@ class VmFs:
         except IpcError:
             return None  # it stopped serving meanwhile: ask where the server is now
 
-    async def _remote(self, ctype, idempotent: bool, fields: dict):
+    async def _remote(self, ctype, idempotent: bool, fields: dict, once: bool = False):
         closed, self.closing = self.closing, []
         try:
-            reply = await self._send(ctype, idempotent, fields, closed)
+            reply = await self._send(ctype, idempotent, fields, closed, once)
         except BaseException:
             # Not delivered (or not known to be: a second release of a
             # handle is nothing, and a handle of an older term is ignored).
@@ -319,7 +324,7 @@ class VmFs:
                 return ReadReply(r.epoch, data)
         return r
 
-    async def _send(self, ctype, idempotent: bool, fields: dict, closed: list) -> Msg:
+    async def _send(self, ctype, idempotent: bool, fields: dict, closed: list, once: bool = False) -> Msg:
         """The server's reply (a failure too), or FUSEError if there is none."""
         notices = self._forgotten() if self.drops else {}
         payload = to_flat(new(fs.FsRequest, vm=self.vm, closed=closed, **notices, **fields))
@@ -334,7 +339,7 @@ class VmFs:
                 err = IpcError(reply.error, errno.EREMCHG)
             except IpcError as e:
                 err = e
-            if err.errno not in RETRY_ERRNOS or left < 0.3:
+            if err.errno not in RETRY_ERRNOS or left < 0.3 or (once and err.errno not in NOT_DELIVERED):
                 log.info("%s: %s", self.target, err)
                 raise pyfuse3.FUSEError(errno.ETIMEDOUT if err.errno in (errno.ETIMEDOUT, errno.ENOENT)
                                         else errno.EIO)
@@ -534,9 +539,15 @@ class VmFs:
         """A program's fallocate(2) of a file open here (drvs/fs/fallocate.py):
         the server makes it and, before it answers, has every node -- this
         one too -- drop what its kernel holds of the file."""
-        await self.call(Call.fallocate, **self._object(inode), flags=mode, offset=offset, size=length)
+        # (a range collapsed or inserted twice would move the data twice: such
+        # a call is not sent again once it may have reached the server)
+        r = await self.call(Call.fallocate, once=bool(mode & (FALLOC_COLLAPSE | FALLOC_INSERT)),
+                            **self._object(inode), flags=mode, offset=offset, size=length)
         if self.cache is not None:
             self.cache.drop(inode)
+        node = self.inodes.get(inode & MASK)
+        if node is not None and not node.term:
+            node.term = r.epoch  # (not fsync'ed yet: an fsync after a fail-over says EIO, as after a write)
 
     def _stale(self, since: int | None, *cinos: int) -> bool:
         """Whether a reply about these inodes, to a call begun when

@@ -14,8 +14,6 @@ import os
 
 import pyfuse3
 
-from .locks import fd_flags
-
 MAX_OFF = (1 << 63) - 1
 
 
@@ -32,10 +30,7 @@ async def call(file_of, caller, a, reply_cls, kernel):
     offset, length = _signed(a["offset"]), _signed(a["len"])
     if offset < 0 or length <= 0:
         return reply_cls(error=errno.EINVAL)
-    flags = fd_flags(caller.host_pid, a["fd"])
-    if flags is None:
-        return kernel  # (the descriptor went meanwhile: the kernel says EBADF)
-    if flags & os.O_ACCMODE == os.O_RDONLY:
+    if f.flags & os.O_ACCMODE == os.O_RDONLY:  # (f's flags and inode are one open file's: see VmFile)
         return reply_cls(error=errno.EBADF)
     try:
         await f.fs.fallocate(f.ino, a["mode"] & 0xFFFFFFFF, offset, length)

@@ -131,10 +131,12 @@ class LockTable:
 class VmFile:
     """A jailed program's file descriptor on a VM file system of this node's view."""
 
-    __slots__ = ("fs", "ino", "pos")
+    __slots__ = ("fs", "ino", "pos", "flags")
 
-    def __init__(self, fs_, ino: int, pos: int):
-        self.fs, self.ino, self.pos = fs_, ino, pos
+    def __init__(self, fs_, ino: int, pos: int, flags: int = 0):
+        # (all from one read of fdinfo: one open file's, even if the
+        # program puts another on the number meanwhile)
+        self.fs, self.ino, self.pos, self.flags = fs_, ino, pos, flags
 
 
 class NodeLocks:
@@ -162,7 +164,7 @@ class NodeLocks:
             return None
         ino = info["ino"]
         fs_ = self.view.slots.get(ino >> TAG_SHIFT)
-        return VmFile(fs_, ino, info.get("pos", 0)) if fs_ is not None else None
+        return VmFile(fs_, ino, info.get("pos", 0), info.get("flags", 0)) if fs_ is not None else None
 
     # -- the calls --
 
@@ -290,12 +292,6 @@ def _fdinfo(pid: int, fd: int) -> dict | None:
     return out
 
 
-def fd_flags(pid: int, fd: int) -> int | None:
-    """The open flags of a program's descriptor (None: it has none by that number)."""
-    info = _fdinfo(pid, fd)
-    return None if info is None else info.get("flags")
-
-
 def _mount(pid: int, mnt_id: int) -> tuple[str, str] | None:
     """("major:minor", fstype) of mount mnt_id as pid sees it."""
     try:
@@ -310,15 +306,32 @@ def _mount(pid: int, mnt_id: int) -> tuple[str, str] | None:
 
 
 def _signal_pending(tid: int) -> bool:
-    """Whether thread tid has a signal pending (its own or its process's)
-    that it does not block: one that would end an interruptible wait."""
+    """Whether thread tid has a signal pending that it does not block and
+    that is surely its to take: one sent to the thread, or one sent to its
+    process that every other thread of it blocks.  (A process's signal that
+    another thread may take is left alone: answered ERESTARTSYS without the
+    kernel's own "signal pending" mark on this thread, the program would
+    see errno 512.)"""
     try:
-        with open(f"/proc/{tid}/status", "rb") as f:
-            raw = f.read()
-        pending = int(status_field(raw, b"SigPnd"), 16) | int(status_field(raw, b"ShdPnd"), 16)
-        return bool(pending & ~int(status_field(raw, b"SigBlk"), 16))
+        raw = _status(tid)
+        blocked = int(status_field(raw, b"SigBlk"), 16)
+        own = int(status_field(raw, b"SigPnd"), 16) & ~blocked
+        shared = int(status_field(raw, b"ShdPnd"), 16) & ~blocked
+        if own or not shared:
+            return bool(own)
+        if status_field(raw, b"Threads") != b"1":
+            tgid = int(status_field(raw, b"Tgid"))
+            for other in os.listdir(f"/proc/{tgid}/task"):
+                if int(other) != tid:
+                    shared &= int(status_field(_status(int(other)), b"SigBlk") or b"0", 16)
+        return bool(shared)
     except (OSError, ValueError):
         return False
+
+
+def _status(tid: int) -> bytes:
+    with open(f"/proc/{tid}/status", "rb") as f:
+        return f.read()
 
 
 def _tgid(pid: int) -> int:

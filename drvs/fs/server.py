@@ -852,12 +852,13 @@ class FsServer:
         by path: every node's kernel, the caller's too, drops what it has
         of the file (a punched hole reads as zeros)."""
         with self._object(req, path, origin) as where:
-            # (not blocking: a FIFO would wait for a reader here)
+            mode = os.stat(where).st_mode  # (the object itself: nothing but a file is opened here)
+            if not stat.S_ISREG(mode):
+                raise OSError(errno.ESPIPE if stat.S_ISFIFO(mode) else errno.ENODEV, "not a regular file")
             fd = os.open(where, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise OSError(errno.ESPIPE if stat.S_ISFIFO(st.st_mode) else errno.ENODEV, "not a regular file")
+            # In line, as a truncation is: a change made meanwhile would
+            # reach the replicas in another order than it was made here.
             _fs.fallocate(fd, req.flags, req.offset, req.size)
             st = os.fstat(fd)
         finally:

@@ -7,6 +7,7 @@ open files' handles it mirrored."""
 
 import errno
 import logging
+import os
 
 import trio
 
@@ -14,7 +15,8 @@ from ..dvos import elected
 from ..dvos.elected import VMS
 from ..ipc.message import IpcError, Msg
 from ..ipc.schema import from_flat, fs, to_flat
-from ..errors import NotFound
+from ..cluster.etcd import EtcdUnavailable
+from ..errors import DrvsError, NotFound
 from ..vm.model import VmSpec
 from . import replica
 from .server import FsServer
@@ -33,16 +35,28 @@ class FsNode:
         self.servers: dict[str, FsServer] = {}  # vm -> its server or replica here
         self.terms: dict[str, int] = {}         # vm -> the newest term heard of here
         self.removed: dict[str, int] = {}       # vm -> the create revision of its last definition removed
+        # vm -> held while its store is made or removed here (a removal's
+        # rmtree runs in a thread: a batch must not make the store meanwhile)
+        self.lifecycle: dict[str, trio.Lock] = {}
 
-    async def _server(self, vm: str, made: int) -> FsServer:
+    def _lock(self, vm: str) -> trio.Lock:
+        return self.lifecycle.setdefault(vm, trio.Lock())
+
+    async def _server(self, vm: str, made: int, check: bool = False) -> FsServer:
         """The server or replica here of VM vm as defined at revision made
-        (0: whichever is here).  What is here of an earlier definition of
-        the name goes first: a VM made again can be served, and mirrored
-        to this node, before this node's own look at the VM list saw the
-        old one go (elected.RESYNC)."""
+        (0: whichever is here), with the VM's lock held.  What is here of
+        an earlier definition of the name goes first: a VM made again can be
+        served, and mirrored to this node, before this node's own look at
+        the VM list saw the old one go (elected.RESYNC).  check: a store
+        made anew is made only for a definition etcd has (a batch that
+        comes late, after a restart forgot the removal, would leave one)."""
         await self._only(vm, made)
         server = self.servers.get(vm)
         if server is None:
+            if check and made:
+                entry = await self.etcd.get(VMS + vm)
+                if entry is None or entry.create_revision != made:
+                    raise IpcError(f"fs@{vm}: no VM {vm!r} as defined at revision {made} (removed)", errno.ESTALE)
             server = self.servers[vm] = FsServer(vm, Store(store_dir(self.cfg, vm), vm, made), self.fabric,
                                                  self.member.name, self.etcd)
         return server
@@ -63,7 +77,7 @@ class FsNode:
         if made and here and here != made:
             if here > made:
                 raise IpcError(f"fs@{vm}: a later definition of the VM is here (revision {here})", errno.ESTALE)
-            await self.remove(vm, here)
+            await self._remove(vm, here)
 
     async def serve(self, vm: str) -> "_Serving":
         """Elected for fs@VM: take over (only as an in-sync replica)."""
@@ -73,7 +87,8 @@ class FsNode:
         spec, made = VmSpec.from_json(entry.value), entry.create_revision
         me = self.member.name
         epoch = await replica.take_over(self.etcd, vm, me, first=spec.fs_nodes[:1] == [me])
-        server = await self._server(vm, made)
+        async with self._lock(vm):
+            server = await self._server(vm, made)
         self.terms[vm] = epoch
         server.promote(epoch, spec.fs_nodes, spec.fs_sync)
         log.info("fs@%s: term %d; replicas %s", vm, epoch, ", ".join(spec.fs_nodes))
@@ -83,6 +98,10 @@ class FsNode:
         """The VM as defined at revision made was removed (drvs vm rm): its
         replica here goes too -- unless what is here is of a later
         definition, already mirrored here (see _server)."""
+        async with self._lock(vm):
+            await self._remove(vm, made)
+
+    async def _remove(self, vm: str, made: int) -> None:
         import shutil
 
         self.removed[vm] = max(made, self.removed.get(vm, 0))
@@ -96,6 +115,23 @@ class FsNode:
         await trio.to_thread.run_sync(shutil.rmtree, store_dir(self.cfg, vm), True)
         log.info("fs@%s: the VM was removed; its replica here too", vm)
 
+    async def sweep(self) -> None:
+        """At start: the stores here of VMs removed, or made again, while
+        this node was away go (their removal was never seen here)."""
+        import glob
+
+        try:
+            entries = await self.etcd.range(VMS)
+        except (EtcdUnavailable, DrvsError) as e:
+            log.warning("fs: cannot look for replicas of removed VMs now: %s", e)
+            return
+        defined = {VmSpec.from_json(e.value).name: e.create_revision for e in entries}
+        for path in sorted(glob.glob(f"{self.cfg.vms_dir}/*/fs")):
+            vm, here = os.path.basename(os.path.dirname(path)), made_of(path)
+            if vm not in defined or (here and here != defined[vm]):
+                log.info("fs@%s: a replica of a VM removed while this node was away; removing it", vm)
+                await self.remove(vm, here)
+
     async def mirror(self, msg: Msg) -> Msg:
         """fsr@NODE: a batch of the serving node's changes."""
         try:
@@ -103,16 +139,17 @@ class FsNode:
             vm, epoch, made = batch.vm, batch.epoch, batch.made
         except Exception:  # noqa: BLE001 - malformed input from the wire
             raise IpcError("malformed batch", errno.EBADMSG) from None
-        await self._only(vm, made)  # (before terms: an earlier definition's are not this one's)
-        if epoch < self.terms.get(vm, 0):  # a server of an older term, cut off meanwhile
-            raise IpcError(f"fs@{vm}: term {epoch} is over (term {self.terms[vm]} began)", errno.ESTALE)
-        self.terms[vm] = epoch
-        server = self.servers.get(vm)
-        if server is not None and server.epoch:
-            if server.epoch < epoch:
-                server.stale = True  # it steps down; the new server copies to it then
-            raise IpcError(f"fs@{vm}: this node serves it (term {server.epoch})", errno.EBUSY)
-        server = await self._server(vm, made)
+        async with self._lock(vm):
+            await self._only(vm, made)  # (before terms: an earlier definition's are not this one's)
+            if epoch < self.terms.get(vm, 0):  # a server of an older term, cut off meanwhile
+                raise IpcError(f"fs@{vm}: term {epoch} is over (term {self.terms[vm]} began)", errno.ESTALE)
+            self.terms[vm] = epoch
+            server = self.servers.get(vm)
+            if server is not None and server.epoch:
+                if server.epoch < epoch:
+                    server.stale = True  # it steps down; the new server copies to it then
+                raise IpcError(f"fs@{vm}: this node serves it (term {server.epoch})", errno.EBUSY)
+            server = await self._server(vm, made, check=True)
         statuses = await server.apply(batch)
         out = fs.BatchReply.new_message()
         st = out.init("statuses", len(statuses))
@@ -143,6 +180,7 @@ async def run(cfg, etcd, fabric, member, task_status=trio.TASK_STATUS_IGNORED) -
     node = FsNode(cfg, etcd, fabric, member)
     await fabric.register_steadily(f"fsr@{member.name}", node.mirror)
     task_status.started()
+    await node.sweep()
     try:
         await elected.run(etcd, fabric, member, "fs", lambda spec: member.name in spec.fs_nodes, node.serve,
                           node.remove)

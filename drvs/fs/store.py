@@ -192,13 +192,7 @@ def open_store(base: str, vm: str, made: int = 0) -> tuple[int, int]:
             raise SetupError(f"file store {base}: files without a STORE marker; "
                              f"not a DRVS store (move it away to start afresh)")
         os.makedirs(root, mode=0o755, exist_ok=True)
-        tmp = f"{marker}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"format": FORMAT, "vm": vm, "made": made}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, marker)
-        _fsync_dir(base)
+        _write_marker(base, {"format": FORMAT, "vm": vm, "made": made})
     try:
         with open(marker) as f:
             info = json.load(f)
@@ -211,6 +205,8 @@ def open_store(base: str, vm: str, made: int = 0) -> tuple[int, int]:
     if made and had and had != made:
         raise SetupError(f"file store {base}: of VM {vm!r} as defined at revision {had}, not {made} "
                          "(a VM removed and made again under its name)")
+    if made and not had:  # (a store made before markers said: from now on it does)
+        _write_marker(base, {**info, "made": made})
     try:
         fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
@@ -219,6 +215,17 @@ def open_store(base: str, vm: str, made: int = 0) -> tuple[int, int]:
         os.close(fd)
         raise SetupError(f"file store {base}: root is not a directory")
     return fd, made or had
+
+
+def _write_marker(base: str, info: dict) -> None:
+    """STORE, whole or not at all (written aside, then renamed over)."""
+    marker = f"{base}/STORE"
+    with open(f"{marker}.tmp", "w") as f:
+        json.dump(info, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(f"{marker}.tmp", marker)
+    _fsync_dir(base)
 
 
 def _fsync_dir(path: str) -> None:
