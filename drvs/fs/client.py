@@ -931,14 +931,17 @@ class VmFs:
         # set-id while open this way loses them at its next write, root's
         # too.  Measured (bench/fs.py (a)): sequential write 950-1090 ->
         # 1520-1540 MB/s, tar x 0.146-0.152 -> 0.127-0.129 s.
-        # A file opened only to append (a log, >>), on any node, bypasses
-        # them too: through the pages, a write ending in a page not read
-        # yet goes as two requests, and another node's append could land
-        # between the two (the server appends each at its end of file);
-        # direct, a write (up to max_write) is one request, one append.
-        # One opened to read too keeps its pages and mmap (its appends may
-        # still tear so), as one made O_APPEND later by fcntl.
-        direct = (flags & os.O_ACCMODE == os.O_WRONLY and (flags & os.O_APPEND or self._local_server() is not None)
+        # A file opened to append (a log: >>, fopen's "a" and "a+"), on any
+        # node, bypasses them too: through the pages, a write ending in a
+        # page not read yet goes as two requests, and another node's append
+        # could land between the two (the server appends each at its end of
+        # file); direct, a write (up to max_write) is one request, one
+        # append, as POSIX has it.  An "a+" handle then reads through the
+        # server too, and cannot be mapped shared (FUSE refuses it on direct
+        # handles here); one made O_APPEND later by fcntl keeps the pages.
+        access = flags & os.O_ACCMODE
+        direct = ((access != os.O_RDONLY and flags & os.O_APPEND
+                   or access == os.O_WRONLY and self._local_server() is not None)
                   and not r.attr.mode & (stat.S_ISUID | stat.S_ISGID))
         h = self.handles[fh] = Handle(r.fh, cino, direct)
         self._inode(cino).open.append(h)

@@ -474,16 +474,18 @@ def test_an_open_file_whose_names_are_gone_is_reached_through_proc_fd(fsc, d):
             os.close(fd)
 
 
-def test_appends_from_two_nodes_at_once_each_land_whole(fsc, d):
-    """O_APPEND on both nodes at once, as two services sharing a log: each
-    write lands whole at the end, as on a local file system (through the
-    page cache, a write ending in a page not read yet went as two
-    requests, and the other node's append could land between them)."""
+@pytest.mark.parametrize("access", [os.O_WRONLY, os.O_RDWR], ids=["write-only", "read-write"])
+def test_appends_from_two_nodes_at_once_each_land_whole(fsc, d, access):
+    """O_APPEND on both nodes at once, as two services sharing a log (>>,
+    or fopen's "a+"): each write lands whole at the end, as on a local file
+    system (through the page cache, a write ending in a page not read yet
+    went as two requests, and the other node's append could land between
+    them)."""
     _, a, b = d
     (a / "log").write_bytes(b"")
 
     def append(where: Path, tag: str) -> None:
-        fd = os.open(where / "log", os.O_WRONLY | os.O_APPEND)
+        fd = os.open(where / "log", access | os.O_APPEND)
         try:
             for i in range(2000):
                 os.write(fd, f"{tag}{i:06d}{'x' * 50}\n".encode())
@@ -499,6 +501,12 @@ def test_appends_from_two_nodes_at_once_each_land_whole(fsc, d):
         lines = (where / "log").read_bytes().split(b"\n")
         torn = [line for line in lines[:-1] if len(line) != 57]
         assert (len(lines) - 1, torn[:3]) == (4000, [])
+        if access == os.O_RDWR:  # ("a+" reads back through the same handle)
+            fd = os.open(where / "log", access | os.O_APPEND)
+            try:
+                assert os.pread(fd, 1 << 20, 0) == (where / "log").read_bytes()
+            finally:
+                os.close(fd)
 
 
 def test_a_file_replaced_by_rename_on_one_node_is_always_opened_whole_on_the_other(fsc, d):
