@@ -79,6 +79,10 @@ class Member:
         self.servers = lambda: []
         self.lease = 0
         self.on_new_lease = None  # async callback: re-attach what the old lease held
+        # Called (plain functions) when the lease is lost: what it held in
+        # etcd -- leaderships above all -- is gone, and who acted on them
+        # must stop (see drvs/dvos/elected.py); a set per lease, emptied then.
+        self.lease_lost: set = set()
         self.cpus, self.memory = node_resources()
         self.pid_index = 0
 
@@ -115,7 +119,8 @@ class Member:
             await trio.sleep(backoff)
             try:
                 if await self.etcd.keepalive_once(self.lease) <= 0:
-                    self.lease = await self.etcd.grant(LEASE_TTL)
+                    old, self.lease = self.lease, await self.etcd.grant(LEASE_TTL)
+                    self._lost(old)  # (after the grant: who stood down campaigns under the new lease)
                     reattach = True
                 if reattach and self.on_new_lease is not None:
                     await self.on_new_lease()
@@ -126,6 +131,13 @@ class Member:
                 log.warning("membership: %s; retrying", e)
                 # Retry well within the lease's TTL, or the node drops out.
                 backoff = min(backoff * 2, LEASE_TTL / 3)
+
+    def _lost(self, lease: int) -> None:
+        log.warning("membership: lease %x expired (etcd was away, or this node stalled); "
+                    "what it held is given up", lease)
+        callbacks, self.lease_lost = self.lease_lost, set()
+        for callback in callbacks:
+            callback()
 
     async def join_with_backoff(self) -> None:
         """join(), waiting out an unreachable etcd (a name clash is final)."""

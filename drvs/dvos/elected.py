@@ -72,45 +72,61 @@ async def _serve(service, vm, etcd, fabric, member, make, ended: trio.Event,
 
 
 async def _campaign(service, vm, etcd, fabric, member, make, task_status) -> None:
-    endpoint = f"{service}@{vm}"
     scope = trio.CancelScope()
     task_status.started(scope)
-    last_refusal = ""
+    state = {"refusal": ""}
     with scope:
         while True:
+            # A leadership is the node lease's: when that lease is lost (this
+            # node stalled, or etcd was away, past its TTL) etcd has dropped
+            # the leader key and another node may serve; this one stops,
+            # then campaigns again under its new lease.
+            held = trio.CancelScope()
+            member.lease_lost.add(held.cancel)
             try:
-                leadership = await etcd.campaign(f"{ELECTIONS}{service}/{vm}", member.name, member.lease)
-            except (EtcdUnavailable, DrvsError) as e:
-                log.warning("%s: campaign: %s", endpoint, e)
-                await trio.sleep(1)
-                continue
-            server = None
-            try:
-                try:
-                    server = await make(vm)
-                    await fabric.register(endpoint, server.handle, getattr(server, "fast", None))
-                except (EtcdUnavailable, DrvsError) as e:
-                    if str(e) != last_refusal:
-                        log.warning("%s: cannot serve (%s); standing down", endpoint, e)
-                        last_refusal = str(e)
-                    await trio.sleep(RESYNC)
-                    continue  # (finally resigns)
-                last_refusal = ""
-                log.info("serving %s", endpoint)
-                try:
-                    await (server.run() if hasattr(server, "run") else trio.sleep_forever())
-                except (DrvsError, BaseExceptionGroup) as exc:  # the server found it must stop (a newer term)
-                    if isinstance(exc, BaseExceptionGroup) and exc.split(DrvsError)[1] is not None:
-                        raise  # (something else failed too: not a stand-down)
-                    log.warning("%s: %s", endpoint, user_error(exc))
-                    await trio.sleep(RESYNC)
+                with held:
+                    await _lead(service, vm, etcd, fabric, member, make, state)
             finally:
-                with trio.move_on_after(2, shield=True):
-                    try:
-                        await fabric.unregister(endpoint)
-                        await etcd.resign(leadership)
-                    except (EtcdUnavailable, DrvsError):
-                        pass
-                if server is not None and hasattr(server, "close"):
-                    server.close()
-                    server = None
+                member.lease_lost.discard(held.cancel)
+            if held.cancelled_caught:
+                log.warning("%s@%s: this node's lease was lost; stood down, campaigning again", service, vm)
+
+
+async def _lead(service, vm, etcd, fabric, member, make, state) -> None:
+    """One campaign, and serving while elected."""
+    endpoint = f"{service}@{vm}"
+    try:
+        leadership = await etcd.campaign(f"{ELECTIONS}{service}/{vm}", member.name, member.lease)
+    except (EtcdUnavailable, DrvsError) as e:
+        log.warning("%s: campaign: %s", endpoint, e)
+        await trio.sleep(1)
+        return
+    server = None
+    try:
+        try:
+            server = await make(vm)
+            await fabric.register(endpoint, server.handle, getattr(server, "fast", None), elected=True)
+        except (EtcdUnavailable, DrvsError) as e:
+            if str(e) != state["refusal"]:
+                log.warning("%s: cannot serve (%s); standing down", endpoint, e)
+                state["refusal"] = str(e)
+            await trio.sleep(RESYNC)
+            return  # (finally resigns)
+        state["refusal"] = ""
+        log.info("serving %s", endpoint)
+        try:
+            await (server.run() if hasattr(server, "run") else trio.sleep_forever())
+        except (DrvsError, BaseExceptionGroup) as exc:  # the server found it must stop (a newer term)
+            if isinstance(exc, BaseExceptionGroup) and exc.split(DrvsError)[1] is not None:
+                raise  # (something else failed too: not a stand-down)
+            log.warning("%s: %s", endpoint, user_error(exc))
+            await trio.sleep(RESYNC)
+    finally:
+        with trio.move_on_after(2, shield=True):
+            try:
+                await fabric.unregister(endpoint)  # (only while the registry still names this node)
+                await etcd.resign(leadership)
+            except (EtcdUnavailable, DrvsError):
+                pass
+        if server is not None and hasattr(server, "close"):
+            server.close()

@@ -25,6 +25,7 @@ import trio
 from . import level0, wire
 from .bridge import aio, aio_future, capnp_await, current_guest
 from ..errors import DrvsError, EtcdUnavailable
+from ..store import CompareFailed
 from .message import ETCD_AWAY, NOTIFY, IpcError, Later, Msg, failure, kj_reason
 from .schema import BULK, bulk_at, pointer_index
 from .schema import fabric as schema
@@ -157,6 +158,7 @@ class Fabric:
         self.connecting: dict[str, tuple[trio.Event, list]] = {}  # lanes being connected: (done, [error])
         self.locations: dict[str, tuple[float, Location]] = {}  # endpoint -> (when resolved, where)
         self.fast: dict[str, object] = {}  # endpoint -> its fast path (see register)
+        self.elected: set[str] = set()  # endpoints served while this node leads their election (see reregister)
         self.servers = []
         self.nursery: trio.Nursery | None = None  # where programs started here live
         self.supervise = None  # (cfg, vm, listener): who serves the system calls of programs started here
@@ -210,7 +212,7 @@ class Fabric:
             s.close()
         self.servers.clear()
 
-    async def register(self, name: str, handler, fast=None) -> None:
+    async def register(self, name: str, handler, fast=None, elected: bool = False) -> None:
         """Serve endpoint `name` here and tell the cluster where it is.
         fast: an optional plain function Msg -> Msg | None for the messages
         that can be answered at once without waiting on anything; it runs
@@ -221,6 +223,8 @@ class Fabric:
         self.handlers[name] = handler
         if fast is not None:
             self.fast[name] = fast
+        if elected:
+            self.elected.add(name)
         await self.etcd.put(REGISTRY + name, json.dumps(
             {"node": self.name, "address": self.member.address, "port": self.port}), lease=self.member.lease)
 
@@ -239,14 +243,29 @@ class Fabric:
                 await trio.sleep(1)
 
     async def unregister(self, name: str) -> None:
+        """Stop serving name here; its registry entry goes if it still names
+        this node (another node may have taken the endpoint over meanwhile:
+        its entry stays)."""
         self.fast.pop(name, None)
-        if self.handlers.pop(name, None) is not None:
-            await self.etcd.delete(REGISTRY + name)
+        self.elected.discard(name)
+        if self.handlers.pop(name, None) is None:
+            return
+        entry = await self.etcd.get(REGISTRY + name)
+        if entry is not None and json.loads(entry.value).get("node") == self.name:
+            try:
+                await self.etcd.delete(REGISTRY + name, expect_revision=entry.mod_revision)
+            except CompareFailed:
+                pass  # (registered again meanwhile, by whoever serves it now)
 
     async def reregister(self) -> None:
-        """After the node's lease was renewed under a new id (etcd outage)."""
-        for name, handler in list(self.handlers.items()):
-            await self.register(name, handler)
+        """After the node's lease was renewed under a new id: the node's own
+        endpoints again.  Elected ones (self.elected) are not: their
+        leadership went with the old lease, and their campaigns stand down
+        and run again (drvs/dvos/elected.py)."""
+        own = [(name, handler) for name, handler in self.handlers.items() if name not in self.elected]
+        for name, handler in own:  # (chosen before any wait: a campaign standing down meanwhile unregisters)
+            if self.handlers.get(name) is handler:
+                await self.register(name, handler, self.fast.get(name))
 
     # -- calling -------------------------------------------------------------
 

@@ -301,6 +301,47 @@ def test_pm_moves_when_its_node_dies(vm_cluster):
         stop(mine)
 
 
+def test_a_leader_that_stalled_past_its_lease_stands_down(vm_cluster):
+    """The node leading pm@web and fs@web stops for longer than its lease
+    (SIGSTOP), so the other node takes both over; back, it gives them up
+    (its leadership went with its lease) instead of serving beside the new
+    leader: each endpoint is served and registered by one node, and the
+    VM's programs and files work from both nodes."""
+    c = vm_cluster
+    leader = ""
+    deadline = time.monotonic() + 20
+    while not leader and time.monotonic() < deadline:
+        leader = c.drvs("election", "leader", "fs/web", node="n1").stdout.strip()
+        time.sleep(0.2)
+    assert leader in ("n1", "n2")
+    other = "n2" if leader == "n1" else "n1"
+    pid = c.node(leader)["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        c.wait_status(leader, "NotReady", timeout=15, via=other)
+        time.sleep(3)  # (the other node's campaigns win meanwhile)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    c.wait_status(leader, "Ready", timeout=15, via=other)
+
+    def settled() -> bool:
+        for service in ("pm", "fs"):
+            led = c.drvs("election", "leader", f"{service}/web", node=other).stdout.strip()
+            serving = [n for n, info in c.nodes(other).items() if f"{service}@web" in info["load"]["servers"]]
+            if not led or serving != [led]:
+                return False
+        return True
+
+    deadline = time.monotonic() + 30
+    while not settled():
+        assert time.monotonic() < deadline, c.nodes(other)
+        time.sleep(0.5)
+    for via in ("n1", "n2"):
+        for node in ("n1", "n2"):
+            p = run(c, via, "sh", "-c", f"echo {via}{node} > /data/{via}{node}; cat /data/{via}{node}", node=node)
+            assert (p.returncode, p.stdout) == (0, f"{via}{node}\n"), p.stderr
+
+
 def test_a_cluster_run_needs_its_drvmmd(vm_cluster):
     """Without the node's supervisor, cross-node calls could not be served:
     the run is refused with one clear line, and nothing is left behind."""
