@@ -13,8 +13,30 @@ import errno
 import os
 
 import pyfuse3
+import trio
 
 MAX_OFF = (1 << 63) - 1
+# fallocate(2)'s modes that change or move data already there: punch a
+# hole, zero a range, collapse or insert one
+MOVES_DATA = 0x02 | 0x10 | 0x08 | 0x20
+
+
+def _write_back(host_pid: int, fd: int) -> None:
+    """In a worker thread: the file's dirty pages on this node (a program's
+    shared mapping) go to the server first, as the kernel's own fallocate
+    writes them back: dropped afterwards, they would be written over the
+    punched hole, or at offsets the range's move made wrong.  Through the
+    program's own descriptor (its /proc link), answered by this node's loop."""
+    try:
+        own = os.open(f"/proc/{host_pid}/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return  # (gone meanwhile: the kernel's answer, EBADF, follows)
+    try:
+        os.fdatasync(own)
+    except OSError:
+        pass  # (a failed write-back is the program's to see at its own fsync)
+    finally:
+        os.close(own)
 
 
 def _signed(value: int) -> int:
@@ -32,8 +54,11 @@ async def call(file_of, caller, a, reply_cls, kernel):
         return reply_cls(error=errno.EINVAL)
     if f.flags & os.O_ACCMODE == os.O_RDONLY:  # (f's flags and inode are one open file's: see VmFile)
         return reply_cls(error=errno.EBADF)
+    mode = a["mode"] & 0xFFFFFFFF
+    if mode & MOVES_DATA:
+        await trio.to_thread.run_sync(_write_back, caller.host_pid, a["fd"])
     try:
-        await f.fs.fallocate(f.ino, a["mode"] & 0xFFFFFFFF, offset, length)
+        await f.fs.fallocate(f.ino, mode, offset, length)
     except pyfuse3.FUSEError as e:
         return reply_cls(error=e.errno)
     return reply_cls(value=0)

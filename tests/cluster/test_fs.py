@@ -1364,6 +1364,19 @@ def test_a_lock_wait_held_by_another_node_ends_on_a_signal(fsc, d):
     _wait(lambda: jail(fsc, "n1", both).stdout.split() == ["0", "0"], timeout=10)
 
 
+FALLOCATE_MAPPED = """
+import ctypes, mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+os.ftruncate(fd, 1 << 20)
+m = mmap.mmap(fd, 1 << 20, mmap.MAP_SHARED)
+m[:] = b"X" * (1 << 20)                       # dirty pages, not written back yet
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.fallocate(fd, 3, ctypes.c_long(0), ctypes.c_long(65536)) == 0, ctypes.get_errno()  # punch, keep size
+print(m[:65536].count(0), m[65536:].count(ord("X")))
+m.close()
+os.close(fd)
+"""
+
 FALLOCATE_RO = """
 import errno, os, sys
 fd = os.open(sys.argv[1], os.O_RDONLY)
@@ -1395,5 +1408,11 @@ def test_fallocate_in_a_jail_is_made_by_the_file_server(fsc, d):
         assert r.returncode == 0 and r.stdout.split() == ["00"] * 4 + ["z"] * 4, (node, r.stdout, r.stderr)
         for v in (a, b):
             assert (v / "z").read_bytes() == bytes(4096) + b"z" * 4096, (node, v)
+    (a / "mapped.py").write_text(FALLOCATE_MAPPED)
+    for node in ("n2", "n1"):  # a hole punched under a program's own dirty mapping stays a hole
+        r = jail(fsc, node, f"python3 /data/{name}/mapped.py /data/{name}/m-{node}")
+        assert r.stdout.split() == ["65536", str((1 << 20) - 65536)], (node, r.stdout, r.stderr)
+        got = (b / f"m-{node}").read_bytes()
+        assert got[:65536] == bytes(65536) and got[65536:] == b"X" * ((1 << 20) - 65536)
     replica = Path(fsc.node("n2")["state_dir"]) / "vms" / "web" / "fs" / "root" / name / "z"
     _wait(lambda: replica.exists() and replica.read_bytes() == bytes(4096) + b"z" * 4096)
