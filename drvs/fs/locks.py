@@ -45,6 +45,7 @@ WAIT_SLICE_MS = 100                  # one server call's wait, and how late a si
 ERESTARTSYS = 512                    # the kernel's "interrupted; restart if SA_RESTART" (never seen by programs)
 AGENT_EVERY = 0.25                   # seconds between looks at /proc/locks
 GRACE = 0.5                          # a granted lock the kernel has yet to show is not dropped before this
+WAITING_KEPT = 0.5                   # a waiter not heard of for this long gave up (its slices come every 0.1 s)
 
 
 class Lock:
@@ -61,6 +62,10 @@ class LockTable:
     def __init__(self):
         self.locks: dict[int, list[Lock]] = {}
         self.changed: dict[int, trio.Event] = {}
+        # POSIX lock owners waiting: owner -> (ino, type, start, end, when it
+        # last asked); kept across a waiter's slices (WAITING_KEPT), for
+        # deadlock detection
+        self.waiting: dict[str, tuple] = {}
 
     def conflict(self, ino: int, owner: str, flock: bool, type_: int, start: float, end: float) -> Lock | None:
         for lk in self.locks.get(ino, ()):
@@ -87,8 +92,26 @@ class LockTable:
             self.locks.pop(ino, None)
         self._wake(ino)
 
+    def deadlock(self, ino: int, owner: str, type_: int, start: float, end: float) -> bool:
+        """Whether owner waiting for this POSIX lock would close a cycle of
+        owners each waiting for the next's lock (the kernel's EDEADLK):
+        follow who holds what is wanted, and what that holder waits for."""
+        now, seen = time.monotonic(), set()
+        blocker = self.conflict(ino, owner, False, type_, start, end)
+        while blocker is not None and blocker.owner not in seen:
+            if blocker.owner == owner:
+                return True
+            seen.add(blocker.owner)
+            wait = self.waiting.get(blocker.owner)
+            if wait is None or now - wait[4] > WAITING_KEPT:
+                return False
+            blocker = self.conflict(wait[0], blocker.owner, False, *wait[1:4])
+        return False
+
     def drop(self, owner_prefix: str) -> int:
         """Every lock of owners whose name starts so (a node that left)."""
+        for owner in [o for o in self.waiting if o.startswith(owner_prefix)]:
+            del self.waiting[owner]
         n = 0
         for ino in list(self.locks):
             before = len(self.locks[ino])
@@ -118,11 +141,23 @@ class LockTable:
                 out.lockStart, out.lockEnd, out.lockPid = int(lk.start), -1 if lk.end == math.inf else int(lk.end), lk.pid
             return
         if req.lockType != UN:
+            owner = req.lockOwner
+            conflict = self.conflict(ino, owner, req.lockFlock, req.lockType, start, end)
+            if conflict is not None and req.lockWaitMs and not req.lockFlock:
+                if self.deadlock(ino, owner, req.lockType, start, end):
+                    self.waiting.pop(owner, None)
+                    raise OSError(errno.EDEADLK, "waiting would deadlock")
+                self.waiting[owner] = (ino, req.lockType, start, end, time.monotonic())
             with trio.move_on_after(req.lockWaitMs / 1000):
-                while self.conflict(ino, req.lockOwner, req.lockFlock, req.lockType, start, end) is not None:
+                while self.conflict(ino, owner, req.lockFlock, req.lockType, start, end) is not None:
                     await self.changed.setdefault(ino, trio.Event()).wait()
-            if self.conflict(ino, req.lockOwner, req.lockFlock, req.lockType, start, end) is not None:
+                    if not req.lockFlock and owner in self.waiting:  # (still asking: kept fresh)
+                        self.waiting[owner] = (*self.waiting[owner][:4], time.monotonic())
+            if self.conflict(ino, owner, req.lockFlock, req.lockType, start, end) is not None:
+                if owner in self.waiting:
+                    self.waiting[owner] = (*self.waiting[owner][:4], time.monotonic())
                 raise OSError(errno.EAGAIN, "locked by another owner")
+            self.waiting.pop(owner, None)
         self.set(ino, req.lockOwner, req.lockFlock, req.lockType, start, end, req.lockPid)
 
 

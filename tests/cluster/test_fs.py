@@ -1306,6 +1306,49 @@ except TimedOut:
 """
 
 
+DEADLOCKER = """
+import errno, fcntl, os, sys, time
+path, me = sys.argv[1], sys.argv[2]
+other = "B" if me == "A" else "A"
+fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+mine, theirs = (0, 1) if me == "A" else (1, 0)
+fcntl.lockf(fd, fcntl.LOCK_EX, 1, mine)
+open(f"{path}.{me}", "w").close()
+while not os.path.exists(f"{path}.{other}"):
+    time.sleep(0.02)
+if me == "B":
+    time.sleep(0.5)  # (A asks first, and waits)
+try:
+    fcntl.lockf(fd, fcntl.LOCK_EX, 1, theirs)
+    print("got it")
+except OSError as e:
+    print("EDEADLK" if e.errno == errno.EDEADLK else errno.errorcode[e.errno])
+"""
+
+
+def test_a_record_lock_wait_that_would_deadlock_fails_edeadlk(fsc, d):
+    """Two programs each holding a byte and wanting the other's, on one
+    node or on two: the second to wait gets EDEADLK at once (as the kernel
+    gives it), the first then gets its lock."""
+    name, a, _ = d
+    os.chmod(a, 0o777)
+    (a / "dl.py").write_text(DEADLOCKER)
+    for nodes in (("n2", "n2"), ("n1", "n2")):
+        path = f"/data/{name}/dl-{nodes[0]}{nodes[1]}"
+        waiters = [subprocess.Popen([str(BIN / "drvs-run"), "--vm", "web", "--", "python3", f"/data/{name}/dl.py",
+                                     path, who], env={**fsc.env, "DRVS_NODE": node}, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+                   for who, node in zip("AB", nodes)]
+        try:
+            outs = [w.communicate(timeout=30) for w in waiters]
+        finally:
+            for w in waiters:
+                if w.poll() is None:
+                    w.kill()
+                    w.wait()
+        assert [out.strip() for out, _ in outs] == ["got it", "EDEADLK"], (nodes, outs)
+
+
 THREADED_WAITER = """
 import fcntl, os, signal, sys, threading
 signal.signal(signal.SIGALRM, lambda *_: print("alarm", flush=True))
