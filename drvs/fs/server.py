@@ -18,6 +18,7 @@ Every change is also sent to the other replicas (drvs/fs/replica.py), in
 the order it was made here; a node that holds a replica runs this same
 class as a mirror ("fsr@NODE"), and becomes the server in a fail-over."""
 
+import bisect
 import collections
 import contextlib
 import errno
@@ -44,6 +45,8 @@ log = logging.getLogger("drvmmd")
 Call = fs.FsCall
 INVALIDATE_TIMEOUT = 1.0  # a node that does not confirm within this is dropped from every cache list
 READDIR_BATCH = 512
+LISTING_KEPT = 10.0   # seconds a directory's names are kept for the next batch of its listing
+LISTINGS_MAX = 64     # listings kept at once (the oldest goes)
 HANDLE_CALLS = {Call.write, Call.release, Call.fsync, Call.setattr, Call.flush}
 REAP_EVERY = 5.0  # seconds between looks for open files of nodes that left
 KEPT_MAX = 4096  # removed directories whose numbers are kept from reuse at once (a descriptor each)
@@ -118,6 +121,9 @@ class FsServer:
         # files into a directory a shell on another once listed pays for
         # telling that node once, not at every file.
         self.looked: dict[int, dict[str, int]] = {}
+        # (node, directory inode) -> (its names, sorted; where the next batch
+        # begins; when): a listing in batches reads the directory once
+        self.listings: dict[tuple[str, int], tuple[list[bytes], int, float]] = {}
         # Removed directories that nodes' kernels may still hold (a file
         # open below one keeps it): inode -> a descriptor of it; and inode
         # -> those nodes, as interest had them (forgotten() keeps it as it
@@ -889,22 +895,44 @@ class FsServer:
         fd = self.store.open(check_path(path), os.O_RDONLY | os.O_DIRECTORY)
         try:
             dino = out.attr.ino = os.stat(fd).st_ino  # (which directory: the caller checks it is the one it means)
-            after = bytes(req.data)
-            with os.scandir(fd) as it:
-                found = sorted((e for e in it if os.fsencode(e.name) > after), key=lambda e: e.name)
-            batch = found[:READDIR_BATCH]
+            names, at = self._listing(fd, origin, dino, bytes(req.data))
+            batch = []
+            while at < len(names) and len(batch) < READDIR_BATCH:
+                try:
+                    batch.append((names[at], os.stat(names[at], dir_fd=fd, follow_symlinks=False)))
+                except FileNotFoundError:
+                    pass  # (removed since the listing began: not in it)
+                at += 1
+            self.listings[(origin, dino)] = (names, at, time.monotonic())
             ents = out.init("entries", len(batch))
-            for i, e in enumerate(batch):
-                st = e.stat(follow_symlinks=False)
-                ents[i].name = name = os.fsencode(e.name)
+            for i, (name, st) in enumerate(batch):
+                ents[i].name = name
                 fill_attr(ents[i].attr, st)
                 _identity(ents[i].attr, st.st_mode, fd, name)
                 self._shown(origin, st)
-            out.more = len(found) > len(batch)
+            out.more = at < len(names)
             self._seen(origin, dino)
             self._looked(origin, dino)  # (a listing: the node knows every other name absent)
         finally:
             os.close(fd)
+
+    def _listing(self, fd: int, origin: str, dino: int, after: bytes) -> tuple[list[bytes], int]:
+        """A directory's names, sorted, and where the batch after `after`
+        begins: the list the node's last batch of this directory came from,
+        if this asks for the next one (a listing in batches reads the
+        directory once: it was read whole for every batch, quadratic in its
+        size), else read anew.  Names made since the first batch may be
+        missed and names removed since are skipped, as readdir(3) allows."""
+        kept = self.listings.get((origin, dino))
+        if kept is not None and after:
+            names, at, when = kept
+            if 0 < at <= len(names) and names[at - 1] == after and time.monotonic() - when < LISTING_KEPT:
+                return names, at
+        with os.scandir(fd) as it:
+            names = sorted(os.fsencode(e.name) for e in it)
+        if len(self.listings) >= LISTINGS_MAX:
+            self.listings.pop(next(iter(self.listings)))  # (the oldest)
+        return names, bisect.bisect_right(names, after)
 
     def statfs(self, req, path, out, origin) -> None:
         _fill_statfs(out.statfs, self.store.statvfs())
