@@ -54,20 +54,72 @@ def client_context(tls: dict):
     return ctx
 
 
+def healthy(endpoint: str, tls: dict, timeout: float = 1) -> bool:
+    try:
+        with urllib.request.urlopen(endpoint + "/health", timeout=timeout, context=client_context(tls)) as r:
+            return json.load(r).get("health") == "true"
+    except (OSError, ValueError):
+        return False
+
+
 def wait_healthy(endpoint: str, pid: int, log: str, tls: dict, timeout: float = 20) -> None:
-    """Until etcd answers (checked from this process's network namespace)."""
-    ctx = client_context(tls)
+    """Until etcd answers (checked from this process's network namespace);
+    SetupError with the end of its log if it exits first (pid is our child:
+    an exited one is reaped here, not taken for alive)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            raise SetupError(f"etcd exited: {open(log).read()[-800:]}") from None
-        try:
-            with urllib.request.urlopen(endpoint + "/health", timeout=1, context=ctx) as r:
-                if json.load(r).get("health") == "true":
-                    return
-        except (OSError, ValueError):
-            pass
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            raise SetupError(f"etcd exited: {_last_line(log)}")
+        if healthy(endpoint, tls):
+            return
         time.sleep(0.1)
-    raise SetupError(f"etcd at {url} not healthy after {timeout:.0f} s")
+    raise SetupError(f"etcd at {endpoint} not healthy after {timeout:.0f} s (see {log})")
+
+
+def _last_line(log: str) -> str:
+    """etcd's own last word (its log is JSON lines at --log-level error)."""
+    try:
+        with open(log, "rb") as f:
+            lines = [line for line in f.read()[-8192:].decode(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "(no log)"
+    if not lines:
+        return "(its log is empty)"
+    try:
+        entry = json.loads(lines[-1])
+        return f"{entry.get('msg', '')}: {entry.get('error', '')}".strip(": ")
+    except ValueError:
+        return lines[-1][-300:]
+
+
+def ensure_local(state_dir: str, info: dict) -> int | None:
+    """On the node that runs the cluster's etcd (cluster init made it there:
+    STATE/etcd), start it again if it is not running -- after a reboot the
+    cluster has no store until someone does.  The pid of the one started,
+    or None (not this node's to run, or it runs already)."""
+    data = f"{state_dir}/etcd"
+    if not os.path.isdir(f"{data}/data") or info.get("etcd") != [url(info["address"])]:
+        return None
+    if healthy(info["etcd"][0], info["tls"]):
+        return None
+    if _running(data) is not None:
+        return None  # (starting, or busy: the daemon waits for it as for any etcd)
+    from .bootstrap import ca_dir
+
+    ca = ca_dir(state_dir)
+    pid = start(data, info["address"], f"{ca}/ca.pem", f"{ca}/ca.key")
+    wait_healthy(info["etcd"][0], pid, f"{data}/etcd.log", info["tls"])
+    return pid
+
+
+def _running(data: str) -> int | None:
+    """The etcd serving data, if one runs (its pid file, checked against
+    what that process runs: a pid is reused)."""
+    try:
+        with open(f"{data}/etcd.pid") as f:
+            pid = int(f.read())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    return pid if os.fsencode(f"{data}/data") in cmdline else None

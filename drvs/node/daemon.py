@@ -214,7 +214,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         info = cluster_info(cfg)
         if info:
+            from ..cluster import etcd_process
             from ..ipc import bridge
+
+            if etcd_process.ensure_local(cfg.state_dir, info) is not None:
+                log.info("the cluster's etcd was not running on this node: started it again")
 
             profile = os.environ.get("DRVS_PROFILE")  # a file for cProfile's figures (benchmarks)
             if profile:

@@ -127,3 +127,24 @@ def test_init_then_join(machines):
     assert clash.returncode == 4
     again = m.drvs("m1", "cluster", "init", "--address", m1["address"])
     assert again.returncode == 4 and "in a cluster already" in again.stderr
+
+    # The first node rebooted, as it were: etcd and drvmmd gone; its drvmmd,
+    # started again, starts the cluster's etcd again.
+    etcd_pid = int(open(f"{m1['state']}/etcd/etcd.pid").read())
+    os.killpg(etcd_pid, signal.SIGKILL)
+    os.killpg(m.daemons[0].pid, signal.SIGKILL)
+    m.daemons[0].wait(timeout=10)
+    assert m.drvs("m1", "node", "ls").returncode == 6  # (no store now)
+    m.start_drvmmd("m1")
+    deadline = time.monotonic() + 40
+    while "n1    Ready" not in m.drvs("m1", "node", "ls").stdout:  # (n2 stays down)
+        assert time.monotonic() < deadline, m.drvs("m1", "node", "ls")
+        time.sleep(0.2)
+    assert int(open(f"{m1['state']}/etcd/etcd.pid").read()) != etcd_pid
+
+    # An init whose etcd cannot start says why, at once.
+    t0 = time.monotonic()
+    bad = m.drvs("m3", "cluster", "init", "--address", f"{m.net}.77", "--node-name", "x")  # (not m3's address)
+    assert bad.returncode == 125 and bad.stderr.startswith("drvs: etcd exited: ") and "\n" == bad.stderr[-1:]
+    assert "bind" in bad.stderr or "assign" in bad.stderr, bad.stderr
+    assert time.monotonic() - t0 < 15
