@@ -93,6 +93,9 @@ class Member:
             held = json.loads(status.value)
             if held.get("uid") != self.uid:
                 raise Conflict(f"node name {self.name!r} is in use by a live node at {held.get('address')}")
+            if held.get("address") != self.address:  # (this node's identity, copied to another machine)
+                raise Conflict(f"node {self.name!r} is live at {held.get('address')}, with this node's identity "
+                               "(a copied state directory?)")
         spec = await self.etcd.get(spec_key(self.name))
         joined = json.loads(spec.value)["joined"] if spec else time.time()
         cordoned = json.loads(spec.value).get("cordoned", False) if spec else False

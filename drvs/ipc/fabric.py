@@ -24,7 +24,7 @@ import trio
 
 from . import level0, wire
 from .bridge import aio, aio_future, capnp_await, current_guest
-from ..errors import DrvsError, EtcdUnavailable
+from ..errors import DrvsError, EtcdUnavailable, SetupError
 from ..store import CompareFailed
 from .message import ETCD_AWAY, NOTIFY, IpcError, Later, Msg, failure, kj_reason
 from .schema import BULK, bulk_at, pointer_index
@@ -49,6 +49,17 @@ def check_name(name: str) -> str:
         shown = name if len(name) <= 60 else f"{name[:60]}... ({len(name)} characters)"
         raise IpcError(f"invalid endpoint name {shown!r}: expected SERVICE@VM or SERVICE@NODE", errno.EINVAL)
     return name
+
+
+def _bind(sock: socket.socket, host: str, port: int) -> None:
+    """bind(), or SetupError in one line (the usual causes named)."""
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        why = {errno.EADDRINUSE: " (another drvmmd, or another program, listens there)",
+               errno.EADDRNOTAVAIL: " (not an address of this machine: the address the node joined with?)"}
+        raise SetupError(f"cannot listen on {host}:{port}: {e.strerror}{why.get(e.errno, '')}") from None
 
 
 def live_socket() -> socket.socket:
@@ -183,7 +194,7 @@ class Fabric:
         ctx = self.tls.server_context()
         listener = live_socket()  # accepted connections inherit its keepalive settings
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((host, self.port))
+        _bind(listener, host, self.port)
         self.servers.append(await aio(wire.serve(
             remote, sock=listener, ssl=ctx, peer_of=lambda t: peer_name(t.get_extra_info("peercert")),
             alpn={LANE_ALPN: lane})))
@@ -205,7 +216,10 @@ class Fabric:
         async def serve(stream):
             await _serve_connection(stream, server)
 
-        self.servers.append(await aio(wire.serve(serve, host=host, port=self.port + 1, ssl=ctx)))
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        _bind(listener, host, self.port + 1)
+        self.servers.append(await aio(wire.serve(serve, sock=listener, ssl=ctx)))
 
     def close(self) -> None:
         for s in self.servers:

@@ -23,7 +23,7 @@ from ..cli.common import Parser
 from ..cluster.context import cluster_info, etcd_client
 from ..cluster.etcd import EtcdUnavailable
 from ..cluster.membership import Member
-from ..errors import DrvsError, SetupError, user_error
+from ..errors import Conflict, DrvsError, SetupError, user_error
 from ..ns import cell as cells
 from . import malloc
 
@@ -76,8 +76,10 @@ async def serve_node(cfg: config.Config, info: dict, interval: float) -> None:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
                 fabric.nursery = nursery
-                await member.join_with_backoff()
+                # (listening first: an address that is not this machine's
+                # fails here, before the node says anything to the cluster)
                 await fabric.listen(info["address"], client.socket_path(cfg.state_dir))
+                await member.join_with_backoff()
                 if bootstrap.serving_ca(cfg.state_dir):
                     from ..ipc.bridge import current_guest
 
@@ -196,6 +198,23 @@ def _vms_now(fabric, made: dict, when: float) -> None:
     if view is not None:
         view.vms_now(made, when)
 
+def _only_daemon(cfg) -> int:
+    """The node's one drvmmd: a lock on STATE/drvmmd.lock, held while it
+    runs (a second one would take over the node's status and socket)."""
+    import fcntl
+
+    fd = os.open(f"{cfg.state_dir}/drvmmd.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise Conflict(f"another drvmmd runs for this node ({cfg.state_dir}, pid {holder})") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="drvmmd", description="DRVS node daemon.")
     p.add_argument("--once", action="store_true", help="one housekeeping pass, then exit")
@@ -216,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         if info:
             from ..cluster import etcd_process
             from ..ipc import bridge
+
+            _only_daemon(cfg)  # (its descriptor stays open, the lock held, until this process ends)
 
             if etcd_process.ensure_local(cfg.state_dir, info) is not None:
                 log.info("the cluster's etcd was not running on this node: started it again")

@@ -4,6 +4,7 @@ administrator would do it (each node a network namespace of its own)."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -42,6 +43,13 @@ class Machines:
                                 preexec_fn=lambda: setns_net(f"/run/netns/{h['ns']}"))
         self.daemons.append(proc)
         return proc
+
+    def run_drvmmd(self, host, timeout=30):
+        """A drvmmd expected to refuse to start: its exit status and output."""
+        h = self.hosts[host]
+        return subprocess.run([str(BIN / "drvmmd")], env={**os.environ, "DRVS_STATE_DIR": h["state"]},
+                              capture_output=True, text=True, timeout=timeout,
+                              preexec_fn=lambda: setns_net(f"/run/netns/{h['ns']}"))
 
     def close(self):
         for proc in self.daemons:
@@ -112,6 +120,25 @@ def test_init_then_join(machines):
     ok = m.drvs("m2", "node", "join", m1["address"], "--token", token, "--address", m2["address"], "--node-name", "n2")
     assert ok.returncode == 0, ok.stderr
     m.start_drvmmd("m2")
+    wait_ready(m, "m2", {"n1", "n2"})
+    ping = m.drvs("m1", "ipc", "ping", "drvmm@n2")
+    assert ping.returncode == 0 and "reply from drvmm@n2" in ping.stdout
+
+    # A second drvmmd for a node, and a node's identity copied to another
+    # machine, are refused in one line, and the node goes on as it was.
+    second = m.run_drvmmd("m2")
+    assert second.returncode == 4 and second.stderr.startswith("drvmmd: another drvmmd runs for this node")
+    m3 = m.hosts["m3"]
+    os.makedirs(m3["state"])
+    shutil.copytree(f"{m2['state']}/tls", f"{m3['state']}/tls")
+    shutil.copy(f"{m2['state']}/node-uid", f"{m3['state']}/node-uid")
+    clone = json.loads(open(f"{m2['state']}/cluster.json").read())
+    clone["tls"] = {k: v.replace(m2["state"], m3["state"]) for k, v in clone["tls"].items()}
+    open(f"{m3['state']}/cluster.json", "w").write(json.dumps({**clone, "address": m3["address"]}))
+    copy = m.run_drvmmd("m3")
+    assert copy.returncode == 4 and "with this node's identity" in copy.stderr, copy.stderr
+    assert copy.stderr.count("\n") == 1
+    shutil.rmtree(m3["state"])
     wait_ready(m, "m2", {"n1", "n2"})
     ping = m.drvs("m1", "ipc", "ping", "drvmm@n2")
     assert ping.returncode == 0 and "reply from drvmm@n2" in ping.stdout
