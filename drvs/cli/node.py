@@ -20,6 +20,9 @@ def add_parsers(sub) -> None:
         p = verbs.add_parser(verb, help=text)
         p.add_argument("name")
         p.set_defaults(func=cordon, cordoned=verb == "cordon")
+    p = verbs.add_parser("rm", help="forget a node that is gone for good (NotReady, no VM shares on it)")
+    p.add_argument("name")
+    p.set_defaults(func=rm)
     p = verbs.add_parser("join", help="join this node to the cluster whose first node is at ADDRESS")
     p.add_argument("server", metavar="ADDRESS", help="the first node's address")
     p.add_argument("--token", required=True, help="as printed by `drvs cluster init`")
@@ -103,6 +106,15 @@ def _shares(node: str) -> dict:
     vms = VmRegistry(open_store()).list()
     return {"vms": sorted(vm.name for vm in vms if node in vm.shares),
             "cpus": given(vms, node, "cpus")[0], "memory": int(given(vms, node, "memory")[0])}
+
+
+def rm(args) -> int:
+    from ..cluster.membership import remove_node
+
+    _with_etcd(lambda etcd: remove_node(etcd, args.name))
+    print(f"node/{args.name} removed (its name and pid range are free; its certificate stays valid "
+          "until the cluster CA changes)")
+    return 0
 
 
 def _load(n: dict) -> str:

@@ -19,7 +19,7 @@ import os
 import secrets
 import ssl
 
-from ..errors import Conflict, DrvsError, UsageError
+from ..errors import Conflict, DrvsError, EtcdUnavailable, SetupError, UsageError
 from ..ipc.message import IpcError
 from . import pki
 
@@ -41,12 +41,15 @@ def init(state_dir: str, address: str, cluster: str, node: str, etcd: list[str] 
     from ..vm.model import check_name
     from . import etcd_process
 
-    check_name(node)
-    check_name(cluster)
+    check_name(node, "node")
+    check_name(cluster, "cluster")
     _check_ip(address)
+    _check_local(address)
+    for url in etcd or ():
+        _check_url(url)
     if os.path.exists(f"{state_dir}/cluster.json"):
         raise Conflict(f"this node is in a cluster already ({state_dir}/cluster.json)")
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    _make_state_dir(state_dir)
     ca, ca_key = pki.make_ca(ca_dir(state_dir), cluster)
     secret = secrets.token_hex(16)
     _write_private(f"{ca_dir(state_dir)}/join-secret", secret)
@@ -66,16 +69,17 @@ def join(state_dir: str, server: str, token: str, address: str, node: str, port:
     """Join the cluster whose first node is at server; returns cluster.json."""
     from ..vm.model import check_name
 
-    check_name(node)
+    check_name(node, "node")
     _check_ip(address)
+    _check_local(address)
     secret, dot, fp = token.partition(".")
     if not dot or len(fp) != 64 or not secret:
         raise UsageError("invalid token: expected SECRET.FINGERPRINT as printed by `drvs cluster init`")
     if os.path.exists(f"{state_dir}/cluster.json"):
         raise Conflict(f"this node is in a cluster already ({state_dir}/cluster.json)")
+    _make_state_dir(state_dir)  # (before the first node reserves the name: nothing fails after it)
     key_pem, csr_pem = pki.new_key_and_csr(node)
     reply = asyncio.run(_ask(server, port + JOIN_PORT_OFFSET, fp, secret, node, address, csr_pem.decode()))
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
     tls = pki.write_node_files(f"{state_dir}/tls", reply["ca"].encode(), reply["cert"].encode(), key_pem)
     info = {"cluster": reply["cluster"], "etcd": reply["etcd"], "node": node, "address": address, "tls": tls}
     _write_json(f"{state_dir}/cluster.json", info)
@@ -92,7 +96,9 @@ async def _ask(server: str, port: int, fingerprint: str, secret: str, node: str,
         try:
             stream = await asyncio.wait_for(wire.connect(host=server, port=port, ssl=ctx), 5)
         except (OSError, asyncio.TimeoutError) as e:
-            raise IpcError(f"{server}:{port} unreachable: {e or 'timed out'}", errno.EHOSTUNREACH) from None
+            raise IpcError(f"{server}:{port} unreachable: {e or 'timed out'} (the join service of the first "
+                           f"node's drvmmd: the fabric's port + {JOIN_PORT_OFFSET}; is drvmmd running there?)",
+                           errno.EHOSTUNREACH) from None
         client = capnp.TwoPartyClient(stream)
         return client, client.bootstrap().cast_as(fabric.Bootstrap)
 
@@ -111,6 +117,8 @@ async def _ask(server: str, port: int, fingerprint: str, secret: str, node: str,
         client, boot = await connect(ctx)
         r = await asyncio.wait_for(boot.join(secret, node, address, csr), 10)
         if r.error:
+            if r.error.startswith(STORE_AWAY):
+                raise EtcdUnavailable(r.error.removeprefix(STORE_AWAY))
             raise (Conflict if "in use" in r.error else JoinRefused)(r.error)
         return {"cert": r.cert, "ca": r.ca, "etcd": list(r.etcd), "cluster": r.cluster}
 
@@ -141,12 +149,16 @@ def server_class():
             try:
                 from ..vm.model import check_name
 
-                check_name(name)
+                check_name(name, "node")
                 _check_ip(address)
-                if not await self.guest.call_trio(self._reserve, name, address):
-                    res.error = f"join refused: node name {name!r} is in use (a node of that name has joined)"
+                problem = await self.guest.call_trio(self._reserve, name, address)
+                if problem:
+                    res.error = f"join refused: {problem}"
                     return
                 cert = pki.sign_csr(f"{self.dir}/ca.pem", f"{self.dir}/ca.key", csr.encode(), name, address)
+            except EtcdUnavailable as e:
+                res.error = f"{STORE_AWAY}{e}"
+                return
             except (DrvsError, ValueError) as e:
                 res.error = f"join refused: {e}"
                 return
@@ -157,24 +169,64 @@ def server_class():
             for i, url in enumerate(self.info["etcd"]):
                 etcd[i] = url
 
-        async def _reserve(self, name: str, address: str) -> bool:
+        async def _reserve(self, name: str, address: str) -> str | None:
             """Claim the name for the newcomer (compare-and-swap): a name that
-            ever joined stays its node's, so a token holder cannot get a
-            certificate that passes for an existing node."""
+            ever joined stays its node's (until `drvs node rm`), so a token
+            holder cannot get a certificate that passes for an existing node.
+            Why not, or None."""
             import time
 
             from ..store import CompareFailed
-            from .membership import spec_key
+            from .membership import ROOT, spec_key
 
+            for entry in await self.etcd.range(ROOT):
+                if entry.key.endswith("/spec") and json.loads(entry.value).get("address") == address:
+                    other = json.loads(entry.value).get("name")
+                    return f"address {address} is node {other!r}'s"
             spec = {"name": name, "address": address, "uid": "", "cpus": 0, "memory": 0,
                     "version": "", "joined": time.time(), "cordoned": False}
             try:
                 await self.etcd.put(spec_key(name), json.dumps(spec), expect_revision=0)
             except CompareFailed:
-                return False
-            return True
+                return f"node name {name!r} is in use (a node of that name has joined)"
+            return None
 
     return BootstrapServer
+
+
+STORE_AWAY = "etcd: "  # a join's error that is the store's absence, not a refusal (exit 6, not 8)
+
+
+def _check_local(address: str) -> None:
+    """address is one of this machine's (a node listens on it)."""
+    import socket
+
+    s = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.bind((address, 0))
+    except OSError as e:
+        raise UsageError(f"--address {address}: not an address of this machine ({e.strerror})") from None
+    finally:
+        s.close()
+
+
+def _check_url(url: str) -> None:
+    from urllib.parse import urlsplit
+
+    try:
+        u = urlsplit(url)
+        ok = u.scheme in ("http", "https") and u.hostname and u.port
+    except ValueError:
+        ok = False
+    if not ok:
+        raise UsageError(f"--etcd {url!r}: expected an etcd client URL, as https://HOST:2379")
+
+
+def _make_state_dir(state_dir: str) -> None:
+    try:
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise SetupError(f"state directory {state_dir}: {e.strerror}") from None
 
 
 def _check_ip(address: str) -> None:

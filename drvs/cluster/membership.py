@@ -158,6 +158,29 @@ class Member:
             await self.etcd.revoke(self.lease)
 
 
+async def remove_node(etcd: Etcd, name: str) -> None:
+    """Forget a node that is gone for good (drvs node rm): its spec and pid
+    range, so that its name and range may be had again.  Refused while it
+    is Ready (its drvmmd would be a member without a record) or while VMs
+    have shares of it (they would name a node that is not there)."""
+    from ..errors import Conflict, NotFound
+    from ..vm.model import VmSpec
+
+    spec = await etcd.get(spec_key(name))
+    if spec is None:
+        raise NotFound(f"no such node: {name!r}")
+    if await etcd.get(status_key(name)) is not None:
+        raise Conflict(f"node {name!r} is Ready: stop its drvmmd first (then it is NotReady within seconds)")
+    holders = sorted(vm.name for vm in (VmSpec.from_json(e.value) for e in await etcd.range("/drvs/vms/"))
+                     if name in vm.shares)
+    if holders:
+        raise Conflict(f"node {name!r} has shares of VMs {', '.join(holders)}: remove those VMs first")
+    for entry in await etcd.range(PID_RANGES):
+        if entry.value == name:
+            await etcd.delete(entry.key, expect_revision=entry.mod_revision)
+    await etcd.delete(spec_key(name), expect_revision=spec.mod_revision)
+
+
 async def set_cordoned(etcd: Etcd, name: str, cordoned: bool) -> bool:
     """Mark a node (un)schedulable; compare-and-swap so that a concurrent
     re-registration is not overwritten.  False if there is no such node."""

@@ -14,10 +14,10 @@ DEFAULT_PIDS = 4096
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
-def check_name(name: str) -> str:
+def check_name(name: str, what: str = "VM") -> str:
     if not _NAME.match(name or ""):
         raise UsageError(
-            f"invalid VM name {name!r}: use 1-63 lowercase letters, digits and '-', "
+            f"invalid {what} name {name!r}: use 1-63 lowercase letters, digits and '-', "
             "starting and ending with a letter or digit"
         )
     return name

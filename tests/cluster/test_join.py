@@ -7,6 +7,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -69,6 +70,12 @@ class Machines:
                 except ProcessLookupError:
                     pass
         netns.remove_all(self.name)
+        from drvs.ns import mounts
+
+        for h in self.hosts.values():  # (a daemon killed outright leaves its view mounted)
+            for point in sorted((p for _, p, _ in mounts.mount_table() if p.startswith(h["state"] + "/")),
+                                reverse=True):
+                mounts.detach(point)
 
 
 @pytest.fixture
@@ -146,12 +153,26 @@ def test_init_then_join(machines):
     clash = m.drvs("m3", "node", "join", m1["address"], "--token", token, "--address", m.hosts["m3"]["address"],
                    "--node-name", "n2")
     assert clash.returncode == 4 and "node name 'n2' is in use" in clash.stderr
+    elsewhere = m.drvs("m3", "node", "join", m1["address"], "--token", token, "--address", m1["address"],
+                       "--node-name", "n3")  # (m1's address, not m3's)
+    assert elsewhere.returncode == 2 and "not an address of this machine" in elsewhere.stderr
+    busy = m.drvs("m1", "node", "rm", "n2")
+    assert busy.returncode == 4 and "is Ready" in busy.stderr
+    bad_etcd = m.drvs("m3", "cluster", "init", "--address", m.hosts["m3"]["address"], "--etcd", "notaurl")
+    assert bad_etcd.returncode == 2 and "expected an etcd client URL" in bad_etcd.stderr
     # Also while n2 is down: the name stays n2's.
     os.killpg(m.daemons[-1].pid, signal.SIGTERM)
     m.daemons[-1].wait(timeout=10)
     clash = m.drvs("m3", "node", "join", m1["address"], "--token", token, "--address", m.hosts["m3"]["address"],
                    "--node-name", "n2")
     assert clash.returncode == 4
+    # ... until it is removed for good: then the name may be had again
+    gone = m.drvs("m1", "node", "rm", "n2")
+    assert gone.returncode == 0, gone.stderr
+    assert "n2" not in m.drvs("m1", "node", "ls").stdout
+    again = m.drvs("m3", "node", "join", m1["address"], "--token", token, "--address", m.hosts["m3"]["address"],
+                   "--node-name", "n2")
+    assert again.returncode == 0, again.stderr
     again = m.drvs("m1", "cluster", "init", "--address", m1["address"])
     assert again.returncode == 4 and "in a cluster already" in again.stderr
 
@@ -169,9 +190,23 @@ def test_init_then_join(machines):
         time.sleep(0.2)
     assert int(open(f"{m1['state']}/etcd/etcd.pid").read()) != etcd_pid
 
-    # An init whose etcd cannot start says why, at once.
-    t0 = time.monotonic()
-    bad = m.drvs("m3", "cluster", "init", "--address", f"{m.net}.77", "--node-name", "x")  # (not m3's address)
-    assert bad.returncode == 125 and bad.stderr.startswith("drvs: etcd exited: ") and "\n" == bad.stderr[-1:]
-    assert "bind" in bad.stderr or "assign" in bad.stderr, bad.stderr
-    assert time.monotonic() - t0 < 15
+    # An init whose etcd cannot start (its port taken) says why, at once;
+    # one with an address that is not this machine's does not start it.
+    m3 = m.hosts["m3"]
+    nowhere = m.drvs("m3", "cluster", "init", "--address", f"{m.net}.77", "--node-name", "x")
+    assert nowhere.returncode == 2 and "not an address of this machine" in nowhere.stderr
+    taker = subprocess.Popen([sys.executable, "-c", "import socket, sys, time; s = socket.socket(); "
+                              f"s.bind(('{m3['address']}', 2379)); s.listen(); print('ok', flush=True); time.sleep(60)"],
+                             stdout=subprocess.PIPE, text=True, preexec_fn=lambda: setns_net(f"/run/netns/{m3['ns']}"))
+    try:
+        assert taker.stdout.readline() == "ok\n"
+        t0 = time.monotonic()
+        bad = subprocess.run([str(BIN / "drvs"), "cluster", "init", "--address", m3["address"], "--node-name", "x"],
+                             env={**os.environ, "DRVS_STATE_DIR": f"{m3['state']}-init"}, capture_output=True,
+                             text=True, timeout=60, preexec_fn=lambda: setns_net(f"/run/netns/{m3['ns']}"))
+        assert bad.returncode == 125 and bad.stderr.startswith("drvs: etcd exited: "), bad.stderr
+        assert bad.stderr.count("\n") == 1 and "address already in use" in bad.stderr, bad.stderr
+        assert time.monotonic() - t0 < 15
+    finally:
+        taker.kill()
+        taker.wait()
