@@ -76,10 +76,11 @@ async def serve_node(cfg: config.Config, info: dict, interval: float) -> None:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
                 fabric.nursery = nursery
-                # (listening first: an address that is not this machine's
-                # fails here, before the node says anything to the cluster)
-                await fabric.listen(info["address"], client.socket_path(cfg.state_dir))
+                # (joining first: a name another live node holds is refused
+                # before anything is bound; a second drvmmd of this node
+                # never gets here, see _only_daemon)
                 await member.join_with_backoff()
+                await fabric.listen(info["address"], client.socket_path(cfg.state_dir))
                 if bootstrap.serving_ca(cfg.state_dir):
                     from ..ipc.bridge import current_guest
 
