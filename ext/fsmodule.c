@@ -88,6 +88,23 @@ static PyObject *py_fallocate(PyObject *Py_UNUSED(self), PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* write_back(fd): the file's dirty pages written and waited for
+ * (sync_file_range over the whole file), no fsync: on a FUSE file that is
+ * WRITE requests only, no FSYNC (which would settle the file's durability). */
+static PyObject *py_write_back(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    int fd;
+    if (!PyArg_ParseTuple(args, "i", &fd))
+        return NULL;
+    int r;
+    Py_BEGIN_ALLOW_THREADS
+    r = sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER);
+    Py_END_ALLOW_THREADS
+    if (r < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
 /* name_to_handle_at(dirfd, name) -> bytes: the handle's type (4 bytes,
  * native order) and then the file system's own bytes of it; name b"": dirfd
  * itself. */
@@ -150,6 +167,7 @@ static PyMethodDef methods[] = {
     {"openat2", py_openat2, METH_VARARGS, "openat2(dirfd, path, flags, mode, resolve) -> fd"},
     {"renameat2", py_renameat2, METH_VARARGS, "renameat2(olddirfd, old, newdirfd, new, flags)"},
     {"fallocate", py_fallocate, METH_VARARGS, "fallocate(fd, mode, offset, length)"},
+    {"write_back", py_write_back, METH_VARARGS, "write_back(fd): dirty pages written, no fsync"},
     {NULL, NULL, 0, NULL},
 };
 

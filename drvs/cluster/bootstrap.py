@@ -22,6 +22,7 @@ import ssl
 from ..errors import Conflict, DrvsError, EtcdUnavailable, SetupError, UsageError
 from ..ipc.message import IpcError
 from . import pki
+from .etcd import EtcdError
 
 JOIN_PORT_OFFSET = 1
 
@@ -44,7 +45,7 @@ def init(state_dir: str, address: str, cluster: str, node: str, etcd: list[str] 
     check_name(node, "node")
     check_name(cluster, "cluster")
     _check_ip(address)
-    _check_local(address)
+    check_local(address)
     for url in etcd or ():
         _check_url(url)
     if os.path.exists(f"{state_dir}/cluster.json"):
@@ -71,7 +72,7 @@ def join(state_dir: str, server: str, token: str, address: str, node: str, port:
 
     check_name(node, "node")
     _check_ip(address)
-    _check_local(address)
+    check_local(address)
     secret, dot, fp = token.partition(".")
     if not dot or len(fp) != 64 or not secret:
         raise UsageError("invalid token: expected SECRET.FINGERPRINT as printed by `drvs cluster init`")
@@ -156,7 +157,7 @@ def server_class():
                     res.error = f"join refused: {problem}"
                     return
                 cert = pki.sign_csr(f"{self.dir}/ca.pem", f"{self.dir}/ca.key", csr.encode(), name, address)
-            except EtcdUnavailable as e:
+            except (EtcdUnavailable, EtcdError) as e:  # (away, or answering without a leader)
                 res.error = f"{STORE_AWAY}{e}"
                 return
             except (DrvsError, ValueError) as e:
@@ -197,7 +198,7 @@ def server_class():
 STORE_AWAY = "etcd: "  # a join's error that is the store's absence, not a refusal (exit 6, not 8)
 
 
-def _check_local(address: str) -> None:
+def check_local(address: str) -> None:
     """address is one of this machine's (a node listens on it)."""
     import socket
 

@@ -175,10 +175,13 @@ async def remove_node(etcd: Etcd, name: str) -> None:
                      if name in vm.shares)
     if holders:
         raise Conflict(f"node {name!r} has shares of VMs {', '.join(holders)}: remove those VMs first")
-    for entry in await etcd.range(PID_RANGES):
-        if entry.value == name:
-            await etcd.delete(entry.key, expect_revision=entry.mod_revision)
-    await etcd.delete(spec_key(name), expect_revision=spec.mod_revision)
+    try:
+        await etcd.delete(spec_key(name), expect_revision=spec.mod_revision)
+        for entry in await etcd.range(PID_RANGES):
+            if entry.value == name:
+                await etcd.delete(entry.key, expect_revision=entry.mod_revision)
+    except CompareFailed:
+        raise Conflict(f"node {name!r} changed while it was being removed (joining again?); look and retry") from None
 
 
 async def set_cordoned(etcd: Etcd, name: str, cordoned: bool) -> bool:

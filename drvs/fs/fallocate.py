@@ -15,6 +15,8 @@ import os
 import pyfuse3
 import trio
 
+from .. import _fs
+
 MAX_OFF = (1 << 63) - 1
 # fallocate(2)'s modes that change or move data already there: punch a
 # hole, zero a range, collapse or insert one
@@ -26,15 +28,17 @@ def _write_back(host_pid: int, fd: int) -> None:
     shared mapping) go to the server first, as the kernel's own fallocate
     writes them back: dropped afterwards, they would be written over the
     punched hole, or at offsets the range's move made wrong.  Through the
-    program's own descriptor (its /proc link), answered by this node's loop."""
+    program's own descriptor (its /proc link), answered by this node's loop;
+    written back, not fsync'ed (an fsync would settle the file's durability
+    here, and the program's own fsync after a fail-over would not see EIO)."""
     try:
         own = os.open(f"/proc/{host_pid}/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return  # (gone meanwhile: the kernel's answer, EBADF, follows)
     try:
-        os.fdatasync(own)
+        _fs.write_back(own)
     except OSError:
-        pass  # (a failed write-back is the program's to see at its own fsync)
+        pass  # (a failed write: the kernel keeps its error for the program's own fsync)
     finally:
         os.close(own)
 

@@ -45,7 +45,8 @@ WAIT_SLICE_MS = 100                  # one server call's wait, and how late a si
 ERESTARTSYS = 512                    # the kernel's "interrupted; restart if SA_RESTART" (never seen by programs)
 AGENT_EVERY = 0.25                   # seconds between looks at /proc/locks
 GRACE = 0.5                          # a granted lock the kernel has yet to show is not dropped before this
-WAITING_KEPT = 0.5                   # a waiter not heard of for this long gave up (its slices come every 0.1 s)
+WAITING_FRESH = 0.25                 # a waiter not heard of for this long may have given up (slices: 0.1 s)
+DEADLOCK_CONFIRM = 0.3               # a cycle is a deadlock once seen again this much later
 
 
 class Lock:
@@ -63,9 +64,10 @@ class LockTable:
         self.locks: dict[int, list[Lock]] = {}
         self.changed: dict[int, trio.Event] = {}
         # POSIX lock owners waiting: owner -> (ino, type, start, end, when it
-        # last asked); kept across a waiter's slices (WAITING_KEPT), for
+        # last asked); kept across a waiter's slices (WAITING_FRESH), for
         # deadlock detection
         self.waiting: dict[str, tuple] = {}
+        self.suspected: dict[str, float] = {}  # owner -> when its wait was first seen to close a cycle
 
     def conflict(self, ino: int, owner: str, flock: bool, type_: int, start: float, end: float) -> Lock | None:
         for lk in self.locks.get(ino, ()):
@@ -86,6 +88,8 @@ class LockTable:
                 kept.append(Lock(owner, flock, lk.type, end, lk.end, lk.pid))
         if type_ != UN:
             kept.append(Lock(owner, flock, type_, start, end, pid))
+        else:
+            self.waiting.pop(owner, None)  # (a program that lets go of a lock is not waiting)
         if kept:
             self.locks[ino] = kept
         else:
@@ -100,12 +104,17 @@ class LockTable:
         blocker = self.conflict(ino, owner, False, type_, start, end)
         while blocker is not None and blocker.owner not in seen:
             if blocker.owner == owner:
-                return True
+                # Only a cycle seen again a while later is one: a waiter
+                # killed meanwhile stops asking (its record goes stale), and
+                # its locks reach the server only through its node's agent.
+                first = self.suspected.setdefault(owner, now)
+                return now - first >= DEADLOCK_CONFIRM
             seen.add(blocker.owner)
             wait = self.waiting.get(blocker.owner)
-            if wait is None or now - wait[4] > WAITING_KEPT:
-                return False
+            if wait is None or now - wait[4] > WAITING_FRESH:
+                break
             blocker = self.conflict(wait[0], blocker.owner, False, *wait[1:4])
+        self.suspected.pop(owner, None)
         return False
 
     def drop(self, owner_prefix: str) -> int:
@@ -146,6 +155,7 @@ class LockTable:
             if conflict is not None and req.lockWaitMs and not req.lockFlock:
                 if self.deadlock(ino, owner, req.lockType, start, end):
                     self.waiting.pop(owner, None)
+                    self.suspected.pop(owner, None)
                     raise OSError(errno.EDEADLK, "waiting would deadlock")
                 self.waiting[owner] = (ino, req.lockType, start, end, time.monotonic())
             with trio.move_on_after(req.lockWaitMs / 1000):
@@ -158,6 +168,7 @@ class LockTable:
                     self.waiting[owner] = (*self.waiting[owner][:4], time.monotonic())
                 raise OSError(errno.EAGAIN, "locked by another owner")
             self.waiting.pop(owner, None)
+            self.suspected.pop(owner, None)
         self.set(ino, req.lockOwner, req.lockFlock, req.lockType, start, end, req.lockPid)
 
 

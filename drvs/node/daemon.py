@@ -23,7 +23,7 @@ from ..cli.common import Parser
 from ..cluster.context import cluster_info, etcd_client
 from ..cluster.etcd import EtcdUnavailable
 from ..cluster.membership import Member
-from ..errors import Conflict, DrvsError, SetupError, user_error
+from ..errors import Conflict, DrvsError, SetupError, UsageError, user_error
 from ..ns import cell as cells
 from . import malloc
 
@@ -67,6 +67,10 @@ async def serve_node(cfg: config.Config, info: dict, interval: float) -> None:
 
     if not info.get("tls"):
         raise SetupError(f"{cfg.state_dir}/cluster.json: no TLS credentials for the fabric (join this node again)")
+    try:  # (before joining: a copied state directory on another machine must not take this node's place)
+        bootstrap.check_local(info["address"])
+    except UsageError as e:
+        raise SetupError(f"{cfg.state_dir}/cluster.json: {e}") from None
     tls = Tls(**info["tls"])
     async with etcd_client(info) as etcd:
         member = Member(etcd, info["node"], info["address"], node_uid(cfg))
@@ -239,8 +243,11 @@ def main(argv: list[str] | None = None) -> int:
 
             _only_daemon(cfg)  # (its descriptor stays open, the lock held, until this process ends)
 
-            if etcd_process.ensure_local(cfg.state_dir, info) is not None:
-                log.info("the cluster's etcd was not running on this node: started it again")
+            try:
+                if etcd_process.ensure_local(cfg.state_dir, info) is not None:
+                    log.info("the cluster's etcd was not running on this node: started it again")
+            except SetupError as e:  # (slow to answer, say: joining waits for it as for any etcd)
+                log.warning("the cluster's etcd on this node: %s", e)
 
             profile = os.environ.get("DRVS_PROFILE")  # a file for cProfile's figures (benchmarks)
             if profile:

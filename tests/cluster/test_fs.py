@@ -1346,7 +1346,7 @@ def test_a_record_lock_wait_that_would_deadlock_fails_edeadlk(fsc, d):
                 if w.poll() is None:
                     w.kill()
                     w.wait()
-        assert [out.strip() for out, _ in outs] == ["got it", "EDEADLK"], (nodes, outs)
+        assert sorted(out.strip() for out, _ in outs) == ["EDEADLK", "got it"], (nodes, outs)  # (either may ask last)
 
 
 THREADED_WAITER = """
