@@ -592,3 +592,24 @@ async def test_a_server_whose_term_is_over_stands_down_with_a_plain_error(tmp_pa
     with pytest.raises(DrvsError) as e:
         await server.run()
     assert "term 1 is over" in str(e.value)
+
+
+async def test_a_listing_in_batches_reads_the_directory_once_and_lets_go_at_its_end(tmp_path):
+    """The names read for a node's first batch serve its next ones (a
+    directory read whole per batch made listings quadratic); a name removed
+    meanwhile is skipped; the finished listing is not kept."""
+    from drvs.fs.server import READDIR_BATCH
+
+    server, _ = serving(tmp_path)
+    await call(server, "n2", Call.mkdir, path=b"d", mode=0o755)
+    names = [f"f{i:05d}".encode() for i in range(READDIR_BATCH + 100)]
+    for name in names:
+        await call(server, "n2", Call.mknod, path=b"d/" + name, mode=0o100644)
+    first = await call(server, "n2", Call.readdir, path=b"d")
+    got = [bytes(e.name) for e in first.entries]
+    assert first.more and len(got) == READDIR_BATCH and len(server.listings) == 1
+    await call(server, "n1", Call.unlink, path=b"d/" + names[-1])   # removed between two batches
+    rest = await call(server, "n2", Call.readdir, path=b"d", data=got[-1])
+    got += [bytes(e.name) for e in rest.entries]
+    assert not rest.more and got == names[:-1]
+    assert server.listings == {}

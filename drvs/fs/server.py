@@ -903,7 +903,10 @@ class FsServer:
                 except FileNotFoundError:
                     pass  # (removed since the listing began: not in it)
                 at += 1
-            self.listings[(origin, dino)] = (names, at, time.monotonic())
+            if at < len(names):  # (more to come: kept for the next batch; a finished listing is let go)
+                self.listings[(origin, dino)] = (names, at, time.monotonic())
+            else:
+                self.listings.pop((origin, dino), None)
             ents = out.init("entries", len(batch))
             for i, (name, st) in enumerate(batch):
                 ents[i].name = name
@@ -930,8 +933,11 @@ class FsServer:
                 return names, at
         with os.scandir(fd) as it:
             names = sorted(os.fsencode(e.name) for e in it)
+        now = time.monotonic()
+        for key in [k for k, (_, _, when) in self.listings.items() if now - when >= LISTING_KEPT]:
+            del self.listings[key]  # (listings abandoned half-read)
         if len(self.listings) >= LISTINGS_MAX:
-            self.listings.pop(next(iter(self.listings)))  # (the oldest)
+            self.listings.pop(min(self.listings, key=lambda k: self.listings[k][2]))  # (the least recently used)
         return names, bisect.bisect_right(names, after)
 
     def statfs(self, req, path, out, origin) -> None:
