@@ -165,13 +165,14 @@ async def remove_node(etcd: Etcd, name: str) -> None:
     have shares of it (they would name a node that is not there)."""
     from ..errors import Conflict, NotFound
     from ..vm.model import VmSpec
+    from ..vm.registry import VMS
 
     spec = await etcd.get(spec_key(name))
     if spec is None:
         raise NotFound(f"no such node: {name!r}")
     if await etcd.get(status_key(name)) is not None:
         raise Conflict(f"node {name!r} is Ready: stop its drvmmd first (then it is NotReady within seconds)")
-    holders = sorted(vm.name for vm in (VmSpec.from_json(e.value) for e in await etcd.range("/drvs/vms/"))
+    holders = sorted(vm.name for vm in (VmSpec.from_json(e.value) for e in await etcd.range(VMS))
                      if name in vm.shares)
     if holders:
         raise Conflict(f"node {name!r} has shares of VMs {', '.join(holders)}: remove those VMs first")

@@ -11,10 +11,10 @@ import trio
 
 from ..cluster.etcd import EtcdUnavailable
 from ..errors import DrvsError, user_error
+from ..vm.registry import VMS
 
 log = logging.getLogger("drvmmd")
 ELECTIONS = "/drvs/elections/"
-VMS = "/drvs/vms/"
 RESYNC = 1.0  # seconds between looks at the VM list (a new VM is served within this)
 
 

@@ -30,6 +30,7 @@ import trio
 from ..ipc.message import IpcError, Later, Msg
 from ..ipc.schema import bulk_of, from_flat, fs, new, to_flat
 from .cache import DataCache
+from .fallocate import COLLAPSE_RANGE, INSERT_RANGE
 from .server import (SET_ATIME, SET_GID, SET_MODE, SET_MTIME, SET_SIZE, SET_UID, WRITE_KILL_SUIDGID, FsServer,
                      LocalRequest)
 from .store import NAME_MAX, XATTR_PREFIXES, join
@@ -54,7 +55,6 @@ ABSENT_GRACE = 1.0            # seconds the kernel may keep a name absent after 
 RELOOK_WAIT = 0.5             # an invalidation's reply waits at most this for moved directories' lookups
 RETRY_ERRNOS = {errno.ENOENT, errno.ECONNRESET, errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.EREMCHG}
 NOT_DELIVERED = RETRY_ERRNOS - {errno.ECONNRESET}  # (a reset may come after the call arrived)
-FALLOC_COLLAPSE, FALLOC_INSERT = 0x08, 0x20  # fallocate(2)'s FALLOC_FL_COLLAPSE_RANGE, FALLOC_FL_INSERT_RANGE
 # Calls that change no file's attributes (see VmFs.kept); an open may truncate.
 QUERIES = {Call.getattr, Call.lookup, Call.readlink, Call.read, Call.readdir, Call.statfs, Call.getxattr,
            Call.listxattr, Call.flush, Call.fsync, Call.release, Call.usage, Call.lock}
@@ -541,7 +541,7 @@ class VmFs:
         one too -- drop what its kernel holds of the file."""
         # (a range collapsed or inserted twice would move the data twice: such
         # a call is not sent again once it may have reached the server)
-        r = await self.call(Call.fallocate, once=bool(mode & (FALLOC_COLLAPSE | FALLOC_INSERT)),
+        r = await self.call(Call.fallocate, once=bool(mode & (COLLAPSE_RANGE | INSERT_RANGE)),
                             **self._object(inode), flags=mode, offset=offset, size=length)
         if self.cache is not None:
             self.cache.drop(inode)

@@ -18,9 +18,9 @@ import trio
 from .. import _fs
 
 MAX_OFF = (1 << 63) - 1
-# fallocate(2)'s modes that change or move data already there: punch a
-# hole, zero a range, collapse or insert one
-MOVES_DATA = 0x02 | 0x10 | 0x08 | 0x20
+# fallocate(2)'s mode bits (linux/falloc.h) that change or move data already there
+PUNCH_HOLE, COLLAPSE_RANGE, ZERO_RANGE, INSERT_RANGE = 0x02, 0x08, 0x10, 0x20
+MOVES_DATA = PUNCH_HOLE | COLLAPSE_RANGE | ZERO_RANGE | INSERT_RANGE
 
 
 def _write_back(host_pid: int, fd: int) -> None:

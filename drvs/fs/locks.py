@@ -382,13 +382,9 @@ def _status(tid: int) -> bytes:
 
 def _tgid(pid: int) -> int:
     try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Tgid:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return pid
+        return int(status_field(_status(pid), b"Tgid"))
+    except (OSError, ValueError):
+        return pid
 
 
 def _proc_locks(device: str | None) -> set:

@@ -11,13 +11,13 @@ import os
 
 import trio
 
+from ..cluster.etcd import EtcdUnavailable
 from ..dvos import elected
-from ..dvos.elected import VMS
+from ..errors import DrvsError, NotFound
 from ..ipc.message import IpcError, Msg
 from ..ipc.schema import from_flat, fs, to_flat
-from ..cluster.etcd import EtcdUnavailable
-from ..errors import DrvsError, NotFound
 from ..vm.model import VmSpec
+from ..vm.registry import VMS
 from . import replica
 from .server import FsServer
 from .store import Store, made_of

@@ -15,9 +15,9 @@ from ..cluster.etcd import EtcdUnavailable
 from ..errors import DrvsError
 from ..ns import cell as cells
 from ..vm.model import VmSpec
+from ..vm.registry import VMS
 
 log = logging.getLogger("drvmmd")
-VMS = "/drvs/vms/"
 RESYNC = 5.0
 
 

@@ -4,7 +4,7 @@ from ..errors import Conflict, NotFound
 from ..store import CompareFailed, Store
 from .model import DEFAULT_PIDS, DEFAULT_VM, Limits, VmSpec, check_name
 
-_PREFIX = "/drvs/vms/"
+VMS = "/drvs/vms/"  # the VM definitions in the store (etcd on a cluster)
 
 
 class VmRegistry:
@@ -17,10 +17,10 @@ class VmRegistry:
         else None (the
         caller decided on a stale snapshot; it looks again)."""
         check_name(spec.name)
-        key = _PREFIX + spec.name
+        key = VMS + spec.name
         try:
             self.store.put(key, spec.to_json(), expect_revision=0,
-                           unchanged=None if unchanged_since is None else (_PREFIX, unchanged_since))
+                           unchanged=None if unchanged_since is None else (VMS, unchanged_since))
         except CompareFailed:
             if unchanged_since is None or self.store.get(key) is not None:
                 raise Conflict(f"VM {spec.name!r} already exists") from None
@@ -30,7 +30,7 @@ class VmRegistry:
     def get(self, name: str) -> VmSpec:
         """The VM's definition; the default VM comes into being on first use."""
         check_name(name)
-        entry = self.store.get(_PREFIX + name)
+        entry = self.store.get(VMS + name)
         if entry is not None:
             return VmSpec.from_json(entry.value)
         if name == DEFAULT_VM:
@@ -45,13 +45,13 @@ class VmRegistry:
         """get() on the daemon's async etcd client (the daemon's loop must
         not wait on a synchronous store)."""
         check_name(name)
-        entry = await etcd.get(_PREFIX + name)
+        entry = await etcd.get(VMS + name)
         if entry is not None:
             return VmSpec.from_json(entry.value)
         if name == DEFAULT_VM:
             spec = VmSpec(DEFAULT_VM, Limits(pids=DEFAULT_PIDS))
             try:
-                await etcd.put(_PREFIX + name, spec.to_json(), expect_revision=0)
+                await etcd.put(VMS + name, spec.to_json(), expect_revision=0)
                 return spec
             except CompareFailed:
                 return await VmRegistry.get_async(etcd, name)
@@ -62,10 +62,10 @@ class VmRegistry:
 
     def snapshot(self) -> "tuple[list[VmSpec], int]":  # (a string: list is the method above, here)
         """Every VM, and the store's revision they were read at."""
-        entries, revision = self.store.snapshot(_PREFIX)
+        entries, revision = self.store.snapshot(VMS)
         return [VmSpec.from_json(e.value) for e in entries], revision
 
     def remove(self, name: str) -> None:
         check_name(name)
-        if not self.store.delete(_PREFIX + name):
+        if not self.store.delete(VMS + name):
             raise NotFound(f"no such VM: {name!r}")

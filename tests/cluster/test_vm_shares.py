@@ -175,11 +175,11 @@ from drvs.cluster.context import enter_node
 enter_node("n1")
 from drvs.store import open_store
 from drvs.vm.model import Limits
-from drvs.vm.registry import VmRegistry, _PREFIX
+from drvs.vm.registry import VMS, VmRegistry
 store = open_store()
 spec = VmRegistry(store).get("bad")
 spec.shares["n1"] = Limits(cpuset="0-999")
-store.put(_PREFIX + "bad", spec.to_json())
+store.put(VMS + "bad", spec.to_json())
 """
 
 
