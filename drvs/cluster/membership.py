@@ -85,6 +85,7 @@ class Member:
         self.lease_lost: set = set()
         self.cpus, self.memory = node_resources()
         self.pid_index = 0
+        self.answered = 0.0  # (time.monotonic) when etcd last answered the status refresh
 
     async def join(self) -> None:
         """Register, refusing a name held by another live node."""
@@ -129,6 +130,7 @@ class Member:
                     await self.on_new_lease()
                 reattach = False
                 await self.publish()
+                self.answered = time.monotonic()
                 backoff = STATUS_EVERY
             except (EtcdUnavailable, EtcdError, ValueError, KeyError) as e:
                 log.warning("membership: %s; retrying", e)

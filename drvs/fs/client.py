@@ -27,6 +27,7 @@ import time
 import pyfuse3
 import trio
 
+from ..errors import EtcdUnavailable
 from ..ipc.message import IpcError, Later, Msg
 from ..ipc.schema import bulk_of, from_flat, fs, new, to_flat
 from .cache import DataCache
@@ -53,7 +54,8 @@ TOLD_OF_PRUNE = 1024          # see VmFs.told_of
 TOLD_OF_MAX = 1 << 16         # beyond this, every reply on its way is taken as stale instead
 ABSENT_GRACE = 1.0            # seconds the kernel may keep a name absent after this node's reckoning
 RELOOK_WAIT = 0.5             # an invalidation's reply waits at most this for moved directories' lookups
-RETRY_ERRNOS = {errno.ENOENT, errno.ECONNRESET, errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.EREMCHG}
+RETRY_ERRNOS = {errno.ENOENT, errno.ECONNRESET, errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.EREMCHG,
+                errno.ENOLINK}
 NOT_DELIVERED = RETRY_ERRNOS - {errno.ECONNRESET}  # (a reset may come after the call arrived)
 # Calls that change no file's attributes (see VmFs.kept); an open may truncate.
 QUERIES = {Call.getattr, Call.lookup, Call.readlink, Call.read, Call.readdir, Call.statfs, Call.getxattr,
@@ -339,6 +341,8 @@ class VmFs:
                 err = IpcError(reply.error, errno.EREMCHG)
             except IpcError as e:
                 err = e
+            except EtcdUnavailable as e:  # (where the server is: not known here, and etcd away)
+                err = IpcError(str(e), errno.ENOLINK)
             if err.errno not in RETRY_ERRNOS or left < 0.3 or (once and err.errno not in NOT_DELIVERED):
                 log.info("%s: %s", self.target, err)
                 raise pyfuse3.FUSEError(errno.ETIMEDOUT if err.errno in (errno.ETIMEDOUT, errno.ENOENT)

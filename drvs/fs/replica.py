@@ -23,7 +23,7 @@ import time
 import trio
 
 from .. import _fs
-from ..errors import SetupError
+from ..errors import EtcdUnavailable, SetupError
 from ..ipc.message import IpcError, Msg
 from ..ipc.schema import from_flat, fs, to_flat
 from ..store import CompareFailed
@@ -237,7 +237,7 @@ class Mirror:
         try:
             reply = await s.fabric.sendrec(f"fsr@{self.node}", Msg(Call.mirror, to_flat(m)),
                                            timeout=SEND_TIMEOUT)
-        except IpcError as e:
+        except (IpcError, EtcdUnavailable) as e:  # (EtcdUnavailable: its node's place never known here)
             raise MirrorFailed(str(e)) from None
         if reply.status < 0:
             raise MirrorFailed(reply.error)

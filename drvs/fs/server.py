@@ -33,7 +33,7 @@ import time
 import trio
 
 from .. import _fs
-from ..errors import SetupError
+from ..errors import EtcdUnavailable, SetupError
 from ..ipc.message import IpcError, Later, Msg, failure
 from ..ipc.schema import flat_with, from_flat, fs, new, to_flat
 from . import replica
@@ -738,7 +738,7 @@ class FsServer:
                                               timeout=INVALIDATE_TIMEOUT)
             if reply.status < 0:
                 raise IpcError(reply.error, -reply.status)
-        except IpcError as e:
+        except (IpcError, EtcdUnavailable) as e:
             log.info("fs@%s: node %s did not drop its caches (%s); forgetting what it cached", self.vm, node, e)
             self.forgotten(node, [ino for table in (self.interest, self.holders)  # (looked too)
                                   for ino, nodes in table.items() if node in nodes])

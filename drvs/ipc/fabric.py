@@ -14,6 +14,7 @@ import asyncio
 import errno
 import json
 import logging
+import math
 import os
 import socket
 import ssl
@@ -37,10 +38,21 @@ FABRIC_PORT = 7700
 DEFAULT_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 3.0
 RESOLVE_TTL = 1.0  # seconds an endpoint's location is trusted without asking etcd
+# While etcd does not answer, a location known before is used as it was
+# (the node there refuses, EREMCHG, what it no longer serves): etcd is
+# asked again only after ETCD_RECHECK, and at most RESOLVE_WAIT is spent
+# waiting for it when a location is at hand.  Without this an etcd outage
+# stopped every VM's file system: each call, each replica's stream and
+# each cache invalidation waited on etcd for its endpoint, and failed.
+RESOLVE_WAIT = 0.5
+ETCD_RECHECK = 10.0
 # The TLS application protocol (ALPN) of the message lane: a connection that
 # asks for it is served at Cap'n Proto RPC level 0 (drvs.ipc.level0); others
 # get pycapnp's full RPC, which Node.run needs (it passes capabilities).
 LANE_ALPN = "drvs-msg/1"
+
+
+_AWAY = object()  # (what _registry_entry returns when etcd did not answer)
 
 
 def check_name(name: str) -> str:
@@ -168,6 +180,11 @@ class Fabric:
         self.lanes: dict[str, Lane] = {}  # the message lane to each node called
         self.connecting: dict[str, tuple[trio.Event, list]] = {}  # lanes being connected: (done, [error])
         self.locations: dict[str, tuple[float, Location]] = {}  # endpoint -> (when resolved, where)
+        # While etcd does not answer (see resolve): since and until when
+        # (time.monotonic) it is not asked where known endpoints are, and why.
+        self.etcd_away_since = self.etcd_away_until = 0.0
+        self.etcd_away: EtcdUnavailable | None = None
+        self.node_addresses: dict[str, tuple[str, int]] = {}  # node -> (address, port), as last resolved
         self.fast: dict[str, object] = {}  # endpoint -> its fast path (see register)
         self.elected: set[str] = set()  # endpoints served while this node leads their election (see reregister)
         self.servers = []
@@ -286,19 +303,56 @@ class Fabric:
     async def resolve(self, name: str, fresh: bool = False) -> Location:
         """Where endpoint name is served.  Answers are kept RESOLVE_TTL: an
         endpoint that moved meanwhile is found again at once, because the
-        node it left answers EREMCHG and sendrec then asks etcd afresh."""
+        node it left answers EREMCHG and sendrec then asks etcd afresh.
+        While etcd does not answer, the last answer serves (or, for an
+        endpoint of a node, SERVICE@NODE, where that node was last seen)."""
         now = time.monotonic()  # (not trio's clock: the asyncio side reads this cache too)
         cached = self.locations.get(name)
         if cached is not None and not fresh and now - cached[0] < RESOLVE_TTL:
             return cached[1]
-        entry = await self.etcd.get(REGISTRY + check_name(name))
+        known = None if fresh else cached[1] if cached is not None else self._node_endpoint(name)
+        if known is not None and self._etcd_away(now):
+            return known
+        entry = await self._registry_entry(name, None if known is None else RESOLVE_WAIT)
+        if entry is _AWAY:
+            if known is None:
+                raise self.etcd_away
+            return known
         if entry is None:
             self.locations.pop(name, None)
             raise IpcError(f"no endpoint {name!r} (not registered, or its node is gone)", errno.ENOENT)
         loc = json.loads(entry.value)
         loc = Location(loc["node"], loc["address"], loc["port"])
         self.locations[name] = (now, loc)
+        self.node_addresses[loc.node] = (loc.address, loc.port)
         return loc
+
+    def _node_endpoint(self, name: str) -> "Location | None":
+        """Where SERVICE@NODE would be, NODE being a node seen serving
+        something (None if none was)."""
+        node = name.partition("@")[2]
+        address = self.node_addresses.get(node)
+        return Location(node, *address) if address is not None else None
+
+    def _etcd_away(self, now: float) -> bool:
+        """Whether etcd failed to answer lately, and the node's membership
+        has not heard from it since (its keep-alives, every second)."""
+        return now < self.etcd_away_until and getattr(self.member, "answered", 0.0) <= self.etcd_away_since
+
+    async def _registry_entry(self, name: str, wait: "float | None"):
+        """name's registry entry (None: none), or _AWAY when etcd did not
+        answer (within wait seconds, if given): etcd is then taken as away
+        (self.etcd_away says how) for ETCD_RECHECK, or until the node's
+        membership hears from it."""
+        try:
+            with trio.move_on_after(math.inf if wait is None else wait):
+                return await self.etcd.get(REGISTRY + check_name(name))
+            self.etcd_away = EtcdUnavailable(f"etcd gave no answer within {wait:g} s")
+        except EtcdUnavailable as e:
+            self.etcd_away = e
+        self.etcd_away_since = now = time.monotonic()
+        self.etcd_away_until = now + ETCD_RECHECK
+        return _AWAY
 
     def source_ok(self, msg: Msg) -> bool | None:
         """Whether msg's claimed source endpoint is served by the node it
@@ -315,8 +369,14 @@ class Fabric:
         An idempotent call is retried once, re-resolved, if its node vanished."""
         timeout = timeout or DEFAULT_TIMEOUT
         deadline = trio.current_time() + timeout
+        moved = False
+        if target in self.handlers:  # served here: nothing to look up
+            reply = await self.deliver(target, msg, timeout)
+            if reply.status != -errno.EREMCHG:
+                return reply
+            moved = True  # (no longer: its server's term is over)
         for attempt in (1, 2):
-            loc = await self.resolve(target, fresh=attempt == 2)
+            loc = await self.resolve(target, fresh=moved or attempt == 2)
             if loc.node == self.name and target in self.handlers:
                 return await self.deliver(target, msg, timeout)
             try:
@@ -489,12 +549,13 @@ class Fabric:
         """Hand msg to the local server of target, for at most timeout
         seconds (the caller's bound); its failures become replies."""
         if msg.node and msg.source and msg.node != self.name:
-            if self.source_ok(msg) is not True:  # unknown, or maybe moved since: ask etcd
+            ok = self.source_ok(msg)
+            if ok is not True:  # unknown, or maybe moved since: ask etcd (while it answers)
                 try:
-                    await self.resolve(msg.source, fresh=True)
-                except IpcError:
-                    pass
-            if self.source_ok(msg) is not True:
+                    ok = (await self.resolve(msg.source, fresh=not self._etcd_away(time.monotonic()))).node == msg.node
+                except (IpcError, EtcdUnavailable):
+                    ok = False
+            if not ok:
                 return failure(errno.EPERM, f"{target}: node {msg.node} may not speak for {msg.source!r}")
         handler = self.handlers.get(target)
         fast = self.fast.get(target)
