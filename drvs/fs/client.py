@@ -354,7 +354,7 @@ class VmFs:
         """The file server itself when it runs in this process: its calls
         take the local path (the same code, no message)."""
         server = getattr(self.fabric.handlers.get(self.target), "__self__", None)
-        return server if isinstance(server, FsServer) and server.epoch else None
+        return server if isinstance(server, FsServer) and server.epoch and not server.stale else None
 
     async def start(self) -> pyfuse3.EntryAttributes:
         """The root's attributes (and the server's answer that it serves)."""

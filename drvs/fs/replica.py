@@ -59,9 +59,10 @@ async def read_state(etcd, vm: str):
     return (json.loads(entry.value), entry.mod_revision) if entry is not None else (None, 0)
 
 
-async def take_over(etcd, vm: str, me: str, first: bool) -> int:
-    """Start a term with this node serving; its epoch.  SetupError if this
-    node's replica is not in sync (it may lack changes)."""
+async def take_over(etcd, vm: str, me: str, first: bool) -> tuple[int, str]:
+    """Start a term with this node serving: its epoch, and the node that
+    served the term before ("" if none).  SetupError if this node's
+    replica is not in sync (it may lack changes)."""
     while True:
         state, rev = await read_state(etcd, vm)
         if state is None:
@@ -75,7 +76,7 @@ async def take_over(etcd, vm: str, me: str, first: bool) -> int:
             new = {"epoch": state["epoch"] + 1, "primary": me, "in_sync": [me]}
         try:
             await etcd.put(STATE + vm, json.dumps(new), expect_revision=rev)
-            return new["epoch"]
+            return new["epoch"], state["primary"] if state is not None else ""
         except CompareFailed:
             continue
 
@@ -240,6 +241,8 @@ class Mirror:
         except (IpcError, EtcdUnavailable) as e:  # (EtcdUnavailable: its node's place never known here)
             raise MirrorFailed(str(e)) from None
         if reply.status < 0:
+            if reply.status == -errno.ESTALE:  # the replica serves a later term: this server's is over
+                s.stale = True
             raise MirrorFailed(reply.error)
         statuses = from_flat(fs.BatchReply, reply.payload).statuses
         for (ctype, _), st in zip(calls, statuses):

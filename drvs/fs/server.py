@@ -161,7 +161,9 @@ class FsServer:
         self.held: trio.Event | None = None     # set while changes wait (a replica's copy ends)
         self.others: list[str] = []              # the other replica nodes, while serving
         self.sync = False
-        self.stale = False                       # another term began: step down
+        # Another term began (a replica said so, or etcd): nothing more is
+        # served (EREMCHG: callers look for the new server), and run() ends.
+        self.stale = False
         self.builder = Builder(store.base)
         # The message table.  The calls whose handlers are plain functions
         # (self.plain) are made as they arrive, on the fabric's fast path
@@ -213,7 +215,7 @@ class FsServer:
         reply waits until they dropped it (a Later: trio tells them, then
         replies).  None: handle() it (a call that waits on the disk, on a
         lock, on replicas, or while changes are held)."""
-        if msg.type not in self.table or not self.epoch:
+        if msg.type not in self.table or not self.epoch or self.stale:
             return None  # handle() says what is wrong
         req, path = self._decode(msg)
         if len(req.forgotten) and req.forgottenEpoch == self.epoch and len(req.forgottenMarks) == len(req.forgotten):
@@ -308,7 +310,7 @@ class FsServer:
     async def handle(self, msg: Msg) -> Msg:
         if msg.type not in self.table or msg.type in PUT_CALLS:
             raise IpcError(f"fs@{self.vm}: unknown message type {msg.type}", errno.ENOSYS)
-        if not self.epoch:
+        if not self.epoch or self.stale:
             raise IpcError(f"fs@{self.vm}: this node is not serving", errno.EREMCHG)
         req, path = self._decode(msg)
         origin = msg.node or self.here
@@ -334,14 +336,14 @@ class FsServer:
     def local_fast(self, ctype: int, req) -> "LocalReply | Later | None":
         """As fast(), for this node's own client: the reply, a Later (other
         nodes are to be told first), or None (await local())."""
-        if not self._now_ok(ctype):
+        if self.stale or not self._now_ok(ctype):
             return None
         out = LocalReply(self.epoch)
         targets, data = self._now(ctype, req, req.path, out, self.here, None)
         return out if not targets else Later(lambda: self._told(targets, data, out))
 
     async def local(self, ctype: int, req) -> "LocalReply":
-        if not self.epoch:
+        if not self.epoch or self.stale:
             raise IpcError(f"fs@{self.vm}: this node is not serving", errno.EREMCHG)
         out = LocalReply(self.epoch)
         await self._serve(ctype, req, req.path, out, self.here, None)

@@ -19,7 +19,7 @@ from ..ipc.schema import from_flat, fs, to_flat
 from ..vm.model import VmSpec
 from ..vm.registry import VMS
 from . import replica
-from .server import FsServer
+from .server import Call, FsServer
 from .store import Store, made_of
 
 log = logging.getLogger("drvmmd")
@@ -86,13 +86,28 @@ class FsNode:
             raise NotFound(f"no such VM: {vm!r}")
         spec, made = VmSpec.from_json(entry.value), entry.create_revision
         me = self.member.name
-        epoch = await replica.take_over(self.etcd, vm, me, first=spec.fs_nodes[:1] == [me])
+        epoch, before = await replica.take_over(self.etcd, vm, me, first=spec.fs_nodes[:1] == [me])
+        if before and before != me:
+            await self._term_began(vm, made, epoch, before)
         async with self._lock(vm):
             server = await self._server(vm, made)
         self.terms[vm] = epoch
         server.promote(epoch, spec.fs_nodes, spec.fs_sync)
         log.info("fs@%s: term %d; replicas %s", vm, epoch, ", ".join(spec.fs_nodes))
         return _Serving(self, server)
+
+    async def _term_began(self, vm: str, made: int, epoch: int, node: str) -> None:
+        """Tell the node that served the term before that it is over: one
+        cut off from etcd, but not from this node, would otherwise go on
+        answering its callers until its next change reached a replica (an
+        empty batch of the new term: the replica there marks its server
+        stale).  At most a second: that node may be dead."""
+        m = fs.Batch.new_message(vm=vm, epoch=epoch, made=made)
+        with trio.move_on_after(1):
+            try:
+                await self.fabric.sendrec_last_seen(f"fsr@{node}", Msg(Call.mirror, to_flat(m)), timeout=1)
+            except (IpcError, EtcdUnavailable):
+                pass
 
     async def remove(self, vm: str, made: int) -> None:
         """The VM as defined at revision made was removed (drvs vm rm): its

@@ -327,6 +327,18 @@ class Fabric:
         self.node_addresses[loc.node] = (loc.address, loc.port)
         return loc
 
+    async def sendrec_last_seen(self, target: str, msg: Msg, timeout: float) -> Msg:
+        """sendrec to SERVICE@NODE at NODE's address as last seen here,
+        even if etcd no longer lists the endpoint (its node's lease ended:
+        the node may be alive, cut off from etcd); IpcError if NODE was
+        never seen."""
+        loc = self._node_endpoint(target)
+        if loc is None:
+            raise IpcError(f"{target}: its node was never seen here", errno.EHOSTUNREACH)
+        if loc.node == self.name:
+            return await self.deliver(target, msg, timeout)
+        return await self._remote(loc, target, msg, timeout, trio.current_time() + timeout)
+
     def _node_endpoint(self, name: str) -> "Location | None":
         """Where SERVICE@NODE would be, NODE being a node seen serving
         something (None if none was)."""
