@@ -25,7 +25,7 @@ import trio
 
 from ..errors import DrvsError
 from ..fs.cache import DataCache
-from ..fs.client import DOTS, MASK, TAG_SHIFT, VmFs, reply_dots
+from ..fs.client import DOTS, MASK, TAG_SHIFT, Call, VmFs, reply_dots
 from ..ipc.fabric import REGISTRY
 from ..ipc.message import IpcError, Later, Msg
 from ..ipc.schema import from_flat, fs
@@ -424,20 +424,36 @@ class View(pyfuse3.Operations):
     # -- fsc@NODE ---------------------------------------------------------------------
 
     async def invalidate(self, msg: Msg) -> Msg:
+        if msg.type == Call.recall:
+            return await self._recall(msg)
         inv, fs_ = self._invalidation(msg)
         if fs_ is not None:
             await fs_.invalidate(inv)
         return Msg(0)
 
-    def invalidate_now(self, msg: Msg) -> Msg | Later:
+    def invalidate_now(self, msg: Msg) -> Msg | Later | None:
         """fsc's fast path: what waits for nothing is made as the message
         comes (the server's change waits on this reply); the rest (the
-        kernel's inodes to drop, if any) by a trio task before the reply."""
+        kernel's inodes to drop, if any) by a trio task before the reply.
+        A recall waits (for this node's unlinks sent behind): in trio."""
+        if msg.type == Call.recall:
+            return None
         inv, fs_ = self._invalidation(msg)
         rest = fs_.invalidated(inv) if fs_ is not None else None
         if rest is None:
             return Msg(0)
         return Later(lambda: _after(rest))
+
+    async def _recall(self, msg: Msg) -> Msg:
+        try:
+            r = from_flat(fs.Recall, msg.payload)
+            vm, dirs, epoch = r.vm, list(r.dirs), r.epoch
+        except Exception:  # noqa: BLE001 - malformed input from the wire
+            raise IpcError("malformed recall", errno.EBADMSG) from None
+        fs_ = self.vms.get(vm)
+        if fs_ is not None:
+            await fs_.recall(dirs, epoch)
+        return Msg(0)
 
     def _invalidation(self, msg: Msg):
         try:

@@ -33,7 +33,7 @@ from ..ipc.schema import bulk_of, from_flat, fs, new, to_flat
 from .cache import DataCache
 from .fallocate import COLLAPSE_RANGE, INSERT_RANGE
 from .server import (SET_ATIME, SET_GID, SET_MODE, SET_MTIME, SET_SIZE, SET_UID, WRITE_KILL_SUIDGID, FsServer,
-                     LocalRequest)
+                     LocalAttr, LocalRequest)
 from .store import NAME_MAX, XATTR_PREFIXES, join
 
 log = logging.getLogger("drvmmd")
@@ -52,6 +52,9 @@ FORGOTTEN_PER_CALL = 512      # notices of dropped inodes one call takes along
 NOTICE_DELAY = 1.0            # notices no call took along within this go on their own
 TOLD_OF_PRUNE = 1024          # see VmFs.told_of
 TOLD_OF_MAX = 1 << 16         # beyond this, every reply on its way is taken as stale instead
+PRIVATE_MAX = 1 << 16         # names kept as made here in delegated directories (beyond: unlinked in line)
+UNLINKS_MAX = 256             # unlinks sent behind in one call
+UNLINKS_GATHER = 0.002        # seconds the first waits for more, unless a call waits for them (_settle)
 ABSENT_GRACE = 1.0            # seconds the kernel may keep a name absent after this node's reckoning
 RELOOK_WAIT = 0.5             # an invalidation's reply waits at most this for moved directories' lookups
 RETRY_ERRNOS = {errno.ENOENT, errno.ECONNRESET, errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.EREMCHG,
@@ -133,6 +136,15 @@ class ReadReply:
 
     def __init__(self, epoch: int, data: memoryview):
         self.epoch, self.data = epoch, data
+
+
+def _touched(a) -> LocalAttr:
+    """Directory attributes a, their times now (a name was removed there)."""
+    t = LocalAttr()
+    for field in LocalAttr.__slots__:
+        setattr(t, field, getattr(a, field))
+    t.mtimeNs = t.ctimeNs = time.time_ns()
+    return t
 
 
 def caller(ctx) -> dict:
@@ -223,13 +235,30 @@ class VmFs:
         self.unanswered: dict[int, int] = {}  # their numbers, until answered -> self.told when begun
         self.renewing = False           # _new_term is under way: numbers of two terms about
         self.reading: list[set] = []    # inodes of the directory listings being read (see _list)
+        # Directories the server delegated to this node (FsReply.delegated:
+        # it made them, no other node has used them since), and in each the
+        # names of the files this node made there since: those it unlinks
+        # at once and sends behind (see unlink).  Every other call here
+        # first waits until the unlinks sent behind are answered (_settle),
+        # and so does a recall, before another node's call in the directory.
+        self.delegated: set[int] = set()
+        self.private: dict[int, set[bytes]] = {}
+        self.privates = 0             # names in private
+        self.behind = 0               # unlinks answered here, not yet by the server
+        self.settled: trio.Event | None = None  # set once behind is 0 again
+        self.queued: list[tuple] = []  # of those, not yet sent: (path, server inode, term, directory, name)
+        self.sending = False           # _send_behind is on its way
+        self.hurry = trio.Event()      # set when a call waits for the unlinks sent behind
 
     # -- calls to the server ---------------------------------------------------------
 
-    async def call(self, ctype, idempotent: bool = False, once: bool = False, **fields):
+    async def call(self, ctype, idempotent: bool = False, once: bool = False, behind: bool = False, **fields):
         """once: a change not to be sent again after a failure that may have
         followed its delivery (a reset connection), only after one that
-        shows it never arrived."""
+        shows it never arrived.  behind: an unlink sent behind (see unlink);
+        any other call waits until those are answered."""
+        if self.behind and not behind and not self.renewing:  # (renewing: maybe for a reply of one of those)
+            await self._settle()
         if "at" in fields or "at2" in fields:
             fields["atEpoch"] = self.epoch  # (handles are of this term's server: see locate)
         if ctype not in QUERIES:
@@ -398,6 +427,9 @@ class VmFs:
         self.big.clear()
         self.fresh.clear()
         self.kept = None
+        self.delegated.clear()  # (the new server delegated nothing)
+        self.private.clear()
+        self.privates = 0
         self.known.clear()
         self.server_root = r.attr.ino
         log.info("%s: a new server (term %d); dropping this node's caches", self.target, epoch)
@@ -828,6 +860,10 @@ class VmFs:
         entry = self._entry(dino, name, r.attr, change.told, self._asked(parent, where))
         if ctype == Call.mkdir:
             self._now_known(self._c(r.attr.ino), (), change)
+            if r.delegated:
+                self.delegated.add(self._c(r.attr.ino))
+        else:
+            self._made_private(dino, name)
         return entry
 
     async def mknod(self, parent, name, mode, rdev, ctx):
@@ -840,6 +876,9 @@ class VmFs:
         return await self._make(Call.symlink, parent, name, ctx, data=target)
 
     async def link(self, inode, new_parent, new_name, ctx):
+        node = self.inodes.get(inode & MASK)
+        if node is not None and node.parent is not None:
+            self._not_private(node.parent, node.name)  # (a name elsewhere: others may reach it)
         dino, where = new_parent & MASK, self.locate(new_parent)
         with self._changing(dino, inode & MASK) as change:  # (its link count changes)
             r = await self.call(Call.link, **self.named(inode), **self._named(where, new_name, True))
@@ -848,10 +887,131 @@ class VmFs:
         return self._entry(dino, new_name, r.attr, change.told, self._asked(new_parent, where))
 
     async def unlink(self, parent, name, ctx):
+        dino = parent & MASK
+        names = self.private.get(dino)
+        if names is not None and name in names:
+            self._not_private(dino, name)
+            cino = self.entries.get((dino, name))
+            sino = self._sino(self.tag | cino) if cino is not None and dino in self.delegated else 0
+            fields = self.named(parent, name) if sino else {}
+            if sino and "at" not in fields:
+                return self._unlink_behind(dino, name, fields["path"], sino)
         await self._remove(Call.unlink, parent, name)
 
+    def _unlink_behind(self, dino: int, name: bytes, path: bytes, sino: int) -> None:
+        """Unlink a file this node made in a directory delegated to it: no
+        other node knows the file or looks into the directory (the server
+        recalls the delegation first, and the recall waits for this), so
+        the kernel is answered at once and the unlink sent behind, as with
+        CephFS's asynchronous unlinks -- with the others queued meanwhile,
+        in one call (a message costs both daemons far more CPU than an
+        unlink).  Each names the inode meant, so that one sent again after
+        a fail-over removes nothing else."""
+        self._forget_entry(dino, name)
+        self._known_remove(dino, name)
+        self._unlisted(dino, name)
+        self.kept = None  # (its attributes say one link: see call)
+        fresh = self.fresh.get(dino)
+        if fresh is not None:  # (the kernel asks for the directory's attributes next: its times moved)
+            self.fresh[dino] = (fresh[0], _touched(fresh[1]))
+        self.queued.append((path, sino, self.epoch, dino, name))
+        self.behind += 1
+        if not self.sending:
+            self.sending = True
+            self.spawn(self._send_behind)
+
+    async def _send_behind(self) -> None:
+        """Send the queued unlinks, those of one term in one call, until
+        none is left."""
+        try:
+            while self.queued:
+                if self.settled is None and len(self.queued) < UNLINKS_MAX:
+                    # (a program removing files makes one every ~100 µs here;
+                    # a message costs each daemon ~150 µs of CPU: alone, each
+                    # unlink would still cost the daemons its own message)
+                    self.hurry = trio.Event()
+                    with trio.move_on_after(UNLINKS_GATHER):
+                        await self.hurry.wait()
+                await self._send_batch()
+        finally:
+            # The kernel was told these are made: made they are, also when
+            # the daemon stops (each call is bounded by CALL_TIMEOUT).
+            with trio.CancelScope(shield=True):
+                while self.queued:
+                    await self._send_batch()
+            self.sending = False
+
+    async def _send_batch(self) -> None:
+        term = self.queued[0][2]
+        n = next((i for i, q in enumerate(self.queued) if q[2] != term), len(self.queued))
+        batch, self.queued = self.queued[:min(n, UNLINKS_MAX)], self.queued[min(n, UNLINKS_MAX):]
+        try:
+            with trio.CancelScope(shield=True):
+                await self._unlinks(batch, term)
+        finally:
+            self.behind -= len(batch)
+            if not self.behind and self.settled is not None:
+                self.settled.set()
+                self.settled = None
+
+    async def _unlinks(self, batch: list, term: int) -> None:
+        try:
+            r = await self.call(Call.unlinks, behind=True, names=[q[0] for q in batch],
+                                inos=[q[1] for q in batch], inoEpoch=term)
+            statuses = list(r.statuses)
+        except pyfuse3.FUSEError as e:
+            statuses = [-e.errno] * len(batch)
+        for (path, _, _, dino, name), st in zip(batch, statuses):
+            if st >= 0:
+                continue
+            # ENOENT, ESTALE: made twice across a fail-over (or the name is
+            # another file's now); else the file is still there, and what
+            # this node knew of the directory goes
+            quiet = -st in (errno.ENOENT, errno.ESTALE)
+            log.log(logging.INFO if quiet else logging.WARNING, "fs@%s: unlink of %r sent behind: %s",
+                    self.vm, path, os.strerror(-st))
+            if not quiet:
+                self.known.pop(dino, None)
+                self.fresh.pop(dino, None)
+
+    async def _settle(self) -> None:
+        """Until every unlink sent behind is answered."""
+        while self.behind:
+            if self.settled is None:
+                self.settled = trio.Event()
+            self.hurry.set()
+            await self.settled.wait()
+
+    async def recall(self, dirs, epoch: int) -> None:
+        """The server takes these directories back (another node uses them):
+        answered once the unlinks sent behind are made (those after this
+        began are made in line)."""
+        if epoch == self.epoch:
+            for dino in dirs:
+                cino = self._c(dino)
+                self.delegated.discard(cino)
+                self.privates -= len(self.private.pop(cino, ()))
+        await self._settle()
+
+    def _made_private(self, dino: int, name: bytes) -> None:
+        if dino in self.delegated and self.privates < PRIVATE_MAX:
+            names = self.private.setdefault(dino, set())
+            if name not in names:
+                names.add(name)
+                self.privates += 1
+
+    def _not_private(self, dino: int, name: bytes) -> None:
+        names = self.private.get(dino)
+        if names is not None and name in names:
+            names.discard(name)
+            self.privates -= 1
+
     async def rmdir(self, parent, name, ctx):
+        cino = self.entries.get((parent & MASK, name))
         await self._remove(Call.rmdir, parent, name)
+        if cino is not None and cino in self.delegated:
+            self.delegated.discard(cino)
+            self.privates -= len(self.private.pop(cino, ()))
 
     async def _remove(self, ctype, parent, name) -> None:
         dino, cino = parent & MASK, self.entries.get((parent & MASK, name))
@@ -865,6 +1025,8 @@ class VmFs:
 
     async def rename(self, old_parent, old_name, new_parent, new_name, flags, ctx):
         d1, d2 = old_parent & MASK, new_parent & MASK
+        self._not_private(d1, old_name)
+        self._not_private(d2, new_name)
         with self._changing(d1, d2, self.entries.get((d1, old_name)), self.entries.get((d2, new_name))):
             await self.call(Call.rename, **self.named(old_parent, old_name),
                             **self.named(new_parent, new_name, True), flags=flags)
@@ -961,6 +1123,7 @@ class VmFs:
             self._post_op(dino, r, change)
         self._keep(self._c(r.attr.ino), r.attr, number, change.told)
         self._known_add(dino, name)
+        self._made_private(dino, name)
         entry = self._entry(dino, name, r.attr, change.told, self._asked(parent, where))
         if self.cache is not None and self.cache.files:  # (it may have opened a file this node kept pages of)
             self.cache.made(self.tag | self._c(r.attr.ino), r.attr.size, r.attr.mtimeNs, (r.epoch, r.version))

@@ -42,7 +42,7 @@ CHUNK = 1 << 20
 # table the same, so open files survive a fail-over).
 MIRRORED = {Call.setattr, Call.mknod, Call.mkdir, Call.symlink, Call.unlink, Call.rmdir, Call.rename,
             Call.link, Call.open, Call.create, Call.write, Call.release, Call.fsync, Call.setxattr,
-            Call.removexattr, Call.fallocate}
+            Call.removexattr, Call.fallocate, Call.unlinks}
 PUT_CALLS = {Call.putBegin, Call.putDir, Call.putFile, Call.putLink, Call.putHardlink, Call.putRemove,
              Call.putCommit}
 LAST = 1  # putFile/putDir flag: the last part: set size, owner, mode and times

@@ -44,6 +44,8 @@ from .store import XATTR_PREFIXES, Store, check_path
 log = logging.getLogger("drvmmd")
 Call = fs.FsCall
 INVALIDATE_TIMEOUT = 1.0  # a node that does not confirm within this is dropped from every cache list
+RECALL_TIMEOUT = 5.0      # a delegation's node gets this long to make its unlinks sent behind
+DELEGATIONS_MAX = 4096    # directories delegated at once (no more are granted beyond)
 READDIR_BATCH = 512
 LISTING_KEPT = 10.0   # seconds a directory's names are kept for the next batch of its listing
 LISTINGS_MAX = 64     # listings kept at once (the least recently used goes)
@@ -180,9 +182,19 @@ class FsServer:
             Call.rename: self.rename, Call.link: self.link, Call.create: self.create,
             Call.release: self.release, Call.fsync: self.fsync, Call.flush: self.flush,
             Call.setxattr: self.setxattr, Call.removexattr: self.removexattr, Call.usage: self.usage,
-            Call.lock: self.lock, Call.fallocate: self.fallocate,
+            Call.lock: self.lock, Call.fallocate: self.fallocate, Call.unlinks: self.unlinks,
         }
         self.lock_table = LockTable()
+        # Directories delegated (FsReply.delegated): inode -> the node whose
+        # alone it is -- a directory it made, which no other node has used
+        # since.  That node answers its kernel's unlinks there of files it
+        # made itself at once and sends them behind (drvs/fs/client.py
+        # VmFs.unlink); before another node's call on such a directory, or
+        # on a name in it, is made, the delegation is recalled (Recall): the
+        # node answers once its unlinks sent behind there were made.
+        self.delegations: dict[int, str] = {}
+        self.delegated_to: collections.Counter = collections.Counter()  # node -> its delegations
+        self.recalling: dict[int, trio.Event] = {}  # directory -> set when its recall ended
         self.plain = {t for t, h in self.table.items() if not inspect.iscoroutinefunction(h)}
         self.puts = {Call.putBegin: self._put_begin, Call.putDir: self.builder.put_dir,
                      Call.putFile: self.builder.put_file, Call.putLink: self.builder.put_link,
@@ -220,7 +232,7 @@ class FsServer:
         req, path = self._decode(msg)
         if len(req.forgotten) and req.forgottenEpoch == self.epoch and len(req.forgottenMarks) == len(req.forgotten):
             self.forgotten(msg.node or self.here, req.forgotten, req.forgottenMarks)
-        if not self._now_ok(msg.type):
+        if not self._now_ok(msg.type) or self._recall_needed(req, path, msg.node or self.here):
             return None
         if len(req.closed) and not self._now_ok(Call.release):
             return None  # its closes wait too (a replica being copied must hear of them)
@@ -318,6 +330,7 @@ class FsServer:
             await self._release_for(origin, fh)
         out = new(fs.FsReply, epoch=self.epoch)
         try:
+            await self._recall_for(req, path, origin)
             await self._serve(msg.type, req, path, out, origin, msg.view())
         except OSError as e:
             return _os_failure(e, path)
@@ -336,7 +349,7 @@ class FsServer:
     def local_fast(self, ctype: int, req) -> "LocalReply | Later | None":
         """As fast(), for this node's own client: the reply, a Later (other
         nodes are to be told first), or None (await local())."""
-        if self.stale or not self._now_ok(ctype):
+        if self.stale or not self._now_ok(ctype) or self._recall_needed(req, req.path, self.here):
             return None
         out = LocalReply(self.epoch)
         targets, data = self._now(ctype, req, req.path, out, self.here, None)
@@ -346,6 +359,7 @@ class FsServer:
         if not self.epoch or self.stale:
             raise IpcError(f"fs@{self.vm}: this node is not serving", errno.EREMCHG)
         out = LocalReply(self.epoch)
+        await self._recall_for(req, req.path, self.here)
         await self._serve(ctype, req, req.path, out, self.here, None)
         return out
 
@@ -382,6 +396,11 @@ class FsServer:
         sequence number}.  payload: req as it came (None: a local call's)."""
         if not self.mirrors:
             return {}
+        if ctype == Call.unlinks:  # (those made here only: a replica checks no inode)
+            made = [bytes(n) for n, st in zip(req.names, out.statuses) if st == 0]
+            if not made:
+                return {}
+            req, payload = None, to_flat(new(fs.FsRequest, vm=self.vm, names=made))
         short = ctype == Call.write and out.size < len(req.data)
         if ctype in (Call.open, Call.create) or payload is None or short:
             b = req.as_builder() if payload is not None else new(fs.FsRequest, **req.fields())
@@ -485,7 +504,8 @@ class FsServer:
 
         lockers = {lk.owner.split(":", 1)[0] for lks in self.lock_table.locks.values() for lk in lks}
         holders = {node for nodes in self.holders.values() for node in nodes}
-        for node in ({f.node for f in self.files.values()} | lockers | holders) - {self.here, ""}:
+        nodes = {f.node for f in self.files.values()} | lockers | holders | set(self.delegated_to)
+        for node in nodes - {self.here, ""}:
             try:
                 alive = await self.etcd.get(status_key(node)) is not None
             except Exception:  # noqa: BLE001 - etcd away: next time
@@ -494,6 +514,8 @@ class FsServer:
                 continue
             self.lock_table.drop(f"{node}:")
             self.forgotten(node, list(self.holders))
+            for dino in [d for d, n in self.delegations.items() if n == node]:
+                self._undelegate(dino)
             gone = [fh for fh, f in self.files.items() if f.node == node]
             log.info("fs@%s: node %s left; closing its %d open files", self.vm, node, len(gone))
             for fh in gone:
@@ -752,6 +774,83 @@ class FsServer:
                 if not nodes:
                     del self.looked[dino]
 
+    # -- delegations ---------------------------------------------------------------------
+
+    def _delegate(self, dino: int, node: str) -> None:
+        self.delegations[dino] = node
+        self.delegated_to[node] += 1
+
+    def _undelegate(self, dino: int) -> None:
+        node = self.delegations.pop(dino)
+        self.delegated_to[node] -= 1
+        if not self.delegated_to[node]:
+            del self.delegated_to[node]
+
+    def _recall_needed(self, req, path: bytes, origin: str) -> bool:
+        """Whether a call of origin's must wait for a recall (_recall_for)."""
+        if not self.delegated_to or (len(self.delegated_to) == 1 and origin in self.delegated_to):
+            return False  # (no delegation, or only the caller's own: its calls come in order)
+        return bool(self._delegated_for(req, path, origin))
+
+    def _delegated_for(self, req, path: bytes, origin: str) -> dict[int, str]:
+        """The directories delegated to other nodes than origin that a call
+        names (the one its path or path2 is in, or the directory itself):
+        {inode: node}."""
+        if req.at or req.at2:  # (by a directory's handle: which one, this does not look up)
+            return {d: n for d, n in self.delegations.items() if n != origin}
+        found = {}
+        for p in (path, bytes(req.path2)):
+            if not p:
+                continue
+            try:
+                with self.store.at(check_path(p)) as (dfd, name):
+                    inos = [os.fstat(dfd).st_ino]
+                    with contextlib.suppress(OSError):
+                        inos.append(os.stat(name, dir_fd=dfd, follow_symlinks=False).st_ino)
+            except OSError:
+                continue  # (the call finds out itself)
+            for ino in inos:
+                node = self.delegations.get(ino)
+                if node is not None and node != origin:
+                    found[ino] = node
+        return found
+
+    async def _recall_for(self, req, path: bytes, origin: str) -> None:
+        """Recall what a call of origin's names of other nodes' delegations
+        (their unlinks sent behind there are made first)."""
+        while self._recall_needed(req, path, origin):
+            dirs = self._delegated_for(req, path, origin)
+            if not dirs:
+                return
+            await self._recall(dirs)
+
+    async def _recall(self, dirs: dict[int, str]) -> None:
+        waiting = [self.recalling[d] for d in dirs if d in self.recalling]
+        mine = {d: n for d, n in dirs.items() if d not in self.recalling}
+        for d in mine:
+            self.recalling[d] = trio.Event()
+        try:
+            async with trio.open_nursery() as nursery:
+                for node in set(mine.values()):
+                    nursery.start_soon(self._recall_from, node, [d for d, n in mine.items() if n == node])
+        finally:
+            for d in mine:
+                if self.delegations.get(d) == mine[d]:
+                    self._undelegate(d)
+                self.recalling.pop(d).set()
+        for event in waiting:
+            await event.wait()
+
+    async def _recall_from(self, node: str, dirs: list[int]) -> None:
+        m = fs.Recall.new_message(vm=self.vm, dirs=dirs, epoch=self.epoch)
+        try:
+            reply = await self.fabric.sendrec(f"fsc@{node}", Msg(Call.recall, to_flat(m)), timeout=RECALL_TIMEOUT)
+            if reply.status < 0:
+                raise IpcError(reply.error, -reply.status)
+        except (IpcError, EtcdUnavailable) as e:
+            log.warning("fs@%s: node %s did not give back %d directories (%s): unlinks it sent behind there "
+                        "may come after other nodes' calls", self.vm, node, len(dirs), e)
+
     # -- calls that read ---------------------------------------------------------------
 
     def lookup(self, req, path, out, origin) -> None:
@@ -1007,7 +1106,11 @@ class FsServer:
         return self._make(path, out, origin, req, lambda dfd, name: os.mknod(name, req.mode, req.rdev, dir_fd=dfd))
 
     def mkdir(self, req, path, out, origin) -> Changed:
-        return self._make(path, out, origin, req, lambda dfd, name: os.mkdir(name, 0o700, dir_fd=dfd))
+        changed = self._make(path, out, origin, req, lambda dfd, name: os.mkdir(name, 0o700, dir_fd=dfd))
+        if self.epoch and origin != self.here and len(self.delegations) < DELEGATIONS_MAX:
+            self._delegate(out.attr.ino, origin)  # (no other node knows it yet)
+            out.delegated = True
+        return changed
 
     def symlink(self, req, path, out, origin) -> Changed:
         target = bytes(req.data)
@@ -1058,14 +1161,39 @@ class FsServer:
         return Changed(dirs=[dino])
 
     def unlink(self, req, path, out, origin) -> Changed:
-        return self._remove(path, out, origin, lambda dfd, name: os.unlink(name, dir_fd=dfd))
+        # (a replica's inode numbers are its own; another term's are not this one's)
+        meant = req.ino if self.epoch and req.inoEpoch == self.epoch else 0
+        return self._remove(path, out, origin, lambda dfd, name: os.unlink(name, dir_fd=dfd), meant)
+
+    def unlinks(self, req, path, out, origin) -> "Changed | None":
+        """A node's unlinks sent behind, each made as an unlink (the
+        inode it means checked in this term); their statuses.  The
+        replicas are sent those that were made (see _mirror)."""
+        inos = list(req.inos) if self.epoch and req.inoEpoch == self.epoch else []
+        statuses, entries, inodes, dirs, gone = [], [], [], set(), []
+        for i, name in enumerate(req.names):
+            try:
+                c = self._remove(bytes(name), out, origin, lambda dfd, n: os.unlink(n, dir_fd=dfd),
+                                 inos[i] if i < len(inos) else 0)
+            except OSError as e:
+                statuses.append(-(e.errno or errno.EIO))
+                continue
+            statuses.append(0)
+            entries += c.entries
+            inodes += c.inodes
+            dirs.update(c.dirs)
+            gone += c.gone
+        out.statuses = statuses
+        return Changed(entries=entries, inodes=inodes, dirs=list(dirs), gone=gone) if entries else None
 
     def rmdir(self, req, path, out, origin) -> Changed:
         return self._remove(path, out, origin, lambda dfd, name: os.rmdir(name, dir_fd=dfd))
 
-    def _remove(self, path, out, origin, remove) -> Changed:
+    def _remove(self, path, out, origin, remove, meant: int = 0) -> Changed:
         with self.store.at(check_path(path)) as (dfd, name):
             st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            if meant and st.st_ino != meant:  # (an unlink sent behind: see VmFs.unlink)
+                raise OSError(errno.ESTALE, "another file has that name now")
             kept, done = self._keep(dfd, name, st), False
             try:
                 remove(dfd, name)
@@ -1073,6 +1201,8 @@ class FsServer:
             finally:
                 self._kept(kept, st.st_ino, done)
             dino = self._post_op(dfd, out, origin)
+        if st.st_ino in self.delegations:  # (its number may go to another directory)
+            self._undelegate(st.st_ino)
         return Changed(entries=[(dino, name)], inodes=[st.st_ino], dirs=[dino], gone=self._gone(st))
 
     def _gone(self, st: os.stat_result) -> list[int]:
@@ -1353,11 +1483,12 @@ class LocalStatFs:
 
 class LocalReply:
     __slots__ = ("attr", "fh", "data", "size", "entries", "more", "statfs", "epoch", "shared",
-                 "lockType", "lockStart", "lockEnd", "lockPid", "dirAttr", "synced", "version")
+                 "lockType", "lockStart", "lockEnd", "lockPid", "dirAttr", "synced", "version", "delegated",
+                 "statuses")
 
     def __init__(self, epoch: int):
         self.attr, self.fh, self.data, self.size, self.dirAttr = LocalAttr(), 0, b"", 0, LocalAttr()
-        self.synced, self.version = False, 0
+        self.synced, self.version, self.delegated, self.statuses = False, 0, False, []
         self.entries, self.more, self.statfs, self.epoch, self.shared = [], False, LocalStatFs(), epoch, False
         self.lockType, self.lockStart, self.lockEnd, self.lockPid = 0, 0, 0, 0
 

@@ -17,7 +17,7 @@ enum FsCall {
   mknod @4;        # path, mode, rdev, caller -> attr
   mkdir @5;        # path, mode, caller -> attr
   symlink @6;      # path, data (the target), caller -> attr
-  unlink @7;       # path
+  unlink @7;       # path; ino, inoEpoch: only if the name is still that inode (else ESTALE)
   rmdir @8;        # path
   rename @9;       # path -> path2, flags (RENAME_NOREPLACE, RENAME_EXCHANGE)
   link @10;        # path (existing) -> path2 (new) -> attr of path2
@@ -55,6 +55,10 @@ enum FsCall {
                    # EAGAIN if another owner holds a conflicting lock after lockWaitMs
   fallocate @35;   # path or via, flags (fallocate(2)'s mode), offset, size (the length) -> attr
                    # (a program's fallocate, from its node's supervisor: pyfuse3 has no FALLOCATE)
+  recall @36;      # server -> fsc@NODE: Recall: the directories the server delegated to the node are
+                   # its no more; the node answers once its unlinks sent behind there are made
+  unlinks @37;     # names (paths), inos, inoEpoch: unlinks a node sent behind (VmFs.unlink), each
+                   # made as an unlink of that inode -> statuses
 }
 
 struct Caller {
@@ -105,6 +109,8 @@ struct FsRequest {
                                 # the caller's node lost its path (another node moved it); empty: the root
   at2 @36 :Data;                # the same for path2
   atEpoch @37 :UInt64;          # the server term at and at2 are handles of (another term's: ESTALE)
+  names @38 :List(Data);        # unlinks: the paths
+  inos @39 :List(UInt64);       # unlinks: the inode each path is meant to name (of term inoEpoch)
 }
 
 struct Attr {
@@ -156,6 +162,9 @@ struct FsReply {
                          # post-op attributes), so the writer's node need not ask for them
   synced @14 :Bool;      # flush: the file's data is on every in-sync replica (a synchronous VM)
   version @15 :UInt64;   # open: the version of the file's data in this term (see FsServer.versions)
+  delegated @16 :Bool;   # mkdir: the new directory is the caller's node's alone until recalled: it
+                         # may unlink what it made there without waiting for the server (VmFs.unlink)
+  statuses @17 :List(Int32);  # unlinks: 0 or -errno, one per name
 }
 
 # The server's calls, as made, for a replica (each call's request as the
@@ -184,6 +193,14 @@ struct Invalidations {
   inodes @2 :List(UInt64);
   data @3 :Bool;             # inodes' cached data too, not only attributes
   moves @4 :List(Move);
+}
+
+# Directories delegated to a node (FsReply.delegated) that another node now
+# uses: the node's unlinks sent behind there must be made first.
+struct Recall {
+  vm @0 :Text;
+  dirs @1 :List(UInt64);   # the server's inode numbers
+  epoch @2 :UInt64;        # the server's term
 }
 
 # A directory the node may hold was moved: where it is now, for the node

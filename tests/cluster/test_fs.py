@@ -848,6 +848,102 @@ def test_real_tools_over_the_file_system(fsc, d, tmp_path):
     assert total == ["6", "ok"]
 
 
+@pytest.fixture
+def mine(fsc, request):
+    """A directory n2 made (the server, n1, delegates it to n2): (name, n1's
+    view of it, n2's)."""
+    name = request.node.name.replace("[", "-").replace("]", "")
+    (view(fsc, "n2") / name).mkdir()
+    return name, view(fsc, "n1") / name, view(fsc, "n2") / name
+
+
+def test_unlinks_sent_behind_are_made_before_another_node_looks(fsc, mine):
+    """n2 removes the files it made in a directory it made: its unlinks
+    are answered at once and sent behind, yet the server's node, looking
+    the moment the last one returned, finds none of them, as does n2."""
+    _, a, b = mine
+    for round_ in range(3):
+        names = [f"f{round_}-{i}" for i in range(300)]
+        for name in names:
+            (b / name).write_bytes(b"x" * 100)
+        for name in names:
+            os.unlink(b / name)
+        assert os.listdir(a) == [], round_  # (the delegation recalled: n2's unlinks came first)
+        assert os.listdir(b) == []
+        assert not (a / names[-1]).exists()
+        # n2 has its delegation back only for directories it makes anew:
+        # from now on, its unlinks here are answered by the server
+        (b / "again").write_text("x")
+        os.unlink(b / "again")
+        assert not (a / "again").exists()
+
+
+def test_a_name_unlinked_behind_and_made_again_holds_the_new_file(fsc, mine):
+    """An unlink sent behind, then a create of the same name (which waits
+    for it), then a write: both nodes read the new file."""
+    _, a, b = mine
+    for i in range(50):
+        (b / "f").write_text(f"old {i}")
+        os.unlink(b / "f")
+        (b / "f").write_text(f"new {i}")
+    assert (b / "f").read_text() == "new 49"
+    assert (a / "f").read_text() == "new 49"
+
+
+def test_a_file_unlinked_behind_while_open_keeps_its_data(fsc, mine):
+    _, a, b = mine
+    fd = os.open(b / "open", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        os.write(fd, b"still here")
+        os.unlink(b / "open")
+        assert os.fstat(fd).st_nlink == 0
+        assert os.pread(fd, 100, 0) == b"still here"
+        assert os.listdir(a) == []
+    finally:
+        os.close(fd)
+
+
+def test_a_delegated_directory_another_node_wrote_in_is_unlinked_in_line(fsc, mine):
+    """n1 makes a file in n2's directory (recalled), n2 removes it and its
+    own: every one is gone from both, and what n2 made after is kept."""
+    _, a, b = mine
+    (b / "by-n2").write_text("2")
+    (a / "by-n1").write_text("1")
+    os.unlink(b / "by-n1")
+    os.unlink(b / "by-n2")
+    (b / "kept").write_text("k")
+    assert sorted(os.listdir(a)) == ["kept"]
+    assert sorted(os.listdir(b)) == ["kept"]
+
+
+def test_a_third_node_looking_into_a_delegated_directory_finds_the_unlinks_made(cluster_factory):
+    """Server n1; n2 makes a directory and files there, then removes them
+    (sent behind); n3, looking the moment the last unlink returned, finds
+    none: n1 recalled n2's delegation, and n2 answered once its unlinks
+    were made.  n3 then makes a file there, and n2's unlinks are answered
+    by the server: n1 and n3 see them at once."""
+    c = cluster_factory(nodes=3)
+    c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", "--node", "n3", node="n1", check=True)
+    a, b, x = view(c, "n1"), view(c, "n2"), view(c, "n3")
+    _wait(lambda: _df(c, "n1").get("server") == "n1")
+    os.listdir(x)  # (n3 knows the root: its look into d below is one call)
+    for round_ in range(5):
+        d = f"d{round_}"
+        (b / d).mkdir()
+        names = [f"f{i}" for i in range(100)]
+        for name in names:
+            (b / d / name).write_text(name)
+        for name in names:
+            os.unlink(b / d / name)
+        assert not (x / d / names[-1]).exists(), round_
+        assert os.listdir(x / d) == [] and os.listdir(a / d) == []
+    (x / d / "from-n3").write_text("3")
+    (b / d / "from-n2").write_text("2")
+    os.unlink(b / d / "from-n2")
+    os.unlink(b / d / "from-n3")
+    assert os.listdir(x / d) == [] and os.listdir(a / d) == []
+
+
 def test_renames_and_unlinks_racing_from_two_nodes(fsc, d):
     _, a, b = d
     for i in range(20):
