@@ -32,8 +32,8 @@ from ..ipc.message import IpcError, Later, Msg
 from ..ipc.schema import bulk_of, from_flat, fs, new, to_flat
 from .cache import DataCache
 from .fallocate import COLLAPSE_RANGE, INSERT_RANGE
-from .server import (SET_ATIME, SET_GID, SET_MODE, SET_MTIME, SET_SIZE, SET_UID, WRITE_KILL_SUIDGID, FsServer,
-                     LocalAttr, LocalRequest)
+from .server import (DELEGATION_LEASE, SET_ATIME, SET_GID, SET_MODE, SET_MTIME, SET_SIZE, SET_UID,
+                     WRITE_KILL_SUIDGID, FsServer, LocalAttr, LocalRequest)
 from .store import NAME_MAX, XATTR_PREFIXES, join
 
 log = logging.getLogger("drvmmd")
@@ -55,6 +55,7 @@ TOLD_OF_MAX = 1 << 16         # beyond this, every reply on its way is taken as 
 PRIVATE_MAX = 1 << 16         # names kept as made here in delegated directories (beyond: unlinked in line)
 UNLINKS_MAX = 256             # unlinks sent behind in one call
 UNLINKS_GATHER = 0.002        # seconds the first waits for more, unless a call waits for them (_settle)
+RECALLED_KEPT = 10.0          # seconds a recall of a directory not (yet) delegated here is remembered
 ABSENT_GRACE = 1.0            # seconds the kernel may keep a name absent after this node's reckoning
 RELOOK_WAIT = 0.5             # an invalidation's reply waits at most this for moved directories' lookups
 RETRY_ERRNOS = {errno.ENOENT, errno.ECONNRESET, errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.EREMCHG,
@@ -245,10 +246,18 @@ class VmFs:
         self.private: dict[int, set[bytes]] = {}
         self.privates = 0             # names in private
         self.behind = 0               # unlinks answered here, not yet by the server
-        self.settled: trio.Event | None = None  # set once behind is 0 again
         self.queued: list[tuple] = []  # of those, not yet sent: (path, server inode, term, directory, name)
+        self.enqueued = self.made_behind = 0  # unlinks queued so far, and answered (in that order)
+        self.progress = trio.Event()   # set (and made anew) whenever made_behind grows
         self.sending = False           # _send_behind is on its way
         self.hurry = trio.Event()      # set when a call waits for the unlinks sent behind
+        # The server ends a delegation it could not recall only once this
+        # node's lease on it ran out: DELEGATION_LEASE after the last call
+        # it answered began (see FsServer._recall_from).
+        self.lease_until = 0.0
+        # Directories recalled before the reply that delegated them came
+        # (cino -> trio time): that reply's delegation is void.
+        self.recalled: dict[int, float] = {}
 
     # -- calls to the server ---------------------------------------------------------
 
@@ -257,8 +266,9 @@ class VmFs:
         followed its delivery (a reset connection), only after one that
         shows it never arrived.  behind: an unlink sent behind (see unlink);
         any other call waits until those are answered."""
-        if self.behind and not behind and not self.renewing:  # (renewing: maybe for a reply of one of those)
+        if self.behind and not behind:
             await self._settle()
+        began = trio.current_time()
         if "at" in fields or "at2" in fields:
             fields["atEpoch"] = self.epoch  # (handles are of this term's server: see locate)
         if ctype not in QUERIES:
@@ -275,6 +285,7 @@ class VmFs:
             # runs -- readdir's snapshot aside, see _forgotten -- so an
             # inode the reply makes the kernel cache cancels its notice)
             del self.unanswered[number]
+        self.lease_until = max(self.lease_until, began + DELEGATION_LEASE)
         if r.epoch > self.epoch:
             await self._new_term(r.epoch)
         elif r.epoch < self.epoch:
@@ -406,7 +417,9 @@ class VmFs:
             return
         self.renewing = True
         try:
-            r = await self.call(Call.getattr, idempotent=True, path=b"")  # the new server's root
+            # (behind: not waiting for the unlinks sent behind, as this may
+            # be for the reply to one of their calls)
+            r = await self.call(Call.getattr, idempotent=True, behind=True, path=b"")  # the new server's root
         except pyfuse3.FUSEError:
             self.epoch = old  # the next reply of this term tries again
             raise
@@ -430,6 +443,7 @@ class VmFs:
         self.delegated.clear()  # (the new server delegated nothing)
         self.private.clear()
         self.privates = 0
+        self.recalled.clear()
         self.known.clear()
         self.server_root = r.attr.ino
         log.info("%s: a new server (term %d); dropping this node's caches", self.target, epoch)
@@ -860,7 +874,7 @@ class VmFs:
         entry = self._entry(dino, name, r.attr, change.told, self._asked(parent, where))
         if ctype == Call.mkdir:
             self._now_known(self._c(r.attr.ino), (), change)
-            if r.delegated:
+            if r.delegated and self.recalled.pop(self._c(r.attr.ino), None) is None:
                 self.delegated.add(self._c(r.attr.ino))
         else:
             self._made_private(dino, name)
@@ -892,7 +906,8 @@ class VmFs:
         if names is not None and name in names:
             self._not_private(dino, name)
             cino = self.entries.get((dino, name))
-            sino = self._sino(self.tag | cino) if cino is not None and dino in self.delegated else 0
+            held = dino in self.delegated and trio.current_time() < self.lease_until
+            sino = self._sino(self.tag | cino) if cino is not None and held else 0
             fields = self.named(parent, name) if sino else {}
             if sino and "at" not in fields:
                 return self._unlink_behind(dino, name, fields["path"], sino)
@@ -916,6 +931,7 @@ class VmFs:
             self.fresh[dino] = (fresh[0], _touched(fresh[1]))
         self.queued.append((path, sino, self.epoch, dino, name))
         self.behind += 1
+        self.enqueued += 1
         if not self.sending:
             self.sending = True
             self.spawn(self._send_behind)
@@ -924,21 +940,22 @@ class VmFs:
         """Send the queued unlinks, those of one term in one call, until
         none is left."""
         try:
-            while self.queued:
-                if self.settled is None and len(self.queued) < UNLINKS_MAX:
-                    # (a program removing files makes one every ~100 µs here;
-                    # a message costs each daemon ~150 µs of CPU: alone, each
-                    # unlink would still cost the daemons its own message)
-                    self.hurry = trio.Event()
-                    with trio.move_on_after(UNLINKS_GATHER):
-                        await self.hurry.wait()
-                await self._send_batch()
-        finally:
-            # The kernel was told these are made: made they are, also when
-            # the daemon stops (each call is bounded by CALL_TIMEOUT).
-            with trio.CancelScope(shield=True):
+            try:
                 while self.queued:
+                    if not self.hurry.is_set() and len(self.queued) < UNLINKS_MAX:
+                        # (a program removing files makes one every ~100 µs
+                        # here; a message costs each daemon ~150 µs of CPU:
+                        # alone, each unlink would cost the daemons its own)
+                        with trio.move_on_after(UNLINKS_GATHER):
+                            await self.hurry.wait()
                     await self._send_batch()
+            finally:
+                # The kernel was told these are made: made they are, also
+                # when the daemon stops (each call is bounded by CALL_TIMEOUT).
+                with trio.CancelScope(shield=True):
+                    while self.queued:
+                        await self._send_batch()
+        finally:
             self.sending = False
 
     async def _send_batch(self) -> None:
@@ -950,48 +967,65 @@ class VmFs:
                 await self._unlinks(batch, term)
         finally:
             self.behind -= len(batch)
-            if not self.behind and self.settled is not None:
-                self.settled.set()
-                self.settled = None
+            self.made_behind += len(batch)
+            self.progress.set()
+            self.progress = trio.Event()
+            if not self.queued:
+                self.hurry = trio.Event()
 
     async def _unlinks(self, batch: list, term: int) -> None:
+        """One call of queued unlinks; failures logged (the kernel was told
+        they were made), a call a server of an ended term answered made
+        again in the new one."""
+        fields = dict(names=[q[0] for q in batch], inos=[q[1] for q in batch], inoEpoch=term)
         try:
-            r = await self.call(Call.unlinks, behind=True, names=[q[0] for q in batch],
-                                inos=[q[1] for q in batch], inoEpoch=term)
-            statuses = list(r.statuses)
+            try:
+                statuses = list((await self.call(Call.unlinks, behind=True, **fields)).statuses)
+            except pyfuse3.FUSEError as e:
+                if e.errno != errno.ESTALE:
+                    raise
+                statuses = list((await self.call(Call.unlinks, behind=True, **fields)).statuses)
         except pyfuse3.FUSEError as e:
             statuses = [-e.errno] * len(batch)
+        except Exception:  # noqa: BLE001 - a bug here must not leave the queue stuck
+            log.exception("fs@%s: unlinks sent behind", self.vm)
+            statuses = [-errno.EIO] * len(batch)
         for (path, _, _, dino, name), st in zip(batch, statuses):
-            if st >= 0:
+            if st >= 0 or st == -errno.ENOENT:  # (ENOENT: made twice across a fail-over)
                 continue
-            # ENOENT, ESTALE: made twice across a fail-over (or the name is
-            # another file's now); else the file is still there, and what
-            # this node knew of the directory goes
-            quiet = -st in (errno.ENOENT, errno.ESTALE)
-            log.log(logging.INFO if quiet else logging.WARNING, "fs@%s: unlink of %r sent behind: %s",
-                    self.vm, path, os.strerror(-st))
-            if not quiet:
-                self.known.pop(dino, None)
-                self.fresh.pop(dino, None)
+            # (ESTALE: the name is another file's now)
+            log.warning("fs@%s: unlink of %r sent behind: %s", self.vm, path, os.strerror(-st))
+            self.known.pop(dino, None)
+            self.fresh.pop(dino, None)
 
     async def _settle(self) -> None:
-        """Until every unlink sent behind is answered."""
-        while self.behind:
-            if self.settled is None:
-                self.settled = trio.Event()
-            self.hurry.set()
-            await self.settled.wait()
+        """Until the unlinks queued before this are answered (those queued
+        later are not waited for: a program removing files on and on does
+        not hold the others up)."""
+        mark = self.enqueued
+        self.hurry.set()
+        while self.made_behind < mark:
+            await self.progress.wait()
 
     async def recall(self, dirs, epoch: int) -> None:
         """The server takes these directories back (another node uses them):
         answered once the unlinks sent behind are made (those after this
         began are made in line)."""
         if epoch == self.epoch:
+            now = trio.current_time()
             for dino in dirs:
                 cino = self._c(dino)
-                self.delegated.discard(cino)
-                self.privates -= len(self.private.pop(cino, ()))
+                if cino in self.delegated:
+                    self._undelegate(cino)
+                else:  # (the reply that delegates it is still on its way)
+                    self.recalled[cino] = now
+            if len(self.recalled) > 64:
+                self.recalled = {c: t for c, t in self.recalled.items() if t > now - RECALLED_KEPT}
         await self._settle()
+
+    def _undelegate(self, cino: int) -> None:
+        self.delegated.discard(cino)
+        self.privates -= len(self.private.pop(cino, ()))
 
     def _made_private(self, dino: int, name: bytes) -> None:
         if dino in self.delegated and self.privates < PRIVATE_MAX:
@@ -1010,8 +1044,7 @@ class VmFs:
         cino = self.entries.get((parent & MASK, name))
         await self._remove(Call.rmdir, parent, name)
         if cino is not None and cino in self.delegated:
-            self.delegated.discard(cino)
-            self.privates -= len(self.private.pop(cino, ()))
+            self._undelegate(cino)
 
     async def _remove(self, ctype, parent, name) -> None:
         dino, cino = parent & MASK, self.entries.get((parent & MASK, name))
@@ -1041,6 +1074,8 @@ class VmFs:
             self._place(replaced, d1, old_name)
         elif replaced is not None:
             self.known.pop(replaced, None)
+            if replaced in self.delegated:
+                self._undelegate(replaced)
             if replaced in self.inodes:
                 self.inodes[replaced].parent = None
         if moved is not None:

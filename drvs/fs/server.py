@@ -44,7 +44,11 @@ from .store import XATTR_PREFIXES, Store, check_path
 log = logging.getLogger("drvmmd")
 Call = fs.FsCall
 INVALIDATE_TIMEOUT = 1.0  # a node that does not confirm within this is dropped from every cache list
-RECALL_TIMEOUT = 5.0      # a delegation's node gets this long to make its unlinks sent behind
+RECALL_TIMEOUT = 2.0      # a delegation's node gets this long to make its unlinks sent behind
+# A node uses a delegation only this long after a call of its that this
+# server answered began (drvs/fs/client.py): one that cannot be recalled
+# (away, or cut off) is ended once that has passed since its last call came.
+DELEGATION_LEASE = 5.0
 DELEGATIONS_MAX = 4096    # directories delegated at once (no more are granted beyond)
 READDIR_BATCH = 512
 LISTING_KEPT = 10.0   # seconds a directory's names are kept for the next batch of its listing
@@ -195,6 +199,7 @@ class FsServer:
         self.delegations: dict[int, str] = {}
         self.delegated_to: collections.Counter = collections.Counter()  # node -> its delegations
         self.recalling: dict[int, trio.Event] = {}  # directory -> set when its recall ended
+        self.heard: dict[str, float] = {}  # node -> when (time.monotonic) its last call came
         self.plain = {t for t, h in self.table.items() if not inspect.iscoroutinefunction(h)}
         self.puts = {Call.putBegin: self._put_begin, Call.putDir: self.builder.put_dir,
                      Call.putFile: self.builder.put_file, Call.putLink: self.builder.put_link,
@@ -230,6 +235,8 @@ class FsServer:
         if msg.type not in self.table or not self.epoch or self.stale:
             return None  # handle() says what is wrong
         req, path = self._decode(msg)
+        if msg.node in self.delegated_to:
+            self.heard[msg.node] = time.monotonic()
         if len(req.forgotten) and req.forgottenEpoch == self.epoch and len(req.forgottenMarks) == len(req.forgotten):
             self.forgotten(msg.node or self.here, req.forgotten, req.forgottenMarks)
         if not self._now_ok(msg.type) or self._recall_needed(req, path, msg.node or self.here):
@@ -326,6 +333,8 @@ class FsServer:
             raise IpcError(f"fs@{self.vm}: this node is not serving", errno.EREMCHG)
         req, path = self._decode(msg)
         origin = msg.node or self.here
+        if origin in self.delegated_to:
+            self.heard[origin] = time.monotonic()
         for fh in req.closed:  # closes the caller's node left for its next call
             await self._release_for(origin, fh)
         out = new(fs.FsReply, epoch=self.epoch)
@@ -514,8 +523,9 @@ class FsServer:
                 continue
             self.lock_table.drop(f"{node}:")
             self.forgotten(node, list(self.holders))
-            for dino in [d for d, n in self.delegations.items() if n == node]:
-                self._undelegate(dino)
+            if time.monotonic() > self.heard.get(node, 0.0) + DELEGATION_LEASE:  # (else: next time)
+                for dino in [d for d, n in self.delegations.items() if n == node]:
+                    self._undelegate(dino)
             gone = [fh for fh, f in self.files.items() if f.node == node]
             log.info("fs@%s: node %s left; closing its %d open files", self.vm, node, len(gone))
             for fh in gone:
@@ -777,14 +787,18 @@ class FsServer:
     # -- delegations ---------------------------------------------------------------------
 
     def _delegate(self, dino: int, node: str) -> None:
+        if dino in self.delegations:  # (a number of a directory gone: never left delegated)
+            self._undelegate(dino)
         self.delegations[dino] = node
         self.delegated_to[node] += 1
+        self.heard[node] = time.monotonic()
 
     def _undelegate(self, dino: int) -> None:
         node = self.delegations.pop(dino)
         self.delegated_to[node] -= 1
         if not self.delegated_to[node]:
             del self.delegated_to[node]
+            self.heard.pop(node, None)
 
     def _recall_needed(self, req, path: bytes, origin: str) -> bool:
         """Whether a call of origin's must wait for a recall (_recall_for)."""
@@ -795,9 +809,12 @@ class FsServer:
     def _delegated_for(self, req, path: bytes, origin: str) -> dict[int, str]:
         """The directories delegated to other nodes than origin that a call
         names (the one its path or path2 is in, or the directory itself):
-        {inode: node}."""
-        if req.at or req.at2:  # (by a directory's handle: which one, this does not look up)
-            return {d: n for d, n in self.delegations.items() if n != origin}
+        {inode: node}.  A call that may move a directory (a rename naming
+        one), or that names one by its handle, takes back every other
+        node's: the paths of their queued unlinks would lead elsewhere."""
+        others = {d: n for d, n in self.delegations.items() if n != origin}
+        if req.at or req.at2:
+            return others
         found = {}
         for p in (path, bytes(req.path2)):
             if not p:
@@ -805,14 +822,19 @@ class FsServer:
             try:
                 with self.store.at(check_path(p)) as (dfd, name):
                     inos = [os.fstat(dfd).st_ino]
-                    with contextlib.suppress(OSError):
-                        inos.append(os.stat(name, dir_fd=dfd, follow_symlinks=False).st_ino)
+                    try:
+                        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                    except OSError:
+                        st = None
             except OSError:
                 continue  # (the call finds out itself)
+            if st is not None:
+                if req.path2 and stat.S_ISDIR(st.st_mode):
+                    return others
+                inos.append(st.st_ino)
             for ino in inos:
-                node = self.delegations.get(ino)
-                if node is not None and node != origin:
-                    found[ino] = node
+                if ino in others:
+                    found[ino] = others[ino]
         return found
 
     async def _recall_for(self, req, path: bytes, origin: str) -> None:
@@ -848,8 +870,10 @@ class FsServer:
             if reply.status < 0:
                 raise IpcError(reply.error, -reply.status)
         except (IpcError, EtcdUnavailable) as e:
-            log.warning("fs@%s: node %s did not give back %d directories (%s): unlinks it sent behind there "
-                        "may come after other nodes' calls", self.vm, node, len(dirs), e)
+            left = self.heard.get(node, 0.0) + DELEGATION_LEASE - time.monotonic()
+            log.warning("fs@%s: node %s did not give back %d directories (%s); ending them once its lease "
+                        "ran out (%.1f s)", self.vm, node, len(dirs), e, max(left, 0))
+            await trio.sleep(max(left, 0))
 
     # -- calls that read ---------------------------------------------------------------
 
@@ -1184,6 +1208,9 @@ class FsServer:
             dirs.update(c.dirs)
             gone += c.gone
         out.statuses = statuses
+        failed = next((st for st in statuses if st < 0), 0)
+        if failed and not self.epoch:  # a replica: the server sent only what it made (see _mirror)
+            raise OSError(-failed, "an unlink the server made failed here")
         return Changed(entries=entries, inodes=inodes, dirs=list(dirs), gone=gone) if entries else None
 
     def rmdir(self, req, path, out, origin) -> Changed:
@@ -1240,6 +1267,8 @@ class FsServer:
         if exchange and stat.S_ISDIR(replaced.st_mode):
             moves.append((replaced.st_ino, i1, path))
         gone = [] if exchange else self._gone(replaced)
+        if not exchange and replaced.st_ino in self.delegations and replaced.st_ino != moved.st_ino:
+            self._undelegate(replaced.st_ino)  # (a directory replaced: its number may come back)
         return Changed(entries=[(i1, n1), (i2, n2)], inodes=[moved.st_ino, replaced.st_ino], dirs=[i1, i2],
                        gone=gone, moves=moves)
 

@@ -87,11 +87,11 @@ class FsNode:
         spec, made = VmSpec.from_json(entry.value), entry.create_revision
         me = self.member.name
         epoch, before = await replica.take_over(self.etcd, vm, me, first=spec.fs_nodes[:1] == [me])
+        self.terms[vm] = epoch  # (the old server's batches are refused from now on: it learns so too)
         if before and before != me:
             await self._term_began(vm, made, epoch, before)
         async with self._lock(vm):
             server = await self._server(vm, made)
-        self.terms[vm] = epoch
         server.promote(epoch, spec.fs_nodes, spec.fs_sync)
         log.info("fs@%s: term %d; replicas %s", vm, epoch, ", ".join(spec.fs_nodes))
         return _Serving(self, server)
@@ -164,6 +164,8 @@ class FsNode:
                 if server.epoch < epoch:
                     server.stale = True  # it steps down; the new server copies to it then
                 raise IpcError(f"fs@{vm}: this node serves it (term {server.epoch})", errno.EBUSY)
+            if not len(batch.calls):  # (a new term's news only: see _term_began)
+                return Msg(0, to_flat(fs.BatchReply.new_message()))
             server = await self._server(vm, made, check=True)
         statuses = await server.apply(batch)
         out = fs.BatchReply.new_message()

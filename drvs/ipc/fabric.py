@@ -562,9 +562,13 @@ class Fabric:
         seconds (the caller's bound); its failures become replies."""
         if msg.node and msg.source and msg.node != self.name:
             ok = self.source_ok(msg)
-            if ok is not True:  # unknown, or maybe moved since: ask etcd (while it answers)
+            if ok is not True and self._etcd_away(time.monotonic()):
+                # (etcd away: only what etcd said last; never a guess)
+                cached = self.locations.get(msg.source)
+                ok = cached is not None and cached[1].node == msg.node
+            elif ok is not True:  # unknown, or maybe moved since: ask etcd
                 try:
-                    ok = (await self.resolve(msg.source, fresh=not self._etcd_away(time.monotonic()))).node == msg.node
+                    ok = (await self.resolve(msg.source, fresh=True)).node == msg.node
                 except (IpcError, EtcdUnavailable):
                     ok = False
             if not ok:

@@ -903,6 +903,26 @@ def test_a_file_unlinked_behind_while_open_keeps_its_data(fsc, mine):
         os.close(fd)
 
 
+def test_unlinks_sent_behind_are_made_before_another_node_moves_the_tree(fsc, mine):
+    """n2's queued unlinks name their files by path: another node renaming
+    a directory above them first takes every delegation back, so they are
+    made where the files were, not lost."""
+    _, a, b = mine
+    for round_ in range(3):
+        (a / "top").mkdir()  # (n1's: not delegated)
+        (b / "top" / "sub").mkdir()  # (n2's)
+        names = [f"f{i}" for i in range(100)]
+        for name in names:
+            (b / "top" / "sub" / name).write_text(name)
+        for name in names:
+            os.unlink(b / "top" / "sub" / name)
+        os.rename(a / "top", a / "moved")
+        assert os.listdir(a / "moved" / "sub") == [], round_
+        assert os.listdir(b / "moved" / "sub") == []
+        os.rmdir(b / "moved" / "sub")
+        os.rmdir(b / "moved")
+
+
 def test_a_delegated_directory_another_node_wrote_in_is_unlinked_in_line(fsc, mine):
     """n1 makes a file in n2's directory (recalled), n2 removes it and its
     own: every one is gone from both, and what n2 made after is kept."""
