@@ -133,10 +133,10 @@ class _Change:
 class ReadReply:
     """A read's reply whose data is a view of the message it came in."""
 
-    __slots__ = ("epoch", "data")
+    __slots__ = ("epoch", "data", "revocations")
 
-    def __init__(self, epoch: int, data: memoryview):
-        self.epoch, self.data = epoch, data
+    def __init__(self, epoch: int, data: memoryview, revocations: int = 0):
+        self.epoch, self.data, self.revocations = epoch, data, revocations
 
 
 def _touched(a) -> LocalAttr:
@@ -256,8 +256,9 @@ class VmFs:
         # it answered began (see FsServer._recall_from).
         self.lease_until = 0.0
         # Directories recalled before the reply that delegated them came
-        # (cino -> trio time): that reply's delegation is void.
-        self.recalled: dict[int, float] = {}
+        # ((term, server inode) -> trio time): that reply's delegation is void.
+        self.recalled: dict[tuple[int, int], float] = {}
+        self.revocations = 0  # as the server's last reply said (FsReply.revocations)
 
     # -- calls to the server ---------------------------------------------------------
 
@@ -285,13 +286,17 @@ class VmFs:
             # runs -- readdir's snapshot aside, see _forgotten -- so an
             # inode the reply makes the kernel cache cancels its notice)
             del self.unanswered[number]
-        self.lease_until = max(self.lease_until, began + DELEGATION_LEASE)
         if r.epoch > self.epoch:
             await self._new_term(r.epoch)
         elif r.epoch < self.epoch:
             # A server that has yet to learn its term is over: its inode
             # numbers are not this term's, nor is what it did sure to last.
             raise pyfuse3.FUSEError(errno.ESTALE)
+        if r.revocations != self.revocations:  # (the server ended delegations it could not recall)
+            self.revocations = r.revocations
+            for cino in list(self.delegated):
+                self._undelegate(cino)
+        self.lease_until = max(self.lease_until, began + DELEGATION_LEASE)
         return r
 
     def _forgotten(self, limit: int = FORGOTTEN_PER_CALL) -> dict:
@@ -363,7 +368,7 @@ class VmFs:
         if ctype == Call.read:
             data = bulk_of(payload, fs.FsReply, "data")
             if data is not None:  # a large read's data, sent out of line: not copied out
-                return ReadReply(r.epoch, data)
+                return ReadReply(r.epoch, data, r.revocations)
         return r
 
     async def _send(self, ctype, idempotent: bool, fields: dict, closed: list, once: bool = False) -> Msg:
@@ -443,7 +448,8 @@ class VmFs:
         self.delegated.clear()  # (the new server delegated nothing)
         self.private.clear()
         self.privates = 0
-        self.recalled.clear()
+        self.revocations = 0
+        self.recalled = {k: t for k, t in self.recalled.items() if k[0] >= epoch}
         self.known.clear()
         self.server_root = r.attr.ino
         log.info("%s: a new server (term %d); dropping this node's caches", self.target, epoch)
@@ -874,7 +880,7 @@ class VmFs:
         entry = self._entry(dino, name, r.attr, change.told, self._asked(parent, where))
         if ctype == Call.mkdir:
             self._now_known(self._c(r.attr.ino), (), change)
-            if r.delegated and self.recalled.pop(self._c(r.attr.ino), None) is None:
+            if r.delegated and self.recalled.pop((r.epoch, r.attr.ino), None) is None:
                 self.delegated.add(self._c(r.attr.ino))
         else:
             self._made_private(dino, name)
@@ -1003,6 +1009,8 @@ class VmFs:
         later are not waited for: a program removing files on and on does
         not hold the others up)."""
         mark = self.enqueued
+        if self.made_behind >= mark:
+            return
         self.hurry.set()
         while self.made_behind < mark:
             await self.progress.wait()
@@ -1011,16 +1019,15 @@ class VmFs:
         """The server takes these directories back (another node uses them):
         answered once the unlinks sent behind are made (those after this
         began are made in line)."""
-        if epoch == self.epoch:
-            now = trio.current_time()
-            for dino in dirs:
-                cino = self._c(dino)
-                if cino in self.delegated:
-                    self._undelegate(cino)
-                else:  # (the reply that delegates it is still on its way)
-                    self.recalled[cino] = now
-            if len(self.recalled) > 64:
-                self.recalled = {c: t for c, t in self.recalled.items() if t > now - RECALLED_KEPT}
+        now = trio.current_time()
+        for dino in dirs:
+            cino = self._c(dino) if epoch == self.epoch else None
+            if cino is not None and cino in self.delegated:
+                self._undelegate(cino)
+            elif epoch >= self.epoch:  # (the reply that delegates it is still on its way)
+                self.recalled[epoch, dino] = now
+        if len(self.recalled) > 64:
+            self.recalled = {k: t for k, t in self.recalled.items() if t > now - RECALLED_KEPT}
         await self._settle()
 
     def _undelegate(self, cino: int) -> None:

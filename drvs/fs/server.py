@@ -49,6 +49,7 @@ RECALL_TIMEOUT = 2.0      # a delegation's node gets this long to make its unlin
 # server answered began (drvs/fs/client.py): one that cannot be recalled
 # (away, or cut off) is ended once that has passed since its last call came.
 DELEGATION_LEASE = 5.0
+REVOKED_KEPT = 60.0  # seconds a node's unlinks sent behind into a directory taken from it are refused
 DELEGATIONS_MAX = 4096    # directories delegated at once (no more are granted beyond)
 READDIR_BATCH = 512
 LISTING_KEPT = 10.0   # seconds a directory's names are kept for the next batch of its listing
@@ -200,6 +201,12 @@ class FsServer:
         self.delegated_to: collections.Counter = collections.Counter()  # node -> its delegations
         self.recalling: dict[int, trio.Event] = {}  # directory -> set when its recall ended
         self.heard: dict[str, float] = {}  # node -> when (time.monotonic) its last call came
+        # Delegations ended without their node's answer: node -> how many
+        # (each reply to it says so: FsReply.revocations), and node ->
+        # {directory: when}: its unlinks sent behind there that come after
+        # are refused (ESTALE), as other nodes may have looked meanwhile.
+        self.revocations: collections.Counter = collections.Counter()
+        self.revoked: dict[str, dict[int, float]] = {}
         self.plain = {t for t, h in self.table.items() if not inspect.iscoroutinefunction(h)}
         self.puts = {Call.putBegin: self._put_begin, Call.putDir: self.builder.put_dir,
                      Call.putFile: self.builder.put_file, Call.putLink: self.builder.put_link,
@@ -254,6 +261,8 @@ class FsServer:
                 log.exception("fs@%s: closing handle %d of node %s", self.vm, fh, origin)
         try:
             out = new(fs.FsReply, epoch=self.epoch)
+            if origin in self.revocations:
+                out.revocations = self.revocations[origin]
             if msg.type == Call.read:  # the data goes out of line: never copied into the reply
                 reply = Msg(0, flat_with(out, "data", self.local_read(req.fh, req.offset, req.size)))
             else:
@@ -338,6 +347,8 @@ class FsServer:
         for fh in req.closed:  # closes the caller's node left for its next call
             await self._release_for(origin, fh)
         out = new(fs.FsReply, epoch=self.epoch)
+        if origin in self.revocations:
+            out.revocations = self.revocations[origin]
         try:
             await self._recall_for(req, path, origin)
             await self._serve(msg.type, req, path, out, origin, msg.view())
@@ -375,6 +386,7 @@ class FsServer:
     async def _serve(self, ctype: int, req, path: bytes, out, origin: str, payload: bytes | None) -> None:
         if ctype in MIRRORED:
             await self._room()
+            await self._recall_for(req, path, origin)  # (a directory may have been delegated meanwhile)
         req, path, payload = self._anchored(req, path, payload)
         self.seq = req.seq  # (the handlers that note interest are plain functions: no await till they did)
         changed, waits = self._made(ctype, req, payload, out, origin,
@@ -524,8 +536,11 @@ class FsServer:
             self.lock_table.drop(f"{node}:")
             self.forgotten(node, list(self.holders))
             if time.monotonic() > self.heard.get(node, 0.0) + DELEGATION_LEASE:  # (else: next time)
-                for dino in [d for d, n in self.delegations.items() if n == node]:
+                dirs = [d for d, n in self.delegations.items() if n == node]
+                for dino in dirs:
                     self._undelegate(dino)
+                if dirs:
+                    self._revoked(node, dirs)
             gone = [fh for fh, f in self.files.items() if f.node == node]
             log.info("fs@%s: node %s left; closing its %d open files", self.vm, node, len(gone))
             for fh in gone:
@@ -800,6 +815,15 @@ class FsServer:
             del self.delegated_to[node]
             self.heard.pop(node, None)
 
+    def _revoked(self, node: str, dirs) -> None:
+        """Delegations of node ended without its answer (see revocations)."""
+        self.revocations[node] += 1
+        now = time.monotonic()
+        kept = self.revoked.setdefault(node, {})
+        for d in [d for d, when in kept.items() if when < now - REVOKED_KEPT]:
+            del kept[d]
+        kept.update((d, now) for d in dirs)
+
     def _recall_needed(self, req, path: bytes, origin: str) -> bool:
         """Whether a call of origin's must wait for a recall (_recall_for)."""
         if not self.delegated_to or (len(self.delegated_to) == 1 and origin in self.delegated_to):
@@ -874,6 +898,7 @@ class FsServer:
             log.warning("fs@%s: node %s did not give back %d directories (%s); ending them once its lease "
                         "ran out (%.1f s)", self.vm, node, len(dirs), e, max(left, 0))
             await trio.sleep(max(left, 0))
+            self._revoked(node, dirs)
 
     # -- calls that read ---------------------------------------------------------------
 
@@ -1194,9 +1219,12 @@ class FsServer:
         inode it means checked in this term); their statuses.  The
         replicas are sent those that were made (see _mirror)."""
         inos = list(req.inos) if self.epoch and req.inoEpoch == self.epoch else []
+        revoked = self.revoked.get(origin) if self.epoch else None
         statuses, entries, inodes, dirs, gone = [], [], [], set(), []
         for i, name in enumerate(req.names):
             try:
+                if revoked and self._in_revoked(bytes(name), revoked):
+                    raise OSError(errno.ESTALE, "the directory's delegation was taken back meanwhile")
                 c = self._remove(bytes(name), out, origin, lambda dfd, n: os.unlink(n, dir_fd=dfd),
                                  inos[i] if i < len(inos) else 0)
             except OSError as e:
@@ -1212,6 +1240,10 @@ class FsServer:
         if failed and not self.epoch:  # a replica: the server sent only what it made (see _mirror)
             raise OSError(-failed, "an unlink the server made failed here")
         return Changed(entries=entries, inodes=inodes, dirs=list(dirs), gone=gone) if entries else None
+
+    def _in_revoked(self, path: bytes, revoked: dict) -> bool:
+        with self.store.at(check_path(path)) as (dfd, _):
+            return os.fstat(dfd).st_ino in revoked
 
     def rmdir(self, req, path, out, origin) -> Changed:
         return self._remove(path, out, origin, lambda dfd, name: os.rmdir(name, dir_fd=dfd))
@@ -1513,11 +1545,11 @@ class LocalStatFs:
 class LocalReply:
     __slots__ = ("attr", "fh", "data", "size", "entries", "more", "statfs", "epoch", "shared",
                  "lockType", "lockStart", "lockEnd", "lockPid", "dirAttr", "synced", "version", "delegated",
-                 "statuses")
+                 "statuses", "revocations")
 
     def __init__(self, epoch: int):
         self.attr, self.fh, self.data, self.size, self.dirAttr = LocalAttr(), 0, b"", 0, LocalAttr()
-        self.synced, self.version, self.delegated, self.statuses = False, 0, False, []
+        self.synced, self.version, self.delegated, self.statuses, self.revocations = False, 0, False, [], 0
         self.entries, self.more, self.statfs, self.epoch, self.shared = [], False, LocalStatFs(), epoch, False
         self.lockType, self.lockStart, self.lockEnd, self.lockPid = 0, 0, 0, 0
 

@@ -165,6 +165,8 @@ struct FsReply {
   delegated @16 :Bool;   # mkdir: the new directory is the caller's node's alone until recalled: it
                          # may unlink what it made there without waiting for the server (VmFs.unlink)
   statuses @17 :List(Int32);  # unlinks: 0 or -errno, one per name
+  revocations @18 :UInt64;    # delegations of the caller's node the server ended without its answer
+                              # (a recall that failed): when this grows, the node drops all of its own
 }
 
 # The server's calls, as made, for a replica (each call's request as the

@@ -923,6 +923,30 @@ def test_unlinks_sent_behind_are_made_before_another_node_moves_the_tree(fsc, mi
         os.rmdir(b / "moved")
 
 
+def test_a_delegation_its_node_cannot_give_back_ends_once_its_lease_ran_out(cluster_factory):
+    """n2's daemon is stopped while it holds a directory: n1's listing waits
+    out the recall (2 s) and then n2's lease (5 s from its last call: n2
+    may still be unlinking behind until then), and goes on.  Back, n2 no
+    longer holds the directory: its unlinks there are seen from n1 at once."""
+    c = cluster_factory(nodes=2)
+    c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", node="n1", check=True)
+    a, b = view(c, "n1"), view(c, "n2")
+    _wait(lambda: _df(c, "n1").get("server") == "n1")
+    (b / "d").mkdir()
+    for name in ("f1", "f2"):
+        (b / "d" / name).write_text(name)
+    daemon = c.node("n2")["pid"]
+    os.kill(daemon, signal.SIGSTOP)
+    try:
+        names, took = _timed(lambda: sorted(os.listdir(a / "d")))
+    finally:
+        os.kill(daemon, signal.SIGCONT)
+    assert names == ["f1", "f2"] and 4 < took < 12, (names, took)
+    (b / "elsewhere").write_text("x")  # (calls n1 answers: n2's lease is new, and it hears of the directory taken)
+    os.unlink(b / "d" / "f1")
+    assert os.listdir(a / "d") == ["f2"]
+
+
 def test_a_delegated_directory_another_node_wrote_in_is_unlinked_in_line(fsc, mine):
     """n1 makes a file in n2's directory (recalled), n2 removes it and its
     own: every one is gone from both, and what n2 made after is kept."""
