@@ -292,7 +292,7 @@ class VmFs:
             # A server that has yet to learn its term is over: its inode
             # numbers are not this term's, nor is what it did sure to last.
             raise pyfuse3.FUSEError(errno.ESTALE)
-        if r.revocations != self.revocations:  # (the server ended delegations it could not recall)
+        if r.revocations > self.revocations:  # (the server ended delegations it could not recall)
             self.revocations = r.revocations
             for cino in list(self.delegated):
                 self._undelegate(cino)

@@ -50,6 +50,7 @@ RECALL_TIMEOUT = 2.0      # a delegation's node gets this long to make its unlin
 # (away, or cut off) is ended once that has passed since its last call came.
 DELEGATION_LEASE = 5.0
 REVOKED_KEPT = 60.0  # seconds a node's unlinks sent behind into a directory taken from it are refused
+RECALL_GIVE_UP = 8.0  # a node still heard from but not giving a directory back has it ended after this
 DELEGATIONS_MAX = 4096    # directories delegated at once (no more are granted beyond)
 READDIR_BATCH = 512
 LISTING_KEPT = 10.0   # seconds a directory's names are kept for the next batch of its listing
@@ -384,8 +385,7 @@ class FsServer:
         return out
 
     async def _serve(self, ctype: int, req, path: bytes, out, origin: str, payload: bytes | None) -> None:
-        if ctype in MIRRORED:
-            await self._room()
+        if ctype in MIRRORED and await self._room():
             await self._recall_for(req, path, origin)  # (a directory may have been delegated meanwhile)
         req, path, payload = self._anchored(req, path, payload)
         self.seq = req.seq  # (the handlers that note interest are plain functions: no await till they did)
@@ -401,16 +401,20 @@ class FsServer:
                 await mirror.wait(mirror.pushed)
             out.synced = True
 
-    async def _room(self) -> None:
-        """Wait while changes are held, or while a replica is far behind."""
+    async def _room(self) -> bool:
+        """Wait while changes are held, or while a replica is far behind;
+        whether it waited."""
+        waited = False
         while True:
             if self.held is not None:
                 await self.held.wait()
+                waited = True
                 continue
             behind = next((m for m in self.mirrors.values() if m.full()), None)
             if behind is None:
-                return
+                return waited
             await behind.drained()
+            waited = True
 
     def _mirror(self, ctype: int, req, payload: bytes | None, out, origin: str = "") -> dict:
         """Queue a change made here for every replica in sync; {mirror: its
@@ -804,6 +808,9 @@ class FsServer:
     def _delegate(self, dino: int, node: str) -> None:
         if dino in self.delegations:  # (a number of a directory gone: never left delegated)
             self._undelegate(dino)
+        revoked = self.revoked.get(node)
+        if revoked is not None:  # (a number of a directory taken from it before: another directory)
+            revoked.pop(dino, None)
         self.delegations[dino] = node
         self.delegated_to[node] += 1
         self.heard[node] = time.monotonic()
@@ -888,17 +895,30 @@ class FsServer:
             await event.wait()
 
     async def _recall_from(self, node: str, dirs: list[int]) -> None:
+        """Recall dirs from node; while it does not answer but is still
+        heard from (its lease runs), ask again: a node that is only slow
+        gives them back; one that stays silent past its lease, or does not
+        answer within RECALL_GIVE_UP, has them ended (_revoked)."""
         m = fs.Recall.new_message(vm=self.vm, dirs=dirs, epoch=self.epoch)
-        try:
-            reply = await self.fabric.sendrec(f"fsc@{node}", Msg(Call.recall, to_flat(m)), timeout=RECALL_TIMEOUT)
-            if reply.status < 0:
-                raise IpcError(reply.error, -reply.status)
-        except (IpcError, EtcdUnavailable) as e:
-            left = self.heard.get(node, 0.0) + DELEGATION_LEASE - time.monotonic()
-            log.warning("fs@%s: node %s did not give back %d directories (%s); ending them once its lease "
-                        "ran out (%.1f s)", self.vm, node, len(dirs), e, max(left, 0))
-            await trio.sleep(max(left, 0))
-            self._revoked(node, dirs)
+        give_up, said = time.monotonic() + RECALL_GIVE_UP, False
+        while True:
+            try:
+                reply = await self.fabric.sendrec(f"fsc@{node}", Msg(Call.recall, to_flat(m)),
+                                                  timeout=RECALL_TIMEOUT)
+                if reply.status < 0:
+                    raise IpcError(reply.error, -reply.status)
+                return
+            except (IpcError, EtcdUnavailable) as e:
+                now = time.monotonic()
+                left = self.heard.get(node, 0.0) + DELEGATION_LEASE - now
+                if not said:
+                    log.warning("fs@%s: node %s did not give back %d directories (%s); asking again while "
+                                "its lease runs (%.1f s)", self.vm, node, len(dirs), e, max(left, 0))
+                    said = True
+                if left <= 0 or now >= give_up:
+                    self._revoked(node, dirs)
+                    return
+                await trio.sleep(min(left, RECALL_TIMEOUT))
 
     # -- calls that read ---------------------------------------------------------------
 
@@ -1220,6 +1240,10 @@ class FsServer:
         replicas are sent those that were made (see _mirror)."""
         inos = list(req.inos) if self.epoch and req.inoEpoch == self.epoch else []
         revoked = self.revoked.get(origin) if self.epoch else None
+        if revoked:
+            now = time.monotonic()
+            for d in [d for d, when in revoked.items() if when <= now - REVOKED_KEPT]:
+                del revoked[d]
         statuses, entries, inodes, dirs, gone = [], [], [], set(), []
         for i, name in enumerate(req.names):
             try:
@@ -1243,7 +1267,8 @@ class FsServer:
 
     def _in_revoked(self, path: bytes, revoked: dict) -> bool:
         with self.store.at(check_path(path)) as (dfd, _):
-            return os.fstat(dfd).st_ino in revoked
+            when = revoked.get(os.fstat(dfd).st_ino)
+        return when is not None and when > time.monotonic() - REVOKED_KEPT
 
     def rmdir(self, req, path, out, origin) -> Changed:
         return self._remove(path, out, origin, lambda dfd, name: os.rmdir(name, dir_fd=dfd))
