@@ -245,9 +245,11 @@ class VmFs:
         self.delegated: set[int] = set()
         self.private: dict[int, set[bytes]] = {}
         self.privates = 0             # names in private
-        self.behind = 0               # unlinks answered here, not yet by the server
-        self.queued: list[tuple] = []  # of those, not yet sent: (path, server inode, term, directory, name)
-        self.enqueued = self.made_behind = 0  # unlinks queued so far, and answered (in that order)
+        # Unlinks answered here so far, and of those answered by the server
+        # (in that order); the ones not yet sent: (path, server inode, term,
+        # directory, name).
+        self.enqueued = self.made_behind = 0
+        self.queued: list[tuple] = []
         self.progress = trio.Event()   # set (and made anew) whenever made_behind grows
         self.sending = False           # _send_behind is on its way
         self.hurry = trio.Event()      # set when a call waits for the unlinks sent behind
@@ -267,7 +269,7 @@ class VmFs:
         followed its delivery (a reset connection), only after one that
         shows it never arrived.  behind: an unlink sent behind (see unlink);
         any other call waits until those are answered."""
-        if self.behind and not behind:
+        if self.enqueued > self.made_behind and not behind:
             await self._settle()
         began = trio.current_time()
         if "at" in fields or "at2" in fields:
@@ -294,8 +296,7 @@ class VmFs:
             raise pyfuse3.FUSEError(errno.ESTALE)
         if r.revocations > self.revocations:  # (the server ended delegations it could not recall)
             self.revocations = r.revocations
-            for cino in list(self.delegated):
-                self._undelegate(cino)
+            self._undelegate_all()
         self.lease_until = max(self.lease_until, began + DELEGATION_LEASE)
         return r
 
@@ -445,9 +446,7 @@ class VmFs:
         self.big.clear()
         self.fresh.clear()
         self.kept = None
-        self.delegated.clear()  # (the new server delegated nothing)
-        self.private.clear()
-        self.privates = 0
+        self._undelegate_all()  # (the new server delegated nothing)
         self.revocations = 0
         self.recalled = {k: t for k, t in self.recalled.items() if k[0] >= epoch}
         self.known.clear()
@@ -936,7 +935,6 @@ class VmFs:
         if fresh is not None:  # (the kernel asks for the directory's attributes next: its times moved)
             self.fresh[dino] = (fresh[0], _touched(fresh[1]))
         self.queued.append((path, sino, self.epoch, dino, name))
-        self.behind += 1
         self.enqueued += 1
         if not self.sending:
             self.sending = True
@@ -972,7 +970,6 @@ class VmFs:
             with trio.CancelScope(shield=True):
                 await self._unlinks(batch, term)
         finally:
-            self.behind -= len(batch)
             self.made_behind += len(batch)
             self.progress.set()
             self.progress = trio.Event()
@@ -1034,6 +1031,11 @@ class VmFs:
         self.delegated.discard(cino)
         self.privates -= len(self.private.pop(cino, ()))
 
+    def _undelegate_all(self) -> None:
+        self.delegated.clear()
+        self.private.clear()
+        self.privates = 0
+
     def _made_private(self, dino: int, name: bytes) -> None:
         if dino in self.delegated and self.privates < PRIVATE_MAX:
             names = self.private.setdefault(dino, set())
@@ -1050,7 +1052,7 @@ class VmFs:
     async def rmdir(self, parent, name, ctx):
         cino = self.entries.get((parent & MASK, name))
         await self._remove(Call.rmdir, parent, name)
-        if cino is not None and cino in self.delegated:
+        if cino is not None:
             self._undelegate(cino)
 
     async def _remove(self, ctype, parent, name) -> None:
@@ -1081,8 +1083,7 @@ class VmFs:
             self._place(replaced, d1, old_name)
         elif replaced is not None:
             self.known.pop(replaced, None)
-            if replaced in self.delegated:
-                self._undelegate(replaced)
+            self._undelegate(replaced)
             if replaced in self.inodes:
                 self.inodes[replaced].parent = None
         if moved is not None:

@@ -243,15 +243,15 @@ class FsServer:
         if msg.type not in self.table or not self.epoch or self.stale:
             return None  # handle() says what is wrong
         req, path = self._decode(msg)
-        if msg.node in self.delegated_to:
-            self.heard[msg.node] = time.monotonic()
+        origin = msg.node or self.here
+        if origin in self.delegated_to:
+            self.heard[origin] = time.monotonic()
         if len(req.forgotten) and req.forgottenEpoch == self.epoch and len(req.forgottenMarks) == len(req.forgotten):
-            self.forgotten(msg.node or self.here, req.forgotten, req.forgottenMarks)
-        if not self._now_ok(msg.type) or self._recall_needed(req, path, msg.node or self.here):
+            self.forgotten(origin, req.forgotten, req.forgottenMarks)
+        if not self._now_ok(msg.type) or self._recall_needed(req, path, origin):
             return None
         if len(req.closed) and not self._now_ok(Call.release):
             return None  # its closes wait too (a replica being copied must hear of them)
-        origin = msg.node or self.here
         targets: dict[str, tuple[list, set, dict, list]] = {}
         data = False
         for fh in req.closed:  # closes the caller's node left for its next call
@@ -825,17 +825,27 @@ class FsServer:
     def _revoked(self, node: str, dirs) -> None:
         """Delegations of node ended without its answer (see revocations)."""
         self.revocations[node] += 1
-        now = time.monotonic()
-        kept = self.revoked.setdefault(node, {})
-        for d in [d for d, when in kept.items() if when < now - REVOKED_KEPT]:
-            del kept[d]
-        kept.update((d, now) for d in dirs)
+        self.revoked[node] = self._still_revoked(node)
+        self.revoked[node].update((d, time.monotonic()) for d in dirs)
+
+    def _still_revoked(self, node: str) -> dict[int, float]:
+        """node's directories taken from it in the last REVOKED_KEPT
+        seconds ({} if none; older ones forgotten)."""
+        kept = self.revoked.get(node)
+        if kept:
+            since = time.monotonic() - REVOKED_KEPT
+            for d in [d for d, when in kept.items() if when <= since]:
+                del kept[d]
+        return kept or {}
+
+    def _others_delegated(self, origin: str) -> bool:
+        """Whether nodes other than origin hold delegations (only the
+        caller's own: its calls come in order)."""
+        return bool(self.delegated_to) and not (len(self.delegated_to) == 1 and origin in self.delegated_to)
 
     def _recall_needed(self, req, path: bytes, origin: str) -> bool:
         """Whether a call of origin's must wait for a recall (_recall_for)."""
-        if not self.delegated_to or (len(self.delegated_to) == 1 and origin in self.delegated_to):
-            return False  # (no delegation, or only the caller's own: its calls come in order)
-        return bool(self._delegated_for(req, path, origin))
+        return self._others_delegated(origin) and bool(self._delegated_for(req, path, origin))
 
     def _delegated_for(self, req, path: bytes, origin: str) -> dict[int, str]:
         """The directories delegated to other nodes than origin that a call
@@ -843,9 +853,11 @@ class FsServer:
         {inode: node}.  A call that may move a directory (a rename naming
         one), or that names one by its handle, takes back every other
         node's: the paths of their queued unlinks would lead elsewhere."""
-        others = {d: n for d, n in self.delegations.items() if n != origin}
+        def others():
+            return {d: n for d, n in self.delegations.items() if n != origin}
+
         if req.at or req.at2:
-            return others
+            return others()
         found = {}
         for p in (path, bytes(req.path2)):
             if not p:
@@ -861,17 +873,18 @@ class FsServer:
                 continue  # (the call finds out itself)
             if st is not None:
                 if req.path2 and stat.S_ISDIR(st.st_mode):
-                    return others
+                    return others()
                 inos.append(st.st_ino)
             for ino in inos:
-                if ino in others:
-                    found[ino] = others[ino]
+                node = self.delegations.get(ino)
+                if node is not None and node != origin:
+                    found[ino] = node
         return found
 
     async def _recall_for(self, req, path: bytes, origin: str) -> None:
         """Recall what a call of origin's names of other nodes' delegations
         (their unlinks sent behind there are made first)."""
-        while self._recall_needed(req, path, origin):
+        while self._others_delegated(origin):
             dirs = self._delegated_for(req, path, origin)
             if not dirs:
                 return
@@ -1239,15 +1252,11 @@ class FsServer:
         inode it means checked in this term); their statuses.  The
         replicas are sent those that were made (see _mirror)."""
         inos = list(req.inos) if self.epoch and req.inoEpoch == self.epoch else []
-        revoked = self.revoked.get(origin) if self.epoch else None
-        if revoked:
-            now = time.monotonic()
-            for d in [d for d, when in revoked.items() if when <= now - REVOKED_KEPT]:
-                del revoked[d]
+        revoked = self._still_revoked(origin) if self.epoch else {}
         statuses, entries, inodes, dirs, gone = [], [], [], set(), []
         for i, name in enumerate(req.names):
             try:
-                if revoked and self._in_revoked(bytes(name), revoked):
+                if revoked and self._parent_of(bytes(name)) in revoked:
                     raise OSError(errno.ESTALE, "the directory's delegation was taken back meanwhile")
                 c = self._remove(bytes(name), out, origin, lambda dfd, n: os.unlink(n, dir_fd=dfd),
                                  inos[i] if i < len(inos) else 0)
@@ -1265,10 +1274,10 @@ class FsServer:
             raise OSError(-failed, "an unlink the server made failed here")
         return Changed(entries=entries, inodes=inodes, dirs=list(dirs), gone=gone) if entries else None
 
-    def _in_revoked(self, path: bytes, revoked: dict) -> bool:
+    def _parent_of(self, path: bytes) -> int:
+        """The inode of the directory path is in."""
         with self.store.at(check_path(path)) as (dfd, _):
-            when = revoked.get(os.fstat(dfd).st_ino)
-        return when is not None and when > time.monotonic() - REVOKED_KEPT
+            return os.fstat(dfd).st_ino
 
     def rmdir(self, req, path, out, origin) -> Changed:
         return self._remove(path, out, origin, lambda dfd, name: os.rmdir(name, dir_fd=dfd))

@@ -103,11 +103,10 @@ class FsNode:
         empty batch of the new term: the replica there marks its server
         stale).  At most a second: that node may be dead."""
         m = fs.Batch.new_message(vm=vm, epoch=epoch, made=made)
-        with trio.move_on_after(1):
-            try:
-                await self.fabric.sendrec_last_seen(f"fsr@{node}", Msg(Call.mirror, to_flat(m)), timeout=1)
-            except (IpcError, EtcdUnavailable):
-                pass
+        try:
+            await self.fabric.sendrec_last_seen(f"fsr@{node}", Msg(Call.mirror, to_flat(m)), timeout=1)
+        except (IpcError, EtcdUnavailable):
+            pass
 
     async def remove(self, vm: str, made: int) -> None:
         """The VM as defined at revision made was removed (drvs vm rm): its
