@@ -53,8 +53,11 @@ NOTICE_DELAY = 1.0            # notices no call took along within this go on the
 TOLD_OF_PRUNE = 1024          # see VmFs.told_of
 TOLD_OF_MAX = 1 << 16         # beyond this, every reply on its way is taken as stale instead
 PRIVATE_MAX = 1 << 16         # names kept as made here in delegated directories (beyond: unlinked in line)
-UNLINKS_MAX = 256             # unlinks sent behind in one call
-UNLINKS_GATHER = 0.002        # seconds the first waits for more, unless a call waits for them (_settle)
+BEHIND_MAX = 256              # calls sent behind in one message
+BEHIND_BATCH_BYTES = 1 << 20  # ... and bytes of data written
+BEHIND_GATHER = 0.010         # seconds the first waits for more, unless a call waits for them (_settle)
+BEHIND_QUEUED_MAX = 4 << 20   # bytes of data written behind not yet answered (beyond: in line)
+LOST_MAX = 4096               # files whose writes sent behind failed, kept until an fsync or close says so
 RECALLED_KEPT = 10.0          # seconds a recall of a directory not (yet) delegated here is remembered
 ABSENT_GRACE = 1.0            # seconds the kernel may keep a name absent after this node's reckoning
 RELOOK_WAIT = 0.5             # an invalidation's reply waits at most this for moved directories' lookups
@@ -114,10 +117,14 @@ class Listing:
 
 
 class Handle:
-    __slots__ = ("sfh", "cino", "wrote", "shared", "direct")
+    """behind: bytes it may still write behind (VmFs.write); queued: a
+    call on it was sent behind, so its release goes behind too (after them)."""
+
+    __slots__ = ("sfh", "cino", "wrote", "shared", "direct", "behind", "queued")
 
     def __init__(self, sfh: int, cino: int, direct: bool = False):
         self.sfh, self.cino, self.wrote, self.shared, self.direct = sfh, cino, False, False, direct
+        self.behind, self.queued = 0, False
 
 
 class _Change:
@@ -139,11 +146,16 @@ class ReadReply:
         self.epoch, self.data, self.revocations = epoch, data, revocations
 
 
-def _touched(a) -> LocalAttr:
-    """Directory attributes a, their times now (a name was removed there)."""
+def _copy(a) -> LocalAttr:
     t = LocalAttr()
     for field in LocalAttr.__slots__:
         setattr(t, field, getattr(a, field))
+    return t
+
+
+def _touched(a) -> LocalAttr:
+    """Directory attributes a, their times now (a name was removed there)."""
+    t = _copy(a)
     t.mtimeNs = t.ctimeNs = time.time_ns()
     return t
 
@@ -245,11 +257,19 @@ class VmFs:
         self.delegated: set[int] = set()
         self.private: dict[int, set[bytes]] = {}
         self.privates = 0             # names in private
-        # Unlinks answered here so far, and of those answered by the server
-        # (in that order); the ones not yet sent: (path, server inode, term,
-        # directory, name).
+        # Calls answered here and sent behind so far, and of those answered
+        # by the server (in that order); the ones not yet sent: unlinks
+        # ("u", term, path, server inode, directory, name) and writes,
+        # setattrs and releases of files made here ("c", term, call type,
+        # its fields, inode, bytes of data) -- see unlink and write.
         self.enqueued = self.made_behind = 0
         self.queued: list[tuple] = []
+        self.unlinking: collections.Counter = collections.Counter()  # (directory, name) of those unlinks
+        self.behind_bytes = 0          # data of those writes
+        # Files whose writes sent behind failed (inode -> errno): an fsync,
+        # or a writer's close, of the file says so (as a failed writeback).
+        self.lost: dict[int, int] = {}
+        self.in_line = 0               # calls begun here not sent behind (see _keep)
         self.progress = trio.Event()   # set (and made anew) whenever made_behind grows
         self.sending = False           # _send_behind is on its way
         self.hurry = trio.Event()      # set when a call waits for the unlinks sent behind
@@ -264,18 +284,23 @@ class VmFs:
 
     # -- calls to the server ---------------------------------------------------------
 
-    async def call(self, ctype, idempotent: bool = False, once: bool = False, behind: bool = False, **fields):
+    async def call(self, ctype, idempotent: bool = False, once: bool = False, behind: bool = False,
+                   wait: bool = True, **fields):
         """once: a change not to be sent again after a failure that may have
         followed its delivery (a reset connection), only after one that
-        shows it never arrived.  behind: an unlink sent behind (see unlink);
-        any other call waits until those are answered."""
-        if self.enqueued > self.made_behind and not behind:
+        shows it never arrived.  behind: calls sent behind (see unlink,
+        write); any other call waits until those are answered, unless not
+        wait (a create of a name none of them unlinks: nothing it does
+        depends on them)."""
+        if self.enqueued > self.made_behind and not behind and wait:
             await self._settle()
         began = trio.current_time()
         if "at" in fields or "at2" in fields:
             fields["atEpoch"] = self.epoch  # (handles are of this term's server: see locate)
-        if ctype not in QUERIES:
-            self.kept = None  # (it may change the kept file: a link, a rename, a truncating open...)
+        if not behind:
+            self.in_line += 1
+            if ctype not in QUERIES:
+                self.kept = None  # (it may change the kept file: a link, a rename, a truncating open...)
         self.begun += 1
         number = fields["seq"] = self.begun
         self.unanswered[number] = self.told
@@ -753,15 +778,69 @@ class VmFs:
         args = dict(setMask=mask, mode=attr.st_mode, uid=attr.st_uid, gid=attr.st_gid, size=attr.st_size,
                     atimeNs=attr.st_atime_ns, mtimeNs=attr.st_mtime_ns)
         h = self.handles.get(fh) if fh is not None else None
+        if not mask & SET_SIZE:
+            e = self._setattr_behind(inode & MASK, h, mask, attr)
+            if e is not None:
+                return e
         where = {"fh": h.sfh} if h is not None else self._object(inode)
         if "via" in where:
             where = {"fh": where["via"]}  # (setattr takes any handle of the file)
         with self._changing(inode & MASK) as change, self._writing(inode if fields.update_size else None):
-            number = self.begun + 1
+            number = self.in_line + 1
             r = await self.call(Call.setattr, **where, **args)
         self._keep(inode & MASK, r.attr, number, change.told)
         return self._attr(r.attr, change.told,
                           still="path" not in where or self._asked(inode, (where.get("at", b""), where["path"])))
+
+    def _setattr_behind(self, cino: int, h: "Handle | None", mask: int, attr) -> "pyfuse3.EntryAttributes | None":
+        """A chmod, chown or utimes of a file this node made and alone
+        knows (see _behind_ok), answered here from its kept attributes and
+        sent behind on one of its handles (as tar's fchown, fchmod and
+        futimens: three round trips a file from a node the server is not
+        on); None if it goes in line.  The kernel checked the caller's
+        rights (default_permissions); a set-id file goes in line, as its
+        bits may be cleared on the server."""
+        node = self.inodes.get(cino)
+        h = h if h is not None else (node.open[-1] if node is not None and node.open else None)
+        kept = self.kept
+        if (h is None or kept is None or kept[0] != cino or kept[2] != self.told
+                or not self._behind_ok(node, h, 0) or kept[1] <= trio.current_time()):
+            return None
+        a = kept[3]
+        setid = stat.S_ISUID | stat.S_ISGID
+        if not stat.S_ISREG(a.mode) or a.mode & setid or mask & SET_MODE and attr.st_mode & setid:
+            return None
+        t = _copy(a)
+        if mask & SET_MODE:
+            t.mode = stat.S_IFMT(a.mode) | stat.S_IMODE(attr.st_mode)
+        if mask & SET_UID:
+            t.uid = attr.st_uid
+        if mask & SET_GID:
+            t.gid = attr.st_gid
+        if mask & SET_ATIME:
+            t.atimeNs = attr.st_atime_ns
+        if mask & SET_MTIME:
+            t.mtimeNs = attr.st_mtime_ns
+        t.ctimeNs = time.time_ns()
+        self.kept = (cino, kept[1], kept[2], t)
+        h.queued = True
+        self._enqueue(("c", self.epoch, Call.setattr,
+                       dict(fh=h.sfh, setMask=mask, mode=attr.st_mode, uid=attr.st_uid, gid=attr.st_gid,
+                            atimeNs=attr.st_atime_ns, mtimeNs=attr.st_mtime_ns), cino, 0))
+        return self._kept_attr(kept[1], t)
+
+    def _behind_ok(self, node: "Inode | None", h: Handle, size: int) -> bool:
+        """Whether a change of size bytes to node's file, through handle
+        h, may be sent behind: the file was made here, in a directory still
+        delegated here (no other node has looked into it since: the server
+        recalls it first, and the recall waits for what was sent behind),
+        under a lease still running, and not much is queued already."""
+        if node is None or node.parent is None or h.direct:
+            return False
+        names = self.private.get(node.parent)
+        return (names is not None and node.name in names and node.parent in self.delegated
+                and trio.current_time() < self.lease_until
+                and self.behind_bytes + size <= BEHIND_QUEUED_MAX)
 
     @contextlib.contextmanager
     def _writing(self, ino: int | None):
@@ -864,16 +943,19 @@ class VmFs:
 
     def _keep(self, cino: int, a, number: int, told: int) -> None:
         """Keep a's attributes of file cino (see self.kept), from the reply
-        to this node's call number, begun when self.told was told (news
-        since then ends them, see getattr): if no other call was begun here
-        since and a is that file's."""
-        if self.begun == number and a.ino and self._c(a.ino) == cino:
+        to this node's call number (of those in line), begun when self.told
+        was told (news since then ends them, see getattr): if no other call
+        was begun in line here since and a is that file's (calls sent behind
+        change only files this node alone knows, whose kept attributes it
+        made itself: see _write_behind)."""
+        if self.in_line == number and a.ino and self._c(a.ino) == cino:
             self.kept = (cino, trio.current_time() + TIMEOUT, told, a)
 
     async def _make(self, ctype, parent, name, ctx, **fields):
         dino, where = parent & MASK, self.locate(parent)
         with self._changing(dino) as change:
-            r = await self.call(ctype, **self._named(where, name), caller=caller(ctx), **fields)
+            r = await self.call(ctype, **self._named(where, name), caller=caller(ctx),
+                                wait=(dino, name) in self.unlinking, **fields)
             self._post_op(dino, r, change)
         self._known_add(dino, name)
         entry = self._entry(dino, name, r.attr, change.told, self._asked(parent, where))
@@ -934,23 +1016,28 @@ class VmFs:
         fresh = self.fresh.get(dino)
         if fresh is not None:  # (the kernel asks for the directory's attributes next: its times moved)
             self.fresh[dino] = (fresh[0], _touched(fresh[1]))
-        self.queued.append((path, sino, self.epoch, dino, name))
+        self.unlinking[dino, name] += 1
+        self._enqueue(("u", self.epoch, path, sino, dino, name))
+
+    def _enqueue(self, item: tuple) -> None:
+        self.queued.append(item)
         self.enqueued += 1
         if not self.sending:
             self.sending = True
             self.spawn(self._send_behind)
 
     async def _send_behind(self) -> None:
-        """Send the queued unlinks, those of one term in one call, until
-        none is left."""
+        """Send the queued calls, in order, those of one term and kind in
+        one message, until none is left."""
         try:
             try:
                 while self.queued:
-                    if not self.hurry.is_set() and len(self.queued) < UNLINKS_MAX:
+                    if not self.hurry.is_set() and len(self.queued) < BEHIND_MAX:
                         # (a program removing files makes one every ~100 µs
                         # here; a message costs each daemon ~150 µs of CPU:
-                        # alone, each unlink would cost the daemons its own)
-                        with trio.move_on_after(UNLINKS_GATHER):
+                        # alone, each unlink would cost the daemons its own;
+                        # a file made and written, one every ~600 µs)
+                        with trio.move_on_after(BEHIND_GATHER):
                             await self.hurry.wait()
                     await self._send_batch()
             finally:
@@ -962,14 +1049,36 @@ class VmFs:
         finally:
             self.sending = False
 
+    def _next_batch(self) -> list:
+        """The queued calls that go in the next message: of the first's term
+        and kind, at most BEHIND_MAX of them and BEHIND_BATCH_BYTES of data."""
+        kind, term = self.queued[0][0], self.queued[0][1]
+        n, size = 0, 0
+        for q in self.queued:
+            if q[0] != kind or q[1] != term or n == BEHIND_MAX or (n and kind == "c" and size + q[5] > BEHIND_BATCH_BYTES):
+                break
+            n += 1
+            size += q[5] if kind == "c" else 0
+        batch, self.queued = self.queued[:n], self.queued[n:]
+        return batch
+
     async def _send_batch(self) -> None:
-        term = self.queued[0][2]
-        n = next((i for i, q in enumerate(self.queued) if q[2] != term), len(self.queued))
-        batch, self.queued = self.queued[:min(n, UNLINKS_MAX)], self.queued[min(n, UNLINKS_MAX):]
+        batch = self._next_batch()
         try:
             with trio.CancelScope(shield=True):
-                await self._unlinks(batch, term)
+                if batch[0][0] == "u":
+                    await self._unlinks(batch, batch[0][1])
+                else:
+                    await self._changes(batch, batch[0][1])
         finally:
+            for q in batch:
+                if q[0] == "u":
+                    key = q[4], q[5]
+                    self.unlinking[key] -= 1
+                    if not self.unlinking[key]:
+                        del self.unlinking[key]
+                else:
+                    self.behind_bytes -= q[5]
             self.made_behind += len(batch)
             self.progress.set()
             self.progress = trio.Event()
@@ -980,7 +1089,7 @@ class VmFs:
         """One call of queued unlinks; failures logged (the kernel was told
         they were made), a call a server of an ended term answered made
         again in the new one."""
-        fields = dict(names=[q[0] for q in batch], inos=[q[1] for q in batch], inoEpoch=term)
+        fields = dict(names=[q[2] for q in batch], inos=[q[3] for q in batch], inoEpoch=term)
         try:
             try:
                 statuses = list((await self.call(Call.unlinks, behind=True, **fields)).statuses)
@@ -993,13 +1102,37 @@ class VmFs:
         except Exception:  # noqa: BLE001 - a bug here must not leave the queue stuck
             log.exception("fs@%s: unlinks sent behind", self.vm)
             statuses = [-errno.EIO] * len(batch)
-        for (path, _, _, dino, name), st in zip(batch, statuses):
+        for (_, _, path, _, dino, _), st in zip(batch, statuses):
             if st >= 0 or st == -errno.ENOENT:  # (ENOENT: made twice across a fail-over)
                 continue
             # (ESTALE: the name is another file's now)
             log.warning("fs@%s: unlink of %r sent behind: %s", self.vm, path, os.strerror(-st))
             self.known.pop(dino, None)
             self.fresh.pop(dino, None)
+
+    async def _changes(self, batch: list, term: int) -> None:
+        """One call of queued writes, setattrs and releases (Call.behind).
+        A failure is kept for the file's next fsync or writer's close to
+        say (and logged); those of an ended term fail (EIO): their handles
+        were the old server's, and what was not fsync'ed may be lost there."""
+        statuses = [-errno.EIO] * len(batch)
+        if term == self.epoch:
+            calls = [{"type": q[2], "request": to_flat(new(fs.FsRequest, vm=self.vm, **q[3]))} for q in batch]
+            try:
+                r = await self.call(Call.behind, behind=True, calls=calls)
+                statuses = list(r.statuses) + [-errno.EIO] * (len(batch) - len(r.statuses))
+            except pyfuse3.FUSEError as e:
+                statuses = [-e.errno] * len(batch)
+            except Exception:  # noqa: BLE001 - a bug here must not leave the queue stuck
+                log.exception("fs@%s: calls sent behind", self.vm)
+        for q, st in zip(batch, statuses):
+            if st >= 0 or q[2] == Call.release:
+                continue
+            log.warning("fs@%s: a %s of inode %d sent behind: %s", self.vm, "write" if q[2] == Call.write
+                        else "setattr", q[4], os.strerror(-st))
+            if len(self.lost) >= LOST_MAX:
+                self.lost.pop(next(iter(self.lost)))
+            self.lost.setdefault(q[4], -st)
 
     async def _settle(self) -> None:
         """Until the unlinks queued before this are answered (those queued
@@ -1161,8 +1294,9 @@ class VmFs:
     async def create(self, parent, name, mode, flags, ctx):
         dino, where = parent & MASK, self.locate(parent)
         with self._changing(dino) as change:
-            number = self.begun + 1
-            r = await self.call(Call.create, **self._named(where, name), flags=flags, mode=mode, caller=caller(ctx))
+            number = self.in_line + 1
+            r = await self.call(Call.create, **self._named(where, name), flags=flags, mode=mode, caller=caller(ctx),
+                                wait=(dino, name) in self.unlinking)
             self._post_op(dino, r, change)
         self._keep(self._c(r.attr.ino), r.attr, number, change.told)
         self._known_add(dino, name)
@@ -1170,7 +1304,9 @@ class VmFs:
         entry = self._entry(dino, name, r.attr, change.told, self._asked(parent, where))
         if self.cache is not None and self.cache.files:  # (it may have opened a file this node kept pages of)
             self.cache.made(self.tag | self._c(r.attr.ino), r.attr.size, r.attr.mtimeNs, (r.epoch, r.version))
-        return self._opened(r, flags), entry
+        info = self._opened(r, flags)
+        self.handles[info.fh].behind = r.behindBytes
+        return info, entry
 
     def _h(self, fh) -> Handle:
         h = self.handles.get(fh)
@@ -1201,9 +1337,13 @@ class VmFs:
 
     async def write(self, fh, off, buf):
         h = self._h(fh)
+        if h.behind:
+            if h.behind >= len(buf) and self._behind_ok(self.inodes.get(h.cino), h, len(buf)):
+                return self._write_behind(h, off, buf)
+            h.behind = 0  # (in line from now on: the call waits for those sent behind before it)
         h.wrote = True
         with self._writing(self.tag | h.cino):
-            number, told = self.begun + 1, self.told
+            number, told = self.in_line + 1, self.told
             r = await self.call(Call.write, fh=h.sfh, offset=off, data=buf,
                                 flags=WRITE_KILL_SUIDGID if h.direct else 0)
         self._keep(h.cino, r.attr, number, told)
@@ -1213,8 +1353,42 @@ class VmFs:
             node.term = r.epoch
         return r.size
 
+    def _write_behind(self, h: Handle, off: int, buf: bytes) -> int:
+        """A write to a file this node made in a directory delegated to it
+        (see _behind_ok), answered at once and sent behind with the file's
+        other calls: a create+write+close from a node the server is not on
+        then waits for one round trip, the create's, not two.  The disk
+        had room when the file was made (FsReply.behindBytes); a write
+        that fails there all the same is reported by the file's next fsync
+        (as a failed writeback) or writer's close.  The file's attributes
+        are the node's own until then; its mtime goes with the data."""
+        n = len(buf)
+        h.behind -= n
+        h.queued = True
+        now = time.time_ns()
+        self.behind_bytes += n
+        self._enqueue(("c", self.epoch, Call.write, dict(fh=h.sfh, offset=off, data=bytes(buf), mtimeNs=now),
+                       h.cino, n))
+        node = self.inodes[h.cino]
+        if not node.term:
+            node.term = self.epoch  # (not fsync'ed yet: see _durable)
+        if self.cache is not None:
+            self.cache.drop(self.tag | h.cino)
+        kept = self.kept
+        if kept is not None and kept[0] == h.cino and kept[2] == self.told:
+            t = _copy(kept[3])
+            t.size = max(t.size, off + n)
+            t.blocks = max(t.blocks, (t.size + 4095) // 4096 * 8)
+            t.mtimeNs = t.ctimeNs = now
+            self.kept = (h.cino, kept[1], kept[2], t)
+        elif kept is not None and kept[0] == h.cino:
+            self.kept = None
+        return n
+
     async def flush(self, fh):
         h = self._h(fh)
+        if h.queued and h.cino in self.lost:  # (a write sent behind failed: the close says so)
+            raise pyfuse3.FUSEError(self.lost.pop(h.cino))
         # Only a writer's close has something to do, and only if other nodes
         # cache the file or closes wait for replicas (the last write's reply
         # says; a node that looks later finds the data as written).
@@ -1231,6 +1405,9 @@ class VmFs:
         if node is not None and h in node.open:
             node.open.remove(h)
             self._maybe_drop(node)
+        if h.queued:  # (after the calls sent behind on it)
+            self._enqueue(("c", self.epoch, Call.release, {"fh": h.sfh}, h.cino, 0))
+            return
         if self._local_server() is not None:
             await self.call(Call.release, fh=h.sfh)
             return
@@ -1275,7 +1452,10 @@ class VmFs:
         h = self._h(fh)
         h.wrote = False
         r = await self.call(Call.fsync, fh=h.sfh, flags=1 if datasync else 0)
+        lost = self.lost.pop(h.cino, 0)  # (the call waited for those sent behind)
         self._durable(h, r.epoch, done=True)
+        if lost:
+            raise pyfuse3.FUSEError(lost)
 
     def _durable(self, h: Handle, epoch: int, done: bool) -> None:
         """A sync of h's file answered in term epoch: EIO if writes of an

@@ -52,6 +52,14 @@ DELEGATION_LEASE = 5.0
 REVOKED_KEPT = 60.0  # seconds a node's unlinks sent behind into a directory taken from it are refused
 RECALL_GIVE_UP = 8.0  # a node still heard from but not giving a directory back has it ended after this
 DELEGATIONS_MAX = 4096    # directories delegated at once (no more are granted beyond)
+# A node may write this much of a file it made in a directory delegated to
+# it behind (FsReply.behindBytes) -- while the store has BEHIND_ROOM free: a
+# write sent behind was answered before it reached the disk, so it must
+# find room there (each node queues at most a few MiB of them).
+BEHIND_GRANT = 1 << 20
+BEHIND_ROOM = 256 << 20
+ROOM_CHECKED = 1.0        # seconds a look at the store's free space serves
+BEHIND_CALLS = {Call.write, Call.setattr, Call.release}  # (each on a handle of the node's)
 READDIR_BATCH = 512
 LISTING_KEPT = 10.0   # seconds a directory's names are kept for the next batch of its listing
 LISTINGS_MAX = 64     # listings kept at once (the least recently used goes)
@@ -189,6 +197,7 @@ class FsServer:
             Call.release: self.release, Call.fsync: self.fsync, Call.flush: self.flush,
             Call.setxattr: self.setxattr, Call.removexattr: self.removexattr, Call.usage: self.usage,
             Call.lock: self.lock, Call.fallocate: self.fallocate, Call.unlinks: self.unlinks,
+            Call.behind: self.behind,
         }
         self.lock_table = LockTable()
         # Directories delegated (FsReply.delegated): inode -> the node whose
@@ -208,6 +217,7 @@ class FsServer:
         # are refused (ESTALE), as other nodes may have looked meanwhile.
         self.revocations: collections.Counter = collections.Counter()
         self.revoked: dict[str, dict[int, float]] = {}
+        self.room = (0.0, False)  # (when looked, whether the store had BEHIND_ROOM free)
         self.plain = {t for t, h in self.table.items() if not inspect.iscoroutinefunction(h)}
         self.puts = {Call.putBegin: self._put_begin, Call.putDir: self.builder.put_dir,
                      Call.putFile: self.builder.put_file, Call.putLink: self.builder.put_link,
@@ -384,11 +394,13 @@ class FsServer:
         await self._serve(ctype, req, req.path, out, self.here, None)
         return out
 
-    async def _serve(self, ctype: int, req, path: bytes, out, origin: str, payload: bytes | None) -> None:
+    async def _serve(self, ctype: int, req, path: bytes, out, origin: str, payload: bytes | None,
+                     seq: int | None = None) -> None:
+        """seq: the number of the node's call this one came in (see behind)."""
         if ctype in MIRRORED and await self._room():
             await self._recall_for(req, path, origin)  # (a directory may have been delegated meanwhile)
         req, path, payload = self._anchored(req, path, payload)
-        self.seq = req.seq  # (the handlers that note interest are plain functions: no await till they did)
+        self.seq = req.seq if seq is None else seq  # (the handlers that note interest are plain functions: no await till they did)
         changed, waits = self._made(ctype, req, payload, out, origin,
                                     await _run(self.table[ctype], req, path, out, origin))
         if changed is not None:
@@ -1064,6 +1076,8 @@ class FsServer:
         # (bits first, as Linux: a crash between leaves no new data set-id)
         killed = req.flags & WRITE_KILL_SUIDGID and _kill_suidgid(f.fd)
         out.size = os.pwrite(f.fd, req.data, req.offset)
+        if req.mtimeNs:  # (a write sent behind: the time its node told its kernel, for every node alike)
+            os.utime(f.fd, ns=(os.fstat(f.fd).st_atime_ns, req.mtimeNs))
         fill_attr(out.attr, os.fstat(f.fd))  # (the writer's node answers the kernel's next GETATTR with them)
         f.wrote = True
         self._data_changed(f.ino)  # (now: another node may open it before the writer's close)
@@ -1238,6 +1252,8 @@ class FsServer:
         self._opened(fd, origin, out, req)
         if made:
             self._data_changed(out.attr.ino)  # (a new file: its number may be a removed one's)
+            if self._behind_ok(dino, origin):
+                out.behindBytes = BEHIND_GRANT
         if not made:  # (another node's file, which this open may have truncated)
             return Changed(inodes=[out.attr.ino], data=True) if req.flags & os.O_TRUNC else None
         return Changed(dirs=[dino])
@@ -1273,6 +1289,43 @@ class FsServer:
         if failed and not self.epoch:  # a replica: the server sent only what it made (see _mirror)
             raise OSError(-failed, "an unlink the server made failed here")
         return Changed(entries=entries, inodes=inodes, dirs=list(dirs), gone=gone) if entries else None
+
+    async def behind(self, req, path, out, origin) -> None:
+        """Writes, setattrs and releases a node sent behind on files it
+        made in a directory delegated to it (drvs/fs/client.py VmFs.write),
+        each made in order as that call alone -- told, mirrored and
+        failing (its status) on its own."""
+        statuses = []
+        for call in req.calls:
+            try:
+                payload = bytes(call.request)
+                sub = from_flat(fs.FsRequest, payload)
+                if call.type not in BEHIND_CALLS or not sub.fh:
+                    raise OSError(errno.EINVAL, f"call type {call.type} is not one sent behind on a handle")
+                await self._serve(call.type, sub, b"", LocalReply(self.epoch), origin, payload, seq=req.seq)
+            except OSError as e:
+                statuses.append(-(e.errno or errno.EIO))
+                continue
+            except Exception:  # noqa: BLE001 - malformed input from the wire, or a bug: this call fails
+                log.exception("fs@%s: a call sent behind by %s", self.vm, origin)
+                statuses.append(-errno.EIO)
+                continue
+            statuses.append(0)
+        out.statuses = statuses
+
+    def _behind_ok(self, dino: int, origin: str) -> bool:
+        """Whether origin may write a file it just made in directory dino
+        behind (FsReply.behindBytes): dino is delegated to it, no close
+        waits for the replicas, and the store is roomy."""
+        if not self.epoch or self.sync or origin == self.here or self.delegations.get(dino) != origin:
+            return False
+        when, roomy = self.room
+        now = time.monotonic()
+        if now - when > ROOM_CHECKED:
+            s = self.store.statvfs()
+            roomy = s.f_bavail * s.f_frsize >= BEHIND_ROOM
+            self.room = (now, roomy)
+        return roomy
 
     def _parent_of(self, path: bytes) -> int:
         """The inode of the directory path is in."""
@@ -1579,13 +1632,13 @@ class LocalStatFs:
 class LocalReply:
     __slots__ = ("attr", "fh", "data", "size", "entries", "more", "statfs", "epoch", "shared",
                  "lockType", "lockStart", "lockEnd", "lockPid", "dirAttr", "synced", "version", "delegated",
-                 "statuses", "revocations")
+                 "statuses", "revocations", "behindBytes")
 
     def __init__(self, epoch: int):
         self.attr, self.fh, self.data, self.size, self.dirAttr = LocalAttr(), 0, b"", 0, LocalAttr()
         self.synced, self.version, self.delegated, self.statuses, self.revocations = False, 0, False, [], 0
         self.entries, self.more, self.statfs, self.epoch, self.shared = [], False, LocalStatFs(), epoch, False
-        self.lockType, self.lockStart, self.lockEnd, self.lockPid = 0, 0, 0, 0
+        self.lockType, self.lockStart, self.lockEnd, self.lockPid, self.behindBytes = 0, 0, 0, 0, 0
 
     def init(self, field: str, n: int) -> list:
         assert field == "entries"

@@ -24,7 +24,9 @@ enum FsCall {
   open @11;        # path, flags -> fh, attr
   create @12;      # path, flags, mode, caller -> fh, attr
   read @13;        # fh, offset, size -> data
-  write @14;       # fh, offset, data, flags (1: drop setuid, and setgid if group-executable) -> size (bytes written), shared
+  write @14;       # fh, offset, data, flags (1: drop setuid, and setgid if group-executable),
+                   # mtimeNs (not 0: the file's mtime after it, as its node told its kernel: a
+                   # write sent behind) -> size (bytes written), shared
   release @15;     # fh
   fsync @16;       # fh, flags (1: data only)
   readdir @17;     # path, data (resume after this name, "" from the start) -> entries, more
@@ -59,6 +61,9 @@ enum FsCall {
                    # its no more; the node answers once its unlinks sent behind there are made
   unlinks @37;     # names (paths), inos, inoEpoch: unlinks a node sent behind (VmFs.unlink), each
                    # made as an unlink of that inode -> statuses
+  behind @38;      # calls: writes, setattrs and releases a node sent behind on files it made in a
+                   # directory delegated to it (VmFs.write), each made as that call, in order ->
+                   # statuses
 }
 
 struct Caller {
@@ -111,6 +116,7 @@ struct FsRequest {
   atEpoch @37 :UInt64;          # the server term at and at2 are handles of (another term's: ESTALE)
   names @38 :List(Data);        # unlinks: the paths
   inos @39 :List(UInt64);       # unlinks: the inode each path is meant to name (of term inoEpoch)
+  calls @40 :List(Batch.Call);  # behind: the calls (each an FsRequest of its type)
 }
 
 struct Attr {
@@ -167,6 +173,8 @@ struct FsReply {
   statuses @17 :List(Int32);  # unlinks: 0 or -errno, one per name
   revocations @18 :UInt64;    # delegations of the caller's node the server ended without its answer
                               # (a recall that failed): when this grows, the node drops all of its own
+  behindBytes @19 :UInt64;    # create: the bytes of the new file its node may write behind (VmFs.write:
+                              # the directory is delegated to it, the disk roomy); 0: none
 }
 
 # The server's calls, as made, for a replica (each call's request as the

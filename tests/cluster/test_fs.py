@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import stat
 import sys
 import threading
 import time
@@ -986,6 +987,82 @@ def test_a_third_node_looking_into_a_delegated_directory_finds_the_unlinks_made(
     os.unlink(b / d / "from-n2")
     os.unlink(b / d / "from-n3")
     assert os.listdir(x / d) == [] and os.listdir(a / d) == []
+
+
+def test_files_written_behind_are_whole_on_another_node_at_once(fsc, mine):
+    """n2 makes, writes, stamps, chowns and chmods files in directories it
+    made, as tar extracts (all answered on n2 and sent behind, up to 1 MiB
+    a file): n1, looking the moment the last close returned, reads each
+    whole, with the mode, owner, size and mtime n2 shows."""
+    _, a, b = mine
+    sizes = [3 << 20, 0, 1, 4096, 70000, 300000]  # (the first: beyond what one file writes behind)
+    for round_ in range(3):
+        (b / f"r{round_}").mkdir()  # (a directory anew: once n1 looked into one, n2 holds it no more)
+        made = {}
+        for i, size in enumerate(sizes):
+            name, data = f"r{round_}/f{i}", os.urandom(size)
+            fd = os.open(b / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            try:
+                for off in range(0, size, 65536):
+                    os.write(fd, data[off:off + 65536])
+                if i % 2 == 0:
+                    os.utime(fd, ns=(1_500_000_000_000_000_000 + i, 1_600_000_000_000_000_000 + i))
+                os.fchown(fd, 1000 + i, 2000 + i)
+                os.fchmod(fd, 0o640 + i)
+            finally:
+                os.close(fd)
+            made[name] = data
+        seen_b = {name: os.stat(b / name) for name in made}
+        for name, data in made.items():
+            sa, sb = os.stat(a / name), seen_b[name]
+            assert (a / name).read_bytes() == data, (round_, name)
+            assert ((sa.st_mode, sa.st_uid, sa.st_gid, sa.st_size, sa.st_mtime_ns)
+                    == (sb.st_mode, sb.st_uid, sb.st_gid, sb.st_size, sb.st_mtime_ns)), (round_, name)
+            assert stat.S_IMODE(sa.st_mode) == 0o640 + int(name[-1]) and sa.st_uid == 1000 + int(name[-1])
+
+
+def test_a_tree_extracted_on_a_node_without_the_server_compares_equal_on_the_server(fsc, mine, tmp_path):
+    """tar x on n2 into a directory it made (its writes, owners, modes and
+    times sent behind): tar --compare, run on n1 right after, finds the
+    tree as archived."""
+    _, a, b = mine
+    tarball = tmp_path / "src.tar"
+    subprocess.run(["tar", "-C", str(Path(__file__).resolve().parents[2]), "-cf", str(tarball),
+                    "--exclude=__pycache__", "drvs", "tests"], check=True)
+    subprocess.run(["tar", "-C", str(b), "-xf", str(tarball)], check=True)
+    r = subprocess.run(["tar", "-C", str(a), "--compare", "-f", str(tarball)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("killed", ["n1", "n2"])
+def test_writes_sent_behind_are_durable_once_fsynced(cluster_factory, killed):
+    """n2 writes and fsyncs files in a directory it made (their writes
+    sent behind, the fsync after them); the moment the last fsync returned,
+    the server's node (n1) or the writer's own daemon (n2, with what it had
+    yet to send) is killed: the other node has every file whole."""
+    c = cluster_factory(nodes=2)
+    c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", node="n1", check=True)
+    a, b = view(c, "n1"), view(c, "n2")
+    _wait(lambda: _df(c, "n1").get("in_sync") == ["n1", "n2"])
+    (b / "mine").mkdir()
+    made = {}
+    for i in range(30):
+        data = os.urandom(1000 * i)
+        fd = os.open(b / "mine" / f"f{i}", os.O_CREAT | os.O_WRONLY, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+            made[f"f{i}"] = data
+            if i == 29:
+                os.kill(c.node(killed)["pid"], signal.SIGKILL)
+        finally:
+            with contextlib.suppress(OSError):  # (ENOTCONN: n2's daemon is gone)
+                os.close(fd)
+    left = a if killed == "n2" else b
+    if killed == "n1":
+        _wait(lambda: _df(c, "n2").get("server") == "n2")
+    for name, data in made.items():
+        assert (left / "mine" / name).read_bytes() == data, name
 
 
 def test_renames_and_unlinks_racing_from_two_nodes(fsc, d):
