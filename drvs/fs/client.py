@@ -57,6 +57,8 @@ BEHIND_MAX = 256              # calls sent behind in one message
 BEHIND_BATCH_BYTES = 1 << 20  # ... and bytes of data written
 BEHIND_GATHER = 0.010         # seconds the first waits for more, unless a call waits for them (_settle)
 BEHIND_QUEUED_MAX = 4 << 20   # bytes of data written behind not yet answered (beyond: in line)
+SPARES_LOW = 32               # files made ahead left that ask for more ...
+SPARES_ASK = 64               # ... this many
 LOST_MAX = 4096               # files whose writes sent behind failed, kept until an fsync or close says so
 RECALLED_KEPT = 10.0          # seconds a recall of a directory not (yet) delegated here is remembered
 ABSENT_GRACE = 1.0            # seconds the kernel may keep a name absent after this node's reckoning
@@ -259,9 +261,10 @@ class VmFs:
         self.privates = 0             # names in private
         # Calls answered here and sent behind so far, and of those answered
         # by the server (in that order); the ones not yet sent: unlinks
-        # ("u", term, path, server inode, directory, name) and writes,
-        # setattrs and releases of files made here ("c", term, call type,
-        # its fields, inode, bytes of data) -- see unlink and write.
+        # ("u", term, path, server inode, directory, name) and creates,
+        # writes, setattrs and releases of files made here ("c", term, call
+        # type, its fields, inode, bytes of data, (directory, name) of a
+        # create) -- see unlink, create and write.
         self.enqueued = self.made_behind = 0
         self.queued: list[tuple] = []
         self.unlinking: collections.Counter = collections.Counter()  # (directory, name) of those unlinks
@@ -270,6 +273,14 @@ class VmFs:
         # or a writer's close, of the file says so (as a failed writeback).
         self.lost: dict[int, int] = {}
         self.in_line = 0               # calls begun here not sent behind (see _keep)
+        # Files the server made ahead for this node's creates behind
+        # (Call.tmpfiles): (server handle, server inode, generation), of this
+        # term; the bytes each may write behind; whether one was asked for
+        # (the first ask ends those a daemon before this one held).
+        self.spares: list[tuple[int, int, int]] = []
+        self.spare_bytes = 0
+        self.refilling = False
+        self.spares_asked = False
         self.progress = trio.Event()   # set (and made anew) whenever made_behind grows
         self.sending = False           # _send_behind is on its way
         self.hurry = trio.Event()      # set when a call waits for the unlinks sent behind
@@ -472,6 +483,7 @@ class VmFs:
         self.fresh.clear()
         self.kept = None
         self._undelegate_all()  # (the new server delegated nothing)
+        self.spares.clear()  # (the old server's)
         self.revocations = 0
         self.recalled = {k: t for k, t in self.recalled.items() if k[0] >= epoch}
         self.known.clear()
@@ -769,7 +781,17 @@ class VmFs:
             return self._attr(r.attr, since)
         where = self.locate(inode)
         r = await self._query(Call.getattr, inode & MASK, where)
-        return self._attr(r.attr, since, still=self._asked(inode, where))
+        still = self._asked(inode, where)
+        if inode & MASK in self.delegated and still and not self._stale(since, inode & MASK):
+            self._fresh(inode & MASK, r.attr)
+        return self._attr(r.attr, since, still=still)
+
+    def _fresh(self, dino: int, a) -> None:
+        """Keep the attributes of a directory delegated here (self.fresh):
+        the kernel asks for them after every create and remove, and the
+        node's creates behind there (and unlinks) keep them as they go --
+        otherwise each such ask would wait for the calls sent behind."""
+        self.fresh[dino] = (trio.current_time() + TIMEOUT, a)
 
     async def setattr(self, inode, attr, fields, fh, ctx):
         mask = ((SET_MODE if fields.update_mode else 0) | (SET_UID if fields.update_uid else 0)
@@ -788,6 +810,8 @@ class VmFs:
         with self._changing(inode & MASK) as change, self._writing(inode if fields.update_size else None):
             number = self.in_line + 1
             r = await self.call(Call.setattr, **where, **args)
+        if mask & SET_MODE and attr.st_mode & stat.S_ISGID:
+            self._undelegate(inode & MASK)  # (a setgid directory: see _create_behind)
         self._keep(inode & MASK, r.attr, number, change.told)
         return self._attr(r.attr, change.told,
                           still="path" not in where or self._asked(inode, (where.get("at", b""), where["path"])))
@@ -826,7 +850,7 @@ class VmFs:
         h.queued = True
         self._enqueue(("c", self.epoch, Call.setattr,
                        dict(fh=h.sfh, setMask=mask, mode=attr.st_mode, uid=attr.st_uid, gid=attr.st_gid,
-                            atimeNs=attr.st_atime_ns, mtimeNs=attr.st_mtime_ns), cino, 0))
+                            atimeNs=attr.st_atime_ns, mtimeNs=attr.st_mtime_ns), cino, 0, None))
         return self._kept_attr(kept[1], t)
 
     def _behind_ok(self, node: "Inode | None", h: Handle, size: int) -> bool:
@@ -961,8 +985,10 @@ class VmFs:
         entry = self._entry(dino, name, r.attr, change.told, self._asked(parent, where))
         if ctype == Call.mkdir:
             self._now_known(self._c(r.attr.ino), (), change)
-            if r.delegated and self.recalled.pop((r.epoch, r.attr.ino), None) is None:
+            if (r.delegated and self.recalled.pop((r.epoch, r.attr.ino), None) is None
+                    and not r.attr.mode & stat.S_ISGID):  # (its files take its group: see _create_behind)
                 self.delegated.add(self._c(r.attr.ino))
+                self._fresh(self._c(r.attr.ino), r.attr)
         else:
             self._made_private(dino, name)
         return entry
@@ -1128,8 +1154,14 @@ class VmFs:
         for q, st in zip(batch, statuses):
             if st >= 0 or q[2] == Call.release:
                 continue
-            log.warning("fs@%s: a %s of inode %d sent behind: %s", self.vm, "write" if q[2] == Call.write
-                        else "setattr", q[4], os.strerror(-st))
+            log.warning("fs@%s: a %s of inode %d sent behind: %s", self.vm, {Call.write: "write", Call.create:
+                        "create"}.get(q[2], "setattr"), q[4], os.strerror(-st))
+            if q[6] is not None:  # (a create: the name is not there)
+                dino, name = q[6]
+                self.known.pop(dino, None)
+                self.fresh.pop(dino, None)
+                self._forget_entry(dino, name)
+                self.spawn(_drop_entry, self.tag | dino, name)
             if len(self.lost) >= LOST_MAX:
                 self.lost.pop(next(iter(self.lost)))
             self.lost.setdefault(q[4], -st)
@@ -1292,6 +1324,9 @@ class VmFs:
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=direct)
 
     async def create(self, parent, name, mode, flags, ctx):
+        made = self._create_behind(parent, name, mode, flags, ctx)
+        if made is not None:
+            return made
         dino, where = parent & MASK, self.locate(parent)
         with self._changing(dino) as change:
             number = self.in_line + 1
@@ -1307,6 +1342,69 @@ class VmFs:
         info = self._opened(r, flags)
         self.handles[info.fh].behind = r.behindBytes
         return info, entry
+
+    def _create_behind(self, parent: int, name: bytes, mode: int, flags: int, ctx):
+        """A create in a directory delegated to this node, of a name it
+        knows absent there, answered here with a file the server made ahead
+        (Call.tmpfiles) and sent behind, ahead of the file's writes and
+        close: no other node looks into the directory before the server
+        recalls it (and the recall waits for these), as with CephFS's
+        asynchronous creates.  The owner and mode are a create's (the
+        directory is not setgid: see _make), the times the node's clock.
+        None if it goes in line."""
+        dino = parent & MASK
+        if dino not in self.delegated:
+            return None
+        if len(self.spares) < SPARES_LOW and not self.refilling:
+            self.refilling = True
+            self.spawn(self._refill)
+        known = self.known.get(dino)
+        if (not self.spares or known is None or name in known[1] or (dino, name) in self.unlinking
+                or flags & os.O_APPEND or trio.current_time() >= self.lease_until or ctx is None):
+            return None
+        fields = self.named(parent, name)
+        if "at" in fields:
+            return None
+        sfh, sino, gen = self.spares.pop()
+        now = time.time_ns()
+        a = LocalAttr()
+        a.ino, a.gen, a.mode, a.nlink, a.uid, a.gid = sino, gen, stat.S_IFREG | stat.S_IMODE(mode), 1, ctx.uid, ctx.gid
+        a.rdev = a.size = a.blocks = 0
+        a.atimeNs = a.mtimeNs = a.ctimeNs = now
+        cino = self._c(sino)
+        self._known_add(dino, name)
+        self._made_private(dino, name)
+        entry = self._entry(dino, name, a, self.told, True)
+        fresh = self.fresh.get(dino)
+        if fresh is not None:  # (a name was made there)
+            self.fresh[dino] = (fresh[0], _touched(fresh[1]))
+        if self.cache is not None:
+            self.cache.drop(self.tag | cino)  # (pages of a file that had its number before)
+        self.kept = (cino, trio.current_time() + TIMEOUT, self.told, a)
+        fh = self.tag | self.next_fh
+        self.next_fh += 1
+        h = self.handles[fh] = Handle(sfh, cino)
+        h.behind, h.queued = self.spare_bytes, True
+        node = self._inode(cino)
+        node.open.append(h)
+        node.term = node.term or self.epoch  # (not fsync'ed yet: see _durable)
+        self._enqueue(("c", self.epoch, Call.create, dict(fields, fh=sfh, flags=flags, mode=mode, caller=caller(ctx),
+                                                          atimeNs=now, mtimeNs=now), cino, 0, (dino, name)))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry
+
+    async def _refill(self) -> None:
+        """Ask the server for files made ahead (see _create_behind)."""
+        try:
+            epoch = self.epoch
+            r = await self.call(Call.tmpfiles, behind=True, size=SPARES_ASK, flags=0 if self.spares_asked else 1)
+            self.spares_asked = True
+            if r.epoch == epoch == self.epoch:
+                self.spares += zip(r.handles, (e.attr.ino for e in r.entries), (e.attr.gen for e in r.entries))
+                self.spare_bytes = r.behindBytes
+        except pyfuse3.FUSEError as e:
+            log.info("%s: files made ahead: %s", self.target, os.strerror(e.errno))
+        finally:
+            self.refilling = False
 
     def _h(self, fh) -> Handle:
         h = self.handles.get(fh)
@@ -1368,7 +1466,7 @@ class VmFs:
         now = time.time_ns()
         self.behind_bytes += n
         self._enqueue(("c", self.epoch, Call.write, dict(fh=h.sfh, offset=off, data=bytes(buf), mtimeNs=now),
-                       h.cino, n))
+                       h.cino, n, None))
         node = self.inodes[h.cino]
         if not node.term:
             node.term = self.epoch  # (not fsync'ed yet: see _durable)
@@ -1406,7 +1504,7 @@ class VmFs:
             node.open.remove(h)
             self._maybe_drop(node)
         if h.queued:  # (after the calls sent behind on it)
-            self._enqueue(("c", self.epoch, Call.release, {"fh": h.sfh}, h.cino, 0))
+            self._enqueue(("c", self.epoch, Call.release, {"fh": h.sfh}, h.cino, 0, None))
             return
         if self._local_server() is not None:
             await self.call(Call.release, fh=h.sfh)
@@ -1738,6 +1836,10 @@ class VmFs:
             self.told += 1
             self.told_of = {}
         self.told_of_max = max(TOLD_OF_PRUNE, 2 * len(self.told_of))
+
+
+async def _drop_entry(dino: int, name: bytes) -> None:
+    pyfuse3.invalidate_entry_async(dino, name, ignore_enoent=True)
 
 
 async def drop_inodes(inodes: list, attr_only: bool) -> None:

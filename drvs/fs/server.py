@@ -59,7 +59,9 @@ DELEGATIONS_MAX = 4096    # directories delegated at once (no more are granted b
 BEHIND_GRANT = 1 << 20
 BEHIND_ROOM = 256 << 20
 ROOM_CHECKED = 1.0        # seconds a look at the store's free space serves
-BEHIND_CALLS = {Call.write, Call.setattr, Call.release}  # (each on a handle of the node's)
+BEHIND_CALLS = {Call.write, Call.setattr, Call.release, Call.create}  # (each on a handle of the node's)
+TMPFILES_ASK = 64         # files made ahead for a node in one call (tmpfiles) ...
+TMPFILES_HELD = 256       # ... and held for it at once (an open descriptor each)
 READDIR_BATCH = 512
 LISTING_KEPT = 10.0   # seconds a directory's names are kept for the next batch of its listing
 LISTINGS_MAX = 64     # listings kept at once (the least recently used goes)
@@ -197,16 +199,18 @@ class FsServer:
             Call.release: self.release, Call.fsync: self.fsync, Call.flush: self.flush,
             Call.setxattr: self.setxattr, Call.removexattr: self.removexattr, Call.usage: self.usage,
             Call.lock: self.lock, Call.fallocate: self.fallocate, Call.unlinks: self.unlinks,
-            Call.behind: self.behind,
+            Call.behind: self.behind, Call.tmpfiles: self.tmpfiles,
         }
         self.lock_table = LockTable()
         # Directories delegated (FsReply.delegated): inode -> the node whose
         # alone it is -- a directory it made, which no other node has used
-        # since.  That node answers its kernel's unlinks there of files it
-        # made itself at once and sends them behind (drvs/fs/client.py
-        # VmFs.unlink); before another node's call on such a directory, or
-        # on a name in it, is made, the delegation is recalled (Recall): the
-        # node answers once its unlinks sent behind there were made.
+        # since.  That node answers its kernel's creates there (with files
+        # made ahead: tmpfiles), and unlinks, writes, setattrs and closes of
+        # files it made there, at once and sends them behind
+        # (drvs/fs/client.py VmFs.create, unlink, write); before another
+        # node's call on such a directory, or on a name in it, is made, the
+        # delegation is recalled (Recall): the node answers once what it
+        # sent behind was made.
         self.delegations: dict[int, str] = {}
         self.delegated_to: collections.Counter = collections.Counter()  # node -> its delegations
         self.recalling: dict[int, trio.Event] = {}  # directory -> set when its recall ended
@@ -218,6 +222,7 @@ class FsServer:
         self.revocations: collections.Counter = collections.Counter()
         self.revoked: dict[str, dict[int, float]] = {}
         self.room = (0.0, False)  # (when looked, whether the store had BEHIND_ROOM free)
+        self.spares: dict[str, set[int]] = {}  # node -> handles of files made ahead for it (tmpfiles)
         self.plain = {t for t, h in self.table.items() if not inspect.iscoroutinefunction(h)}
         self.puts = {Call.putBegin: self._put_begin, Call.putDir: self.builder.put_dir,
                      Call.putFile: self.builder.put_file, Call.putLink: self.builder.put_link,
@@ -1229,6 +1234,8 @@ class FsServer:
         return Changed(dirs=[dino])
 
     def create(self, req, path, out, origin) -> Changed:
+        if self.epoch and req.fh:
+            return self._place(req, path, out, origin)
         flags = (req.flags & OPEN_FLAGS) | os.O_NOFOLLOW
         with self.store.at(check_path(path)) as (dfd, name):
             try:
@@ -1242,6 +1249,8 @@ class FsServer:
             try:
                 if made:
                     _own(dfd, name, req)
+                    if req.mtimeNs:  # (one made behind, on a replica: the times its node gave)
+                        os.utime(fd, ns=(req.atimeNs, req.mtimeNs))
                 dino = self._post_op(dfd, out, origin)
             except OSError:
                 os.close(fd)
@@ -1290,6 +1299,73 @@ class FsServer:
             raise OSError(-failed, "an unlink the server made failed here")
         return Changed(entries=entries, inodes=inodes, dirs=list(dirs), gone=gone) if entries else None
 
+    def tmpfiles(self, req, path, out, origin) -> None:
+        """Files made ahead (O_TMPFILE: unnamed, open) for origin to create
+        behind in directories delegated to it (drvs/fs/client.py
+        VmFs.create): a create's reply names the new inode, so without
+        them the node would wait for the server.  Its first ask ends those
+        it held before (a restarted daemon's)."""
+        held = self.spares.setdefault(origin, set())
+        if req.flags & 1:
+            for fh in held:
+                f = self.files.pop(fh, None)
+                if f is not None:
+                    os.close(f.fd)
+            held.clear()
+        if not self.epoch or self.sync or origin == self.here or not self._roomy():
+            return
+        n = max(0, min(req.size, TMPFILES_ASK, TMPFILES_HELD - len(held)))
+        ents, handles = out.init("entries", n), []
+        for e in ents:
+            fd = self.store.open(b"", os.O_TMPFILE | os.O_RDWR, 0o600)
+            try:
+                st = os.fstat(fd)
+                handle = Store.handle_of(fd, b"")
+            except OSError:
+                os.close(fd)
+                raise
+            fh = self.next_fh
+            self.next_fh += 1
+            self.files[fh] = OpenFile(fd, st.st_ino, origin, os.O_RDWR)
+            held.add(fh)
+            handles.append(fh)
+            fill_attr(e.attr, st)
+            e.attr.gen = generation(handle) if handle else 0
+        out.handles = handles
+        out.behindBytes = BEHIND_GRANT
+
+    def _place(self, req, path, out, origin) -> Changed:
+        """A create origin sent behind: the file made ahead for it
+        (tmpfiles) linked in at path, its owner and mode as a create's, its
+        times those the node gave its kernel.  One that comes after its
+        directory's delegation was taken from the node (stopped or cut off
+        past its lease) is made all the same if the name is free, as a slow
+        create would have been: its data is nowhere else."""
+        held = self.spares.get(origin)
+        if not held or req.fh not in held:
+            raise OSError(errno.EBADF, "no file made ahead for this node has that handle")
+        f = self._file(req.fh)
+        with self.store.at(check_path(path)) as (dfd, name):
+            holder = self.delegations.get(os.fstat(dfd).st_ino, origin)
+            if holder != origin:  # (its queued calls are to be made first: a recall would be due)
+                raise OSError(errno.ESTALE, "the directory is delegated to another node now")
+            os.link(f"/proc/self/fd/{f.fd}", name, dst_dir_fd=dfd)  # (linkat, AT_SYMLINK_FOLLOW)
+            held.discard(req.fh)
+            try:
+                _own(dfd, name, req)
+                os.utime(f.fd, ns=(req.atimeNs, req.mtimeNs))
+                dino = self._post_op(dfd, out, origin)
+            except OSError:
+                _undo(dfd, name)
+                raise
+            _identity(out.attr, stat.S_IFREG, dfd, name)
+        st = os.fstat(f.fd)
+        fill_attr(out.attr, st)
+        out.fh = req.fh
+        self._seen(origin, st.st_ino)
+        self._data_changed(st.st_ino)
+        return Changed(dirs=[dino])
+
     async def behind(self, req, path, out, origin) -> None:
         """Writes, setattrs and releases a node sent behind on files it
         made in a directory delegated to it (drvs/fs/client.py VmFs.write),
@@ -1300,9 +1376,10 @@ class FsServer:
             try:
                 payload = bytes(call.request)
                 sub = from_flat(fs.FsRequest, payload)
-                if call.type not in BEHIND_CALLS or not sub.fh:
+                if call.type not in BEHIND_CALLS or not sub.fh or call.type != Call.create and sub.path:
                     raise OSError(errno.EINVAL, f"call type {call.type} is not one sent behind on a handle")
-                await self._serve(call.type, sub, b"", LocalReply(self.epoch), origin, payload, seq=req.seq)
+                await self._serve(call.type, sub, bytes(sub.path), LocalReply(self.epoch), origin, payload,
+                                  seq=req.seq)
             except OSError as e:
                 statuses.append(-(e.errno or errno.EIO))
                 continue
@@ -1319,6 +1396,9 @@ class FsServer:
         waits for the replicas, and the store is roomy."""
         if not self.epoch or self.sync or origin == self.here or self.delegations.get(dino) != origin:
             return False
+        return self._roomy()
+
+    def _roomy(self) -> bool:
         when, roomy = self.room
         now = time.monotonic()
         if now - when > ROOM_CHECKED:
@@ -1632,13 +1712,14 @@ class LocalStatFs:
 class LocalReply:
     __slots__ = ("attr", "fh", "data", "size", "entries", "more", "statfs", "epoch", "shared",
                  "lockType", "lockStart", "lockEnd", "lockPid", "dirAttr", "synced", "version", "delegated",
-                 "statuses", "revocations", "behindBytes")
+                 "statuses", "revocations", "behindBytes", "handles")
 
     def __init__(self, epoch: int):
         self.attr, self.fh, self.data, self.size, self.dirAttr = LocalAttr(), 0, b"", 0, LocalAttr()
         self.synced, self.version, self.delegated, self.statuses, self.revocations = False, 0, False, [], 0
         self.entries, self.more, self.statfs, self.epoch, self.shared = [], False, LocalStatFs(), epoch, False
         self.lockType, self.lockStart, self.lockEnd, self.lockPid, self.behindBytes = 0, 0, 0, 0, 0
+        self.handles = []
 
     def init(self, field: str, n: int) -> list:
         assert field == "entries"

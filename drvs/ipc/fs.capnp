@@ -22,7 +22,8 @@ enum FsCall {
   rename @9;       # path -> path2, flags (RENAME_NOREPLACE, RENAME_EXCHANGE)
   link @10;        # path (existing) -> path2 (new) -> attr of path2
   open @11;        # path, flags -> fh, attr
-  create @12;      # path, flags, mode, caller -> fh, attr
+  create @12;      # path, flags, mode, caller -> fh, attr.  Sent behind (a replica's too): fh, the
+                   # file made ahead to put there (tmpfiles), and atimeNs/mtimeNs, its times
   read @13;        # fh, offset, size -> data
   write @14;       # fh, offset, data, flags (1: drop setuid, and setgid if group-executable),
                    # mtimeNs (not 0: the file's mtime after it, as its node told its kernel: a
@@ -58,12 +59,15 @@ enum FsCall {
   fallocate @35;   # path or via, flags (fallocate(2)'s mode), offset, size (the length) -> attr
                    # (a program's fallocate, from its node's supervisor: pyfuse3 has no FALLOCATE)
   recall @36;      # server -> fsc@NODE: Recall: the directories the server delegated to the node are
-                   # its no more; the node answers once its unlinks sent behind there are made
+                   # its no more; the node answers once what it sent behind there is made
   unlinks @37;     # names (paths), inos, inoEpoch: unlinks a node sent behind (VmFs.unlink), each
                    # made as an unlink of that inode -> statuses
   behind @38;      # calls: writes, setattrs and releases a node sent behind on files it made in a
                    # directory delegated to it (VmFs.write), each made as that call, in order ->
                    # statuses
+  tmpfiles @39;    # size (how many), flags (1: the node's first ask: those it held before go) ->
+                   # handles, entries (their attr: ino, gen), behindBytes: files made ahead (unnamed,
+                   # open) for the caller's node to create behind in directories delegated to it
 }
 
 struct Caller {
@@ -175,6 +179,7 @@ struct FsReply {
                               # (a recall that failed): when this grows, the node drops all of its own
   behindBytes @19 :UInt64;    # create: the bytes of the new file its node may write behind (VmFs.write:
                               # the directory is delegated to it, the disk roomy); 0: none
+  handles @20 :List(UInt64);  # tmpfiles: the files' handles (entries: their attributes)
 }
 
 # The server's calls, as made, for a replica (each call's request as the
