@@ -364,7 +364,9 @@ class View(pyfuse3.Operations):
 
     @_errno_only
     async def fsyncdir(self, fh, datasync):
-        pass
+        tag = fh >> TAG_SHIFT
+        if tag not in (0, FS_TAG):
+            await self._vmfs(fh, errno.EBADF).fsyncdir(fh, datasync)
 
     @_errno_only
     async def statfs(self, ctx):

@@ -273,6 +273,10 @@ class VmFs:
         # or a writer's close, of the file says so (as a failed writeback).
         self.lost: dict[int, int] = {}
         self.in_line = 0               # calls begun here not sent behind (see _keep)
+        # Handles of files made ahead by a server whose term ended, whose
+        # creates sent behind were made again in line (see _made_again) ->
+        # the handles the new server gave.
+        self.handle_moves: dict[int, int] = {}
         # Files the server made ahead for this node's creates behind
         # (Call.tmpfiles): (server handle, server inode, generation), of this
         # term; the bytes each may write behind; whether one was asked for
@@ -458,9 +462,13 @@ class VmFs:
             self.gen = epoch % GENS
             return
         self.renewing = True
+        self._undelegate_all()  # (the new server delegated nothing: nothing more goes behind)
+        self.spares.clear()  # (the old server's)
+        if not any(q[1] == old for q in self.queued):
+            self.handle_moves.clear()
         try:
-            # (behind: not waiting for the unlinks sent behind, as this may
-            # be for the reply to one of their calls)
+            # (behind: not waiting for the calls sent behind, as this may
+            # be for the reply to one of them)
             r = await self.call(Call.getattr, idempotent=True, behind=True, path=b"")  # the new server's root
         except pyfuse3.FUSEError:
             self.epoch = old  # the next reply of this term tries again
@@ -482,8 +490,7 @@ class VmFs:
         self.big.clear()
         self.fresh.clear()
         self.kept = None
-        self._undelegate_all()  # (the new server delegated nothing)
-        self.spares.clear()  # (the old server's)
+        self._undelegate_all()
         self.revocations = 0
         self.recalled = {k: t for k, t in self.recalled.items() if k[0] >= epoch}
         self.known.clear()
@@ -1137,34 +1144,81 @@ class VmFs:
             self.fresh.pop(dino, None)
 
     async def _changes(self, batch: list, term: int) -> None:
-        """One call of queued writes, setattrs and releases (Call.behind).
-        A failure is kept for the file's next fsync or writer's close to
-        say (and logged); those of an ended term fail (EIO): their handles
-        were the old server's, and what was not fsync'ed may be lost there."""
+        """One call of queued creates, writes, setattrs and releases
+        (Call.behind).  Those of an ended term go to the new server (it
+        took over the old one's handles with its replica), their creates
+        made again in line first (_made_again); and so does a batch a new
+        server answered (the old one died with it).  A failure is kept for
+        the file's next fsync or writer's close to say (and logged)."""
         statuses = [-errno.EIO] * len(batch)
-        if term == self.epoch:
-            calls = [{"type": q[2], "request": to_flat(new(fs.FsRequest, vm=self.vm, **q[3]))} for q in batch]
-            try:
-                r = await self.call(Call.behind, behind=True, calls=calls)
-                statuses = list(r.statuses) + [-errno.EIO] * (len(batch) - len(r.statuses))
-            except pyfuse3.FUSEError as e:
-                statuses = [-e.errno] * len(batch)
-            except Exception:  # noqa: BLE001 - a bug here must not leave the queue stuck
-                log.exception("fs@%s: calls sent behind", self.vm)
+        try:
+            for _ in range(2):
+                epoch = self.epoch
+                if term != epoch:
+                    batch = await self._made_again(batch)
+                if self.handle_moves:
+                    batch = [self._rehandled(q) for q in batch]
+                calls = [{"type": q[2], "request": to_flat(new(fs.FsRequest, vm=self.vm, **q[3]))} for q in batch]
+                try:
+                    r = await self.call(Call.behind, behind=True, calls=calls)
+                    statuses = list(r.statuses) + [-errno.EIO] * (len(batch) - len(r.statuses))
+                except pyfuse3.FUSEError as e:
+                    statuses = [-e.errno] * len(batch)
+                if self.epoch == epoch:
+                    break
+        except Exception:  # noqa: BLE001 - a bug here must not leave the queue stuck
+            log.exception("fs@%s: calls sent behind", self.vm)
         for q, st in zip(batch, statuses):
             if st >= 0 or q[2] == Call.release:
                 continue
             log.warning("fs@%s: a %s of inode %d sent behind: %s", self.vm, {Call.write: "write", Call.create:
                         "create"}.get(q[2], "setattr"), q[4], os.strerror(-st))
             if q[6] is not None:  # (a create: the name is not there)
-                dino, name = q[6]
-                self.known.pop(dino, None)
-                self.fresh.pop(dino, None)
-                self._forget_entry(dino, name)
-                self.spawn(_drop_entry, self.tag | dino, name)
-            if len(self.lost) >= LOST_MAX:
-                self.lost.pop(next(iter(self.lost)))
-            self.lost.setdefault(q[4], -st)
+                self._create_failed(*q[6])
+            self._lose(q[4], -st)
+
+    async def _made_again(self, batch: list) -> list:
+        """A batch of an ended term, for the new server: its creates made
+        in line there now (a file made ahead by the old server is not on
+        the new one; one the old server made had its handle copied to the
+        replica: EEXIST), the handles they gave put in the queue's later
+        calls and in the node's own handles; the creates taken out."""
+        left = []
+        for q in batch:
+            if q[2] != Call.create:
+                left.append(q)
+                continue
+            f = q[3]
+            try:
+                r = await self.call(Call.create, behind=True, path=f["path"], flags=f["flags"] | os.O_EXCL,
+                                    mode=f["mode"], caller=f["caller"], atimeNs=f["atimeNs"], mtimeNs=f["mtimeNs"])
+            except pyfuse3.FUSEError as e:
+                if e.errno != errno.EEXIST:
+                    log.warning("fs@%s: a create sent behind, made again: %s", self.vm, os.strerror(e.errno))
+                    self._create_failed(*q[6])
+                    self._lose(q[4], e.errno)
+                continue
+            self.handle_moves[f["fh"]] = r.fh
+            for h in self.handles.values():
+                if h.sfh == f["fh"]:
+                    h.sfh = r.fh
+        return left
+
+    def _rehandled(self, q: tuple) -> tuple:
+        fh = self.handle_moves.get(q[3]["fh"])
+        return q if fh is None else q[:3] + (dict(q[3], fh=fh),) + q[4:]
+
+    def _create_failed(self, dino: int, name: bytes) -> None:
+        """A create answered here is not on the server: its name goes."""
+        self.known.pop(dino, None)
+        self.fresh.pop(dino, None)
+        self._forget_entry(dino, name)
+        self.spawn(_drop_entry, self.tag | dino, name)
+
+    def _lose(self, cino: int, err: int) -> None:
+        if len(self.lost) >= LOST_MAX:
+            self.lost.pop(next(iter(self.lost)))
+        self.lost.setdefault(cino, err)
 
     async def _settle(self) -> None:
         """Until the unlinks queued before this are answered (those queued
@@ -1659,7 +1713,9 @@ class VmFs:
         self.listings.pop(fh, None)
 
     async def fsyncdir(self, fh, datasync):
-        pass  # each change is durable on the server's file system as its journal makes it
+        # Each change is durable on the server's file system as its journal
+        # makes it: those sent behind are made first.
+        await self._settle()
 
     async def statfs(self, ctx):
         r = await self.call(Call.statfs, idempotent=True)

@@ -223,6 +223,7 @@ class FsServer:
         self.revoked: dict[str, dict[int, float]] = {}
         self.room = (0.0, False)  # (when looked, whether the store had BEHIND_ROOM free)
         self.spares: dict[str, set[int]] = {}  # node -> handles of files made ahead for it (tmpfiles)
+        self.behind_order: dict[str, trio.Lock] = {}  # node -> held while its calls sent behind are made
         self.plain = {t for t, h in self.table.items() if not inspect.iscoroutinefunction(h)}
         self.puts = {Call.putBegin: self._put_begin, Call.putDir: self.builder.put_dir,
                      Call.putFile: self.builder.put_file, Call.putLink: self.builder.put_link,
@@ -1315,15 +1316,17 @@ class FsServer:
         if not self.epoch or self.sync or origin == self.here or not self._roomy():
             return
         n = max(0, min(req.size, TMPFILES_ASK, TMPFILES_HELD - len(held)))
-        ents, handles = out.init("entries", n), []
-        for e in ents:
-            fd = self.store.open(b"", os.O_TMPFILE | os.O_RDWR, 0o600)
-            try:
-                st = os.fstat(fd)
-                handle = Store.handle_of(fd, b"")
-            except OSError:
-                os.close(fd)
+        made = []
+        try:
+            for _ in range(n):
+                fd = self.store.open(b"", os.O_TMPFILE | os.O_RDWR, 0o600)
+                made.append((fd, os.fstat(fd), Store.handle_of(fd, b"")))
+        except OSError as e:
+            if not made:
                 raise
+            log.info("fs@%s: %d of %d files made ahead for %s: %s", self.vm, len(made), n, origin, e)
+        ents, handles = out.init("entries", len(made)), []
+        for e, (fd, st, handle) in zip(ents, made):
             fh = self.next_fh
             self.next_fh += 1
             self.files[fh] = OpenFile(fd, st.st_ino, origin, os.O_RDWR)
@@ -1333,6 +1336,14 @@ class FsServer:
             e.attr.gen = generation(handle) if handle else 0
         out.handles = handles
         out.behindBytes = BEHIND_GRANT
+
+    def _placed(self, req, origin: str) -> bool:
+        """Whether a create sent behind was made already (its file, made
+        ahead for origin, is at its path)."""
+        if req.fh in self.spares.get(origin, ()):
+            return False
+        f = self.files.get(req.fh)
+        return f is not None and f.node == origin and self.path_of(f.fd) == bytes(req.path)
 
     def _place(self, req, path, out, origin) -> Changed:
         """A create origin sent behind: the file made ahead for it
@@ -1344,13 +1355,13 @@ class FsServer:
         held = self.spares.get(origin)
         if not held or req.fh not in held:
             raise OSError(errno.EBADF, "no file made ahead for this node has that handle")
+        held.discard(req.fh)  # (whatever comes of it: its node's release closes it)
         f = self._file(req.fh)
         with self.store.at(check_path(path)) as (dfd, name):
             holder = self.delegations.get(os.fstat(dfd).st_ino, origin)
             if holder != origin:  # (its queued calls are to be made first: a recall would be due)
                 raise OSError(errno.ESTALE, "the directory is delegated to another node now")
             os.link(f"/proc/self/fd/{f.fd}", name, dst_dir_fd=dfd)  # (linkat, AT_SYMLINK_FOLLOW)
-            held.discard(req.fh)
             try:
                 _own(dfd, name, req)
                 os.utime(f.fd, ns=(req.atimeNs, req.mtimeNs))
@@ -1367,19 +1378,31 @@ class FsServer:
         return Changed(dirs=[dino])
 
     async def behind(self, req, path, out, origin) -> None:
-        """Writes, setattrs and releases a node sent behind on files it
-        made in a directory delegated to it (drvs/fs/client.py VmFs.write),
-        each made in order as that call alone -- told, mirrored and
-        failing (its status) on its own."""
+        """Creates, writes, setattrs and releases a node sent behind on
+        files it made in a directory delegated to it (drvs/fs/client.py
+        VmFs.create, write), each made in order as that call alone -- told,
+        mirrored and failing (its status) on its own."""
+        lock = self.behind_order.setdefault(origin, trio.Lock())
+        async with lock:  # (a node's calls in the order it sent them, also one sent again)
+            await self._behind(req, out, origin)
+
+    async def _behind(self, req, out, origin) -> None:
         statuses = []
         for call in req.calls:
             try:
-                payload = bytes(call.request)
+                # (this node's own client's come as dicts: it finds this server here after a fail-over)
+                ctype, payload = (call["type"], call["request"]) if isinstance(call, dict) else (
+                    call.type, bytes(call.request))
                 sub = from_flat(fs.FsRequest, payload)
-                if call.type not in BEHIND_CALLS or not sub.fh or call.type != Call.create and sub.path:
-                    raise OSError(errno.EINVAL, f"call type {call.type} is not one sent behind on a handle")
-                await self._serve(call.type, sub, bytes(sub.path), LocalReply(self.epoch), origin, payload,
-                                  seq=req.seq)
+                if ctype not in BEHIND_CALLS or not sub.fh or ctype != Call.create and sub.path:
+                    raise OSError(errno.EINVAL, f"call type {ctype} is not one sent behind on a handle")
+                if ctype == Call.create and self._placed(sub, origin):
+                    statuses.append(0)  # (a call sent again: this create was made)
+                    continue
+                sub_out = LocalReply(self.epoch)
+                await self._serve(ctype, sub, bytes(sub.path), sub_out, origin, payload, seq=req.seq)
+                if ctype == Call.write and sub_out.size < len(sub.data):  # (its writer was told all went)
+                    raise OSError(errno.ENOSPC, "a write sent behind was cut short")
             except OSError as e:
                 statuses.append(-(e.errno or errno.EIO))
                 continue
@@ -1493,6 +1516,9 @@ class FsServer:
         f = self.files.pop(req.fh, None)
         if f is None:
             return None
+        held = self.spares.get(f.node)
+        if held:
+            held.discard(req.fh)  # (a file made ahead its node let go of)
         try:
             st = os.stat(f.fd)
         finally:

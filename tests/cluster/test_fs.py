@@ -1088,6 +1088,58 @@ def test_writes_sent_behind_are_durable_once_fsynced(cluster_factory, killed):
         assert (left / "mine" / name).read_bytes() == data, name
 
 
+def test_a_directory_fsync_makes_the_creates_sent_behind(cluster_factory):
+    """n2 makes empty files in a directory it made (created behind) and
+    fsyncs the directory, as programs do for marker and lock files; its
+    daemon killed the moment that returned, n1 lists every one."""
+    c = cluster_factory(nodes=2)
+    c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", node="n1", check=True)
+    a, b = view(c, "n1"), view(c, "n2")
+    _wait(lambda: _df(c, "n1").get("server") == "n1")
+    (b / "mine").mkdir()
+    (b / "mine" / "first").touch()  # (made in line: n2 asks for files made ahead)
+    time.sleep(0.5)
+    names = [f"marker{i}" for i in range(30)]
+    dfd = os.open(b / "mine", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name in names:
+            os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644, dir_fd=dfd))
+        os.fsync(dfd)
+        os.kill(c.node("n2")["pid"], signal.SIGKILL)
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(dfd)
+    assert sorted(os.listdir(a / "mine")) == sorted(names + ["first"])
+
+
+def test_what_a_node_sent_behind_to_a_server_that_died_is_made_by_the_next(cluster_factory):
+    """n1, the server, stops; n2 makes, writes and closes files in a
+    directory it made (answered on n2 from files n1 made ahead, all sent
+    behind, none made); n1 is killed: n2 takes over and has every file
+    whole -- its queue made again there, the creates in line."""
+    c = cluster_factory(nodes=2)
+    c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", node="n1", check=True)
+    b = view(c, "n2")
+    _wait(lambda: _df(c, "n1").get("in_sync") == ["n1", "n2"])
+    (b / "mine").mkdir()
+    (b / "mine" / "first").write_text("made in line: n2 asks for files made ahead")
+    time.sleep(0.5)
+    server = c.node("n1")["pid"]
+    os.kill(server, signal.SIGSTOP)
+    made = {}
+    try:
+        for i in range(20):
+            made[f"f{i}"] = os.urandom(700 * i)
+            (b / "mine" / f"f{i}").write_bytes(made[f"f{i}"])
+    finally:
+        os.kill(server, signal.SIGKILL)
+        os.kill(server, signal.SIGCONT)
+    _wait(lambda: _df(c, "n2").get("server") == "n2")
+    for name, data in made.items():
+        assert (b / "mine" / name).read_bytes() == data, name
+    assert sorted(os.listdir(b / "mine")) == sorted(made) + ["first"]
+
+
 def test_renames_and_unlinks_racing_from_two_nodes(fsc, d):
     _, a, b = d
     for i in range(20):
