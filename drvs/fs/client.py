@@ -309,6 +309,10 @@ class VmFs:
         depends on them)."""
         if self.enqueued > self.made_behind and not behind and wait:
             await self._settle()
+        if self.handle_moves:  # (a handle read before the wait, of a file made again meanwhile: _made_again)
+            for key in ("fh", "via"):
+                if fields.get(key) in self.handle_moves:
+                    fields[key] = self.handle_moves[fields[key]]
         began = trio.current_time()
         if "at" in fields or "at2" in fields:
             fields["atEpoch"] = self.epoch  # (handles are of this term's server: see locate)
@@ -464,8 +468,6 @@ class VmFs:
         self.renewing = True
         self._undelegate_all()  # (the new server delegated nothing: nothing more goes behind)
         self.spares.clear()  # (the old server's)
-        if not any(q[1] == old for q in self.queued):
-            self.handle_moves.clear()
         try:
             # (behind: not waiting for the calls sent behind, as this may
             # be for the reply to one of them)
@@ -1147,28 +1149,37 @@ class VmFs:
         """One call of queued creates, writes, setattrs and releases
         (Call.behind).  Those of an ended term go to the new server (it
         took over the old one's handles with its replica), their creates
-        made again in line first (_made_again); and so does a batch a new
-        server answered (the old one died with it).  A failure is kept for
-        the file's next fsync or writer's close to say (and logged)."""
-        statuses = [-errno.EIO] * len(batch)
+        made again in line first (_made_again); and so do those of a batch
+        a new server answered that failed there (the old one died with the
+        batch, maybe before making them).  A failure is kept for the file's
+        next fsync or writer's close to say (and logged)."""
+        statuses = {i: -errno.EIO for i in range(len(batch))}
+        todo = list(enumerate(batch))
         try:
             for _ in range(2):
                 epoch = self.epoch
                 if term != epoch:
-                    batch = await self._made_again(batch)
+                    todo = await self._made_again(todo, statuses)
                 if self.handle_moves:
-                    batch = [self._rehandled(q) for q in batch]
-                calls = [{"type": q[2], "request": to_flat(new(fs.FsRequest, vm=self.vm, **q[3]))} for q in batch]
+                    todo = [(i, self._rehandled(q)) for i, q in todo]
+                calls = [{"type": q[2], "request": to_flat(new(fs.FsRequest, vm=self.vm, **q[3]))} for _, q in todo]
+                stale = False
                 try:
-                    r = await self.call(Call.behind, behind=True, calls=calls)
-                    statuses = list(r.statuses) + [-errno.EIO] * (len(batch) - len(r.statuses))
+                    got = list((await self.call(Call.behind, behind=True, calls=calls)).statuses) if calls else []
                 except pyfuse3.FUSEError as e:
-                    statuses = [-e.errno] * len(batch)
-                if self.epoch == epoch:
+                    got, stale = [], e.errno == errno.ESTALE  # (ESTALE: a server whose term is over answered)
+                    statuses.update((i, -e.errno) for i, _ in todo)
+                statuses.update((i, st) for (i, _), st in zip(todo, got))
+                if self.epoch == epoch and not stale:
                     break
+                # Again, what failed -- and the releases of files made again
+                # (the new server took theirs for unknown handles: nothing)
+                todo = [(i, q) for i, q in todo
+                        if statuses[i] < 0 or q[2] == Call.release and q[3]["fh"] in self.handle_moves]
         except Exception:  # noqa: BLE001 - a bug here must not leave the queue stuck
             log.exception("fs@%s: calls sent behind", self.vm)
-        for q, st in zip(batch, statuses):
+        for i, q in enumerate(batch):
+            st = statuses[i]
             if st >= 0 or q[2] == Call.release:
                 continue
             log.warning("fs@%s: a %s of inode %d sent behind: %s", self.vm, {Call.write: "write", Call.create:
@@ -1177,28 +1188,33 @@ class VmFs:
                 self._create_failed(*q[6])
             self._lose(q[4], -st)
 
-    async def _made_again(self, batch: list) -> list:
-        """A batch of an ended term, for the new server: its creates made
-        in line there now (a file made ahead by the old server is not on
-        the new one; one the old server made had its handle copied to the
-        replica: EEXIST), the handles they gave put in the queue's later
-        calls and in the node's own handles; the creates taken out."""
-        left = []
-        for q in batch:
+    async def _made_again(self, todo: list, statuses: dict) -> list:
+        """Calls of an ended term, (index, call), for the new server: their
+        creates made in line there now (a file made ahead by the old server
+        is not on the new one; one the old server made had its handle
+        copied to the replica: EEXIST) and taken out, their statuses set,
+        the handles they gave put in later calls (handle_moves) and in the
+        node's own handles.  Once the new server does not answer, the
+        others fail at once (the daemon may be stopping)."""
+        left, down = [], False
+        for i, q in todo:
             if q[2] != Call.create:
-                left.append(q)
+                left.append((i, q))
                 continue
             f = q[3]
             try:
+                if down:
+                    raise pyfuse3.FUSEError(errno.EIO)
                 r = await self.call(Call.create, behind=True, path=f["path"], flags=f["flags"] | os.O_EXCL,
                                     mode=f["mode"], caller=f["caller"], atimeNs=f["atimeNs"], mtimeNs=f["mtimeNs"])
             except pyfuse3.FUSEError as e:
-                if e.errno != errno.EEXIST:
-                    log.warning("fs@%s: a create sent behind, made again: %s", self.vm, os.strerror(e.errno))
-                    self._create_failed(*q[6])
-                    self._lose(q[4], e.errno)
+                statuses[i] = 0 if e.errno == errno.EEXIST else -e.errno
+                down |= e.errno in (errno.EIO, errno.ETIMEDOUT)
                 continue
-            self.handle_moves[f["fh"]] = r.fh
+            statuses[i] = 0
+            if len(self.handle_moves) >= LOST_MAX:
+                self.handle_moves.pop(next(iter(self.handle_moves)))
+            self.handle_moves[f["fh"]] = r.fh  # (kept: handle numbers are never the same in two terms)
             for h in self.handles.values():
                 if h.sfh == f["fh"]:
                     h.sfh = r.fh
@@ -1470,6 +1486,8 @@ class VmFs:
         h = self._h(fh)
         server = self._local_server()
         if server is not None and server.epoch == self.epoch:
+            if self.enqueued > self.made_behind:  # (calls sent behind to the server before this one)
+                await self._settle()
             try:
                 return server.local_read(h.sfh, off, size)
             except OSError as e:
@@ -1713,9 +1731,12 @@ class VmFs:
         self.listings.pop(fh, None)
 
     async def fsyncdir(self, fh, datasync):
-        # Each change is durable on the server's file system as its journal
-        # makes it: those sent behind are made first.
-        await self._settle()
+        """The directory's entries, as made so far (also those sent behind:
+        call waits for them), on the server's disk and on its replicas."""
+        listing = self.listings.get(fh)
+        if listing is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        await self.call(Call.fsync, fh=0, **self.named(self.tag | listing.dino))
 
     async def statfs(self, ctx):
         r = await self.call(Call.statfs, idempotent=True)

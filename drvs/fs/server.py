@@ -1320,7 +1320,11 @@ class FsServer:
         try:
             for _ in range(n):
                 fd = self.store.open(b"", os.O_TMPFILE | os.O_RDWR, 0o600)
-                made.append((fd, os.fstat(fd), Store.handle_of(fd, b"")))
+                try:
+                    made.append((fd, os.fstat(fd), Store.handle_of(fd, b"")))
+                except OSError:
+                    os.close(fd)
+                    raise
         except OSError as e:
             if not made:
                 raise
@@ -1365,6 +1369,12 @@ class FsServer:
             try:
                 _own(dfd, name, req)
                 os.utime(f.fd, ns=(req.atimeNs, req.mtimeNs))
+                # Its descriptor by the name now: one made with O_TMPFILE
+                # keeps no path (path_of: a replica being copied reopens the
+                # open files by theirs, and a create sent twice finds it so).
+                fd = _fs.openat2(dfd, name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0, 0)
+                os.close(f.fd)
+                f.fd = fd
                 dino = self._post_op(dfd, out, origin)
             except OSError:
                 _undo(dfd, name)
@@ -1529,6 +1539,13 @@ class FsServer:
         return None
 
     async def fsync(self, req, path, out, origin) -> Changed | None:
+        if not req.fh:  # (a directory's: made so far, on disk here and, see _serve, on the replicas)
+            fd = self.store.open(check_path(path) if path else b"", os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                await trio.to_thread.run_sync(os.fsync, fd)  # (ext4 commits its journal up to the last change)
+            finally:
+                os.close(fd)
+            return None
         f = self._file(req.fh)
         sync = os.fdatasync if req.flags & 1 else os.fsync
         await trio.to_thread.run_sync(sync, f.fd)  # the disk may take long; the loop serves others meanwhile

@@ -29,7 +29,8 @@ enum FsCall {
                    # mtimeNs (not 0: the file's mtime after it, as its node told its kernel: a
                    # write sent behind) -> size (bytes written), shared
   release @15;     # fh
-  fsync @16;       # fh, flags (1: data only)
+  fsync @16;       # fh, flags (1: data only); fh 0: path, a directory's fsync (what was made in it,
+                   # on the replicas too)
   readdir @17;     # path, data (resume after this name, "" from the start) -> entries, more
   statfs @18;      # -> statfs
   getxattr @19;    # path, name -> data

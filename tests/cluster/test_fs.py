@@ -1127,17 +1127,30 @@ def test_what_a_node_sent_behind_to_a_server_that_died_is_made_by_the_next(clust
     server = c.node("n1")["pid"]
     os.kill(server, signal.SIGSTOP)
     made = {}
+    fd = None
     try:
         for i in range(20):
             made[f"f{i}"] = os.urandom(700 * i)
             (b / "mine" / f"f{i}").write_bytes(made[f"f{i}"])
+        fd = os.open(b / "mine" / "open", os.O_CREAT | os.O_WRONLY, 0o644)  # (kept open across)
+        os.write(fd, b"before ")
     finally:
         os.kill(server, signal.SIGKILL)
         os.kill(server, signal.SIGCONT)
-    _wait(lambda: _df(c, "n2").get("server") == "n2")
+    try:
+        _wait(lambda: _df(c, "n2").get("server") == "n2")
+        os.write(fd, b"after")  # (its handle: the one the new server gave when the create was made again)
+        try:
+            os.fsync(fd)
+        except OSError as e:  # (once: it had writes of the ended term, as after any fail-over)
+            assert e.errno == errno.EIO
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    made["open"] = b"before after"
     for name, data in made.items():
         assert (b / "mine" / name).read_bytes() == data, name
-    assert sorted(os.listdir(b / "mine")) == sorted(made) + ["first"]
+    assert sorted(os.listdir(b / "mine")) == sorted([*made, "first"])
 
 
 def test_renames_and_unlinks_racing_from_two_nodes(fsc, d):
