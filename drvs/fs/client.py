@@ -59,6 +59,7 @@ BEHIND_GATHER = 0.010         # seconds the first waits for more, unless a call 
 BEHIND_QUEUED_MAX = 4 << 20   # bytes of data written behind not yet answered (beyond: in line)
 SPARES_LOW = 32               # files made ahead left that ask for more ...
 SPARES_ASK = 64               # ... this many
+SPARES_RETRY = 10.0           # seconds before asking again a server that made none (a full disk...)
 LOST_MAX = 4096               # files whose writes sent behind failed, kept until an fsync or close says so
 RECALLED_KEPT = 10.0          # seconds a recall of a directory not (yet) delegated here is remembered
 ABSENT_GRACE = 1.0            # seconds the kernel may keep a name absent after this node's reckoning
@@ -285,6 +286,7 @@ class VmFs:
         self.spare_bytes = 0
         self.refilling = False
         self.spares_asked = False
+        self.spares_later = 0.0  # (trio time) no ask before this: the last one got none
         self.progress = trio.Event()   # set (and made anew) whenever made_behind grows
         self.sending = False           # _send_behind is on its way
         self.hurry = trio.Event()      # set when a call waits for the unlinks sent behind
@@ -1425,7 +1427,7 @@ class VmFs:
         dino = parent & MASK
         if dino not in self.delegated:
             return None
-        if len(self.spares) < SPARES_LOW and not self.refilling:
+        if len(self.spares) < SPARES_LOW and not self.refilling and trio.current_time() >= self.spares_later:
             self.refilling = True
             self.spawn(self._refill)
         known = self.known.get(dino)
@@ -1464,6 +1466,7 @@ class VmFs:
 
     async def _refill(self) -> None:
         """Ask the server for files made ahead (see _create_behind)."""
+        got = 0
         try:
             epoch = self.epoch
             r = await self.call(Call.tmpfiles, behind=True, size=SPARES_ASK, flags=0 if self.spares_asked else 1)
@@ -1471,10 +1474,13 @@ class VmFs:
             if r.epoch == epoch == self.epoch:
                 self.spares += zip(r.handles, (e.attr.ino for e in r.entries), (e.attr.gen for e in r.entries))
                 self.spare_bytes = r.behindBytes
+                got = len(r.handles)
         except pyfuse3.FUSEError as e:
             log.info("%s: files made ahead: %s", self.target, os.strerror(e.errno))
         finally:
             self.refilling = False
+            if not got:  # (each create here would ask again: a message more for nothing)
+                self.spares_later = trio.current_time() + SPARES_RETRY
 
     def _h(self, fh) -> Handle:
         h = self.handles.get(fh)

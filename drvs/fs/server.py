@@ -1325,9 +1325,7 @@ class FsServer:
                 except OSError:
                     os.close(fd)
                     raise
-        except OSError as e:
-            if not made:
-                raise
+        except OSError as e:  # (a store without O_TMPFILE, no descriptors left: the node creates in line)
             log.info("fs@%s: %d of %d files made ahead for %s: %s", self.vm, len(made), n, origin, e)
         ents, handles = out.init("entries", len(made)), []
         for e, (fd, st, handle) in zip(ents, made):

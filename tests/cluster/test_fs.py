@@ -1485,6 +1485,18 @@ def test_a_full_disk_on_the_server_reaches_the_writer_and_corrupts_nothing(clust
         os.unlink(b / "huge")
         (b / "after").write_text("the server goes on")
         assert (view(c, "n1") / "after").read_text() == "the server goes on"
+        # In a directory n2 made (delegated to it): a store without room to
+        # spare has n2 make and write in line, so ENOSPC reaches the writer
+        # there too, not a log line after its close.
+        (b / "mine").mkdir()
+        for i in range(20):
+            (b / "mine" / f"s{i}").write_text(str(i))
+        r = jail(c, "n2", "dd if=/dev/zero of=/data/mine/huge bs=1M count=8 2>&1; echo rc=$?")
+        assert "No space left on device" in r.stdout and "rc=1" in r.stdout, r.stdout + r.stderr
+        with pytest.raises(OSError) as full:
+            (b / "mine" / "more").write_bytes(b"x" * 100_000)
+        assert full.value.errno == errno.ENOSPC
+        assert [(b / "mine" / f"s{i}").read_text() for i in range(20)] == [str(i) for i in range(20)]
     finally:
         subprocess.run(["umount", "-l", str(store)], check=True)
 
