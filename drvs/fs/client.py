@@ -265,14 +265,14 @@ class VmFs:
         # ("u", term, path, server inode, directory, name) and creates,
         # writes, setattrs and releases of files made here ("c", term, call
         # type, its fields, inode, bytes of data, (directory, name) of a
-        # create) -- see unlink, create and write.
+        # create, the inode's generation) -- see unlink, create and write.
         self.enqueued = self.made_behind = 0
         self.queued: list[tuple] = []
         self.unlinking: collections.Counter = collections.Counter()  # (directory, name) of those unlinks
         self.behind_bytes = 0          # data of those writes
         # Files whose writes sent behind failed (inode -> errno): an fsync,
         # or a writer's close, of the file says so (as a failed writeback).
-        self.lost: dict[int, int] = {}
+        self.lost: dict[tuple[int, int], int] = {}  # (inode, generation) -> errno
         self.in_line = 0               # calls begun here not sent behind (see _keep)
         # Handles of files made ahead by a server whose term ended, whose
         # creates sent behind were made again in line (see _made_again) ->
@@ -818,11 +818,11 @@ class VmFs:
         where = {"fh": h.sfh} if h is not None else self._object(inode)
         if "via" in where:
             where = {"fh": where["via"]}  # (setattr takes any handle of the file)
+        if mask & SET_MODE and attr.st_mode & stat.S_ISGID:
+            self._undelegate(inode & MASK)  # (a setgid directory, also if this fails: see _create_behind)
         with self._changing(inode & MASK) as change, self._writing(inode if fields.update_size else None):
             number = self.in_line + 1
             r = await self.call(Call.setattr, **where, **args)
-        if mask & SET_MODE and attr.st_mode & stat.S_ISGID:
-            self._undelegate(inode & MASK)  # (a setgid directory: see _create_behind)
         self._keep(inode & MASK, r.attr, number, change.told)
         return self._attr(r.attr, change.told,
                           still="path" not in where or self._asked(inode, (where.get("at", b""), where["path"])))
@@ -861,7 +861,7 @@ class VmFs:
         h.queued = True
         self._enqueue(("c", self.epoch, Call.setattr,
                        dict(fh=h.sfh, setMask=mask, mode=attr.st_mode, uid=attr.st_uid, gid=attr.st_gid,
-                            atimeNs=attr.st_atime_ns, mtimeNs=attr.st_mtime_ns), cino, 0, None))
+                            atimeNs=attr.st_atime_ns, mtimeNs=attr.st_mtime_ns), cino, 0, None, node.gen))
         return self._kept_attr(kept[1], t)
 
     def _behind_ok(self, node: "Inode | None", h: Handle, size: int) -> bool:
@@ -1188,7 +1188,7 @@ class VmFs:
                         "create"}.get(q[2], "setattr"), q[4], os.strerror(-st))
             if q[6] is not None:  # (a create: the name is not there)
                 self._create_failed(*q[6])
-            self._lose(q[4], -st)
+            self._lose(q[4], q[7], -st)
 
     async def _made_again(self, todo: list, statuses: dict) -> list:
         """Calls of an ended term, (index, call), for the new server: their
@@ -1233,10 +1233,22 @@ class VmFs:
         self._forget_entry(dino, name)
         self.spawn(_drop_entry, self.tag | dino, name)
 
-    def _lose(self, cino: int, err: int) -> None:
+    def _lose(self, cino: int, gen: int, err: int) -> None:
+        """A call sent behind on file (cino, gen) failed: its next fsync
+        or writer's close says so (kept by generation too: the number may
+        be another file's by then), and what this node told its kernel of
+        the file goes."""
         if len(self.lost) >= LOST_MAX:
             self.lost.pop(next(iter(self.lost)))
-        self.lost.setdefault(cino, err)
+        self.lost.setdefault((cino, gen), err)
+        if self.kept is not None and self.kept[0] == cino:
+            self.kept = None
+        self.spawn(drop_inodes, [self.tag | cino], True)
+
+    def _lost(self, cino: int) -> int:
+        """The failure kept for open file cino (0: none), forgotten once said."""
+        node = self.inodes.get(cino)
+        return self.lost.pop((cino, node.gen if node is not None else 0), 0) if self.lost else 0
 
     async def _settle(self) -> None:
         """Until the unlinks queued before this are answered (those queued
@@ -1461,7 +1473,7 @@ class VmFs:
         node.open.append(h)
         node.term = node.term or self.epoch  # (not fsync'ed yet: see _durable)
         self._enqueue(("c", self.epoch, Call.create, dict(fields, fh=sfh, flags=flags, mode=mode, caller=caller(ctx),
-                                                          atimeNs=now, mtimeNs=now), cino, 0, (dino, name)))
+                                                          atimeNs=now, mtimeNs=now), cino, 0, (dino, name), gen))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry
 
     async def _refill(self) -> None:
@@ -1543,9 +1555,9 @@ class VmFs:
         h.queued = True
         now = time.time_ns()
         self.behind_bytes += n
-        self._enqueue(("c", self.epoch, Call.write, dict(fh=h.sfh, offset=off, data=bytes(buf), mtimeNs=now),
-                       h.cino, n, None))
         node = self.inodes[h.cino]
+        self._enqueue(("c", self.epoch, Call.write, dict(fh=h.sfh, offset=off, data=bytes(buf), mtimeNs=now),
+                       h.cino, n, None, node.gen))
         if not node.term:
             node.term = self.epoch  # (not fsync'ed yet: see _durable)
         if self.cache is not None:
@@ -1563,8 +1575,9 @@ class VmFs:
 
     async def flush(self, fh):
         h = self._h(fh)
-        if h.queued and h.cino in self.lost:  # (a write sent behind failed: the close says so)
-            raise pyfuse3.FUSEError(self.lost.pop(h.cino))
+        lost = self._lost(h.cino) if h.queued else 0
+        if lost:  # (a call sent behind failed: the close says so)
+            raise pyfuse3.FUSEError(lost)
         # Only a writer's close has something to do, and only if other nodes
         # cache the file or closes wait for replicas (the last write's reply
         # says; a node that looks later finds the data as written).
@@ -1582,7 +1595,7 @@ class VmFs:
             node.open.remove(h)
             self._maybe_drop(node)
         if h.queued:  # (after the calls sent behind on it)
-            self._enqueue(("c", self.epoch, Call.release, {"fh": h.sfh}, h.cino, 0, None))
+            self._enqueue(("c", self.epoch, Call.release, {"fh": h.sfh}, h.cino, 0, None, 0))
             return
         if self._local_server() is not None:
             await self.call(Call.release, fh=h.sfh)
@@ -1628,7 +1641,7 @@ class VmFs:
         h = self._h(fh)
         h.wrote = False
         r = await self.call(Call.fsync, fh=h.sfh, flags=1 if datasync else 0)
-        lost = self.lost.pop(h.cino, 0)  # (the call waited for those sent behind)
+        lost = self._lost(h.cino)  # (the call waited for those sent behind)
         self._durable(h, r.epoch, done=True)
         if lost:
             raise pyfuse3.FUSEError(lost)
