@@ -1092,7 +1092,9 @@ class VmFs:
         kind, term = self.queued[0][0], self.queued[0][1]
         n, size = 0, 0
         for q in self.queued:
-            if q[0] != kind or q[1] != term or n == BEHIND_MAX or (n and kind == "c" and size + q[5] > BEHIND_BATCH_BYTES):
+            if q[0] != kind or q[1] != term or n == BEHIND_MAX:
+                break
+            if n and kind == "c" and size + q[5] > BEHIND_BATCH_BYTES:
                 break
             n += 1
             size += q[5] if kind == "c" else 0

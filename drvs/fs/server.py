@@ -406,7 +406,8 @@ class FsServer:
         if ctype in MIRRORED and await self._room():
             await self._recall_for(req, path, origin)  # (a directory may have been delegated meanwhile)
         req, path, payload = self._anchored(req, path, payload)
-        self.seq = req.seq if seq is None else seq  # (the handlers that note interest are plain functions: no await till they did)
+        # (the handlers that note interest are plain functions: no await till they did)
+        self.seq = req.seq if seq is None else seq
         changed, waits = self._made(ctype, req, payload, out, origin,
                                     await _run(self.table[ctype], req, path, out, origin))
         if changed is not None:
