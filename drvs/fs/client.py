@@ -157,7 +157,7 @@ def _copy(a) -> LocalAttr:
 
 
 def _touched(a) -> LocalAttr:
-    """Directory attributes a, their times now (a name was removed there)."""
+    """Directory attributes a, their times now (a name was made or removed there)."""
     t = _copy(a)
     t.mtimeNs = t.ctimeNs = time.time_ns()
     return t
@@ -494,7 +494,6 @@ class VmFs:
         self.big.clear()
         self.fresh.clear()
         self.kept = None
-        self._undelegate_all()
         self.revocations = 0
         self.recalled = {k: t for k, t in self.recalled.items() if k[0] >= epoch}
         self.known.clear()
@@ -1050,11 +1049,17 @@ class VmFs:
         self._known_remove(dino, name)
         self._unlisted(dino, name)
         self.kept = None  # (its attributes say one link: see call)
-        fresh = self.fresh.get(dino)
-        if fresh is not None:  # (the kernel asks for the directory's attributes next: its times moved)
-            self.fresh[dino] = (fresh[0], _touched(fresh[1]))
+        self._touch(dino)
         self.unlinking[dino, name] += 1
         self._enqueue(("u", self.epoch, path, sino, dino, name))
+
+    def _touch(self, dino: int) -> None:
+        """A name was made or removed in dino here without the server: the
+        directory's kept attributes (the kernel asks for them next) get
+        their times moved."""
+        fresh = self.fresh.get(dino)
+        if fresh is not None:
+            self.fresh[dino] = (fresh[0], _touched(fresh[1]))
 
     def _enqueue(self, item: tuple) -> None:
         self.queued.append(item)
@@ -1377,8 +1382,6 @@ class VmFs:
         return info
 
     def _opened(self, r, flags: int) -> pyfuse3.FileInfo:
-        fh = self.tag | self.next_fh
-        self.next_fh += 1
         cino = self._c(r.attr.ino)
         # A file opened only to write, here where its server is, bypasses
         # the kernel's pages (direct_io): a write is then one request, with
@@ -1403,11 +1406,19 @@ class VmFs:
         direct = ((access != os.O_RDONLY and flags & os.O_APPEND
                    or access == os.O_WRONLY and self._local_server() is not None)
                   and not r.attr.mode & (stat.S_ISUID | stat.S_ISGID))
-        h = self.handles[fh] = Handle(r.fh, cino, direct)
-        self._inode(cino).open.append(h)
+        fh, _ = self._handle(r.fh, cino, direct)
         # Pages cached here stay valid until the server says another node
         # wrote (close-to-open, without rereading every file on open).
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=direct)
+
+    def _handle(self, sfh: int, cino: int, direct: bool = False) -> tuple[int, Handle]:
+        """A new open file of inode cino here, on server handle sfh: its
+        number for the kernel, and it."""
+        fh = self.tag | self.next_fh
+        self.next_fh += 1
+        h = self.handles[fh] = Handle(sfh, cino, direct)
+        self._inode(cino).open.append(h)
+        return fh, h
 
     async def create(self, parent, name, mode, flags, ctx):
         made = self._create_behind(parent, name, mode, flags, ctx)
@@ -1461,18 +1472,13 @@ class VmFs:
         self._known_add(dino, name)
         self._made_private(dino, name)
         entry = self._entry(dino, name, a, self.told, True)
-        fresh = self.fresh.get(dino)
-        if fresh is not None:  # (a name was made there)
-            self.fresh[dino] = (fresh[0], _touched(fresh[1]))
+        self._touch(dino)
         if self.cache is not None:
             self.cache.drop(self.tag | cino)  # (pages of a file that had its number before)
         self.kept = (cino, trio.current_time() + TIMEOUT, self.told, a)
-        fh = self.tag | self.next_fh
-        self.next_fh += 1
-        h = self.handles[fh] = Handle(sfh, cino)
+        fh, h = self._handle(sfh, cino)
         h.behind, h.queued = self.spare_bytes, True
-        node = self._inode(cino)
-        node.open.append(h)
+        node = self.inodes[cino]
         node.term = node.term or self.epoch  # (not fsync'ed yet: see _durable)
         self._enqueue(("c", self.epoch, Call.create, dict(fields, fh=sfh, flags=flags, mode=mode, caller=caller(ctx),
                                                           atimeNs=now, mtimeNs=now), cino, 0, (dino, name), gen))
