@@ -90,15 +90,30 @@ async def n2(tmp_path, no_kernel):
     server.epoch = 1
     net = server.fabric = Net(server)
     cache = DataCache(str(tmp_path / "cache"), 1 << 20)
-    vmfs = net.vmfs = VmFs("web", 1, net, spawn=lambda *task: None, cache=cache)
-    root = (await vmfs.start()).st_ino
-    await n3(server, Call.mknod, path=b"f", mode=0o100644)
-    await n3_writes(server, CONTENT)
     try:
-        yield vmfs, net, cache, root
+        async with trio.open_nursery() as nursery:
+            vmfs = net.vmfs = VmFs("web", 1, net, spawn=nursery.start_soon, cache=cache)
+            vmfs.read = _then_filled(vmfs.read, cache)
+            root = (await vmfs.start()).st_ino
+            await n3(server, Call.mknod, path=b"f", mode=0o100644)
+            await n3_writes(server, CONTENT)
+            yield vmfs, net, cache, root
+            nursery.cancel_scope.cancel()
     finally:
         cache.close()
         server.close()
+
+
+def _then_filled(read, cache: DataCache):
+    """vmfs.read, returning once what it keeps is in the cache (a read's
+    pages are written there after it is answered)."""
+    async def read_filled(fh, off, size):
+        data = await read(fh, off, size)
+        while cache.filling:
+            await trio.sleep(0.001)
+        return data
+    read_filled.unfilled = read
+    return read_filled
 
 
 async def n3(server: FsServer, ctype, **fields):
@@ -138,6 +153,67 @@ async def test_a_read_the_cache_holds_is_not_sent_again(n2):
     _, fh = await opened(vmfs, root)
     assert await vmfs.read(fh, 0, len(CONTENT)) == CONTENT
     assert net.reads == 2
+
+
+async def test_pages_still_being_written_to_the_cache_are_read_from_the_server(n2, monkeypatch):
+    """A large read is answered before its pages are in the cache: until
+    they are, a read of them goes to the server, and a change meanwhile
+    keeps them out of it."""
+    monkeypatch.setattr(cache_mod, "IN_LINE", 0)  # (these reads are small)
+    vmfs, net, cache, root = n2
+    read = vmfs.read.unfilled
+    _, fh = await opened(vmfs, root)
+    writers = [object(), object()]
+    for w in writers:  # (the cache's writer threads all busy)
+        await cache.writers.acquire_on_behalf_of(w)
+    try:
+        assert await read(fh, 0, 2 * PAGE) == CONTENT[:2 * PAGE]
+        assert cache.filling == 2 * PAGE
+        assert await read(fh, PAGE, PAGE) == CONTENT[PAGE:2 * PAGE]
+        assert net.reads == 2
+    finally:
+        for w in writers:
+            cache.writers.release_on_behalf_of(w)
+    assert await vmfs.read(fh, 0, 2 * PAGE) == CONTENT[:2 * PAGE]  # (waits for the writes)
+    assert await vmfs.read(fh, 0, 2 * PAGE) == CONTENT[:2 * PAGE] and net.reads == 3
+    assert await read(fh, 0, 2 * PAGE) == CONTENT[:2 * PAGE] and net.reads == 3  # the cache's now
+    for w in writers:
+        await cache.writers.acquire_on_behalf_of(w)
+    try:
+        assert await read(fh, 2 * PAGE, 2 * PAGE) == CONTENT[2 * PAGE:]
+        await n3_writes(vmfs.fabric.server, CONTENT[::-1])
+    finally:
+        for w in writers:
+            cache.writers.release_on_behalf_of(w)
+    while cache.filling:
+        await trio.sleep(0.001)
+    await vmfs.release(fh)
+    _, fh = await opened(vmfs, root)
+    assert await vmfs.read(fh, 0, len(CONTENT)) == CONTENT[::-1]
+
+
+async def test_reads_beyond_what_the_cache_may_hold_in_writing_are_not_kept(n2, monkeypatch):
+    """Replies waiting for the cache's disk are held in memory: up to a
+    bound, past which a read's data is not kept."""
+    monkeypatch.setattr(cache_mod, "MAX_FILLING", 2 * PAGE)
+    monkeypatch.setattr(cache_mod, "IN_LINE", 0)
+    vmfs, net, cache, root = n2
+    read = vmfs.read.unfilled
+    _, fh = await opened(vmfs, root)
+    writers = [object(), object()]
+    for w in writers:
+        await cache.writers.acquire_on_behalf_of(w)
+    try:
+        assert await read(fh, 0, 2 * PAGE) == CONTENT[:2 * PAGE]
+        assert await read(fh, 2 * PAGE, 2 * PAGE) == CONTENT[2 * PAGE:]
+        assert cache.filling == 2 * PAGE
+    finally:
+        for w in writers:
+            cache.writers.release_on_behalf_of(w)
+    while cache.filling:
+        await trio.sleep(0.001)
+    assert await read(fh, 0, 2 * PAGE) == CONTENT[:2 * PAGE] and net.reads == 2
+    assert await read(fh, 2 * PAGE, 2 * PAGE) == CONTENT[2 * PAGE:] and net.reads == 3
 
 
 async def test_another_nodes_write_drops_the_pages(n2):
@@ -268,23 +344,25 @@ async def test_a_create_that_opens_a_file_kept_here_checks_its_version(n2):
     assert await vmfs.read(info.fh, 0, PAGE) == CONTENT[::-1][:PAGE]
 
 
-def _cached(cache: DataCache, key: int, pages: int) -> None:
+async def _cached(cache: DataCache, key: int, pages: int) -> None:
     cache.opened(key, cache.opening(key), pages * PAGE, 0, 0)
-    cache.fill(key, cache.entry(key), 0, pages * PAGE, bytes([key]) * pages * PAGE)
+    write = cache.fill(key, cache.entry(key), 0, pages * PAGE, bytes([key]) * pages * PAGE)
+    if write is not None:
+        await cache.write_pages(*write)
 
 
 async def test_the_cache_keeps_to_its_limit_dropping_the_least_used_file(tmp_path):
     cache = DataCache(str(tmp_path / "cache"), 7 * PAGE)
     try:
-        _cached(cache, 1, 3)
-        _cached(cache, 2, 3)
+        await _cached(cache, 1, 3)
+        await _cached(cache, 2, 3)
         assert cache.read(1, 0, PAGE) == b"\1" * PAGE  # 1 is now the one used last
-        _cached(cache, 3, 3)
+        await _cached(cache, 3, 3)
         assert cache.read(2, 0, PAGE) is None           # dropped to make room for 3
         assert cache.read(1, 0, 3 * PAGE) == b"\1" * 3 * PAGE
         assert cache.read(3, 0, 3 * PAGE) == b"\3" * 3 * PAGE
         assert cache.held <= 7 * PAGE
-        _cached(cache, 4, 9)                              # larger than the whole cache
+        await _cached(cache, 4, 9)                              # larger than the whole cache
         assert cache.read(4, 0, PAGE) is None and cache.held <= 7 * PAGE
     finally:
         cache.close()
@@ -307,7 +385,7 @@ async def test_the_cache_keeps_few_files_open(tmp_path, monkeypatch):
     cache = DataCache(str(tmp_path / "cache"), 1 << 20)
     try:
         for key in (1, 2, 3):
-            _cached(cache, key, 1)
+            await _cached(cache, key, 1)
         assert cache.open == len(_open_in(tmp_path / "cache")) == 2
         assert cache.read(1, 0, PAGE) is None and cache.read(3, 0, PAGE) == b"\3" * PAGE
     finally:

@@ -1527,8 +1527,8 @@ class VmFs:
             return data
         entry = cache.entry(key)
         data = (await self.call(Call.read, idempotent=True, fh=h.sfh, offset=off, size=size)).data
-        if entry is not None:
-            cache.fill(key, entry, off, size, data)
+        if entry is not None and (write := cache.fill(key, entry, off, size, data)) is not None:
+            self.spawn(cache.write_pages, *write)
         return data
 
     async def write(self, fh, off, buf):
