@@ -877,6 +877,22 @@ class StdinServer(schema.ByteStream.Server):
         await self.guest.call_trio(self.rr.close_stdin)
 
 
+class _DirectSSLObject(ssl.SSLObject):
+    """An SSLObject whose read, write and pending are the TLS connection's
+    own (C) methods: uvloop's TLS calls them once per record or so, and
+    ssl.SSLObject's wrappers cost a Python frame each (a cold 1 MiB read
+    from another node is 64 records).  A loopback TLS echo on uvloop, 16
+    calls in flight, CPU of both ends per call: 32 B 14.2-14.5 -> 13.8-13.9
+    µs, 64 KiB 122-123 -> 120-121 µs."""
+
+    @classmethod
+    def _create(cls, *args, **kwargs):
+        self = super()._create(*args, **kwargs)
+        conn = self._sslobj
+        self.read, self.write, self.pending = conn.read, conn.write, conn.pending
+        return self
+
+
 class Tls:
     """Mutual TLS between nodes: every node presents a certificate signed by
     the cluster CA and accepts only peers that do."""
@@ -889,6 +905,7 @@ class Tls:
         ctx.load_cert_chain(self.cert, self.key)
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.set_alpn_protocols([LANE_ALPN])  # clients that ask for none get full RPC
+        ctx.sslobject_class = _DirectSSLObject
         return ctx
 
     def client_context(self, alpn: str | None = None) -> ssl.SSLContext:
@@ -897,6 +914,7 @@ class Tls:
         ctx.check_hostname = True  # the peer's certificate names the node we meant
         if alpn:
             ctx.set_alpn_protocols([alpn])
+        ctx.sslobject_class = _DirectSSLObject
         return ctx
 
 
