@@ -424,6 +424,63 @@ async def test_a_call_naming_a_directory_by_its_handle_is_made_where_it_is_now(t
     assert sorted(os.listdir(root / "deep" / "moved")) == ["g"]
 
 
+class WithReplica(Invalidations):
+    """Invalidations, and a replica on n3 that takes batches (the call
+    types of each, recorded) or is out of reach."""
+
+    def __init__(self, up: bool):
+        super().__init__()
+        self.up, self.batches = up, []
+
+    async def sendrec(self, target, msg, timeout=None, idempotent=False):
+        if target != "fsr@n3":
+            return await super().sendrec(target, msg, timeout, idempotent)
+        if not self.up:
+            raise IpcError("fsr@n3: no route to host", errno.EHOSTUNREACH)
+        calls = from_flat(fs.Batch, msg.payload).calls
+        self.batches.append([c.type for c in calls])
+        return Msg(0, to_flat(new(fs.BatchReply, statuses=[0] * len(calls))))
+
+
+@pytest.mark.parametrize("up", [True, False])
+async def test_a_server_that_stops_sends_its_replica_what_it_queued_and_serves_no_more(tmp_path, up):
+    """A node shut down cleanly: its server sends the replica, which stays
+    in sync to take over, the changes still queued for it; an fsync
+    waiting for them succeeds only if they got there, and a change made
+    after (by a call already under way) fails the fsync that waits for it."""
+    from drvs.fs.replica import Mirror
+
+    server, _ = serving(tmp_path)
+    fabric = server.fabric = WithReplica(up)
+    mirror = server.mirrors["n3"] = Mirror(server, "n3")
+    mirror.live = True
+    r = await call(server, "n2", Call.create, path=b"f", flags=os.O_WRONLY, mode=0o644)
+    await call(server, "n2", Call.write, fh=r.fh, offset=0, data=b"x")
+    statuses = []
+
+    async def fsync():
+        m = Msg(Call.fsync, to_flat(new(fs.FsRequest, vm="web", fh=r.fh)))
+        m.node = "n2"
+        statuses.append((await server.handle(m)).status)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fsync)
+        while mirror.pushed < 3:  # (the file's fsync made here, in a thread, and queued)
+            await trio.sleep(0.001)
+        await trio.testing.wait_all_tasks_blocked()
+        assert statuses == []  # (it waits for the replica)
+        await mirror._hand_over()
+        mirror._stop()
+    assert statuses == ([0] if up else [-errno.EIO])
+    assert fabric.batches == ([[Call.create, Call.write, Call.fsync]] if up else [])
+    m = Msg(Call.mkdir, to_flat(new(fs.FsRequest, vm="web", path=b"d", mode=0o755)))
+    with pytest.raises(IpcError) as e:
+        await server.handle(m)
+    assert e.value.errno == errno.EREMCHG
+    with pytest.raises(OSError):
+        await mirror.wait(mirror.push(Call.mkdir, b""))
+
+
 async def test_an_opens_data_version_is_the_same_only_if_the_data_did_not_change(tmp_path, monkeypatch):
     """What a node keeps of a file its kernel forgot serves an open of the
     same version (drvs/fs/cache.py): every change of the file's data makes

@@ -37,6 +37,7 @@ QUEUE_BYTES = 32 << 20   # changes not yet at a replica beyond which writers wai
 SEND_TIMEOUT = 10.0
 GATHER = 0.002  # a batch nobody waits for waits this long for more calls (fewer, fuller batches)
 RETRY = 1.0
+HAND_OVER = 5.0  # a server that stops sends its replicas what is queued within this
 CHUNK = 1 << 20
 # The calls a replica must make too (an open or release keeps the handle
 # table the same, so open files survive a fail-over).
@@ -109,6 +110,7 @@ class Mirror:
         self.done = 0        # of them, made by the replica
         self.live = False    # in sync: changes are streamed to it
         self.lost = False    # dropped out, yet still listed in sync in etcd
+        self.handed = False  # the server stopped, this replica in sync (see _hand_over)
         self._work = trio.Event()
         self._progress = trio.Event()
         self._hurry = trio.Event()  # set when someone waits for the replica (fsync, a synchronous close)
@@ -118,7 +120,11 @@ class Mirror:
     # -- queue (also used outside trio, from the fabric's fast path) --
 
     def push(self, ctype: int, payload: bytes) -> int:
+        """The call's sequence number, to wait() for; 0: none to wait for."""
         if not self.live:
+            if self.handed:  # (a change made after the hand-over: the replica, in sync, lacks it)
+                self.lost = True
+                return self.pushed + 1
             return 0
         self.calls.append((ctype, payload))
         self.bytes += len(payload)
@@ -166,6 +172,7 @@ class Mirror:
     async def run(self) -> None:
         said = ""
         while True:
+            stopping = False
             try:
                 await self.copy_tree()
                 said = ""
@@ -176,8 +183,13 @@ class Mirror:
                 elif str(e) != said:  # (once, while the node stays away)
                     log.info("fs@%s: replica on %s: %s", self.server.vm, self.node, e)
                 said = str(e)
+            except trio.Cancelled:
+                stopping = True
+                raise
             finally:
-                if self.live:
+                if self.live and stopping:
+                    await self._hand_over()
+                elif self.live:
                     # Struck from the in-sync replicas before any waiting
                     # fsync is answered: else it could take over without it.
                     self.live = False
@@ -189,6 +201,27 @@ class Mirror:
                             self.lost = True
                 self._stop()
             await trio.sleep(RETRY)
+
+    async def _hand_over(self) -> None:
+        """The server stops (its node is shut down, or it stands down): the
+        replica stays in sync, to take over, and is sent what is queued
+        (within a bound), so a clean stop loses no change it acknowledged.
+        Whatever does not reach it is as after a crash of this node: a
+        write not fsync'ed may be lost, and an fsync waiting for it fails."""
+        self.server.stale = True  # (no call is made here any more; calls under way still queue theirs)
+        sent = False
+        with trio.CancelScope(shield=True), trio.move_on_after(HAND_OVER):
+            try:
+                while self.calls:
+                    batch = self._batch()
+                    await self.send(batch)
+                    self._advance(len(batch))
+                sent = True
+            except MirrorFailed as e:
+                log.warning("fs@%s: replica on %s missed what was queued at the stop: %s",
+                            self.server.vm, self.node, e)
+        self.live, self.handed = False, True
+        self.lost = not sent  # (a waiting fsync fails: the replica, still in sync, may lack its data)
 
     async def _in_sync(self, present: bool) -> None:
         s = self.server
@@ -209,14 +242,19 @@ class Mirror:
                 self._work = trio.Event()
                 continue
             await self._gather()
-            batch, size = [], 0
-            while self.calls and len(batch) < BATCH_CALLS and size < BATCH_BYTES:
-                call = self.calls.pop(0)
-                batch.append(call)
-                size += len(call[1])
-            self.bytes -= size
-            await self.send(batch)
+            batch = self._batch()
+            with trio.CancelScope(shield=True):  # (a batch cut short might be made there or not)
+                await self.send(batch)
             self._advance(len(batch))
+
+    def _batch(self) -> list[tuple[int, bytes]]:
+        batch, size = [], 0
+        while self.calls and len(batch) < BATCH_CALLS and size < BATCH_BYTES:
+            call = self.calls.pop(0)
+            batch.append(call)
+            size += len(call[1])
+        self.bytes -= size
+        return batch
 
     async def _gather(self) -> None:
         """Let a small batch that no one waits for fill up a little: each

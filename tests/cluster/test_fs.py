@@ -1377,6 +1377,35 @@ def test_fsynced_writes_survive_the_serving_node_and_a_returning_node_catches_up
             restarted.wait(timeout=20)
 
 
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_a_serving_node_stopped_cleanly_hands_its_file_system_to_the_other(cluster_factory):
+    """The serving node's drvmmd stopped with SIGTERM (a node taken down
+    for maintenance): the other replica takes over within seconds, with
+    the files written through either node just before, fsync'ed or not."""
+    c = cluster_factory(nodes=2)
+    c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", node="n1", check=True)
+    view(c, "n1"), view(c, "n2")
+    _wait(lambda: _df(c, "n1").get("in_sync") == ["n1", "n2"])
+    server = _df(c, "n1")["server"]
+    other = "n2" if server == "n1" else "n1"
+    here, there = view(c, server), view(c, other)
+    data = {f"f{i}": os.urandom(50_000) for i in range(40)}
+    for name, content in data.items():
+        ((here if int(name[1:]) % 2 else there) / name).write_bytes(content)
+    pid = c.node(server)["pid"]
+    os.kill(pid, signal.SIGTERM)
+    _wait(lambda: _gone(pid), timeout=30)
+    _wait(lambda: _df(c, other).get("server") == other, timeout=15)
+    for name, content in data.items():
+        assert (there / name).read_bytes() == content, name
+
+
 def _timed(fn):
     t0 = time.monotonic()
     out = fn()
