@@ -1,6 +1,7 @@
 """drvs vm ..., exec, logs, kill: the management commands as scripts use them."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -32,6 +33,20 @@ def test_vm_errors_have_distinct_codes(drvs):
     assert size.returncode == 2 and "invalid memory size" in size.stderr
     for p in (dup, missing, bad, size):
         assert "Traceback" not in p.stderr
+
+
+def test_output_that_cannot_be_written_is_a_clear_error(drvs):
+    """Standard output closed, or on a full disk: one line, exit 74, as
+    for a disk error (not an internal error of the command)."""
+    drvs.drvs("vm", "create", "web", check=True)
+    argv = [os.path.join(os.path.dirname(sys.executable), "drvs"), "vm", "ls", "--format"]
+    for fmt in ("table", "json"):
+        closed = subprocess.run([*argv, fmt], env=drvs.env, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: os.close(1))
+        assert (closed.returncode, closed.stderr) == (74, "drvs: cannot write to standard output: it is closed\n")
+        with open("/dev/full", "w") as full:
+            p = subprocess.run([*argv, fmt], env=drvs.env, stdout=full, stderr=subprocess.PIPE, text=True)
+        assert (p.returncode, p.stderr) == (74, "drvs: cannot write to standard output: No space left on device\n")
 
 
 def test_definitions_persist_in_the_store(drvs):

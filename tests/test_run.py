@@ -58,6 +58,13 @@ def test_not_executable_is_126(drvs):
     (["--cpus", "lots", "--", "true"], "invalid CPU amount 'lots'"),
     (["-v", "/no/such/dir:/x", "--", "true"], "bind source /no/such/dir does not exist"),
     (["-v", "relative", "--", "true"], "expected SRC:DST"),
+    (["-v", ":/mnt", "--", "true"], "no bind source"),
+    (["-v", ":/mnt:ro", "--", "true"], "no bind source"),
+    (["-v", "/tmp:/proc", "--", "true"], "/proc is the jail's own"),
+    (["-v", "/tmp:/proc/sys/x", "--", "true"], "/proc/sys/x is the jail's own"),
+    (["-v", "/tmp:/dev/", "--", "true"], "/dev is the jail's own"),
+    (["-v", "/tmp:/.drvs", "--", "true"], "/.drvs is the jail's own"),
+    (["-v", "/tmp:/mnt", "-v", "/etc:/mnt/", "--", "true"], "/mnt is the destination of two -v"),
     (["--vm", "Bad_Name", "--", "true"], "invalid VM name"),
 ])
 def test_bad_usage_is_exit_2_in_one_line(drvs, args, fragment):

@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from ..errors import user_error
+from ..errors import DrvsError, user_error
 
 
 class Parser(argparse.ArgumentParser):
@@ -22,8 +22,12 @@ class Parser(argparse.ArgumentParser):
 def guarded(prog: str, body) -> int:
     """Run a command body: user errors become one line on stderr and their
     exit code; no traceback unless DRVS_DEBUG is set."""
+    out = sys.stdout
+    sys.stdout = _Output(out)
     try:
-        return body()
+        code = body()
+        sys.stdout.flush()  # (a full disk says so here, not at the interpreter's exit)
+        return code
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
@@ -40,6 +44,43 @@ def guarded(prog: str, body) -> int:
         print(f"{prog}: internal error: {type(exc).__name__}: {exc} (set DRVS_DEBUG=1 for details)",
               file=sys.stderr)
         return 70
+    finally:
+        sys.stdout = out if out is not None and not out.closed else open(os.devnull, "w")
+
+
+class OutputFailed(DrvsError):
+    """Standard output did not take what a command wrote (closed, a full disk)."""
+    exit_code = 74  # (sysexits' EX_IOERR)
+
+
+class _Output:
+    """sys.stdout as commands see it: a failure to write is the user's to
+    know of (OutputFailed), not a bug of the command's."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        return self._call("write", text)
+
+    def flush(self):
+        return self._call("flush")
+
+    def _call(self, name, *args):
+        if self._stream is None:
+            raise OutputFailed("cannot write to standard output: it is closed")
+        try:
+            return getattr(self._stream, name)(*args)
+        except BrokenPipeError:
+            raise
+        except (OSError, ValueError) as e:  # (ValueError: a closed file)
+            self._stream = None  # (what is buffered is lost: the interpreter's exit need not try again)
+            raise OutputFailed(f"cannot write to standard output: {getattr(e, 'strerror', None) or e}") from None
+
+    def __getattr__(self, name):
+        if self._stream is None:
+            raise OutputFailed("cannot write to standard output: it is closed")
+        return getattr(self._stream, name)
 
 
 def emit(data, fmt: str, table) -> None:

@@ -129,6 +129,6 @@ def run_options(args, *, login: bool = False) -> RunOptions:
     uid, gid, groups = _user(args.user)
     return RunOptions(
         argv=argv, env=_env(args.env), cwd=args.workdir or ("/root" if login else "/data"),
-        binds=args.volume, tty=args.tty, interactive=args.interactive or login,
+        binds=rootfs.check_binds(args.volume), tty=args.tty, interactive=args.interactive or login,
         limits=limits_from(args), net_host=args.net == "host", uid=uid, gid=gid, groups=groups,
         caps=_caps(args.cap_add, args.cap_drop), detached=args.detach, pgid=getattr(args, "pgid", 0))

@@ -30,7 +30,8 @@ MASKED_PROC_FILES = ("kcore", "keys", "timer_list", "timer_stats", "sched_debug"
 READONLY_PROC_DIRS = ("sys", "sysrq-trigger", "irq", "bus", "fs", "acpi", "scsi")
 
 
-# `-v SRC:DST[:ro]`
+# `-v SRC:DST[:ro]`; no bind goes over or into these (docker refuses /proc too)
+RESERVED = ("/proc", "/.drvs")
 Bind = namedtuple("Bind", "src dst readonly", defaults=(False,))
 
 
@@ -44,12 +45,28 @@ def parse_volume(text: str) -> Bind:
         raise UsageError(f"invalid volume {text!r}: expected SRC:DST or SRC:DST:ro")
     if mode not in ("ro", "rw"):
         raise UsageError(f"invalid volume {text!r}: mode must be ro or rw, not {mode!r}")
+    if not src:
+        raise UsageError(f"invalid volume {text!r}: no bind source before the ':'")
     if not os.path.isabs(dst) or ".." in dst.split("/") or os.path.normpath(dst) == "/":
         raise UsageError(f"invalid volume {text!r}: destination must be an absolute path below /")
+    dst = os.path.normpath(dst)
+    if any(dst == d or dst.startswith(d + "/") for d in RESERVED) or dst == "/dev":
+        raise UsageError(f"invalid volume {text!r}: {dst} is the jail's own (/proc, /dev and /.drvs are "
+                         "made by drvs; a device below /dev may be bound)")
     src = os.path.abspath(src)
     if not os.path.exists(src):
         raise UsageError(f"invalid volume {text!r}: bind source {src} does not exist")
-    return Bind(src, os.path.normpath(dst), mode == "ro")
+    return Bind(src, dst, mode == "ro")
+
+
+def check_binds(binds: list[Bind]) -> list[Bind]:
+    """The binds, if no two have one destination (the second would hide the first)."""
+    seen = set()
+    for b in binds:
+        if b.dst in seen:
+            raise UsageError(f"invalid volumes: {b.dst} is the destination of two -v")
+        seen.add(b.dst)
+    return binds
 
 
 def _bind(src: str, dst: str, flags: int = 0) -> Step:
