@@ -8,14 +8,20 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
 _POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
 
 
-def parse_size(text: str, *, what: str = "size") -> int:
+MAX_SIZE = 1 << 60  # (an exbibyte: more than any limit or disk means)
+
+
+def parse_size(text: str, *, what: str = "size", least: int = 1) -> int:
     """Bytes from `100`, `64k`, `512M`, `1.5GiB` (binary multiples, as docker)."""
     m = _SIZE.match(str(text))
     if not m:
         raise UsageError(f"invalid {what} {text!r}: expected a number with an optional k, m, g or t suffix")
     value = float(m.group(1)) * 1024 ** _POWERS[m.group(2).lower()]
-    if value < 1:
-        raise UsageError(f"invalid {what} {text!r}: must be at least 1 byte")
+    if value < least:
+        raise UsageError(f"invalid {what} {text!r}: must be at least "
+                         f"{format_size(least) if least > 1 else '1 byte'}")
+    if value > MAX_SIZE:
+        raise UsageError(f"invalid {what} {text!r}: must be at most 1E")
     return int(value)
 
 
@@ -25,10 +31,7 @@ MIN_MEMORY = 6 << 20  # as docker: below this a cell cannot even start its init
 def parse_memory(text: str) -> int:
     """A memory limit: a size of at least MIN_MEMORY (a smaller one makes
     every run fail to start, with the kernel's OOM killer busy in vain)."""
-    value = parse_size(text, what="memory size")
-    if value < MIN_MEMORY:
-        raise UsageError(f"invalid memory size {text!r}: must be at least {MIN_MEMORY >> 20}M")
-    return value
+    return parse_size(text, what="memory size", least=MIN_MEMORY)
 
 
 def format_size(n: int | None) -> str:

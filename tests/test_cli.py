@@ -31,7 +31,9 @@ def test_vm_errors_have_distinct_codes(drvs):
     assert bad.returncode == 2 and "invalid VM name" in bad.stderr
     size = drvs.drvs("vm", "create", "x", "--memory", "lots")
     assert size.returncode == 2 and "invalid memory size" in size.stderr
-    for p in (dup, missing, bad, size):
+    cpus = drvs.drvs("vm", "create", "x", "--cpuset-cpus", "4095")  # (a VM of this node: its CPUs)
+    assert cpus.returncode == 2 and "this machine has no CPU 4095" in cpus.stderr
+    for p in (dup, missing, bad, size, cpus):
         assert "Traceback" not in p.stderr
 
 

@@ -1,5 +1,6 @@
 """A cell's limits hold, measured from inside and outside the jail."""
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -67,7 +68,19 @@ def test_cpuset_pins_the_run(drvs):
 
 
 def test_impossible_limit_is_a_clear_error(drvs):
+    """Refused as given (this machine has no such CPU), and, in a VM's
+    definition made elsewhere, by the kernel, named."""
     p = drvs.run("--cpuset-cpus", "4000", "--", "true")
+    assert p.returncode == 2
+    assert p.stderr.startswith("drvs-run: invalid CPU list '4000': this machine has no CPU 4000")
+    drvs.drvs("vm", "create", "elsewhere", "--cpuset-cpus", "0", check=True)
+    store = json.loads((drvs.state / "store.json").read_text())
+    entry = store["kv"]["/drvs/vms/elsewhere"]
+    spec = json.loads(entry[0])
+    spec["limits"]["cpuset"] = "4000"
+    entry[0] = json.dumps(spec)
+    (drvs.state / "store.json").write_text(json.dumps(store))
+    p = drvs.run("--vm", "elsewhere", "--", "true")
     assert p.returncode == 2
     assert p.stderr.startswith("drvs-run: cannot apply CPU list 4000")
     assert "Traceback" not in p.stderr

@@ -38,7 +38,9 @@ def parser() -> argparse.ArgumentParser:
     proc_cli.add_parsers(sub)
     fs_cli.add_parsers(sub)
 
-    e = sub.add_parser("exec", help="run a command in a VM (non-login)")
+    e = sub.add_parser("exec", help="run a command in a VM (non-login)",
+                       usage="%(prog)s [OPTIONS] VM [--] CMD [ARGS...]",
+                       description="Run CMD in VM, as drvs-run --vm VM does (the same options).")
     e.add_argument("vm", type=typed(check_name), metavar="VM")
     add_run_options(e, with_vm=False)
     e.set_defaults(func=exec_)
@@ -63,6 +65,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def exec_(args) -> int:
+    usage = "drvs exec [OPTIONS] VM [--] CMD [ARGS...]"
+    if args.command and args.command[0].startswith("-") and args.command[0] != "--":
+        raise UsageError(f"{args.command[0]} after the VM: options go before it ({usage})")
+    if args.command in ([], ["--"]):
+        raise UsageError(f"no command given ({usage})")
     return execute(args.vm, run_options(args), "drvs exec", node=args.run_node)
 
 

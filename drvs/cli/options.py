@@ -8,7 +8,7 @@ import pwd
 from ..errors import UsageError
 from ..ns import rootfs
 from ..ns.jail import DEFAULT_CAPS, RunOptions
-from ..units import parse_cpus, parse_cpuset, parse_memory
+from ..units import cpuset_ids, parse_cpus, parse_cpuset, parse_memory
 from ..vm.model import Limits, check_name
 
 
@@ -29,10 +29,33 @@ def _pgid(text: str) -> int:
     return int(text)
 
 
+PID_MAX_LIMIT = 1 << 22  # the kernel's most pids (pids.max takes no more)
+
+
 def _pids(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise UsageError(f"invalid pids limit {text!r}: expected a positive number")
+    if int(text) > PID_MAX_LIMIT:
+        raise UsageError(f"invalid pids limit {text!r}: the kernel allows at most {PID_MAX_LIMIT}")
     return int(text)
+
+
+def check_here(limits: Limits) -> Limits:
+    """Limits that apply on this node, checked against its CPUs (as docker
+    does): a CPU list naming CPUs it has not, or more CPU time than it has,
+    would fail every run later."""
+    try:
+        with open("/sys/devices/system/cpu/online") as f:
+            online = f.read().strip()
+    except OSError:
+        return limits
+    have = cpuset_ids(online)
+    if limits.cpuset and not cpuset_ids(limits.cpuset) <= have:
+        missing = ",".join(str(c) for c in sorted(cpuset_ids(limits.cpuset) - have))
+        raise UsageError(f"invalid CPU list {limits.cpuset!r}: this machine has no CPU {missing} (it has {online})")
+    if limits.cpus and limits.cpus > len(have):
+        raise UsageError(f"invalid CPU amount {limits.cpus:g}: this machine has {len(have)} CPUs")
+    return limits
 
 
 def add_limit_options(p: argparse.ArgumentParser) -> None:
@@ -130,5 +153,5 @@ def run_options(args, *, login: bool = False) -> RunOptions:
     return RunOptions(
         argv=argv, env=_env(args.env), cwd=args.workdir or ("/root" if login else "/data"),
         binds=rootfs.check_binds(args.volume), tty=args.tty, interactive=args.interactive or login,
-        limits=limits_from(args), net_host=args.net == "host", uid=uid, gid=gid, groups=groups,
+        limits=limits_from(args) if getattr(args, "run_node", None) else check_here(limits_from(args)), net_host=args.net == "host", uid=uid, gid=gid, groups=groups,
         caps=_caps(args.cap_add, args.cap_drop), detached=args.detach, pgid=getattr(args, "pgid", 0))

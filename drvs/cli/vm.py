@@ -17,7 +17,7 @@ from ..vm import admission
 from ..vm.model import VmSpec, check_name, parse_share
 from ..vm.registry import VmRegistry
 from .common import age, emit, print_table
-from .options import add_limit_options, limits_from, typed
+from .options import add_limit_options, check_here, limits_from, typed
 
 
 ADMIT_TRIES = 5  # snapshots of the VMs a create checks its shares against, if others are made meanwhile
@@ -69,7 +69,8 @@ def create(args) -> int:
     fs_nodes = fs_replica_nodes([n for n, _ in args.shares], args.fs_replicas)
     if args.fs_sync and not fs_nodes:
         raise UsageError("--fs-sync needs --node shares (a VM file system of the cluster)")
-    spec = VmSpec(args.name, limits_from(args), shares=shares, fs_nodes=fs_nodes, fs_sync=args.fs_sync)
+    limits = limits_from(args) if shares else check_here(limits_from(args))  # (no shares: a VM of this node)
+    spec = VmSpec(args.name, limits, shares=shares, fs_nodes=fs_nodes, fs_sync=args.fs_sync)
     _warn_not_ready(store, spec)
     registry = VmRegistry(store)
     for _ in range(ADMIT_TRIES):
