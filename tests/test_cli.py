@@ -185,3 +185,6 @@ def test_dev_cluster_up_refuses_bad_input_before_making_anything(drvs, tmp_path_
         assert p.returncode == 2 and fragment in p.stderr and p.stderr.count("\n") == 1, (args, p.stderr)
     assert set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()) == before
     assert open("/proc/self/mountinfo").read() == mounts and list(tmp_path.iterdir()) == []
+    for args in (("down",), ("restart", "n1")):  # (none is up)
+        p = drvs.drvs("dev", "cluster", *args)
+        assert p.returncode == 3 and "no dev cluster here" in p.stderr, (args, p.stderr)

@@ -7,7 +7,7 @@ import os
 import sys
 
 from .. import config
-from ..cluster.context import cluster_info
+from ..cluster.context import cluster_info, no_cluster
 from ..errors import Conflict, DrvsError, NotFound, SetupError, UsageError
 from ..ns import mounts
 from ..store import open_store
@@ -43,7 +43,7 @@ def _view(cfg, vm: str) -> str:
     from ..ns.jail import vm_file_system
 
     if not cluster_info(cfg):
-        raise UsageError("drvs mount needs a cluster node (a single node's VM keeps its files in STATE/vms/VM/data)")
+        raise no_cluster(cfg, "its VMs keep their data in STATE/vms/VM/data")
     from ..ipc.message import IpcError
 
     spec = VmRegistry(open_store()).get(vm)
@@ -71,13 +71,13 @@ def mount(args) -> int:
         enter_node(args.on_node)
     cfg = config.load()
     target = _mount_point(args.mountpoint)
+    source = _view(cfg, args.vm)  # (an unknown VM is the first thing to say)
     if not os.path.isdir(target):
         if os.path.exists(target):
             raise UsageError(f"mount point {args.mountpoint}: not a directory")
         raise NotFound(f"mount point {args.mountpoint}: no such directory")
     if _drvs_mount_at(target) is not None:
         raise Conflict(f"{target}: a drvs file system is already mounted here")
-    source = _view(cfg, args.vm)
     _bind(source, target)
     print(f"{args.vm} mounted on {target}")
     return 0
@@ -94,7 +94,7 @@ def umount(args) -> int:
     target = _mount_point(args.mountpoint)
     root = _drvs_mount_at(target)
     if root is None:
-        raise UsageError(f"{target}: no drvs file system is mounted here")
+        raise NotFound(f"{target}: no drvs file system is mounted here")
     if not root.startswith("/fs/"):
         raise UsageError(f"{target}: a node's own view of its VMs' files, not one drvs mount made "
                          "(its drvmmd unmounts it)")
@@ -124,7 +124,7 @@ def vm_mounts(vm: str) -> list[str]:
 def df(args) -> int:
     cfg = config.load()
     if not cluster_info(cfg):
-        raise UsageError("drvs df needs a cluster (a single node's VMs keep their data in STATE/vms/VM/data)")
+        raise no_cluster(cfg, "its VMs keep their data in STATE/vms/VM/data")
     store = open_store()
     registry = VmRegistry(store)
     specs = [registry.get(args.vm)] if args.vm else [s for s in registry.list() if s.fs_nodes]

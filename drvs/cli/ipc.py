@@ -7,7 +7,7 @@ import os
 import time
 
 from .. import config
-from ..cluster.context import cluster_info
+from ..cluster.context import cluster_info, no_cluster
 from ..errors import Conflict, NotFound, UsageError
 
 
@@ -113,7 +113,7 @@ def _local() -> tuple[str, str]:
     cfg = config.load()
     info = cluster_info(cfg)
     if info is None:
-        raise NotFound("this node is in no cluster (single node)")
+        raise no_cluster(cfg)
     return cfg.state_dir, f"drvmm@{info['node']}"
 
 
@@ -227,7 +227,7 @@ def observe(args) -> int:
     _checked(args.name, watch=True)
     info = cluster_info(config.load())
     if info is None:
-        raise NotFound("this node is in no cluster (single node)")
+        raise no_cluster(config.load())
 
     async def go():
         seen = 0

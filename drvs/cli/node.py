@@ -3,7 +3,7 @@
 import os
 
 from .. import config
-from ..cluster.context import cluster_info, dev_cluster_file, read_json
+from ..cluster.context import cluster_info, dev_cluster_file, no_cluster, read_json
 from ..errors import NotFound, SetupError
 from ..units import format_size
 from .common import age, emit, print_table
@@ -72,7 +72,7 @@ def _with_etcd(fn):
 
     info = cluster_info(config.load())
     if info is None:
-        raise NotFound("this node is in no cluster (single node); see `drvs dev cluster up`")
+        raise no_cluster(config.load())
 
     async def go():
         async with etcd_client(info, timeout=3) as etcd:

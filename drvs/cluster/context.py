@@ -30,6 +30,20 @@ def cluster_info(cfg: config.Config) -> dict | None:
     return read_json(f"{cfg.state_dir}/cluster.json")
 
 
+def no_cluster(cfg: config.Config, why: str = ""):
+    """The error for a command that needs a cluster node, on a single node:
+    where a dev cluster is up from this state directory, how to act as one
+    of its nodes."""
+    from ..errors import NotFound
+
+    dev = read_json(dev_cluster_file(cfg.state_dir))
+    names = [n["name"] for n in (dev or {}).get("nodes", [])]
+    hint = (f"a dev cluster is up here: act as one of its nodes with `drvs --node {names[0]}` or "
+            f"DRVS_NODE={names[0]} (nodes: {', '.join(names)})" if names else
+            "see `drvs cluster init` or `drvs dev cluster up`")
+    return NotFound(f"this node is in no cluster (single node){'; ' + why if why else ''}; {hint}")
+
+
 def etcd_client(info: dict, timeout: float = 5.0):
     """The async etcd client for this node's cluster (TLS with its certificate)."""
     from .etcd import Etcd

@@ -252,7 +252,7 @@ def down(state_dir: str) -> dict:
     path = dev_cluster_file(state_dir)
     info = read_json(path)
     if info is None:
-        raise SetupError(f"no dev cluster here ({path})")
+        raise NotFound(f"no dev cluster here ({path})")
     from ..ns import mounts
 
     for n in info["nodes"]:

@@ -92,8 +92,12 @@ def test_cordon_and_uncordon(cluster_factory):
 
 def test_node_commands_outside_a_cluster_are_clear_errors(cluster_factory, tmp_path):
     c = cluster_factory(nodes=1)
-    p = c.drvs("node", "ls")  # the host itself is no node of the dev cluster
+    p = c.drvs("node", "ls")  # the host itself is no node of the dev cluster: it says how to act as one
     assert p.returncode == 3 and "in no cluster" in p.stderr
+    assert "a dev cluster is up here: act as one of its nodes with `drvs --node n1` or DRVS_NODE=n1" in p.stderr
+    for args in (("df",), ("mount", "web", str(tmp_path)), ("lock", "acquire", "k")):
+        p = c.drvs(*args)
+        assert p.returncode == 3 and "DRVS_NODE=n1" in p.stderr and p.stderr.count("\n") == 1, (args, p.stderr)
     p = c.drvs("node", "ls", node="n7")
     assert p.returncode == 3 and "no node 'n7'" in p.stderr
 
