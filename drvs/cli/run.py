@@ -33,11 +33,14 @@ def parser(prog: str = "drvs-run") -> argparse.ArgumentParser:
 
 def execute(vm_name: str, opts: jail.RunOptions, prog: str, node: str | None = None) -> int:
     cfg = config.load()
-    if node:
-        _known_node(node)
-        return _remote(cfg, node, vm_name, opts, prog)
     store = open_store()
     vm = VmRegistry(store).get(vm_name)
+    if node:
+        _known_node(node)
+        if vm.shares and node not in vm.shares:  # (the VM's programs run on its nodes only)
+            raise NotFound(f"VM {vm_name!r} has no share of node {node!r} (its nodes: "
+                           f"{', '.join(sorted(vm.shares))}; see `drvs vm show {vm_name}`)")
+        return _remote(cfg, node, vm_name, opts, prog)
     if vm.shares:
         from ..cluster.context import local_node
         from ..vm.placement import choose_node

@@ -66,6 +66,12 @@ def test_run_goes_to_a_node_with_a_share(cluster_factory):
     # pid 1 of the program's cell is n2's pinned init for app.
     cmdline, hostname = p.stdout.split("\n")[:2]
     assert (cmdline.rstrip("\x00"), hostname) == ("drvs-cell app", "app")
+    # A node the VM has no share of is not one to run it on, even when named.
+    p = subprocess.run([str(BIN / "drvs-run"), "--vm", "app", "--node", "n1", "--", "true"],
+                       env={**c.env, "DRVS_NODE": "n1"}, capture_output=True, text=True, timeout=60)
+    assert (p.returncode, p.stderr) == (3, "drvs-run: VM 'app' has no share of node 'n1' (its nodes: n2; "
+                                           "see `drvs vm show app`)\n")
+    assert cell_inits(c, "n1", "app") == []
 
 
 def test_restarted_daemon_adopts_its_cells(cluster_factory):
