@@ -82,10 +82,15 @@ def _idle_check(value, path: str) -> int:
     return value
 
 
+KEYS = {"state_dir", "idle_check_ms", "favordynmods", "fs_cache_mib"}
+
+
 @cache
 def load() -> Config:
-    path = os.environ.get("DRVS_CONFIG", DEFAULT_CONFIG)
+    path = os.environ.get("DRVS_CONFIG") or DEFAULT_CONFIG
     data: dict = {}
+    if path != DEFAULT_CONFIG and not os.path.exists(path):  # (named on purpose: a typo is not "no config")
+        raise UsageError(f"config {path} (DRVS_CONFIG): no such file")
     if os.path.exists(path):  # tomllib costs 5 ms to import: only when there is a file
         import tomllib
 
@@ -94,7 +99,14 @@ def load() -> Config:
                 data = tomllib.load(f)
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise UsageError(f"config {path}: {e}") from None
+    unknown = sorted(set(data) - KEYS)
+    if unknown:
+        raise UsageError(f"config {path}: unknown setting {unknown[0]!r} (known: {', '.join(sorted(KEYS))})")
     state = os.environ.get("DRVS_STATE_DIR") or data.get("state_dir") or DEFAULT_STATE_DIR
+    if not os.path.isabs(state):  # (every process of the node must find the same one, from any directory)
+        raise UsageError(f"state directory {state!r}: must be an absolute path")
+    if os.path.exists(state) and not os.path.isdir(state):
+        raise UsageError(f"state directory {state}: not a directory")
     return Config(
         state_dir=state,
         idle_check_ms=_idle_check(data.get("idle_check_ms", 5000), path),

@@ -17,8 +17,10 @@ def test_vm_lifecycle_and_json(drvs):
     assert re.search(r"web\s+1\.5\s+-\s+512M\s+100", table)
     shown = json.loads(drvs.drvs("vm", "show", "web", "--format", "json", check=True).stdout)
     assert shown["cell"] == {"active": False} and shown["runs"] == []
+    assert drvs.run("--vm", "web", "--", "true").returncode == 0
     assert drvs.drvs("vm", "rm", "web").returncode == 0
     assert "web" not in [v["name"] for v in json.loads(drvs.drvs("vm", "ls", "--format", "json").stdout)]
+    assert [p.name for p in (drvs.state / "cells").iterdir() if p.name.startswith("web.")] == []  # (its lock too)
 
 
 def test_vm_errors_have_distinct_codes(drvs):
@@ -87,6 +89,8 @@ def test_vm_rm_refuses_a_busy_vm_unless_forced(drvs):
         assert refused.returncode == 4 and "running program" in refused.stderr
         assert drvs.drvs("vm", "rm", "--force", "busy").returncode == 0
         assert proc.wait(timeout=20) == 137
+        drvs.drvs("vm", "create", "busy", check=True)  # (the name again: a fresh cell)
+        assert drvs.run("--vm", "busy", "--", "echo", "again").stdout == "again\n"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -158,8 +162,18 @@ def test_a_bad_setting_is_a_usage_error_naming_it(drvs):
         p = drvs.drvs("vm", "ls")
         assert p.returncode == 2 and p.stderr.count("\n") == 1 and name in p.stderr, p.stderr
         assert "Traceback" not in p.stderr
+    config.write_text("fs_cache_mb = 0\n")  # (a typo)
+    p = drvs.drvs("vm", "ls")
+    assert p.returncode == 2 and "unknown setting 'fs_cache_mb'" in p.stderr, p.stderr
     config.write_text("fs_cache_mib = 0\n")
     assert drvs.drvs("vm", "ls").returncode == 0
+    for env, said in (({"DRVS_CONFIG": str(config) + ".missing"}, "(DRVS_CONFIG): no such file"),
+                      ({"DRVS_STATE_DIR": "relative/state"}, "'relative/state': must be an absolute path"),
+                      ({"DRVS_STATE_DIR": str(config)}, f"{config}: not a directory")):
+        p = subprocess.run([sys.executable, "-m", "drvs.cli.main", "vm", "ls"], env={**drvs.env, **env},
+                           capture_output=True, text=True, cwd=drvs.state.parent)
+        assert p.returncode == 2 and said in p.stderr and p.stderr.count("\n") == 1, (env, p.stderr)
+    assert not (drvs.state.parent / "relative").exists()
 
 
 def test_a_table_into_a_pipe_keeps_whole_values_and_no_trailing_blanks():

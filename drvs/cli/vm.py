@@ -324,6 +324,7 @@ def rm(args) -> int:
             reg.store.delete(STATE + args.name)  # its file system's term; the nodes remove their replicas
         shutil.rmtree(f"{cfg.vms_dir}/{args.name}", ignore_errors=True)
         lock.drop_record()
+        lock.drop_file()
     if cluster_info(cfg):
         _wait_unserved(reg.store, args.name)  # (outside the cell's lock: the node's spawner may need it)
     print(args.name)

@@ -49,9 +49,15 @@ class CellLock:
 
     def __enter__(self) -> "CellLock":
         os.makedirs(self.cfg.cells_dir, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        return self
+        while True:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            try:
+                if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                    return self
+            except FileNotFoundError:
+                pass
+            self.release()  # (the file was removed while this waited: its VM removed; lock the new one)
 
     def __exit__(self, *exc) -> None:
         self.release()
@@ -88,6 +94,11 @@ class CellLock:
 
     def drop_record(self) -> None:
         _unlink(self.record_path)
+
+    def drop_file(self) -> None:
+        """The VM is removed: its lock file goes too (held: whoever waits
+        for it then locks a new one, see __enter__)."""
+        _unlink(self.path)
 
 
 def find(lock: CellLock) -> ActiveCell | None:
