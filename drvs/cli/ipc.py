@@ -117,9 +117,12 @@ def _local() -> tuple[str, str]:
     return cfg.state_dir, f"drvmm@{info['node']}"
 
 
-def _call(call, payload: bytes, timeout: float, target: str | None = None, by_key: bool = False):
+def _call(call, payload: bytes, timeout: float, target: str | None = None, by_key: bool = False,
+          busy: bool = False):
     """by_key: the call names a lock or leadership by its key, so ENOENT
-    (none held under it) and EINVAL (not such a key) are the user's."""
+    (none held under it) and EINVAL (not such a key) are the user's.
+    busy: the call waits for a lock or leadership another holds: its own
+    timeout is a conflict (exit 4), not a node out of reach (7)."""
     from ..ipc import client
     from ..ipc.message import Msg, check
 
@@ -132,6 +135,8 @@ def _call(call, payload: bytes, timeout: float, target: str | None = None, by_ke
         err = {-errno.ENOENT: NotFound, -errno.EPERM: Conflict}.get(reply.status, UsageError)
         text = reply.error or os.strerror(-reply.status)
         raise err(text if text.startswith(f"{target}: ") else f"{target}: {text}")
+    if busy and reply.status == -errno.ETIMEDOUT:
+        raise Conflict(f"{target}: {reply.error or os.strerror(errno.ETIMEDOUT)} (another holds it)")
     return check(reply, target)
 
 
@@ -174,7 +179,7 @@ def lock_acquire(args) -> int:
     from ..ipc.schema import drvmm
 
     reply = _call(drvmm.DrvmmCall.lock, _name_request(_checked(args.name), timeout=args.timeout),
-                  _wait(args.timeout))
+                  _wait(args.timeout), busy=True)
     print(_key_reply(reply).key)
     return 0
 
@@ -194,7 +199,7 @@ def campaign(args) -> int:
     if problem:
         raise UsageError(problem)
     reply = _call(drvmm.DrvmmCall.campaign, _name_request(args.name, args.value, args.timeout),
-                  _wait(args.timeout))
+                  _wait(args.timeout), busy=True)
     print(_key_reply(reply).key)
     return 0
 
@@ -242,6 +247,7 @@ def observe(args) -> int:
         trio.run(go)
     except KeyboardInterrupt:
         sys.stdout.flush()
+        return 130  # (as a program SIGINT ended: a script can tell it from --count's end)
     return 0
 
 
