@@ -53,6 +53,34 @@ def test_output_that_cannot_be_written_is_a_clear_error(drvs):
         assert (p.returncode, p.stderr) == (74, "drvs: cannot write to standard output: No space left on device\n")
 
 
+def test_every_command_as_another_user_says_it_needs_root_and_changes_nothing(drvs, monkeypatch, capsys):
+    """(In this process, its effective uid said to be another's: this
+    machine's Python is not readable to other users.)"""
+    from drvs import config
+    from drvs.cli import main as drvs_main, run as drvs_run
+
+    for k, v in drvs.env.items():
+        monkeypatch.setenv(k, v)
+    config.load.cache_clear()
+    monkeypatch.setattr(os, "geteuid", lambda: 65534)
+    before = sorted(p.name for p in drvs.state.iterdir()) if drvs.state.exists() else []
+    def exits(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(os, "_exit", exits)  # (drvs-run leaves so, skipping the interpreter's teardown)
+    for prog, entry, args in (("drvs", drvs_main.main, ["vm", "ls"]), ("drvs", drvs_main.main, ["vm", "create", "mine"]),
+                              ("drvs-run", drvs_run.main, ["--", "true"])):
+        try:
+            code = entry(args)
+        except SystemExit as e:
+            code = e.code
+        assert code == 77
+        err = capsys.readouterr().err
+        assert err.startswith(f"{prog}: {prog} needs root") and err.count("\n") == 1, err
+    assert (sorted(p.name for p in drvs.state.iterdir()) if drvs.state.exists() else []) == before
+    config.load.cache_clear()
+
+
 def test_definitions_persist_in_the_store(drvs):
     drvs.drvs("vm", "create", "keep", "--memory", "1G", check=True)
     store = json.loads((drvs.state / "store.json").read_text())

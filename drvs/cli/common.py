@@ -19,6 +19,16 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
+def require_root(prog: str) -> None:
+    """Every command acts on the node (its namespaces, mounts, cgroups and
+    state directory): as another user it would fail half-way, or make files
+    root cannot tell from its own."""
+    if os.geteuid() != 0:
+        from ..errors import PermissionDenied
+
+        raise PermissionDenied(f"{prog} needs root: it manages this node's namespaces, mounts, cgroups and state")
+
+
 def guarded(prog: str, body) -> int:
     """Run a command body: user errors become one line on stderr and their
     exit code; no traceback unless DRVS_DEBUG is set."""

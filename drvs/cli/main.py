@@ -21,7 +21,7 @@ from . import ipc as ipc_cli
 from . import node as node_cli
 from . import proc as proc_cli
 from . import vm as vm_cli
-from .common import Parser, guarded
+from .common import Parser, guarded, require_root
 from .options import add_run_options, run_options, typed
 from .run import execute
 
@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def body():
+        require_root("drvs")
         if args.node and args.command != "dev":
             from ..cluster.context import enter_node
 

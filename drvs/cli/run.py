@@ -16,7 +16,7 @@ from ..errors import DrvsError, NotFound, UsageError
 from ..ns import jail
 from ..store import open_store
 from ..vm.registry import VmRegistry
-from .common import Parser, guarded
+from .common import Parser, guarded, require_root
 from .options import add_run_options, run_options
 
 
@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body():
+        require_root("drvs-run")
         if os.environ.get("DRVS_NODE"):  # act as that node of the local dev cluster
             from ..cluster.context import enter_node
 
