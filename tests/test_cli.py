@@ -146,6 +146,9 @@ def test_detached_run_logs_and_kill(drvs):
 def test_detached_setup_failure_is_reported(drvs):
     p = drvs.run("-d", "--", "no-such-command")
     assert (p.returncode, p.stderr) == (127, "drvs-run: no-such-command: command not found\n")
+    p = drvs.run("-d", "-w", "/no/such/dir", "--", "true")
+    assert p.returncode == 125 and "/no/such/dir" in p.stderr
+    assert list((drvs.state / "runs").glob("*.log")) == []  # (no log of a run that never started)
 
 
 def test_unknown_run(drvs):

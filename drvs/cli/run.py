@@ -81,6 +81,13 @@ def _remote(cfg, node: str, vm_name: str, opts: jail.RunOptions, prog: str) -> i
     return code
 
 
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def _detach(cfg, vm, opts: jail.RunOptions) -> int:
     """Start the run in a background monitor; print its id once it has started.
 
@@ -116,12 +123,11 @@ def _detach(cfg, vm, opts: jail.RunOptions) -> int:
     os.dup2(fd, 2)
     try:
         r.start()
-    except DrvsError as e:
-        os.write(wr, f"err {e.exit_code} {e}".encode())
-        os._exit(e.exit_code)
     except BaseException as e:  # noqa: BLE001 - the parent must hear of it
-        os.write(wr, f"err 70 internal error: {e}".encode())
-        os._exit(70)
+        code, said = (e.exit_code, str(e)) if isinstance(e, DrvsError) else (70, f"internal error: {e}")
+        _unlink_quietly(log)  # (a run that never started has no log: its id was never given)
+        os.write(wr, f"err {code} {said}".encode())
+        os._exit(code)
     os.write(wr, b"ok")
     os.close(wr)
     code = 70
