@@ -11,6 +11,7 @@ import time
 def test_vm_lifecycle_and_json(drvs):
     assert drvs.drvs("vm", "create", "web", "--cpus", "1.5", "--memory", "512M", "--pids-limit", "100").stdout == "web\n"
     listed = json.loads(drvs.drvs("vm", "ls", "--format", "json", check=True).stdout)
+    assert json.loads(drvs.drvs("vm", "ls", "--json", check=True).stdout) == listed
     web = next(v for v in listed if v["name"] == "web")
     assert web["limits"] == {"cpus": 1.5, "cpuset": None, "memory": 512 << 20, "pids": 100}
     table = drvs.drvs("vm", "ls", check=True).stdout

@@ -93,6 +93,12 @@ class _Output:
         return getattr(self._stream, name)
 
 
+def add_format(p) -> None:
+    """--format table|json, and --json for short (as scripts write it)."""
+    p.add_argument("--format", choices=("table", "json"), default="table", help="table (default) or json")
+    p.add_argument("--json", dest="format", action="store_const", const="json", help="the same as --format json")
+
+
 def emit(data, fmt: str, table) -> None:
     """Print data as JSON for scripts, or as the command's table for people."""
     if fmt == "json":

@@ -14,7 +14,7 @@ from ..store import open_store
 from ..units import format_size
 from ..vm.model import check_name
 from ..vm.registry import VmRegistry
-from .common import emit, print_table
+from .common import add_format, emit, print_table
 from .options import typed
 
 MS_BIND = 4096
@@ -33,7 +33,7 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=umount)
     p = sub.add_parser("df", help="size, use and replicas of VM file systems")
     p.add_argument("vm", nargs="?", type=typed(check_name), metavar="VM")
-    p.add_argument("--format", choices=("table", "json"), default="table")
+    add_format(p)
     p.set_defaults(func=df)
 
 

@@ -6,22 +6,22 @@ from .. import config
 from ..cluster.context import cluster_info, dev_cluster_file, no_cluster, read_json
 from ..errors import NotFound, SetupError
 from ..units import format_size
-from .common import age, emit, print_table
+from .common import add_format, age, emit, print_table
 
 
 def add_parsers(sub) -> None:
     node = sub.add_parser("node", help="the cluster's nodes")
     verbs = node.add_subparsers(dest="verb", required=True, metavar="VERB")
     p = verbs.add_parser("ls", help="list nodes")
-    p.add_argument("--format", choices=("table", "json"), default="table")
+    add_format(p)
     p.set_defaults(func=ls)
     for verb, text in (("cordon", "mark a node unschedulable: no new programs go there"),
                        ("uncordon", "mark a node schedulable again")):
         p = verbs.add_parser(verb, help=text)
-        p.add_argument("name")
+        p.add_argument("name", metavar="NODE")
         p.set_defaults(func=cordon, cordoned=verb == "cordon")
     p = verbs.add_parser("rm", help="forget a node that is gone for good (NotReady, no VM shares on it)")
-    p.add_argument("name")
+    p.add_argument("name", metavar="NODE")
     p.set_defaults(func=rm)
     p = verbs.add_parser("join", help="join this node to the cluster whose first node is at ADDRESS")
     p.add_argument("server", metavar="ADDRESS", help="the first node's address")
@@ -31,8 +31,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--port", type=int, default=7700, help="the cluster's fabric port")
     p.set_defaults(func=join)
     p = verbs.add_parser("show", help="one node")
-    p.add_argument("name")
-    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("name", metavar="NODE")
+    add_format(p)
     p.set_defaults(func=show)
 
     cl = sub.add_parser("cluster", help="make a cluster")
@@ -60,7 +60,7 @@ def add_parsers(sub) -> None:
     p.add_argument("node", metavar="NODE")
     p.set_defaults(func=dev_restart)
     p = cverbs.add_parser("status", help="the dev cluster's nodes and processes")
-    p.add_argument("--format", choices=("table", "json"), default="table")
+    add_format(p)
     p.set_defaults(func=dev_status)
 
 

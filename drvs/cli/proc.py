@@ -10,7 +10,7 @@ from ..cluster.context import cluster_info
 from ..store import open_store
 from ..vm.model import check_name
 from ..vm.registry import VmRegistry
-from .common import emit, print_table
+from .common import add_format, emit, print_table
 from .options import typed
 
 COLUMNS = ["PID", "NODE", "PPID", "USER", "STATE", "%CPU", "RSS", "START", "COMMAND"]
@@ -19,10 +19,10 @@ COLUMNS = ["PID", "NODE", "PPID", "USER", "STATE", "%CPU", "RSS", "START", "COMM
 def add_parsers(sub) -> None:
     p = sub.add_parser("ps", help="the processes of a VM (default: of every VM), on all its nodes")
     p.add_argument("vm", nargs="?", type=typed(check_name), metavar="VM")
-    p.add_argument("--format", choices=("table", "json"), default="table")
+    add_format(p)
     p.set_defaults(func=ps)
     p = sub.add_parser("syscalls", help="which system calls DVOS serves, and how")
-    p.add_argument("--format", choices=("table", "json"), default="table")
+    add_format(p)
     p.set_defaults(func=syscalls)
 
 

@@ -16,7 +16,7 @@ from ..units import format_size
 from ..vm import admission
 from ..vm.model import VmSpec, check_name, parse_share
 from ..vm.registry import VmRegistry
-from .common import age, emit, print_table
+from .common import add_format, age, emit, print_table
 from .options import add_limit_options, check_here, limits_from, typed
 
 
@@ -27,10 +27,11 @@ def add_parser(sub) -> None:
     vm = sub.add_parser("vm", help="manage DRVMs")
     verbs = vm.add_subparsers(dest="verb", required=True, metavar="VERB")
     p = verbs.add_parser("create", help="define a VM")
-    p.add_argument("name", type=typed(check_name))
+    p.add_argument("name", type=typed(check_name), metavar="VM")
     add_limit_options(p)
     p.add_argument("--node", dest="shares", action="append", default=[], type=typed(parse_share),
-                   metavar="NODE[:cpus=N,memory=SIZE,pids=N]", help="give the VM a share of NODE (repeatable)")
+                   metavar="NODE[:cpus=N,cpuset=LIST,memory=SIZE,pids=N]",
+                   help="give the VM a share of NODE (repeatable)")
     p.add_argument("--fs-replicas", type=int, default=None, metavar="N",
                    help="keep the VM's file system on N of its nodes, the first --node ones "
                         "(default: 2 with two nodes or more)")
@@ -40,20 +41,18 @@ def add_parser(sub) -> None:
                    help="let the shares go past what their nodes have left beside other VMs' shares")
     p.set_defaults(func=create)
     p = verbs.add_parser("ls", help="list VMs")
-    _format(p)
+    add_format(p)
     p.set_defaults(func=ls)
     p = verbs.add_parser("show", help="a VM's definition, cell and runs")
-    p.add_argument("name", type=typed(check_name))
-    _format(p)
+    p.add_argument("name", type=typed(check_name), metavar="VM")
+    add_format(p)
     p.set_defaults(func=show)
-    p = verbs.add_parser("rm", help="remove a VM and its data")
-    p.add_argument("name", type=typed(check_name))
-    p.add_argument("-f", "--force", action="store_true", help="end its running programs first")
+    p = verbs.add_parser("rm", help="remove a VM and its data (its files, on every node)")
+    p.add_argument("name", type=typed(check_name), metavar="VM")
+    p.add_argument("-f", "--force", action="store_true",
+                   help="also when in use: end its running programs (on every node) and detach its "
+                        "drvs mounts first")
     p.set_defaults(func=rm)
-
-
-def _format(p) -> None:
-    p.add_argument("--format", choices=("table", "json"), default="table")
 
 
 def create(args) -> int:
