@@ -108,7 +108,8 @@ def test_exec_runs_in_the_named_vm(drvs):
 
 def test_vm_rm_refuses_a_busy_vm_unless_forced(drvs):
     drvs.drvs("vm", "create", "busy", check=True)
-    proc = drvs.popen("--vm", "busy", "--", "sh", "-c", "echo up; exec sleep 300", stdout=subprocess.PIPE)
+    proc = drvs.popen("--vm", "busy", "--", "sh", "-c", "echo up; exec sleep 300", stdout=subprocess.PIPE,
+                      stderr=subprocess.PIPE)
     try:
         assert proc.stdout.readline() == "up\n"
         shown = json.loads(drvs.drvs("vm", "show", "busy", "--format", "json", check=True).stdout)
@@ -118,6 +119,8 @@ def test_vm_rm_refuses_a_busy_vm_unless_forced(drvs):
         assert refused.returncode == 4 and "running program" in refused.stderr
         assert drvs.drvs("vm", "rm", "--force", "busy").returncode == 0
         assert proc.wait(timeout=20) == 137
+        assert proc.stderr.read() == ("drvs-run: VM 'busy' was removed while this ran (drvs vm rm --force): "
+                                      "its programs were ended\n")
         drvs.drvs("vm", "create", "busy", check=True)  # (the name again: a fresh cell)
         assert drvs.run("--vm", "busy", "--", "echo", "again").stdout == "again\n"
     finally:

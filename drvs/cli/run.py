@@ -15,7 +15,7 @@ from .. import config
 from ..errors import DrvsError, NotFound, UsageError
 from ..ns import jail
 from ..store import open_store
-from ..vm.registry import VmRegistry
+from ..vm.registry import VMS, VmRegistry
 from .common import Parser, guarded, require_root
 from .options import add_run_options, run_options
 
@@ -51,10 +51,18 @@ def execute(vm_name: str, opts: jail.RunOptions, prog: str, node: str | None = N
     if opts.detached:
         return _detach(cfg, vm, opts)
     result = jail.run(cfg, vm, opts)
-    note = jail.explain(result)
+    note = jail.explain(result) or _removed_meanwhile(store, vm.name, result.exit_code)
     if note:
         print(f"{prog}: {note}", file=sys.stderr)
     return result.exit_code
+
+
+def _removed_meanwhile(store, vm_name: str, code: int) -> str | None:
+    """Why a program was killed that the user did not kill: its VM was
+    removed (drvs vm rm --force) while it ran."""
+    if code != 128 + signal.SIGKILL or store.get(VMS + vm_name) is not None:
+        return None
+    return f"VM {vm_name!r} was removed while this ran (drvs vm rm --force): its programs were ended"
 
 
 def _known_node(node: str) -> None:
