@@ -73,6 +73,8 @@ def reason(e: "BaseException | None", none: str = "no endpoint", empty: str = ""
     `empty`, else the exception's name)."""
     if e is None:
         return none
+    if isinstance(e, TimeoutError) or type(e).__name__.endswith(("Timeout", "TooSlowError")):
+        return "no answer in time"  # (one wording for every layer's: a socket's, TLS's, httpx's, trio's)
     inner = getattr(e, "reason", None)  # (urllib's URLError: "<urlopen error ...>" around the reason)
     if isinstance(inner, BaseException) or (isinstance(inner, str) and type(e).__name__ == "URLError"):
         return reason(inner, none, empty) if isinstance(inner, BaseException) else inner
