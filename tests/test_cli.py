@@ -143,8 +143,25 @@ def test_detached_run_logs_and_kill(drvs):
     assert drvs.drvs("kill", run_id).returncode == 0
     while drvs.drvs("vm", "show", "default", "--format", "json").stdout.count(run_id) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert "bye" in drvs.drvs("logs", run_id).stdout
+    assert drvs.drvs("logs", run_id).stdout == "started\nbye\n"  # (the program's output alone)
+    assert drvs.drvs("wait", run_id, check=True).stdout == "0\n"
     assert json.loads(drvs.drvs("vm", "show", "default", "--format", "json").stdout)["cell"] == {"active": False}
+    ended = drvs.drvs("kill", run_id)
+    assert (ended.returncode, ended.stderr) == (3, f"drvs: run {run_id!r} has ended (exit status 0)\n")
+
+
+def test_a_followed_log_ends_with_the_run_and_wait_gives_its_status(drvs):
+    drvs.drvs("vm", "create", "jobs", check=True)
+    run_id = drvs.run("--vm", "jobs", "-d", "--", "sh", "-c", "for i in 1 2 3; do echo $i; sleep 0.3; done; exit 3",
+                      check=True).stdout.strip()
+    t0 = time.monotonic()
+    follow = drvs.drvs("logs", "-f", run_id, timeout=30)
+    assert (follow.returncode, follow.stdout) == (0, "1\n2\n3\n") and time.monotonic() - t0 > 0.5
+    assert drvs.drvs("wait", run_id, check=True).stdout == "3\n"
+    for bad, code in (("nothex", 2), ("0123456789ab", 3)):
+        assert drvs.drvs("wait", bad).returncode == code and drvs.drvs("logs", "-f", bad).returncode == code
+    drvs.drvs("vm", "rm", "jobs", check=True)  # (its runs' logs and statuses go with it)
+    assert [p.name for p in (drvs.state / "runs").iterdir() if p.name.startswith(run_id)] == []
 
 
 def test_detached_setup_failure_is_reported(drvs):

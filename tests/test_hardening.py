@@ -49,7 +49,7 @@ def test_kill_9_through_drvs_kill_ends_the_run_cleanly(drvs):
     while drvs.drvs("vm", "show", "default", "--format", "json").stdout.count(run_id):
         assert time.monotonic() < deadline, "the run did not end"
         time.sleep(0.05)
-    assert "exited with status 137" in drvs.drvs("logs", run_id).stdout
+    assert drvs.drvs("wait", run_id, check=True).stdout == "137\n"
 
 
 def test_closed_stdio_holds_no_lock(drvs):

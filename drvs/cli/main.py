@@ -3,17 +3,19 @@
     drvs vm create|ls|show|rm ...
     drvs exec [OPTIONS] VM -- CMD [ARGS...]
     drvs login VM [--node NODE]
-    drvs logs RUN / drvs kill RUN
+    drvs logs [-f] RUN / drvs wait RUN / drvs kill RUN
 """
 
 import argparse
 import json
 import os
+import re
 import signal
 import sys
+import time
 
 from .. import __version__, config
-from ..errors import NotFound, UsageError
+from ..errors import DrvsError, NotFound, UsageError
 from ..ns import jail
 from ..vm.model import check_name
 from . import fs as fs_cli
@@ -23,7 +25,10 @@ from . import proc as proc_cli
 from . import vm as vm_cli
 from .common import Parser, guarded, require_root
 from .options import add_run_options, run_options, typed
-from .run import execute
+from .run import execute, exit_path
+
+FOLLOW_POLL = 0.1  # seconds between looks at a followed log or awaited run
+EXIT_GRACE = 5.0  # a run's program gone, its monitor writes how it ended within this
 
 
 def parser() -> argparse.ArgumentParser:
@@ -55,7 +60,12 @@ def parser() -> argparse.ArgumentParser:
 
     lo = sub.add_parser("logs", help="output of a detached run")
     lo.add_argument("run", metavar="RUN")
+    lo.add_argument("-f", "--follow", action="store_true", help="go on printing until the run ends")
     lo.set_defaults(func=logs)
+
+    w = sub.add_parser("wait", help="wait until a detached run ends; print its exit status")
+    w.add_argument("run", metavar="RUN")
+    w.set_defaults(func=wait)
 
     k = sub.add_parser("kill", help="send a signal to a run")
     k.add_argument("run", metavar="RUN")
@@ -93,15 +103,72 @@ def _run_record(run_id: str) -> dict:
         raise NotFound(f"no such run: {run_id!r}") from None
 
 
+def _ended(run_id: str) -> dict | None:
+    """How a detached run ended ({"code", "note"}), or None while it runs."""
+    try:
+        with open(exit_path(config.load(), run_id)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _running(run_id: str) -> bool:
+    try:
+        pidfd = jail.open_run_keeper(_run_record(run_id))
+    except NotFound:
+        return False
+    if pidfd is not None:
+        os.close(pidfd)
+    return pidfd is not None
+
+
+def _check_run(run_id: str) -> None:
+    if not re.fullmatch(r"[0-9a-f]{12}", run_id):
+        raise UsageError(f"invalid run id {run_id!r}: expected the 12 hex digits drvs-run -d printed")
+
+
 def logs(args) -> int:
+    _check_run(args.run)
     path = f"{config.load().runs_dir}/{args.run}.log"
     try:
-        with open(path, "rb") as f:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise NotFound(f"no log of run {args.run!r} on this node (detached runs made here have one)") from None
+    with f:
+        while True:
             while chunk := f.read(65536):
                 sys.stdout.buffer.write(chunk)
-    except FileNotFoundError:
-        raise NotFound(f"no log for run {args.run!r} (only detached runs have one)") from None
-    return 0
+            if not args.follow:
+                return 0
+            ended = _ended(args.run) is not None or not _running(args.run)
+            if ended:  # (what the program wrote before it ended is all in the file by now)
+                while chunk := f.read(65536):
+                    sys.stdout.buffer.write(chunk)
+                return 0
+            sys.stdout.flush()
+            time.sleep(FOLLOW_POLL)
+
+
+def wait(args) -> int:
+    _check_run(args.run)
+    log = f"{config.load().runs_dir}/{args.run}.log"
+    gone_since = None  # (the program ended: its monitor writes how within moments)
+    while True:
+        end = _ended(args.run)
+        if end is not None:
+            print(end["code"])
+            if end.get("note"):
+                print(f"drvs: run {args.run}: {end['note']}", file=sys.stderr)
+            return 0
+        if _running(args.run):
+            gone_since = None
+        elif not os.path.exists(log):
+            raise NotFound(f"no such run: {args.run!r} on this node (detached runs made here)")
+        elif gone_since is None:
+            gone_since = time.monotonic()
+        elif time.monotonic() - gone_since > EXIT_GRACE:
+            raise DrvsError(f"run {args.run!r} ended and left no exit status (its monitor was killed)")
+        time.sleep(FOLLOW_POLL)
 
 
 def kill(args) -> int:
@@ -112,14 +179,21 @@ def kill(args) -> int:
         raise UsageError(f"unknown signal {args.signal!r}") from None
     if not 0 <= signum <= signal.SIGRTMAX:
         raise UsageError(f"unknown signal {args.signal!r} (signals are 0 to {int(signal.SIGRTMAX)})")
-    rec = _run_record(args.run)
+    try:
+        rec = _run_record(args.run)
+    except NotFound:
+        end = _ended(args.run)
+        if end is None:
+            raise
+        raise NotFound(f"run {args.run!r} has ended (exit status {end['code']})") from None
     if signum == signal.SIGKILL:
         # The keeper cannot pass SIGKILL on; its own "end the run" signal
         # kills the program and whatever it left.
         signum = jail.END_RUN_SIGNAL
     pidfd = jail.open_run_keeper(rec)
     if pidfd is None:
-        raise NotFound(f"run {args.run!r} has ended")
+        end = _ended(args.run)
+        raise NotFound(f"run {args.run!r} has ended" + (f" (exit status {end['code']})" if end else ""))
     try:
         signal.pidfd_send_signal(pidfd, signum)
     except ProcessLookupError:

@@ -7,6 +7,7 @@ line when the cell's memory limit killed it.
 """
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -138,16 +139,48 @@ def _detach(cfg, vm, opts: jail.RunOptions) -> int:
         os._exit(code)
     os.write(wr, b"ok")
     os.close(wr)
-    code = 70
+    code, note = 70, "the run's monitor failed"
     try:
         result = r.wait()
-        code = result.exit_code
-        note = jail.explain(result)
-        if note:
-            os.write(2, f"drvs-run: {note}\n".encode())
-        os.write(2, f"drvs-run: exited with status {code}\n".encode())
+        code, note = result.exit_code, jail.explain(result) or ""
     finally:
+        _write_exit(cfg, r.id, vm.name, code, note)  # (drvs wait and logs -f learn the end from it)
         os._exit(code)
+
+
+def _write_exit(cfg, run_id: str, vm_name: str, code: int, note: str) -> None:
+    """The end of a detached run, beside its log (not in it: the log is the
+    program's output alone)."""
+    path = exit_path(cfg, run_id)
+    try:
+        with open(path + ".tmp", "w") as f:
+            json.dump({"vm": vm_name, "code": code, "note": note}, f)
+        os.rename(path + ".tmp", path)
+    except OSError:
+        pass  # (nothing to tell it to: drvs wait then finds the run neither running nor ended)
+
+
+def exit_path(cfg, run_id: str) -> str:
+    return f"{cfg.runs_dir}/{run_id}.exit"
+
+
+def forget_runs(cfg, vm_name: str) -> None:
+    """The logs and exit statuses of the VM's ended detached runs (drvs vm rm)."""
+    try:
+        names = os.listdir(cfg.runs_dir)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if not name.endswith(".exit"):
+            continue
+        try:
+            with open(f"{cfg.runs_dir}/{name}") as f:
+                if json.load(f).get("vm") != vm_name:
+                    continue
+        except (OSError, ValueError):
+            continue
+        for path in (f"{cfg.runs_dir}/{name[:-5]}.log", f"{cfg.runs_dir}/{name}"):
+            _unlink_quietly(path)
 
 
 def _stdio_present() -> None:
