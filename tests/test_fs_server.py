@@ -426,17 +426,18 @@ async def test_a_call_naming_a_directory_by_its_handle_is_made_where_it_is_now(t
 
 class WithReplica(Invalidations):
     """Invalidations, and a replica on n3 that takes batches (the call
-    types of each, recorded) or is out of reach."""
+    types of each, recorded; delay: seconds each takes) or is out of reach."""
 
-    def __init__(self, up: bool):
+    def __init__(self, up: bool, delay: float = 0):
         super().__init__()
-        self.up, self.batches = up, []
+        self.up, self.batches, self.delay = up, [], delay
 
     async def sendrec(self, target, msg, timeout=None, idempotent=False):
         if target != "fsr@n3":
             return await super().sendrec(target, msg, timeout, idempotent)
         if not self.up:
             raise IpcError("fsr@n3: no route to host", errno.EHOSTUNREACH)
+        await trio.sleep(self.delay)
         calls = from_flat(fs.Batch, msg.payload).calls
         self.batches.append([c.type for c in calls])
         return Msg(0, to_flat(new(fs.BatchReply, statuses=[0] * len(calls))))
@@ -479,6 +480,46 @@ async def test_a_server_that_stops_sends_its_replica_what_it_queued_and_serves_n
     assert e.value.errno == errno.EREMCHG
     with pytest.raises(OSError):
         await mirror.wait(mirror.push(Call.mkdir, b""))
+
+
+async def test_a_replica_stream_kept_busy_by_writers_still_stops(tmp_path):
+    """Batches go out shielded (one cut short might be made there or not),
+    and a queue someone waits for gathers nothing: the stop must still
+    land between batches while writers keep the queue full."""
+    from drvs.fs.replica import Mirror
+
+    server, _ = serving(tmp_path)
+    server.fabric = WithReplica(True, delay=0.005)
+    mirror = server.mirrors["n3"] = Mirror(server, "n3")
+    mirror.live, mirror.waiting = True, 1  # (an fsync waits)
+    payload = to_flat(new(fs.FsRequest, vm="web", path=b"d", mode=0o755))
+
+    async def writers():
+        while True:
+            mirror.push(Call.mkdir, payload)
+            await trio.sleep(0)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writers)
+        with trio.fail_after(5):
+            with trio.move_on_after(0.2):  # (the server stops)
+                await mirror.stream()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_replica_that_could_not_be_struck_fails_every_fsync_after(tmp_path):
+    """A replica whose stream failed, and that etcd could not be told of,
+    is still listed in sync (it may take over): an fsync made later must
+    not succeed without it."""
+    from drvs.fs.replica import Mirror
+
+    server, _ = serving(tmp_path)
+    mirror = server.mirrors["n3"] = Mirror(server, "n3")
+    mirror.lost = True  # (live False: its stream ended, the strike failed)
+    r = await call(server, "n2", Call.create, path=b"f", flags=os.O_WRONLY, mode=0o644)
+    m = Msg(Call.fsync, to_flat(new(fs.FsRequest, vm="web", fh=r.fh)))
+    m.node = "n2"
+    assert (await server.handle(m)).status == -errno.EIO
 
 
 async def test_an_opens_data_version_is_the_same_only_if_the_data_did_not_change(tmp_path, monkeypatch):

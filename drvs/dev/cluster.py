@@ -227,8 +227,9 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _stop(pid: int, grace: float = 5.0) -> None:
-    """SIGTERM the process group, SIGKILL what is left after the grace."""
+def _stop(pid: int, grace: float = 20.0) -> None:
+    """SIGTERM the process group, SIGKILL what is left after the grace (a
+    file server's hand-over to its replicas may take ~15 s at worst)."""
     if not pid:
         return
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):

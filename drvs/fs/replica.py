@@ -122,7 +122,9 @@ class Mirror:
     def push(self, ctype: int, payload: bytes) -> int:
         """The call's sequence number, to wait() for; 0: none to wait for."""
         if not self.live:
-            if self.handed:  # (a change made after the hand-over: the replica, in sync, lacks it)
+            if self.handed or self.lost:
+                # A replica still listed in sync lacks this change (the server
+                # handed over, or could not strike it): whoever waits fails.
                 self.lost = True
                 return self.pushed + 1
             return 0
@@ -237,6 +239,8 @@ class Mirror:
 
     async def stream(self) -> None:
         while True:
+            # (the sends are shielded, and a busy queue gathers nothing: a stop must land here)
+            await trio.lowlevel.checkpoint_if_cancelled()
             if not self.calls:
                 await self._work.wait()
                 self._work = trio.Event()
