@@ -45,12 +45,13 @@ def test_output_that_cannot_be_written_is_a_clear_error(drvs):
     for a disk error (not an internal error of the command)."""
     drvs.drvs("vm", "create", "web", check=True)
     argv = [os.path.join(os.path.dirname(sys.executable), "drvs"), "vm", "ls", "--format"]
+    env = {k: v for k, v in drvs.env.items() if k != "PYTHONUNBUFFERED"}  # (buffered, as in a user's shell)
     for fmt in ("table", "json"):
-        closed = subprocess.run([*argv, fmt], env=drvs.env, stderr=subprocess.PIPE, text=True,
+        closed = subprocess.run([*argv, fmt], env=env, stderr=subprocess.PIPE, text=True,
                                 preexec_fn=lambda: os.close(1))
         assert (closed.returncode, closed.stderr) == (74, "drvs: cannot write to standard output: it is closed\n")
         with open("/dev/full", "w") as full:
-            p = subprocess.run([*argv, fmt], env=drvs.env, stdout=full, stderr=subprocess.PIPE, text=True)
+            p = subprocess.run([*argv, fmt], env=env, stdout=full, stderr=subprocess.PIPE, text=True)
         assert (p.returncode, p.stderr) == (74, "drvs: cannot write to standard output: No space left on device\n")
 
 
@@ -144,6 +145,10 @@ def test_detached_run_logs_and_kill(drvs):
     while drvs.drvs("vm", "show", "default", "--format", "json").stdout.count(run_id) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert drvs.drvs("logs", run_id).stdout == "started\nbye\n"  # (the program's output alone)
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([os.path.join(os.path.dirname(sys.executable), "drvs"), "logs", run_id],
+                           env=drvs.env, stdout=full, stderr=subprocess.PIPE, text=True)
+    assert (p.returncode, p.stderr) == (74, "drvs: cannot write to standard output: No space left on device\n")
     assert drvs.drvs("wait", run_id, check=True).stdout == "0\n"
     assert json.loads(drvs.drvs("vm", "show", "default", "--format", "json").stdout)["cell"] == {"active": False}
     ended = drvs.drvs("kill", run_id)

@@ -41,6 +41,7 @@ def guarded(prog: str, body) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
+        _discard_output()
         return 141
     except BaseException as exc:  # noqa: BLE001 - the one place errors meet the user
         if isinstance(exc, SystemExit):
@@ -61,6 +62,17 @@ def guarded(prog: str, body) -> int:
 class OutputFailed(DrvsError):
     """Standard output did not take what a command wrote (closed, a full disk)."""
     exit_code = 74  # (sysexits' EX_IOERR)
+
+
+def _discard_output() -> None:
+    """What standard output still buffers goes nowhere: the interpreter's
+    own flush at exit would fail again, say so and exit 120."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.close(null)
+    except OSError:
+        pass
 
 
 class _Output:
@@ -84,8 +96,16 @@ class _Output:
         except BrokenPipeError:
             raise
         except (OSError, ValueError) as e:  # (ValueError: a closed file)
-            self._stream = None  # (what is buffered is lost: the interpreter's exit need not try again)
+            self._stream = None
+            _discard_output()
             raise OutputFailed(f"cannot write to standard output: {getattr(e, 'strerror', None) or e}") from None
+
+    @property
+    def buffer(self):
+        """The binary stream under (drvs logs writes bytes), watched as well."""
+        if self._stream is None:
+            raise OutputFailed("cannot write to standard output: it is closed")
+        return _Output(self._stream.buffer)
 
     def __getattr__(self, name):
         if self._stream is None:

@@ -136,7 +136,8 @@ def _call(call, payload: bytes, timeout: float, target: str | None = None, by_ke
         text = reply.error or os.strerror(-reply.status)
         raise err(text if text.startswith(f"{target}: ") else f"{target}: {text}")
     if busy and reply.status == -errno.ETIMEDOUT:
-        raise Conflict(f"{target}: {reply.error or os.strerror(errno.ETIMEDOUT)} (another holds it)")
+        raise Conflict(f"{target}: {reply.error or os.strerror(errno.ETIMEDOUT)} (another holds it, or etcd "
+                       "was too slow to answer)")
     return check(reply, target)
 
 

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import re
+import select
 import signal
 import sys
 import time
@@ -28,7 +29,7 @@ from .options import add_run_options, run_options, typed
 from .run import execute, exit_path
 
 FOLLOW_POLL = 0.1  # seconds between looks at a followed log or awaited run
-EXIT_GRACE = 5.0  # a run's program gone, its monitor writes how it ended within this
+EXIT_GRACE = 15.0  # a run's record gone, its monitor writes how it ended within this (its cell's end may take 5 s)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -149,26 +150,41 @@ def logs(args) -> int:
             time.sleep(FOLLOW_POLL)
 
 
+def _monitor(run_id: str) -> int | None:
+    """A pidfd on the process that watches a detached run and records its
+    end (its record names it while the run lasts), or None."""
+    try:
+        return os.pidfd_open(_run_record(run_id)["monitor"])
+    except (NotFound, KeyError, ProcessLookupError):
+        return None
+
+
 def wait(args) -> int:
     _check_run(args.run)
     log = f"{config.load().runs_dir}/{args.run}.log"
-    gone_since = None  # (the program ended: its monitor writes how within moments)
-    while True:
-        end = _ended(args.run)
-        if end is not None:
-            print(end["code"])
-            if end.get("note"):
-                print(f"drvs: run {args.run}: {end['note']}", file=sys.stderr)
-            return 0
-        if _running(args.run):
-            gone_since = None
-        elif not os.path.exists(log):
-            raise NotFound(f"no such run: {args.run!r} on this node (detached runs made here)")
-        elif gone_since is None:
-            gone_since = time.monotonic()
-        elif time.monotonic() - gone_since > EXIT_GRACE:
-            raise DrvsError(f"run {args.run!r} ended and left no exit status (its monitor was killed)")
-        time.sleep(FOLLOW_POLL)
+    monitor, since = None, time.monotonic()
+    try:
+        while True:
+            end = _ended(args.run)
+            if end is not None:
+                print(end["code"])
+                if end.get("note"):
+                    print(f"drvs: run {args.run}: {end['note']}", file=sys.stderr)
+                return 0
+            if monitor is None:
+                monitor = _monitor(args.run)
+            if monitor is not None:
+                if select.select([monitor], [], [], FOLLOW_POLL)[0] and _ended(args.run) is None:
+                    raise DrvsError(f"run {args.run!r} ended and left no exit status (its monitor was killed)")
+                continue
+            if not os.path.exists(log):
+                raise NotFound(f"no such run: {args.run!r} on this node (detached runs made here)")
+            if time.monotonic() - since > EXIT_GRACE:  # (no monitor named, none writing: it is gone)
+                raise DrvsError(f"run {args.run!r} ended and left no exit status (its monitor was killed)")
+            time.sleep(FOLLOW_POLL)
+    finally:
+        if monitor is not None:
+            os.close(monitor)
 
 
 def kill(args) -> int:

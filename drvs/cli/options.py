@@ -153,5 +153,5 @@ def run_options(args, *, login: bool = False) -> RunOptions:
     return RunOptions(
         argv=argv, env=_env(args.env), cwd=args.workdir or ("/root" if login else "/data"),
         binds=rootfs.check_binds(args.volume), tty=args.tty, interactive=args.interactive or login,
-        limits=limits_from(args) if getattr(args, "run_node", None) else check_here(limits_from(args)), net_host=args.net == "host", uid=uid, gid=gid, groups=groups,
+        limits=limits_from(args), net_host=args.net == "host", uid=uid, gid=gid, groups=groups,
         caps=_caps(args.cap_add, args.cap_drop), detached=args.detach, pgid=getattr(args, "pgid", 0))

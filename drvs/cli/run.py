@@ -18,7 +18,7 @@ from ..ns import jail
 from ..store import open_store
 from ..vm.registry import VMS, VmRegistry
 from .common import Parser, guarded, require_root
-from .options import add_run_options, run_options
+from .options import add_run_options, check_here, run_options
 
 
 def parser(prog: str = "drvs-run") -> argparse.ArgumentParser:
@@ -49,6 +49,7 @@ def execute(vm_name: str, opts: jail.RunOptions, prog: str, node: str | None = N
         there = choose_node(store, vm, local_node(cfg))
         if there is not None:
             return _remote(cfg, there, vm_name, opts, prog)
+    check_here(opts.limits)  # (the run is this node's: its limits must fit this machine)
     if opts.detached:
         return _detach(cfg, vm, opts)
     result = jail.run(cfg, vm, opts)
@@ -61,8 +62,11 @@ def execute(vm_name: str, opts: jail.RunOptions, prog: str, node: str | None = N
 def _removed_meanwhile(store, vm_name: str, code: int) -> str | None:
     """Why a program was killed that the user did not kill: its VM was
     removed (drvs vm rm --force) while it ran."""
-    if code != 128 + signal.SIGKILL or store.get(VMS + vm_name) is not None:
-        return None
+    try:
+        if code != 128 + signal.SIGKILL or store.get(VMS + vm_name) is not None:
+            return None
+    except DrvsError:
+        return None  # (the store away: nothing to add, the program's own status stands)
     return f"VM {vm_name!r} was removed while this ran (drvs vm rm --force): its programs were ended"
 
 
@@ -144,7 +148,14 @@ def _detach(cfg, vm, opts: jail.RunOptions) -> int:
         result = r.wait()
         code, note = result.exit_code, jail.explain(result) or ""
     finally:
-        _write_exit(cfg, r.id, vm.name, code, note)  # (drvs wait and logs -f learn the end from it)
+        try:
+            gone = _removed_meanwhile(open_store(), vm.name, code) is not None
+        except DrvsError:
+            gone = False
+        if gone:  # (drvs vm rm took the VM's runs' logs; this one ended after it looked)
+            _unlink_quietly(log)
+        else:
+            _write_exit(cfg, r.id, vm.name, code, note)  # (drvs wait and logs -f learn the end from it)
         os._exit(code)
 
 

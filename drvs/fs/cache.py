@@ -39,6 +39,7 @@ PAGE = 4096
 MAX_OPEN = 256  # cache files open at once (each is a descriptor of drvmmd's)
 IN_LINE = 64 << 10  # a read's pages written at once (a thread's hand-off costs more)
 MAX_FILLING = 16 << 20  # bytes of read replies held for writes to the cache at once (more: not kept)
+MAX_PENDING = 32  # writes of them at once (each holds a descriptor)
 HELD, FILLING = b"\1", b"\2"  # a page in the cache file, and one being written there
 PASSING = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EMFILE, errno.ENFILE}  # drop the file, go on caching
 
@@ -70,6 +71,7 @@ class DataCache:
         self.broken = False                # the cache's disk failed once: no more caching
         self.warned = False                # a passing failure was logged
         self.filling = 0                   # bytes being written to cache files (see fill)
+        self.pending = 0                   # writes of them waiting or under way (a descriptor each)
         self.writers = trio.CapacityLimiter(2)  # threads writing them
 
     # -- what may be kept ------------------------------------------------------------
@@ -173,7 +175,7 @@ class DataCache:
         for write_pages() to make once the read is answered (a remote
         sequential read's 1 MiB READs spent a sixth of this node's time
         writing to the cache disk in line), else None."""
-        if self.files.get(key) is not f or f.size is None or off % PAGE or self.filling >= MAX_FILLING:
+        if self.files.get(key) is not f or f.size is None or off % PAGE:
             return None
         end = off + len(data)
         if end > f.size or (len(data) < size and end != f.size):
@@ -190,6 +192,8 @@ class DataCache:
             return None
         chunk = memoryview(data)[:(last - first) * PAGE] if end < f.size else data
         later = len(chunk) > IN_LINE
+        if later and (self.filling >= MAX_FILLING or self.pending >= MAX_PENDING):
+            return None  # (each holds its reply and a descriptor until written)
         try:
             if f.fd < 0:
                 f.fd = self._new_file(key)
@@ -209,6 +213,7 @@ class DataCache:
             return None
         f.pages[first:last] = f.pages[first:last].replace(b"\0", FILLING)  # (not read from until written)
         self.filling += len(chunk)
+        self.pending += 1
         return (key, f, fd, chunk, off, first, last)
 
     async def write_pages(self, key: int, f: CachedFile, fd: int, chunk, off: int, first: int, last: int) -> None:
@@ -222,6 +227,7 @@ class DataCache:
         finally:
             os.close(fd)
             self.filling -= len(chunk)
+            self.pending -= 1
         if self.files.get(key) is f:
             f.pages[first:last] = HELD * (last - first)
 
