@@ -59,6 +59,7 @@ def test_not_executable_is_126(drvs):
     (["-v", "/no/such/dir:/x", "--", "true"], "bind source /no/such/dir does not exist"),
     (["-v", "relative", "--", "true"], "expected SRC:DST"),
     (["-v", ":/mnt", "--", "true"], "no bind source"),
+    (["-w", "relative", "--", "true"], "invalid working directory 'relative': must be an absolute path"),
     (["--cpuset-cpus", "4095", "--", "true"], "this machine has no CPU 4095"),
     (["--cpus", "4000", "--", "true"], "this machine has"),
     (["--pids-limit", "99999999999", "--", "true"], "at most 4194304"),

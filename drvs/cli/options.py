@@ -23,6 +23,12 @@ def typed(fn):
     return convert
 
 
+def _workdir(text: str) -> str:
+    if not text.startswith("/"):
+        raise UsageError(f"invalid working directory {text!r}: must be an absolute path in the jail")
+    return text
+
+
 def _pgid(text: str) -> int:
     if not text.isdigit() or not 1 < int(text) < 1 << 22:
         raise UsageError(f"invalid process group {text!r}: expected a VM pid (see drvs ps)")
@@ -78,7 +84,8 @@ def add_run_options(p: argparse.ArgumentParser, *, with_vm: bool = True) -> None
                    metavar="SRC:DST[:ro]", help="bind a host path into the jail")
     p.add_argument("-e", "--env", action="append", default=[], metavar="K=V",
                    help="set an environment variable (K alone: take it from here)")
-    p.add_argument("-w", "--workdir", default=None, metavar="DIR", help="working directory (default /data)")
+    p.add_argument("-w", "--workdir", default=None, metavar="DIR", type=typed(_workdir),
+                   help="working directory, an absolute path in the jail (default /data)")
     p.add_argument("-i", "--interactive", action="store_true", help="keep stdin open to the program's terminal")
     p.add_argument("-t", "--tty", action="store_true", help="give the program a terminal (inside the jail)")
     p.add_argument("-u", "--user", metavar="USER[:GROUP]", help="run as this user (name or uid)")

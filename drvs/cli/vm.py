@@ -60,7 +60,8 @@ def create(args) -> int:
     store = open_store()
     shares = dict(args.shares)
     if len(shares) != len(args.shares):
-        raise UsageError("a node is given twice in --node")
+        twice = next(n for n, _ in args.shares if [m for m, _ in args.shares].count(n) > 1)
+        raise UsageError(f"node {twice!r} is given twice in --node")
     specs = node_specs(store, shares) if shares else {}
     for node, share in shares.items():
         admission.check_share(node, specs[node], share)
@@ -162,7 +163,7 @@ def fs_replica_nodes(nodes: list[str], replicas: int | None) -> list[str]:
     if not nodes:
         raise UsageError("--fs-replicas needs --node shares (a single node keeps its files in its data directory)")
     if not 1 <= replicas <= len(nodes):
-        raise UsageError(f"--fs-replicas {replicas}: must be between 1 and the VM's {len(nodes)} nodes")
+        raise UsageError(f"--fs-replicas {replicas}: must be from 1 to {len(nodes)}, the VM's number of nodes")
     return nodes[:replicas]
 
 

@@ -37,7 +37,8 @@ def up(state_dir: str, nodes: int, cpus_per_node: int | None = None, name: str =
         raise Conflict(f"a dev cluster is up already ({path}); `drvs dev cluster down` first")
     if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,15}", name):
         # (it names network namespaces, files under /run/netns and cgroups)
-        raise UsageError(f"invalid cluster name {name!r}: 1-16 of a-z, 0-9 and '-', not first")
+        raise UsageError(f"invalid cluster name {name!r}: 1 to 16 lowercase letters, digits or '-', "
+                         "not starting with '-'")
     if not 1 <= nodes <= 64:
         raise UsageError(f"--nodes {nodes}: a dev cluster has 1 to 64 nodes")
     cpus = sorted(os.sched_getaffinity(0))
