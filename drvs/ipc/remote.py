@@ -148,7 +148,10 @@ async def _pump_stdin(loop, process) -> None:
                 data = os.read(0, 65536)
             except OSError:
                 data = b""
-            loop.call_soon_threadsafe(queue.put_nowait, data)
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, data)
+            except RuntimeError:
+                return  # (the loop closed: the run ended before its input did)
             if not data:
                 return
 
