@@ -71,7 +71,10 @@ def up(state_dir: str, nodes: int, cpus_per_node: int | None = None, name: str =
             _write(path, info)
         _wait_ready(info, timeout)
     except BaseException:
-        down(state_dir)
+        try:
+            down(state_dir)
+        except Exception as e:  # noqa: BLE001 - the failure to report is the one that stopped up()
+            print(f"drvs: dev cluster {name}: taking down what was made: {e}", file=sys.stderr)
         raise
     return info
 
