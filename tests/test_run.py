@@ -130,6 +130,27 @@ def _wait_for_line(proc, text, timeout=20):
     raise AssertionError(f"never saw {text!r}")
 
 
+def test_a_third_interrupt_ends_a_program_that_ignores_them(drvs):
+    import subprocess
+
+    proc = drvs.popen("--", "sh", "-c", 'trap "echo ignored" INT; echo ready; while :; do sleep 0.05; done',
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _wait_for_line(proc, "ready")
+        for _ in range(2):
+            proc.send_signal(signal.SIGINT)
+            _wait_for_line(proc, "ignored")
+        assert proc.poll() is None  # (two: the program's to heed or not)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+        assert proc.returncode == 137
+        assert err == "drvs-run: interrupted 3 times: ending the program\n"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.mark.parametrize("sig,name", [(signal.SIGTERM, "TERM"), (signal.SIGINT, "INT"), (signal.SIGHUP, "HUP")])
 def test_signals_reach_the_program(drvs, sig, name):
     script = f'trap "echo got {name}; exit 42" {name}; echo ready; while :; do sleep 0.05; done'

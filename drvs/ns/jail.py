@@ -23,6 +23,7 @@ from . import launcher, rootfs
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # The keeper's "end the run" signal (it is also its parent-death signal).
 END_RUN_SIGNAL = signal.SIGRTMAX
+FORCE_AFTER = 3  # a SIGINT more than the program heeds: the third ends it (its keeper's end-of-run signal)
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
                      signal.SIGUSR1, signal.SIGUSR2)
 
@@ -116,6 +117,7 @@ class Run:
         self.proc: launcher.Launched | None = None
         self.tty_master = -1
         self.signals: _SignalPipe | None = None
+        self.interrupts = 0  # SIGINTs forwarded (see FORCE_AFTER)
         self.oom_before = 0
         self.record_path = f"{cfg.runs_dir}/{self.id}.json"
 
@@ -287,6 +289,11 @@ class Run:
                 if relay:
                     relay.resize()
                 continue
+            if signum == signal.SIGINT:
+                self.interrupts += 1
+                if self.interrupts == FORCE_AFTER:  # (a program that ignores ^C: no other terminal needed)
+                    os.write(2, f"drvs-run: interrupted {FORCE_AFTER} times: ending the program\n".encode())
+                    signum = END_RUN_SIGNAL
             try:
                 signal.pidfd_send_signal(self.proc.pidfd, signum)
             except ProcessLookupError:

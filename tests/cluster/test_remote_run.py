@@ -87,6 +87,26 @@ def test_signals_reach_the_remote_program(cluster_factory):
             proc.wait()
 
 
+def test_a_third_interrupt_ends_a_remote_program_that_ignores_them(cluster_factory):
+    c = cluster_factory(nodes=2)
+    proc = subprocess.Popen([str(BIN / "drvs-run"), "--node", "n2", "--", "sh", "-c",
+                             'trap "echo ignored" INT; echo ready; while :; do sleep 0.05; done'],
+                            env={**c.env, "DRVS_NODE": "n1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        for _ in range(2):
+            proc.send_signal(signal.SIGINT)
+            assert proc.stdout.readline() == "ignored\n"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+        assert proc.returncode == 137 and err == "drvs-run: interrupted 3 times: ending the program\n"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_setup_failures_come_back_as_on_one_node(cluster_factory):
     c = cluster_factory(nodes=2)
     p = run_on(c, "n1", "--node", "n2", "--", "no-such-command")
