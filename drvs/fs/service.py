@@ -143,6 +143,12 @@ class FsNode:
         for path in sorted(glob.glob(f"{self.cfg.vms_dir}/*/fs")):
             vm, here = os.path.basename(os.path.dirname(path)), made_of(path)
             if vm not in defined or (here and here != defined[vm]):
+                try:  # (a VM made since the look above has its store made here too: it stays)
+                    now = await self.etcd.get(VMS + vm)
+                except (EtcdUnavailable, DrvsError):
+                    return
+                if now is not None and (not here or here == now.create_revision):
+                    continue
                 log.info("fs@%s: a replica of a VM removed while this node was away; removing it", vm)
                 await self.remove(vm, here)
 

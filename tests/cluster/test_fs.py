@@ -1502,8 +1502,13 @@ def test_an_unreachable_server_is_an_error_within_a_bound(cluster_factory):
 def test_a_full_disk_on_the_server_reaches_the_writer_and_corrupts_nothing(cluster_factory):
     c = cluster_factory(nodes=2)
     store = Path(c.node("n1")["state_dir"]) / "vms" / "web" / "fs"
-    store.mkdir(parents=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "drvs-test-full", str(store)], check=True)
+    for _ in range(20):  # (n1's look at start for stores of VMs removed while it was away may take this one)
+        store.mkdir(parents=True, exist_ok=True)
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "drvs-test-full", str(store)]).returncode == 0:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"{store}: cannot mount a tmpfs there")
     try:
         c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", "--fs-replicas", "1", node="n1", check=True)
         b = view(c, "n2")
