@@ -1,6 +1,7 @@
 """drvs-run --node: a program on another node, stdio, status and signals
 carried over the fabric."""
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -71,40 +72,39 @@ def test_binary_data_streams_both_ways(cluster_factory):
     assert hashlib.sha256(p.stdout).hexdigest() == hashlib.sha256(data).hexdigest()
 
 
-def test_signals_reach_the_remote_program(cluster_factory):
-    c = cluster_factory(nodes=2)
+@contextlib.contextmanager
+def ready_on_n2(c, trap: str):
+    """drvs-run on n1 of a shell on n2 that traps SIGINT so and says ready."""
     proc = subprocess.Popen([str(BIN / "drvs-run"), "--node", "n2", "--", "sh", "-c",
-                             'trap "echo got INT; exit 42" INT; echo ready; while :; do sleep 0.05; done'],
-                            env={**c.env, "DRVS_NODE": "n1"}, stdout=subprocess.PIPE, text=True)
+                             f'trap "{trap}" INT; echo ready; while :; do sleep 0.05; done'],
+                            env={**c.env, "DRVS_NODE": "n1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     try:
         assert proc.stdout.readline() == "ready\n"
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=20)
-        assert "got INT" in out and proc.returncode == 42
+        yield proc
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
 
 
+def test_signals_reach_the_remote_program(cluster_factory):
+    c = cluster_factory(nodes=2)
+    with ready_on_n2(c, "echo got INT; exit 42") as proc:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=20)
+        assert "got INT" in out and proc.returncode == 42
+
+
 def test_a_third_interrupt_ends_a_remote_program_that_ignores_them(cluster_factory):
     c = cluster_factory(nodes=2)
-    proc = subprocess.Popen([str(BIN / "drvs-run"), "--node", "n2", "--", "sh", "-c",
-                             'trap "echo ignored" INT; echo ready; while :; do sleep 0.05; done'],
-                            env={**c.env, "DRVS_NODE": "n1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        assert proc.stdout.readline() == "ready\n"
+    with ready_on_n2(c, "echo ignored") as proc:
         for _ in range(2):
             proc.send_signal(signal.SIGINT)
             assert proc.stdout.readline() == "ignored\n"
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=20)
         assert proc.returncode == 137 and err == "drvs-run: interrupted 3 times: ending the program\n"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_setup_failures_come_back_as_on_one_node(cluster_factory):
