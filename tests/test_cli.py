@@ -163,8 +163,9 @@ def test_a_followed_log_ends_with_the_run_and_wait_gives_its_status(drvs):
     follow = drvs.drvs("logs", "-f", run_id, timeout=30)
     assert (follow.returncode, follow.stdout) == (0, "1\n2\n3\n") and time.monotonic() - t0 > 0.5
     assert drvs.drvs("wait", run_id, check=True).stdout == "3\n"
-    for bad, code in (("nothex", 2), ("0123456789ab", 3)):
-        assert drvs.drvs("wait", bad).returncode == code and drvs.drvs("logs", "-f", bad).returncode == code
+    for bad, code in (("nothex", 2), ("../../etc/x", 2), ("0123456789ab", 3)):
+        for verb in (("wait",), ("logs", "-f"), ("kill",)):
+            assert drvs.drvs(*verb, bad).returncode == code, (verb, bad)
     drvs.drvs("vm", "rm", "jobs", check=True)  # (its runs' logs and statuses go with it)
     assert [p.name for p in (drvs.state / "runs").iterdir() if p.name.startswith(run_id)] == []
 

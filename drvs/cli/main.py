@@ -195,6 +195,7 @@ def kill(args) -> int:
         raise UsageError(f"unknown signal {args.signal!r}") from None
     if not 0 <= signum <= signal.SIGRTMAX:
         raise UsageError(f"unknown signal {args.signal!r} (signals are 0 to {int(signal.SIGRTMAX)})")
+    _check_run(args.run)
     try:
         rec = _run_record(args.run)
     except NotFound:
