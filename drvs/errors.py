@@ -38,6 +38,12 @@ class PermissionDenied(DrvsError):
     exit_code = 77
 
 
+class OutputFailed(DrvsError):
+    """Standard output did not take what a command wrote (closed, a full disk)."""
+
+    exit_code = 74  # (sysexits' EX_IOERR)
+
+
 class StoreError(DrvsError):
     """The store of VM definitions is unreadable or corrupt."""
 

@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from ..errors import DrvsError, user_error
+from ..errors import OutputFailed, PermissionDenied, user_error
 
 
 class Parser(argparse.ArgumentParser):
@@ -24,8 +24,6 @@ def require_root(prog: str) -> None:
     state directory): as another user it would fail half-way, or make files
     root cannot tell from its own."""
     if os.geteuid() != 0:
-        from ..errors import PermissionDenied
-
         raise PermissionDenied(f"{prog} needs root: it manages this node's namespaces, mounts, cgroups and state")
 
 
@@ -57,11 +55,6 @@ def guarded(prog: str, body) -> int:
         return 70
     finally:
         sys.stdout = out if out is not None and not out.closed else open(os.devnull, "w")
-
-
-class OutputFailed(DrvsError):
-    """Standard output did not take what a command wrote (closed, a full disk)."""
-    exit_code = 74  # (sysexits' EX_IOERR)
 
 
 def _discard_output() -> None:

@@ -184,8 +184,8 @@ class DataCache:
         last = end // PAGE if end < f.size else -(-end // PAGE)  # (the last page, partial, only at the end)
         if last <= first or last * PAGE > self.limit:
             return None  # (nor pages further into a file than the cache is big: the map of pages would be)
-        grow = max(last - len(f.pages), 0)
         have = len(f.pages)
+        grow = max(last - have, 0)
         new, span = max(last - max(first, have), 0), max(min(last, have) - first, 0)
         need = (new + f.pages.count(0, first, first + span)) * PAGE + grow
         if not self._room(key, need):

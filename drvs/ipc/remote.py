@@ -10,7 +10,7 @@ import errno
 import os
 import signal
 
-from ..ns.jail import END_RUN_SIGNAL, FORCE_AFTER
+from ..ns.jail import Interrupts
 from .message import IpcError, kj_reason
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
@@ -83,15 +83,11 @@ async def _run(path: str, node: str, vm: str, opts):
         # exists wait for it (its output may arrive before the call's reply).
         loop = asyncio.get_running_loop()
         pending: list[int] = []
-        interrupts: list[int] = []
+        interrupts = Interrupts()
         target = {}
 
         def on_signal(sig):
-            if sig == signal.SIGINT:
-                interrupts.append(sig)
-                if len(interrupts) == FORCE_AFTER:  # (as a local run: the keeper ends the program)
-                    os.write(2, f"drvs-run: interrupted {FORCE_AFTER} times: ending the program\n".encode())
-                    sig = END_RUN_SIGNAL
+            sig = interrupts.forward(sig)
             if "process" in target:
                 asyncio.ensure_future(target["process"].signal(int(sig)))
             else:

@@ -23,9 +23,29 @@ from . import launcher, rootfs
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # The keeper's "end the run" signal (it is also its parent-death signal).
 END_RUN_SIGNAL = signal.SIGRTMAX
-FORCE_AFTER = 3  # a SIGINT more than the program heeds: the third ends it (its keeper's end-of-run signal)
+FORCE_AFTER = 3  # SIGINTs: the third ends a program that ignores them (see Interrupts)
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
                      signal.SIGUSR1, signal.SIGUSR2)
+
+
+class Interrupts:
+    """The SIGINTs a run forwards, counted: the FORCE_AFTER-th ends a
+    program that ignores them (no other terminal needed), as the keeper's
+    end-of-run signal.  For local runs and, on the caller's side, remote ones."""
+
+    def __init__(self):
+        self.seen = 0
+
+    def forward(self, signum: int) -> int:
+        """The signal to send the keeper for signum."""
+        if signum != signal.SIGINT:
+            return signum
+        self.seen += 1
+        if self.seen != FORCE_AFTER:
+            return signum
+        os.write(2, f"drvs-run: interrupted {FORCE_AFTER} times: ending the program\n".encode())
+        return END_RUN_SIGNAL
+
 
 # Docker's default set, less MKNOD: root in the jail can own files and
 # switch users, not mount, trace, load modules or make devices.
@@ -117,7 +137,7 @@ class Run:
         self.proc: launcher.Launched | None = None
         self.tty_master = -1
         self.signals: _SignalPipe | None = None
-        self.interrupts = 0  # SIGINTs forwarded (see FORCE_AFTER)
+        self.interrupts = Interrupts()
         self.oom_before = 0
         self.record_path = f"{cfg.runs_dir}/{self.id}.json"
 
@@ -289,11 +309,7 @@ class Run:
                 if relay:
                     relay.resize()
                 continue
-            if signum == signal.SIGINT:
-                self.interrupts += 1
-                if self.interrupts == FORCE_AFTER:  # (a program that ignores ^C: no other terminal needed)
-                    os.write(2, f"drvs-run: interrupted {FORCE_AFTER} times: ending the program\n".encode())
-                    signum = END_RUN_SIGNAL
+            signum = self.interrupts.forward(signum)
             try:
                 signal.pidfd_send_signal(self.proc.pidfd, signum)
             except ProcessLookupError:
