@@ -20,7 +20,8 @@ def add_parsers(sub) -> None:
         p = verbs.add_parser(verb, help=text)
         p.add_argument("name", metavar="NODE")
         p.set_defaults(func=cordon, cordoned=verb == "cordon")
-    p = verbs.add_parser("rm", help="forget a node that is gone for good (NotReady, no VM shares on it)")
+    p = verbs.add_parser("rm", help="forget a node that is gone for good (NotReady, no VM shares on it) "
+                                    "and revoke its certificate")
     p.add_argument("name", metavar="NODE")
     p.set_defaults(func=rm)
     p = verbs.add_parser("join", help="join this node to the cluster whose first node is at ADDRESS")

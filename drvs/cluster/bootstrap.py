@@ -152,11 +152,12 @@ def server_class():
 
                 check_name(name, "node")
                 _check_ip(address)
-                problem = await self.guest.call_trio(self._reserve, name, address)
+                # (signed first: a bad request reserves nothing; kept only if the name is had)
+                cert = pki.sign_csr(f"{self.dir}/ca.pem", f"{self.dir}/ca.key", csr.encode(), name, address)
+                problem = await self.guest.call_trio(self._reserve, name, address, pki.serial_of(cert))
                 if problem:
                     res.error = f"join refused: {problem}"
                     return
-                cert = pki.sign_csr(f"{self.dir}/ca.pem", f"{self.dir}/ca.key", csr.encode(), name, address)
             except (EtcdUnavailable, EtcdError) as e:  # (away, or answering without a leader)
                 res.error = f"{STORE_AWAY}{e}"
                 return
@@ -170,11 +171,11 @@ def server_class():
             for i, url in enumerate(self.info["etcd"]):
                 etcd[i] = url
 
-        async def _reserve(self, name: str, address: str) -> str | None:
+        async def _reserve(self, name: str, address: str, serial: str) -> str | None:
             """Claim the name for the newcomer (compare-and-swap): a name that
-            ever joined stays its node's (until `drvs node rm`), so a token
-            holder cannot get a certificate that passes for an existing node.
-            Why not, or None."""
+            ever joined stays its node's (until `drvs node rm`, which revokes
+            the certificate `serial` names), so a token holder cannot get a
+            certificate that passes for an existing node.  Why not, or None."""
             import time
 
             from ..store import CompareFailed
@@ -185,7 +186,7 @@ def server_class():
                     other = json.loads(entry.value).get("name")
                     return f"address {address} is node {other!r}'s"
             spec = {"name": name, "address": address, "uid": "", "cpus": 0, "memory": 0,
-                    "version": "", "joined": time.time(), "cordoned": False}
+                    "version": "", "joined": time.time(), "cordoned": False, "serial": serial}
             try:
                 await self.etcd.put(spec_key(name), json.dumps(spec), expect_revision=0)
             except CompareFailed:

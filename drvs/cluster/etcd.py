@@ -95,6 +95,9 @@ class Etcd:
                 raise EtcdError(f"etcd {path}: {data.get('error') or data.get('message') or r.status_code}")
             return data
         why = reason(last, empty="no answer in time")
+        if isinstance(last, httpx.RemoteProtocolError):
+            # etcd closes at once, after TLS, a connection whose certificate its revocation list names
+            why += " (if this node was removed with `drvs node rm`, etcd refuses its certificate: join it again)"
         raise EtcdUnavailable(f"etcd unreachable at {', '.join(self.endpoints)}: {why}")
 
     # -- key-value -----------------------------------------------------------
@@ -131,9 +134,14 @@ class Etcd:
         data = await self.call("/v3/kv/deleterange", {"key": _b64(prefix), "range_end": prefix_end(prefix)})
         return int(data.get("deleted", 0))
 
-    async def _txn(self, key: str, expect_revision: int, op: dict) -> dict:
+    async def delete_and_put(self, key: str, expect_revision: int, puts: dict[str, str]) -> None:
+        """Delete key, if still at expect_revision, and put puts, at once."""
+        await self._txn(key, expect_revision, {"request_delete_range": {"key": _b64(key)}},
+                        *({"request_put": {"key": _b64(k), "value": _b64(v)}} for k, v in puts.items()))
+
+    async def _txn(self, key: str, expect_revision: int, *ops: dict) -> dict:
         compare = {"key": _b64(key), "target": "MOD", "result": "EQUAL", "mod_revision": str(expect_revision)}
-        data = await self.call("/v3/kv/txn", {"compare": [compare], "success": [op]})
+        data = await self.call("/v3/kv/txn", {"compare": [compare], "success": list(ops)})
         if not data.get("succeeded"):
             raise CompareFailed(f"{key}: not at revision {expect_revision}")
         return data

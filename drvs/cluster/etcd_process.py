@@ -16,18 +16,29 @@ def url(address: str) -> str:
     return f"https://{address}:{CLIENT_PORT}"
 
 
+def crl_path(data_dir: str) -> str:
+    """The revocation list etcd checks every client's certificate against
+    (it reads the file anew at each connection)."""
+    return f"{data_dir}/tls/crl.pem"
+
+
 def start(data_dir: str, address: str, ca: str, ca_key: str, preexec=None) -> int:
     """Start etcd detached (its own session); returns its pid.  It serves TLS
     with a certificate of the cluster CA and admits only clients presenting
-    one (every node's certificate is one), on both its ports."""
+    one (every node's certificate is one) that the CA has not revoked (the
+    certificates of removed nodes), on both its ports."""
     from . import pki
 
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
     tls = pki.issue(ca, ca_key, "etcd", address, f"{data_dir}/tls")
+    crl = crl_path(data_dir)
+    if not os.path.exists(crl):  # (kept across restarts: drvs/cluster/revocation.py keeps it up to date)
+        pki.write_crl(crl, ca, ca_key, ())
     client, peer = url(address), f"https://{address}:{PEER_PORT}"
     certs = ["--cert-file", tls["cert"], "--key-file", tls["key"], "--trusted-ca-file", tls["ca"],
              "--client-cert-auth", "--peer-cert-file", tls["cert"], "--peer-key-file", tls["key"],
-             "--peer-trusted-ca-file", tls["ca"], "--peer-client-cert-auth"]
+             "--peer-trusted-ca-file", tls["ca"], "--peer-client-cert-auth",
+             "--client-crl-file", crl, "--peer-crl-file", crl]
     with open(f"{data_dir}/etcd.log", "ab") as log:
         try:
             proc = subprocess.Popen(

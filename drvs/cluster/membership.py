@@ -72,8 +72,9 @@ async def claim_pid_range(etcd: Etcd, name: str) -> int:
 class Member:
     """This node's presence in the cluster, kept alive by a lease."""
 
-    def __init__(self, etcd: Etcd, name: str, address: str, uid: str):
+    def __init__(self, etcd: Etcd, name: str, address: str, uid: str, serial: str = ""):
         self.etcd, self.name, self.address, self.uid = etcd, name, address, uid
+        self.serial = serial  # of this node's certificate: what `drvs node rm` revokes
         # The servers this node hosts, as each status says them: asked anew
         # every time (a VM's file server comes and goes with elections).
         self.servers = lambda: []
@@ -105,7 +106,7 @@ class Member:
             "name": self.name, "address": self.address, "uid": self.uid, "cpus": self.cpus,
             "memory": self.memory, "cpu_list": sorted(os.sched_getaffinity(0)),
             "version": __version__, "joined": joined, "cordoned": cordoned,
-            "pid_index": self.pid_index}))
+            "pid_index": self.pid_index, "serial": self.serial}))
         self.lease = await self.etcd.grant(LEASE_TTL)
         await self.publish()
 
@@ -162,11 +163,13 @@ class Member:
 
 async def remove_node(etcd: Etcd, name: str) -> None:
     """Forget a node that is gone for good (drvs node rm): its spec and pid
-    range, so that its name and range may be had again.  Refused while it
+    range, so that its name and range may be had again, and its certificate,
+    which no node nor etcd accepts from then on.  Refused while it
     is Ready (its drvmmd would be a member without a record) or while VMs
     have shares of it (they would name a node that is not there)."""
     from ..errors import Conflict, NotFound
     from ..vm.model import VmSpec
+    from .revocation import revoked_key
     from ..vm.registry import VMS
 
     spec = await etcd.get(spec_key(name))
@@ -178,8 +181,10 @@ async def remove_node(etcd: Etcd, name: str) -> None:
                      if name in vm.shares)
     if holders:
         raise Conflict(f"node {name!r} has shares of VMs {', '.join(holders)}: remove those VMs first")
+    # Its certificate is taken back with the name (drvs/cluster/revocation.py).
+    serial = json.loads(spec.value).get("serial")
     try:
-        await etcd.delete(spec_key(name), expect_revision=spec.mod_revision)
+        await etcd.delete_and_put(spec_key(name), spec.mod_revision, {revoked_key(serial): name} if serial else {})
         for entry in await etcd.range(PID_RANGES):
             if entry.value == name:
                 await etcd.delete(entry.key, expect_revision=entry.mod_revision)

@@ -2,7 +2,8 @@
 
 `make_ca` once per cluster (at init, or by the dev harness); `issue` a key
 and certificate per node, naming the node (DNS) and its address (IP), valid
-for both ends of a connection.  Keys are written 0600."""
+for both ends of a connection.  Keys are written 0600.  `write_crl` lists
+the certificates of removed nodes for etcd (drvs/cluster/revocation.py)."""
 
 import datetime
 import ipaddress
@@ -110,3 +111,26 @@ def issue(ca: str, ca_key: str, node: str, address: str, directory: str) -> dict
     with open(ca, "rb") as f:
         ca_pem = f.read()
     return write_node_files(directory, ca_pem, cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+
+def serial_of(cert_pem: bytes) -> str:
+    """A certificate's serial number, hex: how revocation names it."""
+    return format(x509.load_pem_x509_certificate(cert_pem).serial_number, "x")
+
+
+def write_crl(path: str, ca: str, ca_key: str, serials) -> None:
+    """A certificate revocation list of the CA naming serials (hex), put in
+    place at once: etcd reads it at every connection it accepts."""
+    with open(ca, "rb") as f:
+        ca_cert = x509.load_pem_x509_certificate(f.read())
+    with open(ca_key, "rb") as f:
+        signer = serialization.load_pem_private_key(f.read(), None)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    crl = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
+           .last_update(now - datetime.timedelta(minutes=5)).next_update(now + VALIDITY))
+    for serial in sorted(serials):
+        crl = crl.add_revoked_certificate(x509.RevokedCertificateBuilder().serial_number(int(serial, 16))
+                                          .revocation_date(now).build())
+    tmp = f"{path}.tmp"
+    _write(tmp, crl.sign(signer, hashes.SHA256()).public_bytes(serialization.Encoding.PEM), 0o644)
+    os.rename(tmp, path)

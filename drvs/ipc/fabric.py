@@ -27,6 +27,7 @@ from . import level0, wire
 from .bridge import aio, aio_future, capnp_await, current_guest
 from ..errors import DrvsError, EtcdUnavailable, SetupError
 from ..store import CompareFailed
+from ..cluster.revocation import Revoked
 from .message import ETCD_AWAY, NOTIFY, IpcError, Later, Msg, failure, kj_reason
 from .schema import BULK, bulk_at, pointer_index
 from .schema import fabric as schema
@@ -188,6 +189,7 @@ class Fabric:
         self.fast: dict[str, object] = {}  # endpoint -> its fast path (see register)
         self.elected: set[str] = set()  # endpoints served while this node leads their election (see reregister)
         self.servers = []
+        self.revoked = Revoked()  # certificates of removed nodes (kept up to date by the daemon)
         self.nursery: trio.Nursery | None = None  # where programs started here live
         self.supervise = None  # (cfg, vm, listener): who serves the system calls of programs started here
         self.spawner = None    # drvs.node.spawner.Spawner: where their jails are started
@@ -214,7 +216,7 @@ class Fabric:
         _bind(listener, host, self.port)
         self.servers.append(await aio(wire.serve(
             remote, sock=listener, ssl=ctx, peer_of=lambda t: peer_name(t.get_extra_info("peercert")),
-            alpn={LANE_ALPN: lane})))
+            alpn={LANE_ALPN: lane}, admit=self._admits)))
         if unix_path:
             os.makedirs(os.path.dirname(unix_path), mode=0o700, exist_ok=True)
             os.chmod(os.path.dirname(unix_path), 0o700)
@@ -222,6 +224,16 @@ class Fabric:
                 os.unlink(unix_path)
             self.servers.append(await aio(wire.serve(local, path=unix_path)))
             os.chmod(unix_path, 0o600)
+
+    def _admits(self, transport) -> bool:
+        """Whether to serve a node's connection: not if `drvs node rm` took
+        back the certificate it presented (TLS checked it is the CA's)."""
+        cert = transport.get_extra_info("peercert")
+        if self.revoked.admits(cert):
+            return True
+        log.warning("refused a connection from %s as node %s: its certificate was revoked (drvs node rm)",
+                    (transport.get_extra_info("peername") or ("?",))[0], peer_name(cert))
+        return False
 
     async def listen_bootstrap(self, host: str, server) -> None:
         """The join service: TLS with this node's certificate, no client

@@ -234,10 +234,13 @@ class _Switch(asyncio.Protocol):
     """A connection's first protocol, there only to choose the real one by
     the TLS application protocol (ALPN) its client asked for."""
 
-    def __init__(self, default, alpn: dict):
-        self.default, self.alpn = default, alpn
+    def __init__(self, default, alpn: dict, admit=None):
+        self.default, self.alpn, self.admit = default, alpn, admit
 
     def connection_made(self, transport):
+        if self.admit is not None and not self.admit(transport):
+            transport.abort()  # (this protocol stays: what the peer sent meanwhile is dropped)
+            return
         ssl_object = transport.get_extra_info("ssl_object")
         make = self.alpn.get(ssl_object.selected_alpn_protocol() if ssl_object else None)
         protocol = make(transport) if make else self.default()
@@ -245,18 +248,20 @@ class _Switch(asyncio.Protocol):
         protocol.connection_made(transport)
 
 
-async def serve(callback, *, path: str | None = None, peer_of=None, alpn: dict | None = None, **kwargs):
+async def serve(callback, *, path: str | None = None, peer_of=None, alpn: dict | None = None, admit=None,
+                **kwargs):
     """An asyncio server whose connections are capnp streams handed to
     callback(stream) (a coroutine function, run as a task).  peer_of(transport),
     when given, is what PEER holds while callback's task is made.  alpn:
     {name: make(transport) -> protocol} for the connections whose client
-    asked for that TLS application protocol."""
+    asked for that TLS application protocol.  admit(transport), when given,
+    says whether to serve a connection at all (after its TLS handshake)."""
     loop = asyncio.get_running_loop()
 
     def wire():
         return Wire(capnp.AsyncIoStream._connect(callback), peer_of)
 
-    factory = (lambda: _Switch(wire, alpn)) if alpn else wire
+    factory = (lambda: _Switch(wire, alpn or {}, admit)) if alpn or admit else wire
 
     if path is not None:
         return await loop.create_unix_server(factory, path, **kwargs)

@@ -60,7 +60,7 @@ async def serve_node(cfg: config.Config, info: dict, interval: float) -> None:
     housekeeping.  Runs as trio guest on capnp's asyncio loop."""
     from ..ipc import client
     from ..ipc.fabric import FABRIC_PORT, Fabric, Tls
-    from ..cluster import bootstrap
+    from ..cluster import bootstrap, revocation
     from ..ipc.services import DrvmmService
     from . import reconcile
     from .spawner import Spawner
@@ -73,7 +73,7 @@ async def serve_node(cfg: config.Config, info: dict, interval: float) -> None:
         raise SetupError(f"{cfg.state_dir}/cluster.json: {e}") from None
     tls = Tls(**info["tls"])
     async with etcd_client(info) as etcd:
-        member = Member(etcd, info["node"], info["address"], node_uid(cfg))
+        member = Member(etcd, info["node"], info["address"], node_uid(cfg), _serial(info["tls"]["cert"]))
         fabric = Fabric(etcd, member, info.get("port", FABRIC_PORT), tls)
         fabric.spawner = Spawner()
         try:
@@ -84,6 +84,10 @@ async def serve_node(cfg: config.Config, info: dict, interval: float) -> None:
                 # before anything is bound; a second drvmmd of this node
                 # never gets here, see _only_daemon)
                 await member.join_with_backoff()
+                # (the certificates of removed nodes known before the first connection is served)
+                keeping = revocation.crl_keeping(cfg.state_dir, info)
+                await nursery.start(functools.partial(
+                    fabric.revoked.follow, etcd, revocation.crl_writer(*keeping) if keeping else None))
                 await fabric.listen(info["address"], client.socket_path(cfg.state_dir))
                 if bootstrap.serving_ca(cfg.state_dir):
                     from ..ipc.bridge import current_guest
@@ -113,6 +117,16 @@ async def serve_node(cfg: config.Config, info: dict, interval: float) -> None:
             # Leave at once (NotReady now, not after the lease's TTL).
             with trio.move_on_after(2, shield=True):
                 await member.leave()
+
+
+def _serial(cert: str) -> str:
+    from ..cluster import pki
+
+    try:
+        with open(cert, "rb") as f:
+            return pki.serial_of(f.read())
+    except (OSError, ValueError) as e:
+        raise SetupError(f"{cert}: this node's certificate cannot be read ({e}); join this node again") from None
 
 
 async def _start_dvos(cfg, info, etcd, fabric, member, nursery) -> tuple[int, int]:

@@ -170,6 +170,13 @@ def test_init_then_join(machines):
     gone = m.drvs("m1", "node", "rm", "n2")
     assert gone.returncode == 0, gone.stderr
     assert "n2" not in m.drvs("m1", "node", "ls").stdout
+    # ... and its certificate taken back: m2's etcd client is refused (the
+    # first node, which holds the CA, keeps etcd's revocation list)
+    deadline = time.monotonic() + 10
+    while (old := m.drvs("m2", "node", "ls")).returncode == 0:
+        assert time.monotonic() < deadline, old.stdout
+        time.sleep(0.2)
+    assert old.returncode == 6 and "removed with `drvs node rm`, etcd refuses its certificate" in old.stderr, old.stderr
     again = m.drvs("m3", "node", "join", m1["address"], "--token", token, "--address", m.hosts["m3"]["address"],
                    "--node-name", "n2")
     assert again.returncode == 0, again.stderr

@@ -4,9 +4,11 @@ credentials are refused, and garbage does not take drvmmd down."""
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 from drvs.cluster import pki
 from drvs.cluster.context import setns_net
@@ -121,6 +123,29 @@ def test_certificate_of_another_cluster_is_refused(cluster_factory, tmp_path):
     evil["ca"] = tls_of(c, "n1")["ca"]
     assert probe(c, "n1", c.node("n2"), "echo", evil).startswith("REFUSED")
     assert probe(c, "n1", c.node("n2"), "echo", evil, lane=True).startswith("REFUSED")
+
+
+def test_removed_nodes_certificate_is_refused(cluster_factory):
+    """`drvs node rm` takes the node's certificate back: with it neither a
+    node's fabric nor the cluster's etcd serve any more, while members go on."""
+    c = cluster_factory(nodes=3)
+    n3 = tls_of(c, "n3")
+    assert probe(c, "n3", c.node("n2"), "echo", n3) == "OK b'hi'"
+    os.killpg(c.node("n3")["pid"], signal.SIGTERM)
+    c.wait_status("n3", "NotReady")
+    rm = c.drvs("node", "rm", "n3", node="n1")
+    assert rm.returncode == 0, rm.stderr
+    deadline = time.monotonic() + 10
+    while not (out := probe(c, "n3", c.node("n2"), "echo", n3)).startswith("REFUSED"):
+        assert time.monotonic() < deadline, out
+        time.sleep(0.2)
+    assert probe(c, "n3", c.node("n1"), "echo", n3, lane=True).startswith("REFUSED")
+    while (store := c.drvs("node", "ls", node="n3")).returncode == 0:  # (n3's own certificate, to etcd)
+        assert time.monotonic() < deadline, store.stdout
+        time.sleep(0.2)
+    assert store.returncode == 6, store.stderr
+    assert probe(c, "n1", c.node("n2"), "echo", tls_of(c, "n1"), lane=True) == "OK b'hi'"
+    assert c.drvs("node", "ls", node="n2").returncode == 0
 
 
 def test_a_member_may_not_act_with_another_nodes_lease_or_name(cluster_factory):
