@@ -7,17 +7,15 @@
 """
 
 import argparse
-import json
+import errno
 import os
-import re
 import select
-import signal
 import sys
 import time
 
 from .. import __version__, config
-from ..errors import DrvsError, NotFound, UsageError
-from ..ns import jail
+from ..errors import NotFound, UsageError
+from ..node import runs
 from ..vm.model import check_name
 from . import fs as fs_cli
 from . import ipc as ipc_cli
@@ -26,11 +24,7 @@ from . import proc as proc_cli
 from . import vm as vm_cli
 from .common import Parser, guarded, require_root
 from .options import add_run_options, run_options, typed
-from .run import execute, exit_path
-
-FOLLOW_POLL = 0.1  # seconds between looks at a followed log or awaited run
-EXIT_GRACE = 15.0  # a run's record gone, its monitor writes how it ended within this (its cell's end may take 5 s)
-
+from .run import execute
 
 def parser() -> argparse.ArgumentParser:
     p = Parser(prog="drvs", description="Distributed Resources Virtualization System.")
@@ -95,128 +89,165 @@ def login(args) -> int:
     return execute(args.vm, run_options(ns, login=True), "drvs login", node=args.run_node)
 
 
-def _run_record(run_id: str) -> dict:
-    path = f"{config.load().runs_dir}/{run_id}.json"
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        raise NotFound(f"no such run: {run_id!r}") from None
-
-
-def _ended(run_id: str) -> dict | None:
-    """How a detached run ended ({"code", "note"}), or None while it runs."""
-    try:
-        with open(exit_path(config.load(), run_id)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
+def _where(cfg, run_id: str) -> str | None:
+    """The node that has the run: None for this one; else the first other
+    Ready node of the cluster that says it has it (runs are kept on the
+    node they ran on: drvs-run -d there, or from another node)."""
+    runs.check_id(run_id)
+    if runs.known(cfg, run_id):
         return None
+    from ..cluster.context import cluster_info
+    from ..ipc.message import IpcError
+
+    info = cluster_info(cfg)
+    if info is None:
+        raise NotFound(f"no such run: {run_id!r}")
+    silent = []
+    for node in _other_nodes(info):
+        try:
+            _ask_log(cfg, node, run_id, 0, 0, 0)
+            return node
+        except NotFound:
+            continue
+        except IpcError:
+            silent.append(node)
+    raise NotFound(f"no such run: {run_id!r} on any node" +
+                   (f" (nodes {', '.join(silent)} did not answer)" if silent else ""))
 
 
-def _running(run_id: str) -> bool:
+def _other_nodes(info: dict) -> list[str]:
+    from .node import _nodes
+
+    return [n["name"] for n in _nodes() if n["status"] != "NotReady" and n["name"] != info["node"]]
+
+
+def _ask(cfg, node: str, call, timeout: float, **query):
+    """A run's message to node's drvmm; the reply's payload."""
+    from ..ipc import client
+    from ..ipc.message import IpcError, Msg, check
+    from ..ipc.schema import drvmm
+
+    target = f"drvmm@{node}"
+    payload = drvmm.RunQuery.new_message(**query).to_bytes_packed()
     try:
-        pidfd = jail.open_run_keeper(_run_record(run_id))
-    except NotFound:
-        return False
-    if pidfd is not None:
-        os.close(pidfd)
-    return pidfd is not None
+        return check(client.sendrec(cfg.state_dir, target, Msg(call, payload), timeout=timeout), target).payload
+    except IpcError as e:
+        if e.errno == errno.ENOENT:
+            raise NotFound(str(e).removeprefix(f"{target}: ") + f" (on node {node})") from None
+        raise
 
 
-def _check_run(run_id: str) -> None:
-    if not re.fullmatch(r"[0-9a-f]{12}", run_id):
-        raise UsageError(f"invalid run id {run_id!r}: expected the 12 hex digits drvs-run -d printed")
+def _ask_log(cfg, node: str, run_id: str, offset: int, size: int, wait: float):
+    from ..ipc.schema import drvmm
+
+    payload = _ask(cfg, node, drvmm.DrvmmCall.runLog, wait + 10, run=run_id, offset=offset, maxBytes=size,
+                   waitMs=int(wait * 1000))
+    return drvmm.RunLog.from_bytes_packed(payload)
 
 
 def logs(args) -> int:
-    _check_run(args.run)
-    path = f"{config.load().runs_dir}/{args.run}.log"
+    cfg = config.load()
+    node = _where(cfg, args.run)
+    if node is not None:
+        return _remote_logs(cfg, node, args.run, args.follow)
     try:
-        f = open(path, "rb")
+        f = open(runs.log_path(cfg, args.run), "rb")
     except FileNotFoundError:
-        raise NotFound(f"no log of run {args.run!r} on this node (detached runs made here have one)") from None
+        raise NotFound(f"no log of run {args.run!r} (detached runs have one)") from None
     with f:
         while True:
             while chunk := f.read(65536):
                 sys.stdout.buffer.write(chunk)
             if not args.follow:
                 return 0
-            ended = _ended(args.run) is not None or not _running(args.run)
+            ended = runs.ended(cfg, args.run) is not None or not runs.running(cfg, args.run)
             if ended:  # (what the program wrote before it ended is all in the file by now)
                 while chunk := f.read(65536):
                     sys.stdout.buffer.write(chunk)
                 return 0
             sys.stdout.flush()
-            time.sleep(FOLLOW_POLL)
+            time.sleep(runs.FOLLOW_POLL)
 
 
-def _monitor(run_id: str) -> int | None:
-    """A pidfd on the process that watches a detached run and records its
-    end (its record names it while the run lasts), or None."""
-    try:
-        return os.pidfd_open(_run_record(run_id)["monitor"])
-    except (NotFound, KeyError, ProcessLookupError):
+def _remote_logs(cfg, node: str, run_id: str, follow: bool) -> int:
+    offset, gone_since = 0, None
+    while True:
+        r = _ask_log(cfg, node, run_id, offset, runs.LOG_CHUNK, 2.0 if follow else 0)
+        if not r.detached:
+            raise NotFound(f"run {run_id!r} of node {node} has no log (detached runs have one)")
+        data = bytes(r.data)
+        sys.stdout.buffer.write(data)
+        offset += len(data)
+        if data:
+            sys.stdout.flush()
+            continue
+        if not follow or r.ended:
+            return 0
+        gone_since = _still_watched(run_id, r.gone, gone_since)
+
+
+def _still_watched(run_id: str, gone: bool, since: float | None) -> float | None:
+    """Since when a run of another node has had nothing watching it; its
+    monitor was killed once that lasts EXIT_GRACE."""
+    if not gone:
         return None
+    since = since or time.monotonic()
+    if time.monotonic() - since > runs.EXIT_GRACE:
+        raise runs.lost(run_id)
+    return since
 
 
 def wait(args) -> int:
-    _check_run(args.run)
-    log = f"{config.load().runs_dir}/{args.run}.log"
+    cfg = config.load()
+    node = _where(cfg, args.run)
+    if node is not None:
+        gone_since = None
+        while not (r := _ask_log(cfg, node, args.run, 0, 0, 5.0)).ended:
+            if not r.detached:
+                raise NotFound(f"run {args.run!r} of node {node} was not detached: only detached runs can be "
+                               "waited for")
+            gone_since = _still_watched(args.run, r.gone, gone_since)
+        return _print_end(args.run, r.exitCode, r.note)
+    log = runs.log_path(cfg, args.run)
     monitor, since = None, time.monotonic()
     try:
         while True:
-            end = _ended(args.run)
+            end = runs.ended(cfg, args.run)
             if end is not None:
-                print(end["code"])
-                if end.get("note"):
-                    print(f"drvs: run {args.run}: {end['note']}", file=sys.stderr)
-                return 0
+                return _print_end(args.run, end["code"], end.get("note"))
             if monitor is None:
-                monitor = _monitor(args.run)
+                monitor = runs.monitor(cfg, args.run)
             if monitor is not None:
-                if select.select([monitor], [], [], FOLLOW_POLL)[0] and _ended(args.run) is None:
-                    raise DrvsError(f"run {args.run!r} ended and left no exit status (its monitor was killed)")
+                if select.select([monitor], [], [], runs.FOLLOW_POLL)[0] and runs.ended(cfg, args.run) is None:
+                    raise runs.lost(args.run)
                 continue
             if not os.path.exists(log):
-                raise NotFound(f"no such run: {args.run!r} on this node (detached runs made here)")
-            if time.monotonic() - since > EXIT_GRACE:  # (no monitor named, none writing: it is gone)
-                raise DrvsError(f"run {args.run!r} ended and left no exit status (its monitor was killed)")
-            time.sleep(FOLLOW_POLL)
+                raise NotFound(f"run {args.run!r} was not detached: only detached runs can be waited for")
+            if time.monotonic() - since > runs.EXIT_GRACE:  # (no monitor named, none writing: it is gone)
+                raise runs.lost(args.run)
+            time.sleep(runs.FOLLOW_POLL)
     finally:
         if monitor is not None:
             os.close(monitor)
 
 
+def _print_end(run_id: str, code: int, note: str | None) -> int:
+    print(code)
+    if note:
+        print(f"drvs: run {run_id}: {note}", file=sys.stderr)
+    return 0
+
+
 def kill(args) -> int:
-    name = args.signal.upper().removeprefix("SIG")
-    try:
-        signum = int(name) if name.isdigit() else signal.Signals["SIG" + name].value
-    except KeyError:
-        raise UsageError(f"unknown signal {args.signal!r}") from None
-    if not 0 <= signum <= signal.SIGRTMAX:
-        raise UsageError(f"unknown signal {args.signal!r} (signals are 0 to {int(signal.SIGRTMAX)})")
-    _check_run(args.run)
-    try:
-        rec = _run_record(args.run)
-    except NotFound:
-        end = _ended(args.run)
-        if end is None:
-            raise
-        raise NotFound(f"run {args.run!r} has ended (exit status {end['code']})") from None
-    if signum == signal.SIGKILL:
-        # The keeper cannot pass SIGKILL on; its own "end the run" signal
-        # kills the program and whatever it left.
-        signum = jail.END_RUN_SIGNAL
-    pidfd = jail.open_run_keeper(rec)
-    if pidfd is None:
-        end = _ended(args.run)
-        raise NotFound(f"run {args.run!r} has ended" + (f" (exit status {end['code']})" if end else ""))
-    try:
-        signal.pidfd_send_signal(pidfd, signum)
-    except ProcessLookupError:
-        raise NotFound(f"run {args.run!r} has ended") from None
-    finally:
-        os.close(pidfd)
+    signum = runs.parse_signal(args.signal)
+    cfg = config.load()
+    node = _where(cfg, args.run)
+    if node is None:
+        runs.send_signal(cfg, args.run, signum)
+    else:
+        from ..ipc.schema import drvmm
+
+        _ask(cfg, node, drvmm.DrvmmCall.runSignal, 10, run=args.run, signal=signum)
     return 0
 
 

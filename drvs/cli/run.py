@@ -14,6 +14,7 @@ import sys
 
 from .. import config
 from ..errors import DrvsError, NotFound, UsageError
+from ..node.runs import exit_path
 from ..ns import jail
 from ..store import open_store
 from ..vm.registry import VMS, VmRegistry
@@ -51,7 +52,7 @@ def execute(vm_name: str, opts: jail.RunOptions, prog: str, node: str | None = N
             return _remote(cfg, there, vm_name, opts, prog)
     check_here(opts.limits)  # (the run is this node's: its limits must fit this machine)
     if opts.detached:
-        return _detach(cfg, vm, opts)
+        return detach(cfg, vm, opts)
     result = jail.run(cfg, vm, opts)
     note = jail.explain(result) or _removed_meanwhile(store, vm.name, result.exit_code)
     if note:
@@ -82,12 +83,12 @@ def _known_node(node: str) -> None:
 def _remote(cfg, node: str, vm_name: str, opts: jail.RunOptions, prog: str) -> int:
     from ..ipc import remote
 
-    if opts.detached:
-        raise UsageError(f"-d runs a program on this node only, and this one runs on node {node} "
-                         "(run drvs-run -d on that node)")
     if opts.binds:
         raise UsageError(f"-v binds a path of this host; the program runs on node {node} "
                          "(run drvs-run -v on that node)")
+    if opts.detached:  # (its log and monitor are that node's; drvs logs, wait and kill find it there)
+        print(remote.detach(cfg.state_dir, node, vm_name, opts))
+        return 0
     code, message = remote.run(cfg.state_dir, node, vm_name, opts)
     if message:
         print(f"{prog}: {message}", file=sys.stderr)
@@ -101,7 +102,7 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
-def _detach(cfg, vm, opts: jail.RunOptions) -> int:
+def detach(cfg, vm, opts: jail.RunOptions) -> int:
     """Start the run in a background monitor; print its id once it has started.
 
     The monitor (a forked copy of this process in its own session) keeps the
@@ -169,29 +170,6 @@ def _write_exit(cfg, run_id: str, vm_name: str, code: int, note: str) -> None:
         os.rename(path + ".tmp", path)
     except OSError:
         pass  # (nothing to tell it to: drvs wait then finds the run neither running nor ended)
-
-
-def exit_path(cfg, run_id: str) -> str:
-    return f"{cfg.runs_dir}/{run_id}.exit"
-
-
-def forget_runs(cfg, vm_name: str) -> None:
-    """The logs and exit statuses of the VM's ended detached runs (drvs vm rm)."""
-    try:
-        names = os.listdir(cfg.runs_dir)
-    except FileNotFoundError:
-        return
-    for name in names:
-        if not name.endswith(".exit"):
-            continue
-        try:
-            with open(f"{cfg.runs_dir}/{name}") as f:
-                if json.load(f).get("vm") != vm_name:
-                    continue
-        except (OSError, ValueError):
-            continue
-        for path in (f"{cfg.runs_dir}/{name[:-5]}.log", f"{cfg.runs_dir}/{name}"):
-            _unlink_quietly(path)
 
 
 def _stdio_present() -> None:

@@ -18,7 +18,7 @@ from ..vm.model import VmSpec, check_name, parse_share
 from ..vm.registry import VmRegistry
 from .common import add_format, age, emit, print_table
 from .options import add_limit_options, check_here, limits_from, typed
-from .run import forget_runs
+from ..node.runs import forget_runs
 
 
 ADMIT_TRIES = 5  # snapshots of the VMs a create checks its shares against, if others are made meanwhile
@@ -326,7 +326,7 @@ def rm(args) -> int:
         shutil.rmtree(f"{cfg.vms_dir}/{args.name}", ignore_errors=True)
         lock.drop_record()
         lock.drop_file()
-        forget_runs(cfg, args.name)
+        forget_runs(cfg, lambda vm: vm == args.name)
     if cluster_info(cfg):
         _wait_unserved(reg.store, args.name)  # (outside the cell's lock: the node's spawner may need it)
     print(args.name)

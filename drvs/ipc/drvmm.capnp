@@ -14,6 +14,9 @@ enum DrvmmCall {
   groupLeave @7; # NameRequest (name: group, value: member endpoint) ->
   members @8;    # NameRequest (name: group) -> Members
   broadcast @9;  # Broadcast -> Delivery; to every member, in parallel
+  detach @10;    # RunRequest (fabric.capnp) -> Detached; a detached run on this node (drvs-run -d)
+  runLog @11;    # RunQuery -> RunLog; a run of this node: its log from an offset, whether it ended
+  runSignal @12; # RunQuery (run, signal) -> ; signal a run of this node (drvs kill)
 }
 
 struct NameRequest {
@@ -41,4 +44,27 @@ struct Broadcast {
 struct Delivery {
   delivered @0 :UInt32;
   failed @1 :List(Text); # "endpoint: why"
+}
+
+struct Detached {
+  run @0 :Text;         # the new run's id; empty when it did not start
+  exitCode @1 :Int32;   # when it did not: drvs-run's exit status (3 no such VM, 125 jail, 127 not found, ...)
+  message @2 :Text;     # when it did not: why
+}
+
+struct RunQuery {
+  run @0 :Text;         # the 12 hex digits drvs-run -d printed
+  offset @1 :UInt64;    # runLog: where in the log to read from
+  maxBytes @2 :UInt32;  # runLog: at most this much (0: nothing, only how the run is)
+  waitMs @3 :UInt32;    # runLog: wait up to this long for output or the end, when neither is there yet
+  signal @4 :Int32;     # runSignal
+}
+
+struct RunLog {
+  data @0 :Data;
+  ended @1 :Bool;       # the run ended: all its output is in the log
+  exitCode @2 :Int32;   # when ended: its exit status
+  note @3 :Text;        # when ended: a line for the user (out of memory, its VM removed, ...)
+  gone @4 :Bool;        # not ended, yet nothing watches it: its monitor was killed (if so for long)
+  detached @5 :Bool;    # it has a log and an exit status to come (drvs-run -d); else only a record
 }

@@ -18,6 +18,57 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signa
 # the program's node then closes that pipe of the program, which sees a
 # broken pipe as it would locally -- the caller is still there for its status.
 OUTPUT_CLOSED = "drvs-run: output closed"
+DETACH_TIMEOUT = 60.0  # seconds a node may take to start a detached run (its cell may be made first)
+
+
+def fill_request(r, node: str, vm: str, opts) -> None:
+    """A RunRequest (fabric.capnp) for opts.argv in vm on node."""
+    r.vm, r.node, r.workdir = vm, node, opts.cwd
+    argv = r.init("argv", len(opts.argv))
+    for i, a in enumerate(opts.argv):
+        argv[i] = a
+    env = r.init("env", len(opts.env))
+    for i, (k, v) in enumerate(opts.env.items()):
+        env[i] = f"{k}={v}"
+    r.tty, r.interactive, r.netHost = opts.tty, opts.interactive, opts.net_host
+    r.pgid = opts.pgid
+    r.uid, r.gid = opts.uid, opts.gid
+    groups = r.init("groups", len(opts.groups))
+    for i, g in enumerate(opts.groups):
+        groups[i] = g
+    caps = r.init("caps", len(opts.caps))
+    for i, c in enumerate(opts.caps):
+        caps[i] = c
+    r.capsGiven = True
+    r.cpuset = opts.limits.cpuset or ""
+    r.cpus = opts.limits.cpus or 0.0
+    r.memory = opts.limits.memory or 0
+    r.pidsLimit = opts.limits.pids or 0
+    if opts.tty:
+        from ..ns import terminal
+
+        r.rows, r.cols = terminal.window_size(0)
+
+
+def detach(state_dir: str, node: str, vm: str, opts) -> str:
+    """drvs-run -d on another node (its drvmm starts the run there, as
+    drvs-run -d would on it); the run's id."""
+    from ..errors import DrvsError
+    from . import client
+    from .message import Msg, check
+    from .schema import drvmm, fabric
+
+    request = fabric.RunRequest.new_message()
+    fill_request(request, node, vm, opts)
+    target = f"drvmm@{node}"
+    reply = check(client.sendrec(state_dir, target, Msg(drvmm.DrvmmCall.detach, request.to_bytes_packed()),
+                                 timeout=DETACH_TIMEOUT + 5), target)
+    started = drvmm.Detached.from_bytes_packed(reply.payload)
+    if not started.run:
+        err = DrvsError(started.message or f"the run did not start on node {node}")
+        err.exit_code = started.exitCode or 125
+        raise err
+    return started.run
 
 
 def run(state_dir: str, node: str, vm: str, opts) -> tuple[int, str]:
@@ -52,32 +103,7 @@ async def _run(path: str, node: str, vm: str, opts):
     async with capnp.kj_loop():
         client, node_cap = await connect(path)
         call = node_cap.run_request()
-        r = call.init("request")
-        r.vm, r.node, r.workdir = vm, node, opts.cwd
-        argv = r.init("argv", len(opts.argv))
-        for i, a in enumerate(opts.argv):
-            argv[i] = a
-        env = r.init("env", len(opts.env))
-        for i, (k, v) in enumerate(opts.env.items()):
-            env[i] = f"{k}={v}"
-        r.tty, r.interactive, r.netHost = opts.tty, opts.interactive, opts.net_host
-        r.pgid = opts.pgid
-        r.uid, r.gid = opts.uid, opts.gid
-        groups = r.init("groups", len(opts.groups))
-        for i, g in enumerate(opts.groups):
-            groups[i] = g
-        caps = r.init("caps", len(opts.caps))
-        for i, c in enumerate(opts.caps):
-            caps[i] = c
-        r.capsGiven = True
-        r.cpuset = opts.limits.cpuset or ""
-        r.cpus = opts.limits.cpus or 0.0
-        r.memory = opts.limits.memory or 0
-        r.pidsLimit = opts.limits.pids or 0
-        if opts.tty:
-            from ..ns import terminal
-
-            r.rows, r.cols = terminal.window_size(0)
+        fill_request(call.init("request"), node, vm, opts)
         call.stdout, call.stderr = Sink(1), Sink(2)
         # Signals are caught from now on; those that come before the program
         # exists wait for it (its output may arrive before the call's reply).

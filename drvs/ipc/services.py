@@ -101,6 +101,9 @@ class DrvmmService:
             Call.groupLeave: self.group_leave,
             Call.members: self.members,
             Call.broadcast: self.broadcast,
+            Call.detach: self.detach,
+            Call.runLog: self.run_log,
+            Call.runSignal: self.run_signal,
         }
 
     # What only this node's own servers and clients may ask: these act with
@@ -242,6 +245,74 @@ class DrvmmService:
         for i, f in enumerate(sorted(failed)):
             fl[i] = f
         return Msg(0, out.to_bytes_packed())
+
+
+    # -- runs of this node, for callers on other nodes (drvs-run -d, logs, wait, kill)
+
+    async def detach(self, msg: Msg) -> Msg:
+        """drvs-run -d here, in a process of its own (drvs/node/detach.py)."""
+        import sys
+
+        from ..node.runner import request_dict
+        from .remote import DETACH_TIMEOUT
+        from .schema import fabric
+
+        try:
+            req = request_dict(fabric.RunRequest.from_bytes_packed(msg.payload))
+        except Exception:  # noqa: BLE001
+            raise IpcError("malformed request", errno.EBADMSG) from None
+        with trio.move_on_after(DETACH_TIMEOUT):
+            done = await trio.run_process([sys.executable, "-m", "drvs.node.detach"], stdin=json.dumps(req).encode(),
+                                          capture_stdout=True, capture_stderr=True, check=False)
+            out = drvmm.Detached.new_message()
+            if done.returncode == 0:
+                out.run = done.stdout.decode().strip()
+            else:
+                lines = done.stderr.decode(errors="replace").strip().splitlines() or ["the run did not start"]
+                out.exitCode, out.message = done.returncode, lines[-1].removeprefix("drvs-run: ")
+            return Msg(0, out.to_bytes_packed())
+        raise IpcError(f"the run did not start within {DETACH_TIMEOUT:g} s", errno.ETIMEDOUT)
+
+    async def run_log(self, msg: Msg) -> Msg:
+        from .. import config
+        from ..node import runs
+
+        q = _run_query(msg)
+        size = min(q.maxBytes, runs.LOG_CHUNK)
+        got = await _as_ipc(runs.query_log(config.load(), q.run, q.offset, size, min(q.waitMs, 10_000) / 1000))
+        return Msg(0, drvmm.RunLog.new_message(**got).to_bytes_packed())
+
+    async def run_signal(self, msg: Msg) -> Msg:
+        from .. import config
+        from ..node import runs
+
+        q = _run_query(msg)
+
+        async def send():
+            runs.check_id(q.run)
+            runs.send_signal(config.load(), q.run, q.signal)
+
+        await _as_ipc(send())
+        return Msg(0)
+
+
+def _run_query(msg: Msg):
+    try:
+        return drvmm.RunQuery.from_bytes_packed(msg.payload)
+    except Exception:  # noqa: BLE001
+        raise IpcError("malformed request", errno.EBADMSG) from None
+
+
+async def _as_ipc(coro):
+    """A run's errors as a message's: its errno travels, its words too."""
+    from ..errors import NotFound, UsageError
+
+    try:
+        return await coro
+    except NotFound as e:
+        raise IpcError(str(e), errno.ENOENT) from None
+    except UsageError as e:
+        raise IpcError(str(e), errno.EINVAL) from None
 
 
 def _key(msg: Msg) -> str:

@@ -8,12 +8,14 @@ does not duplicate them), on every change under /drvs/vms/, and every few
 seconds as a safety net."""
 
 import logging
+import time
 
 import trio
 
 from ..cluster.etcd import EtcdUnavailable
 from ..errors import DrvsError
 from ..ns import cell as cells
+from . import runs
 from ..vm.model import VmSpec
 from ..vm.registry import VMS
 
@@ -21,9 +23,10 @@ log = logging.getLogger("drvmmd")
 RESYNC = 5.0
 
 
-def reconcile_once(cfg, node: str, vms: list[VmSpec], pid_range=(0, 0)) -> dict:
-    """One pass; returns what changed, and what failed (per VM: one VM's
-    share that cannot be applied does not hold up the others')."""
+def reconcile_once(cfg, node: str, vms: list[VmSpec], pid_range=(0, 0), when: float | None = None) -> dict:
+    """One pass over vms, all the VMs there were at `when` (time.time());
+    returns what changed, and what failed (per VM: one VM's share that
+    cannot be applied does not hold up the others')."""
     changed = {"created_or_resized": [], "removed": [], "failed": {}}
     desired = {vm.name: vm for vm in vms if node in vm.shares}
     for name, vm in desired.items():
@@ -38,6 +41,10 @@ def reconcile_once(cfg, node: str, vms: list[VmSpec], pid_range=(0, 0)) -> dict:
                     changed["created_or_resized"].append(name)
         except DrvsError as e:
             changed["failed"][name] = str(e)
+    names = {vm.name for vm in vms}
+    # (the ended detached runs of removed VMs, as `drvs vm rm` does on its own node)
+    if when is not None:
+        runs.forget_runs(cfg, lambda vm: vm not in names, before=when)
     for name in cells.cells(cfg):
         if name in desired:
             continue
@@ -73,15 +80,15 @@ async def run(cfg, etcd, node: str, pid_range=(0, 0), spawner=None, on_vms=None)
         nursery.start_soon(watch)
         while True:
             try:
-                when = trio.current_time()
+                when, wall = trio.current_time(), time.time()
                 entries = await etcd.range(VMS)
                 vms = [VmSpec.from_json(e.value) for e in entries]
                 if on_vms is not None:
                     on_vms({vm.name: e.create_revision for vm, e in zip(vms, entries)}, when)
                 if spawner is not None:
-                    changed = await spawner.call(reconcile_once, cfg, node, vms, pid_range)
+                    changed = await spawner.call(reconcile_once, cfg, node, vms, pid_range, wall)
                 else:
-                    changed = reconcile_once(cfg, node, vms, pid_range)
+                    changed = reconcile_once(cfg, node, vms, pid_range, wall)
                 if changed["created_or_resized"] or changed["removed"]:
                     log.info("cells: created or resized %s, removed %s", changed["created_or_resized"],
                              changed["removed"])

@@ -45,18 +45,7 @@ class RemoteRun:
         self.master = -1
 
     def options(self, stdio) -> jail.RunOptions:
-        r = self.req
-        env = {}
-        for item in r["env"]:
-            k, _, v = item.partition("=")
-            env[k] = v
-        limits = Limits(cpus=r["cpus"] or None, cpuset=r["cpuset"] or None, memory=r["memory"] or None,
-                        pids=r["pidsLimit"] or None)
-        caps = tuple(r["caps"]) if r["capsGiven"] else jail.DEFAULT_CAPS
-        return jail.RunOptions(argv=list(r["argv"]), env=env, cwd=r["workdir"] or "/data", tty=r["tty"],
-                               interactive=r["interactive"], limits=limits, net_host=r["netHost"],
-                               stdio=stdio, rows=r["rows"], cols=r["cols"], pgid=r["pgid"],
-                               uid=r["uid"], gid=r["gid"], groups=tuple(r["groups"]), caps=caps)
+        return run_options(self.req, stdio)
 
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Start the program, pump its output, wait for its end."""
@@ -239,6 +228,21 @@ class RemoteRun:
     def resize(self, rows: int, cols: int) -> None:
         if self.master >= 0:
             fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def run_options(r: dict, stdio=(), detached: bool = False) -> jail.RunOptions:
+    """The drvs-run options a RunRequest (as request_dict made it) asks for."""
+    env = {}
+    for item in r["env"]:
+        k, _, v = item.partition("=")
+        env[k] = v
+    limits = Limits(cpus=r["cpus"] or None, cpuset=r["cpuset"] or None, memory=r["memory"] or None,
+                    pids=r["pidsLimit"] or None)
+    caps = tuple(r["caps"]) if r["capsGiven"] else jail.DEFAULT_CAPS
+    return jail.RunOptions(argv=list(r["argv"]), env=env, cwd=r["workdir"] or "/data", tty=r["tty"],
+                           interactive=r["interactive"], limits=limits, net_host=r["netHost"],
+                           stdio=stdio, rows=r["rows"], cols=r["cols"], pgid=r["pgid"],
+                           uid=r["uid"], gid=r["gid"], groups=tuple(r["groups"]), caps=caps, detached=detached)
 
 
 def request_dict(r) -> dict:

@@ -4,8 +4,10 @@ carried over the fabric."""
 import contextlib
 import hashlib
 import os
+import re
 import signal
 import subprocess
+import threading
 import time
 
 import pexpect
@@ -113,6 +115,58 @@ def test_setup_failures_come_back_as_on_one_node(cluster_factory):
     assert (p.returncode, p.stderr) == (127, "drvs-run: no-such-command: command not found\n")
     p = run_on(c, "n1", "--node", "n9", "--", "true")
     assert (p.returncode, p.stderr) == (3, "drvs-run: no such node: 'n9' (see `drvs node ls`)\n")
+
+
+def test_detached_run_on_another_node(cluster_factory):
+    """drvs-run -d --node n2 from n1: the run's id at once; its output, a
+    signal and its end reached from n1, though the run is n2's."""
+    c = cluster_factory(nodes=2)
+    p = run_on(c, "n1", "-d", "--node", "n2", "--", "sh", "-c",
+               'echo started; echo err >&2; trap "echo got TERM; exit 9" TERM; while :; do sleep 0.1; done')
+    assert p.returncode == 0 and re.fullmatch(r"[0-9a-f]{12}\n", p.stdout), (p.stdout, p.stderr)
+    run_id = p.stdout.strip()
+    assert os.path.exists(f"{c.node('n2')['state_dir']}/runs/{run_id}.log")  # (the run and its log are n2's)
+    assert not os.path.exists(f"{c.node('n1')['state_dir']}/runs/{run_id}.log")
+    deadline = time.monotonic() + 20
+    while (logs := c.drvs("logs", run_id, node="n1")).stdout != "started\nerr\n":
+        assert logs.returncode == 0 and time.monotonic() < deadline, (logs.stdout, logs.stderr)
+        time.sleep(0.2)
+    follow = subprocess.Popen([str(BIN / "drvs"), "logs", "-f", run_id], env={**c.env, "DRVS_NODE": "n1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert follow.stdout.readline() == "started\n"
+        kill = c.drvs("kill", run_id, node="n1")
+        assert kill.returncode == 0, kill.stderr
+        watchdog = threading.Timer(30, follow.kill)  # (it ends with the run)
+        watchdog.start()
+        out, err = follow.stdout.read(), follow.stderr.read()  # (what readline left buffered, too)
+        watchdog.cancel()
+        assert (follow.wait(), out, err) == (0, "err\ngot TERM\n", "")
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+            follow.wait()
+    waited = c.drvs("wait", run_id, node="n1")
+    assert (waited.returncode, waited.stdout) == (0, "9\n")
+    again = c.drvs("kill", run_id, node="n1")
+    assert (again.returncode, again.stderr) == (3, f"drvs: run {run_id!r} has ended (exit status 9) (on node n2)\n")
+    assert c.drvs("logs", run_id, node="n2").stdout == "started\nerr\ngot TERM\n"  # (on n2 itself)
+    nothing = c.drvs("logs", "0123456789ab", node="n1")
+    assert (nothing.returncode, nothing.stderr) == (3, "drvs: no such run: '0123456789ab' on any node\n")
+    failed = run_on(c, "n1", "-d", "--node", "n2", "--", "no-such-command")
+    assert (failed.returncode, failed.stdout, failed.stderr) == \
+        (127, "", "drvs-run: no-such-command: command not found\n")
+    # A removed VM's ended runs are forgotten on every node, as on the one that removed it.
+    assert c.drvs("vm", "create", "job", node="n1").returncode == 0
+    job = run_on(c, "n1", "-d", "--vm", "job", "--node", "n2", "--", "echo", "done").stdout.strip()
+    assert c.drvs("wait", job, node="n1").stdout == "0\n"
+    assert c.drvs("vm", "rm", "job", node="n1").returncode == 0
+    deadline = time.monotonic() + 15
+    while os.path.exists(f"{c.node('n2')['state_dir']}/runs/{job}.log"):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert not os.path.exists(f"{c.node('n2')['state_dir']}/runs/{job}.exit")
+    assert c.drvs("logs", run_id, node="n1").returncode == 0  # (the default VM's run is kept)
 
 
 def test_dead_target_node_is_reported_within_the_bound(cluster_factory):

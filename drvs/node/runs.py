@@ -1,0 +1,184 @@
+"""A node's runs, as files in its runs directory: RUN.json (the record,
+while the run lasts), RUN.log (a detached run's output) and RUN.exit (how a
+detached run ended, written by its monitor).  `drvs logs`, `wait` and
+`kill` read them on the run's node: here, or through that node's drvmm
+(drvs/ipc/services.py) when the run is another node's."""
+
+import json
+import os
+import re
+import signal
+
+import trio
+
+from ..errors import DrvsError, NotFound, UsageError
+from ..ns import jail
+
+FOLLOW_POLL = 0.1  # seconds between looks at a followed log or awaited run
+EXIT_GRACE = 15.0  # a run's record gone, its monitor writes how it ended within this (its cell's end may take 5 s)
+LOG_CHUNK = 256 * 1024  # at most this much of a log in one message
+
+
+def check_id(run_id: str) -> None:
+    """A run id is what drvs-run -d printed, never a path."""
+    if not re.fullmatch(r"[0-9a-f]{12}", run_id):
+        raise UsageError(f"invalid run id {run_id!r}: expected the 12 hex digits drvs-run -d printed")
+
+
+def log_path(cfg, run_id: str) -> str:
+    return f"{cfg.runs_dir}/{run_id}.log"
+
+
+def exit_path(cfg, run_id: str) -> str:
+    return f"{cfg.runs_dir}/{run_id}.exit"
+
+
+def forget_runs(cfg, gone, before: float | None = None) -> None:
+    """The logs and exit statuses of ended detached runs of the VMs for
+    which gone(name) holds (drvs vm rm here; the reconciler on every node
+    of a cluster), those that ended before `before` (time.time()) if given."""
+    try:
+        names = os.listdir(cfg.runs_dir)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if not name.endswith(".exit"):
+            continue
+        path = f"{cfg.runs_dir}/{name}"
+        try:
+            with open(path) as f:
+                if not gone(json.load(f).get("vm")) or (before is not None and os.fstat(f.fileno()).st_mtime >= before):
+                    continue
+        except (OSError, ValueError):
+            continue
+        for each in (f"{cfg.runs_dir}/{name[:-5]}.log", path):
+            try:
+                os.unlink(each)
+            except OSError:
+                pass
+
+
+def known(cfg, run_id: str) -> bool:
+    """Whether this node has the run (running, or ended with its log kept)."""
+    return any(os.path.exists(f"{cfg.runs_dir}/{run_id}{ext}") for ext in (".json", ".log", ".exit"))
+
+
+def record(cfg, run_id: str) -> dict:
+    try:
+        with open(f"{cfg.runs_dir}/{run_id}.json") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        raise NotFound(f"no such run: {run_id!r}") from None
+
+
+def ended(cfg, run_id: str) -> dict | None:
+    """How a detached run ended ({"code", "note"}), or None while it runs."""
+    try:
+        with open(exit_path(cfg, run_id)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def running(cfg, run_id: str) -> bool:
+    try:
+        pidfd = jail.open_run_keeper(record(cfg, run_id))
+    except NotFound:
+        return False
+    if pidfd is not None:
+        os.close(pidfd)
+    return pidfd is not None
+
+
+def monitor(cfg, run_id: str) -> int | None:
+    """A pidfd on the process that watches a detached run and records its
+    end (its record names it while the run lasts), or None."""
+    try:
+        return os.pidfd_open(record(cfg, run_id)["monitor"])
+    except (NotFound, KeyError, ProcessLookupError):
+        return None
+
+
+def monitor_alive(cfg, run_id: str) -> bool:
+    pidfd = monitor(cfg, run_id)
+    if pidfd is None:
+        return False
+    os.close(pidfd)
+    return True
+
+
+def lost(run_id: str) -> DrvsError:
+    return DrvsError(f"run {run_id!r} ended and left no exit status (its monitor was killed)")
+
+
+def parse_signal(name: str) -> int:
+    """A signal by name (TERM, SIGTERM) or number."""
+    upper = name.upper().removeprefix("SIG")
+    try:
+        signum = int(upper) if upper.isdigit() else signal.Signals["SIG" + upper].value
+    except KeyError:
+        raise UsageError(f"unknown signal {name!r}") from None
+    if not 0 <= signum <= signal.SIGRTMAX:
+        raise UsageError(f"unknown signal {name!r} (signals are 0 to {int(signal.SIGRTMAX)})")
+    return signum
+
+
+def send_signal(cfg, run_id: str, signum: int) -> None:
+    """Signal a run of this node (its keeper passes the signal on)."""
+    try:
+        rec = record(cfg, run_id)
+    except NotFound:
+        end = ended(cfg, run_id)
+        if end is None:
+            raise
+        raise NotFound(f"run {run_id!r} has ended (exit status {end['code']})") from None
+    if signum == signal.SIGKILL:
+        # The keeper cannot pass SIGKILL on; its own "end the run" signal
+        # kills the program and whatever it left.
+        signum = jail.END_RUN_SIGNAL
+    pidfd = jail.open_run_keeper(rec)
+    if pidfd is None:
+        end = ended(cfg, run_id)
+        raise NotFound(f"run {run_id!r} has ended" + (f" (exit status {end['code']})" if end else ""))
+    try:
+        signal.pidfd_send_signal(pidfd, signum)
+    except ProcessLookupError:
+        raise NotFound(f"run {run_id!r} has ended") from None
+    finally:
+        os.close(pidfd)
+
+
+def read_log(cfg, run_id: str, offset: int, size: int) -> bytes:
+    """Up to size bytes of the run's log from offset (NotFound: no log)."""
+    try:
+        fd = os.open(log_path(cfg, run_id), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NotFound(f"no log of run {run_id!r} (detached runs have one)") from None
+    try:
+        return os.pread(fd, size, offset) if size else b""
+    finally:
+        os.close(fd)
+
+
+async def query_log(cfg, run_id: str, offset: int, size: int, wait: float) -> dict:
+    """What drvmm answers for a run of this node (DrvmmCall.runLog): its log
+    from offset and whether it ended, waiting up to `wait` seconds for
+    either when there is neither yet (`drvs logs -f` and `drvs wait` from
+    another node ask again and again).  gone: neither its record, nor its
+    monitor, nor how it ended is there (for EXIT_GRACE: the monitor was
+    killed)."""
+    check_id(run_id)
+    if not known(cfg, run_id):
+        raise NotFound(f"no such run: {run_id!r}")
+    deadline = trio.current_time() + wait
+    while True:
+        end = ended(cfg, run_id)  # (read before the log: all output is in it once the end is written)
+        detached = os.path.exists(log_path(cfg, run_id))
+        data = await trio.to_thread.run_sync(read_log, cfg, run_id, offset, size) if size else b""
+        if end is not None:
+            return {"data": data, "ended": True, "exitCode": end["code"], "note": end.get("note", ""),
+                    "detached": True}
+        gone = not (running(cfg, run_id) or monitor_alive(cfg, run_id))
+        if data or trio.current_time() >= deadline or not detached:
+            return {"data": data, "ended": False, "gone": gone, "detached": detached}
+        await trio.sleep(FOLLOW_POLL * 5)
