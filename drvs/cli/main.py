@@ -102,6 +102,11 @@ def _where(cfg, run_id: str) -> str | None:
     info = cluster_info(cfg)
     if info is None:
         raise NotFound(f"no such run: {run_id!r}")
+    from ..ipc.client import socket_path
+
+    if not os.path.exists(socket_path(cfg.state_dir)):  # (not the nodes' silence: this one's)
+        raise IpcError(f"no such run here, and drvmmd is not running on this node to ask the others "
+                       f"(no {socket_path(cfg.state_dir)})", errno.ENOENT)
     silent = []
     for node in _other_nodes(info):
         try:
@@ -132,7 +137,7 @@ def _ask(cfg, node: str, call, timeout: float, **query):
     try:
         return check(client.sendrec(cfg.state_dir, target, Msg(call, payload), timeout=timeout), target).payload
     except IpcError as e:
-        if e.errno == errno.ENOENT:
+        if e.errno == errno.ESRCH:  # (the node's answer: no such run there)
             raise NotFound(str(e).removeprefix(f"{target}: ") + f" (on node {node})") from None
         raise
 

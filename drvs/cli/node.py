@@ -1,6 +1,7 @@
 """`drvs node ls|show` and `drvs dev cluster up|down|status`."""
 
 import os
+import sys
 
 from .. import config
 from ..cluster.context import cluster_info, dev_cluster_file, no_cluster, read_json
@@ -112,9 +113,12 @@ def _shares(node: str) -> dict:
 def rm(args) -> int:
     from ..cluster.membership import remove_node
 
-    _with_etcd(lambda etcd: remove_node(etcd, args.name))
-    print(f"node/{args.name} removed (its name and pid range are free; its certificate stays valid "
-          "until the cluster CA changes)")
+    if _with_etcd(lambda etcd: remove_node(etcd, args.name)):
+        print(f"node/{args.name} removed (its name and pid range are free; its certificate is revoked)")
+    else:
+        print(f"node/{args.name} removed (its name and pid range are free)")
+        print(f"drvs: note: node {args.name!r} never ran this version's drvmmd, which records its certificate: "
+              "that certificate could not be revoked", file=sys.stderr)
     return 0
 
 

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+from typing import NoReturn
 
 from .. import config
 from ..errors import DrvsError, NotFound, UsageError
@@ -108,28 +109,41 @@ def detach(cfg, vm, opts: jail.RunOptions) -> int:
     The monitor (a forked copy of this process in its own session) keeps the
     run's cleanup duties; the program's output goes to the run's log."""
     r = jail.Run(cfg, vm, opts)
-    os.makedirs(cfg.runs_dir, exist_ok=True)
-    log = f"{cfg.runs_dir}/{r.id}.log"
     rd, wr = os.pipe()
     if os.fork() != 0:
         os.close(wr)
-        reply = os.read(rd, 4096).decode()
+        reply = os.read(rd, 4096)
         os.close(rd)
-        status, _, rest = reply.partition(" ")
-        if status == "ok":
-            print(r.id)
-            return 0
-        code, _, message = rest.partition(" ")
-        if not code:
-            raise DrvsError("the background monitor died before the run started")
-        err = DrvsError(message)
-        err.exit_code = int(code)
-        raise err
+        print(started_id(reply, r.id))
+        return 0
     os.close(rd)
     os.setsid()
-    os.chdir("/")
     if os.fork() != 0:
         os._exit(0)  # the monitor is reparented and outlives nobody's terminal
+    monitor(cfg, vm, r, wr)
+
+
+def started_id(reply: bytes, run_id: str) -> str:
+    """The run's id, from what its monitor said about its start (DrvsError:
+    why it did not start)."""
+    status, _, rest = reply.decode(errors="replace").partition(" ")
+    if status == "ok":
+        return run_id
+    code, _, message = rest.partition(" ")
+    if not code.isdigit():
+        raise DrvsError("the background monitor died before the run started")
+    err = DrvsError(message)
+    err.exit_code = int(code)
+    raise err
+
+
+def monitor(cfg, vm, r: jail.Run, report: int) -> NoReturn:
+    """Be the run's monitor: start it with its output to its log, say "ok"
+    or "err CODE WHY" on the fd `report` (then closed), wait for its end,
+    record that, and exit with its status."""
+    os.chdir("/")
+    os.makedirs(cfg.runs_dir, exist_ok=True)
+    log = f"{cfg.runs_dir}/{r.id}.log"
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
@@ -137,13 +151,13 @@ def detach(cfg, vm, opts: jail.RunOptions) -> int:
     os.dup2(fd, 2)
     try:
         r.start()
-    except BaseException as e:  # noqa: BLE001 - the parent must hear of it
+    except BaseException as e:  # noqa: BLE001 - the starter must hear of it
         code, said = (e.exit_code, str(e)) if isinstance(e, DrvsError) else (70, f"internal error: {e}")
         _unlink_quietly(log)  # (a run that never started has no log: its id was never given)
-        os.write(wr, f"err {code} {said}".encode())
+        os.write(report, f"err {code} {said}".encode())
         os._exit(code)
-    os.write(wr, b"ok")
-    os.close(wr)
+    os.write(report, b"ok")
+    os.close(report)
     code, note = 70, "the run's monitor failed"
     try:
         result = r.wait()

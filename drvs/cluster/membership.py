@@ -161,10 +161,11 @@ class Member:
             await self.etcd.revoke(self.lease)
 
 
-async def remove_node(etcd: Etcd, name: str) -> None:
+async def remove_node(etcd: Etcd, name: str) -> bool:
     """Forget a node that is gone for good (drvs node rm): its spec and pid
     range, so that its name and range may be had again, and its certificate,
-    which no node nor etcd accepts from then on.  Refused while it
+    which no node nor etcd accepts from then on (False: its certificate is
+    not known, as for a node that joined before certificates were recorded).  Refused while it
     is Ready (its drvmmd would be a member without a record) or while VMs
     have shares of it (they would name a node that is not there)."""
     from ..errors import Conflict, NotFound
@@ -190,6 +191,7 @@ async def remove_node(etcd: Etcd, name: str) -> None:
                 await etcd.delete(entry.key, expect_revision=entry.mod_revision)
     except CompareFailed:
         raise Conflict(f"node {name!r} changed while it was being removed (joining again?); look and retry") from None
+    return bool(serial)
 
 
 async def set_cordoned(etcd: Etcd, name: str, cordoned: bool) -> bool:

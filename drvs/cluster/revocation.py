@@ -25,9 +25,13 @@ def revoked_key(serial: str) -> str:
     return f"{REVOKED}{serial}"
 
 
-def _normal(serial: str) -> str:
-    """One spelling of a serial: getpeercert()'s upper-case hex, padded, or ours."""
-    return format(int(serial, 16), "x")
+def _normal(serial: str) -> str | None:
+    """One spelling of a serial: getpeercert()'s upper-case hex, padded, or
+    ours (None: not a serial)."""
+    try:
+        return format(int(serial, 16), "x")
+    except ValueError:
+        return None
 
 
 class Revoked:
@@ -38,19 +42,24 @@ class Revoked:
 
     async def load(self, etcd: Etcd) -> bool:
         """Read the list; whether it changed."""
-        serials = frozenset(_normal(e.key[len(REVOKED):]) for e in await etcd.range(REVOKED))
+        serials = frozenset(_normal(e.key[len(REVOKED):]) for e in await etcd.range(REVOKED)) - {None}
         changed, self.serials = serials != self.serials, serials
         return changed
 
+    @staticmethod
+    def serial(cert: dict | None) -> str | None:
+        """The serial of a peer's certificate (ssl's getpeercert())."""
+        return _normal((cert or {}).get("serialNumber") or "")
+
     def admits(self, cert: dict | None) -> bool:
-        """Whether a peer's certificate (ssl's getpeercert()) is not revoked."""
-        serial = (cert or {}).get("serialNumber")
-        return serial is None or _normal(serial) not in self.serials
+        """Whether a peer's certificate is not revoked."""
+        return self.serial(cert) not in self.serials
 
     async def follow(self, etcd: Etcd, on_change=None, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Keep the list up to date, forever; on_change() after each change.
-        Started once the first read succeeded (a node must not serve a
-        moment without the list)."""
+        """Keep the list up to date, forever; `await on_change(serials)`
+        after each change (and once at first), again at the next pass if it
+        returned False.  Started once the first read succeeded (a node
+        must not serve a moment without the list)."""
         wake = trio.Event()
 
         async def watch():
@@ -64,12 +73,12 @@ class Revoked:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch)
-            started = False
+            started, due = False, True
             while True:
                 try:
-                    if await self.load(etcd) or not started:
-                        if on_change is not None:
-                            await on_change(self.serials)
+                    due |= await self.load(etcd)
+                    if due and on_change is not None:
+                        due = not await on_change(self.serials)
                     if not started:
                         started = True
                         task_status.started()
@@ -101,12 +110,13 @@ def crl_writer(ca: str, ca_key: str, path: str):
     """on_change for Revoked.follow: etcd's revocation list made anew."""
     from . import pki
 
-    async def write(serials) -> None:
+    async def write(serials) -> bool:
         try:
             await trio.to_thread.run_sync(pki.write_crl, path, ca, ca_key, serials)
-        except OSError as e:
-            log.error("revocations: cannot write etcd's revocation list %s: %s", path, e)
-        else:
-            log.info("revocations: etcd's revocation list names %d certificates", len(serials))
+        except (OSError, ValueError) as e:
+            log.error("revocations: cannot write etcd's revocation list %s: %s; trying again", path, e)
+            return False
+        log.info("revocations: etcd's revocation list names %d certificates", len(serials))
+        return True
 
     return write

@@ -189,7 +189,8 @@ class Fabric:
         self.fast: dict[str, object] = {}  # endpoint -> its fast path (see register)
         self.elected: set[str] = set()  # endpoints served while this node leads their election (see reregister)
         self.servers = []
-        self.revoked = Revoked()  # certificates of removed nodes (kept up to date by the daemon)
+        self.revoked = tls.revoked  # certificates of removed nodes (kept up to date by the daemon)
+        self.accepted: dict[str, set] = {}  # serial -> connections accepted with it, to cut when revoked
         self.nursery: trio.Nursery | None = None  # where programs started here live
         self.supervise = None  # (cfg, vm, listener): who serves the system calls of programs started here
         self.spawner = None    # drvs.node.spawner.Spawner: where their jails are started
@@ -230,10 +231,22 @@ class Fabric:
         back the certificate it presented (TLS checked it is the CA's)."""
         cert = transport.get_extra_info("peercert")
         if self.revoked.admits(cert):
+            serial = Revoked.serial(cert)
+            live = {t for t in self.accepted.get(serial, ()) if not t.is_closing()}
+            self.accepted[serial] = live | {transport}
             return True
         log.warning("refused a connection from %s as node %s: its certificate was revoked (drvs node rm)",
                     (transport.get_extra_info("peername") or ("?",))[0], peer_name(cert))
         return False
+
+    def cut_revoked(self) -> None:
+        """End the connections made with a certificate revoked since."""
+        for serial in [s for s in self.accepted if s in self.revoked.serials]:
+            for transport in self.accepted.pop(serial):
+                if not transport.is_closing():
+                    log.warning("cut a connection from %s: its certificate was revoked (drvs node rm)",
+                                (transport.get_extra_info("peername") or ("?",))[0])
+                    transport.abort()
 
     async def listen_bootstrap(self, host: str, server) -> None:
         """The join service: TLS with this node's certificate, no client
@@ -506,6 +519,7 @@ class Fabric:
         except (OSError, trio.TooSlowError) as e:
             sock.close()
             raise IpcError(f"node {loc.node} at {loc.address}:{loc.port} unreachable: {e}", errno.ECONNRESET) from None
+        _check_server(self.tls, wires[0].transport, loc)
         client = capnp.TwoPartyClient(stream)
         peer = Peer(client, client.bootstrap().cast_as(schema.Node), (loc.address, loc.port), wires[0])
         self.peers[loc.node] = peer
@@ -639,10 +653,21 @@ async def open_lane(loc: Location, tls: "Tls", on_lost=None) -> Lane:
             raise IpcError(f"node {loc.node} at {loc.address}:{loc.port} unreachable: {e}",
                            errno.ECONNRESET) from None
         raise
+    _check_server(tls, transport, loc)
     if transport.get_extra_info("ssl_object").selected_alpn_protocol() != LANE_ALPN:
         transport.close()
         raise IpcError(f"node {loc.node} does not serve the fabric's message lane (an older drvmmd?)", errno.EPROTO)
     return lane
+
+
+def _check_server(tls: "Tls", transport, loc: Location) -> None:
+    """A node's certificate, checked by TLS, must not be one `drvs node rm`
+    took back (whoever kept its key could pose as the node that joined
+    again under its name)."""
+    if not tls.revoked.admits(transport.get_extra_info("peercert")):
+        transport.abort()
+        raise IpcError(f"node {loc.node} at {loc.address}:{loc.port} presented a revoked certificate",
+                       errno.EPERM)
 
 
 def peer_name(cert: dict | None) -> str:
@@ -911,6 +936,7 @@ class Tls:
 
     def __init__(self, ca: str, cert: str, key: str):
         self.ca, self.cert, self.key = ca, cert, key
+        self.revoked = Revoked()  # and refuses those of removed nodes (drvs/cluster/revocation.py)
 
     def server_context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=self.ca)

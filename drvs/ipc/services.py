@@ -9,6 +9,7 @@ import base64
 import binascii
 import errno
 import json
+import re
 
 import trio
 
@@ -88,8 +89,8 @@ def key_reply(key: str = "", value: str = "") -> Msg:
 
 
 class DrvmmService:
-    def __init__(self, etcd, member, fabric=None):
-        self.etcd, self.member, self.fabric = etcd, member, fabric
+    def __init__(self, etcd, member, fabric=None, cfg=None):
+        self.etcd, self.member, self.fabric, self.cfg = etcd, member, fabric, cfg
         self.table = {
             Call.ping: self.ping,
             Call.lock: self.lock,
@@ -250,9 +251,13 @@ class DrvmmService:
     # -- runs of this node, for callers on other nodes (drvs-run -d, logs, wait, kill)
 
     async def detach(self, msg: Msg) -> Msg:
-        """drvs-run -d here, in a process of its own (drvs/node/detach.py)."""
+        """drvs-run -d here: drvs/node/detach.py, a process that becomes the
+        run's monitor (this daemon's child, awaited in its nursery)."""
+        import subprocess
         import sys
 
+        from ..cli.run import started_id
+        from ..node import runs
         from ..node.runner import request_dict
         from .remote import DETACH_TIMEOUT
         from .schema import fabric
@@ -261,36 +266,57 @@ class DrvmmService:
             req = request_dict(fabric.RunRequest.from_bytes_packed(msg.payload))
         except Exception:  # noqa: BLE001
             raise IpcError("malformed request", errno.EBADMSG) from None
-        with trio.move_on_after(DETACH_TIMEOUT):
-            done = await trio.run_process([sys.executable, "-m", "drvs.node.detach"], stdin=json.dumps(req).encode(),
-                                          capture_stdout=True, capture_stderr=True, check=False)
-            out = drvmm.Detached.new_message()
-            if done.returncode == 0:
-                out.run = done.stdout.decode().strip()
-            else:
-                lines = done.stderr.decode(errors="replace").strip().splitlines() or ["the run did not start"]
-                out.exitCode, out.message = done.returncode, lines[-1].removeprefix("drvs-run: ")
-            return Msg(0, out.to_bytes_packed())
-        raise IpcError(f"the run did not start within {DETACH_TIMEOUT:g} s", errno.ETIMEDOUT)
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "drvs.node.detach"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, start_new_session=True)
+        said = b""
+        try:
+            with trio.move_on_after(DETACH_TIMEOUT) as bounded:
+                async with proc.stdin:
+                    await proc.stdin.send_all(json.dumps(req).encode())
+                while chunk := await proc.stdout.receive_some():  # (to EOF: the start's outcome)
+                    said += chunk
+        finally:
+            await proc.stdout.aclose()
+            if bounded.cancelled_caught or not said:
+                proc.kill()  # (hung, or the caller gone: no one would learn its id)
+            self.fabric.nursery.start_soon(proc.wait)  # (the monitor lives on; reaped when it ends)
+        if bounded.cancelled_caught:
+            raise IpcError(f"the run did not start within {DETACH_TIMEOUT:g} s", errno.ETIMEDOUT)
+        run_id, _, rest = said.partition(b" ")
+        out = drvmm.Detached.new_message()
+        try:
+            if not re.fullmatch(rb"[0-9a-f]{12}", run_id):
+                rest = said  # (it failed before it had a run: "err CODE WHY")
+                run_id = b"-"
+            out.run = started_id(rest, run_id.decode())
+            runs.check_id(out.run)
+        except DrvsError as e:
+            out.run, out.exitCode, out.message = "", e.exit_code, str(e)
+        return Msg(0, out.to_bytes_packed())
 
     async def run_log(self, msg: Msg) -> Msg:
-        from .. import config
         from ..node import runs
 
         q = _run_query(msg)
         size = min(q.maxBytes, runs.LOG_CHUNK)
-        got = await _as_ipc(runs.query_log(config.load(), q.run, q.offset, size, min(q.waitMs, 10_000) / 1000))
+        if q.offset >= 1 << 62:
+            raise IpcError(f"offset {q.offset} is beyond any log", errno.EINVAL)
+        got = await _as_ipc(runs.query_log(self.cfg, q.run, q.offset, size, min(q.waitMs, 10_000) / 1000))
         return Msg(0, drvmm.RunLog.new_message(**got).to_bytes_packed())
 
     async def run_signal(self, msg: Msg) -> Msg:
-        from .. import config
+        import signal
+
         from ..node import runs
 
         q = _run_query(msg)
+        if not 0 <= q.signal <= signal.SIGRTMAX:
+            raise IpcError(f"no signal {q.signal}", errno.EINVAL)
 
         async def send():
             runs.check_id(q.run)
-            runs.send_signal(config.load(), q.run, q.signal)
+            runs.send_signal(self.cfg, q.run, q.signal)
 
         await _as_ipc(send())
         return Msg(0)
@@ -309,8 +335,8 @@ async def _as_ipc(coro):
 
     try:
         return await coro
-    except NotFound as e:
-        raise IpcError(str(e), errno.ENOENT) from None
+    except NotFound as e:  # (ESRCH: the fabric's own ENOENT says an endpoint is not there)
+        raise IpcError(str(e), errno.ESRCH) from None
     except UsageError as e:
         raise IpcError(str(e), errno.EINVAL) from None
 

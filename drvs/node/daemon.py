@@ -86,8 +86,13 @@ async def serve_node(cfg: config.Config, info: dict, interval: float) -> None:
                 await member.join_with_backoff()
                 # (the certificates of removed nodes known before the first connection is served)
                 keeping = revocation.crl_keeping(cfg.state_dir, info)
-                await nursery.start(functools.partial(
-                    fabric.revoked.follow, etcd, revocation.crl_writer(*keeping) if keeping else None))
+                write_crl = revocation.crl_writer(*keeping) if keeping else None
+
+                async def revoked(serials) -> bool:
+                    fabric.cut_revoked()
+                    return await write_crl(serials) if write_crl else True
+
+                await nursery.start(fabric.revoked.follow, etcd, revoked)
                 await fabric.listen(info["address"], client.socket_path(cfg.state_dir))
                 if bootstrap.serving_ca(cfg.state_dir):
                     from ..ipc.bridge import current_guest
@@ -95,7 +100,7 @@ async def serve_node(cfg: config.Config, info: dict, interval: float) -> None:
                     join_service = bootstrap.server_class()(cfg.state_dir, info, etcd, current_guest())
                     await fabric.listen_bootstrap(info["address"], join_service)
                 service = f"drvmm@{info['node']}"
-                drvmm_service = DrvmmService(etcd, member, fabric)
+                drvmm_service = DrvmmService(etcd, member, fabric, cfg)
                 # Others see this node Ready from the join on: the rest of the
                 # start rides out an etcd outage rather than end the daemon.
                 await fabric.register_steadily(service, drvmm_service.handle, drvmm_service.fast)

@@ -7,6 +7,7 @@ detached run ended, written by its monitor).  `drvs logs`, `wait` and
 import json
 import os
 import re
+import select
 import signal
 
 import trio
@@ -75,19 +76,27 @@ def ended(cfg, run_id: str) -> dict | None:
     """How a detached run ended ({"code", "note"}), or None while it runs."""
     try:
         with open(exit_path(cfg, run_id)) as f:
-            return json.load(f)
+            end = json.load(f)
     except (OSError, ValueError):
         return None
+    return end if isinstance(end, dict) and isinstance(end.get("code"), int) else None
+
+
+def _alive(pidfd: int | None) -> bool:
+    """Whether the process has not ended (a zombie has: its pidfd reads)."""
+    if pidfd is None:
+        return False
+    try:
+        return not select.select([pidfd], [], [], 0)[0]
+    finally:
+        os.close(pidfd)
 
 
 def running(cfg, run_id: str) -> bool:
     try:
-        pidfd = jail.open_run_keeper(record(cfg, run_id))
+        return _alive(jail.open_run_keeper(record(cfg, run_id)))
     except NotFound:
         return False
-    if pidfd is not None:
-        os.close(pidfd)
-    return pidfd is not None
 
 
 def monitor(cfg, run_id: str) -> int | None:
@@ -100,11 +109,7 @@ def monitor(cfg, run_id: str) -> int | None:
 
 
 def monitor_alive(cfg, run_id: str) -> bool:
-    pidfd = monitor(cfg, run_id)
-    if pidfd is None:
-        return False
-    os.close(pidfd)
-    return True
+    return _alive(monitor(cfg, run_id))
 
 
 def lost(run_id: str) -> DrvsError:

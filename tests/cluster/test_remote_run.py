@@ -117,6 +117,19 @@ def test_setup_failures_come_back_as_on_one_node(cluster_factory):
     assert (p.returncode, p.stderr) == (3, "drvs-run: no such node: 'n9' (see `drvs node ls`)\n")
 
 
+def zombie_children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] == "Z" and int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
 def test_detached_run_on_another_node(cluster_factory):
     """drvs-run -d --node n2 from n1: the run's id at once; its output, a
     signal and its end reached from n1, though the run is n2's."""
@@ -148,6 +161,10 @@ def test_detached_run_on_another_node(cluster_factory):
             follow.wait()
     waited = c.drvs("wait", run_id, node="n1")
     assert (waited.returncode, waited.stdout) == (0, "9\n")
+    deadline = time.monotonic() + 5
+    while zombies := zombie_children(c.node("n2")["pid"]):  # (n2's drvmmd reaps the run's monitor)
+        assert time.monotonic() < deadline, zombies
+        time.sleep(0.1)
     again = c.drvs("kill", run_id, node="n1")
     assert (again.returncode, again.stderr) == (3, f"drvs: run {run_id!r} has ended (exit status 9) (on node n2)\n")
     assert c.drvs("logs", run_id, node="n2").stdout == "started\nerr\ngot TERM\n"  # (on n2 itself)

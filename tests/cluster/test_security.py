@@ -53,6 +53,21 @@ PROBE = textwrap.dedent("""
     try:
         if mode == "echo":
             print("OK", asyncio.run(capnp_call(context())))
+        elif mode == "hold":  # one connection, called until it is cut (or 30 s)
+            async def hold():
+                async with capnp.kj_loop():
+                    stream = await capnp.AsyncIoStream.create_connection(host, port, ssl=context())
+                    node = capnp.TwoPartyClient(stream).bootstrap().cast_as(fabric.Node)
+                    await asyncio.wait_for(node.echo(b"hi"), 5)
+                    print("OK", flush=True)
+                    for _ in range(150):
+                        try:
+                            await asyncio.wait_for(node.echo(b"hi"), 5)
+                        except Exception:
+                            return "CUT"
+                        await asyncio.sleep(0.2)
+                    return "STILL UP"
+            print(asyncio.run(hold()))
         elif mode == "no-cert":
             print("OK", asyncio.run(capnp_call(context(cert=False))))
         elif mode == "plain":
@@ -133,8 +148,20 @@ def test_removed_nodes_certificate_is_refused(cluster_factory):
     assert probe(c, "n3", c.node("n2"), "echo", n3) == "OK b'hi'"
     os.killpg(c.node("n3")["pid"], signal.SIGTERM)
     c.wait_status("n3", "NotReady")
-    rm = c.drvs("node", "rm", "n3", node="n1")
-    assert rm.returncode == 0, rm.stderr
+    # a connection made before the removal, kept open: cut by it
+    argv = [sys.executable, "-c", PROBE, c.node("n2")["address"], "7700", "hold", json.dumps(n3)]
+    held = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: setns_net(f"/run/netns/{c.node('n3')['netns']}"))
+    try:
+        assert held.stdout.readline() == "OK\n"
+        rm = c.drvs("node", "rm", "n3", node="n1")
+        assert (rm.returncode, rm.stderr) == (0, "")
+        assert rm.stdout == "node/n3 removed (its name and pid range are free; its certificate is revoked)\n"
+        assert held.communicate(timeout=40)[0] == "CUT\n"
+    finally:
+        if held.poll() is None:
+            held.kill()
+            held.wait()
     deadline = time.monotonic() + 10
     while not (out := probe(c, "n3", c.node("n2"), "echo", n3)).startswith("REFUSED"):
         assert time.monotonic() < deadline, out
