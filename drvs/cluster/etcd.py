@@ -283,3 +283,29 @@ class Etcd:
 
     async def resign(self, leader: dict) -> None:
         await self.call("/v3/election/resign", {"leader": leader})
+
+
+class Changes:
+    """Wake-ups on changes under a prefix: a watch kept open (opened again
+    when etcd was away), for a waiter that reads what it needs anew."""
+
+    def __init__(self, etcd: Etcd, prefix: str, what: str):
+        self.etcd, self.prefix, self.what = etcd, prefix, what
+        self._changed = trio.Event()
+
+    async def watch(self) -> None:
+        import logging
+
+        while True:
+            try:
+                async for _ in self.etcd.watch(self.prefix):
+                    self._changed.set()
+            except DrvsError as e:  # etcd away, or the watch refused
+                logging.getLogger("drvmmd").warning("%s: %s; watching again soon", self.what, e)
+            await trio.sleep(1)
+
+    async def wait(self, timeout: float) -> None:
+        """Until a change since the last wait, or timeout seconds."""
+        with trio.move_on_after(timeout):
+            await self._changed.wait()
+        self._changed = trio.Event()

@@ -13,7 +13,7 @@ import logging
 import trio
 
 from ..errors import DrvsError
-from .etcd import Etcd, EtcdUnavailable
+from .etcd import Changes, Etcd, EtcdUnavailable
 
 log = logging.getLogger("drvmmd")
 
@@ -60,19 +60,9 @@ class Revoked:
         after each change (and once at first), again at the next pass if it
         returned False.  Started once the first read succeeded (a node
         must not serve a moment without the list)."""
-        wake = trio.Event()
-
-        async def watch():
-            while True:
-                try:
-                    async for _ in etcd.watch(REVOKED):
-                        wake.set()
-                except DrvsError as e:  # etcd away, or the watch refused
-                    log.warning("revocations: %s; watching again soon", e)
-                await trio.sleep(1)
-
+        changes = Changes(etcd, REVOKED, "revocations")
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch)
+            nursery.start_soon(changes.watch)
             started, due = False, True
             while True:
                 try:
@@ -84,9 +74,7 @@ class Revoked:
                         task_status.started()
                 except (DrvsError, EtcdUnavailable, OSError) as e:
                     log.warning("revocations: %s", e)
-                with trio.move_on_after(RESYNC if started else 1):
-                    await wake.wait()
-                wake = trio.Event()
+                await changes.wait(RESYNC if started else 1)
 
 
 def crl_keeping(state_dir: str, info: dict) -> tuple[str, str, str] | None:

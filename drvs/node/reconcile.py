@@ -12,7 +12,7 @@ import time
 
 import trio
 
-from ..cluster.etcd import EtcdUnavailable
+from ..cluster.etcd import Changes, EtcdUnavailable
 from ..errors import DrvsError
 from ..ns import cell as cells
 from . import runs
@@ -64,20 +64,10 @@ async def run(cfg, etcd, node: str, pid_range=(0, 0), spawner=None, on_vms=None)
     on_vms: told the VMs there are (name -> create revision) at each pass,
     and the trio time before it asked (the view forgets the file systems of
     VMs removed)."""
-    wake = trio.Event()
-
-    async def watch():
-        while True:
-            try:
-                async for _ in etcd.watch(VMS):
-                    wake.set()
-            except DrvsError as e:  # etcd away, or the watch refused
-                log.warning("%s; watching again soon", e)
-            await trio.sleep(1)
-
+    changes = Changes(etcd, VMS, "reconcile")
     failed: dict = {}
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch)
+        nursery.start_soon(changes.watch)
         while True:
             try:
                 when, wall = trio.current_time(), time.time()
@@ -98,6 +88,4 @@ async def run(cfg, etcd, node: str, pid_range=(0, 0), spawner=None, on_vms=None)
                 failed = changed["failed"]
             except (DrvsError, EtcdUnavailable) as e:
                 log.warning("reconcile: %s", e)
-            with trio.move_on_after(RESYNC):
-                await wake.wait()
-            wake = trio.Event()
+            await changes.wait(RESYNC)
