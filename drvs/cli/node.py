@@ -5,7 +5,7 @@ import sys
 
 from .. import config
 from ..cluster.context import cluster_info, dev_cluster_file, no_cluster, read_json
-from ..errors import NotFound, SetupError
+from ..errors import NotFound, SetupError, UsageError
 from ..units import format_size
 from .common import add_format, age, emit, print_table
 
@@ -25,6 +25,10 @@ def add_parsers(sub) -> None:
                                     "and revoke its certificate")
     p.add_argument("name", metavar="NODE")
     p.set_defaults(func=rm)
+    p = verbs.add_parser("reset", help="undo cluster init or node join on this machine (drvmmd stopped): "
+                                       "its cells and programs, its VMs' files, its credentials; it may join again")
+    p.add_argument("-f", "--force", action="store_true", help="do not ask first")
+    p.set_defaults(func=reset)
     p = verbs.add_parser("join", help="join this node to the cluster whose first node is at ADDRESS")
     p.add_argument("server", metavar="ADDRESS", help="the first node's address")
     p.add_argument("--token", required=True, help="as printed by `drvs cluster init`")
@@ -119,6 +123,27 @@ def rm(args) -> int:
         print(f"node/{args.name} removed (its name and pid range are free)")
         print(f"drvs: note: node {args.name!r} never ran this version's drvmmd, which records its certificate: "
               "that certificate could not be revoked", file=sys.stderr)
+    return 0
+
+
+def reset(args) -> int:
+    from ..cluster.reset import reset as reset_node
+
+    cfg = config.load()
+    info = cluster_info(cfg)
+    if info is None:
+        raise NotFound(f"this node is in no cluster (no {cfg.state_dir}/cluster.json)")
+    if not args.force:
+        what = (f"node {info['node']} of cluster {info['cluster']}: its programs end, and its cluster data and "
+                "credentials are removed")
+        if not os.isatty(0):
+            raise UsageError(f"resetting {what}; add --force to go on")
+        if input(f"Reset {what}. Go on? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("drvs: node reset: not done", file=sys.stderr)
+            return 1
+    for line in reset_node(cfg, info):
+        print(f"removed {line}")
+    print(f"node {info['node']} reset: it is a single node now (`drvs node join` or `drvs cluster init` again)")
     return 0
 
 

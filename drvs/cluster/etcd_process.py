@@ -113,7 +113,7 @@ def ensure_local(state_dir: str, info: dict) -> int | None:
         return None
     if healthy(info["etcd"][0], info["tls"]):
         return None
-    if _running(data) is not None:
+    if running(data) is not None:
         return None  # (starting, or busy: the daemon waits for it as for any etcd)
     from .bootstrap import ca_dir
 
@@ -123,7 +123,7 @@ def ensure_local(state_dir: str, info: dict) -> int | None:
     return pid
 
 
-def _running(data: str) -> int | None:
+def running(data: str) -> int | None:
     """The etcd serving data, if one runs (its pid file, checked against
     what that process runs: a pid is reused)."""
     try:

@@ -92,6 +92,22 @@ def machines(tmp_path):
         m.close()
 
 
+def _ended(pid: int) -> bool:
+    """Exited: gone, or a zombie (reaped here if this test's process is its
+    parent, a subreaper once a jail ran in it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                return False
+    except FileNotFoundError:
+        return True
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    return True
+
+
 def wait_ready(m, host, names, timeout=15):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -177,6 +193,29 @@ def test_init_then_join(machines):
         assert time.monotonic() < deadline, old.stdout
         time.sleep(0.2)
     assert old.returncode == 6 and "removed with `drvs node rm`, etcd refuses its certificate" in old.stderr, old.stderr
+    # m2 undoes its join (asked first), and may join again, by another name
+    unasked = m.drvs("m2", "node", "reset")
+    assert unasked.returncode == 2 and "add --force to go on" in unasked.stderr, unasked.stderr
+    assert os.path.exists(f"{m2['state']}/cluster.json")
+    reset = m.drvs("m2", "node", "reset", "--force")
+    assert reset.returncode == 0, reset.stderr
+    assert reset.stdout.endswith("node n2 reset: it is a single node now (`drvs node join` or `drvs cluster init` "
+                                 "again)\n"), reset.stdout
+    assert not {"cluster.json", "tls", "node-uid", "vms", "cache"} & set(os.listdir(m2["state"])), \
+        os.listdir(m2["state"])
+    assert m.drvs("m2", "node", "reset", "--force").returncode == 3  # (in no cluster now)
+    rejoin = m.drvs("m2", "node", "join", m1["address"], "--token", token, "--address", m2["address"],
+                    "--node-name", "n4")
+    assert rejoin.returncode == 0, rejoin.stderr
+    m.start_drvmmd("m2")
+    deadline = time.monotonic() + 20
+    while "n4    Ready" not in (ls := m.drvs("m1", "node", "ls")).stdout:
+        assert time.monotonic() < deadline, ls.stdout
+        time.sleep(0.2)
+    os.killpg(m.daemons[-1].pid, signal.SIGTERM)
+    m.daemons[-1].wait(timeout=10)
+    busy = m.drvs("m1", "node", "reset", "--force")  # (its drvmmd runs)
+    assert busy.returncode == 4 and "drvmmd runs for this node" in busy.stderr, busy.stderr
     again = m.drvs("m3", "node", "join", m1["address"], "--token", token, "--address", m.hosts["m3"]["address"],
                    "--node-name", "n2")
     assert again.returncode == 0, again.stderr
@@ -190,7 +229,7 @@ def test_init_then_join(machines):
     os.killpg(m.daemons[0].pid, signal.SIGKILL)
     m.daemons[0].wait(timeout=10)
     assert m.drvs("m1", "node", "ls").returncode == 6  # (no store now)
-    m.start_drvmmd("m1")
+    first = m.start_drvmmd("m1")
     deadline = time.monotonic() + 40
     while "n1    Ready" not in m.drvs("m1", "node", "ls").stdout:  # (n2 stays down)
         assert time.monotonic() < deadline, m.drvs("m1", "node", "ls")
@@ -217,3 +256,15 @@ def test_init_then_join(machines):
     finally:
         taker.kill()
         taker.wait()
+
+    # The first node too, once its drvmmd is stopped: its etcd stops and goes
+    # with the CA; it may make a new cluster.
+    os.killpg(first.pid, signal.SIGTERM)
+    first.wait(timeout=10)
+    etcd_pid = int(open(f"{m1['state']}/etcd/etcd.pid").read())
+    reset = m.drvs("m1", "node", "reset", "--force")
+    assert reset.returncode == 0, reset.stderr
+    assert f"the cluster's etcd (pid {etcd_pid}, stopped)" in reset.stdout, reset.stdout
+    assert _ended(etcd_pid) and not os.path.exists(f"{m1['state']}/ca")
+    again = m.drvs("m1", "cluster", "init", "--address", m1["address"], "--node-name", "n1")
+    assert again.returncode == 0, again.stderr
