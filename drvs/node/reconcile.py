@@ -24,9 +24,10 @@ RESYNC = 5.0
 
 
 def reconcile_once(cfg, node: str, vms: list[VmSpec], pid_range=(0, 0), when: float | None = None) -> dict:
-    """One pass over vms, all the VMs there were at `when` (time.time());
-    returns what changed, and what failed (per VM: one VM's share that
-    cannot be applied does not hold up the others')."""
+    """One pass over vms, all the VMs there were at `when` (time.time();
+    given, the ended runs of VMs not among them are forgotten); returns
+    what changed, and what failed (per VM: one VM's share that cannot be
+    applied does not hold up the others')."""
     changed = {"created_or_resized": [], "removed": [], "failed": {}}
     desired = {vm.name: vm for vm in vms if node in vm.shares}
     for name, vm in desired.items():
@@ -66,6 +67,7 @@ async def run(cfg, etcd, node: str, pid_range=(0, 0), spawner=None, on_vms=None)
     VMs removed)."""
     changes = Changes(etcd, VMS, "reconcile")
     failed: dict = {}
+    seen = None  # the VMs of the last pass: runs are forgotten only when some went
     async with trio.open_nursery() as nursery:
         nursery.start_soon(changes.watch)
         while True:
@@ -75,10 +77,13 @@ async def run(cfg, etcd, node: str, pid_range=(0, 0), spawner=None, on_vms=None)
                 vms = [VmSpec.from_json(e.value) for e in entries]
                 if on_vms is not None:
                     on_vms({vm.name: e.create_revision for vm, e in zip(vms, entries)}, when)
+                names = {vm.name for vm in vms}
+                forget = wall if seen is None or seen - names else None
                 if spawner is not None:
-                    changed = await spawner.call(reconcile_once, cfg, node, vms, pid_range, wall)
+                    changed = await spawner.call(reconcile_once, cfg, node, vms, pid_range, forget)
                 else:
-                    changed = reconcile_once(cfg, node, vms, pid_range, wall)
+                    changed = reconcile_once(cfg, node, vms, pid_range, forget)
+                seen = names
                 if changed["created_or_resized"] or changed["removed"]:
                     log.info("cells: created or resized %s, removed %s", changed["created_or_resized"],
                              changed["removed"])
