@@ -96,8 +96,9 @@ class Etcd:
             return data
         why = reason(last, empty="no answer in time")
         if isinstance(last, httpx.RemoteProtocolError):
-            # etcd closes at once, after TLS, a connection whose certificate its revocation list names
-            why += " (if this node was removed with `drvs node rm`, etcd refuses its certificate: join it again)"
+            from .etcd_process import CLOSED_HINT
+
+            why += CLOSED_HINT
         raise EtcdUnavailable(f"etcd unreachable at {', '.join(self.endpoints)}: {why}")
 
     # -- key-value -----------------------------------------------------------

@@ -16,6 +16,12 @@ def url(address: str) -> str:
     return f"https://{address}:{CLIENT_PORT}"
 
 
+# What a client adds when etcd closed its connection at once after TLS, as
+# etcd does to a certificate its revocation list names.
+CLOSED_HINT = (" (if this node was removed with `drvs node rm`, etcd refuses its certificate: "
+               "`drvs node reset`, then join again)")
+
+
 def crl_path(data_dir: str) -> str:
     """The revocation list etcd checks every client's certificate against
     (it reads the file anew at each connection)."""

@@ -140,7 +140,8 @@ def _spawn(cg: Cgroup, ns: str, state: str) -> int:
 
 def restart(state_dir: str, name: str, timeout: float = 30.0) -> dict:
     """Start a node's drvmmd again (stopping it first if it runs): a node
-    killed to try a fail-over comes back, rejoins and adopts its cells."""
+    killed to try a fail-over comes back, rejoins and adopts its cells; one
+    removed (drvs node rm) joins anew."""
     from ..ns import mounts
 
     path = dev_cluster_file(state_dir)
@@ -152,6 +153,9 @@ def restart(state_dir: str, name: str, timeout: float = 30.0) -> dict:
     view = f"{node['state_dir']}/dvos"
     mounts.abort_fuse(view)  # (left mounted by a daemon killed with SIGKILL)
     mounts.detach(view)
+    # A new certificate each time, as a node joining again would get: one
+    # `drvs node rm` revoked would keep it out of the cluster for good.
+    pki.issue(info["ca"], info["ca_key"], name, node["address"], f"{node['state_dir']}/tls")
     cg = Cgroup.under_caller(f"drvs-dev-{info['name']}-{name}")
     cg.create()
     node["pid"] = _spawn(cg, node["netns"], node["state_dir"])

@@ -3,6 +3,7 @@ urllib, synchronously (commands are not trio programs; the daemon uses
 drvs.cluster.etcd).  Same interface as the embedded store."""
 
 import base64
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -42,7 +43,12 @@ class EtcdStore(Store):
                 raise StoreError(f"etcd {path}: {e.read().decode(errors='replace')[:200]}") from None
             except (OSError, ValueError) as e:
                 last = e
-        raise EtcdUnavailable(f"etcd unreachable at {', '.join(self.endpoints)}: {reason(last)}")
+        why = reason(last)
+        if isinstance(last, http.client.RemoteDisconnected):
+            from ..cluster.etcd_process import CLOSED_HINT
+
+            why += CLOSED_HINT
+        raise EtcdUnavailable(f"etcd unreachable at {', '.join(self.endpoints)}: {why}")
 
     def get(self, key: str) -> Entry | None:
         kvs = self._call("/v3/kv/range", {"key": _b64(key)}).get("kvs") or []

@@ -192,7 +192,7 @@ def test_init_then_join(machines):
     while (old := m.drvs("m2", "node", "ls")).returncode == 0:
         assert time.monotonic() < deadline, old.stdout
         time.sleep(0.2)
-    assert old.returncode == 6 and "removed with `drvs node rm`, etcd refuses its certificate" in old.stderr, old.stderr
+    assert old.returncode == 6 and "removed with `drvs node rm`, etcd refuses its certificate: `drvs node reset`" in old.stderr, old.stderr
     # m2 undoes its join (asked first), and may join again, by another name
     unasked = m.drvs("m2", "node", "reset")
     assert unasked.returncode == 2 and "add --force to go on" in unasked.stderr, unasked.stderr

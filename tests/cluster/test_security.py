@@ -171,8 +171,14 @@ def test_removed_nodes_certificate_is_refused(cluster_factory):
         assert time.monotonic() < deadline, store.stdout
         time.sleep(0.2)
     assert store.returncode == 6, store.stderr
+    vms = c.drvs("vm", "ls", node="n3")  # (the synchronous store client says why, too)
+    assert vms.returncode == 6 and "etcd refuses its certificate: `drvs node reset`" in vms.stderr, vms.stderr
     assert probe(c, "n1", c.node("n2"), "echo", tls_of(c, "n1"), lane=True) == "OK b'hi'"
     assert c.drvs("node", "ls", node="n2").returncode == 0
+    # The dev harness starts n3 again with a new certificate: it joins anew.
+    c.drvs("dev", "cluster", "restart", "n3", check=True)
+    c.wait_status("n3", "Ready")
+    assert probe(c, "n3", c.node("n2"), "echo", tls_of(c, "n3")) == "OK b'hi'"  # (the new one)
 
 
 def test_a_member_may_not_act_with_another_nodes_lease_or_name(cluster_factory):
