@@ -56,6 +56,13 @@ class EtcdUnavailable(DrvsError):
     exit_code = 6
 
 
+class DaemonAway(DrvsError):
+    """This node's drvmmd does not answer (as a node that does not: the
+    fabric's IpcError has the same status)."""
+
+    exit_code = 7
+
+
 class SetupError(DrvsError):
     """A step of building the jail failed; the program did not start."""
 

@@ -65,6 +65,17 @@ def parse_cpuset(text: str) -> str:
     return text
 
 
+def cpuset_text(ids) -> str:
+    """A CPU list in the kernel's spelling, runs as ranges: 2-5,7."""
+    runs: list[list[int]] = []
+    for cpu in sorted(ids):
+        if runs and cpu == runs[-1][1] + 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in runs)
+
+
 def cpuset_ids(text: str) -> set[int]:
     """The CPUs a (valid) CPU list names."""
     ids: set[int] = set()

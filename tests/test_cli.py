@@ -182,9 +182,12 @@ def test_unknown_run(drvs):
     assert drvs.drvs("logs", "feedfacecafe").returncode == 3
     assert drvs.drvs("kill", "feedfacecafe").returncode == 3
     assert drvs.drvs("kill", "-s", "NOPE", "feedfacecafe").returncode == 2
-    for bad in ("999", "65"):
+    for bad in ("999", "65", "RTMIN-1"):
         p = drvs.drvs("kill", "-s", bad, "feedfacecafe")
         assert p.returncode == 2 and p.stderr.startswith(f"drvs: unknown signal '{bad}'"), p.stderr
+    for own in ("64", "RTMAX"):  # (the keeper's own: it would end the run as KILL does)
+        p = drvs.drvs("kill", "-s", own, "feedfacecafe")
+        assert (p.returncode, p.stderr) == (2, f"drvs: signal '{own}' is the one DRVS ends runs with: use KILL\n")
 
 
 def test_ps_on_a_single_node_lists_the_vms_processes(drvs):

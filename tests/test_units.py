@@ -37,3 +37,11 @@ def test_cpus_and_cpusets():
     assert parse_cpuset("0,2-3") == "0,2-3"
     with pytest.raises(UsageError):
         parse_cpuset("0-")
+
+
+def test_cpuset_text_spells_runs_as_ranges():
+    from drvs.units import cpuset_ids, cpuset_text
+
+    assert cpuset_text({7, 2, 3, 4, 5, 9}) == "2-5,7,9"
+    assert cpuset_text(set()) == "" and cpuset_text({0}) == "0"
+    assert cpuset_ids(cpuset_text(set(range(2, 100)))) == set(range(2, 100))

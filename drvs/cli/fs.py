@@ -15,7 +15,7 @@ from ..units import format_size
 from ..vm.model import check_name
 from ..vm.registry import VmRegistry
 from .common import add_format, emit, print_table
-from .options import typed
+from .options import node_name, typed
 
 MS_BIND = 4096
 FSTYPE = mounts.DRVS_FSTYPE
@@ -25,7 +25,7 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("mount", help="mount a VM's file system on this node (a cluster VM's)")
     p.add_argument("vm", type=typed(check_name), metavar="VM")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
-    p.add_argument("--node", dest="on_node", default=None, metavar="NODE",
+    p.add_argument("--node", dest="on_node", default=None, metavar="NODE", type=typed(node_name),
                    help="the node whose view serves it (as drvs --node)")
     p.set_defaults(func=mount)
     p = sub.add_parser("umount", help="unmount what drvs mount mounted")

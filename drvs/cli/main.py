@@ -23,13 +23,17 @@ from . import node as node_cli
 from . import proc as proc_cli
 from . import vm as vm_cli
 from .common import Parser, guarded, require_root
-from .options import add_run_options, run_options, typed
+from .options import add_run_options, node_name, run_options, typed
 from .run import execute
 
 def parser() -> argparse.ArgumentParser:
-    p = Parser(prog="drvs", description="Distributed Resources Virtualization System.")
+    p = Parser(prog="drvs", description="Distributed Resources Virtualization System.",
+               epilog="Exit status: 0 done, 2 bad usage, 3 no such VM, node, run or mount, 4 conflict (exists, busy, "
+                      "does not fit), 5 store unreadable, 6 etcd unreachable, 7 node (or this node's drvmmd) "
+                      "unreachable, 8 join refused, 74 output failed, 77 not root, 125 setup failed; drvs exec "
+                      "and login: as drvs-run.")
     p.add_argument("--version", action="version", version=f"drvs {__version__}")
-    p.add_argument("--node", default=os.environ.get("DRVS_NODE"), metavar="NAME",
+    p.add_argument("--node", default=os.environ.get("DRVS_NODE") or None, metavar="NAME", type=typed(node_name),
                    help="act as node NAME of the local dev cluster (or $DRVS_NODE)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     vm_cli.add_parser(sub)
@@ -49,7 +53,7 @@ def parser() -> argparse.ArgumentParser:
     lg.add_argument("vm", type=typed(check_name), metavar="VM")
     lg.add_argument("--shell", default=None, help="shell to start (default: bash, else sh)")
     lg.add_argument("-u", "--user", default=None, metavar="USER[:GROUP]")
-    lg.add_argument("--node", dest="run_node", default=None, metavar="NAME",
+    lg.add_argument("--node", dest="run_node", default=None, metavar="NAME", type=typed(node_name),
                     help="log in on node NAME of this node's cluster (as drvs-run --node)")
     lg.set_defaults(func=login)
 
@@ -108,7 +112,10 @@ def _where(cfg, run_id: str) -> str | None:
         raise IpcError(f"no such run here, and drvmmd is not running on this node to ask the others "
                        f"(no {socket_path(cfg.state_dir)})", errno.ENOENT)
     silent = []
-    for node in _other_nodes(info):
+    for node, ready in _other_nodes(info):
+        if not ready:
+            silent.append(f"{node} (NotReady)")
+            continue
         try:
             _ask_log(cfg, node, run_id, 0, 0, 0)
             return node
@@ -116,14 +123,17 @@ def _where(cfg, run_id: str) -> str | None:
             continue
         except IpcError:
             silent.append(node)
-    raise NotFound(f"no such run: {run_id!r} on any node" +
-                   (f" (nodes {', '.join(silent)} did not answer)" if silent else ""))
+    if silent:  # (a run lives on while its node's drvmmd is away: not "no such run")
+        raise IpcError(f"run {run_id!r} is on none of the nodes that answered; {', '.join(silent)} did not, "
+                       "and it may be there", errno.EHOSTUNREACH)
+    raise NotFound(f"no such run: {run_id!r} on any node")
 
 
-def _other_nodes(info: dict) -> list[str]:
-    from .node import _nodes
+def _other_nodes(info: dict) -> list[tuple[str, bool]]:
+    """The cluster's other nodes, and whether each is Ready."""
+    from .node import cluster_nodes
 
-    return [n["name"] for n in _nodes() if n["status"] != "NotReady" and n["name"] != info["node"]]
+    return [(n["name"], n["status"] != "NotReady") for n in cluster_nodes() if n["name"] != info["node"]]
 
 
 def _ask(cfg, node: str, call, timeout: float, **query):
@@ -174,12 +184,25 @@ def logs(args) -> int:
             time.sleep(runs.FOLLOW_POLL)
 
 
+def _ask_again(cfg, node: str, run_id: str, offset: int, size: int, wait: float):
+    """_ask_log for a detached run found there before: one whose files went
+    meanwhile went with its VM."""
+    try:
+        r = _ask_log(cfg, node, run_id, offset, size, wait)
+    except NotFound:
+        raise runs.vanished(run_id) from None
+    if not r.detached:
+        raise runs.vanished(run_id)
+    return r
+
+
 def _remote_logs(cfg, node: str, run_id: str, follow: bool) -> int:
     offset, gone_since = 0, None
+    r = _ask_log(cfg, node, run_id, 0, 0, 0)
+    if not r.detached:
+        raise NotFound(f"run {run_id!r} of node {node} has no log (detached runs have one)")
     while True:
-        r = _ask_log(cfg, node, run_id, offset, runs.LOG_CHUNK, 2.0 if follow else 0)
-        if not r.detached:
-            raise NotFound(f"run {run_id!r} of node {node} has no log (detached runs have one)")
+        r = _ask_again(cfg, node, run_id, offset, runs.LOG_CHUNK, 2.0 if follow else 0)
         data = bytes(r.data)
         sys.stdout.buffer.write(data)
         offset += len(data)
@@ -206,11 +229,10 @@ def wait(args) -> int:
     cfg = config.load()
     node = _where(cfg, args.run)
     if node is not None:
+        if not _ask_log(cfg, node, args.run, 0, 0, 0).detached:
+            raise NotFound(f"run {args.run!r} of node {node} was not detached: only detached runs can be waited for")
         gone_since = None
-        while not (r := _ask_log(cfg, node, args.run, 0, 0, 5.0)).ended:
-            if not r.detached:
-                raise NotFound(f"run {args.run!r} of node {node} was not detached: only detached runs can be "
-                               "waited for")
+        while not (r := _ask_again(cfg, node, args.run, 0, 0, 5.0)).ended:
             gone_since = _still_watched(args.run, r.gone, gone_since)
         return _print_end(args.run, r.exitCode, r.note)
     log = runs.log_path(cfg, args.run)
@@ -224,7 +246,7 @@ def wait(args) -> int:
                 monitor = runs.monitor(cfg, args.run)
             if monitor is not None:
                 if select.select([monitor], [], [], runs.FOLLOW_POLL)[0] and runs.ended(cfg, args.run) is None:
-                    raise runs.lost(args.run)
+                    raise runs.vanished(args.run) if not os.path.exists(log) else runs.lost(args.run)
                 continue
             if not os.path.exists(log):
                 raise NotFound(f"run {args.run!r} was not detached: only detached runs can be waited for")

@@ -87,7 +87,7 @@ def _with_etcd(fn):
     return trio.run(go)
 
 
-def _nodes() -> list[dict]:
+def cluster_nodes() -> list[dict]:
     from ..cluster.membership import list_nodes
 
     return _with_etcd(list_nodes)
@@ -153,7 +153,7 @@ def _load(n: dict) -> str:
 
 
 def ls(args) -> int:
-    nodes = _nodes()
+    nodes = cluster_nodes()
 
     def table():
         print_table(["NAME", "STATUS", "ADDRESS", "CPUS", "MEMORY", "LOAD", "SERVERS", "AGE", "VERSION"],
@@ -166,7 +166,7 @@ def ls(args) -> int:
 
 
 def show(args) -> int:
-    node = next((n for n in _nodes() if n["name"] == args.name), None)
+    node = next((n for n in cluster_nodes() if n["name"] == args.name), None)
     if node is None:
         raise NotFound(f"no such node: {args.name!r}")
     node["shares"] = _shares(args.name)

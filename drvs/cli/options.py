@@ -8,7 +8,7 @@ import pwd
 from ..errors import UsageError
 from ..ns import rootfs
 from ..ns.jail import DEFAULT_CAPS, RunOptions
-from ..units import cpuset_ids, parse_cpus, parse_cpuset, parse_memory
+from ..units import cpuset_ids, cpuset_text, parse_cpus, parse_cpuset, parse_memory
 from ..vm.model import Limits, check_name
 
 
@@ -21,6 +21,13 @@ def typed(fn):
             raise argparse.ArgumentTypeError(str(e)) from None
     convert.__name__ = fn.__name__
     return convert
+
+
+def node_name(text: str) -> str:
+    """A --node option's value: a node's name (never empty)."""
+    from ..vm.model import check_name
+
+    return check_name(text, "node")
 
 
 def _workdir(text: str) -> str:
@@ -57,7 +64,7 @@ def check_here(limits: Limits) -> Limits:
         return limits
     have = cpuset_ids(online)
     if limits.cpuset and not cpuset_ids(limits.cpuset) <= have:
-        missing = ",".join(str(c) for c in sorted(cpuset_ids(limits.cpuset) - have))
+        missing = cpuset_text(cpuset_ids(limits.cpuset) - have)
         raise UsageError(f"invalid CPU list {limits.cpuset!r}: this machine has no CPU {missing} (it has {online})")
     if limits.cpus and limits.cpus > len(have):
         raise UsageError(f"invalid CPU amount {limits.cpus:g}: this machine has {len(have)} CPUs")
@@ -94,7 +101,7 @@ def add_run_options(p: argparse.ArgumentParser, *, with_vm: bool = True) -> None
     p.add_argument("--cap-add", action="append", default=[], metavar="CAP")
     p.add_argument("--cap-drop", action="append", default=[], metavar="CAP", help="or ALL")
     p.add_argument("-d", "--detach", action="store_true", help="run in the background; print the run's id")
-    p.add_argument("--node", dest="run_node", default=None, metavar="NAME",
+    p.add_argument("--node", dest="run_node", default=None, metavar="NAME", type=typed(node_name),
                    help="run on node NAME of this node's cluster")
     p.add_argument("--pgid", type=typed(_pgid), default=0, metavar="PGID",
                    help="run in process group PGID of another node of the VM (kill -PGID then reaches it)")

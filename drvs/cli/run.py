@@ -28,7 +28,7 @@ def parser(prog: str = "drvs-run") -> argparse.ArgumentParser:
         prog=prog, description="Run a program in a DRVM jail on this node.",
         epilog="Exit status: the program's (128+N: killed by signal N; 137 with \"out of memory\": "
                "its memory limit), or 2 bad usage, 3 no such VM or node, 5 store unreadable, "
-               "6 etcd unreachable, 7 node unreachable, 77 not root, 125 the jail could not be set up, "
+               "6 etcd unreachable, 7 node (or this node's drvmmd) unreachable, 77 not root, 125 the jail could not be set up, "
                "126 not executable, 127 not found.")
     add_run_options(p)
     return p

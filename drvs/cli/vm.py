@@ -101,7 +101,8 @@ def _warn_not_ready(store, spec: VmSpec) -> None:
 def _not_in_use_elsewhere(cfg, spec: VmSpec, force: bool) -> None:
     """A cluster VM is busy while programs of it run on any node, or its
     file system is mounted on this host (drvs mount): Conflict, unless
-    forced (then those mounts are detached; the nodes end the programs)."""
+    forced (then those mounts are detached; the nodes end the programs,
+    drvs/node/reconcile.py)."""
     from .fs import vm_mounts
 
     mounts = vm_mounts(spec.name)
@@ -112,12 +113,13 @@ def _not_in_use_elsewhere(cfg, spec: VmSpec, force: bool) -> None:
     if mounts:
         raise Conflict(f"VM {spec.name!r}: its file system is mounted on {', '.join(mounts)} "
                        "(drvs umount it, or use --force)")
-    if not spec.shares:
-        return
+    from .node import cluster_nodes
     from .proc import cluster_processes
 
     try:
-        procs, silent = cluster_processes(cfg, spec.name, sorted(spec.shares))
+        # (a VM without shares runs wherever it is started: on any Ready node)
+        nodes = sorted(spec.shares) or [n["name"] for n in cluster_nodes() if n["status"] != "NotReady"]
+        procs, silent = cluster_processes(cfg, spec.name, nodes)
     except DrvsError as e:
         raise Conflict(f"VM {spec.name!r}: cannot tell whether programs of it run ({e}); "
                        "use --force to remove it anyway") from None
@@ -297,7 +299,7 @@ def rm(args) -> int:
     cfg = config.load()
     reg = VmRegistry(open_store())
     spec = reg.get(args.name) if args.name != "default" else None  # NotFound for an unknown VM
-    if spec is not None and (spec.shares or spec.fs_nodes) and cluster_info(cfg):
+    if spec is not None and cluster_info(cfg):
         _not_in_use_elsewhere(cfg, spec, args.force)
     with cells.locked(cfg, args.name) as lock:
         cell = cells.find(lock)

@@ -5,20 +5,20 @@ capnp: drvs-run must not pay for them (~120 ms) on every start."""
 import os
 import socket
 
-from ..errors import SetupError
+from ..errors import DaemonAway
 
 
 def socket_path(cfg) -> str:
     return f"{cfg.state_dir}/supervisor.sock"
 
 
-def _unanswered(cfg, e: OSError) -> SetupError:
-    return SetupError(f"drvmmd does not answer on {socket_path(cfg)} ({e.strerror}): on a cluster node, "
+def _unanswered(cfg, e: OSError) -> DaemonAway:
+    return DaemonAway(f"drvmmd does not answer on {socket_path(cfg)} ({e.strerror}): on a cluster node, "
                       "programs need it to reach the VM's other nodes")
 
 
 def check(cfg) -> None:
-    """SetupError now if drvmmd is not there (before anything of its view,
+    """DaemonAway now if drvmmd is not there (before anything of its view,
     which a dead drvmmd leaves answering ENOTCONN, is touched)."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:

@@ -171,7 +171,7 @@ class View(pyfuse3.Operations):
     def _retire(self, vm: str, fs_: VmFs) -> None:
         """Forget a removed VM's file system: its inodes are stale from now
         on (its slot number is never given again)."""
-        log.info("VM %s was removed (and made again): its file system here starts afresh", vm)
+        log.info("VM %s was removed (or removed and made again): its file system here is retired", vm)
         if self.vms.get(vm) is fs_:
             del self.vms[vm]
         self.slots.pop(fs_.slot, None)

@@ -127,6 +127,9 @@ class FsNode:
             server.close()
         self.terms.pop(vm, None)  # (a VM made again under the name starts at term 1)
         await trio.to_thread.run_sync(shutil.rmtree, store_dir(self.cfg, vm), True)
+        from ..ns.jail import drop_data_dirs
+
+        await trio.to_thread.run_sync(drop_data_dirs, self.cfg, vm)
         log.info("fs@%s: the VM was removed; its replica here too", vm)
 
     async def sweep(self) -> None:

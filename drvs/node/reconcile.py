@@ -2,12 +2,14 @@
 
 For every VM with a share of this node: a pinned cell with the share's
 limits (created, or resized in place).  For every pinned cell whose VM is
-gone or has no share here any more: its programs are ended and the cell
-removed.  Runs on start (a restarted daemon adopts the cells it finds, it
+gone or has no share here any more, and every cell of a VM removed (one
+without shares runs wherever it is started): its programs are ended and
+the cell removed.  Runs on start (a restarted daemon adopts the cells it finds, it
 does not duplicate them), on every change under /drvs/vms/, and every few
 seconds as a safety net."""
 
 import logging
+import os
 import time
 
 import trio
@@ -15,6 +17,7 @@ import trio
 from ..cluster.etcd import Changes, EtcdUnavailable
 from ..errors import DrvsError
 from ..ns import cell as cells
+from ..ns import jail
 from . import runs
 from ..vm.model import VmSpec
 from ..vm.registry import VMS
@@ -23,11 +26,12 @@ log = logging.getLogger("drvmmd")
 RESYNC = 5.0
 
 
-def reconcile_once(cfg, node: str, vms: list[VmSpec], pid_range=(0, 0), when: float | None = None) -> dict:
-    """One pass over vms, all the VMs there were at `when` (time.time();
-    given, the ended runs of VMs not among them are forgotten); returns
-    what changed, and what failed (per VM: one VM's share that cannot be
-    applied does not hold up the others')."""
+def reconcile_once(cfg, node: str, vms: list[VmSpec], pid_range=(0, 0), when: float | None = None,
+                   forget: bool = False) -> dict:
+    """One pass over vms, all the VMs there were at `when` (time.time());
+    returns what changed, and what failed (per VM: one VM's share that
+    cannot be applied does not hold up the others').  forget: also the
+    ended runs and empty directories of VMs not among them."""
     changed = {"created_or_resized": [], "removed": [], "failed": {}}
     desired = {vm.name: vm for vm in vms if node in vm.shares}
     for name, vm in desired.items():
@@ -43,20 +47,32 @@ def reconcile_once(cfg, node: str, vms: list[VmSpec], pid_range=(0, 0), when: fl
         except DrvsError as e:
             changed["failed"][name] = str(e)
     names = {vm.name for vm in vms}
-    # (the ended detached runs of removed VMs, as `drvs vm rm` does on its own node)
-    if when is not None:
+    if forget and when is not None:  # (as `drvs vm rm` does on its own node)
         runs.forget_runs(cfg, lambda vm: vm not in names, before=when)
+        for vm in _vm_dirs(cfg) - names:
+            jail.drop_data_dirs(cfg, vm)
     for name in cells.cells(cfg):
         if name in desired:
             continue
         try:
             with cells.locked(cfg, name) as lock:
-                if (lock.read_record() or {}).get("pinned"):
+                record = lock.read_record() or {}
+                # A pinned cell whose share went; or any cell of a VM removed (one
+                # made before `when` had its VM defined then, so in vms unless removed).
+                if record.get("pinned") or (name not in names and when is not None
+                                            and record.get("created", when) < when):
                     cells.release(lock, force=True)
                     changed["removed"].append(name)
         except DrvsError as e:
             changed["failed"][name] = str(e)
     return changed
+
+
+def _vm_dirs(cfg) -> set[str]:
+    try:
+        return set(os.listdir(cfg.vms_dir))
+    except FileNotFoundError:
+        return set()
 
 
 async def run(cfg, etcd, node: str, pid_range=(0, 0), spawner=None, on_vms=None) -> None:
@@ -78,11 +94,11 @@ async def run(cfg, etcd, node: str, pid_range=(0, 0), spawner=None, on_vms=None)
                 if on_vms is not None:
                     on_vms({vm.name: e.create_revision for vm, e in zip(vms, entries)}, when)
                 names = {vm.name for vm in vms}
-                forget = wall if seen is None or seen - names else None
+                forget = seen is None or bool(seen - names)
                 if spawner is not None:
-                    changed = await spawner.call(reconcile_once, cfg, node, vms, pid_range, forget)
+                    changed = await spawner.call(reconcile_once, cfg, node, vms, pid_range, wall, forget)
                 else:
-                    changed = reconcile_once(cfg, node, vms, pid_range, forget)
+                    changed = reconcile_once(cfg, node, vms, pid_range, wall, forget)
                 seen = names
                 if changed["created_or_resized"] or changed["removed"]:
                     log.info("cells: created or resized %s, removed %s", changed["created_or_resized"],

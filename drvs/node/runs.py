@@ -112,19 +112,35 @@ def monitor_alive(cfg, run_id: str) -> bool:
     return _alive(monitor(cfg, run_id))
 
 
+def vanished(run_id: str) -> NotFound:
+    """A detached run whose log went while it was followed or awaited: its
+    VM was removed, and its files with it."""
+    return NotFound(f"run {run_id!r} is gone, with its log and exit status: its VM was removed (drvs vm rm)")
+
+
 def lost(run_id: str) -> DrvsError:
     return DrvsError(f"run {run_id!r} ended and left no exit status (its monitor was killed)")
 
 
 def parse_signal(name: str) -> int:
-    """A signal by name (TERM, SIGTERM) or number."""
+    """A signal by name (TERM, SIGTERM, RTMIN+3) or number, one a run's
+    keeper passes on (not the one it keeps for itself)."""
     upper = name.upper().removeprefix("SIG")
+    realtime = re.fullmatch(r"(RTMIN|RTMAX)([+-]\d+)?", upper)
     try:
-        signum = int(upper) if upper.isdigit() else signal.Signals["SIG" + upper].value
+        if upper.isdigit():
+            signum = int(upper)
+        elif realtime:
+            signum = getattr(signal, "SIG" + realtime.group(1)) + int(realtime.group(2) or 0)
+        else:
+            signum = signal.Signals["SIG" + upper].value
     except KeyError:
         raise UsageError(f"unknown signal {name!r}") from None
-    if not 0 <= signum <= signal.SIGRTMAX:
-        raise UsageError(f"unknown signal {name!r} (signals are 0 to {int(signal.SIGRTMAX)})")
+    last = int(jail.END_RUN_SIGNAL) - 1
+    if signum == jail.END_RUN_SIGNAL:
+        raise UsageError(f"signal {name!r} is the one DRVS ends runs with: use KILL")
+    if not 0 <= signum <= last or (realtime and signum < signal.SIGRTMIN):
+        raise UsageError(f"unknown signal {name!r} (signals are 0 to {last})")
     return signum
 
 

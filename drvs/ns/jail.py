@@ -122,6 +122,18 @@ def data_dirs(cfg: Config, vm: str) -> tuple[str, str]:
     return f"{vm_dir}/data", f"{vm_dir}/home"
 
 
+def drop_data_dirs(cfg: Config, vm: str) -> None:
+    """A removed VM's directory on a node, with the data and home
+    directories runs made there, if nothing is in them (on a cluster its
+    /data is the VM's file system; its store goes with drvs/fs/service.py)."""
+    vm_dir = f"{cfg.vms_dir}/{vm}"
+    for path in (f"{vm_dir}/data", f"{vm_dir}/home", vm_dir):
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass  # (not there, or holding something: kept)
+
+
 class Run:
     """One program in a cell: start() under the cell lock, then wait()."""
 

@@ -179,11 +179,39 @@ def test_detached_run_on_another_node(cluster_factory):
     assert c.drvs("wait", job, node="n1").stdout == "0\n"
     assert c.drvs("vm", "rm", "job", node="n1").returncode == 0
     deadline = time.monotonic() + 15
-    while os.path.exists(f"{c.node('n2')['state_dir']}/runs/{job}.log"):
-        assert time.monotonic() < deadline
+    while os.path.exists(f"{c.node('n2')['state_dir']}/runs/{job}.log") or \
+            os.path.exists(f"{c.node('n2')['state_dir']}/vms/job"):  # (nor the VM's directory there)
+        assert time.monotonic() < deadline, os.listdir(f"{c.node('n2')['state_dir']}/vms")
         time.sleep(0.2)
     assert not os.path.exists(f"{c.node('n2')['state_dir']}/runs/{job}.exit")
     assert c.drvs("logs", run_id, node="n1").returncode == 0  # (the default VM's run is kept)
+
+
+def test_a_followed_run_whose_vm_goes_or_whose_node_is_away(cluster_factory):
+    """`drvs wait` on a run whose VM is removed says so; a run of a node
+    whose drvmmd is away is not 'no such run' (exit 3) but unreachable (7)."""
+    c = cluster_factory(nodes=2)
+    assert c.drvs("vm", "create", "gone", node="n1").returncode == 0
+    doomed = run_on(c, "n1", "-d", "--vm", "gone", "--node", "n2", "--", "sleep", "100").stdout.strip()
+    waiter = subprocess.Popen([str(BIN / "drvs"), "wait", doomed], env={**c.env, "DRVS_NODE": "n1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1)  # (waiting)
+        busy = c.drvs("vm", "rm", "gone", node="n1")  # (a VM without shares runs anywhere: n2 is asked too)
+        assert busy.returncode == 4 and "running process(es) on n2" in busy.stderr, busy.stderr
+        assert c.drvs("vm", "rm", "--force", "gone", node="n1").returncode == 0
+        out, err = waiter.communicate(timeout=40)
+        assert (waiter.returncode, out) == (3, "") and err == (
+            f"drvs: run {doomed!r} is gone, with its log and exit status: its VM was removed (drvs vm rm)\n"), err
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+            waiter.wait()
+    live = run_on(c, "n1", "-d", "--node", "n2", "--", "sleep", "100").stdout.strip()
+    os.killpg(c.node("n2")["pid"], signal.SIGKILL)
+    for verb in ("logs", "wait", "kill"):
+        p = c.drvs(verb, live, node="n1")
+        assert p.returncode == 7 and "n2" in p.stderr and "may be there" in p.stderr, (verb, p.stderr)
 
 
 def test_dead_target_node_is_reported_within_the_bound(cluster_factory):
