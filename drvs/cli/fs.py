@@ -44,15 +44,10 @@ def _view(cfg, vm: str) -> str:
 
     if not cluster_info(cfg):
         raise no_cluster(cfg, "its VMs keep their data in STATE/vms/VM/data")
-    from ..ipc.message import IpcError
-
     spec = VmRegistry(open_store()).get(vm)
     if not spec.fs_nodes:
         raise UsageError(f"VM {vm!r} has no cluster file system (it was made without --node shares)")
-    try:
-        handover.check(cfg)  # drvmmd is there (a dead one's view would say ENOTCONN)
-    except SetupError as e:
-        raise IpcError(str(e)) from None  # (the node cannot be reached: exit 7, as for any message)
+    handover.check(cfg)  # drvmmd is there (a dead one's view would say ENOTCONN; else DaemonAway, exit 7)
     return vm_file_system(cfg, spec)
 
 

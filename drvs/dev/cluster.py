@@ -18,7 +18,7 @@ import time
 import urllib.request
 
 from ..config import Config
-from ..errors import Conflict, NotFound, SetupError, UsageError
+from ..errors import Conflict, DaemonAway, NotFound, SetupError, UsageError
 from ..ns.cgroup import Cgroup
 from ..cluster.context import dev_cluster_file, dev_node, read_json, setns_net
 from ..cluster import etcd_process, pki
@@ -178,7 +178,7 @@ def _answers(handover, cfg: Config) -> bool:
     try:
         handover.check(cfg)
         return True
-    except SetupError:
+    except DaemonAway:
         return False
 
 
