@@ -141,6 +141,9 @@ def test_detached_run_logs_and_kill(drvs):
     assert "started" in drvs.drvs("logs", run_id).stdout
     runs = json.loads(drvs.drvs("vm", "show", "default", "--format", "json").stdout)["runs"]
     assert [r["id"] for r in runs] == [run_id] and runs[0]["detached"] is True
+    listed = json.loads(drvs.drvs("runs", "--json", check=True).stdout)
+    assert [(r["id"], r["node"], r["vm"], r["argv"][0], r["running"]) for r in listed] == \
+        [(run_id, "-", "default", "sh", True)]
     assert drvs.drvs("kill", run_id).returncode == 0
     while drvs.drvs("vm", "show", "default", "--format", "json").stdout.count(run_id) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -150,6 +153,9 @@ def test_detached_run_logs_and_kill(drvs):
                            env=drvs.env, stdout=full, stderr=subprocess.PIPE, text=True)
     assert (p.returncode, p.stderr) == (74, "drvs: cannot write to standard output: No space left on device\n")
     assert drvs.drvs("wait", run_id, check=True).stdout == "0\n"
+    assert json.loads(drvs.drvs("runs", "--json", check=True).stdout) == []
+    ended = json.loads(drvs.drvs("runs", "-a", "default", "--json", check=True).stdout)
+    assert [(r["id"], r["running"], r["code"], r["argv"][0]) for r in ended] == [(run_id, False, 0, "sh")]
     assert json.loads(drvs.drvs("vm", "show", "default", "--format", "json").stdout)["cell"] == {"active": False}
     ended = drvs.drvs("kill", run_id)
     assert (ended.returncode, ended.stderr) == (3, f"drvs: run {run_id!r} has ended (exit status 0)\n")

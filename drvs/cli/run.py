@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import time
 from typing import NoReturn
 
 from .. import config
@@ -170,17 +171,18 @@ def monitor(cfg, vm, r: jail.Run, report: int) -> NoReturn:
         if gone:  # (drvs vm rm took the VM's runs' logs; this one ended after it looked)
             _unlink_quietly(log)
         else:
-            _write_exit(cfg, r.id, vm.name, code, note)  # (drvs wait and logs -f learn the end from it)
+            _write_exit(cfg, r, vm.name, code, note)  # (drvs wait and logs -f learn the end from it)
         os._exit(code)
 
 
-def _write_exit(cfg, run_id: str, vm_name: str, code: int, note: str) -> None:
+def _write_exit(cfg, run: jail.Run, vm_name: str, code: int, note: str) -> None:
     """The end of a detached run, beside its log (not in it: the log is the
-    program's output alone)."""
-    path = exit_path(cfg, run_id)
+    program's output alone), with what drvs runs -a lists of it."""
+    path = exit_path(cfg, run.id)
     try:
         with open(path + ".tmp", "w") as f:
-            json.dump({"vm": vm_name, "code": code, "note": note}, f)
+            json.dump({"vm": vm_name, "code": code, "note": note, "argv": list(run.opts.argv),
+                       "started": run.started, "ended": time.time()}, f)
         os.rename(path + ".tmp", path)
     except OSError:
         pass  # (nothing to tell it to: drvs wait then finds the run neither running nor ended)

@@ -17,6 +17,7 @@ enum DrvmmCall {
   detach @10;    # RunRequest (fabric.capnp) -> Detached; a detached run on this node (drvs-run -d)
   runLog @11;    # RunQuery -> RunLog; a run of this node: its log from an offset, whether it ended
   runSignal @12; # RunQuery (run, signal) -> ; signal a run of this node (drvs kill)
+  runList @13;   # RunFilter -> RunList; this node's runs (drvs runs)
 }
 
 struct NameRequest {
@@ -67,4 +68,24 @@ struct RunLog {
   note @3 :Text;        # when ended: a line for the user (out of memory, its VM removed, ...)
   gone @4 :Bool;        # not ended, yet nothing watches it: its monitor was killed (if so for long)
   detached @5 :Bool;    # it has a log and an exit status to come (drvs-run -d); else only a record
+}
+
+struct RunFilter {
+  vm @0 :Text;          # empty: every VM's
+  every @1 :Bool;       # also the detached runs that ended (their logs kept)
+}
+
+struct RunList {
+  runs @0 :List(RunInfo);
+}
+
+struct RunInfo {
+  id @0 :Text;
+  vm @1 :Text;
+  argv @2 :List(Text);
+  started @3 :Float64;  # time.time()
+  detached @4 :Bool;
+  running @5 :Bool;
+  code @6 :Int32;       # ended: its exit status
+  note @7 :Text;        # ended: a line for the user
 }

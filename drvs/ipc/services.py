@@ -105,6 +105,7 @@ class DrvmmService:
             Call.detach: self.detach,
             Call.runLog: self.run_log,
             Call.runSignal: self.run_signal,
+            Call.runList: self.run_list,
         }
 
     # What only this node's own servers and clients may ask: these act with
@@ -320,6 +321,18 @@ class DrvmmService:
 
         await _as_ipc(send())
         return Msg(0)
+
+
+    async def run_list(self, msg: Msg) -> Msg:
+        from ..node import runs
+
+        try:
+            f = drvmm.RunFilter.from_bytes_packed(msg.payload)
+            vm, every = f.vm or None, f.every
+        except Exception:  # noqa: BLE001
+            raise IpcError("malformed request", errno.EBADMSG) from None
+        found = await trio.to_thread.run_sync(runs.listing, self.cfg, vm, every)
+        return Msg(0, drvmm.RunList.new_message(runs=found).to_bytes_packed())
 
 
 def _run_query(msg: Msg):

@@ -59,6 +59,36 @@ def forget_runs(cfg, gone, before: float | None = None) -> None:
                 pass
 
 
+def listing(cfg, vm: str | None = None, every: bool = False) -> list[dict]:
+    """This node's runs (of vm, if given) that run, and with `every` the
+    detached ones that ended and are kept: {id, vm, argv, started,
+    detached, running, code, note} (code and note once ended)."""
+    found = []
+    for name in sorted(_names(cfg.runs_dir)):
+        run_id, ext = name[:12], name[12:]
+        if ext == ".json":
+            try:
+                rec = record(cfg, run_id)
+            except NotFound:
+                continue
+            if running(cfg, run_id):
+                found.append({"id": run_id, "vm": rec.get("vm", ""), "argv": rec.get("argv", []),
+                              "started": rec.get("started", 0.0), "detached": bool(rec.get("detached")),
+                              "running": True})
+        elif ext == ".exit" and every and (end := ended(cfg, run_id)) is not None:
+            found.append({"id": run_id, "vm": end.get("vm", ""), "argv": end.get("argv", []),
+                          "started": end.get("started", 0.0), "detached": True, "running": False,
+                          "code": end["code"], "note": end.get("note", "")})
+    return [r for r in found if vm is None or r["vm"] == vm]
+
+
+def _names(directory: str) -> list[str]:
+    try:
+        return [n for n in os.listdir(directory) if re.fullmatch(r"[0-9a-f]{12}\.(json|exit)", n)]
+    except FileNotFoundError:
+        return []
+
+
 def known(cfg, run_id: str) -> bool:
     """Whether this node has the run (running, or ended with its log kept)."""
     return any(os.path.exists(f"{cfg.runs_dir}/{run_id}{ext}") for ext in (".json", ".log", ".exit"))

@@ -145,6 +145,7 @@ class Run:
         self.supervise = supervise
         self.pid_range = (0, 0)
         self.id = os.urandom(6).hex()
+        self.started = 0.0  # (time.time() once the program runs)
         self.cgroup = None
         self.proc: launcher.Launched | None = None
         self.tty_master = -1
@@ -281,11 +282,12 @@ class Run:
 
     def _write_record(self) -> None:
         os.makedirs(self.cfg.runs_dir, exist_ok=True)
+        self.started = time.time()
         with open(self.record_path, "w") as f:
             json.dump({
             "id": self.id, "vm": self.vm.name, "argv": self.opts.argv, "keeper": self.proc.pid,
             "keeper_start": process_start(self.proc.pid),
-            "monitor": os.getpid(), "started": time.time(), "detached": self.opts.detached}, f)
+            "monitor": os.getpid(), "started": self.started, "detached": self.opts.detached}, f)
 
     # -- wait ------------------------------------------------------------
 

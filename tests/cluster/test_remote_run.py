@@ -3,6 +3,7 @@ carried over the fabric."""
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import signal
@@ -144,6 +145,9 @@ def test_detached_run_on_another_node(cluster_factory):
     while (logs := c.drvs("logs", run_id, node="n1")).stdout != "started\nerr\n":
         assert logs.returncode == 0 and time.monotonic() < deadline, (logs.stdout, logs.stderr)
         time.sleep(0.2)
+    listed = json.loads(c.drvs("runs", "--json", node="n1", check=True).stdout)  # (n2's, seen from n1)
+    assert [(r["id"], r["node"], r["vm"], r["running"], r["detached"]) for r in listed] == \
+        [(run_id, "n2", "default", True, True)], listed
     follow = subprocess.Popen([str(BIN / "drvs"), "logs", "-f", run_id], env={**c.env, "DRVS_NODE": "n1"},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -161,6 +165,9 @@ def test_detached_run_on_another_node(cluster_factory):
             follow.wait()
     waited = c.drvs("wait", run_id, node="n1")
     assert (waited.returncode, waited.stdout) == (0, "9\n")
+    assert c.drvs("runs", node="n1", check=True).stdout.count("\n") == 1  # (the header alone: none runs)
+    ended = c.drvs("runs", "-a", node="n1", check=True).stdout.splitlines()
+    assert len(ended) == 2 and ended[1].split()[:3] == [run_id, "n2", "default"] and "exited (9)" in ended[1], ended
     deadline = time.monotonic() + 5
     while zombies := zombie_children(c.node("n2")["pid"]):  # (n2's drvmmd reaps the run's monitor)
         assert time.monotonic() < deadline, zombies
