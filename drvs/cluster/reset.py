@@ -7,7 +7,6 @@ drvmmd must be stopped; its lock is held throughout, so none starts
 meanwhile.  What was this machine's before it joined stays: the embedded
 store (store.json) and the directories of the VMs it names."""
 
-import fcntl
 import os
 import select
 import shutil
@@ -34,15 +33,12 @@ def reset(cfg, info: dict) -> list[str]:
 
 
 def _hold_daemon_lock(cfg) -> int:
-    """The lock a running drvmmd holds (drvs/node/daemon.py): taken, or
-    Conflict naming the daemon that has it."""
-    fd = os.open(f"{cfg.state_dir}/drvmmd.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise Conflict(f"drvmmd runs for this node (pid {holder}): stop it first") from None
+    """The lock a running drvmmd holds: taken, or Conflict naming it."""
+    from ..node import lockfile
+
+    fd, holder = lockfile.take(cfg)
+    if holder is not None:
+        raise Conflict(f"drvmmd runs for this node (pid {holder}): stop it first")
     return fd
 
 

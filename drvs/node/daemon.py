@@ -223,17 +223,12 @@ def _vms_now(fabric, made: dict, when: float) -> None:
         view.vms_now(made, when)
 
 def _only_daemon(cfg) -> int:
-    """The node's one drvmmd: a lock on STATE/drvmmd.lock, held while it
-    runs (a second one would take over the node's status and socket)."""
-    import fcntl
+    """The node's one drvmmd (drvs/node/lockfile.py): the lock, or Conflict."""
+    from . import lockfile
 
-    fd = os.open(f"{cfg.state_dir}/drvmmd.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise Conflict(f"another drvmmd runs for this node ({cfg.state_dir}, pid {holder})") from None
+    fd, holder = lockfile.take(cfg)
+    if holder is not None:
+        raise Conflict(f"another drvmmd runs for this node ({cfg.state_dir}, pid {holder})")
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
