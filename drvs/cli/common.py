@@ -143,9 +143,11 @@ def print_table(columns: list[str], rows: list[list], title: str | None = None) 
 
 
 def age(ts: float) -> str:
-    """How long ago, as kubectl prints it (5s, 3m, 2h, 4d)."""
+    """How long ago, as kubectl prints it (5s, 3m, 2h, 4d); "-" if unknown (0)."""
     import time
 
+    if not ts:
+        return "-"
     s = int(time.time() - ts)
     for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
         if s >= n:

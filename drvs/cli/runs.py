@@ -166,6 +166,8 @@ def logs(args) -> int:
             if ended:  # (what the program wrote before it ended is all in the file by now)
                 while chunk := f.read(65536):
                     sys.stdout.buffer.write(chunk)
+                if not os.path.exists(runs.log_path(cfg, args.run)):
+                    raise runs.vanished(args.run)  # (as from another node)
                 return 0
             sys.stdout.flush()
             time.sleep(runs.FOLLOW_POLL)

@@ -15,7 +15,7 @@ from ..store import open_store
 from ..units import format_size
 from ..vm import admission
 from ..vm.model import VmSpec, check_name, parse_share
-from ..vm.registry import VmRegistry
+from ..vm.registry import VMS, VmRegistry
 from .common import add_format, age, emit, print_table
 from .options import add_limit_options, check_here, limits_from, typed
 from ..node.runs import forget_runs
@@ -298,7 +298,11 @@ def show(args) -> int:
 def rm(args) -> int:
     cfg = config.load()
     reg = VmRegistry(open_store())
-    spec = reg.get(args.name) if args.name != "default" else None  # NotFound for an unknown VM
+    if args.name != "default":
+        spec = reg.get(args.name)  # NotFound for an unknown VM
+    else:  # (not made by looking, as get() would: it is there if used)
+        entry = reg.store.get(VMS + args.name)
+        spec = VmSpec.from_json(entry.value) if entry is not None else None
     if spec is not None and cluster_info(cfg):
         _not_in_use_elsewhere(cfg, spec, args.force)
     with cells.locked(cfg, args.name) as lock:

@@ -95,9 +95,9 @@ class Etcd:
                 raise EtcdError(f"etcd {path}: {data.get('error') or data.get('message') or r.status_code}")
             return data
         why = reason(last, empty="no answer in time")
-        if isinstance(last, httpx.RemoteProtocolError):
-            from .etcd_process import CLOSED_HINT
+        from .etcd_process import CLOSED_HINT, closed_on_us
 
+        if closed_on_us(last):
             why += CLOSED_HINT
         raise EtcdUnavailable(f"etcd unreachable at {', '.join(self.endpoints)}: {why}")
 

@@ -22,6 +22,23 @@ CLOSED_HINT = (" (if this node was removed with `drvs node rm`, etcd refuses its
                "`drvs node reset`, then join again)")
 
 
+def closed_on_us(e: BaseException | None) -> bool:
+    """Whether a client's failure is the server closing or resetting the
+    connection (as etcd does at once to a revoked certificate: seen as a
+    disconnect, a reset or a TLS EOF, by how far the client got)."""
+    import ssl
+
+    seen = e
+    while seen is not None:
+        if isinstance(seen, (ConnectionResetError, ssl.SSLEOFError)) or type(seen).__name__ in (
+                "RemoteProtocolError", "RemoteDisconnected", "ReadError") or "EOF" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__ or getattr(seen, "reason", None)
+        if not isinstance(seen, BaseException):
+            return False
+    return False
+
+
 def crl_path(data_dir: str) -> str:
     """The revocation list etcd checks every client's certificate against
     (it reads the file anew at each connection)."""

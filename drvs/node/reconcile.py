@@ -57,10 +57,12 @@ def reconcile_once(cfg, node: str, vms: list[VmSpec], pid_range=(0, 0), when: fl
         try:
             with cells.locked(cfg, name) as lock:
                 record = lock.read_record() or {}
-                # A pinned cell whose share went; or any cell of a VM removed (one
-                # made before `when` had its VM defined then, so in vms unless removed).
-                if record.get("pinned") or (name not in names and when is not None
-                                            and record.get("created", when) < when):
+                # A pinned cell whose share went; or a cluster cell of a VM removed:
+                # one made or used by a run before `when` had its VM defined then,
+                # so in vms unless removed since.
+                last = max(record.get("created", when or 0), record.get("used", 0))
+                if record.get("pinned") or (name not in names and record.get("cluster") and when is not None
+                                            and last < when):
                     cells.release(lock, force=True)
                     changed["removed"].append(name)
         except DrvsError as e:

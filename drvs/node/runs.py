@@ -158,7 +158,7 @@ def parse_signal(name: str) -> int:
     upper = name.upper().removeprefix("SIG")
     realtime = re.fullmatch(r"(RTMIN|RTMAX)([+-]\d+)?", upper)
     try:
-        if upper.isdigit():
+        if upper.isascii() and upper.isdecimal():
             signum = int(upper)
         elif realtime:
             signum = getattr(signal, "SIG" + realtime.group(1)) + int(realtime.group(2) or 0)

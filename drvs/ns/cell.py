@@ -155,8 +155,8 @@ def ensure(lock: CellLock, vm: VmSpec, limits=None, pin: bool = False, pid_range
     cell = find(lock)
     if cell is not None:
         cell.cgroup.set_limits(limits)  # a resized VM takes effect here
-        if pin and not lock.read_record().get("pinned"):
-            lock.write_record({**lock.read_record(), "pinned": True})
+        # (used: the reconciler ends a removed VM's cell only if unused since it last read the VMs)
+        lock.write_record({**lock.read_record(), "used": time.time(), **({"pinned": True} if pin else {})})
         return cell
     if lock.cfg.favordynmods:
         ensure_fast_migrations()
@@ -189,7 +189,10 @@ def _create(lock: CellLock, vm: VmSpec, limits, idle_check_ms: int, pin: bool, p
             os.close(fd)
         if lock_fd >= 0:
             os.close(lock_fd)
-    lock.write_record({"vm": vm.name, "cgroup": cg.record(), "created": time.time(), "pinned": pin})
+    lock.write_record({"vm": vm.name, "cgroup": cg.record(), "created": time.time(), "pinned": pin,
+                       # (a cluster's: the reconciler may end it with its VM; a cell of the
+                       # machine's own VMs, from before it joined, it leaves alone)
+                       "cluster": os.path.exists(f"{lock.cfg.state_dir}/cluster.json")})
     return ActiveCell(vm.name, cg, pid, os.pidfd_open(pid))
 
 

@@ -125,13 +125,24 @@ def data_dirs(cfg: Config, vm: str) -> tuple[str, str]:
 def drop_data_dirs(cfg: Config, vm: str) -> None:
     """A removed VM's directory on a node, with the data and home
     directories runs made there, if nothing is in them (on a cluster its
-    /data is the VM's file system; its store goes with drvs/fs/service.py)."""
+    /data is the VM's file system; its store goes with drvs/fs/service.py).
+    Under the cell's lock, and not while a cell of the name lives: a VM
+    made again under it may be starting a run (Run.start makes them anew
+    under that lock)."""
     vm_dir = f"{cfg.vms_dir}/{vm}"
-    for path in (f"{vm_dir}/data", f"{vm_dir}/home", vm_dir):
-        try:
-            os.rmdir(path)
-        except OSError:
-            pass  # (not there, or holding something: kept)
+    if not os.path.isdir(vm_dir):
+        return
+    with cells.locked(cfg, vm) as lock:
+        cell = cells.find(lock)
+        if cell is not None:
+            cell.close()
+            return
+        for path in (f"{vm_dir}/data", f"{vm_dir}/home", vm_dir):
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass  # (not there, or holding something: kept)
+        lock.drop_file()  # (made by taking it; whoever waits for it locks a new one)
 
 
 class Run:
@@ -197,6 +208,7 @@ class Run:
         steps = rootfs.build_root(rootdir=self.cfg.rootdir, hostname=self.vm.name, data_dir=data, home_dir=home,
                                   binds=self.opts.binds, net_host=self.opts.net_host, proc_view=view)
         with cells.locked(self.cfg, self.vm.name) as lock:
+            data_dirs(self.cfg, self.vm.name)  # (again, under the lock drop_data_dirs takes)
             cell = cells.ensure(lock, self.vm, self.vm.limits_on(node), pid_range=self.pid_range)
             try:
                 self._launch(cell, steps)

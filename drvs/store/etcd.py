@@ -3,7 +3,6 @@ urllib, synchronously (commands are not trio programs; the daemon uses
 drvs.cluster.etcd).  Same interface as the embedded store."""
 
 import base64
-import http.client
 import json
 import urllib.error
 import urllib.request
@@ -44,9 +43,9 @@ class EtcdStore(Store):
             except (OSError, ValueError) as e:
                 last = e
         why = reason(last)
-        if isinstance(last, http.client.RemoteDisconnected):
-            from ..cluster.etcd_process import CLOSED_HINT
+        from ..cluster.etcd_process import CLOSED_HINT, closed_on_us
 
+        if closed_on_us(last):
             why += CLOSED_HINT
         raise EtcdUnavailable(f"etcd unreachable at {', '.join(self.endpoints)}: {why}")
 

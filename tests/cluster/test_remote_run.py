@@ -215,6 +215,8 @@ def test_a_followed_run_whose_vm_goes_or_whose_node_is_away(cluster_factory):
             waiter.kill()
             waiter.wait()
     live = run_on(c, "n1", "-d", "--node", "n2", "--", "sleep", "100").stdout.strip()
+    busy = c.drvs("vm", "rm", "default", node="n1")  # (the default VM's programs count too)
+    assert busy.returncode == 4 and "running process(es) on n2" in busy.stderr, busy.stderr
     os.killpg(c.node("n2")["pid"], signal.SIGKILL)
     for verb in ("logs", "wait", "kill"):
         p = c.drvs(verb, live, node="n1")
