@@ -609,10 +609,11 @@ async def test_a_replica_of_a_vm_made_again_survives_the_late_removal_of_the_old
     definition leaves the new one's files."""
     from types import SimpleNamespace
 
+    from drvs.config import Config
     from drvs.fs.service import FsNode
 
     etcd = FakeEtcd({"web": 10})
-    node = FsNode(SimpleNamespace(vms_dir=str(tmp_path / "vms")), etcd, Invalidations(), SimpleNamespace(name="n2"))
+    node = FsNode(Config(str(tmp_path)), etcd, Invalidations(), SimpleNamespace(name="n2"))
     base = tmp_path / "vms" / "web" / "fs"
 
     async def mirror(made: int, name: bytes) -> Msg:
@@ -642,7 +643,7 @@ async def test_a_replica_of_a_vm_made_again_survives_the_late_removal_of_the_old
     await mirrored(30, b"third")          # made once more
     assert os.listdir(base / "root") == ["third"]
     # a node that restarted remembers no removal: etcd says which definitions are
-    node = FsNode(SimpleNamespace(vms_dir=str(tmp_path / "vms")), etcd, Invalidations(), SimpleNamespace(name="n2"))
+    node = FsNode(Config(str(tmp_path)), etcd, Invalidations(), SimpleNamespace(name="n2"))
     etcd.vms = {}
     with pytest.raises(IpcError) as e:    # the definition of 30 was removed while the node was down
         await mirror(30, b"late")
