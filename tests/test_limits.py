@@ -86,6 +86,38 @@ def test_impossible_limit_is_a_clear_error(drvs):
     assert "Traceback" not in p.stderr
 
 
+def test_vm_update_resizes_a_live_cell(drvs):
+    """drvs vm update: the running cell's cgroup takes the new limits; one
+    its programs cannot fit is refused, and nothing changes."""
+    from drvs.config import Config
+    from drvs.ns.cgroup import hierarchies
+
+    drvs.drvs("vm", "create", "elastic", "--memory", "96M", check=True)
+    proc = drvs.popen("--vm", "elastic", "--", "python3", "-c",
+                      "b = bytearray(40 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\n"
+                      "print('ready', flush=True)\nimport time; time.sleep(60)", stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        mem = next(h for h in hierarchies() if h.has("memory"))
+        cell = Path(mem.caller, Config(str(drvs.state)).cgroup_root, "elastic")
+        limit = cell / ("memory.limit_in_bytes" if mem.version == 1 else "memory.max")
+        assert int(limit.read_text()) == 96 << 20
+        drvs.drvs("vm", "update", "elastic", "--memory", "160M", "--pids-limit", "64", check=True)
+        assert int(limit.read_text()) == 160 << 20
+        pids = next((Path(h.caller, Config(str(drvs.state)).cgroup_root, "elastic", "pids.max")
+                     for h in hierarchies() if h.has("pids")), None)
+        assert pids is None or pids.read_text().strip() == "64"
+        small = drvs.drvs("vm", "update", "elastic", "--memory", "8M")  # (it holds 40M)
+        assert small.returncode == 4 and "the cell's programs use more than that now" in small.stderr, small.stderr
+        assert int(limit.read_text()) == 160 << 20
+        shown = json.loads(drvs.drvs("vm", "show", "elastic", "--format", "json", check=True).stdout)
+        assert shown["limits"]["memory"] == 160 << 20 and shown["limits"]["pids"] == 64
+        assert drvs.drvs("vm", "update", "elastic").returncode == 2  # (nothing to change)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
 def test_limits_are_applied_to_the_cell_cgroup(drvs):
     """Seen from the host: the cell's memory cgroup carries the VM's limit."""
     from drvs.ns.cgroup import hierarchies

@@ -17,7 +17,7 @@ from ..vm import admission
 from ..vm.model import VmSpec, check_name, parse_share
 from ..vm.registry import VMS, VmRegistry
 from .common import add_format, age, emit, print_table
-from .options import add_limit_options, check_here, limits_from, typed
+from .options import add_limit_options, check_here, limits_from, node_name, typed
 from ..node.runs import forget_runs
 
 
@@ -28,19 +28,18 @@ def add_parser(sub) -> None:
     vm = sub.add_parser("vm", help="manage DRVMs")
     verbs = vm.add_subparsers(dest="verb", required=True, metavar="VERB")
     p = verbs.add_parser("create", help="define a VM")
-    p.add_argument("name", type=typed(check_name), metavar="VM")
-    add_limit_options(p)
-    p.add_argument("--node", dest="shares", action="append", default=[], type=typed(parse_share),
-                   metavar="NODE[:cpus=N,cpuset=LIST,memory=SIZE,pids=N]",
-                   help="give the VM a share of NODE (repeatable)")
+    _vm_and_shares(p, "give the VM a share of NODE (repeatable)")
     p.add_argument("--fs-replicas", type=int, default=None, metavar="N",
                    help="keep the VM's file system on N of its nodes, the first --node ones "
                         "(default: 2 with two nodes or more)")
     p.add_argument("--fs-sync", action="store_true",
                    help="a close returns once every replica has what was written (default: only fsync waits)")
-    p.add_argument("--overcommit", action="store_true",
-                   help="let the shares go past what their nodes have left beside other VMs' shares")
     p.set_defaults(func=create)
+    p = verbs.add_parser("update", help="change a VM's limits or its shares of nodes, live")
+    _vm_and_shares(p, "give the VM this share of NODE, new or in place of its share there (repeatable)")
+    p.add_argument("--rm-node", dest="drop", action="append", default=[], type=typed(node_name),
+                   metavar="NODE", help="take the VM's share of NODE away, its programs there ended (repeatable)")
+    p.set_defaults(func=update)
     p = verbs.add_parser("ls", help="list VMs")
     add_format(p)
     p.set_defaults(func=ls)
@@ -54,6 +53,16 @@ def add_parser(sub) -> None:
                    help="also when in use: end its running programs (on every node) and detach its "
                         "drvs mounts first")
     p.set_defaults(func=rm)
+
+
+def _vm_and_shares(p, share_help: str) -> None:
+    """What create and update take: the VM, its limits, its shares."""
+    p.add_argument("name", type=typed(check_name), metavar="VM")
+    add_limit_options(p)
+    p.add_argument("--node", dest="shares", action="append", default=[], type=typed(parse_share),
+                   metavar="NODE[:cpus=N,cpuset=LIST,memory=SIZE,pids=N]", help=share_help)
+    p.add_argument("--overcommit", action="store_true",
+                   help="let the shares go past what their nodes have left beside other VMs' shares")
 
 
 def create(args) -> int:
@@ -85,7 +94,81 @@ def create(args) -> int:
     raise Conflict(f"VM {args.name!r}: VMs kept being made while its shares were checked; try again")
 
 
-def _warn_not_ready(store, spec: VmSpec) -> None:
+def update(args) -> int:
+    """Change a VM's definition: each node's reconciler resizes its cell in
+    place (cgroup limits, live), makes a new share's and ends a removed
+    one's; a single node's cell is resized here."""
+    given = dict(args.shares)
+    if len(given) != len(args.shares):
+        twice = next(n for n, _ in args.shares if [m for m, _ in args.shares].count(n) > 1)
+        raise UsageError(f"node {twice!r} is given twice in --node")
+    if set(given) & set(args.drop):
+        raise UsageError(f"node {sorted(set(given) & set(args.drop))[0]!r} is given to --node and --rm-node")
+    new_limits = {k: v for k, v in limits_from(args)._asdict().items() if v is not None}
+    if not (given or args.drop or new_limits):
+        raise UsageError("nothing to change: give --cpus, --cpuset-cpus, --memory, --pids-limit, --node or --rm-node")
+    store = open_store()
+    registry = VmRegistry(store)
+    specs = node_specs(store, given) if given else {}
+    for node, share in given.items():
+        admission.check_share(node, specs[node], share)
+    for _ in range(ADMIT_TRIES):
+        entry = registry.entry(args.name)
+        old = VmSpec.from_json(entry.value)
+        spec = _changed(old, given, args.drop, new_limits)
+        others, revision = registry.snapshot()
+        if not args.overcommit:
+            for node, share in given.items():
+                admission.check_fits(node, specs[node], share, [vm for vm in others if vm.name != args.name])
+        checked = given and not args.overcommit
+        stored = registry.update(spec, entry.mod_revision, unchanged_since=revision if checked else None)
+        if stored is not None:
+            break
+    else:
+        raise Conflict(f"VM {args.name!r} kept changing while it was being updated; try again")
+    if not spec.shares:
+        try:
+            _resize_here(spec)
+        except DrvsError:  # (a memory limit below what the cell uses, say: the definition is put back)
+            registry.update(old, stored)
+            raise
+    if given:
+        _warn_not_ready(store, VmSpec(spec.name, shares=given), "update")
+    print(spec.name)
+    return 0
+
+
+def _changed(spec: VmSpec, given: dict, drop: list[str], new_limits: dict) -> VmSpec:
+    """spec with the shares and limits asked for; why not, if they cannot be."""
+    if given and not spec.shares:
+        raise UsageError(f"VM {spec.name!r} was made without node shares (its files are each node's own): "
+                         "shares are given at `drvs vm create --node`")
+    shares = dict(spec.shares)
+    for node in drop:
+        if node not in shares:
+            raise NotFound(f"VM {spec.name!r} has no share of node {node!r} (its nodes: "
+                           f"{', '.join(sorted(shares)) or 'none'})")
+        if node in spec.fs_nodes:
+            raise Conflict(f"node {node!r} keeps a replica of VM {spec.name!r}'s file system: its share stays")
+        del shares[node]
+    shares.update(given)
+    limits = spec.limits._replace(**new_limits)
+    if not shares:
+        check_here(limits)  # (a VM of no node in particular: its limits must fit this one)
+    elif new_limits:
+        raise UsageError(f"VM {spec.name!r} has node shares: change them with --node NODE:cpus=N,... "
+                         "(its own limits apply only where it has no share)")
+    return VmSpec(spec.name, limits, spec.created, shares, spec.fs_nodes, spec.fs_sync)
+
+
+def _resize_here(spec: VmSpec) -> None:
+    """This node's live cell of a VM without shares takes its new limits
+    (on a cluster, every node's does at its reconciler's next pass)."""
+    with cells.locked(config.load(), spec.name) as lock:
+        cells.resize(lock, spec.limits)
+
+
+def _warn_not_ready(store, spec: VmSpec, verb: str = "create") -> None:
     """Shares of nodes that are NotReady are made when they are back: said,
     not refused (a node being restarted is a normal state)."""
     from ..cluster.membership import status_key
@@ -93,7 +176,7 @@ def _warn_not_ready(store, spec: VmSpec) -> None:
     for node in spec.shares:
         if store.get(status_key(node)) is None:
             first = spec.fs_nodes[:1] == [node]
-            print(f"drvs vm create: warning: node {node} is NotReady; its share is made when it is back"
+            print(f"drvs vm {verb}: warning: node {node} is NotReady; its share is made when it is back"
                   + (", and the VM's file system (first kept there) starts only then" if first else ""),
                   file=sys.stderr)
 

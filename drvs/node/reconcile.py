@@ -46,7 +46,8 @@ def reconcile_once(cfg, node: str, vms: list[VmSpec], pid_range=(0, 0), when: fl
                     changed["created_or_resized"].append(name)
         except DrvsError as e:
             changed["failed"][name] = str(e)
-    names = {vm.name for vm in vms}
+    defined = {vm.name: vm for vm in vms}
+    names = set(defined)
     if forget and when is not None:  # (as `drvs vm rm` does on its own node)
         runs.forget_runs(cfg, lambda vm: vm not in names, before=when)
         for vm in _vm_dirs(cfg) - names:
@@ -65,6 +66,8 @@ def reconcile_once(cfg, node: str, vms: list[VmSpec], pid_range=(0, 0), when: fl
                                             and last < when):
                     cells.release(lock, force=True)
                     changed["removed"].append(name)
+                elif name in defined and not defined[name].shares and record.get("cluster"):
+                    cells.resize(lock, defined[name].limits)  # (drvs vm update of a VM without shares: live)
         except DrvsError as e:
             changed["failed"][name] = str(e)
     return changed

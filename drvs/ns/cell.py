@@ -163,6 +163,16 @@ def ensure(lock: CellLock, vm: VmSpec, limits=None, pin: bool = False, pid_range
     return _create(lock, vm, limits, lock.cfg.idle_check_ms, pin, pid_range)
 
 
+def resize(lock: CellLock, limits) -> None:
+    """The live cell, if any, takes limits (cgroup limits change in place)."""
+    cell = find(lock)
+    if cell is not None:
+        try:
+            cell.cgroup.set_limits(limits)
+        finally:
+            cell.close()
+
+
 def _create(lock: CellLock, vm: VmSpec, limits, idle_check_ms: int, pin: bool, pid_range) -> ActiveCell:
     cg = Cgroup.under_caller(lock.cfg.cgroup_root, vm.name)
     init = cg.child("init")

@@ -14,7 +14,7 @@ import time
 from collections import namedtuple
 from functools import cache
 
-from ..errors import SetupError, UsageError, os_error
+from ..errors import Conflict, DrvsError, SetupError, UsageError, os_error
 from ..units import format_size
 
 CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids")
@@ -329,8 +329,15 @@ class Cgroup:
             memsw = f"{d}/memory.memsw.limit_in_bytes"
             has_memsw = os.path.exists(memsw)
             if has_memsw:
+                with open(memsw) as f:
+                    before = f.read().strip()
                 self._set(memsw, "-1", what)
-            self._set(f"{d}/memory.limit_in_bytes", str(memory or -1), what)
+            try:
+                self._set(f"{d}/memory.limit_in_bytes", str(memory or -1), what)
+            except DrvsError:
+                if has_memsw:  # (the limit stays as it was: so does memory + swap, no swap beyond it)
+                    self._set(memsw, before, what)
+                raise
             if has_memsw and memory:
                 self._set(memsw, str(memory), what)
         else:
@@ -343,6 +350,9 @@ class Cgroup:
         try:
             _write(path, value)
         except OSError as e:
+            if e.errno == errno.EBUSY and "memory" in what:
+                raise Conflict(f"cannot apply {what}: the cell's programs use more than that now "
+                               f"({os.path.basename(path)}: {os.strerror(e.errno)})") from None
             if e.errno in (errno.EINVAL, errno.ERANGE, errno.EBUSY, errno.EPERM, errno.EACCES):
                 raise UsageError(os_error(f"cannot apply {what} ({os.path.basename(path)} = {value})", e)) from None
             raise SetupError(os_error(f"write {path}", e)) from None

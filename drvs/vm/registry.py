@@ -27,6 +27,26 @@ class VmRegistry:
             return None
         return spec
 
+    def update(self, spec: VmSpec, revision: int, unchanged_since: int | None = None) -> int | None:
+        """Store a changed VM if its definition is still at revision (and,
+        with unchanged_since, no VM was made or changed since a snapshot):
+        its new revision, else None, for the caller to look again."""
+        try:
+            return self.store.put(VMS + spec.name, spec.to_json(), expect_revision=revision,
+                                  unchanged=None if unchanged_since is None else (VMS, unchanged_since))
+        except CompareFailed:
+            return None
+
+    def entry(self, name: str):
+        """The VM's definition as stored, with its revision (NotFound)."""
+        check_name(name)
+        if name == DEFAULT_VM:
+            self.get(name)  # (made on first use)
+        entry = self.store.get(VMS + name)
+        if entry is None:
+            raise NotFound(f"no such VM: {name!r} (see `drvs vm ls`)")
+        return entry
+
     def get(self, name: str) -> VmSpec:
         """The VM's definition; the default VM comes into being on first use."""
         check_name(name)

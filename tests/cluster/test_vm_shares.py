@@ -46,6 +46,45 @@ def test_shares_become_cells_on_their_nodes_only(cluster_factory):
     assert shown["shares"]["n2"]["memory"] == 256 << 20 and shown["shares"]["n2"]["cpus"] == 1
 
 
+def test_vm_update_grows_and_shrinks_shares_live(cluster_factory):
+    """drvs vm update: a share resized in place on its node, one given to a
+    new node, one taken away; what cannot be is refused, nothing changed."""
+    c = cluster_factory(nodes=3)
+    c.drvs("vm", "create", "web", "--node", "n1:memory=128M", "--node", "n2:memory=256M", "--fs-replicas", "1",
+           node="n1", check=True)
+    assert wait_for(lambda: memory_limit(c, "n2", "web") == 256 << 20)
+    init = cell_inits(c, "n2", "web")
+    c.drvs("vm", "update", "web", "--node", "n2:memory=192M", "--node", "n3:memory=64M", node="n3", check=True)
+    assert wait_for(lambda: memory_limit(c, "n2", "web") == 192 << 20 and memory_limit(c, "n3", "web") == 64 << 20)
+    assert cell_inits(c, "n2", "web") == init  # (the same cell, resized: its programs go on)
+    c.drvs("vm", "update", "web", "--rm-node", "n2", node="n1", check=True)
+    assert wait_for(lambda: not cell_inits(c, "n2", "web"))
+    shown = json.loads(c.drvs("vm", "show", "web", "--format", "json", node="n2", check=True).stdout)
+    assert sorted(shown["shares"]) == ["n1", "n3"] and shown["shares"]["n3"]["memory"] == 64 << 20
+    keeper = c.drvs("vm", "update", "web", "--rm-node", "n1", node="n1")  # (its file system's node)
+    assert keeper.returncode == 4 and "keeps a replica of VM 'web''s file system" in keeper.stderr, keeper.stderr
+    huge = c.drvs("vm", "update", "web", "--node", "n3:cpus=999", node="n1")
+    assert huge.returncode in (2, 4) and "n3" in huge.stderr, huge.stderr
+    own = c.drvs("vm", "update", "web", "--memory", "1G", node="n1")  # (a VM of shares: its shares say)
+    assert own.returncode == 2 and "change them with --node" in own.stderr, own.stderr
+    c.drvs("vm", "create", "anywhere", node="n1", check=True)
+    shareless = c.drvs("vm", "update", "anywhere", "--node", "n2", node="n1")
+    assert shareless.returncode == 2 and "made without node shares" in shareless.stderr, shareless.stderr
+    after = json.loads(c.drvs("vm", "show", "web", "--format", "json", node="n1", check=True).stdout)
+    assert after["shares"] == shown["shares"]
+    # A VM without shares: its cells, wherever they run, take its new limits.
+    env = {**c.env, "DRVS_NODE": "n1"}
+    sleeper = subprocess.Popen([str(BIN / "drvs-run"), "--vm", "anywhere", "--node", "n2", "--", "sleep", "60"],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: cell_inits(c, "n2", "anywhere"))
+        c.drvs("vm", "update", "anywhere", "--memory", "80M", node="n1", check=True)
+        assert wait_for(lambda: memory_limit(c, "n2", "anywhere") == 80 << 20)
+    finally:
+        sleeper.terminate()
+        sleeper.wait(timeout=20)
+
+
 def test_removed_vm_loses_its_cells(cluster_factory):
     c = cluster_factory(nodes=2)
     c.drvs("vm", "create", "tmp", "--node", "n2", node="n1", check=True)
