@@ -1,8 +1,11 @@
 """A cell's limits hold, measured from inside and outside the jail."""
 
 import json
+import os
 import subprocess
 from pathlib import Path
+
+import pytest
 
 HOG = "b = []\nwhile True: b.append(bytearray(16 << 20))"
 
@@ -107,12 +110,46 @@ def test_vm_update_resizes_a_live_cell(drvs):
         pids = next((Path(h.caller, Config(str(drvs.state)).cgroup_root, "elastic", "pids.max")
                      for h in hierarchies() if h.has("pids")), None)
         assert pids is None or pids.read_text().strip() == "64"
-        small = drvs.drvs("vm", "update", "elastic", "--memory", "8M")  # (it holds 40M)
+        quota = next((Path(h.caller, Config(str(drvs.state)).cgroup_root, "elastic", "cpu.cfs_quota_us")
+                      for h in hierarchies() if h.has("cpu") and h.version == 1), None)
+        before = quota.read_text() if quota else None
+        small = drvs.drvs("vm", "update", "elastic", "--memory", "8M", "--cpus", "0.5")  # (it holds 40M)
         assert small.returncode == 4 and "the cell's programs use more than that now" in small.stderr, small.stderr
         assert int(limit.read_text()) == 160 << 20
+        assert quota is None or quota.read_text() == before  # (all of it or nothing)
         shown = json.loads(drvs.drvs("vm", "show", "elastic", "--format", "json", check=True).stdout)
         assert shown["limits"]["memory"] == 160 << 20 and shown["limits"]["pids"] == 64
         assert drvs.drvs("vm", "update", "elastic").returncode == 2  # (nothing to change)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_vm_update_moves_a_live_cells_cpus(drvs):
+    """A live cell's CPU list narrowed and widened again: its init and runs
+    follow (on v1 each group below holds its own list, within the cell's)."""
+    from drvs.config import Config
+    from drvs.ns.cgroup import hierarchies
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs")
+    both, one = f"{cpus[0]},{cpus[1]}", str(cpus[1])
+    drvs.drvs("vm", "create", "mover", "--cpuset-cpus", both, check=True)
+    proc = drvs.popen("--vm", "mover", "--", "sh", "-c", "echo ready; exec sleep 60", stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        h = next(h for h in hierarchies() if h.has("cpuset"))
+        cell = Path(h.caller, Config(str(drvs.state)).cgroup_root, "mover")
+        groups = [cell] + [p for p in cell.rglob("*") if p.is_dir()]
+        assert len(groups) >= 3  # (the cell, its init, the run)
+        lists = lambda: {str(g.relative_to(cell)): (g / "cpuset.cpus").read_text().strip() for g in groups}  # noqa: E731
+        drvs.drvs("vm", "update", "mover", "--cpuset-cpus", one, check=True)
+        assert set(lists().values()) == {one}, lists()
+        drvs.drvs("vm", "update", "mover", "--cpuset-cpus", both, check=True)
+        wide = lists()
+        assert {v for v in wide.values()} == {f"{cpus[0]}-{cpus[1]}" if cpus[1] == cpus[0] + 1 else both}, wide
+        assert proc.poll() is None  # (the program ran on throughout)
     finally:
         proc.terminate()
         proc.wait(timeout=20)

@@ -128,9 +128,10 @@ def update(args) -> int:
         raise Conflict(f"VM {args.name!r} kept changing while it was being updated; try again")
     if not spec.shares:
         try:
-            _resize_here(spec)
-        except DrvsError:  # (a memory limit below what the cell uses, say: the definition is put back)
-            registry.update(old, stored)
+            _resize_here(spec, old)
+        except DrvsError as e:  # (a memory limit below what the cell holds, say: the definition goes back)
+            if registry.update(old, stored) is None:
+                raise Conflict(f"{e}; and VM {args.name!r} changed meanwhile: see `drvs vm show {args.name}`") from None
             raise
     if given:
         _warn_not_ready(store, VmSpec(spec.name, shares=given), "update")
@@ -161,11 +162,19 @@ def _changed(spec: VmSpec, given: dict, drop: list[str], new_limits: dict) -> Vm
     return VmSpec(spec.name, limits, spec.created, shares, spec.fs_nodes, spec.fs_sync)
 
 
-def _resize_here(spec: VmSpec) -> None:
+def _resize_here(spec: VmSpec, old: VmSpec) -> None:
     """This node's live cell of a VM without shares takes its new limits
-    (on a cluster, every node's does at its reconciler's next pass)."""
+    (on a cluster, every node's does at its reconciler's next pass); if it
+    cannot, it keeps its old ones, all of them."""
     with cells.locked(config.load(), spec.name) as lock:
-        cells.resize(lock, spec.limits)
+        try:
+            cells.resize(lock, spec.limits)
+        except DrvsError:
+            try:
+                cells.resize(lock, old.limits)
+            except DrvsError:
+                pass  # (what failed is the one to say)
+            raise
 
 
 def _warn_not_ready(store, spec: VmSpec, verb: str = "create") -> None:

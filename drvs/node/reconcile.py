@@ -40,7 +40,7 @@ def reconcile_once(cfg, node: str, vms: list[VmSpec], pid_range=(0, 0), when: fl
                 had = cells.find(lock)
                 if had is not None:
                     had.close()
-                cell = cells.ensure(lock, vm, vm.shares[node], pin=True, pid_range=pid_range)
+                cell = cells.ensure(lock, vm, vm.shares[node], pin=True, pid_range=pid_range)  # (strict: said)
                 cell.close()
                 if had is None:
                     changed["created_or_resized"].append(name)
@@ -48,10 +48,6 @@ def reconcile_once(cfg, node: str, vms: list[VmSpec], pid_range=(0, 0), when: fl
             changed["failed"][name] = str(e)
     defined = {vm.name: vm for vm in vms}
     names = set(defined)
-    if forget and when is not None:  # (as `drvs vm rm` does on its own node)
-        runs.forget_runs(cfg, lambda vm: vm not in names, before=when)
-        for vm in _vm_dirs(cfg) - names:
-            jail.drop_data_dirs(cfg, vm)
     for name in cells.cells(cfg):
         if name in desired:
             continue
@@ -70,6 +66,10 @@ def reconcile_once(cfg, node: str, vms: list[VmSpec], pid_range=(0, 0), when: fl
                     cells.resize(lock, defined[name].limits)  # (drvs vm update of a VM without shares: live)
         except DrvsError as e:
             changed["failed"][name] = str(e)
+    if forget and when is not None:  # (as `drvs vm rm` does on its own node; after their cells went)
+        runs.forget_runs(cfg, lambda vm: vm not in names, before=when)
+        for vm in _vm_dirs(cfg) - names:
+            jail.drop_data_dirs(cfg, vm)
     return changed
 
 

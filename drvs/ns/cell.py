@@ -22,7 +22,7 @@ import time
 from collections import namedtuple
 
 from ..config import Config
-from ..errors import SetupError, os_error
+from ..errors import Conflict, DrvsError, SetupError, os_error
 from ..vm.model import VmSpec
 from . import launcher
 from .cgroup import Cgroup, ensure_fast_migrations
@@ -147,14 +147,22 @@ def peek(cfg: Config, vm: str) -> ActiveCell | None:
     return ActiveCell(vm, cg, pids[0], pidfd)
 
 
-def ensure(lock: CellLock, vm: VmSpec, limits=None, pin: bool = False, pid_range=(0, 0)) -> ActiveCell:
+def ensure(lock: CellLock, vm: VmSpec, limits=None, pin: bool = False, pid_range=(0, 0),
+           strict: bool = True) -> ActiveCell:
     """The VM's cell on this node, created if needed, with its current limits
     (the VM's own, or its share of this node).  A pinned cell (the node
-    daemon's, for a VM with a share here) stays when its last run leaves."""
+    daemon's, for a VM with a share here) stays when its last run leaves.
+    Not strict (a run's): a live cell whose programs keep it from taking
+    new limits (memory they hold) keeps its own, and the run goes on."""
     limits = vm.limits if limits is None else limits
     cell = find(lock)
     if cell is not None:
-        cell.cgroup.set_limits(limits)  # a resized VM takes effect here
+        try:
+            cell.cgroup.set_limits(limits)  # a resized VM takes effect here
+        except DrvsError as e:
+            if strict or not isinstance(e, Conflict):
+                cell.close()
+                raise
         # (used: the reconciler ends a removed VM's cell only if unused since it last read the VMs)
         lock.write_record({**lock.read_record(), "used": time.time(), **({"pinned": True} if pin else {})})
         return cell

@@ -15,7 +15,7 @@ from collections import namedtuple
 from functools import cache
 
 from ..errors import Conflict, DrvsError, SetupError, UsageError, os_error
-from ..units import format_size
+from ..units import cpuset_ids, cpuset_text, format_size
 
 CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids")
 CPU_PERIOD_US = 100_000
@@ -286,11 +286,8 @@ class Cgroup:
         if fresh and not any(limits):
             return
         self._set_cpus(limits.cpus, fresh)
-        if limits.cpuset is not None:
-            found = self._dir_for("cpuset")
-            if not found:
-                require("cpuset", "a CPU list")
-            self._set(f"{found[1]}/cpuset.cpus", limits.cpuset, f"CPU list {limits.cpuset}")
+        if limits.cpuset is not None or not fresh:
+            self._set_cpuset(limits.cpuset)
         if limits.memory or not fresh:
             self._set_memory(limits.memory)
         found = self._dir_for("pids")
@@ -298,6 +295,41 @@ class Cgroup:
             self._set(f"{found[1]}/pids.max", str(limits.pids) if limits.pids else "max", "pids limit")
         elif limits.pids:
             require("pids", "a pids limit")
+
+    def _set_cpuset(self, cpuset: str | None) -> None:
+        """The group's CPU list (None: its parent's, all it may have).  On
+        v1 the groups below (the cell's init and runs) each hold their own,
+        within it: narrowing, each keeps what it still may (all of the new
+        list if nothing) before the group changes; widening, those that had
+        all of the old list follow after (a run's own --cpuset-cpus stays)."""
+        found = self._dir_for("cpuset")
+        if not found:
+            if cpuset is not None:
+                require("cpuset", "a CPU list")
+            return
+        h, d = found
+        if cpuset is None:
+            with open(f"{os.path.dirname(d)}/{'cpuset.cpus' if h.version == 1 else 'cpuset.cpus.effective'}") as f:
+                cpuset = f.read().strip()
+        what = f"CPU list {cpuset}"
+        if h.version != 1:
+            self._set(f"{d}/cpuset.cpus", cpuset, what)
+            return
+        with open(f"{d}/cpuset.cpus") as f:
+            old = cpuset_ids(f.read().strip() or "0")
+        new = cpuset_ids(cpuset)
+        below = sorted((os.path.join(top, name) for top, names, _ in os.walk(d) for name in names), key=len)
+        had = {}
+        for sub in below:
+            with open(f"{sub}/cpuset.cpus") as f:
+                had[sub] = cpuset_ids(f.read().strip() or "0")
+        for sub in reversed(below):  # (deepest first: each within its parent at every step)
+            if not had[sub] <= new:
+                self._set(f"{sub}/cpuset.cpus", cpuset_text(had[sub] & new or new), what)
+        self._set(f"{d}/cpuset.cpus", cpuset, what)
+        for sub in below:
+            if had[sub] == old and old != new:
+                self._set(f"{sub}/cpuset.cpus", cpuset, what)
 
     def _set_cpus(self, cpus: float | None, fresh: bool) -> None:
         found = self._dir_for("cpu")
@@ -324,26 +356,44 @@ class Cgroup:
             return
         h, d = found
         what = f"memory limit {format_size(memory)}"
+        if memory and (used := self.memory_current()) and used > memory:
+            # (v1 would refuse, EBUSY, after trying to reclaim; v2 would OOM-kill the programs)
+            raise Conflict(f"cannot apply {what}: the cell's programs use more than that now "
+                           f"({format_size(used)})")
         if h.version == 1:
-            # memsw (memory + swap) must stay >= the limit: open it, set, close it.
-            memsw = f"{d}/memory.memsw.limit_in_bytes"
-            has_memsw = os.path.exists(memsw)
-            if has_memsw:
-                with open(memsw) as f:
-                    before = f.read().strip()
-                self._set(memsw, "-1", what)
-            try:
-                self._set(f"{d}/memory.limit_in_bytes", str(memory or -1), what)
-            except DrvsError:
-                if has_memsw:  # (the limit stays as it was: so does memory + swap, no swap beyond it)
-                    self._set(memsw, before, what)
-                raise
-            if has_memsw and memory:
-                self._set(memsw, str(memory), what)
+            self._set_memory_v1(d, memory, what)
         else:
             self._set(f"{d}/memory.max", str(memory or "max"), what)
             if os.path.exists(f"{d}/memory.swap.max"):
                 self._set(f"{d}/memory.swap.max", "0" if memory else "max", what)
+
+    def _set_memory_v1(self, d: str, memory: int | None, what: str) -> None:
+        """memory.limit_in_bytes, and memory + swap (memsw) the same: no swap
+        beyond it.  memsw must stay >= the limit at every step: raising, it
+        goes first; lowering, last; a failed step puts back what was."""
+        limit, memsw = f"{d}/memory.limit_in_bytes", f"{d}/memory.memsw.limit_in_bytes"
+        if not os.path.exists(memsw):
+            self._set(limit, str(memory or -1), what)
+            return
+        with open(limit) as f:
+            old_limit = int(f.read())
+        with open(memsw) as f:
+            old_memsw = f.read().strip()
+        target = str(memory or -1)
+        if not memory or memory > old_limit:  # raising (or opening)
+            self._set(memsw, target, what)
+            try:
+                self._set(limit, target, what)
+            except DrvsError:
+                self._set(memsw, old_memsw, what)
+                raise
+            return
+        self._set(limit, target, what)  # lowering
+        try:
+            self._set(memsw, target, what)
+        except DrvsError:  # (programs swapped out to meet the limit: memory + swap does not fit)
+            self._set(limit, str(old_limit), what)
+            raise
 
     @staticmethod
     def _set(path: str, value: str, what: str) -> None:

@@ -117,8 +117,14 @@ def data_dirs(cfg: Config, vm: str) -> tuple[str, str]:
     os.makedirs(state, mode=0o700, exist_ok=True)
     os.chmod(state, 0o700)
     vm_dir = f"{cfg.vms_dir}/{vm}"
-    os.makedirs(f"{vm_dir}/data", mode=0o755, exist_ok=True)
-    os.makedirs(f"{vm_dir}/home", mode=0o700, exist_ok=True)
+    for tries_left in (2, 1, 0):
+        try:
+            os.makedirs(f"{vm_dir}/data", mode=0o755, exist_ok=True)
+            os.makedirs(f"{vm_dir}/home", mode=0o700, exist_ok=True)
+            break
+        except FileNotFoundError:  # (the empty VM directory of a removed VM of the name went meanwhile)
+            if not tries_left:
+                raise
     return f"{vm_dir}/data", f"{vm_dir}/home"
 
 
@@ -209,7 +215,7 @@ class Run:
                                   binds=self.opts.binds, net_host=self.opts.net_host, proc_view=view)
         with cells.locked(self.cfg, self.vm.name) as lock:
             data_dirs(self.cfg, self.vm.name)  # (again, under the lock drop_data_dirs takes)
-            cell = cells.ensure(lock, self.vm, self.vm.limits_on(node), pid_range=self.pid_range)
+            cell = cells.ensure(lock, self.vm, self.vm.limits_on(node), pid_range=self.pid_range, strict=False)
             try:
                 self._launch(cell, steps)
             except BaseException:
