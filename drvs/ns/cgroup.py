@@ -285,11 +285,11 @@ class Cgroup:
         has no limits yet, so only the set ones are written."""
         if fresh and not any(limits):
             return
+        if limits.memory or not fresh:  # (first: the one a live cell's programs may refuse, Conflict)
+            self._set_memory(limits.memory)
         self._set_cpus(limits.cpus, fresh)
         if limits.cpuset is not None or not fresh:
             self._set_cpuset(limits.cpuset)
-        if limits.memory or not fresh:
-            self._set_memory(limits.memory)
         found = self._dir_for("pids")
         if found and (limits.pids or not fresh):
             self._set(f"{found[1]}/pids.max", str(limits.pids) if limits.pids else "max", "pids limit")
@@ -308,16 +308,21 @@ class Cgroup:
                 require("cpuset", "a CPU list")
             return
         h, d = found
+        if h.version != 1:  # (empty: the parent's, following it; so is "no list" here)
+            with open(f"{d}/cpuset.cpus") as f:
+                now = f.read().strip()
+            if (cpuset_ids(now) if now else None) != (cpuset_ids(cpuset) if cpuset else None):
+                self._set(f"{d}/cpuset.cpus", cpuset or "", f"CPU list {cpuset or 'of the parent'}")
+            return
         if cpuset is None:
-            with open(f"{os.path.dirname(d)}/{'cpuset.cpus' if h.version == 1 else 'cpuset.cpus.effective'}") as f:
+            with open(f"{os.path.dirname(d)}/cpuset.cpus") as f:
                 cpuset = f.read().strip()
         what = f"CPU list {cpuset}"
-        if h.version != 1:
-            self._set(f"{d}/cpuset.cpus", cpuset, what)
-            return
         with open(f"{d}/cpuset.cpus") as f:
             old = cpuset_ids(f.read().strip() or "0")
         new = cpuset_ids(cpuset)
+        if old == new:
+            return  # (every pass of the reconciler, every run: nothing to move)
         below = sorted((os.path.join(top, name) for top, names, _ in os.walk(d) for name in names), key=len)
         had = {}
         for sub in below:
@@ -356,16 +361,25 @@ class Cgroup:
             return
         h, d = found
         what = f"memory limit {format_size(memory)}"
-        if memory and (used := self.memory_current()) and used > memory:
-            # (v1 would refuse, EBUSY, after trying to reclaim; v2 would OOM-kill the programs)
-            raise Conflict(f"cannot apply {what}: the cell's programs use more than that now "
-                           f"({format_size(used)})")
-        if h.version == 1:
+        if h.version == 1:  # (the kernel reclaims what it can, then refuses: EBUSY, a Conflict in _set)
             self._set_memory_v1(d, memory, what)
         else:
+            if memory and self._held_v2(d) > memory:  # (v2 would reclaim, then OOM-kill the programs)
+                raise Conflict(f"cannot apply {what}: the cell's programs use more than that now")
             self._set(f"{d}/memory.max", str(memory or "max"), what)
             if os.path.exists(f"{d}/memory.swap.max"):
                 self._set(f"{d}/memory.swap.max", "0" if memory else "max", what)
+
+    @staticmethod
+    def _held_v2(d: str) -> int:
+        """What a v2 group's programs hold that reclaim cannot take (without
+        swap): anonymous and shared memory, and the kernel's for them."""
+        try:
+            with open(f"{d}/memory.stat") as f:
+                stat = dict(line.split() for line in f if line.count(" ") == 1)
+        except OSError:
+            return 0
+        return sum(int(stat.get(k, 0)) for k in ("anon", "shmem", "unevictable", "kernel"))
 
     def _set_memory_v1(self, d: str, memory: int | None, what: str) -> None:
         """memory.limit_in_bytes, and memory + swap (memsw) the same: no swap
