@@ -296,16 +296,22 @@ class Cgroup:
         elif limits.pids:
             require("pids", "a pids limit")
 
+    def _dir_needed(self, controller: str, value, what: str):
+        """(hierarchy, directory) of controller; None when it is not there,
+        which only a limit to set (value) makes an error."""
+        found = self._dir_for(controller)
+        if not found and value is not None:
+            require(controller, what)
+        return found
+
     def _set_cpuset(self, cpuset: str | None) -> None:
         """The group's CPU list (None: its parent's, all it may have).  On
         v1 the groups below (the cell's init and runs) each hold their own,
         within it: narrowing, each keeps what it still may (all of the new
         list if nothing) before the group changes; widening, those that had
         all of the old list follow after (a run's own --cpuset-cpus stays)."""
-        found = self._dir_for("cpuset")
+        found = self._dir_needed("cpuset", cpuset, "a CPU list")
         if not found:
-            if cpuset is not None:
-                require("cpuset", "a CPU list")
             return
         h, d = found
         if h.version != 1:  # (empty: the parent's, following it; so is "no list" here)
@@ -337,10 +343,8 @@ class Cgroup:
                 self._set(f"{sub}/cpuset.cpus", cpuset, what)
 
     def _set_cpus(self, cpus: float | None, fresh: bool) -> None:
-        found = self._dir_for("cpu")
+        found = self._dir_needed("cpu", cpus, "a CPU quota")
         if not found:
-            if cpus is not None:
-                require("cpu", "a CPU quota")
             return
         if fresh and cpus is None:
             return
@@ -354,10 +358,8 @@ class Cgroup:
             self._set(f"{d}/cpu.max", f"{quota or 'max'} {CPU_PERIOD_US}", f"CPU quota {cpus}")
 
     def _set_memory(self, memory: int | None) -> None:
-        found = self._dir_for("memory")
+        found = self._dir_needed("memory", memory, "a memory limit")
         if not found:
-            if memory is not None:
-                require("memory", "a memory limit")
             return
         h, d = found
         what = f"memory limit {format_size(memory)}"
