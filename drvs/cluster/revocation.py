@@ -4,7 +4,7 @@ Every node's certificate is signed by the cluster CA and valid for years,
 so `drvs node rm` must take back the removed node's: it lists the
 certificate's serial under /drvs/revoked/.  Every drvmmd refuses fabric
 connections made with a listed certificate (Revoked), and the node that
-holds the CA keeps etcd's revocation list in step (keep_crl), so the
+holds the CA keeps etcd's revocation list in step (crl_writer), so the
 certificate opens neither the fabric nor the cluster's store.  A node that
 joins again under the same name is given a new certificate."""
 

@@ -258,7 +258,6 @@ class DrvmmService:
         import sys
 
         from ..cli.run import started_id
-        from ..node import runs
         from ..node.runner import request_dict
         from .remote import DETACH_TIMEOUT
         from .schema import fabric
@@ -285,15 +284,13 @@ class DrvmmService:
         if bounded.cancelled_caught:
             raise IpcError(f"the run did not start within {DETACH_TIMEOUT:g} s", errno.ETIMEDOUT)
         run_id, _, rest = said.partition(b" ")
+        if not re.fullmatch(rb"[0-9a-f]{12}", run_id):
+            run_id, rest = b"", said  # (it failed before it had a run: "err CODE WHY")
         out = drvmm.Detached.new_message()
         try:
-            if not re.fullmatch(rb"[0-9a-f]{12}", run_id):
-                rest = said  # (it failed before it had a run: "err CODE WHY")
-                run_id = b"-"
             out.run = started_id(rest, run_id.decode())
-            runs.check_id(out.run)
         except DrvsError as e:
-            out.run, out.exitCode, out.message = "", e.exit_code, str(e)
+            out.exitCode, out.message = e.exit_code, str(e)
         return Msg(0, out.to_bytes_packed())
 
     async def run_log(self, msg: Msg) -> Msg:

@@ -71,7 +71,7 @@ def listing(cfg, vm: str | None = None, every: bool = False) -> list[dict]:
                 rec = record(cfg, run_id)
             except NotFound:
                 continue
-            if running(cfg, run_id):
+            if _alive(jail.open_run_keeper(rec)):  # (running(), without reading the record again)
                 found.append({"id": run_id, "vm": rec.get("vm", ""), "argv": rec.get("argv", []),
                               "started": rec.get("started", 0.0), "detached": bool(rec.get("detached")),
                               "running": True})
