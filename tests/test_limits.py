@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -120,6 +121,44 @@ def test_vm_update_resizes_a_live_cell(drvs):
         shown = json.loads(drvs.drvs("vm", "show", "elastic", "--format", "json", check=True).stdout)
         assert shown["limits"]["memory"] == 160 << 20 and shown["limits"]["pids"] == 64
         assert drvs.drvs("vm", "update", "elastic").returncode == 2  # (nothing to change)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+STALE_RUN = """
+import sys
+from drvs.cli import run
+from drvs.vm import registry
+from drvs.vm.model import VmSpec
+
+real, stale = registry.VmRegistry.get, [VmSpec.from_json(sys.argv[1])]
+registry.VmRegistry.get = lambda self, name: stale.pop() if stale else real(self, name)
+run.main(["--vm", "elastic", "--", "true"])
+"""
+
+
+def test_a_run_that_read_the_vm_before_an_update_keeps_the_new_limits(drvs):
+    """A run that read the VM's definition just before `drvs vm update`
+    stored a new one (and resized the cell) joins the live cell without
+    putting the old limits back."""
+    from drvs.config import Config
+    from drvs.ns.cgroup import hierarchies
+
+    drvs.drvs("vm", "create", "elastic", "--memory", "96M", check=True)
+    before = json.loads((drvs.state / "store.json").read_text())["kv"]["/drvs/vms/elastic"][0]
+    proc = drvs.popen("--vm", "elastic", "--", "sh", "-c", "echo ready; exec sleep 60", stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        mem = next(h for h in hierarchies() if h.has("memory"))
+        limit = Path(mem.caller, Config(str(drvs.state)).cgroup_root, "elastic",
+                     "memory.limit_in_bytes" if mem.version == 1 else "memory.max")
+        drvs.drvs("vm", "update", "elastic", "--memory", "160M", check=True)
+        assert int(limit.read_text()) == 160 << 20
+        late = subprocess.run([sys.executable, "-c", STALE_RUN, before], env=drvs.env, text=True,
+                              capture_output=True, timeout=60)
+        assert late.returncode == 0, late.stderr
+        assert int(limit.read_text()) == 160 << 20
     finally:
         proc.terminate()
         proc.wait(timeout=20)

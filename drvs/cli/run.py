@@ -53,9 +53,10 @@ def execute(vm_name: str, opts: jail.RunOptions, prog: str, node: str | None = N
         if there is not None:
             return _remote(cfg, there, vm_name, opts, prog)
     check_here(opts.limits)  # (the run is this node's: its limits must fit this machine)
+    current = lambda: VmRegistry(store).get(vm.name)  # noqa: E731 - (read again under the cell lock)
     if opts.detached:
-        return detach(cfg, vm, opts)
-    result = jail.run(cfg, vm, opts)
+        return detach(cfg, vm, opts, current)
+    result = jail.run(cfg, vm, opts, current)
     note = jail.explain(result) or _removed_meanwhile(store, vm.name, result.exit_code)
     if note:
         print(f"{prog}: {note}", file=sys.stderr)
@@ -104,12 +105,13 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
-def detach(cfg, vm, opts: jail.RunOptions) -> int:
+def detach(cfg, vm, opts: jail.RunOptions, current=None) -> int:
     """Start the run in a background monitor; print its id once it has started.
 
     The monitor (a forked copy of this process in its own session) keeps the
-    run's cleanup duties; the program's output goes to the run's log."""
-    r = jail.Run(cfg, vm, opts)
+    run's cleanup duties; the program's output goes to the run's log.
+    current: as jail.Run's."""
+    r = jail.Run(cfg, vm, opts, current=current)
     rd, wr = os.pipe()
     if os.fork() != 0:
         os.close(wr)

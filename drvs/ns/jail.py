@@ -154,12 +154,17 @@ def drop_data_dirs(cfg: Config, vm: str) -> None:
 class Run:
     """One program in a cell: start() under the cell lock, then wait()."""
 
-    def __init__(self, cfg: Config, vm: VmSpec, opts: RunOptions, supervise=None):
+    def __init__(self, cfg: Config, vm: VmSpec, opts: RunOptions, supervise=None, current=None):
         """supervise(vm, listener_fd): who serves the run's intercepted
         system calls on a cluster node (default: the node's drvmmd, over
-        its supervisor socket); it owns the fd from then on."""
+        its supervisor socket); it owns the fd from then on.  current():
+        the VM's definition as stored now (DrvsError if it cannot say),
+        asked under the cell lock on a single node, so that a run started
+        with a definition read before a `drvs vm update` does not put the
+        old limits back on the live cell (a cluster's reconciler corrects
+        its cells within seconds instead)."""
         self.cfg, self.vm, self.opts = cfg, vm, opts
-        self.supervise = supervise
+        self.supervise, self.current = supervise, current
         self.pid_range = (0, 0)
         self.id = os.urandom(6).hex()
         self.started = 0.0  # (time.time() once the program runs)
@@ -215,7 +220,8 @@ class Run:
                                   binds=self.opts.binds, net_host=self.opts.net_host, proc_view=view)
         with cells.locked(self.cfg, self.vm.name) as lock:
             data_dirs(self.cfg, self.vm.name)  # (again, under the lock drop_data_dirs takes)
-            cell = cells.ensure(lock, self.vm, self.vm.limits_on(node), pid_range=self.pid_range, strict=False)
+            limits = self._limits_now() if info is None else self.vm.limits_on(node)
+            cell = cells.ensure(lock, self.vm, limits, pid_range=self.pid_range, strict=False)
             try:
                 self._launch(cell, steps)
             except BaseException:
@@ -226,6 +232,15 @@ class Run:
                 raise
             finally:
                 cell.close()
+
+    def _limits_now(self):
+        """The VM's limits as stored now (see current), else as given."""
+        if self.current is not None:
+            try:
+                return self.current().limits
+            except DrvsError:
+                pass  # (removed or unreadable meanwhile: the run goes on as it was asked)
+        return self.vm.limits
 
     def _launch(self, cell: cells.ActiveCell, steps) -> None:
         self.oom_before = cell.cgroup.oom_kills()
@@ -540,9 +555,10 @@ class _Relay:
             self.terminal.write_all(1, data)
 
 
-def run(cfg: Config, vm: VmSpec, opts: RunOptions) -> RunResult:
-    """Start, wait, clean up; the terminal is raw for the run's length with -t."""
-    r = Run(cfg, vm, opts)
+def run(cfg: Config, vm: VmSpec, opts: RunOptions, current=None) -> RunResult:
+    """Start, wait, clean up; the terminal is raw for the run's length with -t.
+    current: as Run's."""
+    r = Run(cfg, vm, opts, current=current)
     r.start()
     if opts.tty and opts.interactive:
         from . import terminal
