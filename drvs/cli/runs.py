@@ -10,7 +10,7 @@ import sys
 import time
 
 from .. import config
-from ..errors import NotFound
+from ..errors import DaemonAway, NotFound
 from ..node import runs
 from ..vm.model import check_name
 from .common import add_format, age, emit, print_table
@@ -76,7 +76,8 @@ def list_runs(args) -> int:
     emit(found, args.format, table)
     for node in silent:
         print(f"drvs runs: node {node} did not answer (its runs are missing above)", file=sys.stderr)
-    return 0
+    # (a Ready node's silence leaves the list incomplete for no known reason: not a whole answer)
+    return DaemonAway.exit_code if any(not n.endswith("(NotReady)") for n in silent) else 0
 
 
 def _where(cfg, run_id: str) -> str | None:

@@ -297,8 +297,29 @@ def test_pm_moves_when_its_node_dies(vm_cluster):
             time.sleep(0.2)
         rows = json.loads(p.stdout)
         assert [r["command"] for r in rows if r["command"] == "sleep 64"] == ["sleep 64"]
+        assert f"drvs ps: node {leader}: " in p.stderr and "(NotReady)" in p.stderr, p.stderr  # (exit 0: known down)
     finally:
         stop(mine)
+
+
+def test_drvs_ps_says_when_a_ready_node_is_missing(vm_cluster):
+    """pm@web answers but a node still Ready does not (its drvmmd just
+    died): ps prints what it has and exits 7, as its list is incomplete;
+    once that node is NotReady, its processes are known unknown: exit 0."""
+    c = vm_cluster
+    deadline = time.monotonic() + 20
+    leader = ""
+    while not leader and time.monotonic() < deadline:
+        leader = c.drvs("election", "leader", "pm/web", node="n1").stdout.strip()
+        time.sleep(0.2)
+    other = "n2" if leader == "n1" else "n1"
+    os.kill(c.node(other)["pid"], signal.SIGKILL)
+    p = c.drvs("ps", "web", "--format", "json", node=leader)
+    assert p.returncode == 7 and f"drvs ps: node {other}: " in p.stderr and "NotReady" not in p.stderr, p.stderr
+    assert isinstance(json.loads(p.stdout), list)  # (what the other nodes said, still printed)
+    c.wait_status(other, "NotReady", timeout=8)
+    p = c.drvs("ps", "web", node=leader)
+    assert p.returncode == 0 and f"node {other}: " in p.stderr and "(NotReady)" in p.stderr, p.stderr
 
 
 def test_a_leader_that_stalled_past_its_lease_stands_down(vm_cluster):

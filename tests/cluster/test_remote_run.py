@@ -218,9 +218,15 @@ def test_a_followed_run_whose_vm_goes_or_whose_node_is_away(cluster_factory):
     busy = c.drvs("vm", "rm", "default", node="n1")  # (the default VM's programs count too)
     assert busy.returncode == 4 and "running process(es) on n2" in busy.stderr, busy.stderr
     os.killpg(c.node("n2")["pid"], signal.SIGKILL)
+    partial = c.drvs("runs", "--json", node="n1")  # (n2 still Ready: its silence makes the list incomplete)
+    assert partial.returncode == 7 and "node n2 did not answer" in partial.stderr, partial.stderr
+    assert json.loads(partial.stdout) == []  # (what the nodes that answered have: n1 runs nothing)
     for verb in ("logs", "wait", "kill"):
         p = c.drvs(verb, live, node="n1")
         assert p.returncode == 7 and "n2" in p.stderr and "may be there" in p.stderr, (verb, p.stderr)
+    c.wait_status("n2", "NotReady", timeout=8)
+    known = c.drvs("runs", node="n1")  # (a NotReady node's runs are unknown, as kubectl shows them: said, exit 0)
+    assert known.returncode == 0 and "node n2 (NotReady) did not answer" in known.stderr, known.stderr
 
 
 def test_dead_target_node_is_reported_within_the_bound(cluster_factory):
