@@ -61,6 +61,7 @@ SPARES_LOW = 32               # files made ahead left that ask for more ...
 SPARES_ASK = 64               # ... this many
 SPARES_RETRY = 10.0           # seconds before asking again a server that made none (a full disk...)
 LOST_MAX = 4096               # files whose writes sent behind failed, kept until an fsync or close says so
+DOUBTS_MAX = 4096             # paths of files whose writes a new server may lack, kept until looked up again
 RECALLED_KEPT = 10.0          # seconds a recall of a directory not (yet) delegated here is remembered
 ABSENT_GRACE = 1.0            # seconds the kernel may keep a name absent after this node's reckoning
 RELOOK_WAIT = 0.5             # an invalidation's reply waits at most this for moved directories' lookups
@@ -121,13 +122,14 @@ class Listing:
 
 class Handle:
     """behind: bytes it may still write behind (VmFs.write); queued: a
-    call on it was sent behind, so its release goes behind too (after them)."""
+    call on it was sent behind, so its release goes behind too (after them);
+    writer: it wrote (its close reports writes a new server may lack)."""
 
-    __slots__ = ("sfh", "cino", "wrote", "shared", "direct", "behind", "queued")
+    __slots__ = ("sfh", "cino", "wrote", "shared", "direct", "behind", "queued", "writer")
 
     def __init__(self, sfh: int, cino: int, direct: bool = False):
         self.sfh, self.cino, self.wrote, self.shared, self.direct = sfh, cino, False, False, direct
-        self.behind, self.queued = 0, False
+        self.behind, self.queued, self.writer = 0, False, False
 
 
 class _Change:
@@ -182,6 +184,10 @@ class VmFs:
         self.made_at = 0.0  # (trio time the View made this)
         self.inodes: dict[int, Inode] = {}
         self.births = 0  # Inode records made (their born)
+        # Files written here and not fsync'ed when a new server took over,
+        # by path (the new server numbers its files anew): their inodes
+        # looked up again carry the doubt (Inode.term; see _doubt_unsynced).
+        self.doubts: collections.OrderedDict[bytes, int] = collections.OrderedDict()
         self.entries: dict[tuple[int, bytes], int] = {}  # (directory, name) -> inode, this node's numbers
         self.handles: dict[int, Handle] = {}
         self.listings: dict[int, Listing] = {}
@@ -481,6 +487,7 @@ class VmFs:
             self.renewing = False
         self.dropped.clear()  # (the new server never heard of what this node cached)
         self.drops.clear()
+        self._doubt_unsynced(epoch)
         for node in self.inodes.values():
             node.handle = b""  # (the new server's store is another file system)
         for listing in self.listings.values():  # snapshots of the old server: read again
@@ -508,6 +515,40 @@ class VmFs:
             slot = self.tag >> TAG_SHIFT
             self.cache.drop_where(lambda key: key >> TAG_SHIFT != slot)
         self.spawn(self._drop_all, entries, [self.tag | cino for cino in self.inodes])
+
+    def _doubt_unsynced(self, epoch: int) -> None:
+        """Files written here and not fsync'ed under an earlier server,
+        whose writes the new one (epoch) may never have had: their next
+        fsync, or a writer's close, reports EIO once (_durable, flush).
+        The kernel is about to drop these inodes and will look their names
+        up again, as other numbers: the doubt goes by path (_learn gives it
+        to the new inode), as Linux keeps a failed writeback's error with
+        the file, not with the descriptor."""
+        for node in self.inodes.values():
+            if node.term and node.term != epoch:
+                try:
+                    at, path = self.locate(node.cino)
+                except pyfuse3.FUSEError:
+                    continue  # (no path known: its open handles still say it, by node.term)
+                if not at:
+                    self.doubts[path] = node.term
+                    self.doubts.move_to_end(path)
+        while len(self.doubts) > DOUBTS_MAX:
+            self.doubts.popitem(last=False)
+
+    def _path_of(self, dino: int, name: bytes) -> bytes | None:
+        """name's path in directory dino, if this node knows it by path."""
+        try:
+            at, path = self.locate(dino)
+        except pyfuse3.FUSEError:
+            return None
+        return None if at else join(path, name)
+
+    def _undoubt(self, dino: int, name: bytes) -> None:
+        """This node removed or replaced name in dino: a doubt about the
+        file there is not the next file's."""
+        if self.doubts and (path := self._path_of(dino, name)) is not None:
+            self.doubts.pop(path, None)
 
     @staticmethod
     async def _drop_all(entries: list, inodes: list) -> None:
@@ -549,6 +590,8 @@ class VmFs:
         if node.parent is not None and (node.parent, node.name) != (dino, name):
             self.entries.pop((node.parent, node.name), None)  # a hard link's latest name serves
         self._name(node, dino, name)
+        if self.doubts and not node.term and (path := self._path_of(dino, name)) in self.doubts:
+            node.term = self.doubts.pop(path)  # (see _doubt_unsynced)
         return node
 
     def _name(self, node: Inode, dino: int, name: bytes) -> None:
@@ -1319,6 +1362,7 @@ class VmFs:
         self._forget_entry(dino, name)
         self._known_remove(dino, name)
         self._unlisted(dino, name)
+        self._undoubt(dino, name)
         self.known.pop(cino, None)  # a directory removed: its number may come back as another
 
     async def rename(self, old_parent, old_name, new_parent, new_name, flags, ctx):
@@ -1331,6 +1375,8 @@ class VmFs:
         if not flags & pyfuse3.RENAME_EXCHANGE:
             self._known_remove(d1, old_name)
         self._known_add(d2, new_name)
+        self._undoubt(d1, old_name)
+        self._undoubt(d2, new_name)
         self._unlisted(d1, old_name)
         self._unlisted(d2, new_name)
         moved = self.entries.pop((d1, old_name), None)
@@ -1537,7 +1583,7 @@ class VmFs:
             if h.behind >= len(buf) and self._behind_ok(self.inodes.get(h.cino), h, len(buf)):
                 return self._write_behind(h, off, buf)
             h.behind = 0  # (in line from now on: the call waits for those sent behind before it)
-        h.wrote = True
+        h.wrote = h.writer = True
         with self._writing(self.tag | h.cino):
             number, told = self.in_line + 1, self.told
             r = await self.call(Call.write, fh=h.sfh, offset=off, data=buf,
@@ -1560,7 +1606,7 @@ class VmFs:
         are the node's own until then; its mtime goes with the data."""
         n = len(buf)
         h.behind -= n
-        h.queued = True
+        h.queued = h.writer = True
         now = time.time_ns()
         self.behind_bytes += n
         node = self.inodes[h.cino]
@@ -1593,6 +1639,8 @@ class VmFs:
             h.wrote = False
             r = await self.call(Call.flush, fh=h.sfh)
             self._durable(h, r.epoch, done=r.synced)  # (a close waits for replicas on a synchronous VM)
+        elif h.writer:
+            self._durable(h, self.epoch, done=False)  # (no call: the server of now is the one this node knows)
 
     async def release(self, fh):
         h = self.handles.pop(fh, None)
@@ -1666,6 +1714,11 @@ class VmFs:
         if done or lost:
             node.term = 0
         if lost:
+            if self.doubts:  # (said: not again through the inode the kernel looks up next)
+                with contextlib.suppress(pyfuse3.FUSEError):
+                    at, path = self.locate(node.cino)
+                    if not at:
+                        self.doubts.pop(path, None)
             raise pyfuse3.FUSEError(errno.EIO)
 
     async def opendir(self, inode, ctx):

@@ -1377,6 +1377,73 @@ def test_fsynced_writes_survive_the_serving_node_and_a_returning_node_catches_up
             restarted.wait(timeout=20)
 
 
+UNSYNCED = r"""
+import errno, os, sys, time
+path, stop = sys.argv[1], sys.argv[2]
+fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+print("writing", flush=True)
+while not os.path.exists(stop):
+    os.write(fd, os.urandom(1 << 20))  # (never fsync'ed)
+    time.sleep(0.02)
+try:
+    os.close(fd)
+    print("close ok")
+except OSError as e:
+    print("close", errno.errorcode[e.errno])
+"""
+
+
+def _fsync_errno(path: Path) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        return 0
+    except OSError as e:
+        return e.errno
+    finally:
+        os.close(fd)
+
+
+def test_writes_a_new_server_may_lack_are_reported_by_a_close_or_a_later_fsync(cluster_factory, tmp_path):
+    """Files written from the node the server is not on, never fsync'ed,
+    while the server dies: a writer's close after the fail-over says EIO
+    (the new server may lack some of its writes), and so does the first
+    fsync, through a descriptor opened after it, of a file written and
+    closed before -- once, as Linux reports a failed writeback: never
+    0 for data that may be gone."""
+    c = cluster_factory(nodes=2)
+    c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", node="n1", check=True)
+    view(c, "n1"), view(c, "n2")
+    _wait(lambda: _df(c, "n1").get("in_sync") == ["n1", "n2"])
+    server = _df(c, "n1")["server"]
+    other = "n2" if server == "n1" else "n1"
+    there = view(c, other)
+    (there / "closed").write_bytes(os.urandom(1 << 20))  # (written and closed before the fail-over)
+    (there / "synced").write_bytes(b"kept")
+    assert _fsync_errno(there / "synced") == 0
+    stop = tmp_path / "stop"
+    writer = subprocess.Popen([sys.executable, "-c", UNSYNCED, str(there / "open"), str(stop)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline() == "writing\n"
+        time.sleep(0.5)
+        os.kill(c.node(server)["pid"], signal.SIGKILL)
+        _wait(lambda: _df(c, other).get("server") == other)
+        time.sleep(1)  # (the writer goes on under the new server)
+        stop.touch()
+        out, err = writer.communicate(timeout=60)
+        assert (writer.returncode, out) == (0, "close EIO\n"), err
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+    assert _fsync_errno(there / "closed") == errno.EIO
+    assert _fsync_errno(there / "closed") == 0  # (once)
+    assert _fsync_errno(there / "open") == 0  # (its close said so)
+    assert _fsync_errno(there / "synced") == 0  # (fsync'ed before: nothing in doubt)
+    assert (there / "synced").read_bytes() == b"kept"
+
+
 def _gone(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
