@@ -1620,7 +1620,10 @@ class VmFs:
         if kept is not None and kept[0] == h.cino and kept[2] == self.told:
             t = _copy(kept[3])
             t.size = max(t.size, off + n)
-            t.blocks = max(t.blocks, (t.size + 4095) // 4096 * 8)
+            # (the pages written counted, not the whole size: a sparse file stays sparse to du; an
+            # overwrite counts twice until the server's own figure comes, bounded by the size)
+            pages = -(-(off + n) // 4096) - off // 4096
+            t.blocks = max(t.blocks, min(t.blocks + pages * 8, (t.size + 4095) // 4096 * 8))
             t.mtimeNs = t.ctimeNs = now
             self.kept = (h.cino, kept[1], kept[2], t)
         elif kept is not None and kept[0] == h.cino:

@@ -1022,6 +1022,23 @@ def test_files_written_behind_are_whole_on_another_node_at_once(fsc, mine):
             assert stat.S_IMODE(sa.st_mode) == 0o640 + int(name[-1]) and sa.st_uid == 1000 + int(name[-1])
 
 
+def test_a_sparse_file_written_behind_is_sparse_to_du_at_once(fsc, mine):
+    """A byte written 1 GiB into a new file on n2 (answered there, sent
+    behind): its size is the whole, its blocks those written, on n2 at
+    once (du, and tools that look for holes, trust st_blocks)."""
+    _, a, b = mine
+    fd = os.open(b / "sparse", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    try:
+        os.pwrite(fd, b"end", 1 << 30)
+        st = os.fstat(fd)
+        assert (st.st_size, st.st_blocks <= 16) == ((1 << 30) + 3, True), st.st_blocks
+    finally:
+        os.close(fd)
+    st = os.stat(b / "sparse")
+    assert (st.st_size, st.st_blocks <= 16) == ((1 << 30) + 3, True), st.st_blocks
+    assert os.stat(a / "sparse").st_blocks <= 16  # (as the server's disk has it)
+
+
 def test_files_a_user_makes_behind_are_theirs_on_every_node(fsc, d):
     """User 1000, in a jail on n2, makes a directory and files in it (made
     on n2 from files the server made ahead, and sent behind), removes one,
