@@ -4,6 +4,7 @@ for an administrator, and where its bytes are."""
 import ctypes
 import errno
 import os
+import stat
 import sys
 
 from .. import config
@@ -47,16 +48,39 @@ def _view(cfg, vm: str) -> str:
     spec = VmRegistry(open_store()).get(vm)
     if not spec.fs_nodes:
         raise UsageError(f"VM {vm!r} has no cluster file system (it was made without --node shares)")
-    handover.check(cfg)  # drvmmd is there (a dead one's view would say ENOTCONN; else DaemonAway, exit 7)
+    handover.check(cfg, "it serves the VMs' file systems")  # (a dead one's view says ENOTCONN; exit 7)
     return vm_file_system(cfg, spec)
 
 
 def _mount_point(arg: str) -> str:
-    """The absolute mount point; an empty argument is refused (abspath would
-    make it the current directory)."""
+    """The mount point as the mount table names it: absolute, its symbolic
+    links followed, as mount(8) and umount(8) do; an empty argument is
+    refused (it would be the current directory)."""
     if not arg.strip():
         raise UsageError("empty mount point")
-    return os.path.abspath(arg)
+    return os.path.realpath(arg)  # (not strict: a dead mount's ENOTCONN leaves its path as it is)
+
+
+def _check_directory(given: str, target: str) -> None:
+    """target is a directory to mount on: else which problem it has."""
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        raise NotFound(f"mount point {given}: no such directory") from None
+    except NotADirectoryError:
+        raise UsageError(f"mount point {given}: not a directory") from None
+    except OSError as e:
+        raise SetupError(f"mount point {given}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"mount point {given}: not a directory")
+
+
+def _disconnected(target: str) -> bool:
+    try:
+        os.stat(target)
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
 
 
 def mount(args) -> int:
@@ -67,12 +91,10 @@ def mount(args) -> int:
     cfg = config.load()
     target = _mount_point(args.mountpoint)
     source = _view(cfg, args.vm)  # (an unknown VM is the first thing to say)
-    if not os.path.isdir(target):
-        if os.path.exists(target):
-            raise UsageError(f"mount point {args.mountpoint}: not a directory")
-        raise NotFound(f"mount point {args.mountpoint}: no such directory")
     if _drvs_mount_at(target) is not None:
-        raise Conflict(f"{target}: a drvs file system is already mounted here")
+        dead = " (disconnected: its drvmmd was stopped; `drvs umount` it first)" if _disconnected(target) else ""
+        raise Conflict(f"{target}: a drvs file system is already mounted here{dead}")
+    _check_directory(args.mountpoint, target)
     _bind(source, target)
     print(f"{args.vm} mounted on {target}")
     return 0
@@ -129,8 +151,7 @@ def df(args) -> int:
 
     def table():
         print_table(["VM", "SIZE", "USED", "AVAIL", "USE%", "REPLICAS", "SERVER", "IN SYNC", "NODES"],
-                    [[r["vm"], format_size(r["size"]), format_size(r["used"]), format_size(r["avail"]),
-                      f"{100 * r['used'] // r['size']}%" if r["size"] else "-", r["replicas"], r["server"] or "-",
+                    [[r["vm"], *_sizes(r), r["replicas"], r["server"] or "-",
                       ",".join(r["in_sync"]) or "-", ",".join(r["nodes"])] for r in rows])
 
     emit(rows, args.format, table)
@@ -138,6 +159,15 @@ def df(args) -> int:
     for r in failed:
         print(f"drvs df: {r['vm']}: {r['error']}", file=sys.stderr)
     return 7 if failed else 0  # (as IpcError: a file server could not be asked)
+
+
+def _sizes(r: dict) -> list[str]:
+    """SIZE, USED, AVAIL and USE% of a row; dashes where its server could
+    not be asked (not zeros, which would read as an empty file system)."""
+    if r["error"]:
+        return ["-"] * 4
+    return [format_size(r["size"]), format_size(r["used"]), format_size(r["avail"]),
+            f"{100 * r['used'] // r['size']}%" if r["size"] else "-"]
 
 
 def _usage(cfg, store, spec) -> dict:

@@ -15,6 +15,7 @@ import time
 from typing import NoReturn
 
 from .. import config
+from ..cluster.context import cluster_info, dev_cluster_here, no_cluster
 from ..errors import DrvsError, NotFound, UsageError
 from ..node.runs import exit_path
 from ..ns import jail
@@ -37,8 +38,16 @@ def parser(prog: str = "drvs-run") -> argparse.ArgumentParser:
 
 def execute(vm_name: str, opts: jail.RunOptions, prog: str, node: str | None = None) -> int:
     cfg = config.load()
+    single = cluster_info(cfg) is None
+    if node and single:
+        raise no_cluster(cfg, f"--node {node} names a node of one")
     store = open_store()
-    vm = VmRegistry(store).get(vm_name)
+    try:
+        vm = VmRegistry(store).get(vm_name)
+    except NotFound as e:
+        if single and dev_cluster_here(cfg):  # (a cluster VM, asked of the host the dev cluster runs on)
+            raise NotFound(f"{e}; {no_cluster(cfg)}") from None
+        raise
     if node:
         _known_node(node)
         if vm.shares and node not in vm.shares:  # (the VM's programs run on its nodes only)

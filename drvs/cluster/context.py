@@ -30,6 +30,11 @@ def cluster_info(cfg: config.Config) -> dict | None:
     return read_json(f"{cfg.state_dir}/cluster.json")
 
 
+def dev_cluster_here(cfg: config.Config) -> bool:
+    """Whether a dev cluster was brought up from this state directory."""
+    return bool((read_json(dev_cluster_file(cfg.state_dir)) or {}).get("nodes"))
+
+
 def no_cluster(cfg: config.Config, why: str = ""):
     """The error for a command that needs a cluster node, on a single node:
     where a dev cluster is up from this state directory, how to act as one

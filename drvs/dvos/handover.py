@@ -12,19 +12,22 @@ def socket_path(cfg) -> str:
     return f"{cfg.state_dir}/supervisor.sock"
 
 
-def _unanswered(cfg, e: OSError) -> DaemonAway:
-    return DaemonAway(f"drvmmd does not answer on {socket_path(cfg)} ({e.strerror}): on a cluster node, "
-                      "programs need it to reach the VM's other nodes")
+PROGRAMS = "programs need it to reach the VM's other nodes"
 
 
-def check(cfg) -> None:
+def _unanswered(cfg, e: OSError, need: str = PROGRAMS) -> DaemonAway:
+    return DaemonAway(f"drvmmd does not answer on {socket_path(cfg)} ({e.strerror}): on a cluster node, {need}")
+
+
+def check(cfg, need: str = PROGRAMS) -> None:
     """DaemonAway now if drvmmd is not there (before anything of its view,
-    which a dead drvmmd leaves answering ENOTCONN, is touched)."""
+    which a dead drvmmd leaves answering ENOTCONN, is touched); need: what
+    it is needed for, as the message says."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:
             s.connect(socket_path(cfg))
     except OSError as e:
-        raise _unanswered(cfg, e) from None
+        raise _unanswered(cfg, e, need) from None
 
 
 def hand_over(cfg, vm: str, listener: int) -> None:

@@ -1244,6 +1244,18 @@ def test_drvs_mount_umount_and_df(fsc, d, tmp_path):
     (tmp_path / "plain").write_text("")
     p = fsc.drvs("mount", "web", str(tmp_path / "plain"), node="n1")
     assert (p.returncode, p.stderr) == (2, f"drvs: mount point {tmp_path / 'plain'}: not a directory\n")
+    p = fsc.drvs("mount", "web", str(tmp_path / "plain" / "x"), node="n1")  # (a file on the way)
+    assert (p.returncode, p.stderr) == (2, f"drvs: mount point {tmp_path / 'plain' / 'x'}: not a directory\n")
+    # a symbolic link to the mount point is followed, as mount(8) and umount(8) do
+    (tmp_path / "link").symlink_to("mnt")
+    assert fsc.drvs("mount", "web", str(tmp_path / "link"), node="n1").returncode == 0
+    try:
+        assert os.path.ismount(mnt) and (tmp_path / "link" / name / "hello").read_text() == "hi"
+    finally:
+        u = fsc.drvs("umount", str(tmp_path / "link"))
+        if os.path.ismount(mnt):  # (not left behind when the check fails)
+            subprocess.run(["umount", "-l", str(mnt)])
+    assert u.returncode == 0, u.stderr
     # an empty mount point is not the current directory; a node's own view is not drvs mount's to unmount
     empty = fsc.drvs("mount", "web", "", node="n1")
     assert empty.returncode == 2 and "empty mount point" in empty.stderr
@@ -1446,6 +1458,8 @@ def test_writes_a_new_server_may_lack_are_reported_by_a_close_or_a_later_fsync(c
         time.sleep(0.5)
         os.kill(c.node(server)["pid"], signal.SIGKILL)
         _wait(lambda: _df(c, other).get("server") == other)
+        dead = c.drvs("df", "web", node=server)  # (asked through the node whose drvmmd died)
+        assert dead.returncode == 7 and dead.stdout.splitlines()[1].split()[1:5] == ["-"] * 4, dead.stdout
         time.sleep(1)  # (the writer goes on under the new server)
         stop.touch()
         out, err = writer.communicate(timeout=60)

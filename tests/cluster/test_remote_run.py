@@ -229,6 +229,19 @@ def test_a_followed_run_whose_vm_goes_or_whose_node_is_away(cluster_factory):
     assert known.returncode == 0 and "node n2 (NotReady) did not answer" in known.stderr, known.stderr
 
 
+def test_the_dev_clusters_host_is_no_node_and_says_how_to_act_as_one(cluster_factory):
+    """drvs-run on the host a dev cluster runs on, without DRVS_NODE: the
+    host is no node; the error says so and how to act as one, rather than
+    that the cluster's VM does not exist."""
+    c = cluster_factory(nodes=2)
+    assert c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", node="n1").returncode == 0
+    for args in (["--vm", "web"], ["--node", "n2"]):
+        p = subprocess.run([str(BIN / "drvs-run"), *args, "--", "true"], env=c.env, capture_output=True,
+                           text=True, timeout=60)
+        assert p.returncode == 3 and "this node is in no cluster" in p.stderr and "DRVS_NODE=n1" in p.stderr, \
+            (args, p.stderr)
+
+
 def test_dead_target_node_is_reported_within_the_bound(cluster_factory):
     c = cluster_factory(nodes=2)
     os.kill(c.node("n2")["pid"], signal.SIGKILL)
