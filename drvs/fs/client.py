@@ -188,6 +188,9 @@ class VmFs:
         # by path (the new server numbers its files anew): their inodes
         # looked up again carry the doubt (Inode.term; see _doubt_unsynced).
         self.doubts: collections.OrderedDict[bytes, int] = collections.OrderedDict()
+        # Earlier terms whose servers handed over cleanly, each to the next,
+        # up to the server of now: writes of those terms are not in doubt.
+        self.vouched: set[int] = set()
         self.entries: dict[tuple[int, bytes], int] = {}  # (directory, name) -> inode, this node's numbers
         self.handles: dict[int, Handle] = {}
         self.listings: dict[int, Listing] = {}
@@ -487,6 +490,7 @@ class VmFs:
             self.renewing = False
         self.dropped.clear()  # (the new server never heard of what this node cached)
         self.drops.clear()
+        self.vouched = self.vouched | {old} if r.vouched and r.vouched == old else set()
         self._doubt_unsynced(epoch)
         for node in self.inodes.values():
             node.handle = b""  # (the new server's store is another file system)
@@ -525,7 +529,7 @@ class VmFs:
         to the new inode), as Linux keeps a failed writeback's error with
         the file, not with the descriptor."""
         for node in self.inodes.values():
-            if node.term and node.term != epoch:
+            if self._in_doubt(node.term, epoch):
                 try:
                     at, path = self.locate(node.cino)
                 except pyfuse3.FUSEError:
@@ -1713,7 +1717,7 @@ class VmFs:
         node = self.inodes.get(h.cino)
         if node is None:
             return
-        lost = node.term and node.term != epoch
+        lost = self._in_doubt(node.term, epoch)
         if done or lost:
             node.term = 0
         if lost:
@@ -1723,6 +1727,12 @@ class VmFs:
                     if not at:
                         self.doubts.pop(path, None)
             raise pyfuse3.FUSEError(errno.EIO)
+
+    def _in_doubt(self, term: int, epoch: int) -> bool:
+        """Whether writes made in term (0: none), not fsync'ed, may be
+        missing from the server of epoch: it is another, and no clean
+        hand-over vouches for them (see FsServer.promote)."""
+        return bool(term) and term != epoch and term not in self.vouched
 
     async def opendir(self, inode, ctx):
         self.locate(inode)  # ESTALE now rather than at readdir

@@ -224,6 +224,29 @@ class Mirror:
                             self.server.vm, self.node, e)
         self.live, self.handed = False, True
         self.lost = not sent  # (a waiting fsync fails: the replica, still in sync, may lack its data)
+        if sent:
+            await self._vouch()
+
+    async def _vouch(self) -> None:
+        """Tell the replica it has every change this server acknowledged,
+        once the calls still under way (begun before the stop) are done
+        and none of them made a change it lacks: as the next server, it
+        says so to the nodes, whose writes not fsync'ed are then not in
+        doubt (VmFs._durable).  Not said, within the bound: they are."""
+        s = self.server
+        with trio.CancelScope(shield=True), trio.move_on_after(HAND_OVER):
+            while s.serving:
+                await trio.sleep(0.01)
+            if self.lost:
+                return
+            m = fs.Batch.new_message(vm=s.vm, epoch=s.epoch, made=s.store.made, handed=True)
+            try:
+                reply = await s.fabric.sendrec(f"fsr@{self.node}", Msg(Call.mirror, to_flat(m)),
+                                               timeout=SEND_TIMEOUT)
+            except (IpcError, EtcdUnavailable):
+                return
+            if reply.status < 0:
+                log.info("fs@%s: replica on %s did not take the hand-over: %s", s.vm, self.node, reply.error)
 
     async def _in_sync(self, present: bool) -> None:
         s = self.server

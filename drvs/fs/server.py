@@ -179,6 +179,8 @@ class FsServer:
         self.held: trio.Event | None = None     # set while changes wait (a replica's copy ends)
         self.others: list[str] = []              # the other replica nodes, while serving
         self.sync = False
+        self.vouched = 0  # the term before this one, if its server handed over cleanly (see promote)
+        self.serving = 0  # calls in _serve (a clean stop waits for them before vouching: Mirror._hand_over)
         # Another term began (a replica said so, or etcd): nothing more is
         # served (EREMCHG: callers look for the new server), and run() ends.
         self.stale = False
@@ -403,8 +405,20 @@ class FsServer:
     async def _serve(self, ctype: int, req, path: bytes, out, origin: str, payload: bytes | None,
                      seq: int | None = None) -> None:
         """seq: the number of the node's call this one came in (see behind)."""
+        self.serving += 1
+        try:
+            await self._serve_now(ctype, req, path, out, origin, payload, seq)
+        finally:
+            self.serving -= 1
+
+    async def _serve_now(self, ctype: int, req, path: bytes, out, origin: str, payload: bytes | None,
+                         seq: int | None) -> None:
         if ctype in MIRRORED and await self._room():
             await self._recall_for(req, path, origin)  # (a directory may have been delegated meanwhile)
+        # Stopped while this waited: the next server makes it (Mirror._vouch
+        # counts on no change made here after a stop; a close changes no data).
+        if self.stale and ctype != Call.release:
+            raise IpcError(f"fs@{self.vm}: this node is not serving", errno.EREMCHG)
         req, path, payload = self._anchored(req, path, payload)
         # (the handlers that note interest are plain functions: no await till they did)
         self.seq = req.seq if seq is None else seq
@@ -500,10 +514,12 @@ class FsServer:
 
     # -- serving, and being a replica --------------------------------------------------
 
-    def promote(self, epoch: int, replicas: list[str], sync: bool = False) -> None:
+    def promote(self, epoch: int, replicas: list[str], sync: bool = False, vouched: int = 0) -> None:
         """Serve from now on, in term epoch, with these other replicas;
-        sync: a close waits until the replicas have what was written."""
-        self.epoch, self.sync = epoch, sync
+        sync: a close waits until the replicas have what was written;
+        vouched: the term before, if its server handed over cleanly to
+        this replica (nodes need not doubt their writes of that term)."""
+        self.epoch, self.sync, self.vouched = epoch, sync, vouched
         self.interest.clear()  # what the nodes cached was the old server's business
         self.looked.clear()
         self.versions.clear()  # (the nodes drop their caches with the old term)
@@ -977,6 +993,7 @@ class FsServer:
             st = self.store.lstat(check_path(path))
         self._shown(origin, st)
         fill_attr(out.attr, st)
+        out.vouched = self.vouched  # (a node learning of this term asks for the root's: see VmFs._new_term)
 
     def readlink(self, req, path, out, origin) -> None:
         with self.store.at(check_path(path)) as (dfd, name):
@@ -1415,6 +1432,8 @@ class FsServer:
             except OSError as e:
                 statuses.append(-(e.errno or errno.EIO))
                 continue
+            except IpcError:
+                raise  # (this server stopped: its node sends the queue again to the next, as after a crash)
             except Exception:  # noqa: BLE001 - malformed input from the wire, or a bug: this call fails
                 log.exception("fs@%s: a call sent behind by %s", self.vm, origin)
                 statuses.append(-errno.EIO)
@@ -1754,14 +1773,14 @@ class LocalStatFs:
 class LocalReply:
     __slots__ = ("attr", "fh", "data", "size", "entries", "more", "statfs", "epoch", "shared",
                  "lockType", "lockStart", "lockEnd", "lockPid", "dirAttr", "synced", "version", "delegated",
-                 "statuses", "revocations", "behindBytes", "handles")
+                 "statuses", "revocations", "behindBytes", "handles", "vouched")
 
     def __init__(self, epoch: int):
         self.attr, self.fh, self.data, self.size, self.dirAttr = LocalAttr(), 0, b"", 0, LocalAttr()
         self.synced, self.version, self.delegated, self.statuses, self.revocations = False, 0, False, [], 0
         self.entries, self.more, self.statfs, self.epoch, self.shared = [], False, LocalStatFs(), epoch, False
         self.lockType, self.lockStart, self.lockEnd, self.lockPid, self.behindBytes = 0, 0, 0, 0, 0
-        self.handles = []
+        self.handles, self.vouched = [], 0
 
     def init(self, field: str, n: int) -> list:
         assert field == "entries"

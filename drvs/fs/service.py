@@ -35,6 +35,7 @@ class FsNode:
         self.cfg, self.etcd, self.fabric, self.member = cfg, etcd, fabric, member
         self.servers: dict[str, FsServer] = {}  # vm -> its server or replica here
         self.terms: dict[str, int] = {}         # vm -> the newest term heard of here
+        self.handed: dict[str, tuple] = {}      # vm -> (made, term) its server handed over cleanly to here
         self.removed: dict[str, int] = {}       # vm -> the create revision of its last definition removed
         # vm -> held while its store is made or removed here (a removal's
         # rmtree runs in a thread: a batch must not make the store meanwhile)
@@ -88,12 +89,15 @@ class FsNode:
         spec, made = VmSpec.from_json(entry.value), entry.create_revision
         me = self.member.name
         epoch, before = await replica.take_over(self.etcd, vm, me, first=spec.fs_nodes[:1] == [me])
+        # The term before, if its server handed everything over here and no later one was heard of.
+        last = self.terms.get(vm, 0)
+        vouched = last if self.handed.pop(vm, None) == (made, last) and last < epoch else 0
         self.terms[vm] = epoch  # (the old server's batches are refused from now on: it learns so too)
         if before and before != me:
             await self._term_began(vm, made, epoch, before)
         async with self._lock(vm):
             server = await self._server(vm, made)
-        server.promote(epoch, spec.fs_nodes, spec.fs_sync)
+        server.promote(epoch, spec.fs_nodes, spec.fs_sync, vouched)
         log.info("fs@%s: term %d; replicas %s", vm, epoch, ", ".join(spec.fs_nodes))
         return _Serving(self, server)
 
@@ -172,6 +176,10 @@ class FsNode:
                 if server.epoch < epoch:
                     server.stale = True  # it steps down; the new server copies to it then
                 raise IpcError(f"fs@{vm}: this node serves it (term {server.epoch})", errno.EBUSY)
+            if batch.handed:  # (its server stopped cleanly: this replica has all it acknowledged)
+                self.handed[vm] = (made, epoch)
+                return Msg(0, to_flat(fs.BatchReply.new_message()))
+            self.handed.pop(vm, None)  # (a batch after it: a term that went on, not handed over)
             if not len(batch.calls):  # (a new term's news only: see _term_began)
                 return Msg(0, to_flat(fs.BatchReply.new_message()))
             server = await self._server(vm, made, check=True)

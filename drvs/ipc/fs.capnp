@@ -181,6 +181,8 @@ struct FsReply {
   behindBytes @19 :UInt64;    # create: the bytes of the new file its node may write behind (VmFs.write:
                               # the directory is delegated to it, the disk roomy); 0: none
   handles @20 :List(UInt64);  # tmpfiles: the files' handles (entries: their attributes)
+  vouched @21 :UInt64;        # getattr: the term before this one, if its server handed over cleanly (every
+                              # change it acknowledged is here): its writes not fsync'ed are not in doubt
 }
 
 # The server's calls, as made, for a replica (each call's request as the
@@ -190,6 +192,7 @@ struct Batch {
   epoch @1 :UInt64;
   calls @2 :List(Call);
   made @3 :UInt64;     # the VM definition's create revision (0: not known): one made again is another
+  handed @4 :Bool;     # no calls: the server stopped cleanly, and this replica has every change it acknowledged
   struct Call {
     type @0 :UInt16;
     request @1 :Data;
