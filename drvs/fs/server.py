@@ -24,6 +24,7 @@ import contextlib
 import errno
 import hashlib
 import inspect
+import json
 import logging
 import os
 import resource
@@ -520,6 +521,7 @@ class FsServer:
         vouched: the term before, if its server handed over cleanly to
         this replica (nodes need not doubt their writes of that term)."""
         self.epoch, self.sync, self.vouched = epoch, sync, vouched
+        self._note_served(epoch)
         self.interest.clear()  # what the nodes cached was the old server's business
         self.looked.clear()
         self.versions.clear()  # (the nodes drop their caches with the old term)
@@ -527,6 +529,28 @@ class FsServer:
         self._release_kept()  # (the nodes number this term's inodes apart from the last's)
         self.next_fh = (epoch << 32) + 1  # never a number an earlier term gave out
         self.others = [n for n in replicas if n != self.here]
+
+    def _note_served(self, epoch: int) -> None:
+        """Say in the store which term it serves, and in which boot of the
+        machine (see vouch_own)."""
+        try:
+            with open(f"{self.store.base}/served", "w") as f:
+                json.dump({"term": epoch, "boot": _boot_id()}, f)
+        except OSError as e:
+            log.warning("fs@%s: %s/served: %s (a restart of this node's drvmmd is taken as a crash)",
+                        self.vm, self.store.base, e.strerror)
+
+    def vouch_own(self, term: int) -> int:
+        """term, if this store served it in this boot of the machine (its
+        drvmmd restarted, the machine did not: every change that server
+        made, and so acknowledged, is here, in the page cache if not on
+        the disk), else 0."""
+        try:
+            with open(f"{self.store.base}/served") as f:
+                said = json.load(f)
+        except (OSError, ValueError):
+            return 0
+        return term if said == {"term": term, "boot": _boot_id()} else 0
 
     async def run(self) -> None:
         """While serving: keep the other replicas in sync, and close what
@@ -1596,6 +1620,11 @@ class FsServer:
     async def usage(self, req, path, out, origin) -> None:
         _fill_statfs(out.statfs, self.store.statvfs())
         out.data = str(await trio.to_thread.run_sync(self.store.used_bytes)).encode()
+
+
+def _boot_id() -> str:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
 
 
 async def _run(handler, *args):

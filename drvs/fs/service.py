@@ -97,6 +97,8 @@ class FsNode:
             await self._term_began(vm, made, epoch, before)
         async with self._lock(vm):
             server = await self._server(vm, made)
+        if not vouched and before == me:  # (this node's drvmmd served the term before: restarted since)
+            vouched = server.vouch_own(epoch - 1)
         server.promote(epoch, spec.fs_nodes, spec.fs_sync, vouched)
         log.info("fs@%s: term %d; replicas %s", vm, epoch, ", ".join(spec.fs_nodes))
         return _Serving(self, server)

@@ -1475,6 +1475,30 @@ def test_writes_a_new_server_may_lack_are_reported_by_a_close_or_a_later_fsync(c
     assert (there / "synced").read_bytes() == b"kept"
 
 
+def test_a_restarted_drvmmd_serving_again_vouches_for_its_own_term(cluster_factory):
+    """One replica, on n1; n1's drvmmd killed and started again (the
+    machine was not): its store has every change it acknowledged (in the
+    page cache if not on the disk), so n2's writes not fsync'ed are not
+    in doubt: an fsync after the restart returns 0."""
+    c = cluster_factory(nodes=2)
+    c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", "--fs-replicas", "1", node="n1", check=True)
+    view(c, "n1")
+    there = view(c, "n2")
+    _wait(lambda: _df(c, "n2").get("server") == "n1")
+    data = os.urandom(3 << 20)
+    (there / "closed").write_bytes(data)  # (not fsync'ed)
+    os.kill(c.node("n1")["pid"], signal.SIGKILL)
+    _wait(lambda: _gone(c.node("n1")["pid"]), timeout=10)
+    restarted = _restart_drvmmd(c, "n1")
+    try:
+        _wait(lambda: _df(c, "n2").get("server") == "n1")
+        assert (there / "closed").read_bytes() == data  # (n2 learns of the new term here)
+        assert _fsync_errno(there / "closed") == 0
+    finally:
+        restarted.terminate()
+        restarted.wait(timeout=20)
+
+
 def _gone(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
