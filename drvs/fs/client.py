@@ -123,13 +123,14 @@ class Listing:
 class Handle:
     """behind: bytes it may still write behind (VmFs.write); queued: a
     call on it was sent behind, so its release goes behind too (after them);
-    writer: it wrote (its close reports writes a new server may lack)."""
+    writer: it wrote (its close reports writes a new server may lack);
+    flags: open(2)'s (to open it again on a server that lost it: _reopened)."""
 
-    __slots__ = ("sfh", "cino", "wrote", "shared", "direct", "behind", "queued", "writer")
+    __slots__ = ("sfh", "cino", "wrote", "shared", "direct", "behind", "queued", "writer", "flags")
 
-    def __init__(self, sfh: int, cino: int, direct: bool = False):
+    def __init__(self, sfh: int, cino: int, direct: bool = False, flags: int = 0):
         self.sfh, self.cino, self.wrote, self.shared, self.direct = sfh, cino, False, False, direct
-        self.behind, self.queued, self.writer = 0, False, False
+        self.behind, self.queued, self.writer, self.flags = 0, False, False, flags
 
 
 class _Change:
@@ -317,7 +318,16 @@ class VmFs:
         shows it never arrived.  behind: calls sent behind (see unlink,
         write); any other call waits until those are answered, unless not
         wait (a create of a name none of them unlinks: nothing it does
-        depends on them)."""
+        depends on them).  A call on a handle a restarted server no longer
+        knows opens its file again and is made once more (_reopened)."""
+        try:
+            return await self._call(ctype, idempotent, once, behind, wait, fields)
+        except pyfuse3.FUSEError as e:
+            if e.errno != errno.EBADF or behind or not await self._reopened(fields):
+                raise
+        return await self._call(ctype, idempotent, once, behind, wait, fields)
+
+    async def _call(self, ctype, idempotent: bool, once: bool, behind: bool, wait: bool, fields: dict):
         if self.enqueued > self.made_behind and not behind and wait:
             await self._settle()
         if self.handle_moves:  # (a handle read before the wait, of a file made again meanwhile: _made_again)
@@ -354,6 +364,38 @@ class VmFs:
             self._undelegate_all()
         self.lease_until = max(self.lease_until, began + DELEGATION_LEASE)
         return r
+
+    async def _reopened(self, fields: dict) -> bool:
+        """A call's handle (fh, or via) was refused (EBADF): if it is of an
+        earlier term, and the server of now is one that lost its open files
+        (a drvmmd that restarted; a replica that takes over was given them),
+        open the file again by its path -- the same file, checked by its
+        number on the same store -- and put the new handle in fields."""
+        key = "fh" if fields.get("fh") else "via" if fields.get("via") else None
+        h = next((h for h in self.handles.values() if key and h.sfh == fields[key]), None)
+        if h is None or h.queued:  # (one with calls sent behind: the queue is sent again as a whole)
+            return False
+        await self._call(Call.getattr, True, False, True, False, {"path": b""})  # (the term of now, learned)
+        if h.sfh >> 32 >= self.epoch or h.cino & SMALL >= BIG:
+            return False
+        node = self.inodes.get(h.cino)
+        try:
+            where = self.named(h.cino)
+            r = await self._call(Call.open, True, False, False, True,
+                                 {**where, "flags": h.flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)})
+        except pyfuse3.FUSEError:
+            return False
+        if r.attr.ino != h.cino & SMALL:  # (another file has its name now)
+            self.closing.append(r.fh)
+            self._close_later()
+            return False
+        log.info("%s: handle %d opened again as %d (the server restarted)", self.target, h.sfh, r.fh)
+        if node is not None:
+            for other in node.open:
+                if other.sfh == h.sfh and other is not h:
+                    other.sfh = r.fh
+        h.sfh = fields[key] = r.fh
+        return True
 
     def _forgotten(self, limit: int = FORGOTTEN_PER_CALL) -> dict:
         """The notices that may go now, as FsRequest fields (none: {}):
@@ -1456,17 +1498,17 @@ class VmFs:
         direct = ((access != os.O_RDONLY and flags & os.O_APPEND
                    or access == os.O_WRONLY and self._local_server() is not None)
                   and not r.attr.mode & (stat.S_ISUID | stat.S_ISGID))
-        fh, _ = self._handle(r.fh, cino, direct)
+        fh, _ = self._handle(r.fh, cino, direct, flags)
         # Pages cached here stay valid until the server says another node
         # wrote (close-to-open, without rereading every file on open).
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=direct)
 
-    def _handle(self, sfh: int, cino: int, direct: bool = False) -> tuple[int, Handle]:
+    def _handle(self, sfh: int, cino: int, direct: bool = False, flags: int = 0) -> tuple[int, Handle]:
         """A new open file of inode cino here, on server handle sfh: its
         number for the kernel, and it."""
         fh = self.tag | self.next_fh
         self.next_fh += 1
-        h = self.handles[fh] = Handle(sfh, cino, direct)
+        h = self.handles[fh] = Handle(sfh, cino, direct, flags)
         self._inode(cino).open.append(h)
         return fh, h
 
@@ -1526,7 +1568,7 @@ class VmFs:
         if self.cache is not None:
             self.cache.drop(self.tag | cino)  # (pages of a file that had its number before)
         self.kept = (cino, trio.current_time() + TIMEOUT, self.told, a)
-        fh, h = self._handle(sfh, cino)
+        fh, h = self._handle(sfh, cino, flags=flags)
         h.behind, h.queued = self.spare_bytes, True
         node = self.inodes[cino]
         node.term = node.term or self.epoch  # (not fsync'ed yet: see _durable)
