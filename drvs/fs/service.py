@@ -89,9 +89,9 @@ class FsNode:
         spec, made = VmSpec.from_json(entry.value), entry.create_revision
         me = self.member.name
         epoch, before = await replica.take_over(self.etcd, vm, me, first=spec.fs_nodes[:1] == [me])
-        # The term before, if its server handed everything over here and no later one was heard of.
+        # The term before this one, if its server handed everything over here.
         last = self.terms.get(vm, 0)
-        vouched = last if self.handed.pop(vm, None) == (made, last) and last < epoch else 0
+        vouched = last if self.handed.pop(vm, None) == (made, last) and last == epoch - 1 else 0
         self.terms[vm] = epoch  # (the old server's batches are refused from now on: it learns so too)
         if before and before != me:
             await self._term_began(vm, made, epoch, before)
