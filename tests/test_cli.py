@@ -176,6 +176,30 @@ def test_a_followed_log_ends_with_the_run_and_wait_gives_its_status(drvs):
     assert [p.name for p in (drvs.state / "runs").iterdir() if p.name.startswith(run_id)] == []
 
 
+def test_stop_and_cont_reach_a_detached_runs_program(drvs):
+    """kill -s STOP stops the program (not its keeper, which could then
+    pass nothing on): its output stops, CONT resumes it, and KILL still
+    ends it, as docker kill -s STOP/CONT/KILL."""
+    run_id = drvs.run("-d", "--", "sh", "-c", "while :; do echo tick; sleep 0.05; done", check=True).stdout.strip()
+    deadline = time.monotonic() + 10
+    while "tick" not in drvs.drvs("logs", run_id).stdout:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert drvs.drvs("kill", "-s", "STOP", run_id).returncode == 0
+    time.sleep(0.3)  # (a tick under way lands)
+    stopped = drvs.drvs("logs", run_id).stdout
+    time.sleep(0.5)
+    assert drvs.drvs("logs", run_id).stdout == stopped  # (no tick while stopped)
+    assert drvs.drvs("kill", "-s", "CONT", run_id).returncode == 0
+    while drvs.drvs("logs", run_id).stdout == stopped:
+        assert time.monotonic() < deadline + 10
+        time.sleep(0.05)
+    assert drvs.drvs("kill", "-s", "STOP", run_id).returncode == 0
+    assert drvs.drvs("kill", "-s", "KILL", run_id).returncode == 0  # (a stopped program is killed all the same)
+    waited = drvs.drvs("wait", run_id, timeout=20)
+    assert (waited.returncode, waited.stdout) == (0, "137\n")
+
+
 def test_detached_setup_failure_is_reported(drvs):
     p = drvs.run("-d", "--", "no-such-command")
     assert (p.returncode, p.stderr) == (127, "drvs-run: no-such-command: command not found\n")

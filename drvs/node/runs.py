@@ -4,6 +4,7 @@ detached run ended, written by its monitor).  `drvs logs`, `wait` and
 `kill` read them on the run's node: here, or through that node's drvmm
 (drvs/ipc/services.py) when the run is another node's."""
 
+import errno
 import json
 import os
 import re
@@ -192,11 +193,51 @@ def send_signal(cfg, run_id: str, signum: int) -> None:
         end = ended(cfg, run_id)
         raise NotFound(f"run {run_id!r} has ended" + (f" (exit status {end['code']})" if end else ""))
     try:
-        signal.pidfd_send_signal(pidfd, signum)
+        if signum == signal.SIGSTOP:
+            _stop_program(rec["keeper"])
+        else:
+            signal.pidfd_send_signal(pidfd, signum)
     except ProcessLookupError:
         raise NotFound(f"run {run_id!r} has ended") from None
     finally:
         os.close(pidfd)
+
+
+def _stop_program(keeper: int) -> None:
+    """SIGSTOP to the run's program itself, as `docker kill -s STOP` stops
+    a container's first process: the keeper cannot pass it on (it would
+    stop, and a later KILL with it).  The program is the keeper's child,
+    or the child of the group anchor between them (--pgid).  (Called with
+    a pidfd on the keeper held: its children are its own.)"""
+    pid = keeper
+    for _ in range(2):
+        kids = _children(pid)
+        if not kids:
+            raise ProcessLookupError(errno.ESRCH, "no program")
+        pid = kids[0]
+        if _comm(pid) != "drvs-group":
+            break
+    pidfd = os.pidfd_open(pid)
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGSTOP)
+    finally:
+        os.close(pidfd)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return ""
 
 
 def read_log(cfg, run_id: str, offset: int, size: int) -> bytes:
