@@ -21,6 +21,14 @@ OUTPUT_CLOSED = "drvs-run: output closed"
 DETACH_TIMEOUT = 60.0  # seconds a node may take to start a detached run (its cell may be made first)
 
 
+def _say(line: str) -> None:
+    """A line on stderr, if it can be written (it may be what failed)."""
+    try:
+        os.write(2, f"{line}\n".encode())
+    except OSError:
+        pass
+
+
 def fill_request(r, node: str, vm: str, opts) -> None:
     """A RunRequest (fabric.capnp) for opts.argv in vm on node."""
     r.vm, r.node, r.workdir = vm, node, opts.cwd
@@ -92,7 +100,13 @@ async def _run(path: str, node: str, vm: str, opts):
             try:
                 while view:
                     view = view[os.write(self.fd, view):]
-            except BrokenPipeError:
+            except OSError as e:
+                # The program's node closes its end: its next write there
+                # fails (EPIPE), as the nearest a remote program gets to this
+                # one's error; a full disk or a closed descriptor is said here.
+                if not isinstance(e, BrokenPipeError):
+                    _say(f"drvs-run: cannot write the program's {'output' if self.fd == 1 else 'errors'} "
+                         f"(fd {self.fd}): {e.strerror}")
                 raise RuntimeError(OUTPUT_CLOSED) from None
 
         async def done(self, **kwargs):

@@ -242,6 +242,21 @@ def test_the_dev_clusters_host_is_no_node_and_says_how_to_act_as_one(cluster_fac
             (args, p.stderr)
 
 
+def test_output_that_cannot_be_written_here_is_said_and_the_program_sees_a_closed_pipe(cluster_factory):
+    """drvs-run --node n2 with its stdout on a full disk: it says why,
+    and the program's output ends as a closed pipe would (a local run's
+    program gets ENOSPC itself); its stderr and exit status still come."""
+    c = cluster_factory(nodes=2)
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([str(BIN / "drvs-run"), "--node", "n2", "--", "sh", "-c",
+                            "seq 1 100000; echo after >&2; exit 3"],
+                           env={**c.env, "DRVS_NODE": "n1"}, stdout=full, stderr=subprocess.PIPE, text=True,
+                           timeout=60)
+    assert p.returncode == 3, p.stderr
+    assert p.stderr.splitlines()[0] == "drvs-run: cannot write the program's output (fd 1): No space left on device"
+    assert p.stderr.splitlines()[-1] == "after"
+
+
 def test_dead_target_node_is_reported_within_the_bound(cluster_factory):
     c = cluster_factory(nodes=2)
     os.kill(c.node("n2")["pid"], signal.SIGKILL)
