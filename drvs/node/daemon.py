@@ -263,6 +263,12 @@ def main(argv: list[str] | None = None) -> int:
             except SetupError as e:  # (slow to answer, say: joining waits for it as for any etcd)
                 log.warning("the cluster's etcd on this node: %s", e)
 
+            # The cells this daemon makes double-fork their inits: as a
+            # subreaper it is their parent, whichever process ends them
+            # (its reconciler collects those that ended: cells.reap_ended_inits).
+            import prctl
+
+            prctl.set_child_subreaper(True)
             profile = os.environ.get("DRVS_PROFILE")  # a file for cProfile's figures (benchmarks)
             if profile:
                 import cProfile

@@ -70,6 +70,7 @@ def reconcile_once(cfg, node: str, vms: list[VmSpec], pid_range=(0, 0), when: fl
         runs.forget_runs(cfg, lambda vm: vm not in names, before=when)
         for vm in _vm_dirs(cfg) - names:
             jail.drop_data_dirs(cfg, vm)
+    cells.reap_ended_inits()  # (of cells that `drvs vm rm` here ended: their inits are this daemon's children)
     return changed
 
 

@@ -276,6 +276,32 @@ def reap_if_child(pid: int) -> None:
         pass  # another process's child: its parent (or init) reaps it
 
 
+def reap_ended_inits() -> int:
+    """Collect the cell inits that ended as our children (we are a
+    subreaper: inits of cells we made were reparented to us) while another
+    process ended their cell (drvs vm rm), which cannot reap them; only
+    those, by name: other children are their waiters' to collect.  How
+    many were collected."""
+    me, n = os.getpid(), 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                stat_line = f.read()
+        except OSError:
+            continue  # (gone meanwhile)
+        name, _, rest = stat_line.partition(" (")[2].rpartition(") ")
+        state, ppid = rest.split(" ", 2)[:2]
+        if state == "Z" and int(ppid) == me and name == "drvs-cell":
+            try:
+                os.waitpid(int(entry.name), os.WNOHANG)
+                n += 1
+            except ChildProcessError:
+                pass
+    return n
+
+
 def _remove_cell_cgroups(cg: Cgroup) -> None:
     """Remove a cell's cgroups, killing what is left in them."""
     for name in runs(cg) + ["init"]:

@@ -271,3 +271,30 @@ def test_a_vm_in_use_on_another_node_is_busy(cluster_factory):
     p = c.drvs("vm", "rm", "far", node="n1")
     assert p.returncode == 4 and "cannot tell" in p.stderr and "--force" in p.stderr, p.stderr
     c.drvs("vm", "rm", "far", "--force", node="n1", check=True)
+
+
+def _zombie_cell_inits(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                name, _, rest = f.read().partition(" (")[2].rpartition(") ")
+        except OSError:
+            continue
+        state, ppid = rest.split()[:2]
+        if state == "Z" and int(ppid) == pid and name == "drvs-cell":
+            found.append(int(entry))
+    return found
+
+
+def test_a_cell_that_vm_rm_ended_leaves_no_zombie_in_the_daemon(cluster_factory):
+    """drvs vm rm on n1 ends n1's cell of the VM itself; its init was n1's
+    drvmmd's child (which made the cell), so the daemon collects it."""
+    c = cluster_factory(nodes=2)
+    for round_ in range(2):
+        c.drvs("vm", "create", f"gone{round_}", "--node", "n1", "--node", "n2", node="n1", check=True)
+        assert wait_for(lambda: cell_inits(c, "n1", f"gone{round_}"))
+        c.drvs("vm", "rm", f"gone{round_}", node="n1", check=True)
+    daemon = c.node("n1")["pid"]
+    assert wait_for(lambda: not _zombie_cell_inits(daemon), timeout=15), _zombie_cell_inits(daemon)
+
