@@ -484,6 +484,28 @@ async def test_a_server_that_stops_sends_its_replica_what_it_queued_and_serves_n
         await mirror.wait(mirror.push(Call.mkdir, b""))
 
 
+@pytest.mark.parametrize("after", ["nothing", "fsync", "release", "mkdir"])
+async def test_a_clean_stop_vouches_only_if_no_call_under_way_made_a_change_the_replica_lacks(tmp_path, after):
+    """The replica hears it has all (Batch.handed) once the calls under way
+    at the stop are done, unless one of them made a change after the
+    queue went (an fsync or a close is no change of data)."""
+    from drvs.fs.replica import Mirror
+
+    server, _ = serving(tmp_path)
+    fabric = server.fabric = WithReplica(True)
+    mirror = server.mirrors["n3"] = Mirror(server, "n3")
+    mirror.live = True
+    server.serving += 1  # (a call under way at the stop)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(mirror._hand_over)
+        await trio.testing.wait_all_tasks_blocked()  # (the queue sent: it waits for the call)
+        assert fabric.batches == []
+        if after != "nothing":
+            mirror.push(getattr(Call, after), b"")
+        server.serving -= 1
+    assert fabric.batches == ([] if after == "mkdir" else ["handed"])
+
+
 async def test_a_replica_stream_kept_busy_by_writers_still_stops(tmp_path):
     """Batches go out shielded (one cut short might be made there or not),
     and a queue someone waits for gathers nothing: the stop must still

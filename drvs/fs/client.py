@@ -61,7 +61,8 @@ SPARES_LOW = 32               # files made ahead left that ask for more ...
 SPARES_ASK = 64               # ... this many
 SPARES_RETRY = 10.0           # seconds before asking again a server that made none (a full disk...)
 LOST_MAX = 4096               # files whose writes sent behind failed, kept until an fsync or close says so
-DOUBTS_MAX = 4096             # paths of files whose writes a new server may lack, kept until looked up again
+REOPENED_MAX = 4096           # handles opened again after a server's restart, remembered for calls under way
+DOUBTS_MAX = 1 << 16          # paths of files whose writes a new server may lack, kept until looked up again
 RECALLED_KEPT = 10.0          # seconds a recall of a directory not (yet) delegated here is remembered
 ABSENT_GRACE = 1.0            # seconds the kernel may keep a name absent after this node's reckoning
 RELOOK_WAIT = 0.5             # an invalidation's reply waits at most this for moved directories' lookups
@@ -192,6 +193,9 @@ class VmFs:
         # Earlier terms whose servers handed over cleanly, each to the next,
         # up to the server of now: writes of those terms are not in doubt.
         self.vouched: set[int] = set()
+        # Handles of a restarted server opened again here: old -> new (see _reopened).
+        self.reopened: dict[int, int] = {}
+        self.reopening: dict[int, trio.Event] = {}
         self.entries: dict[tuple[int, bytes], int] = {}  # (directory, name) -> inode, this node's numbers
         self.handles: dict[int, Handle] = {}
         self.listings: dict[int, Listing] = {}
@@ -366,36 +370,50 @@ class VmFs:
         return r
 
     async def _reopened(self, fields: dict) -> bool:
-        """A call's handle (fh, or via) was refused (EBADF): if it is of an
-        earlier term, and the server of now is one that lost its open files
-        (a drvmmd that restarted; a replica that takes over was given them),
-        open the file again by its path -- the same file, checked by its
-        number on the same store -- and put the new handle in fields."""
-        key = "fh" if fields.get("fh") else "via" if fields.get("via") else None
-        h = next((h for h in self.handles.values() if key and h.sfh == fields[key]), None)
+        """A call's handle was refused (EBADF): if it is of an earlier term,
+        and the server of now is one that lost its open files (a drvmmd
+        that restarted; a replica that takes over was given them), open the
+        file again by its path -- the same file, checked by its number on
+        the same store -- and put the new handle in fields.  Calls on the
+        handle at once wait for one reopening and take its handle."""
+        old = fields.get("fh")
+        if not old:
+            return False
+        if old in self.reopened:
+            fields["fh"] = self.reopened[old]
+            return True
+        waiting = self.reopening.get(old)
+        if waiting is not None:
+            await waiting.wait()
+            if old not in self.reopened:
+                return False
+            fields["fh"] = self.reopened[old]
+            return True
+        h = next((h for h in self.handles.values() if h.sfh == old), None)
         if h is None or h.queued:  # (one with calls sent behind: the queue is sent again as a whole)
             return False
-        await self._call(Call.getattr, True, False, True, False, {"path": b""})  # (the term of now, learned)
-        if h.sfh >> 32 >= self.epoch or h.cino & SMALL >= BIG:
-            return False
-        node = self.inodes.get(h.cino)
+        self.reopening[old] = done = trio.Event()
         try:
-            where = self.named(h.cino)
-            r = await self._call(Call.open, True, False, False, True,
-                                 {**where, "flags": h.flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)})
-        except pyfuse3.FUSEError:
-            return False
-        if r.attr.ino != h.cino & SMALL:  # (another file has its name now)
-            self.closing.append(r.fh)
-            self._close_later()
-            return False
-        log.info("%s: handle %d opened again as %d (the server restarted)", self.target, h.sfh, r.fh)
-        if node is not None:
-            for other in node.open:
-                if other.sfh == h.sfh and other is not h:
-                    other.sfh = r.fh
-        h.sfh = fields[key] = r.fh
-        return True
+            await self._call(Call.getattr, True, False, True, False, {"path": b""})  # (the term of now, learned)
+            if old >> 32 >= self.epoch or h.cino & SMALL >= BIG:
+                return False
+            try:
+                r = await self._call(Call.open, True, False, False, True,
+                                     {**self.named(h.cino), "flags": h.flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)})
+            except pyfuse3.FUSEError:
+                return False
+            if r.attr.ino != h.cino & SMALL:  # (another file has its name now)
+                self.closing.append(r.fh)
+                self._close_later()
+                return False
+            log.info("%s: handle %d opened again as %d (the server restarted)", self.target, old, r.fh)
+            self.reopened[old] = h.sfh = fields["fh"] = r.fh
+            if len(self.reopened) > REOPENED_MAX:
+                del self.reopened[next(iter(self.reopened))]
+            return True
+        finally:
+            del self.reopening[old]
+            done.set()
 
     def _forgotten(self, limit: int = FORGOTTEN_PER_CALL) -> dict:
         """The notices that may go now, as FsRequest fields (none: {}):
@@ -521,18 +539,21 @@ class VmFs:
         self.renewing = True
         self._undelegate_all()  # (the new server delegated nothing: nothing more goes behind)
         self.spares.clear()  # (the old server's)
+        # Until the new server says what it vouches for, nothing is: an fsync
+        # answered meanwhile must not take a doubt for vouched by the old one.
+        vouched, self.vouched = self.vouched, set()
         try:
             # (behind: not waiting for the calls sent behind, as this may
             # be for the reply to one of them)
             r = await self.call(Call.getattr, idempotent=True, behind=True, path=b"")  # the new server's root
         except pyfuse3.FUSEError:
-            self.epoch = old  # the next reply of this term tries again
+            self.epoch, self.vouched = old, vouched  # the next reply of this term tries again
             raise
         finally:
             self.renewing = False
         self.dropped.clear()  # (the new server never heard of what this node cached)
         self.drops.clear()
-        self.vouched = self.vouched | {old} if r.vouched and r.vouched == old else set()
+        self.vouched = vouched | {old} if r.vouched and r.vouched == old else set()
         self._doubt_unsynced(epoch)
         for node in self.inodes.values():
             node.handle = b""  # (the new server's store is another file system)
@@ -579,6 +600,10 @@ class VmFs:
                 if not at:
                     self.doubts[path] = node.term
                     self.doubts.move_to_end(path)
+        if len(self.doubts) > DOUBTS_MAX:
+            log.warning("%s: %d files written here not fsync'ed at the change of server; the first fsync of the "
+                        "%d written longest ago will not say so", self.target, len(self.doubts),
+                        len(self.doubts) - DOUBTS_MAX)
         while len(self.doubts) > DOUBTS_MAX:
             self.doubts.popitem(last=False)
 
@@ -591,10 +616,27 @@ class VmFs:
         return None if at else join(path, name)
 
     def _undoubt(self, dino: int, name: bytes) -> None:
-        """This node removed or replaced name in dino: a doubt about the
-        file there is not the next file's."""
+        """This node removed or replaced name in dino, or made a file there
+        (none was): a doubt about the file there is not the next file's."""
         if self.doubts and (path := self._path_of(dino, name)) is not None:
             self.doubts.pop(path, None)
+
+    def _move_doubts(self, src: bytes | None, dst: bytes | None, exchange: bool) -> None:
+        """A rename of src to dst here (paths; None: not known by path): the
+        doubts about what was at src, and below it, go to dst; what dst held
+        goes to src (exchange) or is gone."""
+        if not self.doubts or src is None or dst is None:
+            return
+        def under(top):
+            return {p: t for p, t in self.doubts.items() if p == top or p.startswith(top + b"/")}
+        moving, staying = under(src), under(dst)
+        for p in (*moving, *staying):
+            del self.doubts[p]
+        for p, t in moving.items():
+            self.doubts[dst + p[len(src):]] = t
+        if exchange:
+            for p, t in staying.items():
+                self.doubts[src + p[len(dst):]] = t
 
     @staticmethod
     async def _drop_all(entries: list, inodes: list) -> None:
@@ -1081,6 +1123,7 @@ class VmFs:
                                 wait=(dino, name) in self.unlinking, **fields)
             self._post_op(dino, r, change)
         self._known_add(dino, name)
+        self._undoubt(dino, name)
         entry = self._entry(dino, name, r.attr, change.told, self._asked(parent, where))
         if ctype == Call.mkdir:
             self._now_known(self._c(r.attr.ino), (), change)
@@ -1110,6 +1153,7 @@ class VmFs:
             r = await self.call(Call.link, **self.named(inode), **self._named(where, new_name, True))
             self._post_op(dino, r, change)
         self._known_add(dino, new_name)
+        self._undoubt(dino, new_name)
         return self._entry(dino, new_name, r.attr, change.told, self._asked(new_parent, where))
 
     async def unlink(self, parent, name, ctx):
@@ -1415,14 +1459,13 @@ class VmFs:
         d1, d2 = old_parent & MASK, new_parent & MASK
         self._not_private(d1, old_name)
         self._not_private(d2, new_name)
+        paths = (self._path_of(d1, old_name), self._path_of(d2, new_name)) if self.doubts else (None, None)
         with self._changing(d1, d2, self.entries.get((d1, old_name)), self.entries.get((d2, new_name))):
             await self.call(Call.rename, **self.named(old_parent, old_name),
                             **self.named(new_parent, new_name, True), flags=flags)
         if not flags & pyfuse3.RENAME_EXCHANGE:
             self._known_remove(d1, old_name)
         self._known_add(d2, new_name)
-        self._undoubt(d1, old_name)
-        self._undoubt(d2, new_name)
         self._unlisted(d1, old_name)
         self._unlisted(d2, new_name)
         moved = self.entries.pop((d1, old_name), None)
@@ -1436,6 +1479,7 @@ class VmFs:
                 self.inodes[replaced].parent = None
         if moved is not None:
             self._place(moved, d2, new_name)
+        self._move_doubts(*paths, bool(flags & pyfuse3.RENAME_EXCHANGE))
 
     def _unlisted(self, dino: int, name: bytes) -> None:
         """This node removed name from dino, or gave it to another object: a
@@ -1525,6 +1569,7 @@ class VmFs:
         self._keep(self._c(r.attr.ino), r.attr, number, change.told)
         self._known_add(dino, name)
         self._made_private(dino, name)
+        self._undoubt(dino, name)
         entry = self._entry(dino, name, r.attr, change.told, self._asked(parent, where))
         if self.cache is not None and self.cache.files:  # (it may have opened a file this node kept pages of)
             self.cache.made(self.tag | self._c(r.attr.ino), r.attr.size, r.attr.mtimeNs, (r.epoch, r.version))
@@ -1563,6 +1608,7 @@ class VmFs:
         cino = self._c(sino)
         self._known_add(dino, name)
         self._made_private(dino, name)
+        self._undoubt(dino, name)
         entry = self._entry(dino, name, a, self.told, True)
         self._touch(dino)
         if self.cache is not None:

@@ -111,6 +111,7 @@ class Mirror:
         self.live = False    # in sync: changes are streamed to it
         self.lost = False    # dropped out, yet still listed in sync in etcd
         self.handed = False  # the server stopped, this replica in sync (see _hand_over)
+        self.missed = False  # since, a change it lacks was made here (an fsync or a close is none)
         self._work = trio.Event()
         self._progress = trio.Event()
         self._hurry = trio.Event()  # set when someone waits for the replica (fsync, a synchronous close)
@@ -126,6 +127,8 @@ class Mirror:
                 # A replica still listed in sync lacks this change (the server
                 # handed over, or could not strike it): whoever waits fails.
                 self.lost = True
+                if ctype not in (Call.fsync, Call.release):
+                    self.missed = True  # (data or names it lacks: no vouching for the term, see _vouch)
                 return self.pushed + 1
             return 0
         self.calls.append((ctype, payload))
@@ -237,7 +240,7 @@ class Mirror:
         with trio.CancelScope(shield=True), trio.move_on_after(HAND_OVER):
             while s.serving:
                 await trio.sleep(0.01)
-            if self.lost:
+            if self.missed:
                 return
             m = fs.Batch.new_message(vm=s.vm, epoch=s.epoch, made=s.store.made, handed=True)
             try:

@@ -1448,6 +1448,8 @@ def test_writes_a_new_server_may_lack_are_reported_by_a_close_or_a_later_fsync(c
     other = "n2" if server == "n1" else "n1"
     there = view(c, other)
     (there / "closed").write_bytes(os.urandom(1 << 20))  # (written and closed before the fail-over)
+    (there / "dir").mkdir()
+    (there / "dir" / "moved").write_bytes(os.urandom(1 << 20))  # (the same, then its directory renamed)
     (there / "synced").write_bytes(b"kept")
     assert _fsync_errno(there / "synced") == 0
     stop = tmp_path / "stop"
@@ -1470,6 +1472,8 @@ def test_writes_a_new_server_may_lack_are_reported_by_a_close_or_a_later_fsync(c
             writer.wait()
     assert _fsync_errno(there / "closed") == errno.EIO
     assert _fsync_errno(there / "closed") == 0  # (once)
+    os.rename(there / "dir", there / "dir2")
+    assert _fsync_errno(there / "dir2" / "moved") == errno.EIO  # (the doubt went with it)
     assert _fsync_errno(there / "open") == 0  # (its close said so)
     assert _fsync_errno(there / "synced") == 0  # (fsync'ed before: nothing in doubt)
     assert (there / "synced").read_bytes() == b"kept"
