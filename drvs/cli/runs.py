@@ -48,9 +48,15 @@ def list_runs(args) -> int:
     found = [{**r, "node": here} for r in runs.listing(cfg, args.vm, args.all)]
     silent = []
     if info:
+        from ..ipc.client import daemon_answers, socket_path
         from ..ipc.message import IpcError
         from ..ipc.schema import drvmm
 
+        if not daemon_answers(cfg.state_dir):  # (this node's silence, not the others')
+            emit(_sorted(found), args.format, lambda: _table(found))
+            print(f"drvs runs: drvmmd is not running on this node ({socket_path(cfg.state_dir)} refuses "
+                  "connections): the other nodes' runs are unknown", file=sys.stderr)
+            return DaemonAway.exit_code
         for node, ready in _other_nodes(info):
             if not ready:
                 silent.append(f"{node} (NotReady)")
@@ -62,18 +68,8 @@ def list_runs(args) -> int:
                 silent.append(node)
                 continue
             found += [{**r.to_dict(), "node": node} for r in drvmm.RunList.from_bytes_packed(payload).runs]
-    found.sort(key=lambda r: (r.get("started", 0.0), r["id"]))
-    for r in found:  # (capnp's to_dict leaves out fields at their defaults)
-        r.setdefault("code", 0)
-        r.setdefault("note", "")
-
-    def table():
-        print_table(["RUN", "NODE", "VM", "COMMAND", "STATUS", "AGE"],
-                    [[r["id"], r["node"], r["vm"], " ".join(r.get("argv", [])),
-                      ("running" if r.get("running") else f"exited ({r['code']})") +
-                      ("" if r.get("detached") else ", attached"), age(r.get("started", 0.0))] for r in found])
-
-    emit(found, args.format, table)
+    found = _sorted(found)
+    emit(found, args.format, lambda: _table(found))
     for node in silent:
         print(f"drvs runs: node {node} did not answer (its runs are missing above)", file=sys.stderr)
     # (a Ready node's silence leaves the list incomplete for no known reason: not a whole answer)
@@ -93,11 +89,11 @@ def _where(cfg, run_id: str) -> str | None:
     info = cluster_info(cfg)
     if info is None:
         raise NotFound(f"no such run: {run_id!r}")
-    from ..ipc.client import socket_path
+    from ..ipc.client import daemon_answers, socket_path
 
-    if not os.path.exists(socket_path(cfg.state_dir)):  # (not the nodes' silence: this one's)
+    if not daemon_answers(cfg.state_dir):  # (not the nodes' silence: this one's)
         raise IpcError(f"no such run here, and drvmmd is not running on this node to ask the others "
-                       f"(no {socket_path(cfg.state_dir)})", errno.ENOENT)
+                       f"({socket_path(cfg.state_dir)} refuses connections)", errno.ENOENT)
     silent = []
     for node, ready in _other_nodes(info):
         if not ready:
@@ -114,6 +110,21 @@ def _where(cfg, run_id: str) -> str | None:
         raise IpcError(f"run {run_id!r} is on none of the nodes that answered; {', '.join(silent)} did not, "
                        "and it may be there", errno.EHOSTUNREACH)
     raise NotFound(f"no such run: {run_id!r} on any node")
+
+
+def _sorted(found: list[dict]) -> list[dict]:
+    found.sort(key=lambda r: (r.get("started", 0.0), r["id"]))
+    for r in found:  # (capnp's to_dict leaves out fields at their defaults)
+        r.setdefault("code", 0)
+        r.setdefault("note", "")
+    return found
+
+
+def _table(found: list[dict]) -> None:
+    print_table(["RUN", "NODE", "VM", "COMMAND", "STATUS", "AGE"],
+                [[r["id"], r["node"], r["vm"], " ".join(r.get("argv", [])),
+                  ("running" if r.get("running") else f"exited ({r['code']})") +
+                  ("" if r.get("detached") else ", attached"), age(r.get("started", 0.0))] for r in found])
 
 
 def _other_nodes(info: dict) -> list[tuple[str, bool]]:

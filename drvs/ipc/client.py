@@ -14,6 +14,25 @@ def socket_path(state_dir: str) -> str:
     return f"{state_dir}/run/drvmmd.sock"
 
 
+def daemon_answers(state_dir: str, settle: float = 0.0) -> bool:
+    """Whether this node's drvmmd takes connections (a dead one's socket
+    file stays, refusing them): to tell its silence from other nodes'.
+    settle: ask again after this long (a daemon dying this moment closes
+    its connections before its listening socket)."""
+    import socket
+    import time
+
+    for attempt in range(2 if settle else 1):
+        if attempt:
+            time.sleep(settle)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
+            try:
+                s.connect(socket_path(state_dir))
+            except OSError:
+                return False
+    return True
+
+
 def sendrec(state_dir: str, target: str, msg: Msg, timeout: float = 5.0) -> Msg:
     """Deliver msg to endpoint target through the local drvmmd; its reply."""
     return asyncio.run(_call(socket_path(state_dir), target, msg, timeout))

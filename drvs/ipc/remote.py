@@ -81,12 +81,10 @@ def detach(state_dir: str, node: str, vm: str, opts) -> str:
 
 def run(state_dir: str, node: str, vm: str, opts) -> tuple[int, str]:
     """(exit code, message) of opts.argv run on node."""
-    from . import client
-
-    return asyncio.run(_run(client.socket_path(state_dir), node, vm, opts))
+    return asyncio.run(_run(state_dir, node, vm, opts))
 
 
-async def _run(path: str, node: str, vm: str, opts):
+async def _run(state_dir: str, node: str, vm: str, opts):
     import capnp
 
     from .schema import fabric
@@ -112,7 +110,9 @@ async def _run(path: str, node: str, vm: str, opts):
         async def done(self, **kwargs):
             pass
 
-    from .client import connect
+    from .client import connect, daemon_answers, socket_path
+
+    path = socket_path(state_dir)
 
     async with capnp.kj_loop():
         client, node_cap = await connect(path)
@@ -135,10 +135,18 @@ async def _run(path: str, node: str, vm: str, opts):
 
         for sig in FORWARDED:
             loop.add_signal_handler(sig, on_signal, sig)
+        def lost(e, what: str) -> IpcError:
+            """The connection to this node's drvmmd broke: its death (then
+            said as such, not blamed on the other node), or the node's."""
+            if getattr(e, "type", None) == "DISCONNECTED" and not daemon_answers(state_dir, settle=0.3):
+                return IpcError(f"this node's drvmmd stopped ({path} refuses connections): the program on "
+                                f"node {node} is ended with its caller", errno.ECONNRESET)
+            return IpcError(f"node {node}: {what}{kj_reason(e)}", errno.ECONNRESET if what else errno.EIO)
+
         try:
             process = (await call.send()).process
         except capnp.KjException as e:
-            raise IpcError(f"node {node}: {kj_reason(e)}", errno.EIO) from None
+            raise lost(e, "") from None
         target["process"] = process
         for sig in pending:
             asyncio.ensure_future(process.signal(sig))
@@ -159,7 +167,7 @@ async def _run(path: str, node: str, vm: str, opts):
             else:
                 result = await process.wait()
         except capnp.KjException as e:
-            raise IpcError(f"node {node}: lost the program: {kj_reason(e)}", errno.ECONNRESET) from None
+            raise lost(e, "lost the program: ") from None
         finally:
             if pump is not None:
                 pump.cancel()

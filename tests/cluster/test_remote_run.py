@@ -257,6 +257,30 @@ def test_output_that_cannot_be_written_here_is_said_and_the_program_sees_a_close
     assert p.stderr.splitlines()[-1] == "after"
 
 
+def test_this_nodes_own_drvmmd_gone_is_said_as_such_not_blamed_on_others(cluster_factory):
+    """n1's drvmmd killed under a run n1 made on n2, then asked for runs
+    and logs: each says that n1's own drvmmd is not running (exit 7),
+    not that n2 lost the program or did not answer."""
+    c = cluster_factory(nodes=2)
+    caller = subprocess.Popen([str(BIN / "drvs-run"), "--node", "n2", "--", "sh", "-c", "echo started; sleep 30"],
+                              env={**c.env, "DRVS_NODE": "n1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        assert caller.stdout.readline() == "started\n"
+        os.kill(c.node("n1")["pid"], signal.SIGKILL)
+        _, err = caller.communicate(timeout=30)
+    finally:
+        if caller.poll() is None:
+            caller.kill()
+            caller.wait()
+    assert caller.returncode == 7 and err.startswith("drvs-run: this node's drvmmd stopped"), err
+    listed = c.drvs("runs", "--json", node="n1")
+    assert listed.returncode == 7 and "drvmmd is not running on this node" in listed.stderr, listed.stderr
+    assert json.loads(listed.stdout) == []
+    log = c.drvs("logs", "0123456789ab", node="n1")
+    assert log.returncode == 7 and "drvmmd is not running on this node" in log.stderr, log.stderr
+
+
 def test_dead_target_node_is_reported_within_the_bound(cluster_factory):
     c = cluster_factory(nodes=2)
     os.kill(c.node("n2")["pid"], signal.SIGKILL)
