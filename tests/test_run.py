@@ -1,6 +1,10 @@
 """drvs-run as a user meets it: output, stdio, exit codes, errors, signals."""
 
+import os
+import re
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -167,3 +171,21 @@ def test_signals_reach_the_program(drvs, sig, name):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_an_early_interrupt_ends_quietly(drvs):
+    """^C while Python still imports the command: 130, never a traceback
+    from drvs's code.  (The interpreter's own start, before any of it,
+    ~10 ms here, is Python's to handle.)"""
+    for delay in (0.0, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.12):
+        for argv in (["drvs-run", "--", "true"], ["drvs", "vm", "ls"]):
+            p = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), argv[0]), *argv[1:]],
+                                 env=drvs.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            time.sleep(delay)
+            p.send_signal(signal.SIGINT)
+            _, err = p.communicate(timeout=30)
+            frames = re.findall(r'File "([^"]+)"', err)
+            assert not any("/drvs/" in f for f in frames), (argv, delay, err)
+            if not frames:
+                assert p.returncode in (0, 130, -signal.SIGINT), (argv, delay, p.returncode, err)
+

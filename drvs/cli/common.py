@@ -30,6 +30,9 @@ def require_root(prog: str) -> None:
 def guarded(prog: str, body) -> int:
     """Run a command body: user errors become one line on stderr and their
     exit code; no traceback unless DRVS_DEBUG is set."""
+    from .entry import settle_interrupts
+
+    settle_interrupts()
     out = sys.stdout
     sys.stdout = _Output(out)
     try:
