@@ -324,7 +324,8 @@ def _processes_by_node(cfg, spec: VmSpec) -> dict:
         procs, silent = cluster_processes(cfg, spec.name, sorted(spec.shares))
     except DrvsError as e:
         return {"by_node": {}, "silent": sorted(spec.shares), "error": str(e)}
-    by_node = {node: 0 for node in sorted(spec.shares)}
+    unknown = {s.partition(":")[0] for s in silent}  # ("node: why", or the node alone)
+    by_node = {node: 0 for node in sorted(spec.shares) if node not in unknown}  # (a silent one's: not 0)
     for p in procs:
         by_node[p.get("node", "?")] = by_node.get(p.get("node", "?"), 0) + 1
     return {"by_node": by_node, "silent": silent}

@@ -317,6 +317,9 @@ def test_drvs_ps_says_when_a_ready_node_is_missing(vm_cluster):
     p = c.drvs("ps", "web", "--format", "json", node=leader)
     assert p.returncode == 7 and f"drvs ps: node {other}: " in p.stderr and "NotReady" not in p.stderr, p.stderr
     assert isinstance(json.loads(p.stdout), list)  # (what the other nodes said, still printed)
+    shown = json.loads(c.drvs("vm", "show", "web", "--format", "json", node=leader, check=True).stdout)
+    assert other not in shown["processes"]["by_node"] and leader in shown["processes"]["by_node"]  # (unknown: not 0)
+    assert [s.partition(":")[0] for s in shown["processes"]["silent"]] == [other]
     c.wait_status(other, "NotReady", timeout=8)
     p = c.drvs("ps", "web", node=leader)
     assert p.returncode == 0 and f"node {other}: " in p.stderr and "(NotReady)" in p.stderr, p.stderr
