@@ -154,6 +154,8 @@ def test_detached_run_logs_and_kill(drvs):
     assert (p.returncode, p.stderr) == (74, "drvs: cannot write to standard output: No space left on device\n")
     assert drvs.drvs("wait", run_id, check=True).stdout == "0\n"
     assert json.loads(drvs.drvs("runs", "--json", check=True).stdout) == []
+    nope = drvs.drvs("runs", "nope")
+    assert (nope.returncode, nope.stderr) == (3, "drvs: no such VM: 'nope' (see `drvs vm ls`)\n")
     ended = json.loads(drvs.drvs("runs", "-a", "default", "--json", check=True).stdout)
     assert [(r["id"], r["running"], r["code"], r["argv"][0]) for r in ended] == [(run_id, False, 0, "sh")]
     assert json.loads(drvs.drvs("vm", "show", "default", "--format", "json").stdout)["cell"] == {"active": False}

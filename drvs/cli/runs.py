@@ -43,6 +43,11 @@ def list_runs(args) -> int:
     from ..cluster.context import cluster_info
 
     cfg = config.load()
+    if args.vm:  # (no such VM: said, as drvs ps says it, not an empty list)
+        from ..store import open_store
+        from ..vm.registry import VmRegistry
+
+        VmRegistry(open_store()).entry(args.vm)
     info = cluster_info(cfg)
     here = info["node"] if info else "-"
     found = [{**r, "node": here} for r in runs.listing(cfg, args.vm, args.all)]
