@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import sys
+import time
 
 from .. import config
 from ..cluster.context import cluster_info
@@ -21,6 +22,7 @@ from .options import add_limit_options, check_here, limits_from, node_name, type
 from ..node.runs import forget_runs
 
 
+APPLY_WAIT = 10.0  # seconds vm update waits for the nodes to say their cells took a changed share
 ADMIT_TRIES = 5  # snapshots of the VMs a create checks its shares against, if others are made meanwhile
 
 
@@ -135,6 +137,13 @@ def update(args) -> int:
             raise
     if given:
         _warn_not_ready(store, VmSpec(spec.name, shares=given), "update")
+        refused = _applied(store, spec.name, sorted(given), stored)
+        if refused:  # (a node's cell could not take its new share: all of it goes back)
+            node, why = next(iter(refused.items()))
+            if registry.update(old, stored) is None:
+                raise Conflict(f"node {node}: {why}; and VM {args.name!r} changed meanwhile: "
+                               f"see `drvs vm show {args.name}`")
+            raise Conflict(f"node {node}: {why}; VM {args.name!r} is unchanged")
     print(spec.name)
     return 0
 
@@ -175,6 +184,32 @@ def _resize_here(spec: VmSpec, old: VmSpec) -> None:
             except DrvsError:
                 pass  # (what failed is the one to say)
             raise
+
+
+def _applied(store, vm: str, nodes: list[str], revision: int, wait: float = APPLY_WAIT) -> dict:
+    """Wait until each Ready node of nodes has resized its live cell of vm
+    to the definition stored at revision (its reconciler says so in etcd,
+    drvs/node/reconcile.py); {node: why} for those that could not.  A node
+    that says nothing within wait is left to its reconciler (a warning)."""
+    from ..cluster.membership import status_key
+    from ..node.reconcile import applied_key
+
+    left = [n for n in nodes if store.get(status_key(n)) is not None]
+    refused, deadline = {}, time.monotonic() + wait
+    while left and time.monotonic() < deadline:
+        for node in list(left):
+            entry = store.get(applied_key(node, vm))
+            said = json.loads(entry.value) if entry is not None else {}
+            if said.get("revision", 0) >= revision:
+                left.remove(node)
+                if said.get("error"):
+                    refused[node] = said["error"]
+        if left:
+            time.sleep(0.1)
+    for node in left:
+        print(f"drvs vm update: warning: node {node} has not said yet whether its cell took the new share "
+              f"(see `drvs vm show {vm}` later)", file=sys.stderr)
+    return refused
 
 
 def _warn_not_ready(store, spec: VmSpec, verb: str = "create") -> None:

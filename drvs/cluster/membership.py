@@ -171,6 +171,7 @@ async def remove_node(etcd: Etcd, name: str) -> bool:
     from ..errors import Conflict, NotFound
     from ..vm.model import VmSpec
     from .revocation import revoked_key
+    from ..node.reconcile import APPLIED
     from ..vm.registry import VMS
 
     spec = await etcd.get(spec_key(name))
@@ -189,6 +190,7 @@ async def remove_node(etcd: Etcd, name: str) -> bool:
         for entry in await etcd.range(PID_RANGES):
             if entry.value == name:
                 await etcd.delete(entry.key, expect_revision=entry.mod_revision)
+        await etcd.delete_prefix(f"{APPLIED}{name}/")  # (what its cells took: drvs/node/reconcile.py)
     except CompareFailed:
         raise Conflict(f"node {name!r} changed while it was being removed (joining again?); look and retry") from None
     return bool(serial)

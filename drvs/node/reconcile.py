@@ -8,6 +8,7 @@ the cell removed.  Runs on start (a restarted daemon adopts the cells it finds, 
 does not duplicate them), on every change under /drvs/vms/, and every few
 seconds as a safety net."""
 
+import json
 import logging
 import os
 import time
@@ -81,6 +82,27 @@ def _vm_dirs(cfg) -> set[str]:
         return set()
 
 
+APPLIED = "/drvs/applied/"  # NODE/VM -> {"revision", "error"}: the VM's definition this node's cell took, or why not
+
+
+def applied_key(node: str, vm: str) -> str:
+    return f"{APPLIED}{node}/{vm}"
+
+
+async def _tell_applied(etcd, node: str, told: dict, now: dict) -> None:
+    """Say, for the VMs with a share here, which revision of their
+    definition the cell took or why it could not (drvs vm update waits for
+    it); only what changed since last said.  now: VM -> (revision, error)."""
+    for vm, state in now.items():
+        if told.get(vm) != state:
+            revision, error = state
+            await etcd.put(applied_key(node, vm), json.dumps({"revision": revision, "error": error}))
+            told[vm] = state
+    for vm in [vm for vm in told if vm not in now]:
+        await etcd.delete(applied_key(node, vm))
+        del told[vm]
+
+
 async def run(cfg, etcd, node: str, pid_range=(0, 0), spawner=None, on_vms=None) -> None:
     """spawner: the daemon's kernel-work thread (cells are made there, off
     the loop, which may be needed meanwhile by a jail's FUSE mounts).
@@ -89,6 +111,7 @@ async def run(cfg, etcd, node: str, pid_range=(0, 0), spawner=None, on_vms=None)
     VMs removed)."""
     changes = Changes(etcd, VMS, "reconcile")
     failed: dict = {}
+    told: dict = {}  # what _tell_applied said
     seen = None  # the VMs of the last pass: runs are forgotten only when some went
     async with trio.open_nursery() as nursery:
         nursery.start_soon(changes.watch)
@@ -113,6 +136,9 @@ async def run(cfg, etcd, node: str, pid_range=(0, 0), spawner=None, on_vms=None)
                     if failed.get(name) != why:  # (said once, not every pass)
                         log.warning("reconcile: VM %s: %s", name, why)
                 failed = changed["failed"]
+                await _tell_applied(etcd, node, told, {
+                    vm.name: (e.mod_revision, changed["failed"].get(vm.name))
+                    for vm, e in zip(vms, entries) if node in vm.shares})
             except (DrvsError, EtcdUnavailable) as e:
                 log.warning("reconcile: %s", e)
             await changes.wait(RESYNC)

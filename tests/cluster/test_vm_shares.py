@@ -85,6 +85,35 @@ def test_vm_update_grows_and_shrinks_shares_live(cluster_factory):
         sleeper.wait(timeout=20)
 
 
+def test_a_share_its_cells_programs_do_not_fit_in_is_refused_and_nothing_changes(cluster_factory):
+    """vm update shrinking n2's share below what the programs there hold
+    (beyond what the kernel can reclaim): n2's cell cannot take it, says
+    so, and vm update exits 4 with n2's reason; the definition and the
+    cell's limit stay as they were.  A share that fits is taken."""
+    c = cluster_factory(nodes=2)
+    c.drvs("vm", "create", "web", "--node", "n1:memory=256M", "--node", "n2:memory=512M", "--fs-replicas", "1",
+           node="n1", check=True)
+    assert wait_for(lambda: memory_limit(c, "n2", "web") == 512 << 20)
+    hog = subprocess.Popen([str(BIN / "drvs-run"), "--vm", "web", "--node", "n2", "--", "python3", "-c",
+                            "b = bytearray(100 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\n"
+                            "print('ready', flush=True)\nimport time; time.sleep(60)"],
+                           env={**c.env, "DRVS_NODE": "n1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert hog.stdout.readline() == "ready\n"
+        small = c.drvs("vm", "update", "web", "--node", "n2:memory=48M", node="n1")
+        assert small.returncode == 4 and small.stderr.startswith("drvs: node n2: ") and "unchanged" in small.stderr, \
+            small.stderr
+        shown = json.loads(c.drvs("vm", "show", "web", "--format", "json", node="n1", check=True).stdout)
+        assert shown["shares"]["n2"]["memory"] == 512 << 20
+        assert memory_limit(c, "n2", "web") == 512 << 20
+        assert c.drvs("vm", "update", "web", "--node", "n2:memory=384M", node="n1").returncode == 0
+        assert memory_limit(c, "n2", "web") == 384 << 20  # (taken before vm update returned)
+        assert hog.poll() is None
+    finally:
+        hog.terminate()
+        hog.wait(timeout=20)
+
+
 def test_removed_vm_loses_its_cells(cluster_factory):
     c = cluster_factory(nodes=2)
     c.drvs("vm", "create", "tmp", "--node", "n2", node="n1", check=True)
