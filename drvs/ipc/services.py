@@ -166,7 +166,7 @@ class DrvmmService:
         value = req.value or self.member.name
         leader = await self._bounded(req, lambda t: self.etcd.campaign(
             ELECTIONS + req.name, value, self.member.lease, timeout=t))
-        return key_reply(json.dumps(leader), value)
+        return key_reply(json.dumps(leader, separators=(",", ":")), value)  # (one word: a shell passes it whole)
 
     async def resign(self, msg: Msg) -> Msg:
         try:

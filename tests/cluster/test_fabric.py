@@ -118,6 +118,7 @@ def test_leader_is_re_elected_when_the_leader_dies(cluster_factory):
 def test_resign_hands_over(cluster_factory):
     c = cluster_factory(nodes=2)
     key = c.drvs("election", "campaign", "e", node="n1", check=True).stdout.strip()
+    assert len(key.split()) == 1  # (one word: `drvs election resign $key` passes it whole)
     other = c.drvs("election", "resign", key, node="n2")  # n1's leadership is n1's to resign
     assert other.returncode == 4 and "another node's" in other.stderr, other.stderr
     assert c.drvs("election", "leader", "e", node="n2", check=True).stdout == "n1\n"
