@@ -1433,6 +1433,35 @@ def _fsync_errno(path: Path) -> int:
         os.close(fd)
 
 
+def _two_replicas(c) -> tuple[str, str]:
+    """VM web on n1 and n2, both replicas in sync: (the serving node, the other)."""
+    c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", node="n1", check=True)
+    view(c, "n1"), view(c, "n2")
+    _wait(lambda: _df(c, "n1").get("in_sync") == ["n1", "n2"])
+    server = _df(c, "n1")["server"]
+    return server, "n2" if server == "n1" else "n1"
+
+
+def _write_across(path: Path, stop: Path, event) -> str:
+    """A program writing path (UNSYNCED) while event() happens, and for a
+    second after: what it said of its close."""
+    writer = subprocess.Popen([sys.executable, "-c", UNSYNCED, str(path), str(stop)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline() == "writing\n"
+        time.sleep(0.5)
+        event()
+        time.sleep(1)  # (the writer goes on under the new term)
+        stop.touch()
+        out, err = writer.communicate(timeout=60)
+        assert writer.returncode == 0, err
+        return out
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+
+
 def test_writes_a_new_server_may_lack_are_reported_by_a_close_or_a_later_fsync(cluster_factory, tmp_path):
     """Files written from the node the server is not on, never fsync'ed,
     while the server dies: a writer's close after the fail-over says EIO
@@ -1441,35 +1470,21 @@ def test_writes_a_new_server_may_lack_are_reported_by_a_close_or_a_later_fsync(c
     closed before -- once, as Linux reports a failed writeback: never
     0 for data that may be gone."""
     c = cluster_factory(nodes=2)
-    c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", node="n1", check=True)
-    view(c, "n1"), view(c, "n2")
-    _wait(lambda: _df(c, "n1").get("in_sync") == ["n1", "n2"])
-    server = _df(c, "n1")["server"]
-    other = "n2" if server == "n1" else "n1"
+    server, other = _two_replicas(c)
     there = view(c, other)
     (there / "closed").write_bytes(os.urandom(1 << 20))  # (written and closed before the fail-over)
     (there / "dir").mkdir()
     (there / "dir" / "moved").write_bytes(os.urandom(1 << 20))  # (the same, then its directory renamed)
     (there / "synced").write_bytes(b"kept")
     assert _fsync_errno(there / "synced") == 0
-    stop = tmp_path / "stop"
-    writer = subprocess.Popen([sys.executable, "-c", UNSYNCED, str(there / "open"), str(stop)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert writer.stdout.readline() == "writing\n"
-        time.sleep(0.5)
+
+    def crash():
         os.kill(c.node(server)["pid"], signal.SIGKILL)
         _wait(lambda: _df(c, other).get("server") == other)
         dead = c.drvs("df", "web", node=server)  # (asked through the node whose drvmmd died)
         assert dead.returncode == 7 and dead.stdout.splitlines()[1].split()[1:5] == ["-"] * 4, dead.stdout
-        time.sleep(1)  # (the writer goes on under the new server)
-        stop.touch()
-        out, err = writer.communicate(timeout=60)
-        assert (writer.returncode, out) == (0, "close EIO\n"), err
-    finally:
-        if writer.poll() is None:
-            writer.kill()
-            writer.wait()
+
+    assert _write_across(there / "open", tmp_path / "stop", crash) == "close EIO\n"
     assert _fsync_errno(there / "closed") == errno.EIO
     assert _fsync_errno(there / "closed") == 0  # (once)
     os.rename(there / "dir", there / "dir2")
@@ -1513,33 +1528,25 @@ def test_files_open_across_a_restart_of_their_only_server_go_on(cluster_factory,
     view(c, "n1")
     there = view(c, "n2")
     _wait(lambda: _df(c, "n2").get("server") == "n1")
-    stop = tmp_path / "stop"
-    writer = subprocess.Popen([sys.executable, "-c", UNSYNCED, str(there / "open"), str(stop)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    restarted = None
-    try:
-        assert writer.stdout.readline() == "writing\n"
-        time.sleep(0.5)
+    restarted = []
+
+    def restart():
         os.kill(c.node("n1")["pid"], signal.SIGKILL)
         _wait(lambda: _gone(c.node("n1")["pid"]), timeout=10)
-        restarted = _restart_drvmmd(c, "n1")
+        restarted.append(_restart_drvmmd(c, "n1"))
         _wait(lambda: _df(c, "n2").get("server") == "n1")
-        time.sleep(1)  # (the writer goes on under the new term)
-        stop.touch()
-        out, err = writer.communicate(timeout=60)
-        assert (writer.returncode, out) == (0, "close ok\n"), err
+
+    try:
+        assert _write_across(there / "open", tmp_path / "stop", restart) == "close ok\n"
         size = (there / "open").stat().st_size
         assert size > (2 << 20) and size % (1 << 20) == 0  # (whole blocks: none torn)
         with open(there / "open", "rb") as f:  # (random blocks: none lost to a hole of zeros)
             assert all(block != bytes(1 << 20) for block in iter(lambda: f.read(1 << 20), b""))
         assert _fsync_errno(there / "open") == 0
     finally:
-        if writer.poll() is None:
-            writer.kill()
-            writer.wait()
-        if restarted is not None:
-            restarted.terminate()
-            restarted.wait(timeout=20)
+        for daemon in restarted:
+            daemon.terminate()
+            daemon.wait(timeout=20)
 
 
 def _gone(pid: int) -> bool:
@@ -1557,33 +1564,19 @@ def test_a_serving_node_stopped_cleanly_hands_its_file_system_to_the_other(clust
     doubt: a writer's close across the hand-over, and fsyncs after it,
     return 0 (after a crash they say EIO: see the test above)."""
     c = cluster_factory(nodes=2)
-    c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", node="n1", check=True)
-    view(c, "n1"), view(c, "n2")
-    _wait(lambda: _df(c, "n1").get("in_sync") == ["n1", "n2"])
-    server = _df(c, "n1")["server"]
-    other = "n2" if server == "n1" else "n1"
+    server, other = _two_replicas(c)
     here, there = view(c, server), view(c, other)
     data = {f"f{i}": os.urandom(50_000) for i in range(40)}
     for name, content in data.items():
         ((here if int(name[1:]) % 2 else there) / name).write_bytes(content)
-    stop = tmp_path / "stop"
-    writer = subprocess.Popen([sys.executable, "-c", UNSYNCED, str(there / "open"), str(stop)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert writer.stdout.readline() == "writing\n"
-        time.sleep(0.5)
+
+    def stop_cleanly():
         pid = c.node(server)["pid"]
         os.kill(pid, signal.SIGTERM)
         _wait(lambda: _gone(pid), timeout=30)
         _wait(lambda: _df(c, other).get("server") == other, timeout=15)
-        time.sleep(1)  # (the writer goes on under the new server)
-        stop.touch()
-        out, err = writer.communicate(timeout=60)
-        assert (writer.returncode, out) == (0, "close ok\n"), err
-    finally:
-        if writer.poll() is None:
-            writer.kill()
-            writer.wait()
+
+    assert _write_across(there / "open", tmp_path / "stop", stop_cleanly) == "close ok\n"
     for name, content in data.items():
         assert (there / name).read_bytes() == content, name
         assert _fsync_errno(there / name) == 0, name

@@ -269,16 +269,22 @@ def test_procps_in_the_jail_sees_and_ends_processes_of_other_nodes(vm_cluster):
         stop(far)
 
 
-def test_pm_moves_when_its_node_dies(vm_cluster):
-    """pm@web lives on one node; SIGKILL that node's drvmmd: within a bound
-    the other node serves pm@web and `drvs ps` works again (without the
-    dead node's processes, which it reports)."""
-    c = vm_cluster
+def pm_leader(c) -> str:
+    """The node pm@web was elected on (within a bound)."""
     deadline = time.monotonic() + 20
     leader = ""
     while not leader and time.monotonic() < deadline:
         leader = c.drvs("election", "leader", "pm/web", node="n1").stdout.strip()
         time.sleep(0.2)
+    return leader
+
+
+def test_pm_moves_when_its_node_dies(vm_cluster):
+    """pm@web lives on one node; SIGKILL that node's drvmmd: within a bound
+    the other node serves pm@web and `drvs ps` works again (without the
+    dead node's processes, which it reports)."""
+    c = vm_cluster
+    leader = pm_leader(c)
     assert leader in ("n1", "n2")
     survivor = "n2" if leader == "n1" else "n1"
     mine = start(c, survivor, "sleep", "64", node=survivor)
@@ -307,11 +313,7 @@ def test_drvs_ps_says_when_a_ready_node_is_missing(vm_cluster):
     died): ps prints what it has and exits 7, as its list is incomplete;
     once that node is NotReady, its processes are known unknown: exit 0."""
     c = vm_cluster
-    deadline = time.monotonic() + 20
-    leader = ""
-    while not leader and time.monotonic() < deadline:
-        leader = c.drvs("election", "leader", "pm/web", node="n1").stdout.strip()
-        time.sleep(0.2)
+    leader = pm_leader(c)
     other = "n2" if leader == "n1" else "n1"
     os.kill(c.node(other)["pid"], signal.SIGKILL)
     p = c.drvs("ps", "web", "--format", "json", node=leader)

@@ -257,23 +257,30 @@ def test_output_that_cannot_be_written_here_is_said_and_the_program_sees_a_close
     assert p.stderr.splitlines()[-1] == "after"
 
 
-def test_this_nodes_own_drvmmd_gone_is_said_as_such_not_blamed_on_others(cluster_factory):
-    """n1's drvmmd killed under a run n1 made on n2, then asked for runs
-    and logs: each says that n1's own drvmmd is not running (exit 7),
-    not that n2 lost the program or did not answer."""
-    c = cluster_factory(nodes=2)
-    caller = subprocess.Popen([str(BIN / "drvs-run"), "--node", "n2", "--", "sh", "-c", "echo started; sleep 30"],
+def _run_while_a_daemon_stops(c, stopped: str, sig: int, script: str) -> tuple[int, str]:
+    """drvs-run --node n2 from n1 of script (which says "started"); once it
+    runs, node `stopped`'s drvmmd gets sig: the caller's status and stderr."""
+    caller = subprocess.Popen([str(BIN / "drvs-run"), "--node", "n2", "--", "sh", "-c", script],
                               env={**c.env, "DRVS_NODE": "n1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)
     try:
         assert caller.stdout.readline() == "started\n"
-        os.kill(c.node("n1")["pid"], signal.SIGKILL)
+        os.kill(c.node(stopped)["pid"], sig)
         _, err = caller.communicate(timeout=30)
     finally:
         if caller.poll() is None:
             caller.kill()
             caller.wait()
-    assert caller.returncode == 7 and err.startswith("drvs-run: this node's drvmmd stopped"), err
+    return caller.returncode, err
+
+
+def test_this_nodes_own_drvmmd_gone_is_said_as_such_not_blamed_on_others(cluster_factory):
+    """n1's drvmmd killed under a run n1 made on n2, then asked for runs
+    and logs: each says that n1's own drvmmd is not running (exit 7),
+    not that n2 lost the program or did not answer."""
+    c = cluster_factory(nodes=2)
+    code, err = _run_while_a_daemon_stops(c, "n1", signal.SIGKILL, "echo started; sleep 30")
+    assert code == 7 and err.startswith("drvs-run: this node's drvmmd stopped"), err
     listed = c.drvs("runs", "--json", node="n1")
     assert listed.returncode == 7 and "drvmmd is not running on this node" in listed.stderr, listed.stderr
     assert json.loads(listed.stdout) == []
@@ -295,18 +302,8 @@ def test_a_program_whose_node_daemon_stops_is_reported_lost(cluster_factory):
     """n2's drvmmd stopped (SIGTERM) while its program runs for n1: the
     caller exits 7 and says so -- never the 0 of a program that ended well."""
     c = cluster_factory(nodes=2)
-    caller = subprocess.Popen([str(BIN / "drvs-run"), "--node", "n2", "--", "sh", "-c",
-                               "echo started; sleep 30; exit 3"], env={**c.env, "DRVS_NODE": "n1"},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert caller.stdout.readline() == "started\n"
-        os.kill(c.node("n2")["pid"], signal.SIGTERM)
-        _, err = caller.communicate(timeout=30)
-    finally:
-        if caller.poll() is None:
-            caller.kill()
-            caller.wait()
-    assert caller.returncode == 7, err
+    code, err = _run_while_a_daemon_stops(c, "n2", signal.SIGTERM, "echo started; sleep 30; exit 3")
+    assert code == 7, err
     assert "stopped serving it" in err or "lost the program" in err, err
 
 
