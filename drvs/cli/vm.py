@@ -40,7 +40,9 @@ def add_parser(sub) -> None:
     p = verbs.add_parser("update", help="change a VM's limits or its shares of nodes, live")
     _vm_and_shares(p, "give the VM this share of NODE, new or in place of its share there (repeatable)")
     p.add_argument("--rm-node", dest="drop", action="append", default=[], type=typed(node_name),
-                   metavar="NODE", help="take the VM's share of NODE away, its programs there ended (repeatable)")
+                   metavar="NODE", help="take the VM's share of NODE away (repeatable); refused while programs "
+                                        "of the VM run there, unless --force, which ends them")
+    p.add_argument("--force", action="store_true", help="with --rm-node: end the VM's programs on that node")
     p.set_defaults(func=update)
     p = verbs.add_parser("ls", help="list VMs")
     add_format(p)
@@ -111,6 +113,8 @@ def update(args) -> int:
         raise UsageError("nothing to change: give --cpus, --cpuset-cpus, --memory, --pids-limit, --node or --rm-node")
     store = open_store()
     registry = VmRegistry(store)
+    if args.drop and not args.force:
+        _no_programs_on(config.load(), args.name, args.drop)
     specs = node_specs(store, given) if given else {}
     for node, share in given.items():
         admission.check_share(node, specs[node], share)
@@ -223,6 +227,26 @@ def _warn_not_ready(store, spec: VmSpec, verb: str = "create") -> None:
             print(f"drvs vm {verb}: warning: node {node} is NotReady; its share is made when it is back"
                   + (", and the VM's file system (first kept there) starts only then" if first else ""),
                   file=sys.stderr)
+
+
+def _no_programs_on(cfg, vm: str, nodes: list[str]) -> None:
+    """Conflict if programs of vm run on nodes (or a node cannot say),
+    as `vm rm` without --force: taking a share away ends them."""
+    from .proc import cluster_processes
+
+    try:
+        procs, silent = cluster_processes(cfg, vm, nodes)
+    except DrvsError as e:
+        raise Conflict(f"VM {vm!r}: cannot tell whether programs of it run on {', '.join(nodes)} ({e}); "
+                       "use --force to take the share away anyway") from None
+    procs = [p for p in procs if p.get("node") in nodes]
+    if silent:
+        raise Conflict(f"VM {vm!r}: cannot tell whether programs of it run on {', '.join(silent)} "
+                       "(no answer); use --force to take the share away anyway")
+    if procs:
+        where = sorted({p["node"] for p in procs})
+        raise Conflict(f"VM {vm!r} has {len(procs)} running process(es) on {', '.join(where)}: "
+                       "end them, or use --force (taking the share away ends them)")
 
 
 def _not_in_use_elsewhere(cfg, spec: VmSpec, force: bool) -> None:

@@ -57,7 +57,20 @@ def test_vm_update_grows_and_shrinks_shares_live(cluster_factory):
     c.drvs("vm", "update", "web", "--node", "n2:memory=192M", "--node", "n3:memory=64M", node="n3", check=True)
     assert wait_for(lambda: memory_limit(c, "n2", "web") == 192 << 20 and memory_limit(c, "n3", "web") == 64 << 20)
     assert cell_inits(c, "n2", "web") == init  # (the same cell, resized: its programs go on)
-    c.drvs("vm", "update", "web", "--rm-node", "n2", node="n1", check=True)
+    sleeper = subprocess.Popen([str(BIN / "drvs-run"), "--vm", "web", "--node", "n2", "--", "sh", "-c",
+                                "echo up; exec sleep 60"], env={**c.env, "DRVS_NODE": "n1"},
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert sleeper.stdout.readline() == "up\n"
+        busy = c.drvs("vm", "update", "web", "--rm-node", "n2", node="n1")  # (as vm rm: its programs end)
+        assert busy.returncode == 4 and "running process(es) on n2" in busy.stderr, busy.stderr
+        assert cell_inits(c, "n2", "web") and sleeper.poll() is None
+        c.drvs("vm", "update", "web", "--rm-node", "n2", "--force", node="n1", check=True)
+        assert sleeper.wait(timeout=30) != 0
+    finally:
+        if sleeper.poll() is None:
+            sleeper.kill()
+            sleeper.wait()
     assert wait_for(lambda: not cell_inits(c, "n2", "web"))
     shown = json.loads(c.drvs("vm", "show", "web", "--format", "json", node="n2", check=True).stdout)
     assert sorted(shown["shares"]) == ["n1", "n3"] and shown["shares"]["n3"]["memory"] == 64 << 20
