@@ -6,6 +6,7 @@ here, input goes out through the Process's stdin stream, signals through
 Process.signal, and the exit status through Process.wait."""
 
 import asyncio
+import contextlib
 import errno
 import os
 import signal
@@ -80,8 +81,17 @@ def detach(state_dir: str, node: str, vm: str, opts) -> str:
 
 
 def run(state_dir: str, node: str, vm: str, opts) -> tuple[int, str]:
-    """(exit code, message) of opts.argv run on node."""
-    return asyncio.run(_run(state_dir, node, vm, opts))
+    """(exit code, message) of opts.argv run on node.  With -i -t on a
+    terminal, it is raw from before the call: the program's first output
+    may come before the call's reply, and a cooked terminal would show
+    its \r\n as \r\r\n."""
+    raw = contextlib.nullcontext()
+    if opts.tty and opts.interactive and os.isatty(0):
+        from ..ns import terminal
+
+        raw = terminal.raw_mode(0)
+    with raw:
+        return asyncio.run(_run(state_dir, node, vm, opts))
 
 
 async def _run(state_dir: str, node: str, vm: str, opts):
@@ -159,13 +169,7 @@ async def _run(state_dir: str, node: str, vm: str, opts):
             pump = asyncio.ensure_future(_pump_stdin(loop, process))
             pump.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
-            if opts.tty and opts.interactive and os.isatty(0):
-                from ..ns import terminal
-
-                with terminal.raw_mode(0):
-                    result = await process.wait()
-            else:
-                result = await process.wait()
+            result = await process.wait()
         except capnp.KjException as e:
             raise lost(e, "lost the program: ") from None
         finally:

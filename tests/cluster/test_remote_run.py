@@ -342,6 +342,21 @@ def test_tty_across_nodes(cluster_factory):
             child.kill(signal.SIGKILL)
 
 
+def test_a_remote_programs_first_output_on_a_terminal_is_as_written(cluster_factory):
+    """-it across nodes: the terminal is raw from before the program starts,
+    so its first line arrives as it wrote it (a cooked terminal turned its
+    \r\n into \r\r\n)."""
+    c = cluster_factory(nodes=2)
+    child = pexpect.spawn(str(BIN / "drvs-run"), ["--node", "n2", "-it", "--", "echo", "first"],
+                          env={**c.env, "DRVS_NODE": "n1"}, timeout=20)
+    try:
+        child.expect(pexpect.EOF)
+        assert child.before == b"first\r\n"
+    finally:
+        if child.isalive():
+            child.kill(signal.SIGKILL)
+
+
 def test_login_on_another_node(cluster_factory):
     c = cluster_factory(nodes=2)
     child = pexpect.spawn(str(BIN / "drvs"), ["--node", "n1", "login", "default", "--node", "n2"],
