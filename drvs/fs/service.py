@@ -95,11 +95,11 @@ class FsNode:
         self.terms[vm] = epoch  # (the old server's batches are refused from now on: it learns so too)
         if before and before != me:
             await self._term_began(vm, made, epoch, before)
-        async with self._lock(vm):
+        async with self._lock(vm):  # (promote writes in the store: not while a removal's rmtree runs)
             server = await self._server(vm, made)
-        if not vouched and before == me:  # (this node's drvmmd served the term before: restarted since)
-            vouched = server.vouch_own(epoch - 1)
-        server.promote(epoch, spec.fs_nodes, spec.fs_sync, vouched)
+            if not vouched and before == me:  # (this node's drvmmd served the term before: restarted since)
+                vouched = server.vouch_own(epoch - 1)
+            server.promote(epoch, spec.fs_nodes, spec.fs_sync, vouched)
         log.info("fs@%s: term %d; replicas %s", vm, epoch, ", ".join(spec.fs_nodes))
         return _Serving(self, server)
 
@@ -133,6 +133,7 @@ class FsNode:
         if server is not None:
             server.close()
         self.terms.pop(vm, None)  # (a VM made again under the name starts at term 1)
+        self.handed.pop(vm, None)
         await trio.to_thread.run_sync(shutil.rmtree, store_dir(self.cfg, vm), True)
         with contextlib.suppress(OSError):  # (the VM's directory, if the store was all there was in it:
             os.rmdir(f"{self.cfg.vms_dir}/{vm}")  # no cell lock here, which a starting run may hold)
