@@ -114,7 +114,8 @@ def update(args) -> int:
     store = open_store()
     registry = VmRegistry(store)
     if args.drop and not args.force:
-        _no_programs_on(config.load(), args.name, args.drop)
+        _no_programs_on(config.load(), args.name, args.drop, "take the share away anyway",
+                        scope=f" on {', '.join(args.drop)}", ends=", or use --force (taking the share away ends them)")
     specs = node_specs(store, given) if given else {}
     for node, share in given.items():
         admission.check_share(node, specs[node], share)
@@ -229,24 +230,25 @@ def _warn_not_ready(store, spec: VmSpec, verb: str = "create") -> None:
                   file=sys.stderr)
 
 
-def _no_programs_on(cfg, vm: str, nodes: list[str]) -> None:
-    """Conflict if programs of vm run on nodes (or a node cannot say),
-    as `vm rm` without --force: taking a share away ends them."""
+def _no_programs_on(cfg, vm: str, nodes: list[str], anyway: str, scope: str = "", ends: str = "") -> None:
+    """Conflict if programs of vm run on nodes, or a node cannot say (as
+    the commands that would end them refuse without --force).  The
+    messages: anyway, what --force does; scope, where the question was;
+    ends, after "end them"."""
     from .proc import cluster_processes
 
     try:
         procs, silent = cluster_processes(cfg, vm, nodes)
     except DrvsError as e:
-        raise Conflict(f"VM {vm!r}: cannot tell whether programs of it run on {', '.join(nodes)} ({e}); "
-                       "use --force to take the share away anyway") from None
-    procs = [p for p in procs if p.get("node") in nodes]
+        raise Conflict(f"VM {vm!r}: cannot tell whether programs of it run{scope} ({e}); "
+                       f"use --force to {anyway}") from None
     if silent:
         raise Conflict(f"VM {vm!r}: cannot tell whether programs of it run on {', '.join(silent)} "
-                       "(no answer); use --force to take the share away anyway")
+                       f"(no answer); use --force to {anyway}")
+    procs = [p for p in procs if p.get("node") in nodes]
     if procs:
         where = sorted({p["node"] for p in procs})
-        raise Conflict(f"VM {vm!r} has {len(procs)} running process(es) on {', '.join(where)}: "
-                       "end them, or use --force (taking the share away ends them)")
+        raise Conflict(f"VM {vm!r} has {len(procs)} running process(es) on {', '.join(where)}: end them{ends}")
 
 
 def _not_in_use_elsewhere(cfg, spec: VmSpec, force: bool) -> None:
@@ -265,22 +267,14 @@ def _not_in_use_elsewhere(cfg, spec: VmSpec, force: bool) -> None:
         raise Conflict(f"VM {spec.name!r}: its file system is mounted on {', '.join(mounts)} "
                        "(drvs umount it, or use --force)")
     from .node import cluster_nodes
-    from .proc import cluster_processes
 
     try:
         # (a VM without shares runs wherever it is started: on any Ready node)
         nodes = sorted(spec.shares) or [n["name"] for n in cluster_nodes() if n["status"] != "NotReady"]
-        procs, silent = cluster_processes(cfg, spec.name, nodes)
     except DrvsError as e:
         raise Conflict(f"VM {spec.name!r}: cannot tell whether programs of it run ({e}); "
                        "use --force to remove it anyway") from None
-    if silent:
-        raise Conflict(f"VM {spec.name!r}: cannot tell whether programs of it run on {', '.join(silent)} "
-                       "(no answer); use --force to remove it anyway")
-    if procs:
-        nodes = sorted({p.get("node", "?") for p in procs})
-        raise Conflict(f"VM {spec.name!r} has {len(procs)} running process(es) on {', '.join(nodes)}: "
-                       "end them or use --force")
+    _no_programs_on(cfg, spec.name, nodes, "remove it anyway", ends=" or use --force")
 
 
 def _wait_unserved(store, vm: str, bound: float = 10.0) -> None:

@@ -14,6 +14,7 @@ import signal
 import trio
 
 from ..errors import DrvsError, NotFound, UsageError
+from ..ns import cell as cells
 from ..ns import jail
 
 FOLLOW_POLL = 0.1  # seconds between looks at a followed log or awaited run
@@ -211,7 +212,7 @@ def _stop_program(keeper: int) -> None:
     a pidfd on the keeper held: its children are its own.)"""
     pid = keeper
     for _ in range(2):
-        kids = _children(pid)
+        kids = cells.children(pid)
         if not kids:
             raise ProcessLookupError(errno.ESRCH, "no program")
         pid = kids[0]
@@ -222,14 +223,6 @@ def _stop_program(keeper: int) -> None:
         signal.pidfd_send_signal(pidfd, signal.SIGSTOP)
     finally:
         os.close(pidfd)
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(x) for x in f.read().split()]
-    except FileNotFoundError:
-        return []
 
 
 def _comm(pid: int) -> str:

@@ -276,30 +276,39 @@ def reap_if_child(pid: int) -> None:
         pass  # another process's child: its parent (or init) reaps it
 
 
-def reap_ended_inits() -> int:
+def reap_ended_inits() -> None:
     """Collect the cell inits that ended as our children (we are a
     subreaper: inits of cells we made were reparented to us) while another
     process ended their cell (drvs vm rm), which cannot reap them; only
-    those, by name: other children are their waiters' to collect.  How
-    many were collected."""
-    me, n = os.getpid(), 0
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
+    those, by name: other children are their waiters' to collect."""
+    for pid in children(os.getpid()):
         try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                stat_line = f.read()
+            with open(f"/proc/{pid}/stat") as f:
+                name, _, rest = f.read().partition(" (")[2].rpartition(") ")
         except OSError:
-            continue  # (gone meanwhile)
-        name, _, rest = stat_line.partition(" (")[2].rpartition(") ")
-        state, ppid = rest.split(" ", 2)[:2]
-        if state == "Z" and int(ppid) == me and name == "drvs-cell":
+            continue  # (reaped meanwhile)
+        if rest.startswith("Z ") and name == "drvs-cell":
             try:
-                os.waitpid(int(entry.name), os.WNOHANG)
-                n += 1
+                os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
                 pass
-    return n
+
+
+def children(pid: int) -> list[int]:
+    """pid's children, those of each of its threads (a child belongs to
+    the thread that made it, or took it in as a subreaper)."""
+    found = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return []
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found += [int(x) for x in f.read().split()]
+        except FileNotFoundError:
+            continue  # (a thread that ended meanwhile)
+    return found
 
 
 def _remove_cell_cgroups(cg: Cgroup) -> None:
