@@ -102,9 +102,8 @@ def add_parsers(sub) -> None:
     p = verbs.add_parser("members", help="the endpoints in GROUP")
     p.add_argument("group", type=_group, metavar="GROUP")
     p.set_defaults(func=group_members)
-    p = verbs.add_parser("broadcast", help="send a ping to every member of GROUP")
+    p = verbs.add_parser("broadcast", help="notify every member of GROUP; say how many acknowledged")
     p.add_argument("group", type=_group, metavar="GROUP")
-    p.add_argument("--data", default="broadcast")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the replies (default: 5)")
     p.set_defaults(func=broadcast)
 
@@ -119,8 +118,9 @@ def _local() -> tuple[str, str]:
 
 def _call(call, payload: bytes, timeout: float, target: str | None = None, by_key: bool = False,
           busy: bool = False):
-    """by_key: the call names a lock or leadership by its key, so ENOENT
-    (none held under it) and EINVAL (not such a key) are the user's.
+    """by_key: the call names a lock or leadership by its key (or a group
+    member), so ENOENT (none held under it, not served here) and EINVAL (not
+    such a key) are the user's.
     busy: the call waits for a lock or leadership another holds: its own
     timeout is a conflict (exit 4), not a node out of reach (7)."""
     from ..ipc import client
@@ -160,12 +160,16 @@ def _key_reply(reply):
 
 
 def ping(args) -> int:
+    """drvmm echoes a payload back; any other server is sent a notify,
+    which every endpoint acknowledges (its own table is not known here)."""
+    from ..ipc.message import NOTIFY
     from ..ipc.schema import drvmm
 
+    echo = args.target.startswith("drvmm@")
     for i in range(args.count):
-        payload = f"ping {i}".encode()
+        payload = f"ping {i}".encode() if echo else b""
         t0 = time.perf_counter()
-        reply = _call(drvmm.DrvmmCall.ping, payload, args.timeout, target=args.target)
+        reply = _call(drvmm.DrvmmCall.ping if echo else NOTIFY, payload, args.timeout, target=args.target)
         ms = (time.perf_counter() - t0) * 1000
         same = "ok" if reply.payload == payload else "CORRUPT"
         print(f"reply from {reply.source or args.target}: seq={i} time={ms:.2f} ms {same}")
@@ -257,7 +261,8 @@ def group_change(args) -> int:
 
     _, local = _local()
     call = drvmm.DrvmmCall.groupJoin if args.call == "join" else drvmm.DrvmmCall.groupLeave
-    _call(call, _name_request(args.group, args.endpoint or local), 10)
+    # (by_key: ENOENT is the user's endpoint, not served on this node)
+    _call(call, _name_request(args.group, args.endpoint or local), 10, by_key=True)
     return 0
 
 
@@ -271,10 +276,11 @@ def group_members(args) -> int:
 
 
 def broadcast(args) -> int:
+    from ..ipc.message import NOTIFY
     from ..ipc.schema import drvmm
 
-    req = drvmm.Broadcast.new_message(group=args.group, type=drvmm.DrvmmCall.ping, payload=args.data.encode(),
-                                      timeoutMs=int(args.timeout * 1000))
+    # (a notify, which every endpoint takes, whatever server it is)
+    req = drvmm.Broadcast.new_message(group=args.group, type=NOTIFY, timeoutMs=int(args.timeout * 1000))
     reply = _call(drvmm.DrvmmCall.broadcast, req.to_bytes_packed(), args.timeout + 5)
     out = drvmm.Delivery.from_bytes_packed(reply.payload)
     print(f"delivered to {out.delivered}")

@@ -7,8 +7,8 @@ from ..errors import DrvsError
 from .schema import BULK, MARKER, Bulk, fabric, pointer_index
 
 
-# The type of MINIX's notify: a wake-up with no payload, which every server
-# accepts (a server that has nothing to do on it just acknowledges).
+# The type of MINIX's notify: a wake-up with no payload, which every endpoint
+# accepts (the fabric acknowledges it for its servers: Fabric.deliver).
 NOTIFY = 0xFFFF
 
 

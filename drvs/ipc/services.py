@@ -14,7 +14,7 @@ import re
 import trio
 
 from ..errors import DrvsError
-from .message import NOTIFY, IpcError, Msg
+from .message import IpcError, Msg
 from .schema import drvmm
 
 Call = drvmm.DrvmmCall
@@ -114,8 +114,6 @@ class DrvmmService:
     OWN_NODE_ONLY = {Call.lock, Call.unlock, Call.campaign, Call.resign, Call.groupJoin, Call.groupLeave}
 
     async def handle(self, msg: Msg) -> Msg:
-        if msg.type == NOTIFY:
-            return Msg(0)
         handler = self.table.get(msg.type)
         if handler is None:
             raise IpcError(f"drvmm: unknown message type {msg.type}", errno.ENOSYS)
@@ -198,8 +196,15 @@ class DrvmmService:
         return f"{GROUPS}{req.name}/{check_name(req.value)}"
 
     async def group_join(self, msg: Msg) -> Msg:
+        """A membership lasts as long as this node's lease: only an endpoint
+        this node serves may join through it (another's would outlive its
+        server, or end while it still runs)."""
         req = request(msg)
-        await self.etcd.put(self._member_key(req), self.member.name, lease=self.member.lease)
+        key = self._member_key(req)
+        if req.value not in self.fabric.handlers:
+            raise IpcError(f"{req.value} is not served on node {self.member.name} (an endpoint joins a group "
+                           "from its own node)", errno.ENOENT)
+        await self.etcd.put(key, self.member.name, lease=self.member.lease)
         return key_reply()
 
     async def group_leave(self, msg: Msg) -> Msg:

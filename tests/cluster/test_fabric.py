@@ -134,6 +134,12 @@ def test_group_membership_follows_node_lives_and_broadcast_reaches_members(clust
         c.drvs("group", "join", "vm-web", node=n, check=True)
     members = c.drvs("group", "members", "vm-web", node="n1", check=True).stdout.split()
     assert members == ["drvmm@n1", "drvmm@n2", "drvmm@n3"]
+    for other in ("drvmm@n2", "nosuch@web"):  # (its membership would outlive it, or end before it)
+        bad = c.drvs("group", "join", "vm-web", other, node="n1")
+        assert bad.returncode == 3, bad.stderr
+        assert bad.stderr == (f"drvs: drvmm@n1: {other} is not served on node n1 (an endpoint joins a group "
+                              "from its own node)\n"), bad.stderr
+    assert c.drvs("group", "members", "vm-web", node="n1", check=True).stdout.split() == members
     assert c.drvs("group", "broadcast", "vm-web", node="n2", check=True).stdout == "delivered to 3\n"
     os.kill(c.node("n3")["pid"], signal.SIGKILL)
     deadline = time.monotonic() + 10

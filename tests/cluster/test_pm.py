@@ -4,6 +4,7 @@ the kernel's semantics, `drvs ps` of the whole VM."""
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -82,6 +83,22 @@ def stop(*procs):
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+
+def test_ipc_ping_reaches_a_vms_servers_from_each_node(vm_cluster):
+    """Servers other than drvmm answer a ping (a notify) whatever their own
+    message table; a name nobody serves is the fabric's error."""
+    c = vm_cluster
+    vm_data(c, "n2")  # (fs@web served)
+    for via in ("n1", "n2"):
+        for target in ("pm@web", "fs@web"):
+            p = c.drvs("ipc", "ping", "-c", "2", target, node=via)
+            assert p.returncode == 0, (via, target, p.stderr)
+            lines = p.stdout.splitlines()
+            assert len(lines) == 2 and all(re.fullmatch(rf"reply from {target}: seq=\d time=[\d.]+ ms ok", line)
+                                           for line in lines), lines
+    nosuch = c.drvs("ipc", "ping", "nosuch@web", node="n1")
+    assert nosuch.returncode == 7 and "no endpoint 'nosuch@web'" in nosuch.stderr, nosuch.stderr
 
 
 def test_pids_are_unique_across_nodes_and_tell_their_node(vm_cluster):
