@@ -9,9 +9,16 @@ kernel, which then holds the lock too: it answers local conflicts, and it
 drops the lock when the program closes the file or ends.  This node's
 LockAgent watches /proc/locks for that and tells the server.
 
+Locks are not replicated: a new server (a fail-over, or a restart of the
+only one) knows none.  As NFS's lock recovery does, each node gives it
+back what its programs hold -- the kernel's own locks on the view, in
+/proc/locks -- as soon as it sees the new term (NodeLocks.reclaim), and
+the new server makes other lock calls wait for RECLAIM_GRACE meanwhile.  A
+node that comes back later than that finds its lock taken if another
+owner asked for it first (ENOLCK, logged).
+
 Limits: only jailed programs take part (a host process using drvs mount
-does not); OFD locks (F_OFD_*) stay per node; locks are not replicated, so
-a fail-over of the file server drops them.
+does not); OFD locks (F_OFD_*) stay per node.
 
 A blocked F_SETLKW or flock waits at the server in slices; between them
 the node looks whether the program has a signal pending that it does not
@@ -47,6 +54,8 @@ AGENT_EVERY = 0.25                   # seconds between looks at /proc/locks
 GRACE = 0.5                          # a granted lock the kernel has yet to show is not dropped before this
 WAITING_FRESH = 0.25                 # a waiter not heard of for this long may have given up (slices: 0.1 s)
 DEADLOCK_CONFIRM = 0.3               # a cycle is a deadlock once seen again this much later
+RECLAIM_GRACE = 5.0                  # a new term's first seconds: only the locks held before are taken
+PROBE_EVERY = 1.0                    # a node holding locks asks its server this often (a new term?)
 
 
 class Lock:
@@ -68,6 +77,7 @@ class LockTable:
         # deadlock detection
         self.waiting: dict[str, tuple] = {}
         self.suspected: dict[str, float] = {}  # owner -> when its wait was first seen to close a cycle
+        self.grace_until = 0.0  # (trio time) a new term's: the locks held before come back first
 
     def conflict(self, ino: int, owner: str, flock: bool, type_: int, start: float, end: float) -> Lock | None:
         for lk in self.locks.get(ino, ()):
@@ -143,6 +153,11 @@ class LockTable:
         end = math.inf if req.lockEnd < 0 else req.lockEnd
         if req.lockType not in (RD, WR, UN) or start < 0 or end < start:
             raise OSError(errno.EINVAL, "invalid lock")
+        if req.lockReclaim:
+            self._reclaim(ino, req, start, end)
+            return
+        if req.lockType != UN and not await self._graced(req):
+            raise OSError(errno.EAGAIN, "the server's term is new: locks held before come back first")
         if req.lockTest:
             lk = self.conflict(ino, req.lockOwner, req.lockFlock, req.lockType, start, end)
             out.lockType = UN if lk is None else lk.type
@@ -171,6 +186,30 @@ class LockTable:
             self.suspected.pop(owner, None)
         self.set(ino, req.lockOwner, req.lockFlock, req.lockType, start, end, req.lockPid)
 
+    async def _graced(self, req) -> bool:
+        """Wait out the reclaim grace: a call that may wait (a blocking
+        lock's slice) waits at most its slice (False: the grace goes on, the
+        node asks again); a test or a non-blocking call waits it all."""
+        left = self.grace_until - trio.current_time()
+        if left <= 0:
+            return True
+        if req.lockWaitMs and not req.lockTest:
+            await trio.sleep(min(left, req.lockWaitMs / 1000))
+            return trio.current_time() >= self.grace_until
+        await trio.sleep(left)
+        return True
+
+    def _reclaim(self, ino: int, req, start: float, end: float) -> None:
+        """A lock its node's program held under the term before: taken at
+        once, unless another owner took it meanwhile (the node came back
+        after the grace)."""
+        if req.lockType == UN:
+            raise OSError(errno.EINVAL, "invalid lock")
+        lk = self.conflict(ino, req.lockOwner, req.lockFlock, req.lockType, start, end)
+        if lk is not None:
+            raise OSError(errno.ENOLCK, f"taken by {lk.owner} before it came back")
+        self.set(ino, req.lockOwner, req.lockFlock, req.lockType, start, end, req.lockPid)
+
 
 # -- a node's side: its programs' lock calls, and the kernel's view of them ------------
 
@@ -190,7 +229,9 @@ class NodeLocks:
         self.node = node
         self.view = None            # drvs.dvos.view.View, once mounted
         self.device = view_device   # "major:minor" of the view, for /proc/locks
-        self.held: dict[tuple, tuple] = {}  # (fs, ino, owner, flock) -> (host tgid, granted at)
+        # (fs, server inode, owner, flock) -> (host tgid, view inode, granted at, the server's term)
+        self.held: dict[tuple, tuple] = {}
+        self.probed: dict = {}  # fs -> when its server was last asked for its term
 
     # -- which file --
 
@@ -293,7 +334,7 @@ class NodeLocks:
         if type_ == UN:
             self.held.pop(key, None)
         else:
-            self.held[key] = (_tgid(caller.host_pid), f.ino, time.monotonic())
+            self.held[key] = (_tgid(caller.host_pid), f.ino, time.monotonic(), f.fs.epoch)
         return kernel  # the local kernel takes it too (and drops it on close or exit)
 
     async def _call(self, f, where, owner, flock, type_, lo, hi, pid, test=False, wait_ms=0):
@@ -307,19 +348,77 @@ class NodeLocks:
         while True:
             await trio.sleep(AGENT_EVERY)
             if not self.held:
+                self.probed.clear()
                 continue
-            present = _proc_locks(self.device)
+            await self._follow_terms()
+            present = {(e[0], e[2], e[3]) for e in _proc_locks(self.device)}
             now = time.monotonic()
-            for key, (tgid, ino, since) in list(self.held.items()):
+            for key, (tgid, ino, since, epoch) in list(self.held.items()):
                 fs_, sino, owner, flock = key
                 if (("FLOCK" if flock else "POSIX"), tgid, ino) in present or now - since < GRACE:
                     continue
                 self.held.pop(key, None)
+                if epoch != fs_.epoch:
+                    continue  # (sino is a number of the term before: the new server never had this one)
                 try:
                     await fs_.call(Call.lock, lockIno=sino, lockType=UN, lockStart=0, lockEnd=-1,
                                    lockOwner=owner, lockFlock=flock)
                 except pyfuse3.FUSEError as e:
                     log.info("releasing %s's lock on inode %d: %s", owner, sino, os.strerror(e.errno))
+
+    # -- a new server: the locks held here, given back --
+
+    async def _follow_terms(self) -> None:
+        """Ask each file system with locks held here for its server's term
+        every PROBE_EVERY (any call learns it), so that a new server has
+        them back within its grace even from a node that is otherwise idle."""
+        now = time.monotonic()
+        systems = {key[0] for key in self.held}
+        self.probed = {fs_: t for fs_, t in self.probed.items() if fs_ in systems}
+        for fs_ in systems:
+            if now - self.probed.get(fs_, 0.0) >= PROBE_EVERY:
+                self.probed[fs_] = now
+                try:
+                    await fs_.call(Call.getattr, idempotent=True, path=b"")
+                except pyfuse3.FUSEError:
+                    continue  # (no server now: asked again next time)
+            if any(v[3] != fs_.epoch for k, v in self.held.items() if k[0] is fs_):
+                await self.reclaim(fs_)
+
+    async def reclaim(self, fs_) -> None:
+        """Give fs_'s new server every lock this node's programs hold on it,
+        as the kernel shows them (each range, each owner); what it refuses
+        (taken meanwhile by another owner) is lost, and said."""
+        from .client import TAG_SHIFT
+
+        epoch = fs_.epoch
+        back = {}
+        for kind, mode, tgid, ino, start, end in _proc_locks(self.device):
+            if self.view is None or self.view.slots.get(ino >> TAG_SHIFT) is not fs_:
+                continue
+            pid = _vm_pid(tgid)
+            if pid is None:
+                continue  # (ended: its lock goes with it)
+            flock = kind == "FLOCK"
+            owner = f"{self.node}:flock:{pid}:{ino}" if flock else f"{self.node}:posix:{pid}"
+            try:
+                r = await fs_.call(Call.lock, **fs_.named(ino), lockType=WR if mode == "WRITE" else RD,
+                                   lockStart=start, lockEnd=end, lockOwner=owner, lockFlock=flock, lockPid=pid,
+                                   lockReclaim=True)
+            except pyfuse3.FUSEError as e:
+                if e.errno in (errno.ENOLCK, errno.ENOENT, errno.ESTALE):
+                    log.warning("%s: a lock of pid %d (host %d) on inode %d is lost after a change of server: "
+                                "%s", fs_.target, pid, tgid, ino, os.strerror(e.errno))
+                    continue
+                return  # (the server away again: the next look tries again)
+            back[(fs_, r.attr.ino, owner, flock)] = (tgid, ino, time.monotonic(), epoch)
+        if fs_.epoch != epoch:
+            return  # (yet another term meanwhile: given back again)
+        for key in [k for k, v in self.held.items() if k[0] is fs_ and v[3] != epoch]:
+            del self.held[key]
+        self.held.update(back)
+        if back:
+            log.info("%s: %d locks given back to the server of term %d", fs_.target, len(back), epoch)
 
 
 def _fdinfo(pid: int, fd: int) -> dict | None:
@@ -387,9 +486,20 @@ def _tgid(pid: int) -> int:
         return pid
 
 
-def _proc_locks(device: str | None) -> set:
-    """(kind, pid, inode) of every lock the kernel holds on the view."""
-    out = set()
+def _vm_pid(host_pid: int) -> int | None:
+    """host_pid's tgid in its innermost pid namespace (the VM's), as a
+    program's lock calls name their owner (Caller.pid)."""
+    try:
+        return int(status_field(_status(host_pid), b"NStgid").split()[-1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _proc_locks(device: str | None) -> list:
+    """(kind, mode, host pid, inode, start, end) of every lock the kernel
+    holds on the view: kind POSIX or FLOCK (OFD locks stay the node's),
+    mode READ or WRITE, end exclusive (-1: to the end of the file)."""
+    out = []
     want = None
     if device:
         major, minor = device.split(":")
@@ -400,12 +510,13 @@ def _proc_locks(device: str | None) -> set:
                 fields = line.split()
                 if len(fields) < 6 or fields[1] == "->":
                     continue
-                kind, pid, where = fields[1], fields[4], fields[5]
-                if want and not where.startswith(want):
+                kind, mode, pid, where = fields[1], fields[3], fields[4], fields[5]
+                if kind not in ("POSIX", "FLOCK") or (want and not where.startswith(want)):
                     continue
                 try:
-                    out.add((kind, int(pid), int(where.rsplit(":", 1)[1])))
-                except ValueError:
+                    end = -1 if len(fields) < 8 or fields[7] == "EOF" else int(fields[7]) + 1
+                    out.append((kind, mode, int(pid), int(where.rsplit(":", 1)[1]), int(fields[6]), end))
+                except (ValueError, IndexError):
                     continue
     except OSError:
         pass

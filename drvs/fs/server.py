@@ -38,7 +38,7 @@ from ..errors import EtcdUnavailable, SetupError
 from ..ipc.message import IpcError, Later, Msg, failure
 from ..ipc.schema import flat_with, from_flat, fs, new, to_flat
 from . import replica
-from .locks import LockTable
+from .locks import RECLAIM_GRACE, LockTable
 from .replica import MIRRORED, PUT_CALLS, Builder, Mirror
 from .store import XATTR_PREFIXES, Store, check_path
 
@@ -532,6 +532,11 @@ class FsServer:
         self._release_kept()  # (the nodes number this term's inodes apart from the last's)
         self.next_fh = (epoch << 32) + 1  # never a number an earlier term gave out
         self.others = [n for n in replicas if n != self.here]
+        # No lock is known here yet: after a term before, the nodes give back
+        # those their programs hold while others wait (drvs/fs/locks.py).
+        self.lock_table = LockTable()
+        if epoch > 1:
+            self.lock_table.grace_until = trio.current_time() + RECLAIM_GRACE
 
     def _note_served(self, epoch: int) -> None:
         """Say in the store which term it serves, and in which boot of the
@@ -1610,7 +1615,8 @@ class FsServer:
             return Changed(inodes=[os.stat(proc_path).st_ino])
 
     async def lock(self, req, path, out, origin) -> None:
-        """Locks live here only (drvs/fs/locks.py): a fail-over drops them."""
+        """Locks live here only: a new term's server has them back from the
+        nodes (drvs/fs/locks.py)."""
         if req.lockIno:  # (a release: the file may have moved or gone since)
             ino = req.lockIno
         else:

@@ -122,6 +122,8 @@ struct FsRequest {
   names @38 :List(Data);        # unlinks: the paths
   inos @39 :List(UInt64);       # unlinks: the inode each path is meant to name (of term inoEpoch)
   calls @40 :List(Batch.Call);  # behind: the calls (each an FsRequest of its type)
+  lockReclaim @41 :Bool;        # lock: one its node's program held under the term before (a new
+                                # server knows no locks); ENOLCK if another owner holds it now
 }
 
 struct Attr {

@@ -1549,6 +1549,86 @@ def test_files_open_across_a_restart_of_their_only_server_go_on(cluster_factory,
             daemon.wait(timeout=20)
 
 
+TRY_LOCKS = """
+import errno, fcntl, os, sys
+lk = sys.argv[1]
+out = []
+for name, take in (("flock", lambda fd: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)),
+                   ("posix", lambda fd: fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB))):
+    fd = os.open(lk if name == "flock" else lk + ".p", os.O_RDWR)
+    try:
+        take(fd)
+        out.append(name + " got")
+    except OSError as e:
+        out.append(name + " " + errno.errorcode[e.errno])
+print(" ".join(out))
+"""
+
+
+def test_locks_held_across_a_restart_of_their_only_server_stay_held(cluster_factory):
+    """One replica, on n1; a program on n2 holds a flock and a record lock
+    while n1's drvmmd is killed and started again: the new server has them
+    back from n2 (a program on n1 cannot take them), and once n2's program
+    lets go, n1's can."""
+    c = cluster_factory(nodes=2)
+    c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", "--fs-replicas", "1", node="n1", check=True)
+    here, there = view(c, "n1"), view(c, "n2")
+    _wait(lambda: _df(c, "n2").get("server") == "n1")
+    (there / "holder.py").write_text(HOLDER)
+    (there / "try.py").write_text(TRY_LOCKS)
+    holder = subprocess.Popen([str(BIN / "drvs-run"), "--vm", "web", "--", "python3", "/data/holder.py", "/data/lk"],
+                              env={**c.env, "DRVS_NODE": "n2"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    restarted = []
+    try:
+        _wait(lambda: (there / "lk.held").exists())
+        assert jail(c, "n1", "python3 /data/try.py /data/lk").stdout == "flock EAGAIN posix EAGAIN\n"
+        os.kill(c.node("n1")["pid"], signal.SIGKILL)
+        _wait(lambda: _gone(c.node("n1")["pid"]), timeout=10)
+        restarted.append(_restart_drvmmd(c, "n1"))
+        _wait(lambda: _df(c, "n2").get("server") == "n1")
+        view(c, "n1")
+        r = jail(c, "n1", "python3 /data/try.py /data/lk")
+        assert r.stdout == "flock EAGAIN posix EAGAIN\n", (r.stdout, r.stderr)
+        (there / "lk.release").touch()
+        assert holder.wait(timeout=20) == 0
+        _wait(lambda: jail(c, "n1", "python3 /data/try.py /data/lk").stdout == "flock got posix got\n", timeout=10)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        for daemon in restarted:
+            daemon.terminate()
+            daemon.wait(timeout=20)
+
+
+def test_locks_held_across_a_fail_over_stay_held(cluster_factory):
+    """Server n1, a replica on n2 or n3; a program on n2 holds a flock and a
+    record lock while n1 dies: the new server has them back from n2 (n3
+    cannot take them), and once n2's program lets go, n3's can."""
+    c = cluster_factory(nodes=3)
+    c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", "--node", "n3", node="n1", check=True)
+    a, b, x = view(c, "n1"), view(c, "n2"), view(c, "n3")
+    _wait(lambda: _df(c, "n1").get("server") == "n1" and len(_df(c, "n1").get("in_sync", ())) == 2)
+    (b / "holder.py").write_text(HOLDER)
+    (b / "try.py").write_text(TRY_LOCKS)
+    holder = subprocess.Popen([str(BIN / "drvs-run"), "--vm", "web", "--", "python3", "/data/holder.py", "/data/lk"],
+                              env={**c.env, "DRVS_NODE": "n2"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _wait(lambda: (b / "lk.held").exists())
+        assert jail(c, "n3", "python3 /data/try.py /data/lk").stdout == "flock EAGAIN posix EAGAIN\n"
+        os.kill(c.node("n1")["pid"], signal.SIGKILL)
+        _wait(lambda: _df(c, "n3").get("server") in ("n2", "n3"), timeout=30)
+        r = jail(c, "n3", "python3 /data/try.py /data/lk")
+        assert r.stdout == "flock EAGAIN posix EAGAIN\n", (r.stdout, r.stderr)
+        (b / "lk.release").touch()
+        assert holder.wait(timeout=20) == 0
+        _wait(lambda: jail(c, "n3", "python3 /data/try.py /data/lk").stdout == "flock got posix got\n", timeout=10)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+
+
 def _gone(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
