@@ -736,3 +736,30 @@ async def test_a_listing_in_batches_reads_the_directory_once_and_lets_go_at_its_
     got += [bytes(e.name) for e in rest.entries]
     assert not rest.more and got == names[:-1]
     assert server.listings == {}
+
+
+async def test_a_new_terms_server_takes_back_locks_first_and_refuses_one_taken_meanwhile(tmp_path, autojump_clock):
+    """After a term before, lock calls other than reclaims wait out the
+    grace (a blocking one in its slices: EAGAIN, asked again); a reclaim
+    is granted at once, and refused (ENOLCK) once another owner has it."""
+    from drvs.fs.locks import RECLAIM_GRACE, WR
+
+    async def status(node, **fields):
+        m = Msg(Call.lock, to_flat(new(fs.FsRequest, vm="web", lockOwner=f"{node}:posix:8", **lock, **fields)))
+        m.node = node
+        return (await server.handle(m)).status
+
+    server, _ = serving(tmp_path)
+    await call(server, "n2", Call.mkdir, path=b"d", mode=0o755)
+    server.promote(2, ["n1"])
+    lock = dict(path=b"d", lockType=WR, lockStart=0, lockEnd=-1)
+    t0 = trio.current_time()
+    await call(server, "n2", Call.lock, lockOwner="n2:posix:7", lockReclaim=True, **lock)
+    assert trio.current_time() == t0  # (at once)
+    assert await status("n3", lockWaitMs=100) == -errno.EAGAIN  # a slice of a blocking wait, in the grace
+    assert trio.current_time() - t0 == pytest.approx(0.1)
+    test = await call(server, "n3", Call.lock, lockOwner="n3:posix:8", lockTest=True, **lock)  # waits it out
+    assert trio.current_time() - t0 == pytest.approx(RECLAIM_GRACE) and test.lockType == WR
+    assert await status("n3", lockReclaim=True) == -errno.ENOLCK  # (n3 came back late: n2 has it)
+    await call(server, "n2", Call.lock, lockOwner="n2:posix:7", **{**lock, "lockType": 2})
+    assert await status("n3", lockReclaim=True) == 0

@@ -414,7 +414,10 @@ class NodeLocks:
             back[(fs_, r.attr.ino, owner, flock)] = (tgid, ino, time.monotonic(), epoch)
         if fs_.epoch != epoch:
             return  # (yet another term meanwhile: given back again)
-        for key in [k for k, v in self.held.items() if k[0] is fs_ and v[3] != epoch]:
+        now = time.monotonic()
+        # (a lock granted just before, that the kernel has yet to show, stays
+        # of the old term: given back at the next look)
+        for key in [k for k, v in self.held.items() if k[0] is fs_ and v[3] != epoch and now - v[2] >= GRACE]:
             del self.held[key]
         self.held.update(back)
         if back:
