@@ -1,7 +1,6 @@
 """`drvs ps` (every process of a VM, on all its nodes) and `drvs syscalls`
 (the DVOS system-call table)."""
 
-import errno
 import sys
 import time
 
@@ -30,12 +29,14 @@ def add_parsers(sub) -> None:
 def ps(args) -> int:
     cfg = config.load()
     registry = VmRegistry(open_store())
-    names = [registry.get(args.vm).name] if args.vm else [s.name for s in registry.list()]
+    specs = [registry.get(args.vm)] if args.vm else registry.list()
     info = cluster_info(cfg)
     rows, failed = [], []
-    for vm in names:
-        got, bad = _cluster_ps(cfg, info, vm) if info else (_local_ps(cfg, vm), [])
-        rows += [{**r, "vm": vm} for r in got]
+    for spec in specs:
+        # (a cluster VM without shares runs on the node that started it: this one's are here)
+        got, bad = (cluster_processes(cfg, spec.name, sorted(spec.shares) or [info["node"]]) if info
+                    else (_local_ps(cfg, spec.name), []))
+        rows += [{**r, "vm": spec.name} for r in got]
         failed += bad
 
     def table():
@@ -53,6 +54,7 @@ def _say_missing(failed: list[str]) -> int:
     node's processes are unknown, as kubectl shows them)."""
     if not failed:
         return 0
+    failed = list({f.partition(":")[0]: f for f in reversed(failed)}.values())[::-1]  # (once a node)
     from .node import cluster_nodes
 
     try:
@@ -81,34 +83,24 @@ def _local_ps(cfg, vm: str) -> list[dict]:
 
 def cluster_processes(cfg, vm: str, nodes) -> tuple[list[dict], list[str]]:
     """The processes of a cluster VM on all its nodes, and the nodes that
-    did not say: its PM's list, or without a PM now (being elected, or its
-    node gone) each of the nodes' own (procs@NODE)."""
-    from ..ipc.message import IpcError
-
-    try:
-        return _cluster_ps(cfg, cluster_info(cfg), vm, fallback=False)
-    except IpcError as e:
-        if e.errno != errno.ENOENT:
-            raise
-    found, silent = [], []
-    for node in nodes:
-        try:
-            found += _list(cfg, f"procs@{node}", vm)[0]
-        except IpcError:
-            silent.append(node)
-    return found, silent
-
-
-def _cluster_ps(cfg, info, vm: str, fallback: bool = True) -> tuple[list[dict], list[str]]:
-    """Ask the VM's PM; without one (a VM with no shares), this node's half."""
+    did not say ("node: why"): its PM's list; or, when the PM does not
+    answer (being elected, its node gone or silent), each node's own
+    (procs@NODE), so that one node's silence hides only its processes."""
+    from ..ipc.client import daemon_answers
     from ..ipc.message import IpcError
 
     try:
         return _list(cfg, f"pm@{vm}", vm)
-    except IpcError as e:
-        if e.errno != errno.ENOENT or not fallback:
-            raise
-        return _list(cfg, f"procs@{info['node']}", vm)
+    except IpcError:
+        if not daemon_answers(cfg.state_dir):
+            raise  # (this node's own drvmmd: no node can be asked)
+    found, silent = [], []
+    for node in nodes:
+        try:
+            found += _list(cfg, f"procs@{node}", vm)[0]
+        except IpcError as e:
+            silent.append(f"{node}: {str(e).removeprefix(f'procs@{node}: ')}")
+    return found, silent
 
 
 def _list(cfg, target: str, vm: str) -> tuple[list[dict], list[str]]:

@@ -243,7 +243,8 @@ def _no_programs_on(cfg, vm: str, nodes: list[str], anyway: str, scope: str = ""
         raise Conflict(f"VM {vm!r}: cannot tell whether programs of it run{scope} ({e}); "
                        f"use --force to {anyway}") from None
     if silent:
-        raise Conflict(f"VM {vm!r}: cannot tell whether programs of it run on {', '.join(silent)} "
+        raise Conflict(f"VM {vm!r}: cannot tell whether programs of it run on "
+                       f"{', '.join(sorted({n.partition(':')[0] for n in silent}))} "
                        f"(no answer); use --force to {anyway}")
     procs = [p for p in procs if p.get("node") in nodes]
     if procs:
@@ -387,7 +388,7 @@ def _processes_by_node(cfg, spec: VmSpec) -> dict:
 def _processes_text(counted: dict) -> str:
     text = ", ".join(f"{node}: {n}" for node, n in counted["by_node"].items()) or "-"
     if counted["silent"]:
-        text += f" ({', '.join(counted['silent'])}: no answer)"
+        text += f" ({', '.join(sorted({n.partition(':')[0] for n in counted['silent']}))}: no answer)"
     return text
 
 

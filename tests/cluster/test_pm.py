@@ -312,6 +312,10 @@ def test_pm_moves_when_its_node_dies(vm_cluster):
             time.sleep(0.2)
         os.kill(c.node(leader)["pid"], signal.SIGKILL)
         t0 = time.monotonic()
+        for args in (("ps", "web"), ("ps",)):  # at once, the PM gone: each node is asked
+            p = c.drvs(*args, "--format", "json", node=survivor)
+            assert "sleep 64" in [r["command"] for r in json.loads(p.stdout)], (args, p.returncode, p.stderr)
+            assert p.stderr.count(f"drvs ps: node {leader}: ") == 1, (args, p.stderr)
         while True:
             p = c.drvs("ps", "web", "--format", "json", node=survivor, timeout=30)
             if p.returncode == 0 and c.drvs("election", "leader", "pm/web", node=survivor).stdout.strip() == survivor:
