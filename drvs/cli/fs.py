@@ -134,8 +134,15 @@ def _drvs_mount_at(target: str) -> "str | None":
 
 
 def vm_mounts(vm: str) -> list[str]:
-    """Where drvs mount bound vm's file system on this host."""
-    return [point for root, point, kind in mounts.mount_table() if kind == FSTYPE and root == f"/fs/{vm}"]
+    """Where drvs mount bound vm's file system on this host, from the view
+    of one of this cluster's nodes here: another cluster's VM of the name
+    (another dev cluster's, say) has another view, told by its device."""
+    from ..cluster.context import state_dirs_here
+
+    table = mounts.mount_entries()
+    views = {f"{d}/dvos" for d in state_dirs_here(config.load())}
+    devices = {dev for dev, root, point, kind in table if kind == FSTYPE and root == "/" and point in views}
+    return [point for dev, root, point, kind in table if kind == FSTYPE and root == f"/fs/{vm}" and dev in devices]
 
 
 def df(args) -> int:

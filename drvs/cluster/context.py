@@ -83,6 +83,14 @@ def dev_node(dev: dict, name: str) -> dict:
     return node
 
 
+def state_dirs_here(cfg: config.Config) -> list[str]:
+    """The state directories of this cluster's nodes on this machine: this
+    node's, or on a dev cluster entered, each of its nodes'."""
+    if _entered is not None:
+        return [n["state_dir"] for n in _entered["nodes"]]
+    return [cfg.state_dir]
+
+
 def enter_node(name: str) -> None:
     """Become node `name` of the local dev cluster (network and state);
     again from one of its nodes (`drvs --node n1 mount VM DIR --node n2`)."""

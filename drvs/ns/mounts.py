@@ -10,12 +10,18 @@ DRVS_FSTYPE = "fuse.drvs"  # the DVOS view (and drvs mount's binds of it), as mo
 def mount_table(pid: "int | str" = "self") -> list[tuple[str, str, str]]:
     """(root within its file system, mount point, type) of every mount pid
     sees, from its mountinfo, paths unescaped."""
+    return [entry[1:] for entry in mount_entries(pid)]
+
+
+def mount_entries(pid: "int | str" = "self") -> list[tuple[str, str, str, str]]:
+    """(device "major:minor", root, mount point, type): mount_table with
+    the device, which tells apart two mounts of one kind of file system."""
     out = []
     with open(f"/proc/{pid}/mountinfo") as f:
         for line in f:
             fields = line.split()
             sep = fields.index("-")
-            out.append((_unescape(fields[3]), _unescape(fields[4]), fields[sep + 1]))
+            out.append((fields[2], _unescape(fields[3]), _unescape(fields[4]), fields[sep + 1]))
     return out
 
 

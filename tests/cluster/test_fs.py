@@ -1275,6 +1275,25 @@ def test_drvs_mount_umount_and_df(fsc, d, tmp_path):
     _wait(lambda: "fs@web" in (fsc.nodes()[row["server"]]["load"] or {}).get("servers", ()))
 
 
+def test_vm_rm_minds_only_its_own_clusters_mounts(cluster_factory, tmp_path):
+    """Two dev clusters on one host, each with a VM web: the other's web
+    mounted here neither keeps this one from going nor is unmounted."""
+    mine, other = cluster_factory(nodes=1), cluster_factory(nodes=1)
+    for c in (mine, other):
+        c.drvs("vm", "create", "web", "--node", "n1", "--fs-replicas", "1", node="n1", check=True)
+        view(c, "n1")
+    (view(other, "n1") / "kept").write_text("other's")
+    mnt = tmp_path / "other"
+    mnt.mkdir()
+    other.drvs("mount", "web", str(mnt), node="n1", check=True)
+    try:
+        p = mine.drvs("vm", "rm", "web", node="n1")
+        assert p.returncode == 0, p.stderr
+        assert os.path.ismount(mnt) and (mnt / "kept").read_text() == "other's"
+    finally:
+        other.drvs("umount", str(mnt))
+
+
 def test_a_vm_whose_file_system_is_mounted_is_busy(fsc, tmp_path):
     """vm rm refuses a VM whose file system drvs mount bound on this host
     (exit 4, naming where); --force detaches those mounts with the VM."""
