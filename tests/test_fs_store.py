@@ -139,6 +139,36 @@ def test_a_replica_copy_never_writes_through_a_link_planted_in_the_vm(tmp_path):
     Store(str(base), "web").close()  # the exchanged tree is a whole store
 
 
+def test_a_replica_copy_keeps_extended_attributes_and_link_times(tmp_path):
+    """A copy's last call of a file or directory carries its user.*
+    attributes (a directory ends with exactly those of the last pass), and
+    a link's times are its own."""
+    from types import SimpleNamespace as X
+
+    from drvs.fs.replica import LAST, Builder
+
+    base = tmp_path / "fs"
+    Store(str(base), "web").close()
+    b = Builder(str(base))
+    b.begin()
+    b.put_dir(_req(path=b"d"))
+    b.put_file(_req(path=b"d/f"))
+    b.put_file(_req(path=b"d/f", flags=LAST, size=0, mode=0o100644,
+                    xattrs=[X(name=b"user.a", value=b"1"), X(name=b"user.b", value=b"")]))
+    b.put_link(_req(path=b"d/l", data=b"f", atimeNs=10**18, mtimeNs=2 * 10**18))
+    for xattrs in ([X(name=b"user.old", value=b"x")], [X(name=b"user.d", value=b"2")]):  # two passes
+        b.put_dir(_req(path=b"d", mode=0o040755, flags=LAST, xattrs=xattrs))
+    b.put_dir(_req(path=b"", mode=0o040755, flags=LAST, xattrs=[X(name=b"user.root", value=b"r")]))
+    b.commit()
+    root = base / "root"
+    assert {n: os.getxattr(root / "d" / "f", n) for n in os.listxattr(root / "d" / "f")} == \
+        {"user.a": b"1", "user.b": b""}
+    assert os.listxattr(root / "d") == ["user.d"] and os.getxattr(root, "user.root") == b"r"
+    st = os.lstat(root / "d" / "l")
+    assert (st.st_atime_ns, st.st_mtime_ns) == (10**18, 2 * 10**18)
+    Store(str(base), "web").close()
+
+
 def test_a_directory_is_found_by_its_handle_wherever_it_was_moved(tmp_path):
     """A node that lost a directory's path (another node moved it) names it
     by its file handle; a handle of anything outside the VM's tree (another

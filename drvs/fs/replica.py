@@ -27,6 +27,7 @@ from ..errors import EtcdUnavailable, SetupError
 from ..ipc.message import IpcError, Msg
 from ..ipc.schema import from_flat, fs, to_flat
 from ..store import CompareFailed
+from .store import XATTR_PREFIXES
 
 log = logging.getLogger("drvmmd")
 Call = fs.FsCall
@@ -357,7 +358,8 @@ class Mirror:
                     await out.add(Call.putDir, path=path, **_meta(st))
             elif stat.S_ISLNK(st.st_mode):
                 if fresh:
-                    await out.add(Call.putLink, path=path, data=target, uid=st.st_uid, gid=st.st_gid)
+                    await out.add(Call.putLink, path=path, data=target, uid=st.st_uid, gid=st.st_gid,
+                                  atimeNs=st.st_atime_ns, mtimeNs=st.st_mtime_ns)
             elif st.st_nlink > 1 and st.st_ino in seen_inodes:
                 if fresh:
                     await out.add(Call.putHardlink, path=path, path2=seen_inodes[st.st_ino])
@@ -375,7 +377,17 @@ class Mirror:
         # Directories' times last: what was made in them changed those.
         for path, st, _ in reversed(tree):
             if stat.S_ISDIR(st.st_mode):
-                await out.add(Call.putDir, path=path, flags=LAST, **_meta(st))
+                await out.add(Call.putDir, path=path, flags=LAST, xattrs=self._dir_xattrs(path), **_meta(st))
+
+    def _dir_xattrs(self, path: bytes) -> list:
+        try:
+            fd = self.server.store.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            return []  # gone meanwhile: the second pass sees it
+        try:
+            return _xattrs(fd)
+        finally:
+            os.close(fd)
 
     async def _copy_file(self, out: "_Sender", path: bytes, st) -> None:
         s = self.server
@@ -398,7 +410,7 @@ class Mirror:
                     await out.add(Call.putFile, path=path, offset=pos, data=data, **_meta(st))
                     pos += len(data)
                 offset = pos
-            await out.add(Call.putFile, path=path, flags=LAST, offset=offset, **_meta(st))
+            await out.add(Call.putFile, path=path, flags=LAST, offset=offset, xattrs=_xattrs(fd), **_meta(st))
         finally:
             os.close(fd)
 
@@ -425,6 +437,35 @@ class _Sender:
 def _meta(st) -> dict:
     return {"mode": st.st_mode, "uid": st.st_uid, "gid": st.st_gid, "size": st.st_size,
             "atimeNs": st.st_atime_ns, "mtimeNs": st.st_mtime_ns, "rdev": st.st_rdev}
+
+
+def _xattrs(fd: int) -> list:
+    """The extended attributes of the store's object open at fd that the
+    VM's programs can set (user.*), as a copy carries them."""
+    out = []
+    try:
+        names = os.listxattr(fd)
+    except OSError:
+        return out
+    for name in names:
+        if os.fsencode(name).startswith(XATTR_PREFIXES):
+            try:
+                out.append({"name": os.fsencode(name), "value": os.getxattr(fd, name)})
+            except OSError:
+                continue  # (removed meanwhile: the second pass sees the change)
+    return out
+
+
+def _set_xattrs(fd: int, xattrs) -> None:
+    """Make fd's user.* extended attributes those given, no more (a
+    directory of the copy may have had others set by an earlier pass)."""
+    wanted = {bytes(x.name): bytes(x.value) for x in xattrs}
+    for name in os.listxattr(fd):
+        if os.fsencode(name).startswith(XATTR_PREFIXES) and os.fsencode(name) not in wanted:
+            os.removexattr(fd, name)
+    for name, value in wanted.items():
+        if name.startswith(XATTR_PREFIXES):
+            os.setxattr(fd, name, value)
 
 
 def _walk(root: str) -> list:
@@ -504,6 +545,7 @@ class Builder:
             fd = _fs.openat2(self.root, b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, 0, 0)
             try:
                 if req.flags & LAST:
+                    _set_xattrs(fd, req.xattrs)
                     _meta_fd(fd, req)
             finally:
                 os.close(fd)
@@ -515,6 +557,11 @@ class Builder:
                 _remove_at(dfd, name, st)
                 os.mkdir(name, 0o700, dir_fd=dfd)
             if req.flags & LAST:
+                fd = _fs.openat2(dfd, name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, 0, 0)
+                try:
+                    _set_xattrs(fd, req.xattrs)  # (before the times: setting one changes the ctime only)
+                finally:
+                    os.close(fd)
                 _meta_at(dfd, name, req)
         finally:
             os.close(dfd)
@@ -540,6 +587,7 @@ class Builder:
                     os.pwrite(fd, req.data, req.offset)
                 if req.flags & LAST:
                     os.ftruncate(fd, req.size)
+                    _set_xattrs(fd, req.xattrs)
                     _meta_fd(fd, req)
             finally:
                 os.close(fd)
@@ -552,6 +600,7 @@ class Builder:
             _remove_at(dfd, name, _lstat_at(dfd, name))
             os.symlink(bytes(req.data), name, dir_fd=dfd)
             os.chown(name, req.uid, req.gid, dir_fd=dfd, follow_symlinks=False)
+            os.utime(name, ns=(req.atimeNs, req.mtimeNs), dir_fd=dfd, follow_symlinks=False)
         finally:
             os.close(dfd)
 

@@ -124,6 +124,12 @@ struct FsRequest {
   calls @40 :List(Batch.Call);  # behind: the calls (each an FsRequest of its type)
   lockReclaim @41 :Bool;        # lock: one its node's program held under the term before (a new
                                 # server knows no locks); ENOLCK if another owner holds it now
+  xattrs @42 :List(Xattr);      # putFile, putDir (flags LAST): the object's extended attributes, all
+}
+
+struct Xattr {
+  name @0 :Data;
+  value @1 :Data;
 }
 
 struct Attr {

@@ -1388,6 +1388,11 @@ def test_fsynced_writes_survive_the_serving_node_and_a_returning_node_catches_up
     c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", node="n1", check=True)
     a, b = view(c, "n1"), view(c, "n2")
     (a / "before").write_text("made while n1 served\n")
+    (a / "dir").mkdir()
+    for obj in ("before", "dir"):  # (a copy to a returning node carries them too)
+        os.setxattr(a / obj, "user.kept", obj.encode())
+    (a / "link").symlink_to("before")
+    os.utime(a / "link", ns=(10**18, 10**18), follow_symlinks=False)
     _wait(lambda: _df(c, "n1").get("in_sync") == ["n1", "n2"])
     stop = tmp_path / "stop"
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(b / "log"), str(stop)],
@@ -1416,6 +1421,8 @@ def test_fsynced_writes_survive_the_serving_node_and_a_returning_node_catches_up
         _wait(lambda: _df(c, "n1").get("server") == "n1", timeout=30)
         assert (a / "log").read_text().split()[:len(acked)] == acked
         assert (a / "before").read_text() == "made while n1 served\n"
+        assert [os.getxattr(a / obj, "user.kept") for obj in ("before", "dir")] == [b"before", b"dir"]
+        assert os.lstat(a / "link").st_mtime_ns == 10**18
     finally:
         if writer.poll() is None:
             writer.kill()
