@@ -1040,7 +1040,15 @@ class FsServer:
         if req.via:  # a file open on the node, which knows no path of it: opened again through a handle
             fd = _reopen(self._via(req, origin).fd, flags)
         else:  # (truncated once it is known to be the file meant)
-            fd = self.store.open(check_path(path), (flags & ~os.O_TRUNC if meant else flags) | os.O_NOFOLLOW)
+            try:
+                fd = self.store.open(check_path(path), (flags & ~os.O_TRUNC if meant else flags) | os.O_NOFOLLOW)
+            except FileNotFoundError:
+                if not meant:
+                    raise
+                # Another node took the name away while the caller's kernel
+                # still had it: ESTALE has the kernel look it up again (and
+                # an O_CREAT open then create it), as NFS's does.
+                raise OSError(errno.ESTALE, "the name is gone") from None
         try:
             st = os.stat(fd)
             if meant and st.st_ino != meant:

@@ -1199,6 +1199,50 @@ def test_renames_and_unlinks_racing_from_two_nodes(fsc, d):
     assert sorted(int((a / n).read_text()) for n in names_a) == list(range(20))
 
 
+APPENDER = r"""
+import errno, os, sys, time
+path, stop = sys.argv[1], sys.argv[2]
+n, errors = 0, {}
+while not os.path.exists(stop):
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.write(fd, b"line\n")
+        os.close(fd)
+        n += 1
+    except OSError as e:
+        errors[errno.errorcode[e.errno]] = errors.get(errno.errorcode[e.errno], 0) + 1
+print(n, errors)
+"""
+
+
+@pytest.mark.parametrize("how", ["unlink", "rename"])
+def test_an_o_creat_open_never_fails_when_another_node_takes_the_name_away(fsc, d, tmp_path, how):
+    """n2 opens a log with O_CREAT|O_APPEND, line after line, while n1
+    removes it (or rotates it away by a rename): as on a local file
+    system, every open succeeds, making the file again where it is gone
+    (the kernel's cached name is looked up again, not failed ENOENT)."""
+    _, a, b = d
+    stop = tmp_path / "stop"
+    writer = subprocess.Popen([sys.executable, "-c", APPENDER, str(b / "log"), str(stop)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 4
+        k = 0
+        while time.monotonic() < deadline:
+            try:
+                os.unlink(a / "log") if how == "unlink" else os.rename(a / "log", a / f"log.{k}")
+                k += 1
+            except FileNotFoundError:
+                pass
+            time.sleep(0.01)
+    finally:
+        stop.touch()
+        out, err = writer.communicate(timeout=30)
+    assert writer.returncode == 0, err
+    lines, errors = out.split(" ", 1)
+    assert int(lines) > 100 and errors.strip() == "{}" and k > 20, (out, k)
+
+
 def test_drvs_mount_umount_and_df(fsc, d, tmp_path):
     name, a, _ = d
     (a / "hello").write_text("hi")
