@@ -1456,6 +1456,8 @@ class VmFs:
         self.known.pop(cino, None)  # a directory removed: its number may come back as another
 
     async def rename(self, old_parent, old_name, new_parent, new_name, flags, ctx):
+        if flags & ~(pyfuse3.RENAME_EXCHANGE | pyfuse3.RENAME_NOREPLACE):
+            raise pyfuse3.FUSEError(errno.EINVAL)  # RENAME_WHITEOUT (see FsServer.rename)
         d1, d2 = old_parent & MASK, new_parent & MASK
         self._not_private(d1, old_name)
         self._not_private(d2, new_name)

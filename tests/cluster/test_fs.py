@@ -715,6 +715,23 @@ def _exchange(d1: Path, n1: str, d2: Path, n2: str) -> None:
             os.close(fd)
 
 
+def test_a_whiteout_rename_is_refused(fsc, d):
+    """RENAME_WHITEOUT (overlayfs's) is not offered, as by NFS: EINVAL, and
+    nothing moves (the server would make the device node unchecked)."""
+    from drvs import _fs
+
+    _, a, b = d
+    (b / "A").write_text("a")
+    fd = os.open(b, os.O_PATH)
+    try:
+        with pytest.raises(OSError) as e:
+            _fs.renameat2(fd, b"A", fd, b"C", 4)  # (RENAME_WHITEOUT)
+    finally:
+        os.close(fd)
+    assert e.value.errno == errno.EINVAL
+    assert sorted(os.listdir(a)) == ["A"] and (a / "A").read_text() == "a"
+
+
 def test_a_close_on_a_node_without_the_server_reaches_the_server(fsc, d):
     """Closes from a node whose server is elsewhere travel with its next
     call, or on their own soon after: the server lets go of the file."""
