@@ -10,6 +10,8 @@ from .. import config
 from ..cluster.context import cluster_info, no_cluster
 from ..errors import Conflict, NotFound, UsageError
 
+MAX_SECONDS = 30 * 86400
+
 
 def _seconds(text: str) -> float:
     import math
@@ -18,9 +20,23 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"not a number of seconds (0 or more): {text!r}")
+    if not 0 <= value <= MAX_SECONDS:  # (nan too; a call carries it in ms, as a UInt32)
+        raise argparse.ArgumentTypeError(f"not a number of seconds (0 to {MAX_SECONDS}): {text!r}")
     return value
+
+
+def _bound(text: str) -> float:
+    """A wait in seconds: more than 0 (0 would be no bound at all)."""
+    value = _seconds(text)
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"not a number of seconds above 0 (up to 86400): {text!r}")
+    return value
+
+
+def _at_least_0(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"not a count of 0 or more: {text!r}")
+    return int(text)
 
 
 def _count(text: str) -> int:
@@ -60,7 +76,7 @@ def add_parsers(sub) -> None:
     p = verbs.add_parser("ping", help="sendrec round trips to an endpoint (e.g. drvmm@n2)")
     p.add_argument("target", type=_endpoint, metavar="ENDPOINT", help="SERVICE@NODE or SERVICE@VM")
     p.add_argument("-c", "--count", type=_count, default=1)
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each reply (default: 5)")
+    p.add_argument("--timeout", type=_bound, default=5.0, help="seconds to wait for each reply (default: 5)")
     p.set_defaults(func=ping)
 
     lock = sub.add_parser("lock", help="cluster-wide locks, held by this node")
@@ -88,7 +104,7 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=resign)
     p = verbs.add_parser("observe", help="print NAME's leader now and at each change")
     p.add_argument("name", metavar="NAME")
-    p.add_argument("-n", "--count", type=int, default=0, help="stop after this many (default: never)")
+    p.add_argument("-n", "--count", type=_at_least_0, default=0, help="stop after this many (default: never)")
     p.set_defaults(func=observe)
 
     gr = sub.add_parser("group", help="groups of endpoints: membership and broadcast")
@@ -104,7 +120,7 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=group_members)
     p = verbs.add_parser("broadcast", help="notify every member of GROUP; say how many acknowledged")
     p.add_argument("group", type=_group, metavar="GROUP")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the replies (default: 5)")
+    p.add_argument("--timeout", type=_bound, default=5.0, help="seconds to wait for the replies (default: 5)")
     p.set_defaults(func=broadcast)
 
 

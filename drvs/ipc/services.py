@@ -23,6 +23,11 @@ ELECTIONS = "/drvs/elections/"
 GROUPS = "/drvs/groups/"
 
 
+def _named(endpoint: str, text: str) -> str:
+    """text, said of endpoint once (a fabric error may name it already)."""
+    return text if text.startswith(f"{endpoint}: ") else f"{endpoint}: {text}"
+
+
 def request(msg: Msg):
     try:
         return drvmm.NameRequest.from_bytes_packed(msg.payload)
@@ -208,7 +213,17 @@ class DrvmmService:
         return key_reply()
 
     async def group_leave(self, msg: Msg) -> Msg:
-        await self.etcd.delete(self._member_key(request(msg)))
+        """Only a membership this node's lease holds: another node's ends
+        with that node (or is left through it)."""
+        req = request(msg)
+        key = self._member_key(req)
+        entry = await self.etcd.get(key)
+        if entry is None:
+            raise IpcError(f"{req.value} is not a member of group {req.name!r}", errno.ENOENT)
+        if entry.value != self.member.name:
+            raise IpcError(f"{req.value} joined group {req.name!r} through node {entry.value} (it leaves "
+                           "through that node)", errno.EPERM)
+        await self.etcd.delete(key)
         return key_reply()
 
     async def _members(self, group: str) -> list[str]:
@@ -238,14 +253,15 @@ class DrvmmService:
             try:
                 reply = await self.fabric.sendrec(endpoint, Msg(mtype, payload, source=msg.source), timeout)
                 if reply.status < 0:
-                    failed.append(f"{endpoint}: {reply.error}")
+                    failed.append(_named(endpoint, reply.error))
                 else:
                     delivered += 1
             except DrvsError as e:  # IpcError, an etcd outage while resolving, ...
-                failed.append(f"{endpoint}: {e}")
+                failed.append(_named(endpoint, str(e)))
 
+        members = await self._members(group)  # (not in the nursery: etcd away is said as such)
         async with trio.open_nursery() as nursery:
-            for endpoint in await self._members(group):
+            for endpoint in members:
                 nursery.start_soon(one, endpoint)
         out = drvmm.Delivery.new_message(delivered=delivered)
         fl = out.init("failed", len(failed))

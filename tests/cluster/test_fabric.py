@@ -96,7 +96,11 @@ def test_lock_and_election_calls_touch_only_their_own_keys(cluster_factory):
                  ("election", "leader", "f1/x"), ("election", "observe", "a/b"),
                  ("lock", "acquire", "x", "--timeout", "-1"), ("election", "campaign", "x", "--timeout", "nan"),
                  ("ipc", "ping", "nosuch"), ("ipc", "ping", "@n2"), ("ipc", "ping", "x@@y"), ("ipc", "ping", "drvmm@n2", "-c", "0"),
-                 ("group", "join", "a/b"), ("group", "members", ""), ("election", "campaign", "pm/keep")):
+                 ("group", "join", "a/b"), ("group", "members", ""), ("election", "campaign", "pm/keep"),
+                 ("ipc", "ping", "drvmm@n2", "--timeout", "-1"), ("ipc", "ping", "drvmm@n2", "--timeout", "nan"),
+                 ("ipc", "ping", "drvmm@n2", "--timeout", "inf"), ("group", "broadcast", "g", "--timeout", "0"),
+                 ("group", "broadcast", "g", "--timeout", "1e300"), ("lock", "acquire", "x", "--timeout", "1e300"),
+                 ("election", "observe", "x", "-n", "-1")):
         bad = c.drvs(*args, node="n1")
         assert bad.returncode == 2 and "Traceback" not in bad.stderr, (args, bad.stderr)
 
@@ -147,8 +151,12 @@ def test_group_membership_follows_node_lives_and_broadcast_reaches_members(clust
         assert time.monotonic() < deadline, "a dead node's membership outlived its lease"
         time.sleep(0.2)
     assert c.drvs("group", "broadcast", "vm-web", node="n1", check=True).stdout == "delivered to 2\n"
+    theirs = c.drvs("group", "leave", "vm-web", "drvmm@n2", node="n1")  # (n2's lease holds it: n2 lets go)
+    assert theirs.returncode == 4 and "joined group 'vm-web' through node n2" in theirs.stderr, theirs.stderr
     c.drvs("group", "leave", "vm-web", node="n2", check=True)
     assert c.drvs("group", "members", "vm-web", node="n1", check=True).stdout.split() == ["drvmm@n1"]
+    again = c.drvs("group", "leave", "vm-web", node="n2")
+    assert again.returncode == 3 and "drvmm@n2 is not a member of group 'vm-web'" in again.stderr, again.stderr
 
 
 def test_election_observe_reports_each_new_leader(cluster_factory):

@@ -117,7 +117,7 @@ def test_etcd_outage_is_reported_and_ridden_out(cluster_factory):
     # every command says so in one line, with exit 6, whether it asks etcd
     # itself or through its node's drvmmd
     for args in (("vm", "ls"), ("lock", "acquire", "x", "--timeout", "1"), ("election", "leader", "e"),
-                 ("ipc", "ping", "drvmm@n2")):
+                 ("ipc", "ping", "drvmm@n2"), ("group", "broadcast", "g"), ("group", "members", "g")):
         p = c.drvs(*args, node="n1")
         assert (p.returncode, p.stderr.count("\n")) == (6, 1) and "etcd unreachable" in p.stderr, (args, p.stderr)
     p = subprocess.run([str(BIN / "drvs-run"), "--node", "n2", "--", "true"], env={**c.env, "DRVS_NODE": "n1"},
