@@ -80,6 +80,10 @@ def create(args) -> int:
         admission.check_share(node, specs[node], share)
     if args.overcommit and not shares:
         raise UsageError("--overcommit needs --node shares")
+    if shares and any(v is not None for v in limits_from(args)):
+        # (they would apply nowhere: a VM with shares runs on its shares only)
+        raise UsageError("--cpus, --cpuset-cpus, --memory and --pids-limit do not go with --node shares: give "
+                         "them per node (--node NODE:cpus=N,memory=SIZE,...)")
     fs_nodes = fs_replica_nodes([n for n, _ in args.shares], args.fs_replicas)
     if args.fs_sync and not fs_nodes:
         raise UsageError("--fs-sync needs --node shares (a VM file system of the cluster)")

@@ -225,6 +225,10 @@ def test_share_errors(cluster_factory):
         assert p.returncode == 2 and words in p.stderr, (share, p.stderr)
     p = c.drvs("vm", "create", "wide", "--node", "n1:cpuset=0-999", node="n1")
     assert p.returncode == 2 and "share of n1 asks for CPUs 0-999; n1 has" in p.stderr
+    for limit in (("--memory", "50M"), ("--cpus", "0.5"), ("--pids-limit", "9")):  # (they would apply nowhere)
+        p = c.drvs("vm", "create", "both", "--node", "n1", *limit, node="n1")
+        assert p.returncode == 2 and "do not go with --node shares: give them per node" in p.stderr, p.stderr
+    assert "both" not in c.drvs("vm", "ls", node="n1", check=True).stdout
 
 
 
