@@ -205,6 +205,11 @@ def cluster_init(args) -> int:
     print(f"cluster {args.name} made; this node is {node} at {args.address}.")
     print("Start drvmmd on this node, then on each other node run:")
     print(f"  drvs node join {args.address} --token {token} --address THAT_NODE_ADDRESS")
+    import ipaddress
+
+    if ipaddress.ip_address(args.address).is_loopback:
+        print(f"drvs: note: {args.address} is a loopback address: only nodes on this machine can reach it",
+              file=sys.stderr)
     return 0
 
 

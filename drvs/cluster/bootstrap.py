@@ -50,6 +50,8 @@ def init(state_dir: str, address: str, cluster: str, node: str, etcd: list[str] 
         _check_url(url)
     if os.path.exists(f"{state_dir}/cluster.json"):
         raise Conflict(f"this node is in a cluster already ({state_dir}/cluster.json)")
+    if etcd:
+        _check_etcd(etcd)  # (before anything is made: a cluster whose etcd never answered is none)
     _make_state_dir(state_dir)
     ca, ca_key = pki.make_ca(ca_dir(state_dir), cluster)
     secret = secrets.token_hex(16)
@@ -222,6 +224,25 @@ def _check_url(url: str) -> None:
         ok = False
     if not ok:
         raise UsageError(f"--etcd {url!r}: expected an etcd client URL, as https://HOST:2379")
+
+
+def _check_etcd(urls: list[str], timeout: float = 3.0) -> None:
+    """EtcdUnavailable unless one of the etcd URLs given answers healthy."""
+    import json
+    import ssl
+    import urllib.request
+
+    why = ""
+    for url in urls:
+        try:
+            with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout,
+                                        context=ssl.create_default_context()) as r:
+                if json.load(r).get("health") == "true":
+                    return
+                why = f"{url} says it is not healthy"
+        except (OSError, ValueError) as e:
+            why = f"{url}: {getattr(e, 'reason', None) or e}"
+    raise EtcdUnavailable(f"etcd unreachable ({why}); nothing was made")
 
 
 def _make_state_dir(state_dir: str) -> None:

@@ -176,6 +176,9 @@ def test_init_then_join(machines):
     assert busy.returncode == 4 and "is Ready" in busy.stderr
     bad_etcd = m.drvs("m3", "cluster", "init", "--address", m.hosts["m3"]["address"], "--etcd", "notaurl")
     assert bad_etcd.returncode == 2 and "expected an etcd client URL" in bad_etcd.stderr
+    no_etcd = m.drvs("m3", "cluster", "init", "--address", m.hosts["m3"]["address"], "--etcd", "http://127.0.0.1:9")
+    assert no_etcd.returncode == 6 and "etcd unreachable (http://127.0.0.1:9: " in no_etcd.stderr, no_etcd.stderr
+    assert not os.path.exists(os.path.join(m.hosts["m3"]["state"], "cluster.json"))
     # Also while n2 is down: the name stays n2's.
     os.killpg(m.daemons[-1].pid, signal.SIGTERM)
     m.daemons[-1].wait(timeout=10)
