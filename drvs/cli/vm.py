@@ -43,6 +43,8 @@ def add_parser(sub) -> None:
                    metavar="NODE", help="take the VM's share of NODE away (repeatable); refused while programs "
                                         "of the VM run there, unless --force, which ends them")
     p.add_argument("--force", action="store_true", help="with --rm-node: end the VM's programs on that node")
+    p.add_argument("--fs-replicas", type=int, default=None, metavar="N",
+                   help="keep the VM's file system on N of its nodes (a new replica is copied to live)")
     p.set_defaults(func=update)
     p = verbs.add_parser("ls", help="list VMs")
     add_format(p)
@@ -113,8 +115,9 @@ def update(args) -> int:
     if set(given) & set(args.drop):
         raise UsageError(f"node {sorted(set(given) & set(args.drop))[0]!r} is given to --node and --rm-node")
     new_limits = {k: v for k, v in limits_from(args)._asdict().items() if v is not None}
-    if not (given or args.drop or new_limits):
-        raise UsageError("nothing to change: give --cpus, --cpuset-cpus, --memory, --pids-limit, --node or --rm-node")
+    if not (given or args.drop or new_limits or args.fs_replicas is not None):
+        raise UsageError("nothing to change: give --cpus, --cpuset-cpus, --memory, --pids-limit, --node, --rm-node "
+                         "or --fs-replicas")
     store = open_store()
     registry = VmRegistry(store)
     if args.drop and not args.force:
@@ -126,7 +129,8 @@ def update(args) -> int:
     for _ in range(ADMIT_TRIES):
         entry = registry.entry(args.name)
         old = VmSpec.from_json(entry.value)
-        spec = _changed(old, given, args.drop, new_limits)
+        spec = _changed(old, given, args.drop, new_limits, args.fs_replicas)
+        _kept_in_sync(store, old, spec)
         others, revision = registry.snapshot()
         if not args.overcommit:
             for node, share in given.items():
@@ -157,9 +161,11 @@ def update(args) -> int:
     return 0
 
 
-def _changed(spec: VmSpec, given: dict, drop: list[str], new_limits: dict) -> VmSpec:
-    """spec with the shares and limits asked for; why not, if they cannot be."""
-    if given and not spec.shares:
+def _changed(spec: VmSpec, given: dict, drop: list[str], new_limits: dict, replicas: int | None = None) -> VmSpec:
+    """spec with the shares, limits and replicas asked for; why not, if
+    they cannot be.  A replica on a node taken away moves to another node
+    of the VM (copied to live by the VM's file server)."""
+    if (given or replicas is not None) and not spec.shares:
         raise UsageError(f"VM {spec.name!r} was made without node shares (its files are each node's own): "
                          "shares are given at `drvs vm create --node`")
     shares = dict(spec.shares)
@@ -167,17 +173,41 @@ def _changed(spec: VmSpec, given: dict, drop: list[str], new_limits: dict) -> Vm
         if node not in shares:
             raise NotFound(f"VM {spec.name!r} has no share of node {node!r} (its nodes: "
                            f"{', '.join(sorted(shares)) or 'none'})")
-        if node in spec.fs_nodes:
-            raise Conflict(f"node {node!r} keeps a replica of VM {spec.name!r}'s file system: its share stays")
         del shares[node]
     shares.update(given)
+    fs_nodes = [n for n in spec.fs_nodes if n in shares]
+    want = len(spec.fs_nodes) if replicas is None else replicas
+    if replicas is not None and not 1 <= replicas <= len(shares):
+        raise UsageError(f"--fs-replicas {replicas}: must be from 1 to {len(shares)}, the VM's number of nodes")
+    fs_nodes = (fs_nodes + [n for n in shares if n not in fs_nodes])[:want]
+    if not fs_nodes:
+        raise Conflict(f"VM {spec.name!r}: its file system would be left on no node; its share of "
+                       f"{', '.join(drop)} stays")
     limits = spec.limits._replace(**new_limits)
     if not shares:
         check_here(limits)  # (a VM of no node in particular: its limits must fit this one)
     elif new_limits:
         raise UsageError(f"VM {spec.name!r} has node shares: change them with --node NODE:cpus=N,... "
                          "(its own limits apply only where it has no share)")
-    return VmSpec(spec.name, limits, spec.created, shares, spec.fs_nodes, spec.fs_sync)
+    return VmSpec(spec.name, limits, spec.created, shares, fs_nodes, spec.fs_sync)
+
+
+def _kept_in_sync(store, old: VmSpec, new: VmSpec) -> None:
+    """Conflict unless a replica in sync now stays one: replicas taken
+    away must leave one that has every change (the new ones are copied from
+    it)."""
+    import json
+
+    from ..fs.replica import STATE
+
+    if not set(old.fs_nodes) - set(new.fs_nodes):
+        return
+    entry = store.get(STATE + old.name)
+    in_sync = json.loads(entry.value)["in_sync"] if entry is not None else list(old.fs_nodes)
+    if not set(in_sync) & set(new.fs_nodes):
+        raise Conflict(f"VM {old.name!r}: its file system is in sync only on {', '.join(in_sync) or 'no node'}, "
+                       f"which would no longer keep it; wait until another replica is in sync "
+                       f"(drvs df {old.name}), or add one (--fs-replicas)")
 
 
 def _resize_here(spec: VmSpec, old: VmSpec) -> None:

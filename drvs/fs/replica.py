@@ -113,6 +113,8 @@ class Mirror:
         self.lost = False    # dropped out, yet still listed in sync in etcd
         self.handed = False  # the server stopped, this replica in sync (see _hand_over)
         self.missed = False  # since, a change it lacks was made here (an fsync or a close is none)
+        self.dropped = False  # taken away from the VM's replicas (vm update): struck, not handed over
+        self.scope = trio.CancelScope()
         self._work = trio.Event()
         self._progress = trio.Event()
         self._hurry = trio.Event()  # set when someone waits for the replica (fsync, a synchronous close)
@@ -175,7 +177,16 @@ class Mirror:
 
     # -- life --
 
+    def drop(self) -> None:
+        """This replica is no longer the VM's (see FsServer._follow_replicas)."""
+        self.dropped = True
+        self.scope.cancel()
+
     async def run(self) -> None:
+        with self.scope:
+            await self._run()
+
+    async def _run(self) -> None:
         said = ""
         while True:
             stopping = False
@@ -193,7 +204,14 @@ class Mirror:
                 stopping = True
                 raise
             finally:
-                if self.live and stopping:
+                if self.dropped:
+                    self.live = False
+                    with trio.CancelScope(shield=True), trio.move_on_after(5):
+                        try:
+                            await self._in_sync(False)
+                        except MirrorFailed as e:
+                            log.warning("fs@%s: replica on %s (taken away): %s", self.server.vm, self.node, e)
+                elif self.live and stopping:
                     await self._hand_over()
                 elif self.live:
                     # Struck from the in-sync replicas before any waiting

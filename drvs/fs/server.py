@@ -68,6 +68,7 @@ LISTING_KEPT = 10.0   # seconds a directory's names are kept for the next batch 
 LISTINGS_MAX = 64     # listings kept at once (the least recently used goes)
 HANDLE_CALLS = {Call.write, Call.release, Call.fsync, Call.setattr, Call.flush}
 REAP_EVERY = 5.0  # seconds between looks for open files of nodes that left
+FOLLOW_EVERY = 1.0  # seconds between looks at which nodes keep replicas (vm update moves them)
 KEPT_MAX = 4096  # removed directories whose numbers are kept from reuse at once (a descriptor each)
 REPLACED_GRACE = 2.0  # seconds a file replaced by a rename stays openable by its number (see FsServer.replaced)
 REPLACED_MAX = 256    # such files at once (a descriptor each)
@@ -568,8 +569,8 @@ class FsServer:
         group, which would reach the daemon's main and end it)."""
         async with trio.open_nursery() as nursery:
             for node in self.others:
-                self.mirrors[node] = Mirror(self, node)
-                nursery.start_soon(self.mirrors[node].run)
+                self._start_mirror(nursery, node)
+            nursery.start_soon(self._follow_replicas, nursery)
             while True:
                 await trio.sleep(REAP_EVERY)
                 self._expire_replaced(time.monotonic())  # (a quiet server too: their space goes)
@@ -579,6 +580,35 @@ class FsServer:
             nursery.cancel_scope.cancel()
         raise SetupError(f"fs@{self.vm}: term {self.epoch} is over (another node serves, or the VM is gone); "
                          "standing down")
+
+    def _start_mirror(self, nursery, node: str) -> None:
+        self.mirrors[node] = Mirror(self, node)
+        nursery.start_soon(self.mirrors[node].run)
+
+    async def _follow_replicas(self, nursery) -> None:
+        """Keep the replicas the VM's definition names now (`vm update`
+        moves them): a new one is copied to, live; one taken away is struck
+        from those in sync, so it can no longer take over."""
+        from ..vm.model import VmSpec
+        from ..vm.registry import VMS
+
+        while True:
+            await trio.sleep(FOLLOW_EVERY)
+            try:
+                entry = await self.etcd.get(VMS + self.vm)
+            except Exception:  # noqa: BLE001 - etcd away: next time
+                continue
+            if entry is None or entry.create_revision != self.store.made:
+                continue  # (removed, or another VM of the name: the term ends)
+            want = [n for n in VmSpec.from_json(entry.value).fs_nodes if n != self.here]
+            for node in [n for n in self.mirrors if n not in want]:
+                log.info("fs@%s: replica on %s taken away", self.vm, node)
+                self.mirrors.pop(node).drop()
+            for node in want:
+                if node not in self.mirrors:
+                    log.info("fs@%s: new replica on %s", self.vm, node)
+                    self._start_mirror(nursery, node)
+            self.others = want
 
     async def _term_over(self) -> bool:
         """Whether another term began (this node was cut off meanwhile), or

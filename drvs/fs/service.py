@@ -24,6 +24,7 @@ from .server import Call, FsServer
 from .store import Store, made_of
 
 log = logging.getLogger("drvmmd")
+SWEEP_EVERY = 10.0  # seconds between looks for replicas here of VMs removed (see FsNode.sweeping)
 
 
 def store_dir(cfg, vm: str) -> str:
@@ -139,6 +140,14 @@ class FsNode:
             os.rmdir(f"{self.cfg.vms_dir}/{vm}")  # no cell lock here, which a starting run may hold)
         log.info("fs@%s: the VM was removed; its replica here too", vm)
 
+    async def sweeping(self) -> None:
+        """sweep() now and then: a replica this node kept until the VM's
+        share here was taken away (vm update) goes once the VM does; this
+        node no longer campaigns for it, so hears of no removal."""
+        while True:
+            await trio.sleep(SWEEP_EVERY)
+            await self.sweep()
+
     async def sweep(self) -> None:
         """At start: the stores here of VMs removed, or made again, while
         this node was away go (their removal was never seen here)."""
@@ -218,8 +227,10 @@ async def run(cfg, etcd, fabric, member, task_status=trio.TASK_STATUS_IGNORED) -
     task_status.started()
     await node.sweep()
     try:
-        await elected.run(etcd, fabric, member, "fs", lambda spec: member.name in spec.fs_nodes, node.serve,
-                          node.remove)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(node.sweeping)
+            await elected.run(etcd, fabric, member, "fs", lambda spec: member.name in spec.fs_nodes, node.serve,
+                              node.remove)
     finally:
         for server in node.servers.values():
             server.close()

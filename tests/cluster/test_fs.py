@@ -1718,6 +1718,45 @@ def test_locks_held_across_a_fail_over_stay_held(cluster_factory):
             holder.wait()
 
 
+def test_vm_update_moves_file_system_replicas_live(cluster_factory, tmp_path):
+    """A VM's share taken from a node that keeps a replica moves the
+    replica to another node of the VM, copied live; from the serving node,
+    the other replica takes over cleanly (a writer across it closes with
+    0). The only in-sync replica is never taken away: a replica is added
+    first (--fs-replicas)."""
+    c = cluster_factory(nodes=3)
+    c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", "--node", "n3", "--fs-replicas", "1",
+           node="n1", check=True)
+    view(c, "n1")
+    b, x = view(c, "n2"), view(c, "n3")
+    _wait(lambda: _df(c, "n1").get("in_sync") == ["n1"])
+    data = {f"f{i}": os.urandom(100_000) for i in range(20)}
+    for name, content in data.items():
+        (x / name).write_bytes(content)
+    only = c.drvs("vm", "update", "web", "--rm-node", "n1", node="n1")
+    assert only.returncode == 4 and "in sync only on n1" in only.stderr and "--fs-replicas" in only.stderr, only.stderr
+    c.drvs("vm", "update", "web", "--fs-replicas", "2", node="n1", check=True)
+    _wait(lambda: _df(c, "n3").get("in_sync") == ["n1", "n2"])
+    # the serving node's share taken away: n2 serves, n3 is copied to
+    assert _write_across(x / "open", tmp_path / "stop", lambda: (
+        c.drvs("vm", "update", "web", "--rm-node", "n1", node="n3", check=True),
+        _wait(lambda: _df(c, "n3").get("server") == "n2" and _df(c, "n3").get("in_sync") == ["n2", "n3"]))) \
+        == "close ok\n"
+    assert _df(c, "n3")["nodes"] == ["n2", "n3"]
+    # and a replica that does not serve: n3's goes, n2 alone keeps the file system
+    c.drvs("vm", "update", "web", "--rm-node", "n3", node="n2", check=True)
+    _wait(lambda: _df(c, "n2").get("in_sync") == ["n2"])
+    os.kill(c.node("n3")["pid"], signal.SIGKILL)  # (nothing of it is needed)
+    for name, content in data.items():
+        assert (b / name).read_bytes() == content, name
+    assert _fsync_errno(b / "open") == 0
+    # n1's copy, kept since its share went, goes with the VM
+    kept = Path(c.node("n1")["state_dir"]) / "vms" / "web" / "fs"
+    assert kept.is_dir()
+    c.drvs("vm", "rm", "web", node="n2", check=True)
+    _wait(lambda: not kept.exists(), timeout=25)
+
+
 def _gone(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
