@@ -180,7 +180,7 @@ def _changed(spec: VmSpec, given: dict, drop: list[str], new_limits: dict, repli
     if replicas is not None and not 1 <= replicas <= len(shares):
         raise UsageError(f"--fs-replicas {replicas}: must be from 1 to {len(shares)}, the VM's number of nodes")
     fs_nodes = (fs_nodes + [n for n in shares if n not in fs_nodes])[:want]
-    if not fs_nodes:
+    if spec.fs_nodes and not fs_nodes:
         raise Conflict(f"VM {spec.name!r}: its file system would be left on no node; its share of "
                        f"{', '.join(drop)} stays")
     limits = spec.limits._replace(**new_limits)
