@@ -62,8 +62,9 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=dev_up)
     p = cverbs.add_parser("down", help="stop and remove the dev cluster")
     p.set_defaults(func=dev_down)
-    p = cverbs.add_parser("restart", help="start a node's drvmmd again (stopping it first if it runs)")
-    p.add_argument("node", metavar="NODE")
+    p = cverbs.add_parser("restart", help="start a node's drvmmd, or the cluster's etcd, again (stopping it "
+                                           "first if it runs)")
+    p.add_argument("node", metavar="NODE|etcd")
     p.set_defaults(func=dev_restart)
     p = cverbs.add_parser("status", help="the dev cluster's nodes and processes")
     add_format(p)
@@ -249,7 +250,8 @@ def dev_restart(args) -> int:
     from ..dev import cluster
 
     node = cluster.restart(config.load().state_dir, args.node)
-    print(f"{node['name']}: drvmmd running again (pid {node['pid']})")
+    what = "" if node["name"] == "etcd" else " drvmmd"
+    print(f"{node['name']}:{what} running again (pid {node['pid']})")
     return 0
 
 

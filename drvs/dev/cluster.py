@@ -148,7 +148,11 @@ def restart(state_dir: str, name: str, timeout: float = 30.0) -> dict:
     info = read_json(path)
     if info is None:
         raise NotFound(f"no dev cluster here ({path})")
+    if name == "etcd":
+        return _restart_etcd(path, info)
     node = dev_node(info, name)
+    if not _alive(info["etcd"]["pid"]):  # (the node would wait for it, saying nothing)
+        raise SetupError("the dev cluster's etcd is not running: `drvs dev cluster restart etcd` first")
     _stop(node["pid"])
     view = f"{node['state_dir']}/dvos"
     mounts.abort_fuse(view)  # (left mounted by a daemon killed with SIGKILL)
@@ -172,6 +176,16 @@ def restart(state_dir: str, name: str, timeout: float = 30.0) -> dict:
             raise SetupError(f"drvmmd of {name} not answering after {timeout:.0f} s")
         time.sleep(0.1)
     return node
+
+
+def _restart_etcd(path: str, info: dict) -> dict:
+    """The dev cluster's etcd started again on its data (stopped first if
+    it runs): the nodes ride out its absence and carry on once it is back."""
+    _stop(info["etcd"]["pid"])
+    address = info["etcd"]["url"].split("//", 1)[1].rsplit(":", 1)[0]
+    info["etcd"]["pid"] = _start_etcd(info, info["root"], address)
+    _write(path, info)
+    return {"name": "etcd", "pid": info["etcd"]["pid"]}
 
 
 def _answers(handover, cfg: Config) -> bool:
