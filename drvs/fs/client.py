@@ -40,6 +40,7 @@ log = logging.getLogger("drvmmd")
 Call = fs.FsCall
 TIMEOUT = 10.0        # seconds the kernel trusts entries and attributes without asking
 CALL_TIMEOUT = 10.0   # a call the server does not answer within this fails (EIO, ETIMEDOUT)
+ASK_AGAIN = 2.0       # a query unanswered this long is asked again, of the server etcd names now
 CLOSE_DELAY = 0.05    # a close waits this long for a call to travel with (see release)
 CLOSE_GIVE_UP = 60.0  # closes not delivered by then are dropped (and logged)
 TAG_SHIFT = 48
@@ -494,8 +495,12 @@ class VmFs:
         deadline = trio.current_time() + CALL_TIMEOUT
         while True:
             left = deadline - trio.current_time()
+            # (an idempotent call is asked again after ASK_AGAIN: a server
+            # that went silent, not dead, is replaced once its lease ends,
+            # and the call then goes to the new one rather than failing)
+            wait = min(left, ASK_AGAIN) if idempotent else left
             try:
-                reply = await self.fabric.sendrec(self.target, Msg(ctype, payload), timeout=max(left, 0.1),
+                reply = await self.fabric.sendrec(self.target, Msg(ctype, payload), timeout=max(wait, 0.1),
                                                   idempotent=idempotent)
                 if reply.status != -errno.EREMCHG:
                     break
@@ -504,6 +509,9 @@ class VmFs:
                 err = e
             except EtcdUnavailable as e:  # (where the server is: not known here, and etcd away)
                 err = IpcError(str(e), errno.ENOLINK)
+            if idempotent and err.errno == errno.ETIMEDOUT and deadline - trio.current_time() >= 0.3:
+                getattr(self.fabric, "locations", {}).pop(self.target, None)  # (where it is: asked of etcd again)
+                continue
             if err.errno not in RETRY_ERRNOS or left < 0.3 or (once and err.errno not in NOT_DELIVERED):
                 log.info("%s: %s", self.target, err)
                 raise pyfuse3.FUSEError(errno.ETIMEDOUT if err.errno in (errno.ETIMEDOUT, errno.ENOENT)

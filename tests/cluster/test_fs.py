@@ -1757,6 +1757,29 @@ def test_vm_update_moves_file_system_replicas_live(cluster_factory, tmp_path):
     _wait(lambda: not kept.exists(), timeout=25)
 
 
+def test_reads_go_to_the_new_server_when_the_old_one_went_silent(cluster_factory):
+    """The serving node's drvmmd stopped (SIGSTOP: alive, silent): the
+    other replica takes over once its lease ends, and a read the other
+    node had already sent to the silent server is asked again of the new
+    one -- it returns the data, not ETIMEDOUT."""
+    c = cluster_factory(nodes=2)
+    server, other = _two_replicas(c)
+    here, there = view(c, server), view(c, other)
+    content = os.urandom(300_000)
+    (here / "f").write_bytes(content)  # (never read on the other node: its read goes to the server)
+    _fsync_errno(here / "f")
+    pid = c.node(server)["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        assert (there / "f").read_bytes() == content
+        took = time.monotonic() - t0
+        assert _df(c, other).get("server") == other
+        assert took < 10.5, took
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
 def _gone(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
