@@ -1516,6 +1516,8 @@ class VmFs:
             try:
                 r = await self.call(Call.open, **where, flags=flags, ino=self._sino(inode), inoEpoch=self.epoch)
             except pyfuse3.FUSEError as e:
+                if e.errno == errno.EIDRM:  # (the name is gone: the kernel looks it up again, and may create it)
+                    raise pyfuse3.FUSEError(errno.ESTALE) from None
                 if e.errno != errno.ESTALE or "path" not in where or node is None or not node.open:
                     raise
                 # The name holds another file now, and this one is open here:

@@ -177,9 +177,14 @@ class Mirror:
 
     # -- life --
 
-    def drop(self) -> None:
-        """This replica is no longer the VM's (see FsServer._follow_replicas)."""
-        self.dropped = True
+    async def drop(self) -> None:
+        """This replica is no longer the VM's (see FsServer._follow_replicas):
+        struck from those in sync first, while fsyncs still wait for it (it
+        must never take over without what they made durable); then its
+        stream ends.  MirrorFailed (etcd not told): it goes on, and is
+        dropped at the next look."""
+        self.dropped = True  # (a copy finishing meanwhile puts it in sync no more)
+        await self._in_sync(False)
         self.scope.cancel()
 
     async def run(self) -> None:
@@ -204,13 +209,8 @@ class Mirror:
                 stopping = True
                 raise
             finally:
-                if self.dropped:
-                    self.live = False
-                    with trio.CancelScope(shield=True), trio.move_on_after(5):
-                        try:
-                            await self._in_sync(False)
-                        except MirrorFailed as e:
-                            log.warning("fs@%s: replica on %s (taken away): %s", self.server.vm, self.node, e)
+                if self.dropped and stopping:
+                    self.live = False  # (struck already: drop)
                 elif self.live and stopping:
                     await self._hand_over()
                 elif self.live:
@@ -272,6 +272,8 @@ class Mirror:
 
     async def _in_sync(self, present: bool) -> None:
         s = self.server
+        if present and self.dropped:
+            raise MirrorFailed("taken away from the VM's replicas")
         try:
             ok = await set_in_sync(s.etcd, s.vm, s.epoch, self.node, present)
         except Exception as e:  # noqa: BLE001 - etcd away: the next copy tries again

@@ -39,7 +39,7 @@ from ..ipc.message import IpcError, Later, Msg, failure
 from ..ipc.schema import flat_with, from_flat, fs, new, to_flat
 from . import replica
 from .locks import RECLAIM_GRACE, LockTable
-from .replica import MIRRORED, PUT_CALLS, Builder, Mirror
+from .replica import MIRRORED, PUT_CALLS, Builder, Mirror, MirrorFailed
 from .store import XATTR_PREFIXES, Store, check_path
 
 log = logging.getLogger("drvmmd")
@@ -602,8 +602,13 @@ class FsServer:
                 continue  # (removed, or another VM of the name: the term ends)
             want = [n for n in VmSpec.from_json(entry.value).fs_nodes if n != self.here]
             for node in [n for n in self.mirrors if n not in want]:
+                try:
+                    await self.mirrors[node].drop()
+                except MirrorFailed as e:  # (kept, streamed to, until etcd is told)
+                    log.warning("fs@%s: replica on %s taken away, not yet struck: %s", self.vm, node, e)
+                    continue
                 log.info("fs@%s: replica on %s taken away", self.vm, node)
-                self.mirrors.pop(node).drop()
+                del self.mirrors[node]
             for node in want:
                 if node not in self.mirrors:
                     log.info("fs@%s: new replica on %s", self.vm, node)
@@ -1076,9 +1081,11 @@ class FsServer:
                 if not meant:
                     raise
                 # Another node took the name away while the caller's kernel
-                # still had it: ESTALE has the kernel look it up again (and
-                # an O_CREAT open then create it), as NFS's does.
-                raise OSError(errno.ESTALE, "the name is gone") from None
+                # still had it: the node has its kernel look it up again (and
+                # an O_CREAT open then create it), as NFS's ESTALE does.
+                # EIDRM, not ESTALE: not "another file has the name", which
+                # the node answers by reopening the file it has open.
+                raise OSError(errno.EIDRM, "the name is gone") from None
         try:
             st = os.stat(fd)
             if meant and st.st_ino != meant:

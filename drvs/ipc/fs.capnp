@@ -113,7 +113,8 @@ struct FsRequest {
   via @32 :UInt64;              # open, *xattr: the object by a handle of it, not by path (a
                                 # file open on the caller's node, which knows no path of it)
   ino @33 :UInt64;              # open by path: the inode the caller means (0: whatever is there);
-                                # another one there now (the name was replaced meanwhile): ESTALE
+                                # another one there now (the name was replaced meanwhile): ESTALE;
+                                # none (the name was removed meanwhile): EIDRM
   inoEpoch @34 :UInt64;         # the server term ino is a number of (another term's: not checked)
   at @35 :Data;                 # path is below this directory (its Attr.handle), wherever it is now:
                                 # the caller's node lost its path (another node moved it); empty: the root
