@@ -331,10 +331,10 @@ class NodeLocks:
                 if _signal_pending(caller.host_pid):
                     return reply_cls(error=ERESTARTSYS)
         key = (f.fs, r.attr.ino, owner, flock)  # the server's inode: released even if renamed meanwhile
-        if type_ == UN:
-            self.held.pop(key, None)
-        else:
+        if type_ != UN:
             self.held[key] = (_tgid(caller.host_pid), f.ino, time.monotonic(), f.fs.epoch)
+        # (an unlock keeps the entry: it may leave part of a range held; once
+        # the kernel shows none of the owner's on the file, run() lets go)
         return kernel  # the local kernel takes it too (and drops it on close or exit)
 
     async def _call(self, f, where, owner, flock, type_, lo, hi, pid, test=False, wait_ms=0):
@@ -375,15 +375,19 @@ class NodeLocks:
         now = time.monotonic()
         systems = {key[0] for key in self.held}
         self.probed = {fs_: t for fs_, t in self.probed.items() if fs_ in systems}
-        for fs_ in systems:
-            if now - self.probed.get(fs_, 0.0) >= PROBE_EVERY:
-                self.probed[fs_] = now
-                try:
-                    await fs_.call(Call.getattr, idempotent=True, path=b"")
-                except pyfuse3.FUSEError:
-                    continue  # (no server now: asked again next time)
-            if any(v[3] != fs_.epoch for k, v in self.held.items() if k[0] is fs_):
-                await self.reclaim(fs_)
+        async with trio.open_nursery() as nursery:  # (one silent server holds up no other VM's)
+            for fs_ in systems:
+                nursery.start_soon(self._follow, fs_, now)
+
+    async def _follow(self, fs_, now: float) -> None:
+        if now - self.probed.get(fs_, 0.0) >= PROBE_EVERY:
+            self.probed[fs_] = now
+            try:
+                await fs_.call(Call.getattr, idempotent=True, path=b"")
+            except pyfuse3.FUSEError:
+                return  # (no server now: asked again next time)
+        if any(v[3] != fs_.epoch for k, v in self.held.items() if k[0] is fs_):
+            await self.reclaim(fs_)
 
     async def reclaim(self, fs_) -> None:
         """Give fs_'s new server every lock this node's programs hold on it,
@@ -398,7 +402,7 @@ class NodeLocks:
                 continue
             pid = _vm_pid(tgid)
             if pid is None:
-                continue  # (ended: its lock goes with it)
+                continue  # (ended: its lock goes with it; or a host process's: the node's own)
             flock = kind == "FLOCK"
             owner = f"{self.node}:flock:{pid}:{ino}" if flock else f"{self.node}:posix:{pid}"
             try:
@@ -410,7 +414,10 @@ class NodeLocks:
                     log.warning("%s: a lock of pid %d (host %d) on inode %d is lost after a change of server: "
                                 "%s", fs_.target, pid, tgid, ino, os.strerror(e.errno))
                     continue
-                return  # (the server away again: the next look tries again)
+                # (the server away again: the next look gives all back again;
+                # those it took are kept meanwhile, to be let go of if need be)
+                self.held.update(back)
+                return
             back[(fs_, r.attr.ino, owner, flock)] = (tgid, ino, time.monotonic(), epoch)
         if fs_.epoch != epoch:
             return  # (yet another term meanwhile: given back again)
@@ -491,9 +498,12 @@ def _tgid(pid: int) -> int:
 
 def _vm_pid(host_pid: int) -> int | None:
     """host_pid's tgid in its innermost pid namespace (the VM's), as a
-    program's lock calls name their owner (Caller.pid)."""
+    program's lock calls name their owner (Caller.pid); None for a process
+    of this host's own pid namespace (a host's drvs mount: its locks are
+    the node's alone), or one that ended."""
     try:
-        return int(status_field(_status(host_pid), b"NStgid").split()[-1])
+        ids = status_field(_status(host_pid), b"NStgid").split()
+        return int(ids[-1]) if len(ids) > 1 else None
     except (OSError, ValueError, IndexError):
         return None
 
