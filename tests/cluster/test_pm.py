@@ -91,7 +91,7 @@ def test_ipc_ping_reaches_a_vms_servers_from_each_node(vm_cluster):
     c = vm_cluster
     vm_data(c, "n2")  # (fs@web served)
     for via in ("n1", "n2"):
-        for target in ("pm@web", "fs@web"):
+        for target in ("pm@web", "fs@web", "procs@n1", "procs@n2", "fsc@n2", "fsr@n1"):
             p = c.drvs("ipc", "ping", "-c", "2", target, node=via)
             assert p.returncode == 0, (via, target, p.stderr)
             lines = p.stdout.splitlines()
