@@ -134,15 +134,16 @@ def _drvs_mount_at(target: str) -> "str | None":
 
 
 def vm_mounts(vm: str) -> list[str]:
-    """Where drvs mount bound vm's file system on this host, from the view
-    of one of this cluster's nodes here: another cluster's VM of the name
-    (another dev cluster's, say) has another view, told by its device."""
+    """Where drvs mount bound vm's file system on this host: not from the
+    live view of a node of another cluster (another dev cluster's VM of the
+    name, told by the view's device); binds of a view no longer served (its
+    drvmmd stopped) count, as they may be this VM's."""
     from ..cluster.context import state_dirs_here
 
     table = mounts.mount_entries()
-    views = {f"{d}/dvos" for d in state_dirs_here(config.load())}
-    devices = {dev for dev, root, point, kind in table if kind == FSTYPE and root == "/" and point in views}
-    return [point for dev, root, point, kind in table if kind == FSTYPE and root == f"/fs/{vm}" and dev in devices]
+    ours = {os.path.realpath(f"{d}/dvos") for d in state_dirs_here(config.load())}
+    theirs = {dev for dev, root, point, kind in table if kind == FSTYPE and root == "/" and point not in ours}
+    return [point for dev, root, point, kind in table if kind == FSTYPE and root == f"/fs/{vm}" and dev not in theirs]
 
 
 def df(args) -> int:
