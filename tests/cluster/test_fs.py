@@ -1652,6 +1652,64 @@ print(" ".join(out))
 """
 
 
+PART_HOLDER = """
+import fcntl, os, sys, time
+lk = sys.argv[1]
+fd = os.open(lk, os.O_RDWR | os.O_CREAT)
+fcntl.lockf(fd, fcntl.LOCK_EX, 100, 0)
+fcntl.lockf(fd, fcntl.LOCK_UN, 50, 50)  # (0-49 still held)
+open(lk + ".held", "w").close()
+while not os.path.exists(lk + ".release"):
+    time.sleep(0.05)
+"""
+
+TRY_RANGES = """
+import errno, fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+out = []
+for start in (10, 60):
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 10, start)
+        out.append(f"{start} got")
+        fcntl.lockf(fd, fcntl.LOCK_UN, 10, start)
+    except OSError as e:
+        out.append(f"{start} {errno.errorcode[e.errno]}")
+print(" ".join(out))
+"""
+
+
+def test_what_a_partial_unlock_leaves_is_held_across_a_restart_of_the_server(cluster_factory):
+    """A record lock of 0-99 taken on n2, 50-99 unlocked: the rest is given
+    back to the restarted server too (a program on n1 gets 60-69, not 10-19)."""
+    c = cluster_factory(nodes=2)
+    c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", "--fs-replicas", "1", node="n1", check=True)
+    view(c, "n1")
+    there = view(c, "n2")
+    _wait(lambda: _df(c, "n2").get("server") == "n1")
+    (there / "part.py").write_text(PART_HOLDER)
+    (there / "ranges.py").write_text(TRY_RANGES)
+    part = subprocess.Popen([str(BIN / "drvs-run"), "--vm", "web", "--", "python3", "/data/part.py", "/data/part"],
+                            env={**c.env, "DRVS_NODE": "n2"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    restarted = []
+    try:
+        _wait(lambda: (there / "part.held").exists())
+        os.kill(c.node("n1")["pid"], signal.SIGKILL)
+        _wait(lambda: _gone(c.node("n1")["pid"]), timeout=10)
+        restarted.append(_restart_drvmmd(c, "n1"))
+        _wait(lambda: _df(c, "n2").get("server") == "n1")
+        ranges = jail(c, "n1", "python3 /data/ranges.py /data/part")
+        assert ranges.stdout == "10 EAGAIN 60 got\n", (ranges.stdout, ranges.stderr)
+        (there / "part.release").touch()
+        assert part.wait(timeout=20) == 0
+    finally:
+        if part.poll() is None:
+            part.kill()
+            part.wait()
+        for daemon in restarted:
+            daemon.terminate()
+            daemon.wait(timeout=20)
+
+
 def test_locks_held_across_a_restart_of_their_only_server_stay_held(cluster_factory):
     """One replica, on n1; a program on n2 holds a flock and a record lock
     while n1's drvmmd is killed and started again: the new server has them
