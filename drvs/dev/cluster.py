@@ -185,6 +185,8 @@ def _restart_etcd(path: str, info: dict) -> dict:
     address = info["etcd"]["url"].split("//", 1)[1].rsplit(":", 1)[0]
     info["etcd"]["pid"] = _start_etcd(info, info["root"], address)
     _write(path, info)
+    # Back once the nodes running are Ready again (they answer etcd through it).
+    _wait_ready({**info, "nodes": [n for n in info["nodes"] if _alive(n["pid"])]}, 20.0)
     return {"name": "etcd", "pid": info["etcd"]["pid"]}
 
 
