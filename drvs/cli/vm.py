@@ -276,6 +276,8 @@ def _no_programs_on(cfg, vm: str, nodes: list[str], anyway: str, scope: str = ""
     except DrvsError as e:
         raise Conflict(f"VM {vm!r}: cannot tell whether programs of it run{scope} ({e}); "
                        f"use --force to {anyway}") from None
+    # (only the nodes asked about: the PM may still count one whose share went moments ago)
+    silent = [s for s in silent if s.partition(":")[0] in nodes]
     if silent:
         raise Conflict(f"VM {vm!r}: cannot tell whether programs of it run on "
                        f"{', '.join(sorted({n.partition(':')[0] for n in silent}))} "
