@@ -1678,36 +1678,75 @@ print(" ".join(out))
 """
 
 
-def test_what_a_partial_unlock_leaves_is_held_across_a_restart_of_the_server(cluster_factory):
-    """A record lock of 0-99 taken on n2, 50-99 unlocked: the rest is given
-    back to the restarted server too (a program on n1 gets 60-69, not 10-19)."""
-    c = cluster_factory(nodes=2)
+def _only_replica_on_n1(c) -> Path:
+    """VM web on n1 and n2, its file system's one replica on n1: n2's view."""
     c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", "--fs-replicas", "1", node="n1", check=True)
     view(c, "n1")
     there = view(c, "n2")
     _wait(lambda: _df(c, "n2").get("server") == "n1")
-    (there / "part.py").write_text(PART_HOLDER)
-    (there / "ranges.py").write_text(TRY_RANGES)
-    part = subprocess.Popen([str(BIN / "drvs-run"), "--vm", "web", "--", "python3", "/data/part.py", "/data/part"],
-                            env={**c.env, "DRVS_NODE": "n2"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return there
+
+
+def _holding(c, there: Path, scripts: dict, name: str) -> subprocess.Popen:
+    """The scripts written in the VM (through n2's view, there), the first
+    run on n2 on /data/name, once it says it holds its locks."""
+    for script, text in scripts.items():
+        (there / script).write_text(text)
+    first = next(iter(scripts))
+    p = subprocess.Popen([str(BIN / "drvs-run"), "--vm", "web", "--", "python3", f"/data/{first}", f"/data/{name}"],
+                         env={**c.env, "DRVS_NODE": "n2"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _wait(lambda: (there / f"{name}.held").exists())
+    except BaseException:
+        _end([p])
+        raise
+    return p
+
+
+def _end(programs: list, daemons: list = ()) -> None:
+    for p in programs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    for daemon in daemons:
+        daemon.terminate()
+        daemon.wait(timeout=20)
+
+
+def _held_until_let_go(c, node: str, there: Path, holder: subprocess.Popen) -> None:
+    """A program on node cannot take the locks holder holds on /data/lk
+    (TRY_LOCKS); once holder lets go, it can."""
+    r = jail(c, node, "python3 /data/try.py /data/lk")
+    assert r.stdout == "flock EAGAIN posix EAGAIN\n", (r.stdout, r.stderr)
+    (there / "lk.release").touch()
+    assert holder.wait(timeout=20) == 0
+    _wait(lambda: jail(c, node, "python3 /data/try.py /data/lk").stdout == "flock got posix got\n", timeout=10)
+
+
+def _kill_and_restart_n1(c, restarted: list) -> None:
+    """n1's drvmmd killed and started again (added to restarted, to be
+    stopped by the caller), serving once more."""
+    os.kill(c.node("n1")["pid"], signal.SIGKILL)
+    _wait(lambda: _gone(c.node("n1")["pid"]), timeout=10)
+    restarted.append(_restart_drvmmd(c, "n1"))
+    _wait(lambda: _df(c, "n2").get("server") == "n1")
+
+
+def test_what_a_partial_unlock_leaves_is_held_across_a_restart_of_the_server(cluster_factory):
+    """A record lock of 0-99 taken on n2, 50-99 unlocked: the rest is given
+    back to the restarted server too (a program on n1 gets 60-69, not 10-19)."""
+    c = cluster_factory(nodes=2)
+    there = _only_replica_on_n1(c)
+    part = _holding(c, there, {"part.py": PART_HOLDER, "ranges.py": TRY_RANGES}, "part")
     restarted = []
     try:
-        _wait(lambda: (there / "part.held").exists())
-        os.kill(c.node("n1")["pid"], signal.SIGKILL)
-        _wait(lambda: _gone(c.node("n1")["pid"]), timeout=10)
-        restarted.append(_restart_drvmmd(c, "n1"))
-        _wait(lambda: _df(c, "n2").get("server") == "n1")
+        _kill_and_restart_n1(c, restarted)
         ranges = jail(c, "n1", "python3 /data/ranges.py /data/part")
         assert ranges.stdout == "10 EAGAIN 60 got\n", (ranges.stdout, ranges.stderr)
         (there / "part.release").touch()
         assert part.wait(timeout=20) == 0
     finally:
-        if part.poll() is None:
-            part.kill()
-            part.wait()
-        for daemon in restarted:
-            daemon.terminate()
-            daemon.wait(timeout=20)
+        _end([part], restarted)
 
 
 def test_locks_held_across_a_restart_of_their_only_server_stay_held(cluster_factory):
@@ -1716,35 +1755,16 @@ def test_locks_held_across_a_restart_of_their_only_server_stay_held(cluster_fact
     back from n2 (a program on n1 cannot take them), and once n2's program
     lets go, n1's can."""
     c = cluster_factory(nodes=2)
-    c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", "--fs-replicas", "1", node="n1", check=True)
-    view(c, "n1")
-    there = view(c, "n2")
-    _wait(lambda: _df(c, "n2").get("server") == "n1")
-    (there / "holder.py").write_text(HOLDER)
-    (there / "try.py").write_text(TRY_LOCKS)
-    holder = subprocess.Popen([str(BIN / "drvs-run"), "--vm", "web", "--", "python3", "/data/holder.py", "/data/lk"],
-                              env={**c.env, "DRVS_NODE": "n2"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    there = _only_replica_on_n1(c)
+    holder = _holding(c, there, {"holder.py": HOLDER, "try.py": TRY_LOCKS}, "lk")
     restarted = []
     try:
-        _wait(lambda: (there / "lk.held").exists())
         assert jail(c, "n1", "python3 /data/try.py /data/lk").stdout == "flock EAGAIN posix EAGAIN\n"
-        os.kill(c.node("n1")["pid"], signal.SIGKILL)
-        _wait(lambda: _gone(c.node("n1")["pid"]), timeout=10)
-        restarted.append(_restart_drvmmd(c, "n1"))
-        _wait(lambda: _df(c, "n2").get("server") == "n1")
+        _kill_and_restart_n1(c, restarted)
         view(c, "n1")
-        r = jail(c, "n1", "python3 /data/try.py /data/lk")
-        assert r.stdout == "flock EAGAIN posix EAGAIN\n", (r.stdout, r.stderr)
-        (there / "lk.release").touch()
-        assert holder.wait(timeout=20) == 0
-        _wait(lambda: jail(c, "n1", "python3 /data/try.py /data/lk").stdout == "flock got posix got\n", timeout=10)
+        _held_until_let_go(c, "n1", there, holder)
     finally:
-        if holder.poll() is None:
-            holder.kill()
-            holder.wait()
-        for daemon in restarted:
-            daemon.terminate()
-            daemon.wait(timeout=20)
+        _end([holder], restarted)
 
 
 def test_locks_held_across_a_fail_over_stay_held(cluster_factory):
@@ -1756,24 +1776,14 @@ def test_locks_held_across_a_fail_over_stay_held(cluster_factory):
     view(c, "n1"), view(c, "n3")
     b = view(c, "n2")
     _wait(lambda: _df(c, "n1").get("server") == "n1" and len(_df(c, "n1").get("in_sync", ())) == 2)
-    (b / "holder.py").write_text(HOLDER)
-    (b / "try.py").write_text(TRY_LOCKS)
-    holder = subprocess.Popen([str(BIN / "drvs-run"), "--vm", "web", "--", "python3", "/data/holder.py", "/data/lk"],
-                              env={**c.env, "DRVS_NODE": "n2"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    holder = _holding(c, b, {"holder.py": HOLDER, "try.py": TRY_LOCKS}, "lk")
     try:
-        _wait(lambda: (b / "lk.held").exists())
         assert jail(c, "n3", "python3 /data/try.py /data/lk").stdout == "flock EAGAIN posix EAGAIN\n"
         os.kill(c.node("n1")["pid"], signal.SIGKILL)
         _wait(lambda: _df(c, "n3").get("server") in ("n2", "n3"), timeout=30)
-        r = jail(c, "n3", "python3 /data/try.py /data/lk")
-        assert r.stdout == "flock EAGAIN posix EAGAIN\n", (r.stdout, r.stderr)
-        (b / "lk.release").touch()
-        assert holder.wait(timeout=20) == 0
-        _wait(lambda: jail(c, "n3", "python3 /data/try.py /data/lk").stdout == "flock got posix got\n", timeout=10)
+        _held_until_let_go(c, "n3", b, holder)
     finally:
-        if holder.poll() is None:
-            holder.kill()
-            holder.wait()
+        _end([holder])
 
 
 def test_vm_update_moves_file_system_replicas_live(cluster_factory, tmp_path):
