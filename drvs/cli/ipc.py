@@ -140,7 +140,7 @@ def _call(call, payload: bytes, timeout: float, target: str | None = None, by_ke
     busy: the call waits for a lock or leadership another holds: its own
     timeout is a conflict (exit 4), not a node out of reach (7)."""
     from ..ipc import client
-    from ..ipc.message import Msg, check
+    from ..ipc.message import Msg, check, said_of
 
     state_dir, local = _local()
     target = target or local
@@ -150,7 +150,7 @@ def _call(call, payload: bytes, timeout: float, target: str | None = None, by_ke
         # (what the user named: no such key, not a key of this kind, another node's)
         err = {-errno.ENOENT: NotFound, -errno.EPERM: Conflict}.get(reply.status, UsageError)
         text = reply.error or os.strerror(-reply.status)
-        raise err(text if text.startswith(f"{target}: ") else f"{target}: {text}")
+        raise err(said_of(target, text))
     if busy and reply.status == -errno.ETIMEDOUT:
         raise Conflict(f"{target}: {reply.error or os.strerror(errno.ETIMEDOUT)} (another holds it, or etcd "
                        "was too slow to answer)")

@@ -196,8 +196,6 @@ def _kept_in_sync(store, old: VmSpec, new: VmSpec) -> None:
     """Conflict unless a replica in sync now stays one: replicas taken
     away must leave one that has every change (the new ones are copied from
     it)."""
-    import json
-
     from ..fs.replica import STATE
 
     if not set(old.fs_nodes) - set(new.fs_nodes):
@@ -277,10 +275,9 @@ def _no_programs_on(cfg, vm: str, nodes: list[str], anyway: str, scope: str = ""
         raise Conflict(f"VM {vm!r}: cannot tell whether programs of it run{scope} ({e}); "
                        f"use --force to {anyway}") from None
     # (only the nodes asked about: the PM may still count one whose share went moments ago)
-    silent = [s for s in silent if s.partition(":")[0] in nodes]
-    if silent:
-        raise Conflict(f"VM {vm!r}: cannot tell whether programs of it run on "
-                       f"{', '.join(sorted({n.partition(':')[0] for n in silent}))} "
+    unknown = sorted({s.partition(":")[0] for s in silent} & set(nodes))
+    if unknown:
+        raise Conflict(f"VM {vm!r}: cannot tell whether programs of it run on {', '.join(unknown)} "
                        f"(no answer); use --force to {anyway}")
     procs = [p for p in procs if p.get("node") in nodes]
     if procs:

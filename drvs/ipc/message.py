@@ -120,6 +120,11 @@ def failure(err: int, text: str = "") -> Msg:
 ETCD_AWAY = _errno.ENOLINK
 
 
+def said_of(endpoint: str, text: str) -> str:
+    """text, said of endpoint once (the words of an error may name it already)."""
+    return text if text.startswith(f"{endpoint}: ") else f"{endpoint}: {text}"
+
+
 def check(reply: Msg, target: str) -> Msg:
     """The reply, or IpcError with the server's errno and words."""
     if reply.status < 0:
@@ -128,7 +133,7 @@ def check(reply: Msg, target: str) -> Msg:
             from ..errors import EtcdUnavailable
 
             raise EtcdUnavailable(text)
-        raise IpcError(text if text.startswith(f"{target}: ") else f"{target}: {text}", -reply.status)
+        raise IpcError(said_of(target, text), -reply.status)
     return reply
 
 

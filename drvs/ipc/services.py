@@ -14,18 +14,13 @@ import re
 import trio
 
 from ..errors import DrvsError
-from .message import IpcError, Msg
+from .message import IpcError, Msg, said_of
 from .schema import drvmm
 
 Call = drvmm.DrvmmCall
 LOCKS = "/drvs/locks/"
 ELECTIONS = "/drvs/elections/"
 GROUPS = "/drvs/groups/"
-
-
-def _named(endpoint: str, text: str) -> str:
-    """text, said of endpoint once (a fabric error may name it already)."""
-    return text if text.startswith(f"{endpoint}: ") else f"{endpoint}: {text}"
 
 
 def request(msg: Msg):
@@ -253,11 +248,11 @@ class DrvmmService:
             try:
                 reply = await self.fabric.sendrec(endpoint, Msg(mtype, payload, source=msg.source), timeout)
                 if reply.status < 0:
-                    failed.append(_named(endpoint, reply.error))
+                    failed.append(said_of(endpoint, reply.error))
                 else:
                     delivered += 1
             except DrvsError as e:  # IpcError, an etcd outage while resolving, ...
-                failed.append(_named(endpoint, str(e)))
+                failed.append(said_of(endpoint, str(e)))
 
         members = await self._members(group)  # (not in the nursery: etcd away is said as such)
         async with trio.open_nursery() as nursery:
