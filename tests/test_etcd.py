@@ -143,6 +143,16 @@ def test_the_commands_store_puts_only_if_a_range_is_unchanged(etcd_url):
     check_put_unchanged(s)
 
 
+def test_the_commands_store_puts_only_if_other_keys_are_as_read(etcd_url):
+    from drvs.store.etcd import EtcdStore
+    from test_store import check_put_same
+
+    s = EtcdStore([etcd_url])
+    for key in ("/fs/web", "/fs/none", "/vms/web"):
+        s.delete(key)
+    check_put_same(s)
+
+
 def test_an_unreachable_etcd_is_said_in_words():
     """What urllib and ssl wrap a failure in is not the user's to read."""
     import socket

@@ -97,3 +97,26 @@ def check_put_unchanged(s):
 
 def test_put_only_if_a_range_is_unchanged(tmp_path):
     check_put_unchanged(EmbeddedStore(tmp_path / "store.json"))
+
+
+def check_put_same(s):
+    """put(same=...): written only if other keys are still as they were
+    read, absent ones still absent (what `vm update` relies on: the file
+    server's in-sync list it checked has not changed when the VM's new
+    definition is stored)."""
+    s.put("/fs/web", "in sync: n1, n2")
+    state = s.get("/fs/web")
+    rev = s.put("/vms/web", "v1", same={"/fs/web": state.mod_revision, "/fs/none": 0})
+    s.put("/fs/web", "in sync: n1")                                  # a replica dropped out meanwhile
+    with pytest.raises(CompareFailed):
+        s.put("/vms/web", "v2", expect_revision=rev, same={"/fs/web": state.mod_revision})
+    assert s.get("/vms/web").value == "v1"
+    s.put("/fs/none", "made")
+    with pytest.raises(CompareFailed):
+        s.put("/vms/web", "v2", same={"/fs/none": 0})
+    s.put("/vms/web", "v2", expect_revision=rev, same={"/fs/web": s.get("/fs/web").mod_revision})
+    assert s.get("/vms/web").value == "v2"
+
+
+def test_put_only_if_other_keys_are_as_read(tmp_path):
+    check_put_same(EmbeddedStore(tmp_path / "store.json"))

@@ -130,13 +130,14 @@ def update(args) -> int:
         entry = registry.entry(args.name)
         old = VmSpec.from_json(entry.value)
         spec = _changed(old, given, args.drop, new_limits, args.fs_replicas)
-        _kept_in_sync(store, old, spec)
+        in_sync = _kept_in_sync(store, old, spec)
         others, revision = registry.snapshot()
         if not args.overcommit:
             for node, share in given.items():
                 admission.check_fits(node, specs[node], share, [vm for vm in others if vm.name != args.name])
         checked = given and not args.overcommit
-        stored = registry.update(spec, entry.mod_revision, unchanged_since=revision if checked else None)
+        stored = registry.update(spec, entry.mod_revision, unchanged_since=revision if checked else None,
+                                 same=in_sync)
         if stored is not None:
             break
     else:
@@ -192,20 +193,23 @@ def _changed(spec: VmSpec, given: dict, drop: list[str], new_limits: dict, repli
     return VmSpec(spec.name, limits, spec.created, shares, fs_nodes, spec.fs_sync)
 
 
-def _kept_in_sync(store, old: VmSpec, new: VmSpec) -> None:
+def _kept_in_sync(store, old: VmSpec, new: VmSpec) -> "dict | None":
     """Conflict unless a replica in sync now stays one: replicas taken
     away must leave one that has every change (the new ones are copied from
-    it)."""
+    it).  What the change must be stored with: the file server's in-sync
+    list as read ({key: revision}), so that a replica dropping out of sync
+    meanwhile makes the caller look again, not a file system left unserved."""
     from ..fs.replica import STATE
 
     if not set(old.fs_nodes) - set(new.fs_nodes):
-        return
+        return None
     entry = store.get(STATE + old.name)
     in_sync = json.loads(entry.value)["in_sync"] if entry is not None else list(old.fs_nodes)
     if not set(in_sync) & set(new.fs_nodes):
         raise Conflict(f"VM {old.name!r}: its file system is in sync only on {', '.join(in_sync) or 'no node'}, "
                        f"which would no longer keep it; wait until another replica is in sync "
                        f"(drvs df {old.name}), or add one (--fs-replicas)")
+    return {STATE + old.name: entry.mod_revision if entry is not None else 0}
 
 
 def _resize_here(spec: VmSpec, old: VmSpec) -> None:

@@ -29,12 +29,13 @@ class Store:
         raise NotImplementedError
 
     def put(self, key: str, value: str, *, expect_revision: int | None = None,
-            unchanged: tuple[str, int] | None = None) -> int:
+            unchanged: tuple[str, int] | None = None, same: dict | None = None) -> int:
         """Store value; with expect_revision, only if the key's mod revision
         is that (0: the key must not exist); with unchanged (prefix,
         revision), only if no key under prefix was written after that
         revision (a decision made on a snapshot still holds; a key deleted
-        since is not seen).  Returns the new
+        since is not seen); with same {key: mod revision, 0 if absent}, only
+        if those other keys are as they were read.  Returns the new
         revision or raises `CompareFailed`."""
         raise NotImplementedError
 

@@ -36,10 +36,12 @@ class EmbeddedStore(Store):
     # -- writing ---------------------------------------------------------
 
     def put(self, key: str, value: str, *, expect_revision: int | None = None,
-            unchanged: tuple[str, int] | None = None) -> int:
+            unchanged: tuple[str, int] | None = None, same: dict | None = None) -> int:
         with self._locked(fcntl.LOCK_EX) as state:
             old = state["kv"].get(key)
             _check(key, old, expect_revision)
+            for other, revision in (same or {}).items():
+                _check(other, state["kv"].get(other), revision)
             if unchanged is not None:
                 prefix, revision = unchanged
                 if any(k.startswith(prefix) and item[2] > revision for k, item in state["kv"].items()):

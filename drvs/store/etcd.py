@@ -63,11 +63,11 @@ class EtcdStore(Store):
         return [_entry(kv) for kv in data.get("kvs") or []], int(data["header"]["revision"])
 
     def put(self, key: str, value: str, *, expect_revision: int | None = None,
-            unchanged: tuple[str, int] | None = None) -> int:
+            unchanged: tuple[str, int] | None = None, same: dict | None = None) -> int:
         put = {"key": _b64(key), "value": _b64(value)}
-        if expect_revision is None and unchanged is None:
+        if expect_revision is None and unchanged is None and not same:
             return int(self._call("/v3/kv/put", put)["header"]["revision"])
-        data = self._txn(key, expect_revision, {"request_put": put}, unchanged)
+        data = self._txn(key, expect_revision, {"request_put": put}, unchanged, same)
         return int(data["header"]["revision"])
 
     def delete(self, key: str, *, expect_revision: int | None = None) -> bool:
@@ -77,11 +77,13 @@ class EtcdStore(Store):
         data = self._txn(key, expect_revision, {"request_delete_range": req})
         return int(data["responses"][0].get("response_delete_range", {}).get("deleted", 0)) > 0
 
-    def _txn(self, key: str, expect_revision: int | None, op: dict, unchanged: tuple[str, int] | None = None) -> dict:
-        compare = []
+    def _txn(self, key: str, expect_revision: int | None, op: dict, unchanged: tuple[str, int] | None = None,
+             same: dict | None = None) -> dict:
+        expect = dict(same or {})
         if expect_revision is not None:
-            compare.append({"key": _b64(key), "target": "MOD", "result": "EQUAL",
-                            "mod_revision": str(expect_revision)})
+            expect[key] = expect_revision
+        compare = [{"key": _b64(k), "target": "MOD", "result": "EQUAL", "mod_revision": str(r)}
+                   for k, r in expect.items()]  # (a missing key's mod revision is 0)
         if unchanged is not None:
             from ..cluster.etcd import prefix_end
 
@@ -90,5 +92,5 @@ class EtcdStore(Store):
                             "result": "LESS", "mod_revision": str(revision + 1)})
         data = self._call("/v3/kv/txn", {"compare": compare, "success": [op]})
         if not data.get("succeeded"):
-            raise CompareFailed(f"{key}: not at revision {expect_revision}, or {unchanged} changed")
+            raise CompareFailed(f"{key}: not at revision {expect_revision}, or {unchanged} or {same} changed")
         return data

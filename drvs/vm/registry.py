@@ -27,13 +27,15 @@ class VmRegistry:
             return None
         return spec
 
-    def update(self, spec: VmSpec, revision: int, unchanged_since: int | None = None) -> int | None:
+    def update(self, spec: VmSpec, revision: int, unchanged_since: int | None = None,
+               same: dict | None = None) -> int | None:
         """Store a changed VM if its definition is still at revision (and,
-        with unchanged_since, no VM was made or changed since a snapshot):
-        its new revision, else None, for the caller to look again."""
+        with unchanged_since, no VM was made or changed since a snapshot;
+        with same, those keys are at those revisions): its new revision,
+        else None, for the caller to look again."""
         try:
             return self.store.put(VMS + spec.name, spec.to_json(), expect_revision=revision,
-                                  unchanged=None if unchanged_since is None else (VMS, unchanged_since))
+                                  unchanged=None if unchanged_since is None else (VMS, unchanged_since), same=same)
         except CompareFailed:
             return None
 
