@@ -164,3 +164,34 @@ def test_an_unreachable_etcd_is_said_in_words():
         == "no answer in time"  # (as the daemon's httpx client says it: one wording for a timeout)
     assert reason(urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))) \
         == "[Errno 111] Connection refused"
+
+
+async def test_group_leave_deletes_only_the_membership_it_read(etcd):
+    """A membership that passes to another node between group leave's read
+    and its delete (the endpoint joined again through its new node) stays:
+    the leave fails as another node's, it does not end the new one."""
+    from types import SimpleNamespace
+
+    from drvs.ipc import services
+    from drvs.ipc.message import IpcError, Msg
+    from drvs.ipc.schema import drvmm
+
+    svc = services.DrvmmService(etcd, SimpleNamespace(name="n1"))
+    key = f"{services.GROUPS}g/pm@web"
+    await etcd.put(key, "n1")
+    real_get = etcd.get
+
+    async def get_then_moved(k):
+        entry = await real_get(k)
+        await etcd.put(key, "n2")  # (meanwhile: the endpoint joined through n2)
+        return entry
+
+    etcd.get = get_then_moved
+    msg = Msg(drvmm.DrvmmCall.groupLeave, drvmm.NameRequest.new_message(name="g", value="pm@web").to_bytes_packed())
+    try:
+        with pytest.raises(IpcError, match="through node n2"):
+            await svc.group_leave(msg)
+    finally:
+        del etcd.get
+    assert (await etcd.get(key)).value == "n2"
+    await etcd.delete(key)

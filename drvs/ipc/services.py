@@ -14,6 +14,7 @@ import re
 import trio
 
 from ..errors import DrvsError
+from ..store import CompareFailed
 from .message import IpcError, Msg, said_of
 from .schema import drvmm
 
@@ -212,14 +213,18 @@ class DrvmmService:
         with that node (or is left through it)."""
         req = request(msg)
         key = self._member_key(req)
-        entry = await self.etcd.get(key)
-        if entry is None:
-            raise IpcError(f"{req.value} is not a member of group {req.name!r}", errno.ENOENT)
-        if entry.value != self.member.name:
-            raise IpcError(f"{req.value} joined group {req.name!r} through node {entry.value} (it leaves "
-                           "through that node)", errno.EPERM)
-        await self.etcd.delete(key)
-        return key_reply()
+        while True:  # (the membership as read is the one deleted: it may pass to another node meanwhile)
+            entry = await self.etcd.get(key)
+            if entry is None:
+                raise IpcError(f"{req.value} is not a member of group {req.name!r}", errno.ENOENT)
+            if entry.value != self.member.name:
+                raise IpcError(f"{req.value} joined group {req.name!r} through node {entry.value} (it leaves "
+                               "through that node)", errno.EPERM)
+            try:
+                await self.etcd.delete(key, expect_revision=entry.mod_revision)
+                return key_reply()
+            except CompareFailed:
+                continue
 
     async def _members(self, group: str) -> list[str]:
         prefix = f"{GROUPS}{group}/"
