@@ -102,6 +102,7 @@ async def _run(state_dir: str, node: str, vm: str, opts):
     class Sink(fabric.ByteStream.Server):
         def __init__(self, fd: int):
             self.fd = fd
+            self.lost: OSError | None = None  # why some of the program's output was not written
 
         async def write(self, data, **kwargs):
             view = memoryview(bytes(data))
@@ -115,6 +116,7 @@ async def _run(state_dir: str, node: str, vm: str, opts):
                 if not isinstance(e, BrokenPipeError):
                     _say(f"drvs-run: cannot write the program's {'output' if self.fd == 1 else 'errors'} "
                          f"(fd {self.fd}): {e.strerror}")
+                self.lost = self.lost or e
                 raise RuntimeError(OUTPUT_CLOSED) from None
 
         async def done(self, **kwargs):
@@ -128,7 +130,7 @@ async def _run(state_dir: str, node: str, vm: str, opts):
         client, node_cap = await connect(path)
         call = node_cap.run_request()
         fill_request(call.init("request"), node, vm, opts)
-        call.stdout, call.stderr = Sink(1), Sink(2)
+        sinks = call.stdout, call.stderr = Sink(1), Sink(2)
         # Signals are caught from now on; those that come before the program
         # exists wait for it (its output may arrive before the call's reply).
         loop = asyncio.get_running_loop()
@@ -175,7 +177,22 @@ async def _run(state_dir: str, node: str, vm: str, opts):
         finally:
             if pump is not None:
                 pump.cancel()
-        return result.exitCode, result.message
+        return _with_output_lost(result.exitCode, [sink.lost for sink in sinks]), result.message
+
+
+def _with_output_lost(code: int, lost: list) -> int:
+    """A program that ended well, but whose output this side could not
+    write in full, does not say success: 141 when its reader had gone (as
+    a local writer to a closed pipe dies of SIGPIPE: `| head`, pipefail),
+    else 74 (EX_IOERR: a full disk, a closed descriptor; said on stderr)."""
+    errors = [e for e in lost if e is not None]
+    if code != 0 or not errors:
+        return code
+    if all(isinstance(e, BrokenPipeError) for e in errors):
+        return 128 + signal.SIGPIPE
+    from ..errors import OutputFailed
+
+    return OutputFailed.exit_code
 
 
 async def _resize(process) -> None:

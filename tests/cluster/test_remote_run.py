@@ -257,6 +257,29 @@ def test_output_that_cannot_be_written_here_is_said_and_the_program_sees_a_close
     assert p.stderr.splitlines()[-1] == "after"
 
 
+def test_a_program_that_ended_well_but_whose_output_was_lost_is_no_success(cluster_factory):
+    """A remote program exits 0 once its output is in the pipe to its node,
+    before this side finds it cannot write it: drvs-run then exits 74 (a
+    full disk, on stdout or stderr), or 141 when the reader had gone (as a
+    local writer to a closed pipe, which pipefail sees), never 0."""
+    c = cluster_factory(nodes=2)
+    env = {**c.env, "DRVS_NODE": "n1"}
+    drvs_run = [str(BIN / "drvs-run"), "--node", "n2", "--"]
+    with open("/dev/full", "w") as full:
+        out = subprocess.run([*drvs_run, "echo", "hi"], env=env, stdout=full, stderr=subprocess.PIPE,
+                             text=True, timeout=60)
+        err = subprocess.run([*drvs_run, "sh", "-c", "echo hi >&2"], env=env, stdout=subprocess.PIPE,
+                             stderr=full, text=True, timeout=60)
+    assert out.returncode == 74, out.stderr
+    assert out.stderr == "drvs-run: cannot write the program's output (fd 1): No space left on device\n"
+    assert err.returncode == 74 and err.stdout == ""
+    script = f"{' '.join(drvs_run)} sh -c 'seq 1 1000000' | head -c 10 >/dev/null; echo ${{PIPESTATUS[0]}}"
+    piped = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert piped.stdout == "141\n", piped.stderr
+    whole = subprocess.run([*drvs_run, "sh", "-c", "seq 1 1000000"], env=env, capture_output=True, timeout=60)
+    assert whole.returncode == 0 and whole.stdout.endswith(b"\n1000000\n")
+
+
 def _run_while_a_daemon_stops(c, stopped: str, sig: int, script: str) -> tuple[int, str]:
     """drvs-run --node n2 from n1 of script (which says "started"); once it
     runs, node `stopped`'s drvmmd gets sig: the caller's status and stderr."""
