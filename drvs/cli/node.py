@@ -251,7 +251,8 @@ def dev_restart(args) -> int:
 
     node = cluster.restart(config.load().state_dir, args.node)
     what = "" if node["name"] == "etcd" else " drvmmd"
-    print(f"{node['name']}:{what} running again (pid {node['pid']})")
+    was = f"stopped (pid {node['was']}) and " if node.get("was") else ""
+    print(f"{node['name']}:{what} {was}running again (pid {node['pid']})")
     return 0
 
 

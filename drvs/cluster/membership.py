@@ -28,6 +28,11 @@ ROOT = "/drvs/nodes/"
 PID_RANGES = "/drvs/pidranges/"  # INDEX -> node name: who owns which VM pid range
 LEASE_TTL = 3          # seconds: a dead node is NotReady within this (plus a beat)
 STATUS_EVERY = 1.0     # seconds between status refreshes (and keep-alives)
+# A daemon waiting for etcd asks again at most this often: one request each
+# time, and the node is back (Ready, its new pid in its status) within this
+# of etcd's return -- until then the node's old status may still show Ready,
+# as etcd gives every lease its whole TTL again when it starts.
+JOIN_BACKOFF_MAX = 2.0
 
 
 def spec_key(name: str) -> str:
@@ -154,7 +159,7 @@ class Member:
             except EtcdUnavailable as e:
                 log.warning("%s; retrying in %.1f s", e, backoff)
                 await trio.sleep(backoff)
-                backoff = min(backoff * 2, 8.0)
+                backoff = min(backoff * 2, JOIN_BACKOFF_MAX)
 
     async def leave(self) -> None:
         if self.lease:

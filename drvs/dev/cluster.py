@@ -18,7 +18,7 @@ import time
 import urllib.request
 
 from ..config import Config
-from ..errors import Conflict, DaemonAway, NotFound, SetupError, UsageError
+from ..errors import Conflict, DaemonAway, EtcdUnavailable, NotFound, SetupError, UsageError
 from ..ns.cgroup import Cgroup
 from ..cluster.context import dev_cluster_file, dev_node, read_json, setns_net
 from ..cluster import etcd_process, pki
@@ -151,8 +151,8 @@ def restart(state_dir: str, name: str, timeout: float = 30.0) -> dict:
     if name == "etcd":
         return _restart_etcd(path, info)
     node = dev_node(info, name)
-    if not _alive(info["etcd"]["pid"]):  # (the node would wait for it, saying nothing)
-        raise SetupError("the dev cluster's etcd is not running: `drvs dev cluster restart etcd` first")
+    _check_etcd(info)  # (the node would wait for it, saying nothing)
+    was = node["pid"] if _alive(node["pid"]) else 0
     _stop(node["pid"])
     view = f"{node['state_dir']}/dvos"
     mounts.abort_fuse(view)  # (left mounted by a daemon killed with SIGKILL)
@@ -172,22 +172,30 @@ def restart(state_dir: str, name: str, timeout: float = 30.0) -> dict:
         if not _alive(node["pid"]):
             log = open(f"{node['state_dir']}/drvmmd.log").read()[-1500:]
             raise SetupError(f"drvmmd of {name} exited:\n{log}")
+        _check_etcd(info, f" (drvmmd of {name} runs, pid {node['pid']}, and joins once it is back)")
         if time.monotonic() > deadline:
             raise SetupError(f"drvmmd of {name} not answering after {timeout:.0f} s")
         time.sleep(0.1)
-    return node
+    return {**node, "was": was}
+
+
+def _check_etcd(info: dict, then: str = "") -> None:
+    if not _alive(info["etcd"]["pid"]):
+        raise EtcdUnavailable(f"the dev cluster's etcd is not running{then}: "
+                              "`drvs dev cluster restart etcd` starts it again")
 
 
 def _restart_etcd(path: str, info: dict) -> dict:
     """The dev cluster's etcd started again on its data (stopped first if
     it runs): the nodes ride out its absence and carry on once it is back."""
+    was = info["etcd"]["pid"] if _alive(info["etcd"]["pid"]) else 0
     _stop(info["etcd"]["pid"])
     address = info["etcd"]["url"].split("//", 1)[1].rsplit(":", 1)[0]
     info["etcd"]["pid"] = _start_etcd(info, info["root"], address)
     _write(path, info)
     # Back once the nodes running are Ready again (they answer etcd through it).
     _wait_ready({**info, "nodes": [n for n in info["nodes"] if _alive(n["pid"])]}, 20.0)
-    return {"name": "etcd", "pid": info["etcd"]["pid"]}
+    return {"name": "etcd", "pid": info["etcd"]["pid"], "was": was}
 
 
 def _answers(handover, cfg: Config) -> bool:
@@ -251,8 +259,12 @@ def _alive(pid: int) -> bool:
         return False
     try:
         return os.waitpid(pid, os.WNOHANG) == (0, 0)
-    except ChildProcessError:
-        return True
+    except ChildProcessError:  # not ours: dead but not yet reaped by its parent (or init) is dead
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except (OSError, IndexError):
+            return False
 
 
 def _stop(pid: int, grace: float = 20.0) -> None:

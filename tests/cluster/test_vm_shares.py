@@ -209,6 +209,10 @@ def test_dev_cluster_restart_brings_a_killed_node_back(cluster_factory):
     assert (p.returncode, p.stdout) == (0, "back\n"), p.stderr  # the first run after: not on the dead connection
     bad = c.drvs("dev", "cluster", "restart", "n9")
     assert bad.returncode == 3 and "no node 'n9'" in bad.stderr
+    running = c.node("n2")["pid"]  # a restart of a running node says it stopped it
+    again = c.drvs("dev", "cluster", "restart", "n2", check=True)
+    c.info = json.loads((c.state / "dev-cluster.json").read_text())
+    assert again.stdout == f"n2: drvmmd stopped (pid {running}) and running again (pid {c.node('n2')['pid']})\n"
 
 
 def test_share_errors(cluster_factory):
