@@ -45,3 +45,18 @@ def test_cpuset_text_spells_runs_as_ranges():
     assert cpuset_text({7, 2, 3, 4, 5, 9}) == "2-5,7,9"
     assert cpuset_text(set()) == "" and cpuset_text({0}) == "0"
     assert cpuset_ids(cpuset_text(set(range(2, 100)))) == set(range(2, 100))
+
+
+def test_a_share_change_sets_what_it_names_and_clears_what_it_says_none():
+    from drvs.vm.model import Limits, changed_share, parse_share_change
+
+    node, change = parse_share_change("n2:cpus=2,memory=none")
+    assert (node, change) == ("n2", (Limits(cpus=2.0), frozenset({"memory"})))
+    old = Limits(cpus=1.0, memory=256 << 20, pids=100)
+    assert changed_share(old, *change) == Limits(cpus=2.0, pids=100)
+    assert changed_share(None, *parse_share_change("n3:memory=1G")[1]) == Limits(memory=1 << 30)
+    assert changed_share(old, *parse_share_change("n2")[1]) == old
+    for bad, why in (("n2:memory=none,memory=1G", "memory given twice"), ("n2:swap=none", "expected NODE:"),
+                     ("n2:memory=nonsense", "invalid")):
+        with pytest.raises(UsageError, match=why):
+            parse_share_change(bad)

@@ -15,7 +15,7 @@ from ..ns import jail
 from ..store import open_store
 from ..units import format_size
 from ..vm import admission
-from ..vm.model import VmSpec, check_name, parse_share
+from ..vm.model import VmSpec, changed_share, check_name, parse_share, parse_share_change
 from ..vm.registry import VMS, VmRegistry
 from .common import add_format, age, emit, print_table
 from .options import add_limit_options, check_here, limits_from, node_name, typed
@@ -38,7 +38,8 @@ def add_parser(sub) -> None:
                    help="a close returns once every replica has what was written (default: only fsync waits)")
     p.set_defaults(func=create)
     p = verbs.add_parser("update", help="change a VM's limits or its shares of nodes, live")
-    _vm_and_shares(p, "give the VM this share of NODE, new or in place of its share there (repeatable)")
+    _vm_and_shares(p, "give the VM a share of NODE, or change its share there: the fields given change, "
+                      "the others stay; KEY=none takes a limit away (repeatable)", parse_share_change)
     p.add_argument("--rm-node", dest="drop", action="append", default=[], type=typed(node_name),
                    metavar="NODE", help="take the VM's share of NODE away (repeatable); refused while programs "
                                         "of the VM run there, unless --force, which ends them")
@@ -61,11 +62,11 @@ def add_parser(sub) -> None:
     p.set_defaults(func=rm)
 
 
-def _vm_and_shares(p, share_help: str) -> None:
+def _vm_and_shares(p, share_help: str, parse=parse_share) -> None:
     """What create and update take: the VM, its limits, its shares."""
     p.add_argument("name", type=typed(check_name), metavar="VM")
     add_limit_options(p)
-    p.add_argument("--node", dest="shares", action="append", default=[], type=typed(parse_share),
+    p.add_argument("--node", dest="shares", action="append", default=[], type=typed(parse),
                    metavar="NODE[:cpus=N,cpuset=LIST,memory=SIZE,pids=N]", help=share_help)
     p.add_argument("--overcommit", action="store_true",
                    help="let the shares go past what their nodes have left beside other VMs' shares")
@@ -124,16 +125,17 @@ def update(args) -> int:
         _no_programs_on(config.load(), args.name, args.drop, "take the share away anyway",
                         scope=f" on {', '.join(args.drop)}", ends=", or use --force (taking the share away ends them)")
     specs = node_specs(store, given) if given else {}
-    for node, share in given.items():
-        admission.check_share(node, specs[node], share)
     for _ in range(ADMIT_TRIES):
         entry = registry.entry(args.name)
         old = VmSpec.from_json(entry.value)
-        spec = _changed(old, given, args.drop, new_limits, args.fs_replicas)
+        shares = {node: changed_share(old.shares.get(node), *change) for node, change in given.items()}
+        for node, share in shares.items():
+            admission.check_share(node, specs[node], share)
+        spec = _changed(old, shares, args.drop, new_limits, args.fs_replicas)
         in_sync = _kept_in_sync(store, old, spec)
         others, revision = registry.snapshot()
         if not args.overcommit:
-            for node, share in given.items():
+            for node, share in shares.items():
                 admission.check_fits(node, specs[node], share, [vm for vm in others if vm.name != args.name])
         checked = given and not args.overcommit
         stored = registry.update(spec, entry.mod_revision, unchanged_since=revision if checked else None,
@@ -150,7 +152,7 @@ def update(args) -> int:
                 raise Conflict(f"{e}; and VM {args.name!r} changed meanwhile: see `drvs vm show {args.name}`") from None
             raise
     if given:
-        _warn_not_ready(store, VmSpec(spec.name, shares=given), "update")
+        _warn_not_ready(store, VmSpec(spec.name, shares=shares), "update")
         refused = _applied(store, spec.name, sorted(given), stored)
         if refused:  # (a node's cell could not take its new share: all of it goes back)
             node, why = next(iter(refused.items()))

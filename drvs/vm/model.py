@@ -73,6 +73,31 @@ class VmSpec:
 _SHARE_KEYS = {"cpus", "memory", "pids", "cpuset"}
 
 
+def parse_share_change(text: str) -> tuple[str, tuple[Limits, frozenset]]:
+    """The --node of vm update: a share's fields to set, and those to clear
+    (`KEY=none`: no limit there any more); fields not named keep theirs."""
+    node, _, spec = text.partition(":")
+    items = [item for item in spec.split(",") if item]
+    cleared = frozenset(item.partition("=")[0] for item in items if item.partition("=")[2] == "none")
+    node, limits = parse_share(f"{node}:" + ",".join(i for i in items if i.partition("=")[2] != "none"))
+    both = cleared & {k for k, v in limits._asdict().items() if v is not None}
+    if both:
+        raise UsageError(f"invalid share {text!r}: {sorted(both)[0]} given twice")
+    unknown = cleared - _SHARE_KEYS
+    if unknown:
+        raise UsageError(f"invalid share {text!r}: expected NODE:cpus=N,memory=SIZE,pids=N,cpuset=LIST")
+    return node, (limits, cleared)
+
+
+def changed_share(old: "Limits | None", limits: Limits, cleared: frozenset) -> Limits:
+    """A share as `vm update --node` leaves it: old's fields, those given
+    set, those cleared gone (a new share: what was given)."""
+    fields = (old or Limits())._asdict()
+    fields.update({k: v for k, v in limits._asdict().items() if v is not None})
+    fields.update(dict.fromkeys(cleared))
+    return Limits(**fields)
+
+
 def parse_share(text: str) -> tuple[str, Limits]:
     """`NODE[:cpus=1,memory=512M,pids=100,cpuset=0-1]`, the --node of vm create."""
     from ..units import parse_cpus, parse_cpuset, parse_memory

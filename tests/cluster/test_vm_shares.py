@@ -57,6 +57,17 @@ def test_vm_update_grows_and_shrinks_shares_live(cluster_factory):
     c.drvs("vm", "update", "web", "--node", "n2:memory=192M", "--node", "n3:memory=64M", node="n3", check=True)
     assert wait_for(lambda: memory_limit(c, "n2", "web") == 192 << 20 and memory_limit(c, "n3", "web") == 64 << 20)
     assert cell_inits(c, "n2", "web") == init  # (the same cell, resized: its programs go on)
+    # the fields given change, the others stay; KEY=none takes a limit away
+    c.drvs("vm", "update", "web", "--node", "n2:pids=500", node="n1", check=True)
+    assert json.loads(c.drvs("vm", "show", "web", "--format", "json", node="n1", check=True).stdout)["shares"]["n2"] \
+        == {"cpus": None, "cpuset": None, "memory": 192 << 20, "pids": 500}
+    assert memory_limit(c, "n2", "web") == 192 << 20
+    c.drvs("vm", "update", "web", "--node", "n2:memory=none", node="n1", check=True)
+    assert wait_for(lambda: memory_limit(c, "n2", "web") > 1 << 40)
+    both = c.drvs("vm", "update", "web", "--node", "n2:memory=none,memory=1G", node="n1")
+    assert both.returncode == 2 and "memory given twice" in both.stderr, both.stderr
+    c.drvs("vm", "update", "web", "--node", "n2:memory=192M", node="n1", check=True)
+    assert wait_for(lambda: memory_limit(c, "n2", "web") == 192 << 20)
     sleeper = subprocess.Popen([str(BIN / "drvs-run"), "--vm", "web", "--node", "n2", "--", "sh", "-c",
                                 "echo up; exec sleep 60"], env={**c.env, "DRVS_NODE": "n1"},
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
