@@ -91,7 +91,8 @@ def create(args) -> int:
     if args.fs_sync and not fs_nodes:
         raise UsageError("--fs-sync needs --node shares (a VM file system of the cluster)")
     limits = limits_from(args) if shares else check_here(limits_from(args))  # (no shares: a VM of this node)
-    spec = VmSpec(args.name, limits, shares=shares, fs_nodes=fs_nodes, fs_sync=args.fs_sync)
+    spec = VmSpec(args.name, limits, shares=shares, fs_nodes=fs_nodes, fs_sync=args.fs_sync,
+                  fs_replicas=args.fs_replicas)
     _warn_not_ready(store, spec)
     registry = VmRegistry(store)
     for _ in range(ADMIT_TRIES):
@@ -160,6 +161,10 @@ def update(args) -> int:
                 raise Conflict(f"node {node}: {why}; and VM {args.name!r} changed meanwhile: "
                                f"see `drvs vm show {args.name}`")
             raise Conflict(f"node {node}: {why}; VM {args.name!r} is unchanged")
+    if len(spec.fs_nodes) < len(old.fs_nodes) and args.fs_replicas is None:
+        print(f"drvs vm update: warning: VM {spec.name!r}'s file system is now kept on {len(spec.fs_nodes)} "
+              f"node{'s' if len(spec.fs_nodes) > 1 else ''} ({', '.join(spec.fs_nodes)}), not "
+              f"{len(old.fs_nodes)}: another replica is made when the VM has another node", file=sys.stderr)
     print(spec.name)
     return 0
 
@@ -179,9 +184,10 @@ def _changed(spec: VmSpec, given: dict, drop: list[str], new_limits: dict, repli
         del shares[node]
     shares.update(given)
     fs_nodes = [n for n in spec.fs_nodes if n in shares]
-    want = len(spec.fs_nodes) if replicas is None else replicas
     if replicas is not None and not 1 <= replicas <= len(shares):
         raise UsageError(f"--fs-replicas {replicas}: must be from 1 to {len(shares)}, the VM's number of nodes")
+    asked = spec.fs_replicas if replicas is None else replicas
+    want = VmSpec(spec.name, shares=shares, fs_replicas=asked).replicas_wanted() if spec.fs_nodes else 0
     fs_nodes = (fs_nodes + [n for n in shares if n not in fs_nodes])[:want]
     if spec.fs_nodes and not fs_nodes:
         raise Conflict(f"VM {spec.name!r}: its file system would be left on no node; its share of "
@@ -192,7 +198,7 @@ def _changed(spec: VmSpec, given: dict, drop: list[str], new_limits: dict, repli
     elif new_limits:
         raise UsageError(f"VM {spec.name!r} has node shares: change them with --node NODE:cpus=N,... "
                          "(its own limits apply only where it has no share)")
-    return VmSpec(spec.name, limits, spec.created, shares, fs_nodes, spec.fs_sync)
+    return VmSpec(spec.name, limits, spec.created, shares, fs_nodes, spec.fs_sync, asked)
 
 
 def _kept_in_sync(store, old: VmSpec, new: VmSpec) -> "dict | None":
@@ -370,7 +376,14 @@ def node_specs(store, nodes) -> dict[str, dict]:
 
 
 def _limits_text(spec: VmSpec) -> dict[str, str]:
+    """The VM's limits; for a VM of shares, what its shares add up to
+    ("-", no limit, if one share has none; CPU sets are per node)."""
     l = spec.limits
+    if spec.shares:
+        def total(field):
+            values = [getattr(share, field) for share in spec.shares.values()]
+            return None if None in values else sum(values)
+        l = l._replace(cpus=total("cpus"), cpuset=None, memory=total("memory"), pids=total("pids"))
     return {"CPUS": f"{l.cpus:g}" if l.cpus else "-", "CPUSET": l.cpuset or "-",
             "MEMORY": format_size(l.memory), "PIDS": str(l.pids or "-")}
 
@@ -454,7 +467,8 @@ def show(args) -> int:
     state = _state(cfg, spec.name)
     runs = runs_of(cfg, spec.name)
     data = {"name": spec.name, "limits": spec.limits._asdict(), "created": spec.created,
-            "shares": {n: l._asdict() for n, l in spec.shares.items()}, "fs_nodes": spec.fs_nodes, "fs_sync": spec.fs_sync,
+            "shares": {n: l._asdict() for n, l in spec.shares.items()}, "fs_nodes": spec.fs_nodes,
+            "fs_replicas": spec.fs_replicas, "fs_sync": spec.fs_sync,
             "data_dir": f"{cfg.vms_dir}/{spec.name}/data" if not spec.fs_nodes else f"fs@{spec.name}",
             "cell": state, "runs": runs}
     if spec.shares:

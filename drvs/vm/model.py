@@ -38,20 +38,28 @@ class VmSpec:
     and in a cluster its share of each chosen node (`shares`: node -> Limits).
     A VM without shares may run on any node, with `limits`.  `fs_nodes`:
     the nodes that keep a replica of its file system (the first serves it
-    while it lives), a cluster VM's only; `fs_sync`: a close returns once
-    every replica has what was written (else only fsync waits)."""
+    while it lives), a cluster VM's only; `fs_replicas`: how many replicas
+    were asked for (None: the default, 2 where the VM has two nodes or
+    more), which fs_nodes may be short of while the VM has fewer nodes;
+    `fs_sync`: a close returns once every replica has what was written
+    (else only fsync waits)."""
 
-    __slots__ = ("name", "limits", "created", "shares", "fs_nodes", "fs_sync")
+    __slots__ = ("name", "limits", "created", "shares", "fs_nodes", "fs_sync", "fs_replicas")
 
     def __init__(self, name: str, limits: Limits | None = None, created: float | None = None,
                  shares: dict[str, Limits] | None = None, fs_nodes: list[str] | None = None,
-                 fs_sync: bool = False):
+                 fs_sync: bool = False, fs_replicas: int | None = None):
         self.name = name
         self.limits = limits if limits is not None else Limits()
         self.created = time.time() if created is None else created
         self.shares = dict(shares or {})
         self.fs_nodes = list(fs_nodes or [])
         self.fs_sync = fs_sync
+        self.fs_replicas = fs_replicas
+
+    def replicas_wanted(self) -> int:
+        """How many nodes should keep the file system, nodes allowing."""
+        return self.fs_replicas if self.fs_replicas is not None else min(2, len(self.shares))
 
     def limits_on(self, node: str | None) -> Limits:
         """The limits of this VM's cell on node."""
@@ -60,14 +68,18 @@ class VmSpec:
     def to_json(self) -> str:
         return json.dumps({"name": self.name, "limits": self.limits._asdict(), "created": self.created,
                            "shares": {n: l._asdict() for n, l in self.shares.items()},
-                           "fs_nodes": self.fs_nodes, "fs_sync": self.fs_sync}, sort_keys=True)
+                           "fs_nodes": self.fs_nodes, "fs_sync": self.fs_sync, "fs_replicas": self.fs_replicas},
+                          sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "VmSpec":
         data = json.loads(text)
         shares = {n: Limits(**l) for n, l in (data.get("shares") or {}).items()}
+        fs_nodes = data.get("fs_nodes") or []
+        # (a definition stored before the count was: as many as it has)
+        replicas = data["fs_replicas"] if "fs_replicas" in data else (len(fs_nodes) or None)
         return cls(data["name"], Limits(**data.get("limits", {})), data.get("created", 0.0), shares,
-                   data.get("fs_nodes"), data.get("fs_sync", False))
+                   fs_nodes, data.get("fs_sync", False), replicas)
 
 
 _SHARE_KEYS = {"cpus", "memory", "pids", "cpuset"}

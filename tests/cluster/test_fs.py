@@ -1825,6 +1825,24 @@ def test_vm_update_moves_file_system_replicas_live(cluster_factory, tmp_path):
     _wait(lambda: not kept.exists(), timeout=25)
 
 
+def test_a_replica_lost_with_a_share_comes_back_with_a_node(cluster_factory):
+    """A 2-node VM (2 replicas by default) loses a node: the update says
+    its file system is now kept on one node; a node given to the VM again
+    gets a replica again, copied live -- the count asked for is kept."""
+    c = cluster_factory(nodes=2)
+    c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", node="n1", check=True)
+    here = view(c, "n1")
+    _wait(lambda: _df(c, "n1").get("in_sync") == ["n1", "n2"])
+    (here / "kept").write_bytes(b"data" * 1000)
+    cut = c.drvs("vm", "update", "web", "--rm-node", "n2", "--force", node="n1", check=True)
+    assert "file system is now kept on 1 node (n1), not 2" in cut.stderr, cut.stderr
+    _wait(lambda: _df(c, "n1").get("nodes") == ["n1"])
+    back = c.drvs("vm", "update", "web", "--node", "n2", node="n1", check=True)
+    assert "warning" not in back.stderr, back.stderr
+    _wait(lambda: _df(c, "n1").get("in_sync") == ["n1", "n2"])
+    assert (view(c, "n2") / "kept").read_bytes() == b"data" * 1000
+
+
 def test_reads_go_to_the_new_server_when_the_old_one_went_silent(cluster_factory):
     """The serving node's drvmmd stopped (SIGSTOP: alive, silent): the
     other replica takes over once its lease ends, and a read the other

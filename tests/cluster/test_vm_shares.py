@@ -53,6 +53,8 @@ def test_vm_update_grows_and_shrinks_shares_live(cluster_factory):
     c.drvs("vm", "create", "web", "--node", "n1:memory=128M", "--node", "n2:memory=256M", "--fs-replicas", "1",
            node="n1", check=True)
     assert wait_for(lambda: memory_limit(c, "n2", "web") == 256 << 20)
+    listed = [line.split() for line in c.drvs("vm", "ls", node="n1", check=True).stdout.splitlines()]
+    assert next(row for row in listed if row[0] == "web")[1:6] == ["-", "-", "384M", "-", "n1,n2"]  # (shares' sums)
     init = cell_inits(c, "n2", "web")
     c.drvs("vm", "update", "web", "--node", "n2:memory=192M", "--node", "n3:memory=64M", node="n3", check=True)
     assert wait_for(lambda: memory_limit(c, "n2", "web") == 192 << 20 and memory_limit(c, "n3", "web") == 64 << 20)
