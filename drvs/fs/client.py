@@ -500,8 +500,17 @@ class VmFs:
             # and the call then goes to the new one rather than failing)
             wait = min(left, ASK_AGAIN) if idempotent else left
             try:
-                reply = await self.fabric.sendrec(self.target, Msg(ctype, payload), timeout=max(wait, 0.1),
-                                                  idempotent=idempotent)
+                if idempotent:
+                    reply = await self.fabric.sendrec(self.target, Msg(ctype, payload), timeout=max(wait, 0.1),
+                                                      idempotent=True)
+                else:
+                    reply = await self._ask_while_served(Msg(ctype, payload), wait)
+                    if reply is None:  # another node serves now: the call goes there (see _ask_while_served)
+                        if once:
+                            log.info("%s: its server went silent; a change it may have made is not made again",
+                                     self.target)
+                            raise pyfuse3.FUSEError(errno.ETIMEDOUT)
+                        continue
                 if reply.status != -errno.EREMCHG:
                     break
                 err = IpcError(reply.error, errno.EREMCHG)
@@ -518,6 +527,43 @@ class VmFs:
                                         else errno.EIO)
             await trio.sleep(0.2)  # no server now (a fail-over): ask again
         return reply
+
+    async def _ask_while_served(self, msg: Msg, wait: float) -> "Msg | None":
+        """A change sent to the server, waited for up to wait seconds while
+        etcd still names the node it went to; None once it names another
+        (the server went silent and a replica took over: the change is
+        then sent to the new server, as after a reset connection, rather
+        than failing when the silent one's time is up).  Not sent twice to
+        one server: a slow one gets no copies (an append made twice)."""
+        resolve = getattr(self.fabric, "resolve", None)
+        if resolve is None or wait <= ASK_AGAIN:
+            return await self.fabric.sendrec(self.target, msg, timeout=max(wait, 0.1))
+        asked = (await resolve(self.target)).node
+        outcome: dict = {}
+        async with trio.open_nursery() as nursery:
+            async def ask():
+                try:
+                    outcome["reply"] = await self.fabric.sendrec(self.target, msg, timeout=wait)
+                except (IpcError, EtcdUnavailable) as e:
+                    outcome["error"] = e
+                nursery.cancel_scope.cancel()
+
+            async def watch():
+                while True:
+                    await trio.sleep(ASK_AGAIN)
+                    try:
+                        now = await resolve(self.target, fresh=True)
+                    except (IpcError, EtcdUnavailable):
+                        continue  # (none named now: a fail-over under way)
+                    if now.node != asked:
+                        nursery.cancel_scope.cancel()
+                        return
+
+            nursery.start_soon(ask)
+            nursery.start_soon(watch)
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome.get("reply")
 
     def _local_server(self) -> FsServer | None:
         """The file server itself when it runs in this process: its calls

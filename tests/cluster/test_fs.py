@@ -1825,6 +1825,33 @@ def test_vm_update_moves_file_system_replicas_live(cluster_factory, tmp_path):
     _wait(lambda: not kept.exists(), timeout=25)
 
 
+def test_a_write_sent_to_a_server_gone_silent_goes_to_the_new_one(cluster_factory):
+    """The serving node's drvmmd stopped (SIGSTOP) as the other node writes:
+    the write, sent to the silent server, goes to the replica once it has
+    taken over (as after a reset connection) -- it succeeds, rather than
+    failing with ETIMEDOUT when the silent server's time is up."""
+    c = cluster_factory(nodes=2)
+    server, other = _two_replicas(c)
+    here, there = view(c, server), view(c, other)
+    (here / "f").write_bytes(b"." * 8192)
+    assert _fsync_errno(here / "f") == 0
+    fd = os.open(there / "f", os.O_WRONLY)  # (no descriptor on the stopped node's view: see _write_across)
+    time.sleep(1)  # (the replica hears of the open as the server streams it)
+    pid = c.node(server)["pid"]
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        assert os.pwrite(fd, b"new", 0) == 3
+        os.fsync(fd)
+        took = time.monotonic() - t0
+    finally:
+        os.close(fd)
+        os.kill(pid, signal.SIGCONT)
+    assert (there / "f").read_bytes() == b"new" + b"." * 8189
+    assert _df(c, other).get("server") == other
+    assert took < 9.5, took
+
+
 def test_a_replica_lost_with_a_share_comes_back_with_a_node(cluster_factory):
     """A 2-node VM (2 replicas by default) loses a node: the update says
     its file system is now kept on one node; a node given to the VM again
