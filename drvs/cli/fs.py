@@ -95,9 +95,26 @@ def mount(args) -> int:
         dead = " (disconnected: its drvmmd was stopped; `drvs umount` it first)" if _disconnected(target) else ""
         raise Conflict(f"{target}: a drvs file system is already mounted here{dead}")
     _check_directory(args.mountpoint, target)
+    hidden = _not_empty(target)
     _bind(source, target)
     print(f"{args.vm} mounted on {target}")
+    if hidden:
+        print(f"drvs mount: note: {target} was not empty: what it holds is hidden until the VM is unmounted",
+              file=sys.stderr)
+    # (its locks are the node's kernel's: pyfuse3 serves no lock calls, and only
+    # jails' lock calls reach the VM's lock table, through their seccomp filter)
+    print(f"drvs mount: note: fcntl and flock locks taken through {target} hold on this node only: programs "
+          "that share files with other nodes by locking them (SQLite...) belong in the VM (drvs-run, drvs login)",
+          file=sys.stderr)
     return 0
+
+
+def _not_empty(target: str) -> bool:
+    try:
+        with os.scandir(target) as entries:
+            return any(True for _ in entries)
+    except OSError:
+        return False
 
 
 def _bind(source: str, target: str) -> None:
@@ -111,6 +128,8 @@ def umount(args) -> int:
     target = _mount_point(args.mountpoint)
     root = _drvs_mount_at(target)
     if root is None:
+        if not os.path.lexists(target):
+            raise NotFound(f"{args.mountpoint}: no such file or directory")
         raise NotFound(f"{target}: no drvs file system is mounted here")
     if not root.startswith("/fs/"):
         raise UsageError(f"{target}: a node's own view of its VMs' files, not one drvs mount made "

@@ -1267,6 +1267,10 @@ def test_drvs_mount_umount_and_df(fsc, d, tmp_path):
     mnt.mkdir()
     m = fsc.drvs("mount", "web", str(mnt), node="n2")
     assert m.returncode == 0, m.stderr
+    # (a host's locks are its node kernel's: said, as they do not hold against other nodes)
+    assert m.stderr == (f"drvs mount: note: fcntl and flock locks taken through {mnt} hold on this node only: "
+                        "programs that share files with other nodes by locking them (SQLite...) belong in the "
+                        "VM (drvs-run, drvs login)\n")
     try:
         assert (mnt / name / "hello").read_text() == "hi"
         fm = subprocess.run(["findmnt", "-n", "-o", "SOURCE,FSTYPE", str(mnt)], capture_output=True, text=True)
@@ -1287,6 +1291,16 @@ def test_drvs_mount_umount_and_df(fsc, d, tmp_path):
         assert fsc.drvs("umount", str(mnt)).returncode == 0
     u = fsc.drvs("umount", str(mnt))
     assert u.returncode == 3 and "no drvs file system is mounted" in u.stderr
+    u = fsc.drvs("umount", str(tmp_path / "missing"))
+    assert (u.returncode, u.stderr) == (3, f"drvs: {tmp_path / 'missing'}: no such file or directory\n")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine").write_text("")
+    m = fsc.drvs("mount", "web", str(tmp_path / "full"), node="n1")
+    try:
+        assert m.returncode == 0 and f"note: {tmp_path / 'full'} was not empty" in m.stderr, m.stderr
+    finally:
+        assert fsc.drvs("umount", str(tmp_path / "full")).returncode == 0
+    assert (tmp_path / "full" / "mine").exists()
     # a busy mount point is a conflict, saying why; nothing is unmounted
     assert fsc.drvs("mount", "web", str(mnt), node="n1").returncode == 0
     try:
