@@ -182,6 +182,9 @@ def df(args) -> int:
                       ",".join(r["in_sync"]) or "-", ",".join(r["nodes"])] for r in rows])
 
     emit(rows, args.format, table)
+    for r in rows:  # (why a replica is not in sync: a full disk there, a copy under way...)
+        for node, why in r["not_in_sync"].items():
+            print(f"drvs df: {r['vm']}: the replica on {node} is not in sync: {why}", file=sys.stderr)
     failed = [r for r in rows if r["error"]]
     for r in failed:
         print(f"drvs df: {r['vm']}: {r['error']}", file=sys.stderr)
@@ -203,7 +206,8 @@ def _usage(cfg, store, spec) -> dict:
     from ..ipc.schema import from_flat, fs, to_flat
 
     row = {"vm": spec.name, "size": 0, "used": 0, "avail": 0, "replicas": len(spec.fs_nodes),
-           "nodes": spec.fs_nodes, "server": None, "in_sync": _in_sync(store, spec.name), "error": None}
+           "nodes": spec.fs_nodes, "server": None, "in_sync": _in_sync(store, spec.name), "error": None,
+           "not_in_sync": {}}
     target = f"fs@{spec.name}"
     try:
         reply = check(client.sendrec(cfg.state_dir, target,
@@ -215,6 +219,7 @@ def _usage(cfg, store, spec) -> dict:
     r = from_flat(fs.FsReply, reply.payload)
     row.update(size=r.statfs.blocks * r.statfs.bsize, avail=r.statfs.bavail * r.statfs.bsize, used=int(r.data))
     row["server"] = _server_of(store, target)
+    row["not_in_sync"] = dict(state.partition(": ")[::2] for state in r.replicaStates)
     return row
 
 

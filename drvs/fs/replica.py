@@ -114,6 +114,7 @@ class Mirror:
         self.handed = False  # the server stopped, this replica in sync (see _hand_over)
         self.missed = False  # since, a change it lacks was made here (an fsync or a close is none)
         self.dropped = False  # taken away from the VM's replicas (vm update): struck, not handed over
+        self.state = "not copied to yet"  # while not live: why (drvs df)
         self.scope = trio.CancelScope()
         self._work = trio.Event()
         self._progress = trio.Event()
@@ -196,10 +197,12 @@ class Mirror:
         while True:
             stopping = False
             try:
+                self.state = "being copied to"
                 await self.copy_tree()
                 said = ""
                 await self.stream()
             except (MirrorFailed, OSError) as e:  # (OSError: the store, while copying)
+                self.state = f"{e} (tried again every {RETRY:g} s)"
                 if self.live:
                     log.warning("fs@%s: replica on %s out of sync: %s", self.server.vm, self.node, e)
                 elif str(e) != said:  # (once, while the node stays away)
@@ -551,6 +554,24 @@ class Builder:
         if self.root >= 0:
             os.close(self.root)
             self.root = -1
+
+    def make_room(self) -> bool:
+        """The disk filled while copying: what the current tree holds goes
+        (this replica is not in sync, so nothing may be served from it; the
+        empty root stays, a store still), leaving room for a whole new tree
+        beside what the copy left; whether there was anything to remove."""
+        root = os.open(f"{self.base}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            names = os.listdir(root)
+            for name in names:
+                st = _lstat_at(root, os.fsencode(name))
+                if st is not None and stat.S_ISDIR(st.st_mode):
+                    _rmtree(None, os.fsencode(name), dfd=root)
+                elif st is not None:
+                    os.unlink(name, dir_fd=root)
+            return bool(names)
+        finally:
+            os.close(root)
 
     def _at(self, path: bytes) -> tuple[int, bytes]:
         from .store import RESOLVE, check_path

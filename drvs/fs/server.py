@@ -667,7 +667,13 @@ class FsServer:
                 if req.at or req.at2:  # (the server sends its calls by path: its handles are its store's)
                     raise OSError(errno.EINVAL, "a call naming a directory by file handle")
                 if call.type in PUT_CALLS:
-                    await trio.to_thread.run_sync(self.puts[call.type], req)
+                    try:
+                        await trio.to_thread.run_sync(self.puts[call.type], req)
+                    except OSError as e:
+                        if e.errno == errno.ENOSPC and await trio.to_thread.run_sync(self.builder.make_room):
+                            log.warning("fs@%s: the disk is full: this replica's old tree (not in sync) is "
+                                        "removed to make room for the copy, which starts again", self.vm)
+                        raise
                 elif call.type in MIRRORED:
                     await _run(self.table[call.type], req, path, fs.FsReply.new_message(), "")
                 else:
@@ -1676,6 +1682,9 @@ class FsServer:
     async def usage(self, req, path, out, origin) -> None:
         _fill_statfs(out.statfs, self.store.statvfs())
         out.data = str(await trio.to_thread.run_sync(self.store.used_bytes)).encode()
+        states = [f"{node}: {m.state}" for node, m in sorted(self.mirrors.items()) if not m.live]
+        if states:
+            out.replicaStates = states
 
 
 def _boot_id() -> str:

@@ -192,6 +192,8 @@ struct FsReply {
   handles @20 :List(UInt64);  # tmpfiles: the files' handles (entries: their attributes)
   vouched @21 :UInt64;        # getattr: the term before this one, if its server handed over cleanly (every
                               # change it acknowledged is here): its writes not fsync'ed are not in doubt
+  replicaStates @22 :List(Text);  # usage: "NODE: why" for each replica not in sync (being copied to, or
+                                  # what failed there last)
 }
 
 # The server's calls, as made, for a replica (each call's request as the

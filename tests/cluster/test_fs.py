@@ -2070,6 +2070,46 @@ def test_a_full_disk_on_the_server_reaches_the_writer_and_corrupts_nothing(clust
         subprocess.run(["umount", "-l", str(store)], check=True)
 
 
+def test_a_replica_without_room_for_two_trees_is_copied_to_all_the_same(cluster_factory):
+    """A replica coming back is copied to beside its old tree (a crash
+    keeps one whole tree or the other); on a disk without room for both,
+    the old tree (not in sync: nothing is served from it) makes room and
+    the copy starts again -- the replica is in sync again, rather than
+    failing ENOSPC for ever; `drvs df` says why a replica is not in sync."""
+    c = cluster_factory(nodes=2)
+    store = Path(c.node("n2")["state_dir"]) / "vms" / "web" / "fs"
+    for _ in range(20):  # (see test_a_full_disk_on_the_server_reaches_the_writer_and_corrupts_nothing)
+        store.mkdir(parents=True, exist_ok=True)
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "drvs-test-full", str(store)]).returncode == 0:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"{store}: cannot mount a tmpfs there")
+    try:
+        c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", node="n1", check=True)
+        a = view(c, "n1")
+        _wait(lambda: _df(c, "n1").get("in_sync") == ["n1", "n2"])
+        assert _df(c, "n1")["not_in_sync"] == {}
+        data = {f"f{i}": os.urandom(1 << 20) for i in range(10)}
+        for name, content in data.items():
+            (a / name).write_bytes(content)
+        assert _fsync_errno(a / "f9") == 0
+        os.kill(c.node("n2")["pid"], signal.SIGKILL)
+        _wait(lambda: _df(c, "n1").get("in_sync") == ["n1"])
+        away = c.drvs("df", "web", node="n1")
+        assert away.returncode == 0 and "drvs df: web: the replica on n2 is not in sync: " in away.stderr, away.stderr
+        (a / "later").write_text("made while n2 was away")
+        assert c.drvs("dev", "cluster", "restart", "n2").returncode == 0
+        c.info = json.loads((c.state / "dev-cluster.json").read_text())
+        _wait(lambda: _df(c, "n1").get("in_sync") == ["n1", "n2"], timeout=60)
+        root = store / "root"
+        assert (root / "later").read_text() == "made while n2 was away"
+        assert all((root / name).read_bytes() == content for name, content in data.items())
+        assert not (store / "root.new").exists()
+    finally:
+        subprocess.run(["umount", "-l", str(store)], check=True)
+
+
 def test_a_synchronous_vm_closes_only_once_the_replica_has_the_data(cluster_factory):
     """--fs-sync: once close() returns on n1 (the serving node), the file
     is in n2's replica store already (without --fs-sync it often is not)."""
