@@ -6,6 +6,7 @@ import errno
 import os
 import stat
 import sys
+import time
 
 from .. import config
 from ..cluster.context import cluster_info, no_cluster
@@ -20,6 +21,7 @@ from .options import node_name, typed
 
 MS_BIND = 4096
 FSTYPE = mounts.DRVS_FSTYPE
+STARTING_WAIT = 10.0  # seconds df waits for a VM's file server that is starting (one of its nodes is up)
 
 
 def add_parsers(sub) -> None:
@@ -209,18 +211,37 @@ def _usage(cfg, store, spec) -> dict:
            "nodes": spec.fs_nodes, "server": None, "in_sync": _in_sync(store, spec.name), "error": None,
            "not_in_sync": {}}
     target = f"fs@{spec.name}"
-    try:
-        reply = check(client.sendrec(cfg.state_dir, target,
-                                     Msg(fs.FsCall.usage, to_flat(fs.FsRequest.new_message(vm=spec.name)))),
-                      target)
-    except (IpcError, DrvsError) as e:
-        row["error"] = str(e)
-        return row
+    deadline = time.monotonic() + STARTING_WAIT
+    while True:
+        try:
+            reply = check(client.sendrec(cfg.state_dir, target,
+                                         Msg(fs.FsCall.usage, to_flat(fs.FsRequest.new_message(vm=spec.name)))),
+                          target)
+            break
+        except IpcError as e:
+            # No server yet, while a node of its replicas is up: one is
+            # starting (a VM just made, a fail-over under way).
+            starting = e.errno == errno.ENOENT and _any_ready(store, spec.fs_nodes)
+            if starting and time.monotonic() < deadline:
+                time.sleep(0.2)
+                continue
+            row["error"] = (f"{target}: not served yet (its file system starts on {', '.join(spec.fs_nodes)})"
+                            if starting else str(e))
+            return row
+        except DrvsError as e:
+            row["error"] = str(e)
+            return row
     r = from_flat(fs.FsReply, reply.payload)
     row.update(size=r.statfs.blocks * r.statfs.bsize, avail=r.statfs.bavail * r.statfs.bsize, used=int(r.data))
     row["server"] = _server_of(store, target)
     row["not_in_sync"] = dict(state.partition(": ")[::2] for state in r.replicaStates)
     return row
+
+
+def _any_ready(store, nodes: list[str]) -> bool:
+    from ..cluster.membership import status_key
+
+    return any(store.get(status_key(node)) is not None for node in nodes)
 
 
 def _in_sync(store, vm: str) -> list[str]:

@@ -1872,6 +1872,8 @@ def test_a_replica_lost_with_a_share_comes_back_with_a_node(cluster_factory):
     gets a replica again, copied live -- the count asked for is kept."""
     c = cluster_factory(nodes=2)
     c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", node="n1", check=True)
+    first = c.drvs("df", "web", node="n2")  # (at once: it waits for the server starting)
+    assert first.returncode == 0, first.stderr
     here = view(c, "n1")
     _wait(lambda: _df(c, "n1").get("in_sync") == ["n1", "n2"])
     (here / "kept").write_bytes(b"data" * 1000)
