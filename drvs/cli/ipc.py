@@ -13,13 +13,17 @@ from ..errors import Conflict, NotFound, UsageError
 MAX_SECONDS = 30 * 86400
 
 
-def _seconds(text: str) -> float:
+def _number(text: str) -> float:
     import math
 
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
-        value = math.nan
+        return math.nan
+
+
+def _seconds(text: str) -> float:
+    value = _number(text)
     if not 0 <= value <= MAX_SECONDS:  # (nan too; a call carries it in ms, as a UInt32)
         raise argparse.ArgumentTypeError(f"not a number of seconds (0 to {MAX_SECONDS}): {text!r}")
     return value
@@ -27,8 +31,8 @@ def _seconds(text: str) -> float:
 
 def _bound(text: str) -> float:
     """A wait in seconds: more than 0 (0 would be no bound at all)."""
-    value = _seconds(text)
-    if not 0 < value <= 86400:
+    value = _number(text)
+    if not 0 < value <= 86400:  # (nan too)
         raise argparse.ArgumentTypeError(f"not a number of seconds above 0 (up to 86400): {text!r}")
     return value
 

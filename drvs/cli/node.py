@@ -16,7 +16,8 @@ def add_parsers(sub) -> None:
     p = verbs.add_parser("ls", help="list nodes")
     add_format(p)
     p.set_defaults(func=ls)
-    for verb, text in (("cordon", "mark a node unschedulable: no new programs go there"),
+    for verb, text in (("cordon", "mark a node unschedulable: new programs are placed there no more (one "
+                                  "run with --node NODE still goes there, as a pod given its node does)"),
                        ("uncordon", "mark a node schedulable again")):
         p = verbs.add_parser(verb, help=text)
         p.add_argument("name", metavar="NODE")

@@ -264,7 +264,7 @@ def _applied(store, vm: str, nodes: list[str], revision: int, wait: float = APPL
 def _warn_not_ready(store, spec: VmSpec, verb: str = "create") -> None:
     """Shares of nodes that are NotReady are made when they are back: said,
     not refused (a node being restarted is a normal state)."""
-    from ..cluster.membership import status_key
+    from ..cluster.membership import spec_key, status_key
 
     for node in spec.shares:
         if store.get(status_key(node)) is None:
@@ -272,6 +272,11 @@ def _warn_not_ready(store, spec: VmSpec, verb: str = "create") -> None:
             print(f"drvs vm {verb}: warning: node {node} is NotReady; its share is made when it is back"
                   + (", and the VM's file system (first kept there) starts only then" if first else ""),
                   file=sys.stderr)
+        else:
+            entry = store.get(spec_key(node))
+            if entry is not None and json.loads(entry.value).get("cordoned"):
+                print(f"drvs vm {verb}: warning: node {node} is cordoned (SchedulingDisabled): programs of the "
+                      f"VM go there only when asked by name (drvs-run --node {node})", file=sys.stderr)
 
 
 def _no_programs_on(cfg, vm: str, nodes: list[str], anyway: str, scope: str = "", ends: str = "") -> None:

@@ -49,9 +49,18 @@ def node_resources() -> tuple[int, int]:
 
 
 def sample_load(proc_cpus: int) -> dict:
-    return {"cpu_percent": psutil.cpu_percent(interval=None),
+    return {"cpu_percent": _cpu_percent(),
             "memory_percent": psutil.virtual_memory().percent,
             "load1": os.getloadavg()[0] / max(proc_cpus, 1)}
+
+
+def _cpu_percent() -> float:
+    """How busy this node's CPUs are (those it may use: a node pinned to
+    some of the machine's, as a dev cluster's with --cpus-per-node, is not
+    the whole machine), since the last sample."""
+    per_cpu = psutil.cpu_percent(interval=None, percpu=True)
+    mine = [per_cpu[cpu] for cpu in os.sched_getaffinity(0) if cpu < len(per_cpu)]
+    return round(sum(mine) / len(mine), 1) if mine else psutil.cpu_percent(interval=None)
 
 
 async def claim_pid_range(etcd: Etcd, name: str) -> int:

@@ -103,6 +103,9 @@ def test_lock_and_election_calls_touch_only_their_own_keys(cluster_factory):
                  ("election", "observe", "x", "-n", "-1")):
         bad = c.drvs(*args, node="n1")
         assert bad.returncode == 2 and "Traceback" not in bad.stderr, (args, bad.stderr)
+    for value in ("0", "abc", "1e300"):  # (a reply's wait: one range said, whatever the mistake)
+        bad = c.drvs("group", "broadcast", "g", "--timeout", value, node="n1")
+        assert f"not a number of seconds above 0 (up to 86400): '{value}'" in bad.stderr, bad.stderr
 
 
 def test_leader_is_re_elected_when_the_leader_dies(cluster_factory):

@@ -4,6 +4,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -70,6 +71,21 @@ def test_cpus_per_node_pins_each_node(cluster_factory):
     nodes = c.nodes()
     assert nodes["n1"]["cpus"] == nodes["n2"]["cpus"] == 1
     assert c.node("n1")["cpuset"] != c.node("n2")["cpuset"]
+    # each node's LOAD is of its own CPUs: n1's busy, n2's not (the machine's would be the same for both)
+    busy = subprocess.Popen(["taskset", "-c", c.node("n1")["cpuset"], sys.executable, "-c", "while True: pass"])
+    try:
+        deadline, seen = time.monotonic() + 15, []
+        while time.monotonic() < deadline:
+            load = {name: n["load"]["cpu_percent"] for name, n in c.nodes().items()}
+            seen.append(load)
+            if load["n1"] >= 70 and load["n2"] <= load["n1"] - 30:
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(seen)
+    finally:
+        busy.kill()
+        busy.wait()
 
 
 def _start_drvmmd(c, node: dict) -> subprocess.Popen:
@@ -84,6 +100,8 @@ def test_cordon_and_uncordon(cluster_factory):
     c = cluster_factory(nodes=2)
     assert c.drvs("node", "cordon", "n2", node="n1", check=True).stdout == "node/n2 cordoned\n"
     assert c.nodes()["n2"]["status"] == "SchedulingDisabled"
+    made = c.drvs("vm", "create", "named", "--node", "n2", node="n1", check=True)  # (explicit: said, not refused)
+    assert "warning: node n2 is cordoned (SchedulingDisabled)" in made.stderr, made.stderr
     c.drvs("node", "uncordon", "n2", node="n1", check=True)
     assert c.nodes()["n2"]["status"] == "Ready"
     missing = c.drvs("node", "cordon", "n9", node="n1")
