@@ -21,7 +21,9 @@ just rewritten, which no cache of the client's node holds), small files created+
 unlinked per second, and `tar x` of this repository's sources.  Ratios:
 (a)/(d), (b)/(d), and for the cached figures (a)/tmpfs.  Last, files made
 per second on n1 in a directory n2 listed once, beside one n2 never
-looked into (the best of two of each); and four `tar x` at once on the
+looked into (the best of two of each); `rm -rf` of --files files made on
+one node and removed through the same or the other (the median of three,
+beside memfs); and four `tar x` at once on the
 2-replica VM, two through each node, beside four at once on memfs (the
 machine busy: the median of five rounds)."""
 
@@ -165,6 +167,23 @@ def shared_creates(here: Path, there: Path, n: int) -> dict:
     return {case: max(rates) for case, rates in out.items()}
 
 
+def rm_rf(made: Path, removed: Path, n: int) -> float:
+    """Seconds `rm -rf` takes, through the view `removed`, of a directory of
+    n files made through the view `made` (the same node's, or another's:
+    then every unlink is also told to the node that made, and caches, them)."""
+    name = f"rmrf-{time.monotonic_ns()}"
+    (made / name).mkdir()
+    dfd = os.open(made / name, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for i in range(n):
+            os.close(os.open(f"f{i}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644, dir_fd=dfd))
+    finally:
+        os.close(dfd)
+    t = time.perf_counter()
+    subprocess.run(["rm", "-rf", str(removed / name)], check=True)
+    return time.perf_counter() - t
+
+
 def concurrent_tars(bases: list, tarball: Path, rounds: int = 5) -> float:
     """Median wall time of len(bases) `tar x` run at once, one into each
     base (views of one VM through different nodes, or memfs): how the file
@@ -287,6 +306,11 @@ def main() -> int:
                 runs[label].append(measure(d, args.size_mib, args.files, tarball))
         results = {label: {f: statistics.median(r[f] for r in rs) for f in rs[0]} for label, rs in runs.items()}
         shared = shared_creates(views["n1"] / "one", views["n2"] / "one", args.files // 2)
+        one = {n: views[n] / "one" for n in ("n1", "n2")}  # (served on n1)
+        rmrf = {case: statistics.median(rm_rf(a, b, args.files) for _ in range(3))
+                for case, (a, b) in {"memfs": (mem, mem), "made on n1, removed on n1": (one["n1"], one["n1"]),
+                                     "made on n1, removed on n2": (one["n1"], one["n2"]),
+                                     "made on n2, removed on n1": (one["n2"], one["n1"])}.items()}
         conc = {"drvs": concurrent_tars([views["n1"] / "two", views["n2"] / "two"] * 2, tarball),
                 "memfs": concurrent_tars([mem] * 4, tarball)}
     finally:
@@ -306,6 +330,8 @@ def main() -> int:
     print(f"creates/s on n1 (its server there), in a directory n2 listed once: {shared['listed once']:.0f}; "
           f"where n2 never looked: {shared['never looked']:.0f}; "
           f"ratio {shared['listed once'] / shared['never looked']:.2f}")
+    print(f"rm -rf of {args.files} files (server on n1), s: " + ", ".join(f"{case} {t:.3f}" for case, t in rmrf.items())
+          + "; ratios to memfs: " + ", ".join(f"{rmrf['memfs'] / t:.2f}" for case, t in rmrf.items() if case != "memfs"))
     print(f"4 x tar x at once, on the 2-replica VM through n1 and n2 (two each): {conc['drvs']:.3f} s; "
           f"on memfs: {conc['memfs']:.3f} s; ratio {conc['memfs'] / conc['drvs']:.2f}")
     return 0

@@ -259,6 +259,13 @@ class VmFs:
         # (mark, cino, term), in the order dropped.
         self.dropped: dict[int, int] = {}
         self.drops: collections.deque = collections.deque()
+        # Notices an open directory listing holds back (its snapshot may
+        # hand the inodes to the kernel again), in order: looked at again
+        # only once a listing closed or was read again (listings_gen), not
+        # on every call -- an `rm -rf` of a directory of thousands, whose
+        # listing stays open, would scan them all for each unlink.
+        self.held_back: list = []
+        self.listings_gen = self.held_gen = 0
         # Calls to the server begun here, numbered on from the clock: a
         # restarted drvmmd's calls must number above its predecessor's,
         # which the server may still remember (or receive late).
@@ -423,26 +430,27 @@ class VmFs:
         hands their entries to the kernel later, from a snapshot)."""
         if self.renewing:
             return {}
+        if self.held_back and self.held_gen != self.listings_gen:  # (a listing closed: look again)
+            self.drops.extendleft(reversed(self.held_back))
+            self.held_back = []
         oldest = min(self.unanswered) if self.unanswered else self.begun + 1
         held = self.reading + [listing.inos for listing in self.listings.values() if listing.inos]
-        inos, marks, kept = [], [], []
-        scan = 4 * limit  # (notices an open listing keeps back are looked at again each call: a few)
-        while self.drops and len(inos) < limit and scan:
+        inos, marks = [], []
+        while self.drops and len(inos) < limit:
             mark, cino, epoch = self.drops[0]
             if mark >= oldest:
                 break
             self.drops.popleft()
-            scan -= 1
             if self.dropped.get(cino) != mark:
                 continue  # cached again since (or dropped again later)
             if any(cino in h for h in held):
-                kept.append((mark, cino, epoch))
+                self.held_back.append((mark, cino, epoch))
+                self.held_gen = self.listings_gen
                 continue
             del self.dropped[cino]
             if epoch == self.epoch:
                 inos.append(cino & SMALL)
                 marks.append(mark)
-        self.drops.extendleft(reversed(kept))
         if not inos:
             return {}
         return {"forgotten": inos, "forgottenMarks": marks, "forgottenEpoch": self.epoch}
@@ -453,7 +461,7 @@ class VmFs:
         if server is None:
             return None
         try:
-            if self.drops and server.epoch == self.epoch:
+            if (self.drops or self.held_back) and server.epoch == self.epoch:
                 notices = self._forgotten()
                 if notices:
                     server.forgotten(server.here, notices["forgotten"], notices["forgottenMarks"])
@@ -490,7 +498,7 @@ class VmFs:
 
     async def _send(self, ctype, idempotent: bool, fields: dict, closed: list, once: bool = False) -> Msg:
         """The server's reply (a failure too), or FUSEError if there is none."""
-        notices = self._forgotten() if self.drops else {}
+        notices = self._forgotten() if self.drops or self.held_back else {}
         payload = to_flat(new(fs.FsRequest, vm=self.vm, closed=closed, **notices, **fields))
         deadline = trio.current_time() + CALL_TIMEOUT
         while True:
@@ -607,12 +615,14 @@ class VmFs:
             self.renewing = False
         self.dropped.clear()  # (the new server never heard of what this node cached)
         self.drops.clear()
+        self.held_back = []
         self.vouched = vouched | {old} if r.vouched and r.vouched == old else set()
         self._doubt_unsynced(epoch)
         for node in self.inodes.values():
             node.handle = b""  # (the new server's store is another file system)
         for listing in self.listings.values():  # snapshots of the old server: read again
             listing.entries = listing.inos = None
+        self._listings_changed()
         # The term's numbers, as every node has them (a jump of a multiple of
         # GENS terms still gives other numbers than the last term's here).
         self.gen = epoch % GENS if epoch % GENS != self.gen else (self.gen + 1) % GENS
@@ -1899,6 +1909,7 @@ class VmFs:
             where = self.locate(self.tag | listing.dino)
             listing.entries, listing.inos = await self._list(listing.dino)
             listing.still = self._asked(self.tag | listing.dino, where)
+            self._listings_changed()  # (the snapshot it replaced held others)
         dino, gone = listing.dino, listing.gone
         node = self.inodes.get(dino)
         parent = node.parent if node is not None and node.parent is not None else dino  # (only its d_ino)
@@ -1929,6 +1940,7 @@ class VmFs:
                 after = out[-1][0]
         finally:
             self.reading = [h for h in self.reading if h is not inos]  # (by identity: sets compare by content)
+            self._listings_changed()
         if dino not in self.busy and self.changes == changes:  # (none of this node's own changes overlapped)
             self._now_known(dino, (name for name, _ in out), change)
         return out, inos
@@ -1967,7 +1979,15 @@ class VmFs:
         return bool(r.attr.ino and want and r.attr.ino != want)
 
     async def releasedir(self, fh):
-        self.listings.pop(fh, None)
+        if self.listings.pop(fh, None) is not None:
+            self._listings_changed()
+
+    def _listings_changed(self) -> None:
+        """What listings hold changed: the notices they held back may go."""
+        self.listings_gen += 1
+        if self.held_back and not self.noticer:
+            self.noticer = True
+            self.spawn(self._notices_soon)
 
     async def fsyncdir(self, fh, datasync):
         """The directory's entries, as made so far (also those sent behind:
@@ -2039,13 +2059,13 @@ class VmFs:
         numbers for it, drvs/fs/server.py)."""
         try:
             await trio.sleep(NOTICE_DELAY)
-            while self.drops:
-                left = len(self.drops)
+            while self.drops or self.held_back and self.held_gen != self.listings_gen:
+                left = len(self.drops) + len(self.held_back)
                 try:
                     await self.call(Call.release, fh=0)  # (fh 0: nothing but what it carries)
                 except pyfuse3.FUSEError:
                     return  # no server now: later calls take them
-                if len(self.drops) >= left:
+                if len(self.drops) + len(self.held_back) >= left:
                     return  # held back (a listing open, a call unanswered): later calls take them
         finally:
             self.noticer = False
