@@ -763,3 +763,46 @@ async def test_a_new_terms_server_takes_back_locks_first_and_refuses_one_taken_m
     assert await status("n3", lockReclaim=True) == -errno.ENOLCK  # (n3 came back late: n2 has it)
     await call(server, "n2", Call.lock, lockOwner="n2:posix:7", **{**lock, "lockType": 2})
     assert await status("n3", lockReclaim=True) == 0
+
+
+async def test_a_copy_that_fills_the_disk_empties_the_old_tree_only_of_a_replica_out_of_sync(tmp_path, monkeypatch):
+    """A copy to a replica fails ENOSPC: its old tree is emptied (room for a
+    whole new one beside it) only if etcd lists the node out of sync in the
+    copy's term -- one still listed (its server could not strike it) may
+    take over with that tree, which is kept; and the copy's later calls in
+    the batch are not made (it starts again from its beginning)."""
+    import json
+
+    from drvs.store import Entry
+
+    class Etcd:
+        state: dict = {}
+
+        async def get(self, key):
+            return Entry(key, json.dumps(self.state), 1, 1)
+
+    etcd = Etcd()
+    replica = FsServer("web", Store(str(tmp_path / "replica"), "web"), None, "n2", etcd)
+    old = tmp_path / "replica" / "root" / "old"
+    old.write_text("the old tree")
+
+    def full(req):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setitem(replica.puts, Call.putFile, full)
+
+    def batch(epoch):
+        b = fs.Batch.new_message(vm="web", epoch=epoch)
+        calls = b.init("calls", 2)
+        calls[0].type, calls[0].request = Call.putFile, to_flat(new(fs.FsRequest, vm="web", path=b"f"))
+        calls[1].type, calls[1].request = Call.putDir, to_flat(new(fs.FsRequest, vm="web", path=b"d"))
+        return b
+
+    for state in ({"epoch": 3, "primary": "n1", "in_sync": ["n1", "n2"]},  # still listed: kept
+                  {"epoch": 2, "primary": "n1", "in_sync": ["n1"]}):       # etcd is of another term: kept
+        etcd.state = state
+        assert await replica.apply(batch(3)) == [-errno.ENOSPC, -errno.ECANCELED]
+        assert old.read_text() == "the old tree"
+    etcd.state = {"epoch": 3, "primary": "n1", "in_sync": ["n1"]}
+    assert await replica.apply(batch(3)) == [-errno.ENOSPC, -errno.ECANCELED]
+    assert not old.exists() and (tmp_path / "replica" / "root").is_dir()

@@ -176,7 +176,8 @@ def df(args) -> int:
     specs = [registry.get(args.vm)] if args.vm else [s for s in registry.list() if s.fs_nodes]
     if args.vm and not specs[0].fs_nodes:
         raise UsageError(f"VM {args.vm!r} has no cluster file system (it was made without --node shares)")
-    rows = [_usage(cfg, store, s) for s in specs]
+    deadline = time.monotonic() + STARTING_WAIT  # (one wait for all: not one for each VM)
+    rows = [_usage(cfg, store, s, deadline) for s in specs]
 
     def table():
         print_table(["VM", "SIZE", "USED", "AVAIL", "USE%", "REPLICAS", "SERVER", "IN SYNC", "NODES"],
@@ -202,7 +203,7 @@ def _sizes(r: dict) -> list[str]:
             f"{100 * r['used'] // r['size']}%" if r["size"] else "-"]
 
 
-def _usage(cfg, store, spec) -> dict:
+def _usage(cfg, store, spec, deadline: float) -> dict:
     from ..ipc import client
     from ..ipc.message import IpcError, Msg, check
     from ..ipc.schema import from_flat, fs, to_flat
@@ -211,7 +212,6 @@ def _usage(cfg, store, spec) -> dict:
            "nodes": spec.fs_nodes, "server": None, "in_sync": _in_sync(store, spec.name), "error": None,
            "not_in_sync": {}}
     target = f"fs@{spec.name}"
-    deadline = time.monotonic() + STARTING_WAIT
     while True:
         try:
             reply = check(client.sendrec(cfg.state_dir, target,
@@ -219,13 +219,15 @@ def _usage(cfg, store, spec) -> dict:
                           target)
             break
         except IpcError as e:
-            # No server yet, while a node of its replicas is up: one is
+            # No server yet, while a node that may serve it is up: one is
             # starting (a VM just made, a fail-over under way).
-            starting = e.errno == errno.ENOENT and _any_ready(store, spec.fs_nodes)
+            could = row["in_sync"] or spec.fs_nodes[:1]  # (none in sync yet: a new one starts on its first)
+            starting = (e.errno == errno.ENOENT and client.daemon_answers(cfg.state_dir)
+                        and _any_ready(store, could))
             if starting and time.monotonic() < deadline:
                 time.sleep(0.2)
                 continue
-            row["error"] = (f"{target}: not served yet (its file system starts on {', '.join(spec.fs_nodes)})"
+            row["error"] = (f"{target}: not served yet (its file system starts on {', '.join(could)})"
                             if starting else str(e))
             return row
         except DrvsError as e:

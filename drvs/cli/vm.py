@@ -144,7 +144,8 @@ def update(args) -> int:
         if stored is not None:
             break
     else:
-        raise Conflict(f"VM {args.name!r} kept changing while it was being updated; try again")
+        raise Conflict(f"VM {args.name!r} (or its file system's replicas in sync) kept changing while it was "
+                       "being updated; try again")
     if not spec.shares:
         try:
             _resize_here(spec, old)

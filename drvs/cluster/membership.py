@@ -58,9 +58,24 @@ def _cpu_percent() -> float:
     """How busy this node's CPUs are (those it may use: a node pinned to
     some of the machine's, as a dev cluster's with --cpus-per-node, is not
     the whole machine), since the last sample."""
-    per_cpu = psutil.cpu_percent(interval=None, percpu=True)
-    mine = [per_cpu[cpu] for cpu in os.sched_getaffinity(0) if cpu < len(per_cpu)]
+    per_cpu = dict(zip(_online_cpus(), psutil.cpu_percent(interval=None, percpu=True)))  # (online ones, in order)
+    mine = [per_cpu[cpu] for cpu in os.sched_getaffinity(0) if cpu in per_cpu]
     return round(sum(mine) / len(mine), 1) if mine else psutil.cpu_percent(interval=None)
+
+
+def _online_cpus() -> list[int]:
+    """The numbers of the CPUs online ("0-3,6"), which psutil's per-CPU
+    figures follow in order (an offline CPU has none)."""
+    try:
+        with open("/sys/devices/system/cpu/online") as f:
+            text = f.read().strip()
+    except OSError:
+        return list(range(os.cpu_count() or 1))
+    cpus = []
+    for part in filter(None, text.split(",")):
+        first, _, last = part.partition("-")
+        cpus.extend(range(int(first), int(last or first) + 1))
+    return cpus
 
 
 async def claim_pid_range(etcd: Etcd, name: str) -> int:

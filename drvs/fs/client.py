@@ -436,7 +436,8 @@ class VmFs:
         oldest = min(self.unanswered) if self.unanswered else self.begun + 1
         held = self.reading + [listing.inos for listing in self.listings.values() if listing.inos]
         inos, marks = [], []
-        while self.drops and len(inos) < limit:
+        rescan = 4 * limit  # (held back again, at most, per call: the rest wait in order for the next)
+        while self.drops and len(inos) < limit and rescan:
             mark, cino, epoch = self.drops[0]
             if mark >= oldest:
                 break
@@ -446,6 +447,7 @@ class VmFs:
             if any(cino in h for h in held):
                 self.held_back.append((mark, cino, epoch))
                 self.held_gen = self.listings_gen
+                rescan -= 1
                 continue
             del self.dropped[cino]
             if epoch == self.epoch:
@@ -546,32 +548,30 @@ class VmFs:
         resolve = getattr(self.fabric, "resolve", None)
         if resolve is None or wait <= ASK_AGAIN:
             return await self.fabric.sendrec(self.target, msg, timeout=max(wait, 0.1))
-        asked = (await resolve(self.target)).node
-        outcome: dict = {}
-        async with trio.open_nursery() as nursery:
-            async def ask():
+        sent_to: list = []  # (the node it went to last: one that moved it on, EREMCHG, is not where it waits)
+        reply = error = None
+
+        async def watch(cancel_scope):
+            while True:
+                await trio.sleep(ASK_AGAIN)
                 try:
-                    outcome["reply"] = await self.fabric.sendrec(self.target, msg, timeout=wait)
-                except (IpcError, EtcdUnavailable) as e:
-                    outcome["error"] = e
-                nursery.cancel_scope.cancel()
+                    now = await resolve(self.target, fresh=True)
+                except (IpcError, EtcdUnavailable):
+                    continue  # (none named now: a fail-over under way)
+                if sent_to and now.node != sent_to[-1]:
+                    cancel_scope.cancel()
+                    return
 
-            async def watch():
-                while True:
-                    await trio.sleep(ASK_AGAIN)
-                    try:
-                        now = await resolve(self.target, fresh=True)
-                    except (IpcError, EtcdUnavailable):
-                        continue  # (none named now: a fail-over under way)
-                    if now.node != asked:
-                        nursery.cancel_scope.cancel()
-                        return
-
-            nursery.start_soon(ask)
-            nursery.start_soon(watch)
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome.get("reply")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch, nursery.cancel_scope)
+            try:
+                reply = await self.fabric.sendrec(self.target, msg, timeout=wait, sent_to=sent_to)
+            except (IpcError, EtcdUnavailable) as e:
+                error = e
+            nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        return reply
 
     def _local_server(self) -> FsServer | None:
         """The file server itself when it runs in this process: its calls
@@ -2060,12 +2060,12 @@ class VmFs:
         try:
             await trio.sleep(NOTICE_DELAY)
             while self.drops or self.held_back and self.held_gen != self.listings_gen:
-                left = len(self.drops) + len(self.held_back)
+                left, gen = len(self.drops) + len(self.held_back), self.listings_gen
                 try:
                     await self.call(Call.release, fh=0)  # (fh 0: nothing but what it carries)
                 except pyfuse3.FUSEError:
                     return  # no server now: later calls take them
-                if len(self.drops) + len(self.held_back) >= left:
+                if len(self.drops) + len(self.held_back) >= left and self.listings_gen == gen:
                     return  # held back (a listing open, a call unanswered): later calls take them
         finally:
             self.noticer = False

@@ -187,6 +187,9 @@ class FsServer:
         # served (EREMCHG: callers look for the new server), and run() ends.
         self.stale = False
         self.builder = Builder(store.base)
+        # As a replica: one batch applied at a time (a server that gave up
+        # waiting for one and sent the next must not have them interleave).
+        self.applying = trio.Lock()
         # The message table.  The calls whose handlers are plain functions
         # (self.plain) are made as they arrive, on the fabric's fast path
         # (fast); those that wait (the disk, a lock), and changes while
@@ -658,9 +661,18 @@ class FsServer:
         await self._serve(Call.release, LocalRequest(self.vm, fh=fh), b"", LocalReply(self.epoch), node, None)
 
     async def apply(self, batch) -> list[int]:
-        """As a replica: make the server's calls, in order; each one's status."""
-        statuses = []
+        """As a replica: make the server's calls, in order; each one's
+        status.  A copy's call that failed fails the copy's calls after it
+        in the batch, unmade: the copy starts again from its beginning."""
+        async with self.applying:
+            return await self._apply(batch)
+
+    async def _apply(self, batch) -> list[int]:
+        statuses, copy_failed = [], False
         for call in batch.calls:
+            if copy_failed and call.type in PUT_CALLS:
+                statuses.append(-errno.ECANCELED)
+                continue
             msg = Msg(call.type, bytes(call.request))
             try:
                 req, path = self._decode(msg)
@@ -670,9 +682,9 @@ class FsServer:
                     try:
                         await trio.to_thread.run_sync(self.puts[call.type], req)
                     except OSError as e:
-                        if e.errno == errno.ENOSPC and await trio.to_thread.run_sync(self.builder.make_room):
-                            log.warning("fs@%s: the disk is full: this replica's old tree (not in sync) is "
-                                        "removed to make room for the copy, which starts again", self.vm)
+                        copy_failed = True
+                        if e.errno == errno.ENOSPC and call.type == Call.putFile:
+                            await self._make_room(batch.epoch)
                         raise
                 elif call.type in MIRRORED:
                     await _run(self.table[call.type], req, path, fs.FsReply.new_message(), "")
@@ -685,6 +697,25 @@ class FsServer:
                 else:
                     statuses.append(-(e.errno or errno.EIO))
         return statuses
+
+    async def _make_room(self, epoch: int) -> None:
+        """A copy filled this replica's disk: empty its old tree, if etcd
+        says this node is not a replica in sync in the copy's term (one
+        still listed -- its server could not strike it -- may take over
+        with what it has: never emptied); if etcd does not answer, not."""
+        try:
+            state, _ = await replica.read_state(self.etcd, self.vm)
+        except EtcdUnavailable as e:
+            log.info("fs@%s: the disk is full; this replica's old tree is kept (%s)", self.vm, e)
+            return
+        if state is None or state["epoch"] != epoch or self.here in state["in_sync"]:
+            return
+        try:
+            if await trio.to_thread.run_sync(self.builder.make_room):
+                log.warning("fs@%s: the disk is full: this replica's old tree (not in sync) is emptied to make "
+                            "room for the copy, which starts again", self.vm)
+        except OSError as e:
+            log.warning("fs@%s: the disk is full, and emptying the old tree failed: %s", self.vm, e)
 
     def _put_begin(self, req) -> None:
         for f in self.files.values():

@@ -401,19 +401,25 @@ class Fabric:
             return None
         return cached[1].node == msg.node
 
-    async def sendrec(self, target: str, msg: Msg, timeout: float | None = None, idempotent: bool = False) -> Msg:
+    async def sendrec(self, target: str, msg: Msg, timeout: float | None = None, idempotent: bool = False,
+                      sent_to: list | None = None) -> Msg:
         """Send msg to target and wait for the reply, at most `timeout` seconds.
-        An idempotent call is retried once, re-resolved, if its node vanished."""
+        An idempotent call is retried once, re-resolved, if its node vanished.
+        sent_to, if given, has each node msg went to appended as it goes."""
         timeout = timeout or DEFAULT_TIMEOUT
         deadline = trio.current_time() + timeout
         moved = False
         if target in self.handlers:  # served here: nothing to look up
+            if sent_to is not None:
+                sent_to.append(self.name)
             reply = await self.deliver(target, msg, timeout)
             if reply.status != -errno.EREMCHG:
                 return reply
             moved = True  # (no longer: its server's term is over)
         for attempt in (1, 2):
             loc = await self.resolve(target, fresh=moved or attempt == 2)
+            if sent_to is not None:
+                sent_to.append(loc.node)
             if loc.node == self.name and target in self.handlers:
                 return await self.deliver(target, msg, timeout)
             try:

@@ -76,8 +76,10 @@ class VmSpec:
         data = json.loads(text)
         shares = {n: Limits(**l) for n, l in (data.get("shares") or {}).items()}
         fs_nodes = data.get("fs_nodes") or []
-        # (a definition stored before the count was: as many as it has)
-        replicas = data["fs_replicas"] if "fs_replicas" in data else (len(fs_nodes) or None)
+        # (a definition stored before the count was: the default if it has
+        # as many as the default gives, else as many as it has)
+        replicas = (data["fs_replicas"] if "fs_replicas" in data
+                    else None if len(fs_nodes) == min(2, len(shares)) else len(fs_nodes))
         return cls(data["name"], Limits(**data.get("limits", {})), data.get("created", 0.0), shares,
                    fs_nodes, data.get("fs_sync", False), replicas)
 
