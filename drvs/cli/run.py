@@ -102,6 +102,7 @@ def _remote(cfg, node: str, vm_name: str, opts: jail.RunOptions, prog: str) -> i
         print(remote.detach(cfg.state_dir, node, vm_name, opts))
         return 0
     code, message = remote.run(cfg.state_dir, node, vm_name, opts)
+    message = message or _removed_meanwhile(open_store(), vm_name, code)
     if message:
         print(f"{prog}: {message}", file=sys.stderr)
     return code

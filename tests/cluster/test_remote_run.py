@@ -280,6 +280,26 @@ def test_a_program_that_ended_well_but_whose_output_was_lost_is_no_success(clust
     assert whole.returncode == 0 and whole.stdout.endswith(b"\n1000000\n")
 
 
+def test_a_remote_program_ended_by_vm_rm_says_why(cluster_factory):
+    """vm rm --force ends a VM's programs on every node: the caller of one
+    on another node says why its program was killed (as a local run does)."""
+    c = cluster_factory(nodes=2)
+    c.drvs("vm", "create", "gone", "--node", "n1", "--node", "n2", node="n1", check=True)
+    caller = subprocess.Popen([str(BIN / "drvs-run"), "--vm", "gone", "--node", "n2", "--", "sh", "-c",
+                               "echo started; exec sleep 60"], env={**c.env, "DRVS_NODE": "n1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert caller.stdout.readline() == "started\n"
+        c.drvs("vm", "rm", "gone", "--force", node="n1", check=True)
+        _, err = caller.communicate(timeout=30)
+    finally:
+        if caller.poll() is None:
+            caller.kill()
+            caller.wait()
+    assert caller.returncode == 137, err
+    assert err == "drvs-run: VM 'gone' was removed while this ran (drvs vm rm --force): its programs were ended\n"
+
+
 def _run_while_a_daemon_stops(c, stopped: str, sig: int, script: str) -> tuple[int, str]:
     """drvs-run --node n2 from n1 of script (which says "started"); once it
     runs, node `stopped`'s drvmmd gets sig: the caller's status and stderr."""
