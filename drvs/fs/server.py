@@ -34,7 +34,7 @@ import time
 import trio
 
 from .. import _fs
-from ..errors import EtcdUnavailable, SetupError
+from ..errors import DrvsError, EtcdUnavailable, SetupError
 from ..ipc.message import IpcError, Later, Msg, failure
 from ..ipc.schema import flat_with, from_flat, fs, new, to_flat
 from . import replica
@@ -703,9 +703,11 @@ class FsServer:
         says this node is not a replica in sync in the copy's term (one
         still listed -- its server could not strike it -- may take over
         with what it has: never emptied); if etcd does not answer, not."""
+        if self.etcd is None:
+            return
         try:
             state, _ = await replica.read_state(self.etcd, self.vm)
-        except EtcdUnavailable as e:
+        except DrvsError as e:  # (etcd away, or answering an error)
             log.info("fs@%s: the disk is full; this replica's old tree is kept (%s)", self.vm, e)
             return
         if state is None or state["epoch"] != epoch or self.here in state["in_sync"]:
