@@ -16,12 +16,13 @@ from typing import NoReturn
 
 from .. import config
 from ..cluster.context import cluster_info, dev_cluster_here, no_cluster
-from ..errors import DrvsError, NotFound, UsageError
+from ..errors import DrvsError, EtcdUnavailable, NotFound, UsageError
 from ..node.runs import exit_path
 from ..ns import jail
 from ..store import open_store
+from ..vm.model import VmSpec
 from ..vm.registry import VMS, VmRegistry
-from .common import Parser, guarded, require_root
+from .common import Parser, age, guarded, require_root
 from .options import add_run_options, check_here, run_options
 
 
@@ -48,13 +49,16 @@ def execute(vm_name: str, opts: jail.RunOptions, prog: str, node: str | None = N
         if single and dev_cluster_here(cfg):  # (a cluster VM, asked of the host the dev cluster runs on)
             raise NotFound(f"{e}; {no_cluster(cfg)}") from None
         raise
-    if node:
+    except EtcdUnavailable as e:
+        vm = _as_last_read(cfg, vm_name, node, e)
+        store = None
+    if node and store is not None:  # (etcd away: only this node's own share, as last read, runs)
         _known_node(node)
         if vm.shares and node not in vm.shares:  # (the VM's programs run on its nodes only)
             raise NotFound(f"VM {vm_name!r} has no share of node {node!r} (its nodes: "
                            f"{', '.join(sorted(vm.shares))}; see `drvs vm show {vm_name}`)")
         return _remote(cfg, node, vm_name, opts, prog)
-    if vm.shares:
+    elif vm.shares and store is not None:
         from ..cluster.context import local_node
         from ..vm.placement import choose_node
 
@@ -62,14 +66,35 @@ def execute(vm_name: str, opts: jail.RunOptions, prog: str, node: str | None = N
         if there is not None:
             return _remote(cfg, there, vm_name, opts, prog)
     check_here(opts.limits)  # (the run is this node's: its limits must fit this machine)
-    current = lambda: VmRegistry(store).get(vm.name)  # noqa: E731 - (read again under the cell lock)
+    current = None if store is None else lambda: VmRegistry(store).get(vm.name)  # (read again under the cell lock)
     if opts.detached:
         return detach(cfg, vm, opts, current)
     result = jail.run(cfg, vm, opts, current)
-    note = jail.explain(result) or _removed_meanwhile(store, vm.name, result.exit_code)
+    note = jail.explain(result) or (store is not None and _removed_meanwhile(store, vm.name, result.exit_code))
     if note:
         print(f"{prog}: {note}", file=sys.stderr)
     return result.exit_code
+
+
+def _as_last_read(cfg, vm_name: str, node: str | None, away: EtcdUnavailable) -> VmSpec:
+    """While etcd is away, a VM with a share of this node is run here as
+    this node's reconciler last read it (said on stderr); anything else
+    needs etcd (away, exit 6)."""
+    from ..cluster.context import local_node
+    from ..node.reconcile import last_read_path
+
+    here = local_node(cfg)
+    try:
+        with open(last_read_path(cfg)) as f:
+            last = json.load(f)
+        vm = VmSpec.from_json(last["vms"][vm_name])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise away from None
+    if here is None or here not in vm.shares or (node and node != here):
+        raise away
+    print(f"drvs-run: {away}; VM {vm_name!r} runs here as this node last read it, "
+          f"{age(last['at'])} ago", file=sys.stderr)
+    return vm
 
 
 def _removed_meanwhile(store, vm_name: str, code: int) -> str | None:

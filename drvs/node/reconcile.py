@@ -103,6 +103,28 @@ async def _tell_applied(etcd, node: str, told: dict, now: dict) -> None:
         del told[vm]
 
 
+def last_read_path(cfg) -> str:
+    return f"{cfg.state_dir}/vms-last-read.json"
+
+
+def _keep_last_read(cfg, entries, kept: "str | None") -> "str | None":
+    """The VM definitions as this pass read them, written down when they
+    changed: while etcd is away, drvs-run still starts programs in the cells
+    of this node's shares (drvs/cli/run.py), as they were last defined."""
+    text = json.dumps({e.key[len(VMS):]: e.value for e in entries}, sort_keys=True)
+    if text == kept:
+        return kept
+    path = last_read_path(cfg)
+    try:
+        with open(f"{path}.tmp", "w") as f:
+            f.write(json.dumps({"at": time.time(), "vms": json.loads(text)}))
+        os.rename(f"{path}.tmp", path)
+    except OSError as e:
+        log.warning("reconcile: %s: %s", path, e.strerror)
+        return kept
+    return text
+
+
 async def run(cfg, etcd, node: str, pid_range=(0, 0), spawner=None, on_vms=None) -> None:
     """spawner: the daemon's kernel-work thread (cells are made there, off
     the loop, which may be needed meanwhile by a jail's FUSE mounts).
@@ -113,6 +135,7 @@ async def run(cfg, etcd, node: str, pid_range=(0, 0), spawner=None, on_vms=None)
     failed: dict = {}
     told: dict = {}  # what _tell_applied said
     seen = None  # the VMs of the last pass: runs are forgotten only when some went
+    kept = None  # the definitions last written down (see _keep_last_read)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(changes.watch)
         while True:
@@ -120,6 +143,7 @@ async def run(cfg, etcd, node: str, pid_range=(0, 0), spawner=None, on_vms=None)
                 when, wall = trio.current_time(), time.time()
                 entries = await etcd.range(VMS)
                 vms = [VmSpec.from_json(e.value) for e in entries]
+                kept = _keep_last_read(cfg, entries, kept)
                 if on_vms is not None:
                     on_vms({vm.name: e.create_revision for vm, e in zip(vms, entries)}, when)
                 names = {vm.name for vm in vms}

@@ -124,6 +124,10 @@ def test_etcd_outage_is_reported_and_ridden_out(cluster_factory):
     from tests.cluster.conftest import BIN
 
     c = cluster_factory(nodes=2)
+    c.drvs("vm", "create", "web", "--node", "n1", node="n1", check=True)
+    run = [str(BIN / "drvs-run"), "--vm", "web", "--", "cat", "/etc/hostname"]
+    assert subprocess.run(run, env={**c.env, "DRVS_NODE": "n1"}, capture_output=True, text=True,
+                          timeout=60).stdout == "web\n"
     etcd = c.info["etcd"]
     os.killpg(etcd["pid"], signal.SIGKILL)
     t0 = time.monotonic()
@@ -139,6 +143,12 @@ def test_etcd_outage_is_reported_and_ridden_out(cluster_factory):
     p = subprocess.run([str(BIN / "drvs-run"), "--node", "n2", "--", "true"], env={**c.env, "DRVS_NODE": "n1"},
                        capture_output=True, text=True, timeout=60)
     assert p.returncode in (0, 6) and "Traceback" not in p.stderr and p.stderr.count("\n") <= 1, p.stderr
+    # a VM with a share of this node still runs programs here, as the node last read it; not elsewhere
+    p = subprocess.run(run, env={**c.env, "DRVS_NODE": "n1"}, capture_output=True, text=True, timeout=60)
+    assert (p.returncode, p.stdout) == (0, "web\n"), p.stderr
+    assert "etcd unreachable" in p.stderr and "VM 'web' runs here as this node last read it" in p.stderr, p.stderr
+    p = subprocess.run(run, env={**c.env, "DRVS_NODE": "n2"}, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 6 and p.stderr.count("\n") == 1 and "etcd unreachable" in p.stderr, p.stderr
     time.sleep(2)
     for n in ("n1", "n2"):  # the daemons wait it out, they do not die
         alive = subprocess.run(["kill", "-0", str(c.node(n)["pid"])]).returncode == 0
