@@ -136,7 +136,8 @@ def _remove_identity(state_dir: str) -> list[str]:
     from .bootstrap import ca_dir
 
     gone = []
-    for path in (f"{state_dir}/cluster.json", f"{state_dir}/node-uid"):
+    for path in (f"{state_dir}/cluster.json", f"{state_dir}/node-uid",
+                 f"{state_dir}/vms-last-read.json"):  # (the cluster's VMs as last read: drvs/node/reconcile.py)
         if os.path.exists(path):
             os.unlink(path)
             gone.append(path)

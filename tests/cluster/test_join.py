@@ -204,7 +204,7 @@ def test_init_then_join(machines):
     assert reset.returncode == 0, reset.stderr
     assert reset.stdout.endswith("node n2 reset: it is a single node now (`drvs node join` or `drvs cluster init` "
                                  "again)\n"), reset.stdout
-    assert not {"cluster.json", "tls", "node-uid", "vms", "cache"} & set(os.listdir(m2["state"])), \
+    assert not {"cluster.json", "tls", "node-uid", "vms", "cache", "vms-last-read.json"} & set(os.listdir(m2["state"])), \
         os.listdir(m2["state"])
     assert m.drvs("m2", "node", "reset", "--force").returncode == 3  # (in no cluster now)
     rejoin = m.drvs("m2", "node", "join", m1["address"], "--token", token, "--address", m2["address"],
