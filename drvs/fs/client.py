@@ -806,19 +806,26 @@ class VmFs:
         directory (see locate, _named)."""
         return self._named(self.locate(ino), name, second)
 
-    def _where(self, inode: int) -> dict:
+    def where_open(self, inode: int) -> dict:
         """How a call names inode: by where it is (locate); or, for a file
         open here that this node knows no path of (all its names gone, or
-        renamed by another node), as a program reaches it by
-        /proc/PID/fd/N, {"via": a handle of it} -- the object the kernel
-        named, whatever its names now.  Else ESTALE (see locate)."""
+        renamed by another node, or its directory's record of before a new
+        term), as a program reaches it by /proc/PID/fd/N, {"via": a handle
+        of it} -- the object the kernel named, whatever its names now (a
+        lock call on a descriptor has no path the kernel could walk again).
+        Else ESTALE (see locate)."""
         try:
             return self.named(inode)
         except pyfuse3.FUSEError as e:
             node = self.inodes.get(inode & MASK)
-            if node is None or not node.open:
+            if node is not None and node.open:
+                return {"via": node.open[-1].sfh}
+            # (a number of an earlier term: its record went with the term, its
+            # handles stay -- a new server is given them -- see _new_term)
+            h = next((h for h in self.handles.values() if h.cino == inode & MASK), None)
+            if h is None:
                 raise e
-            return {"via": node.open[-1].sfh}
+            return {"via": h.sfh}
 
     def _object(self, inode: int) -> dict:
         """As _where, but a file open here by one of its handles ({"via"}),
@@ -830,7 +837,7 @@ class VmFs:
         node = self.inodes.get(inode & MASK)
         if node is not None and node.open:
             return {"via": node.open[-1].sfh}
-        return self._where(inode)
+        return self.where_open(inode)
 
     async def fallocate(self, inode: int, mode: int, offset: int, length: int) -> None:
         """A program's fallocate(2) of a file open here (drvs/fs/fallocate.py):
@@ -1568,7 +1575,7 @@ class VmFs:
                 and self._local_server() is None):
             cached = self.cache.opening(inode)
         with self._writing(inode if flags & os.O_TRUNC else None):
-            where, node = self._where(inode), self.inodes.get(inode & MASK)
+            where, node = self.where_open(inode), self.inodes.get(inode & MASK)
             try:
                 r = await self.call(Call.open, **where, flags=flags, ino=self._sino(inode), inoEpoch=self.epoch)
             except pyfuse3.FUSEError as e:

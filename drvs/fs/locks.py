@@ -279,7 +279,7 @@ class NodeLocks:
             return reply_cls(error=errno.EFAULT)
         if type_ not in (RD, WR, UN) or whence not in (0, 1, 2) or (a["cmd"] == F_GETLK and type_ == UN):
             return kernel  # the kernel says EINVAL
-        where = f.fs.named(f.ino)
+        where = f.fs.where_open(f.ino)
         base = 0 if whence == 0 else f.pos if whence == 1 else (await f.fs.getattr(f.ino)).st_size
         lo = base + start
         if length > 0:
@@ -312,7 +312,7 @@ class NodeLocks:
             return kernel
         type_ = {LOCK_SH: RD, LOCK_EX: WR, LOCK_UN: UN}[kind]
         owner = f"{self.node}:flock:{caller.pid}:{f.ino}"
-        return await self._take(f, f.fs.named(f.ino), owner, True, type_, 0, -1, caller, not op & LOCK_NB,
+        return await self._take(f, f.fs.where_open(f.ino), owner, True, type_, 0, -1, caller, not op & LOCK_NB,
                                 reply_cls, kernel)
 
     async def _take(self, f, where, owner, flock, type_, lo, hi, caller, wait, reply_cls, kernel):

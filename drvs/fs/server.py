@@ -1707,6 +1707,8 @@ class FsServer:
         nodes (drvs/fs/locks.py)."""
         if req.lockIno:  # (a release: the file may have moved or gone since)
             ino = req.lockIno
+        elif req.via:  # (a file open on the caller's node, which knows no path of it now)
+            ino = self._via(req, origin).ino
         else:
             ino = self.store.lstat(check_path(path)).st_ino
         out.attr.ino = ino

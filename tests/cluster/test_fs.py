@@ -1839,6 +1839,50 @@ def test_vm_update_moves_file_system_replicas_live(cluster_factory, tmp_path):
     _wait(lambda: not kept.exists(), timeout=25)
 
 
+LOCK_ACROSS_RENAME = r"""
+import fcntl, os, struct, sys
+fd = os.open("/data/locked", os.O_RDWR)
+def lock(start):
+    fcntl.fcntl(fd, fcntl.F_SETLK, struct.pack("hhqqi", fcntl.F_WRLCK, 0, start, 1, 0))
+lock(0)
+print("first", flush=True)
+sys.stdin.readline()  # (another node renames the file meanwhile)
+try:
+    lock(2)
+    print("second ok", flush=True)
+except OSError as e:
+    print("second", e.errno, flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_lock_on_a_file_another_node_renamed_is_taken_on_the_open_file(cluster_factory):
+    """A program with a file open takes a record lock; another node renames
+    the file; the program's next lock call names the open file (its
+    handle), not the path this node lost -- it is taken, not ESTALE, and
+    holds against the other node."""
+    c = cluster_factory(nodes=2)
+    c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", node="n1", check=True)
+    view(c, "n1")
+    (view(c, "n2") / "locked").write_text("xxxx")
+    holder = subprocess.Popen([str(BIN / "drvs-run"), "--vm", "web", "--node", "n1", "--", "python3", "-c",
+                               LOCK_ACROSS_RENAME], env={**c.env, "DRVS_NODE": "n1"}, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "first\n", holder.stderr.read()
+        os.rename(view(c, "n2") / "locked", view(c, "n2") / "moved")
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline() == "second ok\n"
+        other = jail(c, "n2", "python3 -c 'import fcntl, os, struct; fd = os.open(\"/data/moved\", os.O_RDWR); "
+                              "fcntl.fcntl(fd, fcntl.F_SETLK, struct.pack(\"hhqqi\", fcntl.F_WRLCK, 0, 2, 1, 0))' "
+                              "2>&1; echo rc=$?")
+        assert "Resource temporarily unavailable" in other.stdout and "rc=1" in other.stdout, other.stdout
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_write_sent_to_a_server_gone_silent_goes_to_the_new_one(cluster_factory):
     """The serving node's drvmmd stopped (SIGSTOP) as the other node writes:
     the write, sent to the silent server, goes to the replica once it has
