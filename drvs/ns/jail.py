@@ -130,11 +130,14 @@ def data_dirs(cfg: Config, vm: str) -> tuple[str, str]:
 
 def drop_data_dirs(cfg: Config, vm: str) -> None:
     """A removed VM's directory on a node, with the data and home
-    directories runs made there, if nothing is in them (on a cluster its
-    /data is the VM's file system; its store goes with drvs/fs/service.py).
-    Under the cell's lock, and not while a cell of the name lives: a VM
-    made again under it may be starting a run (Run.start makes them anew
-    under that lock)."""
+    directories runs made there and what they hold (`drvs vm rm` removes a
+    VM's files on every node: a VM made again under the name must not find
+    root's old home; a cluster VM's /data is its file system, whose store
+    goes with drvs/fs/service.py).  Under the cell's lock, and not while a
+    cell of the name lives: a VM made again under it may be starting a run
+    (Run.start makes them anew under that lock)."""
+    import shutil
+
     vm_dir = f"{cfg.vms_dir}/{vm}"
     if not os.path.isdir(vm_dir):
         return
@@ -143,11 +146,12 @@ def drop_data_dirs(cfg: Config, vm: str) -> None:
         if cell is not None:
             cell.close()
             return
-        for path in (f"{vm_dir}/data", f"{vm_dir}/home", vm_dir):
-            try:
-                os.rmdir(path)
-            except OSError:
-                pass  # (not there, or holding something: kept)
+        for path in (f"{vm_dir}/data", f"{vm_dir}/home"):
+            shutil.rmtree(path, ignore_errors=True)  # (links in it are removed, never followed)
+        try:
+            os.rmdir(vm_dir)
+        except OSError:
+            pass  # (not there, or holding something -- its file store, until that goes: kept)
         lock.drop_file()  # (made by taking it; whoever waits for it locks a new one)
 
 

@@ -144,10 +144,17 @@ def test_removed_vm_loses_its_cells(cluster_factory):
     c = cluster_factory(nodes=2)
     c.drvs("vm", "create", "tmp", "--node", "n2", node="n1", check=True)
     assert wait_for(lambda: cell_inits(c, "n2", "tmp"))
+    p = subprocess.run([str(BIN / "drvs-run"), "--vm", "tmp", "--", "sh", "-c", "echo secret > /root/note"],
+                       env={**c.env, "DRVS_NODE": "n2"}, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    home = f"{c.node('n2')['state_dir']}/vms/tmp/home"
+    assert os.path.exists(f"{home}/note")
     c.drvs("vm", "rm", "tmp", node="n1", check=True)
-    # The init goes first, then its cgroups.
+    # The init goes first, then its cgroups; root's home goes with the VM (on the node that
+    # did not remove it too), so a VM made again under the name does not find it.
     assert wait_for(lambda: not cell_inits(c, "n2", "tmp")
                     and not glob.glob(f"/sys/fs/cgroup/pids/drvs-dev-{c.info['name']}-n2/drvs*/tmp"))
+    assert wait_for(lambda: not os.path.exists(home), timeout=20)
 
 
 def test_run_goes_to_a_node_with_a_share(cluster_factory):
