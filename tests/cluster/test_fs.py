@@ -2080,16 +2080,21 @@ def test_an_unreachable_server_is_an_error_within_a_bound(cluster_factory):
     assert c.drvs("node", "ls", node="n2").returncode == 0
 
 
+def _small_store(c, node: str, size: str) -> Path:
+    """A tmpfs of size mounted where node keeps VM web's file store (the
+    caller unmounts it)."""
+    store = Path(c.node(node)["state_dir"]) / "vms" / "web" / "fs"
+    for _ in range(20):  # (a node's look at start for stores of VMs removed while it was away may take this one)
+        store.mkdir(parents=True, exist_ok=True)
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "drvs-test-full", str(store)]).returncode == 0:
+            return store
+        time.sleep(0.5)
+    raise AssertionError(f"{store}: cannot mount a tmpfs there")
+
+
 def test_a_full_disk_on_the_server_reaches_the_writer_and_corrupts_nothing(cluster_factory):
     c = cluster_factory(nodes=2)
-    store = Path(c.node("n1")["state_dir"]) / "vms" / "web" / "fs"
-    for _ in range(20):  # (n1's look at start for stores of VMs removed while it was away may take this one)
-        store.mkdir(parents=True, exist_ok=True)
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "drvs-test-full", str(store)]).returncode == 0:
-            break
-        time.sleep(0.5)
-    else:
-        raise AssertionError(f"{store}: cannot mount a tmpfs there")
+    store = _small_store(c, "n1", "4m")
     try:
         c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", "--fs-replicas", "1", node="n1", check=True)
         b = view(c, "n2")
@@ -2123,14 +2128,7 @@ def test_a_replica_without_room_for_two_trees_is_copied_to_all_the_same(cluster_
     the copy starts again -- the replica is in sync again, rather than
     failing ENOSPC for ever; `drvs df` says why a replica is not in sync."""
     c = cluster_factory(nodes=2)
-    store = Path(c.node("n2")["state_dir"]) / "vms" / "web" / "fs"
-    for _ in range(20):  # (see test_a_full_disk_on_the_server_reaches_the_writer_and_corrupts_nothing)
-        store.mkdir(parents=True, exist_ok=True)
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "drvs-test-full", str(store)]).returncode == 0:
-            break
-        time.sleep(0.5)
-    else:
-        raise AssertionError(f"{store}: cannot mount a tmpfs there")
+    store = _small_store(c, "n2", "16m")
     try:
         c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", node="n1", check=True)
         a = view(c, "n1")
