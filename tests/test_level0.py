@@ -427,3 +427,12 @@ def test_a_large_request_payload_reaches_its_endpoint_as_a_view_of_its_message()
             server.close()
 
     _run(main)
+
+
+def test_an_error_names_its_endpoint_once():
+    from drvs.ipc.message import said_of
+
+    assert said_of("drvmm@n2", "no reply in time") == "drvmm@n2: no reply in time"
+    assert said_of("drvmm@n2", "drvmm@n2: busy") == "drvmm@n2: busy"
+    assert said_of("drvmm@n2", "no endpoint 'drvmm@n2' (not registered, or its node is gone)") \
+        == "no endpoint 'drvmm@n2' (not registered, or its node is gone)"

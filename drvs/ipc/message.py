@@ -121,8 +121,10 @@ ETCD_AWAY = _errno.ENOLINK
 
 
 def said_of(endpoint: str, text: str) -> str:
-    """text, said of endpoint once (the words of an error may name it already)."""
-    return text if text.startswith(f"{endpoint}: ") else f"{endpoint}: {text}"
+    """text, said of endpoint once (the words of an error may name it
+    already: "E: ...", or "no endpoint 'E'")."""
+    named = text.startswith(f"{endpoint}: ") or f"'{endpoint}'" in text
+    return text if named else f"{endpoint}: {text}"
 
 
 def check(reply: Msg, target: str) -> Msg:
