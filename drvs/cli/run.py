@@ -87,13 +87,13 @@ def _as_last_read(cfg, vm_name: str, node: str | None, away: EtcdUnavailable) ->
     try:
         with open(last_read_path(cfg)) as f:
             last = json.load(f)
-        vm = VmSpec.from_json(last["vms"][vm_name])
-    except (OSError, ValueError, KeyError, TypeError):
+        vm, read_at = VmSpec.from_json(last["vms"][vm_name]), float(last["at"])
+    except (OSError, ValueError, KeyError, TypeError):  # (none written, or not as written: etcd's word it is)
         raise away from None
     if here is None or here not in vm.shares or (node and node != here):
         raise away
-    print(f"drvs-run: {away}; VM {vm_name!r} runs here as this node last read it, "
-          f"{age(last['at'])} ago", file=sys.stderr)
+    print(f"drvs-run: {away}; VM {vm_name!r} runs here as this node last read it, {age(read_at)} ago",
+          file=sys.stderr)
     return vm
 
 
