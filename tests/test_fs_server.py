@@ -415,7 +415,7 @@ async def test_a_call_naming_a_directory_by_its_handle_is_made_where_it_is_now(t
     await call(server, "n2", Call.mknod, at=handle, atEpoch=1, path=b"f", mode=0o100644)
     await call(server, "n2", Call.rename, at=handle, atEpoch=1, path=b"f", at2=handle, path2=b"g")
     assert sorted(os.listdir(root / "deep" / "moved")) == ["g"]
-    queued = [from_flat(fs.FsRequest, p) for _, p in mirror.calls][-2:]
+    queued = [from_flat(fs.FsRequest, p) for _, p, _ in mirror.calls][-2:]
     assert [(bytes(q.path), bytes(q.path2), bytes(q.at), bytes(q.at2)) for q in queued] == [
         (b"deep/moved/f", b"", b"", b""), (b"deep/moved/f", b"deep/moved/g", b"", b"")]
     m = Msg(Call.mknod, to_flat(new(fs.FsRequest, vm="web", at=handle, atEpoch=2, path=b"h", mode=0o100644)))
@@ -806,3 +806,84 @@ async def test_a_copy_that_fills_the_disk_empties_the_old_tree_only_of_a_replica
     etcd.state = {"epoch": 3, "primary": "n1", "in_sync": ["n1"]}
     assert await replica.apply(batch(3)) == [-errno.ENOSPC, -errno.ECANCELED]
     assert not old.exists() and (tmp_path / "replica" / "root").is_dir()
+
+
+def _content(server: FsServer, fh: int) -> bytes:
+    with open(f"/proc/self/fd/{server._file(fh).fd}", "rb") as f:  # (the handle's is write-only)
+        return f.read()
+
+
+async def _again(server: FsServer, m: Msg) -> Msg:
+    """A message sent again as it came (the fabric hands each its own view)."""
+    again = Msg(m.type, bytes(m.payload))
+    again.node = m.node
+    r = server.fast(again)
+    if r is None:
+        return await server.handle(again)
+    return await r.finish() if isinstance(r, Later) else r
+
+
+async def test_a_change_sent_again_is_answered_as_made_not_made_twice(tmp_path):
+    """A reply lost with a reset connection: the node sends the call again
+    under its number, and gets the reply the change had -- an append is
+    not written twice, a create with O_EXCL does not fail EEXIST."""
+    server, _ = serving(tmp_path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
+    create = message("n2", Call.create, path=b"log", flags=flags, mode=0o644, seq=7)
+    first = from_flat(fs.FsReply, (await server.handle(create)).payload)
+    second = await _again(server, create)
+    assert second.status == 0, second.error
+    assert from_flat(fs.FsReply, second.payload).fh == first.fh
+    append = message("n2", Call.write, fh=first.fh, offset=0, data=b"line\n", seq=8)
+    for _ in range(3):
+        r = await _again(server, append)
+        assert r.status == 0 and from_flat(fs.FsReply, r.payload).size == 5
+    assert _content(server, first.fh) == b"line\n"
+    # Another node's call of that number is its own: made.
+    other = message("n3", Call.write, fh=first.fh, offset=0, data=b"more\n", seq=8)
+    assert (await _again(server, other)).status == 0
+    assert _content(server, first.fh) == b"line\nmore\n"
+
+
+class ToReplica(Invalidations):
+    """Invalidations, and n3's replica: a real file server that applies the
+    batches sent to fsr@n3."""
+
+    def __init__(self, replica: FsServer):
+        super().__init__()
+        self.replica = replica
+
+    async def sendrec(self, target, msg, timeout=None, idempotent=False):
+        if target != "fsr@n3":
+            return await super().sendrec(target, msg, timeout, idempotent)
+        statuses = await self.replica.apply(from_flat(fs.Batch, msg.payload))
+        return Msg(0, to_flat(new(fs.BatchReply, statuses=statuses)))
+
+
+async def test_the_next_server_answers_a_change_its_predecessor_made_as_it_was_made(tmp_path):
+    """The server dies after its replica has a change but before its reply
+    went out: the node sends the call to the next server, which answers
+    it as made -- the file it created, the append written once."""
+    from drvs.fs.replica import Mirror
+
+    server, _ = serving(tmp_path)
+    replica = FsServer("web", Store(str(tmp_path / "replica"), "web"), Invalidations(), "n3")
+    server.fabric = ToReplica(replica)
+    mirror = server.mirrors["n3"] = Mirror(server, "n3")
+    mirror.live = True
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
+    create = message("n2", Call.create, path=b"log", flags=flags, mode=0o644, seq=7)
+    made = from_flat(fs.FsReply, (await server.handle(create)).payload)
+    append = message("n2", Call.write, fh=made.fh, offset=0, data=b"line\n", seq=8)
+    assert (await _again(server, append)).status == 0
+    await mirror.send(mirror._batch())  # (the replica has both changes; the server dies)
+    replica.promote(2, ["n3"])
+    for m in (create, append):
+        r = await _again(replica, m)
+        assert r.status == 0, r.error
+        reply = from_flat(fs.FsReply, r.payload)
+        assert reply.epoch == 2
+    assert from_flat(fs.FsReply, (await _again(replica, create)).payload).fh == made.fh
+    later = message("n2", Call.write, fh=made.fh, offset=0, data=b"next\n", seq=9)
+    assert (await _again(replica, later)).status == 0
+    assert _content(replica, made.fh) == b"line\nnext\n"

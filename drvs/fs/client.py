@@ -543,8 +543,10 @@ class VmFs:
         etcd still names the node it went to; None once it names another
         (the server went silent and a replica took over: the change is
         then sent to the new server, as after a reset connection, rather
-        than failing when the silent one's time is up).  Not sent twice to
-        one server: a slow one gets no copies (an append made twice)."""
+        than failing when the silent one's time is up; the new server
+        answers it as made if the silent one made and streamed it, see
+        FsServer.done).  Not sent twice to one server: a slow one would
+        only be given more to read."""
         resolve = getattr(self.fabric, "resolve", None)
         if resolve is None or wait <= ASK_AGAIN:
             return await self.fabric.sendrec(self.target, msg, timeout=max(wait, 0.1))

@@ -105,7 +105,7 @@ async def set_in_sync(etcd, vm: str, epoch: int, node: str, present: bool) -> bo
 class Mirror:
     def __init__(self, server, node: str):
         self.server, self.node = server, node
-        self.calls: list[tuple[int, bytes]] = []
+        self.calls: list[tuple[int, bytes, str]] = []  # (type, request, the node whose call it was)
         self.bytes = 0
         self.pushed = 0      # calls queued so far
         self.done = 0        # of them, made by the replica
@@ -124,8 +124,9 @@ class Mirror:
 
     # -- queue (also used outside trio, from the fabric's fast path) --
 
-    def push(self, ctype: int, payload: bytes) -> int:
-        """The call's sequence number, to wait() for; 0: none to wait for."""
+    def push(self, ctype: int, payload: bytes, origin: str = "") -> int:
+        """The call's sequence number, to wait() for; 0: none to wait for.
+        origin: the node whose call it was (the replica keeps its reply)."""
         if not self.live:
             if self.handed or self.lost:
                 # A replica still listed in sync lacks this change (the server
@@ -135,7 +136,7 @@ class Mirror:
                     self.missed = True  # (data or names it lacks: no vouching for the term, see _vouch)
                 return self.pushed + 1
             return 0
-        self.calls.append((ctype, payload))
+        self.calls.append((ctype, payload, origin))
         self.bytes += len(payload)
         self.pushed += 1
         self.token.run_sync_soon(self._work.set)
@@ -301,7 +302,7 @@ class Mirror:
                 await self.send(batch)
             self._advance(len(batch))
 
-    def _batch(self) -> list[tuple[int, bytes]]:
+    def _batch(self) -> list[tuple[int, bytes, str]]:
         batch, size = [], 0
         while self.calls and len(batch) < BATCH_CALLS and size < BATCH_BYTES:
             call = self.calls.pop(0)
@@ -321,12 +322,14 @@ class Mirror:
         with trio.move_on_after(GATHER):
             await self._hurry.wait()
 
-    async def send(self, calls: list[tuple[int, bytes]]) -> None:
+    async def send(self, calls: list[tuple[int, bytes, str]]) -> None:
         s = self.server
         m = fs.Batch.new_message(vm=s.vm, epoch=s.epoch, made=s.store.made)
         out = m.init("calls", len(calls))
-        for i, (ctype, payload) in enumerate(calls):
+        for i, (ctype, payload, origin) in enumerate(calls):
             out[i].type, out[i].request = ctype, payload
+            if origin:
+                out[i].origin = origin
         try:
             reply = await s.fabric.sendrec(f"fsr@{self.node}", Msg(Call.mirror, to_flat(m)),
                                            timeout=SEND_TIMEOUT)
@@ -337,7 +340,7 @@ class Mirror:
                 s.stale = True
             raise MirrorFailed(reply.error)
         statuses = from_flat(fs.BatchReply, reply.payload).statuses
-        for (ctype, _), st in zip(calls, statuses):
+        for (ctype, *_), st in zip(calls, statuses):
             if st < 0:
                 raise MirrorFailed(f"call {ctype} failed there ({os.strerror(-st)}), not here")
 
@@ -446,7 +449,7 @@ class _Sender:
 
     async def add(self, ctype: int, **fields) -> None:
         payload = to_flat(fs.FsRequest.new_message(vm=self.mirror.server.vm, **fields))
-        self.calls.append((ctype, payload))
+        self.calls.append((ctype, payload, ""))
         self.bytes += len(payload)
         if len(self.calls) >= BATCH_CALLS or self.bytes >= BATCH_BYTES:
             await self.flush()

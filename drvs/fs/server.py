@@ -71,6 +71,7 @@ REAP_EVERY = 5.0  # seconds between looks for open files of nodes that left
 FOLLOW_EVERY = 1.0  # seconds between looks at which nodes keep replicas (vm update moves them)
 KEPT_MAX = 4096  # removed directories whose numbers are kept from reuse at once (a descriptor each)
 REPLACED_GRACE = 2.0  # seconds a file replaced by a rename stays openable by its number (see FsServer.replaced)
+DONE_MAX = 8192  # replies to changes kept to answer a call sent again (see FsServer.done)
 REPLACED_MAX = 256    # such files at once (a descriptor each)
 VERSIONS_MAX = 1 << 16  # files whose data versions are kept apart (the others share version_floor)
 OPEN_FLAGS = os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC | os.O_NOATIME
@@ -176,6 +177,18 @@ class FsServer:
         self.versions: collections.OrderedDict[int, int] = collections.OrderedDict()
         self.version_floor = self.version_last = 0
         self.seq = 0  # the number of the call being made (the caller's node counts them)
+        # Replies to the changes made, by (node, call number): a change sent
+        # again -- after a reset connection, or to the next server once this
+        # one died or went silent -- is answered as it was, not made twice
+        # (an append written twice; a create, mkdir, rename or unlink then
+        # failing).  As NFSv4.1's reply cache, but kept with the replicas:
+        # a replica records the reply of each change it applies, so the
+        # next server has the replies of every change it has.  Bounded by
+        # count: after a server's death no change is recorded until the
+        # calls sent again have come.  making: those under way in trio (a
+        # copy that comes meanwhile waits for the first's reply).
+        self.done: collections.OrderedDict[tuple[str, int], tuple[int, bytes]] = collections.OrderedDict()
+        self.making: dict[tuple[str, int], trio.Event] = {}
         self.epoch = 0                          # the term; 0: a replica, not serving
         self.mirrors: dict[str, Mirror] = {}    # the other replicas, while serving
         self.held: trio.Event | None = None     # set while changes wait (a replica's copy ends)
@@ -271,6 +284,9 @@ class FsServer:
             self.heard[origin] = time.monotonic()
         if len(req.forgotten) and req.forgottenEpoch == self.epoch and len(req.forgottenMarks) == len(req.forgotten):
             self.forgotten(origin, req.forgotten, req.forgottenMarks)
+        key = (origin, req.seq) if req.seq and msg.type in MIRRORED else None
+        if key is not None and (key in self.making or key in self.done):
+            return None  # a change sent again: handle() answers it as made (see done)
         if not self._now_ok(msg.type) or self._recall_needed(req, path, origin):
             return None
         if len(req.closed) and not self._now_ok(Call.release):
@@ -292,12 +308,36 @@ class FsServer:
             else:
                 data |= self._now_into(targets, msg.type, req, path, out, origin, msg.view())
                 reply = Msg(0, to_flat(out))
+                if key is not None:
+                    self._did(key, msg.type, reply.payload)
         except OSError as e:
             reply = _os_failure(e, path)
         except Exception as e:  # noqa: BLE001 - a bug: the reply says so; what was made is still told
             log.exception("fs@%s: message type %d", self.vm, msg.type)
             reply = failure(errno.EIO, f"fs@{self.vm}: server error: {type(e).__name__}: {e}")
         return reply if not targets else Later(lambda: self._told(targets, data, reply))
+
+    def _did(self, key: tuple[str, int], ctype: int, reply: bytes) -> None:
+        self.done[key] = (ctype, reply)
+        if len(self.done) > DONE_MAX:
+            self.done.popitem(last=False)
+
+    async def _made_before(self, key: tuple[str, int], ctype: int, origin: str) -> "Msg | None":
+        """The reply to a change sent again, as it was made (in this term
+        or, by this node as a replica, in the one before); None: not made."""
+        while (making := self.making.get(key)) is not None:
+            await making.wait()
+        done = self.done.get(key)
+        if done is None or done[0] != ctype:
+            return None
+        out = from_flat(fs.FsReply, done[1]).as_builder()
+        out.epoch = self.epoch  # (a replica's reply: the term it is answered in)
+        if origin in self.revocations:
+            out.revocations = self.revocations[origin]
+        if ctype in (Call.open, Call.create):
+            out.version = self.version(out.attr.ino)
+        log.info("fs@%s: call %d of node %s came again: answered as made", self.vm, key[1], origin)
+        return Msg(0, to_flat(out))
 
     def _now_into(self, targets: dict, ctype: int, req, path: bytes, out, origin: str, payload) -> bool:
         """_now(), its nodes to tell merged into targets (one round of
@@ -368,6 +408,23 @@ class FsServer:
         origin = msg.node or self.here
         if origin in self.delegated_to:
             self.heard[origin] = time.monotonic()
+        if not req.seq or msg.type not in MIRRORED:
+            return await self._handle(msg, req, path, origin)
+        key = (origin, req.seq)
+        again = await self._made_before(key, msg.type, origin)
+        if again is not None:
+            return again
+        self.making[key] = making = trio.Event()
+        try:
+            reply = await self._handle(msg, req, path, origin)
+            if reply.status == 0:
+                self._did(key, msg.type, reply.payload)
+            return reply
+        finally:
+            del self.making[key]
+            making.set()
+
+    async def _handle(self, msg: Msg, req, path: bytes, origin: str) -> Msg:
         for fh in req.closed:  # closes the caller's node left for its next call
             await self._release_for(origin, fh)
         out = new(fs.FsReply, epoch=self.epoch)
@@ -477,7 +534,7 @@ class FsServer:
             payload = to_flat(b)
         waits = {}
         for m in self.mirrors.values():
-            seq = m.push(ctype, payload)
+            seq = m.push(ctype, payload, origin or self.here)
             if seq:
                 waits[m] = seq
         return waits
@@ -687,7 +744,10 @@ class FsServer:
                             await self._make_room(batch.epoch)
                         raise
                 elif call.type in MIRRORED:
-                    await _run(self.table[call.type], req, path, fs.FsReply.new_message(), "")
+                    out = fs.FsReply.new_message()
+                    await _run(self.table[call.type], req, path, out, "")
+                    if req.seq and call.origin:  # (its reply, should the call come again to this node: see done)
+                        self._did((call.origin, req.seq), call.type, to_flat(out))
                 else:
                     raise OSError(errno.EINVAL, "not a change")
                 statuses.append(0)

@@ -207,6 +207,7 @@ struct Batch {
   struct Call {
     type @0 :UInt16;
     request @1 :Data;
+    origin @2 :Text;   # the node whose call it was ("": a copy's): its reply is kept by (origin, seq), see FsServer.done
   }
 }
 
