@@ -96,7 +96,7 @@ class Inode:
     """term: the server's term of writes to the file not yet fsync'ed (0:
     none): a server of a later term may never have got them."""
 
-    __slots__ = ("cino", "parent", "name", "lookups", "open", "term", "born", "up", "handle", "gen")
+    __slots__ = ("cino", "parent", "name", "lookups", "open", "term", "born", "up", "handle", "gen", "shown")
 
     def __init__(self, cino: int, born: int):
         self.cino, self.parent, self.name, self.lookups, self.term = cino, None, b"", 0, 0
@@ -106,6 +106,7 @@ class Inode:
         self.born, self.up = born, -1
         self.handle = b""  # a directory's file handle on the server of this term (see VmFs.locate)
         self.gen = 0  # which object the kernel was last told has its number (see drvs/fs/server.py generation)
+        self.shown = 0  # the number the kernel shows for it, if another (see VmFs._renumbered)
 
 
 class Listing:
@@ -198,6 +199,7 @@ class VmFs:
         self.reopened: dict[int, int] = {}
         self.reopening: dict[int, trio.Event] = {}
         self.entries: dict[tuple[int, bytes], int] = {}  # (directory, name) -> inode, this node's numbers
+        self.shown: dict[int, int] = {}  # a number the kernel shows -> the inode it asks by, where not the same
         self.handles: dict[int, Handle] = {}
         self.listings: dict[int, Listing] = {}
         self.next_fh = 1
@@ -999,6 +1001,34 @@ class VmFs:
         return e
 
     async def getattr(self, inode, ctx=None):
+        return self._renumbered(inode, await self._getattr(inode))
+
+    def _renumbered(self, inode: int, e: pyfuse3.EntryAttributes) -> pyfuse3.EntryAttributes:
+        """Attributes of an inode the kernel holds, given to it: it takes
+        their number as the inode's own (i_ino), which a new term changed
+        -- fstat, /proc/PID/fdinfo and /proc/locks show the new one, while
+        the kernel still asks by the old.  Kept (shown), so that a
+        program's lock call, named by fdinfo's number, finds the record
+        (see kernel_inode)."""
+        cino, now = inode & MASK, e.st_ino & MASK
+        if cino != now:
+            node = self.inodes.get(cino)
+            if node is not None and node.shown != now:
+                if node.shown and self.shown.get(node.shown) == cino:
+                    del self.shown[node.shown]
+                node.shown = now
+                self.shown[now] = cino
+        return e
+
+    def kernel_inode(self, ino: int) -> int:
+        """The inode the kernel asks by for one whose number it shows as
+        ino (fdinfo's, /proc/locks'): see _renumbered."""
+        cino = ino & MASK
+        if cino not in self.inodes:
+            cino = self.shown.get(cino, cino)
+        return self.tag | cino
+
+    async def _getattr(self, inode):
         kept = self.kept
         if kept is not None and kept[0] == inode & MASK and kept[2] == self.told:
             e = self._kept_attr(kept[1], kept[3])
@@ -1048,8 +1078,10 @@ class VmFs:
             number = self.in_line + 1
             r = await self.call(Call.setattr, **where, **args)
         self._keep(inode & MASK, r.attr, number, change.told)
-        return self._attr(r.attr, change.told,
-                          still="path" not in where or self._asked(inode, (where.get("at", b""), where["path"])))
+        if mask & SET_SIZE and attr.st_size == 0:
+            self._emptied(inode & MASK, self._c(r.attr.ino))
+        return self._renumbered(inode, self._attr(
+            r.attr, change.told, still="path" not in where or self._asked(inode, (where.get("at", b""), where["path"]))))
 
     def _setattr_behind(self, cino: int, h: "Handle | None", mask: int, attr) -> "pyfuse3.EntryAttributes | None":
         """A chmod, chown or utimes of a file this node made and alone
@@ -1611,6 +1643,8 @@ class VmFs:
                 # reaches it by a handle.
                 r = await self.call(Call.open, via=node.open[-1].sfh, flags=flags)
         info = self._opened(r, flags)
+        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
+            self._emptied(inode & MASK, self._c(r.attr.ino))
         if cached is not None and self.tag | self._c(r.attr.ino) == inode:
             self.cache.opened(inode, cached, r.attr.size, r.attr.mtimeNs, (r.epoch, r.version))
         return info
@@ -1914,6 +1948,21 @@ class VmFs:
                         self.doubts.pop(path, None)
             raise pyfuse3.FUSEError(errno.EIO)
 
+    def _emptied(self, *cinos: int) -> None:
+        """The file was emptied in this term (an O_TRUNC open, a truncation
+        to 0): writes of an earlier term a new server may lack are not in
+        doubt any more -- none of their data is left to miss -- so its next
+        close or fsync does not fail for them."""
+        for cino in cinos:
+            node = self.inodes.get(cino)
+            if node is not None and node.term and node.term != self.epoch:
+                node.term = 0
+                if self.doubts:
+                    with contextlib.suppress(pyfuse3.FUSEError):
+                        at, path = self.locate(cino)
+                        if not at:
+                            self.doubts.pop(path, None)
+
     def _in_doubt(self, term: int, epoch: int) -> bool:
         """Whether writes made in term (0: none), not fsync'ed, may be
         missing from the server of epoch: it is another, and no clean
@@ -2061,6 +2110,8 @@ class VmFs:
     def _maybe_drop(self, node: Inode) -> None:
         if node.lookups <= 0 and not node.open and node.cino != self.root:
             del self.inodes[node.cino]
+            if node.shown and self.shown.get(node.shown) == node.cino:
+                del self.shown[node.shown]
             if self.cache is not None:
                 # (its pages stay: the server stops telling this node of its
                 # changes, but its next open says its data version)

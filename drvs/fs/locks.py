@@ -251,7 +251,17 @@ class NodeLocks:
             return None
         ino = info["ino"]
         fs_ = self.view.slots.get(ino >> TAG_SHIFT)
-        return VmFile(fs_, ino, info.get("pos", 0), info.get("flags", 0)) if fs_ is not None else None
+        if fs_ is None:
+            return None
+        return VmFile(fs_, fs_.kernel_inode(ino), info.get("pos", 0), info.get("flags", 0))
+
+    def _kernel_inode(self, ino: int) -> int:
+        """The inode the kernel asks by for one /proc shows as ino (a new
+        term renumbers the inodes the kernel holds: VmFs._renumbered)."""
+        from .client import TAG_SHIFT
+
+        fs_ = self.view.slots.get(ino >> TAG_SHIFT) if self.view is not None else None
+        return fs_.kernel_inode(ino) if fs_ is not None else ino
 
     # -- the calls --
 
@@ -351,7 +361,7 @@ class NodeLocks:
                 self.probed.clear()
                 continue
             await self._follow_terms()
-            present = {(e[0], e[2], e[3]) for e in _proc_locks(self.device)}
+            present = {(e[0], e[2], self._kernel_inode(e[3])) for e in _proc_locks(self.device)}
             now = time.monotonic()
             for key, (tgid, ino, since, epoch) in list(self.held.items()):
                 fs_, sino, owner, flock = key
@@ -400,13 +410,14 @@ class NodeLocks:
         for kind, mode, tgid, ino, start, end in _proc_locks(self.device):
             if self.view is None or self.view.slots.get(ino >> TAG_SHIFT) is not fs_:
                 continue
+            ino = fs_.kernel_inode(ino)
             pid = _vm_pid(tgid)
             if pid is None:
                 continue  # (ended: its lock goes with it; or a host process's: the node's own)
             flock = kind == "FLOCK"
             owner = f"{self.node}:flock:{pid}:{ino}" if flock else f"{self.node}:posix:{pid}"
             try:
-                r = await fs_.call(Call.lock, **fs_.named(ino), lockType=WR if mode == "WRITE" else RD,
+                r = await fs_.call(Call.lock, **fs_.where_open(ino), lockType=WR if mode == "WRITE" else RD,
                                    lockStart=start, lockEnd=end, lockOwner=owner, lockFlock=flock, lockPid=pid,
                                    lockReclaim=True)
             except pyfuse3.FUSEError as e:

@@ -1569,11 +1569,14 @@ def test_writes_a_new_server_may_lack_are_reported_by_a_close_or_a_later_fsync(c
     (the new server may lack some of its writes), and so does the first
     fsync, through a descriptor opened after it, of a file written and
     closed before -- once, as Linux reports a failed writeback: never
-    0 for data that may be gone."""
+    0 for data that may be gone.  A file emptied after the fail-over (an
+    O_TRUNC open, a truncation to 0) has nothing left to miss: no EIO."""
     c = cluster_factory(nodes=2)
     server, other = _two_replicas(c)
     there = view(c, other)
     (there / "closed").write_bytes(os.urandom(1 << 20))  # (written and closed before the fail-over)
+    (there / "rewritten").write_bytes(os.urandom(1 << 20))
+    (there / "cut").write_bytes(os.urandom(1 << 20))
     (there / "dir").mkdir()
     (there / "dir" / "moved").write_bytes(os.urandom(1 << 20))  # (the same, then its directory renamed)
     (there / "synced").write_bytes(b"kept")
@@ -1586,6 +1589,10 @@ def test_writes_a_new_server_may_lack_are_reported_by_a_close_or_a_later_fsync(c
         assert dead.returncode == 7 and dead.stdout.splitlines()[1].split()[1:5] == ["-"] * 4, dead.stdout
 
     assert _write_across(there / "open", tmp_path / "stop", crash) == "close EIO\n"
+    (there / "rewritten").write_bytes(b"new")  # (its close: no EIO)
+    assert _fsync_errno(there / "rewritten") == 0
+    os.truncate(there / "cut", 0)
+    assert _fsync_errno(there / "cut") == 0
     assert _fsync_errno(there / "closed") == errno.EIO
     assert _fsync_errno(there / "closed") == 0  # (once)
     os.rename(there / "dir", there / "dir2")
@@ -1796,6 +1803,52 @@ def test_locks_held_across_a_fail_over_stay_held(cluster_factory):
         os.kill(c.node("n1")["pid"], signal.SIGKILL)
         _wait(lambda: _df(c, "n3").get("server") in ("n2", "n3"), timeout=30)
         _held_until_let_go(c, "n3", b, holder)
+    finally:
+        _end([holder])
+
+
+RELOCKER = """
+import errno, fcntl, os, sys, time
+lk = sys.argv[1]
+f = os.open(lk, os.O_RDWR | os.O_CREAT)
+p = os.open(lk + ".p", os.O_RDWR | os.O_CREAT)
+open(lk + ".held", "w").close()  # (open, no lock yet)
+while not os.path.exists(lk + ".go"):
+    time.sleep(0.05)
+os.fstat(f), os.fstat(p)  # (the kernel takes the new term's numbers for them)
+out = []
+for name, take in (("flock", lambda: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)),
+                   ("posix", lambda: fcntl.lockf(p, fcntl.LOCK_EX | fcntl.LOCK_NB))):
+    try:
+        take()
+        out.append(name + " got")
+    except OSError as e:
+        out.append(name + " " + errno.errorcode[e.errno])
+print(" ".join(out), flush=True)
+open(lk + ".locked", "w").close()
+while not os.path.exists(lk + ".release"):
+    time.sleep(0.05)
+"""
+
+
+def test_files_open_across_a_fail_over_are_locked_after_it(cluster_factory):
+    """A program on n2 has files open while the server (n1) dies; after
+    the fail-over it stats them -- the kernel then shows them by the new
+    term's numbers -- and takes a flock and a record lock: both are
+    granted, and hold against n3 until it lets go."""
+    c = cluster_factory(nodes=3)
+    c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", "--node", "n3", node="n1", check=True)
+    view(c, "n1"), view(c, "n3")
+    b = view(c, "n2")
+    _wait(lambda: _df(c, "n1").get("server") == "n1" and len(_df(c, "n1").get("in_sync", ())) == 2)
+    holder = _holding(c, b, {"relocker.py": RELOCKER, "try.py": TRY_LOCKS}, "lk")
+    try:
+        os.kill(c.node("n1")["pid"], signal.SIGKILL)
+        _wait(lambda: _df(c, "n3").get("server") in ("n2", "n3"), timeout=30)
+        (b / "lk.go").touch()
+        _wait(lambda: (b / "lk.locked").exists() or holder.poll() is not None)
+        _held_until_let_go(c, "n3", b, holder)
+        assert holder.stdout.read().decode() == "flock got posix got\n"
     finally:
         _end([holder])
 
