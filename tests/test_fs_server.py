@@ -883,7 +883,36 @@ async def test_the_next_server_answers_a_change_its_predecessor_made_as_it_was_m
         assert r.status == 0, r.error
         reply = from_flat(fs.FsReply, r.payload)
         assert reply.epoch == 2
+        if m is create:  # (its node is told of the file's changes, as after a create made now)
+            assert reply.attr.ino != made.attr.ino and "n2" in replica.interest[reply.attr.ino]
     assert from_flat(fs.FsReply, (await _again(replica, create)).payload).fh == made.fh
     later = message("n2", Call.write, fh=made.fh, offset=0, data=b"next\n", seq=9)
     assert (await _again(replica, later)).status == 0
     assert _content(replica, made.fh) == b"line\nnext\n"
+
+
+async def test_a_copy_of_a_change_still_being_told_to_others_is_answered_once_they_were(tmp_path):
+    """An unlink another node's cache holds is made at once and answered
+    once that node dropped the name: a copy that comes meanwhile (a reset
+    connection) waits the same, then is answered as made (not ENOENT)."""
+    server, fabric = serving(tmp_path)
+    r = await call(server, "n3", Call.create, path=b"f", flags=os.O_WRONLY, mode=0o644)  # (n3 caches f)
+    await call(server, "n3", Call.release, fh=r.fh)
+    m = message("n2", Call.unlink, path=b"f", seq=5)
+    first = server.fast(m)
+    assert isinstance(first, Later)
+    copy = Msg(m.type, bytes(m.payload))
+    copy.node = "n2"
+    assert server.fast(copy) is None  # (to trio: it waits)
+    replies = []
+
+    async def again():
+        replies.append(await server.handle(copy))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(again)
+        await trio.testing.wait_all_tasks_blocked()
+        assert replies == []
+        assert (await first.finish()).status == 0
+    assert replies[0].status == 0, replies[0].error
+    assert fabric.told == ["fsc@n3"]  # (told once)

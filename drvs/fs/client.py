@@ -199,7 +199,7 @@ class VmFs:
         self.reopened: dict[int, int] = {}
         self.reopening: dict[int, trio.Event] = {}
         self.entries: dict[tuple[int, bytes], int] = {}  # (directory, name) -> inode, this node's numbers
-        self.shown: dict[int, int] = {}  # a number the kernel shows -> the inode it asks by, where not the same
+        self.shown: dict[int, set] = {}  # a number the kernel shows -> the inodes it asks by, where not the same
         self.handles: dict[int, Handle] = {}
         self.listings: dict[int, Listing] = {}
         self.next_fh = 1
@@ -560,10 +560,10 @@ class VmFs:
         scope = trio.CancelScope()
         key = object()
         self.asking[key] = [trio.current_time() + ASK_AGAIN, sent_to, scope]
-        if not self.watching:
-            self.watching = True
-            self.spawn(self._watch_servers, resolve)
         try:
+            if not self.watching:
+                self.spawn(self._watch_servers, resolve)
+                self.watching = True
             with scope:
                 return await self.fabric.sendrec(self.target, msg, timeout=wait, sent_to=sent_to)
             return None  # (_watch_servers: another node serves now)
@@ -1011,22 +1011,38 @@ class VmFs:
         program's lock call, named by fdinfo's number, finds the record
         (see kernel_inode)."""
         cino, now = inode & MASK, e.st_ino & MASK
-        if cino != now:
-            node = self.inodes.get(cino)
-            if node is not None and node.shown != now:
-                if node.shown and self.shown.get(node.shown) == cino:
-                    del self.shown[node.shown]
+        node = self.inodes.get(cino)
+        if node is not None and node.shown != (now if now != cino else 0):
+            self._unshow(node)
+            if now != cino:
                 node.shown = now
-                self.shown[now] = cino
+                self.shown.setdefault(now, set()).add(cino)
         return e
 
+    def _unshow(self, node: Inode) -> None:
+        if node.shown:
+            those = self.shown.get(node.shown)
+            if those is not None:
+                those.discard(node.cino)
+                if not those:
+                    del self.shown[node.shown]
+            node.shown = 0
+
     def kernel_inode(self, ino: int) -> int:
-        """The inode the kernel asks by for one whose number it shows as
-        ino (fdinfo's, /proc/locks'): see _renumbered."""
+        """An inode the kernel asks by, of the file it shows as ino
+        (fdinfo's, /proc/locks'): see _renumbered.  (Any of them: the
+        kernel may hold several, one per term, all of that one file.)"""
         cino = ino & MASK
         if cino not in self.inodes:
-            cino = self.shown.get(cino, cino)
+            those = self.shown.get(cino)
+            if those:
+                cino = next(iter(those))
         return self.tag | cino
+
+    def shows(self, ino: int) -> int:
+        """The number the kernel shows for inode ino now (see _renumbered)."""
+        node = self.inodes.get(ino & MASK)
+        return self.tag | node.shown if node is not None and node.shown else ino
 
     async def _getattr(self, inode):
         kept = self.kept
@@ -1079,7 +1095,7 @@ class VmFs:
             r = await self.call(Call.setattr, **where, **args)
         self._keep(inode & MASK, r.attr, number, change.told)
         if mask & SET_SIZE and attr.st_size == 0:
-            self._emptied(inode & MASK, self._c(r.attr.ino))
+            self._emptied(self._c(r.attr.ino))
         return self._renumbered(inode, self._attr(
             r.attr, change.told, still="path" not in where or self._asked(inode, (where.get("at", b""), where["path"]))))
 
@@ -1644,7 +1660,7 @@ class VmFs:
                 r = await self.call(Call.open, via=node.open[-1].sfh, flags=flags)
         info = self._opened(r, flags)
         if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
-            self._emptied(inode & MASK, self._c(r.attr.ino))
+            self._emptied(self._c(r.attr.ino))
         if cached is not None and self.tag | self._c(r.attr.ino) == inode:
             self.cache.opened(inode, cached, r.attr.size, r.attr.mtimeNs, (r.epoch, r.version))
         return info
@@ -1948,20 +1964,21 @@ class VmFs:
                         self.doubts.pop(path, None)
             raise pyfuse3.FUSEError(errno.EIO)
 
-    def _emptied(self, *cinos: int) -> None:
-        """The file was emptied in this term (an O_TRUNC open, a truncation
-        to 0): writes of an earlier term a new server may lack are not in
-        doubt any more -- none of their data is left to miss -- so its next
-        close or fsync does not fail for them."""
-        for cino in cinos:
-            node = self.inodes.get(cino)
-            if node is not None and node.term and node.term != self.epoch:
-                node.term = 0
-                if self.doubts:
-                    with contextlib.suppress(pyfuse3.FUSEError):
-                        at, path = self.locate(cino)
-                        if not at:
-                            self.doubts.pop(path, None)
+    def _emptied(self, cino: int) -> None:
+        """The server emptied this file, inode cino of this term (an O_TRUNC
+        open, a truncation to 0): writes of an earlier term a new server
+        may lack are not in doubt any more -- none of their data is left to
+        miss -- so its next close or fsync does not fail for them.  (Only
+        the file the server names: an inode of an earlier term that was
+        opened by a name another file has now keeps its doubt.)"""
+        node = self.inodes.get(cino)
+        if node is not None and node.term and node.term != self.epoch:
+            node.term = 0
+            if self.doubts:
+                with contextlib.suppress(pyfuse3.FUSEError):
+                    at, path = self.locate(cino)
+                    if not at:
+                        self.doubts.pop(path, None)
 
     def _in_doubt(self, term: int, epoch: int) -> bool:
         """Whether writes made in term (0: none), not fsync'ed, may be
@@ -2110,8 +2127,7 @@ class VmFs:
     def _maybe_drop(self, node: Inode) -> None:
         if node.lookups <= 0 and not node.open and node.cino != self.root:
             del self.inodes[node.cino]
-            if node.shown and self.shown.get(node.shown) == node.cino:
-                del self.shown[node.shown]
+            self._unshow(node)
             if self.cache is not None:
                 # (its pages stay: the server stops telling this node of its
                 # changes, but its next open says its data version)

@@ -255,14 +255,6 @@ class NodeLocks:
             return None
         return VmFile(fs_, fs_.kernel_inode(ino), info.get("pos", 0), info.get("flags", 0))
 
-    def _kernel_inode(self, ino: int) -> int:
-        """The inode the kernel asks by for one /proc shows as ino (a new
-        term renumbers the inodes the kernel holds: VmFs._renumbered)."""
-        from .client import TAG_SHIFT
-
-        fs_ = self.view.slots.get(ino >> TAG_SHIFT) if self.view is not None else None
-        return fs_.kernel_inode(ino) if fs_ is not None else ino
-
     # -- the calls --
 
     async def fcntl(self, caller, a, reply_cls, kernel):
@@ -321,7 +313,7 @@ class NodeLocks:
         if f is None or kind not in (LOCK_SH, LOCK_EX, LOCK_UN):
             return kernel
         type_ = {LOCK_SH: RD, LOCK_EX: WR, LOCK_UN: UN}[kind]
-        owner = f"{self.node}:flock:{caller.pid}:{f.ino}"
+        owner = f"{self.node}:flock:{caller.pid}"  # (the server keeps each file's locks apart)
         return await self._take(f, f.fs.where_open(f.ino), owner, True, type_, 0, -1, caller, not op & LOCK_NB,
                                 reply_cls, kernel)
 
@@ -361,11 +353,13 @@ class NodeLocks:
                 self.probed.clear()
                 continue
             await self._follow_terms()
-            present = {(e[0], e[2], self._kernel_inode(e[3])) for e in _proc_locks(self.device)}
+            present = {(e[0], e[2], e[3]) for e in _proc_locks(self.device)}
             now = time.monotonic()
             for key, (tgid, ino, since, epoch) in list(self.held.items()):
                 fs_, sino, owner, flock = key
-                if (("FLOCK" if flock else "POSIX"), tgid, ino) in present or now - since < GRACE:
+                kind = "FLOCK" if flock else "POSIX"
+                # (as the kernel shows the inode now: a new term renumbers it, VmFs._renumbered)
+                if (kind, tgid, ino) in present or (kind, tgid, fs_.shows(ino)) in present or now - since < GRACE:
                     continue
                 self.held.pop(key, None)
                 if epoch != fs_.epoch:
@@ -415,7 +409,7 @@ class NodeLocks:
             if pid is None:
                 continue  # (ended: its lock goes with it; or a host process's: the node's own)
             flock = kind == "FLOCK"
-            owner = f"{self.node}:flock:{pid}:{ino}" if flock else f"{self.node}:posix:{pid}"
+            owner = f"{self.node}:flock:{pid}" if flock else f"{self.node}:posix:{pid}"
             try:
                 r = await fs_.call(Call.lock, **fs_.where_open(ino), lockType=WR if mode == "WRITE" else RD,
                                    lockStart=start, lockEnd=end, lockOwner=owner, lockFlock=flock, lockPid=pid,

@@ -310,12 +310,16 @@ class FsServer:
                 reply = Msg(0, to_flat(out))
                 if key is not None:
                     self._did(key, msg.type, reply.payload)
+                    if targets:  # (a copy that comes before the others were told waits as the reply does)
+                        self.making[key] = trio.Event()
         except OSError as e:
             reply = _os_failure(e, path)
         except Exception as e:  # noqa: BLE001 - a bug: the reply says so; what was made is still told
             log.exception("fs@%s: message type %d", self.vm, msg.type)
             reply = failure(errno.EIO, f"fs@{self.vm}: server error: {type(e).__name__}: {e}")
-        return reply if not targets else Later(lambda: self._told(targets, data, reply))
+        if not targets:
+            return reply
+        return Later(lambda: self._told(targets, data, reply, key if key in self.making else None))
 
     def _did(self, key: tuple[str, int], ctype: int, reply: bytes) -> None:
         self.done[key] = (ctype, reply)
@@ -336,6 +340,18 @@ class FsServer:
             out.revocations = self.revocations[origin]
         if ctype in (Call.open, Call.create):
             out.version = self.version(out.attr.ino)
+        # What the node will cache of it, noted as a reply made now notes it
+        # (a replica noted nothing; a new term knows no interest yet)...
+        if out.attr.ino:
+            self._seen(origin, out.attr.ino)
+        if out.dirAttr.ino:
+            self._seen(origin, out.dirAttr.ino)
+            self._looked(origin, out.dirAttr.ino)
+        # ... and no grant a recall may have ended since.
+        if out.delegated and self.delegations.get(out.attr.ino) != origin:
+            out.delegated = False
+        if out.behindBytes and not (out.dirAttr.ino and self._behind_ok(out.dirAttr.ino, origin)):
+            out.behindBytes = 0
         log.info("fs@%s: call %d of node %s came again: answered as made", self.vm, key[1], origin)
         return Msg(0, to_flat(out))
 
@@ -395,8 +411,12 @@ class FsServer:
     def version(self, ino: int) -> int:
         return self.versions.get(ino, self.version_floor)
 
-    async def _told(self, targets: dict, data: bool, reply):
-        await self._tell_targets(targets, data)
+    async def _told(self, targets: dict, data: bool, reply, key: "tuple[str, int] | None" = None):
+        try:
+            await self._tell_targets(targets, data)
+        finally:
+            if key is not None:
+                self.making.pop(key).set()
         return reply
 
     async def handle(self, msg: Msg) -> Msg:
@@ -783,6 +803,7 @@ class FsServer:
         for f in self.files.values():
             os.close(f.fd)
         self.files.clear()
+        self.done.clear()  # (their inode numbers are the old tree's)
         self.builder.begin()
 
     def _put_commit(self, req) -> None:

@@ -99,7 +99,7 @@ struct FsRequest {
   lockType @18 :UInt8;   # 0 read, 1 write, 2 none (unlock), as F_RDLCK, F_WRLCK, F_UNLCK
   lockStart @19 :Int64;
   lockEnd @20 :Int64;    # exclusive; -1: to the end of the file, however far it grows
-  lockOwner @21 :Text;   # who holds it: "NODE:posix:PID" or "NODE:flock:PID:INODE"
+  lockOwner @21 :Text;   # who holds it: "NODE:posix:PID" or "NODE:flock:PID" (locks are kept per file)
   lockWaitMs @22 :UInt32;# how long a conflicting lock may be waited for here
   lockTest @23 :Bool;    # F_GETLK: only say what conflicts
   lockFlock @24 :Bool;   # flock(2) locks (a space apart from fcntl's)

@@ -1824,7 +1824,15 @@ for name, take in (("flock", lambda: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_N
         out.append(name + " got")
     except OSError as e:
         out.append(name + " " + errno.errorcode[e.errno])
+    os.stat(lk if name == "flock" else lk + ".p")  # (a lookup: the node has a record by the new number too)
+try:  # (the flock again, as shared: the same owner's, whichever number the node now finds the file by)
+    fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    out.append("again got")
+except OSError as e:
+    out.append("again " + errno.errorcode[e.errno])
 print(" ".join(out), flush=True)
+time.sleep(1.5)  # (the node's look at /proc/locks must find them held: NodeLocks.run)
 open(lk + ".locked", "w").close()
 while not os.path.exists(lk + ".release"):
     time.sleep(0.05)
@@ -1835,7 +1843,9 @@ def test_files_open_across_a_fail_over_are_locked_after_it(cluster_factory):
     """A program on n2 has files open while the server (n1) dies; after
     the fail-over it stats them -- the kernel then shows them by the new
     term's numbers -- and takes a flock and a record lock: both are
-    granted, and hold against n3 until it lets go."""
+    granted, the flock is taken again as shared and exclusive, and they
+    hold against n3 (also once the node looked the names up again) until
+    it lets go."""
     c = cluster_factory(nodes=3)
     c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", "--node", "n3", node="n1", check=True)
     view(c, "n1"), view(c, "n3")
@@ -1848,7 +1858,7 @@ def test_files_open_across_a_fail_over_are_locked_after_it(cluster_factory):
         (b / "lk.go").touch()
         _wait(lambda: (b / "lk.locked").exists() or holder.poll() is not None)
         _held_until_let_go(c, "n3", b, holder)
-        assert holder.stdout.read().decode() == "flock got posix got\n"
+        assert holder.stdout.read().decode() == "flock got posix got again got\n"
     finally:
         _end([holder])
 
