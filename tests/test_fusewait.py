@@ -131,6 +131,42 @@ def test_a_second_readiness_before_the_woken_worker_ran_wakes_no_other():
     assert _in_line(fn) == (["a"], 1)
 
 
+def test_a_worker_woken_for_a_request_taken_back_waits_again():
+    """The kernel takes back a request not yet read when its caller is
+    killed: the worker woken for it finds nothing to read, and waits for
+    the next request rather than reading (EAGAIN would end pyfuse3)."""
+    async def fn(line, r, w):
+        order = []
+        async with trio.open_nursery() as n:
+            await _line_up(n, line, r, "a", order)
+            os.write(w, b"1")
+            line._ready()  # (the woken worker runs at trio's next batch) ...
+            os.read(r, 1)  # ... after the request is gone
+            await trio.sleep(0.05)
+            before = list(order), len(line.waiting)
+            os.write(w, b"2")
+            await trio.sleep(0.1)
+        return before, order, line.stats["withdrawn"]
+
+    assert _in_line(fn) == (([], 1), ["a"], 1)
+
+
+def test_a_worker_whose_read_was_refused_eagain_reads_on():
+    """Past the line's look, the read itself may find the request gone:
+    pyfuse3's worker loop raises BlockingIOError, and is run again by the
+    same task instead of ending the session."""
+    runs = []
+
+    async def session_loop(*args):
+        runs.append(args)
+        if len(runs) == 1:
+            raise BlockingIOError(11, "fuse_session_receive_buf failed with Resource temporarily unavailable")
+        return "ended"
+
+    assert trio.run(fusewait.reading_on(session_loop), "nursery", 1, 2) == "ended"
+    assert runs == [("nursery", 1, 2)] * 2
+
+
 def test_only_the_last_busy_worker_polls():
     """A worker that comes to wait while another handles a request sleeps
     in line: the poll is for the moment the daemon would go idle."""
@@ -323,10 +359,18 @@ MEMFS_WITH_LINE = textwrap.dedent(r'''
                 async def serve():
                     nonlocal stats
                     with fusewait.install() as ns:
+                        reading_on, workers = pyfuse3._session_loop, []
+
+                        async def counted(*args):  # (pyfuse3 finds its worker loop by name: ours)
+                            workers.append(1)
+                            return await reading_on(*args)
+
+                        pyfuse3._session_loop = counted
                         try:
                             await pyfuse3.main()
                         finally:
                             stats = {str(fd): line.stats.copy() for fd, line in ns.lines.items()}
+                            stats["workers"] = len(workers) if reading_on.__wrapped__ else 0
                 nursery.start_soon(serve)
                 with trio.open_signal_receiver(signal.SIGTERM) as signals:
                     async for _ in signals:
@@ -381,6 +425,7 @@ def test_a_fuse_mount_served_from_the_line_answers_concurrent_clients_and_ends(m
     out, _ = proc.communicate(timeout=20)
     assert proc.returncode == 0
     stats = json.loads(out)
+    assert stats.pop("workers") > 0  # (its workers read on after a request taken back: reading_on)
     (line,) = stats.values()  # one line, for the session's fd
     assert line["woken"] + line.get("caught", 0) > 600  # every request came through it
     assert not os.path.ismount(mnt)

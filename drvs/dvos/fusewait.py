@@ -28,6 +28,7 @@ behind this node's own requests."""
 import asyncio
 import collections
 import contextlib
+import logging
 import os
 import select
 import time
@@ -38,6 +39,7 @@ import trio
 
 from ..ipc import bridge
 
+log = logging.getLogger("drvmmd")
 SPIN_MAX = 100e-6  # the longest poll before sleeping, in seconds
 SPIN_MIN = 4e-6    # a window shrunk below this does not poll at all (until a near miss grows it)
 
@@ -108,14 +110,21 @@ class Line:
         if self.caught:
             self.caught = False
             await trio.lowlevel.checkpoint()  # (a turn of the host loop: see the module's doc)
-        if self.closed:
-            raise trio.ClosedResourceError("the FUSE session is closing")
-        last = not self._others_busy(task)
-        if last and self._polled():
-            self.caught = True
-            self.stats["caught"] += 1
-            return
-        await self._sleep(task, last)
+        while True:
+            if self.closed:
+                raise trio.ClosedResourceError("the FUSE session is closing")
+            last = not self._others_busy(task)
+            if last and self._polled():
+                self.caught = True
+                self.stats["caught"] += 1
+                return
+            await self._sleep(task, last)
+            if self.poller.poll(0):
+                return
+            # Gone before this worker ran: the kernel takes back a request
+            # not yet read when its caller is killed, and a read would
+            # fail EAGAIN (pyfuse3 ends the session on it).
+            self.stats["withdrawn"] += 1
 
     def _others_busy(self, task) -> bool:
         """Whether another worker is between its read and its next wait
@@ -238,11 +247,42 @@ class _Trio:
         return getattr(trio, name)
 
 
+def reading_on(session_loop):
+    """pyfuse3's worker loop, made again by the same task when its read of
+    /dev/fuse fails with EAGAIN -- a request the kernel took back after it
+    said the fd was readable (its caller was killed meanwhile) -- where
+    pyfuse3 raises and so ends every worker, and the mount, with it.  (The
+    line makes this rare: a woken worker looks again before it reads.)"""
+
+    async def worker(*args, **kwargs):
+        while True:
+            try:
+                return await session_loop(*args, **kwargs)
+            except BlockingIOError:
+                log.info("FUSE: a request was taken back before it was read (its caller was killed); "
+                         "reading on")
+
+    worker.__wrapped__ = session_loop
+    return worker
+
+
 @contextlib.contextmanager
 def install():
-    """While in the block, pyfuse3's workers wait in line on the host loop
-    (a guest run of drvs.ipc.bridge; elsewhere, or with DRVS_FUSE_LINE=0
-    for comparison, nothing changes)."""
+    """While in the block, pyfuse3's workers read on after a request taken
+    back (reading_on), and wait in line on the host loop (a guest run of
+    drvs.ipc.bridge; elsewhere, or with DRVS_FUSE_LINE=0 for comparison,
+    as pyfuse3 has them wait)."""
+    loop_saved = pyfuse3._session_loop
+    pyfuse3._session_loop = reading_on(loop_saved)
+    try:
+        with _in_line() as ns:
+            yield ns
+    finally:
+        pyfuse3._session_loop = loop_saved
+
+
+@contextlib.contextmanager
+def _in_line():
     try:
         asyncio.get_running_loop()
     except RuntimeError:
