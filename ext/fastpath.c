@@ -44,8 +44,9 @@ static int signal_arg(int nr)
 /* 0: queue for Python; 1: answered here (continue); -errno: fail the call. */
 static int decide(const struct fastpath *fp, const struct seccomp_notif *n)
 {
-    if (n->data.nr == SYS_fcntl || n->data.nr == SYS_flock || n->data.nr == SYS_fallocate)
-        return 0; /* locks (the filter sent only lock commands), fallocate: the file server's */
+    if (n->data.nr == SYS_fcntl || n->data.nr == SYS_flock || n->data.nr == SYS_fallocate || n->data.nr == SYS_sync ||
+        n->data.nr == SYS_syncfs)
+        return 0; /* locks (the filter sent only lock commands), fallocate, syncs: the file server's */
     int32_t pid = (int32_t)n->data.args[0];
     int32_t sig = (int32_t)n->data.args[signal_arg(n->data.nr)];
     if (sig < 0 || sig > 64)

@@ -105,6 +105,20 @@ static PyObject *py_write_back(PyObject *Py_UNUSED(self), PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *py_syncfs(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    int fd;
+    if (!PyArg_ParseTuple(args, "i", &fd))
+        return NULL;
+    int r;
+    Py_BEGIN_ALLOW_THREADS
+    r = syncfs(fd);
+    Py_END_ALLOW_THREADS
+    if (r < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
 /* name_to_handle_at(dirfd, name) -> bytes: the handle's type (4 bytes,
  * native order) and then the file system's own bytes of it; name b"": dirfd
  * itself. */
@@ -168,6 +182,7 @@ static PyMethodDef methods[] = {
     {"renameat2", py_renameat2, METH_VARARGS, "renameat2(olddirfd, old, newdirfd, new, flags)"},
     {"fallocate", py_fallocate, METH_VARARGS, "fallocate(fd, mode, offset, length)"},
     {"write_back", py_write_back, METH_VARARGS, "write_back(fd): dirty pages written, no fsync"},
+    {"syncfs", py_syncfs, METH_VARARGS, "syncfs(fd): the file system holding fd, on its disk"},
     {NULL, NULL, 0, NULL},
 };
 

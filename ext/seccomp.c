@@ -36,7 +36,7 @@ int seccomp_install_notify(const int *nrs, int count, uint32_t pid_base, uint32_
     /* Layout: arch check; one jeq per notified call; allow; the pid test
      * (base <= (u32)arg0 < top -> allow; negative pids are large unsigned
      * and so notify); the lock test for fcntl (only F_GETLK, F_SETLK and
-     * F_SETLKW notify); notify (flock and fallocate always). */
+     * F_SETLKW notify); notify (flock, fallocate, sync and syncfs always). */
     struct sock_filter prog[24 + SECCOMP_MAX_NOTIFIED];
     int n = 0, k;
     const int allow = 4 + count, pid_test = allow + 1, lock_test = pid_test + 5, notify = lock_test + 5;
@@ -47,9 +47,10 @@ int seccomp_install_notify(const int *nrs, int count, uint32_t pid_base, uint32_
     prog[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
     prog[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr));
     for (k = 0; k < count; k++) {
-        int target = nrs[k] == SYS_fcntl                                 ? lock_test
-                     : nrs[k] == SYS_flock || nrs[k] == SYS_fallocate ? notify
-                                                                      : pid_test;
+        int target = nrs[k] == SYS_fcntl ? lock_test
+                     : nrs[k] == SYS_flock || nrs[k] == SYS_fallocate || nrs[k] == SYS_sync || nrs[k] == SYS_syncfs
+                         ? notify
+                         : pid_test;
         prog[n] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (uint32_t)nrs[k],
                                                (uint8_t)(target - (n + 1)), 0);
         n++;

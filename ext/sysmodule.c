@@ -401,7 +401,7 @@ static const struct {
 #endif
     NR(execve), NR(exit_group), NR(ptrace), NR(process_vm_readv), NR(process_vm_writev),
     NR(sched_setaffinity), NR(getpriority), NR(setpriority), NR(prlimit64), NR(uname), NR(fcntl), NR(flock),
-    NR(fallocate),
+    NR(fallocate), NR(sync), NR(syncfs),
 };
 #undef NR
 

@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 
+import pyfuse3
 import trio
 
 from .. import _sys
@@ -94,7 +95,8 @@ class Supervisor:
         self.locks = NodeLocks(node)  # its view is set once mounted
         self.handlers = {"kill": self.kill, "tkill": self.tkill, "tgkill": self.tgkill,
                          "rt_sigqueueinfo": self.rt_sigqueueinfo, "rt_tgsigqueueinfo": self.rt_tgsigqueueinfo,
-                         "fcntl": self.fcntl, "flock": self.flock, "fallocate": self.fallocate}
+                         "fcntl": self.fcntl, "flock": self.flock, "fallocate": self.fallocate,
+                         "sync": self.sync, "syncfs": self.syncfs}
         missing = [s.name for s in syscalls.TABLE if s.level == syscalls.SERVED and s.name not in self.handlers]
         assert not missing, f"served system calls without a handler: {missing}"
 
@@ -339,6 +341,29 @@ class Supervisor:
 
     async def fallocate(self, vm: str, caller: Caller, a: dict) -> Reply:
         return await fallocate.call(self.locks.file_of, caller, a, Reply, KERNEL)
+
+    async def sync(self, vm: str, caller: Caller, a: dict) -> Reply:
+        """sync(2): the VM's file system first (sync has no error to say),
+        then the kernel's sync of the node's own file systems."""
+        fs_ = self.locks.view.vms.get(vm) if self.locks.view is not None else None
+        if fs_ is not None:
+            try:
+                await fs_.syncfs()
+            except pyfuse3.FUSEError as e:
+                log.info("sync of %s's file system by pid %d: %s", vm, caller.pid, os.strerror(e.errno))
+        return KERNEL
+
+    async def syncfs(self, vm: str, caller: Caller, a: dict) -> Reply:
+        """syncfs(2) of a descriptor on the VM's file system: as sync, with
+        its error; any other: the kernel's."""
+        f = self.locks.file_of(caller.host_pid, a["fd"])
+        if f is None:
+            return KERNEL
+        try:
+            await f.fs.syncfs()
+        except pyfuse3.FUSEError as e:
+            return Reply(error=e.errno)
+        return Reply(value=0)
 
     # -- routing -----------------------------------------------------------------
 

@@ -55,6 +55,10 @@ TABLE = (
     Syscall("fallocate", "fs", SERVED, "fd:int mode:int offset:ptr len:ptr",
             "on the VM's file system: made by the file server (FUSE through pyfuse3 has none); "
             "other files: the kernel's"),
+    Syscall("sync", "fs", SERVED, "",
+            "the VM's file system: every change made so far on the disks of its server and replicas "
+            "(FUSE has no sync of its own); then the kernel's, of the node's other file systems"),
+    Syscall("syncfs", "fs", SERVED, "fd:int", "on the VM's file system: as sync; other files: the kernel's"),
     Syscall("getpid", "-", KERNEL, "", "VM-wide: each node's cell allocates from its own pid range"),
     Syscall("gettid", "-", KERNEL, "", "VM-wide (pid ranges)"),
     Syscall("getppid", "-", KERNEL, "", "VM-wide (pid ranges); a remote run's parent is its cell's init"),
@@ -84,5 +88,5 @@ TABLE = (
 
 BY_NR = {s.nr: s for s in TABLE if s.nr is not None}
 # What the filter sends to the supervisor: the pid calls (when argument 0 is
-# another node's), fcntl's lock commands, flock, fallocate.
+# another node's), fcntl's lock commands, flock, fallocate, sync, syncfs.
 NOTIFIED = tuple(s.nr for s in TABLE if s.level == SERVED and s.nr is not None)

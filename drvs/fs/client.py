@@ -72,7 +72,7 @@ RETRY_ERRNOS = {errno.ENOENT, errno.ECONNRESET, errno.ECONNREFUSED, errno.EHOSTU
 NOT_DELIVERED = RETRY_ERRNOS - {errno.ECONNRESET}  # (a reset may come after the call arrived)
 # Calls that change no file's attributes (see VmFs.kept); an open may truncate.
 QUERIES = {Call.getattr, Call.lookup, Call.readlink, Call.read, Call.readdir, Call.statfs, Call.getxattr,
-           Call.listxattr, Call.flush, Call.fsync, Call.release, Call.usage, Call.lock}
+           Call.listxattr, Call.flush, Call.fsync, Call.release, Call.usage, Call.lock, Call.syncfs}
 
 
 DOTS = 2  # "." and "..": the first two entries of every listing
@@ -1944,6 +1944,14 @@ class VmFs:
         self._durable(h, r.epoch, done=True)
         if lost:
             raise pyfuse3.FUSEError(lost)
+
+    async def syncfs(self) -> None:
+        """A program's sync(2) or syncfs(2) here (FUSE sends the server
+        none: the node's supervisor asks, drvs/dvos/supervisor.py): what
+        this node sent behind is made first (call), then every change made
+        so far is on the disks of the server and of the replicas in sync.
+        FUSEError if not."""
+        await self.call(Call.syncfs, idempotent=True)
 
     def _durable(self, h: Handle, epoch: int, done: bool) -> None:
         """A sync of h's file answered in term epoch: EIO if writes of an

@@ -44,7 +44,7 @@ CHUNK = 1 << 20
 # table the same, so open files survive a fail-over).
 MIRRORED = {Call.setattr, Call.mknod, Call.mkdir, Call.symlink, Call.unlink, Call.rmdir, Call.rename,
             Call.link, Call.open, Call.create, Call.write, Call.release, Call.fsync, Call.setxattr,
-            Call.removexattr, Call.fallocate, Call.unlinks}
+            Call.removexattr, Call.fallocate, Call.unlinks, Call.syncfs}
 PUT_CALLS = {Call.putBegin, Call.putDir, Call.putFile, Call.putLink, Call.putHardlink, Call.putRemove,
              Call.putCommit}
 LAST = 1  # putFile/putDir flag: the last part: set size, owner, mode and times
@@ -132,7 +132,7 @@ class Mirror:
                 # A replica still listed in sync lacks this change (the server
                 # handed over, or could not strike it): whoever waits fails.
                 self.lost = True
-                if ctype not in (Call.fsync, Call.release):
+                if ctype not in (Call.fsync, Call.release, Call.syncfs):
                     self.missed = True  # (data or names it lacks: no vouching for the term, see _vouch)
                 return self.pushed + 1
             return 0

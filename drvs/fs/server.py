@@ -219,7 +219,7 @@ class FsServer:
             Call.release: self.release, Call.fsync: self.fsync, Call.flush: self.flush,
             Call.setxattr: self.setxattr, Call.removexattr: self.removexattr, Call.usage: self.usage,
             Call.lock: self.lock, Call.fallocate: self.fallocate, Call.unlinks: self.unlinks,
-            Call.behind: self.behind, Call.tmpfiles: self.tmpfiles,
+            Call.behind: self.behind, Call.tmpfiles: self.tmpfiles, Call.syncfs: self.syncfs,
         }
         self.lock_table = LockTable()
         # Directories delegated (FsReply.delegated): inode -> the node whose
@@ -511,7 +511,7 @@ class FsServer:
                                     await _run(self.table[ctype], req, path, out, origin))
         if changed is not None:
             await self._tell(origin, changed)
-        if ctype == Call.fsync:  # durable on every replica in sync, not only here
+        if ctype in (Call.fsync, Call.syncfs):  # durable on every replica in sync, not only here
             for mirror, seq in waits.items():
                 await mirror.wait(seq)
         elif ctype == Call.flush and self.sync:  # a synchronous VM: a close returns once replicas have it
@@ -1770,6 +1770,17 @@ class FsServer:
             return None
         f.wrote = False
         return Changed(inodes=[f.ino], data=True)
+
+    async def syncfs(self, req, path, out, origin) -> None:
+        """A program's sync(2) or syncfs(2) (FUSE has none: its node's
+        supervisor asks): every change made so far, on this node's disk --
+        the store's whole file system -- and, see _serve, on the replicas,
+        which make this call too."""
+        fd = self.store.open(b"", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            await trio.to_thread.run_sync(_fs.syncfs, fd)
+        finally:
+            os.close(fd)
 
     def setxattr(self, req, path, out, origin) -> Changed:
         name = _xattr_name(req)

@@ -69,6 +69,8 @@ enum FsCall {
   tmpfiles @39;    # size (how many), flags (1: the node's first ask: those it held before go) ->
                    # handles, entries (their attr: ino, gen), behindBytes: files made ahead (unnamed,
                    # open) for the caller's node to create behind in directories delegated to it
+  syncfs @40;      # a program's sync(2) or syncfs(2), from its node's supervisor: every change made
+                   # so far, on the disk of the server and of every replica in sync
 }
 
 struct Caller {

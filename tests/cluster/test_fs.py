@@ -1946,6 +1946,39 @@ def test_a_lock_on_a_file_another_node_renamed_is_taken_on_the_open_file(cluster
         holder.wait()
 
 
+def test_sync_in_a_jail_returns_once_the_replicas_have_what_was_written(cluster_factory):
+    """sync(1) in a jail (FUSE sends the server no sync: the node's
+    supervisor asks it): it returns once every replica in sync has what
+    was written before it -- a replica stopped holds it up -- so a line
+    appended with `>>` and synced survives the server; syncfs(2) of a file
+    of the VM likewise."""
+    c = cluster_factory(nodes=3)
+    c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", "--node", "n3", node="n1", check=True)
+    view(c, "n1"), view(c, "n2"), view(c, "n3")
+    _wait(lambda: len(_df(c, "n1").get("in_sync", ())) == 2)
+    df = _df(c, "n1")
+    replica = next(n for n in df["in_sync"] if n != df["server"])
+    writer = next(n for n in ("n1", "n2", "n3") if n not in df["in_sync"])
+    store = Path(c.node(replica)["state_dir"]) / "vms" / "web" / "fs" / "root"
+    syncfs = "import ctypes, os; fd = os.open('/data/g', os.O_RDONLY); print(ctypes.CDLL(None).syncfs(fd))"
+    for name, script in (("f", "echo line >> /data/f && sync && echo synced"),
+                         ("g", f"echo line >> /data/g && python3 -c \"{syncfs}\"")):
+        pid = c.node(replica)["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            p = subprocess.Popen([str(BIN / "drvs-run"), "--vm", "web", "--", "sh", "-c", script],
+                                 env={**c.env, "DRVS_NODE": writer}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True)
+            time.sleep(1.5)
+            waiting = p.poll() is None  # (the replica has yet to answer)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        out, err = p.communicate(timeout=30)
+        assert waiting, (name, out, err)
+        assert p.returncode == 0 and out == ("synced\n" if name == "f" else "0\n"), (name, out, err)
+        assert (store / name).read_bytes() == b"line\n"
+
+
 def test_a_write_sent_to_a_server_gone_silent_goes_to_the_new_one(cluster_factory):
     """The serving node's drvmmd stopped (SIGSTOP) as the other node writes:
     the write, sent to the silent server, goes to the replica once it has
