@@ -129,11 +129,15 @@ class Handle:
     writer: it wrote (its close reports writes a new server may lack);
     flags: open(2)'s (to open it again on a server that lost it: _reopened)."""
 
-    __slots__ = ("sfh", "cino", "wrote", "shared", "direct", "behind", "queued", "writer", "flags")
+    __slots__ = ("sfh", "cino", "wrote", "shared", "direct", "behind", "queued", "writer", "flags", "sino")
 
     def __init__(self, sfh: int, cino: int, direct: bool = False, flags: int = 0):
         self.sfh, self.cino, self.wrote, self.shared, self.direct = sfh, cino, False, False, direct
         self.behind, self.queued, self.writer, self.flags = 0, False, False, flags
+        # The file's number on the server that last answered a call on it
+        # (0: cino's term's): a restarted server's store numbers it so
+        # (_reopened), though cino may be of a term before.
+        self.sino = 0
 
 
 class _Change:
@@ -339,7 +343,17 @@ class VmFs:
         try:
             return await self._call(ctype, idempotent, once, behind, wait, fields)
         except pyfuse3.FUSEError as e:
-            if e.errno != errno.EBADF or behind or not await self._reopened(fields):
+            if e.errno != errno.EBADF or behind:
+                raise
+            if not await self._reopened(fields):
+                if fields.get("fh", self.epoch << 32) >> 32 < self.epoch:
+                    # The server of now lost this open file and it cannot be
+                    # opened again as surely the same: the program's
+                    # descriptor is sound, its file's state is gone (EBADF
+                    # would say the descriptor is bad).
+                    log.info("%s: an open file of term %d is lost with its server", self.target,
+                             fields["fh"] >> 32)
+                    raise pyfuse3.FUSEError(errno.EIO) from None
                 raise
         return await self._call(ctype, idempotent, once, behind, wait, fields)
 
@@ -407,19 +421,21 @@ class VmFs:
         self.reopening[old] = done = trio.Event()
         try:
             await self._call(Call.getattr, True, False, True, False, {"path": b""})  # (the term of now, learned)
-            if old >> 32 >= self.epoch or h.cino & SMALL >= BIG:
+            was = h.sino or (h.cino & SMALL if h.cino & SMALL < BIG else 0)  # (its number on that store)
+            if old >> 32 >= self.epoch or not was:
                 return False
             try:
                 r = await self._call(Call.open, True, False, False, True,
                                      {**self.named(h.cino), "flags": h.flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)})
             except pyfuse3.FUSEError:
                 return False
-            if r.attr.ino != h.cino & SMALL:  # (another file has its name now)
+            if r.attr.ino != was:  # (another file has its name now, or this is another store)
                 self.closing.append(r.fh)
                 self._close_later()
                 return False
             log.info("%s: handle %d opened again as %d (the server restarted)", self.target, old, r.fh)
             self.reopened[old] = h.sfh = fields["fh"] = r.fh
+            h.sino = r.attr.ino
             if len(self.reopened) > REOPENED_MAX:
                 del self.reopened[next(iter(self.reopened))]
             return True
@@ -1058,7 +1074,9 @@ class VmFs:
             del self.fresh[inode & MASK]
         node, since = self.inodes.get(inode & MASK), self.told
         if node is not None and node.open:  # also after the file was unlinked
-            r = await self.call(Call.getattr, idempotent=True, fh=node.open[-1].sfh)
+            h = node.open[-1]
+            r = await self.call(Call.getattr, idempotent=True, fh=h.sfh)
+            h.sino = r.attr.ino or h.sino
             return self._attr(r.attr, since)
         where = self.locate(inode)
         r = await self._query(Call.getattr, inode & MASK, where)
@@ -1830,6 +1848,7 @@ class VmFs:
                                 flags=WRITE_KILL_SUIDGID if h.direct else 0)
         self._keep(h.cino, r.attr, number, told)
         h.shared = r.shared
+        h.sino = r.attr.ino or h.sino
         node = self.inodes.get(h.cino)
         if node is not None and not node.term:
             node.term = r.epoch

@@ -1979,6 +1979,75 @@ def test_sync_in_a_jail_returns_once_the_replicas_have_what_was_written(cluster_
         assert (store / name).read_bytes() == b"line\n"
 
 
+APPENDER = r"""
+import errno, os, sys, time
+path, stop = sys.argv[1], sys.argv[2]
+fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o644)
+print("writing", flush=True)
+n = 0
+while not os.path.exists(stop):
+    n += 1
+    try:
+        os.write(fd, b"%d\n" % n)
+        os.fsync(fd)
+    except OSError as e:
+        print("error", n, errno.errorcode[e.errno], flush=True)
+    time.sleep(0.05)
+os.close(fd)
+print("wrote", n, flush=True)
+"""
+
+
+def _pid(c, node: str) -> int:
+    """node's drvmmd now (dev cluster restart starts another)."""
+    info = json.loads((c.state / "dev-cluster.json").read_text())
+    return next(n["pid"] for n in info["nodes"] if n["name"] == node)
+
+
+def test_a_file_open_across_a_hand_over_and_a_restart_of_the_new_server_goes_on(cluster_factory, tmp_path):
+    """A program on a third node keeps a file open and writes (fsync'ed)
+    while its server stops cleanly (the other replica takes over), the
+    first one then dies, and the new server -- the only replica left --
+    restarts: its handles are lost with it, and the node opens the file
+    again (the same file, by its number on that server's store), so the
+    program's writes go on without an error."""
+    c = cluster_factory(nodes=3)
+    c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", "--node", "n3", node="n1", check=True)
+    view(c, "n1"), view(c, "n2"), view(c, "n3")
+    _wait(lambda: len(_df(c, "n1").get("in_sync", ())) == 2)
+    df = _df(c, "n1")
+    first = df["server"]
+    second = next(n for n in df["in_sync"] if n != first)
+    writer = next(n for n in ("n1", "n2", "n3") if n not in df["in_sync"])
+    there = view(c, writer)
+    (there / "appender.py").write_text(APPENDER)
+    p = subprocess.Popen([str(BIN / "drvs-run"), "--vm", "web", "--", "python3", "/data/appender.py", "/data/log",
+                          "/data/stop"], env={**c.env, "DRVS_NODE": writer}, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline() == "writing\n"
+        c.drvs("dev", "cluster", "restart", first, check=True)  # (a clean stop: it hands over)
+        _wait(lambda: _df(c, writer).get("server") == second and sorted(_df(c, writer).get("in_sync", ())) ==
+              sorted([first, second]))
+        os.kill(_pid(c, first), signal.SIGKILL)
+        _wait(lambda: _gone(_pid(c, first)), timeout=10)
+        _wait(lambda: _df(c, writer).get("in_sync") == [second])  # (struck once a change could not reach it)
+        c.drvs("dev", "cluster", "restart", second, check=True)
+        _wait(lambda: _df(c, writer).get("server") == second)
+        before = len((there / "log").read_bytes().splitlines())
+        time.sleep(1.5)
+        (there / "stop").touch()
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0 and "error" not in out, (out, err)
+    wrote = int(out.split()[-1])
+    assert wrote > before + 5
+    assert (there / "log").read_bytes().splitlines() == [b"%d" % i for i in range(1, wrote + 1)]
+
+
 def test_a_write_sent_to_a_server_gone_silent_goes_to_the_new_one(cluster_factory):
     """The serving node's drvmmd stopped (SIGSTOP) as the other node writes:
     the write, sent to the silent server, goes to the replica once it has
