@@ -916,3 +916,30 @@ async def test_a_copy_of_a_change_still_being_told_to_others_is_answered_once_th
         assert (await first.finish()).status == 0
     assert replies[0].status == 0, replies[0].error
     assert fabric.told == ["fsc@n3"]  # (told once)
+
+
+async def test_a_replica_that_stays_away_is_said_to_be_so_while_its_copy_is_tried_again(tmp_path, autojump_clock):
+    """drvs df says why a replica is not in sync: while its node stays
+    away, the reason, also during each new try (not "being copied to"
+    until the replica takes a batch)."""
+    from drvs.fs.replica import Mirror, MirrorFailed
+
+    server, _ = serving(tmp_path)
+    mirror = Mirror(server, "n3")
+    tries = []
+
+    async def copy_tree():
+        tries.append(mirror.state)
+        await trio.sleep(0.5)  # (a tree to walk, a node to reach)
+        raise MirrorFailed("node n3 unreachable")
+
+    mirror.copy_tree = copy_tree
+    seen = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(mirror.run)
+        for _ in range(20):
+            await trio.sleep(0.2)
+            seen.append(mirror.state)
+        nursery.cancel_scope.cancel()
+    assert tries[0] == "being copied to" and len(tries) >= 3
+    assert all(state.startswith("node n3 unreachable") for state in seen[3:]), seen

@@ -198,7 +198,8 @@ class Mirror:
         while True:
             stopping = False
             try:
-                self.state = "being copied to"
+                if not said:  # (after a failure its reason stays until the replica takes a batch: send)
+                    self.state = "being copied to"
                 await self.copy_tree()
                 said = ""
                 await self.stream()
@@ -343,6 +344,8 @@ class Mirror:
         for (ctype, *_), st in zip(calls, statuses):
             if st < 0:
                 raise MirrorFailed(f"call {ctype} failed there ({os.strerror(-st)}), not here")
+        if not self.live:
+            self.state = "being copied to"
 
     # -- copying the whole tree --
 
