@@ -180,7 +180,7 @@ def df(args) -> int:
     rows = [_usage(cfg, store, s, deadline) for s in specs]
 
     def table():
-        print_table(["VM", "SIZE", "USED", "AVAIL", "USE%", "REPLICAS", "SERVER", "IN SYNC", "NODES"],
+        print_table(["VM", "USED", "DISK", "AVAIL", "REPLICAS", "SERVER", "IN SYNC", "NODES"],
                     [[r["vm"], *_sizes(r), r["replicas"], r["server"] or "-",
                       ",".join(r["in_sync"]) or "-", ",".join(r["nodes"])] for r in rows])
 
@@ -195,12 +195,13 @@ def df(args) -> int:
 
 
 def _sizes(r: dict) -> list[str]:
-    """SIZE, USED, AVAIL and USE% of a row; dashes where its server could
-    not be asked (not zeros, which would read as an empty file system)."""
+    """USED (the VM's files), DISK and AVAIL (the serving node's disk, which
+    other VMs may share: no USE% of one against the other); dashes where
+    its server could not be asked (not zeros, which would read as an empty
+    file system)."""
     if r["error"]:
-        return ["-"] * 4
-    return [format_size(r["size"]), format_size(r["used"]), format_size(r["avail"]),
-            f"{100 * r['used'] // r['size']}%" if r["size"] else "-"]
+        return ["-"] * 3
+    return [format_size(r["used"]), format_size(r["size"]), format_size(r["avail"])]
 
 
 def _usage(cfg, store, spec, deadline: float) -> dict:

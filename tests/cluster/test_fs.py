@@ -1346,6 +1346,9 @@ def test_drvs_mount_umount_and_df(fsc, d, tmp_path):
     row, = json.loads(df.stdout)
     assert row["vm"] == "web" and row["nodes"] == ["n1", "n2"] and row["replicas"] == 2
     assert row["server"] in ("n1", "n2") and row["used"] > 0 and row["size"] > row["used"]
+    header, line = fsc.drvs("df", "web", node="n1").stdout.splitlines()[:2]
+    assert header.split() == ["VM", "USED", "DISK", "AVAIL", "REPLICAS", "SERVER", "IN", "SYNC", "NODES"]
+    assert line.split()[0] == "web" and line.split()[4:6] == ["2", row["server"]]  # (the VM's bytes, then its disk's)
     # node ls says which node hosts fs@web (a status is refreshed every second)
     _wait(lambda: "fs@web" in (fsc.nodes()[row["server"]]["load"] or {}).get("servers", ()))
 
@@ -1586,7 +1589,7 @@ def test_writes_a_new_server_may_lack_are_reported_by_a_close_or_a_later_fsync(c
         os.kill(c.node(server)["pid"], signal.SIGKILL)
         _wait(lambda: _df(c, other).get("server") == other)
         dead = c.drvs("df", "web", node=server)  # (asked through the node whose drvmmd died)
-        assert dead.returncode == 7 and dead.stdout.splitlines()[1].split()[1:5] == ["-"] * 4, dead.stdout
+        assert dead.returncode == 7 and dead.stdout.splitlines()[1].split()[1:4] == ["-"] * 3, dead.stdout
 
     assert _write_across(there / "open", tmp_path / "stop", crash) == "close EIO\n"
     (there / "rewritten").write_bytes(b"new")  # (its close: no EIO)
