@@ -239,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--once", action="store_true", help="one housekeeping pass, then exit")
     p.add_argument("--interval", type=float, default=5.0, help="seconds between passes")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="drvmmd: %(message)s")
+    # (when: a log read beside a fault -- a node killed, a fail-over -- must be lined up with it)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s.%(msecs)03d drvmmd: %(message)s",
+                        datefmt="%Y-%m-%dT%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if os.geteuid() != 0:
         print("drvmmd: needs root (cells are cgroups and namespaces)", file=sys.stderr)
