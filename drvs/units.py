@@ -55,6 +55,29 @@ def parse_cpus(text: str) -> float:
     return value
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h)?\s*$", re.IGNORECASE)
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str, *, what: str = "duration") -> float:
+    """Seconds from `90`, `90s`, `5m`, `1.5h`; 0 allowed (off)."""
+    m = _DURATION.match(str(text))
+    if not m:
+        raise UsageError(f"invalid {what} {text!r}: expected a number of seconds, or one with s, m or h")
+    value = float(m.group(1)) * _SECONDS[(m.group(2) or "").lower()]
+    if value > 365 * 86400:
+        raise UsageError(f"invalid {what} {text!r}: must be at most a year")
+    return value
+
+
+def format_duration(seconds: float) -> str:
+    if seconds and seconds % 3600 == 0:
+        return f"{seconds / 3600:g}h"
+    if seconds and seconds % 60 == 0:
+        return f"{seconds / 60:g}m"
+    return f"{seconds:g}s"
+
+
 _CPUSET = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
 
 

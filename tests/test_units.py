@@ -60,3 +60,18 @@ def test_a_share_change_sets_what_it_names_and_clears_what_it_says_none():
                      ("n2:memory=nonsense", "invalid")):
         with pytest.raises(UsageError, match=why):
             parse_share_change(bad)
+
+
+def test_a_duration_is_seconds_minutes_or_hours_and_a_definition_keeps_it():
+    from drvs.units import format_duration, parse_duration
+    from drvs.vm.model import FS_REPLACE_AFTER, VmSpec
+
+    assert [parse_duration(t) for t in ("90", "90s", "5m", "1.5h", "0")] == [90, 90, 300, 5400, 0]
+    assert [format_duration(s) for s in (90, 300, 5400, 0, 2.5)] == ["90s", "5m", "90m", "0s", "2.5s"]
+    for bad in ("soon", "-1", "5d", "2 weeks", "10000h"):
+        with pytest.raises(UsageError, match="invalid duration"):
+            parse_duration(bad)
+    spec = VmSpec("web", shares={}, fs_nodes=["n1"], fs_replace_after=2.0)
+    assert VmSpec.from_json(spec.to_json()).replace_after() == 2.0
+    old = '{"name": "web", "shares": {}, "fs_nodes": ["n1"]}'  # (stored before the setting was)
+    assert VmSpec.from_json(old).fs_replace_after is None and VmSpec.from_json(old).replace_after() == FS_REPLACE_AFTER

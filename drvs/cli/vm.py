@@ -13,9 +13,9 @@ from ..errors import Conflict, DrvsError, NotFound, UsageError
 from ..ns import cell as cells
 from ..ns import jail
 from ..store import open_store
-from ..units import format_size
+from ..units import format_duration, format_size, parse_duration
 from ..vm import admission
-from ..vm.model import VmSpec, changed_share, check_name, parse_share, parse_share_change
+from ..vm.model import FS_REPLACE_AFTER, VmSpec, changed_share, check_name, parse_share, parse_share_change
 from ..vm.registry import VMS, VmRegistry
 from .common import add_format, age, emit, print_table
 from .options import add_limit_options, check_here, limits_from, node_name, typed
@@ -36,6 +36,7 @@ def add_parser(sub) -> None:
                         "(default: 2 with two nodes or more)")
     p.add_argument("--fs-sync", action="store_true",
                    help="a close returns once every replica has what was written (default: only fsync waits)")
+    _replace_after(p)
     p.set_defaults(func=create)
     p = verbs.add_parser("update", help="change a VM's limits or its shares of nodes, live")
     _vm_and_shares(p, "give the VM a share of NODE, or change its share there: the fields given change, "
@@ -46,6 +47,7 @@ def add_parser(sub) -> None:
     p.add_argument("--force", action="store_true", help="with --rm-node: end the VM's programs on that node")
     p.add_argument("--fs-replicas", type=int, default=None, metavar="N",
                    help="keep the VM's file system on N of its nodes (a new replica is copied to live)")
+    _replace_after(p)
     p.set_defaults(func=update)
     p = verbs.add_parser("ls", help="list VMs")
     add_format(p)
@@ -72,6 +74,12 @@ def _vm_and_shares(p, share_help: str, parse=parse_share) -> None:
                    help="let the shares go past what their nodes have left beside other VMs' shares")
 
 
+def _replace_after(p) -> None:
+    p.add_argument("--fs-replace-after", type=typed(parse_duration), default=None, metavar="DURATION",
+                   help="a replica whose node stays NotReady this long (90s, 5m) is replaced by a copy on another "
+                        f"node of the VM (default {format_duration(FS_REPLACE_AFTER)}; 0: never)")
+
+
 def create(args) -> int:
     store = open_store()
     shares = dict(args.shares)
@@ -90,9 +98,11 @@ def create(args) -> int:
     fs_nodes = fs_replica_nodes([n for n, _ in args.shares], args.fs_replicas)
     if args.fs_sync and not fs_nodes:
         raise UsageError("--fs-sync needs --node shares (a VM file system of the cluster)")
+    if args.fs_replace_after is not None and not fs_nodes:
+        raise UsageError("--fs-replace-after needs --node shares (a VM file system of the cluster)")
     limits = limits_from(args) if shares else check_here(limits_from(args))  # (no shares: a VM of this node)
     spec = VmSpec(args.name, limits, shares=shares, fs_nodes=fs_nodes, fs_sync=args.fs_sync,
-                  fs_replicas=args.fs_replicas)
+                  fs_replicas=args.fs_replicas, fs_replace_after=args.fs_replace_after)
     _warn_not_ready(store, spec)
     registry = VmRegistry(store)
     for _ in range(ADMIT_TRIES):
@@ -117,9 +127,9 @@ def update(args) -> int:
     if set(given) & set(args.drop):
         raise UsageError(f"node {sorted(set(given) & set(args.drop))[0]!r} is given to --node and --rm-node")
     new_limits = {k: v for k, v in limits_from(args)._asdict().items() if v is not None}
-    if not (given or args.drop or new_limits or args.fs_replicas is not None):
-        raise UsageError("nothing to change: give --cpus, --cpuset-cpus, --memory, --pids-limit, --node, --rm-node "
-                         "or --fs-replicas")
+    if not (given or args.drop or new_limits or args.fs_replicas is not None or args.fs_replace_after is not None):
+        raise UsageError("nothing to change: give --cpus, --cpuset-cpus, --memory, --pids-limit, --node, --rm-node, "
+                         "--fs-replicas or --fs-replace-after")
     store = open_store()
     registry = VmRegistry(store)
     if args.drop and not args.force:
@@ -132,7 +142,7 @@ def update(args) -> int:
         shares = {node: changed_share(old.shares.get(node), *change) for node, change in given.items()}
         for node, share in shares.items():
             admission.check_share(node, specs[node], share)
-        spec = _changed(old, shares, args.drop, new_limits, args.fs_replicas)
+        spec = _changed(old, shares, args.drop, new_limits, args.fs_replicas, args.fs_replace_after)
         in_sync = _kept_in_sync(store, old, spec)
         others, revision = registry.snapshot()
         if not args.overcommit:
@@ -170,7 +180,8 @@ def update(args) -> int:
     return 0
 
 
-def _changed(spec: VmSpec, given: dict, drop: list[str], new_limits: dict, replicas: int | None = None) -> VmSpec:
+def _changed(spec: VmSpec, given: dict, drop: list[str], new_limits: dict, replicas: int | None = None,
+             replace_after: float | None = None) -> VmSpec:
     """spec with the shares, limits and replicas asked for; why not, if
     they cannot be.  A replica on a node taken away moves to another node
     of the VM (copied to live by the VM's file server)."""
@@ -199,7 +210,10 @@ def _changed(spec: VmSpec, given: dict, drop: list[str], new_limits: dict, repli
     elif new_limits:
         raise UsageError(f"VM {spec.name!r} has node shares: change them with --node NODE:cpus=N,... "
                          "(its own limits apply only where it has no share)")
-    return VmSpec(spec.name, limits, spec.created, shares, fs_nodes, spec.fs_sync, asked)
+    if replace_after is not None and not spec.fs_nodes:
+        raise UsageError(f"--fs-replace-after: VM {spec.name!r} has no cluster file system")
+    return VmSpec(spec.name, limits, spec.created, shares, fs_nodes, spec.fs_sync, asked,
+                  spec.fs_replace_after if replace_after is None else replace_after)
 
 
 def _kept_in_sync(store, old: VmSpec, new: VmSpec) -> "dict | None":
@@ -475,6 +489,7 @@ def show(args) -> int:
     data = {"name": spec.name, "limits": spec.limits._asdict(), "created": spec.created,
             "shares": {n: l._asdict() for n, l in spec.shares.items()}, "fs_nodes": spec.fs_nodes,
             "fs_replicas": spec.fs_replicas, "fs_sync": spec.fs_sync,
+            "fs_replace_after": spec.replace_after() if spec.fs_nodes else None,
             "data_dir": f"{cfg.vms_dir}/{spec.name}/data" if not spec.fs_nodes else f"fs@{spec.name}",
             "cell": state, "runs": runs}
     if spec.shares:
@@ -484,6 +499,9 @@ def show(args) -> int:
         print_table(["FIELD", "VALUE"], [
             ["name", spec.name], *[[k.lower(), v] for k, v in _limits_text(spec).items()],
             ["age", age(spec.created)], ["data", data["data_dir"]],
+            *([["fs replicas", f"{', '.join(spec.fs_nodes)} (a node NotReady for "
+                               f"{format_duration(spec.replace_after())} is replaced)" if spec.replace_after()
+                else f"{', '.join(spec.fs_nodes)} (never replaced)"]] if spec.fs_nodes else []),
             *[[f"share {n}", ", ".join(f"{k}={format_size(v) if k == 'memory' else v}"
                                        for k, v in l._asdict().items() if v) or "whole node"]
               for n, l in sorted(spec.shares.items())],

@@ -193,6 +193,7 @@ class FsServer:
         self.mirrors: dict[str, Mirror] = {}    # the other replicas, while serving
         self.held: trio.Event | None = None     # set while changes wait (a replica's copy ends)
         self.others: list[str] = []              # the other replica nodes, while serving
+        self.away_since: dict[str, float] = {}   # replicas whose node is NotReady -> since when (_replace_lost)
         self.sync = False
         self.vouched = 0  # the term before this one, if its server handed over cleanly (see promote)
         self.serving = 0  # calls in _serve (a clean stop waits for them before vouching: Mirror._hand_over)
@@ -680,7 +681,13 @@ class FsServer:
                 continue
             if entry is None or entry.create_revision != self.store.made:
                 continue  # (removed, or another VM of the name: the term ends)
-            want = [n for n in VmSpec.from_json(entry.value).fs_nodes if n != self.here]
+            spec = VmSpec.from_json(entry.value)
+            try:
+                if await self._replace_lost(spec, entry.mod_revision):
+                    continue  # (the new definition is read next time)
+            except Exception as e:  # noqa: BLE001 - etcd away, or a definition changed meanwhile: next time
+                log.info("fs@%s: replacing a lost replica: %s", self.vm, e)
+            want = [n for n in spec.fs_nodes if n != self.here]
             for node in [n for n in self.mirrors if n not in want]:
                 try:
                     await self.mirrors[node].drop()
@@ -694,6 +701,43 @@ class FsServer:
                     log.info("fs@%s: new replica on %s", self.vm, node)
                     self._start_mirror(nursery, node)
             self.others = want
+
+    async def _replace_lost(self, spec, revision: int) -> bool:
+        """A replica whose node has been NotReady for the VM's
+        fs_replace_after (its stream failed, so it is not in sync) is
+        replaced in the VM's definition by another node of the VM that is
+        Ready and keeps none; the new one is then copied to live, and the
+        count asked for kept while a node is down for long.  Whether the
+        definition was changed.  (The node back later keeps its old tree
+        until the VM is removed, or made a replica again.)"""
+        from ..cluster.membership import list_nodes
+        from ..vm.registry import VMS
+
+        after = spec.replace_after()
+        lost = [n for n, m in self.mirrors.items() if not m.live]
+        for node in list(self.away_since):
+            if node not in lost:
+                del self.away_since[node]
+        if not after or not lost:
+            return False
+        status = {n["name"]: n["status"] for n in await list_nodes(self.etcd)}
+        now = trio.current_time()
+        for node in lost:
+            if status.get(node, "NotReady") != "NotReady":
+                self.away_since.pop(node, None)
+                continue
+            if now - self.away_since.setdefault(node, now) < after:
+                continue
+            spare = next((n for n in spec.shares if n not in spec.fs_nodes and status.get(n) == "Ready"), None)
+            if spare is None:
+                continue
+            nodes = [spare if n == node else n for n in spec.fs_nodes]
+            spec.fs_nodes = nodes
+            await self.etcd.put(VMS + self.vm, spec.to_json(), expect_revision=revision)
+            log.warning("fs@%s: the replica on %s, whose node has been NotReady for %.0f s, is replaced by one on "
+                        "%s (replicas: %s)", self.vm, node, now - self.away_since.pop(node), spare, ", ".join(nodes))
+            return True
+        return False
 
     async def _term_over(self) -> bool:
         """Whether another term began (this node was cut off meanwhile), or

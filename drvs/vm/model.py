@@ -9,6 +9,10 @@ from ..errors import UsageError
 
 DEFAULT_VM = "default"
 DEFAULT_PIDS = 4096
+# Seconds a file system replica's node may stay NotReady before another node
+# of the VM is made a replica in its place (as Kubernetes evicts pods of a
+# node not ready for 5 minutes, and Ceph marks a down OSD out after 10).
+FS_REPLACE_AFTER = 300.0
 
 # A VM's name is its hostname inside the jail: one DNS label.
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -42,13 +46,15 @@ class VmSpec:
     were asked for (None: the default, 2 where the VM has two nodes or
     more), which fs_nodes may be short of while the VM has fewer nodes;
     `fs_sync`: a close returns once every replica has what was written
-    (else only fsync waits)."""
+    (else only fsync waits); `fs_replace_after`: seconds a replica's node
+    may stay NotReady before another node of the VM takes its place (None:
+    FS_REPLACE_AFTER; 0: never)."""
 
-    __slots__ = ("name", "limits", "created", "shares", "fs_nodes", "fs_sync", "fs_replicas")
+    __slots__ = ("name", "limits", "created", "shares", "fs_nodes", "fs_sync", "fs_replicas", "fs_replace_after")
 
     def __init__(self, name: str, limits: Limits | None = None, created: float | None = None,
                  shares: dict[str, Limits] | None = None, fs_nodes: list[str] | None = None,
-                 fs_sync: bool = False, fs_replicas: int | None = None):
+                 fs_sync: bool = False, fs_replicas: int | None = None, fs_replace_after: float | None = None):
         self.name = name
         self.limits = limits if limits is not None else Limits()
         self.created = time.time() if created is None else created
@@ -56,6 +62,10 @@ class VmSpec:
         self.fs_nodes = list(fs_nodes or [])
         self.fs_sync = fs_sync
         self.fs_replicas = fs_replicas
+        self.fs_replace_after = fs_replace_after
+
+    def replace_after(self) -> float:
+        return FS_REPLACE_AFTER if self.fs_replace_after is None else self.fs_replace_after
 
     def replicas_wanted(self) -> int:
         """How many nodes should keep the file system, nodes allowing."""
@@ -68,8 +78,8 @@ class VmSpec:
     def to_json(self) -> str:
         return json.dumps({"name": self.name, "limits": self.limits._asdict(), "created": self.created,
                            "shares": {n: l._asdict() for n, l in self.shares.items()},
-                           "fs_nodes": self.fs_nodes, "fs_sync": self.fs_sync, "fs_replicas": self.fs_replicas},
-                          sort_keys=True)
+                           "fs_nodes": self.fs_nodes, "fs_sync": self.fs_sync, "fs_replicas": self.fs_replicas,
+                           "fs_replace_after": self.fs_replace_after}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "VmSpec":
@@ -81,7 +91,7 @@ class VmSpec:
         replicas = (data["fs_replicas"] if "fs_replicas" in data
                     else None if len(fs_nodes) == min(2, len(shares)) else len(fs_nodes))
         return cls(data["name"], Limits(**data.get("limits", {})), data.get("created", 0.0), shares,
-                   fs_nodes, data.get("fs_sync", False), replicas)
+                   fs_nodes, data.get("fs_sync", False), replicas, data.get("fs_replace_after"))
 
 
 _SHARE_KEYS = {"cpus", "memory", "pids", "cpuset"}

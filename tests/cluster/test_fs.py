@@ -2098,6 +2098,37 @@ def test_a_replica_lost_with_a_share_comes_back_with_a_node(cluster_factory):
     assert (view(c, "n2") / "kept").read_bytes() == b"data" * 1000
 
 
+def test_a_replica_whose_node_stays_down_is_replaced_by_another_node_of_the_vm(cluster_factory):
+    """--fs-replace-after: a replica's node NotReady that long is replaced
+    in the VM's definition by another node of the VM, which is copied to
+    live and gets into sync; the node coming back is no replica any more."""
+    c = cluster_factory(nodes=3)
+    bad = c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", "--node", "n3", "--fs-replace-after", "soon",
+                 node="n1")
+    assert bad.returncode == 2 and "invalid duration 'soon'" in bad.stderr, bad.stderr
+    c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", "--node", "n3", "--fs-replace-after", "2s",
+           node="n1", check=True)
+    view(c, "n1"), view(c, "n3")
+    _wait(lambda: _df(c, "n1").get("in_sync") == ["n1", "n2"])
+    server = _df(c, "n1")["server"]
+    lost = "n2" if server == "n1" else "n1"
+    here = view(c, "n3")
+    (here / "kept").write_bytes(b"data" * 1000)
+    assert _fsync_errno(here / "kept") == 0
+    os.kill(_pid(c, lost), signal.SIGKILL)
+    _wait(lambda: _df(c, "n3").get("nodes") == sorted([server, "n3"]) or _df(c, "n3").get("nodes") ==
+          [server, "n3"], timeout=40)
+    _wait(lambda: sorted(_df(c, "n3").get("in_sync", ())) == sorted([server, "n3"]), timeout=30)
+    store = Path(c.node("n3")["state_dir"]) / "vms" / "web" / "fs" / "root"
+    assert (store / "kept").read_bytes() == b"data" * 1000
+    shown = json.loads(c.drvs("vm", "show", "web", "--format", "json", node="n3", check=True).stdout)
+    assert lost not in shown["fs_nodes"] and shown["fs_replace_after"] == 2
+    assert c.drvs("dev", "cluster", "restart", lost).returncode == 0
+    c.wait_status(lost, "Ready", timeout=30, via="n3")
+    time.sleep(2)
+    assert lost not in _df(c, "n3")["nodes"]
+
+
 def test_reads_go_to_the_new_server_when_the_old_one_went_silent(cluster_factory):
     """The serving node's drvmmd stopped (SIGSTOP: alive, silent): the
     other replica takes over once its lease ends, and a read the other
