@@ -480,6 +480,13 @@ async def test_a_server_that_stops_sends_its_replica_what_it_queued_and_serves_n
     with pytest.raises(IpcError) as e:
         await server.handle(m)
     assert e.value.errno == errno.EREMCHG
+    # An fsync still under way: nothing to wait for if the replica got all
+    # (this disk has it too); if the hand-over failed, it fails.
+    if up:
+        await mirror.wait(mirror.push(Call.fsync, b""))
+    else:
+        with pytest.raises(OSError):
+            await mirror.wait(mirror.push(Call.fsync, b""))
     with pytest.raises(OSError):
         await mirror.wait(mirror.push(Call.mkdir, b""))
 

@@ -3,6 +3,7 @@ ways, on loopback: the messages must be the protocol's, not only our own
 dialect."""
 
 import asyncio
+import errno
 
 import capnp
 import pytest
@@ -425,6 +426,63 @@ def test_a_large_request_payload_reaches_its_endpoint_as_a_view_of_its_message()
             lane.close()
         finally:
             server.close()
+
+    _run(main)
+
+
+def test_a_call_that_comes_as_its_node_stops_is_refused_as_not_served_here():
+    """A call the fast path leaves for trio, coming after the daemon's
+    nursery closed (it is stopping): sendrec's caller gets EREMCHG (the
+    message went nowhere: send it to where the endpoint is now), a send
+    the connection's loss (ECONNRESET) -- never a server error."""
+    from drvs.ipc.fabric import Lane, NodeLane
+
+    class Closed:
+        def start_soon(self, *args):
+            raise RuntimeError("Nursery is closed to new arrivals")
+
+    class Guest:
+        nursery = Closed()
+        def __init__(self):
+            self.done = asyncio.get_running_loop().create_future()  # (not done: its nursery refuses)
+
+    class Stopping:  # no fast answer: the call is for trio
+        name = "n1"
+
+        def answer_now(self, target, m):
+            return None
+
+        async def deliver(self, *args):
+            raise AssertionError("not to be delivered")
+
+    async def main():
+        server, port = await _listen(NodeLane(Stopping(), Guest(), "n2").protocol)
+        ended = Guest()
+        ended.done.set_result(None)  # (trio's run is over: asked for nothing)
+        ended.nursery = None
+        later, later_port = await _listen(NodeLane(Stopping(), ended, "n2").protocol)
+        loop = asyncio.get_running_loop()
+        try:
+            _, lane = await loop.create_connection(lambda: Lane("n1", ("127.0.0.1", port)), "127.0.0.1", port)
+            fut = loop.create_future()
+            lane.sendrec("fs@web", Msg(5, b"x"), 0, lambda r, e: fut.set_result((r, e)))
+            reply, error = await fut
+            assert error is None and reply.status == -errno.EREMCHG and "n1 is stopping" in reply.error
+            fut = loop.create_future()
+            lane.call("send", lambda p: setattr(p, "target", "fs@web"), lambda r, e: fut.set_result(e))
+            error = await fut
+            assert error.kind == "disconnected" and "n1 is stopping" in error.reason
+            lane.close()
+            _, lane = await loop.create_connection(lambda: Lane("n1", ("127.0.0.1", later_port)), "127.0.0.1",
+                                                   later_port)
+            fut = loop.create_future()
+            lane.sendrec("fs@web", Msg(5, b"x"), 0, lambda r, e: fut.set_result((r, e)))
+            reply, error = await fut
+            assert error is None and reply.status == -errno.EREMCHG
+            lane.close()
+        finally:
+            server.close()
+            later.close()
 
     _run(main)
 

@@ -1980,10 +1980,13 @@ class VmFs:
         node = self.inodes.get(h.cino)
         if node is None:
             return
-        lost = self._in_doubt(node.term, epoch)
+        term = node.term
+        lost = self._in_doubt(term, epoch)
         if done or lost:
             node.term = 0
         if lost:
+            log.info("%s: writes of term %d to inode %d not synced may be lost (the server of term %d does "
+                     "not vouch for them): EIO", self.target, term, h.cino, epoch)
             if self.doubts:  # (said: not again through the inode the kernel looks up next)
                 with contextlib.suppress(pyfuse3.FUSEError):
                     at, path = self.locate(node.cino)

@@ -101,7 +101,8 @@ class FsNode:
             if not vouched and before == me:  # (this node's drvmmd served the term before: restarted since)
                 vouched = server.vouch_own(epoch - 1)
             server.promote(epoch, spec.fs_nodes, spec.fs_sync, vouched)
-        log.info("fs@%s: term %d; replicas %s", vm, epoch, ", ".join(spec.fs_nodes))
+        log.info("fs@%s: term %d; replicas %s%s", vm, epoch, ", ".join(spec.fs_nodes),
+                 f" (term {vouched} handed over whole)" if vouched else "")
         return _Serving(self, server)
 
     async def _term_began(self, vm: str, made: int, epoch: int, node: str) -> None:

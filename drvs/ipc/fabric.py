@@ -849,7 +849,19 @@ class NodeLane:
             if not scope.cancelled_caught:
                 answer.reply(None if fill is None else lambda r: fill(r, result))  # (never raises)
 
-        self.guest.nursery.start_soon(serve)
+        try:
+            if self.guest.done.done():
+                raise RuntimeError("trio's run has ended")
+            self.guest.nursery.start_soon(serve)
+        except RuntimeError:  # (the daemon is stopping: its nursery takes no more, or trio is gone)
+            # Not delivered: the caller may send it elsewhere (a server error
+            # here failed a write with EIO in the middle of a clean hand-over).
+            why = f"node {self.fabric.name} is stopping: not served here"
+            if fill is None:
+                answer.fail(why, "disconnected")
+            else:
+                stopping = failure(errno.EREMCHG, why)
+                answer.reply(lambda r: fill(r, stopping))
 
 
 def fill_info(f: Fabric, info) -> None:

@@ -1982,7 +1982,7 @@ def test_sync_in_a_jail_returns_once_the_replicas_have_what_was_written(cluster_
         assert (store / name).read_bytes() == b"line\n"
 
 
-APPENDER = r"""
+OPEN_APPENDER = r"""
 import errno, os, sys, time
 path, stop = sys.argv[1], sys.argv[2]
 fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o644)
@@ -1990,11 +1990,13 @@ print("writing", flush=True)
 n = 0
 while not os.path.exists(stop):
     n += 1
+    step = "write"
     try:
         os.write(fd, b"%d\n" % n)
+        step = "fsync"
         os.fsync(fd)
     except OSError as e:
-        print("error", n, errno.errorcode[e.errno], flush=True)
+        print("error", n, step, errno.errorcode[e.errno], flush=True)
     time.sleep(0.05)
 os.close(fd)
 print("wrote", n, flush=True)
@@ -2023,7 +2025,7 @@ def test_a_file_open_across_a_hand_over_and_a_restart_of_the_new_server_goes_on(
     second = next(n for n in df["in_sync"] if n != first)
     writer = next(n for n in ("n1", "n2", "n3") if n not in df["in_sync"])
     there = view(c, writer)
-    (there / "appender.py").write_text(APPENDER)
+    (there / "appender.py").write_text(OPEN_APPENDER)
     p = subprocess.Popen([str(BIN / "drvs-run"), "--vm", "web", "--", "python3", "/data/appender.py", "/data/log",
                           "/data/stop"], env={**c.env, "DRVS_NODE": writer}, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
