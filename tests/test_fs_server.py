@@ -4,6 +4,7 @@ which nodes it tells of a change, and that it forgets files that are gone
 
 import errno
 import os
+import time
 
 import pytest
 import trio
@@ -950,3 +951,39 @@ async def test_a_replica_that_stays_away_is_said_to_be_so_while_its_copy_is_trie
         nursery.cancel_scope.cancel()
     assert tries[0] == "being copied to" and len(tries) >= 3
     assert all(state.startswith("node n3 unreachable") for state in seen[3:]), seen
+
+
+async def test_a_replicas_sync_holds_its_batch_no_longer_than_its_bound(tmp_path, monkeypatch, autojump_clock):
+    """A program's sync reaches every replica (its server's batch): a
+    replica whose disk takes long to flush (other VMs' dirty data) answers
+    within REPLICA_SYNC_WAIT, the flush going on -- else its server's bound
+    would strike it and copy it whole again."""
+    import threading
+
+    from drvs.fs import server as server_module
+
+    flushing, release, fds = threading.Event(), threading.Event(), []
+
+    def slow_syncfs(fd):
+        fds.append(fd)
+        flushing.set()
+        release.wait(10)
+
+    monkeypatch.setattr(server_module._fs, "syncfs", slow_syncfs)
+    replica = FsServer("web", Store(str(tmp_path / "replica"), "web"), Invalidations(), "n3")
+    batch = fs.Batch.new_message(vm="web", epoch=1)
+    calls = batch.init("calls", 1)
+    calls[0].type, calls[0].request = Call.syncfs, to_flat(new(fs.FsRequest, vm="web"))
+    start = trio.current_time()
+    assert await replica.apply(batch) == [0]
+    assert trio.current_time() - start == pytest.approx(server_module.REPLICA_SYNC_WAIT)
+    assert await trio.to_thread.run_sync(flushing.wait, 5)
+    store = os.readlink(f"/proc/self/fd/{fds[0]}")  # (still flushing: its descriptor open)
+    assert store.endswith("/replica/root")
+    release.set()
+    for _ in range(100):
+        if not os.path.exists(f"/proc/self/fd/{fds[0]}") or os.readlink(f"/proc/self/fd/{fds[0]}") != store:
+            break
+        await trio.to_thread.run_sync(time.sleep, 0.01)
+    else:
+        raise AssertionError("the flush's descriptor was never closed")

@@ -20,7 +20,7 @@ import socket
 import pyfuse3
 import trio
 
-from .. import _sys
+from .. import _fs, _sys
 from ..fs import fallocate
 from ..ipc.fabric import run_fast
 from ..ipc.message import IpcError, Msg
@@ -31,6 +31,7 @@ from .pm import server
 from .pm.procs import status_field
 
 log = logging.getLogger("drvmmd")
+WRITE_BACK_WAIT = 30.0  # seconds a sync waits for the kernel to write back a node's dirty pages of the view
 CAP_KILL = 5
 MAX_SIG = 64
 FORWARD_TIMEOUT = 2.0  # seconds a signal waits for another node before failing with ESRCH
@@ -348,8 +349,8 @@ class Supervisor:
         fs_ = self.locks.view.vms.get(vm) if self.locks.view is not None else None
         if fs_ is not None:
             try:
-                await fs_.syncfs()
-            except pyfuse3.FUSEError as e:
+                await self._sync_fs(fs_)
+            except OSError as e:
                 log.info("sync of %s's file system by pid %d: %s", vm, caller.pid, os.strerror(e.errno))
         return KERNEL
 
@@ -360,10 +361,30 @@ class Supervisor:
         if f is None:
             return KERNEL
         try:
-            await f.fs.syncfs()
-        except pyfuse3.FUSEError as e:
-            return Reply(error=e.errno)
+            await self._sync_fs(f.fs)
+        except OSError as e:
+            return Reply(error=e.errno or errno.EIO)
         return Reply(value=0)
+
+    async def _sync_fs(self, fs_) -> None:
+        """The node's dirty pages of the view written back first (a shared
+        writable mapping's: the kernel's own syncfs of the mount, which this
+        loop serves, so in a thread), then the file server's sync."""
+        path = self.locks.view.path
+
+        def write_back():
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                _fs.syncfs(fd)
+            finally:
+                os.close(fd)
+
+        with trio.move_on_after(WRITE_BACK_WAIT):  # (a server away holds each write up to its bound)
+            await trio.to_thread.run_sync(write_back, abandon_on_cancel=True)
+        try:
+            await fs_.syncfs()
+        except pyfuse3.FUSEError as e:
+            raise OSError(e.errno, os.strerror(e.errno)) from None
 
     # -- routing -----------------------------------------------------------------
 

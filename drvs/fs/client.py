@@ -346,7 +346,7 @@ class VmFs:
             if e.errno != errno.EBADF or behind:
                 raise
             if not await self._reopened(fields):
-                if fields.get("fh", self.epoch << 32) >> 32 < self.epoch:
+                if 0 < fields.get("fh", 0) and fields["fh"] >> 32 < self.epoch:
                     # The server of now lost this open file and it cannot be
                     # opened again as surely the same: the program's
                     # descriptor is sound, its file's state is gone (EBADF
@@ -1019,6 +1019,14 @@ class VmFs:
     async def getattr(self, inode, ctx=None):
         return self._renumbered(inode, await self._getattr(inode))
 
+    def _numbered(self, cino: int, sino: int) -> None:
+        """The server of now numbers inode cino's file sino: so its handles
+        here know it (see Handle.sino)."""
+        node = self.inodes.get(cino)
+        if node is not None and sino:
+            for h in node.open:
+                h.sino = sino
+
     def _renumbered(self, inode: int, e: pyfuse3.EntryAttributes) -> pyfuse3.EntryAttributes:
         """Attributes of an inode the kernel holds, given to it: it takes
         their number as the inode's own (i_ino), which a new term changed
@@ -1074,9 +1082,8 @@ class VmFs:
             del self.fresh[inode & MASK]
         node, since = self.inodes.get(inode & MASK), self.told
         if node is not None and node.open:  # also after the file was unlinked
-            h = node.open[-1]
-            r = await self.call(Call.getattr, idempotent=True, fh=h.sfh)
-            h.sino = r.attr.ino or h.sino
+            r = await self.call(Call.getattr, idempotent=True, fh=node.open[-1].sfh)
+            self._numbered(inode & MASK, r.attr.ino)
             return self._attr(r.attr, since)
         where = self.locate(inode)
         r = await self._query(Call.getattr, inode & MASK, where)
@@ -1848,7 +1855,7 @@ class VmFs:
                                 flags=WRITE_KILL_SUIDGID if h.direct else 0)
         self._keep(h.cino, r.attr, number, told)
         h.shared = r.shared
-        h.sino = r.attr.ino or h.sino
+        self._numbered(h.cino, r.attr.ino)
         node = self.inodes.get(h.cino)
         if node is not None and not node.term:
             node.term = r.epoch

@@ -71,6 +71,7 @@ REAP_EVERY = 5.0  # seconds between looks for open files of nodes that left
 FOLLOW_EVERY = 1.0  # seconds between looks at which nodes keep replicas (vm update moves them)
 KEPT_MAX = 4096  # removed directories whose numbers are kept from reuse at once (a descriptor each)
 REPLACED_GRACE = 2.0  # seconds a file replaced by a rename stays openable by its number (see FsServer.replaced)
+REPLICA_SYNC_WAIT = 2.0  # seconds a replica's syncfs holds its batch at most (see FsServer.syncfs)
 DONE_MAX = 8192  # replies to changes kept to answer a call sent again (see FsServer.done)
 REPLACED_MAX = 256    # such files at once (a descriptor each)
 VERSIONS_MAX = 1 << 16  # files whose data versions are kept apart (the others share version_floor)
@@ -687,6 +688,7 @@ class FsServer:
                     continue  # (the new definition is read next time)
             except Exception as e:  # noqa: BLE001 - etcd away, or a definition changed meanwhile: next time
                 log.info("fs@%s: replacing a lost replica: %s", self.vm, e)
+                continue
             want = [n for n in spec.fs_nodes if n != self.here]
             for node in [n for n in self.mirrors if n not in want]:
                 try:
@@ -711,10 +713,11 @@ class FsServer:
         definition was changed.  (The node back later keeps its old tree
         until the VM is removed, or made a replica again.)"""
         from ..cluster.membership import list_nodes
+        from ..vm.model import VmSpec
         from ..vm.registry import VMS
 
         after = spec.replace_after()
-        lost = [n for n, m in self.mirrors.items() if not m.live]
+        lost = [n for n, m in self.mirrors.items() if not m.live and n in spec.fs_nodes]
         for node in list(self.away_since):
             if node not in lost:
                 del self.away_since[node]
@@ -732,8 +735,9 @@ class FsServer:
             if spare is None:
                 continue
             nodes = [spare if n == node else n for n in spec.fs_nodes]
-            spec.fs_nodes = nodes
-            await self.etcd.put(VMS + self.vm, spec.to_json(), expect_revision=revision)
+            new = VmSpec.from_json(spec.to_json())
+            new.fs_nodes = nodes
+            await self.etcd.put(VMS + self.vm, new.to_json(), expect_revision=revision)
             log.warning("fs@%s: the replica on %s, whose node has been NotReady for %.0f s, is replaced by one on "
                         "%s (replicas: %s)", self.vm, node, now - self.away_since.pop(node), spare, ", ".join(nodes))
             return True
@@ -1819,12 +1823,25 @@ class FsServer:
         """A program's sync(2) or syncfs(2) (FUSE has none: its node's
         supervisor asks): every change made so far, on this node's disk --
         the store's whole file system -- and, see _serve, on the replicas,
-        which make this call too."""
+        which make this call too.  A replica waits for its disk at most
+        REPLICA_SYNC_WAIT: it applies its server's calls one batch at a
+        time, and a disk shared with other VMs' dirty data could hold the
+        batch past the server's bound (the replica struck, copied whole
+        again: any program's `sync` would do it).  The data is in its page
+        cache then, and on the server's disk: no one node's loss loses it."""
         fd = self.store.open(b"", os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            await trio.to_thread.run_sync(_fs.syncfs, fd)
-        finally:
-            os.close(fd)
+
+        def flush():
+            try:
+                _fs.syncfs(fd)
+            finally:
+                os.close(fd)
+
+        if self.epoch:
+            await trio.to_thread.run_sync(flush)
+            return
+        with trio.move_on_after(REPLICA_SYNC_WAIT):  # (the thread goes on flushing, and closes fd)
+            await trio.to_thread.run_sync(flush, abandon_on_cancel=True)
 
     def setxattr(self, req, path, out, origin) -> Changed:
         name = _xattr_name(req)

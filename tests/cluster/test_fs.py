@@ -1964,8 +1964,12 @@ def test_sync_in_a_jail_returns_once_the_replicas_have_what_was_written(cluster_
     writer = next(n for n in ("n1", "n2", "n3") if n not in df["in_sync"])
     store = Path(c.node(replica)["state_dir"]) / "vms" / "web" / "fs" / "root"
     syncfs = "import ctypes, os; fd = os.open('/data/g', os.O_RDONLY); print(ctypes.CDLL(None).syncfs(fd))"
+    mapped = ("import ctypes, mmap, os; fd = os.open('/data/m', os.O_RDWR | os.O_CREAT); os.ftruncate(fd, 4096); "
+              "m = mmap.mmap(fd, 4096); m[:5] = b'line\\n'; print(ctypes.CDLL(None).syncfs(fd), flush=True); "
+              "import time; time.sleep(3)")  # (still mapped, still open: no close writes it back)
     for name, script in (("f", "echo line >> /data/f && sync && echo synced"),
-                         ("g", f"echo line >> /data/g && python3 -c \"{syncfs}\"")):
+                         ("g", f"echo line >> /data/g && python3 -c \"{syncfs}\""),
+                         ("m", f"python3 -c \"{mapped}\"")):  # (a shared mapping's page: written back first)
         pid = c.node(replica)["pid"]
         os.kill(pid, signal.SIGSTOP)
         try:
@@ -1976,10 +1980,12 @@ def test_sync_in_a_jail_returns_once_the_replicas_have_what_was_written(cluster_
             waiting = p.poll() is None  # (the replica has yet to answer)
         finally:
             os.kill(pid, signal.SIGCONT)
+        said = p.stdout.readline()
+        stored = (store / name).read_bytes()  # (as soon as the sync returned)
         out, err = p.communicate(timeout=30)
-        assert waiting, (name, out, err)
-        assert p.returncode == 0 and out == ("synced\n" if name == "f" else "0\n"), (name, out, err)
-        assert (store / name).read_bytes() == b"line\n"
+        assert waiting, (name, said, err)
+        assert p.returncode == 0 and said == ("synced\n" if name == "f" else "0\n"), (name, said, err)
+        assert stored == (b"line\n" if name != "m" else b"line\n".ljust(4096, b"\0")), name
 
 
 OPEN_APPENDER = r"""
