@@ -252,7 +252,10 @@ def reading_on(session_loop):
     /dev/fuse fails with EAGAIN -- a request the kernel took back after it
     said the fd was readable (its caller was killed meanwhile) -- where
     pyfuse3 raises and so ends every worker, and the mount, with it.  (The
-    line makes this rare: a woken worker looks again before it reads.)"""
+    line makes this rare: a woken worker looks again before it reads.  The
+    task goes on as the same worker, so pyfuse3's count of them holds; the
+    loop's receive buffer, which it frees only when it ends, is lost each
+    time: a max_write's worth.)"""
 
     async def worker(*args, **kwargs):
         while True:
