@@ -1791,15 +1791,22 @@ def test_locks_held_across_a_restart_of_their_only_server_stay_held(cluster_fact
         _end([holder], restarted)
 
 
+def _served_on_n1_of_three(c) -> Path:
+    """VM web on n1, n2 and n3, served on n1 with a second replica in
+    sync: n2's view of it."""
+    c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", "--node", "n3", node="n1", check=True)
+    view(c, "n1"), view(c, "n3")
+    b = view(c, "n2")
+    _wait(lambda: _df(c, "n1").get("server") == "n1" and len(_df(c, "n1").get("in_sync", ())) == 2)
+    return b
+
+
 def test_locks_held_across_a_fail_over_stay_held(cluster_factory):
     """Server n1, a replica on n2 or n3; a program on n2 holds a flock and a
     record lock while n1 dies: the new server has them back from n2 (n3
     cannot take them), and once n2's program lets go, n3's can."""
     c = cluster_factory(nodes=3)
-    c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", "--node", "n3", node="n1", check=True)
-    view(c, "n1"), view(c, "n3")
-    b = view(c, "n2")
-    _wait(lambda: _df(c, "n1").get("server") == "n1" and len(_df(c, "n1").get("in_sync", ())) == 2)
+    b = _served_on_n1_of_three(c)
     holder = _holding(c, b, {"holder.py": HOLDER, "try.py": TRY_LOCKS}, "lk")
     try:
         assert jail(c, "n3", "python3 /data/try.py /data/lk").stdout == "flock EAGAIN posix EAGAIN\n"
@@ -1850,10 +1857,7 @@ def test_files_open_across_a_fail_over_are_locked_after_it(cluster_factory):
     hold against n3 (also once the node looked the names up again) until
     it lets go."""
     c = cluster_factory(nodes=3)
-    c.drvs("vm", "create", "web", "--node", "n1", "--node", "n2", "--node", "n3", node="n1", check=True)
-    view(c, "n1"), view(c, "n3")
-    b = view(c, "n2")
-    _wait(lambda: _df(c, "n1").get("server") == "n1" and len(_df(c, "n1").get("in_sync", ())) == 2)
+    b = _served_on_n1_of_three(c)
     holder = _holding(c, b, {"relocker.py": RELOCKER, "try.py": TRY_LOCKS}, "lk")
     try:
         os.kill(c.node("n1")["pid"], signal.SIGKILL)
