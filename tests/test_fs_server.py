@@ -981,8 +981,15 @@ async def test_a_replicas_sync_holds_its_batch_no_longer_than_its_bound(tmp_path
     store = os.readlink(f"/proc/self/fd/{fds[0]}")  # (still flushing: its descriptor open)
     assert store.endswith("/replica/root")
     release.set()
+
+    def still_open() -> bool:
+        try:
+            return os.readlink(f"/proc/self/fd/{fds[0]}") == store
+        except FileNotFoundError:  # (closed between two looks)
+            return False
+
     for _ in range(100):
-        if not os.path.exists(f"/proc/self/fd/{fds[0]}") or os.readlink(f"/proc/self/fd/{fds[0]}") != store:
+        if not still_open():
             break
         await trio.to_thread.run_sync(time.sleep, 0.01)
     else:

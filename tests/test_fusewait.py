@@ -370,7 +370,7 @@ MEMFS_WITH_LINE = textwrap.dedent(r'''
                             await pyfuse3.main()
                         finally:
                             stats = {str(fd): line.stats.copy() for fd, line in ns.lines.items()}
-                            stats["workers"] = len(workers) if reading_on.__wrapped__ else 0
+                            stats["workers"] = len(workers) if hasattr(reading_on, "__wrapped__") else 0
                 nursery.start_soon(serve)
                 with trio.open_signal_receiver(signal.SIGTERM) as signals:
                     async for _ in signals:

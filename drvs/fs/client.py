@@ -1994,11 +1994,7 @@ class VmFs:
         if lost:
             log.info("%s: writes of term %d to inode %d not synced may be lost (the server of term %d does "
                      "not vouch for them): EIO", self.target, term, h.cino, epoch)
-            if self.doubts:  # (said: not again through the inode the kernel looks up next)
-                with contextlib.suppress(pyfuse3.FUSEError):
-                    at, path = self.locate(node.cino)
-                    if not at:
-                        self.doubts.pop(path, None)
+            self._doubt_gone(node.cino)  # (said: not again through the inode the kernel looks up next)
             raise pyfuse3.FUSEError(errno.EIO)
 
     def _emptied(self, cino: int) -> None:
@@ -2011,11 +2007,16 @@ class VmFs:
         node = self.inodes.get(cino)
         if node is not None and node.term and node.term != self.epoch:
             node.term = 0
-            if self.doubts:
-                with contextlib.suppress(pyfuse3.FUSEError):
-                    at, path = self.locate(cino)
-                    if not at:
-                        self.doubts.pop(path, None)
+            self._doubt_gone(cino)
+
+    def _doubt_gone(self, cino: int) -> None:
+        """No doubt is left about inode cino's file: none for its path either
+        (the inode the kernel looks up next there would take it up again)."""
+        if self.doubts:
+            with contextlib.suppress(pyfuse3.FUSEError):
+                at, path = self.locate(cino)
+                if not at:
+                    self.doubts.pop(path, None)
 
     def _in_doubt(self, term: int, epoch: int) -> bool:
         """Whether writes made in term (0: none), not fsync'ed, may be
